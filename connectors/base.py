@@ -1,0 +1,262 @@
+"""The storage protocols every stage of exitplan talks to, and the connectors' error classes.
+
+One small protocol per capability: a stage names exactly the operations it uses (the inventory
+needs only `Lister`; the verifier only `head` + `read_range` on the destination). No SDK type and no
+SDK exception crosses this boundary: connectors translate both.
+
+Byte ranges are half-open everywhere: ``read_range(key, start, end)`` returns ``end - start``
+bytes, the bytes at offsets ``start .. end - 1``.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import BinaryIO, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+# --------------------------------------------------------------------------------------------
+# Values passed between stages
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ContentSettings:
+    """The HTTP content headers carried from source to destination."""
+
+    content_type: str | None = None
+    content_encoding: str | None = None
+    cache_control: str | None = None
+    content_disposition: str | None = None
+    content_language: str | None = None
+
+
+@dataclass(frozen=True)
+class ObjectMeta:
+    """What a listing or a HEAD says about one object.
+
+    `etag` is the opaque version token used for If-Match (quotes stripped). `content_md5` is the
+    raw 16-byte MD5 the store keeps for the whole object, or None when it has none (Azure blobs
+    uploaded as blocks without one; S3 multipart objects). `tier` is the storage tier or class.
+    Listings may leave `content` and `metadata` empty where the store does not return them; a
+    `head` always fills them.
+    """
+
+    key: str
+    size: int
+    etag: str
+    content_md5: bytes | None = None
+    last_modified: datetime | None = None
+    tier: str | None = None
+    content: ContentSettings = field(default_factory=ContentSettings)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def content_md5_b64(self) -> str | None:
+        return base64.b64encode(self.content_md5).decode() if self.content_md5 else None
+
+
+@dataclass(frozen=True)
+class WriteMeta:
+    """What is written with an object: content headers and user metadata (already validated)."""
+
+    content: ContentSettings = field(default_factory=ContentSettings)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PartReceipt:
+    """The destination's acknowledgement of one multipart part (1-based `number`)."""
+
+    number: int
+    etag: str
+    size: int
+
+
+@dataclass(frozen=True)
+class PendingUpload:
+    """A multipart upload the destination still holds open (found by `list_multipart_uploads`)."""
+
+    key: str
+    upload_id: str
+    initiated: datetime | None = None
+
+
+@dataclass(frozen=True)
+class SinkLimits:
+    """What the destination accepts, taken from the provider profile (never constants in the engine).
+
+    Sizes in bytes. `max_key_bytes` counts the UTF-8 encoding of the key. `max_metadata_bytes` is
+    the total of user-metadata names and values as S3 counts them.
+    """
+
+    min_part_size: int = 5 * 1024**2
+    max_part_size: int = 5 * 1024**3
+    max_parts: int = 10_000
+    max_object_size: int = 5 * 1024**4
+    max_single_put_size: int = 5 * 1024**3
+    max_key_bytes: int = 1024
+    max_metadata_bytes: int = 2048
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: classified by what the caller can do about them
+# --------------------------------------------------------------------------------------------
+
+
+class ConnectorError(Exception):
+    """Base of every error a connector raises. `retryable` says whether trying again can help."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+class NotFound(ConnectorError):
+    """The object, container or bucket does not exist."""
+
+
+class SourceChanged(ConnectorError):
+    """The object no longer has the ETag the read was pinned to (If-Match failed).
+
+    Never retried blindly: the object is restarted from its new version with a new header.
+    """
+
+
+class Throttled(ConnectorError):
+    """The service asked us to slow down (HTTP 429/503 SlowDown). Retry after a backoff."""
+
+    retryable = True
+
+
+class TransientError(ConnectorError):
+    """A network failure, timeout, 5xx or short read: the same request may succeed next time."""
+
+    retryable = True
+
+
+class IntegrityError(ConnectorError):
+    """Bytes did not match what was promised (a digest the server rejected, a wrong ETag back).
+
+    Retryable: the bytes are re-read and re-sent; a persistent mismatch fails the object.
+    """
+
+    retryable = True
+
+
+class AuthError(ConnectorError):
+    """Credentials missing, wrong or without the needed permission."""
+
+
+class ConfigError(ConnectorError):
+    """The endpoint, account, bucket or option is unusable as configured."""
+
+
+class Unsupported(ConnectorError):
+    """The connector cannot do this operation (see its `unsupported` set)."""
+
+
+class InvalidRequest(ConnectorError):
+    """The service refused the request as malformed (e.g. a part below the minimum size)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Protocols
+# --------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class Lister(Protocol):
+    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
+        """Yield every object under `prefix` in key order, page by page (never all in memory)."""
+        ...
+
+
+@runtime_checkable
+class HeadReader(Protocol):
+    def head(self, key: str) -> ObjectMeta:
+        """Full metadata of one object; raises `NotFound`."""
+        ...
+
+
+@runtime_checkable
+class RangeReader(Protocol):
+    def read_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
+        """Return exactly bytes ``start .. end-1``; `SourceChanged` if `if_match` is stale.
+
+        A short body raises `TransientError` (never returns fewer bytes).
+        """
+        ...
+
+
+@runtime_checkable
+class ObjectSource(Lister, HeadReader, RangeReader, Protocol):
+    """Anything objects can be read from: Azure Blob, and the S3 destination for verify/restore."""
+
+    unsupported: frozenset[str]
+    # A short human label for messages: "azure:devstoreaccount1/claims".
+    label: str
+
+
+# A part body: bytes in memory, or a file-like object streamed by the connector (for parts larger
+# than the memory budget). A stream must yield exactly `size` bytes.
+PartBody = bytes | memoryview | BinaryIO
+
+
+@runtime_checkable
+class MultipartUpload(Protocol):
+    key: str
+    upload_id: str
+
+    def upload_part(self, number: int, body: PartBody, size: int, md5: bytes | None) -> PartReceipt:
+        """Upload part `number` (1-based). With `md5`, the server checks the body against it.
+
+        Raises `IntegrityError` when the server reports a digest mismatch.
+        """
+        ...
+
+    def list_parts(self) -> list[PartReceipt]:
+        """The parts the server holds for this upload, in part-number order."""
+        ...
+
+    def complete(self, parts: Sequence[PartReceipt]) -> str:
+        """Assemble the object from `parts`; return its ETag (quotes stripped)."""
+        ...
+
+    def abort(self) -> None:
+        """Discard the upload and its parts. Aborting an upload that is gone is not an error."""
+        ...
+
+
+@runtime_checkable
+class ObjectSink(HeadReader, Protocol):
+    limits: SinkLimits
+    unsupported: frozenset[str]
+    label: str
+
+    def put(self, key: str, body: PartBody, size: int, meta: WriteMeta, md5: bytes | None) -> str:
+        """Write a whole object in one request; return its ETag."""
+        ...
+
+    def open_multipart(self, key: str, meta: WriteMeta) -> MultipartUpload:
+        ...
+
+    def resume_multipart(self, key: str, upload_id: str) -> MultipartUpload:
+        """Re-attach to an upload opened earlier (by this or a previous process)."""
+        ...
+
+    def list_multipart_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        ...
+
+    def delete(self, key: str) -> None:
+        """Remove an object. Deleting a missing object is not an error."""
+        ...
+
+
+def multipart_etag(part_md5s: Sequence[bytes]) -> str:
+    """The ETag S3 gives a multipart object: hex MD5 of the concatenated part MD5s, dash, count."""
+    import hashlib
+
+    return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"

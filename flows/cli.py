@@ -1,0 +1,47 @@
+"""The `exitplan` command line: runs the engine in process, no Prefect server needed.
+
+Every command exits with the codes of `config.errors.ExitCode`; a `UserError` is printed as one
+sentence on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from config.errors import ExitCode, UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from flows import commands, lab
+
+    parser = argparse.ArgumentParser(
+        prog="exitplan",
+        description="Move datasets out of Azure Blob Storage into EU-jurisdiction object storage.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    lab.register(sub)
+    commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors are exit code 2 already
+        return int(exc.code or 0)
+    try:
+        code = args.func(args)
+    except UserError as exc:
+        print(f"exitplan: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("exitplan: interrupted", file=sys.stderr)
+        return 130
+    return int(code if code is not None else ExitCode.OK)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

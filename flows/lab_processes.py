@@ -1,0 +1,190 @@
+"""Starting, probing and stopping the lab's emulators (Azurite, the S3 server) on 127.0.0.1.
+
+Used by `exitplan lab up/down/status` and by the test fixtures, which start their own instances on
+free ports. Only subprocesses and sockets here: no cloud SDK.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+# The well-known Azurite development account (published in Microsoft's documentation; not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+# The lab's S3 server accepts any credentials; these name the lab, nothing more.
+LAB_S3_ACCESS_KEY = "exitplan-lab"
+LAB_S3_SECRET_KEY = "exitplan-lab-secret"
+LAB_REGION = "eu-west-3"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LAB_NODE_DIR = REPO_ROOT / "deploy" / "lab"
+
+
+class LabError(Exception):
+    """A lab server could not be started or reached; the message says what to do."""
+
+
+def azurite_connection_string(port: int) -> str:
+    return (
+        "DefaultEndpointsProtocol=http;"
+        f"AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint=http://{LOOPBACK}:{port}/{AZURITE_ACCOUNT};"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def azurite_binary() -> str:
+    """The pinned `azurite-blob` from deploy/lab (installed with `npm ci`), else one on PATH."""
+    override = os.environ.get("EXITPLAN_AZURITE_BIN")
+    if override:
+        return override
+    pinned = LAB_NODE_DIR / "node_modules" / ".bin" / "azurite-blob"
+    if pinned.exists():
+        return str(pinned)
+    if (LAB_NODE_DIR / "package.json").exists() and shutil.which("npm"):
+        # First use on a fresh clone: install the pinned version (package-lock.json) locally.
+        result = subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(LAB_NODE_DIR)],
+            capture_output=True, text=True,
+        )
+        if result.returncode == 0 and pinned.exists():
+            return str(pinned)
+    found = shutil.which("azurite-blob")
+    if found:
+        return found
+    raise LabError(
+        "Azurite is not installed: run `npm ci --prefix deploy/lab` (Node.js and npm needed), "
+        "or set EXITPLAN_AZURITE_BIN to an azurite-blob executable"
+    )
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    port: int
+    argv: tuple[str, ...]
+    probe_path: str  # an HTTP path that answers once the server is ready
+
+
+def azurite_spec(port: int) -> ServerSpec:
+    # --skipApiVersionCheck: the Python SDK sends a newer API version than Azurite accepts.
+    # --disableTelemetry: no traffic may leave loopback.
+    return ServerSpec(
+        "azurite",
+        port,
+        (
+            azurite_binary(), "--blobHost", LOOPBACK, "--blobPort", str(port), "--inMemoryPersistence",
+            "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent",
+        ),
+        f"/{AZURITE_ACCOUNT}?comp=list",
+    )
+
+
+def s3_spec(port: int) -> ServerSpec:
+    return ServerSpec(
+        "s3",
+        port,
+        (sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)),
+        "/moto-api/",
+    )
+
+
+def http_ready(port: int, path: str, timeout: float = 1.0) -> bool:
+    try:
+        conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
+        conn.request("GET", path)
+        conn.getresponse().read()
+        conn.close()
+        return True
+    except OSError:
+        return False
+    except http.client.HTTPException:
+        return False
+
+
+def start_server(spec: ServerSpec, log_path: Path | None = None, timeout: float = 60.0) -> subprocess.Popen:
+    """Start `spec` detached in its own session and wait until it answers HTTP, or raise LabError."""
+    if port_open(spec.port):
+        raise LabError(f"{spec.name}: port {spec.port} on {LOOPBACK} is already in use; stop what holds it or choose another port")
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    env = dict(os.environ, DO_NOT_TRACK="1")
+    try:
+        proc = subprocess.Popen(
+            spec.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True, env=env,
+        )
+    finally:
+        if log_path:
+            log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            where = f"; see {log_path}" if log_path else ""
+            raise LabError(f"{spec.name} exited with code {proc.returncode} while starting on port {spec.port}{where}")
+        if http_ready(spec.port, spec.probe_path):
+            return proc
+        time.sleep(0.1)
+    stop_pid(proc.pid)
+    raise LabError(f"{spec.name} did not answer on {LOOPBACK}:{spec.port} within {timeout:.0f} s")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child still "exists"; reap it if it is ours.
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def stop_pid(pid: int, timeout: float = 10.0) -> bool:
+    """Stop the process group led by `pid` (TERM, then KILL). Returns True if it was running."""
+    if not pid_alive(pid):
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return True

@@ -1,0 +1,52 @@
+"""Session fixtures: real servers on free loopback ports, started and stopped by the tests."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+
+from flows import lab_processes as lp
+
+# Never let a test (or an SDK it drives) reach a real cloud or a stray Prefect server.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "false")
+for _var in ("AWS_PROFILE", "AWS_CA_BUNDLE", "AZURE_STORAGE_CONNECTION_STRING"):
+    os.environ.pop(_var, None)
+
+
+@dataclass(frozen=True)
+class Server:
+    name: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{lp.LOOPBACK}:{self.port}"
+
+
+def _serve(spec: lp.ServerSpec, tmp_path_factory):
+    log = tmp_path_factory.mktemp(spec.name) / f"{spec.name}.log"
+    proc = lp.start_server(spec, log)
+    try:
+        yield Server(spec.name, spec.port)
+    finally:
+        lp.stop_pid(proc.pid)
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """An Azurite blob service; `.connection_string` for the SDK."""
+    yield from _serve(lp.azurite_spec(lp.free_port()), tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def azurite_connection_string(azurite) -> str:
+    return lp.azurite_connection_string(azurite.port)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """The lab's S3 server (moto) on a free port."""
+    yield from _serve(lp.s3_spec(lp.free_port()), tmp_path_factory)
