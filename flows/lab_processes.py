@@ -16,17 +16,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-LOOPBACK = "127.0.0.1"
-
-# The well-known Azurite development account (published in Microsoft's documentation; not a secret).
-AZURITE_ACCOUNT = "devstoreaccount1"
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-
-# The lab's S3 server accepts any credentials; these name the lab, nothing more.
-LAB_S3_ACCESS_KEY = "exitplan-lab"
-LAB_S3_SECRET_KEY = "exitplan-lab-secret"
-LAB_REGION = "eu-west-3"
+from config.lab import (  # noqa: F401  (re-exported for the lab commands and tests)
+    AZURITE_ACCOUNT,
+    AZURITE_KEY,
+    LAB_REGION,
+    LAB_S3_ACCESS_KEY,
+    LAB_S3_SECRET_KEY,
+    LOOPBACK,
+    azurite_connection_string,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LAB_NODE_DIR = REPO_ROOT / "deploy" / "lab"
@@ -34,14 +34,6 @@ LAB_NODE_DIR = REPO_ROOT / "deploy" / "lab"
 
 class LabError(Exception):
     """A lab server could not be started or reached; the message says what to do."""
-
-
-def azurite_connection_string(port: int) -> str:
-    return (
-        "DefaultEndpointsProtocol=http;"
-        f"AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
-        f"BlobEndpoint=http://{LOOPBACK}:{port}/{AZURITE_ACCOUNT};"
-    )
 
 
 def free_port() -> int:
@@ -66,19 +58,29 @@ def azurite_binary() -> str:
     pinned = LAB_NODE_DIR / "node_modules" / ".bin" / "azurite-blob"
     if pinned.exists():
         return str(pinned)
-    if (LAB_NODE_DIR / "package.json").exists() and shutil.which("npm"):
+    npm = shutil.which("npm")
+    npm_failure = ""
+    if (LAB_NODE_DIR / "package.json").exists() and npm:
         # First use on a fresh clone: install the pinned version (package-lock.json) locally.
         result = subprocess.run(
-            ["npm", "ci", "--no-audit", "--no-fund", "--prefix", str(LAB_NODE_DIR)],
+            [npm, "ci", "--no-audit", "--no-fund", "--prefix", str(LAB_NODE_DIR)],
             capture_output=True, text=True,
         )
         if result.returncode == 0 and pinned.exists():
             return str(pinned)
+        last = (result.stderr or result.stdout).strip().splitlines()
+        npm_failure = f" (`npm ci` failed: {last[-1] if last else f'exit code {result.returncode}'})"
     found = shutil.which("azurite-blob")
     if found:
         return found
+    if not npm:
+        raise LabError(
+            "Azurite is not installed and npm was not found: install Node.js and npm (Debian/Ubuntu: "
+            f"`apt-get install nodejs npm`), then run `npm ci --prefix {LAB_NODE_DIR}`, "
+            "or set EXITPLAN_AZURITE_BIN to an azurite-blob executable"
+        )
     raise LabError(
-        "Azurite is not installed: run `npm ci --prefix deploy/lab` (Node.js and npm needed), "
+        f"Azurite is not installed{npm_failure}: run `npm ci --prefix {LAB_NODE_DIR}` and read its errors, "
         "or set EXITPLAN_AZURITE_BIN to an azurite-blob executable"
     )
 
@@ -127,8 +129,18 @@ def http_ready(port: int, path: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def start_server(spec: ServerSpec, log_path: Path | None = None, timeout: float = 60.0) -> subprocess.Popen:
-    """Start `spec` detached in its own session and wait until it answers HTTP, or raise LabError."""
+def start_server(
+    spec: ServerSpec,
+    log_path: Path | None = None,
+    timeout: float = 60.0,
+    on_started: Callable[[subprocess.Popen], None] | None = None,
+) -> subprocess.Popen:
+    """Start `spec` detached in its own session and wait until it answers HTTP, or raise LabError.
+
+    `on_started` is called with the process right after it is spawned, before the readiness
+    wait: `exitplan lab up` records its PID file there, so an interrupted wait never leaves a
+    server running that `lab down` cannot find.
+    """
     if port_open(spec.port):
         raise LabError(f"{spec.name}: port {spec.port} on {LOOPBACK} is already in use; stop what holds it or choose another port")
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
@@ -141,6 +153,12 @@ def start_server(spec: ServerSpec, log_path: Path | None = None, timeout: float 
     finally:
         if log_path:
             log.close()
+    if on_started is not None:
+        try:
+            on_started(proc)
+        except BaseException:
+            stop_pid(proc.pid)
+            raise
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -165,7 +183,39 @@ def pid_alive(pid: int) -> bool:
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
     except ChildProcessError:
-        return True
+        pass
+    # Not our child (e.g. started by an earlier `exitplan lab up`): if the PID 1 of a container
+    # does not reap orphans, a stopped server lingers as a zombie that signal 0 still finds.
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (macOS) or already gone: signal 0 said it exists
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+def process_cmdline(pid: int) -> list[str] | None:
+    """The command line `pid` runs, or None if it is gone or cannot be read.
+
+    Used to check that a PID recorded in a PID file still is the server we started (PIDs are
+    reused) before signalling it. /proc on Linux; `ps` elsewhere (split on spaces: approximate).
+    """
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        raw = None
+    if raw is not None:
+        return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1]] or None
+    try:
+        out = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.split() or None
 
 
 def stop_pid(pid: int, timeout: float = 10.0) -> bool:

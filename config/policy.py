@@ -1,0 +1,102 @@
+"""The sovereignty gate (ARCHITECTURE §10), run when the config loads, before any byte moves.
+
+Refused, each with a sentence saying which destination and why (exit code 3):
+- a provider that is not in the catalog, or whose jurisdiction is not allowed (default: EU);
+- the lab's S3 server outside lab mode;
+- a region the provider does not have, or an endpoint host that is not a known host of that
+  provider and region;
+- plain HTTP, or TLS verification switched off, outside lab mode (sources included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from .errors import ConfigFileError, PolicyRefusal
+from .providers import ProviderProfile, load_catalog
+
+if TYPE_CHECKING:
+    from .models import LoadedConfig
+
+
+@dataclass(frozen=True)
+class DestinationVerdict:
+    """What the plan and the report say about one destination."""
+
+    name: str
+    provider: ProviderProfile
+    region: str
+    location: str
+    bucket: str
+
+
+def _refuse(loaded: "LoadedConfig", what: str, why: str, fix: str) -> PolicyRefusal:
+    return PolicyRefusal(f"{what} in {loaded.path} is refused: {why}; {fix}")
+
+
+def destination_profile(loaded: "LoadedConfig", name: str) -> ProviderProfile:
+    dest = loaded.config.destinations[name]
+    profile = load_catalog().get(dest.provider)
+    if profile is None:
+        raise _refuse(
+            loaded, f"destination `{name}`",
+            f"provider `{dest.provider}` is not in the provider catalog (known: {', '.join(sorted(load_catalog()))})",
+            "choose a catalogued provider, or add its profile to the catalog (see the README)",
+        )
+    return profile
+
+
+def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
+    """Raise `PolicyRefusal` for the first destination or source the policy refuses."""
+    cfg = loaded.config
+    allowed = set(cfg.policy.allowed_jurisdictions)
+    verdicts = []
+    for name, dest in cfg.destinations.items():
+        what = f"destination `{name}`"
+        profile = destination_profile(loaded, name)
+        if profile.lab_only:
+            if not loaded.lab_mode:
+                raise _refuse(
+                    loaded, what,
+                    f"provider `{profile.name}` is the local lab's S3 server, usable only when every endpoint is on "
+                    f"loopback, and {loaded.not_lab_reason}",
+                    "run `exitplan lab up` and `eval \"$(exitplan lab env)\"` for the lab, or use a production provider",
+                )
+        elif profile.jurisdiction not in allowed:
+            raise _refuse(
+                loaded, what,
+                f"provider {profile.display_name} is under jurisdiction {profile.jurisdiction}, "
+                f"not one of the allowed jurisdictions ({', '.join(sorted(allowed))})",
+                "choose a provider under an allowed jurisdiction",
+            )
+        region = profile.regions.get(dest.region)
+        if region is None:
+            raise _refuse(
+                loaded, what,
+                f"{profile.display_name} has no region `{dest.region}` (known: {', '.join(profile.regions)})",
+                "check `region`",
+            )
+        if not profile.host_matches(dest.host, dest.region, dest.bucket):
+            raise _refuse(
+                loaded, what,
+                f"endpoint host `{dest.host}` is not a known {profile.display_name} host for region `{dest.region}` "
+                f"(known: {', '.join(region.hosts)})",
+                "check `endpoint_url`",
+            )
+        if not loaded.lab_mode and dest.scheme != "https":
+            raise _refuse(loaded, what, "plain HTTP is allowed only in the lab", "use an https:// `endpoint_url`")
+        if not loaded.lab_mode and not dest.verify_tls:
+            raise _refuse(loaded, what, "TLS verification may be switched off only in the lab", "remove `verify_tls: false`")
+        if dest.storage_class and dest.storage_class not in profile.storage_classes:
+            raise ConfigFileError(
+                f"{loaded.path}: field `destinations.{name}.storage_class`: {profile.display_name} has no storage class "
+                f"{dest.storage_class!r} (known: {', '.join(profile.storage_classes)})"
+            )
+        verdicts.append(DestinationVerdict(name, profile, dest.region, region.location, dest.bucket))
+    if not loaded.lab_mode:
+        for name, src in cfg.sources.items():
+            if src.account_url and urlsplit(src.account_url).scheme != "https":
+                raise _refuse(loaded, f"source `{name}`", "plain HTTP is allowed only in the lab", "use an https:// `account_url`")
+    return verdicts

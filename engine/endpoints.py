@@ -1,0 +1,91 @@
+"""Build connectors from a loaded configuration, reading credentials from the environment.
+
+Credentials are read here, at the last moment, from the environment variables the config names;
+they are handed to the SDK client and kept nowhere else (never in a result, a log or the state).
+"""
+
+from __future__ import annotations
+
+import os
+
+from config.errors import ConfigFileError
+from config.lab import LAB_S3_ACCESS_KEY, LAB_S3_SECRET_KEY
+from config.loader import source_connection_string
+from config.models import LoadedConfig
+from config.policy import destination_profile
+from config.providers import ProviderProfile
+from connectors.base import ObjectSource, SinkLimits
+
+
+def _env(loaded: LoadedConfig, var: str, field: str) -> str:
+    value = os.environ.get(var)
+    if not value:
+        raise ConfigFileError(
+            f"{loaded.path}: field `{field}` names the environment variable {var}, which is not set; export it before running"
+        )
+    return value
+
+
+def sink_limits(profile: ProviderProfile) -> SinkLimits:
+    """The provider's part and size limits as the connectors and the planner take them."""
+    lim = profile.limits
+    return SinkLimits(
+        min_part_size=lim.min_part_size,
+        max_part_size=lim.max_part_size,
+        max_parts=lim.max_parts,
+        max_object_size=lim.max_object_size,
+        max_single_put_size=lim.max_single_put_size,
+    )
+
+
+def destination_limits(loaded: LoadedConfig, destination: str) -> SinkLimits:
+    return sink_limits(destination_profile(loaded, destination))
+
+
+def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
+    """The Azure container a dataset reads from."""
+    from connectors.azure_blob import AzureBlobSource
+
+    ds = loaded.config.datasets[dataset]
+    name = ds.source
+    src = loaded.config.sources[name]
+    if src.connection_string_env:
+        conn = source_connection_string(src)
+        if not conn:
+            _env(loaded, src.connection_string_env, f"sources.{name}.connection_string_env")
+        return AzureBlobSource.from_connection_string(conn, ds.container, max_connections=src.max_connections)
+    if src.sas_token_env:
+        token = _env(loaded, src.sas_token_env, f"sources.{name}.sas_token_env")
+        return AzureBlobSource.from_sas(src.account_url, token, ds.container, max_connections=src.max_connections)
+    return AzureBlobSource.from_default_credential(src.account_url, ds.container, max_connections=src.max_connections)
+
+
+def open_sink(loaded: LoadedConfig, destination: str):
+    """The S3 bucket a destination names (an `ObjectSink` that is also an `ObjectSource`)."""
+    from connectors.s3 import S3Store
+
+    dest = loaded.config.destinations[destination]
+    profile = destination_profile(loaded, destination)
+    creds = dest.credentials
+    field = f"destinations.{destination}.credentials"
+    if profile.lab_only and not os.environ.get(creds.access_key_id_env):
+        # The lab's S3 server accepts any credentials; these only name the lab.
+        key_id, secret = LAB_S3_ACCESS_KEY, LAB_S3_SECRET_KEY
+    else:
+        key_id = _env(loaded, creds.access_key_id_env, f"{field}.access_key_id_env")
+        secret = _env(loaded, creds.secret_access_key_env, f"{field}.secret_access_key_env")
+    token = _env(loaded, creds.session_token_env, f"{field}.session_token_env") if creds.session_token_env else None
+    return S3Store(
+        dest.bucket,
+        endpoint_url=dest.endpoint_url,
+        region=dest.region,
+        access_key_id=key_id,
+        secret_access_key=secret,
+        session_token=token,
+        addressing_style=dest.addressing_style or profile.addressing_style,
+        limits=sink_limits(profile),
+        max_pool_connections=max(dest.max_connections, loaded.config.transfer.concurrency * 2),
+        verify_tls=dest.verify_tls,
+        label=f"{profile.name}:{dest.bucket}",
+    )
+

@@ -1,0 +1,86 @@
+"""Inventory: what a dataset holds and what will not fit the destination, in one streamed pass.
+
+Memory stays flat whatever the number of objects: counters only, plus at most
+`MAX_EXAMPLES` named examples per problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+from config.models import DatasetConfig
+from connectors.base import ObjectMeta, SinkLimits
+
+from .naming import DoesNotFit, place
+
+MAX_EXAMPLES = 10
+HOT_TIERS = {None, "", "hot", "standard"}
+
+
+@dataclass
+class DatasetInventory:
+    """Figures for one dataset. `misfits` are (key, reason) examples, at most MAX_EXAMPLES."""
+
+    dataset: str
+    source: str
+    destination: str
+    objects: int = 0
+    bytes: int = 0
+    largest_key: str | None = None
+    largest_size: int = 0
+    without_md5: int = 0
+    not_hot: int = 0
+    tiers: dict[str, int] = field(default_factory=dict)
+    misfit_count: int = 0
+    misfits: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, meta: ObjectMeta, misfit: str | None) -> None:
+        self.objects += 1
+        self.bytes += meta.size
+        if meta.size > self.largest_size or self.largest_key is None:
+            self.largest_key, self.largest_size = meta.key, meta.size
+        if meta.content_md5 is None:
+            self.without_md5 += 1
+        tier = meta.tier or "Hot"
+        self.tiers[tier] = self.tiers.get(tier, 0) + 1
+        if (meta.tier or "").lower() not in HOT_TIERS:
+            self.not_hot += 1
+        if misfit:
+            self.misfit_count += 1
+            if len(self.misfits) < MAX_EXAMPLES:
+                self.misfits.append((meta.key, misfit))
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["misfits"] = [{"key": k, "reason": r} for k, r in self.misfits]
+        return d
+
+
+def selected(listing: Iterable[ObjectMeta], ds: DatasetConfig) -> Iterable[ObjectMeta]:
+    """The objects of a listing that the dataset's include/exclude patterns select."""
+    return (m for m in listing if ds.selects(m.key))
+
+
+def inventory_dataset(
+    name: str,
+    ds: DatasetConfig,
+    listing: Iterable[ObjectMeta],
+    limits: SinkLimits,
+    *,
+    source_label: str = "",
+    progress: Callable[[DatasetInventory], None] | None = None,
+    progress_every: int = 10_000,
+) -> DatasetInventory:
+    """Stream `listing` (the source listed under the dataset's prefix) into a `DatasetInventory`."""
+    inv = DatasetInventory(dataset=name, source=source_label, destination=ds.destination)
+    for meta in selected(listing, ds):
+        try:
+            place(meta, ds.prefix, ds.dest_prefix, limits)
+            misfit = None
+        except DoesNotFit as exc:
+            misfit = str(exc)
+        inv.add(meta, misfit)
+        if progress and inv.objects % progress_every == 0:
+            progress(inv)
+    return inv
