@@ -1,0 +1,30 @@
+# The two commands a newcomer needs: `make demo` (the whole exit on the local lab) and `make test`.
+# Both create the virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test install lab-down bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/exitplan demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lab-down: $(VENV)/.installed
+	$(VENV)/bin/exitplan lab down
+
+bench: $(VENV)/.installed
+	$(PY) bench/bench_migrate.py
+
+clean:
+	rm -rf $(VENV) deploy/lab/node_modules .pytest_cache
