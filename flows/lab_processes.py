@@ -203,13 +203,11 @@ def process_cmdline(pid: int) -> list[str] | None:
     Used to check that a PID recorded in a PID file still is the server we started (PIDs are
     reused) before signalling it. /proc on Linux; `ps` elsewhere (split on spaces: approximate).
     """
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        raw = None
-    if raw is not None:
+    if Path("/proc/self/cmdline").exists():
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return None
         return [a.decode("utf-8", "surrogateescape") for a in raw.split(b"\0")[:-1]] or None
     try:
         out = subprocess.run(["ps", "-o", "args=", "-p", str(pid)], capture_output=True, text=True, timeout=5)

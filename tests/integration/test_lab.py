@@ -1,0 +1,248 @@
+"""`exitplan lab …` as a user runs it: the real console script in subprocesses, real servers.
+
+Each lab gets its own state directory and free ports through EXITPLAN_LAB_DIR and the port
+overrides, so these tests neither see nor disturb a lab the developer has running. What was
+seeded is checked with the Azure SDK and boto3 (independent of exitplan's own connectors) against
+`engine.lab_seed.expected_objects`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import pytest
+from azure.storage.blob import BlobServiceClient
+from botocore.config import Config
+
+from engine import lab_seed
+from flows import lab_processes as lp
+
+pytestmark = pytest.mark.integration
+
+EXITPLAN = str(Path(sys.executable).with_name("exitplan")) if Path(sys.executable).with_name("exitplan").exists() \
+    else shutil.which("exitplan")
+SDK_VARS = ("AZURE_STORAGE_CONNECTION_STRING", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_DEFAULT_REGION")
+
+
+@dataclass
+class Lab:
+    """One isolated lab: its environment for the CLI, its state directory and ports."""
+
+    env: dict[str, str]
+    directory: Path
+    azurite_port: int
+    s3_port: int
+
+    def run(self, *args: str, check_rc: int | None = 0, timeout: float = 120) -> subprocess.CompletedProcess:
+        result = subprocess.run([EXITPLAN, "lab", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        if check_rc is not None:
+            assert result.returncode == check_rc, (
+                f"exitplan lab {' '.join(args)} exited {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            )
+        return result
+
+    def pids(self) -> dict[str, int]:
+        out = {}
+        for name in ("azurite", "s3"):
+            path = self.directory / f"{name}.pid"
+            if path.exists():
+                out[name] = json.loads(path.read_text())["pid"]
+        return out
+
+    def force_cleanup(self) -> None:
+        """Backstop if a test failed half-way: stop what the PID files name, if still ours."""
+        self.run("down", check_rc=None)
+        for pid in self.pids().values():
+            if lp.pid_alive(pid):
+                lp.stop_pid(pid)
+
+
+def _new_lab(directory: Path) -> Lab:
+    env = {k: v for k, v in os.environ.items() if k not in SDK_VARS and not k.startswith("EXITPLAN_LAB_")}
+    azurite_port, s3_port = lp.free_port(), lp.free_port()
+    while s3_port == azurite_port:
+        s3_port = lp.free_port()
+    env.update(
+        EXITPLAN_LAB_DIR=str(directory),
+        EXITPLAN_LAB_AZURITE_PORT=str(azurite_port),
+        EXITPLAN_LAB_S3_PORT=str(s3_port),
+        DO_NOT_TRACK="1",
+    )
+    return Lab(env, directory, azurite_port, s3_port)
+
+
+def _assert_gone(lab: Lab, pids: dict[str, int]) -> None:
+    for name, pid in pids.items():
+        assert not lp.pid_alive(pid), f"{name} (pid {pid}) still runs after `lab down`"
+    assert not lp.port_open(lab.azurite_port), "Azurite's port still answers after `lab down`"
+    assert not lp.port_open(lab.s3_port), "the S3 server's port still answers after `lab down`"
+    assert not list(lab.directory.glob("*.pid")), "PID files left behind"
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A lab brought up once for the env and seed tests, and brought down (and checked) after."""
+    the_lab = _new_lab(tmp_path_factory.mktemp("lab-state"))
+    try:
+        the_lab.run("up")
+        pids = the_lab.pids()
+        yield the_lab
+        down = the_lab.run("down")
+        assert "stopped" in down.stdout
+        _assert_gone(the_lab, pids)
+    finally:
+        the_lab.force_cleanup()
+
+
+def test_up_twice_status_down_twice(tmp_path):
+    lab = _new_lab(tmp_path / "state")
+    try:
+        first = lab.run("up")
+        pids = lab.pids()
+        assert set(pids) == {"azurite", "s3"}
+        assert lp.port_open(lab.azurite_port) and lp.port_open(lab.s3_port)
+        assert "started" in first.stdout and "exitplan-lab" in first.stdout
+
+        second = lab.run("up")  # harmless: says so, starts nothing new
+        assert second.stdout.count("already running") == 2
+        assert lab.pids() == pids
+
+        status = lab.run("status")
+        for name, pid in pids.items():
+            line = next(l for l in status.stdout.splitlines() if l.startswith(name))
+            assert " up " in line and str(pid) in line
+        assert str(lab.azurite_port) in status.stdout and str(lab.s3_port) in status.stdout
+
+        lab.run("down")
+        _assert_gone(lab, pids)
+        again = lab.run("down")  # harmless when nothing runs
+        assert again.stdout.count("not running") == 2
+        assert lab.run("status").stdout.count(" down ") == 2
+    finally:
+        lab.force_cleanup()
+
+
+def test_port_in_use_is_refused_with_a_sentence(tmp_path):
+    lab = _new_lab(tmp_path / "state")
+    squatter = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        squatter.bind((lp.LOOPBACK, lab.s3_port))
+        squatter.listen()
+        result = lab.run("up", check_rc=2)
+        assert f"port {lab.s3_port}" in result.stderr and "already in use" in result.stderr
+        assert "EXITPLAN_LAB_S3_PORT" in result.stderr
+        assert "Traceback" not in result.stderr
+        # Refused before starting anything: no half-started lab.
+        assert not lp.port_open(lab.azurite_port)
+        assert lab.pids() == {}
+    finally:
+        squatter.close()
+        lab.force_cleanup()
+
+
+def test_env_exports_eval_and_connect(lab):
+    # Through a real shell: the quoting must survive `eval`.
+    shell = subprocess.run(
+        ["bash", "-c", f'eval "$({EXITPLAN} lab env)" && env -0'],
+        env=lab.env, capture_output=True, text=True, check=True,
+    )
+    exported = dict(item.split("=", 1) for item in shell.stdout.split("\0") if "=" in item)
+    assert {k: exported.get(k) for k in SDK_VARS} == {
+        "AZURE_STORAGE_CONNECTION_STRING": lp.azurite_connection_string(lab.azurite_port),
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{lab.s3_port}",
+        "AWS_ACCESS_KEY_ID": lp.LAB_S3_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": lp.LAB_S3_SECRET_KEY,
+        "AWS_DEFAULT_REGION": lp.LAB_REGION,
+    }
+    assert "PREFECT_API_URL" not in lab.run("env").stdout  # only what exists
+
+    service = BlobServiceClient.from_connection_string(exported["AZURE_STORAGE_CONNECTION_STRING"])
+    list(service.list_containers())  # answers, with the exported key
+    s3 = boto3.client(
+        "s3", endpoint_url=exported["AWS_ENDPOINT_URL"], aws_access_key_id=exported["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=exported["AWS_SECRET_ACCESS_KEY"], region_name=exported["AWS_DEFAULT_REGION"],
+        config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required"),
+    )
+    assert "exitplan-lab" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
+def _listing(lab: Lab) -> dict[tuple[str, str], object]:
+    service = BlobServiceClient.from_connection_string(lp.azurite_connection_string(lab.azurite_port))
+    return {
+        (c, b.name): b
+        for c in lab_seed.CONTAINERS
+        for b in service.get_container_client(c).list_blobs(include=["metadata"])
+    }
+
+
+def test_seed_tiny_writes_what_the_engine_expects(lab):
+    result = lab.run("seed", "--profile", "tiny")
+    expected = lab_seed.expected_objects("tiny")
+    for s in lab_seed.summarize(expected):
+        assert any(line.startswith(s.container) and f"({s.bytes:,} bytes)" in line for line in result.stdout.splitlines())
+    assert "idempotent" in result.stdout
+
+    listing = _listing(lab)
+    assert set(listing) == {(o.container, o.name) for o in expected}
+    service = BlobServiceClient.from_connection_string(lp.azurite_connection_string(lab.azurite_port))
+    for obj in expected:
+        blob = listing[(obj.container, obj.name)]
+        where = f"{obj.container}/{obj.name}"
+        assert blob.size == obj.size, where
+        digests = obj.digests()
+        stored_md5 = blob.content_settings.content_md5
+        if obj.upload is lab_seed.UploadMode.SINGLE:
+            assert stored_md5 is not None and bytes(stored_md5) == digests.md5, where
+        else:
+            assert not stored_md5, f"{where}: uploaded in blocks, should have no Content-MD5"
+        assert (blob.metadata or {}) == obj.metadata, where
+        assert blob.content_settings.content_type == obj.content.content_type, where
+        assert blob.blob_tier == (obj.tier or "Hot"), where
+        body = service.get_blob_client(obj.container, obj.name).download_blob().readall()
+        assert hashlib.sha256(body).hexdigest() == digests.sha256, where
+    # The edge cases the copy engine must meet are really there.
+    sizes = {o.size for o in expected}
+    assert {0, 5 * 2**20 - 1, 5 * 2**20 + 1, 8 * 2**20 - 1, 8 * 2**20 + 1} <= sizes
+    assert any(b.metadata and "hôpital" in " ".join(b.metadata.values()) for b in listing.values())
+    assert [k for k, b in listing.items() if b.blob_tier == "Cool"]
+
+
+def test_reseed_is_idempotent(lab):
+    lab.run("seed", "--profile", "tiny")  # the first seed, unless the test above ran
+    before = {k: (b.size, b.content_settings.content_md5, b.metadata) for k, b in _listing(lab).items()}
+    lab.run("seed", "--profile", "tiny")
+    after = {k: (b.size, b.content_settings.content_md5, b.metadata) for k, b in _listing(lab).items()}
+    assert after == before
+    assert sum(b.blob_tier == "Cool" for b in _listing(lab).values()) == 1
+
+
+def test_seed_refuses_a_real_account(lab):
+    result = lab.run(
+        "seed", "--profile", "tiny", "--connection-string",
+        "DefaultEndpointsProtocol=https;AccountName=prodhealth;AccountKey=eHh4;EndpointSuffix=core.windows.net",
+        check_rc=2,
+    )
+    assert "prodhealth" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_npm_is_explained(tmp_path, monkeypatch):
+    # A fresh clone on a machine without Node.js: no pinned Azurite, no npm, no azurite-blob.
+    node_dir = tmp_path / "deploy-lab"
+    node_dir.mkdir()
+    (node_dir / "package.json").write_text("{}")
+    monkeypatch.setattr(lp, "LAB_NODE_DIR", node_dir)
+    monkeypatch.delenv("EXITPLAN_AZURITE_BIN", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    with pytest.raises(lp.LabError, match="npm was not found") as info:
+        lp.azurite_binary()
+    assert "Node.js" in str(info.value) and "EXITPLAN_AZURITE_BIN" in str(info.value)
