@@ -1,0 +1,382 @@
+"""Drive many objects of one dataset through the pipeline, recording each in the state store.
+
+The caller (CLI or Prefect task) lists the source, places each object (`engine.naming.place`) and
+streams ``(ObjectMeta, Placement | Refusal)`` pairs in; `place_all` does the placing and turns a
+`DoesNotFit` into a `Refusal`, so nothing is refused silently. Objects are submitted to the
+`objects` executor as slots free up (backpressure: at most `object_concurrency` objects are held
+at once, so a listing of millions is never materialised). One failing object never stops the
+others: each ends as an `ObjectOutcome` in the state store and in the `DatasetSummary`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, wait
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+from connectors.base import ObjectMeta, ObjectSink, ObjectSource, SinkLimits
+from engine import state as st
+from engine.budget import MemoryBudget
+from engine.executors import Executors
+from engine.naming import DoesNotFit, Placement
+from engine.pipeline import (
+    IDENTITY,
+    CopyEvents,
+    ObjectOutcome,
+    OutputFormat,
+    copy_object,
+    single_put_cutoff,
+)
+from engine.planning import ObjectPlan, PlanRefused, plan_object
+from engine.settings import TransferSettings
+from engine.state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An object that cannot be written as it is (its name or metadata does not fit); `reason` is
+    the sentence the user reads. Passed in place of a `Placement`."""
+
+    source_key: str
+    reason: str
+
+
+def place_all(metas: Iterable[ObjectMeta], placer: Callable[[ObjectMeta], Placement]
+              ) -> Iterator[tuple[ObjectMeta, Placement | Refusal]]:
+    """Pair each object with its placement, or with a `Refusal` when `placer` raises `DoesNotFit`.
+    Lazy: one object at a time. E.g. ``place_all(src.list(prefix), partial(place, source_prefix=...,
+    dest_prefix=..., limits=sink.limits))``."""
+    for meta in metas:
+        try:
+            yield meta, placer(meta)
+        except DoesNotFit as exc:
+            yield meta, Refusal(meta.key, str(exc))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A snapshot for a progress display. `bytes_done` counts plaintext bytes acknowledged by the
+    destination (it can step back when an object restarts); `objects_done` counts objects copied or
+    skipped as unchanged; `objects_failed` includes refused ones."""
+
+    dataset: str
+    bytes_done: int
+    objects_done: int
+    objects_failed: int
+    objects_skipped: int
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    """The end of one dataset's migration. `failures` lists the first `max_reported_failures`
+    (source key, reason) pairs; all of them are in the state store."""
+
+    dataset: str
+    run_id: int
+    objects: int
+    ok: int
+    failed: int
+    skipped: int
+    refused: int
+    bytes_total: int  # plaintext bytes of every object seen (refused and skipped included)
+    bytes_copied: int  # plaintext bytes of the objects copied in this run
+    bytes_sent: int  # output bytes the destination acknowledged (final attempts)
+    parts: int
+    restarts: int
+    failures: tuple[tuple[str, str], ...]
+    failures_truncated: bool
+    elapsed_seconds: float
+
+    @property
+    def all_ok(self) -> bool:
+        return self.failed == 0
+
+
+class _Tally:
+    """Counts outcomes and emits `Progress` at most every `interval` seconds (plus a final call)."""
+
+    def __init__(self, dataset: str, run_id: int, callback: ProgressCallback | None, interval: float,
+                 max_failures: int):
+        self.dataset = dataset
+        self.run_id = run_id
+        self.callback = callback
+        self.interval = interval
+        self.max_failures = max_failures
+        self.lock = threading.Lock()
+        self.objects = self.ok = self.failed = self.skipped = self.refused = 0
+        self.bytes_total = self.bytes_copied = self.bytes_sent = self.bytes_done = 0
+        self.parts = self.restarts = 0
+        self.failures: list[tuple[str, str]] = []
+        self.truncated = False
+        self._last_emit = 0.0
+        self.started = time.monotonic()
+
+    def seen(self, size: int) -> None:
+        with self.lock:
+            self.objects += 1
+            self.bytes_total += size
+
+    def bytes_moved(self, n: int) -> None:
+        with self.lock:
+            self.bytes_done += n
+        self._maybe_emit()
+
+    def done(self, outcome: ObjectOutcome) -> None:
+        with self.lock:
+            self.restarts += outcome.restarts
+            if outcome.status == "ok":
+                self.ok += 1
+                self.bytes_copied += outcome.size
+                self.bytes_sent += outcome.bytes_sent
+                self.parts += outcome.parts
+            elif outcome.status == "skipped":
+                self.skipped += 1
+            else:
+                self.failed += 1
+                self.refused += outcome.refused
+                if len(self.failures) < self.max_failures:
+                    self.failures.append((outcome.source_key, outcome.reason or "unknown"))
+                else:
+                    self.truncated = True
+        self._maybe_emit()
+
+    def _maybe_emit(self, force: bool = False) -> None:
+        if self.callback is None:
+            return
+        with self.lock:
+            now = time.monotonic()
+            if not force and now - self._last_emit < self.interval:
+                return
+            self._last_emit = now
+            snapshot = Progress(self.dataset, self.bytes_done, self.ok + self.skipped, self.failed, self.skipped)
+            # Under the lock so that snapshots arrive in order; the callback must be quick.
+            try:
+                self.callback(snapshot)
+            except Exception:
+                log.warning("the progress callback failed", exc_info=True)
+
+    def summary(self) -> DatasetSummary:
+        self._maybe_emit(force=True)
+        with self.lock:
+            return DatasetSummary(
+                dataset=self.dataset, run_id=self.run_id, objects=self.objects, ok=self.ok, failed=self.failed,
+                skipped=self.skipped, refused=self.refused, bytes_total=self.bytes_total,
+                bytes_copied=self.bytes_copied, bytes_sent=self.bytes_sent, parts=self.parts,
+                restarts=self.restarts, failures=tuple(self.failures), failures_truncated=self.truncated,
+                elapsed_seconds=time.monotonic() - self.started,
+            )
+
+
+class _StateEvents(CopyEvents):
+    """Writes each transition before the side effect it announces."""
+
+    def __init__(self, store: StateStore, object_id: int, tally: _Tally):
+        self.store = store
+        self.object_id = object_id
+        self.tally = tally
+
+    def attempt_started(self, meta: ObjectMeta, plan: ObjectPlan, restarts: int) -> None:
+        self.store.transition(self.object_id, st.IN_PROGRESS, output_size=plan.output_size,
+                              part_count=plan.part_count, restarts=restarts)
+
+    def source_changed(self, old: ObjectMeta, new: ObjectMeta) -> None:
+        self.store.transition(self.object_id, st.CHANGED, source_etag=new.etag, size=new.size,
+                              source_md5=new.content_md5.hex() if new.content_md5 else None,
+                              reason=f"source changed from ETag {old.etag} to {new.etag}; restarting")
+
+    def bytes_moved(self, n: int) -> None:
+        self.tally.bytes_moved(n)
+
+
+def migrate_dataset(
+    dataset: str,
+    source: ObjectSource,
+    sink: ObjectSink,
+    items: Iterable[tuple[ObjectMeta, Placement | Refusal]],
+    *,
+    settings: TransferSettings,
+    budget: MemoryBudget,
+    executors: Executors,
+    state: StateStore,
+    run_id: int,
+    progress: ProgressCallback | None = None,
+    progress_interval: float = 0.5,
+    output_format: OutputFormat = IDENTITY,
+    skip_unchanged: bool = True,
+    replace_placement: Callable[[ObjectMeta], Placement] | None = None,
+    max_reported_failures: int = 100,
+) -> DatasetSummary:
+    """Copy every object of `items` (consumed lazily) and return the dataset's summary.
+
+    Each object gets a row in `state` for `run_id` (pending → in_progress → uploaded, or failed with
+    its reason; refused objects go straight to failed). With `skip_unchanged`, an object whose newest
+    uploaded/verified row (any run) has the same source ETag, size and destination key is recorded
+    as unchanged and not copied. `progress` gets a `Progress` at most every `progress_interval`
+    seconds and once at the end, from worker threads: keep it quick. The run's counters in `runs`
+    are increased by this dataset's totals; closing the run is the caller's (`state.finish_run`).
+    """
+    tally = _Tally(dataset, run_id, progress, progress_interval, max_reported_failures)
+    slots = threading.Semaphore(settings.objects_in_flight)
+    in_flight: set[Future] = set()
+    in_flight_lock = threading.Lock()
+
+    def one(object_id: int, meta: ObjectMeta, placement: Placement) -> None:
+        try:
+            outcome = copy_object(
+                source, sink, meta, placement, settings=settings, budget=budget, executors=executors,
+                output_format=output_format, events=_StateEvents(state, object_id, tally),
+                replace_placement=replace_placement,
+            )
+            if outcome.status == "ok":
+                state.transition(object_id, st.UPLOADED, sha256=outcome.sha256, md5_checked=outcome.md5_checked,
+                                 dest_key=outcome.dest_key, dest_etag=outcome.dest_etag,
+                                 output_size=outcome.output_size, part_count=outcome.parts,
+                                 restarts=outcome.restarts, source_etag=outcome.source_etag, size=outcome.size,
+                                 reason=None)
+            else:
+                state.transition(object_id, st.FAILED, reason=outcome.reason, restarts=outcome.restarts)
+        except Exception as exc:  # the state store itself failed: this object fails, the others go on
+            log.exception("recording %s failed", meta.key)
+            outcome = ObjectOutcome(meta.key, placement.dest_key, meta.etag, meta.size, "failed",
+                                    reason=f"internal error: {type(exc).__name__}: {exc}")
+        tally.done(outcome)
+
+    def finished(future: Future) -> None:
+        with in_flight_lock:
+            in_flight.discard(future)
+        slots.release()
+
+    try:
+        for meta, placed in items:
+            tally.seen(meta.size)
+            dest_key = placed.dest_key if isinstance(placed, Placement) else None
+            object_id = state.add_object(run_id, dataset, meta.key, meta.etag, meta.size, dest_key=dest_key,
+                                         source_md5=meta.content_md5)
+            if isinstance(placed, Refusal):
+                state.transition(object_id, st.FAILED, reason=placed.reason)
+                tally.done(ObjectOutcome(meta.key, "", meta.etag, meta.size, "failed", reason=placed.reason,
+                                         refused=True))
+                continue
+            if skip_unchanged:
+                previous = state.last_copy(dataset, meta.key)
+                if (previous is not None and previous.run_id != run_id and previous.source_etag == meta.etag
+                        and previous.size == meta.size and previous.dest_key == placed.dest_key):
+                    reason = f"unchanged since run {previous.run_id}"
+                    state.transition(object_id, st.UNCHANGED, reason=reason, dest_etag=previous.dest_etag,
+                                     sha256=previous.sha256)
+                    tally.done(ObjectOutcome(meta.key, placed.dest_key, meta.etag, meta.size, "skipped",
+                                             reason=reason, sha256=previous.sha256, dest_etag=previous.dest_etag))
+                    continue
+            slots.acquire()  # backpressure: the listing is consumed only as objects finish
+            future = executors.objects.submit(one, object_id, meta, placed)
+            with in_flight_lock:
+                if not future.done():
+                    in_flight.add(future)
+            future.add_done_callback(finished)  # runs at once if already done (serial executors)
+    finally:
+        with in_flight_lock:
+            remaining = list(in_flight)
+        wait(remaining)
+
+    summary = tally.summary()
+    state.add_run_totals(run_id, objects_total=summary.objects, objects_ok=summary.ok,
+                         objects_failed=summary.failed, objects_skipped=summary.skipped,
+                         bytes_total=summary.bytes_total, bytes_sent=summary.bytes_sent)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# Dry run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedObject:
+    """What a run would do with one object. `action`: "write", "skip" (unchanged since a previous
+    run) or "refuse" (with `reason`)."""
+
+    source_key: str
+    dest_key: str | None
+    size: int
+    output_size: int
+    parts: int
+    single_put: bool
+    action: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class DryRunSummary:
+    dataset: str
+    objects: int  # objects that would be written
+    bytes: int  # their plaintext bytes
+    output_bytes: int  # what the destination would hold for them
+    parts: int  # upload requests (a single PUT counts as one)
+    multipart_objects: int
+    skipped: int
+    refused: int
+    refusals: tuple[tuple[str, str], ...]  # first `max_reported` (source key, reason)
+
+
+def plan_placed_object(meta: ObjectMeta, placed: Placement | Refusal, limits: SinkLimits,
+                       settings: TransferSettings, output_format: OutputFormat = IDENTITY) -> PlannedObject:
+    """The plan of one placed object, exactly as `copy_object` would make it."""
+    if isinstance(placed, Refusal):
+        return PlannedObject(meta.key, None, meta.size, 0, 0, False, "refuse", placed.reason)
+    try:
+        plan = plan_object(meta.size, limits, layout=output_format.layout, part_size=settings.part_size,
+                           single_put_cutoff=single_put_cutoff(settings, settings.memory_budget, output_format.copies))
+    except PlanRefused as exc:
+        return PlannedObject(meta.key, placed.dest_key, meta.size, 0, 0, False, "refuse", str(exc))
+    return PlannedObject(meta.key, placed.dest_key, meta.size, plan.output_size, plan.part_count, plan.single_put,
+                         "write")
+
+
+def dry_run(
+    dataset: str,
+    items: Iterable[tuple[ObjectMeta, Placement | Refusal]],
+    limits: SinkLimits,
+    settings: TransferSettings,
+    *,
+    output_format: OutputFormat = IDENTITY,
+    state: StateStore | None = None,
+    on_object: Callable[[PlannedObject], None] | None = None,
+    max_reported: int = 100,
+) -> DryRunSummary:
+    """What `migrate_dataset` would write, without touching the destination (only its `limits` are
+    used). With `state`, objects unchanged since a previous copy count as skipped. `on_object`
+    receives every `PlannedObject` as it is planned (stream it to a file or a table; nothing is kept
+    here but totals and the first `max_reported` refusals)."""
+    objects = total = output = parts = multipart = skipped = refused = 0
+    refusals: list[tuple[str, str]] = []
+    for meta, placed in items:
+        planned = plan_placed_object(meta, placed, limits, settings, output_format)
+        if planned.action == "write" and state is not None:
+            previous = state.last_copy(dataset, meta.key)
+            if (previous is not None and previous.source_etag == meta.etag and previous.size == meta.size
+                    and previous.dest_key == planned.dest_key):
+                planned = PlannedObject(meta.key, planned.dest_key, meta.size, planned.output_size, 0,
+                                        planned.single_put, "skip", f"unchanged since run {previous.run_id}")
+        if planned.action == "write":
+            objects += 1
+            total += planned.size
+            output += planned.output_size
+            parts += planned.parts
+            multipart += not planned.single_put
+        elif planned.action == "skip":
+            skipped += 1
+        else:
+            refused += 1
+            if len(refusals) < max_reported:
+                refusals.append((meta.key, planned.reason or ""))
+        if on_object is not None:
+            on_object(planned)
+    return DryRunSummary(dataset, objects, total, output, parts, multipart, skipped, refused, tuple(refusals))

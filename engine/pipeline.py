@@ -1,0 +1,810 @@
+"""Copy one object: plan, read ranges pinned to the source ETag, hash in order, transform, upload.
+
+The shape (ARCHITECTURE.md §4, STYLE.md #6-#8):
+
+- The object's driver (a thread of the `objects` pool) plans the parts and, **in part order**,
+  acquires each part's bytes from the shared `MemoryBudget` before submitting its transfer
+  (backpressure by blocking the producer). A transfer worker reads the range (If-Match on the
+  source ETag), hands the plaintext to the in-order hasher, transforms it into output bytes, MD5s
+  the output and uploads it with that Content-MD5. The bytes go back to the budget once the part
+  is both uploaded and hashed.
+- Hashing needs the plaintext in order; parts finish in any order. Finished parts wait in a small
+  reorder buffer, and whoever fills the gap hashes the run. Because parts are acquired in order,
+  a part in the buffer never waits for memory held by a later one: no deadlock.
+- A part larger than the budget allows (above half of it) is *streamed*: the connector gets a
+  file-like body that reads, hashes and transforms one slice at a time, and the part's MD5 is
+  computed while streaming and checked against the returned ETag. Streamed parts of one object go
+  one at a time (the object hash is in order and nothing is read twice); other objects keep going.
+- Small objects are one PUT, buffered whole.
+- Nothing is published unless the plaintext byte count equals the source size and, where the source
+  has a Content-MD5, the MD5 of the bytes read equals it. The multipart upload's abort is set up
+  right after it is opened and runs on every failure path; after completion the returned ETag is
+  compared with the one computed from the part MD5s.
+- Retries: a range read or a part upload is retried with tenacity (exponential backoff, full
+  jitter) only for errors the connector marks retryable. `SourceChanged` is never retried: the
+  object restarts from its new version (a new head, a new plan, a new output header), at most
+  `max_source_restarts` times.
+
+The seam for encryption is `OutputFormat`: per object attempt it gives a `SegmentEncoder` that
+turns a run of whole segments of plaintext into output bytes (identity for now).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable, Literal, Mapping, Protocol, Sequence
+
+import tenacity
+
+from connectors.base import (
+    ConnectorError,
+    IntegrityError,
+    MultipartUpload,
+    NotFound,
+    ObjectMeta,
+    ObjectSink,
+    ObjectSource,
+    PartReceipt,
+    SourceChanged,
+    TransientError,
+    WriteMeta,
+    multipart_etag,
+)
+from engine.budget import Lease, MemoryBudget
+from engine.executors import Executors
+from engine.naming import Placement
+from engine.planning import IDENTITY_LAYOUT, ObjectPlan, PartPlan, PlanRefused, SegmentLayout, plan_object, sum_output
+from engine.settings import TransferSettings
+
+log = logging.getLogger(__name__)
+
+# A sink whose ETags are not MD5s of the body (SSE-C, SSE-KMS) says so with `etag_is_md5 = False`
+# (as `connectors.s3.S3Store` does) or by listing this in `unsupported`; the engine then skips its
+# ETag comparisons (the Content-MD5 the server checked still applies).
+MD5_ETAG = "md5-etag"
+
+
+def _etags_are_md5(sink: ObjectSink) -> bool:
+    return bool(getattr(sink, "etag_is_md5", True)) and MD5_ETAG not in sink.unsupported
+
+Status = Literal["ok", "failed", "skipped"]
+
+
+# --------------------------------------------------------------------------------------------
+# The output seam (identity now; the encryption issue adds a Tink format)
+# --------------------------------------------------------------------------------------------
+
+
+class SegmentEncoder(Protocol):
+    """Transforms plaintext into output for one object *attempt* (a fresh header each attempt)."""
+
+    metadata: Mapping[str, str]
+    """Metadata written with the object for this attempt (e.g. the key id); merged into the placement's."""
+
+    def encode(self, first_segment: int, plaintext: bytes | memoryview) -> bytes | memoryview:
+        """Output bytes for the run of whole segments starting at `first_segment` whose plaintext is
+        `plaintext` (segment 0's output includes the header; the object's last segment is final).
+        Called concurrently for different runs of one attempt; may be called again for the same run
+        (a retried part) and must then return the same bytes."""
+        ...
+
+
+class OutputFormat(Protocol):
+    layout: SegmentLayout
+
+    copies: bool
+    """False only for the identity: `encode` returns its input, so a part costs its plaintext size
+    in the budget and a single PUT reuses the object MD5 as its Content-MD5. True: a part holds its
+    plaintext and its output at once, so its budget charge is both."""
+
+    def begin(self, meta: ObjectMeta) -> SegmentEncoder:
+        """Start an attempt at writing `meta` (called again, with the new version, on a restart)."""
+        ...
+
+
+class _IdentityEncoder:
+    metadata: Mapping[str, str] = {}
+
+    def encode(self, first_segment: int, plaintext: bytes | memoryview) -> bytes | memoryview:
+        return plaintext
+
+
+class IdentityFormat:
+    """Output = plaintext. The format of every object until encryption lands."""
+
+    layout: SegmentLayout = IDENTITY_LAYOUT
+    copies = False
+
+    def begin(self, meta: ObjectMeta) -> SegmentEncoder:
+        return _IdentityEncoder()
+
+
+IDENTITY = IdentityFormat()
+
+
+# --------------------------------------------------------------------------------------------
+# Events (the state store and progress listen; the resume issue adds upload ids and receipts)
+# --------------------------------------------------------------------------------------------
+
+
+class CopyEvents:
+    """Hooks called by `copy_object`, each *before* the side effect it announces where there is one.
+    Methods may be called from transfer threads; keep them quick and thread-safe."""
+
+    def attempt_started(self, meta: ObjectMeta, plan: ObjectPlan, restarts: int) -> None:
+        """Before any byte of this attempt moves (also after a restart, with the new version)."""
+
+    def source_changed(self, old: ObjectMeta, new: ObjectMeta) -> None:
+        """The source changed under us; the object restarts from `new`."""
+
+    def upload_opened(self, upload: MultipartUpload) -> None:
+        """A multipart upload exists (its abort is already registered)."""
+
+    def part_uploaded(self, part: PartPlan, receipt: PartReceipt) -> None:
+        """The destination acknowledged a part."""
+
+    def bytes_moved(self, n: int) -> None:
+        """`n` plaintext bytes were acknowledged by the destination (negative: undone by a restart)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Outcome
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectOutcome:
+    """What happened to one object. `size` is the plaintext size of the version copied (or tried).
+
+    `parts` is 1 for a single PUT; `bytes_sent` counts output bytes acknowledged by the destination
+    in the final attempt; `restarts` counts source changes; `attempts` counts the requests the
+    engine issued for the object (range reads, heads, PUT / open / part uploads / complete),
+    retries and restarts included: with no fault it is reads + uploads + 2 for a multipart object. `refused` marks an
+    object that never started because it cannot be written (too large, a name or metadata that
+    does not fit): its status is "failed".
+    """
+
+    source_key: str
+    dest_key: str
+    source_etag: str
+    size: int
+    status: Status
+    reason: str | None = None
+    sha256: str | None = None
+    md5_checked: bool = False
+    dest_etag: str | None = None
+    parts: int = 0
+    bytes_sent: int = 0
+    restarts: int = 0
+    attempts: int = 0
+    output_size: int = 0
+    refused: bool = False
+
+
+class ObjectFailed(Exception):
+    """The object cannot be copied in this run; the message is the reason a user reads."""
+
+
+class _Refused(ObjectFailed):
+    """The object cannot be written to this destination at all (decided before any byte moves)."""
+
+
+class _Cancelled(Exception):
+    """A part skipped because another part of the object already failed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Hashing in order
+# --------------------------------------------------------------------------------------------
+
+
+class _OrderedDigest:
+    """SHA-256 (always) and MD5 (when asked) of the plaintext, fed in any order, hashed in order."""
+
+    def __init__(self, want_md5: bool):
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5() if want_md5 else None
+        self.count = 0  # plaintext bytes hashed
+        self._next = 0
+        self._pending: dict[int, tuple[bytes | memoryview, Callable[[], None]]] = {}
+        self._lock = threading.Lock()
+        self._draining = False
+        self._abandoned = False
+
+    def update(self, data: bytes | memoryview) -> None:
+        """Hash `data` now (the caller guarantees order: single PUTs and streamed parts)."""
+        self.sha256.update(data)
+        if self.md5 is not None:
+            self.md5.update(data)
+        self.count += len(data)
+
+    def feed(self, index: int, data: bytes | memoryview, done: Callable[[], None]) -> None:
+        """Hash chunk `index` (0-based) once every chunk before it is hashed; call `done` after."""
+        with self._lock:
+            if self._abandoned:
+                abandoned = True
+            else:
+                abandoned = False
+                self._pending[index] = (data, done)
+                if self._draining:
+                    return
+                self._draining = True
+        if abandoned:
+            done()
+            return
+        while True:
+            with self._lock:
+                item = None if self._abandoned else self._pending.pop(self._next, None)
+                if item is None:
+                    self._draining = False
+                    return
+                self._next += 1
+            self.update(item[0])
+            item[1]()
+
+    @property
+    def chunks_hashed(self) -> int:
+        with self._lock:
+            return self._next
+
+    def abandon(self) -> None:
+        """The attempt failed: drop what waits for hashing and give its memory back."""
+        with self._lock:
+            self._abandoned = True
+            items = list(self._pending.values())
+            self._pending.clear()
+        for _, done in items:
+            done()
+
+    def snapshot(self) -> tuple:
+        return (self.sha256.copy(), self.md5.copy() if self.md5 is not None else None, self.count)
+
+    def restore(self, snap: tuple) -> None:
+        sha, md5, count = snap
+        self.sha256 = sha.copy()
+        self.md5 = md5.copy() if md5 is not None else None
+        self.count = count
+
+
+# --------------------------------------------------------------------------------------------
+# One object
+# --------------------------------------------------------------------------------------------
+
+
+def buffer_limit(budget_capacity: int) -> int:
+    """The largest charge a buffered part or single PUT may have: half the budget, so that at
+    least two parts can be in flight; anything larger is streamed."""
+    return budget_capacity // 2
+
+
+def single_put_cutoff(settings: TransferSettings, budget_capacity: int, copies: bool) -> int:
+    """Output bytes at or under which an object goes in one (always buffered) PUT."""
+    factor = 2 if copies else 1
+    return min(settings.small_object_cutoff, buffer_limit(budget_capacity) // factor)
+
+
+def copy_object(
+    source: ObjectSource,
+    sink: ObjectSink,
+    meta: ObjectMeta,
+    placement: Placement,
+    *,
+    settings: TransferSettings,
+    budget: MemoryBudget,
+    executors: Executors,
+    output_format: OutputFormat = IDENTITY,
+    events: CopyEvents | None = None,
+    replace_placement: Callable[[ObjectMeta], Placement] | None = None,
+) -> ObjectOutcome:
+    """Copy one object from `source` to `sink` at `placement.dest_key`; never raises for a failure of
+    this object (the outcome says "failed" with the reason). Call from an `executors.objects` thread
+    (or directly with serial executors): it waits on transfer futures.
+
+    On a source change the object restarts from its new version; `replace_placement` (if given)
+    re-places the new version (its metadata may have changed), otherwise the placement is kept.
+    A `DoesNotFit` raised by it fails the object with its message.
+    """
+    events = events or CopyEvents()
+    counter = _Counter()
+    restarts = 0
+    current = meta
+    while True:
+        attempt = _Attempt(source, sink, current, placement, settings, budget, executors,
+                           output_format, events, counter, restarts)
+        try:
+            return attempt.run()
+        except SourceChanged as exc:
+            attempt.undo_progress()
+            if restarts >= settings.max_source_restarts:
+                return attempt.failed(
+                    f"the source object changed during the copy {restarts + 1} times (last: {exc}); "
+                    f"gave up after {settings.max_source_restarts} restarts, it will be copied by a later run"
+                )
+            restarts += 1
+            try:
+                new = _retrying(settings, counter, f"head of {meta.key!r}")(source.head, meta.key)
+            except NotFound:
+                return attempt.failed("the source object was deleted during the copy")
+            except (ObjectFailed, ConnectorError) as head_exc:
+                return attempt.failed(f"the source changed and reading its new version failed: {head_exc}")
+            events.source_changed(current, new)
+            log.info("%s changed (ETag %s -> %s); restarting from the new version", meta.key, current.etag, new.etag)
+            current = new
+            if replace_placement is not None:
+                try:
+                    placement = replace_placement(new)
+                except ValueError as place_exc:  # DoesNotFit
+                    return attempt.failed(f"the new version of the source cannot be written: {place_exc}", restarts)
+        except _Refused as exc:
+            return attempt.failed(str(exc), refused=True)
+        except ObjectFailed as exc:
+            return attempt.failed(str(exc))
+        except ConnectorError as exc:
+            return attempt.failed(f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a bug must fail this object, not the run
+            log.exception("internal error while copying %s", meta.key)
+            return attempt.failed(f"internal error: {type(exc).__name__}: {exc}")
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, n: int = 1) -> None:
+        with self._lock:
+            self.value += n
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    return isinstance(exc, ConnectorError) and exc.retryable and not isinstance(exc, SourceChanged)
+
+
+def _retrying(settings: TransferSettings, counter: _Counter, what: str) -> Callable:
+    """A callable ``run(fn, *args)`` retrying `fn` per settings; the final retryable failure becomes
+    `ObjectFailed` naming `what`, a non-retryable error propagates unchanged."""
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(settings.part_attempts),
+        wait=tenacity.wait_random_exponential(multiplier=settings.retry_wait_initial, max=settings.retry_wait_max),
+        retry=tenacity.retry_if_exception(_is_retryable),
+        before=lambda state: counter.add(),
+        before_sleep=lambda state: log.info("%s: attempt %d failed (%s); retrying", what, state.attempt_number,
+                                            state.outcome.exception() if state.outcome else "?"),
+        reraise=True,
+    )
+
+    def run(fn: Callable, *args, **kwargs):
+        try:
+            return retrying(fn, *args, **kwargs)
+        except ConnectorError as exc:
+            if _is_retryable(exc):
+                raise ObjectFailed(f"{what} failed after {settings.part_attempts} attempts: {exc}") from exc
+            raise
+
+    return run
+
+
+class _Attempt:
+    """One attempt at one version of one object."""
+
+    def __init__(self, source: ObjectSource, sink: ObjectSink, meta: ObjectMeta, placement: Placement,
+                 settings: TransferSettings, budget: MemoryBudget, executors: Executors,
+                 output_format: OutputFormat, events: CopyEvents, counter: _Counter, restarts: int):
+        self.source = source
+        self.sink = sink
+        self.meta = meta
+        self.placement = placement
+        self.settings = settings
+        self.budget = budget
+        self.executors = executors
+        self.format = output_format
+        self.events = events
+        self.counter = counter
+        self.restarts = restarts
+        self.plan: ObjectPlan | None = None
+        self.digest = _OrderedDigest(want_md5=meta.content_md5 is not None)
+        self.check_etag = _etags_are_md5(sink)
+        self._lock = threading.Lock()
+        self.bytes_sent = 0
+        self.bytes_reported = 0
+
+    # ---- outcome helpers -------------------------------------------------------------------
+
+    def failed(self, reason: str, restarts: int | None = None, refused: bool = False) -> ObjectOutcome:
+        return ObjectOutcome(
+            source_key=self.meta.key, dest_key=self.placement.dest_key, source_etag=self.meta.etag,
+            size=self.meta.size, status="failed", reason=reason,
+            parts=self.plan.part_count if self.plan else 0, bytes_sent=self.bytes_sent,
+            restarts=self.restarts if restarts is None else restarts, attempts=self.counter.value,
+            output_size=self.plan.output_size if self.plan else 0, refused=refused,
+        )
+
+    def _sent(self, part: PartPlan) -> None:
+        with self._lock:
+            self.bytes_sent += part.output_size
+            self.bytes_reported += part.plaintext_size
+        self.events.bytes_moved(part.plaintext_size)
+
+    def undo_progress(self) -> None:
+        with self._lock:
+            n, self.bytes_reported = self.bytes_reported, 0
+        if n:
+            self.events.bytes_moved(-n)
+
+    def retry(self, what: str) -> Callable:
+        return _retrying(self.settings, self.counter, f"{what} of {self.meta.key!r}")
+
+    # ---- the attempt -------------------------------------------------------------------------
+
+    def run(self) -> ObjectOutcome:
+        encoder = self.format.begin(self.meta)
+        self.encoder = encoder
+        factor = 2 if self.format.copies else 1
+        try:
+            self.plan = plan_object(
+                self.meta.size, self.sink.limits, layout=self.format.layout, part_size=self.settings.part_size,
+                single_put_cutoff=single_put_cutoff(self.settings, self.budget.capacity, self.format.copies),
+            )
+        except PlanRefused as exc:
+            raise _Refused(str(exc)) from exc
+        plan = self.plan
+        write_meta = self.placement.write_meta
+        if encoder.metadata:
+            write_meta = WriteMeta(content=write_meta.content, metadata={**write_meta.metadata, **encoder.metadata})
+        self.events.attempt_started(self.meta, plan, self.restarts)
+
+        if plan.single_put:
+            dest_etag = self._single_put(plan.parts[0], write_meta)
+        else:
+            streamed = plan.part_output_size * factor > buffer_limit(self.budget.capacity)
+            dest_etag = self._multipart(plan, write_meta, streamed)
+
+        return ObjectOutcome(
+            source_key=self.meta.key, dest_key=self.placement.dest_key, source_etag=self.meta.etag,
+            size=self.meta.size, status="ok", sha256=self.digest.sha256.hexdigest(),
+            md5_checked=self.meta.content_md5 is not None, dest_etag=dest_etag, parts=plan.part_count,
+            bytes_sent=self.bytes_sent, restarts=self.restarts, attempts=self.counter.value,
+            output_size=plan.output_size,
+        )
+
+    def _charge(self, part: PartPlan) -> int:
+        return part.plaintext_size + (part.output_size if self.format.copies else 0)
+
+    def _read(self, start: int, end: int) -> bytes:
+        """Range read, pinned to the ETag, exact length, retried."""
+        key, etag = self.meta.key, self.meta.etag
+
+        def read() -> bytes:
+            data = self.source.read_range(key, start, end, if_match=etag)
+            if len(data) != end - start:
+                raise TransientError(f"short read of {key!r}: {len(data)} bytes for range {start}-{end}", key=key)
+            return data
+
+        if start == end:
+            return b""
+        try:
+            return self.retry(f"read of bytes {start}-{end}")(read)
+        except NotFound as exc:
+            raise ObjectFailed(f"the source object was deleted during the copy ({exc})") from exc
+
+    def _check_source(self) -> None:
+        """Before anything is published: every byte was read, and the source's MD5 matches."""
+        if self.digest.count != self.meta.size:
+            raise ObjectFailed(
+                f"read {self.digest.count:,} bytes but the source says the object has {self.meta.size:,}; nothing was written"
+            )
+        if self.meta.content_md5 is not None:
+            got = self.digest.md5.digest()
+            if got != self.meta.content_md5:
+                raise ObjectFailed(
+                    f"the bytes read do not match the source's stored Content-MD5 "
+                    f"(stored {base64.b64encode(self.meta.content_md5).decode()}, read {base64.b64encode(got).decode()}): "
+                    "the source object is corrupt or its stored MD5 is wrong; nothing was written"
+                )
+
+    def _check_output(self, out: bytes | memoryview, part: PartPlan) -> None:
+        if len(out) != part.output_size:
+            raise ObjectFailed(f"part {part.number}: the output format produced {len(out):,} bytes, "
+                               f"{part.output_size:,} planned")
+
+    def _check_receipt(self, receipt: PartReceipt, part: PartPlan, md5: bytes) -> None:
+        if receipt.size != part.output_size:
+            raise IntegrityError(f"part {part.number} of {self.placement.dest_key!r}: the destination "
+                                 f"holds {receipt.size:,} bytes, {part.output_size:,} were sent")
+        if self.check_etag and receipt.etag.strip('"').lower() != md5.hex():
+            raise IntegrityError(f"part {part.number} of {self.placement.dest_key!r}: ETag {receipt.etag} "
+                                 f"does not match the MD5 of the bytes sent ({md5.hex()})")
+
+    # ---- single PUT ----------------------------------------------------------------------------
+
+    def _single_put(self, part: PartPlan, write_meta: WriteMeta) -> str:
+        charge = self._charge(part)
+        self.budget.acquire(charge)
+        try:
+            return self.executors.transfers.submit(self._put_task, part, write_meta).result()
+        finally:
+            self.budget.release(charge)
+
+    def _put_task(self, part: PartPlan, write_meta: WriteMeta) -> str:
+        data = self._read(0, self.meta.size)
+        self.digest.update(data)
+        self._check_source()
+        out = self.encoder.encode(0, data)
+        self._check_output(out, part)
+        if not self.format.copies and self.digest.md5 is not None:
+            md5 = self.digest.md5.digest()  # output is the plaintext: its MD5 is already known
+        else:
+            md5 = hashlib.md5(out).digest()
+        dest = self.placement.dest_key
+
+        def put() -> str:
+            etag = self.sink.put(dest, out, part.output_size, write_meta, md5)
+            if self.check_etag and etag.strip('"').lower() != md5.hex():
+                raise IntegrityError(f"{dest!r}: ETag {etag} does not match the MD5 of the bytes sent ({md5.hex()})")
+            return etag.strip('"')
+
+        etag = self.retry("upload")(put)
+        self._sent(part)
+        self.events.part_uploaded(part, PartReceipt(1, etag, part.output_size))
+        return etag
+
+    # ---- multipart -------------------------------------------------------------------------------
+
+    def _multipart(self, plan: ObjectPlan, write_meta: WriteMeta, streamed: bool) -> str:
+        dest = self.placement.dest_key
+        upload = self.retry("opening the multipart upload")(self.sink.open_multipart, dest, write_meta)
+        # Abort on every failure path from here on: an open upload keeps its parts (and costs
+        # storage) until a lifecycle rule removes it, and must never be completed half-written.
+        try:
+            self.events.upload_opened(upload)
+            if streamed:
+                results = self._streamed_parts(plan, upload)
+            else:
+                results = self._buffered_parts(plan, upload)
+            receipts = [r for r, _ in results]
+            md5s = [m for _, m in results]
+            if [r.number for r in receipts] != list(range(1, plan.part_count + 1)):
+                raise ObjectFailed(f"{len(receipts)} of {plan.part_count} part receipts came back; not completing")
+            sent = sum(r.size for r in receipts)
+            if sent != plan.output_size:
+                raise ObjectFailed(f"{sent:,} bytes were sent, {plan.output_size:,} planned; not completing")
+            self._check_source()
+            expected = multipart_etag(md5s)
+            etag = self._complete(upload, receipts, expected)
+        except BaseException:
+            try:
+                upload.abort()
+            except Exception:  # the original failure matters more; the upload stays listable
+                log.warning("could not abort the multipart upload %s of %r", upload.upload_id, dest, exc_info=True)
+            raise
+        if self.check_etag and etag.lower() != expected:
+            # Published but not what we sent: remove it rather than leave a wrong object behind.
+            try:
+                self.sink.delete(dest)
+            except Exception:
+                log.warning("could not delete %r after an ETag mismatch", dest, exc_info=True)
+            raise ObjectFailed(f"the destination's ETag {etag} differs from the one computed from the parts sent "
+                               f"({expected}); the object was deleted from the destination")
+        return etag
+
+    def _complete(self, upload: MultipartUpload, receipts: Sequence[PartReceipt], expected: str) -> str:
+        tried = False
+
+        def complete() -> str:
+            nonlocal tried
+            try:
+                return upload.complete(receipts).strip('"')
+            except NotFound:
+                # An earlier attempt may have completed it and only the answer was lost.
+                if tried:
+                    head = self.sink.head(self.placement.dest_key)
+                    if head.etag.strip('"').lower() == expected:
+                        return head.etag.strip('"')
+                raise
+            finally:
+                tried = True
+
+        return self.retry("completing the multipart upload")(complete)
+
+    def _buffered_parts(self, plan: ObjectPlan, upload: MultipartUpload) -> list[tuple[PartReceipt, bytes]]:
+        failure = threading.Event()
+        futures: list[Future] = []
+        for part in plan.parts:
+            if failure.is_set():
+                break
+            charge = self._charge(part)
+            # In part order, blocking: the backpressure that bounds memory, and the order that keeps
+            # the in-order hasher from waiting on memory held by later parts.
+            if not self.budget.acquire(charge, cancel=failure):
+                break
+            lease = Lease(self.budget, charge, ("hash", "upload"))
+            try:
+                futures.append(self.executors.transfers.submit(self._part_task, part, upload, lease, failure))
+            except BaseException:
+                lease.release_all()
+                failure.set()
+                self.digest.abandon()
+                raise
+        results: list[tuple[PartReceipt, bytes]] = []
+        errors: list[BaseException] = []
+        for future in futures:  # wait for every submitted part, so no worker outlives the attempt
+            try:
+                results.append(future.result())
+            except _Cancelled:
+                pass
+            except BaseException as exc:
+                errors.append(exc)
+        if errors:
+            changed = [e for e in errors if isinstance(e, SourceChanged)]
+            raise changed[0] if changed else errors[0]
+        return results
+
+    def _part_task(self, part: PartPlan, upload: MultipartUpload, lease: Lease,
+                   failure: threading.Event) -> tuple[PartReceipt, bytes]:
+        fed = False
+        try:
+            if failure.is_set():
+                raise _Cancelled()
+            data = self._read(part.plaintext_start, part.plaintext_end)
+            self.digest.feed(part.number - 1, data, lambda: lease.done("hash"))
+            fed = True
+            out = self.encoder.encode(part.first_segment, data)
+            self._check_output(out, part)
+            md5 = hashlib.md5(out).digest()
+
+            def send() -> PartReceipt:
+                receipt = upload.upload_part(part.number, out, part.output_size, md5)
+                self._check_receipt(receipt, part, md5)
+                return receipt
+
+            receipt = self.retry(f"upload of part {part.number}")(send)
+            self._sent(part)
+            self.events.part_uploaded(part, receipt)
+            return receipt, md5
+        except BaseException:
+            failure.set()
+            if not fed:
+                lease.done("hash")
+            self.digest.abandon()  # parts waiting to be hashed give their memory back now
+            raise
+        finally:
+            lease.done("upload")
+
+    # ---- streamed parts (larger than the budget allows to buffer) --------------------------------
+
+    def _streamed_parts(self, plan: ObjectPlan, upload: MultipartUpload) -> list[tuple[PartReceipt, bytes]]:
+        slice_segments = self._slice_segments()
+        seg = self.format.layout.segment_size
+        # The driver acquires one slice's worth for the whole part, so that a transfer worker never
+        # waits on the budget (a worker waiting for memory held by parts queued behind it would
+        # deadlock the pool); the body reuses that allowance slice after slice.
+        allowance = slice_segments * seg * (2 if self.format.copies else 1)
+        results = []
+        for part in plan.parts:  # one at a time: the object hash is in order, nothing is read twice
+            self.budget.acquire(allowance)
+            try:
+                results.append(self.executors.transfers.submit(self._streamed_part, part, upload,
+                                                               slice_segments).result())
+            finally:
+                self.budget.release(allowance)
+        return results
+
+    def _slice_segments(self) -> int:
+        factor = 2 if self.format.copies else 1
+        seg = self.format.layout.segment_size
+        size = min(self.settings.stream_slice_size, buffer_limit(self.budget.capacity) // factor)
+        return max(1, size // seg)
+
+    def _streamed_part(self, part: PartPlan, upload: MultipartUpload, slice_segments: int) -> tuple[PartReceipt, bytes]:
+        snapshot = self.digest.snapshot()
+
+        def send() -> tuple[PartReceipt, bytes]:
+            # A retried part is read again from the source; the hash goes back to where the part began.
+            self.digest.restore(snapshot)
+            body = _StreamedPartBody(self, part, slice_segments)
+            try:
+                receipt = upload.upload_part(part.number, body, part.output_size, None)
+            except ConnectorError:
+                if body.error is not None:  # our read failed inside the connector: that is the cause
+                    raise body.error from None
+                raise
+            finally:
+                body.close()
+            if body.error is not None:
+                raise body.error
+            if body.sent != part.output_size or self.digest.count != part.plaintext_end:
+                raise TransientError(f"part {part.number}: the connector consumed {body.sent:,} of "
+                                     f"{part.output_size:,} bytes", key=self.meta.key)
+            md5 = body.md5.digest()
+            self._check_receipt(receipt, part, md5)
+            return receipt, md5
+
+        receipt, md5 = self.retry(f"upload of part {part.number}")(send)
+        self._sent(part)
+        self.events.part_uploaded(part, receipt)
+        return receipt, md5
+
+
+class _StreamedPartBody(io.RawIOBase):
+    """A part's body read slice by slice from the source: each slice of whole segments is read
+    (pinned, retried), hashed in order, transformed and MD5'd, then handed out; it is dropped when
+    the connector asks for bytes past it. At most one slice is held, within the allowance the
+    object's driver acquired for the part."""
+
+    def __init__(self, attempt: _Attempt, part: PartPlan, slice_segments: int):
+        super().__init__()
+        self.attempt = attempt
+        self.part = part
+        self.slice_segments = slice_segments
+        self.md5 = hashlib.md5()
+        self.sent = 0
+        self.error: BaseException | None = None
+        self._next_segment = part.first_segment
+        self._end_segment = part.first_segment + part.segment_count
+        self._out: bytes | memoryview = b""
+        self._buf: memoryview = memoryview(b"")
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def _advance(self) -> bool:
+        a = self.attempt
+        self._release()
+        if self._next_segment >= self._end_segment:
+            return False
+        layout = a.format.layout
+        size = a.meta.size
+        first = self._next_segment
+        count = min(self.slice_segments, self._end_segment - first)
+        start = layout.segment_plaintext_range(first, size)[0]
+        end = layout.segment_plaintext_range(first + count - 1, size)[1]
+        out_size = sum_output(layout, first, count, size)
+        data = a._read(start, end)
+        a.digest.update(data)
+        out = a.encoder.encode(first, data)
+        if len(out) != out_size:
+            raise ObjectFailed(f"part {self.part.number}: the output format produced {len(out):,} bytes for "
+                               f"segments {first}-{first + count - 1}, {out_size:,} planned")
+        self.md5.update(out)
+        self._out = out
+        self._buf = memoryview(out)
+        self._pos = 0
+        self._next_segment = first + count
+        return True
+
+    def _release(self) -> None:
+        self._out = b""
+        self._buf = memoryview(b"")
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            if self._pos >= len(self._buf) and not self._advance():
+                return b""
+            whole = self._pos == 0 and (n is None or n < 0 or n >= len(self._buf))
+            if whole and isinstance(self._out, bytes):
+                chunk: bytes = self._out  # the whole slice: no copy
+            else:
+                stop = len(self._buf) if n is None or n < 0 else self._pos + n
+                chunk = self._buf[self._pos:stop].tobytes()
+            self._pos += len(chunk)
+            self.sent += len(chunk)
+            return chunk
+        except BaseException as exc:
+            self.error = exc
+            raise
+
+    def readinto(self, b) -> int:
+        chunk = self.read(len(b))
+        b[: len(chunk)] = chunk
+        return len(chunk)
+
+    def close(self) -> None:
+        self._release()
+        super().close()

@@ -1,0 +1,280 @@
+"""Many objects: state, summary, refusals, skips, progress, the shared budget, dry run."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from functools import partial
+
+import pytest
+
+from connectors.base import AuthError, ContentSettings, SinkLimits, WriteMeta
+from connectors.memory import MemoryStore
+from engine import state as st
+from engine.budget import MemoryBudget
+from engine.executors import create_executors
+from engine.migrate import Refusal, dry_run, migrate_dataset, place_all
+from engine.naming import DoesNotFit, place
+from engine.planning import MiB
+from engine.settings import TransferSettings
+from engine.state import StateStore
+
+LIMITS = SinkLimits(min_part_size=MiB, max_part_size=64 * MiB, max_parts=10_000, max_key_bytes=40)
+
+
+def settings(**overrides) -> TransferSettings:
+    base = dict(memory_budget=4 * MiB, part_size=MiB, small_object_cutoff=MiB, concurrency=4, object_concurrency=6,
+                retry_wait_initial=0, retry_wait_max=0, part_attempts=2)
+    base.update(overrides)
+    return TransferSettings(**base)
+
+
+class FailingSink:
+    """A MemoryStore sink that refuses every write of the keys in `deny` (a permanent error)."""
+
+    def __init__(self, store: MemoryStore, deny: set[str]):
+        self.store, self.deny = store, deny
+        self.limits, self.unsupported, self.label = store.limits, store.unsupported, "failing"
+        self.writes = 0
+
+    def head(self, key):
+        return self.store.head(key)
+
+    def put(self, key, body, size, meta, md5):
+        self.writes += 1
+        if key in self.deny:
+            raise AuthError(f"AccessDenied on {key}")
+        return self.store.put(key, body, size, meta, md5)
+
+    def open_multipart(self, key, meta):
+        self.writes += 1
+        if key in self.deny:
+            raise AuthError(f"AccessDenied on {key}")
+        return self.store.open_multipart(key, meta)
+
+    def resume_multipart(self, key, upload_id):
+        return self.store.resume_multipart(key, upload_id)
+
+    def list_multipart_uploads(self, prefix=""):
+        return self.store.list_multipart_uploads(prefix)
+
+    def delete(self, key):
+        self.store.delete(key)
+
+
+@pytest.fixture
+def state(tmp_path):
+    s = StateStore(tmp_path / ".exitplan" / "state.db")
+    yield s
+    s.close()
+
+
+def seed(src: MemoryStore, n: int, rng: random.Random, big_every: int = 0) -> dict[str, bytes]:
+    data = {}
+    for i in range(n):
+        size = 3 * MiB + rng.randrange(100) if big_every and i % big_every == 0 else rng.randrange(0, 300_000)
+        data[f"in/{i:04d}.bin"] = rng.randbytes(size)
+        src.add(f"in/{i:04d}.bin", data[f"in/{i:04d}.bin"],
+                meta=WriteMeta(ContentSettings(content_type="application/octet-stream"), {"n": str(i)}))
+    return data
+
+
+def placer(meta):
+    return place(meta, "in/", "out", LIMITS)
+
+
+def migrate(src, sink, state, run_id, cfg, *, serial=False, budget=None, progress=None, items=None):
+    budget = budget or MemoryBudget(cfg.memory_budget)
+    with create_executors(cfg.concurrency, cfg.object_concurrency, serial=serial) as ex:
+        summary = migrate_dataset(
+            "claims", src, sink, items if items is not None else place_all(src.list("in/"), placer),
+            settings=cfg, budget=budget, executors=ex, state=state, run_id=run_id, progress=progress,
+            progress_interval=0,
+        )
+    assert budget.in_use == 0
+    return summary
+
+
+def test_many_objects_are_copied_recorded_and_summarised_within_the_budget(state):
+    rng = random.Random(7)
+    src, dst = MemoryStore(page_size=50), MemoryStore(limits=LIMITS)
+    data = seed(src, 150, rng, big_every=25)
+    cfg = settings()
+    budget = MemoryBudget(cfg.memory_budget)
+    run = state.start_run("migrate")
+    seen = []
+    summary = migrate(src, dst, state, run, cfg, budget=budget, progress=seen.append)
+
+    assert (summary.objects, summary.ok, summary.failed, summary.skipped) == (150, 150, 0, 0)
+    assert summary.all_ok and summary.bytes_total == summary.bytes_copied == sum(map(len, data.values()))
+    for key, body in data.items():
+        dest = "out/" + key[3:]
+        assert dst.data(dest) == body
+        assert dst.head(dest).metadata == {"n": str(int(key[3:7]))}
+    assert budget.peak <= cfg.memory_budget
+    assert budget.grants >= 150
+    rows = list(state.objects(run))
+    assert len(rows) == 150 and {r.state for r in rows} == {st.UPLOADED}
+    by_key = {r.source_key: r for r in rows}
+    assert by_key["in/0001.bin"].sha256 == hashlib.sha256(data["in/0001.bin"]).hexdigest()
+    assert by_key["in/0000.bin"].part_count == 4 and by_key["in/0000.bin"].md5_checked
+    assert seen[-1].bytes_done == summary.bytes_copied and seen[-1].objects_done == 150
+    totals = state.get_run(run)
+    assert (totals.objects_total, totals.objects_ok, totals.bytes_sent) == (150, 150, summary.bytes_sent)
+
+
+def test_one_failing_object_never_stops_the_others(state):
+    rng = random.Random(1)
+    src, store = MemoryStore(), MemoryStore(limits=LIMITS)
+    seed(src, 20, rng, big_every=7)
+    sink = FailingSink(store, deny={"out/0003.bin", "out/0007.bin"})
+    run = state.start_run("migrate")
+    summary = migrate(src, sink, state, run, settings())
+    assert (summary.ok, summary.failed) == (18, 2)
+    assert {k for k, _ in summary.failures} == {"in/0003.bin", "in/0007.bin"}
+    assert all("AccessDenied" in reason for _, reason in summary.failures)
+    failed = list(state.objects(run, state=st.FAILED))
+    assert {r.source_key for r in failed} == {"in/0003.bin", "in/0007.bin"}
+    assert all("AccessDenied" in r.reason for r in failed)
+    assert len(store.keys()) == 18 and store.pending_uploads() == 0
+
+
+def test_objects_that_do_not_fit_are_refused_with_their_reason(state):
+    src, dst = MemoryStore(), MemoryStore(limits=LIMITS)
+    src.add("in/ok.bin", b"fine")
+    src.add("in/" + "x" * 60, b"name too long for 40 bytes")
+    src.add("in/big.bin", os.urandom(2 * MiB))
+    tight = SinkLimits(min_part_size=MiB, max_object_size=MiB, max_key_bytes=40)
+    run = state.start_run("migrate")
+    items = place_all(src.list("in/"), partial(place, source_prefix="in/", dest_prefix="out", limits=tight))
+    summary = migrate(src, MemoryStore(limits=tight), state, run, settings(), items=items)
+    assert (summary.ok, summary.failed, summary.refused) == (1, 2, 2)
+    reasons = dict(summary.failures)
+    assert "UTF-8 bytes" in reasons["in/" + "x" * 60]
+    assert "maximum object size" in reasons["in/big.bin"]
+    rows = {r.source_key: r for r in state.objects(run)}
+    assert rows["in/big.bin"].state == st.FAILED and "maximum object size" in rows["in/big.bin"].reason
+    assert dst.keys() == []
+
+
+def test_place_all_turns_does_not_fit_into_a_refusal():
+    src = MemoryStore()
+    src.add("a", b"1")
+    src.add("b", b"2")
+
+    def picky(meta):
+        if meta.key == "b":
+            raise DoesNotFit("metadata name 'x y' is not a valid HTTP header name")
+        return place(meta, "", "", LIMITS)
+
+    pairs = list(place_all(src.list(), picky))
+    assert pairs[1][1] == Refusal("b", "metadata name 'x y' is not a valid HTTP header name")
+    assert pairs[0][1].dest_key == "a"
+
+
+def test_a_rerun_skips_what_is_unchanged_and_copies_what_changed(state):
+    rng = random.Random(3)
+    src = MemoryStore()
+    sink = FailingSink(MemoryStore(limits=LIMITS), deny=set())
+    seed(src, 10, rng)
+    migrate(src, sink, state, state.start_run("migrate"), settings(), serial=True)
+    writes = sink.writes
+    src.add("in/0004.bin", b"new content")
+    run2 = state.start_run("migrate")
+    summary = migrate(src, sink, state, run2, settings(), serial=True)
+    assert (summary.ok, summary.skipped) == (1, 9)
+    assert sink.writes == writes + 1
+    assert sink.store.data("out/0004.bin") == b"new content"
+    counts = state.state_counts(run2)
+    assert counts[st.UNCHANGED][0] == 9 and counts[st.UPLOADED][0] == 1
+
+
+def test_many_small_objects_share_the_budget(state):
+    src, dst = MemoryStore(), MemoryStore(limits=LIMITS)
+    for i in range(120):
+        src.add(f"in/{i:03d}", os.urandom(400_000))
+    cfg = settings(memory_budget=2 * MiB, concurrency=8, object_concurrency=16)
+    budget = MemoryBudget(cfg.memory_budget)
+    summary = migrate(src, dst, state, state.start_run("migrate"), cfg, budget=budget)
+    assert summary.ok == 120
+    assert 400_000 <= budget.peak <= 2 * MiB
+
+
+def test_the_listing_is_consumed_lazily(state):
+    src, dst = MemoryStore(), MemoryStore(limits=LIMITS)
+    for i in range(40):
+        src.add(f"in/{i:03d}", b"x" * 1000)
+    pulled = 0
+    ahead = []
+
+    def items():
+        nonlocal pulled
+        for pair in place_all(src.list("in/"), placer):
+            pulled += 1
+            ahead.append(pulled - len(dst.keys()))
+            yield pair
+
+    cfg = settings(object_concurrency=3)
+    summary = migrate(src, dst, state, state.start_run("migrate"), cfg, items=items())
+    assert summary.ok == 40
+    # At most the objects in flight, plus the one being pulled, are ahead of the finished ones.
+    assert max(ahead) <= cfg.objects_in_flight + 1
+
+
+def test_a_serial_run_is_deterministic(tmp_path):
+    orders = []
+    for i in range(2):
+        src, dst = MemoryStore(), MemoryStore(limits=LIMITS)
+        seed(src, 12, random.Random(5), big_every=4)
+        with StateStore(tmp_path / f"state{i}.db") as state:
+            run = state.start_run("migrate")
+            progress = []
+            migrate(src, dst, state, run, settings(), serial=True, progress=lambda p: progress.append(p.bytes_done))
+            orders.append(([(r.source_key, r.state, r.sha256) for r in state.objects(run)], progress))
+    assert orders[0] == orders[1]
+    assert {s for _, s, _ in orders[0][0]} == {st.UPLOADED}
+    assert orders[0][1] == sorted(orders[0][1])  # no restarts: progress only grows
+
+
+def test_dry_run_reports_what_would_be_written_without_a_sink(state):
+    src = MemoryStore()
+    src.add("in/a", b"a" * 10)
+    src.add("in/b", os.urandom(5 * MiB + 1))
+    src.add("in/" + "y" * 60, b"too long")
+    planned = []
+    summary = dry_run("claims", place_all(src.list("in/"), placer), LIMITS, settings(), on_object=planned.append)
+    assert (summary.objects, summary.refused, summary.multipart_objects) == (2, 1, 1)
+    assert summary.bytes == 10 + 5 * MiB + 1 and summary.output_bytes == summary.bytes
+    assert summary.parts == 1 + 6
+    assert [p.dest_key for p in planned if p.action == "write"] == ["out/a", "out/b"]
+    assert "UTF-8 bytes" in summary.refusals[0][1]
+
+    # With the state of a previous run, unchanged objects are skips.
+    dst = MemoryStore(limits=LIMITS)
+    migrate(src, dst, state, state.start_run("migrate"), settings(), serial=True)
+    again = dry_run("claims", place_all(src.list("in/"), placer), LIMITS, settings(), state=state)
+    assert (again.objects, again.skipped, again.refused) == (0, 2, 1)
+
+
+def test_streamed_and_buffered_objects_on_one_worker_do_not_deadlock(state):
+    import threading
+
+    src, dst = MemoryStore(), MemoryStore(limits=LIMITS)
+    data = {}
+    for i in range(8):
+        size = 9 * MiB if i % 3 == 0 else 2 * MiB  # 8 MiB parts: streamed; one 2 MiB part: buffered
+        data[f"in/{i}"] = os.urandom(size)
+        src.add(f"in/{i}", data[f"in/{i}"])
+
+    # Big objects get 8 MiB parts (above half of the 4 MiB budget); the others one part of 2 MiB, and
+    # two of those fill the budget while their transfers queue behind a streamed part.
+    cfg = settings(memory_budget=4 * MiB, concurrency=1, object_concurrency=4, part_size=8 * MiB)
+    summary = []
+    runner = threading.Thread(target=lambda: summary.append(
+        migrate(src, dst, state, state.start_run("migrate"), cfg)), daemon=True)
+    runner.start()
+    runner.join(30)
+    assert not runner.is_alive(), "the migration deadlocked"
+    assert summary[0].ok == 8
+    assert all(dst.data("out/" + k[3:]) == v for k, v in data.items())

@@ -1,0 +1,155 @@
+"""The state store: SQLite in WAL mode, runs, objects and their allowed transitions."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import sqlalchemy as sa
+
+from engine import state as st
+from engine.state import InvalidTransition, StateStore
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = StateStore(tmp_path / ".exitplan" / "state.db")
+    yield s
+    s.close()
+
+
+def test_creates_the_directory_and_uses_wal(tmp_path, store):
+    assert (tmp_path / ".exitplan" / "state.db").exists()
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_a_run_records_its_command_and_totals(store):
+    run = store.start_run("migrate", "/etc/exitplan/prod.yaml", dry_run=False)
+    assert store.get_run(run).status == "running"
+    store.add_run_totals(run, objects_total=3, objects_ok=2, bytes_sent=100)
+    store.add_run_totals(run, objects_total=1, objects_failed=1)
+    store.finish_run(run, "failed")
+    r = store.get_run(run)
+    assert (r.command, r.config_path, r.dry_run, r.status) == ("migrate", "/etc/exitplan/prod.yaml", False, "failed")
+    assert (r.objects_total, r.objects_ok, r.objects_failed, r.bytes_sent) == (4, 2, 1, 100)
+    assert r.finished_at is not None and r.finished_at >= r.started_at
+    with pytest.raises(ValueError, match="unknown run totals"):
+        store.finish_run(run, "ok", objects_lost=1)
+
+
+def test_an_object_moves_along_the_happy_path_with_its_fields(store):
+    run = store.start_run("migrate")
+    oid = store.add_object(run, "claims", "a/b.parquet", "0x1", 10, dest_key="x/a/b.parquet", source_md5=b"\x01" * 16)
+    rec = store.get_object(oid)
+    assert rec.state == st.PENDING and rec.source_md5 == "01" * 16 and rec.started_at is None
+    store.transition(oid, st.IN_PROGRESS, part_count=1, output_size=10)
+    assert store.get_object(oid).started_at is not None
+    store.transition(oid, st.UPLOADED, sha256="ab" * 32, dest_etag="e", md5_checked=True)
+    store.transition(oid, st.VERIFIED)
+    rec = store.get_object(oid)
+    assert (rec.state, rec.sha256, rec.dest_etag, rec.md5_checked, rec.part_count) == (
+        st.VERIFIED, "ab" * 32, "e", True, 1)
+    assert rec.finished_at is not None
+
+
+@pytest.mark.parametrize("path,bad", [
+    ([], st.UPLOADED),                       # pending -> uploaded skips in_progress
+    ([], st.VERIFIED),
+    ([st.IN_PROGRESS], st.VERIFIED),         # not uploaded yet
+    ([st.UNCHANGED], st.IN_PROGRESS),        # unchanged is final
+    ([st.IN_PROGRESS, st.UPLOADED], st.IN_PROGRESS),
+])
+def test_transitions_outside_the_table_are_refused(store, path, bad):
+    run = store.start_run("migrate")
+    oid = store.add_object(run, "d", "k", "0x1", 1)
+    for state in path:
+        store.transition(oid, state)
+    with pytest.raises(InvalidTransition, match=f"cannot go from '{(path or [st.PENDING])[-1]}' to '{bad}'"):
+        store.transition(oid, bad)
+    assert store.get_object(oid).state == (path or [st.PENDING])[-1]
+
+
+def test_a_changed_source_goes_round_through_changed(store):
+    run = store.start_run("migrate")
+    oid = store.add_object(run, "d", "k", "0x1", 1)
+    store.transition(oid, st.IN_PROGRESS)
+    store.transition(oid, st.CHANGED, source_etag="0x2", size=2)
+    store.transition(oid, st.IN_PROGRESS, restarts=1)
+    store.transition(oid, st.UPLOADED)
+    rec = store.get_object(oid)
+    assert (rec.source_etag, rec.size, rec.restarts) == ("0x2", 2, 1)
+
+
+def test_the_transition_table_names_only_known_states():
+    assert set(st.TRANSITIONS) == set(st.STATES)
+    for targets in st.TRANSITIONS.values():
+        assert targets <= set(st.STATES)
+    with pytest.raises(ValueError):
+        StateStore.transition(None, 1, "teleported")  # checked before touching the database
+
+
+def test_only_one_of_two_racing_transitions_wins(store):
+    run = store.start_run("migrate")
+    oid = store.add_object(run, "d", "k", "0x1", 1)
+    store.transition(oid, st.IN_PROGRESS)
+    results = []
+
+    def go(target):
+        try:
+            store.transition(oid, target)
+            results.append(target)
+        except InvalidTransition:
+            results.append("refused")
+
+    threads = [threading.Thread(target=go, args=(t,)) for t in (st.UPLOADED, st.UPLOADED)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["refused", st.UPLOADED]
+
+
+def test_last_copy_is_the_newest_uploaded_or_verified_row_across_runs(store):
+    r1 = store.start_run("migrate")
+    a = store.add_object(r1, "d", "k", "0x1", 1, dest_key="x/k")
+    store.transition(a, st.IN_PROGRESS)
+    store.transition(a, st.UPLOADED)
+    r2 = store.start_run("migrate")
+    b = store.add_object(r2, "d", "k", "0x2", 2, dest_key="x/k")
+    store.transition(b, st.IN_PROGRESS)
+    store.transition(b, st.FAILED, reason="boom")
+    assert store.last_copy("d", "k").id == a  # the failed newer row does not count
+    r3 = store.start_run("migrate")
+    c = store.add_object(r3, "d", "k", "0x2", 2, dest_key="x/k")
+    store.transition(c, st.IN_PROGRESS)
+    store.transition(c, st.UPLOADED)
+    assert store.last_copy("d", "k").id == c
+    assert store.last_copy("other", "k") is None
+
+
+def test_objects_of_a_run_stream_across_pages_and_counts_add_up(store):
+    run = store.start_run("migrate")
+    # Bulk insert (the public path is one row at a time; a page boundary is what matters here).
+    now = st.utcnow()
+    with store.engine.begin() as conn:
+        conn.execute(st.objects.insert(), [
+            dict(run_id=run, dataset="d", source_key=f"k{i:05d}", source_etag="e", size=i, state=st.PENDING,
+                 md5_checked=False, restarts=0, created_at=now, updated_at=now)
+            for i in range(2_345)
+        ])
+    keys = [r.source_key for r in store.objects(run)]
+    assert len(keys) == 2_345 and keys == sorted(keys)
+    assert store.state_counts(run) == {st.PENDING: (2_345, sum(range(2_345)))}
+    assert list(store.objects(run, state=st.FAILED)) == []
+
+
+def test_state_survives_reopening(tmp_path):
+    path = tmp_path / "state.db"
+    with StateStore(path) as s:
+        run = s.start_run("migrate")
+        oid = s.add_object(run, "d", "k", "0x1", 5)
+        s.transition(oid, st.IN_PROGRESS)
+    with StateStore(path) as s:
+        assert s.get_object(oid).state == st.IN_PROGRESS
+        assert sa.inspect(s.engine).has_table("runs")
