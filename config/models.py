@@ -148,6 +148,7 @@ class TransferConfig(_Model):
     """How hard and with how much memory to push. See `engine.settings.TransferSettings`."""
 
     concurrency: int = Field(8, ge=1, le=256)
+    object_concurrency: int | None = Field(None, ge=1, le=1024)
     part_size: Literal["auto"] | ByteSize = "auto"
     memory_budget: ByteSize = 256 * 1024**2
     small_object_cutoff: ByteSize = 16 * 1024**2

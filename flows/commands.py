@@ -7,7 +7,7 @@ import csv
 import json
 import sys
 
-from config.errors import ConfigFileError, ExitCode
+from config.errors import ConfigFileError, ExitCode, UserError
 from config.loader import load_config
 from config.models import LoadedConfig
 from config.sizes import format_size
@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.set_defaults(func=cmd_inventory)
 
+    p = sub.add_parser("migrate", help="copy the datasets to their destinations, verified part by part")
+    _add_config(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be written (objects, bytes, parts, destination keys); write nothing anywhere")
+    p.set_defaults(func=cmd_migrate)
+
 
 def chosen_datasets(loaded: LoadedConfig, names: list[str]) -> list[str]:
     """The datasets named on the command line (all when none), refusing unknown names."""
@@ -43,16 +49,10 @@ def chosen_datasets(loaded: LoadedConfig, names: list[str]) -> list[str]:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from engine.endpoints import destination_limits, open_source
-    from engine.inventory import inventory_dataset
+    from engine import run
 
     loaded = load_config(args.config)
-    results = []
-    for name in chosen_datasets(loaded, args.dataset):
-        ds = loaded.config.datasets[name]
-        source = open_source(loaded, name)
-        limits = destination_limits(loaded, ds.destination)
-        results.append(inventory_dataset(name, ds, source.list(ds.prefix), limits, source_label=source.label))
+    results = _run_errors(run.inventory, loaded, chosen_datasets(loaded, args.dataset))
     if args.format == "json":
         json.dump([r.as_dict() for r in results], sys.stdout, ensure_ascii=False, indent=2)
         print()
@@ -102,3 +102,112 @@ def _print_inventory_table(results) -> None:
             print(f"  will not fit: {key!r}: {reason}")
         if r.misfit_count > len(r.misfits):
             print(f"  … and {r.misfit_count - len(r.misfits):,} more that will not fit")
+
+
+# ---------------------------------------------------------------------------------------------
+# migrate
+# ---------------------------------------------------------------------------------------------
+
+
+class _CliObserver:
+    """Feeds a `ProgressDisplay` from the engine's run observer calls."""
+
+    def __init__(self) -> None:
+        from flows.progress import ProgressDisplay
+
+        self.display = ProgressDisplay()
+
+    def dataset_started(self, dataset: str, objects: int, bytes_total: int) -> None:
+        self.display.start(dataset, objects, bytes_total)
+
+    def progress(self, snapshot) -> None:
+        self.display.update(snapshot.bytes_done, snapshot.objects_done, snapshot.objects_failed)
+
+    def dataset_finished(self, summary) -> None:
+        self.display.update(summary.bytes_copied, summary.ok + summary.skipped, summary.failed, force=True)
+        self.display.finish()
+
+
+def _run_errors(fn, *args):
+    """Turn a run that cannot start or go on into a one-sentence user error (exit code 1)."""
+    from engine.run import RunError
+
+    try:
+        return fn(*args)
+    except RunError as exc:
+        raise UserError(str(exc), ExitCode.FAILED) from None
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from engine import run
+
+    loaded = load_config(args.config)
+    datasets = chosen_datasets(loaded, args.dataset)
+    if args.dry_run:
+        return _dry_run(loaded, datasets)
+    result = _run_errors(run.migrate, loaded, datasets, _CliObserver())
+    print_migration_summary(result)
+    return ExitCode.OK if result.all_ok else ExitCode.FAILED
+
+
+def _dry_run(loaded: LoadedConfig, datasets: list[str]) -> int:
+    from engine import run
+
+    def show(dataset: str, planned) -> None:
+        if planned.action == "write":
+            how = "1 PUT" if planned.single_put else f"{planned.parts} parts"
+            print(f"would write  {dataset}: {planned.dest_key}  ({format_size(planned.output_size)}, {how})")
+        elif planned.action == "skip":
+            print(f"would skip   {dataset}: {planned.source_key}  ({planned.reason})")
+        else:
+            print(f"would refuse {dataset}: {planned.source_key}  ({planned.reason})")
+
+    summaries = _run_errors(run.plan, loaded, datasets, show)
+    print()
+    print_table(
+        ["dataset", "objects", "size", "written", "requests", "multipart", "skipped", "refused", "destination"],
+        [[s.dataset, f"{s.objects:,}", format_size(s.bytes), format_size(s.output_bytes), f"{s.parts:,}",
+          f"{s.multipart_objects:,}", f"{s.skipped:,}", f"{s.refused:,}", _where_to(loaded, s.dataset)]
+         for s in summaries],
+    )
+    print("\ndry run: nothing was written (no object, no multipart upload, no state).")
+    return ExitCode.OK
+
+
+def _where_to(loaded: LoadedConfig, dataset: str) -> str:
+    ds = loaded.config.datasets[dataset]
+    dest = loaded.config.destinations[ds.destination]
+    return f"{dest.provider}:{dest.bucket}/{ds.dest_prefix}"
+
+
+def print_migration_summary(result) -> None:
+    fs = format_size
+    rows = []
+    for s in result.summaries:
+        rate = s.bytes_copied / s.elapsed_seconds / 1e6 if s.elapsed_seconds > 0 else 0.0
+        rows.append([s.dataset, f"{s.objects:,}", f"{s.ok:,}", f"{s.skipped:,}", f"{s.failed:,}", fs(s.bytes_copied),
+                     fs(s.bytes_sent), f"{s.parts:,}", f"{rate:.1f}", f"{s.elapsed_seconds:.1f}"])
+    print()
+    print_table(["dataset", "objects", "copied", "unchanged", "failed", "size", "sent", "requests", "MB/s", "seconds"], rows)
+    copied = sum(s.ok for s in result.summaries)
+    moved = sum(s.bytes_copied for s in result.summaries)
+    rate = moved / result.elapsed_seconds / 1e6 if result.elapsed_seconds else 0.0
+    print(f"\n{copied:,} objects, {fs(moved)} copied in {result.elapsed_seconds:.1f} s ({rate:.1f} MB/s).")
+    print(f"checked: every copied object's size and plaintext SHA-256 recorded, every part's Content-MD5 and the "
+          f"destination ETag verified; {result.md5_checked:,} matched the source's stored Content-MD5.")
+    print("where the data went:")
+    for dataset, verdict in result.destinations.items():
+        ds_prefix = next((s for s in result.summaries if s.dataset == dataset), None)
+        if ds_prefix is None:
+            continue
+        p = verdict.provider
+        print(f"  {dataset} -> {p.display_name} ({p.legal_entity}, jurisdiction {p.jurisdiction}), region {verdict.region} "
+              f"({verdict.location}), bucket {verdict.bucket}")
+    failures = [(s.dataset, key, reason) for s in result.summaries for key, reason in s.failures]
+    if failures:
+        print(f"\nfailed objects ({sum(s.failed for s in result.summaries):,}):", file=sys.stderr)
+        for dataset, key, reason in failures:
+            print(f"  {dataset}: {key!r}: {reason}", file=sys.stderr)
+        if any(s.failures_truncated for s in result.summaries):
+            print(f"  … more in the state store ({result.state_path}, run {result.run_id})", file=sys.stderr)
+    print(f"state: {result.state_path} (run {result.run_id})")

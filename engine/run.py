@@ -1,0 +1,179 @@
+"""A whole migration run over the datasets of a configuration: what the CLI and the flows call.
+
+Opens the connectors and the state store, streams each dataset's listing through placement into
+`migrate_dataset` (or `dry_run`), shares one memory budget and one pair of executors across every
+dataset, and reports through a small observer so that the CLI (a progress bar) and Prefect (an
+artifact) can show the same run.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+from config.models import LoadedConfig
+from config.policy import DestinationVerdict, check_sovereignty
+from connectors.base import ConnectorError, ObjectMeta, ObjectSource, SinkLimits
+
+from .budget import MemoryBudget
+from .endpoints import destination_limits, open_sink, open_source
+from .executors import create_executors
+from .inventory import DatasetInventory, inventory_dataset, selected
+from .migrate import DatasetSummary, DryRunSummary, PlannedObject, Progress, Refusal, dry_run, migrate_dataset, place_all
+from .naming import Placement, place
+from .settings import TransferSettings
+from .state import StateStore
+
+STATE_FILE = "state.db"
+
+
+class RunError(Exception):
+    """The run could not start or go on (a source or destination unreachable, denied, missing)."""
+
+
+def transfer_settings(loaded: LoadedConfig) -> TransferSettings:
+    t = loaded.config.transfer
+    return TransferSettings(
+        concurrency=t.concurrency,
+        object_concurrency=t.object_concurrency,
+        memory_budget=t.memory_budget,
+        part_size=None if t.part_size == "auto" else t.part_size,
+        small_object_cutoff=t.small_object_cutoff,
+        max_source_restarts=t.max_source_restarts,
+        part_attempts=t.part_attempts,
+    )
+
+
+def state_path(loaded: LoadedConfig) -> Path:
+    return loaded.state_dir / STATE_FILE
+
+
+def open_state(loaded: LoadedConfig, *, read_only: bool = False) -> StateStore | None:
+    """The project's state store; read-only returns None when it does not exist yet (writes nothing)."""
+    path = state_path(loaded)
+    if read_only:
+        if not path.exists():
+            return None
+        return StateStore(f"sqlite:///file:{path.resolve()}?mode=ro&uri=true")
+    return StateStore(path)
+
+
+def dataset_items(loaded: LoadedConfig, name: str, source: ObjectSource, limits: SinkLimits
+                  ) -> Iterator[tuple[ObjectMeta, Placement | Refusal]]:
+    """The dataset's selected objects, listed lazily, each placed at the destination or refused."""
+    ds = loaded.config.datasets[name]
+    placer = partial(place, source_prefix=ds.prefix, dest_prefix=ds.dest_prefix, limits=limits)
+    return place_all(selected(source.list(ds.prefix), ds), placer)
+
+
+def count_dataset(loaded: LoadedConfig, name: str, source: ObjectSource) -> tuple[int, int]:
+    """(objects, bytes) the dataset selects now: one listing pass, for progress and ETA."""
+    ds = loaded.config.datasets[name]
+    objects = total = 0
+    for meta in selected(source.list(ds.prefix), ds):
+        objects += 1
+        total += meta.size
+    return objects, total
+
+
+class RunObserver(Protocol):
+    def dataset_started(self, dataset: str, objects: int, bytes_total: int) -> None: ...
+    def progress(self, snapshot: Progress) -> None: ...
+    def dataset_finished(self, summary: DatasetSummary) -> None: ...
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    run_id: int
+    summaries: tuple[DatasetSummary, ...]
+    md5_checked: int  # objects whose source Content-MD5 was checked against the bytes read
+    elapsed_seconds: float
+    state_path: Path
+    destinations: dict[str, DestinationVerdict]
+
+    @property
+    def all_ok(self) -> bool:
+        return all(s.all_ok for s in self.summaries)
+
+
+def _wrap(what: str, fn: Callable, *args):
+    """Call `fn`; a connector error (unreachable, denied, missing) becomes a `RunError` saying `what`."""
+    try:
+        return fn(*args)
+    except ConnectorError as exc:
+        raise RunError(f"{what}: {exc}") from None
+
+
+def inventory(loaded: LoadedConfig, datasets: list[str]) -> list[DatasetInventory]:
+    """The inventory of each dataset (one streamed listing each)."""
+    results = []
+    for name in datasets:
+        ds = loaded.config.datasets[name]
+        source = _wrap(f"dataset `{name}`: source", open_source, loaded, name)
+        limits = destination_limits(loaded, ds.destination)
+        results.append(_wrap(f"dataset `{name}`: listing {source.label}", lambda: inventory_dataset(
+            name, ds, source.list(ds.prefix), limits, source_label=source.label)))
+    return results
+
+
+def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver) -> MigrationResult:
+    """Copy every object of `datasets`; one failing object never stops the others."""
+    started = time.monotonic()
+    verdicts = {v.name: v for v in check_sovereignty(loaded)}
+    settings = transfer_settings(loaded)
+    budget = MemoryBudget(settings.memory_budget)
+    state = open_state(loaded)
+    run_id = state.start_run("migrate", loaded.path)
+    summaries: list[DatasetSummary] = []
+    status = "interrupted"
+    try:
+        with create_executors(settings.concurrency, settings.object_concurrency) as executors:
+            for name in datasets:
+                ds = loaded.config.datasets[name]
+                source = _wrap(f"dataset `{name}`: source", open_source, loaded, name)
+                sink = _wrap(f"dataset `{name}`: destination `{ds.destination}`", open_sink, loaded, ds.destination)
+                objects, total = _wrap(f"dataset `{name}`: listing {source.label}", count_dataset, loaded, name, source)
+                observer.dataset_started(name, objects, total)
+                try:
+                    summary = migrate_dataset(
+                        name, source, sink, dataset_items(loaded, name, source, sink.limits),
+                        settings=settings, budget=budget, executors=executors, state=state, run_id=run_id,
+                        progress=observer.progress,
+                    )
+                except ConnectorError as exc:  # the listing itself failed part-way
+                    raise RunError(f"dataset `{name}`: {exc}") from None
+                summaries.append(summary)
+                observer.dataset_finished(summary)
+        status = "ok" if all(s.all_ok for s in summaries) else "failed"
+    finally:
+        state.finish_run(run_id, status)
+        md5_checked = sum(1 for r in state.objects(run_id) if r.md5_checked)
+        state.close()
+    return MigrationResult(run_id, tuple(summaries), md5_checked, time.monotonic() - started, state_path(loaded),
+                           {ds: verdicts[loaded.config.datasets[ds].destination] for ds in datasets})
+
+
+def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, PlannedObject], None]
+         ) -> list[DryRunSummary]:
+    """What `migrate` would write, per dataset, touching nothing: the destination is not contacted
+    and the state store is only read (if it exists)."""
+    settings = transfer_settings(loaded)
+    state = open_state(loaded, read_only=True)
+    results = []
+    try:
+        for name in datasets:
+            ds = loaded.config.datasets[name]
+            source = _wrap(f"dataset `{name}`: source", open_source, loaded, name)
+            limits = destination_limits(loaded, ds.destination)
+            try:
+                results.append(dry_run(name, dataset_items(loaded, name, source, limits), limits, settings,
+                                       state=state, on_object=partial(on_object, name)))
+            except ConnectorError as exc:
+                raise RunError(f"dataset `{name}`: listing {source.label}: {exc}") from None
+    finally:
+        if state is not None:
+            state.close()
+    return results

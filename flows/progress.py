@@ -1,0 +1,74 @@
+"""Progress of a migration for people: one redrawn line on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from typing import TextIO
+
+from config.sizes import format_size
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+class ProgressDisplay:
+    """Shows bytes, objects, MB/s and ETA for the dataset being copied.
+
+    On a terminal the line is redrawn in place at most every `tty_interval` seconds; elsewhere (a
+    log file, CI, a Prefect worker) a plain line is printed every `log_interval` seconds.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, tty_interval: float = 0.2, log_interval: float = 10.0):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval = tty_interval if self.tty else log_interval
+        self._lock = threading.Lock()
+        self._last = 0.0
+        self._drawn = False
+
+    def start(self, dataset: str, total_objects: int, total_bytes: int) -> None:
+        self.dataset = dataset
+        self.total_objects = total_objects
+        self.total_bytes = total_bytes
+        self.started = time.monotonic()
+        self._last = 0.0
+        if not self.tty:
+            self._write(f"{dataset}: {total_objects:,} objects, {format_size(total_bytes)} to copy\n")
+
+    def update(self, bytes_done: int, objects_done: int, objects_failed: int, *, force: bool = False) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if not force and now - self._last < self.interval:
+                return
+            self._last = now
+            elapsed = max(now - self.started, 1e-6)
+            rate = bytes_done / elapsed
+            left = max(self.total_bytes - bytes_done, 0)
+            eta = _eta(left / rate) if rate > 0 and bytes_done else "--:--:--"
+            pct = 100.0 * bytes_done / self.total_bytes if self.total_bytes else 100.0
+            failed = f", {objects_failed:,} failed" if objects_failed else ""
+            text = (
+                f"{self.dataset}: {format_size(bytes_done)} / {format_size(self.total_bytes)} ({pct:.0f}%), "
+                f"{objects_done:,}/{self.total_objects:,} objects{failed}, {rate / 1e6:.1f} MB/s, ETA {eta}"
+            )
+            if self.tty:
+                self._write("\r\033[K" + text)
+                self._drawn = True
+            else:
+                self._write(text + "\n")
+
+    def finish(self) -> None:
+        with self._lock:
+            if self.tty and self._drawn:
+                self._write("\n")
+                self._drawn = False
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
