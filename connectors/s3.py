@@ -1,0 +1,702 @@
+"""An S3-compatible endpoint as `ObjectSink` (the destination) and as `ObjectSource` (verify, restore).
+
+Works with any S3-compatible provider (OVHcloud, Scaleway, Outscale, IONOS, the lab's moto server).
+The boto3 client is built so that nothing provider-hostile is sent: checksums only when an operation
+requires one (boto3 ≥ 1.36 otherwise sends CRC32 trailers in `aws-chunked` bodies over https, which
+several providers store raw), the provider's addressing style, a connection pool as large as the
+upload concurrency.
+
+Integrity on upload: a part or object sent from memory carries the caller's Content-MD5 (the server
+checks it) and the ETag that comes back is compared with it too, since some servers (moto among them)
+do not check Content-MD5. A streamed body (a file-like object, for parts larger than the memory
+budget) is hashed while it is sent and the returned ETag compared with that digest. Both checks are
+skipped when the provider's ETag is not an MD5 (`etag_is_md5=False`: SSE-C, SSE-KMS).
+
+Every SDK call is wrapped: botocore exceptions never leave this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import threading
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence, TypeVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError as BotoConnectionError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+    SSLError,
+)
+
+from .base import (
+    AuthError,
+    ConfigError,
+    ConnectorError,
+    ContentSettings,
+    IntegrityError,
+    InvalidRequest,
+    NotFound,
+    ObjectMeta,
+    PartBody,
+    PartReceipt,
+    PendingUpload,
+    SinkLimits,
+    SourceChanged,
+    Throttled,
+    TransientError,
+    WriteMeta,
+    multipart_etag,
+)
+
+T = TypeVar("T")
+
+_MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
+_MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-\d+$")
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload", "NoSuchVersion"}
+_CHANGED = {"PreconditionFailed", "412"}
+_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests", "RequestLimitExceeded",
+              "ServiceUnavailable", "503", "429"}
+_TRANSIENT = {"RequestTimeout", "InternalError", "500", "502", "504"}
+_DIGEST = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
+_AUTH = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+         "AllAccessDisabled", "AccountProblem", "403", "401"}
+_INVALID = {"EntityTooSmall", "EntityTooLarge", "InvalidPart", "InvalidPartOrder", "InvalidRequest",
+            "InvalidArgument", "InvalidRange", "MalformedXML", "KeyTooLongError", "MetadataTooLarge",
+            "InvalidStorageClass", "400", "416"}
+
+
+def _unquote(etag: str | None) -> str:
+    return (etag or "").strip('"')
+
+
+def _quote(etag: str) -> str:
+    return etag if etag.startswith('"') else f'"{etag}"'
+
+
+class BucketNotFound(NotFound):
+    """The bucket itself does not exist (a configuration problem, not a missing object)."""
+
+
+class _ShortBody(Exception):
+    """A streamed body ended before the announced size (raised from inside botocore's send)."""
+
+
+class _HashingReader:
+    """A read-only view of exactly `size` bytes of a caller's stream, MD5-hashed as botocore reads it.
+
+    It deliberately has no `seek`: the request that carries it is never retried by botocore (see
+    `S3Store._stream_client`), so the digest always covers exactly the bytes sent once. A stream
+    that ends early raises `_ShortBody` instead of letting the server wait for the missing bytes.
+    """
+
+    def __init__(self, raw: BinaryIO, size: int):
+        self._raw = raw
+        self._remaining = size
+        self.size = size
+        self.md5 = hashlib.md5()
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, n: int = -1) -> bytes:
+        if self._remaining <= 0:
+            return b""
+        want = self._remaining if n is None or n < 0 else min(n, self._remaining)
+        chunk = self._raw.read(want)
+        if not chunk:
+            raise _ShortBody(f"the body ended {self._remaining} bytes before its announced size of {self.size}")
+        chunk = bytes(chunk)
+        self._remaining -= len(chunk)
+        self.md5.update(chunk)
+        return chunk
+
+    @property
+    def exhausted(self) -> bool:
+        return self._remaining == 0
+
+
+class _ViewReader:
+    """A seekable file-like object over a memoryview, so botocore streams it without a copy.
+
+    Retries stay safe: botocore rewinds with ``seek(0)``, which is the start of this view.
+    """
+
+    def __init__(self, view: memoryview):
+        self._view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self._view)
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n is None or n < 0 else min(self._pos + n, len(self._view))
+        chunk = self._view[self._pos:end].tobytes()
+        self._pos = end
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: len(self._view)}[whence]
+        self._pos = max(0, min(base + offset, len(self._view)))
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+class S3Store:
+    """One bucket of an S3-compatible endpoint: `ObjectSink` and `ObjectSource`.
+
+    Arguments (all plain values; the config layer builds them from the provider profile):
+
+    - ``bucket``: the bucket name.
+    - ``endpoint_url``: e.g. ``https://s3.gra.io.cloud.ovh.net``; ``region``: the signing region.
+    - ``access_key_id`` / ``secret_access_key`` / ``session_token``: credentials (never logged).
+    - ``addressing_style``: ``"path"`` (bucket in the path; default, what most non-AWS providers
+      and the lab need) or ``"virtual"`` (bucket in the host name).
+    - ``limits``: the provider's `SinkLimits` (part sizes, part count, key and metadata sizes).
+    - ``max_pool_connections`` (default 32): HTTP connections kept per client; make it at least the
+      number of requests in flight (upload concurrency + verify readers), else connections churn.
+    - ``verify_tls`` (default True): check the server certificate; False only for the lab's
+      self-signed server.
+    - ``label``: a short name for messages; default ``s3:BUCKET``.
+    - ``etag_is_md5`` (default True): the provider's ETags are MD5s (of the object, or S3's
+      md5-of-md5s for multipart), so returned ETags are compared with what was sent. Set False
+      under SSE-C / SSE-KMS, where ETags are opaque.
+    - ``max_attempts`` (default 5): botocore's own attempts per request, the first included
+      (standard retry mode: throttling, 5xx, connection errors; exponential backoff with jitter).
+      Requests with a streamed (file-like) body get one attempt only: the engine re-reads and
+      re-sends the part.
+    - ``page_size`` (default 1000): keys per ListObjectsV2 request, parts per ListParts request.
+    - ``connect_timeout`` / ``read_timeout`` (seconds, defaults 10 / 60).
+    """
+
+    unsupported: frozenset[str] = frozenset()
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None,
+        region: str,
+        access_key_id: str,
+        secret_access_key: str,
+        session_token: str | None = None,
+        addressing_style: str = "path",
+        limits: SinkLimits,
+        max_pool_connections: int = 32,
+        verify_tls: bool = True,
+        label: str | None = None,
+        etag_is_md5: bool = True,
+        max_attempts: int = 5,
+        page_size: int = 1000,
+        connect_timeout: float = 10,
+        read_timeout: float = 60,
+    ):
+        if addressing_style not in ("path", "virtual"):
+            raise ConfigError(f"addressing_style must be 'path' or 'virtual', not {addressing_style!r}")
+        if not 1 <= page_size <= 1000:
+            raise ConfigError(f"page_size must be between 1 and 1000, not {page_size}")
+        if max_pool_connections < 1 or max_attempts < 1:
+            raise ConfigError("max_pool_connections and max_attempts must be at least 1")
+        self.bucket = bucket
+        self.limits = limits
+        self.label = label or f"s3:{bucket}"
+        self.etag_is_md5 = etag_is_md5
+        self.page_size = page_size
+        self.endpoint_url = endpoint_url
+        self._client_kwargs: dict[str, Any] = {
+            "endpoint_url": endpoint_url,
+            "region_name": region,
+            "verify": verify_tls,
+            "aws_access_key_id": access_key_id,
+            "aws_secret_access_key": secret_access_key,
+            "aws_session_token": session_token,
+        }
+        self._config_kwargs: dict[str, Any] = {
+            "request_checksum_calculation": "when_required",
+            "response_checksum_validation": "when_required",
+            "max_pool_connections": max_pool_connections,
+            "connect_timeout": connect_timeout,
+            "read_timeout": read_timeout,
+            "tcp_keepalive": True,
+        }
+        self._addressing_style = addressing_style
+        try:
+            self._client = _new_client(
+                "s3",
+                config=Config(
+                    **self._config_kwargs,
+                    s3={"addressing_style": addressing_style},
+                    retries={"mode": "standard", "total_max_attempts": max_attempts},
+                ),
+                **self._client_kwargs,
+            )
+        except (BotoCoreError, ValueError) as exc:
+            raise ConfigError(f"{self.label}: cannot build an S3 client for {endpoint_url!r}: {exc}") from None
+        self._stream_client_lock = threading.Lock()
+        self._stream_client_instance = None
+
+    def _stream_client(self):
+        """The client for streamed bodies: one attempt, no payload pre-read.
+
+        A retry would rewind the body with ``seek(0)`` (the start of the caller's file, not of the
+        part) or fail half-way on a non-seekable stream, and SigV4 payload signing over http would
+        read the whole body before sending it. So: no retries (a failure is a `TransientError`,
+        the engine re-reads the part) and UNSIGNED-PAYLOAD (the body is still covered by the MD5
+        computed while it is sent, checked against the returned ETag).
+        """
+        with self._stream_client_lock:
+            if self._stream_client_instance is None:
+                self._stream_client_instance = _new_client(
+                    "s3",
+                    config=Config(
+                        **self._config_kwargs,
+                        s3={"addressing_style": self._addressing_style, "payload_signing_enabled": False},
+                        retries={"mode": "standard", "total_max_attempts": 1},
+                    ),
+                    **self._client_kwargs,
+                )
+            return self._stream_client_instance
+
+    def close(self) -> None:
+        """Close the HTTP connections of both clients."""
+        for client in (self._client, self._stream_client_instance):
+            if client is not None:
+                try:
+                    client.close()
+                except Exception:  # closing is best effort; nothing useful to report
+                    pass
+
+    def __enter__(self) -> "S3Store":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ---- bucket ---------------------------------------------------------------------------
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if it does not exist (the lab and tests; production buckets pre-exist)."""
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if _code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+                raise self._translate(exc, "") from exc
+        except BotoCoreError as exc:
+            raise self._translate(exc, "") from exc
+        params: dict[str, Any] = {"Bucket": self.bucket}
+        region = self._client.meta.region_name
+        if region and region != "us-east-1":
+            params["CreateBucketConfiguration"] = {"LocationConstraint": region}
+        try:
+            self._client.create_bucket(**params)
+        except ClientError as exc:
+            if _code(exc) not in ("BucketAlreadyOwnedByYou",):
+                raise self._translate(exc, "") from exc
+        except BotoCoreError as exc:
+            raise self._translate(exc, "") from exc
+
+    # ---- ObjectSource ---------------------------------------------------------------------
+
+    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
+        """Yield every object under `prefix` in key order, one ListObjectsV2 page at a time.
+
+        Listings carry size, ETag, last-modified and storage class; content headers and metadata
+        are left empty (a `head` fills them).
+        """
+        pages = self._call(
+            lambda: iter(self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size},
+            )),
+            prefix,
+        )
+        while True:
+            page = self._call(lambda: next(pages, None), prefix)
+            if page is None:
+                return
+            for item in page.get("Contents", ()):
+                etag = _unquote(item.get("ETag"))
+                yield ObjectMeta(
+                    key=item["Key"],
+                    size=item["Size"],
+                    etag=etag,
+                    content_md5=self._md5_from_etag(etag),
+                    last_modified=item.get("LastModified"),
+                    tier=item.get("StorageClass") or "STANDARD",
+                )
+
+    def head(self, key: str) -> ObjectMeta:
+        """Full metadata of `key`: size, ETag, storage class, content headers and user metadata."""
+        # No VersionId: moto answers `x-amz-version-id: null` and a HEAD with it fails (LAB-NOTES).
+        resp = self._head(key, {"Bucket": self.bucket, "Key": key})
+        return self._meta_from_head(key, resp)
+
+    def _head(self, key: str, params: dict[str, Any]) -> Mapping[str, Any]:
+        try:
+            return self._call(lambda: self._client.head_object(**params), key)
+        except BucketNotFound:
+            raise
+        except NotFound:
+            # A HEAD error has no body, so a missing bucket looks like a missing key: ask once,
+            # only on this (rare) path, so that the message names the real problem.
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+            except ClientError as exc:
+                if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                    raise self._translate(_no_such_bucket(exc), key) from None
+            except BotoCoreError:
+                pass
+            raise
+
+    def read_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
+        """Bytes ``start .. end-1`` of `key`, pinned to ETag `if_match` when given.
+
+        `SourceChanged` if the ETag is stale; `InvalidRequest` for a range outside the object;
+        `TransientError` if the body is cut short.
+        """
+        if start < 0 or end < start:
+            raise InvalidRequest(f"{self.label}: invalid range {start}-{end} for {key!r}", key=key)
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if if_match is not None:
+            params["IfMatch"] = _quote(if_match)
+        if start == end:
+            # An empty range has no HTTP Range form (and any range on a 0-byte object is
+            # unsatisfiable): prove the object exists at that ETag and that the offset is inside.
+            resp = self._head(key, params)
+            self._check_bounds(key, start, end, resp["ContentLength"])
+            return b""
+        resp = self._call(lambda: self._client.get_object(Range=f"bytes={start}-{end - 1}", **params), key)
+        body = resp["Body"]
+        try:
+            total = _total_from_content_range(resp.get("ContentRange"))
+            if total is not None:
+                self._check_bounds(key, start, end, total)
+            data = self._call(body.read, key)
+        finally:
+            body.close()
+        if len(data) != end - start:
+            raise TransientError(
+                f"{self.label}: short read of {key!r} range {start}-{end}: {len(data)} of {end - start} bytes",
+                key=key,
+            )
+        return data
+
+    # ---- ObjectSink -----------------------------------------------------------------------
+
+    def put(self, key: str, body: PartBody, size: int, meta: WriteMeta, md5: bytes | None) -> str:
+        """Write `key` in one PUT; return its ETag.
+
+        With `md5`, Content-MD5 is sent and the returned ETag must equal it. A file-like `body`
+        without `md5` is hashed as it is sent and the returned ETag must equal that digest.
+        Raises `IntegrityError` on a mismatch.
+        """
+        params = {"Bucket": self.bucket, "Key": key, **_write_params(meta, self.label, key)}
+        return self._send_body("put_object", params, key, body, size, md5, f"{key!r}")
+
+    def open_multipart(self, key: str, meta: WriteMeta) -> "S3MultipartUpload":
+        """Start a multipart upload of `key` with its content headers and metadata."""
+        params = {"Bucket": self.bucket, "Key": key, **_write_params(meta, self.label, key)}
+        resp = self._call(lambda: self._client.create_multipart_upload(**params), key)
+        return S3MultipartUpload(self, key, resp["UploadId"])
+
+    def resume_multipart(self, key: str, upload_id: str) -> "S3MultipartUpload":
+        """Re-attach to upload `upload_id` of `key`; `NotFound` if the server no longer holds it."""
+        self._call(
+            lambda: self._client.list_parts(Bucket=self.bucket, Key=key, UploadId=upload_id, MaxParts=1),
+            key, upload_id=upload_id,
+        )
+        return S3MultipartUpload(self, key, upload_id)
+
+    def list_multipart_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        """Yield the multipart uploads still open under `prefix` (key order), page by page."""
+        pages = self._call(
+            lambda: iter(self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size},
+            )),
+            prefix,
+        )
+        while True:
+            page = self._call(lambda: next(pages, None), prefix)
+            if page is None:
+                return
+            for item in page.get("Uploads", ()):
+                yield PendingUpload(item["Key"], item["UploadId"], item.get("Initiated"))
+
+    def delete(self, key: str) -> None:
+        """Remove `key`; a missing key is not an error (a missing bucket is `NotFound`)."""
+        try:
+            self._call(lambda: self._client.delete_object(Bucket=self.bucket, Key=key), key)
+        except BucketNotFound:
+            raise
+        except NotFound:
+            pass
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _md5_from_etag(self, etag: str) -> bytes | None:
+        # A single-PUT object's ETag is the MD5 of its bytes where the provider says so.
+        if self.etag_is_md5 and _MD5_HEX.match(etag):
+            return bytes.fromhex(etag)
+        return None
+
+    def _meta_from_head(self, key: str, resp: Mapping[str, Any]) -> ObjectMeta:
+        etag = _unquote(resp.get("ETag"))
+        return ObjectMeta(
+            key=key,
+            size=resp["ContentLength"],
+            etag=etag,
+            content_md5=self._md5_from_etag(etag),
+            last_modified=resp.get("LastModified"),
+            tier=resp.get("StorageClass") or "STANDARD",
+            content=ContentSettings(
+                content_type=resp.get("ContentType"),
+                content_encoding=resp.get("ContentEncoding"),
+                cache_control=resp.get("CacheControl"),
+                content_disposition=resp.get("ContentDisposition"),
+                content_language=resp.get("ContentLanguage"),
+            ),
+            metadata=dict(resp.get("Metadata") or {}),
+        )
+
+    def _check_bounds(self, key: str, start: int, end: int, size: int) -> None:
+        if end > size:
+            raise InvalidRequest(f"{self.label}: range {start}-{end} is outside {key!r} ({size} bytes)", key=key)
+
+    def _send_body(self, operation: str, params: dict[str, Any], key: str, body: PartBody, size: int,
+                   md5: bytes | None, what: str) -> str:
+        """PutObject / UploadPart with a body in memory or streamed; returns the checked ETag."""
+        if size < 0:
+            raise InvalidRequest(f"{self.label}: negative size for {what}", key=key)
+        params = dict(params, ContentLength=size)
+        if md5 is not None:
+            params["ContentMD5"] = base64.b64encode(md5).decode()
+        reader: _HashingReader | None = None
+        if isinstance(body, (bytes, bytearray, memoryview)):
+            view = memoryview(body)
+            if view.nbytes != size:
+                raise InvalidRequest(f"{self.label}: {what} body is {view.nbytes} bytes, {size} announced", key=key)
+            # bytes/bytearray go as they are; a memoryview (a slice of the engine's buffer) is
+            # streamed from in place: a copy would double the part outside the memory budget.
+            params["Body"] = body if isinstance(body, (bytes, bytearray)) else _ViewReader(view)
+            client = self._client
+        else:
+            reader = _HashingReader(body, size)
+            params["Body"] = reader
+            client = self._stream_client()
+        # A stream that ends early surfaces as botocore's HTTPClientError wrapping _ShortBody:
+        # a TransientError whose message carries the reason.
+        resp = self._call(lambda: getattr(client, operation)(**params), key)
+        etag = _unquote(resp.get("ETag"))
+        expected = md5
+        if reader is not None:
+            if not reader.exhausted:
+                raise TransientError(f"{self.label}: {what}: the body was not fully sent", key=key)
+            expected = md5 or reader.md5.digest()
+            if md5 is not None and reader.md5.digest() != md5:
+                raise IntegrityError(f"{self.label}: {what}: the streamed bytes do not match the given MD5", key=key)
+        if expected is not None and self.etag_is_md5 and _MD5_HEX.match(etag) and etag != expected.hex():
+            raise IntegrityError(
+                f"{self.label}: {what}: the server's ETag {etag} is not the MD5 of the bytes sent "
+                f"({expected.hex()}); the body was altered on the way",
+                key=key,
+            )
+        return etag
+
+    def _call(self, fn: Callable[[], T], key: str, *, upload_id: str | None = None) -> T:
+        try:
+            return fn()
+        except ConnectorError:
+            raise
+        except (ClientError, BotoCoreError) as exc:
+            raise self._translate(exc, key, upload_id=upload_id) from exc
+        except _ShortBody as exc:
+            raise TransientError(f"{self.label}: {key!r}: {exc}", key=key) from exc
+        except OSError as exc:
+            raise TransientError(f"{self.label}: {key!r}: {type(exc).__name__}: {exc}", key=key) from exc
+
+    def _translate(self, exc: Exception, key: str, *, upload_id: str | None = None) -> ConnectorError:
+        what = f"{self.label}: {key!r}" if key else self.label
+        if isinstance(exc, ClientError):
+            code = _code(exc)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            message = exc.response.get("Error", {}).get("Message") or ""
+            reason = f"{code}{f' (HTTP {status})' if status and str(status) != code else ''}"
+            if code == "NoSuchBucket":
+                return BucketNotFound(
+                    f"{self.label}: bucket {self.bucket!r} does not exist at {self.endpoint_url}; create it or "
+                    f"check the bucket name and endpoint", key=key)
+            if code == "NoSuchUpload":
+                upload = f"multipart upload {upload_id}" if upload_id else "the multipart upload"
+                return NotFound(f"{what}: {upload} is gone (completed, aborted or expired)", key=key)
+            if code in _NOT_FOUND or status == 404:
+                return NotFound(f"{what}: no such object ({reason})", key=key)
+            if code in _CHANGED or status == 412:
+                return SourceChanged(f"{what} changed (If-Match failed: {reason})", key=key)
+            if code in _DIGEST:
+                return IntegrityError(f"{what}: the server rejected the body's digest ({reason}: {message})", key=key)
+            if code in _THROTTLED or status in (429, 503):
+                return Throttled(f"{what}: the server asks to slow down ({reason})", key=key)
+            if code in _AUTH or status in (401, 403):
+                return AuthError(f"{what}: access refused ({reason}); check the access key, secret and the "
+                                 f"bucket policy", key=key)
+            if code in _TRANSIENT or (status is not None and status >= 500):
+                return TransientError(f"{what}: server error {reason}", key=key)
+            if code in _INVALID or (status is not None and 400 <= status < 500):
+                return InvalidRequest(f"{what}: request refused: {reason}: {message}", key=key)
+            return TransientError(f"{what}: {reason}: {message}", key=key)
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return AuthError(f"{self.label}: no usable credentials ({exc})", key=key)
+        if isinstance(exc, SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+            return ConfigError(f"{self.label}: the TLS certificate of {self.endpoint_url} cannot be verified ({exc})",
+                               key=key)
+        if isinstance(exc, ParamValidationError):
+            return InvalidRequest(f"{what}: {exc}", key=key)
+        if isinstance(exc, BotoConnectionError):
+            return TransientError(f"{what}: {type(exc).__name__}: {exc}", key=key)
+        # The rest of botocore's errors raised during a request are read/stream failures
+        # (IncompleteReadError, ResponseStreamingError, UnseekableStreamError, …): try again.
+        return TransientError(f"{what}: {type(exc).__name__}: {exc}", key=key)
+
+
+class S3MultipartUpload:
+    """One open multipart upload on an `S3Store` (see `connectors.base.MultipartUpload`)."""
+
+    def __init__(self, store: S3Store, key: str, upload_id: str):
+        self.store = store
+        self.key = key
+        self.upload_id = upload_id
+
+    def upload_part(self, number: int, body: PartBody, size: int, md5: bytes | None) -> PartReceipt:
+        """Upload part `number` (1-based); the returned ETag is checked against `md5` (or the streamed MD5)."""
+        limits = self.store.limits
+        if not 1 <= number <= limits.max_parts:
+            raise InvalidRequest(f"{self.store.label}: part number {number} outside 1..{limits.max_parts}",
+                                 key=self.key)
+        if size > limits.max_part_size:
+            raise InvalidRequest(f"{self.store.label}: part {number} of {size} bytes exceeds the provider's "
+                                 f"maximum of {limits.max_part_size}", key=self.key)
+        params = {"Bucket": self.store.bucket, "Key": self.key, "UploadId": self.upload_id, "PartNumber": number}
+        etag = self.store._send_body("upload_part", params, self.key, body, size, md5,
+                                     f"part {number} of {self.key!r}")
+        return PartReceipt(number, etag, size)
+
+    def list_parts(self) -> list[PartReceipt]:
+        """The parts the server holds, in part-number order (all ListParts pages)."""
+        client = self.store._client
+        pages = self.store._call(
+            lambda: iter(client.get_paginator("list_parts").paginate(
+                Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                PaginationConfig={"PageSize": self.store.page_size},
+            )),
+            self.key, upload_id=self.upload_id,
+        )
+        receipts: list[PartReceipt] = []
+        while True:
+            page = self.store._call(lambda: next(pages, None), self.key, upload_id=self.upload_id)
+            if page is None:
+                break
+            receipts.extend(PartReceipt(p["PartNumber"], _unquote(p["ETag"]), p["Size"]) for p in page.get("Parts", ()))
+        return sorted(receipts, key=lambda r: r.number)
+
+    def complete(self, parts: Sequence[PartReceipt]) -> str:
+        """Assemble the object; return its ETag, checked against the parts' MD5s when ETags are MD5s."""
+        if not parts:
+            raise InvalidRequest(f"{self.store.label}: cannot complete {self.key!r} without parts", key=self.key)
+        resp = self.store._call(
+            lambda: self.store._client.complete_multipart_upload(
+                Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                MultipartUpload={"Parts": [{"PartNumber": p.number, "ETag": _quote(p.etag)} for p in parts]},
+            ),
+            self.key, upload_id=self.upload_id,
+        )
+        etag = _unquote(resp.get("ETag"))
+        if (self.store.etag_is_md5 and _MULTIPART_ETAG.match(etag)
+                and all(_MD5_HEX.match(p.etag) for p in parts)):
+            expected = multipart_etag([bytes.fromhex(p.etag) for p in parts])
+            if etag != expected:
+                raise IntegrityError(f"{self.store.label}: {self.key!r} completed with ETag {etag}, expected "
+                                     f"{expected} from its parts", key=self.key)
+        return etag
+
+    def abort(self) -> None:
+        """Discard the upload and its parts; an upload already gone is not an error."""
+        try:
+            self.store._call(
+                lambda: self.store._client.abort_multipart_upload(
+                    Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
+                ),
+                self.key, upload_id=self.upload_id,
+            )
+        except BucketNotFound:
+            raise
+        except NotFound:
+            pass
+
+
+_shared_session: boto3.session.Session | None = None
+_shared_session_lock = threading.Lock()
+
+
+def _new_client(service: str, **kwargs: Any):
+    """A boto3 client from one process-wide session (credentials are per client).
+
+    A fresh session per store would load and parse the S3 service model again each time (tens of
+    milliseconds); sessions are not safe for concurrent client creation, hence the lock.
+    """
+    global _shared_session
+    with _shared_session_lock:
+        if _shared_session is None:
+            _shared_session = boto3.session.Session()
+        return _shared_session.client(service, **kwargs)
+
+
+def _code(exc: ClientError) -> str:
+    error = exc.response.get("Error", {})
+    return str(error.get("Code") or exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or "")
+
+
+def _no_such_bucket(exc: ClientError) -> ClientError:
+    response = dict(exc.response)
+    response["Error"] = dict(response.get("Error", {}), Code="NoSuchBucket")
+    return ClientError(response, exc.operation_name)
+
+
+def _total_from_content_range(content_range: str | None) -> int | None:
+    # "bytes START-END/TOTAL"; TOTAL may be "*" when unknown.
+    if not content_range or "/" not in content_range:
+        return None
+    total = content_range.rsplit("/", 1)[1]
+    return int(total) if total.isdigit() else None
+
+
+def _write_params(meta: WriteMeta, label: str, key: str) -> dict[str, Any]:
+    """Content headers and user metadata as boto3 parameters (metadata must already be ASCII)."""
+    params: dict[str, Any] = {}
+    c = meta.content
+    for name, value in (
+        ("ContentType", c.content_type),
+        ("ContentEncoding", c.content_encoding),
+        ("CacheControl", c.cache_control),
+        ("ContentDisposition", c.content_disposition),
+        ("ContentLanguage", c.content_language),
+    ):
+        if value is not None:
+            params[name] = value
+    metadata = dict(meta.metadata)
+    for name, value in metadata.items():
+        if not (name.isascii() and value.isascii()):
+            # S3 metadata travels in HTTP headers; the caller encodes non-ASCII values (FORMAT.md).
+            raise InvalidRequest(f"{label}: metadata {name!r} of {key!r} is not ASCII; encode it before writing",
+                                 key=key)
+    if metadata:
+        params["Metadata"] = metadata
+    return params
