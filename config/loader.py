@@ -22,7 +22,9 @@ from .lab import azurite_connection_string
 from .models import AzureBlobSourceConfig, ExitplanConfig, LoadedConfig
 from .policy import check_sovereignty
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# ${VAR} or ${VAR:-default}; innermost first, so a default may itself use a variable:
+# ${AWS_ENDPOINT_URL:-http://127.0.0.1:${EXITPLAN_LAB_S3_PORT:-5000}}
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^{}]*))?\}")
 
 # Field names that would hold a secret in the YAML itself: refused with a pointer to `*_env`.
 _SECRET_FIELDS = {
@@ -60,7 +62,11 @@ def _expand(node: Any, loc: tuple[Any, ...], path: Path) -> Any:
                     f"set it or write ${{{m.group(1)}:-default}}"
                 )
             return value
-        return _VAR.sub(sub, node)
+        while True:
+            expanded = _VAR.sub(sub, node)
+            if expanded == node:
+                return expanded
+            node = expanded
     return node
 
 

@@ -33,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="list what would be written (objects, bytes, parts, destination keys); write nothing anywhere")
     p.set_defaults(func=cmd_migrate)
 
+    p = sub.add_parser("demo", help="start the lab, seed it, migrate every lab dataset and print the summary")
+    p.add_argument("--profile", choices=("tiny", "standard", "bench"), default="standard",
+                   help="seed profile (default: standard, about 0.6 GiB)")
+    p.set_defaults(func=cmd_demo)
+
 
 def chosen_datasets(loaded: LoadedConfig, names: list[str]) -> list[str]:
     """The datasets named on the command line (all when none), refusing unknown names."""
@@ -196,13 +201,14 @@ def print_migration_summary(result) -> None:
     print(f"checked: every copied object's size and plaintext SHA-256 recorded, every part's Content-MD5 and the "
           f"destination ETag verified; {result.md5_checked:,} matched the source's stored Content-MD5.")
     print("where the data went:")
-    for dataset, verdict in result.destinations.items():
-        ds_prefix = next((s for s in result.summaries if s.dataset == dataset), None)
-        if ds_prefix is None:
-            continue
-        p = verdict.provider
-        print(f"  {dataset} -> {p.display_name} ({p.legal_entity}, jurisdiction {p.jurisdiction}), region {verdict.region} "
-              f"({verdict.location}), bucket {verdict.bucket}")
+    by_place: dict[tuple, list[str]] = {}
+    for s in result.summaries:
+        v = result.destinations[s.dataset]
+        by_place.setdefault((v.name, v.bucket, v.region, v.location), []).append(s.dataset)
+    for (name, bucket, region, location), datasets in by_place.items():
+        p = result.destinations[datasets[0]].provider
+        print(f"  {', '.join(datasets)} -> bucket {bucket} at {p.display_name}, region {region} ({location}); "
+              f"operated by {p.legal_entity}, {p.legal_seat}; jurisdiction {p.jurisdiction}")
     failures = [(s.dataset, key, reason) for s in result.summaries for key, reason in s.failures]
     if failures:
         print(f"\nfailed objects ({sum(s.failed for s in result.summaries):,}):", file=sys.stderr)
@@ -211,3 +217,41 @@ def print_migration_summary(result) -> None:
         if any(s.failures_truncated for s in result.summaries):
             print(f"  … more in the state store ({result.state_path}, run {result.run_id})", file=sys.stderr)
     print(f"state: {result.state_path} (run {result.run_id})")
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """lab up + seed + migrate the lab datasets + the summary, with a fresh state of its own."""
+    import os
+    import shutil
+    from importlib import resources
+
+    from flows import lab
+
+    print("== exitplan demo: the whole exit, rehearsed on the local lab (127.0.0.1 only)\n", flush=True)
+    code = lab.cmd_up(argparse.Namespace())
+    if code:
+        return code
+    print(flush=True)
+    code = lab.cmd_seed(argparse.Namespace(profile=args.profile, connection_string=None, workers=8))
+    if code:
+        return code
+    # The lab's servers keep data in memory: a state left by an earlier lab would claim objects
+    # are already there. The demo's state lives in the lab directory and starts empty.
+    state_dir = lab.lab_dir() / "demo-state"
+    shutil.rmtree(state_dir, ignore_errors=True)
+    os.environ["EXITPLAN_STATE_DIR"] = str(state_dir)
+    config = resources.files("config") / "examples" / "lab.yaml"
+    print(f"\n== migrate --config {config}\n", flush=True)
+    code = cmd_migrate(argparse.Namespace(config=str(config), dataset=[], dry_run=False))
+    print(
+        "\nLook around:\n"
+        f"  exitplan inventory --config {config}     # what the source holds\n"
+        f"  eval \"$(exitplan lab env)\"                 # point the Azure SDK / boto3 / rclone at the lab\n"
+        "  exitplan lab down                           # stop the lab (its data lives in memory)"
+    )
+    return code

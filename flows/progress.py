@@ -50,7 +50,9 @@ class ProgressDisplay:
             elapsed = max(now - self.started, 1e-6)
             rate = bytes_done / elapsed
             left = max(self.total_bytes - bytes_done, 0)
-            eta = _eta(left / rate) if rate > 0 and bytes_done else "--:--:--"
+            # An ETA from the first instants (connections opening, small files first) is noise.
+            settled = elapsed >= 3.0 or (self.total_bytes and bytes_done >= 0.05 * self.total_bytes)
+            eta = _eta(left / rate) if rate > 0 and bytes_done and settled else "--:--:--"
             pct = 100.0 * bytes_done / self.total_bytes if self.total_bytes else 100.0
             failed = f", {objects_failed:,} failed" if objects_failed else ""
             text = (
