@@ -79,6 +79,10 @@ def test_lab_example_is_lab_mode_without_any_environment(monkeypatch):
 
 
 def test_lab_example_follows_lab_env(monkeypatch):
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("EXITPLAN_LAB_S3_PORT", "5123")
+    loaded = load_config(REPO / "config/examples/lab.yaml")
+    assert loaded.config.destinations["lab-s3"].endpoint_url == "http://127.0.0.1:5123"
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:5999")
     loaded = load_config(REPO / "config/examples/lab.yaml")
     assert loaded.config.destinations["lab-s3"].endpoint_url == "http://127.0.0.1:5999"
