@@ -1,0 +1,1 @@
+"""Encryption: the on-object format (Tink streaming AEAD) and the data keys it uses."""
