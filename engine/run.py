@@ -119,8 +119,14 @@ def inventory(loaded: LoadedConfig, datasets: list[str]) -> list[DatasetInventor
     return results
 
 
-def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver) -> MigrationResult:
-    """Copy every object of `datasets`; one failing object never stops the others."""
+def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *, count_first: bool = True
+            ) -> MigrationResult:
+    """Copy every object of `datasets`; one failing object never stops the others.
+
+    With `count_first`, each dataset is listed once before the copy so that progress can show a
+    total and an ETA (`observer.dataset_started` gets the counts; otherwise -1, -1): one extra
+    listing pass, about 0.1 ms of CPU per object.
+    """
     started = time.monotonic()
     verdicts = {v.name: v for v in check_sovereignty(loaded)}
     settings = transfer_settings(loaded)
@@ -135,7 +141,8 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver) ->
                 ds = loaded.config.datasets[name]
                 source = _wrap(f"dataset `{name}`: source", open_source, loaded, name)
                 sink = _wrap(f"dataset `{name}`: destination `{ds.destination}`", open_sink, loaded, ds.destination)
-                objects, total = _wrap(f"dataset `{name}`: listing {source.label}", count_dataset, loaded, name, source)
+                objects, total = (_wrap(f"dataset `{name}`: listing {source.label}", count_dataset, loaded, name, source)
+                                  if count_first else (-1, -1))
                 observer.dataset_started(name, objects, total)
                 try:
                     summary = migrate_dataset(

@@ -39,7 +39,8 @@ class ProgressDisplay:
         self.started = time.monotonic()
         self._last = 0.0
         if not self.tty:
-            self._write(f"{dataset}: {total_objects:,} objects, {format_size(total_bytes)} to copy\n")
+            what = f"{total_objects:,} objects, {format_size(total_bytes)}" if total_objects >= 0 else "listing as it goes"
+            self._write(f"{dataset}: copying ({what})\n")
 
     def update(self, bytes_done: int, objects_done: int, objects_failed: int, *, force: bool = False) -> None:
         now = time.monotonic()
@@ -49,16 +50,20 @@ class ProgressDisplay:
             self._last = now
             elapsed = max(now - self.started, 1e-6)
             rate = bytes_done / elapsed
-            left = max(self.total_bytes - bytes_done, 0)
-            # An ETA from the first instants (connections opening, small files first) is noise.
-            settled = elapsed >= 3.0 or (self.total_bytes and bytes_done >= 0.05 * self.total_bytes)
-            eta = _eta(left / rate) if rate > 0 and bytes_done and settled else "--:--:--"
-            pct = 100.0 * bytes_done / self.total_bytes if self.total_bytes else 100.0
             failed = f", {objects_failed:,} failed" if objects_failed else ""
-            text = (
-                f"{self.dataset}: {format_size(bytes_done)} / {format_size(self.total_bytes)} ({pct:.0f}%), "
-                f"{objects_done:,}/{self.total_objects:,} objects{failed}, {rate / 1e6:.1f} MB/s, ETA {eta}"
-            )
+            if self.total_objects < 0:  # totals unknown: the listing is consumed as the copy goes
+                text = (f"{self.dataset}: {format_size(bytes_done)}, {objects_done:,} objects{failed}, "
+                        f"{rate / 1e6:.1f} MB/s")
+            else:
+                left = max(self.total_bytes - bytes_done, 0)
+                # An ETA from the first instants (connections opening, small files first) is noise.
+                settled = elapsed >= 3.0 or (self.total_bytes and bytes_done >= 0.05 * self.total_bytes)
+                eta = _eta(left / rate) if rate > 0 and bytes_done and settled else "--:--:--"
+                pct = 100.0 * bytes_done / self.total_bytes if self.total_bytes else 100.0
+                text = (
+                    f"{self.dataset}: {format_size(bytes_done)} / {format_size(self.total_bytes)} ({pct:.0f}%), "
+                    f"{objects_done:,}/{self.total_objects:,} objects{failed}, {rate / 1e6:.1f} MB/s, ETA {eta}"
+                )
             if self.tty:
                 self._write("\r\033[K" + text)
                 self._drawn = True
