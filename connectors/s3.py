@@ -283,11 +283,14 @@ class S3Store:
 
     # ---- bucket ---------------------------------------------------------------------------
 
-    def ensure_bucket(self) -> None:
-        """Create the bucket if it does not exist (the lab and tests; production buckets pre-exist)."""
+    def ensure_bucket(self) -> bool:
+        """Create the bucket if it does not exist (the lab and tests; production buckets pre-exist).
+
+        Returns True when it was created now, False when it was there already.
+        """
         try:
             self._client.head_bucket(Bucket=self.bucket)
-            return
+            return False
         except ClientError as exc:
             if _code(exc) not in ("404", "NoSuchBucket", "NotFound"):
                 raise self._translate(exc, "") from exc
@@ -299,9 +302,11 @@ class S3Store:
             params["CreateBucketConfiguration"] = {"LocationConstraint": region}
         try:
             self._client.create_bucket(**params)
+            return True
         except ClientError as exc:
             if _code(exc) not in ("BucketAlreadyOwnedByYou",):
                 raise self._translate(exc, "") from exc
+            return False
         except BotoCoreError as exc:
             raise self._translate(exc, "") from exc
 

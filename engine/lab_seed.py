@@ -5,7 +5,7 @@ headers and metadata (for a given Python and pyarrow version: Parquet files carr
 version string). No storage SDK here; the writes go through a `SeedWriter` (the Azure one is
 `connectors.azure_writer.AzureBlobWriter`, opened by `seed_azurite`), so tests can also ask this
 module what *should* be in the emulator (`expected_objects`) and compare with what is. The lab's
-destination bucket is created here too (`ensure_lab_buckets`), through `connectors.s3_buckets`.
+destination bucket is created here too (`ensure_lab_buckets`), through `connectors.s3.S3Store.ensure_bucket`.
 
 Three containers, each exercising a different part of the copy engine:
 
@@ -610,11 +610,13 @@ def ensure_lab_buckets(
 
     Returns, per bucket, whether it was created now (False: it was there already).
     """
-    from connectors.s3_buckets import ensure_bucket
+    from connectors.base import SinkLimits
+    from connectors.s3 import S3Store
 
     try:
         return {
-            b: ensure_bucket(endpoint_url, b, access_key=access_key, secret_key=secret_key, region=region)
+            b: S3Store(b, endpoint_url=endpoint_url, region=region, access_key_id=access_key,
+                       secret_access_key=secret_key, limits=SinkLimits(), max_attempts=3).ensure_bucket()
             for b in buckets
         }
     except ConnectorError as exc:

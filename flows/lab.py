@@ -12,7 +12,7 @@ The state directory is `EXITPLAN_LAB_DIR`, else `$XDG_STATE_HOME/exitplan/lab`, 
 
 Orchestration only: processes come from `flows.lab_processes`; data, the seed writes and the bucket
 come from `engine.lab_seed` (which reaches the SDKs through `connectors.azure_writer` and
-`connectors.s3_buckets`).
+`connectors.s3`).
 """
 
 from __future__ import annotations
