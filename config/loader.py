@@ -7,7 +7,6 @@ why (`PolicyRefusal`, exit code 3).
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import re
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from .errors import ConfigFileError
+from .hosts import is_loopback_host
 from .lab import azurite_connection_string
 from .models import AzureBlobSourceConfig, ExitplanConfig, LoadedConfig
 from .policy import check_sovereignty
@@ -84,17 +84,6 @@ def _pydantic_sentence(path: Path, exc: ValidationError) -> str:
         msg = f"{err.get('input')!r} does not have the expected form ({err['ctx']['pattern']})"
     more = f" (and {len(exc.errors()) - 1} more problem(s))" if len(exc.errors()) > 1 else ""
     return f"{path}: field `{where}`: {msg}{more}"
-
-
-def is_loopback_host(host: str | None) -> bool:
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def connection_string_blob_endpoint(conn_str: str) -> str | None:

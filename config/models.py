@@ -176,6 +176,135 @@ class PolicyConfig(_Model):
     allowed_jurisdictions: tuple[str, ...] = Field(("EU",), min_length=1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Keys: the key-encryption key (KEK) that wraps the project's keyset
+# ---------------------------------------------------------------------------------------------
+
+
+class LocalKekConfig(_Model):
+    """A 32-byte key file on this machine (AES-256-GCM). For the lab and tests only.
+
+    Refused outside lab mode (`config.policy.check_kek`): production keys live in a KMS or HSM.
+    `path` (default `<state dir>/kek.key`; relative paths from the config file's directory) is
+    created with mode 0600 by `exitplan keys init` when it does not exist.
+    """
+
+    backend: Literal["local"]
+    path: str | None = None
+
+
+class OpenBaoKekConfig(_Model):
+    """A transit key in OpenBao or HashiCorp Vault (`<mount>/keys/<key_name>`), used through
+    `tink.integration.hcvault`.
+
+    The token is read from the environment variable `token_env` when the key is used; it is never
+    stored. `https://` is required outside the lab. `namespace` is Vault Enterprise/OpenBao
+    namespaces (sent as X-Vault-Namespace). `ca_cert` is a PEM bundle to verify the server with
+    (default: the system store).
+    """
+
+    backend: Literal["openbao"]
+    address: str
+    mount: str = Field("transit", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
+    key_name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    token_env: EnvVarName = "VAULT_TOKEN"
+    namespace: str | None = None
+    ca_cert: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected the server's URL, such as https://bao.example.eu:8200")
+        return v.rstrip("/")
+
+
+class Pkcs11KekConfig(_Model):
+    """An AES key in an HSM reached through PKCS#11 (wrap with CKM_AES_GCM, 12-byte random IV).
+
+    The token is found by its label, the key by its label inside it; the user PIN is read from the
+    environment variable `pin_env`. `module` is the vendor's PKCS#11 library (default: SoftHSM2's
+    Debian path).
+    """
+
+    backend: Literal["pkcs11"]
+    module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label: str = Field(min_length=1, max_length=32)
+    key_label: str = Field(min_length=1)
+    pin_env: EnvVarName = "PKCS11_PIN"
+
+
+class OvhKmsKekConfig(_Model):
+    """A symmetric service key in OVHcloud KMS (OKMS), used through its REST API
+    (`POST {endpoint}/api/{okms_id}/v1/servicekey/{key_id}/encrypt|decrypt`).
+
+    Authentication is the OKMS access certificate (mutual TLS): the *paths* of its PEM
+    certificate and private key are read from the environment variables `cert_file_env` and
+    `key_file_env`. `endpoint` is the KMS's regional URL, e.g. https://eu-west-rbx.okms.ovh.net.
+    Not exercised against the real service by the test suite (see docs/KEYS.md).
+    """
+
+    backend: Literal["ovhcloud-kms"]
+    endpoint: str
+    okms_id: str = Field(pattern=r"^[0-9a-fA-F-]{36}$")
+    key_id: str = Field(pattern=r"^[0-9a-fA-F-]{36}$")
+    cert_file_env: EnvVarName = "OKMS_CERT_FILE"
+    key_file_env: EnvVarName = "OKMS_KEY_FILE"
+    ca_cert: str | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected the KMS's regional URL, such as https://eu-west-rbx.okms.ovh.net")
+        return v.rstrip("/")
+
+
+class ScalewayKmsKekConfig(_Model):
+    """A symmetric key (aes_256_gcm) in Scaleway Key Manager, used through its REST API
+    (`POST {api_url}/key-manager/v1alpha1/regions/{region}/keys/{key_id}/encrypt|decrypt`).
+
+    The API secret key is read from the environment variable `secret_key_env` (sent as
+    X-Auth-Token). `api_url` is for tests only; leave the default.
+    Not exercised against the real service by the test suite (see docs/KEYS.md).
+    """
+
+    backend: Literal["scaleway-kms"]
+    region: Literal["fr-par", "nl-ams", "pl-waw"] = "fr-par"
+    key_id: str = Field(pattern=r"^[0-9a-fA-F-]{36}$")
+    secret_key_env: EnvVarName = "SCW_SECRET_KEY"
+    api_url: str = "https://api.scaleway.com"
+
+    @field_validator("api_url")
+    @classmethod
+    def _api_url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected a URL such as https://api.scaleway.com")
+        return v.rstrip("/")
+
+
+KekConfig = Annotated[
+    LocalKekConfig | OpenBaoKekConfig | Pkcs11KekConfig | OvhKmsKekConfig | ScalewayKmsKekConfig,
+    Field(discriminator="backend"),
+]
+
+
+class KeysConfig(_Model):
+    """The project's keys: the KEK that wraps the keyset, and where the wrapped keyset lives.
+
+    `keyset_path` (default `<state dir>/keyset.json`, relative paths from the config file's
+    directory) holds Tink's standard encrypted keyset JSON; beside it, `keyset.meta.json` (no
+    secret: key ids, creation times, the KEK reference it was wrapped with) and `audit-key.json`
+    (the Ed25519 audit-signing key, wrapped by the same KEK).
+    """
+
+    kek: KekConfig
+    keyset_path: str | None = None
+
+
 class ExitplanConfig(_Model):
     version: Literal[1] = 1
     project: str = Field(pattern=_NAME)
@@ -185,6 +314,7 @@ class ExitplanConfig(_Model):
     transfer: TransferConfig = TransferConfig()
     state: StateConfig = StateConfig()
     policy: PolicyConfig = PolicyConfig()
+    keys: KeysConfig | None = None  # required by `exitplan keys …` and by encrypted writes
 
     def reference_problems(self) -> list[tuple[str, str]]:
         """(field, problem) for names that break the naming rule or point at nothing."""
@@ -215,4 +345,13 @@ class LoadedConfig(BaseModel):
     @property
     def state_dir(self) -> Path:
         p = Path(self.config.state.path)
+        return p if p.is_absolute() else (self.path.parent / p)
+
+    @property
+    def keyset_path(self) -> Path:
+        """Where the wrapped keyset lives: `keys.keyset_path`, else `<state dir>/keyset.json`."""
+        custom = self.config.keys.keyset_path if self.config.keys else None
+        if not custom:
+            return self.state_dir / "keyset.json"
+        p = Path(custom)
         return p if p.is_absolute() else (self.path.parent / p)

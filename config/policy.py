@@ -5,7 +5,8 @@ Refused, each with a sentence saying which destination and why (exit code 3):
 - the lab's S3 server outside lab mode;
 - a region the provider does not have, or an endpoint host that is not a known host of that
   provider and region;
-- plain HTTP, or TLS verification switched off, outside lab mode (sources included).
+- plain HTTP, or TLS verification switched off, outside lab mode (sources included);
+- (`check_kek`) a `local` key-encryption key outside lab mode, or a KMS reached over plain HTTP.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from .hosts import is_loopback_host
 from .errors import ConfigFileError, PolicyRefusal
 from .providers import ProviderProfile, load_catalog
 
@@ -99,4 +101,36 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
         for name, src in cfg.sources.items():
             if src.account_url and urlsplit(src.account_url).scheme != "https":
                 raise _refuse(loaded, f"source `{name}`", "plain HTTP is allowed only in the lab", "use an https:// `account_url`")
+    check_kek(loaded)
     return verdicts
+
+
+def check_kek(loaded: "LoadedConfig") -> None:
+    """Raise `PolicyRefusal` (exit code 3) if the configured KEK is not allowed here.
+
+    Refused: the `local` key file outside lab mode (production keys live in a KMS or HSM), and a
+    KMS reached over plain HTTP anywhere but on loopback in the lab (its token and the keyset
+    would cross the network in clear). Exit code 3, not 4: this is a decision taken on the
+    configuration before any key is touched; 4 is kept for a key operation that was attempted and
+    failed (unreachable, denied, wrong key).
+    """
+    keys = loaded.config.keys
+    if keys is None:
+        return
+    kek = keys.kek
+    what = f"the key-encryption key (`keys.kek`, backend `{kek.backend}`)"
+    if kek.backend == "local" and not loaded.lab_mode:
+        raise _refuse(
+            loaded, what,
+            f"a local key file is for the lab only (every endpoint on loopback), and {loaded.not_lab_reason}",
+            "keep production keys in a KMS or HSM: set `keys.kek.backend` to openbao, pkcs11, ovhcloud-kms or "
+            "scaleway-kms and run `exitplan keys rewrap` (see docs/KEYS.md)",
+        )
+    field = {"openbao": "address", "ovhcloud-kms": "endpoint", "scaleway-kms": "api_url"}.get(kek.backend)
+    if field:
+        url = urlsplit(getattr(kek, field))
+        if url.scheme != "https" and not (loaded.lab_mode and is_loopback_host(url.hostname)):
+            raise _refuse(
+                loaded, what, "plain HTTP to a KMS is allowed only on loopback in the lab",
+                f"use an https:// `keys.kek.{field}`",
+            )

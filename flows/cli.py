@@ -13,7 +13,7 @@ from config.errors import ExitCode, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows import commands, lab
+    from flows import commands, keys_cli, lab
 
     parser = argparse.ArgumentParser(
         prog="exitplan",
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     lab.register(sub)
     commands.register(sub)
+    keys_cli.register(sub)
     return parser
 
 
