@@ -102,6 +102,14 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
             if src.account_url and urlsplit(src.account_url).scheme != "https":
                 raise _refuse(loaded, f"source `{name}`", "plain HTTP is allowed only in the lab", "use an https:// `account_url`")
     check_kek(loaded)
+    if cfg.keys is None:
+        for name, ds in cfg.datasets.items():
+            if not ds.public:
+                raise _refuse(
+                    loaded, f"dataset `{name}`",
+                    "it would be written unencrypted, and only datasets marked `public: true` may be",
+                    "add a `keys` section (see docs/KEYS.md) or mark the dataset `public: true`",
+                )
     return verdicts
 
 

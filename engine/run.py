@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Protocol
 
 from config.models import LoadedConfig
 from config.policy import DestinationVerdict, check_sovereignty
-from connectors.base import ConnectorError, ObjectMeta, ObjectSource, SinkLimits
+from connectors.base import ConnectorError, ContentSettings, ObjectMeta, ObjectSource, SinkLimits, WriteMeta
 
 from .budget import MemoryBudget
 from .endpoints import destination_limits, open_sink, open_source
@@ -24,6 +24,7 @@ from .executors import create_executors
 from .inventory import DatasetInventory, inventory_dataset, selected
 from .migrate import DatasetSummary, DryRunSummary, PlannedObject, Progress, Refusal, dry_run, migrate_dataset, place_all
 from .naming import Placement, place
+from .pipeline import IDENTITY, OutputFormat
 from .settings import TransferSettings
 from .state import StateStore
 
@@ -61,12 +62,53 @@ def open_state(loaded: LoadedConfig, *, read_only: bool = False) -> StateStore |
     return StateStore(path)
 
 
-def dataset_items(loaded: LoadedConfig, name: str, source: ObjectSource, limits: SinkLimits
-                  ) -> Iterator[tuple[ObjectMeta, Placement | Refusal]]:
+def output_formats(loaded: LoadedConfig, datasets: list[str]) -> dict[str, OutputFormat]:
+    """How each dataset is written: Tink-encrypted with the project's primary data key, or as is
+    for a dataset marked `public`. Unwraps the keyset first (a wrong or unreachable KEK is a
+    `UserError`, exit code 4), so no object is touched before the keys are known to work."""
+    formats: dict[str, OutputFormat] = {name: IDENTITY for name in datasets if loaded.config.datasets[name].public}
+    encrypted = [name for name in datasets if name not in formats]
+    if encrypted:
+        from .crypto.tink_format import TinkFormat
+        from .keys import load_data_keys
+
+        keys = load_data_keys(loaded)
+        formats.update({name: TinkFormat(keys, name) for name in encrypted})
+    return formats
+
+
+def placer(loaded: LoadedConfig, name: str, limits: SinkLimits, fmt: OutputFormat
+           ) -> Callable[[ObjectMeta], Placement]:
+    """Places one object of dataset `name`; the 2 KB metadata budget counts the format's own metadata."""
+    ds = loaded.config.datasets[name]
+    reserved = getattr(fmt, "metadata_for", None)
+
+    def place_one(meta: ObjectMeta) -> Placement:
+        return place(meta, ds.prefix, ds.dest_prefix, limits, reserved=reserved(meta) if reserved else None)
+
+    return place_one
+
+
+def dataset_items(loaded: LoadedConfig, name: str, source: ObjectSource, limits: SinkLimits,
+                  fmt: OutputFormat = IDENTITY) -> Iterator[tuple[ObjectMeta, Placement | Refusal]]:
     """The dataset's selected objects, listed lazily, each placed at the destination or refused."""
     ds = loaded.config.datasets[name]
-    placer = partial(place, source_prefix=ds.prefix, dest_prefix=ds.dest_prefix, limits=limits)
-    return place_all(selected(source.list(ds.prefix), ds), placer)
+    return place_all(selected(source.list(ds.prefix), ds), placer(loaded, name, limits, fmt))
+
+
+def publish_keysets(loaded: LoadedConfig, datasets: list[str], formats: dict[str, OutputFormat]) -> list[str]:
+    """Put the wrapped keyset next to the data in each destination that receives encrypted objects,
+    at `_exitplan/<project>/keyset.json`: whoever holds the bucket and the KEK can read it back."""
+    from .keys import keyset_copy
+
+    written = []
+    for dest in sorted({loaded.config.datasets[n].destination for n in datasets if formats[n] is not IDENTITY}):
+        sink = _wrap(f"destination `{dest}`", open_sink, loaded, dest)
+        key, data = keyset_copy(loaded)
+        meta = WriteMeta(ContentSettings(content_type="application/json"), {"exitplan-format": "tink-encrypted-keyset-json"})
+        _wrap(f"destination `{dest}`: writing the wrapped keyset to {key}", sink.put, key, data, len(data), meta, None)
+        written.append(f"{sink.label}/{key}")
+    return written
 
 
 def count_dataset(loaded: LoadedConfig, name: str, source: ObjectSource) -> tuple[int, int]:
@@ -93,6 +135,8 @@ class MigrationResult:
     elapsed_seconds: float
     state_path: Path
     destinations: dict[str, DestinationVerdict]
+    key_holders: dict[str, str]  # dataset -> who holds its keys, as a sentence
+    keyset_copies: tuple[str, ...] = ()
 
     @property
     def all_ok(self) -> bool:
@@ -129,8 +173,10 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
     """
     started = time.monotonic()
     verdicts = {v.name: v for v in check_sovereignty(loaded)}
+    formats = output_formats(loaded, datasets)
     settings = transfer_settings(loaded)
     budget = MemoryBudget(settings.memory_budget)
+    keyset_copies = publish_keysets(loaded, datasets, formats)
     state = open_state(loaded)
     run_id = state.start_run("migrate", loaded.path)
     summaries: list[DatasetSummary] = []
@@ -144,11 +190,13 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
                 objects, total = (_wrap(f"dataset `{name}`: listing {source.label}", count_dataset, loaded, name, source)
                                   if count_first else (-1, -1))
                 observer.dataset_started(name, objects, total)
+                fmt = formats[name]
                 try:
                     summary = migrate_dataset(
-                        name, source, sink, dataset_items(loaded, name, source, sink.limits),
+                        name, source, sink, dataset_items(loaded, name, source, sink.limits, fmt),
                         settings=settings, budget=budget, executors=executors, state=state, run_id=run_id,
-                        progress=observer.progress,
+                        progress=observer.progress, output_format=fmt,
+                        replace_placement=placer(loaded, name, sink.limits, fmt),
                     )
                 except ConnectorError as exc:  # the listing itself failed part-way
                     raise RunError(f"dataset `{name}`: {exc}") from None
@@ -160,13 +208,26 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
         md5_checked = sum(1 for r in state.objects(run_id) if r.md5_checked)
         state.close()
     return MigrationResult(run_id, tuple(summaries), md5_checked, time.monotonic() - started, state_path(loaded),
-                           {ds: verdicts[loaded.config.datasets[ds].destination] for ds in datasets})
+                           {ds: verdicts[loaded.config.datasets[ds].destination] for ds in datasets},
+                           {ds: key_holder(loaded, formats[ds]) for ds in datasets}, tuple(keyset_copies))
+
+
+def key_holder(loaded: LoadedConfig, fmt: OutputFormat) -> str:
+    """Who holds the keys of a dataset written with `fmt`, for the plan and the report."""
+    if fmt is IDENTITY:
+        return "not encrypted (dataset marked public)"
+    kek = loaded.config.keys.kek
+    where = {"local": "a local key file (lab only)", "openbao": "OpenBao/Vault transit", "pkcs11": "a PKCS#11 HSM",
+             "ovhcloud-kms": "OVHcloud KMS", "scaleway-kms": "Scaleway Key Manager"}.get(kek.backend, kek.backend)
+    return f"Tink AES256_GCM_HKDF_1MB, data key {fmt.keys.primary_id}, keyset wrapped by {where}"
 
 
 def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, PlannedObject], None]
          ) -> list[DryRunSummary]:
     """What `migrate` would write, per dataset, touching nothing: the destination is not contacted
-    and the state store is only read (if it exists)."""
+    and the state store is only read (if it exists). The keyset is unwrapped (a read), so a dry run
+    also proves the KEK works."""
+    formats = output_formats(loaded, datasets)
     settings = transfer_settings(loaded)
     state = open_state(loaded, read_only=True)
     results = []
@@ -176,11 +237,40 @@ def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, Pl
             source = _wrap(f"dataset `{name}`: source", open_source, loaded, name)
             limits = destination_limits(loaded, ds.destination)
             try:
-                results.append(dry_run(name, dataset_items(loaded, name, source, limits), limits, settings,
-                                       state=state, on_object=partial(on_object, name)))
+                results.append(dry_run(name, dataset_items(loaded, name, source, limits, formats[name]), limits,
+                                       settings, output_format=formats[name], state=state,
+                                       on_object=partial(on_object, name)))
             except ConnectorError as exc:
                 raise RunError(f"dataset `{name}`: listing {source.label}: {exc}") from None
     finally:
         if state is not None:
             state.close()
     return results
+
+
+def restore(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",
+            on_object: Callable | None = None):
+    """Read `dataset` back from its destination into `to_dir`, decrypted and checked against the
+    plaintext SHA-256 recorded at copy time (see `engine.restore`). Keys are unwrapped first."""
+    from .restore import RestoreError, restore_dataset
+
+    keys = None
+    if not loaded.config.datasets[dataset].public:
+        from .keys import load_data_keys
+
+        keys = load_data_keys(loaded)
+    state = open_state(loaded, read_only=True)
+
+    def recorded(source_key: str) -> str | None:
+        if state is None:
+            return None
+        row = state.last_copy(dataset, source_key)
+        return row.sha256 if row else None
+
+    try:
+        return restore_dataset(loaded, dataset, to_dir, prefix=prefix, keys=keys, recorded=recorded, on_object=on_object)
+    except RestoreError as exc:
+        raise RunError(str(exc)) from None
+    finally:
+        if state is not None:
+            state.close()

@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import sys
+from pathlib import Path
 
 from config.errors import ConfigFileError, ExitCode, UserError
 from config.loader import load_config
@@ -32,6 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be written (objects, bytes, parts, destination keys); write nothing anywhere")
     p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("restore", help="read a dataset back from its destination, decrypt it, write the plaintext to a directory")
+    p.add_argument("--config", "-c", required=True, metavar="FILE", help="the exitplan YAML configuration")
+    p.add_argument("--dataset", "-d", required=True, metavar="NAME", help="the dataset to restore")
+    p.add_argument("--prefix", default="", metavar="P", help="only objects whose key (below the dataset's prefix) starts with P")
+    p.add_argument("--to", required=True, metavar="DIR", type=Path,
+                   help="where to write the plaintext (the only place exitplan ever writes plaintext)")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("demo", help="start the lab, seed it, migrate every lab dataset and print the summary")
     p.add_argument("--profile", choices=("tiny", "standard", "bench"), default="standard",
@@ -211,6 +220,14 @@ def print_migration_summary(result) -> None:
         p = result.destinations[datasets[0]].provider
         print(f"  {', '.join(datasets)} -> bucket {bucket} at {p.display_name}, region {region} ({location}); "
               f"operated by {p.legal_entity}, {p.legal_seat}; jurisdiction {p.jurisdiction}")
+    print("who holds the keys:")
+    by_holder: dict[str, list[str]] = {}
+    for s in result.summaries:
+        by_holder.setdefault(result.key_holders[s.dataset], []).append(s.dataset)
+    for holder, datasets in by_holder.items():
+        print(f"  {', '.join(datasets)}: {holder}")
+    for copy in result.keyset_copies:
+        print(f"  wrapped keyset copied next to the data: {copy}")
     failures = [(s.dataset, key, reason) for s in result.summaries for key, reason in s.failures]
     if failures:
         print(f"\nfailed objects ({sum(s.failed for s in result.summaries):,}):", file=sys.stderr)
@@ -219,6 +236,32 @@ def print_migration_summary(result) -> None:
         if any(s.failures_truncated for s in result.summaries):
             print(f"  … more in the state store ({result.state_path}, run {result.run_id})", file=sys.stderr)
     print(f"state: {result.state_path} (run {result.run_id})")
+
+
+# ---------------------------------------------------------------------------------------------
+# restore
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from engine import run
+
+    loaded = load_config(args.config)
+    (dataset,) = chosen_datasets(loaded, [args.dataset])
+    if args.to.exists() and not args.to.is_dir():
+        raise UserError(f"--to {args.to}: exists and is not a directory; name a directory for the restored files")
+
+    def show(result) -> None:
+        if result.status != "ok":
+            print(f"failed   {result.dest_key}: {result.reason}", file=sys.stderr)
+
+    summary = _run_errors(lambda: run.restore(loaded, dataset, args.to, prefix=args.prefix, on_object=show))
+    checked = summary.ok - summary.unchecked
+    print(f"{dataset}: restored {summary.ok:,} of {summary.objects:,} objects ({format_size(summary.bytes)}) into {args.to}; "
+          f"{checked:,} matched the SHA-256 recorded at copy time"
+          + (f", {summary.unchecked:,} had no recorded digest (no state for them)" if summary.unchecked else "")
+          + (f"; {summary.failed:,} failed" if summary.failed else ""))
+    return ExitCode.OK if summary.all_ok and summary.objects else (ExitCode.FAILED if summary.failed else ExitCode.OK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +291,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     shutil.rmtree(state_dir, ignore_errors=True)
     os.environ["EXITPLAN_STATE_DIR"] = str(state_dir)
     config = resources.files("config") / "examples" / "lab.yaml"
+    from flows import keys_cli
+
+    print(f"\n== keys init --config {config}  (lab KEK: a local key file in the demo's state)\n", flush=True)
+    code = keys_cli.cmd_init(argparse.Namespace(config=str(config)))
+    if code:
+        return code
     print(f"\n== migrate --config {config}\n", flush=True)
     code = cmd_migrate(argparse.Namespace(config=str(config), dataset=[], dry_run=False))
     print(

@@ -274,7 +274,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 to_start.append(server)
         if problems:
             # Before starting anything: a half-started lab is worse than none.
-            raise UserError(" ".join(problems), ExitCode.USAGE)
+            raise UserError("; ".join(problems), ExitCode.USAGE)
 
         started: list[PidRecord] = []
         try:

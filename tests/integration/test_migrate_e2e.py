@@ -1,24 +1,30 @@
 """End to end on real servers: seed Azurite → `exitplan migrate` → read back with boto3.
 
-The oracles are the SDKs themselves: every object read back from the S3 server with boto3 must equal
-its source read with the Azure SDK, with its content headers and metadata carried over.
+The oracles are independent implementations: every object read back from the S3 server with boto3
+is ciphertext, and stock tink decrypts it to exactly its source as read with the Azure SDK, with
+its content headers and metadata carried over; `exitplan restore` gives the same bytes back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import uuid
 from pathlib import Path
 
+import io
+
 import boto3
 import pytest
+import tink
 import yaml
 from azure.storage.blob import BlobServiceClient, ContentSettings
 from botocore.config import Config
+from tink import streaming_aead
 
 from config.lab import LAB_BUCKET
+from config.loader import load_config
+from engine import keys as project_keys
 from engine import lab_seed
 from engine.naming import decode_header_value
 from flows.cli import main
@@ -50,7 +56,7 @@ def env(monkeypatch, azurite_connection_string):
     monkeypatch.setenv(CS_VAR, azurite_connection_string)
 
 
-def write_config(tmp_path: Path, s3_server, datasets: dict, **transfer) -> Path:
+def write_config(tmp_path: Path, s3_server, datasets: dict, *, init_keys: bool = True, **transfer) -> Path:
     cfg = {
         "version": 1,
         "project": "e2e",
@@ -59,10 +65,23 @@ def write_config(tmp_path: Path, s3_server, datasets: dict, **transfer) -> Path:
         "datasets": datasets,
         "transfer": {"concurrency": 4, **transfer},
         "state": {"path": str(tmp_path / "state")},
+        "keys": {"kek": {"backend": "local", "path": str(tmp_path / "kek.key")}},
     }
     path = tmp_path / "exitplan.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    if init_keys:
+        assert main(["keys", "init", "--config", str(path)]) == 0
     return path
+
+
+def tink_decrypt(config: Path, data: bytes, metadata: dict) -> bytes:
+    """Decrypt with stock tink: the keyset unwrapped by the project's KEK, the associated data from
+    the object's metadata (docs/FORMAT.md)."""
+    handle = project_keys.load_keyset(load_config(config))
+    primitive = handle.primitive(streaming_aead.StreamingAead)
+    aad = metadata["exitplan-associated-data"].encode()
+    with primitive.new_decrypting_stream(io.BytesIO(data), aad) as stream:
+        return stream.read()
 
 
 def lab_datasets(prefix: str) -> dict:
@@ -93,21 +112,29 @@ def test_migrate_copies_every_seeded_object_byte_exact(tmp_path, capsys, env, se
 
     azure = BlobServiceClient.from_connection_string(azurite_connection_string)
     sizes = set()
+    key_ids = set()
     for obj in seeded:
         key = f"{prefix}/{obj.container}/{obj.name}"
         got = s3.get_object(Bucket=LAB_BUCKET, Key=key)
-        body = got["Body"].read()
+        raw = got["Body"].read()
         source = azure.get_blob_client(obj.container, obj.name)
-        assert body == source.download_blob().readall(), key
+        expected = source.download_blob().readall()
+        assert raw != expected and (not expected or expected[:64] not in raw), f"{key} is stored in clear"
+        body = tink_decrypt(config, raw, got["Metadata"])
+        assert body == expected, key
+        key_ids.add(got["Metadata"]["exitplan-key-id"])
         props = source.get_blob_properties()
         assert got["ContentType"] == props.content_settings.content_type
         if props.content_settings.content_encoding:
             assert got.get("ContentEncoding") == props.content_settings.content_encoding
         if props.content_settings.cache_control:
             assert got.get("CacheControl") == props.content_settings.cache_control
-        carried = {k: decode_header_value(v) for k, v in got["Metadata"].items()}
+        carried = {k: decode_header_value(v) for k, v in got["Metadata"].items() if not k.startswith("exitplan-")}
         assert carried == {k.lower(): v for k, v in props.metadata.items()}, key
         sizes.add(len(body))
+    assert len(key_ids) == 1
+    # The wrapped keyset travels with the data.
+    assert s3.head_object(Bucket=LAB_BUCKET, Key="_exitplan/e2e/keyset.json")["ContentLength"] > 0
     mib = 1024 * 1024
     # The seed exercised what it promises: empty objects and part boundaries ± 1.
     assert {0, 5 * mib - 1, 5 * mib, 5 * mib + 1, 8 * mib - 1, 8 * mib, 8 * mib + 1} <= sizes
@@ -130,6 +157,7 @@ def test_migrate_copies_every_seeded_object_byte_exact(tmp_path, capsys, env, se
 def test_dry_run_writes_nothing_anywhere(tmp_path, capsys, env, seeded, s3, s3_server):
     prefix = f"dry-{uuid.uuid4().hex[:8]}"
     config = write_config(tmp_path, s3_server, lab_datasets(prefix))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     code, out, err = run(capsys, "migrate", "--config", str(config), "--dry-run")
     assert code == 0, err
     lines = [line for line in out.splitlines() if line.startswith("would write")]
@@ -138,7 +166,9 @@ def test_dry_run_writes_nothing_anywhere(tmp_path, capsys, env, seeded, s3, s3_s
     assert written == {f"{prefix}/{o.container}/{o.name}" for o in seeded}
     assert list_keys(s3, prefix) == []
     assert s3.list_multipart_uploads(Bucket=LAB_BUCKET, Prefix=prefix).get("Uploads", []) == []
-    assert not (tmp_path / "state").exists()
+    # Nothing local either: no state store, no file created or touched (the keyset was only read).
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
+    assert not (tmp_path / "state" / "state.db").exists()
 
 
 def test_objects_that_do_not_fit_fail_by_name_and_the_rest_is_copied(tmp_path, capsys, env, s3, s3_server,
@@ -155,8 +185,8 @@ def test_objects_that_do_not_fit_fail_by_name_and_the_rest_is_copied(tmp_path, c
     assert code == 1
     assert long_name in err and "UTF-8 bytes" in err
     assert list_keys(s3, container) == [f"{container}/ok.csv"]
-    data = s3.get_object(Bucket=LAB_BUCKET, Key=f"{container}/ok.csv")["Body"].read()
-    assert hashlib.sha256(data).digest() == hashlib.sha256(b"a,b\n1,2\n").digest()
+    got = s3.get_object(Bucket=LAB_BUCKET, Key=f"{container}/ok.csv")
+    assert tink_decrypt(config, got["Body"].read(), got["Metadata"]) == b"a,b\n1,2\n"
 
 
 def test_inventory_over_a_few_thousand_blobs(tmp_path, capsys, env, s3_server, azurite_connection_string):
@@ -174,7 +204,8 @@ def test_inventory_over_a_few_thousand_blobs(tmp_path, capsys, env, s3_server, a
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(upload, enumerate(names)))
     config = write_config(tmp_path, s3_server, {"inv": {"source": "az", "container": container,
-                                                        "destination": "lab", "exclude": ["2024/11/*"]}})
+                                                        "destination": "lab", "exclude": ["2024/11/*"]}},
+                          init_keys=False)
     code, out, err = run(capsys, "inventory", "--config", str(config), "--format", "json")
     assert code == 0, err
     (inv,) = json.loads(out)

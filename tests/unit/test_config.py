@@ -31,6 +31,7 @@ PROD = {
         }
     },
     "datasets": {"claims": {"source": "az", "container": "claims", "destination": "ovh"}},
+    "keys": {"kek": {"backend": "openbao", "address": "https://bao.example.eu:8200", "key_name": "exitplan"}},
 }
 
 
@@ -139,6 +140,9 @@ def test_missing_config_file(tmp_path, capsys):
           "destinations__ovh__endpoint_url": "http://127.0.0.1:5000"}, ["lab's S3 server", "source `az` is at acct.blob.core.windows.net"]),
         ({"sources__az__account_url": "http://acct.blob.core.windows.net"}, ["source `az`", "plain HTTP"]),
         ({"policy": {"allowed_jurisdictions": ["CH"]}}, ["jurisdiction EU", "not one of the allowed jurisdictions (CH)"]),
+        ({"keys": None}, ["dataset `claims`", "written unencrypted"]),
+        ({"keys": {"kek": {"backend": "local"}}}, ["key-encryption key", "lab only"]),
+        ({"keys": {"kek": {"backend": "openbao", "address": "http://bao.example.eu:8200", "key_name": "k"}}}, ["plain HTTP to a KMS"]),
     ],
 )
 def test_sovereignty_gate_refuses_with_exit_code_3(tmp_path, capsys, changes, fragments):
@@ -150,6 +154,12 @@ def test_sovereignty_gate_refuses_with_exit_code_3(tmp_path, capsys, changes, fr
     code, err = run_cli(capsys, "inventory", "--config", str(path))
     assert code == ExitCode.REFUSED
     assert fragments[0] in err
+
+
+def test_a_public_dataset_needs_no_keys(tmp_path):
+    data = variant(keys=None)
+    data["datasets"]["claims"]["public"] = True
+    assert load_config(write(tmp_path, data)).config.keys is None
 
 
 def test_virtual_hosted_bucket_endpoint_is_accepted(tmp_path):

@@ -129,9 +129,17 @@ def test_missing_keyset_is_exit_4(tmp_path, cli):
 
 
 def test_no_keys_section_is_exit_2(tmp_path, cli):
+    # Without `keys`, only public datasets pass the gate; `keys init` then says what is missing.
     data = {k: v for k, v in LAB.items() if k != "keys"}
+    data["datasets"] = {n: dict(d, public=True) for n, d in data["datasets"].items()}
     code, _, err = cli("keys", "init", "--config", write(tmp_path, data))
     assert code == ExitCode.USAGE and "`keys`" in err
+
+
+def test_unencrypted_datasets_are_refused_without_keys(tmp_path, cli):
+    data = {k: v for k, v in LAB.items() if k != "keys"}
+    code, _, err = cli("keys", "init", "--config", write(tmp_path, data))
+    assert code == ExitCode.REFUSED and "written unencrypted" in err and "public: true" in err
 
 
 def test_usage_errors_are_exit_2(tmp_path, cli):
