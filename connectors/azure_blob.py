@@ -47,6 +47,10 @@ DEFAULT_MAX_CONNECTIONS = 16
 DEFAULT_PAGE_SIZE = 1000
 
 
+# Bytes read from the socket per step of a download.
+READ_BLOCK_SIZE = 1024 * 1024
+
+
 class _PooledRequestsTransport(RequestsTransport):
     """azure-core's requests transport with a connection pool of a chosen size.
 
@@ -124,8 +128,11 @@ class AzureBlobSource:
         if max_connections < 1:
             raise ConfigError(f"max_connections must be at least 1, not {max_connections}")
         return {
+            # The SDK applies its 256 KiB read size only to a transport it builds itself; ours would
+            # otherwise read bodies in azure-core's 4 KiB pieces (about 2 CPU-s/GB more).
             "transport": _PooledRequestsTransport(
                 max_connections, connection_timeout=connection_timeout, read_timeout=read_timeout,
+                connection_data_block_size=READ_BLOCK_SIZE,
             ),
             "retry_policy": ExponentialRetry(
                 initial_backoff=retry_initial_backoff, increment_base=retry_increment_base,

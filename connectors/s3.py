@@ -234,7 +234,11 @@ class S3Store:
                 "s3",
                 config=Config(
                     **self._config_kwargs,
-                    s3={"addressing_style": addressing_style},
+                    # Every body carries a Content-MD5 (or, streamed, has its ETag checked against
+                    # the MD5 computed while sending): a SHA-256 of the payload for the signature
+                    # would cost another pass over every byte. Over https botocore skips it anyway
+                    # when a Content-MD5 is present; over the lab's plain http it would not.
+                    s3={"addressing_style": addressing_style, "payload_signing_enabled": False},
                     retries={"mode": "standard", "total_max_attempts": max_attempts},
                 ),
                 **self._client_kwargs,

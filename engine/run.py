@@ -18,6 +18,7 @@ from config.models import LoadedConfig
 from config.policy import DestinationVerdict, check_sovereignty
 from connectors.base import ConnectorError, ContentSettings, ObjectMeta, ObjectSource, SinkLimits, WriteMeta
 
+from .allocator import tune_malloc
 from .budget import MemoryBudget
 from .endpoints import destination_limits, open_sink, open_source
 from .executors import create_executors
@@ -177,6 +178,7 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
     settings = transfer_settings(loaded)
     budget = MemoryBudget(settings.memory_budget)
     keyset_copies = publish_keysets(loaded, datasets, formats)
+    tune_malloc(settings.memory_budget)
     state = open_state(loaded)
     run_id = state.start_run("migrate", loaded.path)
     summaries: list[DatasetSummary] = []
