@@ -316,14 +316,10 @@ class S3Store:
 
     # ---- ObjectSource ---------------------------------------------------------------------
 
-    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
-        """Yield every object under `prefix` in key order, one ListObjectsV2 page at a time.
-
-        Listings carry size, ETag, last-modified and storage class; content headers and metadata
-        are left empty (a `head` fills them).
-        """
+    def _pages(self, operation: str, prefix: str) -> Iterator[dict]:
+        """The pages of a paginated listing under `prefix`, one request at a time, errors mapped."""
         pages = self._call(
-            lambda: iter(self._client.get_paginator("list_objects_v2").paginate(
+            lambda: iter(self._client.get_paginator(operation).paginate(
                 Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size},
             )),
             prefix,
@@ -332,6 +328,15 @@ class S3Store:
             page = self._call(lambda: next(pages, None), prefix)
             if page is None:
                 return
+            yield page
+
+    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
+        """Yield every object under `prefix` in key order, one ListObjectsV2 page at a time.
+
+        Listings carry size, ETag, last-modified and storage class; content headers and metadata
+        are left empty (a `head` fills them).
+        """
+        for page in self._pages("list_objects_v2", prefix):
             for item in page.get("Contents", ()):
                 etag = _unquote(item.get("ETag"))
                 yield ObjectMeta(
@@ -427,16 +432,7 @@ class S3Store:
 
     def list_multipart_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
         """Yield the multipart uploads still open under `prefix` (key order), page by page."""
-        pages = self._call(
-            lambda: iter(self._client.get_paginator("list_multipart_uploads").paginate(
-                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": self.page_size},
-            )),
-            prefix,
-        )
-        while True:
-            page = self._call(lambda: next(pages, None), prefix)
-            if page is None:
-                return
+        for page in self._pages("list_multipart_uploads", prefix):
             for item in page.get("Uploads", ()):
                 yield PendingUpload(item["Key"], item["UploadId"], item.get("Initiated"))
 
