@@ -30,7 +30,11 @@ CONTROL_PREFIX = "_exitplan/"  # exitplan's own files in a bucket (the wrapped k
 
 
 class RestoreError(Exception):
-    """The restore cannot start (destination unreachable, target not usable)."""
+    """The restore cannot start or go on (destination unreachable, denied, missing)."""
+
+    def __init__(self, message: str, cause: ConnectorError):
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
     try:
         sink = open_sink(loaded, ds.destination)
     except ConnectorError as exc:
-        raise RestoreError(f"destination `{ds.destination}`: {exc}") from None
+        raise RestoreError(f"destination `{ds.destination}`: {exc}", exc) from None
     to_dir = to_dir.resolve()
     listing_prefix = ds.dest_prefix + prefix
     lock = threading.Lock()
@@ -170,6 +174,6 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
                 in_flight.acquire()
                 pool.submit(one, meta).add_done_callback(lambda _f: in_flight.release())
     except ConnectorError as exc:
-        raise RestoreError(f"listing {sink.label}/{listing_prefix}: {exc}") from None
+        raise RestoreError(f"listing {sink.label}/{listing_prefix}: {exc}", exc) from None
     return RestoreSummary(dataset, results["objects"], results["ok"], results["failed"], results["bytes"],
                           results["unchecked"], tuple(failures))

@@ -14,9 +14,10 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
+from config.errors import ExitCode, UserError
 from config.models import LoadedConfig
 from config.policy import DestinationVerdict, check_sovereignty
-from connectors.base import ConnectorError, ContentSettings, ObjectMeta, ObjectSource, SinkLimits, WriteMeta
+from connectors.base import AuthError, ConfigError, ConnectorError, ContentSettings, NotFound, ObjectMeta, ObjectSource, SinkLimits, WriteMeta
 
 from .allocator import tune_malloc
 from .budget import MemoryBudget
@@ -32,8 +33,16 @@ from .state import StateStore
 STATE_FILE = "state.db"
 
 
-class RunError(Exception):
-    """The run could not start or go on (a source or destination unreachable, denied, missing)."""
+class RunError(UserError):
+    """The run could not start or go on: a source or destination unreachable, denied or missing.
+
+    Exit code 2 when the configuration must change (credentials refused, container or bucket
+    missing, endpoint unusable), 1 otherwise (the service failed; running again may succeed).
+    """
+
+    def __init__(self, message: str, cause: ConnectorError | None = None):
+        fix_config = isinstance(cause, (AuthError, ConfigError, NotFound))
+        super().__init__(message, ExitCode.USAGE if fix_config else ExitCode.FAILED)
 
 
 def transfer_settings(loaded: LoadedConfig) -> TransferSettings:
@@ -97,6 +106,15 @@ def dataset_items(loaded: LoadedConfig, name: str, source: ObjectSource, limits:
     return place_all(selected(source.list(ds.prefix), ds), placer(loaded, name, limits, fmt))
 
 
+def preflight_destinations(loaded: LoadedConfig, datasets: list[str]) -> None:
+    """One listing request per dataset destination before any object moves: a missing bucket or
+    refused credentials stop the run with one sentence (exit 2) instead of failing every object."""
+    for name in datasets:
+        ds = loaded.config.datasets[name]
+        sink = _wrap(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
+        _wrap(f"dataset `{name}`: destination `{ds.destination}`", lambda: next(iter(sink.list(ds.dest_prefix)), None))
+
+
 def publish_keysets(loaded: LoadedConfig, datasets: list[str], formats: dict[str, OutputFormat]) -> list[str]:
     """Put the wrapped keyset next to the data in each destination that receives encrypted objects,
     at `_exitplan/<project>/keyset.json`: whoever holds the bucket and the KEK can read it back."""
@@ -149,7 +167,7 @@ def _wrap(what: str, fn: Callable, *args):
     try:
         return fn(*args)
     except ConnectorError as exc:
-        raise RunError(f"{what}: {exc}") from None
+        raise RunError(f"{what}: {exc}", exc) from None
 
 
 def inventory(loaded: LoadedConfig, datasets: list[str]) -> list[DatasetInventory]:
@@ -177,6 +195,7 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
     formats = output_formats(loaded, datasets)
     settings = transfer_settings(loaded)
     budget = MemoryBudget(settings.memory_budget)
+    preflight_destinations(loaded, datasets)
     keyset_copies = publish_keysets(loaded, datasets, formats)
     tune_malloc(settings.memory_budget)
     state = open_state(loaded)
@@ -201,7 +220,7 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
                         replace_placement=placer(loaded, name, sink.limits, fmt),
                     )
                 except ConnectorError as exc:  # the listing itself failed part-way
-                    raise RunError(f"dataset `{name}`: {exc}") from None
+                    raise RunError(f"dataset `{name}`: {exc}", exc) from None
                 summaries.append(summary)
                 observer.dataset_finished(summary)
         status = "ok" if all(s.all_ok for s in summaries) else "failed"
@@ -243,7 +262,7 @@ def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, Pl
                                        settings, output_format=formats[name], state=state,
                                        on_object=partial(on_object, name)))
             except ConnectorError as exc:
-                raise RunError(f"dataset `{name}`: listing {source.label}: {exc}") from None
+                raise RunError(f"dataset `{name}`: listing {source.label}: {exc}", exc) from None
     finally:
         if state is not None:
             state.close()
@@ -272,7 +291,7 @@ def restore(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "
     try:
         return restore_dataset(loaded, dataset, to_dir, prefix=prefix, keys=keys, recorded=recorded, on_object=on_object)
     except RestoreError as exc:
-        raise RunError(str(exc)) from None
+        raise RunError(str(exc), exc.cause) from None
     finally:
         if state is not None:
             state.close()

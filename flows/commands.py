@@ -66,7 +66,7 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     from engine import run
 
     loaded = load_config(args.config)
-    results = _run_errors(run.inventory, loaded, chosen_datasets(loaded, args.dataset))
+    results = run.inventory(loaded, chosen_datasets(loaded, args.dataset))
     if args.format == "json":
         json.dump([r.as_dict() for r in results], sys.stdout, ensure_ascii=False, indent=2)
         print()
@@ -142,16 +142,6 @@ class _CliObserver:
         self.display.finish()
 
 
-def _run_errors(fn, *args):
-    """Turn a run that cannot start or go on into a one-sentence user error (exit code 1)."""
-    from engine.run import RunError
-
-    try:
-        return fn(*args)
-    except RunError as exc:
-        raise UserError(str(exc), ExitCode.FAILED) from None
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
     from engine import run
 
@@ -161,7 +151,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return _dry_run(loaded, datasets)
     observer = _CliObserver()
     # Totals for an ETA cost a listing pass: worth it for a person watching, not for a log.
-    result = _run_errors(lambda: run.migrate(loaded, datasets, observer, count_first=observer.display.tty))
+    result = run.migrate(loaded, datasets, observer, count_first=observer.display.tty)
     print_migration_summary(result)
     return ExitCode.OK if result.all_ok else ExitCode.FAILED
 
@@ -178,7 +168,7 @@ def _dry_run(loaded: LoadedConfig, datasets: list[str]) -> int:
         else:
             print(f"would refuse {dataset}: {planned.source_key}  ({planned.reason})")
 
-    summaries = _run_errors(run.plan, loaded, datasets, show)
+    summaries = run.plan(loaded, datasets, show)
     print()
     print_table(
         ["dataset", "objects", "size", "written", "requests", "multipart", "skipped", "refused", "destination"],
@@ -255,7 +245,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if result.status != "ok":
             print(f"failed   {result.dest_key}: {result.reason}", file=sys.stderr)
 
-    summary = _run_errors(lambda: run.restore(loaded, dataset, args.to, prefix=args.prefix, on_object=show))
+    summary = run.restore(loaded, dataset, args.to, prefix=args.prefix, on_object=show)
     checked = summary.ok - summary.unchecked
     print(f"{dataset}: restored {summary.ok:,} of {summary.objects:,} objects ({format_size(summary.bytes)}) into {args.to}; "
           f"{checked:,} matched the SHA-256 recorded at copy time"

@@ -214,3 +214,21 @@ def test_inventory_over_a_few_thousand_blobs(tmp_path, capsys, env, s3_server, a
     assert inv["bytes"] == sum(i % 97 for i in kept)
     assert inv["largest_size"] == 96
     assert inv["misfit_count"] == 0
+
+
+def test_missing_bucket_or_container_is_one_sentence_and_exit_2(tmp_path, capsys, env, s3, s3_server):
+    datasets = {"claims": {"source": "az", "container": "claims", "destination": "lab", "dest_prefix": "x/"}}
+    config = write_config(tmp_path, s3_server, datasets)
+    text = config.read_text().replace(f"bucket: {LAB_BUCKET}", "bucket: no-such-bucket")
+    config.write_text(text)
+    code, out, err = run(capsys, "migrate", "--config", str(config))
+    assert code == 2
+    assert "no-such-bucket" in err and "does not exist" in err
+    assert not list(tmp_path.joinpath("state").glob("state.db"))
+
+    (tmp_path / "c2").mkdir()
+    config = write_config(tmp_path / "c2", s3_server, {"claims": dict(datasets["claims"], container="no-such-container")})
+    for argv in (("migrate",), ("inventory",)):
+        code, out, err = run(capsys, *argv, "--config", str(config))
+        assert code == 2, err
+        assert "no-such-container" in err and "does not exist" in err
