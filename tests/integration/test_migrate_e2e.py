@@ -119,7 +119,8 @@ def test_migrate_copies_every_seeded_object_byte_exact(tmp_path, capsys, env, se
         raw = got["Body"].read()
         source = azure.get_blob_client(obj.container, obj.name)
         expected = source.download_blob().readall()
-        assert raw != expected and (not expected or expected[:64] not in raw), f"{key} is stored in clear"
+        # A short plaintext can occur in random ciphertext by chance; 16 bytes and more cannot.
+        assert raw != expected and (len(expected) < 16 or expected[:64] not in raw), f"{key} is stored in clear"
         body = tink_decrypt(config, raw, got["Metadata"])
         assert body == expected, key
         key_ids.add(got["Metadata"]["exitplan-key-id"])
