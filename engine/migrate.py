@@ -32,7 +32,7 @@ from engine.pipeline import (
 )
 from engine.planning import ObjectPlan, PlanRefused, plan_object
 from engine.settings import TransferSettings
-from engine.state import StateStore
+from engine.state import StateStore, WriteBatch
 
 log = logging.getLogger(__name__)
 
@@ -131,22 +131,36 @@ class _Tally:
 
     def done(self, outcome: ObjectOutcome) -> None:
         with self.lock:
-            self.restarts += outcome.restarts
-            if outcome.status == "ok":
-                self.ok += 1
-                self.bytes_copied += outcome.size
-                self.bytes_sent += outcome.bytes_sent
-                self.parts += outcome.parts
-            elif outcome.status == "skipped":
-                self.skipped += 1
-            else:
-                self.failed += 1
-                self.refused += outcome.refused
-                if len(self.failures) < self.max_failures:
-                    self.failures.append((outcome.source_key, outcome.reason or "unknown"))
-                else:
-                    self.truncated = True
+            self._count(outcome, 1)
         self._maybe_emit()
+
+    def replace(self, counted: ObjectOutcome, outcome: ObjectOutcome) -> None:
+        """`counted`, already given to `done`, turned out to be `outcome` (the state store could
+        not record it)."""
+        with self.lock:
+            self._count(counted, -1)
+            self._count(outcome, 1)
+
+    def _count(self, outcome: ObjectOutcome, sign: int) -> None:
+        self.restarts += sign * outcome.restarts
+        if outcome.status == "ok":
+            self.ok += sign
+            self.bytes_copied += sign * outcome.size
+            self.bytes_sent += sign * outcome.bytes_sent
+            self.parts += sign * outcome.parts
+        elif outcome.status == "skipped":
+            self.skipped += sign
+        else:
+            self.failed += sign
+            self.refused += sign * outcome.refused
+            entry = (outcome.source_key, outcome.reason or "unknown")
+            if sign < 0:
+                if entry in self.failures:
+                    self.failures.remove(entry)
+            elif len(self.failures) < self.max_failures:
+                self.failures.append(entry)
+            else:
+                self.truncated = True
 
     def _maybe_emit(self, force: bool = False) -> None:
         if self.callback is None:
@@ -176,16 +190,34 @@ class _Tally:
 
 
 class _StateEvents(CopyEvents):
-    """Writes each transition before the side effect it announces."""
+    """Records one object: each transition before the side effect it announces.
 
-    def __init__(self, store: StateStore, object_id: int, tally: _Tally):
+    The row is created when the first attempt starts, directly as in_progress (before any byte
+    moves). The end of an object that only ever took single PUTs (uploaded, failed) goes through
+    the dataset's `WriteBatch`: losing it to a kill only means the object is copied again. A
+    multipart object's end is written at once (its upload is what a resume looks at)."""
+
+    def __init__(self, store: StateStore, batch: WriteBatch, run_id: int, dataset: str, dest_key: str,
+                 tally: _Tally):
         self.store = store
-        self.object_id = object_id
+        self.batch = batch
+        self.run_id = run_id
+        self.dataset = dataset
+        self.dest_key = dest_key
         self.tally = tally
+        self.object_id: int | None = None
+        self.multipart = False
 
     def attempt_started(self, meta: ObjectMeta, plan: ObjectPlan, restarts: int) -> None:
-        self.store.transition(self.object_id, st.IN_PROGRESS, output_size=plan.output_size,
-                              part_count=plan.part_count, restarts=restarts)
+        self.multipart = self.multipart or not plan.single_put
+        fields = dict(output_size=plan.output_size, part_count=plan.part_count, restarts=restarts)
+        if self.object_id is None:
+            self.object_id = self.store.add_object(
+                self.run_id, self.dataset, meta.key, meta.etag, meta.size, dest_key=self.dest_key,
+                source_md5=meta.content_md5, state=st.IN_PROGRESS, **fields)
+        else:
+            self.store.transition(self.object_id, st.IN_PROGRESS, **fields)
+        self.batch.flush_if_due()
 
     def source_changed(self, old: ObjectMeta, new: ObjectMeta) -> None:
         self.store.transition(self.object_id, st.CHANGED, source_etag=new.etag, size=new.size,
@@ -194,6 +226,45 @@ class _StateEvents(CopyEvents):
 
     def bytes_moved(self, n: int) -> None:
         self.tally.bytes_moved(n)
+
+    def finished(self, meta: ObjectMeta, outcome: ObjectOutcome) -> None:
+        """Record the object's outcome (at once, or queued in the batch; see the class docstring)."""
+        if outcome.status == "ok":
+            state, fields = st.UPLOADED, dict(
+                sha256=outcome.sha256, md5_checked=outcome.md5_checked, dest_key=outcome.dest_key,
+                dest_etag=outcome.dest_etag, output_size=outcome.output_size, part_count=outcome.parts,
+                restarts=outcome.restarts, source_etag=outcome.source_etag, size=outcome.size, reason=None)
+        else:
+            state, fields = st.FAILED, dict(reason=outcome.reason, restarts=outcome.restarts)
+        if self.object_id is None:  # it failed before its first attempt started (refused by the planner)
+            self.batch.add_object(self.run_id, self.dataset, meta.key, meta.etag, meta.size, dest_key=self.dest_key,
+                                  source_md5=meta.content_md5, state=state,
+                                  on_written=_unrecorded(self.tally, outcome), **fields)
+        elif self.multipart:
+            self.store.transition(self.object_id, state, **fields)
+        else:
+            self.batch.transition(self.object_id, state, on_written=_unrecorded(self.tally, outcome), **fields)
+
+
+def _unrecorded(tally: _Tally, outcome: ObjectOutcome) -> Callable[[Exception | None], None]:
+    """The callback of a batched write: if the state store could not record `outcome`, the
+    summary counts the object as failed, as it does for a write that fails at once."""
+
+    def written(error: Exception | None) -> None:
+        if error is not None:
+            log.error("recording %s failed: %s", outcome.source_key, error)
+            tally.replace(outcome, _internal_error(outcome, error))
+
+    return written
+
+
+def _internal_error(outcome: ObjectOutcome, exc: Exception) -> ObjectOutcome:
+    """`outcome` as a failure because the state store failed (`exc`); a failure keeps its reason."""
+    reason = f"internal error: {type(exc).__name__}: {exc}"
+    if outcome.status == "failed" and outcome.reason:
+        reason = f"{outcome.reason} (and recording it failed: {reason})"
+    return ObjectOutcome(outcome.source_key, outcome.dest_key, outcome.source_etag, outcome.size, "failed",
+                         reason=reason, refused=outcome.refused)
 
 
 def migrate_dataset(
@@ -213,70 +284,81 @@ def migrate_dataset(
     skip_unchanged: bool = True,
     replace_placement: Callable[[ObjectMeta], Placement] | None = None,
     max_reported_failures: int = 100,
+    state_batch_rows: int = 500,
+    state_batch_seconds: float = 0.2,
 ) -> DatasetSummary:
     """Copy every object of `items` (consumed lazily) and return the dataset's summary.
 
-    Each object gets a row in `state` for `run_id` (pending → in_progress → uploaded, or failed with
-    its reason; refused objects go straight to failed). With `skip_unchanged`, an object whose newest
-    uploaded/verified row (any run) has the same source ETag, size and destination key is recorded
-    as unchanged and not copied. `progress` gets a `Progress` at most every `progress_interval`
-    seconds and once at the end, from worker threads: keep it quick. The run's counters in `runs`
-    are increased by this dataset's totals; closing the run is the caller's (`state.finish_run`).
+    Each object gets a row in `state` for `run_id`: created as in_progress when its copy starts
+    (then uploaded, or failed with its reason), or straight as failed (refused) or unchanged. With
+    `skip_unchanged`, an object whose newest uploaded/verified row (any run) has the same source
+    ETag, size and destination key is recorded as unchanged and not copied.
+
+    Writes whose loss is harmless (the end of a single PUT, refused and unchanged rows) are
+    committed together, per `state_batch_rows` rows or `state_batch_seconds` seconds (checked as
+    objects start and end), and every one of them before this returns or raises: a kill loses at
+    most those, and the next run copies such objects again (or decides them again). A write the
+    store refuses turns the object into a failure in the summary, so the summary and the rows agree.
+
+    `progress` gets a `Progress` at most every `progress_interval` seconds and once at the end,
+    from worker threads: keep it quick. The run's counters in `runs` are increased by this
+    dataset's totals; closing the run is the caller's (`state.finish_run`).
     """
     tally = _Tally(dataset, run_id, progress, progress_interval, max_reported_failures)
+    batch = state.batch(max_rows=state_batch_rows, max_age=state_batch_seconds)
     slots = threading.Semaphore(settings.objects_in_flight)
     in_flight: set[Future] = set()
     in_flight_lock = threading.Lock()
 
-    def one(object_id: int, meta: ObjectMeta, placement: Placement) -> None:
+    def one(meta: ObjectMeta, placement: Placement) -> None:
+        events = _StateEvents(state, batch, run_id, dataset, placement.dest_key, tally)
         try:
             outcome = copy_object(
                 source, sink, meta, placement, settings=settings, budget=budget, executors=executors,
-                output_format=output_format, events=_StateEvents(state, object_id, tally),
-                replace_placement=replace_placement,
+                output_format=output_format, events=events, replace_placement=replace_placement,
             )
-            if outcome.status == "ok":
-                state.transition(object_id, st.UPLOADED, sha256=outcome.sha256, md5_checked=outcome.md5_checked,
-                                 dest_key=outcome.dest_key, dest_etag=outcome.dest_etag,
-                                 output_size=outcome.output_size, part_count=outcome.parts,
-                                 restarts=outcome.restarts, source_etag=outcome.source_etag, size=outcome.size,
-                                 reason=None)
-            else:
-                state.transition(object_id, st.FAILED, reason=outcome.reason, restarts=outcome.restarts)
+            # Counted before it is recorded: a batched write that fails later corrects the count.
+            tally.done(outcome)
         except Exception as exc:  # the state store itself failed: this object fails, the others go on
             log.exception("recording %s failed", meta.key)
-            outcome = ObjectOutcome(meta.key, placement.dest_key, meta.etag, meta.size, "failed",
-                                    reason=f"internal error: {type(exc).__name__}: {exc}")
-        tally.done(outcome)
+            tally.done(_internal_error(ObjectOutcome(meta.key, placement.dest_key, meta.etag, meta.size, "failed"), exc))
+            return
+        try:
+            events.finished(meta, outcome)
+        except Exception as exc:
+            log.exception("recording %s failed", meta.key)
+            tally.replace(outcome, _internal_error(outcome, exc))
 
     def finished(future: Future) -> None:
         with in_flight_lock:
             in_flight.discard(future)
         slots.release()
 
+    def decided(meta: ObjectMeta, dest_key: str | None, outcome: ObjectOutcome, state_: str, **fields) -> None:
+        """An object decided without a copy (refused, unchanged): counted, and its row batched."""
+        tally.done(outcome)
+        batch.add_object(run_id, dataset, meta.key, meta.etag, meta.size, dest_key=dest_key,
+                         source_md5=meta.content_md5, state=state_, on_written=_unrecorded(tally, outcome), **fields)
+
     try:
         for meta, placed in items:
             tally.seen(meta.size)
-            dest_key = placed.dest_key if isinstance(placed, Placement) else None
-            object_id = state.add_object(run_id, dataset, meta.key, meta.etag, meta.size, dest_key=dest_key,
-                                         source_md5=meta.content_md5)
             if isinstance(placed, Refusal):
-                state.transition(object_id, st.FAILED, reason=placed.reason)
-                tally.done(ObjectOutcome(meta.key, "", meta.etag, meta.size, "failed", reason=placed.reason,
-                                         refused=True))
+                decided(meta, None, ObjectOutcome(meta.key, "", meta.etag, meta.size, "failed", reason=placed.reason,
+                                                  refused=True), st.FAILED, reason=placed.reason)
                 continue
             if skip_unchanged:
                 previous = state.last_copy(dataset, meta.key)
                 if (previous is not None and previous.run_id != run_id and previous.source_etag == meta.etag
                         and previous.size == meta.size and previous.dest_key == placed.dest_key):
                     reason = f"unchanged since run {previous.run_id}"
-                    state.transition(object_id, st.UNCHANGED, reason=reason, dest_etag=previous.dest_etag,
-                                     sha256=previous.sha256)
-                    tally.done(ObjectOutcome(meta.key, placed.dest_key, meta.etag, meta.size, "skipped",
-                                             reason=reason, sha256=previous.sha256, dest_etag=previous.dest_etag))
+                    decided(meta, placed.dest_key,
+                            ObjectOutcome(meta.key, placed.dest_key, meta.etag, meta.size, "skipped", reason=reason,
+                                          sha256=previous.sha256, dest_etag=previous.dest_etag),
+                            st.UNCHANGED, reason=reason, dest_etag=previous.dest_etag, sha256=previous.sha256)
                     continue
             slots.acquire()  # backpressure: the listing is consumed only as objects finish
-            future = executors.objects.submit(one, object_id, meta, placed)
+            future = executors.objects.submit(one, meta, placed)
             with in_flight_lock:
                 if not future.done():
                     in_flight.add(future)
@@ -285,6 +367,8 @@ def migrate_dataset(
         with in_flight_lock:
             remaining = list(in_flight)
         wait(remaining)
+        # Everything queued is written, on a normal end as on an error or an interrupt.
+        batch.flush()
 
     summary = tally.summary()
     state.add_run_totals(run_id, objects_total=summary.objects, objects_ok=summary.ok,

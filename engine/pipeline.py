@@ -15,7 +15,9 @@ The shape (ARCHITECTURE.md §4, STYLE.md #6-#8):
   file-like body that reads, hashes and transforms one slice at a time, and the part's MD5 is
   computed while streaming and checked against the returned ETag. Streamed parts of one object go
   one at a time (the object hash is in order and nothing is read twice); other objects keep going.
-- Small objects are one PUT, buffered whole.
+- Small objects are one PUT, buffered whole, read and sent by the object's driver itself (no
+  hand-off to a transfer worker): the transfer pool bounds the parts of multipart objects, the
+  driver pool bounds single PUTs (`TransferSettings` states the total).
 - Nothing is published unless the plaintext byte count equals the source size and, where the source
   has a Content-MD5, the MD5 of the bytes read equals it. The multipart upload's abort is set up
   right after it is opened and runs on every failure path; after completion the returned ETag is
@@ -527,7 +529,10 @@ class _Attempt:
         charge = self._charge(part)
         self.budget.acquire(charge)
         try:
-            return self.executors.transfers.submit(self._put_task, part, write_meta).result()
+            # On the driver's own thread: handing one read and one PUT to a transfer worker and
+            # waiting costs two thread switches per small object and adds nothing, since the driver
+            # would only wait. The driver pool bounds these requests (see TransferSettings).
+            return self._put_task(part, write_meta)
         finally:
             self.budget.release(charge)
 

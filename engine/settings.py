@@ -24,7 +24,8 @@ class TransferSettings:
     Per-thread overhead is a thread's resident stack plus its SDK request state (connection buffers),
     on the order of 1 MiB; the baseline is the interpreter with the SDKs loaded (about 100-150 MB).
     Not counted: a connector that makes an extra copy of a body it sends or receives adds up to
-    that request's size per transfer worker, which is why connectors must not copy bodies.
+    that request's size per thread issuing requests (transfer workers, and drivers doing single
+    PUTs), which is why connectors must not copy bodies.
 
     The bound holds for any object size: a part whose buffer would exceed half the budget is not
     buffered but streamed, in slices of `stream_slice_size` (one slice held per streamed part), one
@@ -32,15 +33,23 @@ class TransferSettings:
     """
 
     concurrency: int = 8
-    """Transfer workers: how many range reads and uploads are in flight at once across the process
-    (each worker does one request at a time). Default 8. Object drivers also issue the small
-    requests (open, complete, a head after a source change), so size the S3 connection pool at
-    least concurrency + object_concurrency. More workers than the memory budget can feed idle."""
+    """Transfer workers: how many range reads and part uploads of *multipart* objects are in
+    flight at once across the process (each worker does one request at a time). Default 8.
+
+    Requests in flight: a single-PUT object (at most `small_object_cutoff`) is read and PUT by its
+    object driver itself, one request at a time, and a multipart object's driver issues only the
+    small requests (open, complete, a head after a source change) while its parts go to the
+    workers. So at most ``concurrency + objects_in_flight`` requests are in flight at once
+    (``2 x concurrency`` with the defaults): ``objects_in_flight`` of them for small objects,
+    ``concurrency`` for parts. Size the source's and the S3 connection pools to at least that
+    sum. More workers than the memory budget can feed idle."""
 
     object_concurrency: int | None = None
-    """Objects in progress at once (driver threads: they plan, acquire memory and wait; they move no
-    bytes). Default None = `concurrency`. Many small objects need many drivers to keep the workers
-    busy; each in-progress object holds at least one part's memory."""
+    """Objects in progress at once (driver threads). Default None = `concurrency`. A driver plans
+    its object and acquires its memory; for a single PUT it also does the read and the PUT (so
+    this is the number of small objects copied at once), for a multipart object it submits the
+    parts to the transfer workers and waits. Each in-progress object holds at least one part's
+    memory (a single PUT holds the whole object)."""
 
     memory_budget: int = 256 * MiB
     """Bytes of payload the process may hold at once (see the formula above). Default 256 MiB;

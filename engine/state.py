@@ -12,20 +12,30 @@ writers cannot both win.
 One `objects` row per (run, dataset, source key): a run's rows are its history; the newest
 uploaded/verified row of a key across runs is what a re-run compares against (`last_copy`).
 
+A row may be inserted directly in a state one step from pending (`add_object(state=...)`): the
+same as inserting it pending and moving it at once, in one statement. Writes whose loss is
+harmless (a single PUT's "uploaded": a lost mark only means the object is copied again) can be
+queued in a `WriteBatch` and committed many at a time; see its docstring for when that is allowed.
+
 Extending (the resume issue): add a `parts` table keyed by object id (number, etag, size, md5,
 sha256) and nullable `upload_id` / `header` columns on `objects`; add states to `TRANSITIONS`.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger(__name__)
 
 PENDING = "pending"
 IN_PROGRESS = "in_progress"
@@ -104,6 +114,31 @@ _OBJECT_FIELDS = frozenset({
 })
 
 
+# Every column an `objects` row is inserted with (a batch of inserts is one executemany: same keys).
+_INSERT_COLUMNS = tuple(c.name for c in objects.columns if c.name != "id")
+
+# Statements built once: building and cache-keying a Core statement costs more than running it
+# on SQLite. Updates name their SET columns through the parameters' keys (compiled once per key set).
+_INSERT_OBJECT = objects.insert()
+_UPDATE_OBJECT = {
+    new_state: objects.update().where(
+        objects.c.id == sa.bindparam("_object_id"),
+        # Literal binds rather than an expanding IN: an expanding parameter cannot be used with
+        # executemany, which the batch relies on.
+        objects.c.state.in_([sa.literal(s) for s, targets in TRANSITIONS.items() if new_state in targets]),
+    )
+    for new_state in STATES
+}
+_LAST_COPY = (objects.select()
+              .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"),
+                     objects.c.state.in_([sa.literal(s) for s in COPIED]))
+              .order_by(objects.c.id.desc()).limit(1))
+
+# States an object row may be created in: pending, or one step from it (the insert then stands for
+# "pending, then at once this"), e.g. in_progress for an object whose first attempt starts now.
+INITIAL_STATES = frozenset({PENDING}) | TRANSITIONS[PENDING]
+
+
 class InvalidTransition(RuntimeError):
     """A state change the table does not allow (a bug, or a row changed by another writer)."""
 
@@ -168,6 +203,7 @@ class StateStore:
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write = threading.Lock()
+        self._conn: Connection | None = None  # the writer's connection, opened on the first write
         metadata.create_all(self.engine)
 
     @staticmethod
@@ -176,7 +212,22 @@ class StateStore:
         return {"check_same_thread": False, "timeout": 30} if url.startswith("sqlite") else {}
 
     def close(self) -> None:
+        with self._write:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
         self.engine.dispose()
+
+    @contextmanager
+    def _writing(self) -> Iterator[Connection]:
+        """One write transaction on the writer's connection, under the write lock. The connection
+        is kept between transactions (a pool check-out per write costs as much as the write)."""
+        with self._write:
+            if self._conn is None:
+                self._conn = self.engine.connect()
+            conn = self._conn
+            with conn.begin():
+                yield conn
 
     def __enter__(self) -> "StateStore":
         return self
@@ -216,40 +267,38 @@ class StateStore:
     # ---- objects -------------------------------------------------------------------------------
 
     def add_object(self, run_id: int, dataset: str, source_key: str, source_etag: str, size: int, *,
-                   dest_key: str | None = None, source_md5: bytes | None = None) -> int:
-        """Record an object of this run as pending; returns its id."""
-        now = utcnow()
-        with self._write, self.engine.begin() as conn:
-            result = conn.execute(objects.insert().values(
-                run_id=run_id, dataset=dataset, source_key=source_key, source_etag=source_etag, size=size,
-                state=PENDING, dest_key=dest_key, source_md5=source_md5.hex() if source_md5 else None,
-                md5_checked=False, restarts=0, created_at=now, updated_at=now,
-            ))
+                   dest_key: str | None = None, source_md5: bytes | None = None, state: str = PENDING,
+                   **fields: Any) -> int:
+        """Record an object of this run; returns its id. `state` is pending (the default) or a state
+        one step from it (`INITIAL_STATES`): in_progress when its first attempt starts now, failed or
+        unchanged when it is decided without a copy; `fields` are set with it, as `transition` does."""
+        row = _object_row(run_id, dataset, source_key, source_etag, size, dest_key, source_md5, state, fields)
+        with self._writing() as conn:
+            result = conn.execute(_INSERT_OBJECT, row)
             return int(result.inserted_primary_key[0])
+
+    def batch(self, max_rows: int = 500, max_age: float = 0.2) -> "WriteBatch":
+        """A `WriteBatch` on this store (see there for what may be queued)."""
+        return WriteBatch(self, max_rows, max_age)
 
     def transition(self, object_id: int, new_state: str, **fields: Any) -> None:
         """Move an object to `new_state` (allowed from its current state) and set `fields` with it."""
-        if new_state not in TRANSITIONS:
-            raise ValueError(f"unknown object state {new_state!r}")
-        unknown = set(fields) - _OBJECT_FIELDS
-        if unknown:
-            raise ValueError(f"unknown object fields: {sorted(unknown)}")
-        allowed_from = [s for s, targets in TRANSITIONS.items() if new_state in targets]
-        now = utcnow()
-        values = dict(fields, state=new_state, updated_at=now)
-        if new_state == IN_PROGRESS and "started_at" not in fields:
-            values["started_at"] = now
-        if new_state in (UPLOADED, FAILED, UNCHANGED, VERIFIED) and "finished_at" not in fields:
-            values["finished_at"] = now
-        with self._write, self.engine.begin() as conn:
-            result = conn.execute(
-                objects.update().where(objects.c.id == object_id, objects.c.state.in_(allowed_from)).values(**values)
-            )
-            if result.rowcount != 1:
-                current = conn.execute(sa.select(objects.c.state).where(objects.c.id == object_id)).scalar()
-                if current is None:
-                    raise InvalidTransition(f"object {object_id} is not in the state store")
-                raise InvalidTransition(f"object {object_id} cannot go from {current!r} to {new_state!r}")
+        values = _transition_values(object_id, new_state, fields)
+        with self._writing() as conn:
+            if conn.execute(_UPDATE_OBJECT[new_state], values).rowcount != 1:
+                raise _refusal(conn, object_id, new_state)
+
+    def _write_batch(self, inserts: list[dict[str, Any]], updates: list[tuple[str, dict[str, Any]]]
+                     ) -> dict[int, InvalidTransition]:
+        """Insert `inserts` (full rows) and apply `updates` ((new state, `_transition_values`)) in one
+        transaction; returns the updates the table refused, by position (the others are written)."""
+        try:
+            with self._writing() as conn:
+                return _apply(conn, inserts, updates, many=True)
+        except _SomeRowRefused:
+            pass  # rolled back: redo it row by row, to know which ones
+        with self._writing() as conn:
+            return _apply(conn, inserts, updates, many=False)
 
     def get_object(self, object_id: int) -> ObjectRecord:
         with self.engine.connect() as conn:
@@ -275,11 +324,8 @@ class StateStore:
 
     def last_copy(self, dataset: str, source_key: str) -> ObjectRecord | None:
         """The newest row, across runs, saying the destination holds a version of this object."""
-        query = (objects.select()
-                 .where(objects.c.dataset == dataset, objects.c.source_key == source_key, objects.c.state.in_(COPIED))
-                 .order_by(objects.c.id.desc()).limit(1))
         with self.engine.connect() as conn:
-            row = conn.execute(query).mappings().first()
+            row = conn.execute(_LAST_COPY, {"_dataset": dataset, "_key": source_key}).mappings().first()
         return ObjectRecord(**row) if row else None
 
     def state_counts(self, run_id: int, dataset: str | None = None) -> dict[str, tuple[int, int]]:
@@ -290,6 +336,172 @@ class StateStore:
             query = query.where(objects.c.dataset == dataset)
         with self.engine.connect() as conn:
             return {state: (int(n), int(b)) for state, n, b in conn.execute(query)}
+
+
+class WriteBatch:
+    """Object writes committed many at a time: one transaction per `max_rows` writes or per
+    `max_age` seconds, and at `flush()`. Thread-safe.
+
+    Only for writes whose loss is harmless, because a kill loses what is queued: the end of a
+    single PUT (a lost "uploaded" or "failed" leaves the row in_progress, so the next run copies
+    the object again, and a PUT is idempotent), or a row decided without a copy (unchanged,
+    refused: a lost row means the next run decides again). Never for a transition that announces
+    a side effect (in_progress before bytes move, a multipart upload's state): those are written
+    at once with `StateStore.transition` / `add_object`.
+
+    Each write names a callback, called once it is committed (`None`) or could not be (the
+    `InvalidTransition` the table gave, or the database error): a caller that reported the write
+    as done can correct itself. `flush` never raises for a write; `flush_if_due` is the cheap
+    check to call often. The age is only checked when a write is queued or `flush_if_due` runs.
+    """
+
+    def __init__(self, store: StateStore, max_rows: int = 500, max_age: float = 0.2):
+        self.store = store
+        self.max_rows = max_rows
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._inserts: list[tuple[dict[str, Any], Callable[[Exception | None], None]]] = []
+        self._updates: list[tuple[str, dict[str, Any], Callable[[Exception | None], None]]] = []
+        self._since = 0.0  # monotonic time of the oldest queued write
+
+    def add_object(self, run_id: int, dataset: str, source_key: str, source_etag: str, size: int, *,
+                   on_written: Callable[[Exception | None], None], dest_key: str | None = None,
+                   source_md5: bytes | None = None, state: str = PENDING, **fields: Any) -> None:
+        """Queue `StateStore.add_object` (checked now; the id is not returned: nothing may refer to it)."""
+        row = _object_row(run_id, dataset, source_key, source_etag, size, dest_key, source_md5, state, fields)
+        with self._lock:
+            self._stamp()
+            self._inserts.append((row, on_written))
+        self.flush_if_due()
+
+    def transition(self, object_id: int, new_state: str, *, on_written: Callable[[Exception | None], None],
+                   **fields: Any) -> None:
+        """Queue `StateStore.transition` (fields checked now, the move when written)."""
+        values = _transition_values(object_id, new_state, fields)
+        with self._lock:
+            self._stamp()
+            self._updates.append((new_state, values, on_written))
+        self.flush_if_due()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._inserts) + len(self._updates)
+
+    def _stamp(self) -> None:
+        if not self._inserts and not self._updates:
+            self._since = time.monotonic()
+
+    def flush_if_due(self) -> None:
+        with self._lock:
+            n = len(self._inserts) + len(self._updates)
+            due = n >= self.max_rows or (n > 0 and time.monotonic() - self._since >= self.max_age)
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write everything queued now, in one transaction; then call each write's callback."""
+        with self._lock:
+            inserts, self._inserts = self._inserts, []
+            updates, self._updates = self._updates, []
+        if not inserts and not updates:
+            return
+        try:
+            refused = self.store._write_batch([row for row, _ in inserts], [(state, v) for state, v, _ in updates])
+        except Exception as exc:  # the database itself failed: nothing of this batch is written
+            for *_, callback in inserts + updates:
+                _call(callback, exc)
+            return
+        for _, callback in inserts:
+            _call(callback, None)
+        for i, (*_, callback) in enumerate(updates):
+            _call(callback, refused.get(i))
+
+    def __enter__(self) -> "WriteBatch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.flush()
+
+
+def _call(callback: Callable[[Exception | None], None], error: Exception | None) -> None:
+    try:
+        callback(error)
+    except Exception:  # one caller's bookkeeping must not stop the others' from being told
+        log.exception("a state write callback failed")
+
+
+def _object_row(run_id: int, dataset: str, source_key: str, source_etag: str, size: int, dest_key: str | None,
+                source_md5: bytes | None, state: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A full `objects` row (every column of `_INSERT_COLUMNS`) created in `state` with `fields`."""
+    if state not in INITIAL_STATES:
+        raise InvalidTransition(f"an object cannot be recorded as {state!r} straight away "
+                                f"(allowed: {', '.join(sorted(INITIAL_STATES))})")
+    _check_fields(fields)
+    now = utcnow()
+    row = dict.fromkeys(_INSERT_COLUMNS)
+    row.update(run_id=run_id, dataset=dataset, source_key=source_key, source_etag=source_etag, size=size,
+               dest_key=dest_key, source_md5=source_md5.hex() if source_md5 else None, md5_checked=False,
+               restarts=0, created_at=now)
+    row.update(_stamped(state, fields, now))
+    return row
+
+
+def _check_fields(fields: Mapping[str, Any]) -> None:
+    unknown = set(fields) - _OBJECT_FIELDS
+    if unknown:
+        raise ValueError(f"unknown object fields: {sorted(unknown)}")
+
+
+def _stamped(new_state: str, fields: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """`fields` with the state and the times a move to `new_state` sets."""
+    values = dict(fields, state=new_state, updated_at=now)
+    if new_state == IN_PROGRESS and "started_at" not in fields:
+        values["started_at"] = now
+    if new_state in (UPLOADED, FAILED, UNCHANGED, VERIFIED) and "finished_at" not in fields:
+        values["finished_at"] = now
+    return values
+
+
+def _transition_values(object_id: int, new_state: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters of `_UPDATE_OBJECT[new_state]` for a move with `fields` (checked first)."""
+    if new_state not in TRANSITIONS:
+        raise ValueError(f"unknown object state {new_state!r}")
+    _check_fields(fields)
+    values = _stamped(new_state, fields, utcnow())
+    values["_object_id"] = object_id
+    return values
+
+
+class _SomeRowRefused(Exception):
+    """An executemany update moved fewer rows than it was given (rolls its transaction back)."""
+
+
+def _apply(conn: Connection, inserts: list[dict[str, Any]], updates: list[tuple[str, dict[str, Any]]],
+           many: bool) -> dict[int, InvalidTransition]:
+    if inserts:
+        conn.execute(_INSERT_OBJECT, inserts)
+    groups: dict[tuple[str, tuple[str, ...]], list[int]] = {}  # executemany needs one key set
+    for i, (new_state, values) in enumerate(updates):
+        groups.setdefault((new_state, tuple(values)), []).append(i)
+    refused: dict[int, InvalidTransition] = {}
+    for (new_state, _), positions in groups.items():
+        stmt = _UPDATE_OBJECT[new_state]
+        if many and len(positions) > 1 and conn.dialect.supports_sane_multi_rowcount:
+            if conn.execute(stmt, [updates[i][1] for i in positions]).rowcount != len(positions):
+                raise _SomeRowRefused()
+            continue
+        for i in positions:
+            values = updates[i][1]
+            if conn.execute(stmt, values).rowcount != 1:
+                refused[i] = _refusal(conn, values["_object_id"], new_state)
+    return refused
+
+
+def _refusal(conn: Connection, object_id: int, new_state: str) -> InvalidTransition:
+    current = conn.execute(sa.select(objects.c.state).where(objects.c.id == object_id)).scalar()
+    if current is None:
+        return InvalidTransition(f"object {object_id} is not in the state store")
+    return InvalidTransition(f"object {object_id} cannot go from {current!r} to {new_state!r}")
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -8,6 +8,7 @@ import random
 from functools import partial
 
 import pytest
+import sqlalchemy as sa
 
 from connectors.base import AuthError, ContentSettings, SinkLimits, WriteMeta
 from connectors.memory import MemoryStore
@@ -278,3 +279,109 @@ def test_streamed_and_buffered_objects_on_one_worker_do_not_deadlock(state):
     assert not runner.is_alive(), "the migration deadlocked"
     assert summary[0].ok == 8
     assert all(dst.data("out/" + k[3:]) == v for k, v in data.items())
+
+
+# ---- batched state writes ------------------------------------------------------------------------
+
+
+def mixed_source(rng: random.Random) -> MemoryStore:
+    """Small objects (single PUTs), two multipart ones, one refused by name."""
+    src = MemoryStore()
+    seed(src, 30, rng, big_every=15)
+    src.add("in/" + "z" * 60, b"a name too long for the destination")
+    return src
+
+
+def assert_state_matches(state, run, summary):
+    counts = {k: n for k, (n, _) in state.state_counts(run).items()}
+    assert counts.get(st.UPLOADED, 0) == summary.ok
+    assert counts.get(st.FAILED, 0) == summary.failed
+    assert counts.get(st.UNCHANGED, 0) == summary.skipped
+    assert sum(counts.values()) == summary.objects
+
+
+@pytest.mark.parametrize("serial", [True, False])
+def test_a_normal_end_writes_every_batched_row_and_the_summary_agrees(state, serial):
+    src, dst = mixed_source(random.Random(11)), MemoryStore(limits=LIMITS)
+    run = state.start_run("migrate")
+    with create_executors(4, 6, serial=serial) as ex:
+        summary = migrate_dataset(  # thresholds that are never reached: only the end flushes
+            "claims", src, FailingSink(dst, deny={"out/0004.bin"}), place_all(src.list("in/"), placer),
+            settings=settings(), budget=MemoryBudget(4 * MiB), executors=ex, state=state, run_id=run,
+            state_batch_rows=10_000, state_batch_seconds=3600)
+    assert (summary.objects, summary.ok, summary.failed, summary.refused) == (31, 29, 2, 1)
+    assert_state_matches(state, run, summary)
+    rows = {r.source_key: r for r in state.objects(run)}
+    assert "AccessDenied" in rows["in/0004.bin"].reason and "UTF-8 bytes" in rows["in/" + "z" * 60].reason
+    assert rows["in/0000.bin"].part_count == 4 and rows["in/0000.bin"].state == st.UPLOADED
+
+    src.add("in/0001.bin", b"changed")
+    run2 = state.start_run("migrate")
+    with create_executors(4, 6, serial=serial) as ex:
+        again = migrate_dataset(
+            "claims", src, dst, place_all(src.list("in/"), placer), settings=settings(),
+            budget=MemoryBudget(4 * MiB), executors=ex, state=state, run_id=run2,
+            state_batch_rows=10_000, state_batch_seconds=3600)
+    assert (again.ok, again.skipped, again.failed) == (2, 28, 1)  # 0001 changed, 0004 failed before
+    assert_state_matches(state, run2, again)
+
+
+@pytest.mark.parametrize("serial", [True, False])
+def test_a_failure_mid_dataset_still_writes_every_finished_object(state, serial):
+    src, dst = mixed_source(random.Random(12)), MemoryStore(limits=LIMITS)
+
+    def listing_that_breaks():
+        for n, pair in enumerate(place_all(src.list("in/"), placer)):
+            if n == 20:
+                raise AuthError("the listing token expired")
+            yield pair
+
+    run = state.start_run("migrate")
+    with create_executors(4, 6, serial=serial) as ex, pytest.raises(AuthError):
+        migrate_dataset("claims", src, dst, listing_that_breaks(), settings=settings(),
+                        budget=MemoryBudget(4 * MiB), executors=ex, state=state, run_id=run,
+                        state_batch_rows=10_000, state_batch_seconds=3600)
+    rows = list(state.objects(run))
+    assert len(rows) == 20 and {r.state for r in rows} == {st.UPLOADED}  # nothing left in_progress
+    assert sorted(dst.keys()) == sorted(r.dest_key for r in rows)
+
+
+def test_a_kill_before_the_batch_is_written_only_means_copying_again(state, monkeypatch):
+    """A kill loses what the batch holds; the rows written before each copy say what to redo."""
+    from engine.state import WriteBatch
+
+    src, dst = mixed_source(random.Random(13)), MemoryStore(limits=LIMITS)
+    run = state.start_run("migrate")
+    with monkeypatch.context() as m:
+        m.setattr(WriteBatch, "flush", lambda self: None)  # the process dies before any batch is written
+        m.setattr(WriteBatch, "flush_if_due", lambda self: None)
+        migrate(src, dst, state, run, settings(), serial=True)
+    rows = {r.source_key: r for r in state.objects(run)}
+    # Written before their side effect: every copied object is there, in_progress at least; the
+    # multipart ones (their end is written at once) are uploaded; the refused one is simply lost.
+    assert len(rows) == 30 and "in/" + "z" * 60 not in rows
+    assert {k for k, r in rows.items() if r.state == st.UPLOADED} == {"in/0000.bin", "in/0015.bin"}
+    assert {r.state for k, r in rows.items() if k not in ("in/0000.bin", "in/0015.bin")} == {st.IN_PROGRESS}
+    # The next run copies the single PUTs again (nothing says they were done), skips the multipart ones.
+    run2 = state.start_run("migrate")
+    summary = migrate(src, dst, state, run2, settings(), serial=True)
+    assert (summary.ok, summary.skipped, summary.refused) == (28, 2, 1)
+    assert_state_matches(state, run2, summary)
+
+
+def test_rows_the_store_cannot_write_are_failures_in_the_summary(state, monkeypatch):
+    src, dst = mixed_source(random.Random(14)), MemoryStore(limits=LIMITS)
+
+    def broken(self, inserts, updates):
+        raise sa.exc.OperationalError("UPDATE objects", {}, Exception("disk I/O error"))
+
+    monkeypatch.setattr(StateStore, "_write_batch", broken)
+    run = state.start_run("migrate")
+    summary = migrate(src, dst, state, run, settings())
+    # The multipart ones were written at once; the batched ends of the others were lost and say so.
+    assert (summary.objects, summary.ok, summary.failed, summary.refused) == (31, 2, 29, 1)
+    assert summary.bytes_copied == sum(r.size for r in state.objects(run, state=st.UPLOADED))
+    reasons = dict(summary.failures)
+    assert len(reasons) == 29 and all("disk I/O error" in r for r in reasons.values())
+    assert "UTF-8 bytes" in reasons["in/" + "z" * 60]  # the refusal keeps its own reason too
+    assert {k: n for k, (n, _) in state.state_counts(run).items()} == {st.UPLOADED: 2, st.IN_PROGRESS: 28}

@@ -595,3 +595,42 @@ def test_a_non_identity_format_is_planned_charged_and_written_exactly(stores, si
     assert out.sha256 == hashlib.sha256(data).hexdigest()
     assert dst.head("out/obj").metadata["exitplan-format"] == "fake-framed"
     assert b.peak <= budget and b.in_use == 0
+
+
+def test_a_single_put_runs_on_its_driver_within_the_budget(stores):
+    """No hand-off to a transfer worker for a small object: the driver reads and PUTs it itself,
+    holding its bytes in the budget meanwhile; multipart parts still go to the workers."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.executors import Executors
+
+    class CountingPool(ThreadPoolExecutor):
+        submitted = 0
+
+        def submit(self, fn, /, *args, **kwargs):
+            CountingPool.submitted += 1
+            return super().submit(fn, *args, **kwargs)
+
+    src, dst = stores
+    small, big = os.urandom(MiB), os.urandom(5 * MiB)
+    budget = MemoryBudget(fast().memory_budget)
+    held = []
+    driver = []
+
+    class Watch(FaultySource):
+        def read_range(self, key, start, end, *, if_match=None):
+            held.append(budget.in_use)
+            driver.append(threading.current_thread().name)
+            return super().read_range(key, start, end, if_match=if_match)
+
+    source = Watch(src)
+    with Executors(ThreadPoolExecutor(2, thread_name_prefix="driver"), CountingPool(2), False) as ex:
+        for key, data in (("small", small), ("big", big)):
+            meta = src.add(key, data)
+            out = ex.objects.submit(copy_object, source, dst, meta, Placement(key, f"out/{key}", META),
+                                    settings=fast(), budget=budget, executors=ex).result()
+            assert out.status == "ok" and dst.data(f"out/{key}") == data
+    assert driver[0].startswith("driver") and held[0] == MiB  # the small one: on its driver, charged
+    assert CountingPool.submitted == 3  # the big one's three parts, nothing for the small one
+    assert budget.in_use == 0 and budget.grants == 4

@@ -153,3 +153,90 @@ def test_state_survives_reopening(tmp_path):
     with StateStore(path) as s:
         assert s.get_object(oid).state == st.IN_PROGRESS
         assert sa.inspect(s.engine).has_table("runs")
+
+
+def test_an_object_can_be_recorded_straight_in_a_state_one_step_from_pending(store):
+    run = store.start_run("migrate")
+    a = store.add_object(run, "d", "a", "0x1", 1, state=st.IN_PROGRESS, part_count=1, output_size=1)
+    b = store.add_object(run, "d", "b", "0x1", 1, state=st.UNCHANGED, reason="unchanged since run 1")
+    rec_a, rec_b = store.get_object(a), store.get_object(b)
+    assert (rec_a.state, rec_a.part_count) == (st.IN_PROGRESS, 1)
+    assert rec_a.started_at is not None and rec_a.finished_at is None
+    assert (rec_b.state, rec_b.reason) == (st.UNCHANGED, "unchanged since run 1") and rec_b.finished_at is not None
+    store.transition(a, st.UPLOADED)  # and on along the table from there
+    for skipping in (st.UPLOADED, st.VERIFIED, st.CHANGED):  # more than one step from pending
+        with pytest.raises(InvalidTransition, match=f"cannot be recorded as '{skipping}'"):
+            store.add_object(run, "d", "c", "0x1", 1, state=skipping)
+    with pytest.raises(ValueError, match="unknown object fields"):
+        store.add_object(run, "d", "c", "0x1", 1, colour="blue")
+    assert store.state_counts(run) == {st.UPLOADED: (1, 1), st.UNCHANGED: (1, 1)}
+
+
+def test_a_batch_writes_nothing_until_flushed_then_everything(store):
+    run = store.start_run("migrate")
+    ids = [store.add_object(run, "d", f"k{i}", "0x1", 1, state=st.IN_PROGRESS) for i in range(5)]
+    told = []
+    batch = store.batch(max_rows=100, max_age=3600)
+    for i, oid in enumerate(ids):
+        batch.transition(oid, st.UPLOADED, sha256=f"{i:064x}", on_written=told.append)
+    batch.add_object(run, "d", "refused", "0x1", 7, state=st.FAILED, reason="too big", on_written=told.append)
+    assert len(batch) == 6 and told == []
+    assert store.state_counts(run) == {st.IN_PROGRESS: (5, 5)}  # queued, not written
+    batch.flush()
+    assert told == [None] * 6 and len(batch) == 0
+    assert store.state_counts(run) == {st.UPLOADED: (5, 5), st.FAILED: (1, 7)}
+    assert [store.get_object(oid).sha256 for oid in ids] == [f"{i:064x}" for i in range(5)]
+    assert all(store.get_object(oid).finished_at is not None for oid in ids)
+    batch.flush()  # nothing queued: nothing happens
+    assert told == [None] * 6
+
+
+def test_a_batch_flushes_when_it_is_full_or_old_enough(store):
+    run = store.start_run("migrate")
+    ids = [store.add_object(run, "d", f"k{i}", "0x1", 1, state=st.IN_PROGRESS) for i in range(4)]
+    full = store.batch(max_rows=3, max_age=3600)
+    for oid in ids[:2]:
+        full.transition(oid, st.UPLOADED, on_written=lambda e: None)
+    assert store.state_counts(run)[st.IN_PROGRESS][0] == 4
+    full.transition(ids[2], st.UPLOADED, on_written=lambda e: None)  # the third: written now
+    assert store.state_counts(run) == {st.UPLOADED: (3, 3), st.IN_PROGRESS: (1, 1)}
+    old = store.batch(max_rows=100, max_age=0)
+    old.transition(ids[3], st.UPLOADED, on_written=lambda e: None)
+    assert store.state_counts(run) == {st.UPLOADED: (4, 4)}
+
+
+def test_a_batch_tells_which_transitions_the_table_refused_and_writes_the_others(store):
+    run = store.start_run("migrate")
+    ids = [store.add_object(run, "d", f"k{i}", "0x1", 1, state=st.IN_PROGRESS) for i in range(4)]
+    store.transition(ids[1], st.FAILED, reason="moved by someone else")
+    told = {}
+    with store.batch(max_rows=100, max_age=3600) as batch:
+        for oid in ids:
+            batch.transition(oid, st.UPLOADED, on_written=lambda e, oid=oid: told.setdefault(oid, e))
+    assert [told[oid] is None for oid in ids] == [True, False, True, True]
+    assert isinstance(told[ids[1]], InvalidTransition) and "cannot go from 'failed' to 'uploaded'" in str(told[ids[1]])
+    assert [store.get_object(oid).state for oid in ids] == [st.UPLOADED, st.FAILED, st.UPLOADED, st.UPLOADED]
+    with pytest.raises(ValueError, match="unknown object state"):
+        batch.transition(ids[0], "teleported", on_written=lambda e: None)  # checked when queued
+
+
+def test_a_batch_the_database_refuses_is_written_not_at_all_and_every_write_is_told(store):
+    run = store.start_run("migrate")
+    oid = store.add_object(run, "d", "k", "0x1", 1, state=st.IN_PROGRESS)
+    store.add_object(run, "d", "taken", "0x1", 1)
+    told = []
+    batch = store.batch(max_rows=100, max_age=3600)
+    batch.transition(oid, st.UPLOADED, on_written=told.append)
+    batch.add_object(run, "d", "taken", "0x1", 1, state=st.FAILED, on_written=told.append)  # unique (run, key)
+    batch.flush()  # never raises: the callbacks hear it
+    assert len(told) == 2 and all(isinstance(e, sa.exc.IntegrityError) for e in told)
+    assert store.get_object(oid).state == st.IN_PROGRESS  # one transaction: the good write is not half-done
+
+
+def test_the_store_reopens_its_writer_after_close(tmp_path):
+    with StateStore(tmp_path / "state.db") as s:
+        run = s.start_run("migrate")
+        oid = s.add_object(run, "d", "k", "0x1", 5, state=st.IN_PROGRESS)
+    s.transition(oid, st.UPLOADED)  # a write after close opens a new connection
+    assert s.get_object(oid).state == st.UPLOADED
+    s.close()
