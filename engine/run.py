@@ -20,6 +20,7 @@ from config.policy import DestinationVerdict, check_sovereignty
 from connectors.base import AuthError, ConfigError, ConnectorError, ContentSettings, NotFound, ObjectMeta, ObjectSource, SinkLimits, WriteMeta
 
 from .allocator import tune_malloc
+from .audit import AuditOutcome, MigrationAudit, audit_signing_key
 from .budget import MemoryBudget
 from .endpoints import destination_limits, open_sink, open_source
 from .executors import create_executors
@@ -156,6 +157,7 @@ class MigrationResult:
     destinations: dict[str, DestinationVerdict]
     key_holders: dict[str, str]  # dataset -> who holds its keys, as a sentence
     keyset_copies: tuple[str, ...] = ()
+    audit: AuditOutcome | None = None  # the run's records in the audit manifest, and its copies
 
     @property
     def all_ok(self) -> bool:
@@ -193,6 +195,7 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
     started = time.monotonic()
     verdicts = {v.name: v for v in check_sovereignty(loaded)}
     formats = output_formats(loaded, datasets)
+    signing_key = audit_signing_key(loaded, datasets)  # unwrapped before any object moves: a KEK error is exit 4 now
     settings = transfer_settings(loaded)
     budget = MemoryBudget(settings.memory_budget)
     preflight_destinations(loaded, datasets)
@@ -200,6 +203,11 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
     tune_malloc(settings.memory_budget)
     state = open_state(loaded)
     run_id = state.start_run("migrate", loaded.path)
+    # The audit hook: transfer records are read back from the state rows after each dataset and
+    # at the end (engine/audit.py), so the copy engine itself knows nothing of the manifest.
+    trail = MigrationAudit(loaded, state, run_id, datasets, verdicts,
+                           {n: fmt.keys.primary_id for n, fmt in formats.items() if fmt is not IDENTITY},
+                           signing_key)
     summaries: list[DatasetSummary] = []
     status = "interrupted"
     try:
@@ -222,15 +230,21 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
                 except ConnectorError as exc:  # the listing itself failed part-way
                     raise RunError(f"dataset `{name}`: {exc}", exc) from None
                 summaries.append(summary)
+                trail.record_transfers(name, source, sink)
                 observer.dataset_finished(summary)
         status = "ok" if all(s.all_ok for s in summaries) else "failed"
     finally:
         state.finish_run(run_id, status)
         md5_checked = sum(1 for r in state.objects(run_id) if r.md5_checked)
-        state.close()
+        try:
+            trail.end(status)
+        finally:
+            state.close()
+    copies, notes = trail.publish([loaded.config.datasets[ds].destination for ds in datasets])
     return MigrationResult(run_id, tuple(summaries), md5_checked, time.monotonic() - started, state_path(loaded),
                            {ds: verdicts[loaded.config.datasets[ds].destination] for ds in datasets},
-                           {ds: key_holder(loaded, formats[ds]) for ds in datasets}, tuple(keyset_copies))
+                           {ds: key_holder(loaded, formats[ds]) for ds in datasets}, tuple(keyset_copies),
+                           trail.outcome(copies, notes))
 
 
 def key_holder(loaded: LoadedConfig, fmt: OutputFormat) -> str:

@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed profile (default: standard, about 0.6 GiB)")
     p.set_defaults(func=cmd_demo)
 
+    from flows import audit_cli  # verify, audit verify, report
+
+    audit_cli.register(sub)
+
 
 def chosen_datasets(loaded: LoadedConfig, names: list[str]) -> list[str]:
     """The datasets named on the command line (all when none), refusing unknown names."""
@@ -225,6 +229,14 @@ def print_migration_summary(result) -> None:
             print(f"  {dataset}: {key!r}: {reason}", file=sys.stderr)
         if any(s.failures_truncated for s in result.summaries):
             print(f"  … more in the state store ({result.state_path}, run {result.run_id})", file=sys.stderr)
+    if result.audit:
+        a = result.audit
+        print(f"audit manifest: {a.manifest} ({a.records:,} records this run, run end "
+              f"{'signed' if a.signed else 'NOT signed (no audit key)'}; last record hash {a.last_hash})")
+        for copy in a.copies:
+            print(f"  copied next to the data: {copy}")
+        for note in a.notes:
+            print(f"  {note}", file=sys.stderr)
     print(f"state: {result.state_path} (run {result.run_id})")
 
 

@@ -1,0 +1,204 @@
+"""`exitplan verify`, `exitplan audit verify` and `exitplan report`. Thin: the work is in
+`engine/verify.py`, `engine/audit.py` and `engine/report.py`.
+
+- `verify --config F [--dataset N]... [--deep] [--sample FRACTION] [--seed N]`: compare each
+  dataset's destination with the state store (quick: listing + HEAD of encrypted objects; deep:
+  also read back, decrypt and compare the plaintext SHA-256). Exit 1 when any discrepancy, each
+  named (object, expected, found). `--sample` implies `--deep`.
+- `audit verify MANIFEST --public-key KEY.pem`: check a manifest's chain and signatures; exit 1
+  naming the line where it breaks.
+- `report --config F --out report.html`: one self-contained HTML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TextIO
+
+from config.errors import ExitCode, UserError
+from config.loader import load_config
+from config.sizes import format_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check the destination against the state store (quick, or --deep: decrypt and hash)")
+    p.add_argument("--config", "-c", required=True, metavar="FILE", help="the exitplan YAML configuration")
+    p.add_argument("--dataset", "-d", action="append", default=[], metavar="NAME",
+                   help="only this dataset (repeatable; default: every dataset in the config)")
+    p.add_argument("--deep", action="store_true",
+                   help="also read every object back, decrypt it and compare its plaintext SHA-256 with the one "
+                        "recorded from the source stream")
+    p.add_argument("--sample", type=float, default=None, metavar="FRACTION",
+                   help="deep-check only this fraction of the objects (0 < FRACTION <= 1), picked by --seed; implies --deep")
+    p.add_argument("--seed", type=int, default=None, metavar="N",
+                   help="the sample's seed: the same seed picks the same objects (default: a random one, printed)")
+    p.set_defaults(func=cmd_verify)
+
+    audit = sub.add_parser("audit", help="check an audit manifest (chain and signatures)")
+    asub = audit.add_subparsers(dest="audit_command", metavar="ACTION")
+    asub.required = True
+    p = asub.add_parser("verify", help="check a manifest's hash chain and every run_end signature")
+    p.add_argument("manifest", type=Path, metavar="MANIFEST", help="the manifest (manifest.jsonl)")
+    p.add_argument("--public-key", required=True, type=Path, metavar="KEY.pem",
+                   help="the project's audit public key (`exitplan keys show --audit-public-key`)")
+    p.set_defaults(func=cmd_audit_verify)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report: datasets, charts, sovereignty, manifest fingerprint")
+    p.add_argument("--config", "-c", required=True, metavar="FILE", help="the exitplan YAML configuration")
+    p.add_argument("--dataset", "-d", action="append", default=[], metavar="NAME",
+                   help="only this dataset (repeatable; default: every dataset in the config)")
+    p.add_argument("--out", "-o", required=True, type=Path, metavar="FILE", help="where to write the HTML")
+    p.set_defaults(func=cmd_report)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+# ---------------------------------------------------------------------------------------------
+
+
+class VerifyDisplay:
+    """Progress of a verify: one redrawn line on a terminal, a plain line every `log_interval`
+    seconds otherwise (as `flows.progress.ProgressDisplay` does for migrate)."""
+
+    def __init__(self, stream: TextIO | None = None, *, tty_interval: float = 0.2, log_interval: float = 10.0):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval = tty_interval if self.tty else log_interval
+        self._lock = threading.Lock()
+        self._last = 0.0
+        self._drawn = False
+
+    def dataset_started(self, dataset: str, objects: int) -> None:
+        self.started = time.monotonic()
+        self._last = 0.0
+        if not self.tty:
+            self._write(f"{dataset}: verifying {objects:,} objects\n")
+
+    def progress(self, snap) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.interval and snap.checked < snap.total:
+                return
+            self._last = now
+            rate = snap.bytes_read / max(now - self.started, 1e-6) / 1e6
+            failed = f", {snap.failed:,} with discrepancies" if snap.failed else ""
+            read = f", {format_size(snap.bytes_read)} read back ({rate:.1f} MB/s)" if snap.bytes_read else ""
+            text = f"{snap.dataset}: {snap.checked:,}/{snap.total:,} objects checked{failed}{read}"
+            if self.tty:
+                self._write("\r\033[K" + text)
+                self._drawn = True
+            else:
+                self._write(text + "\n")
+
+    def dataset_finished(self, summary) -> None:
+        with self._lock:
+            if self.tty and self._drawn:
+                self._write("\n")
+                self._drawn = False
+
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from engine.verify import verify
+    from flows.commands import chosen_datasets, print_table
+
+    loaded = load_config(args.config)
+    datasets = chosen_datasets(loaded, args.dataset)
+    deep = args.deep or args.sample is not None
+    sample = 1.0 if args.sample is None else args.sample
+    result = verify(loaded, datasets, deep=deep, sample=sample, seed=args.seed, observer=VerifyDisplay())
+    print()
+    print_table(
+        ["dataset", "mode", "objects", "ok", "discrepant", "read back", "bytes read", "not in state", "seconds"],
+        [[d.dataset, d.mode, f"{d.objects:,}", f"{d.ok:,}", f"{d.failed:,}", f"{d.deep_checked:,}",
+          format_size(d.bytes_read), f"{d.unknown:,}", f"{d.elapsed_seconds:.1f}"] for d in result.datasets],
+    )
+    if result.mode == "deep":
+        how = "every object" if result.sample >= 1 else f"a {result.sample:.0%} sample (seed {result.seed}; repeat it with --seed {result.seed})"
+        print(f"\ndeep: {how} read back, decrypted and its plaintext SHA-256 compared with the one recorded from the source.")
+    else:
+        print("\nquick: listing (size, ETag) against the state, and the exitplan metadata of each encrypted object "
+              "(HEAD); `--deep` also decrypts and hashes.")
+    for d in result.datasets:
+        if d.unknown:
+            print(f"{d.dataset}: {d.unknown:,} objects under the destination prefix are not in the state "
+                  f"(not written by exitplan, or their record was lost), e.g. {', '.join(d.unknown_examples[:3])}")
+    if result.audit:
+        a = result.audit
+        print(f"audit manifest: {a.manifest} ({a.records:,} records, run end {'signed' if a.signed else 'NOT signed'}; "
+              f"last record hash {a.last_hash})")
+        for copy in a.copies:
+            print(f"  copied next to the data: {copy}")
+        for note in a.notes:
+            print(f"  {note}", file=sys.stderr)
+    problems = [p for d in result.datasets for p in d.discrepancies]
+    if problems:
+        total = sum(d.failed for d in result.datasets)
+        print(f"\ndiscrepancies ({total:,} object{'s' if total != 1 else ''}):", file=sys.stderr)
+        for p in problems:
+            print(f"  {p.dataset}: {p.sentence()}", file=sys.stderr)
+        if any(d.discrepancies_truncated for d in result.datasets):
+            print("  … more in the audit manifest and the state store (reason 'verify: …')", file=sys.stderr)
+        print("the objects found wrong are marked failed: `exitplan migrate` copies them again.", file=sys.stderr)
+    print(f"state: run {result.run_id}")
+    return ExitCode.OK if result.all_ok else ExitCode.FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# audit verify
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from engine.audit import load_public_key, verify_manifest
+
+    if not args.manifest.is_file():
+        raise UserError(f"{args.manifest}: no such file; name the manifest (e.g. .exitplan/audit/manifest.jsonl)")
+    try:
+        public_key = load_public_key(args.public_key.read_bytes())
+    except OSError as exc:
+        raise UserError(f"--public-key {args.public_key}: cannot be read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise UserError(f"--public-key {args.public_key}: not an Ed25519 public key in PEM ({exc}); export it with "
+                        "`exitplan keys show --config F --audit-public-key`") from None
+    check = verify_manifest(args.manifest, public_key)
+    if check.ok:
+        kinds = ", ".join(f"{n:,} {k}" for k, n in sorted(check.counts.items()))
+        print(f"{args.manifest}: OK: {check.records:,} records ({kinds}), chain intact, "
+              f"{check.runs_signed:,} run ends signed by this key")
+        print(f"last record hash: {check.last_hash}")
+        print(f"file SHA-256:     {check.file_sha256}")
+        return ExitCode.OK
+    print(f"{args.manifest}: BROKEN ({check.records:,} records):", file=sys.stderr)
+    for p in check.problems:
+        print(f"  line {p.line}: {p.message}", file=sys.stderr)
+    if check.problems_truncated:
+        print("  … and more", file=sys.stderr)
+    return ExitCode.FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from engine.report import write_report
+    from flows.commands import chosen_datasets
+
+    loaded = load_config(args.config)
+    datasets = chosen_datasets(loaded, args.dataset)
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out}: is a directory; name the HTML file to write")
+    report = write_report(loaded, datasets, args.out)
+    print(f"report: {args.out} ({format_size(report.size)}): {len(datasets)} datasets, {report.objects:,} objects")
+    if report.manifest_line:
+        print(report.manifest_line)
+    return ExitCode.OK
