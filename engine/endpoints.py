@@ -49,15 +49,17 @@ def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
     ds = loaded.config.datasets[dataset]
     name = ds.source
     src = loaded.config.sources[name]
+    t = loaded.config.transfer
+    pool = max(src.max_connections, t.concurrency + (t.object_concurrency or t.concurrency))
     if src.connection_string_env:
         conn = source_connection_string(src)
         if not conn:
             _env(loaded, src.connection_string_env, f"sources.{name}.connection_string_env")
-        return AzureBlobSource.from_connection_string(conn, ds.container, max_connections=src.max_connections)
+        return AzureBlobSource.from_connection_string(conn, ds.container, max_connections=pool)
     if src.sas_token_env:
         token = _env(loaded, src.sas_token_env, f"sources.{name}.sas_token_env")
-        return AzureBlobSource.from_sas(src.account_url, token, ds.container, max_connections=src.max_connections)
-    return AzureBlobSource.from_default_credential(src.account_url, ds.container, max_connections=src.max_connections)
+        return AzureBlobSource.from_sas(src.account_url, token, ds.container, max_connections=pool)
+    return AzureBlobSource.from_default_credential(src.account_url, ds.container, max_connections=pool)
 
 
 def open_sink(loaded: LoadedConfig, destination: str):
@@ -65,6 +67,7 @@ def open_sink(loaded: LoadedConfig, destination: str):
     from connectors.s3 import S3Store
 
     dest = loaded.config.destinations[destination]
+    t = loaded.config.transfer
     profile = destination_profile(loaded, destination)
     creds = dest.credentials
     field = f"destinations.{destination}.credentials"
@@ -84,7 +87,9 @@ def open_sink(loaded: LoadedConfig, destination: str):
         session_token=token,
         addressing_style=dest.addressing_style or profile.addressing_style,
         limits=sink_limits(profile),
-        max_pool_connections=max(dest.max_connections, loaded.config.transfer.concurrency * 2),
+        # Requests in flight: part uploads (concurrency) + single PUTs and open/complete calls
+        # (one per object in progress).
+        max_pool_connections=max(dest.max_connections, t.concurrency + (t.object_concurrency or t.concurrency)),
         verify_tls=dest.verify_tls,
         label=f"{profile.name}:{dest.bucket}",
     )

@@ -3,9 +3,12 @@
 Two pools, because they wait on different things:
 
 - `objects`: one thread per object in progress. It plans, acquires memory in part order, submits
-  the byte-moving work and waits; it never reads or sends a byte itself.
-- `transfers`: the workers that issue range reads and uploads. Its size is the number of requests
-  in flight against the source and the sink.
+  a multipart object's part work and waits. A single-PUT object (one read, one PUT) is copied on
+  its own driver thread: a hand-off would cost more than the request.
+- `transfers`: the workers that issue the range reads and part uploads of multipart objects.
+
+Requests in flight are therefore at most `concurrency` (parts) + `objects_in_flight` (single PUTs
+and multipart open/complete calls).
 
 A driver waits on transfer futures, never the other way round, so the pools cannot deadlock.
 `serial=True` gives inline executors: `submit` runs the call before returning, so a concurrent
