@@ -344,7 +344,7 @@ def verify_prefix(endpoint: str, prefix: str, series: Series, encrypted: bool = 
 
 
 def exitplan_config(path: Path, lab: Lab, series: Series, prefix: str, concurrency: int, state_dir: Path,
-                    budget: int = 256 * MiB, encrypted: bool = False) -> Path:
+                    budget: int = 128 * MiB, encrypted: bool = False) -> Path:
     # Plain (`public: true`) is what rclone copy does; encrypted is exitplan's default.
     public = "false" if encrypted else "true"
     keys = f"keys:\n  kek:\n    backend: local\n    path: {state_dir}/kek.key\n" if encrypted else ""
@@ -712,7 +712,7 @@ def main_run(args: argparse.Namespace) -> int:
     lab = Lab(tmp)
     report: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"), "args": vars(args), "concurrency": n,
-        "part_size": PART_SIZE, "memory_budget": 256 * MiB, "series": [s.as_dict() for s in series],
+        "part_size": PART_SIZE, "memory_budget": 128 * MiB, "series": [s.as_dict() for s in series],
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "ports": {"azurite": lab.azurite_port, "s3": lab.s3_port},
     }
@@ -726,7 +726,7 @@ def main_run(args: argparse.Namespace) -> int:
             print("engine on in-memory connectors vs bare hashing loop ...", flush=True)
             out = tmp / "engine.json"
             argv = [sys.executable, str(Path(__file__).resolve()), "_engine", "--concurrency", str(n),
-                    "--budget", str(256 * MiB), "--repeat", str(args.engine_repeat), "--out", str(out),
+                    "--budget", str(128 * MiB), "--repeat", str(args.engine_repeat), "--out", str(out),
                     *[f"--series={s.name}:{s.container}:{s.count}:{s.size}" for s in series]]
             res = run_child(argv, env=child_env(), log=tmp / "engine.log")
             if res.rc != 0:
@@ -916,7 +916,7 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace) 
             summary["rss"] = {"failed": True}
             return summary
         big_mib = big["peak_rss_mib"]
-        print(f"\npeak RSS of exitplan migrate (memory budget 256 MiB, concurrency {args.concurrency})")
+        print(f"\npeak RSS of exitplan migrate (memory budget 128 MiB, concurrency {args.concurrency})")
         print(f"  one {args.rss_big_mib:,} MiB blob: {big_mib:6.0f} MiB   ({big['wall_s']:.1f} s, {fmt(big['mb_s'])} MB/s)")
         print(f"  one     20 MiB blob: {sm['peak_rss_mib']:6.0f} MiB   ({sm['wall_s']:.1f} s)")
         diff = big_mib - sm["peak_rss_mib"]

@@ -150,7 +150,7 @@ class TransferConfig(_Model):
     concurrency: int = Field(8, ge=1, le=256)
     object_concurrency: int | None = Field(None, ge=1, le=1024)
     part_size: Literal["auto"] | ByteSize = "auto"
-    memory_budget: ByteSize = 256 * 1024**2
+    memory_budget: ByteSize = 128 * 1024**2
     small_object_cutoff: ByteSize = 16 * 1024**2
     max_source_restarts: int = Field(3, ge=0, le=100)
     part_attempts: int = Field(5, ge=1, le=50)

@@ -27,6 +27,7 @@ from azure.core.exceptions import (
 )
 from azure.core.pipeline.transport import RequestsTransport
 from azure.storage.blob import BlobProperties, BlobServiceClient, ContainerClient, ExponentialRetry
+from azure.storage.blob._generated.models import ModifiedAccessConditions
 
 from .base import (
     AuthError,
@@ -71,6 +72,29 @@ class _PooledRequestsTransport(RequestsTransport):
                 scheme,
                 type(current)(pool_connections=4, pool_maxsize=self._max_connections, max_retries=current.max_retries),
             )
+
+
+class _ExactBuffer:
+    """A write-only stream filling a preallocated buffer; refuses to go past its size."""
+
+    def __init__(self, size: int):
+        self.buffer = bytearray(size)
+        self.pos = 0
+        self._view = memoryview(self.buffer)
+
+    def write(self, chunk) -> int:
+        n = len(chunk)
+        if self.pos + n > len(self.buffer):
+            raise TransientError(f"the service sent more than the {len(self.buffer)} bytes asked for")
+        self._view[self.pos:self.pos + n] = chunk
+        self.pos += n
+        return n
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
 
 
 def _unquote(etag: str | None) -> str:
@@ -282,19 +306,32 @@ class AzureBlobSource:
             props = self._call(lambda: blob.get_blob_properties(**conditions), key)
             self._check_bounds(key, start, end, props.size)
             return b""
-        downloader = self._call(
-            lambda: blob.download_blob(offset=start, length=end - start, max_concurrency=1, validate_content=False,
-                                       **conditions),
-            key,
-        )
-        self._check_bounds(key, start, end, _total_size(downloader.properties.content_range, start + downloader.size))
-        data = self._call(downloader.readall, key)
-        if len(data) != end - start:
+        # The generated operation streams the body in READ_BLOCK_SIZE blocks straight into one
+        # buffer of the exact size. `download_blob` first holds the whole first response in memory
+        # and then copies it (twice the range, outside the engine's memory budget).
+        access = ModifiedAccessConditions(if_match=_quote(if_match)) if if_match is not None else None
+
+        def fetch():
+            return blob._client.blob.download(  # noqa: SLF001 - see above
+                range=f"bytes={start}-{end - 1}", modified_access_conditions=access,
+                cls=lambda _response, body, headers: (body, headers),
+            )
+
+        body, headers = self._call(fetch, key)
+        self._check_bounds(key, start, end, _total_size(headers.get("Content-Range"), end))
+        into = _ExactBuffer(end - start)
+
+        def drain() -> None:
+            for chunk in body:
+                into.write(chunk)
+
+        self._call(drain, key)
+        if into.pos != end - start:
             raise TransientError(
-                f"{self.label}: short read of {key!r} range {start}-{end}: {len(data)} of {end - start} bytes",
+                f"{self.label}: short read of {key!r} range {start}-{end}: {into.pos} of {end - start} bytes",
                 key=key,
             )
-        return data
+        return into.buffer
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -338,7 +375,9 @@ class AzureBlobSource:
     def _translate(self, exc: AzureError, key: str) -> ConnectorError:
         status = getattr(getattr(exc, "response", None), "status_code", None) or getattr(exc, "status_code", None)
         raw_code = getattr(exc, "error_code", None)
-        code = str(getattr(raw_code, "value", raw_code) or "")
+        headers = getattr(getattr(exc, "response", None), "headers", None) or {}
+        # The generated operations do not parse x-ms-error-code into the exception: read it here.
+        code = str(getattr(raw_code, "value", raw_code) or headers.get("x-ms-error-code") or "")
         what = f"{self.label}: {key!r}" if key else self.label
         reason = f"{code or type(exc).__name__}{f' (HTTP {status})' if status else ''}"
         if isinstance(exc, DecodeError):

@@ -36,7 +36,7 @@ SEGMENT_SIZE = MiB  # output bytes per full segment, whatever the layout (Tink: 
 
 # Auto part size when the object and provider allow it: large enough that the per-request overhead
 # and the per-part MD5 bookkeeping stay small, small enough that several parts fit the default
-# 256 MiB budget at once (16 in flight). rclone lands on the same figure (LAB-NOTES.md).
+# 128 MiB budget at once (8 in flight, 4 once encrypted). rclone lands on the same figure (LAB-NOTES.md).
 AUTO_PART_SIZE = 16 * MiB
 
 
