@@ -17,7 +17,7 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from connectors.base import ObjectMeta, ObjectSink, ObjectSource, SinkLimits
+from connectors.base import MultipartUpload, ObjectMeta, ObjectSink, ObjectSource, PartReceipt, SinkLimits
 from engine import state as st
 from engine.budget import MemoryBudget
 from engine.executors import Executors
@@ -27,10 +27,12 @@ from engine.pipeline import (
     CopyEvents,
     ObjectOutcome,
     OutputFormat,
+    RecordedPart,
+    ResumePoint,
     copy_object,
     single_put_cutoff,
 )
-from engine.planning import ObjectPlan, PlanRefused, plan_object
+from engine.planning import ObjectPlan, PartPlan, PlanRefused, plan_object
 from engine.settings import TransferSettings
 from engine.state import StateStore, WriteBatch
 
@@ -195,7 +197,10 @@ class _StateEvents(CopyEvents):
     The row is created when the first attempt starts, directly as in_progress (before any byte
     moves). The end of an object that only ever took single PUTs (uploaded, failed) goes through
     the dataset's `WriteBatch`: losing it to a kill only means the object is copied again. A
-    multipart object's end is written at once (its upload is what a resume looks at)."""
+    multipart object's end is written at once (its upload is what a resume looks at), and so are
+    its upload id and header (right after the upload is opened, before any part is sent) and each
+    part receipt (after the destination acknowledged the part; a part acknowledged but not yet
+    recorded when the process dies is found again by ListParts on resume)."""
 
     def __init__(self, store: StateStore, batch: WriteBatch, run_id: int, dataset: str, dest_key: str,
                  tally: _Tally):
@@ -215,9 +220,19 @@ class _StateEvents(CopyEvents):
             self.object_id = self.store.add_object(
                 self.run_id, self.dataset, meta.key, meta.etag, meta.size, dest_key=self.dest_key,
                 source_md5=meta.content_md5, state=st.IN_PROGRESS, **fields)
-        else:
-            self.store.transition(self.object_id, st.IN_PROGRESS, **fields)
+        else:  # a restart: the previous attempt's upload was aborted
+            self.store.transition(self.object_id, st.IN_PROGRESS, upload_id=None, header=None, key_id=None, **fields)
         self.batch.flush_if_due()
+
+    def upload_opened(self, upload: MultipartUpload, header: bytes | None, key_id: int | None) -> None:
+        self.store.record_upload(self.object_id, upload.upload_id, header, key_id)
+
+    def part_uploaded(self, part: PartPlan, receipt: PartReceipt, md5: bytes | None = None) -> None:
+        if md5 is not None:  # a multipart part (a single PUT has no receipt worth keeping)
+            self.store.record_parts(self.object_id, [st.PartRecord(receipt.number, receipt.etag, receipt.size, md5.hex())])
+
+    def part_kept(self, part: PartPlan, receipt: PartReceipt, md5: bytes) -> None:
+        self.store.record_parts(self.object_id, [st.PartRecord(receipt.number, receipt.etag, receipt.size, md5.hex())])
 
     def source_changed(self, old: ObjectMeta, new: ObjectMeta) -> None:
         self.store.transition(self.object_id, st.CHANGED, source_etag=new.etag, size=new.size,
@@ -244,6 +259,20 @@ class _StateEvents(CopyEvents):
             self.store.transition(self.object_id, state, **fields)
         else:
             self.batch.transition(self.object_id, state, on_written=_unrecorded(self.tally, outcome), **fields)
+
+
+def resume_point(state: StateStore, dataset: str, source_key: str) -> ResumePoint | None:
+    """What a killed run left of this object: its newest row, when that is an unfinished multipart
+    upload (in_progress with an upload id), with its recorded parts. The pipeline decides whether
+    it can be continued (same source ETag and destination key) or must be aborted."""
+    row = state.resumable(dataset, source_key)
+    if row is None:
+        return None
+    recorded = tuple(RecordedPart(p.number, p.etag, p.size, bytes.fromhex(p.md5) if p.md5 else None)
+                     for p in state.parts(row.id))
+    return ResumePoint(dest_key=row.dest_key or "", upload_id=row.upload_id, source_etag=row.source_etag,
+                       size=row.size, header=bytes.fromhex(row.header) if row.header else None,
+                       key_id=row.key_id, parts=recorded)
 
 
 def _unrecorded(tally: _Tally, outcome: ObjectOutcome) -> Callable[[Exception | None], None]:
@@ -316,6 +345,7 @@ def migrate_dataset(
             outcome = copy_object(
                 source, sink, meta, placement, settings=settings, budget=budget, executors=executors,
                 output_format=output_format, events=events, replace_placement=replace_placement,
+                resume=resume_point(state, dataset, meta.key),
             )
             # Counted before it is recorded: a batched write that fails later corrects the count.
             tally.done(outcome)

@@ -105,13 +105,17 @@ class OutputFormat(Protocol):
     in the budget and a single PUT reuses the object MD5 as its Content-MD5. True: a part holds its
     plaintext and its output at once, so its budget charge is both."""
 
-    def begin(self, meta: ObjectMeta) -> SegmentEncoder:
-        """Start an attempt at writing `meta` (called again, with the new version, on a restart)."""
+    def begin(self, meta: ObjectMeta, *, header: bytes | None = None, key_id: int | None = None) -> SegmentEncoder:
+        """Start an attempt at writing `meta` (called again, with the new version, on a restart).
+        With `header` / `key_id` (a resumed upload): continue the recorded attempt instead, so
+        that the same plaintext gives the same output bytes as before the interruption."""
         ...
 
 
 class _IdentityEncoder:
     metadata: Mapping[str, str] = {}
+    header = None
+    key_id = None
 
     def encode(self, first_segment: int, plaintext: bytes | memoryview) -> bytes | memoryview:
         return plaintext
@@ -123,7 +127,7 @@ class IdentityFormat:
     layout: SegmentLayout = IDENTITY_LAYOUT
     copies = False
 
-    def begin(self, meta: ObjectMeta) -> SegmentEncoder:
+    def begin(self, meta: ObjectMeta, *, header: bytes | None = None, key_id: int | None = None) -> SegmentEncoder:
         return _IdentityEncoder()
 
 
@@ -145,11 +149,16 @@ class CopyEvents:
     def source_changed(self, old: ObjectMeta, new: ObjectMeta) -> None:
         """The source changed under us; the object restarts from `new`."""
 
-    def upload_opened(self, upload: MultipartUpload) -> None:
-        """A multipart upload exists (its abort is already registered)."""
+    def upload_opened(self, upload: MultipartUpload, header: bytes | None, key_id: int | None) -> None:
+        """A multipart upload exists (opened, or re-attached to on resume), before any part is
+        sent; `header` / `key_id` are the attempt's encryption header and data key (None when the
+        output is not encrypted). Its abort on failure is already registered."""
 
-    def part_uploaded(self, part: PartPlan, receipt: PartReceipt) -> None:
-        """The destination acknowledged a part."""
+    def part_uploaded(self, part: PartPlan, receipt: PartReceipt, md5: bytes | None = None) -> None:
+        """The destination acknowledged a part (`md5`: of the bytes sent; for a single PUT, None)."""
+
+    def part_kept(self, part: PartPlan, receipt: PartReceipt, md5: bytes) -> None:
+        """Resume: a part already on the destination (listed) was checked and is kept, not re-sent."""
 
     def bytes_moved(self, n: int) -> None:
         """`n` plaintext bytes were acknowledged by the destination (negative: undone by a restart)."""
@@ -161,6 +170,35 @@ class CopyEvents:
 
 
 @dataclass(frozen=True)
+class RecordedPart:
+    """A part receipt recorded by an earlier run (`md5`: of the bytes sent, when known)."""
+
+    number: int
+    etag: str
+    size: int
+    md5: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """An unfinished multipart upload left by an earlier (killed) run, as its state row says.
+
+    It is continued only if the source still has `source_etag` and `size` and the object still
+    goes to `dest_key`; otherwise the upload is aborted and the object starts over with a new
+    header. `header` / `key_id` are the attempt's encryption header and data key (None: not
+    encrypted). `parts` are the receipts that run recorded; parts it sent but did not record are
+    found with ListParts."""
+
+    dest_key: str
+    upload_id: str
+    source_etag: str
+    size: int
+    header: bytes | None = None
+    key_id: int | None = None
+    parts: tuple[RecordedPart, ...] = ()
+
+
+@dataclass(frozen=True)
 class ObjectOutcome:
     """What happened to one object. `size` is the plaintext size of the version copied (or tried).
 
@@ -169,7 +207,8 @@ class ObjectOutcome:
     engine issued for the object (range reads, heads, PUT / open / part uploads / complete),
     retries and restarts included: with no fault it is reads + uploads + 2 for a multipart object. `refused` marks an
     object that never started because it cannot be written (too large, a name or metadata that
-    does not fit): its status is "failed".
+    does not fit): its status is "failed". `resumed`: the final attempt continued an upload left
+    by an earlier run; `parts_kept` of its parts were already there (checked, not re-sent).
     """
 
     source_key: str
@@ -187,6 +226,8 @@ class ObjectOutcome:
     attempts: int = 0
     output_size: int = 0
     refused: bool = False
+    resumed: bool = False
+    parts_kept: int = 0
 
 
 class ObjectFailed(Exception):
@@ -303,6 +344,7 @@ def copy_object(
     output_format: OutputFormat = IDENTITY,
     events: CopyEvents | None = None,
     replace_placement: Callable[[ObjectMeta], Placement] | None = None,
+    resume: ResumePoint | None = None,
 ) -> ObjectOutcome:
     """Copy one object from `source` to `sink` at `placement.dest_key`; never raises for a failure of
     this object (the outcome says "failed" with the reason). Call from an `executors.objects` thread
@@ -311,6 +353,9 @@ def copy_object(
     On a source change the object restarts from its new version; `replace_placement` (if given)
     re-places the new version (its metadata may have changed), otherwise the placement is kept.
     A `DoesNotFit` raised by it fails the object with its message.
+
+    `resume`: an upload an earlier run left unfinished; the first attempt continues it when the
+    source version and the destination key are the same (see `ResumePoint`), else aborts it.
     """
     events = events or CopyEvents()
     counter = _Counter()
@@ -318,7 +363,8 @@ def copy_object(
     current = meta
     while True:
         attempt = _Attempt(source, sink, current, placement, settings, budget, executors,
-                           output_format, events, counter, restarts)
+                           output_format, events, counter, restarts, resume)
+        resume = None  # only the first attempt may continue it (a restart aborted it)
         try:
             return attempt.run()
         except SourceChanged as exc:
@@ -352,6 +398,34 @@ def copy_object(
         except Exception as exc:  # a bug must fail this object, not the run
             log.exception("internal error while copying %s", meta.key)
             return attempt.failed(f"internal error: {type(exc).__name__}: {exc}")
+
+
+class _CompletedUpload:
+    """An upload an earlier run completed (the object is there with the ETag its parts make):
+    nothing can be sent to it any more; completing it again answers that ETag."""
+
+    def __init__(self, key: str, upload_id: str, etag: str):
+        self.key, self.upload_id, self.etag = key, upload_id, etag
+
+    def upload_part(self, number: int, body, size: int, md5: bytes | None) -> PartReceipt:
+        raise NotFound(f"part {number} of {self.key!r} differs from the object an earlier run completed; "
+                       "the next run copies the object again", key=self.key)
+
+    def list_parts(self) -> list[PartReceipt]:
+        return []
+
+    def complete(self, parts: Sequence[PartReceipt]) -> str:
+        return self.etag
+
+    def abort(self) -> None:
+        pass
+
+
+def _abort_quietly(upload: MultipartUpload) -> None:
+    try:
+        upload.abort()
+    except Exception:
+        log.warning("could not abort the multipart upload %s of %r", upload.upload_id, upload.key, exc_info=True)
 
 
 class _Counter:
@@ -397,7 +471,8 @@ class _Attempt:
 
     def __init__(self, source: ObjectSource, sink: ObjectSink, meta: ObjectMeta, placement: Placement,
                  settings: TransferSettings, budget: MemoryBudget, executors: Executors,
-                 output_format: OutputFormat, events: CopyEvents, counter: _Counter, restarts: int):
+                 output_format: OutputFormat, events: CopyEvents, counter: _Counter, restarts: int,
+                 resume: ResumePoint | None = None):
         self.source = source
         self.sink = sink
         self.meta = meta
@@ -415,6 +490,9 @@ class _Attempt:
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_reported = 0
+        self.resume = resume
+        self.parts_kept = 0
+        self.resumed = False
 
     # ---- outcome helpers -------------------------------------------------------------------
 
@@ -445,8 +523,6 @@ class _Attempt:
     # ---- the attempt -------------------------------------------------------------------------
 
     def run(self) -> ObjectOutcome:
-        encoder = self.format.begin(self.meta)
-        self.encoder = encoder
         factor = 2 if self.format.copies else 1
         try:
             self.plan = plan_object(
@@ -454,8 +530,23 @@ class _Attempt:
                 single_put_cutoff=single_put_cutoff(self.settings, self.budget.capacity, self.format.copies),
             )
         except PlanRefused as exc:
+            self._drop_resume("the object cannot be written any more")
             raise _Refused(str(exc)) from exc
         plan = self.plan
+        reattached = self._reattach(plan)
+        encoder = None
+        if reattached is not None:
+            try:
+                encoder = self.format.begin(self.meta, header=self.resume.header, key_id=self.resume.key_id)
+            except Exception as exc:  # the data key is gone from the keyset, a malformed header
+                log.warning("%s: cannot continue upload %s with its recorded header (%s); starting over",
+                            self.meta.key, self.resume.upload_id, exc)
+                _abort_quietly(reattached[0])
+                reattached = None
+                self.resumed = False
+        if encoder is None:
+            encoder = self.format.begin(self.meta)
+        self.encoder = encoder
         write_meta = self.placement.write_meta
         if encoder.metadata:
             write_meta = WriteMeta(content=write_meta.content, metadata={**write_meta.metadata, **encoder.metadata})
@@ -465,15 +556,101 @@ class _Attempt:
             dest_etag = self._single_put(plan.parts[0], write_meta)
         else:
             streamed = plan.part_output_size * factor > buffer_limit(self.budget.capacity)
-            dest_etag = self._multipart(plan, write_meta, streamed)
+            dest_etag = self._multipart(plan, write_meta, streamed, reattached)
 
         return ObjectOutcome(
             source_key=self.meta.key, dest_key=self.placement.dest_key, source_etag=self.meta.etag,
             size=self.meta.size, status="ok", sha256=self.digest.sha256.hexdigest(),
             md5_checked=self.meta.content_md5 is not None, dest_etag=dest_etag, parts=plan.part_count,
             bytes_sent=self.bytes_sent, restarts=self.restarts, attempts=self.counter.value,
-            output_size=plan.output_size,
+            output_size=plan.output_size, resumed=self.resumed, parts_kept=self.parts_kept,
         )
+
+    # ---- resume --------------------------------------------------------------------------------
+
+    def _drop_resume(self, why: str) -> None:
+        """The recorded upload will not be continued: abort it (its parts cost storage)."""
+        resume, self.resume = self.resume, None
+        if resume is None:
+            return
+        log.info("%s: aborting the upload %s left by an earlier run: %s", self.meta.key, resume.upload_id, why)
+        try:
+            _abort_quietly(self.sink.resume_multipart(resume.dest_key, resume.upload_id))
+        except NotFound:
+            pass
+        except ConnectorError as exc:
+            log.warning("%s: could not abort upload %s (%s); `exitplan cleanup` lists it", self.meta.key,
+                        resume.upload_id, exc)
+
+    def _reattach(self, plan: ObjectPlan) -> tuple[MultipartUpload, dict[int, PartReceipt]] | None:
+        """Re-attach to the upload an earlier run left, when it can be continued: (the upload,
+        the parts the destination lists, by number). None: start over (the upload, if any, is aborted)."""
+        resume = self.resume
+        if resume is None:
+            return None
+        if resume.source_etag != self.meta.etag or resume.size != self.meta.size:
+            self._drop_resume(f"the source changed since (ETag {resume.source_etag} -> {self.meta.etag})")
+            return None
+        if resume.dest_key != self.placement.dest_key or plan.single_put:
+            self._drop_resume("the object is now written differently")
+            return None
+        try:
+            upload = self.retry("re-attaching to the multipart upload")(
+                self.sink.resume_multipart, resume.dest_key, resume.upload_id)
+            listed = self.retry("listing the parts of the multipart upload")(upload.list_parts)
+        except NotFound:
+            done = self._completed_before(plan, resume)
+            if done is not None:
+                self.resumed = True
+                return done
+            log.info("%s: the upload %s left by an earlier run is gone; starting over", self.meta.key, resume.upload_id)
+            self.resume = None
+            return None
+        self.resumed = True
+        return upload, {r.number: r for r in listed}
+
+    def _completed_before(self, plan: ObjectPlan, resume: ResumePoint
+                          ) -> tuple[MultipartUpload, dict[int, PartReceipt]] | None:
+        """The upload is gone, but the earlier run may have completed it and died before recording
+        that: if the destination object's ETag is the one its recorded parts make, every part is
+        "listed" as recorded (each is still checked against what we would send, and the source
+        re-read for the object hash) and completing is a no-op. None: start over."""
+        if not self.check_etag:
+            return None
+        recorded = {r.number: r for r in resume.parts}
+        mine = [recorded.get(p.number) for p in plan.parts]
+        if any(r is None or r.md5 is None or r.size != p.output_size for r, p in zip(mine, plan.parts)):
+            return None
+        expected = multipart_etag([r.md5 for r in mine])
+        try:
+            head = self.retry("head of the destination")(self.sink.head, self.placement.dest_key)
+        except NotFound:
+            return None
+        etag = head.etag.strip('"').lower()
+        if etag != expected or head.size != plan.output_size:
+            return None
+        log.info("%s: the upload %s was completed by an earlier run; checking it", self.meta.key, resume.upload_id)
+        listed = {p.number: PartReceipt(p.number, r.etag, r.size) for r, p in zip(mine, plan.parts)}
+        return _CompletedUpload(self.placement.dest_key, resume.upload_id, etag), listed
+
+    def _keep(self, part: PartPlan, listed: PartReceipt | None, md5: bytes) -> bool:
+        """Whether the part the destination lists is exactly what we would send now (`md5`)."""
+        if listed is None or listed.size != part.output_size:
+            return False
+        etag = listed.etag.strip('"').lower()
+        if self.check_etag:
+            return etag == md5.hex()
+        # ETags that are not MD5s cannot be checked against the bytes: trust only a recorded receipt.
+        recorded = {r.number: r for r in self.resume.parts} if self.resume else {}
+        mine = recorded.get(part.number)
+        return mine is not None and mine.etag.strip('"').lower() == etag and mine.size == listed.size
+
+    def _kept(self, part: PartPlan, listed: PartReceipt, md5: bytes) -> None:
+        with self._lock:
+            self.parts_kept += 1
+            self.bytes_reported += part.plaintext_size
+        self.events.bytes_moved(part.plaintext_size)
+        self.events.part_kept(part, listed, md5)
 
     def _charge(self, part: PartPlan) -> int:
         return part.plaintext_size + (part.output_size if self.format.copies else 0)
@@ -561,17 +738,25 @@ class _Attempt:
 
     # ---- multipart -------------------------------------------------------------------------------
 
-    def _multipart(self, plan: ObjectPlan, write_meta: WriteMeta, streamed: bool) -> str:
+    def _multipart(self, plan: ObjectPlan, write_meta: WriteMeta, streamed: bool,
+                   reattached: tuple[MultipartUpload, dict[int, PartReceipt]] | None = None) -> str:
         dest = self.placement.dest_key
-        upload = self.retry("opening the multipart upload")(self.sink.open_multipart, dest, write_meta)
-        # Abort on every failure path from here on: an open upload keeps its parts (and costs
-        # storage) until a lifecycle rule removes it, and must never be completed half-written.
+        if reattached is not None:
+            upload, listed = reattached
+        else:
+            upload = self.retry("opening the multipart upload")(self.sink.open_multipart, dest, write_meta)
+            listed = {}
+        # Abort on every failure of this object from here on: an open upload keeps its parts (and
+        # costs storage) until a lifecycle rule removes it, and must never be completed
+        # half-written. Not on an interrupt (KeyboardInterrupt, SystemExit): the run stops, the
+        # object did not fail, and the next run continues this upload from its recorded parts.
         try:
-            self.events.upload_opened(upload)
+            self.events.upload_opened(upload, getattr(self.encoder, "header", None),
+                                      getattr(self.encoder, "key_id", None))
             if streamed:
-                results = self._streamed_parts(plan, upload)
+                results = self._streamed_parts(plan, upload, listed)
             else:
-                results = self._buffered_parts(plan, upload)
+                results = self._buffered_parts(plan, upload, listed)
             receipts = [r for r, _ in results]
             md5s = [m for _, m in results]
             if [r.number for r in receipts] != list(range(1, plan.part_count + 1)):
@@ -582,7 +767,7 @@ class _Attempt:
             self._check_source()
             expected = multipart_etag(md5s)
             etag = self._complete(upload, receipts, expected)
-        except BaseException:
+        except Exception:
             try:
                 upload.abort()
             except Exception:  # the original failure matters more; the upload stays listable
@@ -617,7 +802,8 @@ class _Attempt:
 
         return self.retry("completing the multipart upload")(complete)
 
-    def _buffered_parts(self, plan: ObjectPlan, upload: MultipartUpload) -> list[tuple[PartReceipt, bytes]]:
+    def _buffered_parts(self, plan: ObjectPlan, upload: MultipartUpload,
+                        listed: Mapping[int, PartReceipt]) -> list[tuple[PartReceipt, bytes]]:
         failure = threading.Event()
         futures: list[Future] = []
         for part in plan.parts:
@@ -630,7 +816,8 @@ class _Attempt:
                 break
             lease = Lease(self.budget, charge, ("hash", "upload"))
             try:
-                futures.append(self.executors.transfers.submit(self._part_task, part, upload, lease, failure))
+                futures.append(self.executors.transfers.submit(self._part_task, part, upload, lease, failure,
+                                                               listed.get(part.number)))
             except BaseException:
                 lease.release_all()
                 failure.set()
@@ -651,7 +838,10 @@ class _Attempt:
         return results
 
     def _part_task(self, part: PartPlan, upload: MultipartUpload, lease: Lease,
-                   failure: threading.Event) -> tuple[PartReceipt, bytes]:
+                   failure: threading.Event, listed: PartReceipt | None = None) -> tuple[PartReceipt, bytes]:
+        """Read, hash, transform and upload one part. On resume, a part the destination already
+        lists is read, hashed and transformed all the same (the object hash needs every byte, and
+        the output's MD5 proves the listed part is what we would send) but not uploaded again."""
         fed = False
         try:
             if failure.is_set():
@@ -662,6 +852,9 @@ class _Attempt:
             out = self.encoder.encode(part.first_segment, data)
             self._check_output(out, part)
             md5 = hashlib.md5(out).digest()
+            if self._keep(part, listed, md5):
+                self._kept(part, listed, md5)
+                return listed, md5
 
             def send() -> PartReceipt:
                 receipt = upload.upload_part(part.number, out, part.output_size, md5)
@@ -670,7 +863,7 @@ class _Attempt:
 
             receipt = self.retry(f"upload of part {part.number}")(send)
             self._sent(part)
-            self.events.part_uploaded(part, receipt)
+            self.events.part_uploaded(part, receipt, md5)
             return receipt, md5
         except BaseException:
             failure.set()
@@ -683,7 +876,8 @@ class _Attempt:
 
     # ---- streamed parts (larger than the budget allows to buffer) --------------------------------
 
-    def _streamed_parts(self, plan: ObjectPlan, upload: MultipartUpload) -> list[tuple[PartReceipt, bytes]]:
+    def _streamed_parts(self, plan: ObjectPlan, upload: MultipartUpload,
+                        listed: Mapping[int, PartReceipt]) -> list[tuple[PartReceipt, bytes]]:
         slice_segments = self._slice_segments()
         seg = self.format.layout.segment_size
         # The driver acquires one slice's worth for the whole part, so that a transfer worker never
@@ -695,7 +889,7 @@ class _Attempt:
             self.budget.acquire(allowance)
             try:
                 results.append(self.executors.transfers.submit(self._streamed_part, part, upload,
-                                                               slice_segments).result())
+                                                               slice_segments, listed.get(part.number)).result())
             finally:
                 self.budget.release(allowance)
         return results
@@ -706,8 +900,24 @@ class _Attempt:
         size = min(self.settings.stream_slice_size, buffer_limit(self.budget.capacity) // factor)
         return max(1, size // seg)
 
-    def _streamed_part(self, part: PartPlan, upload: MultipartUpload, slice_segments: int) -> tuple[PartReceipt, bytes]:
+    def _streamed_part(self, part: PartPlan, upload: MultipartUpload, slice_segments: int,
+                       listed: PartReceipt | None = None) -> tuple[PartReceipt, bytes]:
         snapshot = self.digest.snapshot()
+        if listed is not None and listed.size == part.output_size:
+            # Resume: stream the part through the hash and the transform without sending it; keep
+            # the listed part if its MD5 is ours, else send it again (re-read from the source).
+            body = _StreamedPartBody(self, part, slice_segments)
+            try:
+                while body.read(1 << 20):
+                    pass
+            finally:
+                body.close()
+            if body.error is not None:
+                raise body.error
+            md5 = body.md5.digest()
+            if body.sent == part.output_size and self._keep(part, listed, md5):
+                self._kept(part, listed, md5)
+                return listed, md5
 
         def send() -> tuple[PartReceipt, bytes]:
             # A retried part is read again from the source; the hash goes back to where the part began.
@@ -732,7 +942,7 @@ class _Attempt:
 
         receipt, md5 = self.retry(f"upload of part {part.number}")(send)
         self._sent(part)
-        self.events.part_uploaded(part, receipt)
+        self.events.part_uploaded(part, receipt, md5)
         return receipt, md5
 
 

@@ -17,8 +17,13 @@ same as inserting it pending and moving it at once, in one statement. Writes who
 harmless (a single PUT's "uploaded": a lost mark only means the object is copied again) can be
 queued in a `WriteBatch` and committed many at a time; see its docstring for when that is allowed.
 
-Extending (the resume issue): add a `parts` table keyed by object id (number, etag, size, md5,
-sha256) and nullable `upload_id` / `header` columns on `objects`; add states to `TRANSITIONS`.
+Resume: a multipart object's row carries the upload id, the 40-byte encryption header and the
+data key id of its current attempt (all public: the header is written on the object, the key id in
+its metadata; never key material), recorded with `record_upload` right after the upload is opened
+and before any part is sent. The `parts` table holds the receipt of every part the destination
+acknowledged (number, ETag, size, MD5), recorded after the acknowledgement; a part uploaded but not
+recorded when the process died is found again with ListParts. `resumable` finds the row a killed
+run left behind.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -98,6 +103,11 @@ objects = sa.Table(
     sa.Column("output_size", sa.BigInteger),
     sa.Column("part_count", sa.Integer),
     sa.Column("restarts", sa.Integer, nullable=False, default=0),
+    # The current attempt's multipart upload (None for a single PUT) and its encryption header
+    # (hex of the 40 public bytes; None when not encrypted) and data key id.
+    sa.Column("upload_id", sa.String),
+    sa.Column("header", sa.String(80)),
+    sa.Column("key_id", sa.BigInteger),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("started_at", sa.DateTime),
     sa.Column("finished_at", sa.DateTime),
@@ -107,10 +117,24 @@ objects = sa.Table(
     sa.Index("ix_objects_run_state", "run_id", "state"),
 )
 
+# The receipts of the parts of the current attempt of a multipart object.
+parts = sa.Table(
+    "parts", metadata,
+    sa.Column("object_id", sa.Integer, sa.ForeignKey("objects.id"), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),  # 1-based
+    sa.Column("etag", sa.String, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),  # output bytes
+    sa.Column("md5", sa.String(32)),  # hex, of the output bytes sent
+    sa.Column("recorded_at", sa.DateTime, nullable=False),
+)
+
+# Columns added after the first release of the store: added to an existing database on open.
+_ADDED_COLUMNS = ("upload_id", "header", "key_id")
+
 # Columns a transition may set besides the state.
 _OBJECT_FIELDS = frozenset({
     "reason", "sha256", "source_md5", "md5_checked", "dest_key", "dest_etag", "output_size", "part_count",
-    "restarts", "source_etag", "size", "started_at", "finished_at",
+    "restarts", "source_etag", "size", "started_at", "finished_at", "upload_id", "header", "key_id",
 })
 
 
@@ -133,6 +157,9 @@ _LAST_COPY = (objects.select()
               .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"),
                      objects.c.state.in_([sa.literal(s) for s in COPIED]))
               .order_by(objects.c.id.desc()).limit(1))
+_NEWEST_ROWS = (objects.select()
+                .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"))
+                .order_by(objects.c.id.desc()).limit(20))
 
 # States an object row may be created in: pending, or one step from it (the insert then stands for
 # "pending, then at once this"), e.g. in_progress for an object whose first attempt starts now.
@@ -165,6 +192,19 @@ class ObjectRecord:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    upload_id: str | None = None
+    header: str | None = None  # hex
+    key_id: int | None = None
+
+
+@dataclass(frozen=True)
+class PartRecord:
+    """A part the destination acknowledged (`md5`: hex of the bytes sent, None if unknown)."""
+
+    number: int
+    etag: str
+    size: int
+    md5: str | None
 
 
 @dataclass(frozen=True)
@@ -204,7 +244,25 @@ class StateStore:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write = threading.Lock()
         self._conn: Connection | None = None  # the writer's connection, opened on the first write
-        metadata.create_all(self.engine)
+        try:
+            metadata.create_all(self.engine)
+        except sa.exc.OperationalError:
+            if "mode=ro" not in url:  # read-only: an older store may lack a table; reads still work
+                raise
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """A state store written by an older exitplan lacks the resume columns: add them (nullable)."""
+        if "mode=ro" in self.url:
+            return
+        have = {c["name"] for c in sa.inspect(self.engine).get_columns("objects")}
+        missing = [name for name in _ADDED_COLUMNS if name not in have]
+        if missing:
+            with self._write, self.engine.begin() as conn:
+                for name in missing:
+                    col = objects.c[name]
+                    conn.execute(sa.text(f"ALTER TABLE objects ADD COLUMN {name} "
+                                         f"{col.type.compile(dialect=self.engine.dialect)}"))
 
     @staticmethod
     def _connect_args(url: str) -> dict[str, Any]:
@@ -327,6 +385,61 @@ class StateStore:
         with self.engine.connect() as conn:
             row = conn.execute(_LAST_COPY, {"_dataset": dataset, "_key": source_key}).mappings().first()
         return ObjectRecord(**row) if row else None
+
+    # ---- multipart uploads and their parts (resume) --------------------------------------------
+
+    def record_upload(self, object_id: int, upload_id: str, header: bytes | None, key_id: int | None) -> None:
+        """Record the multipart upload of the object's current attempt (written right after it is
+        opened, before any part is sent) and forget the parts of any earlier attempt. The object
+        must be in_progress; this is not a state change, it says what the in_progress is doing."""
+        values = dict(upload_id=upload_id, header=header.hex() if header is not None else None, key_id=key_id,
+                      updated_at=utcnow())
+        with self._writing() as conn:
+            done = conn.execute(objects.update().where(objects.c.id == object_id, objects.c.state == IN_PROGRESS)
+                                .values(**values)).rowcount
+            if done != 1:
+                raise _refusal(conn, object_id, IN_PROGRESS)
+            conn.execute(parts.delete().where(parts.c.object_id == object_id))
+
+    def record_parts(self, object_id: int, receipts: Iterable[PartRecord]) -> None:
+        """Record part receipts of the object's current upload (a part number recorded again is replaced)."""
+        now = utcnow()
+        rows = [dict(object_id=object_id, number=r.number, etag=r.etag, size=r.size, md5=r.md5, recorded_at=now)
+                for r in receipts]
+        if not rows:
+            return
+        with self._writing() as conn:
+            conn.execute(parts.delete().where(parts.c.object_id == object_id,
+                                              parts.c.number.in_([r["number"] for r in rows])))
+            conn.execute(parts.insert(), rows)
+
+    def parts(self, object_id: int) -> list[PartRecord]:
+        """The recorded parts of an object, in part-number order."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(parts.c.number, parts.c.etag, parts.c.size, parts.c.md5)
+                                .where(parts.c.object_id == object_id).order_by(parts.c.number)).all()
+        return [PartRecord(int(n), e, int(z), m) for n, e, z, m in rows]
+
+    def resumable(self, dataset: str, source_key: str) -> ObjectRecord | None:
+        """The newest row of this object across runs that is an unfinished multipart upload
+        (in_progress with an upload id), unless a later row finished or failed the object: what a
+        killed run left behind. None otherwise."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(_NEWEST_ROWS, {"_dataset": dataset, "_key": source_key}).mappings().all()
+        for row in rows:
+            if row["state"] != IN_PROGRESS:
+                return None
+            if row["upload_id"]:
+                return ObjectRecord(**row)
+            # in_progress without an upload: a later run killed before it recorded one (or a
+            # single PUT); the upload an earlier run left may still be there.
+        return None
+
+    def upload_ids(self) -> set[str]:
+        """Every multipart upload id any row refers to (for `exitplan cleanup`)."""
+        with self.engine.connect() as conn:
+            return {u for (u,) in conn.execute(sa.select(objects.c.upload_id).where(objects.c.upload_id.is_not(None))
+                                                .distinct())}
 
     def state_counts(self, run_id: int, dataset: str | None = None) -> dict[str, tuple[int, int]]:
         """state -> (objects, plaintext bytes) for a run (and dataset): the migrate summary's numbers."""

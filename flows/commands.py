@@ -1,4 +1,4 @@
-"""The working commands of the CLI: inventory, migrate, demo. Thin: the work is in `engine/`."""
+"""The working commands of the CLI: inventory, migrate, restore, cleanup, demo. Thin: the work is in `engine/`."""
 
 from __future__ import annotations
 
@@ -41,6 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--to", required=True, metavar="DIR", type=Path,
                    help="where to write the plaintext (the only place exitplan ever writes plaintext)")
     p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("cleanup", help="list multipart uploads under the destination prefixes that no state refers to; "
+                                       "abort them with --abort")
+    _add_config(p)
+    p.add_argument("--abort", action="store_true",
+                   help="abort the uploads listed (default: only list them; uploads the state refers to are never touched)")
+    p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("demo", help="start the lab, seed it, migrate every lab dataset and print the summary")
     p.add_argument("--profile", choices=("tiny", "standard", "bench"), default="standard",
@@ -264,6 +271,35 @@ def cmd_restore(args: argparse.Namespace) -> int:
           + (f", {summary.unchecked:,} had no recorded digest (no state for them)" if summary.unchecked else "")
           + (f"; {summary.failed:,} failed" if summary.failed else ""))
     return ExitCode.OK if summary.all_ok and summary.objects else (ExitCode.FAILED if summary.failed else ExitCode.OK)
+
+
+# ---------------------------------------------------------------------------------------------
+# cleanup
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from engine import run
+
+    loaded = load_config(args.config)
+    found = run.cleanup(loaded, chosen_datasets(loaded, args.dataset), abort=args.abort)
+    if not found:
+        print("no multipart upload under the datasets' destination prefixes is unknown to the state.")
+        return ExitCode.OK
+
+    def age(seconds: float | None) -> str:
+        if seconds is None:
+            return "?"
+        return f"{seconds / 86400:.1f} d" if seconds >= 86400 else f"{seconds / 3600:.1f} h"
+
+    print_table(["dataset", "key", "upload id", "age", "status"],
+                [[o.dataset, o.key, o.upload_id, age(o.age_seconds), "aborted" if o.aborted else "open"] for o in found])
+    if args.abort:
+        print(f"\naborted {len(found):,} multipart uploads that no state row referred to.")
+    else:
+        print(f"\n{len(found):,} multipart uploads are not referred to by the state (a run killed right after "
+              "opening them, or a lost state store); they cost storage until aborted: run again with --abort.")
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------------------------------

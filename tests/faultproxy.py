@@ -98,6 +98,9 @@ class FaultProxy:
         self._rules: list[_Rule] = []
         self._counts: Counter[tuple[str, str]] = Counter()
         self.log: list[tuple[str, str, int]] = []   # (method, target, status sent) for debugging
+        # (method, target) of every request received, in order, whether or not it was answered
+        # (a client killed mid-request never gets, and the log never shows, its answer).
+        self.received: list[tuple[str, str]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -207,6 +210,7 @@ class FaultProxy:
         with self._lock:
             self._counts.clear()
             self.log.clear()
+            self.received.clear()
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -219,6 +223,7 @@ class FaultProxy:
     def _take(self, method: str, target: str) -> _Rule | None:
         with self._lock:
             self._counts[(method, request_kind(method, target))] += 1
+            self.received.append((method, target))
             for rule in self._rules:
                 if rule.remaining > 0 and rule.matches(method, target):
                     rule.remaining -= 1

@@ -215,11 +215,25 @@ class ObjectEncryptor:
 
     `segment_count`, when known, preallocates that record and checks that only the final index is
     marked last; without it, the record grows with the highest index seen.
+
+    `header` (resume only): continue an attempt whose header was recorded, instead of starting a
+    fresh one. Same key, header and plaintext give the same ciphertext, so the parts already sent
+    can be checked and the missing ones sent. Safe only while the source is pinned to the version
+    that attempt read (same ETag): different plaintext under a recorded header would reuse nonces
+    across processes, which the in-process reuse check cannot see.
     """
 
-    def __init__(self, data_key: DataKey, associated_data: bytes, *, segment_count: int | None = None):
-        salt = os.urandom(SALT_SIZE)
-        self._prefix = os.urandom(NONCE_PREFIX_SIZE)
+    def __init__(self, data_key: DataKey, associated_data: bytes, *, segment_count: int | None = None,
+                 header: bytes | None = None):
+        if header is None:
+            salt = os.urandom(SALT_SIZE)
+            self._prefix = os.urandom(NONCE_PREFIX_SIZE)
+        else:
+            header = bytes(header)
+            if len(header) != HEADER_SIZE or header[0] != HEADER_SIZE:
+                raise FormatError(f"a recorded header must be {HEADER_SIZE} bytes starting with 0x28, "
+                                  f"not {len(header)} bytes starting with {header[:1].hex() or 'nothing'}")
+            salt, self._prefix = header[1:1 + SALT_SIZE], header[1 + SALT_SIZE:]
         self.header = bytes([HEADER_SIZE]) + salt + self._prefix
         self.key_id = data_key.key_id
         self.associated_data = bytes(associated_data)
@@ -318,6 +332,10 @@ class TinkEncoder:
     def header(self) -> bytes:
         return self.encryptor.header
 
+    @property
+    def key_id(self) -> int:
+        return self.encryptor.key_id
+
     def encode(self, first_segment: int, plaintext: bytes | bytearray | memoryview) -> bytearray:
         """Ciphertext of the run of whole segments from `first_segment` whose plaintext is
         `plaintext` (segment 0's includes the header; the object's final segment is marked last).
@@ -369,10 +387,12 @@ class TinkFormat:
         so the 2 KB budget counts it. It does not depend on the attempt (the header is in the data)."""
         return object_metadata(self.keys.primary_id, associated_data(self.dataset, meta.key), meta.size)
 
-    def begin(self, meta: ObjectMeta) -> TinkEncoder:
-        key = self.keys.primary
+    def begin(self, meta: ObjectMeta, *, header: bytes | None = None, key_id: int | None = None) -> TinkEncoder:
+        """A new attempt (fresh header, primary key), or with `header` and `key_id` the recorded
+        attempt of a resumed upload (see `ObjectEncryptor`; `KeysetError` if the key is gone)."""
+        key = self.keys.primary if header is None or key_id is None else self.keys.get(key_id)
         aad = associated_data(self.dataset, meta.key)
-        encryptor = ObjectEncryptor(key, aad, segment_count=self.layout.segment_count(meta.size))
+        encryptor = ObjectEncryptor(key, aad, segment_count=self.layout.segment_count(meta.size), header=header)
         return TinkEncoder(encryptor, meta.size, object_metadata(key.key_id, aad, meta.size), self.layout)
 
 
