@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="abort the uploads listed (default: only list them; uploads the state refers to are never touched)")
     p.set_defaults(func=cmd_cleanup)
 
-    p = sub.add_parser("demo", help="start the lab, seed it, migrate every lab dataset and print the summary")
+    p = sub.add_parser("demo", help="start the lab, seed it, migrate and deep-verify every lab dataset, write the report")
     p.add_argument("--profile", choices=("tiny", "standard", "bench"), default="standard",
                    help="seed profile (default: standard, about 0.6 GiB)")
     p.set_defaults(func=cmd_demo)
@@ -337,10 +337,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return code
     print(f"\n== migrate --config {config}\n", flush=True)
     code = cmd_migrate(argparse.Namespace(config=str(config), dataset=[], dry_run=False))
+    if code:
+        return code
+    from flows import audit_cli
+
+    print(f"\n== verify --deep --config {config}  (read back, decrypt, compare with the source's SHA-256)\n", flush=True)
+    code = audit_cli.cmd_verify(argparse.Namespace(config=str(config), dataset=[], deep=True, sample=None, seed=None))
+    report = lab.lab_dir() / "demo-report.html"
+    audit_cli.cmd_report(argparse.Namespace(config=str(config), dataset=[], out=report))
     print(
         "\nLook around:\n"
-        f"  exitplan inventory --config {config}     # what the source holds\n"
-        f"  eval \"$(exitplan lab env)\"                 # point the Azure SDK / boto3 / rclone at the lab\n"
-        "  exitplan lab down                           # stop the lab (its data lives in memory)"
+        f"  {report}   # the report: where the data is, who holds the keys, the manifest's fingerprint\n"
+        f"  {state_dir}/audit/manifest.jsonl   # the signed audit manifest\n"
+        f"  exitplan restore --config {config} --dataset imaging --to /tmp/imaging   # bring data back\n"
+        f"  eval \"$(exitplan lab env)\"   # point the Azure SDK / boto3 / rclone at the lab\n"
+        "  exitplan lab down   # stop the lab (its data lives in memory)"
     )
     return code
