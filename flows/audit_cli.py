@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import TextIO
 
 from config.errors import ExitCode, UserError
 from config.loader import load_config
 from config.sizes import format_size
+from flows.progress import StatusLine
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,49 +59,24 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-class VerifyDisplay:
-    """Progress of a verify: one redrawn line on a terminal, a plain line every `log_interval`
-    seconds otherwise (as `flows.progress.ProgressDisplay` does for migrate)."""
-
-    def __init__(self, stream: TextIO | None = None, *, tty_interval: float = 0.2, log_interval: float = 10.0):
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
-        self.interval = tty_interval if self.tty else log_interval
-        self._lock = threading.Lock()
-        self._last = 0.0
-        self._drawn = False
+class VerifyDisplay(StatusLine):
+    """Progress of a verify, on the same status line as migrate's."""
 
     def dataset_started(self, dataset: str, objects: int) -> None:
         self.started = time.monotonic()
-        self._last = 0.0
-        if not self.tty:
-            self._write(f"{dataset}: verifying {objects:,} objects\n")
+        self.restart(f"{dataset}: verifying {objects:,} objects")
 
     def progress(self, snap) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last < self.interval and snap.checked < snap.total:
-                return
-            self._last = now
-            rate = snap.bytes_read / max(now - self.started, 1e-6) / 1e6
-            failed = f", {snap.failed:,} with discrepancies" if snap.failed else ""
-            read = f", {format_size(snap.bytes_read)} read back ({rate:.1f} MB/s)" if snap.bytes_read else ""
-            text = f"{snap.dataset}: {snap.checked:,}/{snap.total:,} objects checked{failed}{read}"
-            if self.tty:
-                self._write("\r\033[K" + text)
-                self._drawn = True
-            else:
-                self._write(text + "\n")
+        self.show(lambda now: self._render(now, snap), force=snap.checked >= snap.total)
+
+    def _render(self, now: float, snap) -> str:
+        rate = snap.bytes_read / max(now - self.started, 1e-6) / 1e6
+        failed = f", {snap.failed:,} with discrepancies" if snap.failed else ""
+        read = f", {format_size(snap.bytes_read)} read back ({rate:.1f} MB/s)" if snap.bytes_read else ""
+        return f"{snap.dataset}: {snap.checked:,}/{snap.total:,} objects checked{failed}{read}"
 
     def dataset_finished(self, summary) -> None:
-        with self._lock:
-            if self.tty and self._drawn:
-                self._write("\n")
-                self._drawn = False
-
-    def _write(self, text: str) -> None:
-        self.stream.write(text)
-        self.stream.flush()
+        self.finish()
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Progress of a migration for people: one redrawn line on a terminal, plain log lines otherwise."""
+"""Progress for people: one redrawn line on a terminal, plain log lines otherwise."""
 
 from __future__ import annotations
 
@@ -17,12 +17,9 @@ def _eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}"
 
 
-class ProgressDisplay:
-    """Shows bytes, objects, MB/s and ETA for the dataset being copied.
-
-    On a terminal the line is redrawn in place at most every `tty_interval` seconds; elsewhere (a
-    log file, CI, a Prefect worker) a plain line is printed every `log_interval` seconds.
-    """
+class StatusLine:
+    """One status line: redrawn in place at most every `tty_interval` seconds on a terminal;
+    elsewhere (a log file, CI, a Prefect worker) printed as a plain line every `log_interval`."""
 
     def __init__(self, stream: TextIO | None = None, *, tty_interval: float = 0.2, log_interval: float = 10.0):
         self.stream = stream or sys.stderr
@@ -32,38 +29,20 @@ class ProgressDisplay:
         self._last = 0.0
         self._drawn = False
 
-    def start(self, dataset: str, total_objects: int, total_bytes: int) -> None:
-        self.dataset = dataset
-        self.total_objects = total_objects
-        self.total_bytes = total_bytes
-        self.started = time.monotonic()
+    def restart(self, log_line: str) -> None:
+        """A new phase (a dataset): the next update shows at once; `log_line` goes to logs only."""
         self._last = 0.0
         if not self.tty:
-            what = f"{total_objects:,} objects, {format_size(total_bytes)}" if total_objects >= 0 else "listing as it goes"
-            self._write(f"{dataset}: copying ({what})\n")
+            self._write(log_line + "\n")
 
-    def update(self, bytes_done: int, objects_done: int, objects_failed: int, *, force: bool = False) -> None:
+    def show(self, render, *, force: bool = False) -> None:
+        """Show `render()` if a line is due (or `force`); `render` runs only then, under the lock."""
         now = time.monotonic()
         with self._lock:
             if not force and now - self._last < self.interval:
                 return
             self._last = now
-            elapsed = max(now - self.started, 1e-6)
-            rate = bytes_done / elapsed
-            failed = f", {objects_failed:,} failed" if objects_failed else ""
-            if self.total_objects < 0:  # totals unknown: the listing is consumed as the copy goes
-                text = (f"{self.dataset}: {format_size(bytes_done)}, {objects_done:,} objects{failed}, "
-                        f"{rate / 1e6:.1f} MB/s")
-            else:
-                left = max(self.total_bytes - bytes_done, 0)
-                # An ETA from the first instants (connections opening, small files first) is noise.
-                settled = elapsed >= 3.0 or (self.total_bytes and bytes_done >= 0.05 * self.total_bytes)
-                eta = _eta(left / rate) if rate > 0 and bytes_done and settled else "--:--:--"
-                pct = 100.0 * bytes_done / self.total_bytes if self.total_bytes else 100.0
-                text = (
-                    f"{self.dataset}: {format_size(bytes_done)} / {format_size(self.total_bytes)} ({pct:.0f}%), "
-                    f"{objects_done:,}/{self.total_objects:,} objects{failed}, {rate / 1e6:.1f} MB/s, ETA {eta}"
-                )
+            text = render(now)
             if self.tty:
                 self._write("\r\033[K" + text)
                 self._drawn = True
@@ -79,3 +58,37 @@ class ProgressDisplay:
     def _write(self, text: str) -> None:
         self.stream.write(text)
         self.stream.flush()
+
+
+class ProgressDisplay(StatusLine):
+    """Shows bytes, objects, MB/s and ETA for the dataset being copied."""
+
+    def start(self, dataset: str, total_objects: int, total_bytes: int) -> None:
+        self.dataset = dataset
+        self.total_objects = total_objects
+        self.total_bytes = total_bytes
+        self.started = time.monotonic()
+        what = f"{total_objects:,} objects, {format_size(total_bytes)}" if total_objects >= 0 else "listing as it goes"
+        self.restart(f"{dataset}: copying ({what})")
+
+    def update(self, bytes_done: int, objects_done: int, objects_failed: int, *, force: bool = False) -> None:
+        self.show(lambda now: self._render(now, bytes_done, objects_done, objects_failed), force=force)
+
+    def _render(self, now: float, bytes_done: int, objects_done: int, objects_failed: int) -> str:
+        elapsed = max(now - self.started, 1e-6)
+        rate = bytes_done / elapsed
+        failed = f", {objects_failed:,} failed" if objects_failed else ""
+        if self.total_objects < 0:  # totals unknown: the listing is consumed as the copy goes
+            text = (f"{self.dataset}: {format_size(bytes_done)}, {objects_done:,} objects{failed}, "
+                    f"{rate / 1e6:.1f} MB/s")
+        else:
+            left = max(self.total_bytes - bytes_done, 0)
+            # An ETA from the first instants (connections opening, small files first) is noise.
+            settled = elapsed >= 3.0 or (self.total_bytes and bytes_done >= 0.05 * self.total_bytes)
+            eta = _eta(left / rate) if rate > 0 and bytes_done and settled else "--:--:--"
+            pct = 100.0 * bytes_done / self.total_bytes if self.total_bytes else 100.0
+            text = (
+                f"{self.dataset}: {format_size(bytes_done)} / {format_size(self.total_bytes)} ({pct:.0f}%), "
+                f"{objects_done:,}/{self.total_objects:,} objects{failed}, {rate / 1e6:.1f} MB/s, ETA {eta}"
+            )
+        return text
