@@ -12,14 +12,13 @@ import sqlite3
 import uuid
 from pathlib import Path
 
-import boto3
 import pytest
 import yaml
 from azure.storage.blob import BlobServiceClient
-from botocore.config import Config
 
 from config.errors import ExitCode
 from flows.cli import main
+from tests.s3client import lab_s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -29,12 +28,7 @@ BUCKET = "exitplan-enc"
 
 @pytest.fixture(scope="module")
 def s3(s3_server):
-    client = boto3.client(
-        "s3", endpoint_url=s3_server.url, region_name="eu-west-3", aws_access_key_id="t", aws_secret_access_key="t",
-        config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required"),
-    )
-    client.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
-    return client
+    return lab_s3_client(s3_server.url, BUCKET)
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ import pytest
 import tink
 import yaml
 from azure.storage.blob import BlobServiceClient, ContentSettings
-from botocore.config import Config
 from tink import streaming_aead
 
 from config.lab import LAB_BUCKET
@@ -28,6 +27,7 @@ from engine import keys as project_keys
 from engine import lab_seed
 from engine.naming import decode_header_value
 from flows.cli import main
+from tests.s3client import lab_s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -43,12 +43,7 @@ def seeded(azurite_connection_string):
 
 @pytest.fixture(scope="module")
 def s3(s3_server):
-    client = boto3.client(
-        "s3", endpoint_url=s3_server.url, region_name="eu-west-3", aws_access_key_id="t", aws_secret_access_key="t",
-        config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required"),
-    )
-    client.create_bucket(Bucket=LAB_BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
-    return client
+    return lab_s3_client(s3_server.url, LAB_BUCKET)
 
 
 @pytest.fixture

@@ -23,17 +23,16 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-import boto3
 import pytest
 import yaml
 from azure.storage.blob import BlobServiceClient
-from botocore.config import Config
 from tink import streaming_aead
 
 from config.loader import load_config
 from engine import keys as project_keys
 from engine.crypto.tink_format import HEADER_SIZE
 from flows.cli import main
+from tests.s3client import lab_s3_client
 from tests.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -47,12 +46,7 @@ PART_DELAY = 0.8  # seconds each part is held by the proxy: the run is slow enou
 
 @pytest.fixture(scope="module")
 def s3(s3_server):
-    client = boto3.client(
-        "s3", endpoint_url=s3_server.url, region_name="eu-west-3", aws_access_key_id="t", aws_secret_access_key="t",
-        config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required"),
-    )
-    client.create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": "eu-west-3"})
-    return client
+    return lab_s3_client(s3_server.url, BUCKET)
 
 
 @pytest.fixture

@@ -1,0 +1,18 @@
+"""A boto3 client for the tests' S3 server, the independent oracle that reads what exitplan wrote."""
+
+from __future__ import annotations
+
+import boto3
+from botocore.config import Config
+
+
+def lab_s3_client(url: str, bucket: str | None = None, region: str = "eu-west-3"):
+    """A client for the S3 server at `url` (checksums only when required, as exitplan's own);
+    creates `bucket` when given."""
+    client = boto3.client(
+        "s3", endpoint_url=url, region_name=region, aws_access_key_id="t", aws_secret_access_key="t",
+        config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required"),
+    )
+    if bucket:
+        client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region})
+    return client
