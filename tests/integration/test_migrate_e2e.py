@@ -14,7 +14,6 @@ from pathlib import Path
 
 import io
 
-import boto3
 import pytest
 import tink
 import yaml
