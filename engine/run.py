@@ -30,6 +30,7 @@ from .migrate import DatasetSummary, DryRunSummary, PlannedObject, Progress, Ref
 from .naming import Placement, place
 from .pipeline import IDENTITY, OutputFormat
 from .settings import TransferSettings
+from . import state as st
 from .state import StateStore
 
 STATE_FILE = "state.db"
@@ -159,10 +160,11 @@ class MigrationResult:
     key_holders: dict[str, str]  # dataset -> who holds its keys, as a sentence
     keyset_copies: tuple[str, ...] = ()
     audit: AuditOutcome | None = None  # the run's records in the audit manifest, and its copies
+    removed: tuple[RemovedAtSource, ...] = ()
 
     @property
     def all_ok(self) -> bool:
-        return all(s.all_ok for s in self.summaries)
+        return all(s.all_ok for s in self.summaries) and not any(r.failures for r in self.removed)
 
 
 def _wrap(what: str, fn: Callable, *args):
@@ -185,9 +187,50 @@ def inventory(loaded: LoadedConfig, datasets: list[str]) -> list[DatasetInventor
     return results
 
 
-def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *, count_first: bool = True
-            ) -> MigrationResult:
+@dataclass(frozen=True)
+class RemovedAtSource:
+    """Objects copied earlier that a dataset's listing no longer has (deleted at the source or no
+    longer selected). Kept at the destination unless the run was asked to delete them."""
+
+    dataset: str
+    count: int
+    examples: tuple[str, ...]  # the first source keys, for the summary
+    deleted: int  # destination copies deleted (with --delete-removed)
+    failures: tuple[tuple[str, str], ...] = ()  # (destination key, reason) of deletions that failed
+
+
+MAX_REMOVED_EXAMPLES = 20
+
+
+def handle_removed(state: StateStore, run_id: int, dataset: str, sink, *, delete: bool) -> RemovedAtSource:
+    """Find what `dataset`'s complete listing in this run no longer has; with `delete`, delete each
+    destination copy and record a `removed` row (written after the delete succeeded)."""
+    count = deleted = 0
+    examples: list[str] = []
+    failures: list[tuple[str, str]] = []
+    for row in state.removed_at_source(dataset, run_id):
+        count += 1
+        if len(examples) < MAX_REMOVED_EXAMPLES:
+            examples.append(row.source_key)
+        if not delete:
+            continue
+        try:
+            sink.delete(row.dest_key)
+        except ConnectorError as exc:
+            failures.append((row.dest_key, str(exc)))
+            continue
+        state.add_object(run_id, dataset, row.source_key, row.source_etag, row.size, dest_key=row.dest_key,
+                         state=st.REMOVED)
+        deleted += 1
+    return RemovedAtSource(dataset, count, tuple(examples), deleted, tuple(failures))
+
+
+def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *, count_first: bool = True,
+            delete_removed: bool = False) -> MigrationResult:
     """Copy every object of `datasets`; one failing object never stops the others.
+
+    Objects copied by earlier runs that a dataset's (complete) listing no longer has are reported
+    in `MigrationResult.removed`; the destination copies are deleted only with `delete_removed`.
 
     With `count_first`, each dataset is listed once before the copy so that progress can show a
     total and an ETA (`observer.dataset_started` gets the counts; otherwise -1, -1): one extra
@@ -210,6 +253,7 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
                            {n: fmt.keys.primary_id for n, fmt in formats.items() if fmt is not IDENTITY},
                            signing_key)
     summaries: list[DatasetSummary] = []
+    removed: list[RemovedAtSource] = []
     status = "interrupted"
     try:
         with create_executors(settings.concurrency, settings.object_concurrency) as executors:
@@ -231,6 +275,7 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
                 except ConnectorError as exc:  # the listing itself failed part-way
                     raise RunError(f"dataset `{name}`: {exc}", exc) from None
                 summaries.append(summary)
+                removed.append(handle_removed(state, run_id, name, sink, delete=delete_removed))
                 trail.record_transfers(name, source, sink)
                 observer.dataset_finished(summary)
         status = "ok" if all(s.all_ok for s in summaries) else "failed"
@@ -245,7 +290,7 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
     return MigrationResult(run_id, tuple(summaries), md5_checked, time.monotonic() - started, state_path(loaded),
                            {ds: verdicts[loaded.config.datasets[ds].destination] for ds in datasets},
                            {ds: key_holder(loaded, formats[ds]) for ds in datasets}, tuple(keyset_copies),
-                           trail.outcome(copies, notes))
+                           trail.outcome(copies, notes), tuple(removed))
 
 
 def key_holder(loaded: LoadedConfig, fmt: OutputFormat) -> str:

@@ -49,18 +49,20 @@ VERIFIED = "verified"
 FAILED = "failed"
 UNCHANGED = "unchanged"
 CHANGED = "changed"
+REMOVED = "removed"  # gone from the source; its destination copy was deleted on request (--delete-removed)
 
-STATES = (PENDING, IN_PROGRESS, UPLOADED, VERIFIED, FAILED, UNCHANGED, CHANGED)
+STATES = (PENDING, IN_PROGRESS, UPLOADED, VERIFIED, FAILED, UNCHANGED, CHANGED, REMOVED)
 
 # state -> the states it may move to.
 TRANSITIONS: Mapping[str, frozenset[str]] = {
-    PENDING: frozenset({IN_PROGRESS, UNCHANGED, FAILED}),  # failed here = refused before any byte moved
+    PENDING: frozenset({IN_PROGRESS, UNCHANGED, FAILED, REMOVED}),  # failed here = refused before any byte moved
     IN_PROGRESS: frozenset({UPLOADED, FAILED, CHANGED}),
     CHANGED: frozenset({IN_PROGRESS, FAILED}),  # re-queued: the object restarts from its new version
     UPLOADED: frozenset({VERIFIED, FAILED, CHANGED}),  # verify proved it, found it wrong, or the source moved on
     VERIFIED: frozenset({CHANGED, FAILED}),  # a later verify can still find a discrepancy
     FAILED: frozenset({IN_PROGRESS}),  # retried (within the run that recorded it)
     UNCHANGED: frozenset(),
+    REMOVED: frozenset(),
 }
 
 # Object states that count as "the destination holds this source version".
@@ -379,6 +381,23 @@ class StateStore:
             for row in rows:
                 yield ObjectRecord(**row)
             last = rows[-1]["id"]
+
+    def removed_at_source(self, dataset: str, run_id: int) -> Iterator[ObjectRecord]:
+        """Objects the destination holds (newest copied row, not since removed) that run `run_id`
+        did not see at the source: deleted there (or no longer selected) since they were copied.
+        Meaningful only once the run listed the whole dataset. Streamed, in source-key order."""
+        o = objects
+        newest = (sa.select(sa.func.max(o.c.id).label("id"))
+                  .where(o.c.dataset == dataset, o.c.state.in_(COPIED + (REMOVED,)))
+                  .group_by(o.c.source_key).subquery())
+        seen = sa.select(o.c.source_key).where(o.c.run_id == run_id, o.c.dataset == dataset)
+        query = (o.select().join_from(o, newest, o.c.id == newest.c.id)
+                 .where(o.c.state.in_(COPIED), o.c.run_id != run_id, o.c.source_key.not_in(seen))
+                 .order_by(o.c.source_key))
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
+            for row in result.mappings():
+                yield ObjectRecord(**row)
 
     def last_copy(self, dataset: str, source_key: str) -> ObjectRecord | None:
         """The newest row, across runs, saying the destination holds a version of this object."""

@@ -164,12 +164,15 @@ def _claims_query(dataset: str, dialect: str):
     """Per source key of `dataset`, the newest row saying a version is at the destination, in
     destination-key order (byte order: S3's listing order)."""
     o = st.objects
-    claims = sa.or_(o.c.state.in_(st.COPIED), sa.and_(o.c.state == st.FAILED, o.c.reason.like(VERIFY_REASON + "%")))
+    # A `removed` row newer than the copy means the destination copy was deleted on purpose.
+    claims = sa.or_(o.c.state.in_(st.COPIED + (st.REMOVED,)),
+                    sa.and_(o.c.state == st.FAILED, o.c.reason.like(VERIFY_REASON + "%")))
     newest = (sa.select(sa.func.max(o.c.id).label("id"))
               .where(o.c.dataset == dataset, o.c.dest_key.is_not(None), claims)
               .group_by(o.c.source_key).subquery())
     order = o.c.dest_key.collate("C") if dialect == "postgresql" else o.c.dest_key  # SQLite: BINARY
-    return o.select().join_from(o, newest, o.c.id == newest.c.id).order_by(order, o.c.id)
+    return (o.select().join_from(o, newest, o.c.id == newest.c.id).where(o.c.state != st.REMOVED)
+            .order_by(order, o.c.id))
 
 
 def expected_objects(store: st.StateStore, dataset: str) -> Iterator[st.ObjectRecord]:

@@ -32,6 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_config(p)
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be written (objects, bytes, parts, destination keys); write nothing anywhere")
+    p.add_argument("--delete-removed", action="store_true",
+                   help="delete the destination copies of objects that are gone from the source since they were "
+                        "copied (default: only report them)")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("restore", help="read a dataset back from its destination, decrypt it, write the plaintext to a directory")
@@ -162,7 +165,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return _dry_run(loaded, datasets)
     observer = _CliObserver()
     # Totals for an ETA cost a listing pass: worth it for a person watching, not for a log.
-    result = run.migrate(loaded, datasets, observer, count_first=observer.display.tty)
+    result = run.migrate(loaded, datasets, observer, count_first=observer.display.tty,
+                         delete_removed=args.delete_removed)
     print_migration_summary(result)
     return ExitCode.OK if result.all_ok else ExitCode.FAILED
 
@@ -229,6 +233,21 @@ def print_migration_summary(result) -> None:
         print(f"  {', '.join(datasets)}: {holder}")
     for copy in result.keyset_copies:
         print(f"  wrapped keyset copied next to the data: {copy}")
+    for r in result.removed:
+        if not r.count:
+            continue
+        if r.deleted or r.failures:
+            print(f"{r.dataset}: {r.count:,} object(s) gone from the source since they were copied; "
+                  f"{r.deleted:,} destination copies deleted (--delete-removed)")
+        else:
+            print(f"{r.dataset}: {r.count:,} object(s) gone from the source since they were copied; their "
+                  "destination copies are kept (`--delete-removed` deletes them):")
+        for key in r.examples:
+            print(f"  {key}")
+        if r.count > len(r.examples):
+            print(f"  … and {r.count - len(r.examples):,} more")
+        for key, reason in r.failures:
+            print(f"  could not delete {key!r}: {reason}", file=sys.stderr)
     failures = [(s.dataset, key, reason) for s in result.summaries for key, reason in s.failures]
     if failures:
         print(f"\nfailed objects ({sum(s.failed for s in result.summaries):,}):", file=sys.stderr)
@@ -336,7 +355,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if code:
         return code
     print(f"\n== migrate --config {config}\n", flush=True)
-    code = cmd_migrate(argparse.Namespace(config=str(config), dataset=[], dry_run=False))
+    code = cmd_migrate(argparse.Namespace(config=str(config), dataset=[], dry_run=False, delete_removed=False))
     if code:
         return code
     from flows import audit_cli

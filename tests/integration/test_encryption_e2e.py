@@ -174,3 +174,27 @@ def test_a_public_dataset_is_written_as_is(tmp_path, capsys, project, s3):
     code, out, err = cli(capsys, "restore", "--config", cfg, "--dataset", "scans", "--to", tmp_path / "r")
     assert code == 0, err
     assert restored_files(tmp_path / "r") == blobs
+
+
+def test_objects_deleted_at_the_source_are_reported_and_removed_only_on_request(tmp_path, capsys, project, s3):
+    container, cc, blobs, config = project
+    cfg = config(tmp_path / "kek.key")
+    assert cli(capsys, "keys", "init", "--config", cfg)[0] == 0
+    assert cli(capsys, "migrate", "--config", cfg)[0] == 0
+    cc.delete_blob("scans/big.bin")
+    dest = f"{container}/scans/big.bin"
+
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == 0, err
+    assert "1 object(s) gone from the source" in out and "scans/big.bin" in out and "kept" in out
+    assert s3.head_object(Bucket=BUCKET, Key=dest)["ContentLength"] > 0  # never deleted unasked
+
+    code, out, err = cli(capsys, "migrate", "--config", cfg, "--delete-removed")
+    assert code == 0, err
+    assert "1 destination copies deleted" in out
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix=dest).get("KeyCount", 0) == 0
+    # Verify knows the copy was removed on purpose; the next run has nothing left to report.
+    code, out, err = cli(capsys, "verify", "--config", cfg)
+    assert code == 0, err + out
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == 0 and "gone from the source" not in out
