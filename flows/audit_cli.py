@@ -81,7 +81,7 @@ class VerifyDisplay(StatusLine):
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from engine.verify import verify
-    from flows.commands import chosen_datasets, print_table
+    from flows.commands import chosen_datasets, print_audit_outcome, print_table
 
     loaded = load_config(args.config)
     datasets = chosen_datasets(loaded, args.dataset)
@@ -105,13 +105,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"{d.dataset}: {d.unknown:,} objects under the destination prefix are not in the state "
                   f"(not written by exitplan, or their record was lost), e.g. {', '.join(d.unknown_examples[:3])}")
     if result.audit:
-        a = result.audit
-        print(f"audit manifest: {a.manifest} ({a.records:,} records, run end {'signed' if a.signed else 'NOT signed'}; "
-              f"last record hash {a.last_hash})")
-        for copy in a.copies:
-            print(f"  copied next to the data: {copy}")
-        for note in a.notes:
-            print(f"  {note}", file=sys.stderr)
+        print_audit_outcome(result.audit)
     problems = [p for d in result.datasets for p in d.discrepancies]
     if problems:
         total = sum(d.failed for d in result.datasets)

@@ -256,14 +256,18 @@ def print_migration_summary(result) -> None:
         if any(s.failures_truncated for s in result.summaries):
             print(f"  … more in the state store ({result.state_path}, run {result.run_id})", file=sys.stderr)
     if result.audit:
-        a = result.audit
-        print(f"audit manifest: {a.manifest} ({a.records:,} records this run, run end "
-              f"{'signed' if a.signed else 'NOT signed (no audit key)'}; last record hash {a.last_hash})")
-        for copy in a.copies:
-            print(f"  copied next to the data: {copy}")
-        for note in a.notes:
-            print(f"  {note}", file=sys.stderr)
+        print_audit_outcome(result.audit)
     print(f"state: {result.state_path} (run {result.run_id})")
+
+
+def print_audit_outcome(a) -> None:
+    """What a run appended to the audit manifest, and where its copies went (migrate and verify)."""
+    print(f"audit manifest: {a.manifest} ({a.records:,} records this run, run end "
+          f"{'signed' if a.signed else 'NOT signed (no audit key)'}; last record hash {a.last_hash})")
+    for copy in a.copies:
+        print(f"  copied next to the data: {copy}")
+    for note in a.notes:
+        print(f"  {note}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
