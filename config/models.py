@@ -164,6 +164,37 @@ class TransferConfig(_Model):
         return self
 
 
+class OrchestrationConfig(_Model):
+    """How the Prefect flows cut a run into shards and share providers between runs.
+
+    A shard is a run of consecutive listed objects of one dataset, closed when it reaches
+    `shard_bytes` or `shard_objects`; each shard is one Prefect task. When a dataset would need
+    more than `max_shards` shards, neighbouring shards are merged (Prefect's server loses events
+    beyond about 10k task runs per flow run). `parallel_shards` shard tasks of a run go at once in
+    one worker process; they share its memory budget and transfer threads. A shard with failed
+    objects is retried `shard_retries` times (after `shard_retry_delay` seconds) when a failure is
+    transient. `provider_connections` caps the connections to a provider over every run at once
+    (a Prefect global concurrency limit per provider; a provider not listed gets
+    `default_provider_connections`).
+    """
+
+    shard_bytes: ByteSize = 4 * 1024**3
+    shard_objects: int = Field(5000, ge=1, le=1_000_000)
+    max_shards: int = Field(500, ge=1, le=5000)
+    parallel_shards: int = Field(2, ge=1, le=64)
+    shard_retries: int = Field(2, ge=0, le=20)
+    shard_retry_delay: float = Field(30.0, ge=0, le=3600)
+    provider_connections: dict[str, Annotated[int, Field(ge=1, le=4096)]] = {}
+    default_provider_connections: int = Field(64, ge=1, le=4096)
+
+    @field_validator("shard_bytes")
+    @classmethod
+    def _shard_bytes(cls, v: int) -> int:
+        if v < 1024**2:
+            raise ValueError("`shard_bytes` must be at least 1MiB")
+        return v
+
+
 class StateConfig(_Model):
     """Where the state store lives: a directory (relative to the config file's directory)."""
 
@@ -312,6 +343,7 @@ class ExitplanConfig(_Model):
     destinations: dict[str, DestinationConfig] = Field(min_length=1)
     datasets: dict[str, DatasetConfig] = Field(min_length=1)
     transfer: TransferConfig = TransferConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     state: StateConfig = StateConfig()
     policy: PolicyConfig = PolicyConfig()
     keys: KeysConfig | None = None  # required by `exitplan keys …` and by encrypted writes
