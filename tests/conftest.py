@@ -50,3 +50,14 @@ def azurite_connection_string(azurite) -> str:
 def s3_server(tmp_path_factory):
     """The lab's S3 server (moto) on a free port."""
     yield from _serve(lp.s3_spec(lp.free_port()), tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's own test harness (a temporary SQLite-backed API server on a free loopback port),
+    shared by the session. Flow heartbeats are off: they add about a second per flow run."""
+    from prefect.settings import temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with temporary_settings(updates={"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": None}), prefect_test_harness():
+        yield
