@@ -15,7 +15,7 @@ import threading
 import time
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 from connectors.base import MultipartUpload, ObjectMeta, ObjectSink, ObjectSource, PartReceipt, SinkLimits
 from engine import state as st
@@ -71,6 +71,7 @@ class Progress:
     objects_done: int
     objects_failed: int
     objects_skipped: int
+    bytes_skipped: int = 0  # plaintext bytes of the objects skipped as unchanged
 
 
 ProgressCallback = Callable[[Progress], None]
@@ -96,6 +97,7 @@ class DatasetSummary:
     failures: tuple[tuple[str, str], ...]
     failures_truncated: bool
     elapsed_seconds: float
+    transient_failures: int = 0  # failures whose cause may pass (trying again later can succeed)
 
     @property
     def all_ok(self) -> bool:
@@ -113,8 +115,8 @@ class _Tally:
         self.interval = interval
         self.max_failures = max_failures
         self.lock = threading.Lock()
-        self.objects = self.ok = self.failed = self.skipped = self.refused = 0
-        self.bytes_total = self.bytes_copied = self.bytes_sent = self.bytes_done = 0
+        self.objects = self.ok = self.failed = self.skipped = self.refused = self.transient = 0
+        self.bytes_total = self.bytes_copied = self.bytes_sent = self.bytes_done = self.bytes_skipped = 0
         self.parts = self.restarts = 0
         self.failures: list[tuple[str, str]] = []
         self.truncated = False
@@ -152,9 +154,11 @@ class _Tally:
             self.parts += sign * outcome.parts
         elif outcome.status == "skipped":
             self.skipped += sign
+            self.bytes_skipped += sign * outcome.size
         else:
             self.failed += sign
             self.refused += sign * outcome.refused
+            self.transient += sign * outcome.transient
             entry = (outcome.source_key, outcome.reason or "unknown")
             if sign < 0:
                 if entry in self.failures:
@@ -172,7 +176,8 @@ class _Tally:
             if not force and now - self._last_emit < self.interval:
                 return
             self._last_emit = now
-            snapshot = Progress(self.dataset, self.bytes_done, self.ok + self.skipped, self.failed, self.skipped)
+            snapshot = Progress(self.dataset, self.bytes_done, self.ok + self.skipped, self.failed, self.skipped,
+                                self.bytes_skipped)
             # Under the lock so that snapshots arrive in order; the callback must be quick.
             try:
                 self.callback(snapshot)
@@ -187,6 +192,7 @@ class _Tally:
                 skipped=self.skipped, refused=self.refused, bytes_total=self.bytes_total,
                 bytes_copied=self.bytes_copied, bytes_sent=self.bytes_sent, parts=self.parts,
                 restarts=self.restarts, failures=tuple(self.failures), failures_truncated=self.truncated,
+                transient_failures=self.transient,
                 elapsed_seconds=time.monotonic() - self.started,
             )
 
@@ -312,6 +318,7 @@ def migrate_dataset(
     output_format: OutputFormat = IDENTITY,
     skip_unchanged: bool = True,
     replace_placement: Callable[[ObjectMeta], Placement] | None = None,
+    retry_rows: Mapping[str, int] | None = None,
     max_reported_failures: int = 100,
     state_batch_rows: int = 500,
     state_batch_seconds: float = 0.2,
@@ -332,6 +339,9 @@ def migrate_dataset(
     `progress` gets a `Progress` at most every `progress_interval` seconds and once at the end,
     from worker threads: keep it quick. The run's counters in `runs` are increased by this
     dataset's totals; closing the run is the caller's (`state.finish_run`).
+
+    `retry_rows`: source key -> id of this run's failed row of an object tried again in the same
+    run (a shard task's retry); its attempt moves that row back to in_progress instead of adding one.
     """
     tally = _Tally(dataset, run_id, progress, progress_interval, max_reported_failures)
     batch = state.batch(max_rows=state_batch_rows, max_age=state_batch_seconds)
@@ -341,6 +351,8 @@ def migrate_dataset(
 
     def one(meta: ObjectMeta, placement: Placement) -> None:
         events = _StateEvents(state, batch, run_id, dataset, placement.dest_key, tally)
+        if retry_rows:
+            events.object_id = retry_rows.get(meta.key)
         try:
             outcome = copy_object(
                 source, sink, meta, placement, settings=settings, budget=budget, executors=executors,

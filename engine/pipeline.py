@@ -228,10 +228,17 @@ class ObjectOutcome:
     refused: bool = False
     resumed: bool = False
     parts_kept: int = 0
+    transient: bool = False  # a failure whose cause may pass: trying again later can succeed
 
 
 class ObjectFailed(Exception):
-    """The object cannot be copied in this run; the message is the reason a user reads."""
+    """The object cannot be copied in this run; the message is the reason a user reads.
+    `transient`: the cause may pass (a retryable connector error that outlasted the attempts), so
+    trying the object again later can succeed."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 class _Refused(ObjectFailed):
@@ -372,8 +379,8 @@ def copy_object(
             if restarts >= settings.max_source_restarts:
                 return attempt.failed(
                     f"the source object changed during the copy {restarts + 1} times (last: {exc}); "
-                    f"gave up after {settings.max_source_restarts} restarts, it will be copied by a later run"
-                )
+                    f"gave up after {settings.max_source_restarts} restarts, it will be copied by a later run",
+                    transient=True)
             restarts += 1
             try:
                 new = _retrying(settings, counter, f"head of {meta.key!r}")(source.head, meta.key)
@@ -392,9 +399,9 @@ def copy_object(
         except _Refused as exc:
             return attempt.failed(str(exc), refused=True)
         except ObjectFailed as exc:
-            return attempt.failed(str(exc))
+            return attempt.failed(str(exc), transient=exc.transient)
         except ConnectorError as exc:
-            return attempt.failed(f"{type(exc).__name__}: {exc}")
+            return attempt.failed(f"{type(exc).__name__}: {exc}", transient=exc.retryable)
         except Exception as exc:  # a bug must fail this object, not the run
             log.exception("internal error while copying %s", meta.key)
             return attempt.failed(f"internal error: {type(exc).__name__}: {exc}")
@@ -460,7 +467,7 @@ def _retrying(settings: TransferSettings, counter: _Counter, what: str) -> Calla
             return retrying(fn, *args, **kwargs)
         except ConnectorError as exc:
             if _is_retryable(exc):
-                raise ObjectFailed(f"{what} failed after {settings.part_attempts} attempts: {exc}") from exc
+                raise ObjectFailed(f"{what} failed after {settings.part_attempts} attempts: {exc}", transient=True) from exc
             raise
 
     return run
@@ -496,13 +503,14 @@ class _Attempt:
 
     # ---- outcome helpers -------------------------------------------------------------------
 
-    def failed(self, reason: str, restarts: int | None = None, refused: bool = False) -> ObjectOutcome:
+    def failed(self, reason: str, restarts: int | None = None, refused: bool = False,
+               transient: bool = False) -> ObjectOutcome:
         return ObjectOutcome(
             source_key=self.meta.key, dest_key=self.placement.dest_key, source_etag=self.meta.etag,
             size=self.meta.size, status="failed", reason=reason,
             parts=self.plan.part_count if self.plan else 0, bytes_sent=self.bytes_sent,
             restarts=self.restarts if restarts is None else restarts, attempts=self.counter.value,
-            output_size=self.plan.output_size if self.plan else 0, refused=refused,
+            output_size=self.plan.output_size if self.plan else 0, refused=refused, transient=transient,
         )
 
     def _sent(self, part: PartPlan) -> None:

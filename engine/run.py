@@ -8,6 +8,7 @@ artifact) can show the same run.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -26,7 +27,8 @@ from .budget import MemoryBudget
 from .endpoints import destination_limits, open_sink, open_source
 from .executors import create_executors
 from .inventory import DatasetInventory, inventory_dataset, selected
-from .migrate import DatasetSummary, DryRunSummary, PlannedObject, Progress, Refusal, dry_run, migrate_dataset, place_all
+from .migrate import (DatasetSummary, DryRunSummary, PlannedObject, Progress, ProgressCallback, Refusal, dry_run,
+                      migrate_dataset, place_all)
 from .naming import Placement, place
 from .pipeline import IDENTITY, OutputFormat
 from .settings import TransferSettings
@@ -236,61 +238,311 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
     total and an ETA (`observer.dataset_started` gets the counts; otherwise -1, -1): one extra
     listing pass, about 0.1 ms of CPU per object.
     """
-    started = time.monotonic()
-    verdicts = {v.name: v for v in check_sovereignty(loaded)}
-    formats = output_formats(loaded, datasets)
-    signing_key = audit_signing_key(loaded, datasets)  # unwrapped before any object moves: a KEK error is exit 4 now
-    settings = transfer_settings(loaded)
-    budget = MemoryBudget(settings.memory_budget)
-    preflight_destinations(loaded, datasets)
-    keyset_copies = publish_keysets(loaded, datasets, formats)
-    tune_malloc(settings.memory_budget)
-    state = open_state(loaded)
-    run_id = state.start_run("migrate", loaded.path)
-    # The audit hook: transfer records are read back from the state rows after each dataset and
-    # at the end (engine/audit.py), so the copy engine itself knows nothing of the manifest.
-    trail = MigrationAudit(loaded, state, run_id, datasets, verdicts,
-                           {n: fmt.keys.primary_id for n, fmt in formats.items() if fmt is not IDENTITY},
-                           signing_key)
-    summaries: list[DatasetSummary] = []
-    removed: list[RemovedAtSource] = []
-    status = "interrupted"
+    run = MigrationRun.start(loaded, datasets, delete_removed=delete_removed)
     try:
-        with create_executors(settings.concurrency, settings.object_concurrency) as executors:
-            for name in datasets:
-                ds = loaded.config.datasets[name]
-                source = _wrap(f"dataset `{name}`: source", open_source, loaded, name)
-                sink = _wrap(f"dataset `{name}`: destination `{ds.destination}`", open_sink, loaded, ds.destination)
-                objects, total = (_wrap(f"dataset `{name}`: listing {source.label}", count_dataset, loaded, name, source)
-                                  if count_first else (-1, -1))
-                observer.dataset_started(name, objects, total)
-                fmt = formats[name]
-                try:
-                    summary = migrate_dataset(
-                        name, source, sink, dataset_items(loaded, name, source, sink.limits, fmt),
-                        settings=settings, budget=budget, executors=executors, state=state, run_id=run_id,
-                        progress=observer.progress, output_format=fmt,
-                        replace_placement=placer(loaded, name, sink.limits, fmt),
-                    )
-                except ConnectorError as exc:  # the listing itself failed part-way
-                    raise RunError(f"dataset `{name}`: {exc}", exc) from None
-                summaries.append(summary)
-                removed.append(handle_removed(state, run_id, name, sink, delete=delete_removed))
-                trail.record_transfers(name, source, sink)
-                observer.dataset_finished(summary)
-        status = "ok" if all(s.all_ok for s in summaries) else "failed"
+        for name in datasets:
+            run.copy_dataset(name, observer, count_first=count_first)
+        run.completed = True
     finally:
-        state.finish_run(run_id, status)
-        md5_checked = sum(1 for r in state.objects(run_id) if r.md5_checked)
+        result = run.finish()
+    return result
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a shard's task made of its objects (this run's rows for them, over every attempt)."""
+
+    run_id: int
+    dataset: str
+    shard: int
+    objects: int
+    bytes: int
+    copied: int
+    unchanged: int
+    failed: int
+    bytes_copied: int
+    bytes_written: int  # output bytes at the destination (ciphertext for encrypted datasets)
+    seconds: float
+    attempt: int
+    failures: tuple[tuple[str, str], ...]  # the first (source key, reason) pairs
+    transient: bool  # some failure's cause may pass: trying the shard again can succeed
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.copied + self.unchanged == self.objects
+
+
+@dataclass(frozen=True)
+class DatasetListing:
+    """A dataset listed into the state store for a run: its inventory and its shards."""
+
+    inventory: DatasetInventory
+    shards: tuple[st.ShardRecord, ...]
+
+
+class MigrationRun:
+    """One migration run, opened once and fed dataset by dataset (the CLI) or shard by shard (the
+    Prefect flows), then finished once.
+
+    `start` does everything that must hold before any object moves: the sovereignty verdicts, the
+    keys (a KEK error is exit 4 here), a listing request per destination, the keyset copies; then it
+    opens the state store, the run's row, its audit trail, one memory budget and one pair of
+    executors shared by everything the run copies in this process (several shards at once share
+    them, so memory stays within `transfer.memory_budget`). `finish` closes the run, writes its
+    audit records, publishes the manifest and returns the `MigrationResult`.
+
+    Thread-safe for `copy_shard` (shards of one run may be copied at once from several threads);
+    `list_dataset` and `finish` are called by one thread.
+    """
+
+    def __init__(self, loaded: LoadedConfig, datasets: list[str], *, delete_removed: bool,
+                 settings: TransferSettings | None = None):
+        self.loaded = loaded
+        self.datasets = list(datasets)
+        self.delete_removed = delete_removed
+        self.started = time.monotonic()
+        self.verdicts = {v.name: v for v in check_sovereignty(loaded)}
+        self.formats = output_formats(loaded, datasets)
+        # Unwrapped before any object moves: a KEK error is exit 4 now.
+        self.signing_key = audit_signing_key(loaded, datasets)
+        self.settings = settings or transfer_settings(loaded)
+        self.budget = MemoryBudget(self.settings.memory_budget)
+        self.completed = False  # set by the caller when every dataset was gone through
+        self._summaries: list[DatasetSummary] = []
+        self._removed: list[RemovedAtSource] = []
+        self._sharded: list[str] = []  # datasets listed into the state store (copied shard by shard)
+        self.shard_errors: list[str] = []  # shards whose task stopped on an error (not an object failure)
+        self.keyset_copies: list[str] = []
+        self._lock = threading.Lock()
+        self._endpoints: dict[tuple[str, str], object] = {}
+        self.state: StateStore | None = None
+        self._executors = None
+
+    @classmethod
+    def start(cls, loaded: LoadedConfig, datasets: list[str], *, delete_removed: bool = False,
+              settings: TransferSettings | None = None) -> "MigrationRun":
+        """Open the run (`settings`: the configuration's transfer settings unless given)."""
+        run = cls(loaded, datasets, delete_removed=delete_removed, settings=settings)
+        preflight_destinations(loaded, datasets)
+        run.keyset_copies = publish_keysets(loaded, datasets, run.formats)
+        tune_malloc(run.settings.memory_budget)
+        run.state = open_state(loaded)
+        run.run_id = run.state.start_run("migrate", loaded.path)
+        # The audit hook: transfer records are read back from the state rows after each dataset
+        # and at the end (engine/audit.py), so the copy engine itself knows nothing of the manifest.
+        run.trail = MigrationAudit(loaded, run.state, run.run_id, datasets, run.verdicts,
+                                   {n: fmt.keys.primary_id for n, fmt in run.formats.items() if fmt is not IDENTITY},
+                                   run.signing_key)
+        run._executors = create_executors(run.settings.concurrency, run.settings.object_concurrency)
+        run.executors = run._executors.__enter__()
+        return run
+
+    # ---- endpoints, opened once per run ---------------------------------------------------------
+
+    def source(self, name: str) -> ObjectSource:
+        return self._endpoint("source", name, f"dataset `{name}`: source", open_source, name)
+
+    def sink(self, name: str):
+        dest = self.loaded.config.datasets[name].destination
+        return self._endpoint("sink", dest, f"dataset `{name}`: destination `{dest}`", open_sink, dest)
+
+    def _endpoint(self, kind: str, name: str, what: str, opener: Callable, arg: str):
+        with self._lock:
+            if (kind, name) not in self._endpoints:
+                self._endpoints[(kind, name)] = _wrap(what, opener, self.loaded, arg)
+            return self._endpoints[(kind, name)]
+
+    # ---- the CLI's way: a dataset at a time, streamed from its listing ----------------------------
+
+    def copy_dataset(self, name: str, observer: RunObserver, *, count_first: bool = True) -> DatasetSummary:
+        source, sink = self.source(name), self.sink(name)
+        objects, total = (_wrap(f"dataset `{name}`: listing {source.label}", count_dataset, self.loaded, name, source)
+                          if count_first else (-1, -1))
+        observer.dataset_started(name, objects, total)
         try:
-            trail.end(status)
+            summary = self._copy(name, dataset_items(self.loaded, name, source, sink.limits, self.formats[name]),
+                                 observer.progress)
+        except ConnectorError as exc:  # the listing itself failed part-way
+            raise RunError(f"dataset `{name}`: {exc}", exc) from None
+        self.dataset_done(name)
+        observer.dataset_finished(summary)
+        return summary
+
+    def _copy(self, name: str, items, progress, retry_rows=None) -> DatasetSummary:
+        sink, fmt = self.sink(name), self.formats[name]
+        summary = migrate_dataset(
+            name, self.source(name), sink, items, settings=self.settings, budget=self.budget,
+            executors=self.executors, state=self.state, run_id=self.run_id, progress=progress, output_format=fmt,
+            replace_placement=placer(self.loaded, name, sink.limits, fmt), retry_rows=retry_rows,
+        )
+        with self._lock:
+            self._summaries.append(summary)
+        return summary
+
+    def dataset_done(self, name: str) -> None:
+        """Every object of `name` was gone through: objects gone from the source are found (and
+        their copies deleted on request) and the dataset's transfers go into the audit trail."""
+        self._removed.append(handle_removed(self.state, self.run_id, name, self.sink(name),
+                                            delete=self.delete_removed))
+        self.trail.record_transfers(name, self.source(name), self.sink(name))
+
+    # ---- the flows' way: list into the state store, then shard by shard ----------------------------
+
+    def list_dataset(self, name: str, *, shard_bytes: int, shard_objects: int, max_shards: int) -> DatasetListing:
+        """List `name` once into the state store, cut into shards of consecutive objects (a shard
+        closes at `shard_bytes` or `shard_objects`; neighbours are merged when there would be more
+        than `max_shards`); returns the dataset's inventory and its shards."""
+        ds = self.loaded.config.datasets[name]
+        source = self.source(name)
+        limits = destination_limits(self.loaded, ds.destination)
+        cutter = ShardCutter(shard_bytes, shard_objects)
+        page: list[tuple[int, ObjectMeta]] = []
+        stored = 0
+
+        def flush() -> None:
+            nonlocal stored
+            self.state.record_listing(self.run_id, name, page, start=stored)
+            stored += len(page)
+            page.clear()
+
+        def listed() -> Iterator[ObjectMeta]:
+            for meta in selected(source.list(ds.prefix), ds):
+                page.append((cutter.shard_of(meta.size), meta))
+                if len(page) >= 1000:
+                    flush()
+                yield meta
+
+        self._sharded.append(name)
+        inventory = _wrap(f"dataset `{name}`: listing {source.label}",
+                          lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label))
+        flush()
+        if cutter.shards > max_shards:
+            self.state.merge_shards(self.run_id, name, -(-cutter.shards // max_shards))
+        return DatasetListing(inventory, tuple(self.state.define_shards(self.run_id, name)))
+
+    def copy_shard(self, dataset: str, shard: int, progress: ProgressCallback | None = None) -> ShardResult:
+        """Copy the objects of one listed shard. Run again (a task retry), it tries again only the
+        objects this run has not copied yet or that failed after their copy started; the result
+        counts the shard's objects over every attempt."""
+        state = self.state
+        began = time.monotonic()
+        state.shard_started(self.run_id, dataset, shard)
+        rows = state.shard_rows(self.run_id, dataset, shard)
+        retry_rows = {key: row.id for key, row in rows.items() if row.state == st.FAILED and row.started_at}
+        done = {key for key, row in rows.items() if key not in retry_rows}
+        sink, fmt = self.sink(dataset), self.formats[dataset]
+        items = place_all((m for m in state.listed(self.run_id, dataset, shard) if m.key not in done),
+                          placer(self.loaded, dataset, sink.limits, fmt))
+        status, reason, transient = "failed", None, True
+        try:
+            summary = self._copy(dataset, items, progress, retry_rows)
+            transient = summary.transient_failures > 0
+        except Exception as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self.shard_errors.append(f"{dataset} shard {shard}: {reason}")
+            raise
         finally:
-            state.close()
-    copies, notes = trail.publish([loaded.config.datasets[ds].destination for ds in datasets])
-    return MigrationResult(run_id, tuple(summaries), md5_checked, time.monotonic() - started, state_path(loaded),
-                           {ds: verdicts[loaded.config.datasets[ds].destination] for ds in datasets},
-                           {ds: key_holder(loaded, formats[ds]) for ds in datasets}, tuple(keyset_copies),
-                           trail.outcome(copies, notes), tuple(removed))
+            seconds = time.monotonic() - began
+            result = self.shard_result(dataset, shard, seconds, transient)
+            if reason is None:
+                status = "ok" if result.ok else "failed"
+                reason = None if result.ok else failure_sentence(result)
+            state.shard_finished(self.run_id, dataset, shard, status, seconds, reason)
+        return result
+
+    def shard_result(self, dataset: str, shard: int, seconds: float = 0.0, transient: bool = False) -> ShardResult:
+        """A shard's figures from this run's rows of its objects."""
+        record = self.state.shard(self.run_id, dataset, shard)
+        counts = self.state.shard_counts(self.run_id, dataset, shard)
+        get = lambda *states: (sum(counts.states.get(s, (0, 0))[0] for s in states),  # noqa: E731
+                               sum(counts.states.get(s, (0, 0))[1] for s in states))
+        copied, bytes_copied = get(*st.COPIED)
+        unchanged, _ = get(st.UNCHANGED)
+        failed, _ = get(st.FAILED, st.IN_PROGRESS, st.CHANGED)
+        return ShardResult(self.run_id, dataset, shard, record.objects, record.bytes, copied, unchanged, failed,
+                           bytes_copied, counts.output_bytes, seconds, record.attempts, counts.failures,
+                           transient and failed > 0)
+
+    # ---- the end -------------------------------------------------------------------------------
+
+    def finish(self) -> MigrationResult:
+        """Close the run (status ok, failed, or interrupted when `completed` was not set), record
+        the audit trail and publish the manifest. Call once, whatever happened before."""
+        if self._sharded:  # one summary per dataset from its rows (shard attempts overlap)
+            elapsed = time.monotonic() - self.started
+            summaries = tuple(self.state.dataset_summary(self.run_id, name, elapsed) for name in self._sharded)
+        else:
+            summaries = tuple(self._summaries)
+        status = "interrupted"
+        if self.completed:
+            status = "ok" if all(s.all_ok for s in summaries) and not self.shard_errors else "failed"
+        try:
+            if self._executors is not None:
+                self._executors.__exit__(None, None, None)
+        finally:
+            try:
+                self.state.finish_run(self.run_id, status)
+                md5_checked = sum(1 for r in self.state.objects(self.run_id) if r.md5_checked)
+                try:
+                    self.trail.end(status)
+                finally:
+                    self.state.close()
+            finally:
+                _ACTIVE.pop(self.run_id, None)
+        loaded, datasets = self.loaded, self.datasets
+        copies, notes = self.trail.publish([loaded.config.datasets[ds].destination for ds in datasets])
+        return MigrationResult(self.run_id, summaries, md5_checked, time.monotonic() - self.started,
+                               state_path(loaded),
+                               {ds: self.verdicts[loaded.config.datasets[ds].destination] for ds in datasets},
+                               {ds: key_holder(loaded, self.formats[ds]) for ds in datasets},
+                               tuple(self.keyset_copies), self.trail.outcome(copies, notes), tuple(self._removed))
+
+
+# Runs open in this process, by run id: the flows' shard tasks find theirs here (they run in the
+# flow's process, in threads, and so share its memory budget and transfer threads).
+_ACTIVE: dict[int, MigrationRun] = {}
+
+
+def register_run(run: MigrationRun) -> None:
+    _ACTIVE[run.run_id] = run
+
+
+def active_run(run_id: int) -> MigrationRun:
+    try:
+        return _ACTIVE[run_id]
+    except KeyError:
+        raise RuntimeError(f"migration run {run_id} is not open in this process; shard tasks run in the "
+                           "flow's process (a thread task runner)") from None
+
+
+class ShardCutter:
+    """Cuts a listing into shards as it streams by: a shard closes once it holds `max_bytes` or
+    `max_objects` (an object larger than `max_bytes` is a shard of its own)."""
+
+    def __init__(self, max_bytes: int, max_objects: int):
+        self.max_bytes, self.max_objects = max_bytes, max_objects
+        self.current = 0
+        self.objects = self.bytes = 0
+
+    @property
+    def shards(self) -> int:
+        return self.current + (1 if self.objects else 0)
+
+    def shard_of(self, size: int) -> int:
+        if self.objects and (self.objects >= self.max_objects or self.bytes + size > self.max_bytes):
+            self.current += 1
+            self.objects = self.bytes = 0
+        self.objects += 1
+        self.bytes += size
+        return self.current
+
+
+def failure_sentence(result: ShardResult) -> str:
+    """A shard's failures in one sentence (the first three named)."""
+    shown = "; ".join(f"{key}: {reason}" for key, reason in result.failures[:3])
+    more = f" (and {result.failed - 3} more)" if result.failed > 3 else ""
+    return f"{result.failed} of {result.objects} objects failed: {shown}{more}"
 
 
 def key_holder(loaded: LoadedConfig, fmt: OutputFormat) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.planning import MiB, SEGMENT_SIZE
 
@@ -111,3 +111,17 @@ class TransferSettings:
     @property
     def objects_in_flight(self) -> int:
         return self.object_concurrency or self.concurrency
+
+    @property
+    def requests_in_flight(self) -> int:
+        """The most requests (connections) to the destination in flight at once."""
+        return self.concurrency + self.objects_in_flight
+
+
+def within_connections(settings: TransferSettings, limit: int) -> TransferSettings:
+    """`settings` with transfer workers and object drivers cut so that at most `limit` (at least
+    2) requests are in flight at once; unchanged when they already fit."""
+    if settings.requests_in_flight <= limit:
+        return settings
+    workers = max(1, limit // 2)
+    return replace(settings, concurrency=workers, object_concurrency=max(1, limit - workers))

@@ -32,13 +32,15 @@ import logging
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+
+from connectors.base import ContentSettings, ObjectMeta
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +132,43 @@ parts = sa.Table(
     sa.Column("recorded_at", sa.DateTime, nullable=False),
 )
 
+# A run's listing, cut into shards (the Prefect flows' unit of work): what the source held when the
+# run listed it, so that each shard task reads its objects here instead of listing again.
+listing = sa.Table(
+    "listing", metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
+    sa.Column("dataset", sa.String, primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),  # listing order
+    sa.Column("shard", sa.Integer, nullable=False),
+    sa.Column("source_key", sa.String, nullable=False),
+    sa.Column("etag", sa.String, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("content_md5", sa.String(32)),  # hex
+    sa.Column("last_modified", sa.DateTime),
+    sa.Column("tier", sa.String),
+    sa.Column("content", sa.JSON),  # ContentSettings fields that are set
+    sa.Column("meta", sa.JSON),  # user metadata
+    sa.Index("ix_listing_shard", "run_id", "dataset", "shard"),
+)
+
+# One row per shard of a run: its extent, then what its task made of it.
+shards = sa.Table(
+    "shards", metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
+    sa.Column("dataset", sa.String, primary_key=True),
+    sa.Column("shard", sa.Integer, primary_key=True),
+    sa.Column("objects", sa.Integer, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("first_key", sa.String, nullable=False),
+    sa.Column("last_key", sa.String, nullable=False),
+    sa.Column("status", sa.String, nullable=False),  # pending, running, ok, failed
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("seconds", sa.Float),  # of the last attempt
+    sa.Column("reason", sa.Text),
+    sa.Column("started_at", sa.DateTime),
+    sa.Column("finished_at", sa.DateTime),
+)
+
 # Columns added after the first release of the store: added to an existing database on open.
 _ADDED_COLUMNS = ("upload_id", "header", "key_id")
 
@@ -207,6 +246,35 @@ class PartRecord:
     etag: str
     size: int
     md5: str | None
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """A shard of a run: consecutive listed objects of one dataset, and how its task went."""
+
+    run_id: int
+    dataset: str
+    shard: int
+    objects: int
+    bytes: int
+    first_key: str
+    last_key: str
+    status: str
+    attempts: int
+    seconds: float | None
+    reason: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ShardCounts:
+    """What the state store says of a shard's objects in its run: state -> (objects, bytes), the
+    destination bytes written, and the first failures with their reasons."""
+
+    states: Mapping[str, tuple[int, int]]
+    output_bytes: int
+    failures: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -390,7 +458,8 @@ class StateStore:
         newest = (sa.select(sa.func.max(o.c.id).label("id"))
                   .where(o.c.dataset == dataset, o.c.state.in_(COPIED + (REMOVED,)))
                   .group_by(o.c.source_key).subquery())
-        seen = sa.select(o.c.source_key).where(o.c.run_id == run_id, o.c.dataset == dataset)
+        seen = sa.union(sa.select(o.c.source_key).where(o.c.run_id == run_id, o.c.dataset == dataset),
+                        sa.select(listing.c.source_key).where(listing.c.run_id == run_id, listing.c.dataset == dataset))
         query = (o.select().join_from(o, newest, o.c.id == newest.c.id)
                  .where(o.c.state.in_(COPIED), o.c.run_id != run_id, o.c.source_key.not_in(seen))
                  .order_by(o.c.source_key))
@@ -404,6 +473,114 @@ class StateStore:
         with self.engine.connect() as conn:
             row = conn.execute(_LAST_COPY, {"_dataset": dataset, "_key": source_key}).mappings().first()
         return ObjectRecord(**row) if row else None
+
+    # ---- a run's listing and its shards (the flows' unit of work) -----------------------------
+
+    def record_listing(self, run_id: int, dataset: str, entries: Iterable[tuple[int, ObjectMeta]], *,
+                       start: int = 0, page: int = 1000) -> None:
+        """Store part of `dataset`'s listing for `run_id`: (shard, ObjectMeta) pairs in listing order,
+        numbered from `start`, written a page at a time (a listing of millions is never held in memory)."""
+        rows: list[dict[str, Any]] = []
+        seq = start
+        for shard, meta in entries:
+            rows.append(_listing_row(run_id, dataset, seq, shard, meta))
+            seq += 1
+            if len(rows) >= page:
+                self._insert(listing, rows)
+                rows = []
+        if rows:
+            self._insert(listing, rows)
+
+    def _insert(self, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+        with self._writing() as conn:
+            conn.execute(table.insert(), rows)
+
+    def listed(self, run_id: int, dataset: str, shard: int | None = None) -> Iterator[ObjectMeta]:
+        """The ObjectMeta of a run's listing (one shard of it), in listing order, streamed in pages."""
+        last = -1
+        while True:
+            query = listing.select().where(listing.c.run_id == run_id, listing.c.dataset == dataset,
+                                           listing.c.seq > last)
+            if shard is not None:
+                query = query.where(listing.c.shard == shard)
+            with self.engine.connect() as conn:
+                rows = conn.execute(query.order_by(listing.c.seq).limit(1000)).mappings().all()
+            if not rows:
+                return
+            for r in rows:
+                yield ObjectMeta(
+                    key=r["source_key"], size=r["size"], etag=r["etag"],
+                    content_md5=bytes.fromhex(r["content_md5"]) if r["content_md5"] else None,
+                    last_modified=r["last_modified"].replace(tzinfo=timezone.utc) if r["last_modified"] else None,
+                    tier=r["tier"], content=ContentSettings(**(r["content"] or {})), metadata=r["meta"] or {})
+            last = rows[-1]["seq"]
+
+    def merge_shards(self, run_id: int, dataset: str, factor: int) -> None:
+        """Renumber a dataset's listed shards `n` -> `n // factor` (merging neighbours)."""
+        with self._writing() as conn:
+            conn.execute(listing.update().where(listing.c.run_id == run_id, listing.c.dataset == dataset)
+                         .values(shard=listing.c.shard / factor))
+
+    def define_shards(self, run_id: int, dataset: str) -> list[ShardRecord]:
+        """Write the `shards` rows of a dataset from its stored listing (status pending); returns them."""
+        l = listing
+        query = (sa.select(l.c.shard, sa.func.count(), sa.func.coalesce(sa.func.sum(l.c.size), 0),
+                           sa.func.min(l.c.source_key), sa.func.max(l.c.source_key))
+                 .where(l.c.run_id == run_id, l.c.dataset == dataset).group_by(l.c.shard).order_by(l.c.shard))
+        with self._writing() as conn:
+            rows = [dict(run_id=run_id, dataset=dataset, shard=int(n), objects=int(c), bytes=int(b), first_key=lo,
+                         last_key=hi, status="pending", attempts=0)
+                    for n, c, b, lo, hi in conn.execute(query)]
+            if rows:
+                conn.execute(shards.insert(), rows)
+        return [ShardRecord(**r, seconds=None, reason=None, started_at=None, finished_at=None) for r in rows]
+
+    def shard_started(self, run_id: int, dataset: str, shard: int) -> None:
+        with self._writing() as conn:
+            conn.execute(shards.update().where(*_shard_key(run_id, dataset, shard))
+                         .values(status="running", attempts=shards.c.attempts + 1, started_at=utcnow(),
+                                 finished_at=None, reason=None))
+
+    def shard_finished(self, run_id: int, dataset: str, shard: int, status: str, seconds: float,
+                       reason: str | None = None) -> None:
+        with self._writing() as conn:
+            conn.execute(shards.update().where(*_shard_key(run_id, dataset, shard))
+                         .values(status=status, seconds=seconds, reason=reason, finished_at=utcnow()))
+
+    def shards(self, run_id: int, dataset: str | None = None) -> list[ShardRecord]:
+        query = shards.select().where(shards.c.run_id == run_id)
+        if dataset is not None:
+            query = query.where(shards.c.dataset == dataset)
+        with self.engine.connect() as conn:
+            return [ShardRecord(**r) for r in conn.execute(query.order_by(shards.c.dataset, shards.c.shard)).mappings()]
+
+    def shard(self, run_id: int, dataset: str, shard: int) -> ShardRecord:
+        with self.engine.connect() as conn:
+            return ShardRecord(**conn.execute(shards.select().where(*_shard_key(run_id, dataset, shard))).mappings().one())
+
+    def shard_rows(self, run_id: int, dataset: str, shard: int) -> dict[str, ObjectRecord]:
+        """source key -> this run's row, for the objects of a shard that have one."""
+        o, l = objects, listing
+        query = (o.select().join_from(o, l, sa.and_(l.c.run_id == o.c.run_id, l.c.dataset == o.c.dataset,
+                                                     l.c.source_key == o.c.source_key))
+                 .where(l.c.run_id == run_id, l.c.dataset == dataset, l.c.shard == shard))
+        with self.engine.connect() as conn:
+            return {r["source_key"]: ObjectRecord(**r) for r in conn.execute(query).mappings()}
+
+    def shard_counts(self, run_id: int, dataset: str, shard: int, max_failures: int = 20) -> ShardCounts:
+        o, l = objects, listing
+        joined = sa.and_(l.c.run_id == o.c.run_id, l.c.dataset == o.c.dataset, l.c.source_key == o.c.source_key)
+        where = (l.c.run_id == run_id, l.c.dataset == dataset, l.c.shard == shard)
+        with self.engine.connect() as conn:
+            states = {state: (int(n), int(b)) for state, n, b in conn.execute(
+                sa.select(o.c.state, sa.func.count(), sa.func.coalesce(sa.func.sum(o.c.size), 0))
+                .select_from(l.join(o, joined)).where(*where).group_by(o.c.state))}
+            output = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(o.c.output_size), 0))
+                                  .select_from(l.join(o, joined)).where(*where, o.c.state.in_(COPIED))).scalar()
+            failures = tuple((k, r or "unknown") for k, r in conn.execute(
+                sa.select(o.c.source_key, o.c.reason).select_from(l.join(o, joined))
+                .where(*where, o.c.state == FAILED).order_by(l.c.seq).limit(max_failures)))
+        return ShardCounts(states, int(output or 0), failures)
 
     # ---- multipart uploads and their parts (resume) --------------------------------------------
 
@@ -459,6 +636,31 @@ class StateStore:
         with self.engine.connect() as conn:
             return {u for (u,) in conn.execute(sa.select(objects.c.upload_id).where(objects.c.upload_id.is_not(None))
                                                 .distinct())}
+
+    def dataset_summary(self, run_id: int, dataset: str, elapsed_seconds: float, max_failures: int = 100) -> Any:
+        """A `DatasetSummary` of a run's dataset from its rows (what the flows report: a shard
+        retried in the run counts each object once, as it ended)."""
+        from engine.migrate import DatasetSummary
+
+        o = objects
+        where = (o.c.run_id == run_id, o.c.dataset == dataset)
+        copied = o.c.state.in_(COPIED)
+        failed = o.c.state.not_in(COPIED + (UNCHANGED, REMOVED))
+        n = lambda cond: sa.func.coalesce(sa.func.sum(sa.case((cond, 1), else_=0)), 0)  # noqa: E731
+        total = lambda col, cond: sa.func.coalesce(sa.func.sum(sa.case((cond, col), else_=0)), 0)  # noqa: E731
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(
+                n(o.c.state != REMOVED), n(copied), n(failed), n(o.c.state == UNCHANGED),
+                n(sa.and_(o.c.state == FAILED, o.c.started_at.is_(None))), total(o.c.size, o.c.state != REMOVED),
+                total(o.c.size, copied), total(o.c.output_size, copied), total(o.c.part_count, copied),
+                sa.func.coalesce(sa.func.sum(o.c.restarts), 0)).where(*where)).one()
+            failures = tuple((k, r or "unknown") for k, r in conn.execute(
+                sa.select(o.c.source_key, o.c.reason).where(*where, failed).order_by(o.c.id).limit(max_failures + 1)))
+        objects_, ok, failed_n, skipped, refused, bytes_total, bytes_copied, bytes_sent, parts_, restarts = map(int, row)
+        return DatasetSummary(dataset=dataset, run_id=run_id, objects=objects_, ok=ok, failed=failed_n, skipped=skipped,
+                              refused=refused, bytes_total=bytes_total, bytes_copied=bytes_copied, bytes_sent=bytes_sent,
+                              parts=parts_, restarts=restarts, failures=failures[:max_failures],
+                              failures_truncated=len(failures) > max_failures, elapsed_seconds=elapsed_seconds)
 
     def state_counts(self, run_id: int, dataset: str | None = None) -> dict[str, tuple[int, int]]:
         """state -> (objects, plaintext bytes) for a run (and dataset): the migrate summary's numbers."""
@@ -576,6 +778,20 @@ def _object_row(run_id: int, dataset: str, source_key: str, source_etag: str, si
                restarts=0, created_at=now)
     row.update(_stamped(state, fields, now))
     return row
+
+
+def _listing_row(run_id: int, dataset: str, seq: int, shard: int, meta: ObjectMeta) -> dict[str, Any]:
+    content = {k: v for k, v in asdict(meta.content).items() if v is not None}
+    modified = meta.last_modified
+    if modified is not None and modified.tzinfo is not None:
+        modified = modified.astimezone(timezone.utc).replace(tzinfo=None)
+    return dict(run_id=run_id, dataset=dataset, seq=seq, shard=shard, source_key=meta.key, etag=meta.etag,
+                size=meta.size, content_md5=meta.content_md5.hex() if meta.content_md5 else None,
+                last_modified=modified, tier=meta.tier, content=content or None, meta=dict(meta.metadata) or None)
+
+
+def _shard_key(run_id: int, dataset: str, shard: int) -> tuple:
+    return shards.c.run_id == run_id, shards.c.dataset == dataset, shards.c.shard == shard
 
 
 def _check_fields(fields: Mapping[str, Any]) -> None:

@@ -12,6 +12,7 @@ from flows import lab_processes as lp
 # Never let a test (or an SDK it drives) reach a real cloud or a stray Prefect server.
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 for _var in ("AWS_PROFILE", "AWS_CA_BUNDLE", "AZURE_STORAGE_CONNECTION_STRING"):
     os.environ.pop(_var, None)
 

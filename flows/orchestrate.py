@@ -1,0 +1,564 @@
+"""The Prefect flows: inventory, migrate, verify and exit_plan (ARCHITECTURE.md §8).
+
+Thin wrappers over `engine.run` and `engine.verify`, the functions the CLI calls. A migration run is
+opened once in the flow's process (`engine.run.MigrationRun`): every dataset is listed once into
+the state store, cut into shards (consecutive objects, by bytes and count), and each shard is one
+task. Shard tasks run in threads of the flow's process and share its memory budget and transfer
+threads, so memory stays within `transfer.memory_budget` however many shards run at once. Tasks
+take and return metadata only (ids, counts, reasons); bytes never travel between tasks, and
+transfer tasks neither cache nor persist results.
+
+What the UI shows: a progress artifact updated as bytes move, table artifacts (the inventory of
+each dataset, the shards, the failed objects with their reasons, the verification), and a markdown
+summary: objects, bytes, throughput, verified, failed, and where each dataset's bytes went under
+which jurisdiction, with who holds the keys. The flow parameters are a config file path, dataset
+names and switches: never a credential (the config names environment variables or Prefect blocks).
+
+Connections per provider: before copying, the flow takes, from a Prefect global concurrency limit
+named `exitplan-provider-<provider>` (created by exitplan, `strict=True`), as many slots as the run
+opens connections to that provider, and holds them until its shards are done; the run's transfer
+threads are capped to the limit. Several runs at once thus never exceed the configured number.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+from prefect.futures import wait
+from prefect.runtime import flow_run as current_flow_run
+from prefect.states import Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from config.errors import UserError
+from config.loader import load_config
+from config.models import LoadedConfig
+from config.sizes import format_size
+from engine import run as engine_run
+from engine.settings import within_connections
+
+PROGRESS_EVERY = 2.0  # seconds between two updates of the progress artifact
+
+
+# ---------------------------------------------------------------------------------------------
+# Names: runs say what they move and when; artifact keys follow Prefect's rules
+# ---------------------------------------------------------------------------------------------
+
+
+def _run_name(kind: str) -> Callable[[], str]:
+    def name() -> str:
+        params = current_flow_run.parameters or {}
+        datasets = params.get("datasets") or []
+        what = "+".join(datasets) if datasets else "all-datasets"
+        try:
+            project = load_config(params["config_path"]).config.project
+        except Exception:  # the flow itself reports a bad config; the name must not fail
+            project = Path(str(params.get("config_path", "config"))).stem
+        return f"{kind} {project} {what} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}Z"
+
+    return name
+
+
+def artifact_key(project: str, what: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    raw = f"exitplan-{project}-{what}".lower()
+    return "".join(c if c.isalnum() or c == "-" else "-" for c in raw)
+
+
+def provider_limit_name(provider: str) -> str:
+    return f"exitplan-provider-{provider}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Connections per provider
+# ---------------------------------------------------------------------------------------------
+
+
+def provider_limits(loaded: LoadedConfig, datasets: list[str]) -> dict[str, int]:
+    """provider -> the connection limit the configuration sets for it (for the datasets' destinations)."""
+    orch = loaded.config.orchestration
+    providers = {loaded.config.destinations[loaded.config.datasets[d].destination].provider for d in datasets}
+    return {p: orch.provider_connections.get(p, orch.default_provider_connections) for p in sorted(providers)}
+
+
+def ensure_provider_limits(limits: dict[str, int]) -> None:
+    """Create (or update) the Prefect global concurrency limit of each provider."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        for provider, limit in limits.items():
+            client.upsert_global_concurrency_limit_by_name(provider_limit_name(provider), limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress, shared by the shard tasks of a run and shown by the flow
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunProgress:
+    """Bytes gone through per shard (copied or found unchanged), summed for the progress artifact."""
+
+    total_bytes: int
+    shard_bytes: dict[tuple[str, int], int] = field(default_factory=dict)
+    done: dict[tuple[str, int], int] = field(default_factory=dict)
+    finished: set[tuple[str, int]] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def callback(self, dataset: str, shard: int):
+        def update(snapshot) -> None:
+            with self.lock:
+                self.done[(dataset, shard)] = snapshot.bytes_done + snapshot.bytes_skipped
+        return update
+
+    def shard_finished(self, dataset: str, shard: int) -> None:
+        with self.lock:
+            self.finished.add((dataset, shard))
+
+    def percent(self) -> float:
+        with self.lock:
+            if not self.shard_bytes:
+                return 100.0
+            moved = sum(size if k in self.finished else min(self.done.get(k, 0), size)
+                        for k, size in self.shard_bytes.items())
+            shards_done = len(self.finished) / len(self.shard_bytes)
+        if self.total_bytes <= 0:
+            return round(100.0 * shards_done, 1)
+        return round(min(100.0, 100.0 * moved / self.total_bytes), 1)
+
+
+_PROGRESS: dict[int, RunProgress] = {}  # run id -> progress, for the shard tasks of this process
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------
+
+
+class ShardFailed(Exception):
+    """A shard ended with failed objects; `transient` when trying it again may help."""
+
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry a shard only for failures whose cause may pass (the connectors' error classes say so)."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:
+        return False
+    if isinstance(exc, ShardFailed):
+        return exc.transient
+    return bool(getattr(exc, "retryable", False))
+
+
+@task(name="sovereignty-gate", cache_policy=NO_CACHE, persist_result=False)
+def sovereignty_gate(config_path: str, datasets: list[str] | None) -> list[dict[str, str]]:
+    """Load the configuration (the sovereignty policy refuses a destination before any byte moves)
+    and return where each dataset's bytes would go; creates the per-provider connection limits."""
+    loaded, names = _load(config_path, datasets)
+    from config.policy import check_sovereignty
+
+    verdicts = {v.name: v for v in check_sovereignty(loaded)}
+    ensure_provider_limits(provider_limits(loaded, names))
+    rows = []
+    for name in names:
+        v = verdicts[loaded.config.datasets[name].destination]
+        p = v.provider
+        rows.append({"dataset": name, "destination": v.name, "provider": p.display_name, "operator": p.legal_entity,
+                     "seat": p.legal_seat, "jurisdiction": p.jurisdiction, "region": f"{v.region} ({v.location})",
+                     "bucket": v.bucket})
+    get_run_logger().info("sovereignty gate passed for %s", ", ".join(f"{r['dataset']} -> {r['provider']} "
+                                                                        f"({r['jurisdiction']})" for r in rows))
+    return rows
+
+
+@task(name="list-dataset", cache_policy=NO_CACHE, persist_result=False)
+def list_dataset(run_id: int, dataset: str) -> dict[str, Any]:
+    """List one dataset into the state store, cut into shards; returns its inventory figures and shards."""
+    run = engine_run.active_run(run_id)
+    orch = run.loaded.config.orchestration
+    listing = run.list_dataset(dataset, shard_bytes=orch.shard_bytes, shard_objects=orch.shard_objects,
+                               max_shards=orch.max_shards)
+    inv = listing.inventory
+    get_run_logger().info("%s: %s objects, %s, in %d shard(s)", dataset, f"{inv.objects:,}", format_size(inv.bytes),
+                          len(listing.shards))
+    return {"inventory": _inventory_row(inv), "shards": [(s.shard, s.objects, s.bytes) for s in listing.shards]}
+
+
+@task(name="copy-shard", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_transient)
+def copy_shard(run_id: int, dataset: str, shard: int) -> dict[str, Any]:
+    """Copy the objects of one shard; returns its figures. Fails, with the reasons, when an object
+    failed (retried when every cause may pass)."""
+    run = engine_run.active_run(run_id)
+    progress = _PROGRESS.get(run_id)
+    result = run.copy_shard(dataset, shard, progress.callback(dataset, shard) if progress else None)
+    if progress:
+        progress.shard_finished(dataset, shard)
+    logger = get_run_logger()
+    if not result.ok:
+        sentence = engine_run.failure_sentence(result)
+        logger.error("%s shard %d: %s", dataset, shard, sentence)
+        raise ShardFailed(f"{dataset} shard {shard}: {sentence}", result.transient)
+    logger.info("%s shard %d: %d copied, %d unchanged, %s in %.1f s", dataset, shard, result.copied,
+                result.unchanged, format_size(result.bytes_copied), result.seconds)
+    return _shard_row(result)
+
+
+@task(name="verify-datasets", cache_policy=NO_CACHE, persist_result=False)
+def verify_datasets(config_path: str, datasets: list[str] | None, deep: bool, sample: float,
+                    seed: int | None) -> dict[str, Any]:
+    """Check the destination against the state store (quick: listing + metadata; deep: read back,
+    decrypt, SHA-256); records verified / failed per object."""
+    from engine.verify import verify
+
+    loaded, names = _load(config_path, datasets)
+    result = verify(loaded, names, deep=deep, sample=sample, seed=seed)
+    logger = get_run_logger()
+    for d in result.datasets:
+        logger.info("verify %s (%s): %d checked, %d ok, %d with discrepancies", d.dataset, d.mode, d.objects, d.ok,
+                    d.failed)
+    return {
+        "run_id": result.run_id, "mode": result.mode, "seed": result.seed,
+        "datasets": [{"dataset": d.dataset, "objects": d.objects, "ok": d.ok, "failed": d.failed,
+                      "read_back": d.deep_checked, "bytes_read": d.bytes_read, "unknown": d.unknown}
+                     for d in result.datasets],
+        "discrepancies": [{"dataset": x.dataset, "object": x.dest_key, "source": x.source_key, "kind": x.kind,
+                           "expected": x.expected, "found": x.found}
+                          for d in result.datasets for x in d.discrepancies],
+        "last_hash": result.audit.last_hash if result.audit else None,
+    }
+
+
+@task(name="inventory-dataset", cache_policy=NO_CACHE, persist_result=False)
+def inventory_dataset(config_path: str, dataset: str) -> dict[str, Any]:
+    """One dataset's inventory (a streamed listing; nothing is written)."""
+    loaded, names = _load(config_path, [dataset])
+    (inv,) = engine_run.inventory(loaded, names)
+    return _inventory_row(inv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flows
+# ---------------------------------------------------------------------------------------------
+
+
+@flow(name="exitplan-inventory", flow_run_name=_run_name("inventory"), log_prints=False)
+def inventory_flow(config_path: str, datasets: list[str] | None = None):
+    """What each dataset holds: objects, bytes, largest, without MD5, not hot, won't fit."""
+    try:
+        loaded, names = _load(config_path, datasets)
+        futures = [inventory_dataset.submit(config_path, name) for name in names]
+        rows = [f.result() for f in futures]
+    except UserError as exc:
+        return _user_failure(exc)
+    create_table_artifact(rows, key=artifact_key(loaded.config.project, "inventory"),
+                          description=f"Inventory of {', '.join(names)}")
+    return rows
+
+
+@flow(name="exitplan-migrate", flow_run_name=_run_name("migrate"), task_runner=ThreadPoolTaskRunner(max_workers=16))
+def migrate_flow(config_path: str, datasets: list[str] | None = None, delete_removed: bool = False):
+    """Copy the datasets, shard by shard; a failing object fails its shard, the other shards go on."""
+    try:
+        gate = sovereignty_gate(config_path, datasets)
+        outcome = _migrate(config_path, datasets, delete_removed)
+    except UserError as exc:
+        return _user_failure(exc)
+    _summary_artifact(outcome, gate, None)
+    return _final(outcome, None)
+
+
+@flow(name="exitplan-verify", flow_run_name=_run_name("verify"))
+def verify_flow(config_path: str, datasets: list[str] | None = None, deep: bool = False, sample: float = 1.0,
+                seed: int | None = None):
+    """Prove the destinations hold what the state store says was copied (never reads the source)."""
+    try:
+        loaded, _ = _load(config_path, datasets)
+        checked = verify_datasets(config_path, datasets, deep, sample, seed)
+    except UserError as exc:
+        return _user_failure(exc)
+    _verify_artifacts(loaded.config.project, checked)
+    failed = sum(d["failed"] for d in checked["datasets"])
+    if failed:
+        return Failed(message=f"verification found {failed} object(s) with discrepancies (see the table artifact)")
+    return checked
+
+
+@flow(name="exit-plan", flow_run_name=_run_name("exit-plan"), task_runner=ThreadPoolTaskRunner(max_workers=16))
+def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: bool = True,
+              delete_removed: bool = False):
+    """The whole exit: inventory -> sovereignty gate -> migrate -> verify -> summary (and the HTML report)."""
+    try:
+        gate = sovereignty_gate(config_path, datasets)
+        outcome = _migrate(config_path, datasets, delete_removed)
+        checked = verify_datasets(config_path, datasets, deep_verify, 1.0, None)
+    except UserError as exc:
+        return _user_failure(exc)
+    _verify_artifacts(outcome.project, checked)
+    outcome.report = _write_report(outcome)
+    _summary_artifact(outcome, gate, checked)
+    return _final(outcome, checked)
+
+
+# ---------------------------------------------------------------------------------------------
+# The migration inside a flow
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MigrateOutcome:
+    """What `_migrate` hands to the summary: figures only."""
+
+    project: str
+    loaded: LoadedConfig
+    datasets: list[str]
+    result: Any  # engine.run.MigrationResult
+    inventory: list[dict[str, Any]]
+    shards: list[dict[str, Any]]
+    failures: list[dict[str, str]]
+    seconds: float
+    report: Path | None = None
+    markdown: str = ""
+
+    @property
+    def failed_shards(self) -> int:
+        return sum(1 for s in self.shards if s["status"] != "ok")
+
+
+def _migrate(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
+    logger = get_run_logger()
+    loaded, names = _load(config_path, datasets)
+    project = loaded.config.project
+    limits = provider_limits(loaded, names)
+    cap = min(limits.values())
+    began = time.monotonic()
+    run = engine_run.MigrationRun.start(loaded, names, delete_removed=delete_removed,
+                                        settings=within_connections(engine_run.transfer_settings(loaded), cap))
+    engine_run.register_run(run)
+    slots = run.settings.requests_in_flight
+    logger.info("migration run %d: %s; %d connection(s) per provider (limits: %s)", run.run_id, ", ".join(names),
+                slots, ", ".join(f"{p} {n}" for p, n in limits.items()))
+    inventory_rows: list[dict[str, Any]] = []
+    shard_rows: list[dict[str, Any]] = []
+    try:
+        listed = {name: list_dataset.submit(run.run_id, name) for name in names}
+        wait(list(listed.values()))
+        per_dataset = {name: f.result() for name, f in listed.items()}
+        inventory_rows = [d["inventory"] for d in per_dataset.values()]
+        create_table_artifact(inventory_rows, key=artifact_key(project, "inventory"),
+                              description=f"Inventory of run {run.run_id}: what each dataset holds at the source")
+        progress = RunProgress(sum(r["bytes"] for r in inventory_rows))
+        for name, d in per_dataset.items():
+            for shard, _, size in d["shards"]:
+                progress.shard_bytes[(name, shard)] = size
+        _PROGRESS[run.run_id] = progress
+        artifact_id = create_progress_artifact(0.0, key=artifact_key(project, "progress"),
+                                               description=f"Bytes of run {run.run_id} gone through "
+                                                           f"({format_size(progress.total_bytes)} in all)")
+        orch = loaded.config.orchestration
+        shard_task = copy_shard.with_options(retries=orch.shard_retries, retry_delay_seconds=orch.shard_retry_delay)
+        with concurrency([provider_limit_name(p) for p in limits], occupy=slots, strict=True):
+            futures = _submit_shards(shard_task, run.run_id, per_dataset, orch.parallel_shards, artifact_id, progress)
+        update_progress_artifact(artifact_id, 100.0)
+        for name in names:
+            went_through = [f.state.is_completed() or isinstance(_exception(f), ShardFailed) for f in futures[name]]
+            if all(went_through):
+                run.dataset_done(name)  # objects gone from the source, and the dataset's audit records
+            else:
+                logger.error("%s: a shard stopped on an error; objects gone from the source are not looked for "
+                             "in this run", name)
+            for (shard, _, _), f, through in zip(per_dataset[name]["shards"], futures[name], went_through):
+                row = _shard_row(run.shard_result(name, shard))
+                record = run.state.shard(run.run_id, name, shard)
+                row["status"] = record.status if through else "error"
+                row["reason"] = record.reason or ("" if through else str(_exception(f) or f.state.message))
+                shard_rows.append(row)
+        run.completed = True
+    finally:
+        _PROGRESS.pop(run.run_id, None)
+        result = run.finish()
+    failures = [{"dataset": r["dataset"], "shard": str(r["shard"]), "object": key, "reason": reason}
+                for r in shard_rows for key, reason in r.pop("_failures", ())]
+    create_table_artifact(shard_rows, key=artifact_key(project, "shards"),
+                          description=f"Shards of run {result.run_id}: one task each")
+    if failures:
+        create_table_artifact(failures, key=artifact_key(project, "failures"),
+                              description=f"Objects that failed in run {result.run_id}, with the reason")
+    return MigrateOutcome(project, loaded, names, result, inventory_rows, shard_rows, failures,
+                          time.monotonic() - began)
+
+
+def _submit_shards(shard_task, run_id: int, per_dataset: dict[str, dict], parallel: int, artifact_id,
+                   progress: RunProgress) -> dict[str, list]:
+    """Submit every shard, at most `parallel` running at once; update the progress artifact while waiting."""
+    futures: dict[str, list] = {name: [] for name in per_dataset}
+    pending = [(name, shard) for name, d in per_dataset.items() for shard, _, _ in d["shards"]]
+    running: list = []
+    last = -1.0
+    while pending or running:
+        while pending and len(running) < parallel:
+            name, shard = pending.pop(0)
+            f = shard_task.submit(run_id, name, shard)
+            futures[name].append(f)
+            running.append(f)
+        done, _ = wait(running, timeout=PROGRESS_EVERY)
+        running = [f for f in running if f not in done]
+        pct = progress.percent()
+        if pct != last:
+            update_progress_artifact(artifact_id, pct)
+            last = pct
+    return futures
+
+
+def _exception(future) -> BaseException | None:
+    state = future.state
+    if state.is_completed():
+        return None
+    try:
+        value = state.result(raise_on_failure=False)
+    except Exception as exc:  # the result of a crashed task may be unreadable
+        return exc
+    return value if isinstance(value, BaseException) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts and results
+# ---------------------------------------------------------------------------------------------
+
+
+def _inventory_row(inv) -> dict[str, Any]:
+    return {"dataset": inv.dataset, "source": inv.source, "destination": inv.destination, "objects": inv.objects,
+            "bytes": inv.bytes, "size": format_size(inv.bytes), "largest": format_size(inv.largest_size),
+            "without_md5": inv.without_md5, "not_hot": inv.not_hot, "will_not_fit": inv.misfit_count}
+
+
+def _shard_row(result) -> dict[str, Any]:
+    rate = result.bytes_copied / result.seconds / 1e6 if result.seconds > 0 else 0.0
+    return {"dataset": result.dataset, "shard": result.shard, "objects": result.objects,
+            "size": format_size(result.bytes), "copied": result.copied, "unchanged": result.unchanged,
+            "failed": result.failed, "bytes_copied": result.bytes_copied, "seconds": round(result.seconds, 1),
+            "mb_per_s": round(rate, 1), "attempts": result.attempt, "status": "ok" if result.ok else "failed",
+            "reason": "" if result.ok else engine_run.failure_sentence(result), "_failures": result.failures}
+
+
+def _verify_artifacts(project: str, checked: dict[str, Any]) -> None:
+    create_table_artifact(checked["datasets"], key=artifact_key(project, "verify"),
+                          description=f"Verification ({checked['mode']}), run {checked['run_id']}")
+    if checked["discrepancies"]:
+        create_table_artifact(checked["discrepancies"], key=artifact_key(project, "discrepancies"),
+                              description="Objects whose destination copy differs from what was recorded")
+
+
+def _write_report(outcome: MigrateOutcome) -> Path | None:
+    from engine.report import write_report
+
+    out = outcome.loaded.state_dir / "reports" / f"exit-plan-run-{outcome.result.run_id}.html"
+    try:
+        write_report(outcome.loaded, outcome.datasets, out)
+    except UserError as exc:
+        get_run_logger().warning("the HTML report could not be written: %s", exc)
+        return None
+    return out
+
+
+def summary_markdown(outcome: MigrateOutcome, gate: list[dict[str, str]], checked: dict[str, Any] | None) -> str:
+    """The run's summary as markdown (the flow's summary artifact; the demo prints it too)."""
+    r = outcome.result
+    objects = sum(s.objects for s in r.summaries)
+    copied = sum(s.ok for s in r.summaries)
+    unchanged = sum(s.skipped for s in r.summaries)
+    failed = sum(s.failed for s in r.summaries)
+    moved = sum(s.bytes_copied for s in r.summaries)
+    total = sum(row["bytes"] for row in outcome.inventory)
+    rate = moved / outcome.seconds / 1e6 if outcome.seconds > 0 else 0.0
+    lines = [f"# Exit plan `{outcome.project}`: migration run {r.run_id}", ""]
+    status = "completed" if r.all_ok and not outcome.failed_shards else "completed with failures"
+    lines += [f"**{status}** in {outcome.seconds:.1f} s: {objects:,} objects ({format_size(total)}) listed, "
+              f"{copied:,} copied ({format_size(moved)}, {rate:.1f} MB/s), {unchanged:,} unchanged since an "
+              f"earlier run, **{failed:,} failed**; {len(outcome.shards)} shard(s), {outcome.failed_shards} failed.", ""]
+    if checked is not None:
+        ok = sum(d["ok"] for d in checked["datasets"])
+        bad = sum(d["failed"] for d in checked["datasets"])
+        read = sum(d["read_back"] for d in checked["datasets"])
+        lines += [f"**Verified** ({checked['mode']}): {ok:,} objects match what was recorded"
+                  + (f", {read:,} read back, decrypted and their SHA-256 compared" if read else "")
+                  + f"; **{bad:,} with discrepancies**.", ""]
+    lines += ["## Where the bytes went", "",
+              "| dataset | provider | operator | legal seat | jurisdiction | region | bucket | keys |",
+              "|---|---|---|---|---|---|---|---|"]
+    for g in gate:
+        lines.append(f"| {g['dataset']} | {g['provider']} | {g['operator']} | {g['seat']} | **{g['jurisdiction']}** "
+                     f"| {g['region']} | {g['bucket']} | {r.key_holders.get(g['dataset'], '')} |")
+    lines += ["", "## Datasets", "", "| dataset | objects | copied | unchanged | failed | size copied |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for s in r.summaries:
+        lines.append(f"| {s.dataset} | {s.objects:,} | {s.ok:,} | {s.skipped:,} | {s.failed:,} | "
+                     f"{format_size(s.bytes_copied)} |")
+    if outcome.failures:
+        lines += ["", f"## Failed objects ({len(outcome.failures):,} shown)", ""]
+        lines += [f"- `{f['dataset']}` `{f['object']}`: {f['reason']}" for f in outcome.failures[:20]]
+    for removed in r.removed:
+        if removed.count:
+            lines += ["", f"{removed.dataset}: {removed.count:,} object(s) gone from the source since they were "
+                          f"copied; {removed.deleted:,} destination copies deleted."]
+    if r.audit:
+        lines += ["", f"Audit manifest: `{r.audit.manifest}`, {r.audit.records:,} records this run, last record hash "
+                      f"`{r.audit.last_hash}`" + ("" if r.audit.signed else " (run end NOT signed)") + "."]
+    if checked is not None and checked.get("last_hash"):
+        lines.append(f"After verification, last record hash `{checked['last_hash']}`.")
+    if outcome.report:
+        lines += ["", f"HTML report: `{outcome.report}`"]
+    lines += ["", f"State: `{r.state_path}`"]
+    return "\n".join(lines)
+
+
+def _summary_artifact(outcome: MigrateOutcome, gate: list[dict[str, str]], checked: dict[str, Any] | None) -> None:
+    outcome.markdown = summary_markdown(outcome, gate, checked)
+    create_markdown_artifact(outcome.markdown, key=artifact_key(outcome.project, "summary"),
+                             description=f"Summary of run {outcome.result.run_id}")
+
+
+def _final(outcome: MigrateOutcome, checked: dict[str, Any] | None):
+    """The flow's return value (figures only), or a Failed state naming what failed."""
+    r = outcome.result
+    failed = sum(s.failed for s in r.summaries)
+    bad = sum(d["failed"] for d in checked["datasets"]) if checked else 0
+    figures = {"run_id": r.run_id, "objects": sum(s.objects for s in r.summaries),
+               "copied": sum(s.ok for s in r.summaries), "unchanged": sum(s.skipped for s in r.summaries),
+               "failed": failed, "bytes_copied": sum(s.bytes_copied for s in r.summaries),
+               "shards": len(outcome.shards), "failed_shards": outcome.failed_shards,
+               "verified": sum(d["ok"] for d in checked["datasets"]) if checked else None,
+               "discrepancies": bad, "summary": outcome.markdown}
+    if failed or bad or outcome.failed_shards:
+        return Failed(message=f"{failed} object(s) failed in {outcome.failed_shards} shard(s), {bad} discrepancies "
+                              "(see the summary and the failures table)", data=figures)
+    return figures
+
+
+def _load(config_path: str, datasets: list[str] | None) -> tuple[LoadedConfig, list[str]]:
+    from flows.commands import chosen_datasets
+
+    loaded = load_config(config_path)
+    return loaded, chosen_datasets(loaded, list(datasets or []))
+
+
+def _user_failure(exc: UserError):
+    """A configuration, policy or key problem: one sentence in the log and the state, no traceback."""
+    get_run_logger().error("%s (exit code %d)", exc, int(exc.exit_code))
+    return Failed(message=str(exc))
