@@ -3,6 +3,7 @@ the UI is shown (artifacts), a failing object failing only its shard, and user e
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -12,6 +13,7 @@ import yaml
 from azure.storage.blob import BlobServiceClient
 
 from flows.cli import main
+from tests.faultproxy import FaultProxy
 from tests.s3client import lab_s3_client
 
 pytestmark = pytest.mark.integration
@@ -25,39 +27,154 @@ def s3(s3_server):
     return lab_s3_client(s3_server.url, BUCKET)
 
 
-@pytest.fixture
-def project(tmp_path, monkeypatch, azurite_connection_string, s3_server, s3, prefect_harness):
+def write_project(tmp_path: Path, cs: str, s3_url: str, *, orchestration: dict | None = None,
+                  transfer: dict | None = None, extra_blobs: dict[str, bytes] | None = None):
     """A fresh container of 11 blobs (one multipart-sized) and a config cutting it into shards of 4."""
-    monkeypatch.setenv(CS_VAR, azurite_connection_string)
     container = f"flows{uuid.uuid4().hex[:10]}"
-    cc = BlobServiceClient.from_connection_string(azurite_connection_string).create_container(container)
+    cc = BlobServiceClient.from_connection_string(cs).create_container(container)
     blobs = {f"claims/{i:02d}.csv": f"claim {i}\n".encode() * (100 + i) for i in range(10)}
     blobs["scans/big.bin"] = os.urandom(6 * 1024 * 1024 + 5)
+    blobs.update(extra_blobs or {})
     for name, data in blobs.items():
         cc.upload_blob(name, data)
     cfg = {
         "version": 1,
         "project": "flows",
         "sources": {"az": {"kind": "azure_blob", "connection_string_env": CS_VAR}},
-        "destinations": {"lab": {"provider": "lab", "endpoint_url": s3_server.url, "region": "eu-west-3",
-                                 "bucket": BUCKET}},
+        "destinations": {"lab": {"provider": "lab", "endpoint_url": s3_url, "region": "eu-west-3", "bucket": BUCKET}},
         "datasets": {"claims": {"source": "az", "container": container, "destination": "lab",
                                 "dest_prefix": f"{container}/"}},
-        "transfer": {"concurrency": 4, "part_size": "5MiB", "small_object_cutoff": "1MiB"},
-        "orchestration": {"shard_objects": 4, "parallel_shards": 2, "shard_retries": 0},
+        "transfer": {"concurrency": 4, "part_size": "5MiB", "small_object_cutoff": "1MiB", **(transfer or {})},
+        "orchestration": {"shard_objects": 4, "parallel_shards": 2, "shard_retries": 0, **(orchestration or {})},
         "state": {"path": str(tmp_path / "state")},
         "keys": {"kek": {"backend": "local", "path": str(tmp_path / "kek.json")}},
     }
     path = tmp_path / "exitplan.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     assert main(["keys", "init", "--config", str(path)]) == 0
     return path, container, blobs
 
 
-def test_exit_plan(project, s3):
+@pytest.fixture
+def env(monkeypatch, azurite_connection_string, prefect_harness):
+    monkeypatch.setenv(CS_VAR, azurite_connection_string)
+    return azurite_connection_string
+
+
+def artifacts_of(flow_run_id) -> dict[str, list]:
+    """The artifacts a flow run created, by type, oldest first."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_type: dict[str, list] = {}
+    for a in sorted(found, key=lambda a: a.created):
+        by_type.setdefault(a.type, []).append(a)
+    return by_type
+
+
+def task_states(flow_run_id) -> list[tuple[str, str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return sorted((t.name.rsplit("-", 1)[0], t.state.type.value) for t in runs)
+
+
+def stored_keys(s3, container: str) -> set[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{container}/")
+    return {o["Key"][len(container) + 1:] for page in pages for o in page.get("Contents", [])}
+
+
+def test_exit_plan_migrates_verifies_and_shows_it(tmp_path, env, s3_server, s3):
     from flows.orchestrate import exit_plan
 
-    path, container, blobs = project
-    result = exit_plan(config_path=str(path))
-    print(result)
-    assert result["copied"] == len(blobs)
+    path, container, blobs = write_project(tmp_path, env, s3_server.url)
+    state = exit_plan(config_path=str(path), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert (result["objects"], result["copied"], result["failed"]) == (11, 11, 0)
+    assert (result["shards"], result["failed_shards"], result["verified"], result["discrepancies"]) == (3, 0, 11, 0)
+    assert result["bytes_copied"] == sum(len(b) for b in blobs.values())
+    assert set(blobs) <= stored_keys(s3, container)
+
+    found = artifacts_of(state.state_details.flow_run_id)
+    (progress,) = found["progress"]
+    assert progress.data == 100.0
+    tables = {a.key: json.loads(a.data) for a in found["table"]}
+    (inventory,) = tables["exitplan-flows-inventory"]
+    assert (inventory["dataset"], inventory["objects"], inventory["bytes"]) == ("claims", 11, result["bytes_copied"])
+    shards = tables["exitplan-flows-shards"]
+    assert [(s["shard"], s["objects"], s["copied"], s["status"]) for s in shards] == [
+        (0, 4, 4, "ok"), (1, 4, 4, "ok"), (2, 3, 3, "ok")]
+    assert sum(s["bytes_copied"] for s in shards) == result["bytes_copied"]
+    (verified,) = tables["exitplan-flows-verify"]
+    assert (verified["objects"], verified["ok"], verified["read_back"]) == (11, 11, 11)
+    (summary,) = found["markdown"]
+    assert "11 copied" in summary.data and "**0 failed**" in summary.data
+    assert "| claims | exitplan lab S3 server (moto) |" in summary.data and "**lab**" in summary.data
+    assert "Tink AES256_GCM_HKDF_1MB" in summary.data
+    everything = json.dumps([a.data for a in sum(found.values(), [])]) + json.dumps(result)
+    assert env not in everything and "AccountKey" not in everything  # no credential shown anywhere
+    assert sorted(set(task_states(state.state_details.flow_run_id))) == [
+        ("copy-shard", "COMPLETED"), ("list-dataset", "COMPLETED"), ("sovereignty-gate", "COMPLETED"),
+        ("verify-datasets", "COMPLETED")]
+
+    # A second run is a delta: nothing changed, nothing copied.
+    again = exit_plan(config_path=str(path), deep_verify=False, return_state=True)
+    assert again.is_completed(), again.message
+    assert (again.result()["copied"], again.result()["unchanged"]) == (0, 11)
+
+
+def test_a_failing_object_fails_its_shard_only(tmp_path, env, s3_server, s3):
+    """An object that cannot be written (its name is over the destination's 1,024 bytes) fails its
+    shard with the reason; the other shards complete; the run ends Failed, naming it."""
+    from flows.orchestrate import migrate_flow
+
+    too_long = "claims/" + "é" * 600 + ".csv"  # 600 characters for Azure, 1,211 bytes for S3
+    path, container, blobs = write_project(tmp_path, env, s3_server.url, extra_blobs={too_long: b"x"})
+    state = migrate_flow(config_path=str(path), return_state=True)
+    assert state.is_failed()
+    assert "1 object(s) failed in 1 shard(s)" in state.message
+    stored = stored_keys(s3, container)
+    assert set(blobs) - stored == {too_long}
+    run_id = state.state_details.flow_run_id
+    assert sorted(task_states(run_id)).count(("copy-shard", "FAILED")) == 1
+    assert sorted(task_states(run_id)).count(("copy-shard", "COMPLETED")) == 2
+    found = artifacts_of(run_id)
+    tables = {a.key: json.loads(a.data) for a in found["table"]}
+    (failure,) = tables["exitplan-flows-failures"]
+    assert failure["object"] == too_long and "1024" in failure["reason"].replace(",", "")
+    failed_shards = [s for s in tables["exitplan-flows-shards"] if s["status"] != "ok"]
+    assert len(failed_shards) == 1 and too_long in failed_shards[0]["reason"]
+    assert "**1 failed**" in found["markdown"][0].data
+
+
+def test_a_transient_failure_is_retried_as_a_shard(tmp_path, env, s3_server, s3):
+    """A destination answering 503 to a part of one object beyond the engine's own attempts fails
+    the object as transient; the shard task's retry copies it. (An 8 MiB budget makes the 5 MiB
+    parts streamed: one SDK attempt each, so the engine's `part_attempts` are the only retries.)"""
+    from flows.orchestrate import migrate_flow
+
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        path, container, blobs = write_project(tmp_path, env, proxy.url, transfer={"part_attempts": 2, "memory_budget": "8MiB"},
+                                               orchestration={"shard_retries": 1, "shard_retry_delay": 0})
+        proxy.fail_next(2, status=503, method="PUT", pattern=r"big\.bin\?(?=.*partNumber=1\b)")
+        state = migrate_flow(config_path=str(path), return_state=True)
+        assert proxy.pending_faults() == 0
+    assert state.is_completed(), state.message
+    assert state.result()["copied"] == len(blobs)
+    assert set(blobs) <= stored_keys(s3, container)
+    shards = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
+    assert [s["attempts"] for s in shards["exitplan-flows-shards"]] == [1, 1, 2]
+
+
+def test_a_configuration_error_fails_the_run_with_one_sentence(tmp_path, env, s3_server):
+    from flows.orchestrate import exit_plan
+
+    path, _, _ = write_project(tmp_path, env, s3_server.url)
+    state = exit_plan(config_path=str(path), datasets=["nope"], return_state=True)
+    assert state.is_failed()
+    assert "no dataset named 'nope'" in state.message and "Traceback" not in state.message
