@@ -178,3 +178,45 @@ def test_a_configuration_error_fails_the_run_with_one_sentence(tmp_path, env, s3
     state = exit_plan(config_path=str(path), datasets=["nope"], return_state=True)
     assert state.is_failed()
     assert "no dataset named 'nope'" in state.message and "Traceback" not in state.message
+
+
+def test_runs_share_the_provider_connection_limit(tmp_path, env, s3_server, s3):
+    """Connections to a provider are slots of its global concurrency limit: a run cut to the limit
+    waits while another holder has the slots, and copies once they are released."""
+    import threading
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.concurrency.sync import concurrency
+
+    from flows.orchestrate import migrate_flow, provider_limit_name
+
+    path, container, blobs = write_project(tmp_path, env, s3_server.url, transfer={"concurrency": 8},
+                                           orchestration={"provider_connections": {"lab": 4}})
+    assert main(["migrate", "--config", str(path), "--dry-run"]) == 0  # the limit is created by the flow, not here
+    holding, release = threading.Event(), threading.Event()
+
+    def other_run() -> None:  # e.g. another project's run writing to the same provider
+        with get_client(sync_client=True) as client:
+            client.upsert_global_concurrency_limit_by_name(provider_limit_name("lab"), 4)
+        with concurrency(provider_limit_name("lab"), occupy=4, strict=True):
+            holding.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=other_run)
+    holder.start()
+    assert holding.wait(30)
+    states = []
+    flow_thread = threading.Thread(target=lambda: states.append(migrate_flow(config_path=str(path), return_state=True)))
+    flow_thread.start()
+    time.sleep(4)
+    assert stored_keys(s3, container) == set()  # waiting for slots: nothing moved
+    release.set()
+    holder.join(30)
+    flow_thread.join(120)
+    (state,) = states
+    assert state.is_completed(), state.message
+    assert set(blobs) <= stored_keys(s3, container)
+    with get_client(sync_client=True) as client:
+        limit = client.read_global_concurrency_limit_by_name(provider_limit_name("lab"))
+    assert (limit.limit, limit.active_slots) == (4, 0)
