@@ -519,7 +519,7 @@ class StateStore:
         """Renumber a dataset's listed shards `n` -> `n // factor` (merging neighbours)."""
         with self._writing() as conn:
             conn.execute(listing.update().where(listing.c.run_id == run_id, listing.c.dataset == dataset)
-                         .values(shard=listing.c.shard / factor))
+                         .values(shard=listing.c.shard // factor))
 
     def define_shards(self, run_id: int, dataset: str) -> list[ShardRecord]:
         """Write the `shards` rows of a dataset from its stored listing (status pending); returns them."""
