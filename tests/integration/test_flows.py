@@ -138,6 +138,8 @@ def test_a_failing_object_fails_its_shard_only(tmp_path, env, s3_server, s3):
     state = migrate_flow(config_path=str(path), return_state=True)
     assert state.is_failed()
     assert "1 object(s) failed in 1 shard(s)" in state.message
+    figures = state.result(raise_on_failure=False)
+    assert (figures["copied"], figures["failed"], figures["failed_shards"]) == (len(blobs) - 1, 1, 1)
     stored = stored_keys(s3, container)
     assert set(blobs) - stored == {too_long}
     run_id = state.state_details.flow_run_id
