@@ -222,3 +222,32 @@ def test_runs_share_the_provider_connection_limit(tmp_path, env, s3_server, s3):
     with get_client(sync_client=True) as client:
         limit = client.read_global_concurrency_limit_by_name(provider_limit_name("lab"))
     assert (limit.limit, limit.active_slots) == (4, 0)
+
+
+def test_inventory_and_verify_flows(tmp_path, env, s3_server, s3):
+    """The inventory flow's table; the verify flow after a migration, then after an object was
+    corrupted at the destination: Failed, with the object in the discrepancies table."""
+    from flows.orchestrate import inventory_flow, migrate_flow, verify_flow
+
+    path, container, blobs = write_project(tmp_path, env, s3_server.url)
+    state = inventory_flow(config_path=str(path), return_state=True)
+    assert state.is_completed(), state.message
+    (row,) = state.result()
+    assert (row["dataset"], row["objects"], row["bytes"]) == ("claims", 11, sum(len(b) for b in blobs.values()))
+    tables = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
+    assert tables["exitplan-flows-inventory"] == [row]
+
+    assert migrate_flow(config_path=str(path), return_state=True).is_completed()
+    state = verify_flow(config_path=str(path), deep=True, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["datasets"][0]["ok"] == 11
+
+    key = f"{container}/claims/05.csv"
+    body = bytearray(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body[-1] ^= 1
+    s3.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    state = verify_flow(config_path=str(path), deep=True, return_state=True)
+    assert state.is_failed() and "1 object(s) with discrepancies" in state.message
+    tables = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
+    found = tables["exitplan-flows-discrepancies"]  # an object rewritten: several findings, one object
+    assert {(d["object"], d["source"]) for d in found} == {(key, "claims/05.csv")}
