@@ -57,9 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed profile (default: standard, about 0.6 GiB)")
     p.set_defaults(func=cmd_demo)
 
-    from flows import audit_cli  # verify, audit verify, report
+    from flows import audit_cli, deploy_cli  # verify, audit verify, report; deploy
 
     audit_cli.register(sub)
+    deploy_cli.register(sub)
 
 
 def chosen_datasets(loaded: LoadedConfig, names: list[str]) -> list[str]:
