@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import urlsplit
 
 import yaml
@@ -19,21 +19,31 @@ from pydantic import ValidationError
 from .errors import ConfigFileError
 from .hosts import is_loopback_host
 from .lab import azurite_connection_string
-from .models import AzureBlobSourceConfig, ExitplanConfig, LoadedConfig
+from .models import AzureBlobSourceConfig, ExitplanConfig, KekConfig, LoadedConfig
 from .policy import check_sovereignty
+from .secrets import read_block
 
 # ${VAR} or ${VAR:-default}; innermost first, so a default may itself use a variable:
 # ${AWS_ENDPOINT_URL:-http://127.0.0.1:${EXITPLAN_LAB_S3_PORT:-5000}}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^{}]*))?\}")
 
-# Field names that would hold a secret in the YAML itself: refused with a pointer to `*_env`.
+# Field names that would hold a secret in the YAML itself: refused with a pointer to `*_env` / `*_block`.
 _SECRET_FIELDS = {
     "access_key_id", "secret_access_key", "session_token", "connection_string", "sas_token",
     "account_key", "password", "secret", "token", "client_secret",
 }
 
 
+# `keys.kek` is a union tagged by `backend`: pydantic puts the tag in an error's location
+# (`keys.kek.openbao.token_env`); the file has no such level, so it is dropped.
+_KEK_BACKENDS = {
+    tag for member in get_args(get_args(KekConfig)[0]) for tag in get_args(member.model_fields["backend"].annotation)
+}
+
+
 def _where(loc: tuple[Any, ...]) -> str:
+    if len(loc) > 2 and tuple(loc[:2]) == ("keys", "kek") and loc[2] in _KEK_BACKENDS:
+        loc = tuple(loc[:2]) + tuple(loc[3:])
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
@@ -45,7 +55,8 @@ def _expand(node: Any, loc: tuple[Any, ...], path: Path) -> Any:
             if isinstance(key, str) and key.lower() in _SECRET_FIELDS:
                 raise ConfigFileError(
                     f"{path}: field `{_where(loc + (key,))}`: secrets are never read from the config file; "
-                    f"put the value in an environment variable and write `{key}_env: VARIABLE_NAME` instead"
+                    f"put the value in an environment variable and write `{key}_env: VARIABLE_NAME` instead "
+                    "(or in a Prefect block: see the `*_block` fields in the README's configuration reference)"
                 )
             out[key] = _expand(value, loc + (key,), path)
         return out
@@ -99,18 +110,23 @@ def connection_string_blob_endpoint(conn_str: str) -> str | None:
     return None
 
 
-def source_endpoint(src: AzureBlobSourceConfig) -> str | None:
-    """The blob endpoint URL a source talks to, when it can be known without credentials."""
+def source_endpoint(src: AzureBlobSourceConfig, *, where=None, name: str = "") -> str | None:
+    """The blob endpoint URL a source talks to: its `account_url`, else the one its connection
+    string names (read from the environment variable, or the Prefect block, for that purpose
+    only). `where` (the config file) and `name` (the source's) are for error messages."""
     if src.account_url:
         return src.account_url
-    if src.connection_string_env:
-        conn = source_connection_string(src)
+    if src.connection_string_env or src.connection_string_block:
+        conn = source_connection_string(src, where=where, name=name)
         return connection_string_blob_endpoint(conn) if conn else None
     return None
 
 
-def source_connection_string(src: AzureBlobSourceConfig) -> str | None:
-    """The connection string a source uses: its environment variable, else the emulator's, else None."""
+def source_connection_string(src: AzureBlobSourceConfig, *, where=None, name: str = "") -> str | None:
+    """The connection string a source uses: its Prefect block's (a `ConfigFileError` if it cannot
+    be read), else its environment variable's, else the emulator's, else None."""
+    if src.connection_string_block:
+        return read_block(where, f"sources.{name}.connection_string_block", src.connection_string_block, "connection_string")
     conn = os.environ.get(src.connection_string_env or "")
     if conn:
         return conn
@@ -119,15 +135,19 @@ def source_connection_string(src: AzureBlobSourceConfig) -> str | None:
     return None
 
 
-def off_loopback(cfg: ExitplanConfig) -> str | None:
+def off_loopback(cfg: ExitplanConfig, where=None) -> str | None:
     """Why the config is not in lab mode (the first endpoint off loopback), or None in lab mode.
 
     Lab mode is not a flag: it is when every endpoint of the configuration is on loopback.
     """
     for name, src in cfg.sources.items():
-        url = source_endpoint(src)
+        url = source_endpoint(src, where=where, name=name)
         if url is None:
-            return f"source `{name}` has no known endpoint (environment variable {src.connection_string_env} is not set)"
+            if src.connection_string_env and not os.environ.get(src.connection_string_env):
+                why = f"environment variable {src.connection_string_env} is not set"
+            else:
+                why = "its connection string names no blob endpoint"
+            return f"source `{name}` has no known endpoint ({why})"
         if not is_loopback_host(urlsplit(url).hostname):
             return f"source `{name}` is at {urlsplit(url).hostname}"
     for name, dest in cfg.destinations.items():
@@ -163,7 +183,7 @@ def load_config(path: str | os.PathLike, *, check_policy: bool = True) -> Loaded
     if problems:
         where, what = problems[0]
         raise ConfigFileError(f"{path}: field `{where}`: {what}")
-    not_lab = off_loopback(cfg)
+    not_lab = off_loopback(cfg, path)
     loaded = LoadedConfig(path=path, config=cfg, lab_mode=not_lab is None, not_lab_reason=not_lab)
     if check_policy:
         check_sovereignty(loaded)

@@ -1,7 +1,8 @@
 """The configuration file, as pydantic models. See the README's "Configuration reference".
 
 Secrets never live in the YAML: every credential is the *name* of an environment variable
-(`*_env` fields), read when a connector is built, never stored, logged or passed as a parameter.
+(`*_env` fields) or a reference to a Prefect block (`*_block` fields, `<block-type-slug>/<name>`),
+read when a connector is built (`config.secrets`), never stored, logged or passed as a parameter.
 Plain, non-secret strings may use `${VAR}` or `${VAR:-default}` (expanded by the loader).
 """
 
@@ -13,13 +14,37 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .secrets import AWS_CREDENTIALS, AZURE_BLOB_CREDENTIALS, SECRET, check_block_ref
 from .sizes import ByteSize
 
 _NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 EnvVarName = Annotated[str, Field(pattern=_ENV_NAME.pattern)]
+
+
+def _block_ref(*allowed: str, hint: str = ""):
+    """A Prefect block reference `<block-type-slug>/<block-name>` whose type is one of `allowed`."""
+    return Annotated[str, AfterValidator(lambda v: check_block_ref(v, allowed, hint))]
+
+
+SecretBlockRef = _block_ref(SECRET)  # a Prefect Secret block: `secret/<name>`
+
+_BOTH = "`{env}` and `{block}` are both set; a credential comes from an environment variable or a Prefect block, not both"
+
+
+def _env_or_block(data, item: str, default_env: str | None = None):
+    """Before validation: `<item>_env` and `<item>_block` exclude each other; with neither,
+    `<item>_env` takes `default_env`."""
+    if not isinstance(data, dict):
+        return data
+    env, block = f"{item}_env", f"{item}_block"
+    if data.get(env) is not None and data.get(block) is not None:
+        raise ValueError(_BOTH.format(env=env, block=block))
+    if default_env and data.get(env) is None and data.get(block) is None:
+        data = {**data, env: default_env}
+    return data
 
 
 class _Model(BaseModel):
@@ -34,16 +59,20 @@ class _Model(BaseModel):
 class AzureBlobSourceConfig(_Model):
     """An Azure Storage account read with one of three credentials.
 
-    Exactly one of: `connection_string_env` (a connection string, e.g. the lab's), `sas_token_env`
-    with `account_url` (a SAS token, service or account), or `credential: default` with
-    `account_url` (azure-identity's DefaultAzureCredential: managed identity, workload identity,
-    az login…).
+    Exactly one of: a connection string (e.g. the lab's) in an environment variable
+    (`connection_string_env`) or a Prefect block (`connection_string_block`: a Secret, or
+    prefect-azure's `azure-blob-storage-credentials`); a SAS token (service or account), from
+    `sas_token_env` or `sas_token_block` (a Secret), with `account_url`; or `credential: default`
+    with `account_url` (azure-identity's DefaultAzureCredential: managed identity, workload
+    identity, az login…).
     """
 
     kind: Literal["azure_blob"] = "azure_blob"
     account_url: str | None = None
     connection_string_env: EnvVarName | None = None
+    connection_string_block: _block_ref(SECRET, AZURE_BLOB_CREDENTIALS) | None = None
     sas_token_env: EnvVarName | None = None
+    sas_token_block: SecretBlockRef | None = None
     credential: Literal["default"] | None = None
     # `azurite`: when `connection_string_env` is unset, read the emulator's published development
     # account on 127.0.0.1 (port EXITPLAN_LAB_AZURITE_PORT, default 10000). For the lab only.
@@ -52,15 +81,19 @@ class AzureBlobSourceConfig(_Model):
 
     @model_validator(mode="after")
     def _one_credential(self):
-        chosen = [n for n in ("connection_string_env", "sas_token_env", "credential") if getattr(self, n)]
+        for item in ("connection_string", "sas_token"):
+            if getattr(self, f"{item}_env") and getattr(self, f"{item}_block"):
+                raise ValueError(_BOTH.format(env=f"{item}_env", block=f"{item}_block"))
+        chosen = [n for n in ("connection_string_env", "connection_string_block", "sas_token_env", "sas_token_block",
+                              "credential") if getattr(self, n)]
         if len(chosen) != 1:
             raise ValueError(
-                "set exactly one of `connection_string_env`, `sas_token_env` (with `account_url`) "
-                "or `credential: default` (with `account_url`)"
+                "set exactly one of `connection_string_env` or `connection_string_block`, `sas_token_env` or "
+                "`sas_token_block` (with `account_url`), or `credential: default` (with `account_url`)"
             )
         if self.emulator and chosen[0] != "connection_string_env":
             raise ValueError("`emulator: azurite` goes with `connection_string_env`")
-        if chosen[0] != "connection_string_env" and not self.account_url:
+        if not chosen[0].startswith("connection_string_") and not self.account_url:
             raise ValueError(f"`{chosen[0]}` needs `account_url` (https://ACCOUNT.blob.core.windows.net)")
         return self
 
@@ -71,11 +104,52 @@ class AzureBlobSourceConfig(_Model):
 
 
 class S3Credentials(_Model):
-    """Names of the environment variables holding the destination's keys (never the keys)."""
+    """Where the destination's keys are (never the keys).
 
-    access_key_id_env: EnvVarName = "AWS_ACCESS_KEY_ID"
-    secret_access_key_env: EnvVarName = "AWS_SECRET_ACCESS_KEY"
+    Either one prefect-aws `aws-credentials` block holding them all (`block`: its
+    `aws_access_key_id`, `aws_secret_access_key` and, if set, `aws_session_token`), or each key on
+    its own: an environment variable (`*_env`) or a Prefect Secret block (`*_block`). A key given
+    neither way defaults to `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (no session token).
+    """
+
+    access_key_id_env: EnvVarName | None = None
+    access_key_id_block: SecretBlockRef | None = None
+    secret_access_key_env: EnvVarName | None = None
+    secret_access_key_block: SecretBlockRef | None = None
     session_token_env: EnvVarName | None = None
+    session_token_block: SecretBlockRef | None = None
+    block: _block_ref(
+        AWS_CREDENTIALS, hint=" (or give each key its own Secret block: `access_key_id_block`, `secret_access_key_block`)"
+    ) | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_place_each(cls, data):
+        if not isinstance(data, dict):
+            return data
+        if data.get("block") is not None:
+            for item in ("access_key_id", "secret_access_key", "session_token"):
+                for field in (f"{item}_env", f"{item}_block"):
+                    if data.get(field) is not None:
+                        raise ValueError(
+                            f"`block` and `{field}` are both set; the `block` holds every key of this destination "
+                            "(a credential comes from an environment variable or a Prefect block, not both)"
+                        )
+            return data
+        data = _env_or_block(data, "access_key_id", "AWS_ACCESS_KEY_ID")
+        data = _env_or_block(data, "secret_access_key", "AWS_SECRET_ACCESS_KEY")
+        return _env_or_block(data, "session_token")
+
+    def reference(self, item: str) -> tuple[str, dict[str, str]] | None:
+        """Where key `item` (`access_key_id`, `secret_access_key`, `session_token`) comes from:
+        (the config field naming it, `config.secrets.read_secret`'s `env=`/`block=`), or None."""
+        if self.block:
+            return "block", {"block": self.block}
+        if getattr(self, f"{item}_block"):
+            return f"{item}_block", {"block": getattr(self, f"{item}_block")}
+        if getattr(self, f"{item}_env"):
+            return f"{item}_env", {"env": getattr(self, f"{item}_env")}
+        return None
 
 
 class DestinationConfig(_Model):
@@ -181,11 +255,11 @@ class OrchestrationConfig(_Model):
     shard_bytes: ByteSize = 4 * 1024**3
     shard_objects: int = Field(5000, ge=1, le=1_000_000)
     max_shards: int = Field(500, ge=1, le=5000)
-    parallel_shards: int = Field(2, ge=1, le=64)
+    parallel_shards: int = Field(2, ge=1, le=16)
     shard_retries: int = Field(2, ge=0, le=20)
     shard_retry_delay: float = Field(30.0, ge=0, le=3600)
-    provider_connections: dict[str, Annotated[int, Field(ge=1, le=4096)]] = {}
-    default_provider_connections: int = Field(64, ge=1, le=4096)
+    provider_connections: dict[str, Annotated[int, Field(ge=2, le=4096)]] = {}
+    default_provider_connections: int = Field(64, ge=2, le=4096)
 
     @field_validator("shard_bytes")
     @classmethod
@@ -228,8 +302,8 @@ class OpenBaoKekConfig(_Model):
     """A transit key in OpenBao or HashiCorp Vault (`<mount>/keys/<key_name>`), used through
     `tink.integration.hcvault`.
 
-    The token is read from the environment variable `token_env` when the key is used; it is never
-    stored. `https://` is required outside the lab. `namespace` is Vault Enterprise/OpenBao
+    The token is read when the key is used, from the environment variable `token_env` (default
+    `VAULT_TOKEN`) or the Prefect Secret block `token_block`; it is never stored. `https://` is required outside the lab. `namespace` is Vault Enterprise/OpenBao
     namespaces (sent as X-Vault-Namespace). `ca_cert` is a PEM bundle to verify the server with
     (default: the system store).
     """
@@ -238,9 +312,15 @@ class OpenBaoKekConfig(_Model):
     address: str
     mount: str = Field("transit", pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$")
     key_name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    token_env: EnvVarName = "VAULT_TOKEN"
+    token_env: EnvVarName | None = None
+    token_block: SecretBlockRef | None = None
     namespace: str | None = None
     ca_cert: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _token(cls, data):
+        return _env_or_block(data, "token", "VAULT_TOKEN")
 
     @field_validator("address")
     @classmethod
@@ -255,7 +335,7 @@ class Pkcs11KekConfig(_Model):
     """An AES key in an HSM reached through PKCS#11 (wrap with CKM_AES_GCM, 12-byte random IV).
 
     The token is found by its label, the key by its label inside it; the user PIN is read from the
-    environment variable `pin_env`. `module` is the vendor's PKCS#11 library (default: SoftHSM2's
+    environment variable `pin_env` (default `PKCS11_PIN`) or the Prefect Secret block `pin_block`. `module` is the vendor's PKCS#11 library (default: SoftHSM2's
     Debian path).
     """
 
@@ -263,7 +343,13 @@ class Pkcs11KekConfig(_Model):
     module: str = "/usr/lib/softhsm/libsofthsm2.so"
     token_label: str = Field(min_length=1, max_length=32)
     key_label: str = Field(min_length=1)
-    pin_env: EnvVarName = "PKCS11_PIN"
+    pin_env: EnvVarName | None = None
+    pin_block: SecretBlockRef | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pin(cls, data):
+        return _env_or_block(data, "pin", "PKCS11_PIN")
 
 
 class OvhKmsKekConfig(_Model):
@@ -297,16 +383,22 @@ class ScalewayKmsKekConfig(_Model):
     """A symmetric key (aes_256_gcm) in Scaleway Key Manager, used through its REST API
     (`POST {api_url}/key-manager/v1alpha1/regions/{region}/keys/{key_id}/encrypt|decrypt`).
 
-    The API secret key is read from the environment variable `secret_key_env` (sent as
-    X-Auth-Token). `api_url` is for tests only; leave the default.
+    The API secret key is read from the environment variable `secret_key_env` (default
+    `SCW_SECRET_KEY`) or the Prefect Secret block `secret_key_block` (sent as X-Auth-Token). `api_url` is for tests only; leave the default.
     Not exercised against the real service by the test suite (see docs/KEYS.md).
     """
 
     backend: Literal["scaleway-kms"]
     region: Literal["fr-par", "nl-ams", "pl-waw"] = "fr-par"
     key_id: str = Field(pattern=r"^[0-9a-fA-F-]{36}$")
-    secret_key_env: EnvVarName = "SCW_SECRET_KEY"
+    secret_key_env: EnvVarName | None = None
+    secret_key_block: SecretBlockRef | None = None
     api_url: str = "https://api.scaleway.com"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secret_key(cls, data):
+        return _env_or_block(data, "secret_key", "SCW_SECRET_KEY")
 
     @field_validator("api_url")
     @classmethod

@@ -1,29 +1,21 @@
-"""Build connectors from a loaded configuration, reading credentials from the environment.
+"""Build connectors from a loaded configuration, reading their credentials.
 
-Credentials are read here, at the last moment, from the environment variables the config names;
-they are handed to the SDK client and kept nowhere else (never in a result, a log or the state).
+Credentials are read here, at the last moment, from the environment variables or the Prefect
+blocks the config names (`config.secrets`); they are handed to the SDK client and kept nowhere
+else (never in a result, a log or the state).
 """
 
 from __future__ import annotations
 
 import os
 
-from config.errors import ConfigFileError
 from config.lab import LAB_S3_ACCESS_KEY, LAB_S3_SECRET_KEY
 from config.loader import source_connection_string
 from config.models import LoadedConfig
 from config.policy import destination_profile
 from config.providers import ProviderProfile
+from config.secrets import read_env, read_secret
 from connectors.base import ObjectSource, SinkLimits
-
-
-def _env(loaded: LoadedConfig, var: str, field: str) -> str:
-    value = os.environ.get(var)
-    if not value:
-        raise ConfigFileError(
-            f"{loaded.path}: field `{field}` names the environment variable {var}, which is not set; export it before running"
-        )
-    return value
 
 
 def sink_limits(profile: ProviderProfile) -> SinkLimits:
@@ -51,13 +43,14 @@ def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
     src = loaded.config.sources[name]
     t = loaded.config.transfer
     pool = max(src.max_connections, t.concurrency + (t.object_concurrency or t.concurrency))
-    if src.connection_string_env:
-        conn = source_connection_string(src)
+    if src.connection_string_env or src.connection_string_block:
+        conn = source_connection_string(src, where=loaded, name=name)
         if not conn:
-            _env(loaded, src.connection_string_env, f"sources.{name}.connection_string_env")
+            read_env(loaded, f"sources.{name}.connection_string_env", src.connection_string_env)  # raises: not set
         return AzureBlobSource.from_connection_string(conn, ds.container, max_connections=pool)
-    if src.sas_token_env:
-        token = _env(loaded, src.sas_token_env, f"sources.{name}.sas_token_env")
+    if src.sas_token_env or src.sas_token_block:
+        field = f"sources.{name}.sas_token_{'block' if src.sas_token_block else 'env'}"
+        token = read_secret(loaded, field, env=src.sas_token_env, block=src.sas_token_block)
         return AzureBlobSource.from_sas(src.account_url, token, ds.container, max_connections=pool)
     return AzureBlobSource.from_default_credential(src.account_url, ds.container, max_connections=pool)
 
@@ -70,14 +63,24 @@ def open_sink(loaded: LoadedConfig, destination: str):
     t = loaded.config.transfer
     profile = destination_profile(loaded, destination)
     creds = dest.credentials
-    field = f"destinations.{destination}.credentials"
-    if profile.lab_only and not os.environ.get(creds.access_key_id_env):
+
+    def credential(item: str) -> str | None:
+        ref = creds.reference(item)
+        if ref is None:
+            return None
+        suffix, env_or_block = ref
+        # A session token is optional in an aws-credentials block; named on its own, it is required.
+        required = not (item == "session_token" and suffix == "block")
+        return read_secret(loaded, f"destinations.{destination}.credentials.{suffix}", item=item, required=required,
+                           **env_or_block)
+
+    if profile.lab_only and creds.access_key_id_env and not os.environ.get(creds.access_key_id_env):
         # The lab's S3 server accepts any credentials; these only name the lab.
         key_id, secret = LAB_S3_ACCESS_KEY, LAB_S3_SECRET_KEY
     else:
-        key_id = _env(loaded, creds.access_key_id_env, f"{field}.access_key_id_env")
-        secret = _env(loaded, creds.secret_access_key_env, f"{field}.secret_access_key_env")
-    token = _env(loaded, creds.session_token_env, f"{field}.session_token_env") if creds.session_token_env else None
+        key_id = credential("access_key_id")
+        secret = credential("secret_access_key")
+    token = credential("session_token")
     return S3Store(
         dest.bucket,
         endpoint_url=dest.endpoint_url,

@@ -1,8 +1,8 @@
 """Key-encryption-key (KEK) backends: each a `tink.aead.Aead` with `describe()`.
 
 `open_kek(kek_config)` builds the backend a `keys.kek` section names, reading its credential from
-the environment variable the config names (never from the config itself). Backends and their
-status:
+the environment variable or the Prefect block the config names (`config.secrets`; never from the
+config itself). Backends and their status:
 
 | backend        | module        | tested against                                   |
 | -------------- | ------------- | ------------------------------------------------ |
@@ -29,6 +29,7 @@ from config.models import (
     Pkcs11KekConfig,
     ScalewayKmsKekConfig,
 )
+from config.secrets import read_block
 
 from .base import KekAuthError, KekError, KekUnavailable, KekWrongKey, KeyEncryptionKey
 
@@ -42,6 +43,17 @@ def _secret(var: str, what: str, backend: str) -> str:
     if not value:
         raise KekAuthError(f"{backend}: environment variable {var} is not set; export the {what} there (see `keys.kek`)")
     return value
+
+
+def _credential(kek, item: str, what: str) -> tuple[str, str]:
+    """(value, where it came from) of credential `item` of a KEK config: the Prefect block
+    `<item>_block` (a config error, exit 2, when it cannot be read) or the environment variable
+    `<item>_env` (exit 4 when it is unset)."""
+    block = getattr(kek, f"{item}_block", None)
+    if block:
+        return read_block(None, f"keys.kek.{item}_block", block), f"the Prefect block {block}"
+    var = getattr(kek, f"{item}_env")
+    return _secret(var, what, kek.backend), f"${var}"
 
 
 def open_kek(kek, *, base_dir: Path | None = None) -> aead.Aead:
@@ -65,16 +77,16 @@ def open_kek(kek, *, base_dir: Path | None = None) -> aead.Aead:
     if isinstance(kek, OpenBaoKekConfig):
         from .openbao import OpenBaoKek
 
-        token = _secret(kek.token_env, "OpenBao/Vault token", "openbao")
+        token, token_from = _credential(kek, "token", "OpenBao/Vault token")
         return OpenBaoKek(
             kek.address, kek.key_name, token, mount=kek.mount, namespace=kek.namespace,
-            verify=str(path(kek.ca_cert)) if kek.ca_cert else True, token_env=kek.token_env,
+            verify=str(path(kek.ca_cert)) if kek.ca_cert else True, token_from=token_from,
         )
     if isinstance(kek, Pkcs11KekConfig):
         from .pkcs11 import Pkcs11Kek
 
-        pin = _secret(kek.pin_env, "token's user PIN", "pkcs11")
-        return Pkcs11Kek(kek.module, kek.token_label, kek.key_label, pin, pin_env=kek.pin_env)
+        pin, pin_from = _credential(kek, "pin", "token's user PIN")
+        return Pkcs11Kek(kek.module, kek.token_label, kek.key_label, pin, pin_from=pin_from)
     if isinstance(kek, OvhKmsKekConfig):
         from .ovhcloud import OvhKmsKek
 
@@ -87,12 +99,12 @@ def open_kek(kek, *, base_dir: Path | None = None) -> aead.Aead:
     if isinstance(kek, ScalewayKmsKekConfig):
         from .scaleway import ScalewayKmsKek
 
-        secret = _secret(kek.secret_key_env, "Scaleway API secret key", "scaleway-kms")
+        secret, _ = _credential(kek, "secret_key", "Scaleway API secret key")
         return ScalewayKmsKek(kek.key_id, secret, region=kek.region, api_url=kek.api_url)
     raise KekError(f"unknown KEK backend {getattr(kek, 'backend', kek)!r}")
 
 
 def kek_reference(kek) -> dict:
     """The non-secret reference of a KEK config (what `keyset.meta.json` records): backend, key
-    location and the *names* of the credential variables; never a credential."""
+    location and the *names* of the credential variables or blocks; never a credential."""
     return kek.model_dump(mode="json", exclude_none=True)

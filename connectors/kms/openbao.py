@@ -60,12 +60,12 @@ class OpenBaoKek(aead.Aead):
         namespace: str | None = None,
         verify: bool | str = True,
         timeout: float = 10.0,
-        token_env: str = "the token variable",
+        token_from: str = "the token",
     ) -> None:
         self.address = address.rstrip("/")
         self.mount = mount.strip("/")
         self.key_name = key_name
-        self.token_env = token_env
+        self.token_from = token_from  # where the token came from, for messages: `$VAULT_TOKEN`, a Prefect block
         self._client = hvac.Client(url=self.address, token=token, namespace=namespace, verify=verify, timeout=timeout)
         self._aead = hcvault.new_aead(f"{self.mount}/keys/{self.key_name}", self._client)
         self._checked = False
@@ -150,7 +150,7 @@ class OpenBaoKek(aead.Aead):
             return KekUnavailable(f"{where}: TLS verification failed; check `keys.kek.address` and `keys.kek.ca_cert`")
         if isinstance(cause, (hvac_errors.Forbidden, hvac_errors.Unauthorized)):
             return KekAuthError(
-                f"{where} refused the token in ${self.token_env} ({op}: permission denied); check the token and that "
+                f"{where} refused the token in {self.token_from} ({op}: permission denied); check the token and that "
                 f"its policy allows update on {self.mount}/encrypt/{self.key_name} and {self.mount}/decrypt/{self.key_name}"
             )
         if isinstance(cause, hvac_errors.VaultDown):

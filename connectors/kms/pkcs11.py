@@ -51,11 +51,11 @@ def load_module(module: str):
 class Pkcs11Kek(aead.Aead):
     """AES-GCM with the AES secret key `key_label` of token `token_label`."""
 
-    def __init__(self, module: str, token_label: str, key_label: str, pin: str, *, pin_env: str = "the PIN variable") -> None:
+    def __init__(self, module: str, token_label: str, key_label: str, pin: str, *, pin_from: str = "the PIN variable") -> None:
         self.module = module
         self.token_label = token_label
         self.key_label = key_label
-        self.pin_env = pin_env
+        self.pin_from = pin_from  # where the PIN came from, for messages: `$PKCS11_PIN`, a Prefect block
         self._pin = pin
         lib = load_module(module)
         try:
@@ -130,7 +130,7 @@ class Pkcs11Kek(aead.Aead):
     def _translate(self, exc: BaseException, op: str) -> KekError:
         where = self.describe()
         if isinstance(exc, (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange)):
-            return KekAuthError(f"{where}: the token refused the PIN in ${self.pin_env} ({type(exc).__name__}); set the user PIN there")
+            return KekAuthError(f"{where}: the token refused the PIN in {self.pin_from} ({type(exc).__name__}); set the user PIN there")
         if isinstance(exc, (p11.PinLocked, p11.PinExpired)):
             return KekAuthError(f"{where}: the user PIN is {'locked' if isinstance(exc, p11.PinLocked) else 'expired'}; the token's security officer must reset it")
         if isinstance(exc, (p11.DeviceRemoved, p11.DeviceError, p11.TokenNotPresent, p11.SessionCount)):
