@@ -1,14 +1,18 @@
 """`exitplan lab up | down | status | env | seed`: the local rehearsal of an exit, on 127.0.0.1 only.
 
-`up` starts Azurite (the Azure Blob emulator) and the lab's S3 server as detached processes, waits
-until each answers, records a PID file and a log per server in the lab state directory, and creates
-the destination bucket. `down` stops exactly what `up` recorded, after checking that each PID still
-runs the command line we started (PIDs are reused). `env` prints the exports the SDKs read;
-`seed` fills Azurite with the synthetic datasets of `engine.lab_seed`.
+`up` starts Azurite (the Azure Blob emulator), the lab's S3 server and a Prefect server (API and UI)
+as detached processes, waits until each answers, records a PID file and a log per server in the lab
+state directory, and creates the destination bucket. `down` stops exactly what `up` recorded, after
+checking that each PID still runs the command line we started (PIDs are reused). `env` prints the
+exports the SDKs (and Prefect) read; `seed` fills Azurite with the synthetic datasets of
+`engine.lab_seed`.
 
 The state directory is `EXITPLAN_LAB_DIR`, else `$XDG_STATE_HOME/exitplan/lab`, else
 `~/.local/state/exitplan/lab`. Ports: `EXITPLAN_LAB_AZURITE_PORT` (10000), `EXITPLAN_LAB_S3_PORT`
-(5000). Both servers keep their data in memory: `down` forgets everything, `up` + `seed` rebuild it.
+(5000), `EXITPLAN_LAB_PREFECT_PORT` (4200). Azurite and the S3 server keep their data in memory:
+`down` forgets it, `up` + `seed` rebuild it. The Prefect server keeps its SQLite database (flow-run
+history) in `<lab dir>/prefect`, across `down` and `up`. `prefect_api_url()` / `prefect_ui_url()`
+give the running lab's Prefect URLs to other code.
 
 Orchestration only: processes come from `flows.lab_processes`; data, the seed writes and the bucket
 come from `engine.lab_seed` (which reaches the SDKs through `connectors.azure_writer` and
@@ -79,14 +83,24 @@ class LabServer:
         return f"http://{lp.LOOPBACK}:{port}"
 
 
-# The lab's servers, in start order (`down` stops them in reverse). The Prefect server of a later
-# issue plugs in here: add LabServer("prefect", "Prefect server", prefect_spec) with its spec in
-# flows/lab_processes.py (PORT_ENV/DEFAULT_PORTS already know "prefect": EXITPLAN_LAB_PREFECT_PORT,
-# 4200), and its PREFECT_API_URL line in `env_exports`; up/down/status need nothing else.
+def prefect_home(directory: Path) -> Path:
+    """PREFECT_HOME of the lab's Prefect server: its SQLite database and settings."""
+    return directory / "prefect"
+
+
+def _prefect_spec(port: int) -> lp.ServerSpec:
+    return lp.prefect_spec(port, prefect_home(lab_dir()))
+
+
+# The lab's servers, in start order (`down` stops them in reverse). A server added here is
+# started, stopped and shown by up/down/status with nothing else to change; its exports go in
+# `env_exports`.
 LAB_SERVERS: tuple[LabServer, ...] = (
     LabServer("azurite", "Azurite (Azure Blob emulator)", lp.azurite_spec),
     LabServer("s3", "S3 server (moto)", lp.s3_spec),
+    LabServer("prefect", "Prefect server (API and UI)", _prefect_spec),
 )
+PREFECT_SERVER = next(s for s in LAB_SERVERS if s.name == "prefect")
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,9 +384,34 @@ def env_exports(directory: Path) -> tuple[dict[str, str], bool]:
         "AWS_ACCESS_KEY_ID": lp.LAB_S3_ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": lp.LAB_S3_SECRET_KEY,
         "AWS_DEFAULT_REGION": lp.LAB_REGION,
-        # PREFECT_API_URL joins here with the Prefect server (see LAB_SERVERS).
+        "PREFECT_API_URL": _prefect_api(ports["prefect"]),
     }
     return exports, all_up
+
+
+def _prefect_api(port: int) -> str:
+    return f"{PREFECT_SERVER.url(port)}/api"
+
+
+def _running_prefect_port(directory: Path | None) -> int | None:
+    state, rec = inspect_server(lab_dir() if directory is None else Path(directory), PREFECT_SERVER)
+    return rec.port if state is ServerState.RUNNING and rec is not None else None
+
+
+def prefect_api_url(directory: Path | str | None = None) -> str | None:
+    """The API URL of the lab's running Prefect server (e.g. http://127.0.0.1:4200/api), for
+    PREFECT_API_URL; None when it is not running. `directory`: the lab directory (default
+    `lab_dir()`). "Running" means its PID file names a live process that is still ours; the server
+    is not probed."""
+    port = _running_prefect_port(directory)
+    return None if port is None else _prefect_api(port)
+
+
+def prefect_ui_url(directory: Path | str | None = None) -> str | None:
+    """The UI of the lab's running Prefect server (e.g. http://127.0.0.1:4200), None when it is not
+    running; a flow run's page is f"{ui}/runs/flow-run/{flow_run_id}"."""
+    port = _running_prefect_port(directory)
+    return None if port is None else PREFECT_SERVER.url(port)
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -460,19 +499,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from engine.lab_seed import PROFILES
 
     lab = subparsers.add_parser(
-        "lab", help="run the local lab: Azurite and an S3 server on 127.0.0.1",
+        "lab", help="run the local lab: Azurite, an S3 server and a Prefect server on 127.0.0.1",
         description=__doc__.split("\n\n")[0],
     )
     sub = lab.add_subparsers(dest="lab_command", metavar="ACTION")
     sub.required = True
 
-    p = sub.add_parser("up", help="start Azurite and the S3 server (ports: EXITPLAN_LAB_AZURITE_PORT, EXITPLAN_LAB_S3_PORT)")
+    p = sub.add_parser(
+        "up", help="start Azurite, the S3 server and the Prefect server (ports: EXITPLAN_LAB_AZURITE_PORT, "
+                   "EXITPLAN_LAB_S3_PORT, EXITPLAN_LAB_PREFECT_PORT)",
+    )
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("down", help="stop what `lab up` started")
     p.set_defaults(func=cmd_down)
     p = sub.add_parser("status", help="show each lab server: up/down, pid, port")
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("env", help='print shell exports for the SDKs: eval "$(exitplan lab env)"')
+    p = sub.add_parser("env", help='print shell exports for the SDKs and Prefect: eval "$(exitplan lab env)"')
     p.set_defaults(func=cmd_env)
     p = sub.add_parser("seed", help="write the synthetic datasets (claims, stays, imaging) into Azurite")
     p.add_argument(

@@ -1,4 +1,4 @@
-"""Starting, probing and stopping the lab's emulators (Azurite, the S3 server) on 127.0.0.1.
+"""Starting, probing and stopping the lab's servers (Azurite, the S3 server, the Prefect server) on 127.0.0.1.
 
 Used by `exitplan lab up/down/status` and by the test fixtures, which start their own instances on
 free ports. Only subprocesses and sockets here: no cloud SDK.
@@ -14,9 +14,9 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from config.lab import (  # noqa: F401  (re-exported for the lab commands and tests)
     AZURITE_ACCOUNT,
@@ -91,6 +91,12 @@ class ServerSpec:
     port: int
     argv: tuple[str, ...]
     probe_path: str  # an HTTP path that answers once the server is ready
+    # The server's environment: ours without the variables named by `drop_env_prefixes`, plus
+    # DO_NOT_TRACK=1, plus `env`.
+    env: Mapping[str, str] = field(default_factory=dict, hash=False)
+    drop_env_prefixes: tuple[str, ...] = ()
+    cwd: str | None = None  # working directory (default: ours)
+    ready_timeout: float = 60.0  # seconds `start_server` waits for the probe, unless told otherwise
 
 
 def azurite_spec(port: int) -> ServerSpec:
@@ -116,6 +122,41 @@ def s3_spec(port: int) -> ServerSpec:
     )
 
 
+def prefect_spec(port: int, home: Path) -> ServerSpec:
+    """`prefect server start` (API and UI) in the foreground, its SQLite database and settings in
+    `home` (PREFECT_HOME).
+
+    Prefect settings inherited from the caller (PREFECT_API_URL, PREFECT_PROFILE, a database URL…)
+    are not passed on, and it starts in `home` (Prefect also reads prefect.toml/.env from its
+    working directory): the lab's server is configured by the lab alone. Analytics off, no
+    ephemeral server. With one worker (the default) the API, the UI and the services run in this
+    one process; `stop_pid` signals its process group anyway.
+    """
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    api_url = f"http://{LOOPBACK}:{port}/api"
+    return ServerSpec(
+        "prefect",
+        port,
+        (
+            sys.executable, "-m", "prefect", "server", "start", "--host", LOOPBACK, "--port", str(port),
+            "--analytics-off",
+        ),
+        "/api/health",
+        env={
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_EPHEMERAL_ENABLED": "false",
+            "PREFECT_API_URL": api_url,
+            "PREFECT_SERVER_UI_API_URL": api_url,  # what the browser's UI calls
+            "PREFECT_UI_URL": f"http://{LOOPBACK}:{port}",
+            "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+        },
+        drop_env_prefixes=("PREFECT_",),
+        cwd=str(home),
+        ready_timeout=120.0,  # ready in 4-9 s on an idle machine; database migrations on first start
+    )
+
+
 def http_ready(port: int, path: str, timeout: float = 1.0) -> bool:
     try:
         conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
@@ -132,10 +173,12 @@ def http_ready(port: int, path: str, timeout: float = 1.0) -> bool:
 def start_server(
     spec: ServerSpec,
     log_path: Path | None = None,
-    timeout: float = 60.0,
+    timeout: float | None = None,
     on_started: Callable[[subprocess.Popen], None] | None = None,
 ) -> subprocess.Popen:
     """Start `spec` detached in its own session and wait until it answers HTTP, or raise LabError.
+
+    `timeout` defaults to the spec's `ready_timeout`.
 
     `on_started` is called with the process right after it is spawned, before the readiness
     wait: `exitplan lab up` records its PID file there, so an interrupted wait never leaves a
@@ -144,11 +187,15 @@ def start_server(
     if port_open(spec.port):
         raise LabError(f"{spec.name}: port {spec.port} on {LOOPBACK} is already in use; stop what holds it or choose another port")
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    env = dict(os.environ, DO_NOT_TRACK="1")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(spec.drop_env_prefixes)}
+    env["DO_NOT_TRACK"] = "1"
+    env.update(spec.env)
+    if timeout is None:
+        timeout = spec.ready_timeout
     try:
         proc = subprocess.Popen(
             spec.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True, env=env,
+            start_new_session=True, env=env, cwd=spec.cwd,
         )
     finally:
         if log_path:

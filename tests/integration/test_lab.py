@@ -9,6 +9,7 @@ seeded is checked with the Azure SDK and boto3 (independent of exitplan's own co
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -17,13 +18,16 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import boto3
 import pytest
 from azure.storage.blob import BlobServiceClient
 from botocore.config import Config
 
+from config.lab import DEFAULT_PORTS
 from engine import lab_seed
+from flows import lab as lab_module
 from flows import lab_processes as lp
 
 pytestmark = pytest.mark.integration
@@ -31,7 +35,8 @@ pytestmark = pytest.mark.integration
 EXITPLAN = str(Path(sys.executable).with_name("exitplan")) if Path(sys.executable).with_name("exitplan").exists() \
     else shutil.which("exitplan")
 SDK_VARS = ("AZURE_STORAGE_CONNECTION_STRING", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION")
+            "AWS_DEFAULT_REGION", "PREFECT_API_URL")
+SERVERS = ("azurite", "s3", "prefect")
 
 
 @dataclass
@@ -42,6 +47,7 @@ class Lab:
     directory: Path
     azurite_port: int
     s3_port: int
+    prefect_port: int
 
     def run(self, *args: str, check_rc: int | None = 0, timeout: float = 120) -> subprocess.CompletedProcess:
         result = subprocess.run([EXITPLAN, "lab", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -53,7 +59,7 @@ class Lab:
 
     def pids(self) -> dict[str, int]:
         out = {}
-        for name in ("azurite", "s3"):
+        for name in SERVERS:
             path = self.directory / f"{name}.pid"
             if path.exists():
                 out[name] = json.loads(path.read_text())["pid"]
@@ -69,16 +75,45 @@ class Lab:
 
 def _new_lab(directory: Path) -> Lab:
     env = {k: v for k, v in os.environ.items() if k not in SDK_VARS and not k.startswith("EXITPLAN_LAB_")}
-    azurite_port, s3_port = lp.free_port(), lp.free_port()
-    while s3_port == azurite_port:
-        s3_port = lp.free_port()
+    ports: list[int] = []
+    while len(ports) < 3:  # never the defaults (10000, 5000, 4200): a developer's lab may be there
+        port = lp.free_port()
+        if port not in ports and port not in DEFAULT_PORTS.values():
+            ports.append(port)
+    azurite_port, s3_port, prefect_port = ports
     env.update(
         EXITPLAN_LAB_DIR=str(directory),
         EXITPLAN_LAB_AZURITE_PORT=str(azurite_port),
         EXITPLAN_LAB_S3_PORT=str(s3_port),
+        EXITPLAN_LAB_PREFECT_PORT=str(prefect_port),
         DO_NOT_TRACK="1",
+        PREFECT_SERVER_EPHEMERAL_ENABLED="false",
     )
-    return Lab(env, directory, azurite_port, s3_port)
+    return Lab(env, directory, azurite_port, s3_port, prefect_port)
+
+
+def _get(port: int, path: str, **headers: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(lp.LOOPBACK, port, timeout=5)
+    try:
+        conn.request("GET", path, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def _prefect_processes(lab: Lab) -> list[str]:
+    """Live processes (children included: they inherit the environment) of this lab's Prefect
+    server, found by the PREFECT_HOME `lab up` gave it."""
+    marker = f"PREFECT_HOME={lab_module.prefect_home(lab.directory)}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0") and lp.pid_alive(int(proc.name)):
+                found.append(f"{proc.name}: {' '.join(lp.process_cmdline(int(proc.name)) or [])}")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+    return found
 
 
 def _assert_gone(lab: Lab, pids: dict[str, int]) -> None:
@@ -86,6 +121,9 @@ def _assert_gone(lab: Lab, pids: dict[str, int]) -> None:
         assert not lp.pid_alive(pid), f"{name} (pid {pid}) still runs after `lab down`"
     assert not lp.port_open(lab.azurite_port), "Azurite's port still answers after `lab down`"
     assert not lp.port_open(lab.s3_port), "the S3 server's port still answers after `lab down`"
+    assert not lp.port_open(lab.prefect_port), "the Prefect server's port still answers after `lab down`"
+    if Path("/proc/self/environ").exists():
+        assert _prefect_processes(lab) == [], "Prefect processes left behind by `lab down`"
     assert not list(lab.directory.glob("*.pid")), "PID files left behind"
 
 
@@ -109,25 +147,33 @@ def test_up_twice_status_down_twice(tmp_path):
     try:
         first = lab.run("up")
         pids = lab.pids()
-        assert set(pids) == {"azurite", "s3"}
+        assert set(pids) == set(SERVERS)
         assert lp.port_open(lab.azurite_port) and lp.port_open(lab.s3_port)
+        assert _get(lab.prefect_port, "/api/health") == (200, b"true")  # the Prefect API
+        # Its UI, at the flow-run links the demo prints, talking to this API.
+        run_page = "/runs/flow-run/00000000-0000-0000-0000-000000000000"
+        ui_status, ui_page = _get(lab.prefect_port, run_page, Accept="text/html")
+        assert ui_status == 200 and b"<html" in ui_page.lower()
+        ui_settings = json.loads(_get(lab.prefect_port, "/ui-settings")[1])
+        assert ui_settings["api_url"] == f"http://127.0.0.1:{lab.prefect_port}/api"
+        assert (lab.directory / "prefect" / "prefect.db").exists()  # its SQLite database, in the lab
         assert "started" in first.stdout and "exitplan-lab" in first.stdout
 
         second = lab.run("up")  # harmless: says so, starts nothing new
-        assert second.stdout.count("already running") == 2
+        assert second.stdout.count("already running") == 3
         assert lab.pids() == pids
 
         status = lab.run("status")
         for name, pid in pids.items():
             line = next(l for l in status.stdout.splitlines() if l.startswith(name))
             assert " up " in line and str(pid) in line
-        assert str(lab.azurite_port) in status.stdout and str(lab.s3_port) in status.stdout
+        assert all(str(port) in status.stdout for port in (lab.azurite_port, lab.s3_port, lab.prefect_port))
 
         lab.run("down")
         _assert_gone(lab, pids)
         again = lab.run("down")  # harmless when nothing runs
-        assert again.stdout.count("not running") == 2
-        assert lab.run("status").stdout.count(" down ") == 2
+        assert again.stdout.count("not running") == 3
+        assert lab.run("status").stdout.count(" down ") == 3
     finally:
         lab.force_cleanup()
 
@@ -143,7 +189,7 @@ def test_port_in_use_is_refused_with_a_sentence(tmp_path):
         assert "EXITPLAN_LAB_S3_PORT" in result.stderr
         assert "Traceback" not in result.stderr
         # Refused before starting anything: no half-started lab.
-        assert not lp.port_open(lab.azurite_port)
+        assert not lp.port_open(lab.azurite_port) and not lp.port_open(lab.prefect_port)
         assert lab.pids() == {}
     finally:
         squatter.close()
@@ -163,8 +209,8 @@ def test_env_exports_eval_and_connect(lab):
         "AWS_ACCESS_KEY_ID": lp.LAB_S3_ACCESS_KEY,
         "AWS_SECRET_ACCESS_KEY": lp.LAB_S3_SECRET_KEY,
         "AWS_DEFAULT_REGION": lp.LAB_REGION,
+        "PREFECT_API_URL": f"http://127.0.0.1:{lab.prefect_port}/api",
     }
-    assert "PREFECT_API_URL" not in lab.run("env").stdout  # only what exists
 
     service = BlobServiceClient.from_connection_string(exported["AZURE_STORAGE_CONNECTION_STRING"])
     list(service.list_containers())  # answers, with the exported key
@@ -174,6 +220,14 @@ def test_env_exports_eval_and_connect(lab):
         config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required"),
     )
     assert "exitplan-lab" in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    prefect_api = urlsplit(exported["PREFECT_API_URL"])
+    assert _get(prefect_api.port, f"{prefect_api.path}/health") == (200, b"true")
+
+
+def test_prefect_urls_for_other_code(lab, tmp_path):
+    assert lab_module.prefect_api_url(lab.directory) == f"http://127.0.0.1:{lab.prefect_port}/api"
+    assert lab_module.prefect_ui_url(lab.directory) == f"http://127.0.0.1:{lab.prefect_port}"
+    assert lab_module.prefect_api_url(tmp_path) is None and lab_module.prefect_ui_url(tmp_path) is None
 
 
 def _listing(lab: Lab) -> dict[tuple[str, str], object]:
