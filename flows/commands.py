@@ -331,8 +331,42 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def run_exit_plan_flow(config: str) -> int:
+    """Run the `exit_plan` flow on the lab's Prefect server (a flow run visible in its UI); print its
+    summary and the run's URL. Exit code 0 when the run completed, 1 when it failed."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import lab
+
+    api, ui = lab.prefect_api_url(), lab.prefect_ui_url()
+    if api is None:
+        raise UserError("the lab's Prefect server is not running; start the lab with `exitplan lab up`")
+    print(f"\n== the exit_plan flow on the lab's Prefect server ({ui}): inventory -> sovereignty gate -> "
+          "migrate (shard by shard) -> deep verify -> summary\n", flush=True)
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        from flows.orchestrate import exit_plan
+
+        state = exit_plan(config_path=config, return_state=True)
+    figures = state.result(raise_on_failure=False)  # a failed run still carries its figures
+    summary = figures.get("summary") if isinstance(figures, dict) else None
+    print()
+    if summary:
+        print(summary)
+    from prefect.client.orchestration import get_client
+
+    run_id = state.state_details.flow_run_id
+    with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        name = client.read_flow_run(run_id).name
+    print(f"\nflow run '{name}': {state.name}, {ui}/runs/flow-run/{run_id}")
+    if not state.is_completed():
+        print(f"the run did not complete: {state.message}", file=sys.stderr)
+        return ExitCode.FAILED
+    return ExitCode.OK
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """lab up + seed + migrate the lab datasets + the summary, with a fresh state of its own."""
+    """lab up + seed + the exit_plan flow on the lab's Prefect server + the report, with a fresh
+    state of its own."""
     import os
     import shutil
     from importlib import resources
@@ -359,22 +393,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = keys_cli.cmd_init(argparse.Namespace(config=str(config)))
     if code:
         return code
-    print(f"\n== migrate --config {config}\n", flush=True)
-    code = cmd_migrate(argparse.Namespace(config=str(config), dataset=[], dry_run=False, delete_removed=False))
-    if code:
-        return code
-    from flows import audit_cli
-
-    print(f"\n== verify --deep --config {config}  (read back, decrypt, compare with the source's SHA-256)\n", flush=True)
-    code = audit_cli.cmd_verify(argparse.Namespace(config=str(config), dataset=[], deep=True, sample=None, seed=None))
-    report = lab.lab_dir() / "demo-report.html"
-    audit_cli.cmd_report(argparse.Namespace(config=str(config), dataset=[], out=report))
+    code = run_exit_plan_flow(str(config))
     print(
         "\nLook around:\n"
-        f"  {report}   # the report: where the data is, who holds the keys, the manifest's fingerprint\n"
+        f"  {lab.prefect_ui_url()}   # the Prefect UI: the flow run, its shards, progress, tables and summary\n"
+        f"  {state_dir}/reports/   # the HTML report: where the data is, who holds the keys, the manifest's fingerprint\n"
         f"  {state_dir}/audit/manifest.jsonl   # the signed audit manifest\n"
         f"  exitplan restore --config {config} --dataset imaging --to /tmp/imaging   # bring data back\n"
-        f"  eval \"$(exitplan lab env)\"   # point the Azure SDK / boto3 / rclone at the lab\n"
-        "  exitplan lab down   # stop the lab (its data lives in memory)"
+        f"  eval \"$(exitplan lab env)\"   # point the Azure SDK / boto3 / rclone / prefect at the lab\n"
+        "  exitplan lab down   # stop the lab (Azurite and the S3 server keep their data in memory)"
     )
     return code

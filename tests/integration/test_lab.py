@@ -300,3 +300,37 @@ def test_missing_npm_is_explained(tmp_path, monkeypatch):
     with pytest.raises(lp.LabError, match="npm was not found") as info:
         lp.azurite_binary()
     assert "Node.js" in str(info.value) and "EXITPLAN_AZURITE_BIN" in str(info.value)
+
+
+def test_demo_ends_with_a_completed_exit_plan_flow_run(tmp_path):
+    """The README's first command, as a user runs it (on the tiny seed): the lab comes up, the
+    exit_plan flow runs on the lab's Prefect server, every seeded object is migrated and deep
+    verified, and the run's URL names a completed flow run with its summary and tables."""
+    the_lab = _new_lab(tmp_path / "lab")
+    try:
+        demo = subprocess.run([EXITPLAN, "demo", "--profile", "tiny"], env=the_lab.env, capture_output=True,
+                              text=True, timeout=600)
+        assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+        total = len(lab_seed.expected_objects("tiny"))
+        assert f"{total:,} copied" in demo.stdout and "**0 failed**" in demo.stdout
+        assert f"**Verified** (deep): {total:,} objects match" in demo.stdout
+        assert "Traceback" not in demo.stdout + demo.stderr
+        url = next(line.split(", ")[-1] for line in demo.stdout.splitlines() if line.startswith("flow run '"))
+        assert url.startswith(f"http://127.0.0.1:{the_lab.prefect_port}/runs/flow-run/")
+        run_id = url.rsplit("/", 1)[1]
+        status, body = _get(the_lab.prefect_port, f"/api/flow_runs/{run_id}")
+        assert status == 200 and json.loads(body)["state"]["type"] == "COMPLETED"
+        conn = http.client.HTTPConnection(lp.LOOPBACK, the_lab.prefect_port, timeout=10)
+        conn.request("POST", "/api/artifacts/filter", body=json.dumps({"artifacts": {"flow_run_id": {"any_": [run_id]}}}),
+                     headers={"Content-Type": "application/json"})
+        artifacts = json.loads(conn.getresponse().read())
+        conn.close()
+        kinds = sorted({(a["type"], a["key"]) for a in artifacts})
+        assert kinds == [("markdown", "exitplan-lab-exit-summary"), ("progress", "exitplan-lab-exit-progress"),
+                         ("table", "exitplan-lab-exit-inventory"), ("table", "exitplan-lab-exit-shards"),
+                         ("table", "exitplan-lab-exit-verify")]
+        assert next(a["data"] for a in artifacts if a["type"] == "progress") == 100.0
+    finally:
+        pids = the_lab.pids()
+        the_lab.force_cleanup()
+        _assert_gone(the_lab, pids)
