@@ -323,19 +323,28 @@ class MigrationRun:
               settings: TransferSettings | None = None) -> "MigrationRun":
         """Open the run (`settings`: the configuration's transfer settings unless given)."""
         run = cls(loaded, datasets, delete_removed=delete_removed, settings=settings)
+        run._lock_file = lock_project(loaded)
+        try:
+            run._open()
+        except BaseException:
+            run._lock_file.close()
+            raise
+        return run
+
+    def _open(self) -> None:
+        loaded, datasets = self.loaded, self.datasets
         preflight_destinations(loaded, datasets)
-        run.keyset_copies = publish_keysets(loaded, datasets, run.formats)
-        tune_malloc(run.settings.memory_budget)
-        run.state = open_state(loaded)
-        run.run_id = run.state.start_run("migrate", loaded.path)
+        self.keyset_copies = publish_keysets(loaded, datasets, self.formats)
+        tune_malloc(self.settings.memory_budget)
+        self.state = open_state(loaded)
+        self.run_id = self.state.start_run("migrate", loaded.path)
         # The audit hook: transfer records are read back from the state rows after each dataset
         # and at the end (engine/audit.py), so the copy engine itself knows nothing of the manifest.
-        run.trail = MigrationAudit(loaded, run.state, run.run_id, datasets, run.verdicts,
-                                   {n: fmt.keys.primary_id for n, fmt in run.formats.items() if fmt is not IDENTITY},
-                                   run.signing_key)
-        run._executors = create_executors(run.settings.concurrency, run.settings.object_concurrency)
-        run.executors = run._executors.__enter__()
-        return run
+        self.trail = MigrationAudit(loaded, self.state, self.run_id, datasets, self.verdicts,
+                                    {n: fmt.keys.primary_id for n, fmt in self.formats.items() if fmt is not IDENTITY},
+                                    self.signing_key)
+        self._executors = create_executors(self.settings.concurrency, self.settings.object_concurrency)
+        self.executors = self._executors.__enter__()
 
     # ---- endpoints, opened once per run ---------------------------------------------------------
 
@@ -490,6 +499,7 @@ class MigrationRun:
                     self.state.close()
             finally:
                 _ACTIVE.pop(self.run_id, None)
+                self._lock_file.close()  # releases the project's migration lock
         loaded, datasets = self.loaded, self.datasets
         copies, notes = self.trail.publish([loaded.config.datasets[ds].destination for ds in datasets])
         return MigrationResult(self.run_id, summaries, md5_checked, time.monotonic() - self.started,
@@ -497,6 +507,34 @@ class MigrationRun:
                                {ds: self.verdicts[loaded.config.datasets[ds].destination] for ds in datasets},
                                {ds: key_holder(loaded, self.formats[ds]) for ds in datasets},
                                tuple(self.keyset_copies), self.trail.outcome(copies, notes), tuple(self._removed))
+
+
+LOCK_FILE = "migrate.lock"
+
+
+def lock_project(loaded: LoadedConfig):
+    """Take the project's migration lock (an exclusive `flock` on `<state dir>/migrate.lock`, held
+    until the returned file is closed): two migrations of one project at once would copy the same
+    objects and interleave their state. A held lock is a `RunError` naming who holds it."""
+    import fcntl
+    import os
+
+    loaded.state_dir.mkdir(parents=True, exist_ok=True)
+    path = loaded.state_dir / LOCK_FILE
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise RunError(f"another migration of project `{loaded.config.project}` is running ({holder}, lock {path}); "
+                       "wait for it to end, then run again") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}, started {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S}Z\n")
+    f.flush()
+    return f
 
 
 # Runs open in this process, by run id: the flows' shard tasks find theirs here (they run in the

@@ -251,3 +251,25 @@ def test_inventory_and_verify_flows(tmp_path, env, s3_server, s3):
     tables = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
     found = tables["exitplan-flows-discrepancies"]  # an object rewritten: several findings, one object
     assert {(d["object"], d["source"]) for d in found} == {(key, "claims/05.csv")}
+
+
+def test_two_migrations_of_one_project_never_run_at_once(tmp_path, env, s3_server, s3, capsys):
+    """While a migration of the project holds its lock, another one (CLI or flow) refuses to start,
+    naming the holder; once it is released, the next one runs."""
+    from engine.run import lock_project
+    from config.loader import load_config
+    from flows.orchestrate import migrate_flow
+
+    path, container, blobs = write_project(tmp_path, env, s3_server.url)
+    held = lock_project(load_config(path))
+    try:
+        assert main(["migrate", "--config", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert "another migration of project `flows` is running (pid " in err and "Traceback" not in err
+        state = migrate_flow(config_path=str(path), return_state=True)
+        assert state.is_failed() and "another migration of project `flows` is running" in state.message
+        assert stored_keys(s3, container) == set()
+    finally:
+        held.close()
+    assert main(["migrate", "--config", str(path)]) == 0
+    assert set(blobs) <= stored_keys(s3, container)
