@@ -15,11 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import yaml
-from azure.storage.blob import BlobServiceClient
 
 from flows import lab_processes as lp
-from flows.cli import main
+from tests.projects import write_project
 from tests.s3client import lab_s3_client
 
 pytestmark = pytest.mark.integration
@@ -65,37 +63,12 @@ def _client(api_url: str):
         yield client
 
 
-def _project(tmp_path: Path, cs: str, s3_url: str) -> tuple[Path, str, dict[str, bytes]]:
-    """A container of 9 blobs (one multipart-sized), a config cutting it into shards of 4, its keyset."""
-    container = f"deploy{uuid.uuid4().hex[:10]}"
-    cc = BlobServiceClient.from_connection_string(cs).create_container(container)
-    blobs = {f"claims/{i:02d}.csv": f"claim {i}\n".encode() * (50 + i) for i in range(8)}
-    blobs["scans/big.bin"] = os.urandom(6 * 1024 * 1024 + 5)
-    for name, data in blobs.items():
-        cc.upload_blob(name, data)
-    cfg = {
-        "version": 1,
-        "project": "deploy",
-        "sources": {"az": {"kind": "azure_blob", "connection_string_env": CS_VAR}},
-        "destinations": {"lab": {"provider": "lab", "endpoint_url": s3_url, "region": "eu-west-3", "bucket": BUCKET}},
-        "datasets": {"claims": {"source": "az", "container": container, "destination": "lab",
-                                "dest_prefix": f"{container}/"}},
-        "transfer": {"concurrency": 4, "part_size": "5MiB", "small_object_cutoff": "1MiB"},
-        "orchestration": {"shard_objects": 4, "parallel_shards": 2, "shard_retries": 0},
-        "state": {"path": str(tmp_path / "state")},
-        "keys": {"kek": {"backend": "local", "path": str(tmp_path / "kek.json")}},
-    }
-    path = tmp_path / "exitplan.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    assert main(["keys", "init", "--config", str(path)]) == 0
-    return path, container, blobs
-
-
 def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_string, s3_server):
     began = time.monotonic()
     s3 = lab_s3_client(s3_server.url, BUCKET)
     monkeypatch.setenv(CS_VAR, azurite_connection_string)
-    config, container, blobs = _project(tmp_path, azurite_connection_string, s3_server.url)
+    config, container, blobs = write_project(tmp_path, azurite_connection_string, s3_server.url, project="deploy",
+                                             bucket=BUCKET, cs_var=CS_VAR)
     mark = uuid.uuid4().hex
 
     # A Prefect server of our own: its own PREFECT_HOME (SQLite), a free loopback port.

@@ -4,15 +4,12 @@ the UI is shown (artifacts), a failing object failing only its shard, and user e
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 import pytest
-import yaml
-from azure.storage.blob import BlobServiceClient
 
 from flows.cli import main
+from tests import projects
 from tests.faultproxy import FaultProxy
 from tests.s3client import lab_s3_client
 
@@ -27,32 +24,8 @@ def s3(s3_server):
     return lab_s3_client(s3_server.url, BUCKET)
 
 
-def write_project(tmp_path: Path, cs: str, s3_url: str, *, orchestration: dict | None = None,
-                  transfer: dict | None = None, extra_blobs: dict[str, bytes] | None = None):
-    """A fresh container of 11 blobs (one multipart-sized) and a config cutting it into shards of 4."""
-    container = f"flows{uuid.uuid4().hex[:10]}"
-    cc = BlobServiceClient.from_connection_string(cs).create_container(container)
-    blobs = {f"claims/{i:02d}.csv": f"claim {i}\n".encode() * (100 + i) for i in range(10)}
-    blobs["scans/big.bin"] = os.urandom(6 * 1024 * 1024 + 5)
-    blobs.update(extra_blobs or {})
-    for name, data in blobs.items():
-        cc.upload_blob(name, data)
-    cfg = {
-        "version": 1,
-        "project": "flows",
-        "sources": {"az": {"kind": "azure_blob", "connection_string_env": CS_VAR}},
-        "destinations": {"lab": {"provider": "lab", "endpoint_url": s3_url, "region": "eu-west-3", "bucket": BUCKET}},
-        "datasets": {"claims": {"source": "az", "container": container, "destination": "lab",
-                                "dest_prefix": f"{container}/"}},
-        "transfer": {"concurrency": 4, "part_size": "5MiB", "small_object_cutoff": "1MiB", **(transfer or {})},
-        "orchestration": {"shard_objects": 4, "parallel_shards": 2, "shard_retries": 0, **(orchestration or {})},
-        "state": {"path": str(tmp_path / "state")},
-        "keys": {"kek": {"backend": "local", "path": str(tmp_path / "kek.json")}},
-    }
-    path = tmp_path / "exitplan.yaml"
-    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-    assert main(["keys", "init", "--config", str(path)]) == 0
-    return path, container, blobs
+def write_project(tmp_path: Path, cs: str, s3_url: str, **options):
+    return projects.write_project(tmp_path, cs, s3_url, project="flows", bucket=BUCKET, cs_var=CS_VAR, **options)
 
 
 @pytest.fixture

@@ -1,0 +1,43 @@
+"""A small exitplan project on the lab servers, for the flow and deployment tests: a fresh Azurite
+container of ten CSV blobs and one multipart-sized blob, a config with a local KEK that cuts it into
+shards of four, and its keyset."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import yaml
+from azure.storage.blob import BlobServiceClient
+
+from flows.cli import main
+
+
+def write_project(tmp_path: Path, cs: str, s3_url: str, *, project: str, bucket: str, cs_var: str,
+                  orchestration: dict | None = None, transfer: dict | None = None,
+                  extra_blobs: dict[str, bytes] | None = None) -> tuple[Path, str, dict[str, bytes]]:
+    """(config path, container, {key: bytes}); the config reads the connection string from `cs_var`."""
+    container = f"{project}{uuid.uuid4().hex[:10]}"
+    cc = BlobServiceClient.from_connection_string(cs).create_container(container)
+    blobs = {f"claims/{i:02d}.csv": f"claim {i}\n".encode() * (100 + i) for i in range(10)}
+    blobs["scans/big.bin"] = os.urandom(6 * 1024 * 1024 + 5)
+    blobs.update(extra_blobs or {})
+    for name, data in blobs.items():
+        cc.upload_blob(name, data)
+    cfg = {
+        "version": 1,
+        "project": project,
+        "sources": {"az": {"kind": "azure_blob", "connection_string_env": cs_var}},
+        "destinations": {"lab": {"provider": "lab", "endpoint_url": s3_url, "region": "eu-west-3", "bucket": bucket}},
+        "datasets": {"claims": {"source": "az", "container": container, "destination": "lab",
+                                "dest_prefix": f"{container}/"}},
+        "transfer": {"concurrency": 4, "part_size": "5MiB", "small_object_cutoff": "1MiB", **(transfer or {})},
+        "orchestration": {"shard_objects": 4, "parallel_shards": 2, "shard_retries": 0, **(orchestration or {})},
+        "state": {"path": str(tmp_path / "state")},
+        "keys": {"kek": {"backend": "local", "path": str(tmp_path / "kek.json")}},
+    }
+    path = tmp_path / "exitplan.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    assert main(["keys", "init", "--config", str(path)]) == 0
+    return path, container, blobs
