@@ -8,6 +8,8 @@ artifact) can show the same run.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -316,7 +318,11 @@ class MigrationRun:
         self._lock = threading.Lock()
         self._endpoints: dict[tuple[str, str], object] = {}
         self.state: StateStore | None = None
+        self.run_id = 0  # set by `start`, with the trail, the executors and the project's lock
+        self.trail: MigrationAudit | None = None
         self._executors = None
+        self.executors = None
+        self._lock_file = None
 
     @classmethod
     def start(cls, loaded: LoadedConfig, datasets: list[str], *, delete_removed: bool = False,
@@ -480,7 +486,7 @@ class MigrationRun:
         the audit trail and publish the manifest. Call once, whatever happened before."""
         if self._sharded:  # one summary per dataset from its rows (shard attempts overlap)
             elapsed = time.monotonic() - self.started
-            summaries = tuple(self.state.dataset_summary(self.run_id, name, elapsed) for name in self._sharded)
+            summaries = tuple(summary_from_rows(self.state, self.run_id, name, elapsed) for name in self._sharded)
         else:
             summaries = tuple(self._summaries)
         status = "interrupted"
@@ -509,6 +515,17 @@ class MigrationRun:
                                tuple(self.keyset_copies), self.trail.outcome(copies, notes), tuple(self._removed))
 
 
+def summary_from_rows(state: StateStore, run_id: int, dataset: str, elapsed: float) -> DatasetSummary:
+    """A dataset's summary from the run's rows (what a sharded run reports: its shards overlapped
+    in time, and a retried shard counts each object once)."""
+    t = state.dataset_totals(run_id, dataset)
+    return DatasetSummary(dataset=dataset, run_id=run_id, objects=t.objects, ok=t.copied, failed=t.failed,
+                          skipped=t.unchanged, refused=t.refused, bytes_total=t.bytes_total,
+                          bytes_copied=t.bytes_copied, bytes_sent=t.bytes_written, parts=t.parts,
+                          restarts=t.restarts, failures=t.failures, failures_truncated=t.failures_truncated,
+                          elapsed_seconds=elapsed)
+
+
 LOCK_FILE = "migrate.lock"
 
 
@@ -516,9 +533,6 @@ def lock_project(loaded: LoadedConfig):
     """Take the project's migration lock (an exclusive `flock` on `<state dir>/migrate.lock`, held
     until the returned file is closed): two migrations of one project at once would copy the same
     objects and interleave their state. A held lock is a `RunError` naming who holds it."""
-    import fcntl
-    import os
-
     loaded.state_dir.mkdir(parents=True, exist_ok=True)
     path = loaded.state_dir / LOCK_FILE
     f = open(path, "a+")

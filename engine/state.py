@@ -278,6 +278,25 @@ class ShardCounts:
 
 
 @dataclass(frozen=True)
+class DatasetTotals:
+    """A run's rows of one dataset, added up (`failed` includes rows left in progress; `refused`
+    are failed rows whose copy never started)."""
+
+    objects: int
+    copied: int
+    failed: int
+    unchanged: int
+    refused: int
+    bytes_total: int
+    bytes_copied: int
+    bytes_written: int
+    parts: int
+    restarts: int
+    failures: tuple[tuple[str, str], ...] = ()
+    failures_truncated: bool = False
+
+
+@dataclass(frozen=True)
 class RunRecord:
     id: int
     command: str
@@ -637,11 +656,9 @@ class StateStore:
             return {u for (u,) in conn.execute(sa.select(objects.c.upload_id).where(objects.c.upload_id.is_not(None))
                                                 .distinct())}
 
-    def dataset_summary(self, run_id: int, dataset: str, elapsed_seconds: float, max_failures: int = 100) -> Any:
-        """A `DatasetSummary` of a run's dataset from its rows (what the flows report: a shard
-        retried in the run counts each object once, as it ended)."""
-        from engine.migrate import DatasetSummary
-
+    def dataset_totals(self, run_id: int, dataset: str, max_failures: int = 100) -> DatasetTotals:
+        """What a run's rows of a dataset add up to (a shard retried in the run counts each object
+        once, as it ended)."""
         o = objects
         where = (o.c.run_id == run_id, o.c.dataset == dataset)
         copied = o.c.state.in_(COPIED)
@@ -656,11 +673,8 @@ class StateStore:
                 sa.func.coalesce(sa.func.sum(o.c.restarts), 0)).where(*where)).one()
             failures = tuple((k, r or "unknown") for k, r in conn.execute(
                 sa.select(o.c.source_key, o.c.reason).where(*where, failed).order_by(o.c.id).limit(max_failures + 1)))
-        objects_, ok, failed_n, skipped, refused, bytes_total, bytes_copied, bytes_sent, parts_, restarts = map(int, row)
-        return DatasetSummary(dataset=dataset, run_id=run_id, objects=objects_, ok=ok, failed=failed_n, skipped=skipped,
-                              refused=refused, bytes_total=bytes_total, bytes_copied=bytes_copied, bytes_sent=bytes_sent,
-                              parts=parts_, restarts=restarts, failures=failures[:max_failures],
-                              failures_truncated=len(failures) > max_failures, elapsed_seconds=elapsed_seconds)
+        return DatasetTotals(*map(int, row), failures=failures[:max_failures],
+                             failures_truncated=len(failures) > max_failures)
 
     def state_counts(self, run_id: int, dataset: str | None = None) -> dict[str, tuple[int, int]]:
         """state -> (objects, plaintext bytes) for a run (and dataset): the migrate summary's numbers."""

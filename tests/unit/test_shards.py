@@ -8,7 +8,7 @@ import pytest
 
 from connectors.base import ContentSettings, ObjectMeta
 from engine import state as st
-from engine.run import ShardCutter
+from engine.run import ShardCutter, summary_from_rows
 from engine.settings import TransferSettings, within_connections
 from engine.state import StateStore
 
@@ -91,9 +91,10 @@ def test_a_shards_figures_come_from_this_runs_rows(store):
     store.shard_finished(run, "ds", 0, "failed", 1.5, "1 of 3 objects failed")
     rec = store.shard(run, "ds", 0)
     assert (rec.status, rec.attempts, rec.seconds, rec.reason) == ("failed", 1, 1.5, "1 of 3 objects failed")
-    summary = store.dataset_summary(run, "ds", 2.0)
+    summary = summary_from_rows(store, run, "ds", 2.0)
     assert (summary.objects, summary.ok, summary.skipped, summary.failed, summary.refused) == (3, 1, 1, 1, 1)
     assert (summary.bytes_total, summary.bytes_copied, summary.bytes_sent) == (60, 10, 99)
+    assert summary.failures == (("c", "refused: too long"),) and summary.elapsed_seconds == 2.0
 
 
 def test_objects_listed_by_a_run_are_not_removed_at_the_source(store):
