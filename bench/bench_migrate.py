@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
-"""Benchmark `exitplan migrate` against rclone, the lab's ceiling and a bare hashing loop.
+"""Benchmark `exitplan migrate` (CLI and Prefect flow) against rclone, the lab's ceiling and a bare hashing loop.
 
 One run, loopback only, everything it starts is stopped at the end (also on Ctrl-C or failure):
 
-1. Starts its own Azurite and moto (S3) on free 127.0.0.1 ports, seeds two containers with
-   deterministic bytes: ``bench-large`` (a few blobs of hundreds of MiB, staged blocks, so without
-   a Content-MD5) and ``bench-small`` (many small blobs, Put Blob with a Content-MD5).
+1. Starts its own Azurite and moto (S3) on free 127.0.0.1 ports (and a Prefect server when the
+   ``exitplan-flow`` tool is measured), seeds two containers with deterministic bytes:
+   ``bench-large`` (a few blobs of hundreds of MiB, staged blocks, so without a Content-MD5) and
+   ``bench-small`` (many small blobs, Put Blob with a Content-MD5).
 2. For each series (large, small) and each repeat, runs, each in its own process (CPU and peak RSS
    from ``os.wait4``), with a freshly restarted moto (it keeps every byte uploaded in memory):
-     a. ``exitplan migrate --config <generated yaml>`` (fresh state dir, fresh destination prefix);
+     a. ``exitplan migrate --config <generated yaml>`` (fresh state dir, fresh destination prefix),
+        plain and encrypted (``exitplan-enc``);
+     a'. ``exitplan-flow``: the same plain yaml (plus an ``orchestration`` section) run by the Prefect
+        flow ``migrate_flow`` in its own process against the bench's Prefect server, whose CPU during
+        the run is recorded too;
      b. ``rclone copy`` with an account-SAS Azure remote and an S3 remote (multipart forced);
      c. the lab's ceiling: boto3 uploading the same bytes from memory (generated before the timer);
    and checks that every tool wrote every object with the right size (boto3 listing).
@@ -161,8 +166,10 @@ class Lab:
         self.workdir = workdir
         self.azurite = None
         self.moto = None
+        self.prefect = None
         self.azurite_port = free_port()
         self.s3_port = free_port()
+        self.prefect_port = free_port()
 
     @property
     def conn_str(self) -> str:
@@ -172,10 +179,25 @@ class Lab:
     def s3_url(self) -> str:
         return f"http://{LOOPBACK}:{self.s3_port}"
 
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.prefect_port}/api"
+
     def start_azurite(self) -> None:
         from flows.lab_processes import azurite_spec, start_server
 
-        self.azurite = start_server(azurite_spec(self.azurite_port), log_path=self.workdir / "azurite.log")
+        # on_started: the process is recorded before the readiness wait, so Ctrl-C during it still stops it
+        self.azurite = start_server(azurite_spec(self.azurite_port), log_path=self.workdir / "azurite.log",
+                                    on_started=lambda p: setattr(self, "azurite", p))
+
+    def start_prefect(self) -> None:
+        """A Prefect server (API, UI, services; SQLite) with its PREFECT_HOME in the temp dir, analytics
+        off, no ephemeral server (flows.lab_processes.prefect_spec)."""
+        from flows.lab_processes import prefect_spec, start_server
+
+        spec = prefect_spec(self.prefect_port, self.workdir / "prefect-server-home")
+        self.prefect = start_server(spec, log_path=self.workdir / "prefect.log",
+                                    on_started=lambda p: setattr(self, "prefect", p))
 
     def restart_moto(self) -> None:
         """A fresh moto (empty memory) with the bench bucket."""
@@ -185,20 +207,29 @@ class Lab:
             stop_pid(self.moto.pid)
             self.moto.wait()
             self.moto = None
-        self.moto = start_server(s3_spec(self.s3_port), log_path=self.workdir / "moto.log")
+        self.moto = start_server(s3_spec(self.s3_port), log_path=self.workdir / "moto.log",
+                                 on_started=lambda p: setattr(self, "moto", p))
         s3_client(self.s3_url).create_bucket(Bucket=BUCKET, CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
 
     def stop(self) -> None:
         from flows.lab_processes import stop_pid
 
-        for proc in (self.moto, self.azurite):
+        for proc in (self.moto, self.azurite, self.prefect):
             if proc is not None:
                 try:
                     stop_pid(proc.pid)
                     proc.wait(timeout=10)
                 except Exception as exc:  # keep stopping the others
                     print(f"warning: could not stop pid {proc.pid}: {exc}", file=sys.stderr)
-        self.moto = self.azurite = None
+        self.moto = self.azurite = self.prefect = None
+
+    def server_pgids(self) -> dict[str, int | None]:
+        """The servers whose CPU is recorded around each run (each leads its own process group)."""
+        pgids = {"azurite": self.azurite.pid if self.azurite else None,
+                 "moto": self.moto.pid if self.moto else None}
+        if self.prefect is not None:
+            pgids["prefect"] = self.prefect.pid
+        return pgids
 
 
 _CHILDREN: set[int] = set()  # pids of running benchmark children, killed on interrupt
@@ -251,17 +282,17 @@ sys.exit(0)
 
 
 def run_child(argv: list[str], *, env: dict[str, str], log: Path, lab: Lab | None = None,
-              timeout: float = 1800.0) -> ChildResult:
+              timeout: float = 1800.0, cwd: Path | None = None) -> ChildResult:
     """Run `argv` to completion; wall time, its own rusage (os.wait4) and the servers' CPU delta."""
     before = {}
     if lab is not None:
-        before = {"azurite": group_cpu(lab.azurite.pid if lab.azurite else None),
-                  "moto": group_cpu(lab.moto.pid if lab.moto else None)}
+        before = {name: group_cpu(pgid) for name, pgid in lab.server_pgids().items()}
     rusage_file = log.with_suffix(".rusage.json")
     with open(log, "wb") as out:
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, str(rusage_file), *argv], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                cwd=cwd)
         _CHILDREN.add(proc.pid)
         timer = threading.Timer(timeout, lambda: _kill(proc.pid))
         timer.start()
@@ -277,10 +308,7 @@ def run_child(argv: list[str], *, env: dict[str, str], log: Path, lab: Lab | Non
         ru = {"wall": outer_wall, "utime": 0.0, "stime": 0.0, "maxrss_kib": 0, "rc": proc.returncode or -1}
     result = ChildResult(list(argv), ru["rc"], ru["wall"], ru["utime"], ru["stime"], ru["maxrss_kib"] * 1024, log)
     if lab is not None:
-        result.server_cpu = {
-            "azurite": group_cpu(lab.azurite.pid if lab.azurite else None) - before["azurite"],
-            "moto": group_cpu(lab.moto.pid if lab.moto else None) - before["moto"],
-        }
+        result.server_cpu = {name: group_cpu(pgid) - before.get(name, 0.0) for name, pgid in lab.server_pgids().items()}
     return result
 
 
@@ -343,11 +371,20 @@ def verify_prefix(endpoint: str, prefix: str, series: Series, encrypted: bool = 
 # ----------------------------------------------------------------------------------------------
 
 
+# The flow's shards (`orchestration`): with the defaults, 4 shards per series (4 x 256 MiB large
+# blobs -> one per shard; 2,000 small blobs -> 500 per shard), 2 shard tasks at once (the default).
+FLOW_SHARD_BYTES = 256 * MiB
+FLOW_SHARD_OBJECTS = 500
+FLOW_PARALLEL_SHARDS = 2
+
+
 def exitplan_config(path: Path, lab: Lab, series: Series, prefix: str, concurrency: int, state_dir: Path,
-                    budget: int = 128 * MiB, encrypted: bool = False) -> Path:
+                    budget: int = 128 * MiB, encrypted: bool = False, orchestration: bool = False) -> Path:
     # Plain (`public: true`) is what rclone copy does; encrypted is exitplan's default.
     public = "false" if encrypted else "true"
     keys = f"keys:\n  kek:\n    backend: local\n    path: {state_dir}/kek.key\n" if encrypted else ""
+    orch = (f"orchestration:\n  shard_bytes: {FLOW_SHARD_BYTES // MiB}MiB\n  shard_objects: {FLOW_SHARD_OBJECTS}\n"
+            f"  parallel_shards: {FLOW_PARALLEL_SHARDS}\n") if orchestration else ""
     text = f"""\
 # generated by bench/bench_migrate.py
 version: 1
@@ -379,7 +416,7 @@ datasets:
   memory_budget: {budget // MiB}MiB
 state:
   path: {state_dir}
-"""
+{orch}"""
     path.write_text(text)
     return path
 
@@ -395,8 +432,45 @@ def run_exitplan(lab: Lab, series: Series, tag: str, concurrency: int, tmp: Path
     if encrypted:  # the keyset is made once per project, not timed
         subprocess.run([str(EXITPLAN), "keys", "init", "--config", str(cfg)], env=env, check=True,
                        stdout=subprocess.DEVNULL)
-    res = run_child([str(EXITPLAN), "migrate", "--config", str(cfg)], env=env, log=tmp / f"exitplan-{tag}.log",
+    res = run_child([str(EXITPLAN), "migrate", "--config", str(cfg)], env=env, log=tmp / f"{name}-{tag}.log",
                     lab=lab)
+    res.prefix = prefix  # type: ignore[attr-defined]
+    return res
+
+
+# The exitplan-flow child: migrate_flow called in-process (a flow run on the bench's Prefect server,
+# PREFECT_API_URL in its environment), its shard tasks in threads of this process, as a process
+# worker would run it. Non-zero exit unless the flow run's final state is Completed.
+_FLOW_CHILD = r"""
+import sys
+from flows.orchestrate import migrate_flow
+state = migrate_flow(config_path=sys.argv[1], return_state=True)
+print(f"flow run final state: {state.type.value} {state.name!r} {state.message or ''}", flush=True)
+sys.exit(0 if state.is_completed() else 1)
+"""
+
+
+def flow_env(lab: Lab, tmp: Path, **extra: str) -> dict[str, str]:
+    """A flow run's environment: the bench's Prefect server and nothing inherited from ours."""
+    env = {k: v for k, v in child_env(**extra).items() if not k.startswith("PREFECT_")}
+    home = tmp / "prefect-client-home"
+    home.mkdir(exist_ok=True)
+    env.update(PREFECT_API_URL=lab.prefect_api_url, PREFECT_HOME=str(home), PREFECT_SERVER_EPHEMERAL_ENABLED="false",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
+def run_exitplan_flow(lab: Lab, series: Series, tag: str, concurrency: int, tmp: Path) -> ChildResult:
+    """`migrate_flow` on the same plain config as `exitplan` (plus shards), in its own process."""
+    name = "exitplan-flow"
+    prefix = f"{name}-{tag}/"
+    cfg = exitplan_config(tmp / f"{name}-{tag}.yaml", lab, series, prefix, concurrency, tmp / f"state-{name}-{tag}",
+                          orchestration=True)
+    env = flow_env(lab, tmp, EXITPLAN_BENCH_AZURE_CONNECTION_STRING=lab.conn_str,
+                   EXITPLAN_BENCH_S3_KEY_ID=LAB_S3_ACCESS_KEY, EXITPLAN_BENCH_S3_SECRET=LAB_S3_SECRET_KEY)
+    # cwd: Prefect also reads prefect.toml / .env from its working directory
+    res = run_child([sys.executable, "-c", _FLOW_CHILD, str(cfg)], env=env, log=tmp / f"{name}-{tag}.log", lab=lab,
+                    cwd=tmp)
     res.prefix = prefix  # type: ignore[attr-defined]
     return res
 
@@ -683,8 +757,10 @@ def median_row(rows: list[dict]) -> dict:
         vals = [r[k] for r in rows if r.get(k) is not None]
         if vals:
             out[k] = statistics.median(vals)
-    for srv in ("azurite", "moto"):
-        vals = [r["server_cpu_s"].get(srv, 0.0) for r in rows]
+    for srv in ("azurite", "moto", "prefect"):
+        vals = [r["server_cpu_s"][srv] for r in rows if srv in r["server_cpu_s"]]
+        if not vals:
+            continue
         out.setdefault("server_cpu_s", {})
         out["server_cpu_s"] = dict(out["server_cpu_s"], **{srv: statistics.median(vals)})
     out["verified"] = all(r["verified"] for r in rows)
@@ -716,6 +792,10 @@ def main_run(args: argparse.Namespace) -> int:
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "ports": {"azurite": lab.azurite_port, "s3": lab.s3_port},
     }
+    if "exitplan-flow" in args.tools:
+        report["ports"]["prefect"] = lab.prefect_port
+        report["flow_orchestration"] = {"shard_bytes": FLOW_SHARD_BYTES, "shard_objects": FLOW_SHARD_OBJECTS,
+                                        "parallel_shards": FLOW_PARALLEL_SHARDS}
     print(f"exitplan bench: concurrency {n}, part {PART_SIZE // MiB} MiB; temp dir {tmp}", flush=True)
     print(f"  large: {large.count} x {large.size / MiB:g} MiB = {large.total / MiB:,.0f} MiB (staged blocks, no Content-MD5)")
     print(f"  small: {small.count} x {small.size / KiB:g} KiB = {small.total / MiB:,.1f} MiB (Put Blob, with Content-MD5)")
@@ -738,6 +818,11 @@ def main_run(args: argparse.Namespace) -> int:
         print(f"starting Azurite on {LOOPBACK}:{lab.azurite_port}, moto on {LOOPBACK}:{lab.s3_port} ...", flush=True)
         lab.start_azurite()
         lab.restart_moto()
+        if "exitplan-flow" in args.tools:
+            t0 = time.perf_counter()
+            lab.start_prefect()
+            print(f"Prefect server on {LOOPBACK}:{lab.prefect_port} ready in {time.perf_counter() - t0:.1f} s",
+                  flush=True)
         took = seed(lab, series)
         print(f"seeded {sum(s.count for s in series):,} blobs, {sum(s.total for s in series) / MiB:,.0f} MiB "
               f"in {took:.1f} s", flush=True)
@@ -751,6 +836,11 @@ def main_run(args: argparse.Namespace) -> int:
                          "connectors.s3"], env=child_env(), log=tmp / "import.log")
         report["exitplan_import_cpu_s"] = imp.cpu
         report["exitplan_import_rss_mib"] = imp.maxrss / MiB
+        if "exitplan-flow" in args.tools:  # the flow path's: Prefect and the flows module on top
+            imp = run_child([sys.executable, "-c", "import flows.orchestrate, engine.run, connectors.azure_blob, "
+                             "connectors.s3"], env=flow_env(lab, tmp), log=tmp / "import-flow.log", cwd=tmp)
+            report["flow_import_cpu_s"] = imp.cpu
+            report["flow_import_rss_mib"] = imp.maxrss / MiB
 
         # --- the timed series --------------------------------------------------------------------
         runs: list[dict] = []
@@ -762,6 +852,8 @@ def main_run(args: argparse.Namespace) -> int:
                     extra = None
                     if tool in ("exitplan", "exitplan-enc"):
                         res = run_exitplan(lab, s, tag, n, tmp, encrypted=tool == "exitplan-enc")
+                    elif tool == "exitplan-flow":
+                        res = run_exitplan_flow(lab, s, tag, n, tmp)
                     elif tool == "rclone":
                         res = run_rclone(lab, conf, s, tag, n, tmp)
                     else:
@@ -779,8 +871,9 @@ def main_run(args: argparse.Namespace) -> int:
                     row["repeat"] = rep
                     runs.append(row)
                     flag = "ok" if ok else "FAILED"
-                    print(f"  [{rep}] {s.name:5} {tool:12} {row['wall_s']:7.1f} s {fmt(row['mb_s']):>7} MB/s "
-                          f"cpu {res.cpu:6.1f} s  rss {res.maxrss / MiB:6.0f} MiB  {flag}: {detail}", flush=True)
+                    pf = f"  prefect cpu {res.server_cpu['prefect']:5.1f} s" if "prefect" in res.server_cpu else ""
+                    print(f"  [{rep}] {s.name:5} {tool:13} {row['wall_s']:7.1f} s {fmt(row['mb_s']):>7} MB/s "
+                          f"cpu {res.cpu:6.1f} s  rss {res.maxrss / MiB:6.0f} MiB{pf}  {flag}: {detail}", flush=True)
                     if not ok:
                         print(f"    log tail ({res.log}):\n" + "\n".join("      " + line for line in res.tail().splitlines()),
                               flush=True)
@@ -829,8 +922,10 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace) 
     n_rep = args.repeat
     print(f"\n=== results (concurrency {args.concurrency}; median of {n_rep} run{'s' if n_rep > 1 else ''}; "
           "MB = 10^6 bytes, GB = 10^9 bytes) ===")
-    head = (f"{'series':7} {'tool':12} {'wall s':>7} {'MB/s':>7} {'CPU s/GB':>9} {'CPU ms/obj':>10} {'peak RSS MiB':>12} "
-            f"{'azurite CPU s':>13} {'moto CPU s':>10}  verified")
+    show_prefect = "exitplan-flow" in args.tools
+    head = (f"{'series':7} {'tool':13} {'wall s':>7} {'MB/s':>7} {'CPU s/GB':>9} {'CPU ms/obj':>10} {'peak RSS MiB':>12} "
+            f"{'azurite CPU s':>13} {'moto CPU s':>10}" + (f" {'prefect CPU s':>13}" if show_prefect else "")
+            + "  verified")
     print(head)
     print("-" * len(head))
     for s in series:
@@ -844,14 +939,21 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace) 
                 up = r.get("upload_cpu_s")
                 cpu_gb = fmt(up / (s.total / GB), ".2f") + "*" if s.name == "large" and up is not None else cpu_gb
                 cpu_obj = fmt(1000 * up / s.count, ".2f") + "*" if s.name == "small" and up is not None else cpu_obj
-            print(f"{s.name:7} {tool:12} {fmt(r['wall_s']):>7} {fmt(r['mb_s']):>7} {cpu_gb:>9} {cpu_obj:>10} "
+            pf = f" {fmt(r['server_cpu_s'].get('prefect'), '.1f'):>13}" if show_prefect else ""
+            print(f"{s.name:7} {tool:13} {fmt(r['wall_s']):>7} {fmt(r['mb_s']):>7} {cpu_gb:>9} {cpu_obj:>10} "
                   f"{fmt(r['peak_rss_mib'], '.0f'):>12} {fmt(r['server_cpu_s'].get('azurite'), '.1f'):>13} "
-                  f"{fmt(r['server_cpu_s'].get('moto'), '.1f'):>10}  {'yes' if r['verified'] else 'NO'}")
+                  f"{fmt(r['server_cpu_s'].get('moto'), '.1f'):>10}{pf}  {'yes' if r['verified'] else 'NO'}")
     if "ceiling" in args.tools:
         print("  * ceiling: CPU of the upload loop only (its process also generated the bytes before the timer)")
+    if show_prefect:
+        print("  prefect CPU s: the bench's Prefect server during the run; for exitplan-flow the orchestration's "
+              "cost outside the flow's process (not in its CPU columns), for the other tools the idle server")
     if report.get("exitplan_import_cpu_s") is not None:
         print(f"  exitplan's fixed cost per process (imports only): {report['exitplan_import_cpu_s']:.2f} CPU s, "
               f"{report['exitplan_import_rss_mib']:.0f} MiB RSS (included in its rows)")
+    if report.get("flow_import_cpu_s") is not None:
+        print(f"  exitplan-flow's (Prefect + flows imported): {report['flow_import_cpu_s']:.2f} CPU s, "
+              f"{report['flow_import_rss_mib']:.0f} MiB RSS (included in its rows)")
 
     summary: dict[str, Any] = {"median": {f"{t}/{s}": r for (t, s), r in med.items()}, "ratios": {}}
     rat = summary["ratios"]
@@ -881,6 +983,38 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace) 
     print(f"  {'encryption CPU s/GB added, large':44} {fmt(enc_cost, '.2f'):>6}  target <= 0.2")
     line("encrypted exitplan/rclone MB/s, large", ratio(g(x_l, "mb_s"), g(r_l, "mb_s")))
     line("encrypted/plain exitplan CPU per object, small", ratio(g(x_s, "cpu_ms_per_object"), g(e_s, "cpu_ms_per_object")))
+
+    f_l, f_s = med.get(("exitplan-flow", "large")), med.get(("exitplan-flow", "small"))
+    if f_l or f_s:
+        line("flow/CLI exitplan wall, large", ratio(g(f_l, "wall_s"), g(e_l, "wall_s")), "> 1: the flow slower")
+        line("flow/CLI exitplan wall, small", ratio(g(f_s, "wall_s"), g(e_s, "wall_s")))
+        line("flow/CLI exitplan CPU per GB, large", ratio(g(f_l, "cpu_s_per_gb"), g(e_l, "cpu_s_per_gb")),
+             "flow process only; > 1: the flow costlier")
+        line("flow/CLI exitplan CPU per object, small", ratio(g(f_s, "cpu_ms_per_object"), g(e_s, "cpu_ms_per_object")))
+        line("flow/CLI exitplan peak RSS, large", ratio(g(f_l, "peak_rss_mib"), g(e_l, "peak_rss_mib")))
+        line("flow/CLI exitplan peak RSS, small", ratio(g(f_s, "peak_rss_mib"), g(e_s, "peak_rss_mib")))
+        line("exitplan-flow/rclone MB/s, large", ratio(g(f_l, "mb_s"), g(r_l, "mb_s")), "> 1: the flow faster")
+        line("exitplan-flow/rclone MB/s, small", ratio(g(f_s, "mb_s"), g(r_s, "mb_s")))
+        line("exitplan-flow/rclone CPU per GB, large", ratio(g(f_l, "cpu_s_per_gb"), g(r_l, "cpu_s_per_gb")),
+             "< 1: the flow cheaper")
+        line("exitplan-flow/rclone CPU per object, small", ratio(g(f_s, "cpu_ms_per_object"), g(r_s, "cpu_ms_per_object")))
+        # what the flow path adds per run, in the flow's process and on the Prefect server
+        for label, f, e in (("large", f_l, e_l), ("small", f_s, e_s)):
+            if not f:
+                continue
+            added = (f["cpu_s"] - e["cpu_s"]) if e else None
+            srv = f["server_cpu_s"].get("prefect")
+            rat[f"flow CPU s added over CLI, {label}"] = added
+            rat[f"prefect server CPU s per flow run, {label}"] = srv
+            print(f"  {'flow CPU s added over CLI, ' + label:44} {fmt(added, '.2f'):>6}  in the flow's process")
+            print(f"  {'prefect server CPU s per flow run, ' + label:44} {fmt(srv, '.2f'):>6}  outside it")
+        small_series = next((s for s in series if s.name == "small"), None)
+        if f_s and small_series and f_s["server_cpu_s"].get("prefect") is not None:
+            per_obj = f_s["cpu_ms_per_object"] + 1000 * f_s["server_cpu_s"]["prefect"] / small_series.count
+            rat["flow + prefect server CPU ms per object, small"] = per_obj
+            rat["(flow + prefect server)/CLI CPU per object, small"] = ratio(per_obj, g(e_s, "cpu_ms_per_object"))
+            print(f"  {'flow + prefect server CPU ms/obj, small':44} {fmt(per_obj, '.2f'):>6}  "
+                  f"(x{fmt(ratio(per_obj, g(e_s, 'cpu_ms_per_object')), '.2f')} the CLI's)")
 
     engine = report.get("engine")
     if engine:
@@ -956,11 +1090,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         return ns
     p = argparse.ArgumentParser(
         prog="bench_migrate.py",
-        description="Time exitplan migrate against rclone copy, the lab's ceiling and a bare hashing loop "
-                    "(loopback only; starts and stops its own Azurite and moto).",
+        description="Time exitplan migrate (CLI and Prefect flow) against rclone copy, the lab's ceiling and a bare "
+                    "hashing loop (loopback only; starts and stops its own Azurite, moto and Prefect server).",
     )
     p.add_argument("--quick", action="store_true",
-                   help="a smaller run to check the script works (~2 min): 2 x 64 MiB, 300 x 16 KiB, 256 MiB RSS blob")
+                   help="a smaller run to check the script works (~1 min): 2 x 64 MiB, 300 x 16 KiB, 256 MiB RSS blob")
     p.add_argument("--concurrency", type=int, default=8, help="transfers in flight for every tool (default 8)")
     p.add_argument("--large-count", type=int, help="large blobs (default 4; quick 2)")
     p.add_argument("--large-mib", type=int, help="MiB per large blob (default 256; quick 64)")
@@ -970,9 +1104,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, help="runs of each tool and series, interleaved; the table shows medians "
                                               "(default 2; quick 1)")
     p.add_argument("--engine-repeat", type=int, default=2, help="in-memory engine runs, best CPU kept (default 2)")
-    p.add_argument("--tools", default="exitplan,exitplan-enc,rclone,ceiling",
-                   help="comma-separated subset of exitplan (plain copy, like rclone), exitplan-enc (encrypted, "
-                        "exitplan's default), rclone, ceiling (default all)")
+    p.add_argument("--tools", default="exitplan,exitplan-flow,exitplan-enc,rclone,ceiling",
+                   help="comma-separated subset of exitplan (plain copy, like rclone), exitplan-flow (the same "
+                        "plain copy as a Prefect flow run on a Prefect server the bench starts), exitplan-enc "
+                        "(encrypted, exitplan's default), rclone, ceiling (default all)")
     p.add_argument("--skip-2g", action="store_true", help="skip the peak-RSS comparison (big blob vs 20 MiB)")
     p.add_argument("--skip-engine", action="store_true", help="skip the in-memory engine vs bare loop")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for inspection")
@@ -983,7 +1118,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(ns, name) is None:
             setattr(ns, name, q if quick else default)
     ns.tools = [t.strip() for t in ns.tools.split(",") if t.strip()]
-    unknown = set(ns.tools) - {"exitplan", "exitplan-enc", "rclone", "ceiling"}
+    unknown = set(ns.tools) - {"exitplan", "exitplan-flow", "exitplan-enc", "rclone", "ceiling"}
     if unknown:
         p.error(f"unknown tool(s): {', '.join(sorted(unknown))}")
     if ns.large_mib * MiB <= PART_SIZE:
