@@ -245,6 +245,18 @@ def verify_datasets(config_path: str, datasets: list[str] | None, deep: bool, sa
     }
 
 
+@task(name="plan-datasets", cache_policy=NO_CACHE, persist_result=False)
+def plan_datasets(config_path: str, datasets: list[str] | None) -> list[dict[str, Any]]:
+    """What a migration would write, per dataset, touching nothing (the destination is not
+    contacted, the state store only read; the keyset is unwrapped, which proves the KEK works)."""
+    loaded, names = _load(config_path, datasets)
+    summaries = engine_run.plan(loaded, names, lambda dataset, planned: None)
+    return [{"dataset": s.dataset, "objects_to_write": s.objects, "size": format_size(s.bytes), "bytes": s.bytes,
+             "written": format_size(s.output_bytes), "requests": s.parts, "multipart": s.multipart_objects,
+             "unchanged": s.skipped, "refused": s.refused,
+             "refusals": "; ".join(f"{key}: {reason}" for key, reason in s.refusals[:5])} for s in summaries]
+
+
 @task(name="inventory-dataset", cache_policy=NO_CACHE, persist_result=False)
 def inventory_dataset(config_path: str, dataset: str) -> dict[str, Any]:
     """One dataset's inventory (a streamed listing; nothing is written)."""
@@ -273,10 +285,18 @@ def inventory_flow(config_path: str, datasets: list[str] | None = None):
 
 
 @flow(name="exitplan-migrate", flow_run_name=_run_name("migrate"), task_runner=ThreadPoolTaskRunner(max_workers=16))
-def migrate_flow(config_path: str, datasets: list[str] | None = None, delete_removed: bool = False):
-    """Copy the datasets, shard by shard; a failing object fails its shard, the other shards go on."""
+def migrate_flow(config_path: str, datasets: list[str] | None = None, delete_removed: bool = False,
+                 dry_run: bool = False):
+    """Copy the datasets, shard by shard; a failing object fails its shard, the other shards go on.
+    With `dry_run`, only a table of what would be written (nothing is written anywhere)."""
     try:
         gate = sovereignty_gate(config_path, datasets)
+        if dry_run:
+            loaded, _ = _load(config_path, datasets)
+            rows = plan_datasets(config_path, datasets)
+            create_table_artifact(rows, key=artifact_key(loaded.config.project, "plan"),
+                                  description="Dry run: what a migration would write (nothing was written)")
+            return rows
         outcome = _migrate(config_path, datasets, delete_removed)
     except UserError as exc:
         return _user_failure(exc)

@@ -246,3 +246,19 @@ def test_two_migrations_of_one_project_never_run_at_once(tmp_path, env, s3_serve
         held.close()
     assert main(["migrate", "--config", str(path)]) == 0
     assert set(blobs) <= stored_keys(s3, container)
+
+
+def test_a_dry_run_flow_writes_nothing(tmp_path, env, s3_server, s3):
+    from flows.orchestrate import migrate_flow
+
+    too_long = "claims/" + "é" * 600 + ".csv"
+    path, container, blobs = write_project(tmp_path, env, s3_server.url, extra_blobs={too_long: b"x"})
+    state = migrate_flow(config_path=str(path), dry_run=True, return_state=True)
+    assert state.is_completed(), state.message
+    (row,) = state.result()
+    assert (row["objects_to_write"], row["refused"], row["unchanged"]) == (len(blobs) - 1, 1, 0)
+    assert row["bytes"] == sum(len(b) for k, b in blobs.items() if k != too_long) and too_long in row["refusals"]
+    tables = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
+    assert tables["exitplan-flows-plan"] == [row]
+    assert stored_keys(s3, container) == set()
+    assert not (tmp_path / "state" / "state.db").exists()
