@@ -22,8 +22,10 @@ threads are capped to the limit. Several runs at once thus never exceed the conf
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -101,6 +103,46 @@ def ensure_provider_limits(limits: dict[str, int]) -> None:
     with get_client(sync_client=True) as client:
         for provider, limit in limits.items():
             client.upsert_global_concurrency_limit_by_name(provider_limit_name(provider), limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's log lines in the run's log
+# ---------------------------------------------------------------------------------------------
+
+
+class _RunLogBridge(logging.Handler):
+    """Hands the engine's log records (retries, restarts, resumed uploads, internal errors) to a
+    Prefect run logger. The engine logs from its own threads, which carry no Prefect run context;
+    the run logger carries the run's id itself, so the lines reach the run's log in the UI."""
+
+    def __init__(self, run_logger):
+        super().__init__(logging.INFO)
+        self.run_logger = run_logger
+        self.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.run_logger.log(record.levelno, "%s", self.format(record))
+        except Exception:  # a log line must never fail the copy
+            self.handleError(record)
+
+
+@contextmanager
+def engine_logs_to(run_logger):
+    """While inside, INFO and above of the `engine` and `connectors` loggers also go to `run_logger`."""
+    bridge = _RunLogBridge(run_logger)
+    loggers = [logging.getLogger(name) for name in ("engine", "connectors")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(bridge)
+        if lg.getEffectiveLevel() > logging.INFO:
+            lg.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(bridge)
+            lg.setLevel(level)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,8 +270,9 @@ def verify_datasets(config_path: str, datasets: list[str] | None, deep: bool, sa
     from engine.verify import verify
 
     loaded, names = _load(config_path, datasets)
-    result = verify(loaded, names, deep=deep, sample=sample, seed=seed)
     logger = get_run_logger()
+    with engine_logs_to(logger):
+        result = verify(loaded, names, deep=deep, sample=sample, seed=seed)
     for d in result.datasets:
         logger.info("verify %s (%s): %d checked, %d ok, %d with discrepancies", d.dataset, d.mode, d.objects, d.ok,
                     d.failed)
@@ -362,6 +405,11 @@ class MigrateOutcome:
 
 
 def _migrate(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
+    with engine_logs_to(get_run_logger()):
+        return _migrate_run(config_path, datasets, delete_removed)
+
+
+def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
     logger = get_run_logger()
     loaded, names = _load(config_path, datasets)
     project = loaded.config.project

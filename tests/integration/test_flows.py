@@ -47,6 +47,17 @@ def artifacts_of(flow_run_id) -> dict[str, list]:
     return by_type
 
 
+def logs_of(flow_run_id) -> list[str]:
+    """The messages of a flow run's log (its tasks' included), once the log worker has sent them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # sends what is queued, and waits
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+
+
 def task_states(flow_run_id) -> list[tuple[str, str]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -144,6 +155,10 @@ def test_a_transient_failure_is_retried_as_a_shard(tmp_path, env, s3_server, s3)
     assert set(blobs) <= stored_keys(s3, container)
     shards = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
     assert [s["attempts"] for s in shards["exitplan-flows-shards"]] == [1, 1, 2]
+    # The engine's own retry lines, logged from its threads, are in the run's log in the UI.
+    lines = logs_of(state.state_details.flow_run_id)
+    assert any("engine.pipeline: " in m and "big.bin" in m and "attempt 1 failed" in m and "retrying" in m
+               for m in lines), lines
 
 
 def test_a_configuration_error_fails_the_run_with_one_sentence(tmp_path, env, s3_server):
