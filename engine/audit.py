@@ -13,7 +13,9 @@ UTF-8, followed by ``\\n``. Records hold only strings, integers, booleans, null,
 Every record carries:
 
 - ``type``: ``chain_start`` (the first line, once per project), ``run_start``, ``transfer`` (one
-  per object copied by `migrate`), ``verify`` (one per object checked by `verify`), ``run_end``;
+  per object copied by `migrate`), ``removal`` (one per destination copy `migrate --delete-removed`
+  deleted because its object is gone from the source), ``verify`` (one per object checked by
+  `verify`), ``run_end``;
 - ``seq``: its 0-based line number in the manifest;
 - ``prev``: the SHA-256 (hex) of the previous line's bytes (without its newline); null on the first;
 - ``time``: when it was written (UTC, ISO 8601, ``Z``).
@@ -73,7 +75,8 @@ RUN_START = "run_start"
 TRANSFER = "transfer"
 VERIFY = "verify"
 RUN_END = "run_end"
-RECORD_TYPES = (CHAIN_START, RUN_START, TRANSFER, VERIFY, RUN_END)
+REMOVAL = "removal"
+RECORD_TYPES = (CHAIN_START, RUN_START, TRANSFER, REMOVAL, VERIFY, RUN_END)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,14 +410,15 @@ audit_recorded = sa.Table(
 )
 
 
-def _unrecorded_copies(engine: sa.engine.Engine, dataset: str, page: int = 1000) -> Iterator[st.ObjectRecord]:
-    """Rows of `dataset` that reached uploaded/verified and have no transfer record yet, in id
-    order, streamed in pages."""
+def _unrecorded(engine: sa.engine.Engine, dataset: str, states: tuple[str, ...], page: int = 1000
+                ) -> Iterator[st.ObjectRecord]:
+    """Rows of `dataset` in `states` that have no record in the manifest yet, in id order,
+    streamed in pages."""
     last = 0
     o = st.objects
     while True:
         query = (o.select()
-                 .where(o.c.dataset == dataset, o.c.id > last, o.c.state.in_(st.COPIED),
+                 .where(o.c.dataset == dataset, o.c.id > last, o.c.state.in_(states),
                         ~sa.exists().where(audit_recorded.c.object_id == o.c.id))
                  .order_by(o.c.id).limit(page))
         with engine.connect() as conn:
@@ -554,7 +558,7 @@ class MigrationAudit(RunAudit):
         account = getattr(source, "account", None) or _account_of(src_cfg)
         verdict = self.verdicts[ds.destination]
         n = 0
-        for row in _unrecorded_copies(self.state.engine, dataset):
+        for row in _unrecorded(self.state.engine, dataset, st.COPIED):
             key_id = self.key_ids.get(dataset)
             if ds.public:
                 encryption = None
@@ -580,10 +584,27 @@ class MigrationAudit(RunAudit):
                 "restarts": row.restarts,
                 "started": iso(row.started_at), "finished": iso(row.finished_at),
             })
-            with self.state.engine.begin() as conn:
-                conn.execute(audit_recorded.insert().values(object_id=row.id, seq=record["seq"]))
+            self._mark(row, record)
+            n += 1
+        for row in _unrecorded(self.state.engine, dataset, (st.REMOVED,)):
+            record = self.manifest.append({
+                "type": REMOVAL, "run": row.run_id, "recorded_in_run": self.run_id,
+                "late": row.run_id != self.run_id, "dataset": dataset,
+                "source": {"kind": src_cfg.kind, "name": ds.source, "account": account, "container": ds.container,
+                           "key": row.source_key, "etag": row.source_etag, "size": row.size},
+                "destination": {"name": ds.destination, "provider": verdict.provider.name,
+                                "bucket": verdict.bucket, "key": row.dest_key},
+                "reason": "gone from the source since it was copied; the destination copy was deleted "
+                          "(migrate --delete-removed)",
+                "deleted": iso(row.finished_at or row.updated_at),
+            })
+            self._mark(row, record)
             n += 1
         return n
+
+    def _mark(self, row: st.ObjectRecord, record: Mapping[str, Any]) -> None:
+        with self.state.engine.begin() as conn:
+            conn.execute(audit_recorded.insert().values(object_id=row.id, seq=record["seq"]))
 
 
 def _account_of(src_cfg: Any) -> str | None:

@@ -7,6 +7,7 @@ a wrong or unreachable KEK is exit code 4 before any object is touched.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import uuid
@@ -198,3 +199,15 @@ def test_objects_deleted_at_the_source_are_reported_and_removed_only_on_request(
     assert code == 0, err + out
     code, out, err = cli(capsys, "migrate", "--config", cfg)
     assert code == 0 and "gone from the source" not in out
+    # The deletion is in the audit manifest, once, and the chain still checks.
+    manifest = tmp_path / "state" / "audit" / "manifest.jsonl"
+    records = [json.loads(line) for line in manifest.read_text(encoding="utf-8").splitlines()]
+    (removal,) = [r for r in records if r["type"] == "removal"]
+    assert (removal["dataset"], removal["source"]["key"], removal["destination"]["key"]) == ("scans", "scans/big.bin", dest)
+    assert removal["source"]["etag"] == next(r["source"]["etag"] for r in records
+                                             if r["type"] == "transfer" and r["source"]["key"] == "scans/big.bin")
+    code, out, err = cli(capsys, "keys", "show", "--config", cfg, "--audit-public-key")
+    pem = tmp_path / "audit.pem"
+    pem.write_text(out)
+    code, out, err = cli(capsys, "audit", "verify", manifest, "--public-key", pem)
+    assert code == 0, out + err
