@@ -6,7 +6,10 @@ Refused, each with a sentence saying which destination and why (exit code 3):
 - a region the provider does not have, or an endpoint host that is not a known host of that
   provider and region;
 - plain HTTP, or TLS verification switched off, outside lab mode (sources included);
-- (`check_kek`) a `local` key-encryption key outside lab mode, or a KMS reached over plain HTTP.
+- (`check_kek`) a `local` key-encryption key outside lab mode, a KMS reached over plain HTTP, or a
+  provider KMS (OVHcloud KMS, Scaleway Key Manager) whose endpoint is not one of the catalogued KMS
+  hosts of that provider, or whose provider is not under an allowed jurisdiction: the keys must be
+  held where the data may be.
 """
 
 from __future__ import annotations
@@ -142,3 +145,28 @@ def check_kek(loaded: "LoadedConfig") -> None:
                 loaded, what, "plain HTTP to a KMS is allowed only on loopback in the lab",
                 f"use an https:// `keys.kek.{field}`",
             )
+        provider = {"ovhcloud-kms": "ovhcloud", "scaleway-kms": "scaleway"}.get(kek.backend)
+        if provider and not (loaded.lab_mode and is_loopback_host(url.hostname)):
+            _check_kms_host(loaded, what, provider, field, url.hostname or "",
+                            getattr(kek, "region", None))
+
+
+def _check_kms_host(loaded: "LoadedConfig", what: str, provider: str, field: str, host: str,
+                    region: str | None) -> None:
+    """A provider KMS must be a catalogued KMS host (and region) of a provider under an allowed
+    jurisdiction."""
+    profile = load_catalog().get(provider)
+    allowed = set(loaded.config.policy.allowed_jurisdictions)
+    if profile is None or profile.jurisdiction not in allowed:
+        raise _refuse(loaded, what, f"provider `{provider}` is not catalogued under an allowed jurisdiction "
+                                    f"({', '.join(sorted(allowed))})", "use a KMS under an allowed jurisdiction")
+    regions = {name: r for name, r in profile.kms_regions.items() if region is None or name == region}
+    if not any(host in r.hosts for r in regions.values()):
+        known = ", ".join(sorted({h for r in profile.kms_regions.values() for h in r.hosts}))
+        raise _refuse(
+            loaded, what,
+            f"`keys.kek.{field}` host `{host}` is not a catalogued {profile.display_name} KMS host"
+            + (f" for region `{region}`" if region else "") + f" (known: {known or 'none'}): the keys must be held in a "
+            "region the policy allows",
+            f"use one of those hosts, or add the region to the provider catalog if it is under an allowed jurisdiction",
+        )

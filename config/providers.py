@@ -60,6 +60,9 @@ class ProviderProfile(_Strict):
     certifications: tuple[str, ...] = ()
     addressing_style: Literal["path", "virtual"] = "virtual"
     regions: dict[str, Region] = Field(min_length=1)
+    # The provider's key-management service, by region: where a KEK it holds lives (the gate
+    # refuses a KMS endpoint that is not one of these hosts).
+    kms_regions: dict[str, Region] = {}
     limits: PartLimits = PartLimits()
     storage_classes: tuple[str, ...] = ("STANDARD",)
     sse_c: bool = False

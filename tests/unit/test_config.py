@@ -143,6 +143,15 @@ def test_missing_config_file(tmp_path, capsys):
         ({"keys": None}, ["dataset `claims`", "written unencrypted"]),
         ({"keys": {"kek": {"backend": "local"}}}, ["key-encryption key", "lab only"]),
         ({"keys": {"kek": {"backend": "openbao", "address": "http://bao.example.eu:8200", "key_name": "k"}}}, ["plain HTTP to a KMS"]),
+        # A provider KMS outside the catalogued (EU) regions: the keys would be held elsewhere.
+        ({"keys": {"kek": {"backend": "ovhcloud-kms", "endpoint": "https://ca-east-bhs.okms.ovh.net", "okms_id": "11111111-2222-3333-4444-555555555555", "key_id": "66666666-7777-8888-9999-000000000000"}}},
+         ["`keys.kek.endpoint` host `ca-east-bhs.okms.ovh.net`", "not a catalogued OVHcloud KMS host",
+          "eu-west-rbx.okms.ovh.net"]),
+        ({"keys": {"kek": {"backend": "ovhcloud-kms", "endpoint": "https://kms.example.com", "okms_id": "11111111-2222-3333-4444-555555555555", "key_id": "66666666-7777-8888-9999-000000000000"}}},
+         ["host `kms.example.com` is not a catalogued OVHcloud KMS host"]),
+        ({"keys": {"kek": {"backend": "scaleway-kms", "api_url": "https://api.example.com",
+                           "key_id": "11111111-2222-3333-4444-555555555555"}}},
+         ["host `api.example.com` is not a catalogued Scaleway KMS host for region `fr-par`"]),
     ],
 )
 def test_sovereignty_gate_refuses_with_exit_code_3(tmp_path, capsys, changes, fragments):
@@ -154,6 +163,14 @@ def test_sovereignty_gate_refuses_with_exit_code_3(tmp_path, capsys, changes, fr
     code, err = run_cli(capsys, "inventory", "--config", str(path))
     assert code == ExitCode.REFUSED
     assert fragments[0] in err
+
+
+@pytest.mark.parametrize("kek", [
+    {"backend": "ovhcloud-kms", "endpoint": "https://eu-west-rbx.okms.ovh.net", "okms_id": "11111111-2222-3333-4444-555555555555", "key_id": "66666666-7777-8888-9999-000000000000"},
+    {"backend": "scaleway-kms", "region": "nl-ams", "key_id": "11111111-2222-3333-4444-555555555555"},
+])
+def test_a_provider_kms_in_a_catalogued_eu_region_is_accepted(tmp_path, kek):
+    assert load_config(write(tmp_path, variant(keys={"kek": kek}))).config.keys.kek.backend == kek["backend"]
 
 
 def test_a_public_dataset_needs_no_keys(tmp_path):
