@@ -245,7 +245,11 @@ class OrchestrationConfig(_Model):
     `shard_bytes` or `shard_objects`; each shard is one Prefect task. When a dataset would need
     more than `max_shards` shards, neighbouring shards are merged (Prefect's server loses events
     beyond about 10k task runs per flow run). `parallel_shards` shard tasks of a run go at once in
-    one worker process; they share its memory budget and transfer threads. A shard with failed
+    one worker process; they share its memory budget and transfer threads. With `shard_processes`
+    N > 0, shard tasks run instead in N processes of the worker host, one shard at a time each,
+    each with its own memory budget and transfer threads (N x the memory formula; the run's
+    connections are split between them): for many small objects, whose cost is CPU in the SDKs,
+    this is how a run uses more than one core. A shard with failed
     objects is retried `shard_retries` times (after `shard_retry_delay` seconds) when a failure is
     transient. `provider_connections` caps the connections to a provider over every run at once
     (a Prefect global concurrency limit per provider; a provider not listed gets
@@ -256,6 +260,7 @@ class OrchestrationConfig(_Model):
     shard_objects: int = Field(5000, ge=1, le=1_000_000)
     max_shards: int = Field(500, ge=1, le=5000)
     parallel_shards: int = Field(2, ge=1, le=16)
+    shard_processes: int = Field(0, ge=0, le=16)
     shard_retries: int = Field(2, ge=0, le=20)
     shard_retry_delay: float = Field(30.0, ge=0, le=3600)
     provider_connections: dict[str, Annotated[int, Field(ge=2, le=4096)]] = {}

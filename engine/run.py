@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -323,6 +324,7 @@ class MigrationRun:
         self._executors = None
         self.executors = None
         self._lock_file = None
+        self.attached = False  # joined from another process (`attach`): copies shards, never finishes
 
     @classmethod
     def start(cls, loaded: LoadedConfig, datasets: list[str], *, delete_removed: bool = False,
@@ -336,6 +338,35 @@ class MigrationRun:
             run._lock_file.close()
             raise
         return run
+
+    @classmethod
+    def attach(cls, loaded: LoadedConfig, datasets: list[str], run_id: int, *,
+               settings: TransferSettings | None = None) -> "MigrationRun":
+        """Join run `run_id`, opened by `start` in another process of this host (the flows' shard
+        processes), to copy some of its shards: the keys are unwrapped here, and this process
+        gets a memory budget and executors of its own. Only `copy_shard` and `shard_result` are
+        for an attached run; `close` it when done (the run itself is finished by its opener)."""
+        run = cls(loaded, datasets, delete_removed=False, settings=settings)
+        run.attached = True
+        tune_malloc(run.settings.memory_budget)
+        run.state = open_state(loaded)
+        if run.state.get_run(run_id).status != "running":
+            run.state.close()
+            raise RunError(f"migration run {run_id} is not running any more; its shards cannot be copied")
+        run.run_id = run_id
+        run._executors = create_executors(run.settings.concurrency, run.settings.object_concurrency)
+        run.executors = run._executors.__enter__()
+        return run
+
+    def close(self) -> None:
+        """Release an attached run's executors and state connection."""
+        try:
+            if self._executors is not None:
+                self._executors.__exit__(None, None, None)
+                self._executors = None
+        finally:
+            if self.state is not None:
+                self.state.close()
 
     def _open(self) -> None:
         loaded, datasets = self.loaded, self.datasets
@@ -441,18 +472,18 @@ class MigrationRun:
         counts the shard's objects over every attempt."""
         state = self.state
         began = time.monotonic()
-        state.shard_started(self.run_id, dataset, shard)
+        state.shard_started(self.run_id, dataset, shard, f"{socket.gethostname()}:{os.getpid()}")
         rows = state.shard_rows(self.run_id, dataset, shard)
         retry_rows = {key: row.id for key, row in rows.items() if row.state == st.FAILED and row.started_at}
         done = {key for key, row in rows.items() if key not in retry_rows}
         sink, fmt = self.sink(dataset), self.formats[dataset]
         items = place_all((m for m in state.listed(self.run_id, dataset, shard) if m.key not in done),
                           placer(self.loaded, dataset, sink.limits, fmt))
-        status, reason, transient = "failed", None, True
+        status, reason, transient = "error", None, True
         try:
             summary = self._copy(dataset, items, progress, retry_rows)
             transient = summary.transient_failures > 0
-        except Exception as exc:
+        except Exception as exc:  # the shard stopped (not an object failure): status "error"
             reason = f"{type(exc).__name__}: {exc}"
             with self._lock:
                 self.shard_errors.append(f"{dataset} shard {shard}: {reason}")
@@ -560,12 +591,12 @@ def register_run(run: MigrationRun) -> None:
     _ACTIVE[run.run_id] = run
 
 
-def active_run(run_id: int) -> MigrationRun:
-    try:
-        return _ACTIVE[run_id]
-    except KeyError:
-        raise RuntimeError(f"migration run {run_id} is not open in this process; shard tasks run in the "
-                           "flow's process (a thread task runner)") from None
+def active_run(run_id: int, *, missing_ok: bool = False) -> MigrationRun | None:
+    """The run `run_id` opened by `start` in this process (None with `missing_ok` when it is not)."""
+    run = _ACTIVE.get(run_id)
+    if run is None and not missing_ok:
+        raise RuntimeError(f"migration run {run_id} is not open in this process")
+    return run
 
 
 class ShardCutter:

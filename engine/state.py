@@ -161,10 +161,11 @@ shards = sa.Table(
     sa.Column("bytes", sa.BigInteger, nullable=False),
     sa.Column("first_key", sa.String, nullable=False),
     sa.Column("last_key", sa.String, nullable=False),
-    sa.Column("status", sa.String, nullable=False),  # pending, running, ok, failed
+    sa.Column("status", sa.String, nullable=False),  # pending, running, ok, failed (objects), error (stopped)
     sa.Column("attempts", sa.Integer, nullable=False, default=0),
     sa.Column("seconds", sa.Float),  # of the last attempt
     sa.Column("reason", sa.Text),
+    sa.Column("worker", sa.String),  # host:pid of the process that ran the last attempt
     sa.Column("started_at", sa.DateTime),
     sa.Column("finished_at", sa.DateTime),
 )
@@ -265,6 +266,7 @@ class ShardRecord:
     reason: str | None
     started_at: datetime | None
     finished_at: datetime | None
+    worker: str | None = None
 
 
 @dataclass(frozen=True)
@@ -554,11 +556,11 @@ class StateStore:
                 conn.execute(shards.insert(), rows)
         return [ShardRecord(**r, seconds=None, reason=None, started_at=None, finished_at=None) for r in rows]
 
-    def shard_started(self, run_id: int, dataset: str, shard: int) -> None:
+    def shard_started(self, run_id: int, dataset: str, shard: int, worker: str | None = None) -> None:
         with self._writing() as conn:
             conn.execute(shards.update().where(*_shard_key(run_id, dataset, shard))
                          .values(status="running", attempts=shards.c.attempts + 1, started_at=utcnow(),
-                                 finished_at=None, reason=None))
+                                 finished_at=None, reason=None, worker=worker))
 
     def shard_finished(self, run_id: int, dataset: str, shard: int, status: str, seconds: float,
                        reason: str | None = None) -> None:

@@ -27,6 +27,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -43,7 +44,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.futures import wait
 from prefect.runtime import flow_run as current_flow_run
 from prefect.states import Failed
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from config.errors import UserError
 from config.loader import load_config
@@ -244,15 +245,26 @@ def list_dataset(run_id: int, dataset: str) -> dict[str, Any]:
 
 
 @task(name="copy-shard", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_transient)
-def copy_shard(run_id: int, dataset: str, shard: int) -> dict[str, Any]:
+def copy_shard(run_id: int, dataset: str, shard: int, config_path: str = "", connections: int = 0) -> dict[str, Any]:
     """Copy the objects of one shard; returns its figures. Fails, with the reasons, when an object
-    failed (retried when every cause may pass)."""
-    run = engine_run.active_run(run_id)
-    progress = _PROGRESS.get(run_id)
-    result = run.copy_shard(dataset, shard, progress.callback(dataset, shard) if progress else None)
-    if progress:
-        progress.shard_finished(dataset, shard)
+    failed (retried when every cause may pass). In the flow's process it uses the open run; in a
+    shard process (`orchestration.shard_processes`) it attaches to the run, with at most
+    `connections` requests in flight."""
+    # The body is a module-level function: in a shard process the task's function is pickled by
+    # value, with the globals it names, and this module's shared state must not travel with it.
+    return _copy_shard(run_id, dataset, shard, config_path, connections)
+
+
+def _copy_shard(run_id: int, dataset: str, shard: int, config_path: str, connections: int) -> dict[str, Any]:
     logger = get_run_logger()
+    run = engine_run.active_run(run_id, missing_ok=True)
+    if run is not None:
+        progress = _PROGRESS.get(run_id)
+        result = run.copy_shard(dataset, shard, progress.callback(dataset, shard) if progress else None)
+    else:
+        run = _attached_run(config_path, run_id, dataset, connections)
+        with engine_logs_to(logger):
+            result = run.copy_shard(dataset, shard)
     if not result.ok:
         sentence = engine_run.failure_sentence(result)
         logger.error("%s shard %d: %s", dataset, shard, sentence)
@@ -306,6 +318,26 @@ def inventory_dataset(config_path: str, dataset: str) -> dict[str, Any]:
     loaded, names = _load(config_path, [dataset])
     (inv,) = engine_run.inventory(loaded, names)
     return _inventory_row(inv)
+
+
+_ATTACHED: dict[tuple[str, int, str], engine_run.MigrationRun] = {}  # in a shard process
+
+
+def _attached_run(config_path: str, run_id: int, dataset: str, connections: int) -> engine_run.MigrationRun:
+    """This shard process's handle on run `run_id` for `dataset`, attached once (keys unwrapped
+    once per process) and closed when the process ends."""
+    key = (config_path, run_id, dataset)
+    if key not in _ATTACHED:
+        import atexit
+
+        loaded, names = _load(config_path, [dataset])
+        settings = engine_run.transfer_settings(loaded)
+        if connections:
+            settings = within_connections(settings, connections)
+        run = engine_run.MigrationRun.attach(loaded, names, run_id, settings=settings)
+        atexit.register(run.close)
+        _ATTACHED[key] = run
+    return _ATTACHED[key]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,15 +445,20 @@ def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: b
     logger = get_run_logger()
     loaded, names = _load(config_path, datasets)
     project = loaded.config.project
+    orch = loaded.config.orchestration
     limits = provider_limits(loaded, names)
     cap = min(limits.values())
+    # Shard processes each open as many connections as their settings allow: the cap is split.
+    processes = min(orch.shard_processes, cap // 2)
+    per_process = cap // processes if processes else cap
     began = time.monotonic()
     run = engine_run.MigrationRun.start(loaded, names, delete_removed=delete_removed,
-                                        settings=within_connections(engine_run.transfer_settings(loaded), cap))
+                                        settings=within_connections(engine_run.transfer_settings(loaded), per_process))
     engine_run.register_run(run)
-    slots = run.settings.requests_in_flight
-    logger.info("migration run %d: %s; %d connection(s) per provider (limits: %s)", run.run_id, ", ".join(names),
-                slots, ", ".join(f"{p} {n}" for p, n in limits.items()))
+    slots = run.settings.requests_in_flight * max(1, processes)
+    logger.info("migration run %d: %s; %d connection(s) per provider%s (limits: %s)", run.run_id, ", ".join(names),
+                slots, f" over {processes} shard processes" if processes else "",
+                ", ".join(f"{p} {n}" for p, n in limits.items()))
     inventory_rows: list[dict[str, Any]] = []
     shard_rows: list[dict[str, Any]] = []
     try:
@@ -439,23 +476,31 @@ def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: b
         artifact_id = create_progress_artifact(0.0, key=artifact_key(project, "progress"),
                                                description=f"Bytes of run {run.run_id} gone through "
                                                            f"({format_size(progress.total_bytes)} in all)")
-        orch = loaded.config.orchestration
         shard_task = copy_shard.with_options(retries=orch.shard_retries, retry_delay_seconds=orch.shard_retry_delay)
         with concurrency([provider_limit_name(p) for p in limits], occupy=slots, strict=True):
-            futures = _submit_shards(shard_task, run.run_id, per_dataset, orch.parallel_shards, artifact_id, progress)
+            if processes:
+                with ProcessPoolTaskRunner(max_workers=processes) as runner:
+                    submit = partial(_submit_to, runner, shard_task, config_path=str(loaded.path),
+                                     connections=run.settings.requests_in_flight)
+                    futures = _submit_shards(submit, run.run_id, per_dataset, processes, artifact_id, progress)
+            else:
+                futures = _submit_shards(shard_task.submit, run.run_id, per_dataset, orch.parallel_shards,
+                                         artifact_id, progress)
         update_progress_artifact(artifact_id, 100.0)
         for name in names:
-            went_through = [f.state.is_completed() or isinstance(_exception(f), ShardFailed) for f in futures[name]]
-            if all(went_through):
+            records = [run.state.shard(run.run_id, name, shard) for shard, _, _ in per_dataset[name]["shards"]]
+            # A shard went through when its task ended on its objects (ok, or some failed), not on an error.
+            if all(r.status in ("ok", "failed") for r in records):
                 run.dataset_done(name)  # objects gone from the source, and the dataset's audit records
             else:
                 logger.error("%s: a shard stopped on an error; objects gone from the source are not looked for "
                              "in this run", name)
-            for (shard, _, _), f, through in zip(per_dataset[name]["shards"], futures[name], went_through):
-                row = _shard_row(run.shard_result(name, shard))
-                record = run.state.shard(run.run_id, name, shard)
+            for record, f in zip(records, futures[name]):
+                row = _shard_row(run.shard_result(name, record.shard))
+                through = record.status in ("ok", "failed")
                 row["status"] = record.status if through else "error"
-                row["reason"] = record.reason or ("" if through else str(_exception(f) or f.state.message))
+                row["reason"] = record.reason or ("" if through else _stopped(f))
+                row["worker"] = record.worker or ""
                 shard_rows.append(row)
         run.completed = True
     finally:
@@ -472,21 +517,29 @@ def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: b
                           time.monotonic() - began)
 
 
-def _submit_shards(shard_task, run_id: int, per_dataset: dict[str, dict], parallel: int, artifact_id,
+def _submit_to(runner, shard_task, run_id: int, dataset: str, shard: int, *, config_path: str, connections: int):
+    """Submit a shard task to a process pool runner (the task attaches to the run there)."""
+    return runner.submit(shard_task, {"run_id": run_id, "dataset": dataset, "shard": shard,
+                                      "config_path": config_path, "connections": connections})
+
+
+def _submit_shards(submit, run_id: int, per_dataset: dict[str, dict], parallel: int, artifact_id,
                    progress: RunProgress) -> dict[str, list]:
-    """Submit every shard, at most `parallel` running at once; update the progress artifact while waiting."""
+    """Submit every shard (`submit(run_id, dataset, shard)`), at most `parallel` running at once;
+    update the progress artifact while waiting."""
     futures: dict[str, list] = {name: [] for name in per_dataset}
     pending = [(name, shard) for name, d in per_dataset.items() for shard, _, _ in d["shards"]]
-    running: list = []
+    running: dict = {}
     last = -1.0
     while pending or running:
         while pending and len(running) < parallel:
             name, shard = pending.pop(0)
-            f = shard_task.submit(run_id, name, shard)
+            f = submit(run_id, name, shard)
             futures[name].append(f)
-            running.append(f)
-        done, _ = wait(running, timeout=PROGRESS_EVERY)
-        running = [f for f in running if f not in done]
+            running[f] = (name, shard)
+        done, _ = wait(list(running), timeout=PROGRESS_EVERY)
+        for f in done:
+            progress.shard_finished(*running.pop(f))
         pct = progress.percent()
         if pct != last:
             update_progress_artifact(artifact_id, pct)
@@ -494,15 +547,18 @@ def _submit_shards(shard_task, run_id: int, per_dataset: dict[str, dict], parall
     return futures
 
 
-def _exception(future) -> BaseException | None:
+def _stopped(future) -> str:
+    """Why a shard task ended without going through its objects (crashed, cancelled, never ran)."""
+    wrapped = getattr(future, "wrapped_future", None)
+    if wrapped is not None and wrapped.done() and wrapped.exception() is not None:
+        exc = wrapped.exception()  # e.g. the shard process died
+        return f"{type(exc).__name__}: {exc}"
     state = future.state
-    if state.is_completed():
-        return None
     try:
         value = state.result(raise_on_failure=False)
     except Exception as exc:  # the result of a crashed task may be unreadable
-        return exc
-    return value if isinstance(value, BaseException) else None
+        value = exc
+    return str(value) if isinstance(value, BaseException) else (state.message or state.name)
 
 
 # ---------------------------------------------------------------------------------------------

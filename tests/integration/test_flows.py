@@ -277,3 +277,31 @@ def test_a_dry_run_flow_writes_nothing(tmp_path, env, s3_server, s3):
     assert tables["exitplan-flows-plan"] == [row]
     assert stored_keys(s3, container) == set()
     assert not (tmp_path / "state" / "state.db").exists()
+
+
+def test_shards_in_processes_of_their_own(tmp_path, env, s3_server, s3):
+    """With `shard_processes`, shard tasks run in other processes of the host, attached to the run
+    the flow opened: every object is copied and verified, the connections are split between them,
+    and a failing object still fails only its shard."""
+    import os as _os
+
+    from flows.orchestrate import exit_plan
+
+    too_long = "claims/" + "é" * 600 + ".csv"
+    path, container, blobs = write_project(tmp_path, env, s3_server.url, extra_blobs={too_long: b"x"},
+                                           orchestration={"shard_processes": 2, "provider_connections": {"lab": 8}})
+    state = exit_plan(config_path=str(path), return_state=True)
+    assert state.is_failed() and "1 object(s) failed in 1 shard(s)" in state.message
+    figures = state.result(raise_on_failure=False)
+    assert (figures["copied"], figures["failed"], figures["verified"]) == (len(blobs) - 1, 1, len(blobs) - 1)
+    assert set(blobs) - stored_keys(s3, container) == {too_long}
+    run_id = state.state_details.flow_run_id
+    tables = {a.key: json.loads(a.data) for a in artifacts_of(run_id)["table"]}
+    shards = tables["exitplan-flows-shards"]
+    assert [(s["status"], s["objects"]) for s in shards] == [("ok", 4), ("ok", 4), ("failed", 4)]
+    workers = {s["worker"].rsplit(":", 1)[1] for s in shards}
+    assert str(_os.getpid()) not in workers and len(workers) >= 1
+    (failure,) = tables["exitplan-flows-failures"]
+    assert failure["object"] == too_long
+    # 8 connections for the run: two processes of 2 transfer workers + 2 object drivers each.
+    assert any("8 connection(s) per provider over 2 shard processes" in m for m in logs_of(run_id))
