@@ -398,7 +398,8 @@ def verify_flow(config_path: str, datasets: list[str] | None = None, deep: bool 
 @flow(name="exit-plan", flow_run_name=_run_name("exit-plan"), task_runner=ThreadPoolTaskRunner(max_workers=16))
 def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: bool = True,
               delete_removed: bool = False):
-    """The whole exit: inventory -> sovereignty gate -> migrate -> verify -> summary (and the HTML report)."""
+    """The whole exit: sovereignty gate -> inventory (the run's listing) -> migrate -> verify -> summary
+    (and the HTML report). The gate goes first: a refused destination or KEK costs no listing."""
     try:
         gate = sovereignty_gate(config_path, datasets)
         outcome = _migrate(config_path, datasets, delete_removed)
