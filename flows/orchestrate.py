@@ -4,7 +4,9 @@ Thin wrappers over `engine.run` and `engine.verify`, the functions the CLI calls
 opened once in the flow's process (`engine.run.MigrationRun`): every dataset is listed once into
 the state store, cut into shards (consecutive objects, by bytes and count), and each shard is one
 task. Shard tasks run in threads of the flow's process and share its memory budget and transfer
-threads, so memory stays within `transfer.memory_budget` however many shards run at once. Tasks
+threads, so memory stays within `transfer.memory_budget` however many shards run at once; with
+`orchestration.shard_processes` they run instead in processes of the host that attach to the run,
+each with its own budget and a share of the connections. Tasks
 take and return metadata only (ids, counts, reasons); bytes never travel between tasks, and
 transfer tasks neither cache nor persist results.
 
