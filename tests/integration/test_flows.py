@@ -239,6 +239,9 @@ def test_inventory_and_verify_flows(tmp_path, env, s3_server, s3):
     tables = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
     found = tables["exitplan-flows-discrepancies"]  # an object rewritten: several findings, one object
     assert {(d["object"], d["source"]) for d in found} == {(key, "claims/05.csv")}
+    (summary,) = artifacts_of(state.state_details.flow_run_id)["markdown"]
+    assert "**10 objects match**" in summary.data and "**1 with discrepancies**" in summary.data
+    assert f"`{key}` (source `claims/05.csv`)" in summary.data
 
 
 def test_two_migrations_of_one_project_never_run_at_once(tmp_path, env, s3_server, s3, capsys):
