@@ -62,3 +62,14 @@ def prefect_harness():
 
     with temporary_settings(updates={"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": None}), prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="session")
+def seeded(azurite_connection_string):
+    """The lab's `tiny` seed in the session's Azurite (containers claims, stays, imaging); the
+    objects written, from `engine.lab_seed.expected_objects`."""
+    from engine import lab_seed
+
+    objects = lab_seed.expected_objects("tiny")
+    lab_seed.seed_azurite(azurite_connection_string, objects)
+    return objects

@@ -21,7 +21,6 @@ import pytest
 import yaml
 
 from config.lab import LAB_S3_ACCESS_KEY
-from engine import lab_seed
 from flows.cli import main
 from flows import lab_processes as lp
 from tests.faultproxy import FaultProxy, _ProxyHandler
@@ -115,13 +114,6 @@ class SigningProxy(FaultProxy):
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
         return self
-
-
-@pytest.fixture(scope="module")
-def seeded(azurite_connection_string):
-    objects = lab_seed.expected_objects("tiny")
-    lab_seed.seed_azurite(azurite_connection_string, objects)
-    return objects
 
 
 @pytest.fixture(scope="module")

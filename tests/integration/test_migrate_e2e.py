@@ -23,7 +23,6 @@ from tink import streaming_aead
 from config.lab import LAB_BUCKET
 from config.loader import load_config
 from engine import keys as project_keys
-from engine import lab_seed
 from engine.naming import decode_header_value
 from flows.cli import main
 from tests.s3client import lab_s3_client
@@ -31,13 +30,6 @@ from tests.s3client import lab_s3_client
 pytestmark = pytest.mark.integration
 
 CS_VAR = "EXITPLAN_TEST_AZURE_CS"
-
-
-@pytest.fixture(scope="module")
-def seeded(azurite_connection_string):
-    objects = lab_seed.expected_objects("tiny")
-    lab_seed.seed_azurite(azurite_connection_string, objects)
-    return objects
 
 
 @pytest.fixture(scope="module")
