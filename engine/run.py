@@ -314,7 +314,8 @@ class MigrationRun:
         self._summaries: list[DatasetSummary] = []
         self._removed: list[RemovedAtSource] = []
         self._sharded: list[str] = []  # datasets listed into the state store (copied shard by shard)
-        self.shard_errors: list[str] = []  # shards whose task stopped on an error (not an object failure)
+        # (dataset, shard) -> why its task stopped on an error (not an object failure): the run failed
+        self.shard_errors: dict[tuple[str, int], str] = {}
         self.keyset_copies: list[str] = []
         self._lock = threading.Lock()
         self._endpoints: dict[tuple[str, str], object] = {}
@@ -486,7 +487,7 @@ class MigrationRun:
         except Exception as exc:  # the shard stopped (not an object failure): status "error"
             reason = f"{type(exc).__name__}: {exc}"
             with self._lock:
-                self.shard_errors.append(f"{dataset} shard {shard}: {reason}")
+                self.shard_errors[(dataset, shard)] = reason
             raise
         finally:
             seconds = time.monotonic() - began

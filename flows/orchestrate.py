@@ -508,6 +508,8 @@ def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: b
                 row["reason"] = record.reason or ("" if through else _stopped(f))
                 row["worker"] = record.worker or ""
                 shard_rows.append(row)
+                if not through:  # stopped in a shard process, or never ran: the run failed
+                    run.shard_errors.setdefault((name, record.shard), row["reason"])
         run.completed = True
     finally:
         _PROGRESS.pop(run.run_id, None)

@@ -308,3 +308,30 @@ def test_shards_in_processes_of_their_own(tmp_path, env, s3_server, s3):
     assert failure["object"] == too_long
     # 8 connections for the run: two processes of 2 transfer workers + 2 object drivers each.
     assert any("8 connection(s) per provider over 2 shard processes" in m for m in logs_of(run_id))
+
+
+def test_a_shard_that_stops_on_an_error_fails_the_run(tmp_path, env, s3_server, s3, monkeypatch):
+    """A shard task that stops on an error (here the state store failing under it) is shown as
+    such, the other shards finish, and the run is recorded as failed, not ok."""
+    from engine import run as engine_run
+    from engine.state import StateStore
+    from flows.orchestrate import migrate_flow
+
+    path, container, blobs = write_project(tmp_path, env, s3_server.url)
+    real = engine_run.MigrationRun._copy
+
+    def failing(self, name, items, progress, retry_rows=None):
+        first = next(iter(items))
+        if first[0].key == "claims/04.csv":  # the first object of shard 1
+            raise OSError("disk I/O error")
+        return real(self, name, iter([first, *items]), progress, retry_rows)
+
+    monkeypatch.setattr(engine_run.MigrationRun, "_copy", failing)
+    state = migrate_flow(config_path=str(path), return_state=True)
+    assert state.is_failed()
+    shards = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
+    assert [(s["shard"], s["status"]) for s in shards["exitplan-flows-shards"]] == [(0, "ok"), (1, "error"), (2, "ok")]
+    assert "OSError: disk I/O error" in shards["exitplan-flows-shards"][1]["reason"]
+    assert stored_keys(s3, container) == set(blobs) - {f"claims/{i:02d}.csv" for i in range(4, 8)}
+    with StateStore(tmp_path / "state" / "state.db") as store:
+        assert store.get_run(1).status == "failed"
