@@ -242,9 +242,9 @@ class OrchestrationConfig(_Model):
     """How the Prefect flows cut a run into shards and share providers between runs.
 
     A shard is a run of consecutive listed objects of one dataset, closed when it reaches
-    `shard_bytes` or `shard_objects`; each shard is one Prefect task. When a dataset would need
-    more than `max_shards` shards, neighbouring shards are merged (Prefect's server loses events
-    beyond about 10k task runs per flow run). `parallel_shards` shard tasks of a run go at once in
+    `shard_bytes` or `shard_objects`; each shard is one Prefect task. When a run would have more
+    than `max_shards` shards in all, neighbouring shards of each dataset are merged (Prefect's
+    server loses events beyond about 10k task runs per flow run). `parallel_shards` shard tasks of a run go at once in
     one worker process; they share its memory budget and transfer threads. With `shard_processes`
     N > 0, shard tasks run instead in N processes of the worker host, one shard at a time each,
     each with its own memory budget and transfer threads (N x the memory formula; the run's

@@ -275,14 +275,6 @@ class ShardResult:
         return self.failed == 0 and self.copied + self.unchanged == self.objects
 
 
-@dataclass(frozen=True)
-class DatasetListing:
-    """A dataset listed into the state store for a run: its inventory and its shards."""
-
-    inventory: DatasetInventory
-    shards: tuple[st.ShardRecord, ...]
-
-
 class MigrationRun:
     """One migration run, opened once and fed dataset by dataset (the CLI) or shard by shard (the
     Prefect flows), then finished once.
@@ -314,6 +306,7 @@ class MigrationRun:
         self._summaries: list[DatasetSummary] = []
         self._removed: list[RemovedAtSource] = []
         self._sharded: list[str] = []  # datasets listed into the state store (copied shard by shard)
+        self._shard_counts: dict[str, int] = {}  # dataset -> shards as cut while listing
         # (dataset, shard) -> why its task stopped on an error (not an object failure): the run failed
         self.shard_errors: dict[tuple[str, int], str] = {}
         self.keyset_copies: list[str] = []
@@ -435,10 +428,10 @@ class MigrationRun:
 
     # ---- the flows' way: list into the state store, then shard by shard ----------------------------
 
-    def list_dataset(self, name: str, *, shard_bytes: int, shard_objects: int, max_shards: int) -> DatasetListing:
+    def list_dataset(self, name: str, *, shard_bytes: int, shard_objects: int) -> tuple[DatasetInventory, int]:
         """List `name` once into the state store, cut into shards of consecutive objects (a shard
-        closes at `shard_bytes` or `shard_objects`; neighbours are merged when there would be more
-        than `max_shards`); returns the dataset's inventory and its shards."""
+        closes at `shard_bytes` or `shard_objects`); returns the dataset's inventory and its number
+        of shards. `define_shards` then fixes the run's shards once every dataset is listed."""
         ds = self.loaded.config.datasets[name]
         source = self.source(name)
         limits = destination_limits(self.loaded, ds.destination)
@@ -459,13 +452,27 @@ class MigrationRun:
                     flush()
                 yield meta
 
-        self._sharded.append(name)
+        with self._lock:
+            self._sharded.append(name)
         inventory = _wrap(f"dataset `{name}`: listing {source.label}",
                           lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label))
         flush()
-        if cutter.shards > max_shards:
-            self.state.merge_shards(self.run_id, name, -(-cutter.shards // max_shards))
-        return DatasetListing(inventory, tuple(self.state.define_shards(self.run_id, name)))
+        with self._lock:
+            self._shard_counts[name] = cutter.shards
+        return inventory, cutter.shards
+
+    def define_shards(self, max_shards: int) -> dict[str, tuple[st.ShardRecord, ...]]:
+        """The shards of every listed dataset, written to the state store. When the run would have
+        more than `max_shards` shards in all, each dataset's neighbouring shards are merged by the
+        same factor, leaving at most about `max_shards` (one more per dataset at worst)."""
+        total = sum(self._shard_counts.values())
+        factor = -(-total // max_shards) if total > max_shards else 1
+        shards = {}
+        for name in self._sharded:
+            if factor > 1:
+                self.state.merge_shards(self.run_id, name, factor)
+            shards[name] = tuple(self.state.define_shards(self.run_id, name))
+        return shards
 
     def copy_shard(self, dataset: str, shard: int, progress: ProgressCallback | None = None) -> ShardResult:
         """Copy the objects of one listed shard. Run again (a task retry), it tries again only the

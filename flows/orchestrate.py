@@ -235,15 +235,13 @@ def sovereignty_gate(config_path: str, datasets: list[str] | None) -> list[dict[
 
 @task(name="list-dataset", cache_policy=NO_CACHE, persist_result=False)
 def list_dataset(run_id: int, dataset: str) -> dict[str, Any]:
-    """List one dataset into the state store, cut into shards; returns its inventory figures and shards."""
+    """List one dataset into the state store, cut into shards; returns its inventory figures."""
     run = engine_run.active_run(run_id)
     orch = run.loaded.config.orchestration
-    listing = run.list_dataset(dataset, shard_bytes=orch.shard_bytes, shard_objects=orch.shard_objects,
-                               max_shards=orch.max_shards)
-    inv = listing.inventory
-    get_run_logger().info("%s: %s objects, %s, in %d shard(s)", dataset, f"{inv.objects:,}", format_size(inv.bytes),
-                          len(listing.shards))
-    return {"inventory": _inventory_row(inv), "shards": [(s.shard, s.objects, s.bytes) for s in listing.shards]}
+    inv, shards = run.list_dataset(dataset, shard_bytes=orch.shard_bytes, shard_objects=orch.shard_objects)
+    get_run_logger().info("%s: %s objects, %s, cut into %d shard(s)", dataset, f"{inv.objects:,}",
+                          format_size(inv.bytes), shards)
+    return _inventory_row(inv)
 
 
 @task(name="copy-shard", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_transient)
@@ -470,8 +468,11 @@ def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: b
     try:
         listed = {name: list_dataset.submit(run.run_id, name) for name in names}
         wait(list(listed.values()))
-        per_dataset = {name: f.result() for name, f in listed.items()}
-        inventory_rows = [d["inventory"] for d in per_dataset.values()]
+        inventory_rows = [f.result() for f in listed.values()]
+        per_dataset = {name: {"shards": [(s.shard, s.objects, s.bytes) for s in shards]}
+                       for name, shards in run.define_shards(orch.max_shards).items()}
+        logger.info("%d shard(s) in all (at most about %d per run)", sum(len(d["shards"]) for d in per_dataset.values()),
+                    orch.max_shards)
         create_table_artifact(inventory_rows, key=artifact_key(project, "inventory"),
                               description=f"Inventory of run {run.run_id}: what each dataset holds at the source")
         progress = RunProgress(sum(r["bytes"] for r in inventory_rows))

@@ -335,3 +335,15 @@ def test_a_shard_that_stops_on_an_error_fails_the_run(tmp_path, env, s3_server, 
     assert stored_keys(s3, container) == set(blobs) - {f"claims/{i:02d}.csv" for i in range(4, 8)}
     with StateStore(tmp_path / "state" / "state.db") as store:
         assert store.get_run(1).status == "failed"
+
+
+def test_a_run_with_more_shards_than_allowed_merges_neighbours(tmp_path, env, s3_server, s3):
+    from flows.orchestrate import migrate_flow
+
+    path, container, blobs = write_project(tmp_path, env, s3_server.url, orchestration={"max_shards": 2})
+    state = migrate_flow(config_path=str(path), return_state=True)
+    assert state.is_completed(), state.message
+    shards = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
+    # Cut into 4 + 4 + 3 while listing; 3 > 2, so neighbours merged by 2: 8 + 3.
+    assert [(s["shard"], s["objects"], s["copied"]) for s in shards["exitplan-flows-shards"]] == [(0, 8, 8), (1, 3, 3)]
+    assert set(blobs) <= stored_keys(s3, container)
