@@ -347,3 +347,59 @@ def test_a_run_with_more_shards_than_allowed_merges_neighbours(tmp_path, env, s3
     # Cut into 4 + 4 + 3 while listing; 3 > 2, so neighbours merged by 2: 8 + 3.
     assert [(s["shard"], s["objects"], s["copied"]) for s in shards["exitplan-flows-shards"]] == [(0, 8, 8), (1, 3, 3)]
     assert set(blobs) <= stored_keys(s3, container)
+
+
+def test_a_killed_flow_run_is_resumed_mid_object_by_the_next(tmp_path, env, s3_server, s3):
+    """A worker's flow run killed (SIGKILL) while a multipart object is half sent: the next flow run
+    takes the project's lock, continues the same multipart upload (the parts sent are kept), and
+    the object reads back and decrypts to its source bytes."""
+    import os as _os
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.orchestrate import migrate_flow, verify_flow
+
+    with FaultProxy("127.0.0.1", s3_server.port) as proxy:
+        proxy.delay_next(0.8, method="PUT", pattern=r"partNumber=", times=10**6)
+        path, container, blobs = write_project(
+            tmp_path, env, proxy.url, transfer={"concurrency": 1, "object_concurrency": 1},
+            orchestration={"parallel_shards": 1}, extra_blobs={"scans/huge.bin": _os.urandom(21 * 1024 * 1024)})
+        child = subprocess.Popen(
+            [sys.executable, "-c", f"from flows.orchestrate import migrate_flow; migrate_flow(config_path={str(path)!r})"],
+            env={**_os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        db = tmp_path / "state" / "state.db"
+        query = ("SELECT o.upload_id FROM parts p JOIN objects o ON o.id = p.object_id "
+                 "WHERE o.source_key = 'scans/huge.bin' LIMIT 1")
+        deadline, upload_id = time.monotonic() + 90, None
+        while upload_id is None and time.monotonic() < deadline and child.poll() is None:
+            try:
+                con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+                row = con.execute(query).fetchone()
+                con.close()
+                upload_id = row[0] if row else None
+            except sqlite3.Error:
+                pass
+            time.sleep(0.05)
+        assert upload_id, "the first flow run never got a part of the big object acknowledged"
+        _os.killpg(child.pid, signal.SIGKILL)
+        child.wait(30)
+
+        state = migrate_flow(config_path=str(path), return_state=True)
+        assert state.is_completed(), state.message
+        proxy.clear()
+        checked = verify_flow(config_path=str(path), deep=True, return_state=True)  # read back, decrypt, SHA-256
+        assert checked.is_completed(), checked.message
+        assert checked.result()["datasets"][0]["ok"] == len(blobs)
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    rows = con.execute("SELECT r.id, o.state, o.upload_id FROM objects o JOIN runs r ON r.id = o.run_id "
+                       "WHERE o.source_key = 'scans/huge.bin' ORDER BY o.id").fetchall()
+    con.close()
+    assert rows[0][1:] == ("in_progress", upload_id)  # the killed run's row
+    assert rows[-1][1:] == ("verified", upload_id)  # continued (not started over), then verified
+    assert set(blobs) <= stored_keys(s3, container)
