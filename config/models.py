@@ -275,9 +275,14 @@ class OrchestrationConfig(_Model):
 
 
 class StateConfig(_Model):
-    """Where the state store lives: a directory (relative to the config file's directory)."""
+    """Where the state lives. `path`: a directory (relative to the config file's directory) for the
+    key files, the audit manifest and, by default, the state database (SQLite, `state.db`).
+    `url_env`: the name of an environment variable holding the SQLAlchemy URL of a PostgreSQL
+    database to keep the state in instead (`postgresql+psycopg://user:password@host:5432/db`): a
+    database that outlives any worker host, shared by every process of a run."""
 
     path: str = ".exitplan"
+    url_env: EnvVarName | None = None
 
 
 class PolicyConfig(_Model):

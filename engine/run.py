@@ -13,13 +13,17 @@ import os
 import socket
 import threading
 import time
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-from config.errors import ExitCode, UserError
+import sqlalchemy as sa
+
+from config.errors import ConfigFileError, ExitCode, UserError
 from config.models import LoadedConfig
 from config.policy import DestinationVerdict, check_sovereignty
 from connectors.base import AuthError, ConfigError, ConnectorError, ContentSettings, NotFound, ObjectMeta, ObjectSource, SinkLimits, WriteMeta
@@ -70,8 +74,46 @@ def state_path(loaded: LoadedConfig) -> Path:
     return loaded.state_dir / STATE_FILE
 
 
+def state_url(loaded: LoadedConfig) -> str | None:
+    """The database URL of `state.url_env` (None: the SQLite file of the state directory)."""
+    var = loaded.config.state.url_env
+    if var is None:
+        return None
+    url = os.environ.get(var)
+    if not url:
+        raise ConfigFileError(f"{loaded.path}: field `state.url_env` names the environment variable {var}, which is "
+                              "not set; export it (postgresql+psycopg://user:password@host:5432/db)")
+    return url
+
+
+@contextmanager
+def state_database_errors(loaded: LoadedConfig) -> Iterator[None]:
+    """A state database that cannot be used becomes a `RunError` (exit 2) naming it, without its password."""
+    try:
+        yield
+    except sa.exc.ArgumentError as exc:
+        raise RunError(f"{loaded.path}: field `state.url_env`: ${loaded.config.state.url_env} is not a database URL "
+                       f"({exc})", ConfigError(str(exc))) from None
+    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
+        raise RunError(f"the state database {state_location(loaded)} cannot be used: "
+                       f"{str(exc.orig).strip().splitlines()[0]}", ConfigError(str(exc.orig))) from None
+
+
+def state_location(loaded: LoadedConfig) -> str:
+    """Where the state is, for messages: the SQLite file, or the database URL without its password."""
+    url = state_url(loaded)
+    if url is None:
+        return str(state_path(loaded))
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
 def open_state(loaded: LoadedConfig, *, read_only: bool = False) -> StateStore | None:
-    """The project's state store; read-only returns None when it does not exist yet (writes nothing)."""
+    """The project's state store; read-only returns None when it does not exist yet (writes nothing).
+    A database that cannot be reached is a `RunError` (exit 2) naming it, never with its password."""
+    url = state_url(loaded)
+    if url is not None:
+        with state_database_errors(loaded):
+            return StateStore(url)
     path = state_path(loaded)
     if read_only:
         if not path.exists():
@@ -160,7 +202,7 @@ class MigrationResult:
     summaries: tuple[DatasetSummary, ...]
     md5_checked: int  # objects whose source Content-MD5 was checked against the bytes read
     elapsed_seconds: float
-    state_path: Path
+    state_path: str  # the SQLite file, or the state database's URL without its password
     destinations: dict[str, DestinationVerdict]
     key_holders: dict[str, str]  # dataset -> who holds its keys, as a sentence
     keyset_copies: tuple[str, ...] = ()
@@ -548,7 +590,7 @@ class MigrationRun:
         loaded, datasets = self.loaded, self.datasets
         copies, notes = self.trail.publish([loaded.config.datasets[ds].destination for ds in datasets])
         return MigrationResult(self.run_id, summaries, md5_checked, time.monotonic() - self.started,
-                               state_path(loaded),
+                               state_location(loaded),
                                {ds: self.verdicts[loaded.config.datasets[ds].destination] for ds in datasets},
                                {ds: key_holder(loaded, self.formats[ds]) for ds in datasets},
                                tuple(self.keyset_copies), self.trail.outcome(copies, notes), tuple(self._removed))
@@ -568,10 +610,35 @@ def summary_from_rows(state: StateStore, run_id: int, dataset: str, elapsed: flo
 LOCK_FILE = "migrate.lock"
 
 
+class _DatabaseLock:
+    """A PostgreSQL session advisory lock on the project, held by a connection of its own (ended,
+    with the lock, by `close` or by the process's death)."""
+
+    def __init__(self, loaded: LoadedConfig, url: str):
+        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+        with state_database_errors(loaded):
+            self.conn = self.engine.connect()
+        key = zlib.crc32(f"exitplan-migrate|{loaded.config.project}".encode())
+        if not self.conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
+            self.close()
+            raise RunError(f"another migration of project `{loaded.config.project}` is running (it holds the "
+                           f"project's lock in the state database {state_location(loaded)}); wait for it to end, "
+                           "then run again")
+        self.conn.commit()
+
+    def close(self) -> None:
+        self.conn.close()
+        self.engine.dispose()
+
+
 def lock_project(loaded: LoadedConfig):
     """Take the project's migration lock (an exclusive `flock` on `<state dir>/migrate.lock`, held
-    until the returned file is closed): two migrations of one project at once would copy the same
-    objects and interleave their state. A held lock is a `RunError` naming who holds it."""
+    until the returned file is closed; with a state database, an advisory lock in it, so that runs
+    on different hosts exclude each other too): two migrations of one project at once would copy
+    the same objects and interleave their state. A held lock is a `RunError` naming who holds it."""
+    url = state_url(loaded)
+    if url is not None and url.startswith("postgresql"):
+        return _DatabaseLock(loaded, url)
     loaded.state_dir.mkdir(parents=True, exist_ok=True)
     path = loaded.state_dir / LOCK_FILE
     f = open(path, "a+")

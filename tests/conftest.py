@@ -73,3 +73,22 @@ def seeded(azurite_connection_string):
     objects = lab_seed.expected_objects("tiny")
     lab_seed.seed_azurite(azurite_connection_string, objects)
     return objects
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on a free loopback port (see tests/pg.py); `.create_database(name)` gives a URL."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from tests.pg import start_postgres
+
+    # Not under pytest's temp root: it is private to root, and the server runs as `postgres` there.
+    directory = Path(tempfile.mkdtemp(prefix="exitplan-pg-"))
+    server = start_postgres(directory)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)

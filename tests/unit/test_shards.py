@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime, timezone
 
 import pytest
@@ -13,9 +14,14 @@ from engine.settings import TransferSettings, within_connections
 from engine.state import StateStore
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = StateStore(tmp_path / "state.db")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """The state store on SQLite, and on PostgreSQL (a fresh database each time)."""
+    if request.param == "sqlite":
+        s = StateStore(tmp_path / "state.db")
+    else:
+        pg = request.getfixturevalue("postgres")
+        s = StateStore(pg.create_database(f"shards_{uuid.uuid4().hex[:12]}"))
     yield s
     s.close()
 

@@ -1,0 +1,98 @@
+"""The state in a PostgreSQL database (`state.url_env`) instead of the SQLite file: the CLI and the
+flows on a real server, the project's lock across processes, and an unreachable database."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from tests import projects
+from tests.s3client import lab_s3_client
+
+pytestmark = pytest.mark.integration
+
+CS_VAR = "EXITPLAN_TEST_PG_AZURE_CS"
+DB_VAR = "EXITPLAN_TEST_STATE_URL"
+BUCKET = "exitplan-pg"
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    return lab_s3_client(s3_server.url, BUCKET)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, azurite_connection_string, s3_server, postgres):
+    """A small project whose state is a fresh PostgreSQL database."""
+    monkeypatch.setenv(CS_VAR, azurite_connection_string)
+    monkeypatch.setenv(DB_VAR, postgres.create_database(f"state_{uuid.uuid4().hex[:12]}"))
+
+    def make(**options) -> tuple[Path, str, dict[str, bytes]]:
+        path, container, blobs = projects.write_project(tmp_path, azurite_connection_string, s3_server.url,
+                                                        project="pgstate", bucket=BUCKET, cs_var=CS_VAR, **options)
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+        cfg["state"]["url_env"] = DB_VAR
+        path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+        return path, container, blobs
+
+    return make
+
+
+def stored_keys(s3, container: str) -> set[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{container}/")
+    return {o["Key"][len(container) + 1:] for page in pages for o in page.get("Contents", [])}
+
+
+def test_the_cli_keeps_its_state_in_postgresql(tmp_path, capsys, project, s3):
+    path, container, blobs = project()
+    assert main(["migrate", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "state: postgresql+psycopg://exitplan:***@127.0.0.1:" in out and "secret-not-checked" not in out
+    assert set(blobs) <= stored_keys(s3, container)
+    assert main(["migrate", "--config", str(path)]) == 0  # a delta: everything unchanged, from the database
+    assert f"0 objects, 0 B copied" in capsys.readouterr().out
+    assert main(["verify", "--config", str(path), "--deep"]) == 0
+    assert main(["report", "--config", str(path), "--out", str(tmp_path / "r.html")]) == 0
+    assert not (tmp_path / "state" / "state.db").exists()  # nothing in SQLite
+
+
+def test_flows_and_shard_processes_share_the_database(project, s3, prefect_harness):
+    from flows.orchestrate import exit_plan
+
+    path, container, blobs = project(orchestration={"shard_processes": 2, "provider_connections": {"lab": 8}})
+    state = exit_plan(config_path=str(path), return_state=True)
+    assert state.is_completed(), state.message
+    figures = state.result()
+    assert (figures["copied"], figures["verified"], figures["shards"]) == (len(blobs), len(blobs), 3)
+    assert set(blobs) <= stored_keys(s3, container)
+
+
+def test_the_projects_lock_is_held_in_the_database(project, capsys):
+    from config.loader import load_config
+    from engine.run import lock_project
+
+    path, container, blobs = project()
+    held = lock_project(load_config(path))  # e.g. a run on another host
+    try:
+        assert main(["migrate", "--config", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert "another migration of project `pgstate` is running" in err and "state database" in err
+    finally:
+        held.close()
+    assert main(["migrate", "--config", str(path)]) == 0
+
+
+def test_an_unreachable_state_database_is_one_sentence_without_the_password(project, capsys, monkeypatch):
+    from flows import lab_processes as lp
+
+    path, _, _ = project()
+    monkeypatch.setenv(DB_VAR, f"postgresql+psycopg://exitplan:hunter2@127.0.0.1:{lp.free_port()}/nope")
+    assert main(["migrate", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "the state database postgresql+psycopg://exitplan:***@127.0.0.1:" in err
+    assert "hunter2" not in err and "Traceback" not in err
