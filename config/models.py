@@ -249,7 +249,9 @@ class OrchestrationConfig(_Model):
     N > 0, shard tasks run instead in N processes of the worker host, one shard at a time each,
     each with its own memory budget and transfer threads (N x the memory formula; the run's
     connections are split between them): for many small objects, whose cost is CPU in the SDKs,
-    this is how a run uses more than one core. A shard with failed
+    this is how a run uses more than one core. With `shard_workers` N > 0, each shard is instead a
+    flow run of the `exitplan-shards/shards` deployment, at most N at once, taken by any worker of
+    the pool (several hosts): the state must then be a shared database (`state.url_env`). A shard with failed
     objects is retried `shard_retries` times (after `shard_retry_delay` seconds) when a failure is
     transient. `provider_connections` caps the connections to a provider over every run at once
     (a Prefect global concurrency limit per provider; a provider not listed gets
@@ -261,6 +263,7 @@ class OrchestrationConfig(_Model):
     max_shards: int = Field(500, ge=1, le=5000)
     parallel_shards: int = Field(2, ge=1, le=16)
     shard_processes: int = Field(0, ge=0, le=16)
+    shard_workers: int = Field(0, ge=0, le=256)
     shard_retries: int = Field(2, ge=0, le=20)
     shard_retry_delay: float = Field(30.0, ge=0, le=3600)
     provider_connections: dict[str, Annotated[int, Field(ge=2, le=4096)]] = {}
@@ -457,6 +460,13 @@ class ExitplanConfig(_Model):
             for name in getattr(self, section):
                 if not re.match(_NAME, name):
                     problems.append((f"{section}.{name}", f"the name {name!r} must be lower-case letters, digits, '-' or '_'"))
+        orch = self.orchestration
+        if orch.shard_workers and orch.shard_processes:
+            problems.append(("orchestration.shard_workers", "shard_workers and shard_processes cannot both be set; "
+                             "choose one way of spreading shards"))
+        if orch.shard_workers and not self.state.url_env:
+            problems.append(("orchestration.shard_workers", "shards on several workers need a state database they "
+                             "all reach: set `state.url_env` (PostgreSQL)"))
         for name, ds in self.datasets.items():
             if ds.source not in self.sources:
                 problems.append((f"datasets.{name}.source", f"source {ds.source!r} is not defined under `sources` ({', '.join(self.sources)})"))

@@ -24,9 +24,11 @@ threads are capped to the limit. Several runs at once thus never exceed the conf
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -56,6 +58,7 @@ from engine import run as engine_run
 from engine.settings import within_connections
 
 PROGRESS_EVERY = 2.0  # seconds between two updates of the progress artifact
+SHARDS_DEPLOYMENT = "exitplan-shards/shards"  # shards as flow runs on any worker (`shard_workers`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +401,18 @@ def verify_flow(config_path: str, datasets: list[str] | None = None, deep: bool 
     return checked
 
 
+@flow(name="exitplan-shards", flow_run_name="shard {shard} of {dataset} (run {run_id})")
+def copy_shards_flow(config_path: str, run_id: int, dataset: str, shard: int, connections: int = 0):
+    """One shard of a migration run opened by another flow run (`orchestration.shard_workers`), on
+    whichever worker takes it: attaches to the run through the shared state database."""
+    try:
+        orch = _load(config_path, [dataset])[0].config.orchestration
+        task = copy_shard.with_options(retries=orch.shard_retries, retry_delay_seconds=orch.shard_retry_delay)
+        return task(run_id, dataset, shard, config_path, connections)
+    except UserError as exc:
+        return _user_failure(exc)
+
+
 @flow(name="exit-plan", flow_run_name=_run_name("exit-plan"), task_runner=ThreadPoolTaskRunner(max_workers=16))
 def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: bool = True,
               delete_removed: bool = False):
@@ -452,8 +467,10 @@ def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: b
     orch = loaded.config.orchestration
     limits = provider_limits(loaded, names)
     cap = min(limits.values())
-    # Shard processes each open as many connections as their settings allow: the cap is split.
-    processes = min(orch.shard_processes, cap // 2)
+    # Shard processes (or shard flow runs on workers) each open as many connections as their
+    # settings allow: the cap is split between them.
+    spread = "processes" if orch.shard_processes else "workers" if orch.shard_workers else None
+    processes = min(orch.shard_processes or orch.shard_workers, cap // 2)
     per_process = cap // processes if processes else cap
     began = time.monotonic()
     run = engine_run.MigrationRun.start(loaded, names, delete_removed=delete_removed,
@@ -461,7 +478,7 @@ def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: b
     engine_run.register_run(run)
     slots = run.settings.requests_in_flight * max(1, processes)
     logger.info("migration run %d: %s; %d connection(s) per provider%s (limits: %s)", run.run_id, ", ".join(names),
-                slots, f" over {processes} shard processes" if processes else "",
+                slots, f" over {processes} shard {spread}" if processes else "",
                 ", ".join(f"{p} {n}" for p, n in limits.items()))
     inventory_rows: list[dict[str, Any]] = []
     shard_rows: list[dict[str, Any]] = []
@@ -485,7 +502,13 @@ def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: b
                                                            f"({format_size(progress.total_bytes)} in all)")
         shard_task = copy_shard.with_options(retries=orch.shard_retries, retry_delay_seconds=orch.shard_retry_delay)
         with concurrency([provider_limit_name(p) for p in limits], occupy=slots, strict=True):
-            if processes:
+            if spread == "workers":
+                with ThreadPoolExecutor(max_workers=processes, thread_name_prefix="shard-run") as pool:
+                    submit = partial(_submit_flow_run, pool, config_path=str(loaded.path),
+                                     connections=run.settings.requests_in_flight)
+                    futures = _submit_shards(submit, run.run_id, per_dataset, processes, artifact_id, progress,
+                                             wait_fn=_wait_concurrent)
+            elif processes:
                 with ProcessPoolTaskRunner(max_workers=processes) as runner:
                     submit = partial(_submit_to, runner, shard_task, config_path=str(loaded.path),
                                      connections=run.settings.requests_in_flight)
@@ -532,8 +555,23 @@ def _submit_to(runner, shard_task, run_id: int, dataset: str, shard: int, *, con
                                       "config_path": config_path, "connections": connections})
 
 
+def _submit_flow_run(pool, run_id: int, dataset: str, shard: int, *, config_path: str, connections: int):
+    """Run a shard as a flow run of the `exitplan-shards/shards` deployment (any worker of the pool
+    takes it); the future's result is the flow run, once it ended."""
+    from prefect.deployments import run_deployment
+
+    params = {"config_path": config_path, "run_id": run_id, "dataset": dataset, "shard": shard,
+              "connections": connections}
+    return pool.submit(run_deployment, SHARDS_DEPLOYMENT, parameters=params, timeout=None)
+
+
+def _wait_concurrent(futures, timeout: float):
+    done, not_done = concurrent.futures.wait(futures, timeout=timeout)
+    return done, not_done
+
+
 def _submit_shards(submit, run_id: int, per_dataset: dict[str, dict], parallel: int, artifact_id,
-                   progress: RunProgress) -> dict[str, list]:
+                   progress: RunProgress, wait_fn=wait) -> dict[str, list]:
     """Submit every shard (`submit(run_id, dataset, shard)`), at most `parallel` running at once;
     update the progress artifact while waiting."""
     futures: dict[str, list] = {name: [] for name in per_dataset}
@@ -546,7 +584,7 @@ def _submit_shards(submit, run_id: int, per_dataset: dict[str, dict], parallel: 
             f = submit(run_id, name, shard)
             futures[name].append(f)
             running[f] = (name, shard)
-        done, _ = wait(list(running), timeout=PROGRESS_EVERY)
+        done, _ = wait_fn(list(running), timeout=PROGRESS_EVERY)
         for f in done:
             progress.shard_finished(*running.pop(f))
         pct = progress.percent()
@@ -557,7 +595,14 @@ def _submit_shards(submit, run_id: int, per_dataset: dict[str, dict], parallel: 
 
 
 def _stopped(future) -> str:
-    """Why a shard task ended without going through its objects (crashed, cancelled, never ran)."""
+    """Why a shard task (or shard flow run) ended without going through its objects (crashed,
+    cancelled, never ran)."""
+    if isinstance(future, concurrent.futures.Future):  # a shard flow run on a worker
+        if future.exception() is not None:
+            return f"{type(future.exception()).__name__}: {future.exception()}"
+        flow_run = future.result()
+        state = flow_run.state
+        return f"flow run {flow_run.name}: " + (f"{state.name}: {state.message or ''}" if state else "no state")
     wrapped = getattr(future, "wrapped_future", None)
     if wrapped is not None and wrapped.done() and wrapped.exception() is not None:
         exc = wrapped.exception()  # e.g. the shard process died

@@ -16,7 +16,8 @@ from flows.cli import main
 
 def write_project(tmp_path: Path, cs: str, s3_url: str, *, project: str, bucket: str, cs_var: str,
                   orchestration: dict | None = None, transfer: dict | None = None,
-                  extra_blobs: dict[str, bytes] | None = None) -> tuple[Path, str, dict[str, bytes]]:
+                  extra_blobs: dict[str, bytes] | None = None, state: dict | None = None
+                  ) -> tuple[Path, str, dict[str, bytes]]:
     """(config path, container, {key: bytes}); the config reads the connection string from `cs_var`."""
     container = f"{project}{uuid.uuid4().hex[:10]}"
     cc = BlobServiceClient.from_connection_string(cs).create_container(container)
@@ -34,7 +35,7 @@ def write_project(tmp_path: Path, cs: str, s3_url: str, *, project: str, bucket:
                                 "dest_prefix": f"{container}/"}},
         "transfer": {"concurrency": 4, "part_size": "5MiB", "small_object_cutoff": "1MiB", **(transfer or {})},
         "orchestration": {"shard_objects": 4, "parallel_shards": 2, "shard_retries": 0, **(orchestration or {})},
-        "state": {"path": str(tmp_path / "state")},
+        "state": {"path": str(tmp_path / "state"), **(state or {})},
         "keys": {"kek": {"backend": "local", "path": str(tmp_path / "kek.json")}},
     }
     path = tmp_path / "exitplan.yaml"

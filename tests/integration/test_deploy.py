@@ -23,6 +23,7 @@ from tests.s3client import lab_s3_client
 pytestmark = pytest.mark.integration
 
 CS_VAR = "EXITPLAN_TEST_DEPLOY_AZURE_CS"
+STATE_VAR = "EXITPLAN_TEST_DEPLOY_STATE_URL"
 BUCKET = "exitplan-deploy"
 MARK = "EXITPLAN_TEST_DEPLOY_MARK"  # in the environment of every process this test starts
 BIN = Path(sys.executable).parent  # the venv's exitplan and prefect
@@ -63,12 +64,27 @@ def _client(api_url: str):
         yield client
 
 
-def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_string, s3_server):
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    return lab_s3_client(s3_server.url, BUCKET)
+
+
+@pytest.mark.parametrize("spread", ["threads", "shard-workers"])
+def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_string, s3_server, s3, spread,
+                                     request):
+    """`shard-workers`: the run's shards are flow runs of the `shards` deployment, taken by the
+    worker as runs of their own (each its own process), the state in a PostgreSQL database."""
     began = time.monotonic()
-    s3 = lab_s3_client(s3_server.url, BUCKET)
     monkeypatch.setenv(CS_VAR, azurite_connection_string)
+    extra_env: dict[str, str] = {}
+    orchestration = {}
+    if spread == "shard-workers":
+        extra_env[STATE_VAR] = request.getfixturevalue("postgres").create_database(f"deploy_{uuid.uuid4().hex[:12]}")
+        monkeypatch.setenv(STATE_VAR, extra_env[STATE_VAR])
+        orchestration = {"shard_workers": 2}
     config, container, blobs = write_project(tmp_path, azurite_connection_string, s3_server.url, project="deploy",
-                                             bucket=BUCKET, cs_var=CS_VAR)
+                                             bucket=BUCKET, cs_var=CS_VAR, orchestration=orchestration,
+                                             state={"url_env": STATE_VAR} if extra_env else None)
     mark = uuid.uuid4().hex
 
     # A Prefect server of our own: its own PREFECT_HOME (SQLite), a free loopback port.
@@ -83,7 +99,8 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
         # credential the configuration names; nothing else of Prefect's from the test's shell.
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
         env.update({"PREFECT_API_URL": api_url, "PREFECT_SERVER_EPHEMERAL_ENABLED": "false", "DO_NOT_TRACK": "1",
-                    "PREFECT_HOME": str(tmp_path / "client-home"), CS_VAR: azurite_connection_string, MARK: mark})
+                    "PREFECT_HOME": str(tmp_path / "client-home"), CS_VAR: azurite_connection_string, MARK: mark,
+                    **extra_env})
 
         deployed = subprocess.run([str(BIN / "exitplan"), "deploy", "--config", str(config)], env=env,
                                   cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -139,6 +156,18 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
         stored = {o["Key"][len(container) + 1:] for page in pages for o in page.get("Contents", [])}
         assert set(blobs) <= stored
         assert azurite_connection_string not in detail  # no credential in the run's logs
+        if spread == "shard-workers":
+            from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+            from engine.state import StateStore
+
+            with _client(api_url) as client:
+                shard_runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["exitplan-shards"])))
+            assert sorted(r.state.type.value for r in shard_runs) == ["COMPLETED"] * 3, detail
+            with StateStore(extra_env[STATE_VAR]) as store:
+                shards = store.shards(1)
+            # each shard ran in the process of its own flow run, on the worker
+            assert [s.status for s in shards] == ["ok"] * 3 and len({s.worker for s in shards}) == 3
     finally:
         if worker is not None:
             lp.stop_pid(worker.pid)

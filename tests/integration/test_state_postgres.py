@@ -8,7 +8,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-import yaml
 
 from flows.cli import main
 from tests import projects
@@ -33,12 +32,8 @@ def project(tmp_path, monkeypatch, azurite_connection_string, s3_server, postgre
     monkeypatch.setenv(DB_VAR, postgres.create_database(f"state_{uuid.uuid4().hex[:12]}"))
 
     def make(**options) -> tuple[Path, str, dict[str, bytes]]:
-        path, container, blobs = projects.write_project(tmp_path, azurite_connection_string, s3_server.url,
-                                                        project="pgstate", bucket=BUCKET, cs_var=CS_VAR, **options)
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-        cfg["state"]["url_env"] = DB_VAR
-        path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
-        return path, container, blobs
+        return projects.write_project(tmp_path, azurite_connection_string, s3_server.url, project="pgstate",
+                                      bucket=BUCKET, cs_var=CS_VAR, state={"url_env": DB_VAR}, **options)
 
     return make
 

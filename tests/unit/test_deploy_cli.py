@@ -43,14 +43,18 @@ def test_prefect_yaml_is_valid_for_prefect_and_names_the_flows():
     raw = yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
     model = PrefectYamlModel.model_validate(raw)
     deployments = {d.name: d for d in model.deployments}
-    assert list(deployments) == ["exit-plan", "nightly-delta", "weekly-verify"]
-    flows = {"exit-plan": orch.exit_plan, "nightly-delta": orch.migrate_flow, "weekly-verify": orch.verify_flow}
+    assert list(deployments) == ["exit-plan", "nightly-delta", "shards", "weekly-verify"]
+    flows = {"exit-plan": orch.exit_plan, "nightly-delta": orch.migrate_flow, "shards": orch.copy_shards_flow,
+             "weekly-verify": orch.verify_flow}
     for name, d in deployments.items():
         path, _, func = d.entrypoint.partition(":")
         assert (deploy_cli.REPO_ROOT / path).is_file() and getattr(orch, func) is flows[name]
         assert d.work_pool.name == deploy_cli.DEFAULT_POOL
-        assert d.parameters["config_path"] == "{{ $EXITPLAN_CONFIG }}"  # no path or secret in the file
-        assert set(d.parameters) <= set(flows[name].parameters.properties)
+        if name != "shards":  # started by a run, with that run's parameters
+            assert d.parameters["config_path"] == "{{ $EXITPLAN_CONFIG }}"  # no path or secret in the file
+        assert set(d.parameters or {}) <= set(flows[name].parameters.properties)
+    assert f"{orch.copy_shards_flow.name}/shards" == orch.SHARDS_DEPLOYMENT
+    assert not deployments["shards"].parameters
     assert raw["deployments"][0]["schedules"] == []
     for name in ("nightly-delta", "weekly-verify"):
         (sched,) = raw["deployments"][[d["name"] for d in raw["deployments"]].index(name)]["schedules"]
@@ -72,7 +76,7 @@ def test_a_bad_config_is_refused_first(tmp_path, capsys):
 def test_an_unknown_deployment_is_refused(config, capsys):
     assert main(["deploy", "--config", str(config), "--deployment", "hourly"]) == ExitCode.USAGE
     err = capsys.readouterr().err
-    assert "no deployment named 'hourly'" in err and "exit-plan, nightly-delta, weekly-verify" in err
+    assert "no deployment named 'hourly'" in err and "exit-plan, nightly-delta, shards, weekly-verify" in err
 
 
 def test_no_prefect_api_says_how_to_set_one(config, capsys):
