@@ -44,7 +44,7 @@ PREFECT_FILE = Path("deploy") / "prefect.yaml"  # relative to REPO_ROOT
 DEFAULT_POOL = "exitplan"
 # What every Prefect process exitplan starts (and every worker) must have.
 QUIET_PREFECT_ENV = {"PREFECT_SERVER_EPHEMERAL_ENABLED": "false", "DO_NOT_TRACK": "1"}
-DEPLOY_TIMEOUT = 600.0  # seconds for `prefect deploy` (three deployments take a few seconds)
+DEPLOY_TIMEOUT = 600.0  # seconds for `prefect deploy` (a few deployments take a few seconds)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
