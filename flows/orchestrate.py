@@ -472,6 +472,8 @@ def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: b
     spread = "processes" if orch.shard_processes else "workers" if orch.shard_workers else None
     processes = min(orch.shard_processes or orch.shard_workers, cap // 2)
     per_process = cap // processes if processes else cap
+    if spread == "workers":
+        _require_shards_deployment()
     began = time.monotonic()
     run = engine_run.MigrationRun.start(loaded, names, delete_removed=delete_removed,
                                         settings=within_connections(engine_run.transfer_settings(loaded), per_process))
@@ -553,6 +555,19 @@ def _submit_to(runner, shard_task, run_id: int, dataset: str, shard: int, *, con
     """Submit a shard task to a process pool runner (the task attaches to the run there)."""
     return runner.submit(shard_task, {"run_id": run_id, "dataset": dataset, "shard": shard,
                                       "config_path": config_path, "connections": connections})
+
+
+def _require_shards_deployment() -> None:
+    """Shard workers need the `shards` deployment on the server: say so before the run starts."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(SHARDS_DEPLOYMENT)
+    except ObjectNotFound:
+        raise UserError(f"orchestration.shard_workers runs shards as flow runs of the deployment {SHARDS_DEPLOYMENT}, "
+                        "which is not on this Prefect server; register it with `exitplan deploy`") from None
 
 
 def _submit_flow_run(pool, run_id: int, dataset: str, shard: int, *, config_path: str, connections: int):

@@ -91,3 +91,12 @@ def test_an_unreachable_state_database_is_one_sentence_without_the_password(proj
     err = capsys.readouterr().err
     assert "the state database postgresql+psycopg://exitplan:***@127.0.0.1:" in err
     assert "hunter2" not in err and "Traceback" not in err
+
+
+def test_shard_workers_without_the_shards_deployment_refuse_before_the_run(project, s3, prefect_harness):
+    from flows.orchestrate import migrate_flow
+
+    path, container, blobs = project(orchestration={"shard_workers": 2})
+    state = migrate_flow(config_path=str(path), return_state=True)
+    assert state.is_failed() and "exitplan-shards/shards, which is not on this Prefect server" in state.message
+    assert stored_keys(s3, container) == set()
