@@ -25,6 +25,7 @@ threads are capped to the limit. Several runs at once thus never exceed the conf
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import logging
 import threading
 import time
@@ -577,7 +578,10 @@ def _submit_flow_run(pool, run_id: int, dataset: str, shard: int, *, config_path
 
     params = {"config_path": config_path, "run_id": run_id, "dataset": dataset, "shard": shard,
               "connections": connections}
-    return pool.submit(run_deployment, SHARDS_DEPLOYMENT, parameters=params, timeout=None)
+    # In the flow's context (copied to the pool's thread), so that the shard's flow run is a
+    # subflow of this one in the UI.
+    return pool.submit(contextvars.copy_context().run, run_deployment, SHARDS_DEPLOYMENT, parameters=params,
+                       timeout=None)
 
 
 def _wait_concurrent(futures, timeout: float):

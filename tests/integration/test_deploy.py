@@ -164,6 +164,7 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
             with _client(api_url) as client:
                 shard_runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["exitplan-shards"])))
             assert sorted(r.state.type.value for r in shard_runs) == ["COMPLETED"] * 3, detail
+            assert all(r.parent_task_run_id for r in shard_runs)  # subflows of the exit-plan run in the UI
             with StateStore(extra_env[STATE_VAR]) as store:
                 shards = store.shards(1)
             # each shard ran in the process of its own flow run, on the worker

@@ -352,7 +352,8 @@ def test_a_run_with_more_shards_than_allowed_merges_neighbours(tmp_path, env, s3
 def test_a_killed_flow_run_is_resumed_mid_object_by_the_next(tmp_path, env, s3_server, s3):
     """A worker's flow run killed (SIGKILL) while a multipart object is half sent: the next flow run
     takes the project's lock, continues the same multipart upload (the parts sent are kept), and
-    the object reads back and decrypts to its source bytes."""
+    the object reads back and decrypts to its source bytes. (The killed run's `lab` connection
+    slots stay leased for up to 5 minutes: tests after this one must not need them all.)"""
     import os as _os
     import signal
     import sqlite3

@@ -59,7 +59,9 @@ def test_the_cli_keeps_its_state_in_postgresql(tmp_path, capsys, project, s3):
 def test_flows_and_shard_processes_share_the_database(project, s3, prefect_harness):
     from flows.orchestrate import exit_plan
 
-    path, container, blobs = project(orchestration={"shard_processes": 2, "provider_connections": {"lab": 8}})
+    # (No tight provider limit here: a flow run killed by another test may still hold a few of the
+    # session's `lab` slots until its lease runs out.)
+    path, container, blobs = project(orchestration={"shard_processes": 2})
     state = exit_plan(config_path=str(path), return_state=True)
     assert state.is_completed(), state.message
     figures = state.result()
