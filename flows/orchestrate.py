@@ -697,11 +697,16 @@ def summary_markdown(outcome: MigrateOutcome, gate: list[dict[str, str]], checke
                   + (f", {read:,} read back, decrypted and their SHA-256 compared" if read else "")
                   + f"; **{bad:,} with discrepancies**.", ""]
     lines += ["## Where the bytes went", "",
-              "| dataset | provider | operator | legal seat | jurisdiction | region | bucket | keys |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| dataset | provider | operator | legal seat | jurisdiction | region | bucket |",
+              "|---|---|---|---|---|---|---|"]
     for g in gate:
         lines.append(f"| {g['dataset']} | {g['provider']} | {g['operator']} | {g['seat']} | **{g['jurisdiction']}** "
-                     f"| {g['region']} | {g['bucket']} | {r.key_holders.get(g['dataset'], '')} |")
+                     f"| {g['region']} | {g['bucket']} |")
+    lines += ["", "## Who holds the keys", ""]
+    by_holder: dict[str, list[str]] = {}
+    for g in gate:
+        by_holder.setdefault(r.key_holders.get(g["dataset"], ""), []).append(g["dataset"])
+    lines += [f"- {', '.join(names)}: {holder}" for holder, names in by_holder.items()]
     lines += ["", "## Datasets", "", "| dataset | objects | copied | unchanged | failed | size copied |",
               "|---|---:|---:|---:|---:|---:|"]
     for s in r.summaries:
