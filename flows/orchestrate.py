@@ -529,7 +529,7 @@ def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: b
                 logger.error("%s: a shard stopped on an error; objects gone from the source are not looked for "
                              "in this run", name)
             for record, f in zip(records, futures[name]):
-                row = _shard_row(run.shard_result(name, record.shard))
+                row = _shard_row(run.shard_result(name, record.shard, record.seconds or 0.0))
                 through = record.status in ("ok", "failed")
                 row["status"] = record.status if through else "error"
                 row["reason"] = record.reason or ("" if through else _stopped(f))

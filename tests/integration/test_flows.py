@@ -94,6 +94,7 @@ def test_exit_plan_migrates_verifies_and_shows_it(tmp_path, env, s3_server, s3):
     assert [(s["shard"], s["objects"], s["copied"], s["status"]) for s in shards] == [
         (0, 4, 4, "ok"), (1, 4, 4, "ok"), (2, 3, 3, "ok")]
     assert sum(s["bytes_copied"] for s in shards) == result["bytes_copied"]
+    assert shards[2]["seconds"] > 0 and shards[2]["mb_per_s"] > 0  # the shard with the 6 MiB object
     (verified,) = tables["exitplan-flows-verify"]
     assert (verified["objects"], verified["ok"], verified["read_back"]) == (11, 11, 11)
     (summary,) = found["markdown"]
