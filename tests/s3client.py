@@ -16,3 +16,9 @@ def lab_s3_client(url: str, bucket: str | None = None, region: str = "eu-west-3"
     if bucket:
         client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region})
     return client
+
+
+def keys_below(client, bucket: str, prefix: str) -> set[str]:
+    """The keys under `prefix` in `bucket`, without the prefix (every page of the listing)."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}

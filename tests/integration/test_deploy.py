@@ -18,7 +18,7 @@ import pytest
 
 from flows import lab_processes as lp
 from tests.projects import write_project
-from tests.s3client import lab_s3_client
+from tests.s3client import keys_below, lab_s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -152,9 +152,7 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
         detail = ("\n".join(f"{l.level} {l.message}" for l in logs) + "\n--- worker ---\n"
                   + worker_log.read_text(errors="replace")[-6000:])
         assert state.is_completed(), f"{state.type} {state.message}\n{detail}"
-        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{container}/")
-        stored = {o["Key"][len(container) + 1:] for page in pages for o in page.get("Contents", [])}
-        assert set(blobs) <= stored
+        assert set(blobs) <= keys_below(s3, BUCKET, f"{container}/")
         assert azurite_connection_string not in detail  # no credential in the run's logs
         if spread == "shard-workers":
             from prefect.client.schemas.filters import FlowFilter, FlowFilterName

@@ -11,7 +11,7 @@ import pytest
 from flows.cli import main
 from tests import projects
 from tests.faultproxy import FaultProxy
-from tests.s3client import lab_s3_client
+from tests.s3client import keys_below, lab_s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -68,8 +68,7 @@ def task_states(flow_run_id) -> list[tuple[str, str]]:
 
 
 def stored_keys(s3, container: str) -> set[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{container}/")
-    return {o["Key"][len(container) + 1:] for page in pages for o in page.get("Contents", [])}
+    return keys_below(s3, BUCKET, f"{container}/")
 
 
 def test_exit_plan_migrates_verifies_and_shows_it(tmp_path, env, s3_server, s3):

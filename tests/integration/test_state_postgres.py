@@ -11,7 +11,7 @@ import pytest
 
 from flows.cli import main
 from tests import projects
-from tests.s3client import lab_s3_client
+from tests.s3client import keys_below, lab_s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -39,8 +39,7 @@ def project(tmp_path, monkeypatch, azurite_connection_string, s3_server, postgre
 
 
 def stored_keys(s3, container: str) -> set[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{container}/")
-    return {o["Key"][len(container) + 1:] for page in pages for o in page.get("Contents", [])}
+    return keys_below(s3, BUCKET, f"{container}/")
 
 
 def test_the_cli_keeps_its_state_in_postgresql(tmp_path, capsys, project, s3):
