@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -72,8 +73,8 @@ def _run_name(kind: str) -> Callable[[], str]:
         params = current_flow_run.parameters or {}
         datasets = params.get("datasets") or []
         what = "+".join(datasets) if datasets else "all-datasets"
-        try:
-            project = load_config(params["config_path"]).config.project
+        try:  # the project's name only: no full load (no gate, no credential read) to name a run
+            project = str(yaml.safe_load(Path(params["config_path"]).read_text(encoding="utf-8"))["project"])
         except Exception:  # the flow itself reports a bad config; the name must not fail
             project = Path(str(params.get("config_path", "config"))).stem
         return f"{kind} {project} {what} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}Z"

@@ -4,6 +4,7 @@ the UI is shown (artifacts), a failing object failing only its shard, and user e
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,11 @@ def test_exit_plan_migrates_verifies_and_shows_it(tmp_path, env, s3_server, s3):
     assert result["bytes_copied"] == sum(len(b) for b in blobs.values())
     assert set(blobs) <= stored_keys(s3, container)
 
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        name = client.read_flow_run(state.state_details.flow_run_id).name
+    assert re.fullmatch(r"exit-plan flows all-datasets \d{4}-\d\d-\d\d \d\d:\d\dZ", name), name  # what, when
     found = artifacts_of(state.state_details.flow_run_id)
     (progress,) = found["progress"]
     assert progress.data == 100.0
