@@ -511,7 +511,7 @@ def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: b
                     submit = partial(_submit_flow_run, pool, config_path=str(loaded.path),
                                      connections=run.settings.requests_in_flight)
                     futures = _submit_shards(submit, run.run_id, per_dataset, processes, artifact_id, progress,
-                                             wait_fn=_wait_concurrent)
+                                             wait_fn=concurrent.futures.wait)
             elif processes:
                 with ProcessPoolTaskRunner(max_workers=processes) as runner:
                     submit = partial(_submit_to, runner, shard_task, config_path=str(loaded.path),
@@ -583,11 +583,6 @@ def _submit_flow_run(pool, run_id: int, dataset: str, shard: int, *, config_path
     # subflow of this one in the UI.
     return pool.submit(contextvars.copy_context().run, run_deployment, SHARDS_DEPLOYMENT, parameters=params,
                        timeout=None)
-
-
-def _wait_concurrent(futures, timeout: float):
-    done, not_done = concurrent.futures.wait(futures, timeout=timeout)
-    return done, not_done
 
 
 def _submit_shards(submit, run_id: int, per_dataset: dict[str, dict], parallel: int, artifact_id,
