@@ -1,187 +1,23 @@
-"""The state store: what exists, what moved, what was proven (ARCHITECTURE.md §7, STYLE.md #11).
-
-SQLAlchemy Core over SQLite in WAL mode by default (the caller passes `.exitplan/state.db` beside
-the config); the same tables work on PostgreSQL when several workers share a run.
-
-Objects move along `TRANSITIONS`, an explicit table of allowed state changes. A transition is
-written *before* the side effect it announces (in_progress before the first byte moves), so a kill
-at any line leaves a row that says what might have happened. A transition not in the table raises
-`InvalidTransition`; the check and the write are one UPDATE (``WHERE state IN allowed``), so two
-writers cannot both win.
-
-One `objects` row per (run, dataset, source key): a run's rows are its history; the newest
-uploaded/verified row of a key across runs is what a re-run compares against (`last_copy`).
-
-A row may be inserted directly in a state one step from pending (`add_object(state=...)`): the
-same as inserting it pending and moving it at once, in one statement. Writes whose loss is
-harmless (a single PUT's "uploaded": a lost mark only means the object is copied again) can be
-queued in a `WriteBatch` and committed many at a time; see its docstring for when that is allowed.
-
-Resume: a multipart object's row carries the upload id, the 40-byte encryption header and the
-data key id of its current attempt (all public: the header is written on the object, the key id in
-its metadata; never key material), recorded with `record_upload` right after the upload is opened
-and before any part is sent. The `parts` table holds the receipt of every part the destination
-acknowledged (number, ETag, size, MD5), recorded after the acknowledgement; a part uploaded but not
-recorded when the process died is found again with ListParts. `resumable` finds the row a killed
-run left behind.
-"""
+"""`StateStore`: the reads and writes of the state database (schema.py defines its tables)."""
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from connectors.base import ContentSettings, ObjectMeta
 
-log = logging.getLogger(__name__)
-
-PENDING = "pending"
-IN_PROGRESS = "in_progress"
-UPLOADED = "uploaded"
-VERIFIED = "verified"
-FAILED = "failed"
-UNCHANGED = "unchanged"
-CHANGED = "changed"
-REMOVED = "removed"  # gone from the source; its destination copy was deleted on request (--delete-removed)
-
-STATES = (PENDING, IN_PROGRESS, UPLOADED, VERIFIED, FAILED, UNCHANGED, CHANGED, REMOVED)
-
-# state -> the states it may move to.
-TRANSITIONS: Mapping[str, frozenset[str]] = {
-    PENDING: frozenset({IN_PROGRESS, UNCHANGED, FAILED, REMOVED}),  # failed here = refused before any byte moved
-    IN_PROGRESS: frozenset({UPLOADED, FAILED, CHANGED}),
-    CHANGED: frozenset({IN_PROGRESS, FAILED}),  # re-queued: the object restarts from its new version
-    UPLOADED: frozenset({VERIFIED, FAILED, CHANGED}),  # verify proved it, found it wrong, or the source moved on
-    VERIFIED: frozenset({CHANGED, FAILED}),  # a later verify can still find a discrepancy
-    FAILED: frozenset({IN_PROGRESS}),  # retried (within the run that recorded it)
-    UNCHANGED: frozenset(),
-    REMOVED: frozenset(),
-}
-
-# Object states that count as "the destination holds this source version".
-COPIED = (UPLOADED, VERIFIED)
-
-metadata = sa.MetaData()
-
-runs = sa.Table(
-    "runs", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("command", sa.String, nullable=False),
-    sa.Column("config_path", sa.String),
-    sa.Column("dry_run", sa.Boolean, nullable=False, default=False),
-    sa.Column("status", sa.String, nullable=False),  # running, ok, failed, interrupted
-    sa.Column("started_at", sa.DateTime, nullable=False),
-    sa.Column("finished_at", sa.DateTime),
-    sa.Column("objects_total", sa.Integer, nullable=False, default=0),
-    sa.Column("objects_ok", sa.Integer, nullable=False, default=0),
-    sa.Column("objects_failed", sa.Integer, nullable=False, default=0),
-    sa.Column("objects_skipped", sa.Integer, nullable=False, default=0),
-    sa.Column("bytes_total", sa.BigInteger, nullable=False, default=0),
-    sa.Column("bytes_sent", sa.BigInteger, nullable=False, default=0),
-)
-
-objects = sa.Table(
-    "objects", metadata,
-    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
-    sa.Column("dataset", sa.String, nullable=False),
-    sa.Column("source_key", sa.String, nullable=False),
-    sa.Column("source_etag", sa.String, nullable=False),
-    sa.Column("size", sa.BigInteger, nullable=False),
-    sa.Column("state", sa.String, nullable=False),
-    sa.Column("reason", sa.Text),
-    sa.Column("sha256", sa.String(64)),  # hex, of the plaintext
-    sa.Column("source_md5", sa.String(32)),  # hex, the source's stored Content-MD5 (None when it has none)
-    sa.Column("md5_checked", sa.Boolean, nullable=False, default=False),
-    sa.Column("dest_key", sa.String),
-    sa.Column("dest_etag", sa.String),
-    sa.Column("output_size", sa.BigInteger),
-    sa.Column("part_count", sa.Integer),
-    sa.Column("restarts", sa.Integer, nullable=False, default=0),
-    # The current attempt's multipart upload (None for a single PUT) and its encryption header
-    # (hex of the 40 public bytes; None when not encrypted) and data key id.
-    sa.Column("upload_id", sa.String),
-    sa.Column("header", sa.String(80)),
-    sa.Column("key_id", sa.BigInteger),
-    sa.Column("created_at", sa.DateTime, nullable=False),
-    sa.Column("started_at", sa.DateTime),
-    sa.Column("finished_at", sa.DateTime),
-    sa.Column("updated_at", sa.DateTime, nullable=False),
-    sa.UniqueConstraint("run_id", "dataset", "source_key", name="uq_objects_run_key"),
-    sa.Index("ix_objects_dataset_key", "dataset", "source_key"),
-    sa.Index("ix_objects_run_state", "run_id", "state"),
-)
-
-# The receipts of the parts of the current attempt of a multipart object.
-parts = sa.Table(
-    "parts", metadata,
-    sa.Column("object_id", sa.Integer, sa.ForeignKey("objects.id"), primary_key=True),
-    sa.Column("number", sa.Integer, primary_key=True),  # 1-based
-    sa.Column("etag", sa.String, nullable=False),
-    sa.Column("size", sa.BigInteger, nullable=False),  # output bytes
-    sa.Column("md5", sa.String(32)),  # hex, of the output bytes sent
-    sa.Column("recorded_at", sa.DateTime, nullable=False),
-)
-
-# A run's listing, cut into shards (the Prefect flows' unit of work): what the source held when the
-# run listed it, so that each shard task reads its objects here instead of listing again.
-listing = sa.Table(
-    "listing", metadata,
-    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
-    sa.Column("dataset", sa.String, primary_key=True),
-    sa.Column("seq", sa.Integer, primary_key=True),  # listing order
-    sa.Column("shard", sa.Integer, nullable=False),
-    sa.Column("source_key", sa.String, nullable=False),
-    sa.Column("etag", sa.String, nullable=False),
-    sa.Column("size", sa.BigInteger, nullable=False),
-    sa.Column("content_md5", sa.String(32)),  # hex
-    sa.Column("last_modified", sa.DateTime),
-    sa.Column("tier", sa.String),
-    sa.Column("content", sa.JSON),  # ContentSettings fields that are set
-    sa.Column("meta", sa.JSON),  # user metadata
-    sa.Index("ix_listing_shard", "run_id", "dataset", "shard"),
-)
-
-# One row per shard of a run: its extent, then what its task made of it.
-shards = sa.Table(
-    "shards", metadata,
-    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
-    sa.Column("dataset", sa.String, primary_key=True),
-    sa.Column("shard", sa.Integer, primary_key=True),
-    sa.Column("objects", sa.Integer, nullable=False),
-    sa.Column("bytes", sa.BigInteger, nullable=False),
-    sa.Column("first_key", sa.String, nullable=False),
-    sa.Column("last_key", sa.String, nullable=False),
-    sa.Column("status", sa.String, nullable=False),  # pending, running, ok, failed (objects), error (stopped)
-    sa.Column("attempts", sa.Integer, nullable=False, default=0),
-    sa.Column("seconds", sa.Float),  # of the last attempt
-    sa.Column("reason", sa.Text),
-    sa.Column("worker", sa.String),  # host:pid of the process that ran the last attempt
-    sa.Column("started_at", sa.DateTime),
-    sa.Column("finished_at", sa.DateTime),
-)
-
-# Columns added after the first release of the store: added to an existing database on open.
-_ADDED_COLUMNS = ("upload_id", "header", "key_id")
-
-# Columns a transition may set besides the state.
-_OBJECT_FIELDS = frozenset({
-    "reason", "sha256", "source_md5", "md5_checked", "dest_key", "dest_etag", "output_size", "part_count",
-    "restarts", "source_etag", "size", "started_at", "finished_at", "upload_id", "header", "key_id",
-})
-
-
-# Every column an `objects` row is inserted with (a batch of inserts is one executemany: same keys).
-_INSERT_COLUMNS = tuple(c.name for c in objects.columns if c.name != "id")
+from .batch import WriteBatch
+from .records import DatasetTotals, ObjectRecord, PartRecord, RunRecord, ShardCounts, ShardRecord
+from .rows import listing_row, object_row, transition_values
+from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, REMOVED, STATES, TRANSITIONS, UNCHANGED,
+                     InvalidTransition, listing, metadata, objects, parts, runs, shards, utcnow)
 
 # Statements built once: building and cache-keying a Core statement costs more than running it
 # on SQLite. Updates name their SET columns through the parameters' keys (compiled once per key set).
@@ -202,122 +38,6 @@ _LAST_COPY = (objects.select()
 _NEWEST_ROWS = (objects.select()
                 .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"))
                 .order_by(objects.c.id.desc()).limit(20))
-
-# States an object row may be created in: pending, or one step from it (the insert then stands for
-# "pending, then at once this"), e.g. in_progress for an object whose first attempt starts now.
-INITIAL_STATES = frozenset({PENDING}) | TRANSITIONS[PENDING]
-
-
-class InvalidTransition(RuntimeError):
-    """A state change the table does not allow (a bug, or a row changed by another writer)."""
-
-
-@dataclass(frozen=True)
-class ObjectRecord:
-    id: int
-    run_id: int
-    dataset: str
-    source_key: str
-    source_etag: str
-    size: int
-    state: str
-    reason: str | None
-    sha256: str | None
-    source_md5: str | None
-    md5_checked: bool
-    dest_key: str | None
-    dest_etag: str | None
-    output_size: int | None
-    part_count: int | None
-    restarts: int
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    updated_at: datetime
-    upload_id: str | None = None
-    header: str | None = None  # hex
-    key_id: int | None = None
-
-
-@dataclass(frozen=True)
-class PartRecord:
-    """A part the destination acknowledged (`md5`: hex of the bytes sent, None if unknown)."""
-
-    number: int
-    etag: str
-    size: int
-    md5: str | None
-
-
-@dataclass(frozen=True)
-class ShardRecord:
-    """A shard of a run: consecutive listed objects of one dataset, and how its task went."""
-
-    run_id: int
-    dataset: str
-    shard: int
-    objects: int
-    bytes: int
-    first_key: str
-    last_key: str
-    status: str
-    attempts: int
-    seconds: float | None
-    reason: str | None
-    started_at: datetime | None
-    finished_at: datetime | None
-    worker: str | None = None
-
-
-@dataclass(frozen=True)
-class ShardCounts:
-    """What the state store says of a shard's objects in its run: state -> (objects, bytes), the
-    destination bytes written, and the first failures with their reasons."""
-
-    states: Mapping[str, tuple[int, int]]
-    output_bytes: int
-    failures: tuple[tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class DatasetTotals:
-    """A run's rows of one dataset, added up (`failed` includes rows left in progress; `refused`
-    are failed rows whose copy never started)."""
-
-    objects: int
-    copied: int
-    failed: int
-    unchanged: int
-    refused: int
-    bytes_total: int
-    bytes_copied: int
-    bytes_written: int
-    parts: int
-    restarts: int
-    failures: tuple[tuple[str, str], ...] = ()
-    failures_truncated: bool = False
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    id: int
-    command: str
-    config_path: str | None
-    dry_run: bool
-    status: str
-    started_at: datetime
-    finished_at: datetime | None
-    objects_total: int
-    objects_ok: int
-    objects_failed: int
-    objects_skipped: int
-    bytes_total: int
-    bytes_sent: int
-
-
-def utcnow() -> datetime:
-    """Times are stored as naive UTC (SQLite has no time zones)."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
 class StateStore:
@@ -347,7 +67,7 @@ class StateStore:
         if "mode=ro" in self.url:
             return
         have = {c["name"] for c in sa.inspect(self.engine).get_columns("objects")}
-        missing = [name for name in _ADDED_COLUMNS if name not in have]
+        missing = [name for name in ADDED_COLUMNS if name not in have]
         if missing:
             with self._write, self.engine.begin() as conn:
                 for name in missing:
@@ -421,7 +141,7 @@ class StateStore:
         """Record an object of this run; returns its id. `state` is pending (the default) or a state
         one step from it (`INITIAL_STATES`): in_progress when its first attempt starts now, failed or
         unchanged when it is decided without a copy; `fields` are set with it, as `transition` does."""
-        row = _object_row(run_id, dataset, source_key, source_etag, size, dest_key, source_md5, state, fields)
+        row = object_row(run_id, dataset, source_key, source_etag, size, dest_key, source_md5, state, fields)
         with self._writing() as conn:
             result = conn.execute(_INSERT_OBJECT, row)
             return int(result.inserted_primary_key[0])
@@ -432,14 +152,14 @@ class StateStore:
 
     def transition(self, object_id: int, new_state: str, **fields: Any) -> None:
         """Move an object to `new_state` (allowed from its current state) and set `fields` with it."""
-        values = _transition_values(object_id, new_state, fields)
+        values = transition_values(object_id, new_state, fields)
         with self._writing() as conn:
             if conn.execute(_UPDATE_OBJECT[new_state], values).rowcount != 1:
                 raise _refusal(conn, object_id, new_state)
 
     def _write_batch(self, inserts: list[dict[str, Any]], updates: list[tuple[str, dict[str, Any]]]
                      ) -> dict[int, InvalidTransition]:
-        """Insert `inserts` (full rows) and apply `updates` ((new state, `_transition_values`)) in one
+        """Insert `inserts` (full rows) and apply `updates` ((new state, `transition_values`)) in one
         transaction; returns the updates the table refused, by position (the others are written)."""
         try:
             with self._writing() as conn:
@@ -504,7 +224,7 @@ class StateStore:
         rows: list[dict[str, Any]] = []
         seq = start
         for shard, meta in entries:
-            rows.append(_listing_row(run_id, dataset, seq, shard, meta))
+            rows.append(listing_row(run_id, dataset, seq, shard, meta))
             seq += 1
             if len(rows) >= page:
                 self._insert(listing, rows)
@@ -688,152 +408,8 @@ class StateStore:
             return {state: (int(n), int(b)) for state, n, b in conn.execute(query)}
 
 
-class WriteBatch:
-    """Object writes committed many at a time: one transaction per `max_rows` writes or per
-    `max_age` seconds, and at `flush()`. Thread-safe.
-
-    Only for writes whose loss is harmless, because a kill loses what is queued: the end of a
-    single PUT (a lost "uploaded" or "failed" leaves the row in_progress, so the next run copies
-    the object again, and a PUT is idempotent), or a row decided without a copy (unchanged,
-    refused: a lost row means the next run decides again). Never for a transition that announces
-    a side effect (in_progress before bytes move, a multipart upload's state): those are written
-    at once with `StateStore.transition` / `add_object`.
-
-    Each write names a callback, called once it is committed (`None`) or could not be (the
-    `InvalidTransition` the table gave, or the database error): a caller that reported the write
-    as done can correct itself. `flush` never raises for a write; `flush_if_due` is the cheap
-    check to call often. The age is only checked when a write is queued or `flush_if_due` runs.
-    """
-
-    def __init__(self, store: StateStore, max_rows: int = 500, max_age: float = 0.2):
-        self.store = store
-        self.max_rows = max_rows
-        self.max_age = max_age
-        self._lock = threading.Lock()
-        self._inserts: list[tuple[dict[str, Any], Callable[[Exception | None], None]]] = []
-        self._updates: list[tuple[str, dict[str, Any], Callable[[Exception | None], None]]] = []
-        self._since = 0.0  # monotonic time of the oldest queued write
-
-    def add_object(self, run_id: int, dataset: str, source_key: str, source_etag: str, size: int, *,
-                   on_written: Callable[[Exception | None], None], dest_key: str | None = None,
-                   source_md5: bytes | None = None, state: str = PENDING, **fields: Any) -> None:
-        """Queue `StateStore.add_object` (checked now; the id is not returned: nothing may refer to it)."""
-        row = _object_row(run_id, dataset, source_key, source_etag, size, dest_key, source_md5, state, fields)
-        with self._lock:
-            self._stamp()
-            self._inserts.append((row, on_written))
-        self.flush_if_due()
-
-    def transition(self, object_id: int, new_state: str, *, on_written: Callable[[Exception | None], None],
-                   **fields: Any) -> None:
-        """Queue `StateStore.transition` (fields checked now, the move when written)."""
-        values = _transition_values(object_id, new_state, fields)
-        with self._lock:
-            self._stamp()
-            self._updates.append((new_state, values, on_written))
-        self.flush_if_due()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._inserts) + len(self._updates)
-
-    def _stamp(self) -> None:
-        if not self._inserts and not self._updates:
-            self._since = time.monotonic()
-
-    def flush_if_due(self) -> None:
-        with self._lock:
-            n = len(self._inserts) + len(self._updates)
-            due = n >= self.max_rows or (n > 0 and time.monotonic() - self._since >= self.max_age)
-        if due:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write everything queued now, in one transaction; then call each write's callback."""
-        with self._lock:
-            inserts, self._inserts = self._inserts, []
-            updates, self._updates = self._updates, []
-        if not inserts and not updates:
-            return
-        try:
-            refused = self.store._write_batch([row for row, _ in inserts], [(state, v) for state, v, _ in updates])
-        except Exception as exc:  # the database itself failed: nothing of this batch is written
-            for *_, callback in inserts + updates:
-                _call(callback, exc)
-            return
-        for _, callback in inserts:
-            _call(callback, None)
-        for i, (*_, callback) in enumerate(updates):
-            _call(callback, refused.get(i))
-
-    def __enter__(self) -> "WriteBatch":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.flush()
-
-
-def _call(callback: Callable[[Exception | None], None], error: Exception | None) -> None:
-    try:
-        callback(error)
-    except Exception:  # one caller's bookkeeping must not stop the others' from being told
-        log.exception("a state write callback failed")
-
-
-def _object_row(run_id: int, dataset: str, source_key: str, source_etag: str, size: int, dest_key: str | None,
-                source_md5: bytes | None, state: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """A full `objects` row (every column of `_INSERT_COLUMNS`) created in `state` with `fields`."""
-    if state not in INITIAL_STATES:
-        raise InvalidTransition(f"an object cannot be recorded as {state!r} straight away "
-                                f"(allowed: {', '.join(sorted(INITIAL_STATES))})")
-    _check_fields(fields)
-    now = utcnow()
-    row = dict.fromkeys(_INSERT_COLUMNS)
-    row.update(run_id=run_id, dataset=dataset, source_key=source_key, source_etag=source_etag, size=size,
-               dest_key=dest_key, source_md5=source_md5.hex() if source_md5 else None, md5_checked=False,
-               restarts=0, created_at=now)
-    row.update(_stamped(state, fields, now))
-    return row
-
-
-def _listing_row(run_id: int, dataset: str, seq: int, shard: int, meta: ObjectMeta) -> dict[str, Any]:
-    content = {k: v for k, v in asdict(meta.content).items() if v is not None}
-    modified = meta.last_modified
-    if modified is not None and modified.tzinfo is not None:
-        modified = modified.astimezone(timezone.utc).replace(tzinfo=None)
-    return dict(run_id=run_id, dataset=dataset, seq=seq, shard=shard, source_key=meta.key, etag=meta.etag,
-                size=meta.size, content_md5=meta.content_md5.hex() if meta.content_md5 else None,
-                last_modified=modified, tier=meta.tier, content=content or None, meta=dict(meta.metadata) or None)
-
-
 def _shard_key(run_id: int, dataset: str, shard: int) -> tuple:
     return shards.c.run_id == run_id, shards.c.dataset == dataset, shards.c.shard == shard
-
-
-def _check_fields(fields: Mapping[str, Any]) -> None:
-    unknown = set(fields) - _OBJECT_FIELDS
-    if unknown:
-        raise ValueError(f"unknown object fields: {sorted(unknown)}")
-
-
-def _stamped(new_state: str, fields: Mapping[str, Any], now: datetime) -> dict[str, Any]:
-    """`fields` with the state and the times a move to `new_state` sets."""
-    values = dict(fields, state=new_state, updated_at=now)
-    if new_state == IN_PROGRESS and "started_at" not in fields:
-        values["started_at"] = now
-    if new_state in (UPLOADED, FAILED, UNCHANGED, VERIFIED) and "finished_at" not in fields:
-        values["finished_at"] = now
-    return values
-
-
-def _transition_values(object_id: int, new_state: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """The parameters of `_UPDATE_OBJECT[new_state]` for a move with `fields` (checked first)."""
-    if new_state not in TRANSITIONS:
-        raise ValueError(f"unknown object state {new_state!r}")
-    _check_fields(fields)
-    values = _stamped(new_state, fields, utcnow())
-    values["_object_id"] = object_id
-    return values
 
 
 class _SomeRowRefused(Exception):

@@ -1,0 +1,47 @@
+"""The state store: what exists, what moved, what was proven (ARCHITECTURE.md §7, STYLE.md #11).
+
+SQLAlchemy Core over SQLite in WAL mode by default (the caller passes `.exitplan/state.db` beside
+the config); the same tables work on PostgreSQL when several workers share a run.
+
+Objects move along `TRANSITIONS`, an explicit table of allowed state changes. A transition is
+written *before* the side effect it announces (in_progress before the first byte moves), so a kill
+at any line leaves a row that says what might have happened. A transition not in the table raises
+`InvalidTransition`; the check and the write are one UPDATE (``WHERE state IN allowed``), so two
+writers cannot both win.
+
+One `objects` row per (run, dataset, source key): a run's rows are its history; the newest
+uploaded/verified row of a key across runs is what a re-run compares against (`last_copy`).
+
+A row may be inserted directly in a state one step from pending (`add_object(state=...)`): the
+same as inserting it pending and moving it at once, in one statement. Writes whose loss is
+harmless (a single PUT's "uploaded": a lost mark only means the object is copied again) can be
+queued in a `WriteBatch` and committed many at a time; see its docstring for when that is allowed.
+
+Resume: a multipart object's row carries the upload id, the 40-byte encryption header and the
+data key id of its current attempt (all public: the header is written on the object, the key id in
+its metadata; never key material), recorded with `record_upload` right after the upload is opened
+and before any part is sent. The `parts` table holds the receipt of every part the destination
+acknowledged (number, ETag, size, MD5), recorded after the acknowledgement; a part uploaded but not
+recorded when the process died is found again with ListParts. `resumable` finds the row a killed
+run left behind.
+
+The package: the states and tables (schema.py), the frozen records reads return (records.py), the
+rows writes are built from (rows.py), `StateStore` (store.py) and `WriteBatch` (batch.py).
+"""
+
+from .batch import WriteBatch
+from .records import (DatasetTotals, ObjectRecord, PartRecord, RunRecord, ShardCounts,
+                      ShardRecord)
+from .schema import (CHANGED, COPIED, FAILED, IN_PROGRESS, INITIAL_STATES, PENDING, REMOVED, STATES, TRANSITIONS,
+                     UNCHANGED, UPLOADED, VERIFIED, InvalidTransition, listing, metadata, objects, parts, runs,
+                     shards, utcnow)
+from .store import StateStore
+
+__all__ = [
+    "CHANGED", "COPIED", "FAILED", "IN_PROGRESS", "INITIAL_STATES", "PENDING", "REMOVED", "STATES", "TRANSITIONS",
+    "UNCHANGED", "UPLOADED", "VERIFIED",
+    "InvalidTransition", "utcnow",
+    "metadata", "runs", "objects", "parts", "listing", "shards",
+    "DatasetTotals", "ObjectRecord", "PartRecord", "RunRecord", "ShardCounts", "ShardRecord",
+    "StateStore", "WriteBatch",
+]

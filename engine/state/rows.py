@@ -1,0 +1,75 @@
+"""The rows the store writes, built and checked before any write: an object's insert row, a
+transition's parameters, a listing row. The store and its write batch share them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from connectors.base import ObjectMeta
+
+from .schema import (FAILED, IN_PROGRESS, INITIAL_STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, InvalidTransition,
+                     objects, utcnow)
+
+# Columns a transition may set besides the state.
+_OBJECT_FIELDS = frozenset({
+    "reason", "sha256", "source_md5", "md5_checked", "dest_key", "dest_etag", "output_size", "part_count",
+    "restarts", "source_etag", "size", "started_at", "finished_at", "upload_id", "header", "key_id",
+})
+
+# Every column an `objects` row is inserted with (a batch of inserts is one executemany: same keys).
+_INSERT_COLUMNS = tuple(c.name for c in objects.columns if c.name != "id")
+
+
+def object_row(run_id: int, dataset: str, source_key: str, source_etag: str, size: int, dest_key: str | None,
+               source_md5: bytes | None, state: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """A full `objects` row (every column of `_INSERT_COLUMNS`) created in `state` with `fields`."""
+    if state not in INITIAL_STATES:
+        raise InvalidTransition(f"an object cannot be recorded as {state!r} straight away "
+                                f"(allowed: {', '.join(sorted(INITIAL_STATES))})")
+    _check_fields(fields)
+    now = utcnow()
+    row = dict.fromkeys(_INSERT_COLUMNS)
+    row.update(run_id=run_id, dataset=dataset, source_key=source_key, source_etag=source_etag, size=size,
+               dest_key=dest_key, source_md5=source_md5.hex() if source_md5 else None, md5_checked=False,
+               restarts=0, created_at=now)
+    row.update(_stamped(state, fields, now))
+    return row
+
+
+def listing_row(run_id: int, dataset: str, seq: int, shard: int, meta: ObjectMeta) -> dict[str, Any]:
+    """A `listing` row: one listed object of a run's dataset, at position `seq`, in `shard`."""
+    content = {k: v for k, v in asdict(meta.content).items() if v is not None}
+    modified = meta.last_modified
+    if modified is not None and modified.tzinfo is not None:
+        modified = modified.astimezone(timezone.utc).replace(tzinfo=None)
+    return dict(run_id=run_id, dataset=dataset, seq=seq, shard=shard, source_key=meta.key, etag=meta.etag,
+                size=meta.size, content_md5=meta.content_md5.hex() if meta.content_md5 else None,
+                last_modified=modified, tier=meta.tier, content=content or None, meta=dict(meta.metadata) or None)
+
+
+def _check_fields(fields: Mapping[str, Any]) -> None:
+    unknown = set(fields) - _OBJECT_FIELDS
+    if unknown:
+        raise ValueError(f"unknown object fields: {sorted(unknown)}")
+
+
+def _stamped(new_state: str, fields: Mapping[str, Any], now: datetime) -> dict[str, Any]:
+    """`fields` with the state and the times a move to `new_state` sets."""
+    values = dict(fields, state=new_state, updated_at=now)
+    if new_state == IN_PROGRESS and "started_at" not in fields:
+        values["started_at"] = now
+    if new_state in (UPLOADED, FAILED, UNCHANGED, VERIFIED) and "finished_at" not in fields:
+        values["finished_at"] = now
+    return values
+
+
+def transition_values(object_id: int, new_state: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters of the store's update to `new_state` for a move with `fields` (checked first)."""
+    if new_state not in TRANSITIONS:
+        raise ValueError(f"unknown object state {new_state!r}")
+    _check_fields(fields)
+    values = _stamped(new_state, fields, utcnow())
+    values["_object_id"] = object_id
+    return values

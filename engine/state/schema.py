@@ -1,0 +1,151 @@
+"""The state database's schema: object states and their allowed transitions, and the tables."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Mapping
+
+import sqlalchemy as sa
+
+PENDING = "pending"
+IN_PROGRESS = "in_progress"
+UPLOADED = "uploaded"
+VERIFIED = "verified"
+FAILED = "failed"
+UNCHANGED = "unchanged"
+CHANGED = "changed"
+REMOVED = "removed"  # gone from the source; its destination copy was deleted on request (--delete-removed)
+
+STATES = (PENDING, IN_PROGRESS, UPLOADED, VERIFIED, FAILED, UNCHANGED, CHANGED, REMOVED)
+
+# state -> the states it may move to.
+TRANSITIONS: Mapping[str, frozenset[str]] = {
+    PENDING: frozenset({IN_PROGRESS, UNCHANGED, FAILED, REMOVED}),  # failed here = refused before any byte moved
+    IN_PROGRESS: frozenset({UPLOADED, FAILED, CHANGED}),
+    CHANGED: frozenset({IN_PROGRESS, FAILED}),  # re-queued: the object restarts from its new version
+    UPLOADED: frozenset({VERIFIED, FAILED, CHANGED}),  # verify proved it, found it wrong, or the source moved on
+    VERIFIED: frozenset({CHANGED, FAILED}),  # a later verify can still find a discrepancy
+    FAILED: frozenset({IN_PROGRESS}),  # retried (within the run that recorded it)
+    UNCHANGED: frozenset(),
+    REMOVED: frozenset(),
+}
+
+# Object states that count as "the destination holds this source version".
+COPIED = (UPLOADED, VERIFIED)
+
+# States an object row may be created in: pending, or one step from it (the insert then stands for
+# "pending, then at once this"), e.g. in_progress for an object whose first attempt starts now.
+INITIAL_STATES = frozenset({PENDING}) | TRANSITIONS[PENDING]
+
+
+class InvalidTransition(RuntimeError):
+    """A state change the table does not allow (a bug, or a row changed by another writer)."""
+
+
+def utcnow() -> datetime:
+    """Times are stored as naive UTC (SQLite has no time zones)."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+metadata = sa.MetaData()
+
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("command", sa.String, nullable=False),
+    sa.Column("config_path", sa.String),
+    sa.Column("dry_run", sa.Boolean, nullable=False, default=False),
+    sa.Column("status", sa.String, nullable=False),  # running, ok, failed, interrupted
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("finished_at", sa.DateTime),
+    sa.Column("objects_total", sa.Integer, nullable=False, default=0),
+    sa.Column("objects_ok", sa.Integer, nullable=False, default=0),
+    sa.Column("objects_failed", sa.Integer, nullable=False, default=0),
+    sa.Column("objects_skipped", sa.Integer, nullable=False, default=0),
+    sa.Column("bytes_total", sa.BigInteger, nullable=False, default=0),
+    sa.Column("bytes_sent", sa.BigInteger, nullable=False, default=0),
+)
+
+objects = sa.Table(
+    "objects", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), nullable=False),
+    sa.Column("dataset", sa.String, nullable=False),
+    sa.Column("source_key", sa.String, nullable=False),
+    sa.Column("source_etag", sa.String, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("state", sa.String, nullable=False),
+    sa.Column("reason", sa.Text),
+    sa.Column("sha256", sa.String(64)),  # hex, of the plaintext
+    sa.Column("source_md5", sa.String(32)),  # hex, the source's stored Content-MD5 (None when it has none)
+    sa.Column("md5_checked", sa.Boolean, nullable=False, default=False),
+    sa.Column("dest_key", sa.String),
+    sa.Column("dest_etag", sa.String),
+    sa.Column("output_size", sa.BigInteger),
+    sa.Column("part_count", sa.Integer),
+    sa.Column("restarts", sa.Integer, nullable=False, default=0),
+    # The current attempt's multipart upload (None for a single PUT) and its encryption header
+    # (hex of the 40 public bytes; None when not encrypted) and data key id.
+    sa.Column("upload_id", sa.String),
+    sa.Column("header", sa.String(80)),
+    sa.Column("key_id", sa.BigInteger),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("started_at", sa.DateTime),
+    sa.Column("finished_at", sa.DateTime),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.UniqueConstraint("run_id", "dataset", "source_key", name="uq_objects_run_key"),
+    sa.Index("ix_objects_dataset_key", "dataset", "source_key"),
+    sa.Index("ix_objects_run_state", "run_id", "state"),
+)
+
+# The receipts of the parts of the current attempt of a multipart object.
+parts = sa.Table(
+    "parts", metadata,
+    sa.Column("object_id", sa.Integer, sa.ForeignKey("objects.id"), primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),  # 1-based
+    sa.Column("etag", sa.String, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),  # output bytes
+    sa.Column("md5", sa.String(32)),  # hex, of the output bytes sent
+    sa.Column("recorded_at", sa.DateTime, nullable=False),
+)
+
+# A run's listing, cut into shards (the Prefect flows' unit of work): what the source held when the
+# run listed it, so that each shard task reads its objects here instead of listing again.
+listing = sa.Table(
+    "listing", metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
+    sa.Column("dataset", sa.String, primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),  # listing order
+    sa.Column("shard", sa.Integer, nullable=False),
+    sa.Column("source_key", sa.String, nullable=False),
+    sa.Column("etag", sa.String, nullable=False),
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("content_md5", sa.String(32)),  # hex
+    sa.Column("last_modified", sa.DateTime),
+    sa.Column("tier", sa.String),
+    sa.Column("content", sa.JSON),  # ContentSettings fields that are set
+    sa.Column("meta", sa.JSON),  # user metadata
+    sa.Index("ix_listing_shard", "run_id", "dataset", "shard"),
+)
+
+# One row per shard of a run: its extent, then what its task made of it.
+shards = sa.Table(
+    "shards", metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
+    sa.Column("dataset", sa.String, primary_key=True),
+    sa.Column("shard", sa.Integer, primary_key=True),
+    sa.Column("objects", sa.Integer, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("first_key", sa.String, nullable=False),
+    sa.Column("last_key", sa.String, nullable=False),
+    sa.Column("status", sa.String, nullable=False),  # pending, running, ok, failed (objects), error (stopped)
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("seconds", sa.Float),  # of the last attempt
+    sa.Column("reason", sa.Text),
+    sa.Column("worker", sa.String),  # host:pid of the process that ran the last attempt
+    sa.Column("started_at", sa.DateTime),
+    sa.Column("finished_at", sa.DateTime),
+)
+
+# Columns added after the first release of the store: added to an existing database on open.
+ADDED_COLUMNS = ("upload_id", "header", "key_id")
