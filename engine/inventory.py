@@ -1,7 +1,8 @@
 """Inventory: what a dataset holds and what will not fit the destination, in one streamed pass.
 
 Memory stays flat whatever the number of objects: counters only, plus at most
-`MAX_EXAMPLES` named examples per problem.
+`MAX_EXAMPLES` named examples per problem. `inventory` does it for a configuration's datasets
+(`exitplan inventory`); `inventory_dataset` for one listing (the flows' listing pass too).
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
-from config.models import DatasetConfig
+from config.models import DatasetConfig, LoadedConfig
 from connectors.base import ObjectMeta, SinkLimits
 
+from .endpoints import destination_limits, open_source
+from .errors import call_endpoint
 from .naming import DoesNotFit, place
 
 MAX_EXAMPLES = 10
@@ -84,3 +87,15 @@ def inventory_dataset(
         if progress and inv.objects % progress_every == 0:
             progress(inv)
     return inv
+
+
+def inventory(loaded: LoadedConfig, datasets: list[str]) -> list[DatasetInventory]:
+    """The inventory of each dataset (one streamed listing each)."""
+    results = []
+    for name in datasets:
+        ds = loaded.config.datasets[name]
+        source = call_endpoint(f"dataset `{name}`: source", open_source, loaded, name)
+        limits = destination_limits(loaded, ds.destination)
+        results.append(call_endpoint(f"dataset `{name}`: listing {source.label}", lambda: inventory_dataset(
+            name, ds, source.list(ds.prefix), limits, source_label=source.label)))
+    return results

@@ -31,6 +31,7 @@ from config.policy import check_sovereignty
 from config.sizes import format_size
 
 from . import state as st
+from .project import open_state
 from .verify import VERIFY_REASON
 
 TIME_BINS = 48
@@ -352,8 +353,6 @@ def _t(dt: datetime | None) -> str:
 
 def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, ManifestFingerprint]:
     """The report's HTML, the number of objects it covers, and the manifest's fingerprint."""
-    from .run import open_state
-
     cfg = loaded.config
     verdicts = {v.name: v for v in check_sovereignty(loaded)}
     store = open_state(loaded, read_only=True)

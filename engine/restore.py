@@ -23,18 +23,13 @@ from connectors.base import ConnectorError, ObjectMeta, ObjectSource
 from .crypto.datakeys import DataKeys, KeysetError
 from .crypto.tink_format import SEGMENT_SIZE, FormatError, decrypt_object, key_for, read_object_metadata
 from .endpoints import open_sink
+from .errors import RunError, call_endpoint
+from .keys import load_data_keys
+from .project import open_state
 
 READ_SEGMENTS = 8  # ciphertext read per request: 8 MiB, whole segments
 PARTIAL_SUFFIX = ".exitplan-partial"
 CONTROL_PREFIX = "_exitplan/"  # exitplan's own files in a bucket (the wrapped keyset copy)
-
-
-class RestoreError(Exception):
-    """The restore cannot start or go on (destination unreachable, denied, missing)."""
-
-    def __init__(self, message: str, cause: ConnectorError):
-        super().__init__(message)
-        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -132,10 +127,7 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
     when unknown). Objects are restored in parallel (`transfer.concurrency`), each streamed.
     """
     ds = loaded.config.datasets[dataset]
-    try:
-        sink = open_sink(loaded, ds.destination)
-    except ConnectorError as exc:
-        raise RestoreError(f"destination `{ds.destination}`: {exc}", exc) from None
+    sink = call_endpoint(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
     to_dir = to_dir.resolve()
     listing_prefix = ds.dest_prefix + prefix
     lock = threading.Lock()
@@ -174,6 +166,30 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
                 in_flight.acquire()
                 pool.submit(one, meta).add_done_callback(lambda _f: in_flight.release())
     except ConnectorError as exc:
-        raise RestoreError(f"listing {sink.label}/{listing_prefix}: {exc}", exc) from None
+        raise RunError(f"listing {sink.label}/{listing_prefix}: {exc}", exc) from None
     return RestoreSummary(dataset, results["objects"], results["ok"], results["failed"], results["bytes"],
                           results["unchecked"], tuple(failures))
+
+
+def restore(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",
+            on_object: Callable[[RestoredObject], None] | None = None) -> RestoreSummary:
+    """Read `dataset` back from its destination into `to_dir`, decrypted and checked against the
+    plaintext SHA-256 recorded at copy time (`exitplan restore`). Keys are unwrapped first; the
+    state store is only read (without it, nothing is checked against a recorded digest)."""
+    keys = None
+    if not loaded.config.datasets[dataset].public:
+        keys = load_data_keys(loaded)
+    state = open_state(loaded, read_only=True)
+
+    def recorded(source_key: str) -> str | None:
+        if state is None:
+            return None
+        row = state.last_copy(dataset, source_key)
+        return row.sha256 if row else None
+
+    try:
+        return restore_dataset(loaded, dataset, to_dir, prefix=prefix, keys=keys, recorded=recorded,
+                               on_object=on_object)
+    finally:
+        if state is not None:
+            state.close()

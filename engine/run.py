@@ -1,60 +1,38 @@
 """A whole migration run over the datasets of a configuration: what the CLI and the flows call.
 
 Opens the connectors and the state store, streams each dataset's listing through placement into
-`migrate_dataset` (or `dry_run`), shares one memory budget and one pair of executors across every
-dataset, and reports through a small observer so that the CLI (a progress bar) and Prefect (an
-artifact) can show the same run.
+`migrate_dataset`, shares one memory budget and one pair of executors across every dataset, and
+reports through a small observer so that the CLI (a progress bar) and Prefect (an artifact) can
+show the same run. The dry run is `engine.plan`; the project's state and lock, `engine.project`.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import socket
 import threading
 import time
-import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from functools import partial
-from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
-import sqlalchemy as sa
-
-from config.errors import ConfigFileError, ExitCode, UserError
 from config.models import LoadedConfig
 from config.policy import DestinationVerdict, check_sovereignty
-from connectors.base import AuthError, ConfigError, ConnectorError, ContentSettings, NotFound, ObjectMeta, ObjectSource, SinkLimits, WriteMeta
+from connectors.base import ConnectorError, ContentSettings, ObjectMeta, ObjectSource, SinkLimits, WriteMeta
 
 from .allocator import tune_malloc
 from .audit import AuditOutcome, MigrationAudit, audit_signing_key
 from .budget import MemoryBudget
 from .endpoints import destination_limits, open_sink, open_source
+from .errors import RunError, call_endpoint
 from .executors import create_executors
 from .inventory import DatasetInventory, inventory_dataset, selected
-from .migrate import (DatasetSummary, DryRunSummary, PlannedObject, Progress, ProgressCallback, Refusal, dry_run,
-                      migrate_dataset, place_all)
+from .migrate import DatasetSummary, Progress, ProgressCallback, Refusal, migrate_dataset, place_all
 from .naming import Placement, place
 from .pipeline import IDENTITY, OutputFormat
+from .project import lock_project, open_state, state_location
 from .settings import TransferSettings
 from . import state as st
 from .state import StateStore
-
-STATE_FILE = "state.db"
-
-
-class RunError(UserError):
-    """The run could not start or go on: a source or destination unreachable, denied or missing.
-
-    Exit code 2 when the configuration must change (credentials refused, container or bucket
-    missing, endpoint unusable), 1 otherwise (the service failed; running again may succeed).
-    """
-
-    def __init__(self, message: str, cause: ConnectorError | None = None):
-        fix_config = isinstance(cause, (AuthError, ConfigError, NotFound))
-        super().__init__(message, ExitCode.USAGE if fix_config else ExitCode.FAILED)
 
 
 def transfer_settings(loaded: LoadedConfig) -> TransferSettings:
@@ -68,58 +46,6 @@ def transfer_settings(loaded: LoadedConfig) -> TransferSettings:
         max_source_restarts=t.max_source_restarts,
         part_attempts=t.part_attempts,
     )
-
-
-def state_path(loaded: LoadedConfig) -> Path:
-    return loaded.state_dir / STATE_FILE
-
-
-def state_url(loaded: LoadedConfig) -> str | None:
-    """The database URL of `state.url_env` (None: the SQLite file of the state directory)."""
-    var = loaded.config.state.url_env
-    if var is None:
-        return None
-    url = os.environ.get(var)
-    if not url:
-        raise ConfigFileError(f"{loaded.path}: field `state.url_env` names the environment variable {var}, which is "
-                              "not set; export it (postgresql+psycopg://user:password@host:5432/db)")
-    return url
-
-
-@contextmanager
-def state_database_errors(loaded: LoadedConfig) -> Iterator[None]:
-    """A state database that cannot be used becomes a `RunError` (exit 2) naming it, without its password."""
-    try:
-        yield
-    except sa.exc.ArgumentError as exc:
-        raise RunError(f"{loaded.path}: field `state.url_env`: ${loaded.config.state.url_env} is not a database URL "
-                       f"({exc})", ConfigError(str(exc))) from None
-    except (sa.exc.OperationalError, sa.exc.InterfaceError) as exc:
-        raise RunError(f"the state database {state_location(loaded)} cannot be used: "
-                       f"{str(exc.orig).strip().splitlines()[0]}", ConfigError(str(exc.orig))) from None
-
-
-def state_location(loaded: LoadedConfig) -> str:
-    """Where the state is, for messages: the SQLite file, or the database URL without its password."""
-    url = state_url(loaded)
-    if url is None:
-        return str(state_path(loaded))
-    return sa.engine.make_url(url).render_as_string(hide_password=True)
-
-
-def open_state(loaded: LoadedConfig, *, read_only: bool = False) -> StateStore | None:
-    """The project's state store; read-only returns None when it does not exist yet (writes nothing).
-    A database that cannot be reached is a `RunError` (exit 2) naming it, never with its password."""
-    url = state_url(loaded)
-    if url is not None:
-        with state_database_errors(loaded):
-            return StateStore(url)
-    path = state_path(loaded)
-    if read_only:
-        if not path.exists():
-            return None
-        return StateStore(f"sqlite:///file:{path.resolve()}?mode=ro&uri=true")
-    return StateStore(path)
 
 
 def output_formats(loaded: LoadedConfig, datasets: list[str]) -> dict[str, OutputFormat]:
@@ -161,8 +87,9 @@ def preflight_destinations(loaded: LoadedConfig, datasets: list[str]) -> None:
     refused credentials stop the run with one sentence (exit 2) instead of failing every object."""
     for name in datasets:
         ds = loaded.config.datasets[name]
-        sink = _wrap(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
-        _wrap(f"dataset `{name}`: destination `{ds.destination}`", lambda: next(iter(sink.list(ds.dest_prefix)), None))
+        sink = call_endpoint(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
+        call_endpoint(f"dataset `{name}`: destination `{ds.destination}`",
+                      lambda: next(iter(sink.list(ds.dest_prefix)), None))
 
 
 def publish_keysets(loaded: LoadedConfig, datasets: list[str], formats: dict[str, OutputFormat]) -> list[str]:
@@ -172,10 +99,11 @@ def publish_keysets(loaded: LoadedConfig, datasets: list[str], formats: dict[str
 
     written = []
     for dest in sorted({loaded.config.datasets[n].destination for n in datasets if formats[n] is not IDENTITY}):
-        sink = _wrap(f"destination `{dest}`", open_sink, loaded, dest)
+        sink = call_endpoint(f"destination `{dest}`", open_sink, loaded, dest)
         key, data = keyset_copy(loaded)
         meta = WriteMeta(ContentSettings(content_type="application/json"), {"exitplan-format": "tink-encrypted-keyset-json"})
-        _wrap(f"destination `{dest}`: writing the wrapped keyset to {key}", sink.put, key, data, len(data), meta, None)
+        call_endpoint(f"destination `{dest}`: writing the wrapped keyset to {key}", sink.put, key, data, len(data),
+                      meta, None)
         written.append(f"{sink.label}/{key}")
     return written
 
@@ -212,26 +140,6 @@ class MigrationResult:
     @property
     def all_ok(self) -> bool:
         return all(s.all_ok for s in self.summaries) and not any(r.failures for r in self.removed)
-
-
-def _wrap(what: str, fn: Callable, *args):
-    """Call `fn`; a connector error (unreachable, denied, missing) becomes a `RunError` saying `what`."""
-    try:
-        return fn(*args)
-    except ConnectorError as exc:
-        raise RunError(f"{what}: {exc}", exc) from None
-
-
-def inventory(loaded: LoadedConfig, datasets: list[str]) -> list[DatasetInventory]:
-    """The inventory of each dataset (one streamed listing each)."""
-    results = []
-    for name in datasets:
-        ds = loaded.config.datasets[name]
-        source = _wrap(f"dataset `{name}`: source", open_source, loaded, name)
-        limits = destination_limits(loaded, ds.destination)
-        results.append(_wrap(f"dataset `{name}`: listing {source.label}", lambda: inventory_dataset(
-            name, ds, source.list(ds.prefix), limits, source_label=source.label)))
-    return results
 
 
 @dataclass(frozen=True)
@@ -431,15 +339,15 @@ class MigrationRun:
     def _endpoint(self, kind: str, name: str, what: str, opener: Callable, arg: str):
         with self._lock:
             if (kind, name) not in self._endpoints:
-                self._endpoints[(kind, name)] = _wrap(what, opener, self.loaded, arg)
+                self._endpoints[(kind, name)] = call_endpoint(what, opener, self.loaded, arg)
             return self._endpoints[(kind, name)]
 
     # ---- the CLI's way: a dataset at a time, streamed from its listing ----------------------------
 
     def copy_dataset(self, name: str, observer: RunObserver, *, count_first: bool = True) -> DatasetSummary:
         source, sink = self.source(name), self.sink(name)
-        objects, total = (_wrap(f"dataset `{name}`: listing {source.label}", count_dataset, self.loaded, name, source)
-                          if count_first else (-1, -1))
+        objects, total = (call_endpoint(f"dataset `{name}`: listing {source.label}", count_dataset, self.loaded,
+                                        name, source) if count_first else (-1, -1))
         observer.dataset_started(name, objects, total)
         try:
             summary = self._copy(name, dataset_items(self.loaded, name, source, sink.limits, self.formats[name]),
@@ -496,8 +404,8 @@ class MigrationRun:
 
         with self._lock:
             self._sharded.append(name)
-        inventory = _wrap(f"dataset `{name}`: listing {source.label}",
-                          lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label))
+        inventory = call_endpoint(f"dataset `{name}`: listing {source.label}",
+                                  lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label))
         flush()
         with self._lock:
             self._shard_counts[name] = cutter.shards
@@ -607,56 +515,6 @@ def summary_from_rows(state: StateStore, run_id: int, dataset: str, elapsed: flo
                           elapsed_seconds=elapsed)
 
 
-LOCK_FILE = "migrate.lock"
-
-
-class _DatabaseLock:
-    """A PostgreSQL session advisory lock on the project, held by a connection of its own (ended,
-    with the lock, by `close` or by the process's death)."""
-
-    def __init__(self, loaded: LoadedConfig, url: str):
-        self.engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
-        with state_database_errors(loaded):
-            self.conn = self.engine.connect()
-        key = zlib.crc32(f"exitplan-migrate|{loaded.config.project}".encode())
-        if not self.conn.execute(sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar():
-            self.close()
-            raise RunError(f"another migration of project `{loaded.config.project}` is running (it holds the "
-                           f"project's lock in the state database {state_location(loaded)}); wait for it to end, "
-                           "then run again")
-        self.conn.commit()
-
-    def close(self) -> None:
-        self.conn.close()
-        self.engine.dispose()
-
-
-def lock_project(loaded: LoadedConfig):
-    """Take the project's migration lock (an exclusive `flock` on `<state dir>/migrate.lock`, held
-    until the returned file is closed; with a state database, an advisory lock in it, so that runs
-    on different hosts exclude each other too): two migrations of one project at once would copy
-    the same objects and interleave their state. A held lock is a `RunError` naming who holds it."""
-    url = state_url(loaded)
-    if url is not None and url.startswith("postgresql"):
-        return _DatabaseLock(loaded, url)
-    loaded.state_dir.mkdir(parents=True, exist_ok=True)
-    path = loaded.state_dir / LOCK_FILE
-    f = open(path, "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise RunError(f"another migration of project `{loaded.config.project}` is running ({holder}, lock {path}); "
-                       "wait for it to end, then run again") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()}, started {datetime.now(timezone.utc):%Y-%m-%d %H:%M:%S}Z\n")
-    f.flush()
-    return f
-
-
 # Runs open in this process, by run id: the flows' shard tasks find theirs here (they run in the
 # flow's process, in threads, and so share its memory budget and transfer threads).
 _ACTIVE: dict[int, MigrationRun] = {}
@@ -711,112 +569,3 @@ def key_holder(loaded: LoadedConfig, fmt: OutputFormat) -> str:
     where = {"local": "a local key file (lab only)", "openbao": "OpenBao/Vault transit", "pkcs11": "a PKCS#11 HSM",
              "ovhcloud-kms": "OVHcloud KMS", "scaleway-kms": "Scaleway Key Manager"}.get(kek.backend, kek.backend)
     return f"Tink AES256_GCM_HKDF_1MB, data key {fmt.keys.primary_id}, keyset wrapped by {where}"
-
-
-def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, PlannedObject], None]
-         ) -> list[DryRunSummary]:
-    """What `migrate` would write, per dataset, touching nothing: the destination is not contacted
-    and the state store is only read (if it exists). The keyset is unwrapped (a read), so a dry run
-    also proves the KEK works."""
-    formats = output_formats(loaded, datasets)
-    settings = transfer_settings(loaded)
-    state = open_state(loaded, read_only=True)
-    results = []
-    try:
-        for name in datasets:
-            ds = loaded.config.datasets[name]
-            source = _wrap(f"dataset `{name}`: source", open_source, loaded, name)
-            limits = destination_limits(loaded, ds.destination)
-            try:
-                results.append(dry_run(name, dataset_items(loaded, name, source, limits, formats[name]), limits,
-                                       settings, output_format=formats[name], state=state,
-                                       on_object=partial(on_object, name)))
-            except ConnectorError as exc:
-                raise RunError(f"dataset `{name}`: listing {source.label}: {exc}", exc) from None
-    finally:
-        if state is not None:
-            state.close()
-    return results
-
-
-def restore(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",
-            on_object: Callable | None = None):
-    """Read `dataset` back from its destination into `to_dir`, decrypted and checked against the
-    plaintext SHA-256 recorded at copy time (see `engine.restore`). Keys are unwrapped first."""
-    from .restore import RestoreError, restore_dataset
-
-    keys = None
-    if not loaded.config.datasets[dataset].public:
-        from .keys import load_data_keys
-
-        keys = load_data_keys(loaded)
-    state = open_state(loaded, read_only=True)
-
-    def recorded(source_key: str) -> str | None:
-        if state is None:
-            return None
-        row = state.last_copy(dataset, source_key)
-        return row.sha256 if row else None
-
-    try:
-        return restore_dataset(loaded, dataset, to_dir, prefix=prefix, keys=keys, recorded=recorded, on_object=on_object)
-    except RestoreError as exc:
-        raise RunError(str(exc), exc.cause) from None
-    finally:
-        if state is not None:
-            state.close()
-
-
-@dataclass(frozen=True)
-class OrphanUpload:
-    """A multipart upload open under a dataset's destination prefix that no state row refers to
-    (a run killed between CreateMultipartUpload and recording it, or a state store lost)."""
-
-    dataset: str
-    destination: str
-    key: str
-    upload_id: str
-    initiated: datetime | None
-    aborted: bool = False
-
-    @property
-    def age_seconds(self) -> float | None:
-        if self.initiated is None:
-            return None
-        initiated = self.initiated if self.initiated.tzinfo else self.initiated.replace(tzinfo=timezone.utc)
-        return (datetime.now(timezone.utc) - initiated).total_seconds()
-
-
-def cleanup(loaded: LoadedConfig, datasets: list[str], *, abort: bool = False) -> list[OrphanUpload]:
-    """The multipart uploads under each dataset's destination prefix that no state row refers to
-    (uploads a row refers to are kept: an in-progress one is what the next `migrate` resumes).
-    With `abort`, each is aborted; otherwise nothing is touched. The state store is only read."""
-    state = open_state(loaded, read_only=True)
-    try:
-        known = state.upload_ids() if state is not None else set()
-    finally:
-        if state is not None:
-            state.close()
-    found: list[OrphanUpload] = []
-    seen: set[tuple[str, str]] = set()
-    for name in datasets:
-        ds = loaded.config.datasets[name]
-        sink = _wrap(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
-        pending = _wrap(f"dataset `{name}`: listing the multipart uploads of {sink.label}",
-                        lambda: list(sink.list_multipart_uploads(ds.dest_prefix)))
-        for upload in pending:
-            if upload.upload_id in known or (ds.destination, upload.upload_id) in seen:
-                continue
-            seen.add((ds.destination, upload.upload_id))
-            if abort:
-                _wrap(f"dataset `{name}`: aborting upload {upload.upload_id} of {upload.key}", _abort, sink, upload)
-            found.append(OrphanUpload(name, ds.destination, upload.key, upload.upload_id, upload.initiated, abort))
-    return found
-
-
-def _abort(sink, upload) -> None:
-    try:
-        handle = sink.resume_multipart(upload.key, upload.upload_id)
-    except NotFound:
-        return  # gone since it was listed (completed or aborted by someone else): nothing to do
-    handle.abort()

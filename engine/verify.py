@@ -39,7 +39,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
 import sqlalchemy as sa
@@ -51,6 +51,9 @@ from connectors.base import ConnectorError, NotFound, ObjectMeta
 from . import state as st
 from .audit import VERIFY, RunAudit, audit_signing_key
 from .crypto.tink_format import SEGMENT_SIZE, FormatError, decrypt_object, key_for, read_object_metadata
+from .endpoints import open_sink
+from .errors import call_endpoint
+from .project import open_state
 
 READ_SIZE = 4 * SEGMENT_SIZE  # ciphertext per read request in a deep check: whole segments
 CONTROL_PREFIX = "_exitplan/"  # exitplan's own files in a bucket (keyset and manifest copies)
@@ -426,9 +429,6 @@ def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sam
     keys (exit code 4 if the KEK fails); quick mode reads only the keyset's public key ids. The
     audit key is unwrapped to sign the run's end.
     """
-    from .endpoints import open_sink
-    from .run import RunError, open_state
-
     if not 0 < sample <= 1:
         raise UserError(f"--sample {sample}: must be a fraction above 0 and at most 1 (e.g. 0.1 for 10%)", ExitCode.USAGE)
     seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
@@ -474,10 +474,7 @@ def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sam
     try:
         for name in datasets:
             ds = loaded.config.datasets[name]
-            try:
-                sink = open_sink(loaded, ds.destination)
-            except ConnectorError as exc:
-                raise RunError(f"destination `{ds.destination}`: {exc}", exc) from None
+            sink = call_endpoint(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
             summary = verify_dataset(loaded, name, store, sink, deep=deep, sample=sample, seed=seed, keys=keys,
                                      known_key_ids=known_ids, on_checked=on_checked, observer=observer)
             summaries.append(summary)

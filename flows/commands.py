@@ -78,10 +78,10 @@ def chosen_datasets(loaded: LoadedConfig, names: list[str]) -> list[str]:
 
 
 def cmd_inventory(args: argparse.Namespace) -> int:
-    from engine import run
+    from engine.inventory import inventory
 
     loaded = load_config(args.config)
-    results = run.inventory(loaded, chosen_datasets(loaded, args.dataset))
+    results = inventory(loaded, chosen_datasets(loaded, args.dataset))
     if args.format == "json":
         json.dump([r.as_dict() for r in results], sys.stdout, ensure_ascii=False, indent=2)
         print()
@@ -173,7 +173,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _dry_run(loaded: LoadedConfig, datasets: list[str]) -> int:
-    from engine import run
+    from engine.plan import plan
 
     def show(dataset: str, planned) -> None:
         if planned.action == "write":
@@ -184,7 +184,7 @@ def _dry_run(loaded: LoadedConfig, datasets: list[str]) -> int:
         else:
             print(f"would refuse {dataset}: {planned.source_key}  ({planned.reason})")
 
-    summaries = run.plan(loaded, datasets, show)
+    summaries = plan(loaded, datasets, show)
     print()
     print_table(
         ["dataset", "objects", "size", "written", "requests", "multipart", "skipped", "refused", "destination"],
@@ -277,7 +277,7 @@ def print_audit_outcome(a) -> None:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from engine import run
+    from engine.restore import restore
 
     loaded = load_config(args.config)
     (dataset,) = chosen_datasets(loaded, [args.dataset])
@@ -288,7 +288,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if result.status != "ok":
             print(f"failed   {result.dest_key}: {result.reason}", file=sys.stderr)
 
-    summary = run.restore(loaded, dataset, args.to, prefix=args.prefix, on_object=show)
+    summary = restore(loaded, dataset, args.to, prefix=args.prefix, on_object=show)
     checked = summary.ok - summary.unchecked
     print(f"{dataset}: restored {summary.ok:,} of {summary.objects:,} objects ({format_size(summary.bytes)}) into {args.to}; "
           f"{checked:,} matched the SHA-256 recorded at copy time"
@@ -303,10 +303,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from engine import run
+    from engine.cleanup import cleanup
 
     loaded = load_config(args.config)
-    found = run.cleanup(loaded, chosen_datasets(loaded, args.dataset), abort=args.abort)
+    found = cleanup(loaded, chosen_datasets(loaded, args.dataset), abort=args.abort)
     if not found:
         print("no multipart upload under the datasets' destination prefixes is unknown to the state.")
         return ExitCode.OK

@@ -56,6 +56,8 @@ from config.errors import UserError
 from config.loader import load_config
 from config.models import LoadedConfig
 from config.sizes import format_size
+from engine import inventory as engine_inventory
+from engine import plan as engine_plan
 from engine import run as engine_run
 from engine.settings import within_connections
 
@@ -310,7 +312,7 @@ def plan_datasets(config_path: str, datasets: list[str] | None) -> list[dict[str
     """What a migration would write, per dataset, touching nothing (the destination is not
     contacted, the state store only read; the keyset is unwrapped, which proves the KEK works)."""
     loaded, names = _load(config_path, datasets)
-    summaries = engine_run.plan(loaded, names, lambda dataset, planned: None)
+    summaries = engine_plan.plan(loaded, names, lambda dataset, planned: None)
     return [{"dataset": s.dataset, "objects_to_write": s.objects, "size": format_size(s.bytes), "bytes": s.bytes,
              "written": format_size(s.output_bytes), "requests": s.parts, "multipart": s.multipart_objects,
              "unchanged": s.skipped, "refused": s.refused,
@@ -321,7 +323,7 @@ def plan_datasets(config_path: str, datasets: list[str] | None) -> list[dict[str
 def inventory_dataset(config_path: str, dataset: str) -> dict[str, Any]:
     """One dataset's inventory (a streamed listing; nothing is written)."""
     loaded, names = _load(config_path, [dataset])
-    (inv,) = engine_run.inventory(loaded, names)
+    (inv,) = engine_inventory.inventory(loaded, names)
     return _inventory_row(inv)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import run as engine_run
 from flows.cli import main
 from tests import projects
 from tests.faultproxy import FaultProxy
@@ -253,8 +254,8 @@ def test_inventory_and_verify_flows(tmp_path, env, s3_server, s3):
 def test_two_migrations_of_one_project_never_run_at_once(tmp_path, env, s3_server, s3, capsys):
     """While a migration of the project holds its lock, another one (CLI or flow) refuses to start,
     naming the holder; once it is released, the next one runs."""
-    from engine.run import lock_project
     from config.loader import load_config
+    from engine.project import lock_project
     from flows.orchestrate import migrate_flow
 
     path, container, blobs = write_project(tmp_path, env, s3_server.url)
@@ -319,7 +320,6 @@ def test_shards_in_processes_of_their_own(tmp_path, env, s3_server, s3):
 def test_a_shard_that_stops_on_an_error_fails_the_run(tmp_path, env, s3_server, s3, monkeypatch):
     """A shard task that stops on an error (here the state store failing under it) is shown as
     such, the other shards finish, and the run is recorded as failed, not ok."""
-    from engine import run as engine_run
     from engine.state import StateStore
     from flows.orchestrate import migrate_flow
 

@@ -70,7 +70,7 @@ def test_flows_and_shard_processes_share_the_database(project, s3, prefect_harne
 
 def test_the_projects_lock_is_held_in_the_database(project, capsys):
     from config.loader import load_config
-    from engine.run import lock_project
+    from engine.project import lock_project
 
     path, container, blobs = project()
     held = lock_project(load_config(path))  # e.g. a run on another host

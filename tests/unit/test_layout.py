@@ -39,3 +39,21 @@ def test_import_direction(package):
         if bad:
             offenders[str(path.relative_to(REPO))] = sorted(bad)
     assert not offenders, f"forbidden imports: {offenders}"
+
+
+def test_no_engine_module_imports_the_run_inside_a_function():
+    """A module that needs the run imports it at its top, where a dependency (and a circle) shows."""
+    offenders = []
+    for path in sorted((REPO / "engine").rglob("*.py")):
+        for func in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                if isinstance(node, ast.ImportFrom) and (
+                        (node.level and node.module == "run")
+                        or node.module == "engine.run"
+                        or (node.module in ("engine", None) and any(a.name == "run" for a in node.names))):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+                elif isinstance(node, ast.Import) and any(a.name == "engine.run" for a in node.names):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, f"function-local imports of engine.run: {offenders}"

@@ -1,0 +1,42 @@
+"""The dry run of a migration (`exitplan migrate --dry-run`): what would be written, per object and
+per dataset, with nothing written anywhere."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+from config.models import LoadedConfig
+from connectors.base import ConnectorError
+
+from .endpoints import destination_limits, open_source
+from .errors import RunError, call_endpoint
+from .migrate import DryRunSummary, PlannedObject, dry_run
+from .project import open_state
+from .run import dataset_items, output_formats, transfer_settings
+
+
+def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, PlannedObject], None]
+         ) -> list[DryRunSummary]:
+    """What `migrate` would write, per dataset, touching nothing: the destination is not contacted
+    and the state store is only read (if it exists). The keyset is unwrapped (a read), so a dry run
+    also proves the KEK works."""
+    formats = output_formats(loaded, datasets)
+    settings = transfer_settings(loaded)
+    state = open_state(loaded, read_only=True)
+    results = []
+    try:
+        for name in datasets:
+            ds = loaded.config.datasets[name]
+            source = call_endpoint(f"dataset `{name}`: source", open_source, loaded, name)
+            limits = destination_limits(loaded, ds.destination)
+            try:
+                results.append(dry_run(name, dataset_items(loaded, name, source, limits, formats[name]), limits,
+                                       settings, output_format=formats[name], state=state,
+                                       on_object=partial(on_object, name)))
+            except ConnectorError as exc:
+                raise RunError(f"dataset `{name}`: listing {source.label}: {exc}", exc) from None
+    finally:
+        if state is not None:
+            state.close()
+    return results
