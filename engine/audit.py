@@ -33,9 +33,10 @@ whole runs from the end and the rest still checks). Keep the last record hash so
 Which objects are recorded: a `transfer` record is written for every state row that reached
 uploaded (or verified) and was not recorded yet, in row order, after each dataset of a run and at
 its end, read back from the state store (`engine.state` tables; times and digests come from the
-rows). Which rows are recorded is kept in a table of this module's own, ``audit_recorded``, in
-the state database: a run killed before its records were written has them written by the next
-run (``late: true``). A kill between a line and its mark can at worst repeat a record.
+rows). Which rows are recorded is kept in the state database (its ``audit_recorded`` table,
+`StateStore.unaudited` and `mark_audited`): a run killed before its records were written has them
+written by the next run (``late: true``). A kill between a line and its mark can at worst repeat
+a record.
 """
 
 from __future__ import annotations
@@ -49,9 +50,8 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import sqlalchemy as sa
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -399,38 +399,6 @@ def file_sha256(path: Path) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Which state rows are recorded (a table of this module's own in the state database)
-# ---------------------------------------------------------------------------------------------
-
-_audit_metadata = sa.MetaData()
-audit_recorded = sa.Table(
-    "audit_recorded", _audit_metadata,
-    sa.Column("object_id", sa.Integer, primary_key=True),  # engine.state `objects.id`
-    sa.Column("seq", sa.BigInteger, nullable=False),  # the manifest line that records it
-)
-
-
-def _unrecorded(engine: sa.engine.Engine, dataset: str, states: tuple[str, ...], page: int = 1000
-                ) -> Iterator[st.ObjectRecord]:
-    """Rows of `dataset` in `states` that have no record in the manifest yet, in id order,
-    streamed in pages."""
-    last = 0
-    o = st.objects
-    while True:
-        query = (o.select()
-                 .where(o.c.dataset == dataset, o.c.id > last, o.c.state.in_(states),
-                        ~sa.exists().where(audit_recorded.c.object_id == o.c.id))
-                 .order_by(o.c.id).limit(page))
-        with engine.connect() as conn:
-            rows = conn.execute(query).mappings().all()
-        if not rows:
-            return
-        for row in rows:
-            yield st.ObjectRecord(**row)
-        last = rows[-1]["id"]
-
-
-# ---------------------------------------------------------------------------------------------
 # The hooks a run uses
 # ---------------------------------------------------------------------------------------------
 
@@ -531,7 +499,6 @@ class MigrationAudit(RunAudit):
     def __init__(self, loaded: "LoadedConfig", state: st.StateStore, run_id: int, datasets: list[str],
                  verdicts: Mapping[str, "DestinationVerdict"], key_ids: Mapping[str, int | None],
                  signing_key: Ed25519PrivateKey | None):
-        _audit_metadata.create_all(state.engine)
         self.state = state
         self.verdicts = verdicts
         self.key_ids = dict(key_ids)
@@ -558,7 +525,7 @@ class MigrationAudit(RunAudit):
         account = getattr(source, "account", None) or _account_of(src_cfg)
         verdict = self.verdicts[ds.destination]
         n = 0
-        for row in _unrecorded(self.state.engine, dataset, st.COPIED):
+        for row in self.state.unaudited(dataset, st.COPIED):
             key_id = self.key_ids.get(dataset)
             if ds.public:
                 encryption = None
@@ -584,9 +551,9 @@ class MigrationAudit(RunAudit):
                 "restarts": row.restarts,
                 "started": iso(row.started_at), "finished": iso(row.finished_at),
             })
-            self._mark(row, record)
+            self.state.mark_audited(row.id, record["seq"])
             n += 1
-        for row in _unrecorded(self.state.engine, dataset, (st.REMOVED,)):
+        for row in self.state.unaudited(dataset, (st.REMOVED,)):
             record = self.manifest.append({
                 "type": REMOVAL, "run": row.run_id, "recorded_in_run": self.run_id,
                 "late": row.run_id != self.run_id, "dataset": dataset,
@@ -598,13 +565,9 @@ class MigrationAudit(RunAudit):
                           "(migrate --delete-removed)",
                 "deleted": iso(row.finished_at or row.updated_at),
             })
-            self._mark(row, record)
+            self.state.mark_audited(row.id, record["seq"])
             n += 1
         return n
-
-    def _mark(self, row: st.ObjectRecord, record: Mapping[str, Any]) -> None:
-        with self.state.engine.begin() as conn:
-            conn.execute(audit_recorded.insert().values(object_id=row.id, seq=record["seq"]))
 
 
 def _account_of(src_cfg: Any) -> str | None:

@@ -24,15 +24,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import sqlalchemy as sa
-
 from config.models import LoadedConfig
 from config.policy import check_sovereignty
 from config.sizes import format_size
 
-from . import state as st
 from .project import open_state
-from .verify import VERIFY_REASON
+from .state import DatasetFigures
 
 TIME_BINS = 48
 # Object size bins: upper bounds (exclusive), factors of 16 from 1 KiB; the last is open.
@@ -40,18 +37,6 @@ SIZE_BOUNDS = (1, 1 << 10, 1 << 14, 1 << 18, 1 << 22, 1 << 26, 1 << 30, 1 << 34)
 SIZE_LABELS = ("0 B", "<1 KiB", "<16 KiB", "<256 KiB", "<4 MiB", "<64 MiB", "<1 GiB", "<16 GiB", "≥16 GiB")
 
 STATUS_COLORS = {"verified": "#2e7d32", "copied, not verified": "#f9a825", "failed": "#c62828"}
-
-
-@dataclass(frozen=True)
-class DatasetFigures:
-    dataset: str
-    objects: int
-    bytes: int
-    verified: int
-    unverified: int
-    failed: int
-    output_bytes: int
-    last_finished: datetime | None
 
 
 @dataclass(frozen=True)
@@ -71,90 +56,6 @@ class ReportFile:
     size: int
     objects: int
     manifest_line: str
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading the state
-# ---------------------------------------------------------------------------------------------
-
-
-def _newest_rows(dataset: str):
-    """Per source key, its newest row that copied, was verified, or failed (a later unchanged row
-    only restates an earlier copy)."""
-    o = st.objects
-    return (sa.select(sa.func.max(o.c.id).label("id"))
-            .where(o.c.dataset == dataset, o.c.state.in_((st.UPLOADED, st.VERIFIED, st.FAILED)))
-            .group_by(o.c.source_key).subquery())
-
-
-def dataset_figures(store: st.StateStore, dataset: str) -> DatasetFigures:
-    o = st.objects
-    newest = _newest_rows(dataset)
-    query = (sa.select(o.c.state, sa.func.count(), sa.func.coalesce(sa.func.sum(o.c.size), 0),
-                       sa.func.coalesce(sa.func.sum(o.c.output_size), 0), sa.func.max(o.c.finished_at))
-             .join_from(o, newest, o.c.id == newest.c.id).group_by(o.c.state))
-    counts = {st.UPLOADED: 0, st.VERIFIED: 0, st.FAILED: 0}
-    total = out = 0
-    last = None
-    with store.engine.connect() as conn:
-        for state, n, size, output, finished in conn.execute(query):
-            counts[state] = int(n)
-            total += int(size)
-            out += int(output) if state != st.FAILED else 0
-            if state != st.FAILED and finished is not None:
-                last = max(last, finished) if last else finished
-    n = sum(counts.values())
-    return DatasetFigures(dataset, n, total, counts[st.VERIFIED], counts[st.UPLOADED], counts[st.FAILED], out, last)
-
-
-def _copies(store: st.StateStore, datasets: Sequence[str]) -> Iterable[tuple[datetime, int]]:
-    """(finish time, plaintext bytes) of every copy ever made of these datasets, streamed."""
-    o = st.objects
-    moved = sa.or_(o.c.state.in_(st.COPIED), sa.and_(o.c.state == st.FAILED, o.c.reason.like(VERIFY_REASON + "%")))
-    query = (sa.select(o.c.finished_at, o.c.size)
-             .where(o.c.dataset.in_(list(datasets)), moved, o.c.finished_at.is_not(None)))
-    with store.engine.connect() as conn:
-        for finished, size in conn.execution_options(stream_results=True, yield_per=5000).execute(query):
-            yield finished, int(size)
-
-
-def moved_over_time(store: st.StateStore, datasets: Sequence[str]) -> list[tuple[datetime, int]]:
-    """Cumulative bytes copied at the end of each of `TIME_BINS` equal time bins."""
-    o = st.objects
-    with store.engine.connect() as conn:
-        lo, hi = conn.execute(sa.select(sa.func.min(o.c.finished_at), sa.func.max(o.c.finished_at))
-                              .where(o.c.dataset.in_(list(datasets)), o.c.state.in_(st.COPIED + (st.FAILED,)))).one()
-    if lo is None:
-        return []
-    span = max((hi - lo).total_seconds(), 1e-3)
-    bins = [0] * TIME_BINS
-    for finished, size in _copies(store, datasets):
-        i = min(int((finished - lo).total_seconds() / span * TIME_BINS), TIME_BINS - 1)
-        bins[max(i, 0)] += size
-    out, acc = [], 0
-    for i, b in enumerate(bins):
-        acc += b
-        out.append((lo + (hi - lo) * ((i + 1) / TIME_BINS), acc))
-    return out
-
-
-def size_histogram(store: st.StateStore, datasets: Sequence[str]) -> list[int]:
-    o = st.objects
-    counts = [0] * len(SIZE_LABELS)
-    for name in datasets:
-        newest = _newest_rows(name)
-        query = sa.select(o.c.size).join_from(o, newest, o.c.id == newest.c.id).where(o.c.state.in_(st.COPIED))
-        with store.engine.connect() as conn:
-            for (size,) in conn.execution_options(stream_results=True, yield_per=5000).execute(query):
-                i = next((k for k, bound in enumerate(SIZE_BOUNDS) if size < bound), len(SIZE_BOUNDS))
-                counts[i] += 1
-    return counts
-
-
-def migrate_runs(store: st.StateStore, limit: int = 30) -> list[st.RunRecord]:
-    with store.engine.connect() as conn:
-        rows = conn.execute(st.runs.select().order_by(st.runs.c.id.desc()).limit(limit)).mappings().all()
-    return [st.RunRecord(**r) for r in reversed(rows)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,10 +258,10 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
     verdicts = {v.name: v for v in check_sovereignty(loaded)}
     store = open_state(loaded, read_only=True)
     try:
-        figures = [dataset_figures(store, d) for d in datasets] if store else []
-        timeline = moved_over_time(store, datasets) if store else []
-        histogram = size_histogram(store, datasets) if store else []
-        runs = migrate_runs(store) if store else []
+        figures = [store.dataset_figures(d) for d in datasets] if store else []
+        timeline = store.moved_over_time(datasets, TIME_BINS) if store else []
+        histogram = store.size_histogram(datasets, SIZE_BOUNDS) if store else []
+        runs = store.recent_runs(limit=30) if store else []
     finally:
         if store is not None:
             store.close()

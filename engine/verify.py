@@ -1,9 +1,10 @@
 """Verify: prove that the destination holds what the state store says was copied (ARCHITECTURE §6.3).
 
 It never reads the source again. What each dataset is expected to hold comes from the state
-store: per source key, the newest row that says a version is at the destination (uploaded or
-verified, or failed by an earlier verify: a discrepancy stays named until `migrate` copies the
-object again), with its destination key and ETag, its output size and its plaintext SHA-256.
+store (`StateStore.expected_at_destination`): per source key, the newest row that says a version
+is at the destination (uploaded or verified, or failed by an earlier verify: a discrepancy stays
+named until `migrate` copies the object again), with its destination key and ETag, its output
+size and its plaintext SHA-256.
 
 **Quick** (default): the dataset's destination prefix is listed (ListObjectsV2: size and ETag for
 1,000 keys a request) and merged with the expected rows, both in key order (UTF-8 byte order,
@@ -42,8 +43,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
-import sqlalchemy as sa
-
 from config.errors import ExitCode, UserError
 from config.models import LoadedConfig
 from connectors.base import ConnectorError, NotFound, ObjectMeta
@@ -57,7 +56,6 @@ from .project import open_state
 
 READ_SIZE = 4 * SEGMENT_SIZE  # ciphertext per read request in a deep check: whole segments
 CONTROL_PREFIX = "_exitplan/"  # exitplan's own files in a bucket (keyset and manifest copies)
-VERIFY_REASON = "verify: "  # the reason prefix of a row failed by verify
 
 
 class VerifyError(UserError):
@@ -156,41 +154,6 @@ def in_sample(seed: int, dataset: str, source_key: str, fraction: float) -> bool
         return True
     h = hashlib.sha256(f"{seed}\x00{dataset}\x00{source_key}".encode("utf-8")).digest()
     return int.from_bytes(h[:8], "big") < fraction * 2**64
-
-
-# ---------------------------------------------------------------------------------------------
-# What the state says each dataset holds
-# ---------------------------------------------------------------------------------------------
-
-
-def _claims_query(dataset: str, dialect: str):
-    """Per source key of `dataset`, the newest row saying a version is at the destination, in
-    destination-key order (byte order: S3's listing order)."""
-    o = st.objects
-    # A `removed` row newer than the copy means the destination copy was deleted on purpose.
-    claims = sa.or_(o.c.state.in_(st.COPIED + (st.REMOVED,)),
-                    sa.and_(o.c.state == st.FAILED, o.c.reason.like(VERIFY_REASON + "%")))
-    newest = (sa.select(sa.func.max(o.c.id).label("id"))
-              .where(o.c.dataset == dataset, o.c.dest_key.is_not(None), claims)
-              .group_by(o.c.source_key).subquery())
-    order = o.c.dest_key.collate("C") if dialect == "postgresql" else o.c.dest_key  # SQLite: BINARY
-    return (o.select().join_from(o, newest, o.c.id == newest.c.id).where(o.c.state != st.REMOVED)
-            .order_by(order, o.c.id))
-
-
-def expected_objects(store: st.StateStore, dataset: str) -> Iterator[st.ObjectRecord]:
-    """The rows `verify` checks for `dataset`, streamed (one cursor; never the whole set in memory)."""
-    with store.engine.connect() as conn:
-        result = conn.execution_options(stream_results=True, yield_per=1000).execute(
-            _claims_query(dataset, store.engine.dialect.name))
-        for row in result.mappings():
-            yield st.ObjectRecord(**row)
-
-
-def count_expected(store: st.StateStore, dataset: str) -> int:
-    sub = _claims_query(dataset, store.engine.dialect.name).subquery()
-    with store.engine.connect() as conn:
-        return int(conn.execute(sa.select(sa.func.count()).select_from(sub)).scalar() or 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +286,7 @@ def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sin
     concurrency = loaded.config.transfer.concurrency
     checker = _Checker(dataset, sink, encrypted=not ds.public, known_key_ids=known_key_ids, keys=keys, deep=deep,
                        sample=sample, seed=seed)
-    total = count_expected(store, dataset)
+    total = store.count_expected_at_destination(dataset)
     if observer:
         observer.dataset_started(dataset, total)
     lock = threading.Lock()
@@ -388,7 +351,7 @@ def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sin
         with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="exitplan-verify") as pool:
             listing = _listing(sink, prefix)
             current = next(listing, None)
-            for row in expected_objects(store, dataset):
+            for row in store.expected_at_destination(dataset):
                 key = row.dest_key or ""
                 if not key.startswith(prefix):  # written under an earlier dest_prefix: not in this listing
                     try:
@@ -500,7 +463,7 @@ def _record_state(store: st.StateStore, row: st.ObjectRecord, result: CheckedObj
         if result.ok and row.state == st.UPLOADED:
             store.transition(row.id, st.VERIFIED, finished_at=row.finished_at)
         elif definite and row.state in st.COPIED:
-            reason = VERIFY_REASON + "; ".join(f"{d.kind}: expected {d.expected}, found {d.found}" for d in definite)
+            reason = st.VERIFY_REASON + "; ".join(f"{d.kind}: expected {d.expected}, found {d.found}" for d in definite)
             store.transition(row.id, st.FAILED, reason=reason[:2000], finished_at=row.finished_at)
     except st.InvalidTransition:
         pass  # a concurrent migrate moved the row on: its new state stands

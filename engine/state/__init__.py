@@ -25,23 +25,24 @@ acknowledged (number, ETag, size, MD5), recorded after the acknowledgement; a pa
 recorded when the process died is found again with ListParts. `resumable` finds the row a killed
 run left behind.
 
-The package: the states and tables (schema.py), the frozen records reads return (records.py), the
-rows writes are built from (rows.py), `StateStore` (store.py) and `WriteBatch` (batch.py).
+The package owns every table (schema.py, the audit manifest's `audit_recorded` included) and every
+query (store.py); the other modules ask `StateStore` and get frozen records (records.py). Rows are
+built and checked in rows.py; batch.py queues the harmless writes.
 """
 
 from .batch import WriteBatch
-from .records import (DatasetTotals, ObjectRecord, PartRecord, RunRecord, ShardCounts,
+from .records import (DatasetFigures, DatasetTotals, ObjectRecord, PartRecord, RunRecord, ShardCounts,
                       ShardRecord)
 from .schema import (CHANGED, COPIED, FAILED, IN_PROGRESS, INITIAL_STATES, PENDING, REMOVED, STATES, TRANSITIONS,
-                     UNCHANGED, UPLOADED, VERIFIED, InvalidTransition, listing, metadata, objects, parts, runs,
-                     shards, utcnow)
+                     UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition, audit_recorded, listing, metadata,
+                     objects, parts, runs, shards, utcnow)
 from .store import StateStore
 
 __all__ = [
     "CHANGED", "COPIED", "FAILED", "IN_PROGRESS", "INITIAL_STATES", "PENDING", "REMOVED", "STATES", "TRANSITIONS",
-    "UNCHANGED", "UPLOADED", "VERIFIED",
+    "UNCHANGED", "UPLOADED", "VERIFIED", "VERIFY_REASON",
     "InvalidTransition", "utcnow",
-    "metadata", "runs", "objects", "parts", "listing", "shards",
-    "DatasetTotals", "ObjectRecord", "PartRecord", "RunRecord", "ShardCounts", "ShardRecord",
+    "metadata", "runs", "objects", "parts", "listing", "shards", "audit_recorded",
+    "DatasetFigures", "DatasetTotals", "ObjectRecord", "PartRecord", "RunRecord", "ShardCounts", "ShardRecord",
     "StateStore", "WriteBatch",
 ]

@@ -109,3 +109,17 @@ class RunRecord:
     bytes_total: int
     bytes_sent: int
 
+
+@dataclass(frozen=True)
+class DatasetFigures:
+    """A dataset's objects by their newest copy (per source key, the newest row that copied, was
+    verified or failed): how many and how many bytes are at the destination, and how proven."""
+
+    dataset: str
+    objects: int
+    bytes: int  # plaintext, of every object counted
+    verified: int
+    unverified: int  # copied, not verified yet
+    failed: int
+    output_bytes: int  # stored at the destination (ciphertext for encrypted datasets); failed rows excluded
+    last_finished: datetime | None  # naive UTC, of the newest copy that did not fail

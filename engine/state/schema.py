@@ -1,4 +1,9 @@
-"""The state database's schema: object states and their allowed transitions, and the tables."""
+"""The state database's schema: object states and their allowed transitions, and every table.
+
+Every table of the state database is defined here, the audit manifest's `audit_recorded` included,
+so that a column change is made in one place; `StateStore` (store.py) is the only code that
+queries them.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +37,10 @@ TRANSITIONS: Mapping[str, frozenset[str]] = {
 
 # Object states that count as "the destination holds this source version".
 COPIED = (UPLOADED, VERIFIED)
+
+# The reason prefix of a row that `verify` found wrong (failed): such a row still claims a copy
+# at the destination (verify keeps naming it) until `migrate` copies the object again.
+VERIFY_REASON = "verify: "
 
 # States an object row may be created in: pending, or one step from it (the insert then stands for
 # "pending, then at once this"), e.g. in_progress for an object whose first attempt starts now.
@@ -145,6 +154,14 @@ shards = sa.Table(
     sa.Column("worker", sa.String),  # host:pid of the process that ran the last attempt
     sa.Column("started_at", sa.DateTime),
     sa.Column("finished_at", sa.DateTime),
+)
+
+# Which `objects` rows the audit manifest records (engine/audit.py): a copied or removed row
+# without one gets its record from the next run, marked late.
+audit_recorded = sa.Table(
+    "audit_recorded", metadata,
+    sa.Column("object_id", sa.Integer, primary_key=True),  # `objects.id`
+    sa.Column("seq", sa.BigInteger, nullable=False),  # the manifest line that records it
 )
 
 # Columns added after the first release of the store: added to an existing database on open.

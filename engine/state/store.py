@@ -1,12 +1,16 @@
-"""`StateStore`: the reads and writes of the state database (schema.py defines its tables)."""
+"""`StateStore`: every read and write of the state database (schema.py defines its tables).
+
+Callers get frozen records (records.py), never rows or connections: nothing outside this package
+builds a query or touches the SQLAlchemy engine.
+"""
 
 from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
-from datetime import timezone
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -14,10 +18,12 @@ from sqlalchemy.engine import Connection, Engine
 from connectors.base import ContentSettings, ObjectMeta
 
 from .batch import WriteBatch
-from .records import DatasetTotals, ObjectRecord, PartRecord, RunRecord, ShardCounts, ShardRecord
+from .records import (DatasetFigures, DatasetTotals, ObjectRecord, PartRecord, RunRecord, ShardCounts,
+                      ShardRecord)
 from .rows import listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, REMOVED, STATES, TRANSITIONS, UNCHANGED,
-                     InvalidTransition, listing, metadata, objects, parts, runs, shards, utcnow)
+                     UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition, audit_recorded, listing, metadata, objects,
+                     parts, runs, shards, utcnow)
 
 # Statements built once: building and cache-keying a Core statement costs more than running it
 # on SQLite. Updates name their SET columns through the parameters' keys (compiled once per key set).
@@ -176,15 +182,21 @@ class StateStore:
 
     def objects(self, run_id: int, *, dataset: str | None = None, state: str | None = None) -> Iterator[ObjectRecord]:
         """The objects of a run in id order, streamed in pages (never the whole run in memory)."""
+        where = [objects.c.run_id == run_id]
+        if dataset is not None:
+            where.append(objects.c.dataset == dataset)
+        if state is not None:
+            where.append(objects.c.state == state)
+        return self._object_pages(where)
+
+    def _object_pages(self, where: list, page: int = 1000) -> Iterator[ObjectRecord]:
+        """The `objects` rows matching `where`, in id order, read a page at a time (no cursor stays
+        open between pages, so the caller may write while it iterates)."""
         last = 0
         while True:
-            query = objects.select().where(objects.c.run_id == run_id, objects.c.id > last)
-            if dataset is not None:
-                query = query.where(objects.c.dataset == dataset)
-            if state is not None:
-                query = query.where(objects.c.state == state)
+            query = objects.select().where(*where, objects.c.id > last).order_by(objects.c.id).limit(page)
             with self.engine.connect() as conn:
-                rows = conn.execute(query.order_by(objects.c.id).limit(1000)).mappings().all()
+                rows = conn.execute(query).mappings().all()
             if not rows:
                 return
             for row in rows:
@@ -406,6 +418,125 @@ class StateStore:
             query = query.where(objects.c.dataset == dataset)
         with self.engine.connect() as conn:
             return {state: (int(n), int(b)) for state, n, b in conn.execute(query)}
+
+    # ---- what verify checks ----------------------------------------------------------------------
+
+    def expected_at_destination(self, dataset: str) -> Iterator[ObjectRecord]:
+        """Per source key of `dataset`, the newest row saying a version is at the destination
+        (uploaded or verified, or failed by an earlier verify), unless a newer row says its copy was
+        removed; in destination-key order (byte order: S3's listing order), streamed on one cursor."""
+        with self.engine.connect() as conn:
+            result = conn.execution_options(stream_results=True, yield_per=1000).execute(self._claims(dataset))
+            for row in result.mappings():
+                yield ObjectRecord(**row)
+
+    def count_expected_at_destination(self, dataset: str) -> int:
+        """How many rows `expected_at_destination` gives."""
+        sub = self._claims(dataset).subquery()
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(sub)).scalar() or 0)
+
+    def _claims(self, dataset: str) -> sa.Select:
+        o = objects
+        # A `removed` row newer than the copy means the destination copy was deleted on purpose.
+        claims = sa.or_(o.c.state.in_(COPIED + (REMOVED,)),
+                        sa.and_(o.c.state == FAILED, o.c.reason.like(VERIFY_REASON + "%")))
+        newest = (sa.select(sa.func.max(o.c.id).label("id"))
+                  .where(o.c.dataset == dataset, o.c.dest_key.is_not(None), claims)
+                  .group_by(o.c.source_key).subquery())
+        order = o.c.dest_key.collate("C") if self.engine.dialect.name == "postgresql" else o.c.dest_key  # SQLite: BINARY
+        return (o.select().join_from(o, newest, o.c.id == newest.c.id).where(o.c.state != REMOVED)
+                .order_by(order, o.c.id))
+
+    # ---- which rows the audit manifest records ---------------------------------------------------
+
+    def unaudited(self, dataset: str, states: Sequence[str], page: int = 1000) -> Iterator[ObjectRecord]:
+        """Rows of `dataset` in `states` that the audit manifest does not record yet (no
+        `mark_audited`), in id order, streamed in pages."""
+        o = objects
+        return self._object_pages([o.c.dataset == dataset, o.c.state.in_(states),
+                                   ~sa.exists().where(audit_recorded.c.object_id == o.c.id)], page)
+
+    def mark_audited(self, object_id: int, seq: int) -> None:
+        """Record that manifest line `seq` records the row `object_id` (written after the line)."""
+        with self._writing() as conn:
+            conn.execute(audit_recorded.insert().values(object_id=object_id, seq=seq))
+
+    # ---- the report's figures ----------------------------------------------------------------------
+
+    def dataset_figures(self, dataset: str) -> DatasetFigures:
+        """`dataset`'s objects counted by their newest copy (see `DatasetFigures`)."""
+        o = objects
+        newest = _newest_copies(dataset)
+        query = (sa.select(o.c.state, sa.func.count(), sa.func.coalesce(sa.func.sum(o.c.size), 0),
+                           sa.func.coalesce(sa.func.sum(o.c.output_size), 0), sa.func.max(o.c.finished_at))
+                 .join_from(o, newest, o.c.id == newest.c.id).group_by(o.c.state))
+        counts = {UPLOADED: 0, VERIFIED: 0, FAILED: 0}
+        total = out = 0
+        last = None
+        with self.engine.connect() as conn:
+            for state, n, size, output, finished in conn.execute(query):
+                counts[state] = int(n)
+                total += int(size)
+                out += int(output) if state != FAILED else 0
+                if state != FAILED and finished is not None:
+                    last = max(last, finished) if last else finished
+        return DatasetFigures(dataset, sum(counts.values()), total, counts[VERIFIED], counts[UPLOADED], counts[FAILED],
+                              out, last)
+
+    def moved_over_time(self, datasets: Sequence[str], bins: int) -> list[tuple[datetime, int]]:
+        """(end of bin, plaintext bytes copied by then) for `bins` equal time bins from the first copy
+        of `datasets` to the last (every copy ever made, verify's failures included: those bytes did
+        move); empty when nothing was copied. One streamed pass, fixed-size bins."""
+        o = objects
+        with self.engine.connect() as conn:
+            lo, hi = conn.execute(sa.select(sa.func.min(o.c.finished_at), sa.func.max(o.c.finished_at))
+                                  .where(o.c.dataset.in_(list(datasets)), o.c.state.in_(COPIED + (FAILED,)))).one()
+        if lo is None:
+            return []
+        span = max((hi - lo).total_seconds(), 1e-3)
+        moved = sa.or_(o.c.state.in_(COPIED), sa.and_(o.c.state == FAILED, o.c.reason.like(VERIFY_REASON + "%")))
+        query = (sa.select(o.c.finished_at, o.c.size)
+                 .where(o.c.dataset.in_(list(datasets)), moved, o.c.finished_at.is_not(None)))
+        per_bin = [0] * bins
+        with self.engine.connect() as conn:
+            for finished, size in conn.execution_options(stream_results=True, yield_per=5000).execute(query):
+                i = min(int((finished - lo).total_seconds() / span * bins), bins - 1)
+                per_bin[max(i, 0)] += int(size)
+        out, acc = [], 0
+        for i, b in enumerate(per_bin):
+            acc += b
+            out.append((lo + (hi - lo) * ((i + 1) / bins), acc))
+        return out
+
+    def size_histogram(self, datasets: Sequence[str], bounds: Sequence[int]) -> list[int]:
+        """How many objects of `datasets` (by their newest copy, copied or verified) fall below each
+        of `bounds` (ascending, exclusive) and not below the one before; the last count is the
+        objects of `bounds[-1]` bytes or more. One streamed pass per dataset."""
+        o = objects
+        counts = [0] * (len(bounds) + 1)
+        for name in datasets:
+            newest = _newest_copies(name)
+            query = sa.select(o.c.size).join_from(o, newest, o.c.id == newest.c.id).where(o.c.state.in_(COPIED))
+            with self.engine.connect() as conn:
+                for (size,) in conn.execution_options(stream_results=True, yield_per=5000).execute(query):
+                    counts[next((k for k, bound in enumerate(bounds) if size < bound), len(bounds))] += 1
+        return counts
+
+    def recent_runs(self, limit: int = 30) -> list[RunRecord]:
+        """The last `limit` runs of any command, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(runs.select().order_by(runs.c.id.desc()).limit(limit)).mappings().all()
+        return [RunRecord(**r) for r in reversed(rows)]
+
+
+def _newest_copies(dataset: str) -> sa.Subquery:
+    """Per source key of `dataset`, the id of its newest row that copied, was verified, or failed
+    (a later unchanged row only restates an earlier copy)."""
+    o = objects
+    return (sa.select(sa.func.max(o.c.id).label("id"))
+            .where(o.c.dataset == dataset, o.c.state.in_((UPLOADED, VERIFIED, FAILED)))
+            .group_by(o.c.source_key).subquery())
 
 
 def _shard_key(run_id: int, dataset: str, shard: int) -> tuple:

@@ -41,6 +41,33 @@ def test_import_direction(package):
     assert not offenders, f"forbidden imports: {offenders}"
 
 
+# The state database has one owner: `engine/state` defines every table and runs every query;
+# `engine/project` opens the store and holds the PostgreSQL advisory lock on its own connection.
+STATE_OWNERS = {"engine/state", "engine/project.py"}
+
+
+def _owned_by_state(path: Path) -> bool:
+    rel = path.relative_to(REPO).as_posix()
+    return any(rel == owner or rel.startswith(owner + "/") for owner in STATE_OWNERS)
+
+
+def test_only_the_state_package_queries_the_state_database():
+    offenders = {}
+    for package in ("config", "connectors", "engine", "flows"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            if _owned_by_state(path):
+                continue
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            found = set()
+            if "sqlalchemy" in imported_roots(path):
+                found.add("imports sqlalchemy")
+            if any(isinstance(node, ast.Attribute) and node.attr == "engine" for node in ast.walk(tree)):
+                found.add("reads a store's `.engine`")
+            if found:
+                offenders[str(path.relative_to(REPO))] = sorted(found)
+    assert not offenders, f"state queries outside engine/state: {offenders}"
+
+
 def test_no_engine_module_imports_the_run_inside_a_function():
     """A module that needs the run imports it at its top, where a dependency (and a circle) shows."""
     offenders = []

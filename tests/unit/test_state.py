@@ -128,6 +128,45 @@ def test_last_copy_is_the_newest_uploaded_or_verified_row_across_runs(store):
     assert store.last_copy("other", "k") is None
 
 
+def test_verify_expects_each_keys_newest_claim_in_destination_key_byte_order(store):
+    run = store.start_run("migrate")
+
+    def copied(key: str, dest_key: str, then: str | None = None, **fields) -> int:
+        oid = store.add_object(run, "d", key, "0x1", 1, dest_key=dest_key, state=st.IN_PROGRESS)
+        store.transition(oid, st.UPLOADED)
+        if then is not None:
+            store.transition(oid, then, **fields)
+        return oid
+
+    lower = copied("a", "x/a", st.FAILED, reason=st.VERIFY_REASON + "etag: expected e, found f")
+    upper = copied("B", "x/B")
+    copied("gone", "x/gone")
+    # Its copy deleted on request by a later run: no longer expected.
+    store.add_object(store.start_run("migrate"), "d", "gone", "0x1", 1, dest_key="x/gone", state=st.REMOVED)
+    failed = store.add_object(run, "d", "broken", "0x1", 1, dest_key="x/broken", state=st.IN_PROGRESS)
+    store.transition(failed, st.FAILED, reason="the copy failed")  # never said to be at the destination
+    copied("k", "x/k")
+    store.add_object(run, "other dataset", "k", "0x1", 1, dest_key="x/k", state=st.IN_PROGRESS)
+    rows = list(store.expected_at_destination("d"))
+    # "B" sorts before "a" in byte order (S3's listing order); a verify-failed row stays expected.
+    assert [(r.id, r.dest_key) for r in rows][:2] == [(upper, "x/B"), (lower, "x/a")]
+    assert [r.source_key for r in rows] == ["B", "a", "k"]
+    assert store.count_expected_at_destination("d") == 3
+
+
+def test_rows_marked_audited_are_not_offered_again(store):
+    run = store.start_run("migrate")
+    a = store.add_object(run, "d", "a", "0x1", 1, state=st.IN_PROGRESS)
+    b = store.add_object(run, "d", "b", "0x1", 1, state=st.IN_PROGRESS)
+    store.add_object(run, "d", "c", "0x1", 1, state=st.UNCHANGED)
+    for oid in (a, b):
+        store.transition(oid, st.UPLOADED)
+    assert [r.id for r in store.unaudited("d", st.COPIED, page=1)] == [a, b]
+    store.mark_audited(a, seq=7)
+    assert [r.id for r in store.unaudited("d", st.COPIED)] == [b]
+    assert list(store.unaudited("other", st.COPIED)) == []
+
+
 def test_objects_of_a_run_stream_across_pages_and_counts_add_up(store):
     run = store.start_run("migrate")
     # Bulk insert (the public path is one row at a time; a page boundary is what matters here).
