@@ -774,10 +774,8 @@ def _final(outcome: MigrateOutcome, checked: dict[str, Any] | None):
 
 
 def _load(config_path: str, datasets: list[str] | None) -> tuple[LoadedConfig, list[str]]:
-    from flows.commands import chosen_datasets
-
     loaded = load_config(config_path)
-    return loaded, chosen_datasets(loaded, list(datasets or []))
+    return loaded, loaded.chosen_datasets(list(datasets or []))
 
 
 def _user_failure(exc: UserError):
