@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .errors import ConfigFileError
 from .secrets import AWS_CREDENTIALS, AZURE_BLOB_CREDENTIALS, SECRET, check_block_ref
 from .sizes import ByteSize
 
@@ -499,3 +500,13 @@ class LoadedConfig(BaseModel):
             return self.state_dir / "keyset.json"
         p = Path(custom)
         return p if p.is_absolute() else (self.path.parent / p)
+
+    def chosen_datasets(self, names: list[str]) -> list[str]:
+        """The datasets named (on the command line, or in a flow's parameters), every dataset of
+        the file when none is; an unknown name is a `ConfigFileError` listing the known ones."""
+        known = list(self.config.datasets)
+        for name in names:
+            if name not in known:
+                raise ConfigFileError(f"{self.path}: no dataset named {name!r} (datasets: {', '.join(known)}); "
+                                      "check --dataset")
+        return list(names) or known

@@ -31,6 +31,8 @@ from .naming import Placement, place
 from .pipeline import IDENTITY, OutputFormat
 from .project import lock_project, open_state, state_location
 from .settings import TransferSettings
+from .shards import (WENT_THROUGH, PlannedShard, ShardCutter, ShardOutcome, ShardPlan, ShardResult, ShardsEnded,
+                     failure_sentence, shard_outcome)
 from . import state as st
 from .state import StateStore
 
@@ -201,30 +203,6 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
     return result
 
 
-@dataclass(frozen=True)
-class ShardResult:
-    """What a shard's task made of its objects (this run's rows for them, over every attempt)."""
-
-    run_id: int
-    dataset: str
-    shard: int
-    objects: int
-    bytes: int
-    copied: int
-    unchanged: int
-    failed: int
-    bytes_copied: int
-    bytes_written: int  # output bytes at the destination (ciphertext for encrypted datasets)
-    seconds: float
-    attempt: int
-    failures: tuple[tuple[str, str], ...]  # the first (source key, reason) pairs
-    transient: bool  # some failure's cause may pass: trying the shard again can succeed
-
-    @property
-    def ok(self) -> bool:
-        return self.failed == 0 and self.copied + self.unchanged == self.objects
-
-
 class MigrationRun:
     """One migration run, opened once and fed dataset by dataset (the CLI) or shard by shard (the
     Prefect flows), then finished once.
@@ -252,13 +230,13 @@ class MigrationRun:
         self.signing_key = audit_signing_key(loaded, datasets)
         self.settings = settings or transfer_settings(loaded)
         self.budget = MemoryBudget(self.settings.memory_budget)
-        self.completed = False  # set by the caller when every dataset was gone through
+        self.completed = False  # every dataset was gone through (set by `migrate`, or by `shards_ended`)
         self._summaries: list[DatasetSummary] = []
         self._removed: list[RemovedAtSource] = []
         self._sharded: list[str] = []  # datasets listed into the state store (copied shard by shard)
         self._shard_counts: dict[str, int] = {}  # dataset -> shards as cut while listing
         # (dataset, shard) -> why its task stopped on an error (not an object failure): the run failed
-        self.shard_errors: dict[tuple[str, int], str] = {}
+        self._shard_errors: dict[tuple[str, int], str] = {}
         self.keyset_copies: list[str] = []
         self._lock = threading.Lock()
         self._endpoints: dict[tuple[str, str], object] = {}
@@ -411,18 +389,19 @@ class MigrationRun:
             self._shard_counts[name] = cutter.shards
         return inventory, cutter.shards
 
-    def define_shards(self, max_shards: int) -> dict[str, tuple[st.ShardRecord, ...]]:
+    def define_shards(self, max_shards: int) -> ShardPlan:
         """The shards of every listed dataset, written to the state store. When the run would have
         more than `max_shards` shards in all, each dataset's neighbouring shards are merged by the
         same factor, leaving at most about `max_shards` (one more per dataset at worst)."""
         total = sum(self._shard_counts.values())
         factor = -(-total // max_shards) if total > max_shards else 1
-        shards = {}
+        shards: list[PlannedShard] = []
         for name in self._sharded:
             if factor > 1:
                 self.state.merge_shards(self.run_id, name, factor)
-            shards[name] = tuple(self.state.define_shards(self.run_id, name))
-        return shards
+            shards += [PlannedShard(name, r.shard, r.objects, r.bytes)
+                       for r in self.state.define_shards(self.run_id, name)]
+        return ShardPlan(tuple(self._sharded), tuple(shards))
 
     def copy_shard(self, dataset: str, shard: int, progress: ProgressCallback | None = None) -> ShardResult:
         """Copy the objects of one listed shard. Run again (a task retry), it tries again only the
@@ -444,7 +423,7 @@ class MigrationRun:
         except Exception as exc:  # the shard stopped (not an object failure): status "error"
             reason = f"{type(exc).__name__}: {exc}"
             with self._lock:
-                self.shard_errors[(dataset, shard)] = reason
+                self._shard_errors[(dataset, shard)] = reason
             raise
         finally:
             seconds = time.monotonic() - began
@@ -468,6 +447,32 @@ class MigrationRun:
                            bytes_copied, counts.output_bytes, seconds, record.attempts, counts.failures,
                            transient and failed > 0)
 
+    def shards_ended(self, plan: ShardPlan, why_stopped: Callable[[str, int], str]) -> ShardsEnded:
+        """Every shard task of `plan` has ended: read how each ended from the state store, and
+        close the run's copying (`finish` then records it ok or failed).
+
+        A dataset whose shards all went through is done (`dataset_done`: objects gone from the
+        source, its audit records). A shard that did not (its task stopped on an error, its process
+        died, or it never ran) fails the run; `why_stopped(dataset, shard)` names what the caller
+        saw when the state holds no reason."""
+        outcomes: list[ShardOutcome] = []
+        unfinished: list[str] = []
+        for name in (d for d in self.datasets if d in plan.datasets):
+            records = [self.state.shard(self.run_id, name, s.shard) for s in plan.of(name)]
+            if all(r.status in WENT_THROUGH for r in records):
+                self.dataset_done(name)
+            else:
+                unfinished.append(name)
+            ended = [shard_outcome(r, self.shard_result(name, r.shard, r.seconds or 0.0),
+                                   partial(why_stopped, name, r.shard)) for r in records]
+            with self._lock:
+                for o in ended:
+                    if not o.went_through:
+                        self._shard_errors.setdefault((name, o.result.shard), o.reason)
+            outcomes += ended
+        self.completed = True
+        return ShardsEnded(tuple(outcomes), tuple(unfinished))
+
     # ---- the end -------------------------------------------------------------------------------
 
     def finish(self) -> MigrationResult:
@@ -480,7 +485,7 @@ class MigrationRun:
             summaries = tuple(self._summaries)
         status = "interrupted"
         if self.completed:
-            status = "ok" if all(s.all_ok for s in summaries) and not self.shard_errors else "failed"
+            status = "ok" if all(s.all_ok for s in summaries) and not self._shard_errors else "failed"
         try:
             if self._executors is not None:
                 self._executors.__exit__(None, None, None)
@@ -530,35 +535,6 @@ def active_run(run_id: int, *, missing_ok: bool = False) -> MigrationRun | None:
     if run is None and not missing_ok:
         raise RuntimeError(f"migration run {run_id} is not open in this process")
     return run
-
-
-class ShardCutter:
-    """Cuts a listing into shards as it streams by: a shard closes once it holds `max_bytes` or
-    `max_objects` (an object larger than `max_bytes` is a shard of its own)."""
-
-    def __init__(self, max_bytes: int, max_objects: int):
-        self.max_bytes, self.max_objects = max_bytes, max_objects
-        self.current = 0
-        self.objects = self.bytes = 0
-
-    @property
-    def shards(self) -> int:
-        return self.current + (1 if self.objects else 0)
-
-    def shard_of(self, size: int) -> int:
-        if self.objects and (self.objects >= self.max_objects or self.bytes + size > self.max_bytes):
-            self.current += 1
-            self.objects = self.bytes = 0
-        self.objects += 1
-        self.bytes += size
-        return self.current
-
-
-def failure_sentence(result: ShardResult) -> str:
-    """A shard's failures in one sentence (the first three named)."""
-    shown = "; ".join(f"{key}: {reason}" for key, reason in result.failures[:3])
-    more = f" (and {result.failed - 3} more)" if result.failed > 3 else ""
-    return f"{result.failed} of {result.objects} objects failed: {shown}{more}"
 
 
 def key_holder(loaded: LoadedConfig, fmt: OutputFormat) -> str:

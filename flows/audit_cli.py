@@ -21,6 +21,7 @@ from config.errors import ExitCode, UserError
 from config.loader import load_config
 from config.sizes import format_size
 from flows.progress import StatusLine
+from flows.terminal import print_audit_outcome, print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -81,10 +82,9 @@ class VerifyDisplay(StatusLine):
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from engine.verify import verify
-    from flows.commands import chosen_datasets, print_audit_outcome, print_table
 
     loaded = load_config(args.config)
-    datasets = chosen_datasets(loaded, args.dataset)
+    datasets = loaded.chosen_datasets(args.dataset)
     deep = args.deep or args.sample is not None
     sample = 1.0 if args.sample is None else args.sample
     result = verify(loaded, datasets, deep=deep, sample=sample, seed=args.seed, observer=VerifyDisplay())
@@ -159,10 +159,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from engine.report import write_report
-    from flows.commands import chosen_datasets
 
     loaded = load_config(args.config)
-    datasets = chosen_datasets(loaded, args.dataset)
+    datasets = loaded.chosen_datasets(args.dataset)
     if args.out.is_dir():
         raise UserError(f"--out {args.out}: is a directory; name the HTML file to write")
     report = write_report(loaded, datasets, args.out)

@@ -10,11 +10,11 @@ import argparse
 import sys
 
 from config.errors import ExitCode, UserError
+from flows import audit_cli, commands, deploy_cli, keys_cli, lab
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows import commands, keys_cli, lab
-
+    """Every subcommand, registered here and only here (each module adds its own parsers)."""
     parser = argparse.ArgumentParser(
         prog="exitplan",
         description="Move datasets out of Azure Blob Storage into EU-jurisdiction object storage.",
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     lab.register(sub)
     commands.register(sub)
+    audit_cli.register(sub)
+    deploy_cli.register(sub)
     keys_cli.register(sub)
     return parser
 

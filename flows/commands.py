@@ -8,10 +8,13 @@ import json
 import sys
 from pathlib import Path
 
-from config.errors import ConfigFileError, ExitCode, UserError
+from config.errors import ExitCode, UserError
 from config.loader import load_config
 from config.models import LoadedConfig
 from config.sizes import format_size
+from flows import keys_cli, lab
+from flows.progress import ProgressDisplay
+from flows.terminal import print_audit_outcome, print_table
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -57,20 +60,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed profile (default: standard, about 0.6 GiB)")
     p.set_defaults(func=cmd_demo)
 
-    from flows import audit_cli, deploy_cli  # verify, audit verify, report; deploy
-
-    audit_cli.register(sub)
-    deploy_cli.register(sub)
-
-
-def chosen_datasets(loaded: LoadedConfig, names: list[str]) -> list[str]:
-    """The datasets named on the command line (all when none), refusing unknown names."""
-    known = list(loaded.config.datasets)
-    for name in names:
-        if name not in known:
-            raise ConfigFileError(f"{loaded.path}: no dataset named {name!r} (datasets: {', '.join(known)}); check --dataset")
-    return names or known
-
 
 # ---------------------------------------------------------------------------------------------
 # inventory
@@ -81,7 +70,7 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     from engine.inventory import inventory
 
     loaded = load_config(args.config)
-    results = inventory(loaded, chosen_datasets(loaded, args.dataset))
+    results = inventory(loaded, loaded.chosen_datasets(args.dataset))
     if args.format == "json":
         json.dump([r.as_dict() for r in results], sys.stdout, ensure_ascii=False, indent=2)
         print()
@@ -95,19 +84,6 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     else:
         _print_inventory_table(results)
     return ExitCode.OK
-
-
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    """A plain aligned table: the first column left-aligned, the figures right-aligned."""
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-
-    def line(cells) -> str:
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
-    print(line(headers))
-    print(line(["-" * w for w in widths]))
-    for row in rows:
-        print(line(row))
 
 
 def _print_inventory_table(results) -> None:
@@ -142,8 +118,6 @@ class _CliObserver:
     """Feeds a `ProgressDisplay` from the engine's run observer calls."""
 
     def __init__(self) -> None:
-        from flows.progress import ProgressDisplay
-
         self.display = ProgressDisplay()
 
     def dataset_started(self, dataset: str, objects: int, bytes_total: int) -> None:
@@ -161,7 +135,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     from engine import run
 
     loaded = load_config(args.config)
-    datasets = chosen_datasets(loaded, args.dataset)
+    datasets = loaded.chosen_datasets(args.dataset)
     if args.dry_run:
         return _dry_run(loaded, datasets)
     observer = _CliObserver()
@@ -261,16 +235,6 @@ def print_migration_summary(result) -> None:
     print(f"state: {result.state_path} (run {result.run_id})")
 
 
-def print_audit_outcome(a) -> None:
-    """What a run appended to the audit manifest, and where its copies went (migrate and verify)."""
-    print(f"audit manifest: {a.manifest} ({a.records:,} records this run, run end "
-          f"{'signed' if a.signed else 'NOT signed (no audit key)'}; last record hash {a.last_hash})")
-    for copy in a.copies:
-        print(f"  copied next to the data: {copy}")
-    for note in a.notes:
-        print(f"  {note}", file=sys.stderr)
-
-
 # ---------------------------------------------------------------------------------------------
 # restore
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +244,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     from engine.restore import restore
 
     loaded = load_config(args.config)
-    (dataset,) = chosen_datasets(loaded, [args.dataset])
+    (dataset,) = loaded.chosen_datasets([args.dataset])
     if args.to.exists() and not args.to.is_dir():
         raise UserError(f"--to {args.to}: exists and is not a directory; name a directory for the restored files")
 
@@ -306,7 +270,7 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from engine.cleanup import cleanup
 
     loaded = load_config(args.config)
-    found = cleanup(loaded, chosen_datasets(loaded, args.dataset), abort=args.abort)
+    found = cleanup(loaded, loaded.chosen_datasets(args.dataset), abort=args.abort)
     if not found:
         print("no multipart upload under the datasets' destination prefixes is unknown to the state.")
         return ExitCode.OK
@@ -336,15 +300,13 @@ def run_exit_plan_flow(config: str) -> int:
     summary and the run's URL. Exit code 0 when the run completed, 1 when it failed."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows import lab
-
     api, ui = lab.prefect_api_url(), lab.prefect_ui_url()
     if api is None:
         raise UserError("the lab's Prefect server is not running; start the lab with `exitplan lab up`")
     print(f"\n== the exit_plan flow on the lab's Prefect server ({ui}): inventory -> sovereignty gate -> "
           "migrate (shard by shard) -> deep verify -> summary\n", flush=True)
     with temporary_settings(updates={PREFECT_API_URL: api}):
-        from flows.orchestrate import exit_plan
+        from flows.orchestrate import exit_plan  # the flows import prefect: only the demo pays for it
 
         state = exit_plan(config_path=config, return_state=True)
     figures = state.result(raise_on_failure=False)  # a failed run still carries its figures
@@ -371,8 +333,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import shutil
     from importlib import resources
 
-    from flows import lab
-
     print("== exitplan demo: the whole exit, rehearsed on the local lab (127.0.0.1 only)\n", flush=True)
     code = lab.cmd_up(argparse.Namespace())
     if code:
@@ -387,8 +347,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     shutil.rmtree(state_dir, ignore_errors=True)
     os.environ["EXITPLAN_STATE_DIR"] = str(state_dir)
     config = resources.files("config") / "examples" / "lab.yaml"
-    from flows import keys_cli
-
     print(f"\n== keys init --config {config}  (lab KEK: a local key file in the demo's state)\n", flush=True)
     code = keys_cli.cmd_init(argparse.Namespace(config=str(config)))
     if code:

@@ -7,7 +7,7 @@ Prefect server (ARCHITECTURE.md §8).
 2. requires a Prefect API (PREFECT_API_URL, or the active Prefect profile) that answers;
 3. creates the `process` work pool when it is missing (refuses a pool of another type);
 4. creates (or updates) the global concurrency limits the flows take their connections from, one
-   per destination provider (`flows.orchestrate.provider_limits`);
+   per destination provider (`flows.provider_limits`);
 5. runs `prefect --no-prompt deploy --all --prefect-file deploy/prefect.yaml` from the repository
    root, with EXITPLAN_CONFIG set to the configuration's absolute path (the deployments' `config_path`
    parameter), no ephemeral server and analytics off; with `--pool` or `--deployment` it deploys a
@@ -38,6 +38,7 @@ import flows
 from config.errors import ConfigFileError, ExitCode, UserError
 from config.loader import load_config
 from config.models import LoadedConfig
+from flows.provider_limits import ensure_provider_limits, provider_limit_name, provider_limits
 
 REPO_ROOT = Path(flows.__file__).resolve().parent.parent
 PREFECT_FILE = Path("deploy") / "prefect.yaml"  # relative to REPO_ROOT
@@ -78,11 +79,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     _check_api(api_url)
     _ensure_process_pool(args.pool)
 
-    from flows.orchestrate import ensure_provider_limits, provider_limits
-
     limits = provider_limits(loaded, list(loaded.config.datasets))
     ensure_provider_limits(limits)
-    print("connection limits: " + ", ".join(f"exitplan-provider-{p} = {n}" for p, n in limits.items()))
+    print("connection limits: " + ", ".join(f"{provider_limit_name(p)} = {n}" for p, n in limits.items()))
 
     _run_prefect_deploy(spec, chosen, args.pool, prefect_file, config_path, api_url)
     registered = _read_back(chosen)

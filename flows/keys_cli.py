@@ -24,6 +24,7 @@ import json
 
 from config.errors import ExitCode
 from config.loader import load_config
+from flows.terminal import print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -122,8 +123,6 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def _print_report(report) -> None:
-    from flows.commands import print_table
-
     version = f" (key version {report.kek_version})" if report.kek_version else ""
     print(f"wrapped by: {report.kek}{version}")
     if report.verified:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from .rows import object_row, transition_values
 from .schema import PENDING
 
-if TYPE_CHECKING:
-    from .store import StateStore
+# Writes a batch in one transaction: (full rows to insert, (new state, transition values) to
+# apply) -> the updates the transition table refused, by position (`StateStore._write_batch`).
+BatchWriter = Callable[[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]], dict[int, Exception]]
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,8 @@ class WriteBatch:
     check to call often. The age is only checked when a write is queued or `flush_if_due` runs.
     """
 
-    def __init__(self, store: StateStore, max_rows: int = 500, max_age: float = 0.2):
-        self.store = store
+    def __init__(self, write: BatchWriter, max_rows: int = 500, max_age: float = 0.2):
+        self._write = write
         self.max_rows = max_rows
         self.max_age = max_age
         self._lock = threading.Lock()
@@ -84,7 +85,7 @@ class WriteBatch:
         if not inserts and not updates:
             return
         try:
-            refused = self.store._write_batch([row for row, _ in inserts], [(state, v) for state, v, _ in updates])
+            refused = self._write([row for row, _ in inserts], [(state, v) for state, v, _ in updates])
         except Exception as exc:  # the database itself failed: nothing of this batch is written
             for *_, callback in inserts + updates:
                 _call(callback, exc)

@@ -154,7 +154,7 @@ class StateStore:
 
     def batch(self, max_rows: int = 500, max_age: float = 0.2) -> "WriteBatch":
         """A `WriteBatch` on this store (see there for what may be queued)."""
-        return WriteBatch(self, max_rows, max_age)
+        return WriteBatch(self._write_batch, max_rows, max_age)
 
     def transition(self, object_id: int, new_state: str, **fields: Any) -> None:
         """Move an object to `new_state` (allowed from its current state) and set `fields` with it."""

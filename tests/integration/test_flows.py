@@ -186,7 +186,8 @@ def test_runs_share_the_provider_connection_limit(tmp_path, env, s3_server, s3):
     from prefect.client.orchestration import get_client
     from prefect.concurrency.sync import concurrency
 
-    from flows.orchestrate import migrate_flow, provider_limit_name
+    from flows.orchestrate import migrate_flow
+    from flows.provider_limits import provider_limit_name
 
     path, container, blobs = write_project(tmp_path, env, s3_server.url, transfer={"concurrency": 8},
                                            orchestration={"provider_connections": {"lab": 4}})

@@ -1,4 +1,5 @@
-"""Shards: cutting a listing, storing it, reading a shard back, and a shard's figures from its rows."""
+"""Shards: cutting a listing, sharing a provider's connections, storing the listing, reading a shard
+back, a shard's figures from its rows, and how its task ended."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import pytest
 
 from connectors.base import ContentSettings, ObjectMeta
 from engine import state as st
-from engine.run import ShardCutter, summary_from_rows
+from config.models import OrchestrationConfig
+from engine.run import summary_from_rows
 from engine.settings import TransferSettings, within_connections
+from engine.shards import ShardCutter, ShardResult, share_connections, shard_outcome
 from engine.state import StateStore
 
 
@@ -48,6 +51,24 @@ def test_connections_are_cut_to_the_limit():
     assert (cut.concurrency, cut.objects_in_flight, cut.requests_in_flight) == (2, 3, 5)
     assert within_connections(TransferSettings(concurrency=8, object_concurrency=2), 10).requests_in_flight == 10
     assert within_connections(s, 2).requests_in_flight == 2
+
+
+def share(limits, settings=TransferSettings(concurrency=8), **orchestration):
+    c = share_connections(OrchestrationConfig(**orchestration), settings, limits)
+    return c.spread, c.processes, c.per_process, c.slots
+
+
+def test_a_runs_connections_are_shared_between_its_shard_processes():
+    # In threads of one process: the smallest limit of the run's providers caps that process.
+    assert share({"lab": 64, "ovh": 4}) == (None, 0, 4, 4)
+    assert share({"lab": 64}) == (None, 0, 16, 16)  # 8 transfer workers + 8 object drivers fit
+    # Two shard processes under a limit of 8: 4 connections each, 8 slots taken for the run.
+    assert share({"lab": 8}, shard_processes=2) == ("processes", 2, 4, 8)
+    # Each process needs 2 connections: never more processes than half the limit.
+    assert share({"lab": 6}, shard_processes=16) == ("processes", 3, 2, 6)
+    # Worker flow runs each get their share; what fits already is not cut.
+    assert share({"lab": 64}, shard_workers=3) == ("workers", 3, 16, 48)
+    assert share({"lab": 64}, shard_workers=3, shard_processes=2) == ("processes", 2, 16, 32)
 
 
 def meta(key: str, size: int, **kw) -> ObjectMeta:
@@ -111,3 +132,23 @@ def test_objects_listed_by_a_run_are_not_removed_at_the_source(store):
     second = store.start_run("migrate")
     store.record_listing(second, "ds", [(0, meta("a", 1))])  # listed, but its shard never ran
     assert [r.source_key for r in store.removed_at_source("ds", second)] == ["b"]
+
+
+def ended(status: str, reason: str | None = None, worker: str | None = "host:1"):
+    record = st.ShardRecord(run_id=1, dataset="ds", shard=0, objects=2, bytes=30, first_key="a", last_key="b",
+                            status=status, attempts=1, seconds=1.0, reason=reason, started_at=None,
+                            finished_at=None, worker=worker)
+    result = ShardResult(1, "ds", 0, 2, 30, 1, 0, 1, 10, 10, 1.0, 1, (("b", "refused"),), False)
+    asked = []
+    outcome = shard_outcome(record, result, lambda: asked.append(1) or "CancelledError: cancelled")
+    return outcome.status, outcome.reason, outcome.worker, outcome.went_through, len(asked)
+
+
+def test_a_shard_ended_on_its_objects_or_on_an_error():
+    assert ended("ok") == ("ok", "", "host:1", True, 0)
+    assert ended("failed", "1 of 2 objects failed: b: refused") == (
+        "failed", "1 of 2 objects failed: b: refused", "host:1", True, 0)
+    # Stopped on an error: the reason recorded by the engine, else what the orchestrator saw.
+    assert ended("error", "OSError: disk I/O error") == ("error", "OSError: disk I/O error", "host:1", False, 0)
+    assert ended("running") == ("error", "CancelledError: cancelled", "host:1", False, 1)  # its process died
+    assert ended("pending", worker=None) == ("error", "CancelledError: cancelled", "", False, 1)  # never ran

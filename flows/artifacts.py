@@ -1,0 +1,220 @@
+"""What the Prefect UI shows of a run: table rows, markdown summaries and their artifacts.
+
+Rows are plain dicts of figures (they are also what the tasks return, and the flows' results);
+the artifact keys follow Prefect's rules. Nothing here decides anything about the run: the figures
+come from the engine's results (`engine.shards.ShardOutcome`, `engine.run.MigrationResult`,
+`engine.verify`'s result).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from config.models import LoadedConfig
+from config.sizes import format_size
+from engine.shards import ShardOutcome, ShardResult, failure_sentence
+
+
+def artifact_key(project: str, what: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    raw = f"exitplan-{project}-{what}".lower()
+    return "".join(c if c.isalnum() or c == "-" else "-" for c in raw)
+
+
+@dataclass
+class MigrateOutcome:
+    """What a migration inside a flow hands to the summary: figures only."""
+
+    project: str
+    loaded: LoadedConfig
+    datasets: list[str]
+    result: Any  # engine.run.MigrationResult
+    inventory: list[dict[str, Any]]
+    shards: list[dict[str, Any]]
+    failures: list[dict[str, str]]
+    seconds: float
+    report: Path | None = None
+    markdown: str = ""
+
+    @property
+    def failed_shards(self) -> int:
+        return sum(1 for s in self.shards if s["status"] != "ok")
+
+
+# ---------------------------------------------------------------------------------------------
+# Table rows
+# ---------------------------------------------------------------------------------------------
+
+
+def inventory_row(inv) -> dict[str, Any]:
+    """One dataset's inventory (`engine.inventory.DatasetInventory`) as a table row."""
+    return {"dataset": inv.dataset, "source": inv.source, "destination": inv.destination, "objects": inv.objects,
+            "bytes": inv.bytes, "size": format_size(inv.bytes), "largest": format_size(inv.largest_size),
+            "without_md5": inv.without_md5, "not_hot": inv.not_hot, "will_not_fit": inv.misfit_count}
+
+
+def shard_row(result: ShardResult) -> dict[str, Any]:
+    """A shard's figures as a row; `_failures` carries its failed objects to the failures table."""
+    rate = result.bytes_copied / result.seconds / 1e6 if result.seconds > 0 else 0.0
+    return {"dataset": result.dataset, "shard": result.shard, "objects": result.objects,
+            "size": format_size(result.bytes), "copied": result.copied, "unchanged": result.unchanged,
+            "failed": result.failed, "bytes_copied": result.bytes_copied, "seconds": round(result.seconds, 1),
+            "mb_per_s": round(rate, 1), "attempts": result.attempt, "status": "ok" if result.ok else "failed",
+            "reason": "" if result.ok else failure_sentence(result), "_failures": result.failures}
+
+
+def ended_shard_row(outcome: ShardOutcome) -> dict[str, Any]:
+    """A row of the run's shards table: the shard's figures, how its task ended, and where it ran."""
+    row = shard_row(outcome.result)
+    row.update(status=outcome.status, reason=outcome.reason, worker=outcome.worker)
+    return row
+
+
+def plan_rows(summaries) -> list[dict[str, Any]]:
+    """A dry run's table (`engine.migrate.DryRunSummary` per dataset)."""
+    return [{"dataset": s.dataset, "objects_to_write": s.objects, "size": format_size(s.bytes), "bytes": s.bytes,
+             "written": format_size(s.output_bytes), "requests": s.parts, "multipart": s.multipart_objects,
+             "unchanged": s.skipped, "refused": s.refused,
+             "refusals": "; ".join(f"{key}: {reason}" for key, reason in s.refusals[:5])} for s in summaries]
+
+
+def verify_figures(result) -> dict[str, Any]:
+    """A verify run's figures (`engine.verify`'s result): the datasets' rows and the discrepancies."""
+    return {
+        "run_id": result.run_id, "mode": result.mode, "seed": result.seed,
+        "datasets": [{"dataset": d.dataset, "objects": d.objects, "ok": d.ok, "failed": d.failed,
+                      "read_back": d.deep_checked, "bytes_read": d.bytes_read, "unknown": d.unknown}
+                     for d in result.datasets],
+        "discrepancies": [{"dataset": x.dataset, "object": x.dest_key, "source": x.source_key, "kind": x.kind,
+                           "expected": x.expected, "found": x.found}
+                          for d in result.datasets for x in d.discrepancies],
+        "last_hash": result.audit.last_hash if result.audit else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts
+# ---------------------------------------------------------------------------------------------
+
+
+def shard_artifacts(project: str, run_id: int, ended: tuple[ShardOutcome, ...]
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The shards table and, when objects failed, the failures table (each with its reason);
+    returns their rows."""
+    rows = [ended_shard_row(o) for o in ended]
+    failures = [{"dataset": r["dataset"], "shard": str(r["shard"]), "object": key, "reason": reason}
+                for r in rows for key, reason in r.pop("_failures", ())]
+    create_table_artifact(rows, key=artifact_key(project, "shards"), description=f"Shards of run {run_id}: one task each")
+    if failures:
+        create_table_artifact(failures, key=artifact_key(project, "failures"),
+                              description=f"Objects that failed in run {run_id}, with the reason")
+    return rows, failures
+
+
+def verify_artifacts(project: str, checked: dict[str, Any]) -> None:
+    create_table_artifact(checked["datasets"], key=artifact_key(project, "verify"),
+                          description=f"Verification ({checked['mode']}), run {checked['run_id']}")
+    if checked["discrepancies"]:
+        create_table_artifact(checked["discrepancies"], key=artifact_key(project, "discrepancies"),
+                              description="Objects whose destination copy differs from what was recorded")
+
+
+def summary_artifact(outcome: MigrateOutcome, gate: list[dict[str, str]], checked: dict[str, Any] | None) -> None:
+    """The run's summary (kept in `outcome.markdown` for the flow's result) as a markdown artifact."""
+    outcome.markdown = summary_markdown(outcome, gate, checked)
+    create_markdown_artifact(outcome.markdown, key=artifact_key(outcome.project, "summary"),
+                             description=f"Summary of run {outcome.result.run_id}")
+
+
+def verify_summary_artifact(project: str, checked: dict[str, Any]) -> None:
+    create_markdown_artifact(verify_markdown(project, checked), key=artifact_key(project, "verify-summary"),
+                             description=f"Summary of verify run {checked['run_id']}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+# ---------------------------------------------------------------------------------------------
+
+
+def summary_markdown(outcome: MigrateOutcome, gate: list[dict[str, str]], checked: dict[str, Any] | None) -> str:
+    """The run's summary as markdown (the flow's summary artifact; the demo prints it too)."""
+    r = outcome.result
+    objects = sum(s.objects for s in r.summaries)
+    copied = sum(s.ok for s in r.summaries)
+    unchanged = sum(s.skipped for s in r.summaries)
+    failed = sum(s.failed for s in r.summaries)
+    moved = sum(s.bytes_copied for s in r.summaries)
+    total = sum(row["bytes"] for row in outcome.inventory)
+    rate = moved / outcome.seconds / 1e6 if outcome.seconds > 0 else 0.0
+    lines = [f"# Exit plan `{outcome.project}`: migration run {r.run_id}", ""]
+    status = "completed" if r.all_ok and not outcome.failed_shards else "completed with failures"
+    lines += [f"**{status}** in {outcome.seconds:.1f} s: {objects:,} objects ({format_size(total)}) listed, "
+              f"{copied:,} copied ({format_size(moved)}, {rate:.1f} MB/s), {unchanged:,} unchanged since an "
+              f"earlier run, **{failed:,} failed**; {len(outcome.shards)} shard(s), {outcome.failed_shards} failed.", ""]
+    if checked is not None:
+        ok = sum(d["ok"] for d in checked["datasets"])
+        bad = sum(d["failed"] for d in checked["datasets"])
+        read = sum(d["read_back"] for d in checked["datasets"])
+        lines += [f"**Verified** ({checked['mode']}): {ok:,} objects match what was recorded"
+                  + (f", {read:,} read back, decrypted and their SHA-256 compared" if read else "")
+                  + f"; **{bad:,} with discrepancies**.", ""]
+    lines += ["## Where the bytes went", "",
+              "| dataset | provider | operator | legal seat | jurisdiction | region | bucket |",
+              "|---|---|---|---|---|---|---|"]
+    for g in gate:
+        lines.append(f"| {g['dataset']} | {g['provider']} | {g['operator']} | {g['seat']} | **{g['jurisdiction']}** "
+                     f"| {g['region']} | {g['bucket']} |")
+    lines += ["", "## Who holds the keys", ""]
+    by_holder: dict[str, list[str]] = {}
+    for g in gate:
+        by_holder.setdefault(r.key_holders.get(g["dataset"], ""), []).append(g["dataset"])
+    lines += [f"- {', '.join(names)}: {holder}" for holder, names in by_holder.items()]
+    lines += ["", "## Datasets", "", "| dataset | objects | copied | unchanged | failed | size copied |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for s in r.summaries:
+        lines.append(f"| {s.dataset} | {s.objects:,} | {s.ok:,} | {s.skipped:,} | {s.failed:,} | "
+                     f"{format_size(s.bytes_copied)} |")
+    if outcome.failures:
+        lines += ["", f"## Failed objects ({len(outcome.failures):,} shown)", ""]
+        lines += [f"- `{f['dataset']}` `{f['object']}`: {f['reason']}" for f in outcome.failures[:20]]
+    for removed in r.removed:
+        if removed.count:
+            lines += ["", f"{removed.dataset}: {removed.count:,} object(s) gone from the source since they were "
+                          f"copied; {removed.deleted:,} destination copies deleted."]
+    if r.audit:
+        lines += ["", f"Audit manifest: `{r.audit.manifest}`, {r.audit.records:,} records this run, last record hash "
+                      f"`{r.audit.last_hash}`" + ("" if r.audit.signed else " (run end NOT signed)") + "."]
+    if checked is not None and checked.get("last_hash"):
+        lines.append(f"After verification, last record hash `{checked['last_hash']}`.")
+    if outcome.report:
+        lines += ["", f"HTML report: `{outcome.report}`"]
+    lines += ["", f"State: `{r.state_path}`"]
+    return "\n".join(lines)
+
+
+def verify_markdown(project: str, checked: dict[str, Any]) -> str:
+    """A verify run as markdown (the verify flow's summary artifact)."""
+    ok = sum(d["ok"] for d in checked["datasets"])
+    bad = sum(d["failed"] for d in checked["datasets"])
+    read = sum(d["read_back"] for d in checked["datasets"])
+    how = "listing and metadata of every object" if checked["mode"] == "quick" else (
+        f"listing and metadata of every object; {read:,} read back, decrypted and their SHA-256 compared"
+        + (f" (sample seed {checked['seed']})" if checked.get("seed") is not None else ""))
+    lines = [f"# Verify `{project}`: run {checked['run_id']} ({checked['mode']})", "",
+             f"**{ok:,} objects match** what was recorded at copy time, **{bad:,} with discrepancies**; {how}.",
+             "The source was not read.", "",
+             "| dataset | checked | ok | discrepancies | read back | not in the state |",
+             "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {d['dataset']} | {d['objects']:,} | {d['ok']:,} | {d['failed']:,} | {d['read_back']:,} | "
+              f"{d['unknown']:,} |" for d in checked["datasets"]]
+    if checked["discrepancies"]:
+        lines += ["", "## Discrepancies (first 20)", ""]
+        lines += [f"- `{x['object']}` (source `{x['source']}`): {x['kind']}: expected {x['expected']}, "
+                  f"found {x['found']}" for x in checked["discrepancies"][:20]]
+    if checked.get("last_hash"):
+        lines += ["", f"Audit manifest: last record hash `{checked['last_hash']}`."]
+    return "\n".join(lines)

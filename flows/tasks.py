@@ -1,0 +1,225 @@
+"""The Prefect tasks of the flows: each adapts one engine call (arguments in, figures out).
+
+Tasks take and return metadata only (ids, counts, reasons); bytes never travel between tasks, and
+no task caches or persists its result. A shard task finds the migration run its flow opened in
+this process (`engine.run.active_run`), or, in a shard process or on another worker, attaches to
+it through the state store (`engine.run.MigrationRun.attach`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from config.loader import load_config
+from config.models import LoadedConfig
+from config.policy import check_sovereignty
+from config.sizes import format_size
+from engine import inventory as engine_inventory
+from engine import plan as engine_plan
+from engine import run as engine_run
+from engine.settings import within_connections
+from engine.shards import PlannedShard, failure_sentence
+from engine.verify import verify
+from flows.artifacts import inventory_row, plan_rows, shard_row, verify_figures
+from flows.provider_limits import ensure_provider_limits, provider_limits
+from flows.run_logs import engine_logs_to
+
+
+def load_datasets(config_path: str, datasets: list[str] | None) -> tuple[LoadedConfig, list[str]]:
+    """The configuration and the datasets a flow's parameters name (every dataset when none)."""
+    loaded = load_config(config_path)
+    return loaded, loaded.chosen_datasets(list(datasets or []))
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress, shared by the shard tasks of a run and shown by the flow
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunProgress:
+    """Bytes gone through per shard (copied or found unchanged), summed for the progress artifact."""
+
+    total_bytes: int
+    shard_bytes: dict[tuple[str, int], int] = field(default_factory=dict)
+    done: dict[tuple[str, int], int] = field(default_factory=dict)
+    finished: set[tuple[str, int]] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def of(cls, shards: tuple[PlannedShard, ...], total_bytes: int) -> RunProgress:
+        return cls(total_bytes, {(s.dataset, s.shard): s.bytes for s in shards})
+
+    def callback(self, dataset: str, shard: int):
+        def update(snapshot) -> None:
+            with self.lock:
+                self.done[(dataset, shard)] = snapshot.bytes_done + snapshot.bytes_skipped
+        return update
+
+    def shard_finished(self, dataset: str, shard: int) -> None:
+        with self.lock:
+            self.finished.add((dataset, shard))
+
+    def percent(self) -> float:
+        with self.lock:
+            if not self.shard_bytes:
+                return 100.0
+            moved = sum(size if k in self.finished else min(self.done.get(k, 0), size)
+                        for k, size in self.shard_bytes.items())
+            shards_done = len(self.finished) / len(self.shard_bytes)
+        if self.total_bytes <= 0:
+            return round(100.0 * shards_done, 1)
+        return round(min(100.0, 100.0 * moved / self.total_bytes), 1)
+
+
+_PROGRESS: dict[int, RunProgress] = {}  # run id -> progress, for the shard tasks of this process
+
+
+@contextmanager
+def progress_shown(run_id: int, progress: RunProgress) -> Iterator[RunProgress]:
+    """While inside, the shard tasks of run `run_id` in this process report their bytes to `progress`."""
+    _PROGRESS[run_id] = progress
+    try:
+        yield progress
+    finally:
+        _PROGRESS.pop(run_id, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------
+
+
+class ShardFailed(Exception):
+    """A shard ended with failed objects; `transient` when trying it again may help."""
+
+    def __init__(self, message: str, transient: bool):
+        super().__init__(message)
+        self.transient = transient
+
+
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry a shard only for failures whose cause may pass (the connectors' error classes say so)."""
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception:
+        return False
+    if isinstance(exc, ShardFailed):
+        return exc.transient
+    return bool(getattr(exc, "retryable", False))
+
+
+@task(name="sovereignty-gate", cache_policy=NO_CACHE, persist_result=False)
+def sovereignty_gate(config_path: str, datasets: list[str] | None) -> list[dict[str, str]]:
+    """Load the configuration (the sovereignty policy refuses a destination before any byte moves)
+    and return where each dataset's bytes would go; creates the per-provider connection limits."""
+    loaded, names = load_datasets(config_path, datasets)
+    verdicts = {v.name: v for v in check_sovereignty(loaded)}
+    ensure_provider_limits(provider_limits(loaded, names))
+    rows = []
+    for name in names:
+        v = verdicts[loaded.config.datasets[name].destination]
+        p = v.provider
+        rows.append({"dataset": name, "destination": v.name, "provider": p.display_name, "operator": p.legal_entity,
+                     "seat": p.legal_seat, "jurisdiction": p.jurisdiction, "region": f"{v.region} ({v.location})",
+                     "bucket": v.bucket})
+    get_run_logger().info("sovereignty gate passed for %s", ", ".join(f"{r['dataset']} -> {r['provider']} "
+                                                                        f"({r['jurisdiction']})" for r in rows))
+    return rows
+
+
+@task(name="list-dataset", cache_policy=NO_CACHE, persist_result=False)
+def list_dataset(run_id: int, dataset: str) -> dict[str, Any]:
+    """List one dataset into the state store, cut into shards; returns its inventory figures."""
+    run = engine_run.active_run(run_id)
+    orch = run.loaded.config.orchestration
+    inv, shards = run.list_dataset(dataset, shard_bytes=orch.shard_bytes, shard_objects=orch.shard_objects)
+    get_run_logger().info("%s: %s objects, %s, cut into %d shard(s)", dataset, f"{inv.objects:,}",
+                          format_size(inv.bytes), shards)
+    return inventory_row(inv)
+
+
+@task(name="copy-shard", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_transient)
+def copy_shard(run_id: int, dataset: str, shard: int, config_path: str = "", connections: int = 0) -> dict[str, Any]:
+    """Copy the objects of one shard; returns its figures. Fails, with the reasons, when an object
+    failed (retried when every cause may pass). In the flow's process it uses the open run; in a
+    shard process (`orchestration.shard_processes`) it attaches to the run, with at most
+    `connections` requests in flight."""
+    # The body is a module-level function: in a shard process the task's function is pickled by
+    # value, with the globals it names, and this module's shared state must not travel with it.
+    return _copy_shard(run_id, dataset, shard, config_path, connections)
+
+
+def _copy_shard(run_id: int, dataset: str, shard: int, config_path: str, connections: int) -> dict[str, Any]:
+    logger = get_run_logger()
+    run = engine_run.active_run(run_id, missing_ok=True)
+    if run is not None:
+        progress = _PROGRESS.get(run_id)
+        result = run.copy_shard(dataset, shard, progress.callback(dataset, shard) if progress else None)
+    else:
+        run = _attached_run(config_path, run_id, dataset, connections)
+        with engine_logs_to(logger):
+            result = run.copy_shard(dataset, shard)
+    if not result.ok:
+        sentence = failure_sentence(result)
+        logger.error("%s shard %d: %s", dataset, shard, sentence)
+        raise ShardFailed(f"{dataset} shard {shard}: {sentence}", result.transient)
+    logger.info("%s shard %d: %d copied, %d unchanged, %s in %.1f s", dataset, shard, result.copied,
+                result.unchanged, format_size(result.bytes_copied), result.seconds)
+    return shard_row(result)
+
+
+@task(name="verify-datasets", cache_policy=NO_CACHE, persist_result=False)
+def verify_datasets(config_path: str, datasets: list[str] | None, deep: bool, sample: float,
+                    seed: int | None) -> dict[str, Any]:
+    """Check the destination against the state store (quick: listing + metadata; deep: read back,
+    decrypt, SHA-256); records verified / failed per object."""
+    loaded, names = load_datasets(config_path, datasets)
+    logger = get_run_logger()
+    with engine_logs_to(logger):
+        result = verify(loaded, names, deep=deep, sample=sample, seed=seed)
+    for d in result.datasets:
+        logger.info("verify %s (%s): %d checked, %d ok, %d with discrepancies", d.dataset, d.mode, d.objects, d.ok,
+                    d.failed)
+    return verify_figures(result)
+
+
+@task(name="plan-datasets", cache_policy=NO_CACHE, persist_result=False)
+def plan_datasets(config_path: str, datasets: list[str] | None) -> list[dict[str, Any]]:
+    """What a migration would write, per dataset, touching nothing (the destination is not
+    contacted, the state store only read; the keyset is unwrapped, which proves the KEK works)."""
+    loaded, names = load_datasets(config_path, datasets)
+    return plan_rows(engine_plan.plan(loaded, names, lambda dataset, planned: None))
+
+
+@task(name="inventory-dataset", cache_policy=NO_CACHE, persist_result=False)
+def inventory_dataset(config_path: str, dataset: str) -> dict[str, Any]:
+    """One dataset's inventory (a streamed listing; nothing is written)."""
+    loaded, names = load_datasets(config_path, [dataset])
+    (inv,) = engine_inventory.inventory(loaded, names)
+    return inventory_row(inv)
+
+
+_ATTACHED: dict[tuple[str, int, str], engine_run.MigrationRun] = {}  # in a shard process
+
+
+def _attached_run(config_path: str, run_id: int, dataset: str, connections: int) -> engine_run.MigrationRun:
+    """This shard process's handle on run `run_id` for `dataset`, attached once (keys unwrapped
+    once per process) and closed when the process ends."""
+    key = (config_path, run_id, dataset)
+    if key not in _ATTACHED:
+        loaded, names = load_datasets(config_path, [dataset])
+        settings = engine_run.transfer_settings(loaded)
+        if connections:
+            settings = within_connections(settings, connections)
+        run = engine_run.MigrationRun.attach(loaded, names, run_id, settings=settings)
+        atexit.register(run.close)
+        _ATTACHED[key] = run
+    return _ATTACHED[key]
