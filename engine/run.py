@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterator, Protocol
 
 from config.models import LoadedConfig
