@@ -59,9 +59,10 @@ from connectors.base import (
     multipart_etag,
 )
 from engine.budget import Lease, MemoryBudget
+from engine.crypto.segments import IDENTITY_LAYOUT, SegmentLayout, sum_output
 from engine.executors import Executors
 from engine.naming import Placement
-from engine.planning import IDENTITY_LAYOUT, ObjectPlan, PartPlan, PlanRefused, SegmentLayout, plan_object, sum_output
+from engine.planning import ObjectPlan, PartPlan, PlanRefused, plan_object
 from engine.settings import TransferSettings
 
 log = logging.getLogger(__name__)

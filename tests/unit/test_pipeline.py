@@ -531,7 +531,7 @@ class FakeFramedFormat:
     """Tink's framing with fake 'encryption': a 40-byte header, plaintext as is, a 16-byte tag per
     segment. Enough to prove the pipeline plans, charges and streams non-identity output right."""
 
-    from engine.planning import FramedLayout as _FL
+    from engine.crypto.segments import FramedLayout as _FL
 
     layout = _FL(header_size=40, tag_size=16)
     copies = True
