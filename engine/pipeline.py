@@ -9,8 +9,8 @@ The shape (ARCHITECTURE.md §4, STYLE.md #6-#8):
   the output and uploads it with that Content-MD5. The bytes go back to the budget once the part
   is both uploaded and hashed.
 - Hashing needs the plaintext in order; parts finish in any order. Finished parts wait in a small
-  reorder buffer, and whoever fills the gap hashes the run. Because parts are acquired in order,
-  a part in the buffer never waits for memory held by a later one: no deadlock.
+  reorder buffer (`engine.ordered_digest`), and whoever fills the gap hashes the run. Because parts
+  are acquired in order, a part in the buffer never waits for memory held by a later one: no deadlock.
 - A part larger than the budget allows (above half of it) is *streamed*: the connector gets a
   file-like body that reads, hashes and transforms one slice at a time, and the part's MD5 is
   computed while streaming and checked against the returned ETag. Streamed parts of one object go
@@ -27,8 +27,11 @@ The shape (ARCHITECTURE.md §4, STYLE.md #6-#8):
   object restarts from its new version (a new head, a new plan, a new output header), at most
   `max_source_restarts` times.
 
-The seam for encryption is `OutputFormat`: per object attempt it gives a `SegmentEncoder` that
-turns a run of whole segments of plaintext into output bytes (identity for now).
+The output is the `OutputFormat`'s (`engine.output_format`): per object attempt it gives a
+`SegmentEncoder` that turns a run of whole segments of plaintext into output bytes (encrypted, or
+as is for a public dataset). What happened comes back as an `ObjectOutcome` (`engine.outcome`);
+progress is announced to `CopyEvents` (`engine.copy_events`); an upload an earlier run left is
+continued from its `ResumePoint` (`engine.resume_point`).
 """
 
 from __future__ import annotations
@@ -39,8 +42,7 @@ import io
 import logging
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Sequence
 
 import tenacity
 
@@ -59,10 +61,15 @@ from connectors.base import (
     multipart_etag,
 )
 from engine.budget import Lease, MemoryBudget
-from engine.crypto.segments import IDENTITY_LAYOUT, SegmentLayout, sum_output
+from engine.copy_events import CopyEvents
+from engine.crypto.segments import sum_output
 from engine.executors import Executors
 from engine.naming import Placement
+from engine.ordered_digest import OrderedDigest
+from engine.outcome import ObjectOutcome
+from engine.output_format import IDENTITY, OutputFormat
 from engine.planning import ObjectPlan, PartPlan, PlanRefused, plan_object
+from engine.resume_point import ResumePoint
 from engine.settings import TransferSettings
 
 log = logging.getLogger(__name__)
@@ -75,161 +82,6 @@ MD5_ETAG = "md5-etag"
 
 def _etags_are_md5(sink: ObjectSink) -> bool:
     return bool(getattr(sink, "etag_is_md5", True)) and MD5_ETAG not in sink.unsupported
-
-Status = Literal["ok", "failed", "skipped"]
-
-
-# --------------------------------------------------------------------------------------------
-# The output seam (identity now; the encryption issue adds a Tink format)
-# --------------------------------------------------------------------------------------------
-
-
-class SegmentEncoder(Protocol):
-    """Transforms plaintext into output for one object *attempt* (a fresh header each attempt)."""
-
-    metadata: Mapping[str, str]
-    """Metadata written with the object for this attempt (e.g. the key id); merged into the placement's."""
-
-    def encode(self, first_segment: int, plaintext: bytes | memoryview) -> bytes | memoryview:
-        """Output bytes for the run of whole segments starting at `first_segment` whose plaintext is
-        `plaintext` (segment 0's output includes the header; the object's last segment is final).
-        Called concurrently for different runs of one attempt; may be called again for the same run
-        (a retried part) and must then return the same bytes."""
-        ...
-
-
-class OutputFormat(Protocol):
-    layout: SegmentLayout
-
-    copies: bool
-    """False only for the identity: `encode` returns its input, so a part costs its plaintext size
-    in the budget and a single PUT reuses the object MD5 as its Content-MD5. True: a part holds its
-    plaintext and its output at once, so its budget charge is both."""
-
-    def begin(self, meta: ObjectMeta, *, header: bytes | None = None, key_id: int | None = None) -> SegmentEncoder:
-        """Start an attempt at writing `meta` (called again, with the new version, on a restart).
-        With `header` / `key_id` (a resumed upload): continue the recorded attempt instead, so
-        that the same plaintext gives the same output bytes as before the interruption."""
-        ...
-
-
-class _IdentityEncoder:
-    metadata: Mapping[str, str] = {}
-    header = None
-    key_id = None
-
-    def encode(self, first_segment: int, plaintext: bytes | memoryview) -> bytes | memoryview:
-        return plaintext
-
-
-class IdentityFormat:
-    """Output = plaintext. The format of every object until encryption lands."""
-
-    layout: SegmentLayout = IDENTITY_LAYOUT
-    copies = False
-
-    def begin(self, meta: ObjectMeta, *, header: bytes | None = None, key_id: int | None = None) -> SegmentEncoder:
-        return _IdentityEncoder()
-
-
-IDENTITY = IdentityFormat()
-
-
-# --------------------------------------------------------------------------------------------
-# Events (the state store and progress listen; the resume issue adds upload ids and receipts)
-# --------------------------------------------------------------------------------------------
-
-
-class CopyEvents:
-    """Hooks called by `copy_object`, each *before* the side effect it announces where there is one.
-    Methods may be called from transfer threads; keep them quick and thread-safe."""
-
-    def attempt_started(self, meta: ObjectMeta, plan: ObjectPlan, restarts: int) -> None:
-        """Before any byte of this attempt moves (also after a restart, with the new version)."""
-
-    def source_changed(self, old: ObjectMeta, new: ObjectMeta) -> None:
-        """The source changed under us; the object restarts from `new`."""
-
-    def upload_opened(self, upload: MultipartUpload, header: bytes | None, key_id: int | None) -> None:
-        """A multipart upload exists (opened, or re-attached to on resume), before any part is
-        sent; `header` / `key_id` are the attempt's encryption header and data key (None when the
-        output is not encrypted). Its abort on failure is already registered."""
-
-    def part_uploaded(self, part: PartPlan, receipt: PartReceipt, md5: bytes | None = None) -> None:
-        """The destination acknowledged a part (`md5`: of the bytes sent; for a single PUT, None)."""
-
-    def part_kept(self, part: PartPlan, receipt: PartReceipt, md5: bytes) -> None:
-        """Resume: a part already on the destination (listed) was checked and is kept, not re-sent."""
-
-    def bytes_moved(self, n: int) -> None:
-        """`n` plaintext bytes were acknowledged by the destination (negative: undone by a restart)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Outcome
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RecordedPart:
-    """A part receipt recorded by an earlier run (`md5`: of the bytes sent, when known)."""
-
-    number: int
-    etag: str
-    size: int
-    md5: bytes | None = None
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    """An unfinished multipart upload left by an earlier (killed) run, as its state row says.
-
-    It is continued only if the source still has `source_etag` and `size` and the object still
-    goes to `dest_key`; otherwise the upload is aborted and the object starts over with a new
-    header. `header` / `key_id` are the attempt's encryption header and data key (None: not
-    encrypted). `parts` are the receipts that run recorded; parts it sent but did not record are
-    found with ListParts."""
-
-    dest_key: str
-    upload_id: str
-    source_etag: str
-    size: int
-    header: bytes | None = None
-    key_id: int | None = None
-    parts: tuple[RecordedPart, ...] = ()
-
-
-@dataclass(frozen=True)
-class ObjectOutcome:
-    """What happened to one object. `size` is the plaintext size of the version copied (or tried).
-
-    `parts` is 1 for a single PUT; `bytes_sent` counts output bytes acknowledged by the destination
-    in the final attempt; `restarts` counts source changes; `attempts` counts the requests the
-    engine issued for the object (range reads, heads, PUT / open / part uploads / complete),
-    retries and restarts included: with no fault it is reads + uploads + 2 for a multipart object. `refused` marks an
-    object that never started because it cannot be written (too large, a name or metadata that
-    does not fit): its status is "failed". `resumed`: the final attempt continued an upload left
-    by an earlier run; `parts_kept` of its parts were already there (checked, not re-sent).
-    """
-
-    source_key: str
-    dest_key: str
-    source_etag: str
-    size: int
-    status: Status
-    reason: str | None = None
-    sha256: str | None = None
-    md5_checked: bool = False
-    dest_etag: str | None = None
-    parts: int = 0
-    bytes_sent: int = 0
-    restarts: int = 0
-    attempts: int = 0
-    output_size: int = 0
-    refused: bool = False
-    resumed: bool = False
-    parts_kept: int = 0
-    transient: bool = False  # a failure whose cause may pass: trying again later can succeed
 
 
 class ObjectFailed(Exception):
@@ -248,79 +100,6 @@ class _Refused(ObjectFailed):
 
 class _Cancelled(Exception):
     """A part skipped because another part of the object already failed."""
-
-
-# --------------------------------------------------------------------------------------------
-# Hashing in order
-# --------------------------------------------------------------------------------------------
-
-
-class _OrderedDigest:
-    """SHA-256 (always) and MD5 (when asked) of the plaintext, fed in any order, hashed in order."""
-
-    def __init__(self, want_md5: bool):
-        self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5() if want_md5 else None
-        self.count = 0  # plaintext bytes hashed
-        self._next = 0
-        self._pending: dict[int, tuple[bytes | memoryview, Callable[[], None]]] = {}
-        self._lock = threading.Lock()
-        self._draining = False
-        self._abandoned = False
-
-    def update(self, data: bytes | memoryview) -> None:
-        """Hash `data` now (the caller guarantees order: single PUTs and streamed parts)."""
-        self.sha256.update(data)
-        if self.md5 is not None:
-            self.md5.update(data)
-        self.count += len(data)
-
-    def feed(self, index: int, data: bytes | memoryview, done: Callable[[], None]) -> None:
-        """Hash chunk `index` (0-based) once every chunk before it is hashed; call `done` after."""
-        with self._lock:
-            if self._abandoned:
-                abandoned = True
-            else:
-                abandoned = False
-                self._pending[index] = (data, done)
-                if self._draining:
-                    return
-                self._draining = True
-        if abandoned:
-            done()
-            return
-        while True:
-            with self._lock:
-                item = None if self._abandoned else self._pending.pop(self._next, None)
-                if item is None:
-                    self._draining = False
-                    return
-                self._next += 1
-            self.update(item[0])
-            item[1]()
-
-    @property
-    def chunks_hashed(self) -> int:
-        with self._lock:
-            return self._next
-
-    def abandon(self) -> None:
-        """The attempt failed: drop what waits for hashing and give its memory back."""
-        with self._lock:
-            self._abandoned = True
-            items = list(self._pending.values())
-            self._pending.clear()
-        for _, done in items:
-            done()
-
-    def snapshot(self) -> tuple:
-        return (self.sha256.copy(), self.md5.copy() if self.md5 is not None else None, self.count)
-
-    def restore(self, snap: tuple) -> None:
-        sha, md5, count = snap
-        self.sha256 = sha.copy()
-        self.md5 = md5.copy() if md5 is not None else None
-        self.count = count
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,7 +272,7 @@ class _Attempt:
         self.counter = counter
         self.restarts = restarts
         self.plan: ObjectPlan | None = None
-        self.digest = _OrderedDigest(want_md5=meta.content_md5 is not None)
+        self.digest = OrderedDigest(want_md5=meta.content_md5 is not None)
         self.check_etag = _etags_are_md5(sink)
         self._lock = threading.Lock()
         self.bytes_sent = 0

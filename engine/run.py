@@ -37,7 +37,7 @@ from .inventory import DatasetInventory, inventory_dataset, selected
 from .migrate import (DatasetSummary, DryRunSummary, PlannedObject, Progress, ProgressCallback, Refusal, dry_run,
                       migrate_dataset, place_all)
 from .naming import Placement, place
-from .pipeline import IDENTITY, OutputFormat
+from .output_format import IDENTITY, OutputFormat
 from .settings import TransferSettings
 from . import state as st
 from .state import StateStore

@@ -21,9 +21,11 @@ from connectors.base import (
 )
 from connectors.memory import MemoryStore
 from engine.budget import MemoryBudget
+from engine.copy_events import CopyEvents
 from engine.executors import create_executors
 from engine.naming import Placement
-from engine.pipeline import CopyEvents, ObjectOutcome, copy_object
+from engine.outcome import ObjectOutcome
+from engine.pipeline import copy_object
 from engine.planning import MiB
 from engine.settings import TransferSettings
 
