@@ -236,6 +236,11 @@ class ObjectSink(HeadReader, Protocol):
     unsupported: frozenset[str]
     label: str
 
+    etag_is_md5: bool
+    """True when the destination's ETags are MD5s: of the bytes for a single PUT or a part, S3's
+    md5-of-md5s-N (`multipart_etag`) for a multipart object. False where they are opaque (SSE-C,
+    SSE-KMS): then no ETag can be compared with the bytes sent."""
+
     def put(self, key: str, body: PartBody, size: int, meta: WriteMeta, md5: bytes | None) -> str:
         """Write a whole object in one request; return its ETag."""
         ...

@@ -74,16 +74,6 @@ from engine.settings import TransferSettings
 
 log = logging.getLogger(__name__)
 
-# A sink whose ETags are not MD5s of the body (SSE-C, SSE-KMS) says so with `etag_is_md5 = False`
-# (as `connectors.s3.S3Store` does) or by listing this in `unsupported`; the engine then skips its
-# ETag comparisons (the Content-MD5 the server checked still applies).
-MD5_ETAG = "md5-etag"
-
-
-def _etags_are_md5(sink: ObjectSink) -> bool:
-    return bool(getattr(sink, "etag_is_md5", True)) and MD5_ETAG not in sink.unsupported
-
-
 class ObjectFailed(Exception):
     """The object cannot be copied in this run; the message is the reason a user reads.
     `transient`: the cause may pass (a retryable connector error that outlasted the attempts), so
@@ -273,7 +263,7 @@ class _Attempt:
         self.restarts = restarts
         self.plan: ObjectPlan | None = None
         self.digest = OrderedDigest(want_md5=meta.content_md5 is not None)
-        self.check_etag = _etags_are_md5(sink)
+        self.check_etag = sink.etag_is_md5
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_reported = 0
@@ -539,8 +529,7 @@ class _Attempt:
         # half-written. Not on an interrupt (KeyboardInterrupt, SystemExit): the run stops, the
         # object did not fail, and the next run continues this upload from its recorded parts.
         try:
-            self.events.upload_opened(upload, getattr(self.encoder, "header", None),
-                                      getattr(self.encoder, "key_id", None))
+            self.events.upload_opened(upload, self.encoder.header, self.encoder.key_id)
             if streamed:
                 results = self._streamed_parts(plan, upload, listed)
             else:

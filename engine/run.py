@@ -141,10 +141,9 @@ def placer(loaded: LoadedConfig, name: str, limits: SinkLimits, fmt: OutputForma
            ) -> Callable[[ObjectMeta], Placement]:
     """Places one object of dataset `name`; the 2 KB metadata budget counts the format's own metadata."""
     ds = loaded.config.datasets[name]
-    reserved = getattr(fmt, "metadata_for", None)
 
     def place_one(meta: ObjectMeta) -> Placement:
-        return place(meta, ds.prefix, ds.dest_prefix, limits, reserved=reserved(meta) if reserved else None)
+        return place(meta, ds.prefix, ds.dest_prefix, limits, reserved=fmt.metadata_for(meta))
 
     return place_one
 

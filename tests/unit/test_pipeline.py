@@ -79,6 +79,7 @@ class FaultySink:
         self.store = store
         self.limits = store.limits
         self.unsupported = store.unsupported
+        self.etag_is_md5 = store.etag_is_md5
         self.label = "faulty-sink"
         self.part_fault = part_fault
         self.put_fault = put_fault
@@ -541,12 +542,17 @@ class FakeFramedFormat:
     def __init__(self):
         self.begun = 0
 
+    def metadata_for(self, meta):
+        return {"exitplan-format": "fake-framed"}
+
     def begin(self, meta):
         self.begun += 1
         return FakeEncoder(self.layout, meta.size, header=bytes([self.begun]) * 40)
 
 
 class FakeEncoder:
+    key_id = None
+
     def __init__(self, layout, size, header):
         self.layout, self.size, self.header = layout, size, header
         self.metadata = {"exitplan-format": "fake-framed"}
