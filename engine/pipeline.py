@@ -13,15 +13,16 @@ The shape (ARCHITECTURE.md §4, STYLE.md #6-#8):
   are acquired in order, a part in the buffer never waits for memory held by a later one: no deadlock.
 - A part larger than the budget allows (above half of it) is *streamed*: the connector gets a
   file-like body that reads, hashes and transforms one slice at a time, and the part's MD5 is
-  computed while streaming and checked against the returned ETag. Streamed parts of one object go
+  computed while streaming (the connector checks the returned ETag against the bytes that left;
+  connectors/base.py says why the check is there and only there). Streamed parts of one object go
   one at a time (the object hash is in order and nothing is read twice); other objects keep going.
 - Small objects are one PUT, buffered whole, read and sent by the object's driver itself (no
   hand-off to a transfer worker): the transfer pool bounds the parts of multipart objects, the
   driver pool bounds single PUTs (`TransferSettings` states the total).
 - Nothing is published unless the plaintext byte count equals the source size and, where the source
   has a Content-MD5, the MD5 of the bytes read equals it. The multipart upload's abort is set up
-  right after it is opened and runs on every failure path; after completion the returned ETag is
-  compared with the one computed from the part MD5s.
+  right after it is opened and runs on every failure path; a completed object whose ETag the
+  connector finds wrong (not the one its parts make) is deleted and the object fails.
 - Retries: a range read or a part upload is retried with tenacity (exponential backoff, full
   jitter) only for errors the connector marks retryable. `SourceChanged` is never retried: the
   object restarts from its new version (a new head, a new plan, a new output header), at most
@@ -90,6 +91,11 @@ class _Refused(ObjectFailed):
 
 class _Cancelled(Exception):
     """A part skipped because another part of the object already failed."""
+
+
+class _WrongObjectPublished(Exception):
+    """Completing the upload published an object whose ETag is not the one its parts make (never
+    retried: the object is deleted from the destination and fails)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,7 +269,9 @@ class _Attempt:
         self.restarts = restarts
         self.plan: ObjectPlan | None = None
         self.digest = OrderedDigest(want_md5=meta.content_md5 is not None)
-        self.check_etag = sink.etag_is_md5
+        # ETags that are MD5s let a resumed upload recognise its own parts and object (`_keep`,
+        # `_completed_before`); checking a write's answer is the connector's (connectors/base.py).
+        self.etags_are_md5 = sink.etag_is_md5
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_reported = 0
@@ -393,7 +401,7 @@ class _Attempt:
         that: if the destination object's ETag is the one its recorded parts make, every part is
         "listed" as recorded (each is still checked against what we would send, and the source
         re-read for the object hash) and completing is a no-op. None: start over."""
-        if not self.check_etag:
+        if not self.etags_are_md5:
             return None
         recorded = {r.number: r for r in resume.parts}
         mine = [recorded.get(p.number) for p in plan.parts]
@@ -416,7 +424,7 @@ class _Attempt:
         if listed is None or listed.size != part.output_size:
             return False
         etag = listed.etag.strip('"').lower()
-        if self.check_etag:
+        if self.etags_are_md5:
             return etag == md5.hex()
         # ETags that are not MD5s cannot be checked against the bytes: trust only a recorded receipt.
         recorded = {r.number: r for r in self.resume.parts} if self.resume else {}
@@ -470,13 +478,11 @@ class _Attempt:
             raise ObjectFailed(f"part {part.number}: the output format produced {len(out):,} bytes, "
                                f"{part.output_size:,} planned")
 
-    def _check_receipt(self, receipt: PartReceipt, part: PartPlan, md5: bytes) -> None:
+    def _check_receipt(self, receipt: PartReceipt, part: PartPlan) -> None:
+        # The receipt's ETag was checked by the connector that sent the part (connectors/base.py).
         if receipt.size != part.output_size:
             raise IntegrityError(f"part {part.number} of {self.placement.dest_key!r}: the destination "
                                  f"holds {receipt.size:,} bytes, {part.output_size:,} were sent")
-        if self.check_etag and receipt.etag.strip('"').lower() != md5.hex():
-            raise IntegrityError(f"part {part.number} of {self.placement.dest_key!r}: ETag {receipt.etag} "
-                                 f"does not match the MD5 of the bytes sent ({md5.hex()})")
 
     # ---- single PUT ----------------------------------------------------------------------------
 
@@ -504,10 +510,7 @@ class _Attempt:
         dest = self.placement.dest_key
 
         def put() -> str:
-            etag = self.sink.put(dest, out, part.output_size, write_meta, md5)
-            if self.check_etag and etag.strip('"').lower() != md5.hex():
-                raise IntegrityError(f"{dest!r}: ETag {etag} does not match the MD5 of the bytes sent ({md5.hex()})")
-            return etag.strip('"')
+            return self.sink.put(dest, out, part.output_size, write_meta, md5).strip('"')
 
         etag = self.retry("upload")(put)
         self._sent(part)
@@ -542,31 +545,33 @@ class _Attempt:
             if sent != plan.output_size:
                 raise ObjectFailed(f"{sent:,} bytes were sent, {plan.output_size:,} planned; not completing")
             self._check_source()
-            expected = multipart_etag(md5s)
-            etag = self._complete(upload, receipts, expected)
+            etag = self._complete(upload, receipts, multipart_etag(md5s))
+        except _WrongObjectPublished as exc:
+            # Published but not what we sent: remove it rather than leave a wrong object behind.
+            try:
+                self.sink.delete(dest)
+            except Exception:
+                log.warning("could not delete %r after an ETag mismatch", dest, exc_info=True)
+            raise ObjectFailed(f"{exc}; the object was deleted from the destination") from exc
         except Exception:
             try:
                 upload.abort()
             except Exception:  # the original failure matters more; the upload stays listable
                 log.warning("could not abort the multipart upload %s of %r", upload.upload_id, dest, exc_info=True)
             raise
-        if self.check_etag and etag.lower() != expected:
-            # Published but not what we sent: remove it rather than leave a wrong object behind.
-            try:
-                self.sink.delete(dest)
-            except Exception:
-                log.warning("could not delete %r after an ETag mismatch", dest, exc_info=True)
-            raise ObjectFailed(f"the destination's ETag {etag} differs from the one computed from the parts sent "
-                               f"({expected}); the object was deleted from the destination")
         return etag
 
     def _complete(self, upload: MultipartUpload, receipts: Sequence[PartReceipt], expected: str) -> str:
+        """Complete the upload (retried); `expected` is the multipart ETag of the parts sent, used to
+        recognise our object when an earlier try completed it and only the answer was lost."""
         tried = False
 
         def complete() -> str:
             nonlocal tried
             try:
                 return upload.complete(receipts).strip('"')
+            except IntegrityError as exc:  # the connector found the completed object's ETag wrong
+                raise _WrongObjectPublished(str(exc)) from exc
             except NotFound:
                 # An earlier attempt may have completed it and only the answer was lost.
                 if tried:
@@ -635,7 +640,7 @@ class _Attempt:
 
             def send() -> PartReceipt:
                 receipt = upload.upload_part(part.number, out, part.output_size, md5)
-                self._check_receipt(receipt, part, md5)
+                self._check_receipt(receipt, part)
                 return receipt
 
             receipt = self.retry(f"upload of part {part.number}")(send)
@@ -714,7 +719,7 @@ class _Attempt:
                 raise TransientError(f"part {part.number}: the connector consumed {body.sent:,} of "
                                      f"{part.output_size:,} bytes", key=self.meta.key)
             md5 = body.md5.digest()
-            self._check_receipt(receipt, part, md5)
+            self._check_receipt(receipt, part)
             return receipt, md5
 
         receipt, md5 = self.retry(f"upload of part {part.number}")(send)
