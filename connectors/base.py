@@ -194,12 +194,18 @@ class RangeReader(Protocol):
 
 
 @runtime_checkable
-class ObjectSource(Lister, HeadReader, RangeReader, Protocol):
+class ObjectReader(Lister, HeadReader, RangeReader, Protocol):
+    """Objects listed, headed and read back: what verify asks of a destination."""
+
+    # A short human label for messages: "azure:devstoreaccount1/claims".
+    label: str
+
+
+@runtime_checkable
+class ObjectSource(ObjectReader, Protocol):
     """Anything objects can be read from: Azure Blob, and the S3 destination for verify/restore."""
 
     unsupported: frozenset[str]
-    # A short human label for messages: "azure:devstoreaccount1/claims".
-    label: str
 
 
 # A part body: bytes in memory, or a file-like object streamed by the connector (for parts larger
