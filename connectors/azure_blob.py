@@ -3,6 +3,11 @@
 One `AzureBlobSource` reads one container. Every SDK call is wrapped: azure-core and azure-storage
 exceptions are translated into the connectors' error classes (`connectors.base`) and never leak.
 
+Ranged reads go through the SDK's generated Download operation (`BlobClient._client.blob.download`,
+`azure.storage.blob._generated`), not public API: `download_blob` holds each range twice, outside
+the engine's memory budget. pyproject.toml bounds azure-storage-blob to the versions where it is
+known to work, and tests/unit/test_azure_sdk_private_api.py fails loudly on one where it moved.
+
 Things this module deliberately does not do:
 - no CRC64 content validation: Azurite ignores ``x-ms-content-crc64`` and the SDK's streaming CRC64
   mode makes it store framed bytes; integrity is checked by the pipeline (lengths, MD5, SHA-256);
@@ -308,7 +313,8 @@ class AzureBlobSource:
             return b""
         # The generated operation streams the body in READ_BLOCK_SIZE blocks straight into one
         # buffer of the exact size. `download_blob` first holds the whole first response in memory
-        # and then copies it (twice the range, outside the engine's memory budget).
+        # and then copies it (twice the range, outside the engine's memory budget). Private API:
+        # see the module docstring for the version bound and the test that watches it.
         access = ModifiedAccessConditions(if_match=_quote(if_match)) if if_match is not None else None
 
         def fetch():
