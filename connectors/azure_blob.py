@@ -320,6 +320,9 @@ class AzureBlobSource:
         def fetch():
             return blob._client.blob.download(  # noqa: SLF001 - see above
                 range=f"bytes={start}-{end - 1}", modified_access_conditions=access,
+                # The stored bytes, as stored: a blob with Content-Encoding gzip is copied compressed
+                # (its header goes with it), never inflated on the way (the operation's default).
+                decompress=False,
                 cls=lambda _response, body, headers: (body, headers),
             )
 

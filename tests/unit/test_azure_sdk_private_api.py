@@ -14,6 +14,7 @@ No server: the SDK's requests go to a requests adapter that answers like the Blo
 
 from __future__ import annotations
 
+import gzip
 import inspect
 import io
 from importlib.metadata import version
@@ -26,7 +27,7 @@ from requests.structures import CaseInsensitiveDict
 from urllib3.response import HTTPResponse
 
 from connectors.azure_blob import AzureBlobSource, _PooledRequestsTransport
-from connectors.base import InvalidRequest, NotFound, SourceChanged
+from connectors.base import InvalidRequest, NotFound, SourceChanged, TransientError
 
 SDK = f"azure-storage-blob {version('azure-storage-blob')} (azure-core {version('azure-core')})"
 MOVED = ("{what} moved in " + SDK + ": connectors/azure_blob.py relies on it ({why}); adapt it, or keep "
@@ -105,6 +106,18 @@ def test_a_range_is_read_through_the_private_operation_pinned_to_its_etag():
         MOVED.format(what="the `range` parameter of the generated download", why=why)
     assert sent.headers.get("If-Match") == '"0x8DC"', \
         MOVED.format(what="ModifiedAccessConditions(if_match=...)", why=why)
+
+
+def test_a_content_encoded_range_is_handed_over_as_stored():
+    stored = gzip.compress(b"const answer = 42;\n" * 1000)
+    service = BlobService(206, stored, {"Content-Range": f"bytes 0-{len(stored) - 1}/{len(stored)}",
+                                        "Content-Encoding": "gzip", "ETag": '"0x8DC"'})
+    why = "read_range copies a gzip-encoded blob's stored bytes, not its inflated content"
+    try:
+        data = source_answered_by(service).read_range("app.js", 0, len(stored))
+    except TransientError as exc:
+        pytest.fail(MOVED.format(what=f"the generated download's `decompress` keyword ({exc})", why=why))
+    assert bytes(data) == stored, MOVED.format(what="the generated download's `decompress` keyword", why=why)
 
 
 def test_the_content_range_total_reaches_read_range():
