@@ -59,7 +59,7 @@ from config.lab import (  # noqa: E402
     azurite_connection_string,
 )
 from connectors.base import ContentSettings  # noqa: E402
-from engine.lab_seed import SINGLE_SHOT_MAX, DicomLikeBinary, SeedObject, UploadMode  # noqa: E402
+from lab.seed import SINGLE_SHOT_MAX, DicomLikeBinary, SeedObject, UploadMode  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -742,7 +742,7 @@ def engine_child(args: argparse.Namespace) -> int:
 
 
 def seed(lab: Lab, series: list[Series]) -> float:
-    from engine.lab_seed import seed_azurite
+    from lab.seed import seed_azurite
 
     t0 = time.perf_counter()
     objs = [o for s in series for o in s.objects]

@@ -3,6 +3,11 @@
 One `AzureBlobSource` reads one container. Every SDK call is wrapped: azure-core and azure-storage
 exceptions are translated into the connectors' error classes (`connectors.base`) and never leak.
 
+Ranged reads go through the SDK's generated Download operation (`BlobClient._client.blob.download`,
+`azure.storage.blob._generated`), not public API: `download_blob` holds each range twice, outside
+the engine's memory budget. pyproject.toml bounds azure-storage-blob to the versions where it is
+known to work, and tests/unit/test_azure_sdk_private_api.py fails loudly on one where it moved.
+
 Things this module deliberately does not do:
 - no CRC64 content validation: Azurite ignores ``x-ms-content-crc64`` and the SDK's streaming CRC64
   mode makes it store framed bytes; integrity is checked by the pipeline (lengths, MD5, SHA-256);
@@ -308,12 +313,16 @@ class AzureBlobSource:
             return b""
         # The generated operation streams the body in READ_BLOCK_SIZE blocks straight into one
         # buffer of the exact size. `download_blob` first holds the whole first response in memory
-        # and then copies it (twice the range, outside the engine's memory budget).
+        # and then copies it (twice the range, outside the engine's memory budget). Private API:
+        # see the module docstring for the version bound and the test that watches it.
         access = ModifiedAccessConditions(if_match=_quote(if_match)) if if_match is not None else None
 
         def fetch():
             return blob._client.blob.download(  # noqa: SLF001 - see above
                 range=f"bytes={start}-{end - 1}", modified_access_conditions=access,
+                # The stored bytes, as stored: a blob with Content-Encoding gzip is copied compressed
+                # (its header goes with it), never inflated on the way (the operation's default).
+                decompress=False,
                 cls=lambda _response, body, headers: (body, headers),
             )
 

@@ -11,6 +11,8 @@ bytes, the bytes at offsets ``start .. end - 1``.
 from __future__ import annotations
 
 import base64
+import hashlib
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import BinaryIO, Iterator, Mapping, Protocol, Sequence, runtime_checkable
@@ -192,12 +194,18 @@ class RangeReader(Protocol):
 
 
 @runtime_checkable
-class ObjectSource(Lister, HeadReader, RangeReader, Protocol):
+class ObjectReader(Lister, HeadReader, RangeReader, Protocol):
+    """Objects listed, headed and read back: what verify asks of a destination."""
+
+    # A short human label for messages: "azure:devstoreaccount1/claims".
+    label: str
+
+
+@runtime_checkable
+class ObjectSource(ObjectReader, Protocol):
     """Anything objects can be read from: Azure Blob, and the S3 destination for verify/restore."""
 
     unsupported: frozenset[str]
-    # A short human label for messages: "azure:devstoreaccount1/claims".
-    label: str
 
 
 # A part body: bytes in memory, or a file-like object streamed by the connector (for parts larger
@@ -213,7 +221,8 @@ class MultipartUpload(Protocol):
     def upload_part(self, number: int, body: PartBody, size: int, md5: bytes | None) -> PartReceipt:
         """Upload part `number` (1-based). With `md5`, the server checks the body against it.
 
-        Raises `IntegrityError` when the server reports a digest mismatch.
+        Raises `IntegrityError` when the server reports a digest mismatch, or (where ETags are
+        MD5s) answers an ETag that is not the MD5 of the bytes sent (`checked_etag`).
         """
         ...
 
@@ -222,7 +231,11 @@ class MultipartUpload(Protocol):
         ...
 
     def complete(self, parts: Sequence[PartReceipt]) -> str:
-        """Assemble the object from `parts`; return its ETag (quotes stripped)."""
+        """Assemble the object from `parts`; return its ETag (quotes stripped).
+
+        Raises `IntegrityError` when (where ETags are MD5s) the object's ETag is not the one its
+        parts make (`checked_multipart_etag`): the object then exists at the destination, wrong.
+        """
         ...
 
     def abort(self) -> None:
@@ -236,8 +249,16 @@ class ObjectSink(HeadReader, Protocol):
     unsupported: frozenset[str]
     label: str
 
+    etag_is_md5: bool
+    """True when the destination's ETags are MD5s: of the bytes for a single PUT or a part, S3's
+    md5-of-md5s-N (`multipart_etag`) for a multipart object. False where they are opaque (SSE-C,
+    SSE-KMS): then no ETag can be compared with the bytes sent."""
+
     def put(self, key: str, body: PartBody, size: int, meta: WriteMeta, md5: bytes | None) -> str:
-        """Write a whole object in one request; return its ETag."""
+        """Write a whole object in one request; return its ETag (quotes stripped).
+
+        Raises `IntegrityError` like `MultipartUpload.upload_part`.
+        """
         ...
 
     def open_multipart(self, key: str, meta: WriteMeta) -> MultipartUpload:
@@ -255,8 +276,49 @@ class ObjectSink(HeadReader, Protocol):
         ...
 
 
+# --------------------------------------------------------------------------------------------
+# ETags
+# --------------------------------------------------------------------------------------------
+#
+# A write's answer is checked against what was sent in one place: the connector that sent it, with
+# the two functions below, when its destination's ETags are MD5s (`ObjectSink.etag_is_md5`). Only
+# the connector sees every write (the pipeline's parts and objects, but also the keyset and audit
+# manifest copies) and the bytes that actually left, streamed ones included; and some servers
+# accept a wrong Content-MD5 without a word (moto, s3rver: LAB-NOTES.md), so the answer is the only
+# proof. Callers trust a returned ETag; the engine compares ETags only to recognise its own parts
+# and objects when it resumes an upload.
+
+
 def multipart_etag(part_md5s: Sequence[bytes]) -> str:
     """The ETag S3 gives a multipart object: hex MD5 of the concatenated part MD5s, dash, count."""
-    import hashlib
-
     return f"{hashlib.md5(b''.join(part_md5s)).hexdigest()}-{len(part_md5s)}"
+
+
+def checked_etag(etag: str, md5: bytes, *, what: str, key: str | None = None) -> str:
+    """`etag`, a destination's answer to a PUT or a part upload, once it is known to be the MD5 of
+    the bytes sent (`md5`); `IntegrityError` (retryable: the bytes are sent again) otherwise.
+    `what` names the write in the message ("s3:bucket: part 3 of 'k'")."""
+    if etag.strip('"').lower() != md5.hex():
+        raise IntegrityError(f"{what}: the server's ETag {etag} is not the MD5 of the bytes sent ({md5.hex()}); "
+                             "the body was altered on the way", key=key)
+    return etag
+
+
+def checked_multipart_etag(etag: str, parts: Sequence[PartReceipt], *, what: str, key: str | None = None) -> str:
+    """`etag`, a destination's answer to completing a multipart upload, once it is known to be the
+    one `parts` (their ETags checked by `checked_etag`) make; `IntegrityError` otherwise, and then
+    the object exists at the destination but is not what was sent."""
+    md5s = []
+    for part in parts:
+        part_etag = part.etag.strip('"').lower()
+        if not _MD5_HEX.fullmatch(part_etag):
+            raise IntegrityError(f"{what}: part {part.number}'s ETag {part.etag} is not an MD5, so the object's "
+                                 "ETag cannot be checked", key=key)
+        md5s.append(bytes.fromhex(part_etag))
+    expected = multipart_etag(md5s)
+    if etag.strip('"').lower() != expected:
+        raise IntegrityError(f"{what} completed with ETag {etag}, expected {expected} from the parts sent", key=key)
+    return etag
+
+
+_MD5_HEX = re.compile(r"[0-9a-f]{32}")

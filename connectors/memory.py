@@ -56,6 +56,7 @@ class MemoryStore:
     """A bucket in memory, usable as source (`ObjectSource`) and sink (`ObjectSink`)."""
 
     unsupported: frozenset[str] = frozenset()
+    etag_is_md5: bool = True
 
     def __init__(self, limits: SinkLimits | None = None, page_size: int = 1000, label: str = "memory"):
         self.limits = limits or SinkLimits()

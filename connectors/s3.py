@@ -9,8 +9,10 @@ upload concurrency.
 Integrity on upload: a part or object sent from memory carries the caller's Content-MD5 (the server
 checks it) and the ETag that comes back is compared with it too, since some servers (moto among them)
 do not check Content-MD5. A streamed body (a file-like object, for parts larger than the memory
-budget) is hashed while it is sent and the returned ETag compared with that digest. Both checks are
-skipped when the provider's ETag is not an MD5 (`etag_is_md5=False`: SSE-C, SSE-KMS).
+budget) is hashed while it is sent and the returned ETag compared with that digest; a completed
+multipart upload's ETag is compared with the one its parts make. These are the only ETag checks of
+a write (`connectors.base.checked_etag`); they are skipped when the provider's ETag is not an MD5
+(`etag_is_md5=False`: SSE-C, SSE-KMS).
 
 Every SDK call is wrapped: botocore exceptions never leave this module.
 """
@@ -52,13 +54,13 @@ from .base import (
     Throttled,
     TransientError,
     WriteMeta,
-    multipart_etag,
+    checked_etag,
+    checked_multipart_etag,
 )
 
 T = TypeVar("T")
 
 _MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
-_MULTIPART_ETAG = re.compile(r"^[0-9a-f]{32}-\d+$")
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchUpload", "NoSuchVersion"}
 _CHANGED = {"PreconditionFailed", "412"}
@@ -501,19 +503,15 @@ class S3Store:
         # a TransientError whose message carries the reason.
         resp = self._call(lambda: getattr(client, operation)(**params), key)
         etag = _unquote(resp.get("ETag"))
-        expected = md5
+        sent = md5
         if reader is not None:
             if not reader.exhausted:
                 raise TransientError(f"{self.label}: {what}: the body was not fully sent", key=key)
-            expected = md5 or reader.md5.digest()
-            if md5 is not None and reader.md5.digest() != md5:
+            sent = reader.md5.digest()
+            if md5 is not None and sent != md5:
                 raise IntegrityError(f"{self.label}: {what}: the streamed bytes do not match the given MD5", key=key)
-        if expected is not None and self.etag_is_md5 and _MD5_HEX.match(etag) and etag != expected.hex():
-            raise IntegrityError(
-                f"{self.label}: {what}: the server's ETag {etag} is not the MD5 of the bytes sent "
-                f"({expected.hex()}); the body was altered on the way",
-                key=key,
-            )
+        if sent is not None and self.etag_is_md5:
+            checked_etag(etag, sent, what=f"{self.label}: {what}", key=key)
         return etag
 
     def _call(self, fn: Callable[[], T], key: str, *, upload_id: str | None = None) -> T:
@@ -624,12 +622,8 @@ class S3MultipartUpload:
             self.key, upload_id=self.upload_id,
         )
         etag = _unquote(resp.get("ETag"))
-        if (self.store.etag_is_md5 and _MULTIPART_ETAG.match(etag)
-                and all(_MD5_HEX.match(p.etag) for p in parts)):
-            expected = multipart_etag([bytes.fromhex(p.etag) for p in parts])
-            if etag != expected:
-                raise IntegrityError(f"{self.store.label}: {self.key!r} completed with ETag {etag}, expected "
-                                     f"{expected} from its parts", key=self.key)
+        if self.store.etag_is_md5:
+            checked_multipart_etag(etag, parts, what=f"{self.store.label}: {self.key!r}", key=self.key)
         return etag
 
     def abort(self) -> None:

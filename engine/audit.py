@@ -62,6 +62,7 @@ from engine import state as st
 if TYPE_CHECKING:
     from config.models import LoadedConfig
     from config.policy import DestinationVerdict
+    from connectors.base import HeadReader, ObjectSource
 
 log = logging.getLogger(__name__)
 
@@ -502,7 +503,7 @@ class MigrationAudit(RunAudit):
         self.state = state
         self.verdicts = verdicts
         self.key_ids = dict(key_ids)
-        self._endpoints: dict[str, tuple[Any, Any]] = {}
+        self._endpoints: dict[str, tuple[ObjectSource | None, HeadReader | None]] = {}
         super().__init__(loaded, "migrate", run_id, datasets, signing_key)
 
     def end(self, status: str) -> dict[str, Any]:
@@ -514,7 +515,7 @@ class MigrationAudit(RunAudit):
         return self.finish(status, {k: getattr(run, k) for k in (
             "objects_total", "objects_ok", "objects_failed", "objects_skipped", "bytes_total", "bytes_sent")})
 
-    def record_transfers(self, dataset: str, source: Any = None, sink: Any = None) -> int:
+    def record_transfers(self, dataset: str, source: ObjectSource | None = None, sink: HeadReader | None = None) -> int:
         """Append a transfer record for each copied row of `dataset` not recorded yet; returns how many.
         `source` (the dataset's `ObjectSource`) names the Azure account; `sink` is used to read the
         key id of rows from earlier runs (one HEAD each: rare, a killed run's rows)."""
@@ -579,7 +580,7 @@ def _account_of(src_cfg: Any) -> str | None:
     return None
 
 
-def _key_id_at_destination(sink: Any, dest_key: str | None) -> int | None:
+def _key_id_at_destination(sink: HeadReader | None, dest_key: str | None) -> int | None:
     if sink is None or not dest_key:
         return None
     from connectors.base import ConnectorError

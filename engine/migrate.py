@@ -22,17 +22,12 @@ from engine import state as st
 from engine.budget import MemoryBudget
 from engine.executors import Executors
 from engine.naming import DoesNotFit, Placement
-from engine.pipeline import (
-    IDENTITY,
-    CopyEvents,
-    ObjectOutcome,
-    OutputFormat,
-    RecordedPart,
-    ResumePoint,
-    copy_object,
-    single_put_cutoff,
-)
+from engine.copy_events import CopyEvents
+from engine.outcome import ObjectOutcome
+from engine.output_format import IDENTITY, OutputFormat
+from engine.pipeline import copy_object, single_put_cutoff
 from engine.planning import ObjectPlan, PartPlan, PlanRefused, plan_object
+from engine.resume_point import RecordedPart, ResumePoint
 from engine.settings import TransferSettings
 from engine.state import StateStore, WriteBatch
 

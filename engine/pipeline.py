@@ -9,26 +9,30 @@ The shape (ARCHITECTURE.md §4, STYLE.md #6-#8):
   the output and uploads it with that Content-MD5. The bytes go back to the budget once the part
   is both uploaded and hashed.
 - Hashing needs the plaintext in order; parts finish in any order. Finished parts wait in a small
-  reorder buffer, and whoever fills the gap hashes the run. Because parts are acquired in order,
-  a part in the buffer never waits for memory held by a later one: no deadlock.
+  reorder buffer (`engine.ordered_digest`), and whoever fills the gap hashes the run. Because parts
+  are acquired in order, a part in the buffer never waits for memory held by a later one: no deadlock.
 - A part larger than the budget allows (above half of it) is *streamed*: the connector gets a
   file-like body that reads, hashes and transforms one slice at a time, and the part's MD5 is
-  computed while streaming and checked against the returned ETag. Streamed parts of one object go
+  computed while streaming (the connector checks the returned ETag against the bytes that left;
+  connectors/base.py says why the check is there and only there). Streamed parts of one object go
   one at a time (the object hash is in order and nothing is read twice); other objects keep going.
 - Small objects are one PUT, buffered whole, read and sent by the object's driver itself (no
   hand-off to a transfer worker): the transfer pool bounds the parts of multipart objects, the
   driver pool bounds single PUTs (`TransferSettings` states the total).
 - Nothing is published unless the plaintext byte count equals the source size and, where the source
   has a Content-MD5, the MD5 of the bytes read equals it. The multipart upload's abort is set up
-  right after it is opened and runs on every failure path; after completion the returned ETag is
-  compared with the one computed from the part MD5s.
+  right after it is opened and runs on every failure path; a completed object whose ETag the
+  connector finds wrong (not the one its parts make) is deleted and the object fails.
 - Retries: a range read or a part upload is retried with tenacity (exponential backoff, full
   jitter) only for errors the connector marks retryable. `SourceChanged` is never retried: the
   object restarts from its new version (a new head, a new plan, a new output header), at most
   `max_source_restarts` times.
 
-The seam for encryption is `OutputFormat`: per object attempt it gives a `SegmentEncoder` that
-turns a run of whole segments of plaintext into output bytes (identity for now).
+The output is the `OutputFormat`'s (`engine.output_format`): per object attempt it gives a
+`SegmentEncoder` that turns a run of whole segments of plaintext into output bytes (encrypted, or
+as is for a public dataset). What happened comes back as an `ObjectOutcome` (`engine.outcome`);
+progress is announced to `CopyEvents` (`engine.copy_events`); an upload an earlier run left is
+continued from its `ResumePoint` (`engine.resume_point`).
 """
 
 from __future__ import annotations
@@ -39,8 +43,7 @@ import io
 import logging
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Callable, Literal, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Sequence
 
 import tenacity
 
@@ -59,177 +62,18 @@ from connectors.base import (
     multipart_etag,
 )
 from engine.budget import Lease, MemoryBudget
+from engine.copy_events import CopyEvents
+from engine.crypto.segments import sum_output
 from engine.executors import Executors
 from engine.naming import Placement
-from engine.planning import IDENTITY_LAYOUT, ObjectPlan, PartPlan, PlanRefused, SegmentLayout, plan_object, sum_output
+from engine.ordered_digest import OrderedDigest
+from engine.outcome import ObjectOutcome
+from engine.output_format import IDENTITY, OutputFormat
+from engine.planning import ObjectPlan, PartPlan, PlanRefused, plan_object
+from engine.resume_point import ResumePoint
 from engine.settings import TransferSettings
 
 log = logging.getLogger(__name__)
-
-# A sink whose ETags are not MD5s of the body (SSE-C, SSE-KMS) says so with `etag_is_md5 = False`
-# (as `connectors.s3.S3Store` does) or by listing this in `unsupported`; the engine then skips its
-# ETag comparisons (the Content-MD5 the server checked still applies).
-MD5_ETAG = "md5-etag"
-
-
-def _etags_are_md5(sink: ObjectSink) -> bool:
-    return bool(getattr(sink, "etag_is_md5", True)) and MD5_ETAG not in sink.unsupported
-
-Status = Literal["ok", "failed", "skipped"]
-
-
-# --------------------------------------------------------------------------------------------
-# The output seam (identity now; the encryption issue adds a Tink format)
-# --------------------------------------------------------------------------------------------
-
-
-class SegmentEncoder(Protocol):
-    """Transforms plaintext into output for one object *attempt* (a fresh header each attempt)."""
-
-    metadata: Mapping[str, str]
-    """Metadata written with the object for this attempt (e.g. the key id); merged into the placement's."""
-
-    def encode(self, first_segment: int, plaintext: bytes | memoryview) -> bytes | memoryview:
-        """Output bytes for the run of whole segments starting at `first_segment` whose plaintext is
-        `plaintext` (segment 0's output includes the header; the object's last segment is final).
-        Called concurrently for different runs of one attempt; may be called again for the same run
-        (a retried part) and must then return the same bytes."""
-        ...
-
-
-class OutputFormat(Protocol):
-    layout: SegmentLayout
-
-    copies: bool
-    """False only for the identity: `encode` returns its input, so a part costs its plaintext size
-    in the budget and a single PUT reuses the object MD5 as its Content-MD5. True: a part holds its
-    plaintext and its output at once, so its budget charge is both."""
-
-    def begin(self, meta: ObjectMeta, *, header: bytes | None = None, key_id: int | None = None) -> SegmentEncoder:
-        """Start an attempt at writing `meta` (called again, with the new version, on a restart).
-        With `header` / `key_id` (a resumed upload): continue the recorded attempt instead, so
-        that the same plaintext gives the same output bytes as before the interruption."""
-        ...
-
-
-class _IdentityEncoder:
-    metadata: Mapping[str, str] = {}
-    header = None
-    key_id = None
-
-    def encode(self, first_segment: int, plaintext: bytes | memoryview) -> bytes | memoryview:
-        return plaintext
-
-
-class IdentityFormat:
-    """Output = plaintext. The format of every object until encryption lands."""
-
-    layout: SegmentLayout = IDENTITY_LAYOUT
-    copies = False
-
-    def begin(self, meta: ObjectMeta, *, header: bytes | None = None, key_id: int | None = None) -> SegmentEncoder:
-        return _IdentityEncoder()
-
-
-IDENTITY = IdentityFormat()
-
-
-# --------------------------------------------------------------------------------------------
-# Events (the state store and progress listen; the resume issue adds upload ids and receipts)
-# --------------------------------------------------------------------------------------------
-
-
-class CopyEvents:
-    """Hooks called by `copy_object`, each *before* the side effect it announces where there is one.
-    Methods may be called from transfer threads; keep them quick and thread-safe."""
-
-    def attempt_started(self, meta: ObjectMeta, plan: ObjectPlan, restarts: int) -> None:
-        """Before any byte of this attempt moves (also after a restart, with the new version)."""
-
-    def source_changed(self, old: ObjectMeta, new: ObjectMeta) -> None:
-        """The source changed under us; the object restarts from `new`."""
-
-    def upload_opened(self, upload: MultipartUpload, header: bytes | None, key_id: int | None) -> None:
-        """A multipart upload exists (opened, or re-attached to on resume), before any part is
-        sent; `header` / `key_id` are the attempt's encryption header and data key (None when the
-        output is not encrypted). Its abort on failure is already registered."""
-
-    def part_uploaded(self, part: PartPlan, receipt: PartReceipt, md5: bytes | None = None) -> None:
-        """The destination acknowledged a part (`md5`: of the bytes sent; for a single PUT, None)."""
-
-    def part_kept(self, part: PartPlan, receipt: PartReceipt, md5: bytes) -> None:
-        """Resume: a part already on the destination (listed) was checked and is kept, not re-sent."""
-
-    def bytes_moved(self, n: int) -> None:
-        """`n` plaintext bytes were acknowledged by the destination (negative: undone by a restart)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Outcome
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RecordedPart:
-    """A part receipt recorded by an earlier run (`md5`: of the bytes sent, when known)."""
-
-    number: int
-    etag: str
-    size: int
-    md5: bytes | None = None
-
-
-@dataclass(frozen=True)
-class ResumePoint:
-    """An unfinished multipart upload left by an earlier (killed) run, as its state row says.
-
-    It is continued only if the source still has `source_etag` and `size` and the object still
-    goes to `dest_key`; otherwise the upload is aborted and the object starts over with a new
-    header. `header` / `key_id` are the attempt's encryption header and data key (None: not
-    encrypted). `parts` are the receipts that run recorded; parts it sent but did not record are
-    found with ListParts."""
-
-    dest_key: str
-    upload_id: str
-    source_etag: str
-    size: int
-    header: bytes | None = None
-    key_id: int | None = None
-    parts: tuple[RecordedPart, ...] = ()
-
-
-@dataclass(frozen=True)
-class ObjectOutcome:
-    """What happened to one object. `size` is the plaintext size of the version copied (or tried).
-
-    `parts` is 1 for a single PUT; `bytes_sent` counts output bytes acknowledged by the destination
-    in the final attempt; `restarts` counts source changes; `attempts` counts the requests the
-    engine issued for the object (range reads, heads, PUT / open / part uploads / complete),
-    retries and restarts included: with no fault it is reads + uploads + 2 for a multipart object. `refused` marks an
-    object that never started because it cannot be written (too large, a name or metadata that
-    does not fit): its status is "failed". `resumed`: the final attempt continued an upload left
-    by an earlier run; `parts_kept` of its parts were already there (checked, not re-sent).
-    """
-
-    source_key: str
-    dest_key: str
-    source_etag: str
-    size: int
-    status: Status
-    reason: str | None = None
-    sha256: str | None = None
-    md5_checked: bool = False
-    dest_etag: str | None = None
-    parts: int = 0
-    bytes_sent: int = 0
-    restarts: int = 0
-    attempts: int = 0
-    output_size: int = 0
-    refused: bool = False
-    resumed: bool = False
-    parts_kept: int = 0
-    transient: bool = False  # a failure whose cause may pass: trying again later can succeed
-
 
 class ObjectFailed(Exception):
     """The object cannot be copied in this run; the message is the reason a user reads.
@@ -249,77 +93,9 @@ class _Cancelled(Exception):
     """A part skipped because another part of the object already failed."""
 
 
-# --------------------------------------------------------------------------------------------
-# Hashing in order
-# --------------------------------------------------------------------------------------------
-
-
-class _OrderedDigest:
-    """SHA-256 (always) and MD5 (when asked) of the plaintext, fed in any order, hashed in order."""
-
-    def __init__(self, want_md5: bool):
-        self.sha256 = hashlib.sha256()
-        self.md5 = hashlib.md5() if want_md5 else None
-        self.count = 0  # plaintext bytes hashed
-        self._next = 0
-        self._pending: dict[int, tuple[bytes | memoryview, Callable[[], None]]] = {}
-        self._lock = threading.Lock()
-        self._draining = False
-        self._abandoned = False
-
-    def update(self, data: bytes | memoryview) -> None:
-        """Hash `data` now (the caller guarantees order: single PUTs and streamed parts)."""
-        self.sha256.update(data)
-        if self.md5 is not None:
-            self.md5.update(data)
-        self.count += len(data)
-
-    def feed(self, index: int, data: bytes | memoryview, done: Callable[[], None]) -> None:
-        """Hash chunk `index` (0-based) once every chunk before it is hashed; call `done` after."""
-        with self._lock:
-            if self._abandoned:
-                abandoned = True
-            else:
-                abandoned = False
-                self._pending[index] = (data, done)
-                if self._draining:
-                    return
-                self._draining = True
-        if abandoned:
-            done()
-            return
-        while True:
-            with self._lock:
-                item = None if self._abandoned else self._pending.pop(self._next, None)
-                if item is None:
-                    self._draining = False
-                    return
-                self._next += 1
-            self.update(item[0])
-            item[1]()
-
-    @property
-    def chunks_hashed(self) -> int:
-        with self._lock:
-            return self._next
-
-    def abandon(self) -> None:
-        """The attempt failed: drop what waits for hashing and give its memory back."""
-        with self._lock:
-            self._abandoned = True
-            items = list(self._pending.values())
-            self._pending.clear()
-        for _, done in items:
-            done()
-
-    def snapshot(self) -> tuple:
-        return (self.sha256.copy(), self.md5.copy() if self.md5 is not None else None, self.count)
-
-    def restore(self, snap: tuple) -> None:
-        sha, md5, count = snap
-        self.sha256 = sha.copy()
-        self.md5 = md5.copy() if md5 is not None else None
-        self.count = count
+class _WrongObjectPublished(Exception):
+    """Completing the upload published an object whose ETag is not the one its parts make (never
+    retried: the object is deleted from the destination and fails)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,8 +268,10 @@ class _Attempt:
         self.counter = counter
         self.restarts = restarts
         self.plan: ObjectPlan | None = None
-        self.digest = _OrderedDigest(want_md5=meta.content_md5 is not None)
-        self.check_etag = _etags_are_md5(sink)
+        self.digest = OrderedDigest(want_md5=meta.content_md5 is not None)
+        # ETags that are MD5s let a resumed upload recognise its own parts and object (`_keep`,
+        # `_completed_before`); checking a write's answer is the connector's (connectors/base.py).
+        self.etags_are_md5 = sink.etag_is_md5
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_reported = 0
@@ -623,7 +401,7 @@ class _Attempt:
         that: if the destination object's ETag is the one its recorded parts make, every part is
         "listed" as recorded (each is still checked against what we would send, and the source
         re-read for the object hash) and completing is a no-op. None: start over."""
-        if not self.check_etag:
+        if not self.etags_are_md5:
             return None
         recorded = {r.number: r for r in resume.parts}
         mine = [recorded.get(p.number) for p in plan.parts]
@@ -646,7 +424,7 @@ class _Attempt:
         if listed is None or listed.size != part.output_size:
             return False
         etag = listed.etag.strip('"').lower()
-        if self.check_etag:
+        if self.etags_are_md5:
             return etag == md5.hex()
         # ETags that are not MD5s cannot be checked against the bytes: trust only a recorded receipt.
         recorded = {r.number: r for r in self.resume.parts} if self.resume else {}
@@ -700,13 +478,11 @@ class _Attempt:
             raise ObjectFailed(f"part {part.number}: the output format produced {len(out):,} bytes, "
                                f"{part.output_size:,} planned")
 
-    def _check_receipt(self, receipt: PartReceipt, part: PartPlan, md5: bytes) -> None:
+    def _check_receipt(self, receipt: PartReceipt, part: PartPlan) -> None:
+        # The receipt's ETag was checked by the connector that sent the part (connectors/base.py).
         if receipt.size != part.output_size:
             raise IntegrityError(f"part {part.number} of {self.placement.dest_key!r}: the destination "
                                  f"holds {receipt.size:,} bytes, {part.output_size:,} were sent")
-        if self.check_etag and receipt.etag.strip('"').lower() != md5.hex():
-            raise IntegrityError(f"part {part.number} of {self.placement.dest_key!r}: ETag {receipt.etag} "
-                                 f"does not match the MD5 of the bytes sent ({md5.hex()})")
 
     # ---- single PUT ----------------------------------------------------------------------------
 
@@ -734,10 +510,7 @@ class _Attempt:
         dest = self.placement.dest_key
 
         def put() -> str:
-            etag = self.sink.put(dest, out, part.output_size, write_meta, md5)
-            if self.check_etag and etag.strip('"').lower() != md5.hex():
-                raise IntegrityError(f"{dest!r}: ETag {etag} does not match the MD5 of the bytes sent ({md5.hex()})")
-            return etag.strip('"')
+            return self.sink.put(dest, out, part.output_size, write_meta, md5).strip('"')
 
         etag = self.retry("upload")(put)
         self._sent(part)
@@ -759,8 +532,7 @@ class _Attempt:
         # half-written. Not on an interrupt (KeyboardInterrupt, SystemExit): the run stops, the
         # object did not fail, and the next run continues this upload from its recorded parts.
         try:
-            self.events.upload_opened(upload, getattr(self.encoder, "header", None),
-                                      getattr(self.encoder, "key_id", None))
+            self.events.upload_opened(upload, self.encoder.header, self.encoder.key_id)
             if streamed:
                 results = self._streamed_parts(plan, upload, listed)
             else:
@@ -773,31 +545,33 @@ class _Attempt:
             if sent != plan.output_size:
                 raise ObjectFailed(f"{sent:,} bytes were sent, {plan.output_size:,} planned; not completing")
             self._check_source()
-            expected = multipart_etag(md5s)
-            etag = self._complete(upload, receipts, expected)
+            etag = self._complete(upload, receipts, multipart_etag(md5s))
+        except _WrongObjectPublished as exc:
+            # Published but not what we sent: remove it rather than leave a wrong object behind.
+            try:
+                self.sink.delete(dest)
+            except Exception:
+                log.warning("could not delete %r after an ETag mismatch", dest, exc_info=True)
+            raise ObjectFailed(f"{exc}; the object was deleted from the destination") from exc
         except Exception:
             try:
                 upload.abort()
             except Exception:  # the original failure matters more; the upload stays listable
                 log.warning("could not abort the multipart upload %s of %r", upload.upload_id, dest, exc_info=True)
             raise
-        if self.check_etag and etag.lower() != expected:
-            # Published but not what we sent: remove it rather than leave a wrong object behind.
-            try:
-                self.sink.delete(dest)
-            except Exception:
-                log.warning("could not delete %r after an ETag mismatch", dest, exc_info=True)
-            raise ObjectFailed(f"the destination's ETag {etag} differs from the one computed from the parts sent "
-                               f"({expected}); the object was deleted from the destination")
         return etag
 
     def _complete(self, upload: MultipartUpload, receipts: Sequence[PartReceipt], expected: str) -> str:
+        """Complete the upload (retried); `expected` is the multipart ETag of the parts sent, used to
+        recognise our object when an earlier try completed it and only the answer was lost."""
         tried = False
 
         def complete() -> str:
             nonlocal tried
             try:
                 return upload.complete(receipts).strip('"')
+            except IntegrityError as exc:  # the connector found the completed object's ETag wrong
+                raise _WrongObjectPublished(str(exc)) from exc
             except NotFound:
                 # An earlier attempt may have completed it and only the answer was lost.
                 if tried:
@@ -866,7 +640,7 @@ class _Attempt:
 
             def send() -> PartReceipt:
                 receipt = upload.upload_part(part.number, out, part.output_size, md5)
-                self._check_receipt(receipt, part, md5)
+                self._check_receipt(receipt, part)
                 return receipt
 
             receipt = self.retry(f"upload of part {part.number}")(send)
@@ -945,7 +719,7 @@ class _Attempt:
                 raise TransientError(f"part {part.number}: the connector consumed {body.sent:,} of "
                                      f"{part.output_size:,} bytes", key=self.meta.key)
             md5 = body.md5.digest()
-            self._check_receipt(receipt, part, md5)
+            self._check_receipt(receipt, part)
             return receipt, md5
 
         receipt, md5 = self.retry(f"upload of part {part.number}")(send)

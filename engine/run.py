@@ -29,7 +29,7 @@ from .executors import create_executors
 from .inventory import DatasetInventory, inventory_dataset, selected
 from .migrate import DatasetSummary, Progress, ProgressCallback, Refusal, migrate_dataset, place_all
 from .naming import Placement, place
-from .pipeline import IDENTITY, OutputFormat
+from .output_format import IDENTITY, OutputFormat
 from .project import lock_project, open_state, state_location
 from .settings import TransferSettings
 from .shards import (WENT_THROUGH, PlannedShard, ShardCutter, ShardOutcome, ShardPlan, ShardResult, ShardsEnded,
@@ -70,10 +70,9 @@ def placer(loaded: LoadedConfig, name: str, limits: SinkLimits, fmt: OutputForma
            ) -> Callable[[ObjectMeta], Placement]:
     """Places one object of dataset `name`; the 2 KB metadata budget counts the format's own metadata."""
     ds = loaded.config.datasets[name]
-    reserved = getattr(fmt, "metadata_for", None)
 
     def place_one(meta: ObjectMeta) -> Placement:
-        return place(meta, ds.prefix, ds.dest_prefix, limits, reserved=reserved(meta) if reserved else None)
+        return place(meta, ds.prefix, ds.dest_prefix, limits, reserved=fmt.metadata_for(meta))
 
     return place_one
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from engine.planning import MiB, SEGMENT_SIZE
+from engine.crypto.segments import SEGMENT_SIZE, MiB
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from config.errors import ExitCode, UserError
 from config.models import LoadedConfig
-from connectors.base import ConnectorError, NotFound, ObjectMeta
+from connectors.base import ConnectorError, NotFound, ObjectMeta, ObjectReader
 
 from . import state as st
 from .audit import VERIFY, RunAudit, audit_signing_key
@@ -162,7 +162,7 @@ def in_sample(seed: int, dataset: str, source_key: str, fraction: float) -> bool
 
 
 class _Checker:
-    def __init__(self, dataset: str, sink: Any, *, encrypted: bool, known_key_ids: frozenset[int] | None,
+    def __init__(self, dataset: str, sink: ObjectReader, *, encrypted: bool, known_key_ids: frozenset[int] | None,
                  keys: Any, deep: bool, sample: float, seed: int):
         self.dataset = dataset
         self.sink = sink
@@ -267,14 +267,14 @@ class _Decrypt(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def _listing(sink: Any, prefix: str) -> Iterator[ObjectMeta]:
+def _listing(sink: ObjectReader, prefix: str) -> Iterator[ObjectMeta]:
     for meta in sink.list(prefix):
         if meta.key.startswith(CONTROL_PREFIX) or meta.key.endswith("/"):
             continue
         yield meta
 
 
-def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sink: Any, *, deep: bool,
+def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sink: ObjectReader, *, deep: bool,
                    sample: float, seed: int, keys: Any, known_key_ids: frozenset[int] | None,
                    on_checked: Callable[[st.ObjectRecord, CheckedObject], None],
                    observer: VerifyObserver | None = None, max_reported: int = 100,

@@ -5,7 +5,7 @@ as detached processes, waits until each answers, records a PID file and a log pe
 state directory, and creates the destination bucket. `down` stops exactly what `up` recorded, after
 checking that each PID still runs the command line we started (PIDs are reused). `env` prints the
 exports the SDKs (and Prefect) read; `seed` fills Azurite with the synthetic datasets of
-`engine.lab_seed`.
+`lab.seed`.
 
 The state directory is `EXITPLAN_LAB_DIR`, else `$XDG_STATE_HOME/exitplan/lab`, else
 `~/.local/state/exitplan/lab`. Ports: `EXITPLAN_LAB_AZURITE_PORT` (10000), `EXITPLAN_LAB_S3_PORT`
@@ -15,7 +15,7 @@ history) in `<lab dir>/prefect`, across `down` and `up`. `prefect_api_url()` / `
 give the running lab's Prefect URLs to other code.
 
 Orchestration only: processes come from `flows.lab_processes`; data, the seed writes and the bucket
-come from `engine.lab_seed` (which reaches the SDKs through `connectors.azure_writer` and
+come from `lab.seed` (which reaches the SDKs through `connectors.azure_writer` and
 `connectors.s3`).
 """
 
@@ -222,7 +222,7 @@ def _wait_port_closed(port: int, timeout: float = 5.0) -> bool:
 
 def _provision(s3_port: int) -> list[str]:
     """Create the lab's destination bucket(s); idempotent. Returns one line per bucket."""
-    from engine.lab_seed import ensure_lab_buckets
+    from lab.seed import ensure_lab_buckets
 
     created = ensure_lab_buckets(
         f"http://{lp.LOOPBACK}:{s3_port}", LAB_BUCKETS, access_key=lp.LAB_S3_ACCESS_KEY,
@@ -304,7 +304,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 _remove_pid_file(directory, server.name)
             if isinstance(exc, lp.LabError):
                 raise UserError(str(exc), ExitCode.USAGE) from exc
-            from engine.lab_seed import LabStoreError
+            from lab.seed import LabStoreError
 
             if isinstance(exc, LabStoreError):
                 raise UserError(f"the lab's S3 server started but is unusable: {exc}", ExitCode.USAGE) from exc
@@ -458,7 +458,7 @@ def _reachable(endpoint: str) -> bool:
 
 def cmd_seed(args: argparse.Namespace) -> int:
     """Write the profile's synthetic datasets into Azurite; idempotent (same names, same bytes)."""
-    from engine import lab_seed
+    from lab import seed as lab_seed
 
     if not lab_seed.parquet_available():
         raise UserError(lab_seed.PYARROW_MISSING)
@@ -496,7 +496,7 @@ def _workers(raw: str) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `exitplan lab …` to the CLI."""
-    from engine.lab_seed import PROFILES
+    from lab.seed import PROFILES
 
     lab = subparsers.add_parser(
         "lab", help="run the local lab: Azurite, an S3 server and a Prefect server on 127.0.0.1",

@@ -67,8 +67,8 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def seeded(azurite_connection_string):
     """The lab's `tiny` seed in the session's Azurite (containers claims, stays, imaging); the
-    objects written, from `engine.lab_seed.expected_objects`."""
-    from engine import lab_seed
+    objects written, from `lab.seed.expected_objects`."""
+    from lab import seed as lab_seed
 
     objects = lab_seed.expected_objects("tiny")
     lab_seed.seed_azurite(azurite_connection_string, objects)

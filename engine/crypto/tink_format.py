@@ -16,7 +16,8 @@ independently: in any order, on any thread, a part of the upload being a run of 
 
 The pieces:
 
-- `TinkLayout` / `TINK_LAYOUT`: the segment arithmetic (a `FramedLayout` with Tink's numbers).
+- `TinkLayout` / `TINK_LAYOUT`: the format's segment layout (a `FramedLayout` of
+  `engine.crypto.segments` with Tink's numbers); part planning cuts uploads along it.
 - `ObjectEncryptor`: one object *attempt* (fresh salt and prefix); encrypts single segments and
   refuses to encrypt an index twice with different plaintext.
 - `TinkFormat` / `TinkEncoder`: the pipeline's `OutputFormat` / `SegmentEncoder`.
@@ -40,7 +41,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from connectors.base import ObjectMeta
 from engine.crypto.datakeys import DataKey, DataKeys
-from engine.planning import SEGMENT_SIZE, FramedLayout, sum_output
+from engine.crypto.segments import SEGMENT_SIZE, FramedLayout, sum_output
 
 # --------------------------------------------------------------------------------------------
 # Constants of the wire format (Tink AesGcmHkdfStreaming, AES256_GCM_HKDF_1MB)

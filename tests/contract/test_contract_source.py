@@ -7,6 +7,7 @@ ETag, and the errors a caller must be able to tell apart.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 from datetime import datetime
 
@@ -164,6 +165,21 @@ def test_read_of_an_empty_object(source_harness):
     assert meta.size == 0
     assert source.read_range("empty", 0, 0, if_match=meta.etag) == b""
     assert source.read_range("empty", 0, 0) == b""
+
+
+@pytest.mark.parametrize("with_md5", [True, False], ids=["single-shot", "blocks"])
+def test_a_content_encoded_object_is_read_as_stored(source_harness, with_md5):
+    """Content-Encoding is carried to the destination, never applied on the way: the bytes read are
+    the stored (compressed) ones, whole or in ranges."""
+    data = gzip.compress(b"const answer = 42;\n" * 20_000)
+    content = ContentSettings(content_type="text/javascript", content_encoding="gzip")
+    source_harness.seed("site/app.js", data, content=content, with_md5=with_md5)
+    source = source_harness.source()
+    meta = source.head("site/app.js")
+
+    assert meta.size == len(data) and meta.content == content
+    assert source.read_range("site/app.js", 0, meta.size, if_match=meta.etag) == data
+    assert source.read_range("site/app.js", 100, 700, if_match=meta.etag) == data[100:700]
 
 
 def test_read_range_beyond_the_object_is_refused(source_harness):

@@ -3,7 +3,7 @@
 Each lab gets its own state directory and free ports through EXITPLAN_LAB_DIR and the port
 overrides, so these tests neither see nor disturb a lab the developer has running. What was
 seeded is checked with the Azure SDK and boto3 (independent of exitplan's own connectors) against
-`engine.lab_seed.expected_objects`.
+`lab.seed.expected_objects`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from azure.storage.blob import BlobServiceClient
 from botocore.config import Config
 
 from config.lab import DEFAULT_PORTS
-from engine import lab_seed
+from lab import seed as lab_seed
 from flows import lab as lab_module
 from flows import lab_processes as lp
 

@@ -1,4 +1,4 @@
-"""engine/lab_seed: deterministic, covers the edge cases it promises, and writes what it lists."""
+"""lab/seed: deterministic, covers the edge cases it promises, and writes what it lists."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Iterable, Mapping
 import pytest
 
 from connectors.base import ContentSettings
-from engine import lab_seed
-from engine.lab_seed import MiB, UploadMode
+from lab import seed as lab_seed
+from lab.seed import MiB, UploadMode
 
 
 def _fingerprint(objs) -> list[tuple]:
@@ -30,7 +30,7 @@ def test_deterministic_across_processes_and_hash_seeds():
     # A second interpreter with another PYTHONHASHSEED: catches any use of hash(), time or
     # unseeded randomness that a same-process comparison would miss.
     code = (
-        "import json; from engine import lab_seed as s;"
+        "import json; from lab import seed as s;"
         "print(json.dumps([[o.container, o.name, o.size, o.digests().sha256] for o in s.expected_objects('tiny')]))"
     )
     runs = []

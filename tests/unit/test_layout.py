@@ -1,7 +1,9 @@
 """The import direction of ARCHITECTURE §2, checked by walking every module's AST.
 
 flows → engine → connectors; config may be imported by all and imports none of them.
-`engine` and `connectors` never import prefect; `flows` never imports a cloud SDK.
+`engine` and `connectors` never import prefect; `flows` never imports a cloud SDK. The lab's data
+(`lab`) may use config, connectors and engine, never prefect, the flows or an SDK directly; nothing
+but the flows uses it.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SDKS = {"boto3", "botocore", "azure", "paramiko", "s3transfer"}
 RULES = {
-    "config": {"prefect", "connectors", "engine", "flows"} | SDKS,
-    "connectors": {"prefect", "engine", "flows"},
-    "engine": {"prefect", "flows"} | SDKS,
+    "config": {"prefect", "connectors", "engine", "flows", "lab"} | SDKS,
+    "connectors": {"prefect", "engine", "flows", "lab"},
+    "engine": {"prefect", "flows", "lab"} | SDKS,
     "flows": SDKS | {"connectors"},
+    "lab": {"prefect", "flows"} | SDKS,
 }
 
 

@@ -37,6 +37,7 @@ class FailingSink:
     def __init__(self, store: MemoryStore, deny: set[str]):
         self.store, self.deny = store, deny
         self.limits, self.unsupported, self.label = store.limits, store.unsupported, "failing"
+        self.etag_is_md5 = store.etag_is_md5
         self.writes = 0
 
     def head(self, key):

@@ -14,16 +14,21 @@ from connectors.base import (
     ContentSettings,
     InvalidRequest,
     ObjectMeta,
+    PartReceipt,
     SinkLimits,
     TransientError,
     WriteMeta,
+    checked_etag,
+    checked_multipart_etag,
     multipart_etag,
 )
 from connectors.memory import MemoryStore
 from engine.budget import MemoryBudget
+from engine.copy_events import CopyEvents
 from engine.executors import create_executors
 from engine.naming import Placement
-from engine.pipeline import CopyEvents, ObjectOutcome, copy_object
+from engine.outcome import ObjectOutcome
+from engine.pipeline import copy_object
 from engine.planning import MiB
 from engine.settings import TransferSettings
 
@@ -69,19 +74,25 @@ class FaultySource:
 
 
 class FaultySink:
-    """Forwards to a MemoryStore; `part_fault(number, attempt)` may raise before a part is stored;
-    `complete_etag` replaces the ETag complete returns; `log` records the calls in order."""
+    """A connector in front of a faulty server (the MemoryStore it forwards to).
+
+    `part_fault(number, attempt)` may raise before a part is stored; `part_etag(number, attempt,
+    etag)` and `complete_etag` alter the ETags the server answers, which are then checked as every
+    connector checks them where ETags are MD5s (`connectors.base.checked_etag`); `log` records the
+    calls in order."""
 
     def __init__(self, store: MemoryStore, part_fault=None, put_fault=None, complete_etag=None,
-                 mid_body_fault=None):
+                 mid_body_fault=None, part_etag=None):
         self.store = store
         self.limits = store.limits
         self.unsupported = store.unsupported
+        self.etag_is_md5 = store.etag_is_md5
         self.label = "faulty-sink"
         self.part_fault = part_fault
         self.put_fault = put_fault
         self.mid_body_fault = mid_body_fault
         self.complete_etag = complete_etag
+        self.part_etag = part_etag
         self.part_attempts: dict[int, int] = {}
         self.log: list[str] = []
 
@@ -127,7 +138,13 @@ class FaultyUpload:
             if self.sink.mid_body_fault(number, attempt):
                 body.read(size // 2)
                 raise TransientError("connection reset by peer while sending the body")
-        return self.inner.upload_part(number, body, size, md5)
+        receipt = self.inner.upload_part(number, body, size, md5)
+        if self.sink.part_etag:
+            answered = self.sink.part_etag(number, attempt, receipt.etag)
+            if self.sink.etag_is_md5:
+                checked_etag(answered, bytes.fromhex(receipt.etag), what=f"part {number}", key=self.key)
+            receipt = PartReceipt(number, answered, receipt.size)
+        return receipt
 
     def list_parts(self):
         return self.inner.list_parts()
@@ -135,7 +152,11 @@ class FaultyUpload:
     def complete(self, parts):
         self.sink.log.append("complete")
         etag = self.inner.complete(parts)
-        return self.sink.complete_etag or etag
+        if self.sink.complete_etag:
+            etag = self.sink.complete_etag
+            if self.sink.etag_is_md5:
+                checked_multipart_etag(etag, parts, what=repr(self.key), key=self.key)
+        return etag
 
     def abort(self):
         self.sink.log.append("abort")
@@ -304,28 +325,19 @@ def test_a_wrong_part_etag_from_the_server_is_retried(stores):
     src, dst = stores
     data = os.urandom(3 * MiB)
     meta = src.add("k", data)
+    lied = []
 
-    class LyingOnce(FaultySink):
-        lied = False
+    def lie_once(number, attempt, etag):
+        if lied:
+            return etag
+        lied.append(number)
+        return "0" * 32
 
-        def open_multipart(self, key, meta):
-            upload = super().open_multipart(key, meta)
-            original = upload.upload_part
-
-            def upload_part(number, body, size, md5):
-                receipt = original(number, body, size, md5)
-                if not LyingOnce.lied:
-                    LyingOnce.lied = True
-                    return type(receipt)(receipt.number, "0" * 32, receipt.size)
-                return receipt
-
-            upload.upload_part = upload_part
-            return upload
-
-    sink = LyingOnce(dst)
+    sink = FaultySink(dst, part_etag=lie_once)
     out = run(src, sink, meta)
     assert out.status == "ok", out.reason
     assert sink.part_attempts[1] == 2
+    assert dst.data("out/obj") == data
 
 
 # ---- failures that must not publish anything ---------------------------------------------------
@@ -531,7 +543,7 @@ class FakeFramedFormat:
     """Tink's framing with fake 'encryption': a 40-byte header, plaintext as is, a 16-byte tag per
     segment. Enough to prove the pipeline plans, charges and streams non-identity output right."""
 
-    from engine.planning import FramedLayout as _FL
+    from engine.crypto.segments import FramedLayout as _FL
 
     layout = _FL(header_size=40, tag_size=16)
     copies = True
@@ -539,12 +551,17 @@ class FakeFramedFormat:
     def __init__(self):
         self.begun = 0
 
+    def metadata_for(self, meta):
+        return {"exitplan-format": "fake-framed"}
+
     def begin(self, meta):
         self.begun += 1
         return FakeEncoder(self.layout, meta.size, header=bytes([self.begun]) * 40)
 
 
 class FakeEncoder:
+    key_id = None
+
     def __init__(self, layout, size, header):
         self.layout, self.size, self.header = layout, size, header
         self.metadata = {"exitplan-format": "fake-framed"}

@@ -5,15 +5,8 @@ from __future__ import annotations
 import pytest
 
 from connectors.base import SinkLimits
-from engine.planning import (
-    IDENTITY_LAYOUT,
-    MiB,
-    FramedLayout,
-    ObjectPlan,
-    PlanRefused,
-    plan_object,
-    sum_output,
-)
+from engine.crypto.segments import IDENTITY_LAYOUT, FramedLayout, MiB, sum_output
+from engine.planning import ObjectPlan, PlanRefused, plan_object
 
 GiB = 1024**3
 TiB = 1024**4

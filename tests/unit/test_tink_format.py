@@ -22,6 +22,7 @@ from connectors.base import ObjectMeta, SinkLimits, WriteMeta
 from connectors.memory import MemoryStore
 from engine.budget import MemoryBudget
 from engine.crypto.datakeys import DataKey, KeysetError, data_keys, new_keyset
+from engine.crypto.segments import FramedLayout, MiB
 from engine.crypto.tink_format import (
     FORMAT_ID,
     HEADER_SIZE,
@@ -49,7 +50,7 @@ from engine.crypto.tink_format import (
 from engine.executors import create_executors
 from engine.naming import RESERVED_PREFIX, DoesNotFit, Placement, metadata_bytes, place
 from engine.pipeline import copy_object
-from engine.planning import MiB, FramedLayout, plan_object
+from engine.planning import plan_object
 from engine.settings import TransferSettings
 
 SEG = 1_048_576

@@ -1,0 +1,155 @@
+"""The private corners of the Azure SDK that `connectors/azure_blob.py` relies on, checked offline.
+
+`AzureBlobSource.read_range` calls the SDK's generated Download operation
+(`BlobClient._client.blob.download` with `azure.storage.blob._generated.models.ModifiedAccessConditions`)
+so that a range streams straight into one buffer of its exact size: the public `download_blob`
+holds each range twice, outside the engine's memory budget. Its connection pool is sized through
+azure-core's `RequestsTransport._init_session` hook. None of these is public API, so pyproject.toml
+bounds azure-storage-blob to the versions they are known to work with, and these tests fail, each
+with a sentence naming what moved, on the first SDK version where they do not. Raise the bound only
+with these tests green.
+
+No server: the SDK's requests go to a requests adapter that answers like the Blob service.
+"""
+
+from __future__ import annotations
+
+import gzip
+import inspect
+import io
+from importlib.metadata import version
+
+import pytest
+import requests
+from azure.core.pipeline.transport import RequestsTransport
+from azure.storage.blob import ContainerClient, ExponentialRetry
+from requests.structures import CaseInsensitiveDict
+from urllib3.response import HTTPResponse
+
+from connectors.azure_blob import AzureBlobSource, _PooledRequestsTransport
+from connectors.base import InvalidRequest, NotFound, SourceChanged, TransientError
+
+SDK = f"azure-storage-blob {version('azure-storage-blob')} (azure-core {version('azure-core')})"
+MOVED = ("{what} moved in " + SDK + ": connectors/azure_blob.py relies on it ({why}); adapt it, or keep "
+         "pyproject.toml's bound on azure-storage-blob below this version")
+# Azurite's published development account: nothing leaves the process in these tests.
+CONNECTION_STRING = (
+    "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;"
+    "AccountKey=Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==;"
+    "BlobEndpoint=http://127.0.0.1:10000/devstoreaccount1;"
+)
+
+
+class BlobService(requests.adapters.BaseAdapter):
+    """Answers every request with one canned response, and keeps the requests it was sent."""
+
+    def __init__(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None):
+        super().__init__()
+        self.status, self.body, self.headers = status, body, dict(headers or {})
+        self.sent: list[requests.PreparedRequest] = []
+
+    def send(self, request, stream=False, timeout=None, verify=True, cert=None, proxies=None):
+        self.sent.append(request)
+        headers = {"Content-Length": str(len(self.body)), "x-ms-version": "2025-01-05", **self.headers}
+        response = requests.Response()
+        response.status_code = self.status
+        response.headers = CaseInsensitiveDict(headers)
+        response.raw = HTTPResponse(body=io.BytesIO(self.body), headers=headers, status=self.status,
+                                    preload_content=False)
+        response.url, response.request, response.reason = request.url, request, "canned"
+        return response
+
+    def close(self) -> None:
+        pass
+
+
+def source_answered_by(service: BlobService) -> AzureBlobSource:
+    session = requests.Session()
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, service)
+    client = ContainerClient.from_connection_string(
+        CONNECTION_STRING, "claims", transport=RequestsTransport(session=session, session_owner=False),
+        retry_policy=ExponentialRetry(retry_total=0),
+    )
+    return AzureBlobSource(client)
+
+
+def test_the_generated_download_operation_is_where_read_range_expects_it():
+    from azure.storage.blob import _generated
+
+    why = "read_range streams a range through it into one exact buffer"
+    assert hasattr(_generated, "models") and hasattr(_generated.models, "ModifiedAccessConditions"), \
+        MOVED.format(what="azure.storage.blob._generated.models.ModifiedAccessConditions", why=why)
+    blob = ContainerClient.from_connection_string(CONNECTION_STRING, "claims").get_blob_client("k")
+    download = getattr(getattr(getattr(blob, "_client", None), "blob", None), "download", None)
+    assert callable(download), MOVED.format(what="BlobClient._client.blob.download", why=why)
+    parameters = inspect.signature(download).parameters
+    assert {"range", "modified_access_conditions"} <= set(parameters), \
+        MOVED.format(what="the parameters range / modified_access_conditions of the generated download", why=why)
+    assert any(p.kind is p.VAR_KEYWORD for p in parameters.values()), \
+        MOVED.format(what="the generated download's **kwargs (it takes `cls`)", why=why)
+
+
+def test_a_range_is_read_through_the_private_operation_pinned_to_its_etag():
+    body = b"hello"
+    service = BlobService(206, body, {"Content-Range": "bytes 0-4/10", "ETag": '"0x8DC"',
+                                       "x-ms-blob-type": "BlockBlob"})
+    source = source_answered_by(service)
+
+    data = source.read_range("dir/k.csv", 0, 5, if_match="0x8DC")
+
+    why = "read_range asks for a range, pinned with If-Match, and reads its body and Content-Range"
+    assert bytes(data) == body, MOVED.format(what="the body the generated download hands to `cls`", why=why)
+    [sent] = service.sent
+    assert sent.method == "GET" and sent.url.endswith("/claims/dir/k.csv"), MOVED.format(what="the request", why=why)
+    assert sent.headers.get("x-ms-range") == "bytes=0-4", \
+        MOVED.format(what="the `range` parameter of the generated download", why=why)
+    assert sent.headers.get("If-Match") == '"0x8DC"', \
+        MOVED.format(what="ModifiedAccessConditions(if_match=...)", why=why)
+
+
+def test_a_content_encoded_range_is_handed_over_as_stored():
+    stored = gzip.compress(b"const answer = 42;\n" * 1000)
+    service = BlobService(206, stored, {"Content-Range": f"bytes 0-{len(stored) - 1}/{len(stored)}",
+                                        "Content-Encoding": "gzip", "ETag": '"0x8DC"'})
+    why = "read_range copies a gzip-encoded blob's stored bytes, not its inflated content"
+    try:
+        data = source_answered_by(service).read_range("app.js", 0, len(stored))
+    except TransientError as exc:
+        pytest.fail(MOVED.format(what=f"the generated download's `decompress` keyword ({exc})", why=why))
+    assert bytes(data) == stored, MOVED.format(what="the generated download's `decompress` keyword", why=why)
+
+
+def test_the_content_range_total_reaches_read_range():
+    """The blob's size comes from the Content-Range header the generated operation passes to `cls`."""
+    service = BlobService(206, b"hello", {"Content-Range": "bytes 0-4/4", "ETag": '"0x8DC"'})
+    why = "read_range checks the range against the blob's size"
+    try:
+        source_answered_by(service).read_range("k", 0, 5)
+    except InvalidRequest as exc:
+        assert "outside" in str(exc)
+    else:
+        pytest.fail(MOVED.format(what="the Content-Range response header handed to `cls`", why=why))
+
+
+@pytest.mark.parametrize("status,code,error",
+                         [(412, "ConditionNotMet", SourceChanged), (404, "BlobNotFound", NotFound)])
+def test_errors_of_the_private_operation_still_map_to_connector_errors(status, code, error):
+    service = BlobService(status, b"", {"x-ms-error-code": code})
+    with pytest.raises(error):
+        source_answered_by(service).read_range("k", 0, 5, if_match="0x8DC")
+
+
+def test_the_connection_pool_is_sized_through_azure_cores_session_hook():
+    transport = _PooledRequestsTransport(7)
+    transport.open()
+    try:
+        for scheme in ("http://", "https://"):
+            adapter = transport.session.adapters[scheme]
+            why = "AzureBlobSource keeps max_connections connections instead of requests' 10"
+            assert adapter.poolmanager.connection_pool_kw.get("maxsize") == 7, \
+                MOVED.format(what="RequestsTransport._init_session / _protocols", why=why)
+            assert adapter.max_retries.total is False, MOVED.format(
+                what="the adapter RequestsTransport._init_session mounts (urllib3 retries off)", why=why)
+    finally:
+        transport.close()
