@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from config.errors import ConfigFileError, ExitCode, UserError
 from config.models import LoadedConfig
 from config.policy import DestinationVerdict, check_sovereignty
-from connectors.base import AuthError, ConfigError, ConnectorError, ContentSettings, NotFound, ObjectMeta, ObjectSource, SinkLimits, WriteMeta
+from connectors.base import AuthError, ConfigError, ConnectorError, NotFound, ObjectMeta, ObjectSource, SinkLimits
 
 from .allocator import tune_malloc
 from .audit import AuditOutcome, MigrationAudit, audit_signing_key
@@ -167,17 +167,11 @@ def preflight_destinations(loaded: LoadedConfig, datasets: list[str]) -> None:
 
 def publish_keysets(loaded: LoadedConfig, datasets: list[str], formats: dict[str, OutputFormat]) -> list[str]:
     """Put the wrapped keyset next to the data in each destination that receives encrypted objects,
-    at `_exitplan/<project>/keyset.json`: whoever holds the bucket and the KEK can read it back."""
-    from .keys import keyset_copy
+    append-only (`engine.key_copies`): whoever holds the bucket and the KEK can read it back. First
+    refuses (exit 4, nothing written) when a destination's copies hold a key id the local keyset lacks."""
+    from .key_copies import publish_keysets as publish
 
-    written = []
-    for dest in sorted({loaded.config.datasets[n].destination for n in datasets if formats[n] is not IDENTITY}):
-        sink = _wrap(f"destination `{dest}`", open_sink, loaded, dest)
-        key, data = keyset_copy(loaded)
-        meta = WriteMeta(ContentSettings(content_type="application/json"), {"exitplan-format": "tink-encrypted-keyset-json"})
-        _wrap(f"destination `{dest}`: writing the wrapped keyset to {key}", sink.put, key, data, len(data), meta, None)
-        written.append(f"{sink.label}/{key}")
-    return written
+    return publish(loaded, [n for n in datasets if formats[n] is not IDENTITY])
 
 
 def count_dataset(loaded: LoadedConfig, name: str, source: ObjectSource) -> tuple[int, int]:
@@ -715,10 +709,13 @@ def key_holder(loaded: LoadedConfig, fmt: OutputFormat) -> str:
 
 def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, PlannedObject], None]
          ) -> list[DryRunSummary]:
-    """What `migrate` would write, per dataset, touching nothing: the destination is not contacted
-    and the state store is only read (if it exists). The keyset is unwrapped (a read), so a dry run
-    also proves the KEK works."""
+    """What `migrate` would write, per dataset, touching nothing: the state store is only read (if
+    it exists), and of the destination only its keyset copies, refused (exit 4) as `migrate` would
+    refuse them. The keyset is unwrapped (a read), so a dry run also proves the KEK works."""
+    from .key_copies import check_keysets
+
     formats = output_formats(loaded, datasets)
+    check_keysets(loaded, [n for n in datasets if formats[n] is not IDENTITY])
     settings = transfer_settings(loaded)
     state = open_state(loaded, read_only=True)
     results = []

@@ -10,6 +10,7 @@ Tink itself (the independent implementation) opens every keyset we write.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import logging
@@ -28,7 +29,8 @@ from connectors.kms import KekAuthError, KekUnavailable, KekWrongKey, open_kek
 from connectors.kms.local import LocalKek, create_key_file
 from connectors.kms.openbao import OpenBaoKek, ciphertext_version
 from connectors.kms.pkcs11 import Pkcs11Kek
-from engine import keys
+from connectors.memory import MemoryStore
+from engine import key_copies, keys
 from flows import lab_processes as lp
 from flows.cli import main
 from tests.integration.kms_fixtures import *  # noqa: F401,F403  (fixtures)
@@ -369,10 +371,13 @@ def test_load_with_unreachable_kek_fails_first(openbao, tmp_path):
 def test_keyset_copy_next_to_the_data(tmp_path):
     loaded = load_config(write_config(tmp_path, {"backend": "local"}))
     keys.init_keys(loaded)
-    written = {}
-    key = keys.publish_keyset(loaded, lambda k, data, metadata: written.update({k: (data, metadata)}))
-    assert key == "_exitplan/kms-test/keyset.json"
-    assert written[key][0] == keys.KeyFiles.of(loaded).keyset.read_bytes()
+    bucket = MemoryStore(label="mem")
+    wrapped = keys.KeyFiles.of(loaded).keyset.read_bytes()
+    where = key_copies.publish_copy(loaded, bucket, key_copies.read_keysets(bucket, "kms-test", "lab-s3"), wrapped)
+    version = f"_exitplan/kms-test/keysets/{hashlib.sha256(wrapped).hexdigest()}.json"
+    assert where == f"mem/{version}"
+    assert bucket.data("_exitplan/kms-test/keyset.json") == wrapped == bucket.data(version)
+    assert bucket.head(version).metadata == {"exitplan-format": "tink-encrypted-keyset-json"}
 
 
 # ---------------------------------------------------------------------------------------------
