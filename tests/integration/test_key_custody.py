@@ -189,3 +189,26 @@ def test_a_second_operator_imports_the_keys_of_a_rotation(tmp_path, capsys, proj
     assert code == 0, err
     assert restored_files(tmp_path / "r2") == blobs
     assert cli(capsys, "migrate", "--config", bob)[0] == 0
+
+
+def test_the_flows_refuse_a_keyset_the_bucket_does_not_know(tmp_path, capsys, project, s3, prefect_harness):
+    """The exit-plan flow and the migrate flow (and its dry run) open their run as `migrate` does:
+    a keyset the destination's copies do not know fails the flow run, naming the key and the fix."""
+    from flows.orchestrate import exit_plan, migrate_flow
+
+    container, cc, blobs, config = project
+    first = config("first", "kek-first.key")
+    assert cli(capsys, "keys", "init", "--config", first)[0] == 0
+    assert cli(capsys, "migrate", "--config", first)[0] == 0
+    (first_id,) = key_ids((tmp_path / "first" / "keyset.json").read_bytes())
+    assert cli(capsys, "keys", "init", "--config", config("second", "kek-second.key", bucket=OTHER_BUCKET))[0] == 0
+    second = config("second", "kek-second.key")
+    cc.upload_blob("a.csv", b"changed at the source\n", overwrite=True)
+    before, held = etags(s3, container), copies(s3, container)
+    for run in (lambda: exit_plan(config_path=str(second), return_state=True),
+                lambda: migrate_flow(config_path=str(second), return_state=True),
+                lambda: migrate_flow(config_path=str(second), dry_run=True, return_state=True)):
+        state = run()
+        assert state.is_failed(), state.message
+        assert f"data key(s) {first_id} that the keyset" in state.message and "exitplan keys import" in state.message
+    assert etags(s3, container) == before and copies(s3, container) == held
