@@ -134,10 +134,10 @@ def refuse_unknown_keys(loaded: LoadedConfig, found: DestinationKeysets, local: 
         return
     holders = [found.where(c) for c in found.copies if c.info.key_ids & missing]
     raise KeyStoreError(
-        f"destination `{found.destination}` holds keyset copies of project `{loaded.config.project}` with data key(s) "
-        f"{id_phrase(missing)} that the keyset in {KeyFiles.of(loaded).keyset} lacks ({_and_others(holders)}); nothing was "
-        f"written. Run `exitplan keys import --config {loaded.path}` to bring the project's keys into this state "
-        "directory, then run again")
+        f"destination `{found.destination}` holds keyset copies of project `{loaded.config.project}` with data "
+        f"key(s) {id_phrase(missing)} that the keyset in {KeyFiles.of(loaded).keyset} lacks ({_and_others(holders)}); "
+        f"nothing was written. Run `exitplan keys import --config {loaded.path}` to bring the project's keys into "
+        "this state directory, then run again")
 
 
 def publish_copy(loaded: LoadedConfig, sink, found: DestinationKeysets, wrapped: bytes) -> str:
@@ -257,9 +257,9 @@ def refuse_existing_copies(loaded: LoadedConfig) -> list[str]:
         if held:
             raise UserError(
                 f"destination `{destination}` already holds the keyset of project `{project}` "
-                f"({_and_others([f'{sink.label}/{k}' for k in held])}): a new keyset would not hold the keys its objects were written with. Run `exitplan keys "
-                f"import --config {loaded.path}` to use the project's keyset here (with the KEK it is wrapped with), "
-                "or give this configuration another `project` name",
+                f"({_and_others([f'{sink.label}/{k}' for k in held])}): a new keyset would not hold the keys its "
+                f"objects were written with. Run `exitplan keys import --config {loaded.path}` to use the project's "
+                "keyset here (with the KEK it is wrapped with), or give this configuration another `project` name",
                 ExitCode.USAGE,
             )
     return unchecked
@@ -314,7 +314,8 @@ def import_keyset(loaded: LoadedConfig, destinations: list[str] | None = None, *
     every = frozenset().union(*(c.info.key_ids for c, _ in ordered))
     local = local_keyset_info(loaded)
     if local is not None and every <= local.key_ids:
-        return ImportResult(show_keys(loaded, verify=True), f"{len(ordered)} keyset copies", False, len(ordered), tuple(names))
+        return ImportResult(show_keys(loaded, verify=True), f"{len(ordered)} keyset copies", False, len(ordered),
+                            tuple(names))
     kek = open_project_kek(loaded)
     if merge:
         handles, origin = _merged_handles(loaded, kek, ordered, every)
@@ -324,9 +325,9 @@ def import_keyset(loaded: LoadedConfig, destinations: list[str] | None = None, *
     if not complete:
         held = "; ".join(f"{where}: {id_phrase(c.info.key_ids)}" for c, where in ordered[:4])
         raise UserError(
-            f"the keyset copies of project `{project}` diverge: no single copy holds every data key ({id_phrase(every)}); "
-            f"{held}{' …' if len(ordered) > 4 else ''}. Run `exitplan keys import --merge --config {loaded.path}` to "
-            "build one keyset holding all of them",
+            f"the keyset copies of project `{project}` diverge: no single copy holds every data key "
+            f"({id_phrase(every)}); {held}{' …' if len(ordered) > 4 else ''}. Run `exitplan keys import --merge "
+            f"--config {loaded.path}` to build one keyset holding all of them",
             ExitCode.USAGE,
         )
     copy, where = _first_that_opens(loaded, kek, complete, every)

@@ -667,9 +667,9 @@ def install_keyset(loaded: LoadedConfig, kek, *, wrapped: bytes | None = None,
     lacking = sorted(local.key_ids - ids) if local else []
     if lacking:
         raise UserError(
-            f"the keyset in {files.keyset} holds data key(s) {id_phrase(lacking)} that {origin} lacks; it is not replaced. "
-            f"If objects were written with them, run `exitplan keys import --merge --config {loaded.path}` to keep them "
-            "with the imported keys",
+            f"the keyset in {files.keyset} holds data key(s) {id_phrase(lacking)} that {origin} lacks; it is not "
+            f"replaced. If objects were written with them, run `exitplan keys import --merge --config {loaded.path}` "
+            "to keep them with the imported keys",
             ExitCode.USAGE,
         )
     data_keys(handle)  # a keyset the pipeline can use, before anything is written

@@ -24,7 +24,8 @@ def make_config(tmp_path: Path, state: str, kek: str = "kek.key") -> Path:
     data = {
         "version": 1,
         "project": PROJECT,
-        "sources": {"azurite": {"kind": "azure_blob", "connection_string_env": "EP_TEST_NO_CONN", "emulator": "azurite"}},
+        "sources": {"azurite": {"kind": "azure_blob", "connection_string_env": "EP_TEST_NO_CONN",
+                                "emulator": "azurite"}},
         "destinations": {"lab-s3": {"provider": "lab", "endpoint_url": "http://127.0.0.1:5000", "region": "eu-west-3",
                                     "bucket": "exitplan-lab"}},
         "datasets": {"claims": {"source": "azurite", "container": "claims", "destination": "lab-s3"}},
