@@ -55,8 +55,10 @@ def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
     return AzureBlobSource.from_default_credential(src.account_url, ds.container, max_connections=pool)
 
 
-def open_sink(loaded: LoadedConfig, destination: str):
-    """The S3 bucket a destination names (an `ObjectSink` that is also an `ObjectSource`)."""
+def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | None = None):
+    """The S3 bucket a destination names (an `ObjectSink` that is also an `ObjectSource`).
+    `max_attempts`: attempts per request (default: the connector's, 5), fewer for a check that
+    must not wait on a destination that does not answer."""
     from connectors.s3 import S3Store
 
     dest = loaded.config.destinations[destination]
@@ -95,5 +97,6 @@ def open_sink(loaded: LoadedConfig, destination: str):
         max_pool_connections=max(dest.max_connections, t.concurrency + (t.object_concurrency or t.concurrency)),
         verify_tls=dest.verify_tls,
         label=f"{profile.name}:{dest.bucket}",
+        **({"max_attempts": max_attempts} if max_attempts else {}),
     )
 

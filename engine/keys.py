@@ -11,11 +11,20 @@ On disk, beside each other (default: the state directory, `.exitplan/` beside th
 - `audit-key.json`: the Ed25519 audit-signing key: its raw private key wrapped by the same KEK
   (associated data `b"exitplan-audit-key|" + project`) and its public key in PEM.
 
+Key material is write-once. Beside them, `keysets/<sha256>.json` and `audit-keys/<sha256>.json`
+keep every version of `keyset.json` and `audit-key.json` ever written here, each named by the
+SHA-256 (hex) of its bytes and never replaced: `rotate`, `rewrap` and `import` replace the current
+file only after both its old and its new bytes are kept there, so a rotation interrupted or
+regretted, or a rewrap under the wrong KEK, never loses a key. The copies next to the data are
+`engine.key_copies`.
+
 Rules kept here: nothing unwrapped ever touches the disk (keys are unwrapped in memory only);
-every write is a temp file + fsync + rename, mode 0600; an existing keyset is never overwritten
-by `init`; a KEK that is wrong or unreachable raises a `KekError` (exit code 4) before anything
-else happens. The project name is part of the associated data: renaming `project` means the
-keyset no longer opens (by design: a keyset cannot be swapped between projects).
+every write is a temp file + fsync + rename (a kept version: + link, which never replaces), mode
+0600; an existing keyset is never overwritten by `init`, nor created when a destination already
+holds the project's keyset copies; a KEK that is wrong or unreachable raises a `KekError` (exit
+code 4) before anything else happens. The project name is part of the associated data: renaming
+`project` means the keyset no longer opens (by design: a keyset cannot be swapped between
+projects).
 
 The pipeline gets its data keys with one call: `load_data_keys(loaded) -> DataKeys`.
 """
@@ -23,11 +32,12 @@ The pipeline gets its data keys with one call: `load_data_keys(loaded) -> DataKe
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -62,15 +72,25 @@ class KeyStoreError(UserError):
 
 @dataclass(frozen=True)
 class KeyFiles:
+    """The project's key files, and the directories that keep every version of the wrapped ones."""
+
     keyset: Path
     meta: Path
     audit: Path
+    keyset_versions: Path  # every keyset.json ever written here, as <sha256>.json
+    audit_versions: Path  # every audit-key.json ever written here, as <sha256>.json
 
     @classmethod
     def of(cls, loaded: LoadedConfig) -> "KeyFiles":
         keyset = loaded.keyset_path
         stem = keyset.name[: -len(".json")] if keyset.name.endswith(".json") else keyset.name
-        return cls(keyset, keyset.with_name(f"{stem}.meta.json"), keyset.with_name("audit-key.json"))
+        return cls(keyset, keyset.with_name(f"{stem}.meta.json"), keyset.with_name("audit-key.json"),
+                   keyset.with_name("keysets"), keyset.with_name("audit-keys"))
+
+
+# What a state directory holds of the project's keys, by name (with the lab's `local` KEK file at
+# its default place): what must never be deleted with the rest of a state directory.
+KEY_FILE_NAMES = frozenset({"keyset.json", "keyset.meta.json", "audit-key.json", "keysets", "audit-keys", "kek.key"})
 
 
 def keyset_associated_data(project: str) -> bytes:
@@ -82,7 +102,8 @@ def audit_associated_data(project: str) -> bytes:
 
 
 def keyset_object_key(project: str) -> str:
-    """Where the wrapped keyset is copied next to the data, in every destination bucket."""
+    """The latest copy of the wrapped keyset next to the data, in every destination bucket (each
+    version is also kept under its hash: `engine.key_copies`)."""
     return f"_exitplan/{project}/keyset.json"
 
 
@@ -126,31 +147,88 @@ def open_project_kek(loaded: LoadedConfig, kek: KekConfig | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_private(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (temp file in the same directory, fsync, rename), 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def _private_temp_file(directory: Path, name: str, data: bytes) -> str:
+    """A temp file in `directory` holding `data`, mode 0600, on disk (fsync); the caller renames
+    or links it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        os.unlink(tmp)
         raise
+    return tmp
+
+
+def _fsync_directory(directory: Path) -> None:
     try:
-        dfd = os.open(path.parent, os.O_RDONLY)
+        dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)
         finally:
             os.close(dfd)
     except OSError:
-        pass  # directories cannot be fsynced everywhere; the rename itself is atomic
+        pass  # directories cannot be fsynced everywhere; the rename or link itself is atomic
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (temp file in the same directory, fsync, rename), 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _private_temp_file(path.parent, path.name, data)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
+
+
+def version_name(data: bytes) -> str:
+    """The name a version of a wrapped key file is kept under: the SHA-256 (hex) of its bytes."""
+    return f"{hashlib.sha256(data).hexdigest()}.json"
+
+
+def keep_version(directory: Path, data: bytes) -> Path:
+    """Keep `data` as `directory/<sha256>.json` (0600, directory 0700), written once: a version
+    already there is left as it is (its name says it holds the same bytes; if it does not, it was
+    altered and this refuses). The file is complete before its name appears (temp file, fsync,
+    then a hard link, which unlike a rename never replaces an existing name)."""
+    path = directory / version_name(data)
+    if not path.exists():
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = _private_temp_file(directory, path.name, data)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # written meanwhile by another process: checked below like any existing version
+        finally:
+            os.unlink(tmp)
+        _fsync_directory(directory)
+    if path.read_bytes() != data:
+        raise KeyStoreError(f"{path} does not hold the bytes its name is the SHA-256 of: the kept version was altered; "
+                            "restore it from a backup or from the destination bucket's copy of the same name")
+    return path
+
+
+def _write_keyset(files: KeyFiles, wrapped: bytes) -> None:
+    """Make `wrapped` the keyset: the current keyset.json (if any) and the new one are kept in
+    `keysets/` first, so replacing the file can never lose a version."""
+    _replace_versioned(files.keyset, files.keyset_versions, wrapped)
+
+
+def _write_audit(files: KeyFiles, document: bytes) -> None:
+    """Make `document` the audit key file, keeping the current and the new one in `audit-keys/` first."""
+    _replace_versioned(files.audit, files.audit_versions, document)
+
+
+def _replace_versioned(path: Path, versions: Path, data: bytes) -> None:
+    if path.exists():
+        keep_version(versions, path.read_bytes())
+    keep_version(versions, data)
+    _write_private(path, data)
 
 
 def _now() -> str:
@@ -200,13 +278,15 @@ def _wrap_keyset(handle: tink.KeysetHandle, kek, project: str) -> bytes:
         raise KeyStoreError(f"wrapping the keyset with {_describe(kek)} failed ({exc}); check the KEK") from None
 
 
-def _unwrap_keyset(wrapped: str, kek, project: str, path: Path) -> tink.KeysetHandle:
+def _unwrap_keyset(wrapped: str, kek, project: str, where: Path | str) -> tink.KeysetHandle:
+    """`where`: the keyset's path, or a sentence naming a copy."""
     try:
         return json_proto_keyset_format.parse_encrypted(wrapped, kek, keyset_associated_data(project))
     except KekError:
         raise
     except tink.TinkError as exc:
-        raise KeyStoreError(f"keyset {path} is not a valid Tink encrypted keyset ({exc}); restore it from a backup") from None
+        what = f"keyset {where}" if isinstance(where, Path) else where
+        raise KeyStoreError(f"{what} is not a valid Tink encrypted keyset ({exc}); restore it from a backup") from None
 
 
 def _describe(kek) -> str:
@@ -241,6 +321,8 @@ class KeysetReport:
     audit_public_key_pem: str | None
     verified: bool = False  # True when the keyset was unwrapped with the configured KEK
     notes: tuple[str, ...] = field(default_factory=tuple)
+    versions_dir: Path | None = None  # where every version of the wrapped keyset is kept
+    versions_kept: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,11 +330,16 @@ class KeysetReport:
 # ---------------------------------------------------------------------------------------------
 
 
-def init_keys(loaded: LoadedConfig) -> KeysetReport:
+def init_keys(loaded: LoadedConfig, existing_copies: Callable[[LoadedConfig], list[str]]) -> KeysetReport:
     """Create the project's keyset (one AES256_GCM_HKDF_1MB key) and audit key, wrapped by the KEK.
 
     Refuses (exit code 2) when a keyset already exists: data written with it would become
-    unreadable. With the `local` backend (lab), creates the key file when it does not exist.
+    unreadable; and when `existing_copies` refuses, i.e. a destination of the configuration already
+    holds keyset copies of the project (`engine.key_copies.init_keys` passes
+    `refuse_existing_copies`: the project's keyset exists, `exitplan keys import` brings it here).
+    The notes it returns (destinations that could not be read) end up in the report's; `migrate`
+    checks those again before it writes. With the `local` backend (lab), creates the key file when
+    it does not exist.
     """
     files = KeyFiles.of(loaded)
     project = loaded.config.project
@@ -264,6 +351,7 @@ def init_keys(loaded: LoadedConfig) -> KeysetReport:
             ExitCode.USAGE,
         )
     check_kek(loaded)
+    unchecked = existing_copies(loaded)
     kek_cfg = resolve_kek(loaded)
     _create_local_key(loaded, kek_cfg)
     kek = open_kek(kek_cfg, base_dir=loaded.path.parent)
@@ -282,10 +370,11 @@ def init_keys(loaded: LoadedConfig) -> KeysetReport:
         "updated": created,
     }
     # The keyset is written last: its presence means init completed.
-    _write_private(files.audit, _json_bytes(audit_doc))
+    _write_audit(files, _json_bytes(audit_doc))
     _write_private(files.meta, _json_bytes(meta))
-    _write_private(files.keyset, wrapped)
-    return show_keys(loaded)
+    _write_keyset(files, wrapped)
+    report = show_keys(loaded)
+    return replace(report, notes=report.notes + tuple(unchecked))
 
 
 def load_keyset(loaded: LoadedConfig, kek=None) -> tink.KeysetHandle:
@@ -335,7 +424,7 @@ def rotate_keys(loaded: LoadedConfig) -> KeysetReport:
     meta = _read_meta(files, loaded)
     meta.setdefault("keys", {})[str(fresh.key_id)] = {"created": _now()}
     meta["updated"] = _now()
-    _write_private(files.keyset, wrapped)
+    _write_keyset(files, wrapped)
     _write_private(files.meta, _json_bytes(meta))
     return show_keys(loaded)
 
@@ -368,11 +457,11 @@ def rewrap_keys(loaded: LoadedConfig, old_kek: KekConfig | None = None) -> Keyse
         isinstance(new_cfg, OpenBaoKekConfig) and kek_reference(new_cfg) == kek_reference(old_cfg)
     )
     if same_transit_key:
-        _transit_rewrap_file(files.keyset, new)
+        _write_keyset(files, _transit_rewrapped(files.keyset, new))
         if files.audit.exists():
             doc = _read_json(files.audit, "audit key")
             doc["wrapped_private_key"] = base64.b64encode(new.rewrap(base64.b64decode(doc["wrapped_private_key"]))).decode()
-            _write_private(files.audit, _json_bytes(doc))
+            _write_audit(files, _json_bytes(doc))
     else:
         old = open_kek(old_cfg, base_dir=loaded.path.parent)
         wrapped = files.keyset.read_text(encoding="utf-8")
@@ -380,10 +469,10 @@ def rewrap_keys(loaded: LoadedConfig, old_kek: KekConfig | None = None) -> Keyse
             handle = _unwrap_keyset(wrapped, old, project, files.keyset)
         except KekWrongKey:
             handle = _unwrap_keyset(wrapped, new, project, files.keyset)  # already rewrapped by an earlier run
-        _write_private(files.keyset, _wrap_keyset(handle, new, project))
+        _write_keyset(files, _wrap_keyset(handle, new, project))
         if files.audit.exists():
             signing = _unwrap_audit_key(files.audit, (old, new), project)
-            _write_private(files.audit, _json_bytes(_audit_document(signing, new, new_cfg, project)))
+            _write_audit(files, _json_bytes(_audit_document(signing, new, new_cfg, project)))
     meta["kek"] = kek_reference(new_cfg)
     meta["kek_description"] = new.describe()
     meta["updated"] = _now()
@@ -419,19 +508,9 @@ def show_keys(loaded: LoadedConfig, *, verify: bool = False, verify_with=None) -
     files = KeyFiles.of(loaded)
     doc = _read_json(files.keyset, "keyset")
     meta = _read_meta(files, loaded, required=False)
-    info = doc.get("keysetInfo") or {}
+    info = keyset_info(doc, f"keyset {files.keyset}")
     created = {str(k): v.get("created") for k, v in (meta.get("keys") or {}).items() if isinstance(v, dict)}
-    primary = int(info.get("primaryKeyId", 0))
-    keys = tuple(
-        KeyInfo(
-            key_id=int(k.get("keyId", 0)),
-            status={"ENABLED": "enabled", "DISABLED": "disabled", "DESTROYED": "destroyed"}.get(k.get("status"), str(k.get("status"))),
-            primary=int(k.get("keyId", 0)) == primary,
-            created=created.get(str(k.get("keyId"))),
-            type_url=str(k.get("typeUrl", "")),
-        )
-        for k in info.get("keyInfo", [])
-    )
+    keys = tuple(replace(k, created=created.get(str(k.key_id))) for k in info.keys)
     version = None
     try:
         from connectors.kms.openbao import ciphertext_version
@@ -456,38 +535,167 @@ def show_keys(loaded: LoadedConfig, *, verify: bool = False, verify_with=None) -
         kek=str(meta.get("kek_description") or "unknown (no keyset.meta.json)"),
         kek_reference=meta.get("kek") or {},
         kek_version=version,
-        primary_id=primary,
+        primary_id=info.primary_id,
         keys=keys,
         audit_public_key_pem=audit_pem,
         verified=verified,
         notes=tuple(notes),
+        versions_dir=files.keyset_versions,
+        versions_kept=len(list(files.keyset_versions.glob("*.json"))) if files.keyset_versions.is_dir() else 0,
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# The copy next to the data
+# What a wrapped keyset says in clear: its key ids
 # ---------------------------------------------------------------------------------------------
 
 
-def keyset_copy(loaded: LoadedConfig) -> tuple[str, bytes]:
-    """(destination key, bytes) of the wrapped keyset to store next to the data.
+@dataclass(frozen=True)
+class PublicKeysetInfo:
+    """Tink's `keysetInfo` of a wrapped keyset: ids, status, primary; readable without the KEK.
 
-    The bytes are the wrapped keyset exactly as on disk (Tink encrypted keyset JSON): useless
-    without the KEK, enough with it to read every object back without exitplan.
+    Not authenticated by the wrap: whoever can write the file can change it. Decisions that must
+    not be fooled compare it with the unwrapped keyset (`check_info_matches`)."""
+
+    primary_id: int
+    keys: tuple[KeyInfo, ...]
+
+    @property
+    def key_ids(self) -> frozenset[int]:
+        return frozenset(k.key_id for k in self.keys)
+
+
+_STATUS = {"ENABLED": "enabled", "DISABLED": "disabled", "DESTROYED": "destroyed"}
+
+
+def keyset_info(doc: object, what: str) -> PublicKeysetInfo:
+    """The public `keysetInfo` of a Tink encrypted keyset JSON document; `what` names it in errors."""
+    info = doc.get("keysetInfo") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict) or not isinstance(doc.get("encryptedKeyset"), str) or not isinstance(info, dict):
+        raise KeyStoreError(f"{what} is not a Tink encrypted keyset (it needs `encryptedKeyset` and `keysetInfo`); "
+                            "restore it from a backup")
+    try:
+        primary = int(info.get("primaryKeyId", 0))
+        keys = tuple(
+            KeyInfo(key_id=int(k["keyId"]), status=_STATUS.get(k.get("status"), str(k.get("status"))),
+                    primary=int(k["keyId"]) == primary, created=None, type_url=str(k.get("typeUrl", "")))
+            for k in info.get("keyInfo", [])
+        )
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise KeyStoreError(f"{what}: its `keysetInfo` does not list key ids; restore it from a backup") from None
+    if not keys:
+        raise KeyStoreError(f"{what}: its `keysetInfo` lists no key; restore it from a backup")
+    return PublicKeysetInfo(primary, keys)
+
+
+def read_keyset_info(data: bytes, what: str) -> PublicKeysetInfo:
+    """`keyset_info` of the bytes of a wrapped keyset file or copy."""
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise KeyStoreError(f"{what} is not JSON, so not a Tink encrypted keyset; restore it from a backup") from None
+    return keyset_info(doc, what)
+
+
+def local_keyset_info(loaded: LoadedConfig) -> PublicKeysetInfo | None:
+    """The public info of the state directory's keyset; None when there is none."""
+    files = KeyFiles.of(loaded)
+    if not files.keyset.exists():
+        return None
+    return keyset_info(_read_json(files.keyset, "keyset"), f"keyset {files.keyset}")
+
+
+def check_info_matches(handle: tink.KeysetHandle, info: PublicKeysetInfo, what: str) -> None:
+    """Refuse a wrapped keyset whose clear `keysetInfo` does not name the keys it actually holds."""
+    proto = _to_proto(handle)
+    if {k.key_id for k in proto.key} != set(info.key_ids) or proto.primary_key_id != info.primary_id:
+        raise KeyStoreError(f"{what}: its `keysetInfo` does not describe the keys it holds (it was altered); "
+                            "do not use it, import another copy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bringing a keyset in (`exitplan keys import`, `engine.key_copies`): the local side
+# ---------------------------------------------------------------------------------------------
+
+
+def unwrap_copy(data: bytes, kek, project: str, what: str) -> tink.KeysetHandle:
+    """A wrapped keyset from elsewhere (a copy next to the data), unwrapped in memory with `kek`;
+    `KekWrongKey` when `kek` is not the key it is wrapped with."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KeyStoreError(f"{what} is not UTF-8 JSON, so not a Tink encrypted keyset") from None
+    return _unwrap_keyset(text, kek, project, what)
+
+
+def merge_keysets(base: tink.KeysetHandle, others: list[tink.KeysetHandle]) -> tink.KeysetHandle:
+    """`base` with every key of `others` it lacks added (status as in the keyset it came from);
+    the primary stays `base`'s. Two keys with one id but different material cannot be merged."""
+    merged = _to_proto(base)
+    held = {k.key_id: k for k in merged.key}
+    for other in others:
+        for key in _to_proto(other).key:
+            if key.key_id not in held:
+                merged.key.append(key)
+                held[key.key_id] = key
+            elif held[key.key_id].key_data != key.key_data:
+                raise KeyStoreError(f"two keysets hold different data keys under the same id {key.key_id}; they cannot "
+                                    "be merged: keep both wrapped files and report this")
+    handle = _from_proto(merged)
+    data_keys(handle)
+    return handle
+
+
+def install_keyset(loaded: LoadedConfig, kek, *, wrapped: bytes | None = None,
+                   handle: tink.KeysetHandle | None = None, origin: str) -> KeysetReport:
+    """Make a keyset brought from elsewhere the state directory's keyset: `wrapped` as is (it
+    opens with `kek`), or `handle` wrapped anew with `kek` (a merge: a new version).
+
+    Refuses (exit code 2) when the local keyset holds a key id the new one lacks: that key would
+    only survive in `keysets/`. Every version stays in `keysets/`; `keyset.meta.json` records the
+    configured KEK and, for each key new here, where it came from. When the state directory has no
+    audit key, a new one is created (the audit key is not copied next to the data): a note says so.
     """
     files = KeyFiles.of(loaded)
-    try:
-        data = files.keyset.read_bytes()
-    except FileNotFoundError:
-        raise KeyStoreError(f"project `{loaded.config.project}` has no keyset at {files.keyset}; run `exitplan keys init` first") from None
-    return keyset_object_key(loaded.config.project), data
+    project = loaded.config.project
+    if handle is None:
+        handle = unwrap_copy(wrapped, kek, project, origin)
+    else:
+        wrapped = _wrap_keyset(handle, kek, project)
+    ids = {k.key_id for k in _to_proto(handle).key}
+    local = local_keyset_info(loaded)
+    lacking = sorted(local.key_ids - ids) if local else []
+    if lacking:
+        raise UserError(
+            f"the keyset in {files.keyset} holds data key(s) {id_phrase(lacking)} that {origin} lacks; it is not "
+            f"replaced. If objects were written with them, run `exitplan keys import --merge --config {loaded.path}` "
+            "to keep them with the imported keys",
+            ExitCode.USAGE,
+        )
+    data_keys(handle)  # a keyset the pipeline can use, before anything is written
+    kek_cfg = resolve_kek(loaded)
+    notes = []
+    if not files.audit.exists():
+        signing = Ed25519PrivateKey.generate()
+        _write_audit(files, _json_bytes(_audit_document(signing, kek, kek_cfg, project)))
+        notes.append(f"created a new audit-signing key for this state directory ({files.audit}): the audit key is not "
+                     "copied next to the data; if you have a backup of the project's audit-key.json, put it there "
+                     "instead before the next run")
+    meta = _read_meta(files, loaded, required=False) or {"format": META_FORMAT, "project": project, "keys": {}}
+    now = _now()
+    for key_id in sorted(ids):
+        meta.setdefault("keys", {}).setdefault(str(key_id), {"imported": now, "from": origin})
+    meta.update({"kek": kek_reference(kek_cfg), "kek_description": kek.describe(), "updated": now})
+    _write_private(files.meta, _json_bytes(meta))
+    _write_keyset(files, wrapped)
+    report = show_keys(loaded, verify_with=kek)
+    return replace(report, notes=report.notes + tuple(notes))
 
 
-def publish_keyset(loaded: LoadedConfig, put: Callable[..., object]) -> str:
-    """Write the wrapped keyset next to the data with `put(key, data, metadata)` (an `ObjectSink.put`)."""
-    key, data = keyset_copy(loaded)
-    put(key, data, {"exitplan-format": "tink-encrypted-keyset-json"})
-    return key
+def id_phrase(ids) -> str:
+    """Key ids for a sentence: `1, 2 and 3`."""
+    ids = [str(i) for i in sorted(ids)]
+    return ids[0] if len(ids) == 1 else f"{', '.join(ids[:-1])} and {ids[-1]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,9 +771,9 @@ def _json_bytes(doc: dict) -> bytes:
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
-def _transit_rewrap_file(path: Path, kek) -> None:
-    """Re-encrypt the wrapped keyset under the transit key's latest version, inside OpenBao."""
+def _transit_rewrapped(path: Path, kek) -> bytes:
+    """The wrapped keyset at `path` re-encrypted under the transit key's latest version, inside OpenBao."""
     doc = json.loads(path.read_text(encoding="utf-8"))
     wrapped = base64.b64decode(doc["encryptedKeyset"])
     doc["encryptedKeyset"] = base64.b64encode(kek.rewrap(wrapped)).decode("ascii")
-    _write_private(path, json.dumps(doc).encode("utf-8"))
+    return json.dumps(doc).encode("utf-8")

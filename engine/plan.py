@@ -11,17 +11,20 @@ from connectors.base import ConnectorError
 
 from .endpoints import destination_limits, open_source
 from .errors import RunError, call_endpoint
+from .key_copies import check_keysets
 from .migrate import DryRunSummary, PlannedObject, dry_run
+from .output_format import IDENTITY
 from .project import open_state
 from .run import dataset_items, output_formats, transfer_settings
 
 
 def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, PlannedObject], None]
          ) -> list[DryRunSummary]:
-    """What `migrate` would write, per dataset, touching nothing: the destination is not contacted
-    and the state store is only read (if it exists). The keyset is unwrapped (a read), so a dry run
-    also proves the KEK works."""
+    """What `migrate` would write, per dataset, touching nothing: the state store is only read (if
+    it exists), and of the destination only its keyset copies, refused (exit 4) as `migrate` would
+    refuse them. The keyset is unwrapped (a read), so a dry run also proves the KEK works."""
     formats = output_formats(loaded, datasets)
+    check_keysets(loaded, [n for n in datasets if formats[n] is not IDENTITY])
     settings = transfer_settings(loaded)
     state = open_state(loaded, read_only=True)
     results = []

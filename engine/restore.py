@@ -29,7 +29,7 @@ from .project import open_state
 
 READ_SEGMENTS = 8  # ciphertext read per request: 8 MiB, whole segments
 PARTIAL_SUFFIX = ".exitplan-partial"
-CONTROL_PREFIX = "_exitplan/"  # exitplan's own files in a bucket (the wrapped keyset copy)
+CONTROL_PREFIX = "_exitplan/"  # exitplan's own files in a bucket (the keyset copies, the manifest)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Protocol
 
 from config.models import LoadedConfig
 from config.policy import DestinationVerdict, check_sovereignty
-from connectors.base import ConnectorError, ContentSettings, ObjectMeta, ObjectSource, SinkLimits, WriteMeta
+from connectors.base import ConnectorError, ObjectMeta, ObjectSource, SinkLimits
 
 from .allocator import tune_malloc
 from .audit import AuditOutcome, MigrationAudit, audit_signing_key
@@ -26,6 +26,7 @@ from .budget import MemoryBudget
 from .endpoints import destination_limits, open_sink, open_source
 from .errors import RunError, call_endpoint
 from .executors import create_executors
+from . import key_copies
 from .inventory import DatasetInventory, inventory_dataset, selected
 from .migrate import DatasetSummary, Progress, ProgressCallback, Refusal, migrate_dataset, place_all
 from .naming import Placement, place
@@ -96,18 +97,9 @@ def preflight_destinations(loaded: LoadedConfig, datasets: list[str]) -> None:
 
 def publish_keysets(loaded: LoadedConfig, datasets: list[str], formats: dict[str, OutputFormat]) -> list[str]:
     """Put the wrapped keyset next to the data in each destination that receives encrypted objects,
-    at `_exitplan/<project>/keyset.json`: whoever holds the bucket and the KEK can read it back."""
-    from .keys import keyset_copy
-
-    written = []
-    for dest in sorted({loaded.config.datasets[n].destination for n in datasets if formats[n] is not IDENTITY}):
-        sink = call_endpoint(f"destination `{dest}`", open_sink, loaded, dest)
-        key, data = keyset_copy(loaded)
-        meta = WriteMeta(ContentSettings(content_type="application/json"), {"exitplan-format": "tink-encrypted-keyset-json"})
-        call_endpoint(f"destination `{dest}`: writing the wrapped keyset to {key}", sink.put, key, data, len(data),
-                      meta, None)
-        written.append(f"{sink.label}/{key}")
-    return written
+    append-only (`engine.key_copies`): whoever holds the bucket and the KEK can read it back. First
+    refuses (exit 4, nothing written) when a destination's copies hold a key id the local keyset lacks."""
+    return key_copies.publish_keysets(loaded, [n for n in datasets if formats[n] is not IDENTITY])
 
 
 def count_dataset(loaded: LoadedConfig, name: str, source: ObjectSource) -> tuple[int, int]:

@@ -210,7 +210,9 @@ class _Checker:
                         bad("metadata", f"a ciphertext of {row.output_size:,} bytes",
                             f"metadata implying {info.ciphertext_size:,} bytes")
                     if self.known_key_ids is not None and info.key_id not in self.known_key_ids:
-                        bad("key", "a key id of the project's keyset", f"key id {info.key_id} (not in the keyset)")
+                        bad("key", "a key id of the project's keyset",
+                            f"key id {info.key_id} (not in this state directory's keyset: `exitplan keys import` brings "
+                            "the keys of the project's keyset copies next to the data)")
             if self.deep and in_sample(self.seed, self.dataset, row.source_key, self.sample):
                 # Read back even when the ETag differs (it tells a rewritten object from a damaged
                 # one), but not what cannot be decrypted anyway: wrong size, unreadable metadata.

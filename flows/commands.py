@@ -342,15 +342,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if code:
         return code
     # The lab's servers keep data in memory: a state left by an earlier lab would claim objects
-    # are already there. The demo's state lives in the lab directory and starts empty.
+    # are already there. The demo's state lives in the lab directory and starts empty, but for its
+    # keys: the lab's bucket may hold objects and keyset copies of an earlier demo written with them.
+    from engine.keys import KEY_FILE_NAMES
+
     state_dir = lab.lab_dir() / "demo-state"
-    shutil.rmtree(state_dir, ignore_errors=True)
+    for path in state_dir.iterdir() if state_dir.is_dir() else ():
+        if path.name not in KEY_FILE_NAMES:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
     os.environ["EXITPLAN_STATE_DIR"] = str(state_dir)
     config = resources.files("config") / "examples" / "lab.yaml"
-    print(f"\n== keys init --config {config}  (lab KEK: a local key file in the demo's state)\n", flush=True)
-    code = keys_cli.cmd_init(argparse.Namespace(config=str(config)))
-    if code:
-        return code
+    if (state_dir / "keyset.json").exists():
+        print(f"\n== keys: the keyset of an earlier demo, kept in {state_dir}\n", flush=True)
+    else:
+        print(f"\n== keys init --config {config}  (lab KEK: a local key file in the demo's state)\n", flush=True)
+        code = keys_cli.cmd_init(argparse.Namespace(config=str(config)))
+        if code:
+            return code
     code = run_exit_plan_flow(str(config))
     print(
         "\nLook around:\n"

@@ -1,8 +1,12 @@
-"""`exitplan keys …`: create, rotate, re-wrap and show the project's keys. Thin: the work is in
+"""`exitplan keys …`: create, import, rotate, re-wrap and show the project's keys. Thin: the work is in
 `engine/keys.py`.
 
 - `keys init --config F`: a new keyset (one data key) and audit-signing key, wrapped by `keys.kek`;
-  refuses to overwrite an existing keyset (exit 2). In the lab, a `local` KEK file is created.
+  refuses to overwrite an existing keyset, and to create one when a destination already holds the
+  project's keyset copies (exit 2: `keys import` is the way). In the lab, a `local` KEK file is created.
+- `keys import --config F [--destination D] [--merge]`: the project's keyset from the copies next to
+  the data (a lost state directory, a second operator): the copy holding every key id, unwrapped
+  with `keys.kek`; `--merge` builds one keyset from copies that diverge, or keeps the local keys too.
 - `keys rotate --config F`: a new data key becomes primary; older ones keep decrypting.
 - `keys rotate --kek --config F`: a new version of the KEK itself (OpenBao transit), then rewrap.
 - `keys rewrap --config F [--old-config OLD]`: the same keyset under the KEK now in the config.
@@ -12,9 +16,11 @@
   times and the KEK reference (never key material); `--verify` also unwraps the keyset with the
   configured KEK; `--audit-public-key` prints only the audit public key (PEM).
 
-Exit codes: 0 done; 2 usage/config error (no `keys` section, keyset already exists); 3 the policy
+Exit codes: 0 done; 2 usage/config error (no `keys` section, keyset already exists, copies in a
+destination that `init` would ignore, copies that diverge or a local key that `import` would drop
+without `--merge`); 3 the policy
 refuses the KEK (a `local` key file outside the lab, plain HTTP to a KMS); 4 a key operation failed
-(KEK unreachable, credentials refused, wrong key, keyset missing or damaged).
+(KEK unreachable, credentials refused, wrong key, keyset missing or damaged, no copy to import).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from flows.terminal import print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    keys = sub.add_parser("keys", help="create, rotate, re-wrap and show the project's encryption keys")
+    keys = sub.add_parser("keys", help="create, import, rotate, re-wrap and show the project's encryption keys")
     ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION")
     ksub.required = True
 
@@ -39,6 +45,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         return p
 
     add("init", "create the keyset and the audit-signing key, wrapped by keys.kek (never overwrites)", cmd_init)
+    p = add("import", "bring the project's keyset from its copies next to the data into the state directory "
+                      "(never drops a key)", cmd_import)
+    p.add_argument("--destination", action="append", default=[], metavar="NAME",
+                   help="read the copies of this destination only (repeatable; default: every destination)")
+    p.add_argument("--merge", action="store_true",
+                   help="build one keyset holding the keys of every copy and of the local keyset (a new version), "
+                        "when no single copy holds them all")
     p = add("rotate", "add a data key and make it primary (older keys still decrypt)", cmd_rotate)
     p.add_argument("--kek", action="store_true", help="rotate the KEK itself instead (OpenBao transit: new key version), then rewrap")
     p = add("rewrap", "wrap the same keyset under the KEK now in the config (no object is touched)", cmd_rewrap)
@@ -52,13 +65,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from engine import keys
+    from engine import key_copies
 
     loaded = load_config(args.config)
-    report = keys.init_keys(loaded)
+    report = key_copies.init_keys(loaded)
     print(f"created the keyset of project `{report.project}`: {report.keyset_path}")
     _print_report(report)
-    print("\nback up keyset.json and audit-key.json: they are useless without the KEK, and the data is unreadable without them.")
+    print("\nback up keyset.json and audit-key.json: they are useless without the KEK, and the data is unreadable without them. "
+          "`exitplan migrate` also copies the wrapped keyset next to the data.")
+    return ExitCode.OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from engine.key_copies import import_keyset
+
+    loaded = load_config(args.config)
+    result = import_keyset(loaded, args.destination or None, merge=args.merge)
+    report = result.report
+    if result.changed:
+        print(f"imported the keyset of project `{report.project}` from {result.origin}: {report.keyset_path}")
+    else:
+        versions = f"{result.copies} version{'s' if result.copies > 1 else ''}"
+        print(f"nothing to import: the keyset in {report.keyset_path} already holds every data key of the project's "
+              f"keyset copies in {', '.join(f'`{d}`' for d in result.destinations)} ({versions})")
+    _print_report(report)
     return ExitCode.OK
 
 
@@ -114,6 +144,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                       "type_url": k.type_url} for k in report.keys],
             "audit_public_key_pem": report.audit_public_key_pem,
             "verified": report.verified,
+            "versions_kept": report.versions_kept,
             "notes": list(report.notes),
         }, indent=2))
         return ExitCode.OK
@@ -132,6 +163,8 @@ def _print_report(report) -> None:
         ["key id", "status", "primary", "created"],
         [[str(k.key_id), k.status, "yes" if k.primary else "", k.created or "unknown"] for k in report.keys],
     )
+    if report.versions_kept:
+        print(f"\nevery version of the wrapped keyset is kept: {report.versions_kept} in {report.versions_dir}")
     if report.audit_public_key_pem:
         print("\naudit-signing key: Ed25519 (public key: `exitplan keys show --audit-public-key`)")
     for note in report.notes:

@@ -193,8 +193,9 @@ def verify_datasets(config_path: str, datasets: list[str] | None, deep: bool, sa
 
 @task(name="plan-datasets", cache_policy=NO_CACHE, persist_result=False)
 def plan_datasets(config_path: str, datasets: list[str] | None) -> list[dict[str, Any]]:
-    """What a migration would write, per dataset, touching nothing (the destination is not
-    contacted, the state store only read; the keyset is unwrapped, which proves the KEK works)."""
+    """What a migration would write, per dataset, touching nothing (of the destination only its
+    keyset copies are read, the state store only read; the keyset is unwrapped, which proves the
+    KEK works)."""
     loaded, names = load_datasets(config_path, datasets)
     return plan_rows(engine_plan.plan(loaded, names, lambda dataset, planned: None))
 

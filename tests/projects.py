@@ -4,6 +4,7 @@ shards of four, and its keyset."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from pathlib import Path
@@ -14,11 +15,22 @@ from azure.storage.blob import BlobServiceClient
 from flows.cli import main
 
 
+def project_name(tmp_path: Path, prefix: str) -> str:
+    """A project name of the test's own, the same for every config it writes in `tmp_path`: the S3
+    server and its buckets are shared by the session, and a project's keyset copies in a bucket
+    hold its one keyset, so two tests are two projects."""
+    return f"{prefix}-{hashlib.sha256(str(tmp_path).encode()).hexdigest()[:10]}"
+
+
 def write_project(tmp_path: Path, cs: str, s3_url: str, *, project: str, bucket: str, cs_var: str,
                   orchestration: dict | None = None, transfer: dict | None = None,
                   extra_blobs: dict[str, bytes] | None = None, state: dict | None = None
                   ) -> tuple[Path, str, dict[str, bytes]]:
-    """(config path, container, {key: bytes}); the config reads the connection string from `cs_var`."""
+    """(config path, container, {key: bytes}); the config reads the connection string from `cs_var`.
+
+    The project is named after its container (`project` and a unique suffix): the S3 server and
+    its buckets are shared by the session, and a project's keyset copies in a bucket hold its
+    one keyset, so two tests are two projects."""
     container = f"{project}{uuid.uuid4().hex[:10]}"
     cc = BlobServiceClient.from_connection_string(cs).create_container(container)
     blobs = {f"claims/{i:02d}.csv": f"claim {i}\n".encode() * (100 + i) for i in range(10)}
@@ -28,7 +40,7 @@ def write_project(tmp_path: Path, cs: str, s3_url: str, *, project: str, bucket:
         cc.upload_blob(name, data)
     cfg = {
         "version": 1,
-        "project": project,
+        "project": container,
         "sources": {"az": {"kind": "azure_blob", "connection_string_env": cs_var}},
         "destinations": {"lab": {"provider": "lab", "endpoint_url": s3_url, "region": "eu-west-3", "bucket": bucket}},
         "datasets": {"claims": {"source": "az", "container": container, "destination": "lab",

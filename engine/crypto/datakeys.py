@@ -49,7 +49,9 @@ class DataKeys:
             return self.keys[key_id]
         except KeyError:
             raise KeysetError(
-                f"the keyset has no enabled data key with id {key_id} (it has {', '.join(map(str, sorted(self.keys)))})"
+                f"the keyset has no enabled data key with id {key_id} (it has {', '.join(map(str, sorted(self.keys)))}); "
+                "if the project's keyset copies next to the data hold it, `exitplan keys import` brings it into this "
+                "state directory"
             ) from None
 
 

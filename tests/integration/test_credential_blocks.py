@@ -25,6 +25,7 @@ from flows.cli import main
 from flows import lab_processes as lp
 from tests.faultproxy import FaultProxy, _ProxyHandler
 from tests.integration.kms_fixtures import start_openbao
+from tests.projects import project_name
 from tests.s3client import lab_s3_client
 
 pytestmark = pytest.mark.integration
@@ -152,7 +153,7 @@ def write_config(tmp_path: Path, endpoint: str, source: dict, credentials: dict 
         dest["credentials"] = credentials
     cfg = {
         "version": 1,
-        "project": "blocks",
+        "project": project_name(tmp_path, "blocks"),
         "sources": {"az": {"kind": "azure_blob", **source}},
         "destinations": {"lab": dest},
         "datasets": {c: {"source": "az", "container": c, "destination": "lab", "dest_prefix": f"{prefix}/{c}/"}

@@ -50,7 +50,9 @@ def project(tmp_path, monkeypatch, azurite_connection_string, s3_server, s3):
     def config(kek_path: Path, name: str = "exitplan.yaml", public: bool = False) -> Path:
         cfg = {
             "version": 1,
-            "project": "enc",
+            # A project of its own: the bucket is shared by the module, and a project's keyset
+            # copies in it belong to that project's keyset alone.
+            "project": container,
             "sources": {"az": {"kind": "azure_blob", "connection_string_env": CS_VAR}},
             "destinations": {"lab": {"provider": "lab", "endpoint_url": s3_server.url, "region": "eu-west-3", "bucket": BUCKET}},
             "datasets": {"scans": {"source": "az", "container": container, "destination": "lab",

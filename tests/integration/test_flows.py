@@ -89,19 +89,19 @@ def test_exit_plan_migrates_verifies_and_shows_it(tmp_path, env, s3_server, s3):
 
     with get_client(sync_client=True) as client:
         name = client.read_flow_run(state.state_details.flow_run_id).name
-    assert re.fullmatch(r"exit-plan flows all-datasets \d{4}-\d\d-\d\d \d\d:\d\dZ", name), name  # what, when
+    assert re.fullmatch(rf"exit-plan {container} all-datasets \d{{4}}-\d\d-\d\d \d\d:\d\dZ", name), name  # what, when
     found = artifacts_of(state.state_details.flow_run_id)
     (progress,) = found["progress"]
     assert progress.data == 100.0
     tables = {a.key: json.loads(a.data) for a in found["table"]}
-    (inventory,) = tables["exitplan-flows-inventory"]
+    (inventory,) = tables[f"exitplan-{container}-inventory"]
     assert (inventory["dataset"], inventory["objects"], inventory["bytes"]) == ("claims", 11, result["bytes_copied"])
-    shards = tables["exitplan-flows-shards"]
+    shards = tables[f"exitplan-{container}-shards"]
     assert [(s["shard"], s["objects"], s["copied"], s["status"]) for s in shards] == [
         (0, 4, 4, "ok"), (1, 4, 4, "ok"), (2, 3, 3, "ok")]
     assert sum(s["bytes_copied"] for s in shards) == result["bytes_copied"]
     assert shards[2]["seconds"] > 0 and shards[2]["mb_per_s"] > 0  # the shard with the 6 MiB object
-    (verified,) = tables["exitplan-flows-verify"]
+    (verified,) = tables[f"exitplan-{container}-verify"]
     assert (verified["objects"], verified["ok"], verified["read_back"]) == (11, 11, 11)
     (summary,) = found["markdown"]
     assert "11 copied" in summary.data and "**0 failed**" in summary.data
@@ -138,9 +138,9 @@ def test_a_failing_object_fails_its_shard_only(tmp_path, env, s3_server, s3):
     assert sorted(task_states(run_id)).count(("copy-shard", "COMPLETED")) == 2
     found = artifacts_of(run_id)
     tables = {a.key: json.loads(a.data) for a in found["table"]}
-    (failure,) = tables["exitplan-flows-failures"]
+    (failure,) = tables[f"exitplan-{container}-failures"]
     assert failure["object"] == too_long and "1024" in failure["reason"].replace(",", "")
-    failed_shards = [s for s in tables["exitplan-flows-shards"] if s["status"] != "ok"]
+    failed_shards = [s for s in tables[f"exitplan-{container}-shards"] if s["status"] != "ok"]
     assert len(failed_shards) == 1 and too_long in failed_shards[0]["reason"]
     assert "**1 failed**" in found["markdown"][0].data
 
@@ -161,7 +161,7 @@ def test_a_transient_failure_is_retried_as_a_shard(tmp_path, env, s3_server, s3)
     assert state.result()["copied"] == len(blobs)
     assert set(blobs) <= stored_keys(s3, container)
     shards = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
-    assert [s["attempts"] for s in shards["exitplan-flows-shards"]] == [1, 1, 2]
+    assert [s["attempts"] for s in shards[f"exitplan-{container}-shards"]] == [1, 1, 2]
     # The engine's own retry lines, logged from its threads, are in the run's log in the UI.
     lines = logs_of(state.state_details.flow_run_id)
     assert any("engine.pipeline: " in m and "big.bin" in m and "attempt 1 failed" in m and "retrying" in m
@@ -231,7 +231,7 @@ def test_inventory_and_verify_flows(tmp_path, env, s3_server, s3):
     (row,) = state.result()
     assert (row["dataset"], row["objects"], row["bytes"]) == ("claims", 11, sum(len(b) for b in blobs.values()))
     tables = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
-    assert tables["exitplan-flows-inventory"] == [row]
+    assert tables[f"exitplan-{container}-inventory"] == [row]
 
     assert migrate_flow(config_path=str(path), return_state=True).is_completed()
     state = verify_flow(config_path=str(path), deep=True, return_state=True)
@@ -245,7 +245,7 @@ def test_inventory_and_verify_flows(tmp_path, env, s3_server, s3):
     state = verify_flow(config_path=str(path), deep=True, return_state=True)
     assert state.is_failed() and "1 object(s) with discrepancies" in state.message
     tables = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
-    found = tables["exitplan-flows-discrepancies"]  # an object rewritten: several findings, one object
+    found = tables[f"exitplan-{container}-discrepancies"]  # an object rewritten: several findings, one object
     assert {(d["object"], d["source"]) for d in found} == {(key, "claims/05.csv")}
     (summary,) = artifacts_of(state.state_details.flow_run_id)["markdown"]
     assert "**10 objects match**" in summary.data and "**1 with discrepancies**" in summary.data
@@ -264,9 +264,9 @@ def test_two_migrations_of_one_project_never_run_at_once(tmp_path, env, s3_serve
     try:
         assert main(["migrate", "--config", str(path)]) == 1
         err = capsys.readouterr().err
-        assert "another migration of project `flows` is running (pid " in err and "Traceback" not in err
+        assert f"another migration of project `{container}` is running (pid " in err and "Traceback" not in err
         state = migrate_flow(config_path=str(path), return_state=True)
-        assert state.is_failed() and "another migration of project `flows` is running" in state.message
+        assert state.is_failed() and f"another migration of project `{container}` is running" in state.message
         assert stored_keys(s3, container) == set()
     finally:
         held.close()
@@ -285,7 +285,7 @@ def test_a_dry_run_flow_writes_nothing(tmp_path, env, s3_server, s3):
     assert (row["objects_to_write"], row["refused"], row["unchanged"]) == (len(blobs) - 1, 1, 0)
     assert row["bytes"] == sum(len(b) for k, b in blobs.items() if k != too_long) and too_long in row["refusals"]
     tables = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
-    assert tables["exitplan-flows-plan"] == [row]
+    assert tables[f"exitplan-{container}-plan"] == [row]
     assert stored_keys(s3, container) == set()
     assert not (tmp_path / "state" / "state.db").exists()
 
@@ -308,11 +308,11 @@ def test_shards_in_processes_of_their_own(tmp_path, env, s3_server, s3):
     assert set(blobs) - stored_keys(s3, container) == {too_long}
     run_id = state.state_details.flow_run_id
     tables = {a.key: json.loads(a.data) for a in artifacts_of(run_id)["table"]}
-    shards = tables["exitplan-flows-shards"]
+    shards = tables[f"exitplan-{container}-shards"]
     assert [(s["status"], s["objects"]) for s in shards] == [("ok", 4), ("ok", 4), ("failed", 4)]
     workers = {s["worker"].rsplit(":", 1)[1] for s in shards}
     assert str(_os.getpid()) not in workers and len(workers) >= 1
-    (failure,) = tables["exitplan-flows-failures"]
+    (failure,) = tables[f"exitplan-{container}-failures"]
     assert failure["object"] == too_long
     # 8 connections for the run: two processes of 2 transfer workers + 2 object drivers each.
     assert any("8 connection(s) per provider over 2 shard processes" in m for m in logs_of(run_id))
@@ -337,8 +337,8 @@ def test_a_shard_that_stops_on_an_error_fails_the_run(tmp_path, env, s3_server, 
     state = migrate_flow(config_path=str(path), return_state=True)
     assert state.is_failed()
     shards = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
-    assert [(s["shard"], s["status"]) for s in shards["exitplan-flows-shards"]] == [(0, "ok"), (1, "error"), (2, "ok")]
-    assert "OSError: disk I/O error" in shards["exitplan-flows-shards"][1]["reason"]
+    assert [(s["shard"], s["status"]) for s in shards[f"exitplan-{container}-shards"]] == [(0, "ok"), (1, "error"), (2, "ok")]
+    assert "OSError: disk I/O error" in shards[f"exitplan-{container}-shards"][1]["reason"]
     assert stored_keys(s3, container) == set(blobs) - {f"claims/{i:02d}.csv" for i in range(4, 8)}
     with StateStore(tmp_path / "state" / "state.db") as store:
         assert store.get_run(1).status == "failed"
@@ -352,7 +352,7 @@ def test_a_run_with_more_shards_than_allowed_merges_neighbours(tmp_path, env, s3
     assert state.is_completed(), state.message
     shards = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
     # Cut into 4 + 4 + 3 while listing; 3 > 2, so neighbours merged by 2: 8 + 3.
-    assert [(s["shard"], s["objects"], s["copied"]) for s in shards["exitplan-flows-shards"]] == [(0, 8, 8), (1, 3, 3)]
+    assert [(s["shard"], s["objects"], s["copied"]) for s in shards[f"exitplan-{container}-shards"]] == [(0, 8, 8), (1, 3, 3)]
     assert set(blobs) <= stored_keys(s3, container)
 
 

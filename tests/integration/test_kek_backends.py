@@ -10,6 +10,7 @@ Tink itself (the independent implementation) opens every keyset we write.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import logging
@@ -28,7 +29,8 @@ from connectors.kms import KekAuthError, KekUnavailable, KekWrongKey, open_kek
 from connectors.kms.local import LocalKek, create_key_file
 from connectors.kms.openbao import OpenBaoKek, ciphertext_version
 from connectors.kms.pkcs11 import Pkcs11Kek
-from engine import keys
+from connectors.memory import MemoryStore
+from engine import key_copies, keys
 from flows import lab_processes as lp
 from flows.cli import main
 from tests.integration.kms_fixtures import *  # noqa: F401,F403  (fixtures)
@@ -271,7 +273,7 @@ def test_keyset_lifecycle(backend, tmp_path, request, monkeypatch):
     else:
         kek_cfg = {"backend": "local"}
     loaded = load_config(write_config(tmp_path, kek_cfg))
-    report = keys.init_keys(loaded)
+    report = key_copies.init_keys(loaded)
     files = keys.KeyFiles.of(loaded)
     for f in (files.keyset, files.meta, files.audit):
         assert f.exists() and (f.stat().st_mode & 0o777) == 0o600
@@ -285,7 +287,7 @@ def test_keyset_lifecycle(backend, tmp_path, request, monkeypatch):
     tink_roundtrip(handle)
 
     with pytest.raises(Exception, match="already exists"):
-        keys.init_keys(loaded)
+        key_copies.init_keys(loaded)
 
     rotated = keys.rotate_keys(loaded)
     second = keys.load_data_keys(loaded)
@@ -311,7 +313,7 @@ def test_rewrap_local_to_openbao_to_pkcs11(openbao, softhsm, tmp_path, monkeypat
     monkeypatch.setenv("EP_TEST_PIN", softhsm.pin)
     path = write_config(tmp_path, {"backend": "local"})
     loaded = load_config(path)
-    keys.init_keys(loaded)
+    key_copies.init_keys(loaded)
     keys.rotate_keys(loaded)
     before = material(keys.load_data_keys(loaded))
     signer_before = keys.load_audit_signing_key(loaded).sign(b"m")
@@ -347,7 +349,7 @@ def test_rewrap_local_to_openbao_to_pkcs11(openbao, softhsm, tmp_path, monkeypat
 def test_rewrap_with_wrong_old_kek_changes_nothing(openbao, tmp_path):
     path = write_config(tmp_path, bao_cfg(openbao))
     loaded = load_config(path)
-    keys.init_keys(loaded)
+    key_copies.init_keys(loaded)
     original = keys.KeyFiles.of(loaded).keyset.read_bytes()
     old = write_config(tmp_path, bao_cfg(openbao, openbao.other_key_name), name="old.yaml")
     write_config(tmp_path, {"backend": "local"})
@@ -359,7 +361,7 @@ def test_rewrap_with_wrong_old_kek_changes_nothing(openbao, tmp_path):
 
 def test_load_with_unreachable_kek_fails_first(openbao, tmp_path):
     path = write_config(tmp_path, bao_cfg(openbao))
-    keys.init_keys(load_config(path))
+    key_copies.init_keys(load_config(path))
     dead = dict(bao_cfg(openbao), address=f"http://127.0.0.1:{lp.free_port()}")
     write_config(tmp_path, dead)
     with pytest.raises(KekUnavailable):
@@ -368,11 +370,14 @@ def test_load_with_unreachable_kek_fails_first(openbao, tmp_path):
 
 def test_keyset_copy_next_to_the_data(tmp_path):
     loaded = load_config(write_config(tmp_path, {"backend": "local"}))
-    keys.init_keys(loaded)
-    written = {}
-    key = keys.publish_keyset(loaded, lambda k, data, metadata: written.update({k: (data, metadata)}))
-    assert key == "_exitplan/kms-test/keyset.json"
-    assert written[key][0] == keys.KeyFiles.of(loaded).keyset.read_bytes()
+    key_copies.init_keys(loaded)
+    bucket = MemoryStore(label="mem")
+    wrapped = keys.KeyFiles.of(loaded).keyset.read_bytes()
+    where = key_copies.publish_copy(loaded, bucket, key_copies.read_keysets(bucket, "kms-test", "lab-s3"), wrapped)
+    version = f"_exitplan/kms-test/keysets/{hashlib.sha256(wrapped).hexdigest()}.json"
+    assert where == f"mem/{version}"
+    assert bucket.data("_exitplan/kms-test/keyset.json") == wrapped == bucket.data(version)
+    assert bucket.head(version).metadata == {"exitplan-format": "tink-encrypted-keyset-json"}
 
 
 # ---------------------------------------------------------------------------------------------

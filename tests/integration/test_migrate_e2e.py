@@ -25,6 +25,7 @@ from config.loader import load_config
 from engine import keys as project_keys
 from engine.naming import decode_header_value
 from flows.cli import main
+from tests.projects import project_name
 from tests.s3client import lab_s3_client
 
 pytestmark = pytest.mark.integration
@@ -45,7 +46,7 @@ def env(monkeypatch, azurite_connection_string):
 def write_config(tmp_path: Path, s3_server, datasets: dict, *, init_keys: bool = True, **transfer) -> Path:
     cfg = {
         "version": 1,
-        "project": "e2e",
+        "project": project_name(tmp_path, "e2e"),
         "sources": {"az": {"kind": "azure_blob", "connection_string_env": CS_VAR}},
         "destinations": {"lab": {"provider": "lab", "endpoint_url": s3_server.url, "region": "eu-west-3", "bucket": LAB_BUCKET}},
         "datasets": datasets,
@@ -121,7 +122,7 @@ def test_migrate_copies_every_seeded_object_byte_exact(tmp_path, capsys, env, se
         sizes.add(len(body))
     assert len(key_ids) == 1
     # The wrapped keyset travels with the data.
-    assert s3.head_object(Bucket=LAB_BUCKET, Key="_exitplan/e2e/keyset.json")["ContentLength"] > 0
+    assert s3.head_object(Bucket=LAB_BUCKET, Key=f"_exitplan/{project_name(tmp_path, 'e2e')}/keyset.json")["ContentLength"] > 0
     mib = 1024 * 1024
     # The seed exercised what it promises: empty objects and part boundaries ± 1.
     assert {0, 5 * mib - 1, 5 * mib, 5 * mib + 1, 8 * mib - 1, 8 * mib, 8 * mib + 1} <= sizes

@@ -64,7 +64,7 @@ def project(tmp_path, monkeypatch, azurite_connection_string, proxy):
     cc = BlobServiceClient.from_connection_string(azurite_connection_string).create_container(container)
     cfg = {
         "version": 1,
-        "project": "resume",
+        "project": container,  # a project of its own: the bucket is shared by the module
         "sources": {"az": {"kind": "azure_blob", "connection_string_env": CS_VAR}},
         "destinations": {"lab": {"provider": "lab", "endpoint_url": proxy.url, "region": "eu-west-3", "bucket": BUCKET}},
         "datasets": {"scans": {"source": "az", "container": container, "destination": "lab",

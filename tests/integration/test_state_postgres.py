@@ -77,7 +77,7 @@ def test_the_projects_lock_is_held_in_the_database(project, capsys):
     try:
         assert main(["migrate", "--config", str(path)]) == 1
         err = capsys.readouterr().err
-        assert "another migration of project `pgstate` is running" in err and "state database" in err
+        assert f"another migration of project `{container}` is running" in err and "state database" in err
     finally:
         held.close()
     assert main(["migrate", "--config", str(path)]) == 0

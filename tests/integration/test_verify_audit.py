@@ -46,7 +46,7 @@ def project(tmp_path, monkeypatch, azurite_connection_string, s3_server, s3):
             cc.upload_blob(name, data)
         cfg = {
             "version": 1,
-            "project": "ver",
+            "project": container,  # a project of its own: the bucket is shared by the module
             "sources": {"az": {"kind": "azure_blob", "connection_string_env": CS_VAR}},
             "destinations": {"lab": {"provider": "lab", "endpoint_url": s3_server.url, "region": "eu-west-3",
                                      "bucket": BUCKET}},
@@ -169,7 +169,7 @@ def test_quick_and_deep_verify_name_exactly_the_damaged_objects(tmp_path, capsys
     code, out, err = cli(capsys, "audit", "verify", manifest, "--public-key", pem)
     assert code == 0, err
     assert "OK" in out
-    copy = s3.get_object(Bucket=BUCKET, Key="_exitplan/ver/manifest.jsonl")["Body"].read()
+    copy = s3.get_object(Bucket=BUCKET, Key=f"_exitplan/{container}/manifest.jsonl")["Body"].read()
     assert copy == manifest.read_bytes()
 
 
