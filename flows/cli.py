@@ -13,7 +13,7 @@ from config.errors import ExitCode, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows import commands, keys_cli, lab
+    from flows import commands, keys_cli, lab, worker
 
     parser = argparse.ArgumentParser(
         prog="exitplan",
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.register(sub)
     commands.register(sub)
     keys_cli.register(sub)
+    worker.register(sub)
     return parser
 
 
