@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from config.errors import ExitCode, UserError
-from flows import audit_cli, commands, deploy_cli, keys_cli, lab
+from flows import audit_cli, commands, deploy_cli, keys_cli, lab, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cli.register(sub)
     deploy_cli.register(sub)
     keys_cli.register(sub)
+    worker.register(sub)
     return parser
 
 

@@ -75,18 +75,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     prefect_file = REPO_ROOT / PREFECT_FILE
     spec = _read_prefect_file(prefect_file)
     chosen = _chosen_deployments(spec, args.deployment, prefect_file)
-    api_url = _api_url()
-    _check_api(api_url)
+    url = api_url()
+    check_api(url)
     _ensure_process_pool(args.pool)
 
     limits = provider_limits(loaded, list(loaded.config.datasets))
     ensure_provider_limits(limits)
     print("connection limits: " + ", ".join(f"{provider_limit_name(p)} = {n}" for p, n in limits.items()))
 
-    _run_prefect_deploy(spec, chosen, args.pool, prefect_file, config_path, api_url)
+    _run_prefect_deploy(spec, chosen, args.pool, prefect_file, config_path, url)
     registered = _read_back(chosen)
     _print_registered(registered, args.pool)
-    _print_worker(loaded, args.pool, api_url)
+    _print_worker(loaded, args.pool, url)
     return ExitCode.OK
 
 
@@ -112,7 +112,7 @@ def _chosen_deployments(spec: dict[str, Any], names: list[str], path: Path) -> l
     return [d for d in spec["deployments"] if not names or d.get("name") in names]
 
 
-def _api_url() -> str:
+def api_url() -> str:
     from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url
@@ -123,7 +123,7 @@ def _api_url() -> str:
     return str(url)
 
 
-def _check_api(url: str) -> None:
+def check_api(url: str) -> None:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -216,8 +216,10 @@ def _print_registered(registered: list[tuple[str, Any]], pool: str) -> None:
 def _print_worker(loaded: LoadedConfig, pool: str, api_url: str) -> None:
     shown = _shown_url(api_url)
     print("\nstart a worker (from any directory, with this checkout at the same path):")
-    print(f"  PREFECT_API_URL={shlex.quote(shown)} PREFECT_SERVER_EPHEMERAL_ENABLED=false DO_NOT_TRACK=1 "
-          f"prefect worker start --pool {shlex.quote(pool)} --type process")
+    print(f"  PREFECT_API_URL={shlex.quote(shown)} exitplan worker --pool {shlex.quote(pool)} "
+          f"--config {shlex.quote(str(loaded.path.resolve()))}")
+    print("  (a Prefect process worker with private temporary files and a clean stop on SIGTERM; "
+          "`prefect worker start --pool ... --type process` works too)")
     required, optional = worker_env_names(loaded)
     if required:
         print("the workers' environment must also hold the variables the configuration names: " + ", ".join(required))

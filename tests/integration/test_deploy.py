@@ -105,8 +105,7 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
         deployed = subprocess.run([str(BIN / "exitplan"), "deploy", "--config", str(config)], env=env,
                                   cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-        worker_cmd = (f"PREFECT_API_URL={api_url} PREFECT_SERVER_EPHEMERAL_ENABLED=false DO_NOT_TRACK=1 "
-                      "prefect worker start --pool exitplan --type process")
+        worker_cmd = f"PREFECT_API_URL={api_url} exitplan worker --pool exitplan --config {config.resolve()}"
         assert worker_cmd in deployed.stdout, deployed.stdout
         assert CS_VAR in deployed.stdout and azurite_connection_string not in deployed.stdout
 
@@ -133,7 +132,8 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
         # the run there); it asks for work every second instead of every 10 s.
         with open(worker_log, "wb") as log:
             worker = subprocess.Popen(
-                [str(BIN / "prefect"), "worker", "start", "--pool", "exitplan", "--type", "process"],
+                [str(BIN / "exitplan"), "worker", "--pool", "exitplan", "--config", str(config),
+                 "--work-dir", str(tmp_path / "worker")],
                 env=dict(env, PREFECT_WORKER_QUERY_SECONDS="1"), cwd=tmp_path, stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
