@@ -56,11 +56,13 @@ def s3_server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prefect_harness():
     """Prefect's own test harness (a temporary SQLite-backed API server on a free loopback port),
-    shared by the session. Flow heartbeats are off: they add about a second per flow run."""
+    shared by the session. Flow heartbeats are off: they add about a second per flow run. The
+    server gets 180 s to start (Prefect's default, 30 s, is too short on a loaded 2-core machine,
+    where it was seen to take 59 s)."""
     from prefect.settings import temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with temporary_settings(updates={"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": None}), prefect_test_harness():
+    with temporary_settings(updates={"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": None}), prefect_test_harness(server_startup_timeout=180):
         yield
 
 
