@@ -46,7 +46,7 @@ from engine.budget import MemoryBudget  # noqa: E402
 from engine.crypto.datakeys import data_keys, new_keyset  # noqa: E402
 from engine.crypto.tink_format import TINK_LAYOUT, TinkFormat  # noqa: E402
 from engine.executors import create_executors  # noqa: E402
-from engine.naming import Placement  # noqa: E402
+from engine.placement import Placement  # noqa: E402
 from engine.output_format import IDENTITY  # noqa: E402
 from engine.pipeline import copy_object  # noqa: E402
 from engine.planning import MiB, plan_object  # noqa: E402

@@ -607,7 +607,7 @@ def engine_child(args: argparse.Namespace) -> int:
     from engine.budget import MemoryBudget
     from engine.executors import create_executors
     from engine.migrate import migrate_dataset, place_all
-    from engine.naming import place
+    from engine.placement import place
     from engine.pipeline import copy_object
     from engine.settings import TransferSettings
     from engine.state import StateStore

@@ -15,7 +15,7 @@ from connectors.base import ObjectMeta, SinkLimits
 
 from .endpoints import destination_limits, open_source
 from .errors import call_endpoint
-from .naming import DoesNotFit, place
+from .placement import DoesNotFit, place
 
 MAX_EXAMPLES = 10
 HOT_TIERS = {None, "", "hot", "standard"}

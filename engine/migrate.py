@@ -1,6 +1,6 @@
 """Drive many objects of one dataset through the pipeline, recording each in the state store.
 
-The caller (CLI or Prefect task) lists the source, places each object (`engine.naming.place`) and
+The caller (CLI or Prefect task) lists the source, places each object (`engine.placement.place`) and
 streams ``(ObjectMeta, Placement | Refusal)`` pairs in; `place_all` does the placing and turns a
 `DoesNotFit` into a `Refusal`, so nothing is refused silently. Objects are submitted to the
 `objects` executor as slots free up (backpressure: at most `object_concurrency` objects are held
@@ -21,7 +21,7 @@ from connectors.base import MultipartUpload, ObjectMeta, ObjectSink, ObjectSourc
 from engine import state as st
 from engine.budget import MemoryBudget
 from engine.executors import Executors
-from engine.naming import DoesNotFit, Placement
+from engine.placement import DoesNotFit, Placement
 from engine.copy_events import CopyEvents
 from engine.outcome import ObjectOutcome
 from engine.output_format import IDENTITY, OutputFormat

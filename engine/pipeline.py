@@ -65,7 +65,7 @@ from engine.budget import Lease, MemoryBudget
 from engine.copy_events import CopyEvents
 from engine.crypto.segments import sum_output
 from engine.executors import Executors
-from engine.naming import Placement
+from engine.placement import Placement
 from engine.ordered_digest import OrderedDigest
 from engine.outcome import ObjectOutcome
 from engine.output_format import IDENTITY, OutputFormat

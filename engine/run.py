@@ -29,7 +29,7 @@ from .executors import create_executors
 from . import key_copies
 from .inventory import DatasetInventory, inventory_dataset, selected
 from .migrate import DatasetSummary, Progress, ProgressCallback, Refusal, migrate_dataset, place_all
-from .naming import Placement, place
+from .placement import Placement, place
 from .output_format import IDENTITY, OutputFormat
 from .project import lock_project, open_state, state_location
 from .settings import TransferSettings

@@ -23,7 +23,7 @@ from tink import streaming_aead
 from config.lab import LAB_BUCKET
 from config.loader import load_config
 from engine import keys as project_keys
-from engine.naming import decode_header_value
+from engine.placement import decode_header_value
 from flows.cli import main
 from tests.projects import project_name
 from tests.s3client import lab_s3_client

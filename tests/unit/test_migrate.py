@@ -16,7 +16,7 @@ from engine import state as st
 from engine.budget import MemoryBudget
 from engine.executors import create_executors
 from engine.migrate import Refusal, dry_run, migrate_dataset, place_all
-from engine.naming import DoesNotFit, place
+from engine.placement import DoesNotFit, place
 from engine.planning import MiB
 from engine.settings import TransferSettings
 from engine.state import StateStore

@@ -26,7 +26,7 @@ from connectors.memory import MemoryStore
 from engine.budget import MemoryBudget
 from engine.copy_events import CopyEvents
 from engine.executors import create_executors
-from engine.naming import Placement
+from engine.placement import Placement
 from engine.outcome import ObjectOutcome
 from engine.pipeline import copy_object
 from engine.planning import MiB

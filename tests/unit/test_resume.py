@@ -26,7 +26,7 @@ from engine.crypto.datakeys import data_keys, new_keyset
 from engine.crypto.tink_format import HEADER_SIZE, TinkFormat, associated_data
 from engine.executors import create_executors
 from engine.migrate import migrate_dataset, place_all, resume_point
-from engine.naming import place
+from engine.placement import place
 from engine.planning import MiB
 from engine.settings import TransferSettings
 from engine.state import PartRecord, StateStore

@@ -48,7 +48,7 @@ from engine.crypto.tink_format import (
     read_object_metadata,
 )
 from engine.executors import create_executors
-from engine.naming import RESERVED_PREFIX, DoesNotFit, Placement, metadata_bytes, place
+from engine.placement import RESERVED_PREFIX, DoesNotFit, Placement, metadata_bytes, place
 from engine.pipeline import copy_object
 from engine.planning import plan_object
 from engine.settings import TransferSettings

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from connectors.base import ObjectMeta, SinkLimits, WriteMeta
 
-# Metadata names exitplan itself writes on every object (the encryption issue adds its own).
+# Metadata names exitplan itself writes on objects (the encrypted format's among them: `metadata_for`).
 # Counted against the 2 KB budget before the user's metadata.
 RESERVED_PREFIX = "exitplan-"
 
