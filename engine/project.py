@@ -23,6 +23,7 @@ from config.models import LoadedConfig
 from connectors.base import ConfigError
 
 from .errors import RunError
+from .private_files import open_private, private_directory
 from .state import StateStore
 
 STATE_FILE = "state.db"
@@ -111,9 +112,8 @@ def lock_project(loaded: LoadedConfig) -> IO[str] | _DatabaseLock:
     url = state_url(loaded)
     if url is not None and url.startswith("postgresql"):
         return _DatabaseLock(loaded, url)
-    loaded.state_dir.mkdir(parents=True, exist_ok=True)
-    path = loaded.state_dir / LOCK_FILE
-    f = open(path, "a+")
+    path = private_directory(loaded.state_dir) / LOCK_FILE
+    f = open_private(path, "a+")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -28,6 +28,7 @@ from config.models import LoadedConfig
 from config.policy import check_sovereignty
 from config.sizes import format_size
 
+from .private_files import PRIVATE_DIR, open_private
 from .project import open_state
 from .state import DatasetFigures
 
@@ -369,9 +370,10 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
 
 def write_report(loaded: LoadedConfig, datasets: Sequence[str], out: Path) -> ReportFile:
     page, objects, fp = render(loaded, datasets)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
+    with open_private(tmp, "w") as f:
+        f.write(page)
     tmp.replace(out)
     line = (f"manifest: {fp.path}: SHA-256 {fp.file_sha256}, last record hash {fp.last_hash}; {fp.verdict}"
             if fp.exists else f"manifest: {fp.verdict}")

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from connectors.base import ContentSettings, ObjectMeta
 
+from ..private_files import private_directory, private_file
 from .batch import WriteBatch
 from .records import (DatasetFigures, DatasetTotals, ObjectRecord, PartRecord, RunRecord, ShardCounts,
                       ShardRecord)
@@ -53,7 +54,7 @@ class StateStore:
         url = str(url_or_path)
         if "://" not in url:
             path = Path(url)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            private_file(private_directory(path.parent) / path.name)
             url = f"sqlite:///{path}"
         self.url = url
         self.engine: Engine = sa.create_engine(url, connect_args=self._connect_args(url))

@@ -1,0 +1,57 @@
+"""What exitplan writes locally is private whatever the umask: the state directory and database
+(with SQLite's -wal/-shm), the migration lock and the report are 0700/0600 under umask 022."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from engine.private_files import open_private, private_directory, private_file
+from engine.state import StateStore
+
+
+@pytest.fixture
+def loose_umask():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_state_directory_and_database_are_private(tmp_path, loose_umask):
+    state_dir = tmp_path / "project" / ".exitplan"
+    store = StateStore(state_dir / "state.db")
+    try:
+        run = store.start_run("migrate")
+        store.finish_run(run, "ok")
+    finally:
+        store.close()
+    assert mode(state_dir) == 0o700
+    files = [p for p in state_dir.iterdir() if p.name.startswith("state.db")]
+    assert files and all(mode(p) == 0o600 for p in files), {p.name: oct(mode(p)) for p in files}
+
+
+def test_an_existing_directory_and_file_of_ours_are_narrowed(tmp_path, loose_umask):
+    d = tmp_path / "state"
+    d.mkdir(mode=0o755)
+    f = d / "state.db"
+    f.write_bytes(b"")
+    os.chmod(f, 0o644)
+    private_file(private_directory(d) / "state.db")
+    assert (mode(d), mode(f)) == (0o700, 0o600)
+
+
+def test_open_private_creates_0600(tmp_path, loose_umask):
+    with open_private(tmp_path / "lock", "a+") as fh:
+        fh.write("pid 1\n")
+    with open_private(tmp_path / "page.html", "w") as fh:
+        fh.write("é")
+    assert mode(tmp_path / "lock") == 0o600 and mode(tmp_path / "page.html") == 0o600
+    assert (tmp_path / "page.html").read_text(encoding="utf-8") == "é"
