@@ -386,3 +386,39 @@ def test_rows_the_store_cannot_write_are_failures_in_the_summary(state, monkeypa
     assert len(reasons) == 29 and all("disk I/O error" in r for r in reasons.values())
     assert "UTF-8 bytes" in reasons["in/" + "z" * 60]  # the refusal keeps its own reason too
     assert {k: n for k, (n, _) in state.state_counts(run).items()} == {st.UPLOADED: 2, st.IN_PROGRESS: 28}
+
+
+@pytest.mark.parametrize("serial", [True, False])
+def test_an_exception_escaping_an_objects_task_fails_that_object_and_is_counted(state, serial, monkeypatch):
+    """The object pool never drops a task's exception: one raised before the copy started (its
+    state events could not be made) and one that is not an `Exception` at all each fail their
+    object, named, and the summary still adds up."""
+    import engine.migrate as migrate_module
+
+    class WorkerStopped(BaseException):
+        pass
+
+    real_copy, real_events = migrate_module.copy_object, migrate_module._StateEvents
+
+    def copy(source, sink, meta, placement, **kwargs):
+        if meta.key == "in/0003.bin":
+            raise WorkerStopped("the worker was told to stop")
+        return real_copy(source, sink, meta, placement, **kwargs)
+
+    class Events(real_events):
+        def __init__(self, store, batch, run_id, dataset, dest_key, tally):
+            if dest_key == "out/0005.bin":
+                raise RuntimeError("the state store connection is closed")
+            super().__init__(store, batch, run_id, dataset, dest_key, tally)
+
+    monkeypatch.setattr(migrate_module, "copy_object", copy)
+    monkeypatch.setattr(migrate_module, "_StateEvents", Events)
+    src, dst = MemoryStore(), MemoryStore(limits=LIMITS)
+    seed(src, 12, random.Random(5))
+    run = state.start_run("migrate")
+    summary = migrate(src, dst, state, run, settings(), serial=serial)
+    assert (summary.objects, summary.ok, summary.failed) == (12, 10, 2)
+    reasons = dict(summary.failures)
+    assert "WorkerStopped: the worker was told to stop" in reasons["in/0003.bin"]
+    assert "RuntimeError: the state store connection is closed" in reasons["in/0005.bin"]
+    assert sorted(dst.keys()) == sorted(f"out/{i:04d}.bin" for i in range(12) if i not in (3, 5))
