@@ -38,6 +38,26 @@ def destination_key(source_key: str, source_prefix: str, dest_prefix: str) -> st
     return f"{dest_prefix}{rel}"
 
 
+def dest_key_prefix(dest_prefix: str) -> str:
+    """What every destination key of a dataset below `dest_prefix` begins with: the prefix, with
+    the `/` that `destination_key` puts after a prefix that does not end with one."""
+    return f"{dest_prefix}/" if dest_prefix and not dest_prefix.endswith("/") else dest_prefix
+
+
+def source_key_of(dest_key: str, source_prefix: str, dest_prefix: str) -> str:
+    """The source key that `destination_key` named `dest_key` (restore writes objects back under
+    their source names). Where `destination_key` is ambiguous (a key below a prefix without `/`
+    that itself begins with `/`), the encrypted object's associated data tells the truth."""
+    start = dest_key_prefix(dest_prefix)
+    if dest_key == dest_prefix:
+        rel = ""
+    elif dest_key.startswith(start):
+        rel = dest_key[len(start):]
+    else:
+        rel = dest_key
+    return f"{source_prefix}{rel}"
+
+
 def encode_header_value(value: str) -> str:
     """Header-safe form of a metadata value: printable ASCII as is, anything else RFC 2047 base64."""
     if value.isascii() and value.isprintable() and value == value.strip():
