@@ -270,8 +270,10 @@ class _Decrypt(Exception):
 
 
 def _listing(sink: ObjectReader, prefix: str) -> Iterator[ObjectMeta]:
+    """The destination's objects under `prefix` but exitplan's own files. A key ending in `/` (a
+    "folder" blob) is an object like any other: migrate copies it, and it must be found."""
     for meta in sink.list(prefix):
-        if meta.key.startswith(CONTROL_PREFIX) or meta.key.endswith("/"):
+        if meta.key.startswith(CONTROL_PREFIX):
             continue
         yield meta
 
