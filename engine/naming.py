@@ -15,6 +15,9 @@ from connectors.base import ObjectMeta, SinkLimits, WriteMeta
 # Metadata names exitplan itself writes on every object (the encryption issue adds its own).
 # Counted against the 2 KB budget before the user's metadata.
 RESERVED_PREFIX = "exitplan-"
+# Where exitplan keeps its own files in a bucket (keyset copies, the audit manifest): no dataset
+# object is ever written there, so restore and verify can pass over it.
+CONTROL_PREFIX = "_exitplan/"
 
 
 class DoesNotFit(ValueError):
@@ -86,6 +89,9 @@ def check_key(dest_key: str, limits: SinkLimits) -> str | None:
         return f"destination key is {n} UTF-8 bytes, over the limit of {limits.max_key_bytes}"
     if not dest_key:
         return "destination key is empty"
+    if dest_key.startswith(CONTROL_PREFIX):
+        return (f"destination key {dest_key!r} falls under {CONTROL_PREFIX}, where exitplan keeps its own files "
+                "(keyset copies, the audit manifest); give the dataset a `dest_prefix`")
     return None
 
 

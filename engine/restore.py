@@ -50,14 +50,13 @@ from .endpoints import open_sink
 from .errors import RunError, call_endpoint
 from .executors import BoundedTasks, create_pool
 from .keys import load_data_keys
-from .naming import dest_key_prefix, source_key_of
+from .naming import CONTROL_PREFIX, dest_key_prefix, source_key_of
 from .project import open_state
 
 log = logging.getLogger(__name__)
 
 READ_SEGMENTS = 8  # ciphertext read per request: 8 MiB, whole segments
 READ_BACK = 1024 * 1024  # bytes per read when a restored file is hashed back from the disk
-CONTROL_PREFIX = "_exitplan/"  # exitplan's own files in a bucket (the keyset copies, the manifest)
 PRIVATE_PREFIX = ".exitplan-restore-"  # + 32 random hex digits: the run's private directory in DIR
 FILE_MODE = 0o600
 DIR_MODE = 0o700

@@ -52,10 +52,10 @@ from .crypto.tink_format import SEGMENT_SIZE, FormatError, decrypt_object, key_f
 from .endpoints import open_sink
 from .errors import call_endpoint
 from .executors import BoundedTasks, create_pool
+from .naming import CONTROL_PREFIX
 from .project import open_state
 
 READ_SIZE = 4 * SEGMENT_SIZE  # ciphertext per read request in a deep check: whole segments
-CONTROL_PREFIX = "_exitplan/"  # exitplan's own files in a bucket (keyset and manifest copies)
 
 
 class VerifyError(UserError):

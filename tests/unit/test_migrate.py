@@ -422,3 +422,22 @@ def test_an_exception_escaping_an_objects_task_fails_that_object_and_is_counted(
     assert "WorkerStopped: the worker was told to stop" in reasons["in/0003.bin"]
     assert "RuntimeError: the state store connection is closed" in reasons["in/0005.bin"]
     assert sorted(dst.keys()) == sorted(f"out/{i:04d}.bin" for i in range(12) if i not in (3, 5))
+
+
+def test_an_object_that_would_land_among_exitplans_own_files_is_refused_by_name(state):
+    """With an empty `dest_prefix`, a blob named `_exitplan/<project>/keyset` would replace the
+    project's keyset copy; restore and verify pass over that area, so it would also vanish there."""
+    src = MemoryStore()
+    src.add("_exitplan/claims/keyset", b"not a keyset")
+    src.add("_exitplanish.txt", b"fine: not below the directory")
+    src.add("data/a.bin", b"fine")
+    limits = SinkLimits(min_part_size=MiB)
+    run = state.start_run("migrate")
+    items = place_all(src.list(""), partial(place, source_prefix="", dest_prefix="", limits=limits))
+    dst = MemoryStore(limits=limits)
+    summary = migrate(src, dst, state, run, settings(), items=items)
+    assert (summary.ok, summary.failed, summary.refused) == (2, 1, 1)
+    assert "falls under _exitplan/, where exitplan keeps its own files" in dict(summary.failures)["_exitplan/claims/keyset"]
+    assert sorted(dst.keys()) == ["_exitplanish.txt", "data/a.bin"]
+    moved = place(src.head("_exitplan/claims/keyset"), "", "backup/", limits)  # below a prefix: fine
+    assert moved.dest_key == "backup/_exitplan/claims/keyset"
