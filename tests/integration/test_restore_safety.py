@@ -20,6 +20,7 @@ from azure.storage.blob import BlobServiceClient
 from config.errors import ExitCode
 from engine.restore import PRIVATE_PREFIX
 from flows.cli import main
+from tests.integration.test_encryption_e2e import cli
 from tests.s3client import lab_s3_client
 
 pytestmark = pytest.mark.integration
@@ -64,13 +65,6 @@ def migrated(tmp_path, monkeypatch, azurite_connection_string, s3_server, s3):
         return path
 
     return make
-
-
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err
-    return code, out, err
 
 
 def restore(capsys, cfg: Path, to: Path, *extra) -> tuple[int, str, str]:
