@@ -114,10 +114,6 @@ class TargetName:
     parts: tuple[str, ...]
     directory: bool = False
 
-    @property
-    def path(self) -> PurePosixPath:
-        return PurePosixPath(*self.parts)
-
 
 @dataclass(frozen=True)
 class Temporary:
