@@ -13,14 +13,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Mapping
 
 from connectors.base import MultipartUpload, ObjectMeta, ObjectSink, ObjectSource, PartReceipt, SinkLimits
 from engine import state as st
 from engine.budget import MemoryBudget
-from engine.executors import Executors
+from engine.executors import BoundedTasks, Executors
 from engine.placement import DoesNotFit, Placement
 from engine.copy_events import CopyEvents
 from engine.outcome import ObjectOutcome
@@ -288,8 +287,9 @@ def _unrecorded(tally: _Tally, outcome: ObjectOutcome) -> Callable[[Exception | 
     return written
 
 
-def _internal_error(outcome: ObjectOutcome, exc: Exception) -> ObjectOutcome:
-    """`outcome` as a failure because the state store failed (`exc`); a failure keeps its reason."""
+def _internal_error(outcome: ObjectOutcome, exc: BaseException) -> ObjectOutcome:
+    """`outcome` as a failure because the state store failed, or a defect (`exc`); a failure keeps
+    its reason."""
     reason = f"internal error: {type(exc).__name__}: {exc}"
     if outcome.status == "failed" and outcome.reason:
         reason = f"{outcome.reason} (and recording it failed: {reason})"
@@ -340,36 +340,37 @@ def migrate_dataset(
     """
     tally = _Tally(dataset, run_id, progress, progress_interval, max_reported_failures)
     batch = state.batch(max_rows=state_batch_rows, max_age=state_batch_seconds)
-    slots = threading.Semaphore(settings.objects_in_flight)
-    in_flight: set[Future] = set()
-    in_flight_lock = threading.Lock()
 
     def one(meta: ObjectMeta, placement: Placement) -> None:
-        events = _StateEvents(state, batch, run_id, dataset, placement.dest_key, tally)
-        if retry_rows:
-            events.object_id = retry_rows.get(meta.key)
+        """Copy, count and record one object. `copy_object` turns the object's own failures into
+        its outcome; an exception here is the state store's (or a defect), and fails the object
+        alone. `one` raises only before the object was counted (an exception that is not an
+        `Exception`), and then `escaped` counts it."""
         try:
+            events = _StateEvents(state, batch, run_id, dataset, placement.dest_key, tally)
+            if retry_rows:
+                events.object_id = retry_rows.get(meta.key)
             outcome = copy_object(
                 source, sink, meta, placement, settings=settings, budget=budget, executors=executors,
                 output_format=output_format, events=events, replace_placement=replace_placement,
                 resume=resume_point(state, dataset, meta.key),
             )
-            # Counted before it is recorded: a batched write that fails later corrects the count.
-            tally.done(outcome)
-        except Exception as exc:  # the state store itself failed: this object fails, the others go on
-            log.exception("recording %s failed", meta.key)
+        except Exception as exc:
+            log.exception("copying %s failed", meta.key)
             tally.done(_internal_error(ObjectOutcome(meta.key, placement.dest_key, meta.etag, meta.size, "failed"), exc))
             return
+        # Counted before it is recorded: a batched write that fails later corrects the count.
+        tally.done(outcome)
         try:
             events.finished(meta, outcome)
-        except Exception as exc:
+        except BaseException as exc:  # counted already: the count is corrected, nothing is raised twice
             log.exception("recording %s failed", meta.key)
             tally.replace(outcome, _internal_error(outcome, exc))
 
-    def finished(future: Future) -> None:
-        with in_flight_lock:
-            in_flight.discard(future)
-        slots.release()
+    def escaped(item: tuple[ObjectMeta, Placement], exc: BaseException) -> None:
+        meta, placement = item
+        log.error("copying %s failed", meta.key, exc_info=(type(exc), exc, exc.__traceback__))
+        tally.done(_internal_error(ObjectOutcome(meta.key, placement.dest_key, meta.etag, meta.size, "failed"), exc))
 
     def decided(meta: ObjectMeta, dest_key: str | None, outcome: ObjectOutcome, state_: str, **fields) -> None:
         """An object decided without a copy (refused, unchanged): counted, and its row batched."""
@@ -378,33 +379,29 @@ def migrate_dataset(
                          source_md5=meta.content_md5, state=state_, on_written=_unrecorded(tally, outcome), **fields)
 
     try:
-        for meta, placed in items:
-            tally.seen(meta.size)
-            if isinstance(placed, Refusal):
-                decided(meta, None, ObjectOutcome(meta.key, "", meta.etag, meta.size, "failed", reason=placed.reason,
-                                                  refused=True), st.FAILED, reason=placed.reason)
-                continue
-            if skip_unchanged:
-                previous = state.last_copy(dataset, meta.key)
-                if (previous is not None and previous.run_id != run_id and previous.source_etag == meta.etag
-                        and previous.size == meta.size and previous.dest_key == placed.dest_key):
-                    reason = f"unchanged since run {previous.run_id}"
-                    decided(meta, placed.dest_key,
-                            ObjectOutcome(meta.key, placed.dest_key, meta.etag, meta.size, "skipped", reason=reason,
-                                          sha256=previous.sha256, dest_etag=previous.dest_etag),
-                            st.UNCHANGED, reason=reason, dest_etag=previous.dest_etag, sha256=previous.sha256)
+        # At most `objects_in_flight` objects held at once: the listing is consumed as they finish.
+        with BoundedTasks(executors.objects, settings.objects_in_flight, on_error=escaped) as objects:
+            for meta, placed in items:
+                tally.seen(meta.size)
+                if isinstance(placed, Refusal):
+                    decided(meta, None, ObjectOutcome(meta.key, "", meta.etag, meta.size, "failed",
+                                                      reason=placed.reason, refused=True),
+                            st.FAILED, reason=placed.reason)
                     continue
-            slots.acquire()  # backpressure: the listing is consumed only as objects finish
-            future = executors.objects.submit(one, meta, placed)
-            with in_flight_lock:
-                if not future.done():
-                    in_flight.add(future)
-            future.add_done_callback(finished)  # runs at once if already done (serial executors)
+                if skip_unchanged:
+                    previous = state.last_copy(dataset, meta.key)
+                    if (previous is not None and previous.run_id != run_id and previous.source_etag == meta.etag
+                            and previous.size == meta.size and previous.dest_key == placed.dest_key):
+                        reason = f"unchanged since run {previous.run_id}"
+                        decided(meta, placed.dest_key,
+                                ObjectOutcome(meta.key, placed.dest_key, meta.etag, meta.size, "skipped",
+                                              reason=reason, sha256=previous.sha256, dest_etag=previous.dest_etag),
+                                st.UNCHANGED, reason=reason, dest_etag=previous.dest_etag, sha256=previous.sha256)
+                        continue
+                objects.submit((meta, placed), one, meta, placed)
     finally:
-        with in_flight_lock:
-            remaining = list(in_flight)
-        wait(remaining)
-        # Everything queued is written, on a normal end as on an error or an interrupt.
+        # Every object submitted has ended (the block waits for them); everything queued is
+        # written, on a normal end as on an error or an interrupt.
         batch.flush()
 
     summary = tally.summary()

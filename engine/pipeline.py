@@ -42,7 +42,7 @@ import hashlib
 import io
 import logging
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Callable, Mapping, Sequence
 
 import tenacity
@@ -64,7 +64,7 @@ from connectors.base import (
 from engine.budget import Lease, MemoryBudget
 from engine.copy_events import CopyEvents
 from engine.crypto.segments import sum_output
-from engine.executors import Executors
+from engine.executors import Executors, noted
 from engine.placement import Placement
 from engine.ordered_digest import OrderedDigest
 from engine.outcome import ObjectOutcome
@@ -588,23 +588,31 @@ class _Attempt:
                         listed: Mapping[int, PartReceipt]) -> list[tuple[PartReceipt, bytes]]:
         failure = threading.Event()
         futures: list[Future] = []
-        for part in plan.parts:
-            if failure.is_set():
-                break
-            charge = self._charge(part)
-            # In part order, blocking: the backpressure that bounds memory, and the order that keeps
-            # the in-order hasher from waiting on memory held by later parts.
-            if not self.budget.acquire(charge, cancel=failure):
-                break
-            lease = Lease(self.budget, charge, ("hash", "upload"))
-            try:
-                futures.append(self.executors.transfers.submit(self._part_task, part, upload, lease, failure,
-                                                               listed.get(part.number)))
-            except BaseException:
-                lease.release_all()
-                failure.set()
-                self.digest.abandon()
-                raise
+        try:
+            for part in plan.parts:
+                if failure.is_set():
+                    break
+                charge = self._charge(part)
+                # In part order, blocking: the backpressure that bounds memory, and the order that
+                # keeps the in-order hasher from waiting on memory held by later parts.
+                if not self.budget.acquire(charge, cancel=failure):
+                    break
+                lease = Lease(self.budget, charge, ("hash", "upload"))
+                try:
+                    futures.append(self.executors.transfers.submit(self._part_task, part, upload, lease, failure,
+                                                                   listed.get(part.number)))
+                except BaseException:
+                    lease.release_all()
+                    raise
+        except BaseException as exc:
+            failure.set()
+            self.digest.abandon()
+            # The parts already submitted end before the upload is aborted: a part sent after the
+            # abort could survive it. What they raise goes with this error (`_Cancelled` aside).
+            wait(futures)
+            others = [f.exception() for f in futures if not f.cancelled()]
+            noted(exc, [e for e in others if e is not None and not isinstance(e, _Cancelled)], "another part")
+            raise
         results: list[tuple[PartReceipt, bytes]] = []
         errors: list[BaseException] = []
         for future in futures:  # wait for every submitted part, so no worker outlives the attempt

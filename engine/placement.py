@@ -15,6 +15,9 @@ from connectors.base import ObjectMeta, SinkLimits, WriteMeta
 # Metadata names exitplan itself writes on objects (the encrypted format's among them: `metadata_for`).
 # Counted against the 2 KB budget before the user's metadata.
 RESERVED_PREFIX = "exitplan-"
+# Where exitplan keeps its own files in a bucket (keyset copies, the audit manifest): no dataset
+# object is ever written there, so restore and verify can pass over it.
+CONTROL_PREFIX = "_exitplan/"
 
 
 class DoesNotFit(ValueError):
@@ -36,6 +39,26 @@ def destination_key(source_key: str, source_prefix: str, dest_prefix: str) -> st
     if dest_prefix and not dest_prefix.endswith("/") and rel and not rel.startswith("/"):
         return f"{dest_prefix}/{rel}"
     return f"{dest_prefix}{rel}"
+
+
+def dest_key_prefix(dest_prefix: str) -> str:
+    """What every destination key of a dataset below `dest_prefix` begins with: the prefix, with
+    the `/` that `destination_key` puts after a prefix that does not end with one."""
+    return f"{dest_prefix}/" if dest_prefix and not dest_prefix.endswith("/") else dest_prefix
+
+
+def source_key_of(dest_key: str, source_prefix: str, dest_prefix: str) -> str:
+    """The source key that `destination_key` named `dest_key` (restore writes objects back under
+    their source names). Where `destination_key` is ambiguous (a key below a prefix without `/`
+    that itself begins with `/`), the encrypted object's associated data tells the truth."""
+    start = dest_key_prefix(dest_prefix)
+    if dest_key == dest_prefix:
+        rel = ""
+    elif dest_key.startswith(start):
+        rel = dest_key[len(start):]
+    else:
+        rel = dest_key
+    return f"{source_prefix}{rel}"
 
 
 def encode_header_value(value: str) -> str:
@@ -66,6 +89,9 @@ def check_key(dest_key: str, limits: SinkLimits) -> str | None:
         return f"destination key is {n} UTF-8 bytes, over the limit of {limits.max_key_bytes}"
     if not dest_key:
         return "destination key is empty"
+    if dest_key.startswith(CONTROL_PREFIX):
+        return (f"destination key {dest_key!r} falls under {CONTROL_PREFIX}, where exitplan keeps its own files "
+                "(keyset copies, the audit manifest); give the dataset a `dest_prefix`")
     return None
 
 

@@ -2,21 +2,45 @@
 user asked, each file checked against the plaintext SHA-256 recorded when it was copied.
 
 The exit is only real if the data can come back. Plaintext touches the disk only under the
-directory the user named, first as `NAME.exitplan-partial` (removed on any failure) and renamed
-into place once the whole object authenticated and its digest matched. Memory per object is
-bounded by the read size (`READ_SEGMENTS` segments), whatever the object's size.
+directory the user named (`--to DIR`), and restore treats that directory as ground it does not
+trust (it may hold links and files planted by others, and the dataset's keys may be hostile):
+
+- Every path component below DIR is opened from its parent's descriptor without following a
+  symbolic link (`O_NOFOLLOW | O_DIRECTORY`, `*at` calls): a link planted below DIR fails the
+  object whose path goes through it; it is never followed.
+- An object is written first into a private directory that restore creates inside DIR for the
+  run (``.exitplan-restore-<random>``, mode 0700, `O_EXCL` names of its own, removed at the end):
+  no object's temporary file can ever be another object's file, whatever the keys are. A failed
+  object leaves nothing behind.
+- Once the whole object authenticated, the file is flushed to disk and read back through the same
+  descriptor: the SHA-256 compared with the recorded one is the one of the bytes the final name
+  then holds (the file is ours, mode 0600, in a directory only we can enter).
+- The final name is made with `link()`, which never replaces a name: an existing file (or link, or
+  directory) fails the object with a sentence, unless `overwrite`, where `rename()` replaces a
+  file or a link atomically (never a directory, never writing through a link).
+- Files are created 0600 and directories 0700 (the umask can only take bits away).
+- A key that cannot be a file name (a component longer than the filesystem allows, `a` beside
+  `a/b` in the same dataset) fails that object with a sentence, and is counted.
+
+Memory per object is bounded by the read size (`READ_SEGMENTS` segments), whatever its size.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
+import logging
 import os
+import secrets
+import stat
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterable, Iterator
 
+from config.errors import ExitCode, UserError
 from config.models import LoadedConfig
 from connectors.base import ConnectorError, ObjectMeta, ObjectSource
 
@@ -24,12 +48,22 @@ from .crypto.datakeys import DataKeys, KeysetError
 from .crypto.tink_format import SEGMENT_SIZE, FormatError, decrypt_object, key_for, read_object_metadata
 from .endpoints import open_sink
 from .errors import RunError, call_endpoint
+from .executors import BoundedTasks, create_pool
 from .keys import load_data_keys
+from .placement import CONTROL_PREFIX, dest_key_prefix, source_key_of
 from .project import open_state
 
+log = logging.getLogger(__name__)
+
 READ_SEGMENTS = 8  # ciphertext read per request: 8 MiB, whole segments
-PARTIAL_SUFFIX = ".exitplan-partial"
-CONTROL_PREFIX = "_exitplan/"  # exitplan's own files in a bucket (the keyset copies, the manifest)
+READ_BACK = 1024 * 1024  # bytes per read when a restored file is hashed back from the disk
+PRIVATE_PREFIX = ".exitplan-restore-"  # + 32 random hex digits: the run's private directory in DIR
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# link() fails with these where the filesystem has no hard links (FAT, exFAT, some FUSE mounts).
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
 
 
 @dataclass(frozen=True)
@@ -58,6 +92,10 @@ class RestoreSummary:
         return self.failed == 0
 
 
+class TargetRefused(Exception):
+    """One object cannot be written under the target directory; the message is the sentence."""
+
+
 def safe_relative_path(source_key: str) -> PurePosixPath:
     """The key as a relative path under the target directory; ValueError if it could escape it."""
     parts = source_key.split("/")
@@ -68,22 +106,290 @@ def safe_relative_path(source_key: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
+@dataclass(frozen=True)
+class TargetName:
+    """Where one object goes below the target directory: its path components, and whether it is
+    a directory marker (a key ending in ``/``, restored as a directory)."""
+
+    parts: tuple[str, ...]
+    directory: bool = False
+
+
+@dataclass(frozen=True)
+class Temporary:
+    """An object's file while it is written: `name` in the private directory, open as `file`."""
+
+    name: str
+    file: BinaryIO
+
+
+class TargetDirectory:
+    """The directory one restore writes into, held open by descriptor for the whole restore, with
+    the run's private directory inside it. See the module docstring for what it guarantees.
+
+    `overwrite`: replace a file or link already at an object's name (default: the object fails).
+    Thread-safe: objects are placed from the restore's worker threads."""
+
+    def __init__(self, path: Path, root_fd: int, private_name: str, private_fd: int, *, overwrite: bool):
+        self.path = path
+        self.overwrite = overwrite
+        self._root_fd = root_fd
+        self._private_name = private_name
+        self._private_fd = private_fd
+        self._name_max = os.fpathconf(root_fd, "PC_NAME_MAX")
+        self._temporaries = itertools.count(1)
+        self._no_links_lock = threading.Lock()
+
+    @classmethod
+    def open(cls, path: Path, *, overwrite: bool = False) -> TargetDirectory:
+        """Open `path` (created 0700 with its missing parents), and create the private directory.
+        `path` itself may be a link the user chose; nothing below it is followed."""
+        path = Path(os.path.abspath(path))
+        try:
+            missing = []
+            parent = path
+            while not os.path.lexists(parent):
+                missing.append(parent)
+                parent = parent.parent
+            for directory in reversed(missing):
+                try:
+                    os.mkdir(directory, DIR_MODE)
+                except FileExistsError:
+                    pass
+            root_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise UserError(f"--to {path}: {(exc.strerror or str(exc)).lower()}; name a directory you can create "
+                            "and write to", ExitCode.USAGE) from None
+        private_name = PRIVATE_PREFIX + secrets.token_hex(16)
+        try:
+            os.mkdir(private_name, DIR_MODE, dir_fd=root_fd)
+            private_fd = os.open(private_name, _DIR_FLAGS, dir_fd=root_fd)
+        except OSError as exc:
+            os.close(root_fd)
+            raise UserError(f"--to {path}: restore cannot create its private directory there "
+                            f"({(exc.strerror or str(exc)).lower()}); name a directory you can write to",
+                            ExitCode.USAGE) from None
+        return cls(path.resolve(), root_fd, private_name, private_fd, overwrite=overwrite)
+
+    def close(self) -> None:
+        """Remove the private directory (empty: every object removes its temporary file) and close."""
+        try:
+            os.rmdir(self._private_name, dir_fd=self._root_fd)
+        except OSError as exc:
+            log.warning("restore's private directory %s could not be removed: %s", self.path / self._private_name,
+                        exc.strerror)
+        finally:
+            os.close(self._private_fd)
+            os.close(self._root_fd)
+
+    def __enter__(self) -> TargetDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- names ------------------------------------------------------------------------------------
+
+    def name_for(self, rel_key: str) -> TargetName:
+        """Where the object whose key below the dataset is `rel_key` goes; `TargetRefused` when the
+        key cannot be a path below the directory (escapes it, a component too long, ...)."""
+        directory = rel_key.endswith("/") and rel_key != "/"
+        try:
+            parts = safe_relative_path(rel_key[:-1] if directory else rel_key).parts
+        except ValueError as exc:
+            raise TargetRefused(str(exc)) from None
+        for part in parts:
+            size = len(os.fsencode(part))
+            if size > self._name_max:
+                raise TargetRefused(f"the name {_short(part)} is {size:,} bytes long, and the filesystem of "
+                                    f"{self.path} allows at most {self._name_max} bytes per name")
+        if parts[0] == self._private_name:
+            raise TargetRefused(f"{parts[0]} is the name of restore's own private directory in this run")
+        return TargetName(parts, directory)
+
+    def shown(self, name: TargetName | tuple[str, ...]) -> Path:
+        """The path a user reads for `name` (nothing is resolved)."""
+        parts = name.parts if isinstance(name, TargetName) else name
+        return self.path.joinpath(*parts)
+
+    # ---- checks and placing -----------------------------------------------------------------------
+
+    def check_free(self, name: TargetName) -> None:
+        """`TargetRefused` now, before any byte is read, when the object could not be placed: a
+        component of its path is a link or a file, or its name is taken (and not `overwrite`)."""
+        parent = self._directory(name.parts if name.directory else name.parts[:-1], create=False)
+        if parent is None or name.directory:
+            if parent is not None:
+                os.close(parent)
+            return
+        try:
+            found = os.stat(name.parts[-1], dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise TargetRefused(self._os_sentence(exc, name.parts)) from None
+        finally:
+            os.close(parent)
+        if stat.S_ISDIR(found.st_mode) or not self.overwrite:
+            raise TargetRefused(self._taken(found, name.parts))
+
+    @contextmanager
+    def temporary(self) -> Iterator[Temporary]:
+        """A new file of our own in the private directory (0600, opened read-write), removed on
+        leaving (once placed, the final name holds it)."""
+        name = f"{next(self._temporaries)}.partial"
+        fd = os.open(name, _TEMP_FLAGS, FILE_MODE, dir_fd=self._private_fd)
+        try:
+            with os.fdopen(fd, "w+b") as file:
+                yield Temporary(name, file)
+        finally:
+            try:
+                os.unlink(name, dir_fd=self._private_fd)
+            except FileNotFoundError:
+                pass  # renamed into place
+
+    def place(self, temporary: Temporary, name: TargetName) -> None:
+        """Give the `temporary` file its final name: never replacing a name unless `overwrite`,
+        never through a link; missing directories created 0700."""
+        parent = self._directory(name.parts[:-1], create=True)
+        final = name.parts[-1]
+        source = temporary.name
+        try:
+            if self.overwrite:
+                try:
+                    os.replace(source, final, src_dir_fd=self._private_fd, dst_dir_fd=parent)
+                except OSError as exc:
+                    raise TargetRefused(self._os_sentence(exc, name.parts, parent)) from None
+                return
+            try:
+                os.link(source, final, src_dir_fd=self._private_fd, dst_dir_fd=parent, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise TargetRefused(self._os_sentence(exc, name.parts, parent)) from None
+                # No hard links here: look, then rename, under a lock so that no two objects of
+                # this restore can take one name (e.g. `A` and `a` on a case-insensitive disk).
+                with self._no_links_lock:
+                    try:
+                        found = os.stat(final, dir_fd=parent, follow_symlinks=False)
+                    except FileNotFoundError:
+                        os.rename(source, final, src_dir_fd=self._private_fd, dst_dir_fd=parent)
+                    else:
+                        raise TargetRefused(self._taken(found, name.parts)) from None
+        finally:
+            os.close(parent)
+
+    def make_directory(self, name: TargetName) -> None:
+        """Create the directory of a directory marker (0700), or find it there (not a link)."""
+        os.close(self._directory(name.parts, create=True))
+
+    # ---- internals --------------------------------------------------------------------------------
+
+    def _directory(self, parts: tuple[str, ...], *, create: bool) -> int | None:
+        """A descriptor on DIR/parts (the caller closes it), each component opened from its parent
+        without following a link, and created 0700 when missing if `create`; None when one is
+        missing and not `create`."""
+        fd = os.dup(self._root_fd)
+        try:
+            for i, part in enumerate(parts):
+                if create:
+                    try:
+                        os.mkdir(part, DIR_MODE, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    except OSError as exc:
+                        raise TargetRefused(self._os_sentence(exc, parts[:i + 1], fd)) from None
+                try:
+                    child = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    if create:
+                        raise TargetRefused(f"{self.shown(parts[:i + 1])} disappeared while it was being "
+                                            "created") from None
+                    os.close(fd)
+                    return None
+                except OSError as exc:
+                    raise TargetRefused(self._os_sentence(exc, parts[:i + 1], fd)) from None
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _os_sentence(self, exc: OSError, parts: tuple[str, ...], parent: int | None = None) -> str:
+        """The sentence for `exc`, met at DIR/parts (whose parent directory is open as `parent`)."""
+        where = self.shown(parts)
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.EEXIST, errno.EISDIR, errno.ENOTEMPTY) \
+                and parent is not None:
+            try:
+                found = os.stat(parts[-1], dir_fd=parent, follow_symlinks=False)
+            except OSError:
+                pass
+            else:
+                if exc.errno not in (errno.ENOTDIR, errno.ELOOP):  # the name itself is taken
+                    return self._taken(found, parts)
+                if stat.S_ISLNK(found.st_mode):
+                    return (f"{where} is a symbolic link; restore never follows a link below {self.path}: "
+                            "remove it, or restore into an empty directory")
+                return (f"{where} is a file, not a directory, so nothing can be written below it "
+                        "(another object of the dataset has that name, or the file was there before)")
+        if exc.errno == errno.ENAMETOOLONG:
+            return f"{where} is a name longer than the filesystem of {self.path} allows"
+        if exc.errno == errno.EXDEV:
+            return f"{where} is on another filesystem than {self.path} (a mount point below it); restore there directly"
+        return f"writing {where} failed: {exc.strerror}"
+
+    def _taken(self, found: os.stat_result, parts: tuple[str, ...]) -> str:
+        where = self.shown(parts)
+        if stat.S_ISDIR(found.st_mode):
+            return (f"{where} is a directory (another object's key continues below this name, or it was there "
+                    "before), so the object cannot be written as a file")
+        kind = "a symbolic link" if stat.S_ISLNK(found.st_mode) else "a file"
+        return f"{where} exists already ({kind}); restore never replaces a file unless --overwrite is given"
+
+
+def _short(name: str) -> str:
+    return repr(name) if len(name) <= 60 else repr(name[:40] + "…" + name[-12:])
+
+
 def _ciphertext_chunks(source: ObjectSource, meta: ObjectMeta, size: int) -> Iterator[bytes]:
     step = READ_SEGMENTS * SEGMENT_SIZE
     for start in range(0, size, step):
         yield source.read_range(meta.key, start, min(start + step, size), if_match=meta.etag)
 
 
-def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, source_key: str, target: Path,
-                   keys: DataKeys | None, expected_sha256: str | None) -> RestoredObject:
-    """Restore one object to `target` (a file path); never raises for a failure of that object."""
-    partial = target.with_name(target.name + PARTIAL_SUFFIX)
+def _write_and_read_back(file: BinaryIO, plaintext: Iterable[bytes]) -> tuple[int, str, str]:
+    """Write `plaintext` to `file`, flush it to the disk, and read it back through the same
+    descriptor: (bytes written, SHA-256 of what was written, SHA-256 of what the file holds)."""
+    written_digest = hashlib.sha256()
+    written = 0
+    for chunk in plaintext:
+        written_digest.update(chunk)
+        file.write(chunk)
+        written += len(chunk)
+    file.flush()
+    os.fsync(file.fileno())
+    file.seek(0)
+    on_disk = hashlib.sha256()
+    buffer = bytearray(READ_BACK)
+    view = memoryview(buffer)
+    while n := file.readinto(buffer):
+        on_disk.update(view[:n])
+    return written, written_digest.hexdigest(), on_disk.hexdigest()
+
+
+def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, source_key: str, rel_key: str,
+                   target: TargetDirectory, keys: DataKeys | None, expected_sha256: str | None) -> RestoredObject:
+    """Restore one object to `rel_key` below `target`; never raises for a failure of that object
+    (the `RestoredObject` says why), and a failed object leaves no file behind."""
+    shown: Path | None = None
 
     def failed(reason: str) -> RestoredObject:
-        partial.unlink(missing_ok=True)
         return RestoredObject(source_key, meta.key, None, meta.size, "failed", reason)
 
     try:
+        name = target.name_for(rel_key)
+        shown = target.shown(name)
+        target.check_free(name)
         head = source.head(meta.key)
         if keys is not None:
             info = read_object_metadata(head.metadata, what=repr(meta.key))
@@ -91,91 +397,108 @@ def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, sour
             info.check_place(dataset, source_key)
             if head.size != info.ciphertext_size:
                 return failed(f"it holds {head.size:,} bytes, but {info.ciphertext_size:,} of ciphertext were written")
+            size = info.plaintext_size
             plaintext = decrypt_object(key_for(keys, info), info.associated_data,
-                                       _ciphertext_chunks(source, head, head.size), plaintext_size=info.plaintext_size)
+                                       _ciphertext_chunks(source, head, head.size), plaintext_size=size)
         else:
+            size = head.size
             plaintext = _ciphertext_chunks(source, head, head.size)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        written = 0
-        with open(partial, "wb") as out:
-            for chunk in plaintext:
-                digest.update(chunk)
-                out.write(chunk)
-                written += len(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        if expected_sha256 is not None and digest.hexdigest() != expected_sha256:
-            return failed(f"the restored bytes have SHA-256 {digest.hexdigest()}, but {expected_sha256} was recorded "
-                          "from the source when it was copied")
-        os.replace(partial, target)
-        return RestoredObject(source_key, meta.key, target, written, "ok", digest_checked=expected_sha256 is not None)
+        if name.directory:
+            found = sum(len(chunk) for chunk in plaintext)
+            if found:
+                return failed(f"its key ends with '/', so it can only be restored as the directory {shown}, "
+                              f"but it holds {found:,} bytes")
+            digest = hashlib.sha256(b"").hexdigest()
+            if expected_sha256 is not None and digest != expected_sha256:
+                return failed(f"it is empty, but the source's SHA-256 {expected_sha256} was recorded when it was copied")
+            target.make_directory(name)
+            return RestoredObject(source_key, meta.key, shown, 0, "ok", digest_checked=expected_sha256 is not None)
+        with target.temporary() as temporary:
+            written, sent, on_disk = _write_and_read_back(temporary.file, plaintext)
+            if written != size:
+                return failed(f"{written:,} bytes were restored, but the object holds {size:,}")
+            if on_disk != sent:
+                return failed(f"the file written holds SHA-256 {on_disk}, not the {sent} of the bytes written to it")
+            if expected_sha256 is not None and on_disk != expected_sha256:
+                return failed(f"the restored bytes have SHA-256 {on_disk}, but {expected_sha256} was recorded "
+                              "from the source when it was copied")
+            target.place(temporary, name)
+        return RestoredObject(source_key, meta.key, shown, written, "ok", digest_checked=expected_sha256 is not None)
+    except TargetRefused as exc:
+        return failed(str(exc))
     except (FormatError, KeysetError) as exc:
         return failed(str(exc))
     except ConnectorError as exc:
         return failed(f"reading it back failed: {exc}")
     except OSError as exc:
-        return failed(f"writing {target} failed: {exc}")
+        return failed(f"writing {shown or rel_key} failed: {exc.strerror or exc}")
 
 
 def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",
                     keys: DataKeys | None, recorded: Callable[[str], str | None],
-                    on_object: Callable[[RestoredObject], None] | None = None) -> RestoreSummary:
+                    on_object: Callable[[RestoredObject], None] | None = None,
+                    overwrite: bool = False) -> RestoreSummary:
     """Restore every object of `dataset` under `prefix` (relative to the dataset) into `to_dir`.
 
     `recorded(source_key)` gives the plaintext SHA-256 recorded when the object was copied (None
-    when unknown). Objects are restored in parallel (`transfer.concurrency`), each streamed.
+    when unknown). Objects are restored in parallel (`transfer.concurrency`, at most twice that
+    many listed ahead), each streamed; `on_object` gets each one's outcome, in this thread. An
+    object whose restore raised (a defect, not a refusal) is counted as failed with the exception.
+    `overwrite`: replace files already at objects' names (default: such an object fails).
     """
     ds = loaded.config.datasets[dataset]
     sink = call_endpoint(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
-    to_dir = to_dir.resolve()
-    listing_prefix = ds.dest_prefix + prefix
-    lock = threading.Lock()
-    results = {"objects": 0, "ok": 0, "failed": 0, "bytes": 0, "unchecked": 0}
+    concurrency = loaded.config.transfer.concurrency
+    listing_prefix = dest_key_prefix(ds.dest_prefix) + prefix
+    totals = {"objects": 0, "ok": 0, "failed": 0, "bytes": 0, "unchecked": 0}
     failures: list[tuple[str, str]] = []
 
-    def one(meta: ObjectMeta) -> None:
-        rel_key = meta.key[len(ds.dest_prefix):]
-        source_key = ds.prefix + rel_key
-        try:
-            target = to_dir / safe_relative_path(rel_key)
-        except ValueError as exc:
-            result = RestoredObject(source_key, meta.key, None, meta.size, "failed", str(exc))
+    def counted(meta: ObjectMeta, result: RestoredObject) -> None:
+        totals["objects"] += 1
+        if result.status == "ok":
+            totals["ok"] += 1
+            totals["bytes"] += result.size
+            totals["unchecked"] += not result.digest_checked
         else:
-            result = restore_object(sink, meta, dataset=dataset, source_key=source_key, target=target, keys=keys,
-                                    expected_sha256=recorded(source_key))
-        with lock:
-            results["objects"] += 1
-            if result.status == "ok":
-                results["ok"] += 1
-                results["bytes"] += result.size
-                results["unchecked"] += not result.digest_checked
-            else:
-                results["failed"] += 1
-                if len(failures) < 100:
-                    failures.append((meta.key, result.reason or "unknown"))
+            totals["failed"] += 1
+            if len(failures) < 100:
+                failures.append((meta.key, result.reason or "unknown"))
         if on_object:
             on_object(result)
 
-    try:
-        with ThreadPoolExecutor(max_workers=loaded.config.transfer.concurrency, thread_name_prefix="exitplan-restore") as pool:
-            in_flight = threading.Semaphore(loaded.config.transfer.concurrency * 2)
-            for meta in sink.list(listing_prefix):
-                if meta.key.startswith(CONTROL_PREFIX) or meta.key.endswith("/"):
-                    continue
-                in_flight.acquire()
-                pool.submit(one, meta).add_done_callback(lambda _f: in_flight.release())
-    except ConnectorError as exc:
-        raise RunError(f"listing {sink.label}/{listing_prefix}: {exc}", exc) from None
-    return RestoreSummary(dataset, results["objects"], results["ok"], results["failed"], results["bytes"],
-                          results["unchecked"], tuple(failures))
+    def lost(meta: ObjectMeta, exc: BaseException) -> None:
+        log.error("restoring %s failed", meta.key, exc_info=(type(exc), exc, exc.__traceback__))
+        counted(meta, RestoredObject(source_key_of(meta.key, ds.prefix, ds.dest_prefix), meta.key, None, meta.size,
+                                     "failed", f"internal error: {type(exc).__name__}: {exc}"))
+
+    def one(meta: ObjectMeta, target: TargetDirectory) -> RestoredObject:
+        source_key = source_key_of(meta.key, ds.prefix, ds.dest_prefix)
+        rel_key = source_key[len(ds.prefix):]
+        if ds.prefix and not ds.prefix.endswith("/"):  # prefix `data` holds `data/x`: the file is `x`
+            rel_key = rel_key.removeprefix("/")
+        return restore_object(sink, meta, dataset=dataset, source_key=source_key, rel_key=rel_key, target=target,
+                              keys=keys, expected_sha256=recorded(source_key))
+
+    with TargetDirectory.open(to_dir, overwrite=overwrite) as target:
+        try:
+            with create_pool(concurrency, "exitplan-restore") as pool, \
+                    BoundedTasks(pool, concurrency * 2, on_result=counted, on_error=lost) as tasks:
+                for meta in sink.list(listing_prefix):
+                    if meta.key.startswith(CONTROL_PREFIX):
+                        continue
+                    tasks.submit(meta, one, meta, target)
+        except ConnectorError as exc:
+            raise RunError(f"listing {sink.label}/{listing_prefix}: {exc}", exc) from None
+    return RestoreSummary(dataset, totals["objects"], totals["ok"], totals["failed"], totals["bytes"],
+                          totals["unchecked"], tuple(failures))
 
 
 def restore(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",
-            on_object: Callable[[RestoredObject], None] | None = None) -> RestoreSummary:
+            on_object: Callable[[RestoredObject], None] | None = None, overwrite: bool = False) -> RestoreSummary:
     """Read `dataset` back from its destination into `to_dir`, decrypted and checked against the
     plaintext SHA-256 recorded at copy time (`exitplan restore`). Keys are unwrapped first; the
-    state store is only read (without it, nothing is checked against a recorded digest)."""
+    state store is only read (without it, nothing is checked against a recorded digest).
+    `overwrite`: replace files already there (default: an object whose name is taken fails)."""
     keys = None
     if not loaded.config.datasets[dataset].public:
         keys = load_data_keys(loaded)
@@ -189,7 +512,7 @@ def restore(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "
 
     try:
         return restore_dataset(loaded, dataset, to_dir, prefix=prefix, keys=keys, recorded=recorded,
-                               on_object=on_object)
+                               on_object=on_object, overwrite=overwrite)
     finally:
         if state is not None:
             state.close()

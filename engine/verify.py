@@ -39,7 +39,6 @@ import hashlib
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol
 
@@ -52,10 +51,11 @@ from .audit import VERIFY, RunAudit, audit_signing_key
 from .crypto.tink_format import SEGMENT_SIZE, FormatError, decrypt_object, key_for, read_object_metadata
 from .endpoints import open_sink
 from .errors import call_endpoint
+from .executors import BoundedTasks, create_pool
+from .placement import CONTROL_PREFIX
 from .project import open_state
 
 READ_SIZE = 4 * SEGMENT_SIZE  # ciphertext per read request in a deep check: whole segments
-CONTROL_PREFIX = "_exitplan/"  # exitplan's own files in a bucket (keyset and manifest copies)
 
 
 class VerifyError(UserError):
@@ -270,8 +270,10 @@ class _Decrypt(Exception):
 
 
 def _listing(sink: ObjectReader, prefix: str) -> Iterator[ObjectMeta]:
+    """The destination's objects under `prefix` but exitplan's own files. A key ending in `/` (a
+    "folder" blob) is an object like any other: migrate copies it, and it must be found."""
     for meta in sink.list(prefix):
-        if meta.key.startswith(CONTROL_PREFIX) or meta.key.endswith("/"):
+        if meta.key.startswith(CONTROL_PREFIX):
             continue
         yield meta
 
@@ -335,22 +337,11 @@ def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sin
         if len(unknown) < 10:
             unknown.append(meta.key)
 
-    in_flight = threading.BoundedSemaphore(concurrency * 2)
-    errors: list[BaseException] = []
-
-    def submit(pool: ThreadPoolExecutor, row: st.ObjectRecord, listed: ObjectMeta | None) -> None:
-        in_flight.acquire()
-
-        def release(f) -> None:
-            in_flight.release()
-            if f.exception() is not None:
-                errors.append(f.exception())
-
-        pool.submit(one, row, listed).add_done_callback(release)
-
     prefix = ds.dest_prefix
     try:
-        with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="exitplan-verify") as pool:
+        # A check that raises (the state store or the audit trail failed) is the command's error:
+        # nothing more is submitted, and the checks in flight end before it is raised.
+        with create_pool(concurrency, "exitplan-verify") as pool, BoundedTasks(pool, concurrency * 2) as tasks:
             listing = _listing(sink, prefix)
             current = next(listing, None)
             for row in store.expected_at_destination(dataset):
@@ -360,16 +351,16 @@ def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sin
                         listed = sink.head(key)
                     except NotFound:
                         listed = None
-                    submit(pool, row, listed)
+                    tasks.submit(row, one, row, listed)
                     continue
                 while current is not None and current.key < key:
                     unknown_object(current)
                     current = next(listing, None)
                 if current is not None and current.key == key:
-                    submit(pool, row, current)
+                    tasks.submit(row, one, row, current)
                     current = next(listing, None)
                 else:
-                    submit(pool, row, None)
+                    tasks.submit(row, one, row, None)
             while current is not None:
                 unknown_object(current)
                 current = next(listing, None)
@@ -377,8 +368,6 @@ def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sin
         raise VerifyError(f"dataset `{dataset}`: listing {sink.label}/{prefix}: {exc}",
                           ExitCode.USAGE if exc.__class__.__name__ in ("AuthError", "ConfigError", "BucketNotFound")
                           else ExitCode.FAILED) from None
-    if errors:
-        raise errors[0]
     emit(force=True)
     return DatasetVerification(
         dataset, "deep" if deep else "quick", tally["objects"], tally["ok"], tally["failed"], tally["deep"],

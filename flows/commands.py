@@ -45,7 +45,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", "-d", required=True, metavar="NAME", help="the dataset to restore")
     p.add_argument("--prefix", default="", metavar="P", help="only objects whose key (below the dataset's prefix) starts with P")
     p.add_argument("--to", required=True, metavar="DIR", type=Path,
-                   help="where to write the plaintext (the only place exitplan ever writes plaintext)")
+                   help="where to write the plaintext (the only place exitplan ever writes plaintext); "
+                        "links below it are never followed, files are created 0600 and directories 0700")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace files already at objects' names under DIR (default: such an object fails and is "
+                        "named; nothing there is touched)")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("cleanup", help="list multipart uploads under the destination prefixes that no state refers to; "
@@ -252,7 +256,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if result.status != "ok":
             print(f"failed   {result.dest_key}: {result.reason}", file=sys.stderr)
 
-    summary = restore(loaded, dataset, args.to, prefix=args.prefix, on_object=show)
+    summary = restore(loaded, dataset, args.to, prefix=args.prefix, on_object=show, overwrite=args.overwrite)
     checked = summary.ok - summary.unchecked
     print(f"{dataset}: restored {summary.ok:,} of {summary.objects:,} objects ({format_size(summary.bytes)}) into {args.to}; "
           f"{checked:,} matched the SHA-256 recorded at copy time"

@@ -49,6 +49,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from config.errors import UserError
 from config.sizes import format_size
 from engine import run as engine_run
+from engine.executors import noted
 from engine.report import write_report
 from engine.shards import ConnectionShare, ShardPlan, share_connections
 from flows.artifacts import (MigrateOutcome, artifact_key, shard_artifacts, summary_artifact, verify_artifacts,
@@ -87,8 +88,7 @@ def inventory_flow(config_path: str, datasets: list[str] | None = None):
     """What each dataset holds: objects, bytes, largest, without MD5, not hot, won't fit."""
     try:
         loaded, names = load_datasets(config_path, datasets)
-        futures = [inventory_dataset.submit(config_path, name) for name in names]
-        rows = [f.result() for f in futures]
+        rows = _every_result([inventory_dataset.submit(config_path, name) for name in names])
     except UserError as exc:
         return _user_failure(exc)
     create_table_artifact(rows, key=artifact_key(loaded.config.project, "inventory"),
@@ -189,9 +189,7 @@ def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: b
                 ", ".join(f"{p} {n}" for p, n in limits.items()))
     inventory_rows: list[dict[str, Any]] = []
     try:
-        listed = {name: list_dataset.submit(run.run_id, name) for name in names}
-        wait(list(listed.values()))
-        inventory_rows = [f.result() for f in listed.values()]
+        inventory_rows = _every_result([list_dataset.submit(run.run_id, name) for name in names])
         plan = run.define_shards(orch.max_shards)
         logger.info("%d shard(s) in all (at most about %d per run)", len(plan.shards), orch.max_shards)
         create_table_artifact(inventory_rows, key=artifact_key(project, "inventory"),
@@ -273,20 +271,41 @@ def _submit_shards(submit, run_id: int, plan: ShardPlan, parallel: int, artifact
     pending = [(s.dataset, s.shard) for s in plan.shards]
     running: dict = {}
     last = -1.0
-    while pending or running:
-        while pending and len(running) < parallel:
-            name, shard = pending.pop(0)
-            f = submit(run_id, name, shard)
-            futures[(name, shard)] = f
-            running[f] = (name, shard)
-        done, _ = wait_fn(list(running), timeout=PROGRESS_EVERY)
-        for f in done:
-            progress.shard_finished(*running.pop(f))
-        pct = progress.percent()
-        if pct != last:
-            update_progress_artifact(artifact_id, pct)
-            last = pct
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                name, shard = pending.pop(0)
+                f = submit(run_id, name, shard)
+                futures[(name, shard)] = f
+                running[f] = (name, shard)
+            done, _ = wait_fn(list(running), timeout=PROGRESS_EVERY)
+            for f in done:
+                progress.shard_finished(*running.pop(f))
+            pct = progress.percent()
+            if pct != last:
+                update_progress_artifact(artifact_id, pct)
+                last = pct
+    except BaseException:
+        # The shards started end before this raises: the caller then closes the run (its state
+        # and executors), which must not happen under a shard still copying. How each shard
+        # ended is in the state store.
+        wait_fn(list(running))
+        raise
     return futures
+
+
+def _every_result(futures: list) -> list:
+    """The result of every task future, in order, once every task ended; the first failure is
+    raised, with the others noted on it (each is also in its own task run's log)."""
+    results, errors = [], []
+    for future in futures:
+        try:
+            results.append(future.result())
+        except Exception as exc:
+            errors.append(exc)
+    if errors:
+        raise noted(errors[0], errors[1:], "another task")
+    return results
 
 
 def _stopped(future) -> str:

@@ -651,3 +651,49 @@ def test_a_single_put_runs_on_its_driver_within_the_budget(stores):
     assert driver[0].startswith("driver") and held[0] == MiB  # the small one: on its driver, charged
     assert CountingPool.submitted == 3  # the big one's three parts, nothing for the small one
     assert budget.in_use == 0 and budget.grants == 4
+
+
+def test_parts_already_submitted_end_before_the_upload_is_aborted_when_submitting_fails(stores):
+    """A part still uploading when its upload is aborted may survive the abort (S3 says so): when
+    handing a part to the transfer workers fails, the parts handed over before end first."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine.executors import Executors
+
+    class RefusingAfterTwo(ThreadPoolExecutor):
+        def __init__(self):
+            super().__init__(4)
+            self.calls = 0
+
+        def submit(self, fn, /, *args, **kwargs):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            return super().submit(fn, *args, **kwargs)
+
+    src, dst = stores
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def slow_part(number, attempt):
+        with lock:
+            events.append(f"part {number} starts")
+        time.sleep(0.3)
+        with lock:
+            events.append(f"part {number} ends")
+
+    sink = FaultySink(dst, part_fault=slow_part)
+    sink.log = events  # one timeline: the sink's calls and the parts' ends
+    meta = src.add("k", os.urandom(7 * MiB))
+    with Executors(ThreadPoolExecutor(1), RefusingAfterTwo(), False) as ex:
+        out = copy_object(src, sink, meta, Placement("k", "out/obj", META), settings=fast(),
+                          budget=MemoryBudget(fast().memory_budget), executors=ex)
+        with lock:
+            events.append("copy_object returned")
+    assert out.status == "failed" and "cannot schedule new futures" in out.reason
+    assert sorted(e for e in events if e.endswith(("starts", "ends"))) == [
+        "part 1 ends", "part 1 starts", "part 2 ends", "part 2 starts"]
+    assert events[-2:] == ["abort", "copy_object returned"]  # both parts had ended before the abort
+    assert list(dst.list_multipart_uploads("out/")) == [] and "out/obj" not in dst.keys()

@@ -1,0 +1,221 @@
+"""Restore on hostile ground, on the lab servers (Azurite → the S3 server → a real filesystem).
+
+Every object the destination holds is restored or named with its reason and counted; nothing is
+written outside `--to` (links planted there are never followed), no existing file is replaced
+without `--overwrite`, no object's temporary file can be another object's file, plaintext is
+0600 in 0700 directories whatever the umask, and nothing of restore's own is left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from azure.storage.blob import BlobServiceClient
+
+from config.errors import ExitCode
+from engine.restore import PRIVATE_PREFIX
+from flows.cli import main
+from tests.integration.test_encryption_e2e import cli
+from tests.s3client import lab_s3_client
+
+pytestmark = pytest.mark.integration
+
+CS_VAR = "EXITPLAN_TEST_AZURE_CS"
+BUCKET = "exitplan-restore"
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    return lab_s3_client(s3_server.url, BUCKET)
+
+
+@pytest.fixture
+def migrated(tmp_path, monkeypatch, azurite_connection_string, s3_server, s3):
+    """`migrated(blobs, concurrency=4, slash=True)`: a fresh container holding `blobs`, migrated
+    (encrypted) with a project of its own below the destination prefix `<container>/` (or
+    `<container>` when not `slash`); returns the config path."""
+    monkeypatch.setenv(CS_VAR, azurite_connection_string)
+
+    def make(blobs: dict[str, bytes], concurrency: int = 4, slash: bool = True) -> Path:
+        container = f"rst{uuid.uuid4().hex[:10]}"
+        cc = BlobServiceClient.from_connection_string(azurite_connection_string).create_container(container)
+        for name, data in blobs.items():
+            cc.upload_blob(name, data)
+        cfg = {
+            "version": 1,
+            "project": container,  # a project of its own: the bucket is shared by the module
+            "sources": {"az": {"kind": "azure_blob", "connection_string_env": CS_VAR}},
+            "destinations": {"lab": {"provider": "lab", "endpoint_url": s3_server.url, "region": "eu-west-3",
+                                     "bucket": BUCKET}},
+            "datasets": {"scans": {"source": "az", "container": container, "destination": "lab",
+                                   "dest_prefix": f"{container}/" if slash else container}},
+            "transfer": {"concurrency": concurrency, "part_size": "5MiB", "small_object_cutoff": "1MiB"},
+            "state": {"path": str(tmp_path / "state")},
+            "keys": {"kek": {"backend": "local", "path": str(tmp_path / "kek.key")}},
+        }
+        path = tmp_path / "exitplan.yaml"
+        path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+        assert main(["keys", "init", "--config", str(path)]) == 0
+        assert main(["migrate", "--config", str(path)]) == 0
+        return path
+
+    return make
+
+
+def restore(capsys, cfg: Path, to: Path, *extra) -> tuple[int, str, str]:
+    return cli(capsys, "restore", "--config", cfg, "--dataset", "scans", "--to", to, *extra)
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    """Every regular file below `root` (links are not followed), by relative path."""
+    found = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = Path(directory) / name
+            if path.is_file() and not path.is_symlink():
+                found[path.relative_to(root).as_posix()] = path.read_bytes()
+    return found
+
+
+def assert_nothing_of_restore_left(root: Path) -> None:
+    assert [p for p in root.rglob("*") if p.name.startswith(PRIVATE_PREFIX)] == []
+
+
+def test_a_name_the_filesystem_cannot_hold_fails_its_object_and_is_counted(tmp_path, capsys, migrated):
+    """Finding 1: the object whose name is too long was neither written nor counted, and restore
+    said "restored 1 of 1 objects" with exit code 0."""
+    long_name = "n/" + "y" * 300 + ".txt"
+    cfg = migrated({"a.txt": b"alpha\n", long_name: b"a long name\n"})
+    code, out, err = restore(capsys, cfg, tmp_path / "out")
+    assert code == ExitCode.FAILED, (out, err)
+    assert "restored 1 of 2 objects" in out and "1 failed" in out
+    assert "y" * 30 in err and "304 bytes long" in err and "at most 255 bytes" in err
+    assert files_under(tmp_path / "out") == {"a.txt": b"alpha\n"}
+    assert_nothing_of_restore_left(tmp_path / "out")
+
+
+def test_an_objects_temporary_file_never_collides_with_another_objects_file(tmp_path, capsys, migrated):
+    """Issue 18, item 1: `x.txt` beside `x.txt.exitplan-partial` (restore's old temporary name),
+    restored 16 at a time, left files holding the other object's bytes, with exit code 0."""
+    blobs = {}
+    for i in range(120):
+        blobs[f"x{i:03d}.txt"] = f"the object x{i:03d}.txt\n".encode() * (50 + i)
+        blobs[f"x{i:03d}.txt.exitplan-partial"] = f"the other object, number {i}\n".encode() * (70 + i)
+    cfg = migrated(blobs, concurrency=16)
+    code, out, err = restore(capsys, cfg, tmp_path / "out")
+    assert code == 0, err
+    assert "restored 240 of 240 objects" in out and "240 matched the SHA-256" in out
+    assert files_under(tmp_path / "out") == blobs
+    assert_nothing_of_restore_left(tmp_path / "out")
+
+
+def test_restore_never_follows_a_link_and_never_replaces_a_file_unasked(tmp_path, capsys, migrated):
+    """Issue 18, item 2: links planted in the target sent plaintext out of it, and an existing file
+    was overwritten without a word."""
+    blobs = {"sub/file.txt": b"would land elsewhere\n", "victim.txt": b"victim's plaintext\n",
+             "plain.txt": b"restored plain\n", "link.txt": b"restored link\n", "ok/fine.txt": b"fine\n"}
+    cfg = migrated(blobs)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "dir").mkdir(parents=True)
+    (elsewhere / "file").write_bytes(b"precious\n")
+    (elsewhere / "file2").write_bytes(b"precious too\n")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "sub").symlink_to(elsewhere / "dir")
+    (out_dir / "victim.txt.exitplan-partial").symlink_to(elsewhere / "file")
+    (out_dir / "link.txt").symlink_to(elsewhere / "file2")
+    (out_dir / "plain.txt").write_bytes(b"the user's own file\n")
+
+    code, out, err = restore(capsys, cfg, out_dir)
+    assert code == ExitCode.FAILED
+    assert "restored 2 of 5 objects" in out and "3 failed" in out
+    assert f"{out_dir}/sub is a symbolic link; restore never follows a link" in err
+    assert f"{out_dir}/plain.txt exists already (a file); restore never replaces a file unless --overwrite" in err
+    assert f"{out_dir}/link.txt exists already (a symbolic link)" in err
+    assert list((elsewhere / "dir").iterdir()) == []
+    assert (elsewhere / "file").read_bytes() == b"precious\n" and (elsewhere / "file2").read_bytes() == b"precious too\n"
+    assert (out_dir / "plain.txt").read_bytes() == b"the user's own file\n"
+    assert not (out_dir / "victim.txt").is_symlink() and (out_dir / "victim.txt").read_bytes() == blobs["victim.txt"]
+    assert (out_dir / "ok" / "fine.txt").read_bytes() == b"fine\n"
+
+    # --overwrite replaces the file and the link itself (never what the link points to); a link
+    # on the way to an object is still never followed.
+    code, out, err = restore(capsys, cfg, out_dir, "--overwrite")
+    assert code == ExitCode.FAILED
+    assert "restored 4 of 5 objects" in out and "sub is a symbolic link" in err
+    assert (out_dir / "plain.txt").read_bytes() == blobs["plain.txt"]
+    assert not (out_dir / "link.txt").is_symlink() and (out_dir / "link.txt").read_bytes() == blobs["link.txt"]
+    assert (elsewhere / "file2").read_bytes() == b"precious too\n" and list((elsewhere / "dir").iterdir()) == []
+    assert_nothing_of_restore_left(out_dir)
+
+
+def test_plaintext_is_private_whatever_the_umask(tmp_path, capsys, migrated):
+    """Issue 18, item 8: restored files were created readable by others."""
+    cfg = migrated({"top.txt": b"top\n", "deep/er/file.txt": b"deep\n"})
+    out_dir = tmp_path / "new" / "out"
+    previous = os.umask(0)
+    try:
+        code, out, err = restore(capsys, cfg, out_dir)
+    finally:
+        os.umask(previous)
+    assert code == 0, err
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in [tmp_path / "new", *(tmp_path / "new").rglob("*")]}
+    assert modes == {"new": 0o700, "new/out": 0o700, "new/out/top.txt": 0o600, "new/out/deep": 0o700,
+                     "new/out/deep/er": 0o700, "new/out/deep/er/file.txt": 0o600}
+
+
+def test_a_name_that_is_both_a_file_and_a_directory_fails_one_object_by_name(tmp_path, capsys, migrated):
+    """`a` and `a/b` in one dataset: one of them cannot be written; it is named and counted (the
+    old code dropped `a/b`'s error with its future and said "restored 2 of 2")."""
+    cfg = migrated({"a": b"the file a\n", "a/b": b"the file a/b\n", "c.txt": b"c\n"})
+    code, out, err = restore(capsys, cfg, tmp_path / "out")
+    assert code == ExitCode.FAILED
+    assert "restored 2 of 3 objects" in out and "1 failed" in out
+    restored = files_under(tmp_path / "out")
+    assert restored in ({"a": b"the file a\n", "c.txt": b"c\n"}, {"a/b": b"the file a/b\n", "c.txt": b"c\n"})
+    if "a" in restored:
+        assert f"{tmp_path / 'out'}/a is a file, not a directory, so nothing can be written below it" in err
+    else:
+        assert f"{tmp_path / 'out'}/a is a directory (another object's key continues below this name" in err
+    assert_nothing_of_restore_left(tmp_path / "out")
+
+
+def test_a_directory_marker_is_restored_as_a_directory_and_counted(tmp_path, capsys, migrated):
+    """A blob whose name ends in `/` (an empty "folder" blob) was skipped without a word; one
+    that holds bytes cannot be a directory and is named."""
+    cfg = migrated({"folder/": b"", "full/": b"bytes in a folder blob\n", "folder/inside.txt": b"inside\n"})
+    code, out, err = restore(capsys, cfg, tmp_path / "out")
+    assert code == ExitCode.FAILED
+    assert "restored 2 of 3 objects" in out
+    assert "its key ends with '/', so it can only be restored as the directory" in err and "holds 23 bytes" in err
+    assert (tmp_path / "out" / "folder").is_dir() and stat.S_IMODE((tmp_path / "out" / "folder").stat().st_mode) == 0o700
+    assert files_under(tmp_path / "out") == {"folder/inside.txt": b"inside\n"}
+    assert not (tmp_path / "out" / "full").exists()
+    # verify finds them too (it used to skip such keys in its listing and call them missing)
+    for mode in ((), ("--deep",)):
+        code, out, err = cli(capsys, "verify", "--config", cfg, *mode)
+        assert code == 0, err
+        assert "0 with discrepancies" in err or "discrepan" not in err
+
+
+def test_a_destination_prefix_without_a_slash_restores_under_the_source_names(tmp_path, capsys, migrated, s3):
+    """`dest_prefix: backup` names objects `backup/KEY`; restore took `/KEY` for the name and
+    failed every object."""
+    blobs = {"a.txt": b"a\n", "sub/b.txt": b"b\n"}
+    cfg = migrated(blobs, slash=False)
+    container = yaml.safe_load(cfg.read_text())["datasets"]["scans"]["container"]
+    assert {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=container)["Contents"]} \
+        == {f"{container}/a.txt", f"{container}/sub/b.txt"}
+    code, out, err = restore(capsys, cfg, tmp_path / "out")
+    assert code == 0, err
+    assert "restored 2 of 2 objects" in out and "2 matched the SHA-256" in out
+    assert files_under(tmp_path / "out") == blobs
+    code, out, err = restore(capsys, cfg, tmp_path / "only-sub", "--prefix", "sub/")
+    assert code == 0, err
+    assert files_under(tmp_path / "only-sub") == {"sub/b.txt": b"b\n"}

@@ -1,0 +1,62 @@
+"""The flows' futures (flows/orchestrate.py): no shard task outlives the loop that submitted it, and
+no task's failure is dropped when several fail."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import pytest
+
+import flows.orchestrate as orchestrate
+from engine.shards import PlannedShard, ShardPlan
+from flows.tasks import RunProgress
+
+
+def plan_of(n: int) -> ShardPlan:
+    return ShardPlan(("claims",), tuple(PlannedShard("claims", i, 1, 100) for i in range(n)))
+
+
+def test_a_failing_progress_update_waits_for_the_running_shards_before_it_is_raised(monkeypatch):
+    """The caller closes the run (state store, executors) when this raises: a shard still copying
+    then would write into a closed run."""
+    ended: list[int] = []
+
+    def shard(run_id, dataset, n):
+        time.sleep(0.3)
+        ended.append(n)
+        return n
+
+    def unreachable(artifact_id, pct):
+        raise ConnectionError("the Prefect API did not answer")
+
+    monkeypatch.setattr(orchestrate, "update_progress_artifact", unreachable)
+    monkeypatch.setattr(orchestrate, "PROGRESS_EVERY", 0.05)  # the first update comes while they copy
+    plan = plan_of(6)
+    with ThreadPoolExecutor(3) as pool:
+        with pytest.raises(ConnectionError):
+            orchestrate._submit_shards(lambda run_id, dataset, n: pool.submit(shard, run_id, dataset, n), 1, plan, 3,
+                                       "artifact", RunProgress.of(plan.shards, 600), wait_fn=wait)
+        returned_with = sorted(ended)
+    assert returned_with == [0, 1, 2]  # the three running had ended; nothing else was started
+
+
+def test_every_task_ends_and_every_failure_is_kept_when_several_fail():
+    release = threading.Event()
+
+    def inventory(name):
+        release.wait(5)
+        if name != "scans":
+            raise RuntimeError(f"dataset {name}: the source is unreachable")
+        return {"dataset": name}
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(inventory, name) for name in ("claims", "scans", "imaging")]
+        release.set()
+        with pytest.raises(RuntimeError, match="dataset claims") as raised:
+            orchestrate._every_result(futures)
+        assert all(f.done() for f in futures)
+    assert any("dataset imaging: the source is unreachable" in note for note in raised.value.__notes__)
+    with ThreadPoolExecutor(2) as pool:
+        assert orchestrate._every_result([pool.submit(lambda n=n: n) for n in range(4)]) == [0, 1, 2, 3]
