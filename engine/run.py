@@ -8,6 +8,7 @@ show the same run. The dry run is `engine.plan`; the project's state and lock, `
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator, Protocol
 
+from config.errors import UserError
 from config.models import LoadedConfig
 from config.policy import DestinationVerdict, check_sovereignty
 from connectors.base import ConnectorError, ObjectMeta, ObjectSource, SinkLimits
@@ -37,6 +39,8 @@ from .shards import (WENT_THROUGH, PlannedShard, ShardCutter, ShardOutcome, Shar
                      failure_sentence, shard_outcome)
 from . import state as st
 from .state import StateStore
+
+log = logging.getLogger(__name__)
 
 
 def transfer_settings(loaded: LoadedConfig) -> TransferSettings:
@@ -319,14 +323,33 @@ class MigrationRun:
         objects, total = (call_endpoint(f"dataset `{name}`: listing {source.label}", count_dataset, self.loaded,
                                         name, source) if count_first else (-1, -1))
         observer.dataset_started(name, objects, total)
+        self.state.dataset_started(self.run_id, name)
         try:
             summary = self._copy(name, dataset_items(self.loaded, name, source, sink.limits, self.formats[name]),
                                  observer.progress)
         except ConnectorError as exc:  # the listing itself failed part-way
+            self._listing_stopped(name, exc)
             raise RunError(f"dataset `{name}`: {exc}", exc) from None
+        except BaseException as exc:
+            self._listing_stopped(name, exc)
+            raise
+        # Every listed object was handed to the copy and has its row (or is counted as failed):
+        # this listing now defines what the dataset must hold.
+        self.state.dataset_through(self.run_id, name, summary.objects, summary.bytes_total)
         self.dataset_done(name)
         observer.dataset_finished(summary)
         return summary
+
+    def _listing_stopped(self, name: str, exc: BaseException) -> None:
+        """Record why the run stopped before it went through `name`'s listing; the exception that
+        stopped it goes on whatever happens here (the state store may be what failed)."""
+        reason = ("interrupted (Ctrl-C or a stop signal)" if isinstance(exc, (KeyboardInterrupt, SystemExit))
+                  else f"the listing failed: {exc}" if isinstance(exc, ConnectorError)
+                  else str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+        try:
+            self.state.dataset_stopped(self.run_id, name, reason)
+        except Exception:
+            log.warning("recording that run %d stopped on dataset %s failed", self.run_id, name, exc_info=True)
 
     def _copy(self, name: str, items, progress, retry_rows=None) -> DatasetSummary:
         sink, fmt = self.sink(name), self.formats[name]
@@ -374,9 +397,17 @@ class MigrationRun:
 
         with self._lock:
             self._sharded.append(name)
-        inventory = call_endpoint(f"dataset `{name}`: listing {source.label}",
-                                  lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label))
-        flush()
+        self.state.dataset_started(self.run_id, name)
+        try:
+            inventory = call_endpoint(f"dataset `{name}`: listing {source.label}",
+                                      lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label))
+            flush()
+        except BaseException as exc:
+            self._listing_stopped(name, exc)
+            raise
+        # The whole listing is in the state store: it defines what the dataset must hold (objects
+        # the shards never reach are "never attempted").
+        self.state.dataset_through(self.run_id, name, stored, inventory.bytes)
         with self._lock:
             self._shard_counts[name] = cutter.shards
         return inventory, cutter.shards
