@@ -243,6 +243,32 @@ class DatasetStatus:
         """The named objects that are not verified, never-arrived ones first (the first of each category)."""
         return [e for c in NEVER_ARRIVED + (COPIED_COPY,) for e in self.count(c).examples]
 
+    def missing(self) -> list[ObjectStatus]:
+        """The named objects whose listed version never arrived at the destination (the first of each category)."""
+        return [e for c in NEVER_ARRIVED for e in self.count(c).examples]
+
+    def as_dict(self) -> dict:
+        """Figures and named objects, plain JSON types (`exitplan status --format json`, the flows' tables)."""
+        def run(r: RunDataset | None) -> dict | None:
+            return None if r is None else {
+                "run": r.run_id, "status": r.run_status, "started_at": f"{r.started_at:%Y-%m-%dT%H:%M:%S}Z",
+                "through": r.went_through, "stopped": r.stopped}
+
+        listing = run(self.listing)
+        if listing is not None:
+            listing.update(objects=self.listing.objects, bytes=self.listing.bytes)
+        return {
+            "dataset": self.dataset, "prefix": self.prefix or None, "complete": self.complete, "known": self.known,
+            "expected": {"objects": self.expected, "bytes": self.expected_bytes}, "listing": listing,
+            "not_known_because": list(self.unknown),
+            "counts": {c: {"objects": n.objects, "bytes": n.bytes} for c, n in self.counts.items()},
+            "never_arrived": self.never_arrived,
+            "removed_at_source": {"kept": self.removed_kept, "deleted": self.removed_deleted},
+            "last_migrate": run(self.last_migrate), "last_verify": run(self.last_verify),
+            "not_verified": [{"source_key": e.source_key, "size": e.size, "status": e.category, "reason": e.reason}
+                             for e in self.not_verified()],
+        }
+
     def sentence(self) -> str:
         """The dataset in one sentence: "N of M objects verified; K never arrived (…)"; why it is
         not known to be complete follows."""
