@@ -286,3 +286,45 @@ def test_status_without_state_is_one_sentence_and_writes_nothing(project, capsys
     code, out, err = cli(capsys, "status", "--config", cfg)
     assert code == 2 and "no state at" in err and "exitplan migrate --config" in err
     assert not (project.dir / "state" / "state.db").exists()
+
+
+def test_the_verify_and_exit_plan_flows_fail_while_a_dataset_is_not_complete(tmp_path, monkeypatch,
+                                                                               azurite_connection_string, s3_server,
+                                                                               s3, prefect_harness):
+    """A dataset with one object that cannot be written: the verify flow found no discrepancy, and
+    before it ended Completed. Now it ends Failed with the dataset's sentence, and shows the status
+    table and the object; the exit-plan flow likewise, until the object is gone from the source."""
+    from flows.orchestrate import exit_plan, migrate_flow, verify_flow
+    from tests import projects
+    from tests.integration.test_flows import artifacts_of
+
+    monkeypatch.setenv(CS_VAR, azurite_connection_string)
+    too_long = "claims/" + "é" * 600 + ".csv"
+    path, container, blobs = projects.write_project(tmp_path, azurite_connection_string, s3_server.url,
+                                                    project="complete", bucket=BUCKET, cs_var=CS_VAR,
+                                                    extra_blobs={too_long: b"x"})
+    assert migrate_flow(config_path=str(path), return_state=True).is_failed()
+    state = verify_flow(config_path=str(path), return_state=True)
+    sentence = f"claims: {len(blobs) - 1} of {len(blobs)} objects verified; 1 never arrived (1 failed (permanent))"
+    assert state.is_failed() and sentence in state.message and "discrepancies" not in state.message
+    found = artifacts_of(state.state_details.flow_run_id)
+    tables = {a.key: json.loads(a.data) for a in found["table"]}
+    (row,) = tables[f"exitplan-{container}-status"]
+    assert (row["complete"], row["expected"], row["verified"], row["failed (permanent)"]) == ("no", len(blobs),
+                                                                                              len(blobs) - 1, 1)
+    (missing,) = tables[f"exitplan-{container}-not-verified"]
+    assert missing["object"] == too_long and missing["status"] == "failed (permanent)"
+    (summary,) = found["markdown"]
+    assert "## Complete?" in summary.data and sentence in summary.data and f"`{too_long}`" in summary.data
+
+    state = exit_plan(config_path=str(path), deep_verify=False, return_state=True)
+    assert state.is_failed() and sentence in state.message
+    assert state.result(raise_on_failure=False)["complete"] is False
+
+    BlobServiceClient.from_connection_string(azurite_connection_string).get_container_client(container) \
+        .delete_blob(too_long)
+    state = exit_plan(config_path=str(path), deep_verify=False, return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["complete"] is True
+    tables = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
+    assert tables[f"exitplan-{container}-status"][0]["complete"] == "yes"
