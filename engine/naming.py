@@ -59,6 +59,11 @@ def metadata_bytes(metadata: dict[str, str]) -> int:
     return sum(len(k.encode("utf-8")) + len(v.encode("utf-8")) for k, v in metadata.items())
 
 
+# exitplan's own files in a destination bucket (the keyset copies, the audit manifest copy): no
+# object is ever written there, or a source object could replace them.
+CONTROL_PREFIX = "_exitplan/"
+
+
 def check_key(dest_key: str, limits: SinkLimits) -> str | None:
     """The reason `dest_key` cannot be written, or None."""
     n = len(dest_key.encode("utf-8"))
@@ -66,6 +71,9 @@ def check_key(dest_key: str, limits: SinkLimits) -> str | None:
         return f"destination key is {n} UTF-8 bytes, over the limit of {limits.max_key_bytes}"
     if not dest_key:
         return "destination key is empty"
+    if dest_key.startswith(CONTROL_PREFIX):
+        return (f"destination key {dest_key!r} is under {CONTROL_PREFIX!r}, where exitplan keeps the keyset and "
+                "audit manifest copies; give the dataset a `dest_prefix`")
     return None
 
 

@@ -137,7 +137,7 @@ class MigrationResult:
 
     @property
     def all_ok(self) -> bool:
-        return all(s.all_ok for s in self.summaries) and not any(r.failures for r in self.removed)
+        return all(s.all_ok for s in self.summaries) and not any(r.failures or r.not_looked_for for r in self.removed)
 
 
 @dataclass(frozen=True)
@@ -150,14 +150,27 @@ class RemovedAtSource:
     examples: tuple[str, ...]  # the first source keys, for the summary
     deleted: int  # destination copies deleted (with --delete-removed)
     failures: tuple[tuple[str, str], ...] = ()  # (destination key, reason) of deletions that failed
+    not_looked_for: str | None = None  # why this run could not tell what is gone from the source
 
 
 MAX_REMOVED_EXAMPLES = 20
 
 
-def handle_removed(state: StateStore, run_id: int, dataset: str, sink, *, delete: bool) -> RemovedAtSource:
+def handle_removed(state: StateStore, run_id: int, dataset: str, sink, *, delete: bool,
+                   listed: int | None = None) -> RemovedAtSource:
     """Find what `dataset`'s complete listing in this run no longer has; with `delete`, delete each
-    destination copy and record a `removed` row (written after the delete succeeded)."""
+    destination copy and record a `removed` row (written after the delete succeeded).
+
+    `listed`: how many objects the run listed, when its rows are the only record of the listing
+    (the CLI's run; the flows store the listing itself). Fewer rows than that means some listed
+    objects could not be recorded: they would look gone from the source, and their copies would
+    be deleted. Nothing is looked for then, and `not_looked_for` says why."""
+    if listed is not None:
+        recorded = state.dataset_totals(run_id, dataset, max_failures=0).objects
+        if recorded < listed:
+            return RemovedAtSource(dataset, 0, (), 0, (), (
+                f"{listed - recorded:,} of the {listed:,} objects this run listed have no row in the state store (it "
+                "failed as they were recorded), so objects gone from the source were not looked for"))
     count = deleted = 0
     examples: list[str] = []
     failures: list[tuple[str, str]] = []
@@ -336,7 +349,7 @@ class MigrationRun:
         # Every listed object was handed to the copy and has its row (or is counted as failed):
         # this listing now defines what the dataset must hold.
         self.state.dataset_through(self.run_id, name, summary.objects, summary.bytes_total)
-        self.dataset_done(name)
+        self.dataset_done(name, listed=summary.objects)
         observer.dataset_finished(summary)
         return summary
 
@@ -362,11 +375,12 @@ class MigrationRun:
             self._summaries.append(summary)
         return summary
 
-    def dataset_done(self, name: str) -> None:
+    def dataset_done(self, name: str, listed: int | None = None) -> None:
         """Every object of `name` was gone through: objects gone from the source are found (and
-        their copies deleted on request) and the dataset's transfers go into the audit trail."""
+        their copies deleted on request) and the dataset's transfers go into the audit trail.
+        `listed`: how many objects the CLI's listing held (see `handle_removed`)."""
         self._removed.append(handle_removed(self.state, self.run_id, name, self.sink(name),
-                                            delete=self.delete_removed))
+                                            delete=self.delete_removed, listed=listed))
         self.trail.record_transfers(name, self.source(name), self.sink(name))
 
     # ---- the flows' way: list into the state store, then shard by shard ----------------------------

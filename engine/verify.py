@@ -60,10 +60,10 @@ from .audit import VERIFY, RunAudit, audit_signing_key
 from .crypto.tink_format import SEGMENT_SIZE, FormatError, decrypt_object, key_for, read_object_metadata
 from .endpoints import open_sink
 from .errors import call_endpoint
+from .naming import CONTROL_PREFIX
 from .project import open_state
 
 READ_SIZE = 4 * SEGMENT_SIZE  # ciphertext per read request in a deep check: whole segments
-CONTROL_PREFIX = "_exitplan/"  # exitplan's own files in a bucket (keyset and manifest copies)
 
 
 class VerifyError(UserError):
@@ -286,8 +286,10 @@ class _Decrypt(Exception):
 
 
 def _listing(sink: ObjectReader, prefix: str) -> Iterator[ObjectMeta]:
+    """The destination's objects under `prefix`, but exitplan's own files. A key ending in "/" is
+    an object like any other (a folder marker copied from the source is expected there)."""
     for meta in sink.list(prefix):
-        if meta.key.startswith(CONTROL_PREFIX) or meta.key.endswith("/"):
+        if meta.key.startswith(CONTROL_PREFIX):
             continue
         yield meta
 

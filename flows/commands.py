@@ -209,6 +209,8 @@ def print_migration_summary(result) -> None:
     for copy in result.keyset_copies:
         print(f"  wrapped keyset copied next to the data: {copy}")
     for r in result.removed:
+        if r.not_looked_for:
+            print(f"{r.dataset}: {r.not_looked_for}", file=sys.stderr)
         if not r.count:
             continue
         if r.deleted or r.failures:

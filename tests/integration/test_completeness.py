@@ -328,3 +328,15 @@ def test_the_verify_and_exit_plan_flows_fail_while_a_dataset_is_not_complete(tmp
     assert state.result()["complete"] is True
     tables = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
     assert tables[f"exitplan-{container}-status"][0]["complete"] == "yes"
+
+
+def test_a_folder_marker_copied_from_the_source_is_verified_not_reported_missing(project, capsys):
+    """Azure tools leave zero-byte "folder/" blobs; exitplan copies them like any object. verify
+    used to skip destination keys ending in "/" while listing, so such a copy was "missing" at
+    every verify, failed, copied again by migrate, and missing again."""
+    project.cc.upload_blob("folder/", b"", metadata={"hdi_isfolder": "true"})
+    project.cc.upload_blob("folder/a.txt", b"a\n" * 10)
+    cfg = project.make()
+    assert cli(capsys, "migrate", "--config", cfg)[0] == 0
+    code, out, err = cli(capsys, "verify", "--config", cfg)
+    assert code == 0 and "docs: 2 of 2 objects verified; complete" in out, err
