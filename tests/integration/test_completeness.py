@@ -340,3 +340,30 @@ def test_a_folder_marker_copied_from_the_source_is_verified_not_reported_missing
     assert cli(capsys, "migrate", "--config", cfg)[0] == 0
     code, out, err = cli(capsys, "verify", "--config", cfg)
     assert code == 0 and "docs: 2 of 2 objects verified; complete" in out, err
+
+
+def test_cleanup_never_aborts_uploads_while_a_migration_of_the_project_runs(project, capsys, s3):
+    """A running migration opens uploads and records them as it goes: one it opened after cleanup
+    read the state looked unknown, and `cleanup --abort` aborted it under the migration."""
+    from config.loader import load_config
+    from engine.project import lock_project
+
+    project.cc.upload_blob("a.txt", b"a")
+    cfg = project.make()
+    assert cli(capsys, "migrate", "--config", cfg)[0] == 0
+    key = f"{project.container}/big.bin"
+    upload_id = s3.create_multipart_upload(Bucket=BUCKET, Key=key)["UploadId"]  # as a running migration would
+
+    def open_uploads() -> set[str]:
+        return {u["UploadId"] for u in s3.list_multipart_uploads(Bucket=BUCKET, Prefix=key).get("Uploads", [])}
+
+    held = lock_project(load_config(cfg))
+    try:
+        code, out, err = cli(capsys, "cleanup", "--config", cfg, "--abort")
+        assert code == 1 and f"another migration of project `{project.container}` is running" in err
+        assert upload_id in open_uploads()
+        assert cli(capsys, "cleanup", "--config", cfg)[0] == 0  # listing them is harmless
+    finally:
+        held.close()
+    code, out, err = cli(capsys, "cleanup", "--config", cfg, "--abort")
+    assert code == 0 and upload_id in out and upload_id not in open_uploads()
