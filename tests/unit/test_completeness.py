@@ -5,25 +5,9 @@ leaves the dataset not known to be complete."""
 
 from __future__ import annotations
 
-import uuid
-
-import pytest
-
 from connectors.base import ObjectMeta
 from engine import state as st
-from engine.state import StateStore
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    """The state store on SQLite, and on PostgreSQL (a fresh database each time)."""
-    if request.param == "sqlite":
-        s = StateStore(tmp_path / "state.db")
-    else:
-        pg = request.getfixturevalue("postgres")
-        s = StateStore(pg.create_database(f"status_{uuid.uuid4().hex[:12]}"))
-    yield s
-    s.close()
+from tests.unit.test_shards import store  # noqa: F401 (the state store on SQLite and on PostgreSQL)
 
 
 def copied(store, run, key, etag="e1", size=10, verified=False) -> int:
