@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import random
 import threading
 import time
@@ -62,6 +63,8 @@ from .endpoints import open_sink
 from .errors import call_endpoint
 from .naming import CONTROL_PREFIX
 from .project import open_state
+
+log = logging.getLogger(__name__)
 
 READ_SIZE = 4 * SEGMENT_SIZE  # ciphertext per read request in a deep check: whole segments
 
@@ -467,7 +470,7 @@ def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sam
                 summary = verify_dataset(loaded, name, store, sink, deep=deep, sample=sample, seed=seed, keys=keys,
                                          known_key_ids=known_ids, on_checked=on_checked, observer=observer)
             except BaseException as exc:
-                store.dataset_stopped(run_id, name, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
+                _record_stop(store, run_id, name, exc)
                 raise
             store.dataset_through(run_id, name, summary.objects, summary.bytes_read)
             # After the check, which moved what passed to verified: the one definition of complete.
@@ -485,6 +488,15 @@ def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sam
     copies, notes = trail.publish([loaded.config.datasets[d].destination for d in datasets])
     return VerifyResult(run_id, mode, sample, seed if deep else None, tuple(summaries), time.monotonic() - started,
                         trail.outcome(copies, notes))
+
+
+def _record_stop(store: st.StateStore, run_id: int, dataset: str, exc: BaseException) -> None:
+    """Record why the verify run stopped before it went through `dataset`; `exc` goes on whatever
+    happens here (the state store may be what failed)."""
+    try:
+        store.dataset_stopped(run_id, dataset, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
+    except Exception:
+        log.warning("recording that verify run %d stopped on dataset %s failed", run_id, dataset, exc_info=True)
 
 
 def _record_state(store: st.StateStore, row: st.ObjectRecord, result: CheckedObject) -> None:
