@@ -265,9 +265,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def _never_arrived(loaded: LoadedConfig, dataset: str, prefix: str) -> int:
-    """Name the objects a restore could not bring back because they are not at the destination
-    (the dataset's status: failed, pending, never attempted); exit 1 while there are any, or while
-    what the dataset must hold is not known."""
+    """Name the objects a restore could not bring back because no copy is at the destination (the
+    dataset's status: failed, pending, never attempted); exit 1 while there are any, or while what
+    the dataset must hold is not known. A copy verify found wrong is restored, and judged, by the
+    restore itself."""
     from engine.status import restore_shortfall
 
     status = restore_shortfall(loaded, dataset, prefix)
@@ -275,10 +276,10 @@ def _never_arrived(loaded: LoadedConfig, dataset: str, prefix: str) -> int:
         print(f"{dataset}: no state here, so what the dataset must hold is not known: only what the destination "
               "holds was restored", file=sys.stderr)
         return ExitCode.OK
-    if status.never_arrived:
-        print(f"{dataset}: {status.never_arrived:,} object(s) of the dataset's newest complete source listing could not "
-              "be restored: they never arrived at the destination", file=sys.stderr)
-    if status.never_arrived or not status.known:
+    if status.not_at_destination:
+        print(f"{dataset}: {status.not_at_destination:,} object(s) of the dataset's newest complete source listing "
+              "could not be restored: they never arrived at the destination", file=sys.stderr)
+    if status.not_at_destination or not status.known:
         print_incomplete(status, only_missing=True)
         return ExitCode.FAILED
     return ExitCode.OK

@@ -2,8 +2,8 @@
 dataset is complete, from the state store alone. Thin: the work is in `engine/status.py`.
 
 Per dataset: the objects and bytes it must hold (its newest complete source listing: which run,
-when), how many are verified, copied but not verified, failed (permanent / may pass), pending,
-never attempted, removed at the source since they were copied, the last migrate and verify runs
+when), how many are verified, copied but not verified, failed (permanent / may pass), found wrong
+by verify, pending, never attempted, removed at the source since they were copied, the last migrate and verify runs
 and their age, and whether it is complete. Exit 0 when every dataset is complete, 1 otherwise,
 2 when there is no state yet. Read-only: no state store is created, nothing is contacted.
 """
@@ -50,10 +50,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     now = datetime.now(timezone.utc).replace(tzinfo=None)
     n = lambda s, c: f"{s.count(c).objects:,}"  # noqa: E731
     print_table(
-        ["dataset", "expected", "size", "verified", "copied", "failed", "may pass", "pending", "never attempted",
-         "removed", "last migrate", "last verify", "complete"],
+        ["dataset", "expected", "size", "verified", "copied", "failed", "may pass", "found wrong", "pending",
+         "never attempted", "removed", "last migrate", "last verify", "complete"],
         [[s.dataset, f"{s.expected:,}", format_size(s.expected_bytes), n(s, st.VERIFIED_COPY), n(s, st.COPIED_COPY),
-          n(s, st.FAILED_PERMANENT), n(s, st.FAILED_TRANSIENT), n(s, st.PENDING_COPY), n(s, st.NEVER_ATTEMPTED),
+          n(s, st.FAILED_PERMANENT), n(s, st.FAILED_TRANSIENT), n(s, st.FOUND_WRONG), n(s, st.PENDING_COPY),
+          n(s, st.NEVER_ATTEMPTED),
           f"{s.removed_kept + s.removed_deleted:,}", _run(s.last_migrate, now), _run(s.last_verify, now),
           "yes" if s.complete else ("no" if s.known else "not known")] for s in statuses])
     print()

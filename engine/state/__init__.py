@@ -38,8 +38,8 @@ writes.
 """
 
 from .batch import WriteBatch
-from .records import (COPIED_COPY, FAILED_PERMANENT, FAILED_TRANSIENT, NEVER_ARRIVED, NEVER_ATTEMPTED, PENDING_COPY,
-                      STATUS_CATEGORIES, VERIFIED_COPY, DatasetFigures, DatasetStatus, DatasetTotals, ObjectRecord,
+from .records import (COPIED_COPY, FAILED_PERMANENT, FAILED_TRANSIENT, FOUND_WRONG, NEVER_ARRIVED, NEVER_ATTEMPTED,
+                      NOT_AT_DESTINATION, PENDING_COPY, STATUS_CATEGORIES, VERIFIED_COPY, DatasetFigures, DatasetStatus, DatasetTotals, ObjectRecord,
                       ObjectStatus, PartRecord, RunDataset, RunRecord, ShardCounts, ShardRecord, StatusCount)
 from .schema import (CHANGED, COPIED, FAILED, IN_PROGRESS, INITIAL_STATES, PENDING, REMOVED, STATES, TRANSITIONS,
                      UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition, audit_recorded, listing, metadata,
@@ -53,7 +53,7 @@ __all__ = [
     "metadata", "runs", "objects", "parts", "listing", "shards", "audit_recorded", "run_datasets",
     "DatasetFigures", "DatasetTotals", "ObjectRecord", "PartRecord", "RunRecord", "ShardCounts", "ShardRecord",
     "DatasetStatus", "ObjectStatus", "RunDataset", "StatusCount",
-    "VERIFIED_COPY", "COPIED_COPY", "FAILED_PERMANENT", "FAILED_TRANSIENT", "PENDING_COPY", "NEVER_ATTEMPTED",
-    "STATUS_CATEGORIES", "NEVER_ARRIVED",
+    "VERIFIED_COPY", "COPIED_COPY", "FAILED_PERMANENT", "FAILED_TRANSIENT", "FOUND_WRONG", "PENDING_COPY",
+    "NEVER_ATTEMPTED", "STATUS_CATEGORIES", "NEVER_ARRIVED", "NOT_AT_DESTINATION",
     "StateStore", "WriteBatch",
 ]

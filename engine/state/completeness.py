@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from .records import (COPIED_COPY, FAILED_PERMANENT, FAILED_TRANSIENT, NEVER_ATTEMPTED, PENDING_COPY,
+from .records import (COPIED_COPY, FAILED_PERMANENT, FAILED_TRANSIENT, FOUND_WRONG, NEVER_ATTEMPTED, PENDING_COPY,
                       STATUS_CATEGORIES, VERIFIED_COPY, DatasetStatus, ObjectStatus, RunDataset, StatusCount)
 from .schema import (CHANGED, COPIED, FAILED, IN_PROGRESS, PENDING, REMOVED, UNCHANGED, UPLOADED, VERIFIED,
                      VERIFY_REASON, listing, objects, run_datasets, runs)
@@ -99,13 +99,13 @@ def classify(row: Mapping[str, Any], since: int) -> tuple[str, str]:
         if claim == UPLOADED:
             return COPIED_COPY, f"copied in run {row['c_run']}, not verified yet"
         if claim == FAILED:
-            return FAILED_TRANSIENT, f"{row['c_reason']} (run `exitplan migrate` to copy it again)"
+            return FOUND_WRONG, f"{row['c_reason']} (run `exitplan migrate` to copy it again)"
         return NEVER_ATTEMPTED, (f"run {row['n_run']} found it unchanged, but no copy of it is at the destination"
                                  + (f" (deleted in run {row['c_run']})" if claim == REMOVED else ""))
     if state == FAILED:
         reason = row["n_reason"] or "no reason recorded"
         if reason.startswith(VERIFY_REASON):
-            return FAILED_TRANSIENT, f"{reason} (run `exitplan migrate` to copy it again)"
+            return FOUND_WRONG, f"{reason} (run `exitplan migrate` to copy it again)"
         if row["n_started"] is None:
             return FAILED_PERMANENT, f"refused in run {row['n_run']}: {reason}" + older
         if row["n_transient"] is False:

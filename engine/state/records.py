@@ -172,11 +172,16 @@ class ObjectStatus:
 VERIFIED_COPY = "verified"  # at the destination, and a verify proved it
 COPIED_COPY = "copied"  # at the destination (uploaded, or unchanged since a copy), not verified yet
 FAILED_PERMANENT = "failed (permanent)"  # refused (name or metadata that cannot fit) or a cause that stays
-FAILED_TRANSIENT = "failed (may pass)"  # a cause that may pass, or a copy verify found wrong: migrate again
+FAILED_TRANSIENT = "failed (may pass)"  # a cause that may pass (retries outlasted): migrate again
+FOUND_WRONG = "found wrong"  # a copy is there, but verify found it differs from what was recorded: migrate again
 PENDING_COPY = "pending"  # in progress, or changed at the source mid-copy, when a run ended or was killed
 NEVER_ATTEMPTED = "never attempted"  # listed, but no run since tried to copy it
-STATUS_CATEGORIES = (VERIFIED_COPY, COPIED_COPY, FAILED_PERMANENT, FAILED_TRANSIENT, PENDING_COPY, NEVER_ATTEMPTED)
-NEVER_ARRIVED = (FAILED_PERMANENT, FAILED_TRANSIENT, PENDING_COPY, NEVER_ATTEMPTED)  # not at the destination as listed
+STATUS_CATEGORIES = (VERIFIED_COPY, COPIED_COPY, FAILED_PERMANENT, FAILED_TRANSIENT, FOUND_WRONG, PENDING_COPY,
+                     NEVER_ATTEMPTED)
+# The listed version is not (intact) at the destination.
+NEVER_ARRIVED = (FAILED_PERMANENT, FAILED_TRANSIENT, FOUND_WRONG, PENDING_COPY, NEVER_ATTEMPTED)
+# Nothing of it is at the destination under its key (what a restore cannot bring back at all).
+NOT_AT_DESTINATION = (FAILED_PERMANENT, FAILED_TRANSIENT, PENDING_COPY, NEVER_ATTEMPTED)
 
 
 @dataclass(frozen=True)
@@ -243,9 +248,15 @@ class DatasetStatus:
         """The named objects that are not verified, never-arrived ones first (the first of each category)."""
         return [e for c in NEVER_ARRIVED + (COPIED_COPY,) for e in self.count(c).examples]
 
+    @property
+    def not_at_destination(self) -> int:
+        """Expected objects of which no copy is at the destination, as far as the state knows (a
+        failed newest version whose older copy is still there counts: that copy is not what was listed)."""
+        return sum(self.count(c).objects for c in NOT_AT_DESTINATION)
+
     def missing(self) -> list[ObjectStatus]:
-        """The named objects whose listed version never arrived at the destination (the first of each category)."""
-        return [e for c in NEVER_ARRIVED for e in self.count(c).examples]
+        """The named objects counted by `not_at_destination` (the first of each category)."""
+        return [e for c in NOT_AT_DESTINATION for e in self.count(c).examples]
 
     def as_dict(self) -> dict:
         """Figures and named objects, plain JSON types (`exitplan status --format json`, the flows' tables)."""

@@ -62,8 +62,8 @@ def test_each_listed_object_gets_one_category_from_its_newest_rows(store):
     s = store.dataset_status("d")
     assert s.listing.run_id == run and s.known and not s.complete
     assert {c: n.objects for c, n in s.counts.items()} == {
-        st.VERIFIED_COPY: 1, st.COPIED_COPY: 2, st.FAILED_PERMANENT: 3, st.FAILED_TRANSIENT: 1, st.PENDING_COPY: 1,
-        st.NEVER_ATTEMPTED: 0}
+        st.VERIFIED_COPY: 1, st.COPIED_COPY: 2, st.FAILED_PERMANENT: 3, st.FAILED_TRANSIENT: 1, st.FOUND_WRONG: 0,
+        st.PENDING_COPY: 1, st.NEVER_ATTEMPTED: 0}
     assert (s.expected, s.expected_bytes, s.verified, s.never_arrived) == (8, 10 + 10 + 7 + 8 + 9 + 11 + 10 + 12, 1, 5)
     assert category(s, "b.txt") == category(s, "f.txt") == st.COPIED_COPY
     assert reason(s, "f.txt") == f"copied in run {old}, not verified yet"
@@ -166,11 +166,12 @@ def test_a_copy_verify_found_wrong_is_failed_until_copied_again(store):
     store.transition(oid, st.FAILED, reason=st.VERIFY_REASON + "etag: expected t, found u")
     assert store.current_copy("d", "k") is None
     s = store.dataset_status("d")
-    assert category(s, "k") == st.FAILED_TRANSIENT and "verify: etag" in reason(s, "k")
+    assert category(s, "k") == st.FOUND_WRONG and "verify: etag" in reason(s, "k")
+    assert (s.never_arrived, s.not_at_destination) == (1, 0)  # a copy is there (a restore judges it), but wrong
     later = migrate_run(store)
     store.add_object(later, "d", "k", "e1", 10, dest_key="x/k", state=st.UNCHANGED)  # before current_copy: skipped
     through(store, later, 1)
-    assert category(store.dataset_status("d"), "k") == st.FAILED_TRANSIENT
+    assert category(store.dataset_status("d"), "k") == st.FOUND_WRONG
 
 
 def test_removed_at_the_source_is_counted_apart_and_a_prefix_narrows_everything(store):
