@@ -11,7 +11,7 @@ from connectors.base import NotFound
 
 from .endpoints import open_sink
 from .errors import call_endpoint
-from .project import open_state
+from .project import lock_project, open_state
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,21 @@ class OrphanUpload:
 def cleanup(loaded: LoadedConfig, datasets: list[str], *, abort: bool = False) -> list[OrphanUpload]:
     """The multipart uploads under each dataset's destination prefix that no state row refers to
     (uploads a row refers to are kept: an in-progress one is what the next `migrate` resumes).
-    With `abort`, each is aborted; otherwise nothing is touched. The state store is only read."""
+    With `abort`, each is aborted; otherwise nothing is touched. The state store is only read.
+
+    Aborting holds the project's migration lock (a `RunError` naming the holder when a migration
+    runs): a running migration opens uploads and records them as it goes, and an upload it opened
+    after the state was read would look unknown here, and be aborted under it."""
+    if not abort:
+        return _orphans(loaded, datasets, abort=False)
+    lock = lock_project(loaded)
+    try:
+        return _orphans(loaded, datasets, abort=True)
+    finally:
+        lock.close()
+
+
+def _orphans(loaded: LoadedConfig, datasets: list[str], *, abort: bool) -> list[OrphanUpload]:
     state = open_state(loaded, read_only=True)
     try:
         known = state.upload_ids() if state is not None else set()

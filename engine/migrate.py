@@ -250,7 +250,7 @@ class _StateEvents(CopyEvents):
                 dest_etag=outcome.dest_etag, output_size=outcome.output_size, part_count=outcome.parts,
                 restarts=outcome.restarts, source_etag=outcome.source_etag, size=outcome.size, reason=None)
         else:
-            state, fields = st.FAILED, dict(reason=outcome.reason, restarts=outcome.restarts)
+            state, fields = st.FAILED, dict(reason=outcome.reason, restarts=outcome.restarts, transient=outcome.transient)
         if self.object_id is None:  # it failed before its first attempt started (refused by the planner)
             self.batch.add_object(self.run_id, self.dataset, meta.key, meta.etag, meta.size, dest_key=self.dest_key,
                                   source_md5=meta.content_md5, state=state,
@@ -322,8 +322,9 @@ def migrate_dataset(
 
     Each object gets a row in `state` for `run_id`: created as in_progress when its copy starts
     (then uploaded, or failed with its reason), or straight as failed (refused) or unchanged. With
-    `skip_unchanged`, an object whose newest uploaded/verified row (any run) has the same source
-    ETag, size and destination key is recorded as unchanged and not copied.
+    `skip_unchanged`, an object whose copy at the destination (`StateStore.current_copy`: the newest
+    uploaded/verified row of any run, unless since deleted or found wrong) has the same source ETag,
+    size and destination key is recorded as unchanged and not copied.
 
     Writes whose loss is harmless (the end of a single PUT, refused and unchanged rows) are
     committed together, per `state_batch_rows` rows or `state_batch_seconds` seconds (checked as
@@ -386,10 +387,10 @@ def migrate_dataset(
                 if isinstance(placed, Refusal):
                     decided(meta, None, ObjectOutcome(meta.key, "", meta.etag, meta.size, "failed",
                                                       reason=placed.reason, refused=True),
-                            st.FAILED, reason=placed.reason)
+                            st.FAILED, reason=placed.reason, transient=False)
                     continue
                 if skip_unchanged:
-                    previous = state.last_copy(dataset, meta.key)
+                    previous = state.current_copy(dataset, meta.key)
                     if (previous is not None and previous.run_id != run_id and previous.source_etag == meta.etag
                             and previous.size == meta.size and previous.dest_key == placed.dest_key):
                         reason = f"unchanged since run {previous.run_id}"
@@ -478,7 +479,7 @@ def dry_run(
     for meta, placed in items:
         planned = plan_placed_object(meta, placed, limits, settings, output_format)
         if planned.action == "write" and state is not None:
-            previous = state.last_copy(dataset, meta.key)
+            previous = state.current_copy(dataset, meta.key)
             if (previous is not None and previous.source_etag == meta.etag and previous.size == meta.size
                     and previous.dest_key == planned.dest_key):
                 planned = PlannedObject(meta.key, planned.dest_key, meta.size, planned.output_size, 0,

@@ -69,11 +69,15 @@ def state_location(loaded: LoadedConfig) -> str:
 
 
 def open_state(loaded: LoadedConfig, *, read_only: bool = False) -> StateStore | None:
-    """The project's state store; read-only returns None when it does not exist yet (writes nothing).
+    """The project's state store; read-only returns None when it does not exist yet (writes nothing:
+    no file, no table; a state database that holds the tables is opened as usual, which adds the
+    columns a newer exitplan needs).
     A database that cannot be reached is a `RunError` (exit 2) naming it, never with its password."""
     url = state_url(loaded)
     if url is not None:
         with state_database_errors(loaded):
+            if read_only and not _holds_state(url):
+                return None
             return StateStore(url)
     path = state_path(loaded)
     if read_only:
@@ -81,6 +85,16 @@ def open_state(loaded: LoadedConfig, *, read_only: bool = False) -> StateStore |
             return None
         return StateStore(f"sqlite:///file:{path.resolve()}?mode=ro&uri=true")
     return StateStore(path)
+
+
+def _holds_state(url: str) -> bool:
+    """Whether the database holds exitplan's tables (a read-only look creates none)."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn:
+            return sa.inspect(conn).has_table("runs")
+    finally:
+        engine.dispose()
 
 
 class _DatabaseLock:

@@ -5,11 +5,12 @@ so the file can be mailed to an auditor or archived as it is. Everything comes f
 store (read-only), the configuration (the sovereignty verdicts, the KEK), the keyset's public part
 and the audit manifest; nothing is unwrapped and no endpoint is contacted.
 
-Sections: per-dataset figures (objects, bytes, verified, not yet verified, failed), the
-sovereignty summary (provider, legal entity and seat, jurisdiction, region, bucket, who holds the
-keys), charts (bytes moved over time from the copies' finish times, throughput per migrate run,
-object size distribution, verification status), the runs, and the manifest's fingerprint
-(SHA-256 of the file, last record hash, whether its chain and signatures check).
+Sections: per-dataset figures (objects, bytes, verified, not yet verified, failed, whether the
+dataset is complete: `StateStore.dataset_status`), the sovereignty summary (provider, legal entity
+and seat, jurisdiction, region, bucket, who holds the keys), charts (bytes moved over time from
+the copies' finish times, throughput per migrate run, object size distribution, verification
+status), the runs, and the manifest's fingerprint (SHA-256 of the file, last record hash, whether
+its chain and signatures check).
 
 Memory: the state is read in aggregate queries and one streamed pass over the copied rows (the
 time series and the histogram are fixed-size bins), whatever the number of objects.
@@ -253,6 +254,14 @@ def _t(dt: datetime | None) -> str:
     return dt.strftime("%Y-%m-%d %H:%M:%S") + " UTC" if dt else "—"
 
 
+def _completeness_cell(status) -> str:
+    if status is None:
+        return "no state"
+    if status.complete:
+        return '<span class="ok">yes</span>'
+    return f'<span class="bad">{"no" if status.known else "not known"}</span>'
+
+
 def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, ManifestFingerprint]:
     """The report's HTML, the number of objects it covers, and the manifest's fingerprint."""
     cfg = loaded.config
@@ -260,6 +269,7 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
     store = open_state(loaded, read_only=True)
     try:
         figures = [store.dataset_figures(d) for d in datasets] if store else []
+        statuses = {d: store.dataset_status(d, examples=0) for d in datasets} if store else {}
         timeline = store.moved_over_time(datasets, TIME_BINS) if store else []
         histogram = store.size_histogram(datasets, SIZE_BOUNDS) if store else []
         runs = store.recent_runs(limit=30) if store else []
@@ -273,9 +283,11 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
     failed = sum(f.failed for f in figures)
     now = datetime.now(timezone.utc).replace(tzinfo=None)
 
+    complete = sum(s.complete for s in statuses.values())
     cards = [
         (f"{len(datasets)}", "datasets"), (f"{objects:,}", "objects at the destination"), (format_size(total_bytes), "plaintext moved"),
         (f"{(100.0 * verified / objects) if objects else 0:.1f}%", "verified"), (f"{failed:,}", "failed"),
+        (f"{complete} of {len(datasets)}", "datasets complete"),
     ]
     parts = [
         "<!DOCTYPE html>",
@@ -303,12 +315,16 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
             f"{f.objects:,}", _E(format_size(f.bytes)), _E(format_size(f.output_bytes)),
             f'<span class="ok">{f.verified:,}</span>', f"{f.unverified:,}",
             f'<span class="{"bad" if f.failed else ""}">{f.failed:,}</span>', _E(_t(f.last_finished)),
+            _completeness_cell(statuses.get(d)),
         ])
     parts.append(_table(["dataset", "source", "destination", "objects", "bytes", "stored", "verified", "not verified",
-                         "failed", "last copy"], rows, numeric={3, 4, 5, 6, 7, 8}))
+                         "failed", "last copy", "complete"], rows, numeric={3, 4, 5, 6, 7, 8}))
     parts.append('<p class="sub">Per source key, its newest copy: <i>verified</i> by <code>exitplan verify</code>, '
                  "<i>not verified</i> yet, or <i>failed</i> (the copy failed, or verify found it wrong; "
-                 "<code>exitplan migrate</code> copies it again). <i>stored</i> counts the encrypted bytes.</p>")
+                 "<code>exitplan migrate</code> copies it again). <i>stored</i> counts the encrypted bytes. "
+                 "<i>complete</i>: every object of the dataset's newest complete source listing is at the "
+                 "destination and verified (<code>exitplan status</code> names those that are not).</p>")
+    parts += [f'<p class="warn">{_E(s.sentence())}</p>' for s in statuses.values() if not s.complete]
 
     parts.append("<h2>Where the data is, and who holds the keys</h2>")
     rows = []

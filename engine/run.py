@@ -8,6 +8,7 @@ show the same run. The dry run is `engine.plan`; the project's state and lock, `
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Iterator, Protocol
 
+from config.errors import UserError
 from config.models import LoadedConfig
 from config.policy import DestinationVerdict, check_sovereignty
 from connectors.base import ConnectorError, ObjectMeta, ObjectSource, SinkLimits
@@ -37,6 +39,8 @@ from .shards import (WENT_THROUGH, PlannedShard, ShardCutter, ShardOutcome, Shar
                      failure_sentence, shard_outcome)
 from . import state as st
 from .state import StateStore
+
+log = logging.getLogger(__name__)
 
 
 def transfer_settings(loaded: LoadedConfig) -> TransferSettings:
@@ -133,7 +137,7 @@ class MigrationResult:
 
     @property
     def all_ok(self) -> bool:
-        return all(s.all_ok for s in self.summaries) and not any(r.failures for r in self.removed)
+        return all(s.all_ok for s in self.summaries) and not any(r.failures or r.not_looked_for for r in self.removed)
 
 
 @dataclass(frozen=True)
@@ -146,14 +150,27 @@ class RemovedAtSource:
     examples: tuple[str, ...]  # the first source keys, for the summary
     deleted: int  # destination copies deleted (with --delete-removed)
     failures: tuple[tuple[str, str], ...] = ()  # (destination key, reason) of deletions that failed
+    not_looked_for: str | None = None  # why this run could not tell what is gone from the source
 
 
 MAX_REMOVED_EXAMPLES = 20
 
 
-def handle_removed(state: StateStore, run_id: int, dataset: str, sink, *, delete: bool) -> RemovedAtSource:
+def handle_removed(state: StateStore, run_id: int, dataset: str, sink, *, delete: bool,
+                   listed: int | None = None) -> RemovedAtSource:
     """Find what `dataset`'s complete listing in this run no longer has; with `delete`, delete each
-    destination copy and record a `removed` row (written after the delete succeeded)."""
+    destination copy and record a `removed` row (written after the delete succeeded).
+
+    `listed`: how many objects the run listed, when its rows are the only record of the listing
+    (the CLI's run; the flows store the listing itself). Fewer rows than that means some listed
+    objects could not be recorded: they would look gone from the source, and their copies would
+    be deleted. Nothing is looked for then, and `not_looked_for` says why."""
+    if listed is not None:
+        recorded = state.dataset_totals(run_id, dataset, max_failures=0).objects
+        if recorded < listed:
+            return RemovedAtSource(dataset, 0, (), 0, (), (
+                f"{listed - recorded:,} of the {listed:,} objects this run listed have no row in the state store (it "
+                "failed as they were recorded), so objects gone from the source were not looked for"))
     count = deleted = 0
     examples: list[str] = []
     failures: list[tuple[str, str]] = []
@@ -319,14 +336,33 @@ class MigrationRun:
         objects, total = (call_endpoint(f"dataset `{name}`: listing {source.label}", count_dataset, self.loaded,
                                         name, source) if count_first else (-1, -1))
         observer.dataset_started(name, objects, total)
+        self.state.dataset_started(self.run_id, name)
         try:
             summary = self._copy(name, dataset_items(self.loaded, name, source, sink.limits, self.formats[name]),
                                  observer.progress)
         except ConnectorError as exc:  # the listing itself failed part-way
+            self._listing_stopped(name, exc)
             raise RunError(f"dataset `{name}`: {exc}", exc) from None
-        self.dataset_done(name)
+        except BaseException as exc:
+            self._listing_stopped(name, exc)
+            raise
+        # Every listed object was handed to the copy and has its row (or is counted as failed):
+        # this listing now defines what the dataset must hold.
+        self.state.dataset_through(self.run_id, name, summary.objects, summary.bytes_total)
+        self.dataset_done(name, listed=summary.objects)
         observer.dataset_finished(summary)
         return summary
+
+    def _listing_stopped(self, name: str, exc: BaseException) -> None:
+        """Record why the run stopped before it went through `name`'s listing; the exception that
+        stopped it goes on whatever happens here (the state store may be what failed)."""
+        reason = ("interrupted (Ctrl-C or a stop signal)" if isinstance(exc, (KeyboardInterrupt, SystemExit))
+                  else f"the listing failed: {exc}" if isinstance(exc, ConnectorError)
+                  else str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
+        try:
+            self.state.dataset_stopped(self.run_id, name, reason)
+        except Exception:
+            log.warning("recording that run %d stopped on dataset %s failed", self.run_id, name, exc_info=True)
 
     def _copy(self, name: str, items, progress, retry_rows=None) -> DatasetSummary:
         sink, fmt = self.sink(name), self.formats[name]
@@ -339,11 +375,12 @@ class MigrationRun:
             self._summaries.append(summary)
         return summary
 
-    def dataset_done(self, name: str) -> None:
+    def dataset_done(self, name: str, listed: int | None = None) -> None:
         """Every object of `name` was gone through: objects gone from the source are found (and
-        their copies deleted on request) and the dataset's transfers go into the audit trail."""
+        their copies deleted on request) and the dataset's transfers go into the audit trail.
+        `listed`: how many objects the CLI's listing held (see `handle_removed`)."""
         self._removed.append(handle_removed(self.state, self.run_id, name, self.sink(name),
-                                            delete=self.delete_removed))
+                                            delete=self.delete_removed, listed=listed))
         self.trail.record_transfers(name, self.source(name), self.sink(name))
 
     # ---- the flows' way: list into the state store, then shard by shard ----------------------------
@@ -374,9 +411,17 @@ class MigrationRun:
 
         with self._lock:
             self._sharded.append(name)
-        inventory = call_endpoint(f"dataset `{name}`: listing {source.label}",
-                                  lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label))
-        flush()
+        self.state.dataset_started(self.run_id, name)
+        try:
+            inventory = call_endpoint(f"dataset `{name}`: listing {source.label}",
+                                      lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label))
+            flush()
+        except BaseException as exc:
+            self._listing_stopped(name, exc)
+            raise
+        # The whole listing is in the state store: it defines what the dataset must hold (objects
+        # the shards never reach are "never attempted").
+        self.state.dataset_through(self.run_id, name, stored, inventory.bytes)
         with self._lock:
             self._shard_counts[name] = cutter.shards
         return inventory, cutter.shards

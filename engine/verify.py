@@ -28,6 +28,13 @@ did not answer) is named, but its state is left as it was. Objects under the pre
 does not know are counted (not a discrepancy: exitplan may not have written them). Each object
 checked gets a `verify` record in the audit manifest; the run ends with a signed `run_end`.
 
+Completeness: checking the copies the state claims says nothing of the objects that never
+arrived. After the check, each dataset's status (`StateStore.dataset_status`, the one definition of
+"complete" shared with restore, status and the flows) counts every object the dataset's newest
+complete source listing holds: verified, copied but not verified (not checkable now), failed,
+pending, never attempted. A dataset is complete when every one of them is verified and no newer
+migrate run stopped part-way through its listing; verify exits 1 until then, naming the objects.
+
 Concurrency: `transfer.concurrency` checks at once (HEAD and reads), at most twice that many
 queued. Memory: a deep check holds at most `READ_SIZE` of ciphertext plus one segment of
 plaintext per worker (about 5 MiB; 40 MiB with the default 8 workers).
@@ -35,7 +42,9 @@ plaintext per worker (about 5 MiB; 40 MiB with the default 8 workers).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import random
 import threading
 import time
@@ -54,6 +63,8 @@ from .errors import call_endpoint
 from .executors import BoundedTasks, create_pool
 from .placement import CONTROL_PREFIX
 from .project import open_state
+
+log = logging.getLogger(__name__)
 
 READ_SIZE = 4 * SEGMENT_SIZE  # ciphertext per read request in a deep check: whole segments
 
@@ -111,10 +122,18 @@ class DatasetVerification:
     discrepancies: tuple[Discrepancy, ...]  # the first `max_reported`
     discrepancies_truncated: bool
     elapsed_seconds: float
+    # Whether the dataset is complete after this check: every object its newest complete source
+    # listing holds is at the destination and verified (`StateStore.dataset_status`).
+    status: st.DatasetStatus | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.status is not None and self.status.complete
 
     @property
     def all_ok(self) -> bool:
-        return self.failed == 0
+        """No discrepancy, and every object the dataset must hold is verified."""
+        return self.failed == 0 and self.complete
 
 
 @dataclass(frozen=True)
@@ -375,8 +394,12 @@ def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sin
 
 
 def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sample: float = 1.0,
-           seed: int | None = None, observer: VerifyObserver | None = None) -> VerifyResult:
+           seed: int | None = None, observer: VerifyObserver | None = None, max_reported: int = 20) -> VerifyResult:
     """Verify `datasets` against the state store; record each object's outcome (state, audit).
+
+    Besides the discrepancies, each dataset's `status` says whether it is complete: every object
+    its newest complete source listing holds is verified (failed, pending and never attempted
+    objects are named, the first `max_reported` of each kind); `all_ok` needs both.
 
     `sample` (0 < sample ≤ 1) is the fraction of objects read back in deep mode; `seed` picks
     them (a random seed is drawn, and returned, when None). Keys: deep mode unwraps the data
@@ -429,8 +452,16 @@ def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sam
         for name in datasets:
             ds = loaded.config.datasets[name]
             sink = call_endpoint(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
-            summary = verify_dataset(loaded, name, store, sink, deep=deep, sample=sample, seed=seed, keys=keys,
-                                     known_key_ids=known_ids, on_checked=on_checked, observer=observer)
+            store.dataset_started(run_id, name)
+            try:
+                summary = verify_dataset(loaded, name, store, sink, deep=deep, sample=sample, seed=seed, keys=keys,
+                                         known_key_ids=known_ids, on_checked=on_checked, observer=observer)
+            except BaseException as exc:
+                _record_stop(store, run_id, name, exc)
+                raise
+            store.dataset_through(run_id, name, summary.objects, summary.bytes_read)
+            # After the check, which moved what passed to verified: the one definition of complete.
+            summary = dataclasses.replace(summary, status=store.dataset_status(name, examples=max_reported))
             summaries.append(summary)
             if observer:
                 observer.dataset_finished(summary)
@@ -444,6 +475,15 @@ def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sam
     copies, notes = trail.publish([loaded.config.datasets[d].destination for d in datasets])
     return VerifyResult(run_id, mode, sample, seed if deep else None, tuple(summaries), time.monotonic() - started,
                         trail.outcome(copies, notes))
+
+
+def _record_stop(store: st.StateStore, run_id: int, dataset: str, exc: BaseException) -> None:
+    """Record why the verify run stopped before it went through `dataset`; `exc` goes on whatever
+    happens here (the state store may be what failed)."""
+    try:
+        store.dataset_stopped(run_id, dataset, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
+    except Exception:
+        log.warning("recording that verify run %d stopped on dataset %s failed", run_id, dataset, exc_info=True)
 
 
 def _record_state(store: st.StateStore, row: st.ObjectRecord, result: CheckedObject) -> None:

@@ -17,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from config.models import LoadedConfig
 from config.sizes import format_size
 from engine.shards import ShardOutcome, ShardResult, failure_sentence
+from engine.state import STATUS_CATEGORIES
 
 
 def artifact_key(project: str, what: str) -> str:
@@ -83,17 +84,36 @@ def plan_rows(summaries) -> list[dict[str, Any]]:
 
 
 def verify_figures(result) -> dict[str, Any]:
-    """A verify run's figures (`engine.verify`'s result): the datasets' rows and the discrepancies."""
+    """A verify run's figures (`engine.verify`'s result): the datasets' rows, the discrepancies,
+    and whether each dataset is complete (its status row, the objects not verified, and a sentence
+    for each dataset that is not)."""
     return {
         "run_id": result.run_id, "mode": result.mode, "seed": result.seed,
         "datasets": [{"dataset": d.dataset, "objects": d.objects, "ok": d.ok, "failed": d.failed,
-                      "read_back": d.deep_checked, "bytes_read": d.bytes_read, "unknown": d.unknown}
+                      "read_back": d.deep_checked, "bytes_read": d.bytes_read, "unknown": d.unknown,
+                      "expected": d.status.expected, "verified": d.status.verified,
+                      "never_arrived": d.status.never_arrived, "complete": d.complete}
                      for d in result.datasets],
         "discrepancies": [{"dataset": x.dataset, "object": x.dest_key, "source": x.source_key, "kind": x.kind,
                            "expected": x.expected, "found": x.found}
                           for d in result.datasets for x in d.discrepancies],
+        "status": [status_row(d.status) for d in result.datasets],
+        "not_verified": [{"dataset": d.dataset, "object": e.source_key, "status": e.category, "reason": e.reason}
+                         for d in result.datasets for e in d.status.not_verified()],
+        "incomplete": [d.status.sentence() for d in result.datasets if not d.complete],
         "last_hash": result.audit.last_hash if result.audit else None,
     }
+
+
+def status_row(status) -> dict[str, Any]:
+    """A dataset's completeness (`engine.state.DatasetStatus`) as a row of the status table."""
+    row = {"dataset": status.dataset, "complete": "yes" if status.complete else ("no" if status.known else "not known"),
+           "expected": status.expected, "size": format_size(status.expected_bytes),
+           "listing_run": status.listing.run_id if status.listing else None}
+    row.update({category: status.count(category).objects for category in STATUS_CATEGORIES})
+    row["removed_at_source"] = status.removed_kept + status.removed_deleted
+    row["not_known_because"] = "; ".join(status.unknown)
+    return row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,11 +136,19 @@ def shard_artifacts(project: str, run_id: int, ended: tuple[ShardOutcome, ...]
 
 
 def verify_artifacts(project: str, checked: dict[str, Any]) -> None:
+    """The verification table, the status table (whether each dataset is complete) and, when there
+    are any, the discrepancies and the objects not verified, each with its reason."""
     create_table_artifact(checked["datasets"], key=artifact_key(project, "verify"),
                           description=f"Verification ({checked['mode']}), run {checked['run_id']}")
+    create_table_artifact(checked["status"], key=artifact_key(project, "status"),
+                          description="Whether each dataset is complete: every object of its newest complete source "
+                                      "listing at the destination and verified")
     if checked["discrepancies"]:
         create_table_artifact(checked["discrepancies"], key=artifact_key(project, "discrepancies"),
                               description="Objects whose destination copy differs from what was recorded")
+    if checked["not_verified"]:
+        create_table_artifact(checked["not_verified"], key=artifact_key(project, "not-verified"),
+                              description="Objects a dataset must hold that are not verified (the first of each kind)")
 
 
 def summary_artifact(outcome: MigrateOutcome, gate: list[dict[str, str]], checked: dict[str, Any] | None) -> None:
@@ -162,6 +190,7 @@ def summary_markdown(outcome: MigrateOutcome, gate: list[dict[str, str]], checke
         lines += [f"**Verified** ({checked['mode']}): {ok:,} objects match what was recorded"
                   + (f", {read:,} read back, decrypted and their SHA-256 compared" if read else "")
                   + f"; **{bad:,} with discrepancies**.", ""]
+        lines += completeness_markdown(checked)
     lines += ["## Where the bytes went", "",
               "| dataset | provider | operator | legal seat | jurisdiction | region | bucket |",
               "|---|---|---|---|---|---|---|"]
@@ -211,6 +240,7 @@ def verify_markdown(project: str, checked: dict[str, Any]) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {d['dataset']} | {d['objects']:,} | {d['ok']:,} | {d['failed']:,} | {d['read_back']:,} | "
               f"{d['unknown']:,} |" for d in checked["datasets"]]
+    lines += [""] + completeness_markdown(checked)
     if checked["discrepancies"]:
         lines += ["", "## Discrepancies (first 20)", ""]
         lines += [f"- `{x['object']}` (source `{x['source']}`): {x['kind']}: expected {x['expected']}, "
@@ -218,3 +248,16 @@ def verify_markdown(project: str, checked: dict[str, Any]) -> str:
     if checked.get("last_hash"):
         lines += ["", f"Audit manifest: last record hash `{checked['last_hash']}`."]
     return "\n".join(lines)
+
+
+def completeness_markdown(checked: dict[str, Any]) -> list[str]:
+    """Whether each dataset is complete (every object of its newest complete source listing at the
+    destination and verified), and the first objects that are not, as markdown lines."""
+    lines = ["## Complete?", "", "| dataset | complete | expected | verified | never arrived |", "|---|---|---:|---:|---:|"]
+    lines += [f"| {d['dataset']} | {'yes' if d['complete'] else '**no**'} | {d['expected']:,} | {d['verified']:,} | "
+              f"{d['never_arrived']:,} |" for d in checked["datasets"]]
+    if checked["incomplete"]:
+        lines += [""] + [f"- {sentence}" for sentence in checked["incomplete"]]
+        lines += [f"  - `{e['object']}` ({e['dataset']}): {e['status']}: {e['reason']}" for e in checked["not_verified"][:20]]
+    lines.append("")
+    return lines

@@ -4,7 +4,9 @@
 - `verify --config F [--dataset N]... [--deep] [--sample FRACTION] [--seed N]`: compare each
   dataset's destination with the state store (quick: listing + HEAD of encrypted objects; deep:
   also read back, decrypt and compare the plaintext SHA-256). Exit 1 when any discrepancy, each
-  named (object, expected, found). `--sample` implies `--deep`.
+  named (object, expected, found), or while a dataset is not complete (an object of its newest
+  complete source listing not verified: failed, pending, never attempted; each named). `--sample`
+  implies `--deep`.
 - `audit verify MANIFEST --public-key KEY.pem`: check a manifest's chain and signatures; exit 1
   naming the line where it breaks.
 - `report --config F --out report.html`: one self-contained HTML file.
@@ -21,7 +23,7 @@ from config.errors import ExitCode, UserError
 from config.loader import load_config
 from config.sizes import format_size
 from flows.progress import StatusLine
-from flows.terminal import print_audit_outcome, print_table
+from flows.terminal import print_audit_outcome, print_incomplete, print_table
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -90,9 +92,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     result = verify(loaded, datasets, deep=deep, sample=sample, seed=args.seed, observer=VerifyDisplay())
     print()
     print_table(
-        ["dataset", "mode", "objects", "ok", "discrepant", "read back", "bytes read", "not in state", "seconds"],
+        ["dataset", "mode", "checked", "ok", "discrepant", "read back", "bytes read", "not in state", "expected",
+         "verified", "never arrived", "complete", "seconds"],
         [[d.dataset, d.mode, f"{d.objects:,}", f"{d.ok:,}", f"{d.failed:,}", f"{d.deep_checked:,}",
-          format_size(d.bytes_read), f"{d.unknown:,}", f"{d.elapsed_seconds:.1f}"] for d in result.datasets],
+          format_size(d.bytes_read), f"{d.unknown:,}", f"{d.status.expected:,}", f"{d.status.verified:,}",
+          f"{d.status.never_arrived:,}", "yes" if d.complete else "no", f"{d.elapsed_seconds:.1f}"]
+         for d in result.datasets],
     )
     if result.mode == "deep":
         how = "every object" if result.sample >= 1 else f"a {result.sample:.0%} sample (seed {result.seed}; repeat it with --seed {result.seed})"
@@ -115,6 +120,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
         if any(d.discrepancies_truncated for d in result.datasets):
             print("  … more in the audit manifest and the state store (reason 'verify: …')", file=sys.stderr)
         print("the objects found wrong are marked failed: `exitplan migrate` copies them again.", file=sys.stderr)
+    print()
+    for d in result.datasets:
+        print(d.status.sentence())
+    for d in result.datasets:
+        print_incomplete(d.status)
+    if not all(d.complete for d in result.datasets):
+        print("a dataset is complete when every object of its newest complete source listing is at the destination "
+              "and verified: `exitplan migrate` copies what is missing, then verify again.", file=sys.stderr)
     print(f"state: run {result.run_id}")
     return ExitCode.OK if result.all_ok else ExitCode.FAILED
 

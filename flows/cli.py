@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from config.errors import ExitCode, UserError
-from flows import audit_cli, commands, deploy_cli, keys_cli, lab, worker
+from flows import audit_cli, commands, deploy_cli, keys_cli, lab, status_cli, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     lab.register(sub)
     commands.register(sub)
     audit_cli.register(sub)
+    status_cli.register(sub)
     deploy_cli.register(sub)
     keys_cli.register(sub)
     worker.register(sub)

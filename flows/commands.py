@@ -14,7 +14,7 @@ from config.models import LoadedConfig
 from config.sizes import format_size
 from flows import keys_cli, lab
 from flows.progress import ProgressDisplay
-from flows.terminal import print_audit_outcome, print_table
+from flows.terminal import print_audit_outcome, print_incomplete, print_table
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -213,6 +213,8 @@ def print_migration_summary(result) -> None:
     for copy in result.keyset_copies:
         print(f"  wrapped keyset copied next to the data: {copy}")
     for r in result.removed:
+        if r.not_looked_for:
+            print(f"{r.dataset}: {r.not_looked_for}", file=sys.stderr)
         if not r.count:
             continue
         if r.deleted or r.failures:
@@ -262,7 +264,29 @@ def cmd_restore(args: argparse.Namespace) -> int:
           f"{checked:,} matched the SHA-256 recorded at copy time"
           + (f", {summary.unchecked:,} had no recorded digest (no state for them)" if summary.unchecked else "")
           + (f"; {summary.failed:,} failed" if summary.failed else ""))
-    return ExitCode.OK if summary.all_ok and summary.objects else (ExitCode.FAILED if summary.failed else ExitCode.OK)
+    code = ExitCode.OK if summary.all_ok and summary.objects else (ExitCode.FAILED if summary.failed else ExitCode.OK)
+    return max(code, _never_arrived(loaded, dataset, args.prefix))
+
+
+def _never_arrived(loaded: LoadedConfig, dataset: str, prefix: str) -> int:
+    """Name the objects a restore could not bring back because no copy is at the destination (the
+    dataset's status: failed, pending, never attempted); exit 1 while there are any, or while what
+    the dataset must hold is not known. A copy verify found wrong is restored, and judged, by the
+    restore itself."""
+    from engine.status import restore_shortfall
+
+    status = restore_shortfall(loaded, dataset, prefix)
+    if status is None:
+        print(f"{dataset}: no state here, so what the dataset must hold is not known: only what the destination "
+              "holds was restored", file=sys.stderr)
+        return ExitCode.OK
+    if status.not_at_destination:
+        print(f"{dataset}: {status.not_at_destination:,} object(s) of the dataset's newest complete source listing "
+              "could not be restored: they never arrived at the destination", file=sys.stderr)
+    if status.not_at_destination or not status.known:
+        print_incomplete(status, only_missing=True)
+        return ExitCode.FAILED
+    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------------------------------

@@ -128,8 +128,9 @@ def verify_flow(config_path: str, datasets: list[str] | None = None, deep: bool 
     verify_artifacts(loaded.config.project, checked)
     verify_summary_artifact(loaded.config.project, checked)
     failed = sum(d["failed"] for d in checked["datasets"])
-    if failed:
-        return Failed(message=f"verification found {failed} object(s) with discrepancies (see the table artifact)")
+    if failed or checked["incomplete"]:
+        return Failed(message="; ".join(([f"verification found {failed} object(s) with discrepancies (see the table "
+                                          "artifact)"] if failed else []) + checked["incomplete"]))
     return checked
 
 
@@ -355,9 +356,12 @@ def _final(outcome: MigrateOutcome, checked: dict[str, Any] | None):
                "shards": len(outcome.shards), "failed_shards": outcome.failed_shards,
                "verified": sum(d["ok"] for d in checked["datasets"]) if checked else None,
                "discrepancies": bad, "summary": outcome.markdown}
-    if failed or bad or outcome.failed_shards:
-        return Failed(message=f"{failed} object(s) failed in {outcome.failed_shards} shard(s), {bad} discrepancies "
-                              "(see the summary and the failures table)", data=figures)
+    incomplete = checked["incomplete"] if checked else []
+    figures["complete"] = not incomplete if checked else None
+    if failed or bad or outcome.failed_shards or incomplete:
+        return Failed(message="; ".join([f"{failed} object(s) failed in {outcome.failed_shards} shard(s), {bad} "
+                                         "discrepancies (see the summary and the failures table)"] + incomplete),
+                      data=figures)
     return figures
 
 

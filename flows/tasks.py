@@ -188,6 +188,7 @@ def verify_datasets(config_path: str, datasets: list[str] | None, deep: bool, sa
     for d in result.datasets:
         logger.info("verify %s (%s): %d checked, %d ok, %d with discrepancies", d.dataset, d.mode, d.objects, d.ok,
                     d.failed)
+        (logger.info if d.complete else logger.warning)("%s", d.status.sentence())
     return verify_figures(result)
 
 

@@ -1,4 +1,5 @@
-"""What the CLI's commands print alike: aligned tables and the audit manifest's outcome.
+"""What the CLI's commands print alike: aligned tables, the audit manifest's outcome, and what a
+dataset still lacks to be complete (verify, restore, status).
 
 A leaf: it imports nothing of exitplan, so every command module can use it.
 """
@@ -29,3 +30,20 @@ def print_audit_outcome(a) -> None:
         print(f"  copied next to the data: {copy}")
     for note in a.notes:
         print(f"  {note}", file=sys.stderr)
+
+
+def print_incomplete(status, *, only_missing: bool = False) -> None:
+    """On stderr, why a dataset (`engine.state.DatasetStatus`) is not complete: its sentence, then
+    each object named with its status and reason (the first of each kind), the rest counted.
+    `only_missing`: name only the objects that never arrived (a restore brought back the others)."""
+    if status.complete:
+        return
+    print(status.sentence(), file=sys.stderr)
+    named = status.missing() if only_missing else status.not_verified()
+    for e in named:
+        print(f"  {e.category:<18} {e.source_key!r}: {e.reason}", file=sys.stderr)
+    kinds = {e.category for e in named}
+    more = sum(n.objects - len(n.examples) for c, n in status.counts.items() if c in kinds)
+    if more > 0:
+        print(f"  … and {more:,} more (`exitplan status --dataset {status.dataset} --examples N` names more)",
+              file=sys.stderr)

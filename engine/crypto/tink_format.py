@@ -384,7 +384,7 @@ class TinkFormat:
         return f"TinkFormat(dataset={self.dataset!r}, key_id={self.keys.primary_id})"
 
     def metadata_for(self, meta: ObjectMeta) -> dict[str, str]:
-        """The exitplan metadata `begin(meta)` will write: pass it to `naming.place(reserved=...)`
+        """The exitplan metadata `begin(meta)` will write: pass it to `placement.place(reserved=...)`
         so the 2 KB budget counts it. It does not depend on the attempt (the header is in the data)."""
         return object_metadata(self.keys.primary_id, associated_data(self.dataset, meta.key), meta.size)
 

@@ -10,7 +10,8 @@ at any line leaves a row that says what might have happened. A transition not in
 writers cannot both win.
 
 One `objects` row per (run, dataset, source key): a run's rows are its history; the newest
-uploaded/verified row of a key across runs is what a re-run compares against (`last_copy`).
+uploaded/verified row of a key across runs, unless a newer row says that copy was deleted or found
+wrong, is what a re-run compares against (`current_copy`).
 
 A row may be inserted directly in a state one step from pending (`add_object(state=...)`): the
 same as inserting it pending and moving it at once, in one statement. Writes whose loss is
@@ -25,24 +26,34 @@ acknowledged (number, ETag, size, MD5), recorded after the acknowledgement; a pa
 recorded when the process died is found again with ListParts. `resumable` finds the row a killed
 run left behind.
 
+Completeness: `run_datasets` records which migrate and verify runs went through which datasets
+(a migrate run, its whole source listing); the newest listing gone through defines what a dataset
+must hold, and `dataset_status` puts each expected object in one category (completeness.py: the
+one definition of "complete" that verify, restore, status and the flows use).
+
 The package owns every table (schema.py, the audit manifest's `audit_recorded` included) and every
-query (store.py); the other modules ask `StateStore` and get frozen records (records.py). Rows are
-built and checked in rows.py; batch.py queues the harmless writes.
+query (store.py; completeness.py for a dataset's status); the other modules ask `StateStore` and get
+frozen records (records.py). Rows are built and checked in rows.py; batch.py queues the harmless
+writes.
 """
 
 from .batch import WriteBatch
-from .records import (DatasetFigures, DatasetTotals, ObjectRecord, PartRecord, RunRecord, ShardCounts,
-                      ShardRecord)
+from .records import (COPIED_COPY, FAILED_PERMANENT, FAILED_TRANSIENT, FOUND_WRONG, NEVER_ARRIVED, NEVER_ATTEMPTED,
+                      NOT_AT_DESTINATION, PENDING_COPY, STATUS_CATEGORIES, VERIFIED_COPY, DatasetFigures, DatasetStatus, DatasetTotals, ObjectRecord,
+                      ObjectStatus, PartRecord, RunDataset, RunRecord, ShardCounts, ShardRecord, StatusCount)
 from .schema import (CHANGED, COPIED, FAILED, IN_PROGRESS, INITIAL_STATES, PENDING, REMOVED, STATES, TRANSITIONS,
                      UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition, audit_recorded, listing, metadata,
-                     objects, parts, runs, shards, utcnow)
+                     objects, parts, run_datasets, runs, shards, utcnow)
 from .store import StateStore
 
 __all__ = [
     "CHANGED", "COPIED", "FAILED", "IN_PROGRESS", "INITIAL_STATES", "PENDING", "REMOVED", "STATES", "TRANSITIONS",
     "UNCHANGED", "UPLOADED", "VERIFIED", "VERIFY_REASON",
     "InvalidTransition", "utcnow",
-    "metadata", "runs", "objects", "parts", "listing", "shards", "audit_recorded",
+    "metadata", "runs", "objects", "parts", "listing", "shards", "audit_recorded", "run_datasets",
     "DatasetFigures", "DatasetTotals", "ObjectRecord", "PartRecord", "RunRecord", "ShardCounts", "ShardRecord",
+    "DatasetStatus", "ObjectStatus", "RunDataset", "StatusCount",
+    "VERIFIED_COPY", "COPIED_COPY", "FAILED_PERMANENT", "FAILED_TRANSIENT", "FOUND_WRONG", "PENDING_COPY",
+    "NEVER_ATTEMPTED", "STATUS_CATEGORIES", "NEVER_ARRIVED", "NOT_AT_DESTINATION",
     "StateStore", "WriteBatch",
 ]

@@ -98,6 +98,9 @@ objects = sa.Table(
     sa.Column("upload_id", sa.String),
     sa.Column("header", sa.String(80)),
     sa.Column("key_id", sa.BigInteger),
+    # A failed row: whether its cause may pass (trying again later can succeed); None otherwise,
+    # and on rows written before it was recorded.
+    sa.Column("transient", sa.Boolean),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("started_at", sa.DateTime),
     sa.Column("finished_at", sa.DateTime),
@@ -156,6 +159,24 @@ shards = sa.Table(
     sa.Column("finished_at", sa.DateTime),
 )
 
+# One row per (run, dataset) that a migrate or verify run started on: whether the run went through
+# the dataset (a migrate run: its whole source listing, `objects` and `bytes` counting what the
+# listing held; a verify run: every object the dataset was expected to hold), or why it stopped.
+# The newest migrate run that went through a listing defines what the dataset must hold
+# (`StateStore.dataset_status`); a row without `through_at` nor `stopped` belongs to a run that is
+# going on, or was killed.
+run_datasets = sa.Table(
+    "run_datasets", metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
+    sa.Column("dataset", sa.String, primary_key=True),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("through_at", sa.DateTime),
+    sa.Column("objects", sa.BigInteger),
+    sa.Column("bytes", sa.BigInteger),
+    sa.Column("stopped", sa.Text),
+    sa.Index("ix_run_datasets_dataset", "dataset", "run_id"),
+)
+
 # Which `objects` rows the audit manifest records (engine/audit.py): a copied or removed row
 # without one gets its record from the next run, marked late.
 audit_recorded = sa.Table(
@@ -165,4 +186,4 @@ audit_recorded = sa.Table(
 )
 
 # Columns added after the first release of the store: added to an existing database on open.
-ADDED_COLUMNS = ("upload_id", "header", "key_id")
+ADDED_COLUMNS = ("upload_id", "header", "key_id", "transient")

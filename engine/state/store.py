@@ -18,13 +18,14 @@ from sqlalchemy.engine import Connection, Engine
 from connectors.base import ContentSettings, ObjectMeta
 
 from ..private_files import private_directory, private_file
+from . import completeness
 from .batch import WriteBatch
-from .records import (DatasetFigures, DatasetTotals, ObjectRecord, PartRecord, RunRecord, ShardCounts,
-                      ShardRecord)
+from .records import (DatasetFigures, DatasetStatus, DatasetTotals, ObjectRecord, PartRecord, RunDataset, RunRecord,
+                      ShardCounts, ShardRecord)
 from .rows import listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, REMOVED, STATES, TRANSITIONS, UNCHANGED,
                      UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition, audit_recorded, listing, metadata, objects,
-                     parts, runs, shards, utcnow)
+                     parts, run_datasets, runs, shards, utcnow)
 
 # Statements built once: building and cache-keying a Core statement costs more than running it
 # on SQLite. Updates name their SET columns through the parameters' keys (compiled once per key set).
@@ -42,6 +43,14 @@ _LAST_COPY = (objects.select()
               .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"),
                      objects.c.state.in_([sa.literal(s) for s in COPIED]))
               .order_by(objects.c.id.desc()).limit(1))
+# The newest row saying what the destination holds of a key (a copy, a copy verify found wrong, a
+# copy deleted on purpose): what a re-run may skip against, when it is a copy.
+_NEWEST_CLAIM = (objects.select()
+                 .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"),
+                        sa.or_(objects.c.state.in_([sa.literal(s) for s in COPIED + (REMOVED,)]),
+                               sa.and_(objects.c.state == sa.literal(FAILED),
+                                       objects.c.reason.like(sa.literal(VERIFY_REASON + "%")))))
+                 .order_by(objects.c.id.desc()).limit(1))
 _NEWEST_ROWS = (objects.select()
                 .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"))
                 .order_by(objects.c.id.desc()).limit(20))
@@ -223,10 +232,21 @@ class StateStore:
                 yield ObjectRecord(**row)
 
     def last_copy(self, dataset: str, source_key: str) -> ObjectRecord | None:
-        """The newest row, across runs, saying the destination holds a version of this object."""
+        """The newest row, across runs, saying a version of this object was copied (uploaded or
+        verified), even if a newer row says that copy was deleted or found wrong: its plaintext
+        SHA-256 is what a restore compares with."""
         with self.engine.connect() as conn:
             row = conn.execute(_LAST_COPY, {"_dataset": dataset, "_key": source_key}).mappings().first()
         return ObjectRecord(**row) if row else None
+
+    def current_copy(self, dataset: str, source_key: str) -> ObjectRecord | None:
+        """The copy of this object the destination holds as far as the state knows: the newest
+        uploaded or verified row, unless a newer row says that copy was deleted (removed at the
+        source, `--delete-removed`) or found wrong by verify. What a re-run may skip against: an
+        object whose copy was deleted is copied again when the source selects it again."""
+        with self.engine.connect() as conn:
+            row = conn.execute(_NEWEST_CLAIM, {"_dataset": dataset, "_key": source_key}).mappings().first()
+        return ObjectRecord(**row) if row and row["state"] in COPIED else None
 
     # ---- a run's listing and its shards (the flows' unit of work) -----------------------------
 
@@ -419,6 +439,41 @@ class StateStore:
             query = query.where(objects.c.dataset == dataset)
         with self.engine.connect() as conn:
             return {state: (int(n), int(b)) for state, n, b in conn.execute(query)}
+
+    # ---- which runs went through which datasets, and what a dataset must hold ---------------------
+
+    def dataset_started(self, run_id: int, dataset: str) -> None:
+        """Run `run_id` starts on `dataset` (a migrate run: its source listing; a verify run: its
+        expected objects). Written before the first object of it is looked at."""
+        with self._writing() as conn:
+            conn.execute(run_datasets.insert().values(run_id=run_id, dataset=dataset, started_at=utcnow()))
+
+    def dataset_through(self, run_id: int, dataset: str, objects: int, bytes_: int) -> None:
+        """Run `run_id` went through `dataset`: a migrate run, its whole source listing (`objects`
+        and `bytes_` are what the listing held); a verify run, every expected object (what it checked)."""
+        with self._writing() as conn:
+            conn.execute(run_datasets.update()
+                         .where(run_datasets.c.run_id == run_id, run_datasets.c.dataset == dataset)
+                         .values(through_at=utcnow(), objects=objects, bytes=bytes_))
+
+    def dataset_stopped(self, run_id: int, dataset: str, reason: str) -> None:
+        """Run `run_id` stopped before it went through `dataset`: `reason`, one sentence."""
+        with self._writing() as conn:
+            conn.execute(run_datasets.update()
+                         .where(run_datasets.c.run_id == run_id, run_datasets.c.dataset == dataset,
+                                run_datasets.c.through_at.is_(None))
+                         .values(stopped=reason[:2000]))
+
+    def run_datasets(self, dataset: str) -> list[RunDataset]:
+        """Every migrate and verify run that started on `dataset`, newest first."""
+        return completeness.run_datasets_of(self.engine, dataset)
+
+    def dataset_status(self, dataset: str, *, prefix: str = "", examples: int = 20) -> DatasetStatus:
+        """Whether `dataset` is complete: what it must hold (its newest complete source listing)
+        and, per expected object, whether it is verified, copied, failed, pending or never attempted,
+        with the first `examples` of each (engine/state/completeness.py). Only source keys starting
+        with `prefix` when one is given. Streamed: bounded memory whatever the dataset's size."""
+        return completeness.dataset_status(self.engine, dataset, prefix=prefix, examples=examples)
 
     # ---- what verify checks ----------------------------------------------------------------------
 

@@ -102,6 +102,11 @@ def test_the_report_has_the_figures_the_sovereignty_table_and_the_fingerprint(pr
     cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
     assert re.sub("<[^>]+>", "", cells[3]) == "4"
     assert [re.sub("<[^>]+>", "", c) for c in cells[6:9]] == ["1", "2", "1"]
+    # Whether it is complete: no run recorded going through its source listing, so not known.
+    assert re.sub("<[^>]+>", "", cells[10]) == "not known"
+    assert "claims: 1 of 4 objects verified; 1 never arrived (1 found wrong); 2 at the destination but " \
+           "not verified yet; not known to be complete: no migrate run went through" in page
+    assert "0 of 2</b><span>datasets complete" in page
     # The manifest's fingerprint: the file's SHA-256 and the last record hash, and the check.
     path = manifest_path(loaded)
     last = path.read_bytes().split(b"\n")[-2]
