@@ -332,31 +332,38 @@ class AuditManifest:
             return full
 
     def unfinished_runs(self) -> list[UnfinishedRun]:
-        """The runs with a `run_start` and no `run_end` after the manifest's last `run_end`, oldest
-        first. Read backwards from the end, so it costs the lines written since the last run ended.
-        A run's last line is the one before the next run's first line (its `repair` or `run_start`)."""
+        """The runs with a `run_start` and no `run_end` after the manifest's last `run_end`, and the
+        runs the `run_interrupted` records there name (a run killed after recording them had no
+        run_end to sign them), by run id. Read backwards from the end, so it costs the lines
+        written since the last run ended. A run's last line is the one before the next run's first
+        line (its `repair` or `run_start`)."""
         with self._lock:
             self._file.flush()
             end_seq = self.seq - 1
-        found: list[UnfinishedRun] = []
+        found: dict[tuple[int, int | None], UnfinishedRun] = {}
+        named: list[UnfinishedRun] = []
         next_first = end_seq + 1
         with open(self.path, "rb") as f:
             for line in _lines_backwards(f):
-                if not any(marker in line for marker in _BOUNDARY_MARKERS):
+                if not any(marker in line for marker in _TAIL_MARKERS):
                     continue
                 try:
                     record = json.loads(line)
                 except ValueError:
                     continue
-                kind, seq = record.get("type"), record.get("seq")
+                kind, seq, run = record.get("type"), record.get("seq"), record.get("run")
                 if kind == RUN_END or not isinstance(seq, int):
                     break
-                if kind == RUN_START and isinstance(record.get("run"), int):
-                    found.append(UnfinishedRun(int(record["run"]), record.get("command"), record.get("time"),
-                                               seq, next_first - 1))
+                if kind == RUN_START and isinstance(run, int):
+                    found[(run, seq)] = UnfinishedRun(run, record.get("command"), record.get("time"), seq, next_first - 1)
+                elif kind == RUN_INTERRUPTED and isinstance(run, int):
+                    named.append(UnfinishedRun(run, record.get("command"), record.get("started"),
+                                               record.get("first_seq"), record.get("last_seq")))
                 if kind in (RUN_START, REPAIR, CHAIN_START):
                     next_first = seq
-        return found[::-1]
+        for run in named:
+            found.setdefault((run.run, run.first_seq), run)
+        return sorted(found.values(), key=lambda u: (u.run, u.first_seq or 0))
 
     def sync(self) -> None:
         with self._lock:
@@ -378,9 +385,10 @@ class AuditManifest:
         self.close()
 
 
-# Substrings of the canonical lines that start or end a run's lines (a JSON string holding them
-# would escape the quotes, so a hit is always the record's own `type`; each is parsed to be sure).
-_BOUNDARY_MARKERS = tuple(f'"type":"{kind}"'.encode() for kind in (RUN_START, RUN_END, REPAIR, CHAIN_START))
+# Substrings of the canonical lines that `unfinished_runs` reads (a JSON string holding them would
+# escape the quotes, so a hit is always the record's own `type`; each is parsed to be sure).
+_TAIL_MARKERS = tuple(f'"type":"{kind}"'.encode() for kind in (RUN_START, RUN_END, REPAIR, CHAIN_START,
+                                                                RUN_INTERRUPTED))
 
 
 def _parses_as_record(line: bytes) -> bool:
@@ -555,7 +563,8 @@ class _RunSpans:
             self.interruptions.append((n, record))
 
     def without_end(self, problem: Callable[[int, str], None]) -> tuple[RunWithoutEnd, ...]:
-        """Every run without a run_end, with the records naming it (a record that names no such run is a problem)."""
+        """Every run without a run_end, by run id, with the records naming it (a record that names no
+        such run is a problem)."""
         known_only: list[dict[str, Any]] = []
         for n, record in self.interruptions:
             first_seq = record.get("first_seq")
@@ -576,7 +585,7 @@ class _RunSpans:
                     known_only.append(span)
             span["recorded_by"].append((record.get("recorded_in_run"), n))
         found = [s for s in self.spans if not s["ended"]] + known_only
-        found.sort(key=lambda s: s["first"] if s["first"] is not None else s["at"])
+        found.sort(key=lambda s: (s["run"] if isinstance(s["run"], int) else -1, s["first"] or s["at"]))
         return tuple(RunWithoutEnd(s["run"], s["command"], s["started"], s["first"], s["last"], tuple(s["recorded_by"]))
                      for s in found)
 
@@ -756,6 +765,7 @@ class RunAudit:
                 seen = {u.run for u in unfinished}
                 unfinished += [UnfinishedRun(r.id, r.command, iso(r.started_at), None, None)
                                for r in state.running_runs(command) if r.id != self.run_id and r.id not in seen]
+                unfinished.sort(key=lambda u: (u.run, u.first_seq or 0))
             for run in unfinished:
                 self.manifest.append(run.record(self.run_id))
             self.interrupted = tuple(unfinished)
