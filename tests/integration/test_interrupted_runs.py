@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-from tests.faults.support import KillableProject
+from tests.faults.support import CS_VAR, KillableProject
 from tests.s3client import lab_s3_client
 
 pytestmark = pytest.mark.integration
@@ -21,7 +21,8 @@ BUCKET = "exitplan-interrupted"
 
 
 @pytest.fixture
-def project(tmp_path, azurite_connection_string, s3_server) -> KillableProject:
+def project(tmp_path, monkeypatch, azurite_connection_string, s3_server) -> KillableProject:
+    monkeypatch.setenv(CS_VAR, azurite_connection_string)  # the checks at the end load the config here
     lab_s3_client(s3_server.url, BUCKET)
     p = KillableProject(tmp_path, azurite_connection_string, s3_server.url, BUCKET)
     assert p.exitplan("keys init").code == 0
