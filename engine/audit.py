@@ -33,9 +33,9 @@ Interrupted runs. Runs append one at a time (the manifest's lock), so a run's li
 leaves a ``run_start`` without one. The next run (holding the lock, so the killed one is dead)
 reads the manifest back from its end to the last ``run_end`` and appends, after its own
 ``run_start``, a ``run_interrupted`` record for every run it finds there without an end (its id,
-command, start time, ``first_seq`` and ``last_seq``), and one for every run of the same command the
-state store still holds as running when the project's lock says it is dead (``first_seq`` null:
-its lines, if any, are before the last ``run_end``); those runs' rows then say ``interrupted``.
+command, start time, ``first_seq`` and ``last_seq``), and one for every run the state store still
+holds as running that is known to be dead (`RunAudit` says which: ``first_seq`` null, its lines,
+if any, are before the last ``run_end``); those runs' rows then say ``interrupted``.
 So every signed ``run_end`` names, through its run, every run interrupted since the previous
 ``run_end``. `verify_manifest` lists each run without an end and which runs recorded it.
 
@@ -742,9 +742,11 @@ class RunAudit:
     (`publish`).
 
     The manifest is opened before the run's row exists, so a run refused the manifest (another run
-    holds it) leaves no row, and every row still running while the manifest is held belongs to a
-    dead process or to this run. `exclusive`: the caller holds the project's lock for `command`
-    (migrate): every other run of it the state holds as running is dead too, and recorded."""
+    holds it) leaves no row. Which rows still running are dead, and recorded with the runs found
+    without an end: with a SQLite state (it lives in the manifest's state directory, and every
+    process that opens a run there holds the manifest's lock first), every one but this run's;
+    with a shared state database, only those of `command` when `exclusive` says the caller holds
+    the project's lock for it (migrate): a verify on another host has a manifest of its own."""
 
     def __init__(self, loaded: "LoadedConfig", command: str, datasets: list[str],
                  signing_key: Ed25519PrivateKey | None, state: st.StateStore, *, exclusive: bool = False,
@@ -761,10 +763,11 @@ class RunAudit:
             self.started = _now()
             self.manifest.append({"type": RUN_START, "run": self.run_id, "command": command,
                                   "project": loaded.config.project, "datasets": self.datasets, **details})
-            if exclusive:
+            if exclusive or not state.shared:
                 seen = {u.run for u in unfinished}
                 unfinished += [UnfinishedRun(r.id, r.command, iso(r.started_at), None, None)
-                               for r in state.running_runs(command) if r.id != self.run_id and r.id not in seen]
+                               for r in state.running_runs(command if state.shared else None)
+                               if r.id != self.run_id and r.id not in seen]
                 unfinished.sort(key=lambda u: (u.run, u.first_seq or 0))
             for run in unfinished:
                 self.manifest.append(run.record(self.run_id))

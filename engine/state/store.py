@@ -128,11 +128,20 @@ class StateStore:
         with self._write, self.engine.begin() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(status=status, finished_at=utcnow(), **totals))
 
-    def running_runs(self, command: str) -> list[RunRecord]:
-        """Runs of `command` whose row still says running (live, or killed before they ended), oldest first."""
+    @property
+    def shared(self) -> bool:
+        """The state is a database that processes of other hosts, with other state directories (and
+        so other audit manifests), may use at once (PostgreSQL); False for a SQLite file."""
+        return self.engine.dialect.name != "sqlite"
+
+    def running_runs(self, command: str | None = None) -> list[RunRecord]:
+        """Runs (of `command`, or of any) whose row still says running (live, or killed before they
+        ended), oldest first."""
+        query = runs.select().where(runs.c.status == "running").order_by(runs.c.id)
+        if command is not None:
+            query = query.where(runs.c.command == command)
         with self.engine.connect() as conn:
-            rows = conn.execute(runs.select().where(runs.c.command == command, runs.c.status == "running")
-                                .order_by(runs.c.id)).mappings().all()
+            rows = conn.execute(query).mappings().all()
         return [RunRecord(**row) for row in rows]
 
     def mark_interrupted(self, run_ids: Sequence[int]) -> list[int]:

@@ -69,6 +69,25 @@ class KillableProject:
             }
             self.config_path(kek).write_text(yaml.safe_dump(cfg), encoding="utf-8")
 
+    @classmethod
+    def with_keys(cls, tmp_path: Path, monkeypatch, connection_string: str, s3_url: str,
+                  bucket: str) -> "KillableProject":
+        """A new project in `bucket` (created if needed), `keys init` done. The connection string is
+        also set here (`monkeypatch`): the checks at the end load the configuration in the test."""
+        from botocore.exceptions import ClientError
+
+        from tests.s3client import lab_s3_client
+
+        monkeypatch.setenv(CS_VAR, connection_string)
+        try:
+            lab_s3_client(s3_url, bucket)
+        except ClientError as exc:  # the S3 server is shared by the session: an earlier test made it
+            if exc.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                raise
+        project = cls(tmp_path, connection_string, s3_url, bucket)
+        assert project.exitplan("keys init").code == 0
+        return project
+
     # ---- the source ---------------------------------------------------------------------------
 
     def put_blob(self, name: str, data: bytes) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.faults.support import CS_VAR, KillableProject
+from tests.faults.support import KillableProject
 from tests.s3client import keys_below, lab_s3_client
 
 pytestmark = [pytest.mark.integration, pytest.mark.kill_campaign]
@@ -116,11 +116,7 @@ def schedule(rng: random.Random):
 
 @pytest.fixture
 def project(tmp_path, monkeypatch, azurite_connection_string, s3_server) -> KillableProject:
-    monkeypatch.setenv(CS_VAR, azurite_connection_string)  # the checks at the end load the config here
-    lab_s3_client(s3_server.url, BUCKET)
-    p = KillableProject(tmp_path, azurite_connection_string, s3_server.url, BUCKET)
-    assert p.exitplan("keys init").code == 0
-    return p
+    return KillableProject.with_keys(tmp_path, monkeypatch, azurite_connection_string, s3_server.url, BUCKET)
 
 
 def change_the_source(project: KillableProject, rng: random.Random, round_no: int) -> None:
@@ -204,6 +200,9 @@ def test_kill_campaign(project):
     current = project.key_ids_on_disk()
     assert key_ids_seen <= current and used_key_ids <= current
     assert len(used_key_ids) > 1, "the rotations happened between migrations: objects under several keys"
+    versions = len(list((project.tmp_path / "state" / "keysets").glob("*.json")))
+    print(f"objects: {len(project.blobs)} at the destination, each decrypted with tink to its source bytes; "
+          f"keyset: {len(current)} data keys (objects under {len(used_key_ids)}), {versions} versions kept")
 
     # The manifest passes and names every run a kill interrupted before its run_end line was whole
     # (a kill after it, while the manifest was copied next to the data, interrupted no run); each

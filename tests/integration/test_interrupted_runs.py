@@ -12,8 +12,7 @@ import random
 
 import pytest
 
-from tests.faults.support import CS_VAR, KillableProject
-from tests.s3client import lab_s3_client
+from tests.faults.support import KillableProject
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +21,7 @@ BUCKET = "exitplan-interrupted"
 
 @pytest.fixture
 def project(tmp_path, monkeypatch, azurite_connection_string, s3_server) -> KillableProject:
-    monkeypatch.setenv(CS_VAR, azurite_connection_string)  # the checks at the end load the config here
-    lab_s3_client(s3_server.url, BUCKET)
-    p = KillableProject(tmp_path, azurite_connection_string, s3_server.url, BUCKET)
-    assert p.exitplan("keys init").code == 0
-    return p
+    return KillableProject.with_keys(tmp_path, monkeypatch, azurite_connection_string, s3_server.url, BUCKET)
 
 
 # Where each of the seven runs dies: after or before its n-th PUT (objects, keyset copies), or

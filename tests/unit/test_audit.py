@@ -261,22 +261,35 @@ def test_the_last_run_without_an_end_fails_audit_verify_and_is_listed_as_not_rec
     assert f"run {killed} (verify" in out and "no later run recorded it" in out
 
 
-def test_a_run_held_as_running_in_the_state_without_lines_is_recorded_by_the_next_migrate(tmp_path, key, pem, capsys):
-    """A migrate killed before its run_start line: the next migrate (which holds the project's lock)
-    records it; a verify, which does not hold that lock, leaves it alone."""
+def test_a_run_held_as_running_in_the_state_without_lines_is_recorded_by_the_next_run(tmp_path, key):
+    """A run killed between its row and its run_start line: with a SQLite state (in the manifest's
+    state directory) the next run, whatever its command, records it."""
     store = StateStore(tmp_path / "state.db")
     ending_run(tmp_path, store, key)
-    stranded = store.start_run("migrate")
-    verify_run = ending_run(tmp_path, store, key, "verify")
-    assert not verify_run.interrupted and store.get_run(stranded).status == "running"
-    migrate_run = ending_run(tmp_path, store, key)
-    assert [(u.run, u.first_seq) for u in migrate_run.interrupted] == [(stranded, None)]
+    stranded = store.start_run("verify")
+    next_run = ending_run(tmp_path, store, key, "verify")
+    assert [(u.run, u.command, u.first_seq) for u in next_run.interrupted] == [(stranded, "verify", None)]
     assert store.get_run(stranded).status == "interrupted"
     check = verify_manifest(tmp_path / "state" / "audit" / "manifest.jsonl", key.public_key())
     assert check.ok, check.problems
     [run] = check.runs_without_end
-    assert run.run == stranded and run.first_line is None and run.recorded_by[0][0] == migrate_run.run_id
+    assert run.run == stranded and run.first_line is None and run.recorded_by[0][0] == next_run.run_id
     assert "no line of its own after the last run_end" in run.sentence()
+
+
+def test_with_a_shared_state_database_only_a_migrate_records_rows_left_running(tmp_path, key, monkeypatch):
+    """A state database other hosts use: a verify cannot tell a dead row from another host's run and
+    leaves it alone; a migrate holds the project's lock, so the migrate rows left running are dead."""
+    store = StateStore(tmp_path / "state.db")
+    monkeypatch.setattr(StateStore, "shared", property(lambda self: True))
+    ending_run(tmp_path, store, key)
+    stranded_migrate, elsewhere_verify = store.start_run("migrate"), store.start_run("verify")
+    verify_run = ending_run(tmp_path, store, key, "verify")
+    assert not verify_run.interrupted and store.get_run(stranded_migrate).status == "running"
+    migrate_run = ending_run(tmp_path, store, key)
+    assert [(u.run, u.first_seq) for u in migrate_run.interrupted] == [(stranded_migrate, None)]
+    assert store.get_run(stranded_migrate).status == "interrupted"
+    assert store.get_run(elsewhere_verify).status == "running"
 
 
 def test_a_run_refused_the_manifest_leaves_no_run_row(tmp_path, key):
