@@ -355,7 +355,8 @@ class AuditManifest:
                 if kind == RUN_END or not isinstance(seq, int):
                     break
                 if kind == RUN_START and isinstance(run, int):
-                    found[(run, seq)] = UnfinishedRun(run, record.get("command"), record.get("time"), seq, next_first - 1)
+                    found[(run, seq)] = UnfinishedRun(run, record.get("command"), record.get("time"), seq,
+                                                      next_first - 1)
                 elif kind == RUN_INTERRUPTED and isinstance(run, int):
                     named.append(UnfinishedRun(run, record.get("command"), record.get("started"),
                                                record.get("first_seq"), record.get("last_seq")))
@@ -471,7 +472,8 @@ class RunWithoutEnd:
     def sentence(self) -> str:
         lines = (f"lines {self.first_line}-{self.last_line}" if self.first_line is not None
                  else "no line of its own after the last run_end (the state store held it as running)")
-        what = f"run {self.run} ({self.command or 'unknown command'}, started {self.started or 'at an unknown time'}): {lines}; "
+        what = (f"run {self.run} ({self.command or 'unknown command'}, "
+                f"started {self.started or 'at an unknown time'}): {lines}; ")
         if self.recorded_by:
             return what + "recorded as interrupted by " + ", ".join(f"run {r} (line {n})" for r, n in self.recorded_by)
         return what + ("no later run recorded it (the last run: still going, or killed; the next run records it — "
@@ -580,8 +582,9 @@ class _RunSpans:
                 if span is None:
                     span = next((s for s in known_only if s["run"] == record.get("run")), None)
                 if span is None:
-                    span = {"run": record.get("run"), "command": record.get("command"), "started": record.get("started"),
-                            "first": None, "last": None, "ended": False, "recorded_by": [], "at": n}
+                    span = {"run": record.get("run"), "command": record.get("command"),
+                            "started": record.get("started"), "first": None, "last": None, "ended": False,
+                            "recorded_by": [], "at": n}
                     known_only.append(span)
             span["recorded_by"].append((record.get("recorded_in_run"), n))
         found = [s for s in self.spans if not s["ended"]] + known_only
@@ -644,7 +647,8 @@ def verify_manifest(path: Path, public_key: Ed25519PublicKey, *, max_problems: i
                 elif record.get("seq") == n - 1:  # in its place: the line before is not what was hashed
                     problem(n - 1, f"line {n - 1} was changed: line {n} records another hash for it (prev "
                                    f"{_short(record.get('prev'))}, line {n - 1} as found hashes to {_short(prev)}; "
-                                   f"or line {n}'s prev was edited); signatures after it cover the line as it was written")
+                                   f"or line {n}'s prev was edited); signatures after it cover the line as it was "
+                                   "written")
                 else:
                     problem(n, f"prev {record.get('prev')!r} is not the SHA-256 of line {n - 1} ({prev}): lines were "
                                f"removed, inserted or reordered before line {n}")

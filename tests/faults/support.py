@@ -99,6 +99,14 @@ class KillableProject:
     def config_path(self, kek: str | None = None) -> Path:
         return self.tmp_path / f"exitplan-{kek or self.kek}.yaml"
 
+    def config_elsewhere(self) -> Path:
+        """The configuration of the current KEK with a new, empty state directory (another host)."""
+        cfg = yaml.safe_load(self.config_path().read_text(encoding="utf-8"))
+        cfg["state"]["path"] = str(self.tmp_path / "elsewhere")
+        path = self.tmp_path / "exitplan-elsewhere.yaml"
+        path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        return path
+
     @property
     def state_db(self) -> Path:
         return self.tmp_path / "state" / "state.db"
@@ -142,12 +150,10 @@ class KillableProject:
         finally:
             con.close()
 
-    def keyset_path(self) -> Path:
-        return self.tmp_path / "state" / "keyset.json"
-
-    def key_ids_on_disk(self) -> set[int]:
+    def key_ids_on_disk(self, state_dir: str = "state") -> set[int]:
         """Every data key id in keyset.json and in every kept version of it (public keysetInfo only)."""
-        files = [self.keyset_path(), *sorted((self.tmp_path / "state" / "keysets").glob("*.json"))]
+        directory = self.tmp_path / state_dir
+        files = [directory / "keyset.json", *sorted((directory / "keysets").glob("*.json"))]
         ids: set[int] = set()
         for path in files:
             if path.exists():

@@ -57,6 +57,8 @@ PLACES = {
         Place(("migrate",), "connectors.s3:S3MultipartUpload.upload_part", range(1, 3), ("before", "after")),
         Place(("migrate",), "connectors.s3:S3MultipartUpload.complete", range(1, 2), ("before", "after")),
         Place(("migrate",), "engine.state.store:StateStore.record_parts", range(1, 3), ("after",)),
+        # a new keyset version published next to the data (after a rotation or a rewrap)
+        Place(("migrate",), "engine.key_copies:_put_once", range(1, 3), ("before", "after")),
     ),
     "manifest": (
         Place(("migrate", "verify"), "engine.audit:AuditManifest.append", range(1, 5), ("torn",)),
@@ -194,12 +196,16 @@ def test_kill_campaign(project):
         assert project.exitplan("cleanup", "--abort").code == 0
     assert not s3.list_multipart_uploads(Bucket=BUCKET, Prefix=prefix).get("Uploads")
 
-    # The keyset opens and holds every key id it ever had; the objects use several of them.
+    # The keyset opens and holds every key id it ever had, and so do its copies next to the data
+    # (imported into an empty state directory); the objects use several of the keys.
     shown = project.exitplan("keys show", "--verify")
     assert shown.code == 0, shown.err
     current = project.key_ids_on_disk()
     assert key_ids_seen <= current and used_key_ids <= current
     assert len(used_key_ids) > 1, "the rotations happened between migrations: objects under several keys"
+    imported = project.run("keys", "import", "--config", str(project.config_elsewhere()))
+    assert imported.code == 0, imported.err  # the copies next to the data hold the whole keyset
+    assert project.key_ids_on_disk("elsewhere") >= key_ids_seen
     versions = len(list((project.tmp_path / "state" / "keysets").glob("*.json")))
     print(f"objects: {len(project.blobs)} at the destination, each decrypted with tink to its source bytes; "
           f"keyset: {len(current)} data keys (objects under {len(used_key_ids)}), {versions} versions kept")

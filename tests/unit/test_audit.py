@@ -312,7 +312,8 @@ def test_unfinished_runs_reads_back_only_to_the_last_run_end(manifest, key):
         f.write(b'{"type":"verify","run":4,"se')  # torn: cut (and recorded) by the next opening
     with AuditManifest(manifest, "proj", key.public_key()) as m:
         found = m.unfinished_runs()
-        assert [(u.run, u.command, u.first_seq, u.last_seq) for u in found] == [(3, "migrate", 12, 13), (4, "verify", 14, 14)]
+        assert [(u.run, u.command, u.first_seq, u.last_seq) for u in found] == [(3, "migrate", 12, 13),
+                                                                                 (4, "verify", 14, 14)]
         m.append_signed({"type": RUN_END, "run": 5}, key)
     with AuditManifest(manifest, "proj", key.public_key()) as m:
         assert m.unfinished_runs() == []
