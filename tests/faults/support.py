@@ -150,10 +150,11 @@ class KillableProject:
         finally:
             con.close()
 
-    def key_ids_on_disk(self, state_dir: str = "state") -> set[int]:
-        """Every data key id in keyset.json and in every kept version of it (public keysetInfo only)."""
+    def key_ids(self, state_dir: str = "state", *, versions: bool = False) -> set[int]:
+        """The data key ids of keyset.json in `state_dir` (public keysetInfo only); with `versions`,
+        also those of every version kept in its `keysets/`."""
         directory = self.tmp_path / state_dir
-        files = [directory / "keyset.json", *sorted((directory / "keysets").glob("*.json"))]
+        files = [directory / "keyset.json", *(sorted((directory / "keysets").glob("*.json")) if versions else [])]
         ids: set[int] = set()
         for path in files:
             if path.exists():

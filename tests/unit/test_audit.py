@@ -277,6 +277,31 @@ def test_a_run_held_as_running_in_the_state_without_lines_is_recorded_by_the_nex
     assert "no line of its own after the last run_end" in run.sentence()
 
 
+def test_runs_killed_before_this_version_recorded_interruptions_are_recorded_by_the_first_run(tmp_path, key):
+    """A manifest from before: two runs killed, then a run that ended (its run_end follows them), the
+    killed rows still running in the state. The next run records them; audit verify matches each
+    record to its run_start."""
+    store = StateStore(tmp_path / "state.db")
+    path = tmp_path / "state" / "audit" / "manifest.jsonl"
+    old = []
+    with AuditManifest(path, "proj", key.public_key()) as m:
+        for _ in range(2):
+            old.append(store.start_run("migrate"))
+            m.append({"type": "run_start", "run": old[-1], "command": "migrate"})
+            m.append({"type": "transfer", "run": old[-1]})
+        ended = store.start_run("migrate")
+        m.append({"type": "run_start", "run": ended, "command": "migrate"})
+        m.append_signed({"type": RUN_END, "run": ended, "status": "ok"}, key)
+        store.finish_run(ended, "ok")
+    trail = ending_run(tmp_path, store, key, "verify")
+    assert [(u.run, u.first_seq) for u in trail.interrupted] == [(old[0], None), (old[1], None)]
+    check = verify_manifest(path, key.public_key())
+    assert check.ok, check.problems
+    assert [(r.run, r.first_line, r.last_line) for r in check.runs_without_end] == [(old[0], 2, 3), (old[1], 4, 5)]
+    assert all(r.recorded_by and r.recorded_by[0][0] == trail.run_id for r in check.runs_without_end)
+    assert {store.get_run(r).status for r in old} == {"interrupted"}
+
+
 def test_with_a_shared_state_database_only_a_migrate_records_rows_left_running(tmp_path, key, monkeypatch):
     """A state database other hosts use: a verify cannot tell a dead row from another host's run and
     leaves it alone; a migrate holds the project's lock, so the migrate rows left running are dead."""
