@@ -15,7 +15,9 @@ Every record carries:
 - ``type``: ``chain_start`` (the first line, once per project), ``run_start``, ``transfer`` (one
   per object copied by `migrate`), ``removal`` (one per destination copy `migrate --delete-removed`
   deleted because its object is gone from the source), ``verify`` (one per object checked by
-  `verify`), ``run_end``;
+  `verify`), ``run_interrupted`` (one per earlier run that started and never ended, written by the
+  next run right after its ``run_start``), ``repair`` (the manifest's end was mended when it was
+  opened: a torn last line cut, or a complete last record's missing newline added), ``run_end``;
 - ``seq``: its 0-based line number in the manifest;
 - ``prev``: the SHA-256 (hex) of the previous line's bytes (without its newline); null on the first;
 - ``time``: when it was written (UTC, ISO 8601, ``Z``).
@@ -25,6 +27,24 @@ is the base64 of the Ed25519 signature over the canonical line of the record *wi
 ``signature`` field. Because each record names the hash of the one before, a ``run_end``
 signature covers every line before it, including those of an earlier run that was killed before
 its own ``run_end``. Lines after the last ``run_end`` are not covered until the next run ends.
+
+Interrupted runs. Runs append one at a time (the manifest's lock), so a run's lines are its
+``run_start`` up to the line before the next run's first line. A run killed before its ``run_end``
+leaves a ``run_start`` without one. The next run (holding the lock, so the killed one is dead)
+reads the manifest back from its end to the last ``run_end`` and appends, after its own
+``run_start``, a ``run_interrupted`` record for every run it finds there without an end (its id,
+command, start time, ``first_seq`` and ``last_seq``), and one for every run the state store still
+holds as running that is known to be dead (`RunAudit` says which: ``first_seq`` null, its lines,
+if any, are before the last ``run_end``); those runs' rows then say ``interrupted``.
+So every signed ``run_end`` names, through its run, every run interrupted since the previous
+``run_end``. `verify_manifest` lists each run without an end and which runs recorded it.
+
+Repairs. Opening the manifest settles its end first: a last line without its newline that parses
+as a JSON object is a complete record whose newline was lost, and gets its newline (never
+deleted); one that does not parse is the torn write of a killed process and is replaced, in one
+write at the same offset, by a ``repair`` record naming its length and SHA-256. Either repair is
+recorded in the chain (``action``: ``newline_added`` or ``cut``), so the next signature covers it
+and `audit verify` shows it.
 
 What the manifest cannot prove alone: that nothing was cut off after a signed ``run_end`` (drop
 whole runs from the end and the rest still checks). Keep the last record hash somewhere else too:
@@ -50,7 +70,7 @@ import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -77,7 +97,9 @@ TRANSFER = "transfer"
 VERIFY = "verify"
 RUN_END = "run_end"
 REMOVAL = "removal"
-RECORD_TYPES = (CHAIN_START, RUN_START, TRANSFER, REMOVAL, VERIFY, RUN_END)
+RUN_INTERRUPTED = "run_interrupted"
+REPAIR = "repair"
+RECORD_TYPES = (CHAIN_START, RUN_START, TRANSFER, REMOVAL, VERIFY, RUN_INTERRUPTED, REPAIR, RUN_END)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,16 +162,51 @@ class ManifestError(UserError):
     exit_code = ExitCode.FAILED
 
 
+@dataclass(frozen=True)
+class UnfinishedRun:
+    """A run with a `run_start` and no `run_end` found at the manifest's end when it was opened
+    (lines are `seq`, 0-based), or one the state store still holds as running (no lines known)."""
+
+    run: int
+    command: str | None
+    started: str | None
+    first_seq: int | None
+    last_seq: int | None
+
+    def record(self, recorded_in_run: int) -> dict[str, Any]:
+        return {"type": RUN_INTERRUPTED, "run": self.run, "command": self.command, "started": self.started,
+                "first_seq": self.first_seq, "last_seq": self.last_seq, "recorded_in_run": recorded_in_run,
+                "reason": ("started and never ended (killed, or its host lost): it wrote no run_end"
+                           if self.first_seq is not None else
+                           "the state store holds it as started and never ended; no run_start of it follows the "
+                           "last run_end (its lines, if any, are before it)")}
+
+
+def repair_sentence(record: Mapping[str, Any]) -> str:
+    """What a `repair` record says was done, for people."""
+    if record.get("action") == "cut":
+        return (f"a torn last line of {record.get('cut_bytes')} bytes (SHA-256 {record.get('cut_sha256')}) was cut: "
+                "a write cut by a kill, never a complete record")
+    return f"line {_line_no(record.get('line_seq'))} was a complete record without its newline: the newline was added"
+
+
+def _line_no(seq: Any) -> Any:
+    """The 1-based line number of a record's `seq` (what `audit verify` prints)."""
+    return seq + 1 if isinstance(seq, int) else seq
+
+
 class AuditManifest:
     """An open manifest, appended to under a lock (records come from worker threads).
 
-    Opening reads only the file's last line (for `seq` and `prev`). A last line without its
-    newline is the torn write of a killed process, never a whole record: it is cut off (and
-    logged) so that the chain goes on from the last complete record. An empty or new file starts
-    with a `chain_start` record. Each record is written with one `write` and flushed; `sync`
-    (called at the end of each run) fsyncs the file. One process at a time appends: an exclusive
-    `flock` on `manifest.jsonl.lock` is held from open to close (a second run of the same project,
-    a verify during a migrate, gets a `ManifestError` at once instead of forking the chain).
+    Opening settles the file's end (the module docstring's "Repairs"): a complete last record
+    whose newline was lost gets it; a torn last line (a write cut by a kill: it does not parse)
+    is replaced by a `repair` record naming its length and SHA-256. Then only the last line is
+    read (for `seq` and `prev`). An empty or new file starts with a `chain_start` record. Each
+    record is written with one `write` and flushed; `sync` (called at the end of each run) fsyncs
+    the file. One process at a time appends: an exclusive `flock` on `manifest.jsonl.lock` is held
+    from open to close (a second run of the same project, a verify during a migrate, gets a
+    `ManifestError` at once instead of forking the chain), so the runs found without an end
+    (`unfinished_runs`) are dead.
     """
 
     def __init__(self, path: Path, project: str, public_key: Ed25519PublicKey | None):
@@ -158,6 +215,8 @@ class AuditManifest:
         self.path = path
         self.project = project
         self._lock = threading.Lock()
+        self.repairs: list[dict[str, Any]] = []  # the repair records this opening wrote
+        self._public_key = public_key
         path.parent.mkdir(parents=True, exist_ok=True)
         self._flock = open(path.with_name(path.name + ".lock"), "a+b")
         try:
@@ -167,39 +226,95 @@ class AuditManifest:
             raise ManifestError(f"{path} is being written by another exitplan run of project `{project}` "
                                 "(a migrate or verify still going); run this one once it has finished") from None
         try:
-            last = _read_last_line(path)
+            self._settle_end()
             self._file = open(path, "ab")
         except BaseException:
             self._flock.close()
             raise
+        if self.prev is None:
+            self.append(self._chain_start())
+
+    def _chain_start(self) -> dict[str, Any]:
+        fingerprint = public_key_fingerprint(self._public_key) if self._public_key else None
+        return {"type": CHAIN_START, "format": MANIFEST_FORMAT, "project": self.project,
+                "audit_public_key_sha256": fingerprint}
+
+    def _follow(self, last: bytes | None) -> None:
+        """Go on after `last` (the last complete line, None: an empty file): its seq + 1, its hash."""
+        self.seq, self.prev = 0, None
         if last is None:
-            self.seq = 0
-            self.prev: str | None = None
-            self.append({
-                "type": CHAIN_START, "format": MANIFEST_FORMAT, "project": project,
-                "audit_public_key_sha256": public_key_fingerprint(public_key) if public_key else None,
-            })
-        else:
-            try:
-                record = json.loads(last)
-                self.seq = int(record["seq"]) + 1
-            except (ValueError, KeyError, TypeError):
-                self._file.close()
-                self._flock.close()
-                raise ManifestError(f"{path}: the last line is not a manifest record; check the file "
-                                    "(`exitplan audit verify`) or move it aside to start a new chain") from None
-            self.prev = line_hash(last)
+            return
+        try:
+            self.seq = int(json.loads(last)["seq"]) + 1
+        except (ValueError, KeyError, TypeError):
+            raise ManifestError(f"{self.path}: the last line is not a manifest record; check the file "
+                                "(`exitplan audit verify`) or move it aside to start a new chain") from None
+        self.prev = line_hash(last)
+
+    def _settle_end(self) -> None:
+        """Read the end of the file: complete or cut a last line without its newline (each recorded
+        with a `repair` record), and set `seq` and `prev` to go on after the last line."""
+        try:
+            f = open(self.path, "r+b")
+        except FileNotFoundError:
+            self._follow(None)
+            return
+        with f:
+            size = f.seek(0, os.SEEK_END)
+            fragment_at = _rfind_newline(f, size) + 1
+            f.seek(fragment_at)
+            fragment = f.read(size - fragment_at)
+            previous = _line_before(f, fragment_at)
+            if not fragment:
+                self._follow(previous)
+                return
+            if _parses_as_record(fragment):  # a whole record whose newline was lost: never deleted
+                f.seek(size)
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+                log.warning("%s: the last record had no newline; the newline was added", self.path)
+                self._follow(fragment)
+                repair = {"action": "newline_added", "line_seq": self.seq - 1,
+                          "reason": "the last record was complete but its newline was missing; the newline was added"}
+                lines = [self._stamp(dict(repair, type=REPAIR))]
+                f.write(lines[0] + b"\n")
+            else:
+                # A torn write: replaced in place, in one write, by the record of its cut (a kill
+                # during this write leaves a new torn line, which the next opening cuts and records).
+                self._follow(previous)
+                lines = [self._stamp(self._chain_start())] if previous is None else []
+                lines.append(self._stamp({
+                    "type": REPAIR, "action": "cut", "cut_bytes": len(fragment),
+                    "cut_sha256": hashlib.sha256(fragment).hexdigest(),
+                    "reason": "a torn last line (a write cut by a kill: not a complete record) was cut"}))
+                log.warning("%s: a torn last line (%d bytes, a write cut by a kill) was cut; a repair record names it",
+                            self.path, len(fragment))
+                f.seek(fragment_at)
+                f.write(b"".join(line + b"\n" for line in lines))
+                f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+            self.repairs += [json.loads(line) for line in lines if b'"type":"repair"' in line]
+
+    def _stamp(self, record: Mapping[str, Any]) -> bytes:
+        """`record` with `seq`, `prev` and `time` as the next line (canonical bytes); moves the chain on."""
+        return self._stamped(record)[1]
+
+    def _stamped(self, record: Mapping[str, Any]) -> tuple[dict[str, Any], bytes]:
+        full = dict(record, seq=self.seq, prev=self.prev)
+        full.setdefault("time", _now())
+        line = canonical(full).encode("utf-8")
+        self.seq += 1
+        self.prev = line_hash(line)
+        return full, line
 
     def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Write `record` with its `type` given, adding `seq`, `prev` and `time` (unless given)."""
         with self._lock:
-            full = dict(record, seq=self.seq, prev=self.prev)
-            full.setdefault("time", _now())
-            line = canonical(full).encode("utf-8")
+            full, line = self._stamped(record)
             self._file.write(line + b"\n")
             self._file.flush()
-            self.seq += 1
-            self.prev = line_hash(line)
             return full
 
     def append_signed(self, record: Mapping[str, Any], signing_key: Ed25519PrivateKey | None) -> dict[str, Any]:
@@ -211,12 +326,45 @@ class AuditManifest:
             full["public_key_sha256"] = public_key_fingerprint(signing_key.public_key()) if signing_key else None
             full["signature"] = (base64.b64encode(signing_key.sign(signed_payload(full))).decode("ascii")
                                  if signing_key else None)
-            line = canonical(full).encode("utf-8")
+            full, line = self._stamped(full)
             self._file.write(line + b"\n")
             self._file.flush()
-            self.seq += 1
-            self.prev = line_hash(line)
             return full
+
+    def unfinished_runs(self) -> list[UnfinishedRun]:
+        """The runs with a `run_start` and no `run_end` after the manifest's last `run_end`, and the
+        runs the `run_interrupted` records there name (a run killed after recording them had no
+        run_end to sign them), by run id. Read backwards from the end, so it costs the lines
+        written since the last run ended. A run's last line is the one before the next run's first
+        line (its `repair` or `run_start`)."""
+        with self._lock:
+            self._file.flush()
+            end_seq = self.seq - 1
+        found: dict[tuple[int, int | None], UnfinishedRun] = {}
+        named: list[UnfinishedRun] = []
+        next_first = end_seq + 1
+        with open(self.path, "rb") as f:
+            for line in _lines_backwards(f):
+                if not any(marker in line for marker in _TAIL_MARKERS):
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                kind, seq, run = record.get("type"), record.get("seq"), record.get("run")
+                if kind == RUN_END or not isinstance(seq, int):
+                    break
+                if kind == RUN_START and isinstance(run, int):
+                    found[(run, seq)] = UnfinishedRun(run, record.get("command"), record.get("time"), seq,
+                                                      next_first - 1)
+                elif kind == RUN_INTERRUPTED and isinstance(run, int):
+                    named.append(UnfinishedRun(run, record.get("command"), record.get("started"),
+                                               record.get("first_seq"), record.get("last_seq")))
+                if kind in (RUN_START, REPAIR, CHAIN_START):
+                    next_first = seq
+        for run in named:
+            found.setdefault((run.run, run.first_seq), run)
+        return sorted(found.values(), key=lambda u: (u.run, u.first_seq or 0))
 
     def sync(self) -> None:
         with self._lock:
@@ -238,6 +386,21 @@ class AuditManifest:
         self.close()
 
 
+# Substrings of the canonical lines that `unfinished_runs` reads (a JSON string holding them would
+# escape the quotes, so a hit is always the record's own `type`; each is parsed to be sure).
+_TAIL_MARKERS = tuple(f'"type":"{kind}"'.encode() for kind in (RUN_START, RUN_END, REPAIR, CHAIN_START,
+                                                                RUN_INTERRUPTED))
+
+
+def _parses_as_record(line: bytes) -> bool:
+    """A line is a complete record when it parses as a JSON object (a torn prefix of a one-line
+    object never does: its closing brace is the last byte written)."""
+    try:
+        return isinstance(json.loads(line.decode("utf-8")), dict)
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
 def _rfind_newline(f, before: int, block: int = 64 * 1024) -> int:
     """Offset of the last ``\\n`` in `f` at an offset below `before`, or -1."""
     pos = before
@@ -251,28 +414,29 @@ def _rfind_newline(f, before: int, block: int = 64 * 1024) -> int:
     return -1
 
 
-def _read_last_line(path: Path) -> bytes | None:
-    """The last complete line of `path` without its newline (None if the file is empty or absent),
-    read from the end; a torn last line (no newline) is truncated away first."""
-    try:
-        f = open(path, "r+b")
-    except FileNotFoundError:
+def _line_before(f, end: int) -> bytes | None:
+    """The complete line ending just before offset `end` (which follows a ``\\n``), without its newline."""
+    if end <= 0:
         return None
-    with f:
-        size = f.seek(0, os.SEEK_END)
-        last_nl = _rfind_newline(f, size)
-        if last_nl != size - 1:  # a torn write: bytes after the last newline
-            keep = last_nl + 1
-            log.warning("%s: a torn last line (%d bytes, a write cut by a kill) is removed", path, size - keep)
-            f.truncate(keep)
-            f.flush()
-            os.fsync(f.fileno())
-            size = keep
-        if size == 0:
-            return None
-        start = _rfind_newline(f, size - 1) + 1
+    start = _rfind_newline(f, end - 1) + 1
+    f.seek(start)
+    return f.read(end - 1 - start)
+
+
+def _lines_backwards(f, block: int = 64 * 1024) -> Iterator[bytes]:
+    """The complete lines of `f` from the last to the first, without their newlines (a torn tail
+    is not a line), read in blocks from the end."""
+    end = _rfind_newline(f, f.seek(0, os.SEEK_END)) + 1
+    if end == 0:
+        return
+    pos, head = end - 1, b""  # [0, pos) is still to read; `head` is the start of the line read last
+    while pos > 0:
+        start = max(0, pos - block)
         f.seek(start)
-        return f.read(size - 1 - start)
+        parts = (f.read(pos - start) + head).split(b"\n")
+        pos, head = start, parts[0]
+        yield from reversed(parts[1:])
+    yield head
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,11 +449,61 @@ class ManifestProblem:
     line: int  # 1-based
     message: str
 
+    def sentence(self) -> str:
+        """The problem as printed: a message that names its line itself stands alone."""
+        return self.message if self.message.startswith(f"line {self.line} ") else f"line {self.line}: {self.message}"
+
+
+@dataclass(frozen=True)
+class RunWithoutEnd:
+    """A run the manifest shows started and never ended: a finding, not a problem (see `ManifestCheck`).
+
+    `first_line`/`last_line` (1-based) are its lines; None for a run known only from a
+    `run_interrupted` record (the state store held it as running: it wrote no line after the
+    last run_end). `recorded_by`: (run id, line) of each `run_interrupted` record naming it."""
+
+    run: int
+    command: str | None
+    started: str | None
+    first_line: int | None
+    last_line: int | None
+    recorded_by: tuple[tuple[int, int], ...] = ()
+
+    def sentence(self) -> str:
+        lines = (f"lines {self.first_line}-{self.last_line}" if self.first_line is not None
+                 else "no line of its own after the last run_end (the state store held it as running)")
+        what = (f"run {self.run} ({self.command or 'unknown command'}, "
+                f"started {self.started or 'at an unknown time'}): {lines}; ")
+        if self.recorded_by:
+            return what + "recorded as interrupted by " + ", ".join(f"run {r} (line {n})" for r, n in self.recorded_by)
+        return what + ("no later run recorded it (the last run: still going, or killed; the next run records it — "
+                       "or a manifest written before exitplan recorded interruptions)")
+
+    def as_json(self) -> dict[str, Any]:
+        return {"run": self.run, "command": self.command, "started": self.started, "first_line": self.first_line,
+                "last_line": self.last_line,
+                "recorded_by": [{"run": r, "line": n} for r, n in self.recorded_by]}
+
+
+@dataclass(frozen=True)
+class ManifestRepair:
+    """A `repair` record: what opening the manifest mended at its end (a finding, not a problem)."""
+
+    line: int
+    sentence: str
+
 
 @dataclass(frozen=True)
 class ManifestCheck:
-    """What `verify_manifest` found. `ok` when the chain holds, every `run_end` signature verifies
-    and the last line is a signed `run_end`."""
+    """What `verify_manifest` found. `ok` when there is no problem: the chain holds, every
+    `run_end` signature verifies and the last line is a signed `run_end`.
+
+    Findings, listed whatever `ok` says: `runs_without_end` (runs that started and never ended,
+    and which later runs recorded them as interrupted) and `repairs`. An interrupted run before the
+    last `run_end` does not make a manifest fail: its lines are in the chain and signed by the
+    next `run_end`, and the copies it made were recorded by the next run (`late`); the interruption
+    is an event of the migration that the auditor reads here, not damage to the record. A run
+    without an end at the end of the file does fail: its lines are not covered by a signature yet."""
 
     path: Path
     records: int
@@ -299,10 +513,20 @@ class ManifestCheck:
     problems: tuple[ManifestProblem, ...]
     problems_truncated: bool = False
     counts: Mapping[str, int] = field(default_factory=dict)
+    runs_without_end: tuple[RunWithoutEnd, ...] = ()
+    repairs: tuple[ManifestRepair, ...] = ()
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def as_json(self) -> dict[str, Any]:
+        return {"manifest": str(self.path), "ok": self.ok, "records": self.records, "counts": dict(self.counts),
+                "runs_signed": self.runs_signed, "last_hash": self.last_hash, "file_sha256": self.file_sha256,
+                "problems": [{"line": p.line, "message": p.sentence()} for p in self.problems],
+                "problems_truncated": self.problems_truncated,
+                "runs_without_end": [r.as_json() for r in self.runs_without_end],
+                "repairs": [{"line": r.line, "repair": r.sentence} for r in self.repairs]}
 
 
 def load_public_key(pem: bytes) -> Ed25519PublicKey:
@@ -312,12 +536,70 @@ def load_public_key(pem: bytes) -> Ed25519PublicKey:
     return key
 
 
+class _RunSpans:
+    """The runs of a manifest as it is read line by line: where each starts and ends, and the
+    `run_interrupted` records, matched to the runs they name once every line is read."""
+
+    def __init__(self) -> None:
+        self.spans: list[dict[str, Any]] = []
+        self.by_first_line: dict[int, dict[str, Any]] = {}
+        self.current: dict[str, Any] | None = None
+        self.interruptions: list[tuple[int, dict[str, Any]]] = []
+
+    def line(self, n: int, kind: Any, record: dict[str, Any]) -> None:
+        if kind == RUN_START:
+            self.current = {"run": record.get("run"), "command": record.get("command"), "started": record.get("time"),
+                            "first": n, "last": n, "ended": False, "recorded_by": []}
+            self.spans.append(self.current)
+            self.by_first_line[n] = self.current
+            return
+        if kind in (REPAIR, CHAIN_START):  # written by the next opener: the run before ended its lines
+            self.current = None
+            return
+        if self.current is not None:
+            self.current["last"] = n
+            if kind == RUN_END and record.get("run") == self.current["run"]:
+                self.current["ended"] = True
+                self.current = None
+        if kind == RUN_INTERRUPTED:
+            self.interruptions.append((n, record))
+
+    def without_end(self, problem: Callable[[int, str], None]) -> tuple[RunWithoutEnd, ...]:
+        """Every run without a run_end, by run id, with the records naming it (a record that names no
+        such run is a problem)."""
+        known_only: list[dict[str, Any]] = []
+        for n, record in self.interruptions:
+            first_seq = record.get("first_seq")
+            if isinstance(first_seq, int):
+                span = self.by_first_line.get(first_seq + 1)
+                if span is None or span["run"] != record.get("run") or span["ended"]:
+                    problem(n, f"the run_interrupted record names run {record.get('run')!r} at line {first_seq + 1}, "
+                               "but that line is not the run_start of a run without an end")
+                    continue
+            else:
+                span = next((s for s in reversed(self.spans) if s["run"] == record.get("run") and not s["ended"]
+                             and s["first"] < n), None)
+                if span is None:
+                    span = next((s for s in known_only if s["run"] == record.get("run")), None)
+                if span is None:
+                    span = {"run": record.get("run"), "command": record.get("command"),
+                            "started": record.get("started"), "first": None, "last": None, "ended": False,
+                            "recorded_by": [], "at": n}
+                    known_only.append(span)
+            span["recorded_by"].append((record.get("recorded_in_run"), n))
+        found = [s for s in self.spans if not s["ended"]] + known_only
+        found.sort(key=lambda s: (s["run"] if isinstance(s["run"], int) else -1, s["first"] or s["at"]))
+        return tuple(RunWithoutEnd(s["run"], s["command"], s["started"], s["first"], s["last"], tuple(s["recorded_by"]))
+                     for s in found)
+
+
 def verify_manifest(path: Path, public_key: Ed25519PublicKey, *, max_problems: int = 50) -> ManifestCheck:
     """Check `path` line by line (streamed): canonical form, `seq`, `prev` against the previous
     line's hash, every `run_end` signature with `public_key`, and that nothing follows the last
-    `run_end` unsigned. Each problem names its line and what is wrong; the check goes on after
-    a problem (the chain is re-anchored on the line as found), so one altered line gives one or
-    two problems, not one per line after it."""
+    `run_end` unsigned. Each problem names its line and what is wrong, in line order; the check
+    goes on after a problem (the chain is re-anchored on the line as found), so one altered line
+    gives one problem, about that line, not one per line after it. Also lists the findings:
+    runs without an end and repairs (`ManifestCheck`)."""
     problems: list[ManifestProblem] = []
     truncated = False
     fingerprint = public_key_fingerprint(public_key)
@@ -328,6 +610,8 @@ def verify_manifest(path: Path, public_key: Ed25519PublicKey, *, max_problems: i
     runs_signed = 0
     counts: dict[str, int] = {}
     kind = None
+    runs = _RunSpans()
+    repairs: list[ManifestRepair] = []
 
     def problem(line: int, message: str) -> None:
         nonlocal truncated
@@ -360,9 +644,14 @@ def verify_manifest(path: Path, public_key: Ed25519PublicKey, *, max_problems: i
             if record.get("prev") != prev:
                 if n == 1:
                     problem(n, f"prev is {record.get('prev')!r}, expected null on the first line: lines before it were removed")
+                elif record.get("seq") == n - 1:  # in its place: the line before is not what was hashed
+                    problem(n - 1, f"line {n - 1} was changed: line {n} records another hash for it (prev "
+                                   f"{_short(record.get('prev'))}, line {n - 1} as found hashes to {_short(prev)}; "
+                                   f"or line {n}'s prev was edited); signatures after it cover the line as it was "
+                                   "written")
                 else:
-                    problem(n, f"prev {record.get('prev')!r} is not the SHA-256 of line {n - 1} ({prev}): line {n - 1} "
-                               f"was changed, or lines were removed, inserted or reordered between them")
+                    problem(n, f"prev {record.get('prev')!r} is not the SHA-256 of line {n - 1} ({prev}): lines were "
+                               f"removed, inserted or reordered before line {n}")
             if n == 1 and kind != CHAIN_START:
                 problem(n, f"the first record is {kind!r}, not {CHAIN_START!r}: the start of the chain is missing")
             if kind not in RECORD_TYPES:
@@ -379,6 +668,9 @@ def verify_manifest(path: Path, public_key: Ed25519PublicKey, *, max_problems: i
                     except (InvalidSignature, ValueError):
                         problem(n, f"the run_end signature does not verify with the given public key "
                                    f"(sha256 {fingerprint[:16]}…): the record was altered or signed by another key")
+            if kind == REPAIR:
+                repairs.append(ManifestRepair(n, repair_sentence(record)))
+            runs.line(n, kind, record)
             prev = line_hash(line)
     if n == 0:
         problem(0, "the manifest is empty")
@@ -388,7 +680,14 @@ def verify_manifest(path: Path, public_key: Ed25519PublicKey, *, max_problems: i
                        "or the end of the file was cut or altered)" if first < n else
                        f"line {n} is not covered by a signed run_end (a run still going, a killed run, "
                        "or the end of the file was cut or altered)")
-    return ManifestCheck(path, n, runs_signed, prev, file_digest.hexdigest(), tuple(problems), truncated, counts)
+    without_end = runs.without_end(problem)
+    problems.sort(key=lambda p: p.line)  # stable: a line's own problems keep their order
+    return ManifestCheck(path, n, runs_signed, prev, file_digest.hexdigest(), tuple(problems), truncated, counts,
+                         without_end, tuple(repairs))
+
+
+def _short(digest: Any) -> str:
+    return f"{digest[:16]}…" if isinstance(digest, str) else repr(digest)
 
 
 def file_sha256(path: Path) -> str:
@@ -414,6 +713,8 @@ class AuditOutcome:
     signed: bool
     copies: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    interrupted: tuple[int, ...] = ()  # earlier runs this run recorded as started and never ended
+    repairs: tuple[str, ...] = ()  # what opening the manifest mended at its end, as sentences
 
 
 def audit_signing_key(loaded: "LoadedConfig", datasets: list[str] | None = None) -> Ed25519PrivateKey | None:
@@ -438,21 +739,47 @@ def open_manifest(loaded: "LoadedConfig", signing_key: Ed25519PrivateKey | None)
 
 
 class RunAudit:
-    """The audit trail of one run (migrate or verify): run_start when created, records in between,
-    a signed run_end at `finish`, then the copy next to the data (`publish`)."""
+    """The audit trail of one run (migrate or verify), and the run itself: created, it opens the
+    manifest (its lock), then the run's row in the state store (`run_id`), appends `run_start`
+    and a `run_interrupted` record for each earlier run found without an end, whose rows then say
+    `interrupted`; records in between; a signed run_end at `finish`, then the copy next to the data
+    (`publish`).
 
-    def __init__(self, loaded: "LoadedConfig", command: str, run_id: int, datasets: list[str],
-                 signing_key: Ed25519PrivateKey | None, **details: Any):
+    The manifest is opened before the run's row exists, so a run refused the manifest (another run
+    holds it) leaves no row. Which rows still running are dead, and recorded with the runs found
+    without an end: with a SQLite state (it lives in the manifest's state directory, and every
+    process that opens a run there holds the manifest's lock first), every one but this run's;
+    with a shared state database, only those of `command` when `exclusive` says the caller holds
+    the project's lock for it (migrate): a verify on another host has a manifest of its own."""
+
+    def __init__(self, loaded: "LoadedConfig", command: str, datasets: list[str],
+                 signing_key: Ed25519PrivateKey | None, state: st.StateStore, *, exclusive: bool = False,
+                 **details: Any):
         self.loaded = loaded
         self.command = command
-        self.run_id = run_id
         self.datasets = list(datasets)
         self.signing_key = signing_key
         self.manifest = open_manifest(loaded, signing_key)
-        self.first_seq = self.manifest.seq
-        self.started = _now()
-        self.manifest.append({"type": RUN_START, "run": run_id, "command": command, "project": loaded.config.project,
-                              "datasets": self.datasets, **details})
+        try:
+            unfinished = self.manifest.unfinished_runs()
+            self.run_id = state.start_run(command, loaded.path)
+            self.first_seq = self.manifest.seq
+            self.started = _now()
+            self.manifest.append({"type": RUN_START, "run": self.run_id, "command": command,
+                                  "project": loaded.config.project, "datasets": self.datasets, **details})
+            if exclusive or not state.shared:
+                seen = {u.run for u in unfinished}
+                unfinished += [UnfinishedRun(r.id, r.command, iso(r.started_at), None, None)
+                               for r in state.running_runs(command if state.shared else None)
+                               if r.id != self.run_id and r.id not in seen]
+                unfinished.sort(key=lambda u: (u.run, u.first_seq or 0))
+            for run in unfinished:
+                self.manifest.append(run.record(self.run_id))
+            self.interrupted = tuple(unfinished)
+            state.mark_interrupted([u.run for u in unfinished])
+        except BaseException:
+            self.manifest.close()
+            raise
         self._finished: dict[str, Any] | None = None
 
     def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -491,20 +818,23 @@ class RunAudit:
     def outcome(self, copies: list[str] | None = None, notes: list[str] | None = None) -> AuditOutcome:
         end = self._finished or {}
         return AuditOutcome(self.manifest.path, self.manifest.seq - self.first_seq, self.manifest.prev or "",
-                            bool(end.get("signature")), tuple(copies or ()), tuple(notes or ()))
+                            bool(end.get("signature")), tuple(copies or ()), tuple(notes or ()),
+                            tuple(u.run for u in self.interrupted),
+                            tuple(repair_sentence(r) for r in self.manifest.repairs))
 
 
 class MigrationAudit(RunAudit):
     """The `migrate` side: transfer records from the state rows (see the module docstring)."""
 
-    def __init__(self, loaded: "LoadedConfig", state: st.StateStore, run_id: int, datasets: list[str],
+    def __init__(self, loaded: "LoadedConfig", state: st.StateStore, datasets: list[str],
                  verdicts: Mapping[str, "DestinationVerdict"], key_ids: Mapping[str, int | None],
                  signing_key: Ed25519PrivateKey | None):
+        """Opens the migration run (see `RunAudit`); the caller holds the project's migration lock."""
         self.state = state
         self.verdicts = verdicts
         self.key_ids = dict(key_ids)
         self._endpoints: dict[str, tuple[ObjectSource | None, HeadReader | None]] = {}
-        super().__init__(loaded, "migrate", run_id, datasets, signing_key)
+        super().__init__(loaded, "migrate", datasets, signing_key, state, exclusive=True)
 
     def end(self, status: str) -> dict[str, Any]:
         """Record what is still unrecorded in the run's datasets (a dataset cut short by an error or

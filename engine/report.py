@@ -106,8 +106,11 @@ def manifest_fingerprint(loaded: LoadedConfig) -> ManifestFingerprint:
                    "by the project's audit key")
     else:
         first = check.problems[0]
-        verdict = f"does NOT check: line {first.line}: {first.message}" + (
+        verdict = f"does NOT check: {first.sentence()}" + (
             f" (and {len(check.problems) - 1} more problems)" if len(check.problems) > 1 else "")
+    if check.runs_without_end:
+        verdict += (f"; {len(check.runs_without_end)} run{'s' if len(check.runs_without_end) != 1 else ''} started and "
+                    "never ended (`exitplan audit verify` lists them)")
     return ManifestFingerprint(path, True, check.file_sha256, check.records, check.last_hash, verdict, check.ok)
 
 

@@ -305,12 +305,13 @@ class MigrationRun:
         self.keyset_copies = publish_keysets(loaded, datasets, self.formats)
         tune_malloc(self.settings.memory_budget)
         self.state = open_state(loaded)
-        self.run_id = self.state.start_run("migrate", loaded.path)
-        # The audit hook: transfer records are read back from the state rows after each dataset
-        # and at the end (engine/audit.py), so the copy engine itself knows nothing of the manifest.
-        self.trail = MigrationAudit(loaded, self.state, self.run_id, datasets, self.verdicts,
+        # The audit hook opens the run (manifest first, then the run's row: engine/audit.py);
+        # transfer records are read back from the state rows after each dataset and at the end,
+        # so the copy engine itself knows nothing of the manifest.
+        self.trail = MigrationAudit(loaded, self.state, datasets, self.verdicts,
                                     {n: fmt.keys.primary_id for n, fmt in self.formats.items() if fmt is not IDENTITY},
                                     self.signing_key)
+        self.run_id = self.trail.run_id
         self._executors = create_executors(self.settings.concurrency, self.settings.object_concurrency)
         self.executors = self._executors.__enter__()
 

@@ -427,12 +427,16 @@ def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sam
     signing = audit_signing_key(loaded, datasets)
     started = time.monotonic()
     store = open_state(loaded)
-    run_id = store.start_run("verify", loaded.path)
     mode = "deep" if deep else "quick"
     details: dict[str, Any] = {"mode": mode}
     if deep:
         details.update(sample_ppm=round(sample * 1_000_000), seed=seed)
-    trail = RunAudit(loaded, "verify", run_id, datasets, signing, **details)
+    try:
+        trail = RunAudit(loaded, "verify", datasets, signing, store, **details)  # opens the run
+    except BaseException:
+        store.close()
+        raise
+    run_id = trail.run_id
 
     def on_checked(row: st.ObjectRecord, result: CheckedObject) -> None:
         _record_state(store, row, result)

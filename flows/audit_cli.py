@@ -7,14 +7,17 @@
   named (object, expected, found), or while a dataset is not complete (an object of its newest
   complete source listing not verified: failed, pending, never attempted; each named). `--sample`
   implies `--deep`.
-- `audit verify MANIFEST --public-key KEY.pem`: check a manifest's chain and signatures; exit 1
-  naming the line where it breaks.
+- `audit verify MANIFEST --public-key KEY.pem [--format json]`: check a manifest's chain and
+  signatures; exit 1 naming the line where it breaks. Either way it lists the runs that started
+  and never ended (and which later run recorded each as interrupted) and the repairs of the
+  manifest's end: findings, not failures (`engine.audit.ManifestCheck` says why).
 - `report --config F --out report.html`: one self-contained HTML file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -47,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("manifest", type=Path, metavar="MANIFEST", help="the manifest (manifest.jsonl)")
     p.add_argument("--public-key", required=True, type=Path, metavar="KEY.pem",
                    help="the project's audit public key (`exitplan keys show --audit-public-key`)")
+    p.add_argument("--format", choices=("text", "json"), default="text",
+                   help="json: one JSON object on stdout (ok, problems, runs without an end, repairs)")
     p.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("report", help="write a self-contained HTML report: datasets, charts, sovereignty, manifest fingerprint")
@@ -150,19 +155,39 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         raise UserError(f"--public-key {args.public_key}: not an Ed25519 public key in PEM ({exc}); export it with "
                         "`exitplan keys show --config F --audit-public-key`") from None
     check = verify_manifest(args.manifest, public_key)
+    if args.format == "json":
+        print(json.dumps(check.as_json(), indent=2, ensure_ascii=False))
+        return ExitCode.OK if check.ok else ExitCode.FAILED
     if check.ok:
         kinds = ", ".join(f"{n:,} {k}" for k, n in sorted(check.counts.items()))
         print(f"{args.manifest}: OK: {check.records:,} records ({kinds}), chain intact, "
               f"{check.runs_signed:,} run ends signed by this key")
+    else:
+        print(f"{args.manifest}: BROKEN ({check.records:,} records):", file=sys.stderr)
+        for p in check.problems:
+            print(f"  {p.sentence()}", file=sys.stderr)
+        if check.problems_truncated:
+            print("  … and more", file=sys.stderr)
+    print_manifest_findings(check)
+    if check.ok:
         print(f"last record hash: {check.last_hash}")
         print(f"file SHA-256:     {check.file_sha256}")
-        return ExitCode.OK
-    print(f"{args.manifest}: BROKEN ({check.records:,} records):", file=sys.stderr)
-    for p in check.problems:
-        print(f"  line {p.line}: {p.message}", file=sys.stderr)
-    if check.problems_truncated:
-        print("  … and more", file=sys.stderr)
-    return ExitCode.FAILED
+    return ExitCode.OK if check.ok else ExitCode.FAILED
+
+
+def print_manifest_findings(check) -> None:
+    """The runs without an end and the repairs, whether the manifest checks or not."""
+    if check.runs_without_end:
+        n = len(check.runs_without_end)
+        print(f"runs without a run_end (interrupted): {n}")
+        for run in check.runs_without_end:
+            print(f"  {run.sentence()}")
+    else:
+        print("runs without a run_end (interrupted): none")
+    if check.repairs:
+        print(f"repairs of the manifest's end: {len(check.repairs)}")
+        for repair in check.repairs:
+            print(f"  line {repair.line}: {repair.sentence}")
 
 
 # ---------------------------------------------------------------------------------------------

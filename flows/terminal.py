@@ -26,6 +26,11 @@ def print_audit_outcome(a) -> None:
     """What a run appended to the audit manifest, and where its copies went (migrate and verify)."""
     print(f"audit manifest: {a.manifest} ({a.records:,} records this run, run end "
           f"{'signed' if a.signed else 'NOT signed (no audit key)'}; last record hash {a.last_hash})")
+    if a.interrupted:
+        runs = ", ".join(str(r) for r in a.interrupted)
+        print(f"  recorded as interrupted (started, never ended): run{'s' if len(a.interrupted) > 1 else ''} {runs}")
+    for repair in a.repairs:
+        print(f"  repaired and recorded: {repair}")
     for copy in a.copies:
         print(f"  copied next to the data: {copy}")
     for note in a.notes:

@@ -138,6 +138,35 @@ class StateStore:
         with self._write, self.engine.begin() as conn:
             conn.execute(runs.update().where(runs.c.id == run_id).values(status=status, finished_at=utcnow(), **totals))
 
+    @property
+    def shared(self) -> bool:
+        """The state is a database that processes of other hosts, with other state directories (and
+        so other audit manifests), may use at once (PostgreSQL); False for a SQLite file."""
+        return self.engine.dialect.name != "sqlite"
+
+    def running_runs(self, command: str | None = None) -> list[RunRecord]:
+        """Runs (of `command`, or of any) whose row still says running (live, or killed before they
+        ended), oldest first."""
+        query = runs.select().where(runs.c.status == "running").order_by(runs.c.id)
+        if command is not None:
+            query = query.where(runs.c.command == command)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [RunRecord(**row) for row in rows]
+
+    def mark_interrupted(self, run_ids: Sequence[int]) -> list[int]:
+        """Say `interrupted` for those of `run_ids` whose row still says running: the caller knows
+        they are dead (the audit manifest has their run_start and no run_end, or the project's lock
+        is held). Their `finished_at` stays empty (when they died is unknown). Returns the ids changed."""
+        if not run_ids:
+            return []
+        with self._write, self.engine.begin() as conn:
+            changed = conn.execute(sa.select(runs.c.id).where(runs.c.id.in_(list(run_ids)),
+                                                              runs.c.status == "running")).scalars().all()
+            if changed:
+                conn.execute(runs.update().where(runs.c.id.in_(changed)).values(status="interrupted"))
+        return sorted(changed)
+
     def add_run_totals(self, run_id: int, **totals: int) -> None:
         """Add to a run's counters (several datasets contribute to one run)."""
         values = {name: getattr(runs.c, name) + n for name, n in totals.items()}
