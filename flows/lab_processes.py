@@ -90,7 +90,7 @@ class ServerSpec:
     name: str
     port: int
     argv: tuple[str, ...]
-    probe_path: str  # an HTTP path that answers once the server is ready
+    probe_path: str  # an HTTP path that answers once the server is ready, or `SSH_PROBE`
     # The server's environment: ours without the variables named by `drop_env_prefixes`, plus
     # DO_NOT_TRACK=1, plus `env`.
     env: Mapping[str, str] = field(default_factory=dict, hash=False)
@@ -157,6 +157,22 @@ def prefect_spec(port: int, home: Path) -> ServerSpec:
     )
 
 
+# `ServerSpec.probe_path` of a server that speaks SSH, not HTTP (the lab's sshd): ready once it
+# sends its SSH banner.
+SSH_PROBE = "ssh:"
+
+
+def server_ready(port: int, probe_path: str, timeout: float = 1.0) -> bool:
+    """Whether the server on `port` answers: its SSH banner (`SSH_PROBE`) or an HTTP GET of `probe_path`."""
+    if probe_path == SSH_PROBE:
+        try:
+            with socket.create_connection((LOOPBACK, port), timeout=timeout) as sock:
+                return sock.recv(8).startswith(b"SSH-")
+        except OSError:
+            return False
+    return http_ready(port, probe_path, timeout)
+
+
 def http_ready(port: int, path: str, timeout: float = 1.0) -> bool:
     try:
         conn = http.client.HTTPConnection(LOOPBACK, port, timeout=timeout)
@@ -211,7 +227,7 @@ def start_server(
         if proc.poll() is not None:
             where = f"; see {log_path}" if log_path else ""
             raise LabError(f"{spec.name} exited with code {proc.returncode} while starting on port {spec.port}{where}")
-        if http_ready(spec.port, spec.probe_path):
+        if server_ready(spec.port, spec.probe_path):
             return proc
         time.sleep(0.1)
     stop_pid(proc.pid)

@@ -94,3 +94,18 @@ def postgres():
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A private OpenSSH sshd (SFTP only, key login) on a free loopback port: its `SshdLayout`
+    (host key, user key, known_hosts, the `root` directory it serves)."""
+    from flows.lab_sftp import prepare_sshd, sshd_spec
+
+    directory = tmp_path_factory.mktemp("sshd")
+    layout = prepare_sshd(directory, lp.free_port())
+    proc = lp.start_server(sshd_spec(layout), directory / "sshd.log")
+    try:
+        yield layout
+    finally:
+        lp.stop_pid(proc.pid)

@@ -179,6 +179,55 @@ class S3Harness:
         return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
 
 
+class SftpHarness:
+    """A fresh directory on the test sshd, read and written through `SftpStore`; seeded and read
+    back on the server's own file system (the sshd serves this machine's disk), with the sidecar
+    metadata file written as connectors/sftp.py documents it."""
+
+    name = "sftp"
+
+    def __init__(self, layout):
+        self.layout = layout
+        self.dir = layout.root / unique_name()
+        self.dir.mkdir()
+
+    def _store(self, root, **kwargs):
+        from connectors.sftp import HostKeyPin, SftpLogin, SftpStore
+
+        kwargs.setdefault("limits", SinkLimits())
+        return SftpStore(lp.LOOPBACK, self.layout.port, str(root),
+                         SftpLogin(self.layout.username, self.layout.user_key.read_text()),
+                         HostKeyPin(known_hosts=str(self.layout.known_hosts)), connections=2, **kwargs)
+
+    def source(self, page_size: int = 1000):
+        return self._store(self.dir)
+
+    sink = reopen_sink = source
+
+    def missing_source(self):
+        return self._store(self.layout.root / unique_name("missing"))
+
+    def seed(self, key: str, data: bytes, *, content: ContentSettings = ContentSettings(),
+             metadata: Mapping[str, str] | None = None, with_md5: bool = True) -> None:
+        import json
+
+        path = self.dir / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        st = path.stat()
+        sidecar = {"marker": f"s{st.st_size}-t{int(st.st_mtime)}",
+                   "content": {k: v for k, v in vars(content).items() if v is not None},
+                   "metadata": dict(metadata or {})}
+        if with_md5:
+            sidecar["content_md5"] = hashlib.md5(data).hexdigest()
+        meta_path = self.dir / ".exitplan-sftp" / "meta" / f"{key}.json"
+        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps(sidecar))
+
+    def raw_read(self, key: str) -> bytes:
+        return (self.dir / key).read_bytes()
+
+
 def md5(data: bytes) -> bytes:
     return hashlib.md5(data).digest()
 

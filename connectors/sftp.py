@@ -1,0 +1,850 @@
+"""An SFTP server as `ObjectSource` and `ObjectSink` (paramiko, on OpenSSH or any SFTP v3 server).
+
+One `SftpStore` serves one directory tree of one server (`root`): the object key `a/b.csv` is the
+file `<root>/a/b.csv`. Every paramiko and socket exception is translated into the connectors' error
+classes (`connectors.base`) and never leaks.
+
+Security. The server's host key is pinned: it must be in the given known_hosts file or match one of
+the given SHA256 fingerprints, otherwise the connection is refused (`HostKeyRefused`) before any
+credential is sent; an unknown or changed key is never accepted. Authentication is by key (a private
+key given as text, with its passphrase if any) or, only when the caller passes one explicitly, by
+password. No agent is consulted and nothing is forwarded.
+
+What SFTP has and has not, and what this connector does about it:
+
+- No ETag. The change marker of a file is its size and modification time (`s<size>-t<mtime>`, the
+  mtime in whole seconds as SFTP v3 carries it): a rewrite that keeps the size within the same
+  second is not seen. A ranged read pinned to a marker checks it before and after reading, so a file
+  changed during the read raises `SourceChanged` (the engine then starts the object over).
+- No object metadata. What a sink writes with an object (content settings, user metadata, the
+  encrypted format's metadata, the MD5 of a single write) goes into a sidecar JSON file under
+  `<root>/.exitplan-sftp/meta/`, which records the marker of the file it describes and is believed
+  only while the file still has that marker: a file changed by anyone else has no metadata.
+- No multipart upload. An upload is a directory `<root>/.exitplan-sftp/uploads/<id>/` holding one
+  file per part (written under a temporary name, then renamed to `part-<n>-<md5>`, so a listed part
+  is whole and its MD5 is known without reading it); completing assembles the parts into a temporary
+  file with the server's `copy-data` extension (through this client where the server lacks it),
+  syncs it (`fsync@openssh.com`) and renames it over the final name (`posix-rename@openssh.com`):
+  no reader ever sees a half-written file under its final name, and a killed run resumes from its
+  whole parts. `etag_is_md5` is False: the markers are not digests of the bytes.
+- Listing. SFTP directories come unordered and whole: each directory is read and sorted on its own
+  (memory grows with the largest directory, not the tree), and the tree is walked in key order.
+  Symbolic links are not followed; each one is reported once in `skipped_links` and logged.
+  `.exitplan-sftp/` at the root is the connector's own and never listed.
+- Names. A key that would leave the root or cannot be a file name (`..` or `.` segments, an empty
+  segment, a leading `/`, a NUL or other control character) is refused by name (`InvalidRequest`).
+
+Throughput: several SSH connections (`connections`), one SFTP session each, used by one thread at a
+time; TCP_NODELAY on every socket; reads of a range are pipelined (paramiko's `readv`, bounded by the
+range the engine asked for, which its memory budget already counts); writes are pipelined.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import logging
+import posixpath
+import queue
+import socket
+import stat as stat_mode
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import paramiko
+from paramiko.sftp import CMD_DATA, CMD_EXTENDED, CMD_READ, CMD_STATUS, int64
+
+from .base import (
+    AuthError,
+    ConfigError,
+    ConnectorError,
+    ContentSettings,
+    IntegrityError,
+    InvalidRequest,
+    NotFound,
+    ObjectMeta,
+    PartBody,
+    PartReceipt,
+    PendingUpload,
+    SinkLimits,
+    SourceChanged,
+    TransientError,
+    WriteMeta,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# The connector's own directory at the root: sidecar metadata, uploads in progress, temporary files.
+CONTROL_DIR = ".exitplan-sftp"
+# Bytes per write call: paramiko splits them into 32 KiB SFTP requests and pipelines them.
+_WRITE_CHUNK = 1024 * 1024
+# Reads: the size of one SFTP read request (OpenSSH serves at most 256 KiB, paramiko's default is
+# 32 KiB) and how many are in flight per session. The window bounds what a read buffers beyond the
+# range asked for: nothing (requests never reach past the range).
+_READ_REQUEST = 256 * 1024
+_READ_WINDOW = 32
+_CONNECT_TIMEOUT = 20.0
+
+
+class HostKeyRefused(ConfigError):
+    """The server's host key is not the pinned one (unknown or changed): nothing was sent to it."""
+
+
+@dataclass(frozen=True)
+class HostKeyPin:
+    """What the server's host key must be: entries of an OpenSSH known_hosts file, or fingerprints
+    as `ssh-keygen -lf` prints them (`SHA256:<base64 without padding>`). At least one is needed."""
+
+    known_hosts: str | None = None  # path of a known_hosts file
+    fingerprints: tuple[str, ...] = ()
+
+    def check(self, host: str, port: int, key: paramiko.PKey, where: str) -> None:
+        fingerprint = "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
+        if fingerprint in self.fingerprints:
+            return
+        names = [host] if port == 22 else [f"[{host}]:{port}"]
+        if self.known_hosts:
+            try:
+                known = paramiko.HostKeys(self.known_hosts)
+            except OSError as exc:
+                raise ConfigError(f"{where}: cannot read the known_hosts file {self.known_hosts} ({exc}); "
+                                  "check `known_hosts`") from None
+            for name in names:
+                entry = known.lookup(name)
+                if entry is None:
+                    continue
+                pinned = entry.get(key.get_name())
+                if pinned is not None and pinned.asbytes() == key.asbytes():
+                    return
+                if entry:
+                    raise HostKeyRefused(
+                        f"{where}: the server's {key.get_name()} host key {fingerprint} is NOT the one pinned for "
+                        f"{name} in {self.known_hosts}: the key changed or someone is in the middle; refused. "
+                        "Check the new key with the server's administrator before replacing the pin")
+        pinned_in = " and ".join(filter(None, [f"known_hosts {self.known_hosts}" if self.known_hosts else "",
+                                               "`host_key_fingerprints`" if self.fingerprints else ""]))
+        raise HostKeyRefused(
+            f"{where}: the server's {key.get_name()} host key {fingerprint} is unknown ({pinned_in or 'nothing'} "
+            f"does not pin it for {names[0]}); refused. Check the key with the server's administrator and add it "
+            "to `known_hosts` or `host_key_fingerprints`")
+
+
+@dataclass(frozen=True)
+class SftpLogin:
+    """Who logs in and how. `private_key`: the key's text (OpenSSH or PEM), `passphrase` if it is
+    encrypted; `password` only when password authentication was asked for explicitly."""
+
+    username: str
+    private_key: str | None = None
+    passphrase: str | None = None
+    password: str | None = None
+
+
+def load_private_key(text: str, passphrase: str | None, where: str) -> paramiko.PKey:
+    """The private key in `text` (Ed25519, ECDSA or RSA); `AuthError` naming `where` otherwise."""
+    problems = []
+    for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            return kind.from_private_key(io.StringIO(text), password=passphrase)
+        except paramiko.PasswordRequiredException:
+            raise AuthError(f"{where}: the private key is encrypted and no passphrase was given; set the "
+                            "passphrase's variable or block") from None
+        except (paramiko.SSHException, ValueError) as exc:
+            problems.append(str(exc))
+    raise AuthError(f"{where}: the private key cannot be read (not an Ed25519, ECDSA or RSA key, or a wrong "
+                    f"passphrase: {problems[0] if problems else 'empty'})")
+
+
+class _Sessions:
+    """Up to `size` SSH connections, one SFTP session each, lent to one thread at a time.
+
+    A session that failed (its connection dropped) is closed instead of being given back; the
+    next borrower opens a fresh one.
+    """
+
+    def __init__(self, connect: Callable[[], tuple[paramiko.Transport, paramiko.SFTPClient]], size: int):
+        self._connect = connect
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+        self._lock = threading.Lock()
+        self._all: list[tuple[paramiko.Transport, paramiko.SFTPClient]] = []
+
+    @contextlib.contextmanager
+    def borrow(self) -> Iterator[paramiko.SFTPClient]:
+        self._slots.acquire()
+        try:
+            try:
+                session = self._idle.get_nowait()
+            except queue.Empty:
+                session = self._connect()
+                with self._lock:
+                    self._all.append(session)
+            healthy = False
+            try:
+                yield session[1]
+                healthy = True
+            except (OSError, ConnectorError) as exc:
+                # An SFTP status (missing file, permission) leaves the session usable; a timeout
+                # leaves answers in flight that the next borrower would read as its own.
+                healthy = session[0].is_active() and not isinstance(exc, (socket.timeout, TimeoutError))
+                raise
+            finally:
+                if healthy and session[0].is_active():
+                    self._idle.put(session)
+                else:
+                    self._discard(session)
+        finally:
+            self._slots.release()
+
+    def _discard(self, session) -> None:
+        with self._lock:
+            if session in self._all:
+                self._all.remove(session)
+        with contextlib.suppress(Exception):
+            session[1].close()
+        with contextlib.suppress(Exception):
+            session[0].close()
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._all = self._all, []
+        for transport, client in sessions:
+            with contextlib.suppress(Exception):
+                client.close()
+            with contextlib.suppress(Exception):
+                transport.close()
+
+
+def change_marker(attrs: paramiko.SFTPAttributes) -> str:
+    """The ETag an SFTP file gets: its size and whole-second mtime (SFTP v3 has nothing finer)."""
+    return f"s{attrs.st_size}-t{int(attrs.st_mtime or 0)}"
+
+
+def refuse_hostile_key(key: str, where: str) -> None:
+    """`InvalidRequest` naming `key` when it would leave the root or is not a file name."""
+    why = None
+    if not key:
+        why = "it is empty"
+    elif key.startswith("/"):
+        why = "it is absolute (starts with `/`)"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in key):
+        why = "it contains a control character"
+    else:
+        parts = key.split("/")
+        if any(p in ("..", ".") for p in parts):
+            why = "it has a `..` or `.` segment that would leave or confuse the destination root"
+        elif any(p == "" for p in parts):
+            why = "it has an empty segment (`//` or a trailing `/`)"
+        elif parts[0] == CONTROL_DIR:
+            why = f"`{CONTROL_DIR}/` is the connector's own directory"
+    if why:
+        raise InvalidRequest(f"{where}: the name {key!r} is refused: {why}", key=key)
+
+
+def _is_missing(exc: BaseException) -> bool:
+    return isinstance(exc, (IOError, OSError)) and getattr(exc, "errno", None) == errno.ENOENT
+
+
+class SftpStore:
+    """One directory tree on one SFTP server, as a source and as a sink (module docstring)."""
+
+    unsupported: frozenset[str] = frozenset({
+        # A directory is read whole (SFTP has no ordered, resumable listing): files added to a
+        # directory while it is being listed are not seen by that listing.
+        "listing-pages",
+        # No storage tiers on a file server.
+        "tiers",
+    })
+    etag_is_md5 = False
+
+    def __init__(self, host: str, port: int, root: str, login: SftpLogin, pin: HostKeyPin, *,
+                 limits: SinkLimits | None = None, connections: int = 4, label: str | None = None,
+                 connect_timeout: float = _CONNECT_TIMEOUT):
+        if not root.startswith("/"):
+            raise ConfigError(f"sftp://{host}:{port}: the root {root!r} must be an absolute path on the server")
+        if not (pin.known_hosts or pin.fingerprints):
+            raise ConfigError(f"sftp://{host}:{port}: no host key is pinned; set `known_hosts` or "
+                              "`host_key_fingerprints` (an unpinned server is never trusted)")
+        self.host, self.port, self.root = host, port, posixpath.normpath(root)
+        self.limits = limits or SinkLimits()
+        self.label = label or f"sftp:{host}:{port}{self.root}"
+        self.skipped_links: list[str] = []
+        self._login = login
+        self._pin = pin
+        self._timeout = connect_timeout
+        self._pkey = load_private_key(login.private_key, login.passphrase, self.label) if login.private_key else None
+        if self._pkey is None and login.password is None:
+            raise AuthError(f"{self.label}: no private key and no password given; set the key's variable or block")
+        self._sessions = _Sessions(self._connect, connections)
+        self._copy_data = True  # until the server says it lacks the extension
+        # Connect now: a refused host key or a wrong key is a configuration error at open time.
+        with self._sessions.borrow():
+            pass
+
+    # ---- connections ------------------------------------------------------------------------
+
+    def _connect(self) -> tuple[paramiko.Transport, paramiko.SFTPClient]:
+        where = self.label
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self._timeout)
+        except OSError as exc:
+            raise TransientError(f"{where}: cannot connect to {self.host}:{self.port} ({exc})") from None
+        # Un-pipelined SFTP requests wait on Nagle's algorithm otherwise (about 1 MB/s instead of 150).
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport = paramiko.Transport(sock)
+        try:
+            options = transport.get_security_options()
+            fast = [c for c in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if c in options.ciphers]
+            options.ciphers = tuple(fast + [c for c in options.ciphers if c not in fast])
+            transport.start_client(timeout=self._timeout)
+            self._pin.check(self.host, self.port, transport.get_remote_server_key(), where)
+            if self._pkey is not None:
+                transport.auth_publickey(self._login.username, self._pkey)
+            else:
+                transport.auth_password(self._login.username, self._login.password)
+            client = paramiko.SFTPClient.from_transport(transport)
+            if client is None:
+                raise TransientError(f"{where}: the server opened no SFTP session")
+            client.get_channel().settimeout(120.0)
+            return transport, client
+        except paramiko.AuthenticationException as exc:
+            transport.close()
+            raise AuthError(f"{where}: the server refused the login of {self._login.username!r} ({exc}); check the "
+                            "user name and that its public key is in the server's authorized_keys") from None
+        except ConnectorError:
+            transport.close()
+            raise
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            transport.close()
+            raise TransientError(f"{where}: SSH connection failed ({exc})") from None
+
+    def close(self) -> None:
+        self._sessions.close()
+
+    def __enter__(self) -> "SftpStore":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _call(self, fn: Callable[[paramiko.SFTPClient], T], key: str | None, what: str) -> T:
+        """Run `fn` with a borrowed session; translate what paramiko raises."""
+        try:
+            with self._sessions.borrow() as sftp:
+                return fn(sftp)
+        except ConnectorError:
+            raise
+        except (EOFError, socket.timeout, paramiko.SSHException) as exc:
+            raise TransientError(f"{self.label}: {what}: the connection failed ({exc or type(exc).__name__})",
+                                 key=key) from None
+        except (IOError, OSError) as exc:
+            code = getattr(exc, "errno", None)
+            if code == errno.ENOENT:
+                raise NotFound(f"{self.label}: {what}: no such file or directory", key=key) from None
+            if code == errno.EACCES:
+                raise AuthError(f"{self.label}: {what}: permission denied by the server", key=key) from None
+            raise TransientError(f"{self.label}: {what}: {exc}", key=key) from None
+
+    # ---- paths ------------------------------------------------------------------------------
+
+    def _path(self, key: str) -> str:
+        refuse_hostile_key(key, self.label)
+        return f"{self.root}/{key}"
+
+    def _control(self, *parts: str) -> str:
+        return "/".join((self.root, CONTROL_DIR) + parts)
+
+    def _sidecar_path(self, key: str) -> str:
+        return self._control("meta", key + ".json")
+
+    def _root_missing(self, sftp: paramiko.SFTPClient) -> NotFound | None:
+        try:
+            sftp.stat(self.root)
+        except IOError as exc:
+            if _is_missing(exc):
+                return NotFound(f"{self.label}: the root directory {self.root} does not exist on the server; "
+                                "check `root`")
+            raise
+        return None
+
+    def _not_found(self, sftp: paramiko.SFTPClient, key: str) -> NotFound:
+        return self._root_missing(sftp) or NotFound(f"{self.label}: {key!r} does not exist", key=key)
+
+    # ---- reading ----------------------------------------------------------------------------
+
+    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
+        """Every file under `prefix` in key order, directory by directory (module docstring)."""
+        head_dir, _, start = prefix.rpartition("/")
+        if head_dir:
+            refuse_hostile_key(head_dir, self.label)
+
+        def entries(rel_dir: str) -> list[tuple[str, paramiko.SFTPAttributes]]:
+            path = f"{self.root}/{rel_dir}" if rel_dir else self.root
+
+            def read(sftp: paramiko.SFTPClient):
+                try:
+                    return sftp.listdir_attr(path)
+                except IOError as exc:
+                    if _is_missing(exc):
+                        missing = self._root_missing(sftp)
+                        if missing:
+                            raise missing from None
+                        return []
+                    raise
+            found = []
+            for attrs in self._call(read, None, f"listing {path}"):
+                name = attrs.filename
+                if not rel_dir and name == CONTROL_DIR:
+                    continue
+                key = f"{rel_dir}/{name}" if rel_dir else name
+                mode = attrs.st_mode or 0
+                if stat_mode.S_ISLNK(mode):
+                    log.warning("%s: %r is a symbolic link; not followed", self.label, key)
+                    self.skipped_links.append(key)
+                    continue
+                if stat_mode.S_ISDIR(mode):
+                    found.append((key + "/", attrs))
+                elif stat_mode.S_ISREG(mode):
+                    found.append((key, attrs))
+            # A directory sorts as its name plus `/`: the walk then yields keys in plain string order.
+            found.sort(key=lambda item: item[0])
+            return found
+
+        stack: list[Iterator[tuple[str, paramiko.SFTPAttributes]]] = [
+            iter([(k, a) for k, a in entries(head_dir) if k[len(head_dir) + 1 if head_dir else 0:].startswith(start)])
+        ]
+        while stack:
+            try:
+                key, attrs = next(stack[-1])
+            except StopIteration:
+                stack.pop()
+                continue
+            if key.endswith("/"):
+                stack.append(iter(entries(key[:-1])))
+                continue
+            yield ObjectMeta(key=key, size=attrs.st_size or 0, etag=change_marker(attrs),
+                             last_modified=_mtime(attrs))
+
+    def head(self, key: str) -> ObjectMeta:
+        path = self._path(key)
+
+        def head(sftp: paramiko.SFTPClient) -> ObjectMeta:
+            try:
+                attrs = sftp.stat(path)
+            except IOError as exc:
+                if _is_missing(exc):
+                    raise self._not_found(sftp, key) from None
+                raise
+            if not stat_mode.S_ISREG(attrs.st_mode or 0):
+                raise NotFound(f"{self.label}: {key!r} is not a regular file", key=key)
+            return self._meta(sftp, key, attrs)
+        return self._call(head, key, f"head of {key!r}")
+
+    def _meta(self, sftp: paramiko.SFTPClient, key: str, attrs: paramiko.SFTPAttributes) -> ObjectMeta:
+        marker = change_marker(attrs)
+        sidecar = self._read_sidecar(sftp, key)
+        if sidecar is None or sidecar.get("marker") != marker:
+            return ObjectMeta(key=key, size=attrs.st_size or 0, etag=marker, last_modified=_mtime(attrs))
+        md5 = sidecar.get("content_md5")
+        return ObjectMeta(
+            key=key, size=attrs.st_size or 0, etag=marker, last_modified=_mtime(attrs),
+            content_md5=bytes.fromhex(md5) if md5 else None,
+            content=ContentSettings(**sidecar.get("content", {})), metadata=dict(sidecar.get("metadata", {})),
+        )
+
+    def _read_sidecar(self, sftp: paramiko.SFTPClient, key: str) -> dict[str, Any] | None:
+        try:
+            with sftp.open(self._sidecar_path(key), "rb") as f:
+                raw = f.read(1024 * 1024)
+        except IOError as exc:
+            if _is_missing(exc):
+                return None
+            raise
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            log.warning("%s: the metadata file of %r is not JSON; ignored", self.label, key)
+            return None
+        return value if isinstance(value, dict) else None
+
+    def read_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
+        """Bytes `start .. end-1`, checked against `if_match` before and after the read."""
+        path = self._path(key)
+
+        def read(sftp: paramiko.SFTPClient) -> bytes:
+            try:
+                f = sftp.open(path, "rb")
+            except IOError as exc:
+                if _is_missing(exc):
+                    raise self._not_found(sftp, key) from None
+                raise
+            with f:
+                before = f.stat()
+                if if_match is not None and change_marker(before) != if_match:
+                    raise SourceChanged(f"{self.label}: {key!r} changed (now {change_marker(before)}, "
+                                        f"pinned {if_match})", key=key)
+                size = before.st_size or 0
+                if start < 0 or end < start or end > size or (start == size and start != end) or start > size:
+                    raise InvalidRequest(f"{self.label}: range {start}-{end} is outside {key!r} ({size} bytes)", key=key)
+                if start == end:
+                    return b""
+                data = _pipelined_read(sftp, f.handle, start, end)
+                after = f.stat()
+                if if_match is not None and change_marker(after) != if_match:
+                    # Written while we read it: the bytes may mix two versions.
+                    raise SourceChanged(f"{self.label}: {key!r} changed while it was read (now {change_marker(after)}, "
+                                        f"pinned {if_match})", key=key)
+            if len(data) != end - start:
+                raise TransientError(f"{self.label}: short read of {key!r}: {len(data)} bytes for range {start}-{end}",
+                                     key=key)
+            return data
+        return self._call(read, key, f"read of {key!r}")
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def _makedirs(self, sftp: paramiko.SFTPClient, directory: str) -> None:
+        """Create `directory` and its missing parents (below the root, which must exist)."""
+        missing = []
+        current = directory
+        while current != self.root and len(current) > len(self.root):
+            try:
+                sftp.stat(current)
+                break
+            except IOError as exc:
+                if not _is_missing(exc):
+                    raise
+                missing.append(current)
+                current = posixpath.dirname(current)
+        if current == self.root:
+            missing_root = self._root_missing(sftp)
+            if missing_root:
+                raise missing_root
+        for path in reversed(missing):
+            try:
+                sftp.mkdir(path)
+            except IOError:
+                # Another thread made it first; anything else shows on the next call.
+                sftp.stat(path)
+
+    def _write_file(self, sftp: paramiko.SFTPClient, path: str, body: PartBody, size: int, key: str) -> bytes:
+        """Write exactly `size` bytes of `body` to `path` (created or truncated), synced where the
+        server offers `fsync@openssh.com`; the MD5 of the bytes written."""
+        md5 = hashlib.md5()
+        written = 0
+        with sftp.open(path, "wb") as f:
+            f.set_pipelined(True)
+            if isinstance(body, (bytes, bytearray, memoryview)):
+                view = memoryview(body)
+                if len(view) != size:
+                    raise TransientError(f"{self.label}: the body of {key!r} is {len(view)} bytes, {size} announced",
+                                         key=key)
+                for offset in range(0, size, _WRITE_CHUNK):
+                    chunk = view[offset:offset + _WRITE_CHUNK]
+                    md5.update(chunk)
+                    f.write(bytes(chunk))
+                written = size
+            else:
+                while written < size:
+                    chunk = body.read(min(_WRITE_CHUNK, size - written))
+                    if not chunk:
+                        raise TransientError(f"{self.label}: the body of {key!r} ended after {written} bytes, "
+                                             f"{size} announced", key=key)
+                    md5.update(chunk)
+                    f.write(bytes(chunk))
+                    written += len(chunk)
+            f.flush()
+            self._fsync(sftp, f)
+        return md5.digest()
+
+    def _fsync(self, sftp: paramiko.SFTPClient, f: paramiko.SFTPFile) -> None:
+        try:
+            sftp._request(CMD_EXTENDED, "fsync@openssh.com", f.handle)
+        except IOError as exc:
+            # Servers without the extension answer "unsupported": the rename still publishes whole files.
+            log.debug("%s: fsync@openssh.com unavailable (%s)", self.label, exc)
+
+    def _temp_path(self) -> str:
+        return self._control("tmp", uuid.uuid4().hex)
+
+    def _publish(self, sftp: paramiko.SFTPClient, temp: str, key: str, meta: WriteMeta,
+                 content_md5: bytes | None) -> str:
+        """Rename `temp` over `key` (atomic), then record its metadata; its marker (the ETag)."""
+        final = self._path(key)
+        self._makedirs(sftp, posixpath.dirname(final))
+        sftp.posix_rename(temp, final)
+        attrs = sftp.stat(final)
+        marker = change_marker(attrs)
+        sidecar = {"marker": marker, "content": {k: v for k, v in vars(meta.content).items() if v is not None},
+                   "metadata": dict(meta.metadata)}
+        if content_md5 is not None:
+            sidecar["content_md5"] = content_md5.hex()
+        self._write_small(sftp, self._sidecar_path(key), json.dumps(sidecar, sort_keys=True).encode())
+        return marker
+
+    def _write_small(self, sftp: paramiko.SFTPClient, path: str, data: bytes) -> None:
+        """A small control file, written whole under a temporary name then renamed."""
+        self._makedirs(sftp, posixpath.dirname(path))
+        temp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with sftp.open(temp, "wb") as f:
+            f.write(data)
+        sftp.posix_rename(temp, path)
+
+    def put(self, key: str, body: PartBody, size: int, meta: WriteMeta, md5: bytes | None) -> str:
+        self._path(key)
+
+        def put(sftp: paramiko.SFTPClient) -> str:
+            temp = self._temp_path()
+            self._makedirs(sftp, posixpath.dirname(temp))
+            try:
+                sent = self._write_file(sftp, temp, body, size, key)
+                if md5 is not None and sent != md5:
+                    raise IntegrityError(f"{self.label}: the bytes written for {key!r} have MD5 {sent.hex()}, the "
+                                         f"caller announced {md5.hex()}", key=key)
+                return self._publish(sftp, temp, key, meta, sent)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    sftp.remove(temp)
+                raise
+        return self._call(put, key, f"write of {key!r}")
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+
+        def delete(sftp: paramiko.SFTPClient) -> None:
+            for p in (path, self._sidecar_path(key)):
+                try:
+                    sftp.remove(p)
+                except IOError as exc:
+                    if not _is_missing(exc):
+                        raise
+        self._call(delete, key, f"delete of {key!r}")
+
+    # ---- uploads in parts -------------------------------------------------------------------
+
+    def open_multipart(self, key: str, meta: WriteMeta) -> "SftpUpload":
+        self._path(key)
+        upload_id = uuid.uuid4().hex
+        record = {"key": key, "content": {k: v for k, v in vars(meta.content).items() if v is not None},
+                  "metadata": dict(meta.metadata)}
+        self._call(lambda sftp: self._write_small(sftp, self._control("uploads", upload_id, "upload.json"),
+                                                  json.dumps(record, sort_keys=True).encode()),
+                   key, f"opening an upload of {key!r}")
+        return SftpUpload(self, key, upload_id, meta)
+
+    def resume_multipart(self, key: str, upload_id: str) -> "SftpUpload":
+        self._path(key)
+        record = self._upload_record(upload_id, key)
+        if record is None or record.get("key") != key:
+            raise NotFound(f"{self.label}: no upload {upload_id!r} of {key!r}", key=key)
+        meta = WriteMeta(ContentSettings(**record.get("content", {})), dict(record.get("metadata", {})))
+        return SftpUpload(self, key, upload_id, meta)
+
+    def _upload_record(self, upload_id: str, key: str | None) -> dict[str, Any] | None:
+        if not upload_id.isalnum():
+            return None
+
+        def read(sftp: paramiko.SFTPClient):
+            try:
+                with sftp.open(self._control("uploads", upload_id, "upload.json"), "rb") as f:
+                    return json.loads(f.read(1024 * 1024)), f.stat()
+            except IOError as exc:
+                if _is_missing(exc):
+                    return None
+                raise
+        found = self._call(read, key, f"reading upload {upload_id}")
+        return found[0] if found else None
+
+    def list_multipart_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
+        def ids(sftp: paramiko.SFTPClient):
+            try:
+                return sorted(sftp.listdir_attr(self._control("uploads")), key=lambda a: a.filename)
+            except IOError as exc:
+                if _is_missing(exc):
+                    return []
+                raise
+        for attrs in self._call(ids, None, "listing uploads"):
+            record = self._upload_record(attrs.filename, None)
+            if record and str(record.get("key", "")).startswith(prefix):
+                yield PendingUpload(record["key"], attrs.filename, _mtime(attrs))
+
+
+class SftpUpload:
+    """An upload in parts to an `SftpStore` (its module docstring says how it is kept)."""
+
+    def __init__(self, store: SftpStore, key: str, upload_id: str, meta: WriteMeta):
+        self.store, self.key, self.upload_id, self.meta = store, key, upload_id, meta
+        self._dir = store._control("uploads", upload_id)
+
+    def _parts(self, sftp: paramiko.SFTPClient) -> dict[int, tuple[str, PartReceipt]]:
+        try:
+            listed = sftp.listdir_attr(self._dir)
+        except IOError as exc:
+            if _is_missing(exc):
+                raise NotFound(f"{self.store.label}: the upload {self.upload_id} of {self.key!r} is gone",
+                               key=self.key) from None
+            raise
+        parts = {}
+        for attrs in listed:
+            name = attrs.filename.split("-")
+            if len(name) == 3 and name[0] == "part" and name[1].isdigit():
+                number = int(name[1])
+                parts[number] = (attrs.filename, PartReceipt(number, name[2], attrs.st_size or 0))
+        return parts
+
+    def upload_part(self, number: int, body: PartBody, size: int, md5: bytes | None) -> PartReceipt:
+        def upload(sftp: paramiko.SFTPClient) -> PartReceipt:
+            before = self._parts(sftp)  # NotFound when the upload was aborted
+            temp = f"{self._dir}/tmp-{number:05d}-{uuid.uuid4().hex[:8]}"
+            try:
+                sent = self.store._write_file(sftp, temp, body, size, self.key)
+                if md5 is not None and sent != md5:
+                    raise IntegrityError(f"{self.store.label}: part {number} of {self.key!r}: the bytes written have "
+                                         f"MD5 {sent.hex()}, the caller announced {md5.hex()}", key=self.key)
+                sftp.posix_rename(temp, f"{self._dir}/part-{number:05d}-{sent.hex()}")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    sftp.remove(temp)
+                raise
+            old = before.get(number)
+            if old is not None and old[1].etag != sent.hex():
+                with contextlib.suppress(IOError):
+                    sftp.remove(f"{self._dir}/{old[0]}")  # replaced by the new body
+            return PartReceipt(number, sent.hex(), size)
+        return self.store._call(upload, self.key, f"part {number} of {self.key!r}")
+
+    def list_parts(self) -> list[PartReceipt]:
+        parts = self.store._call(self._parts, self.key, f"listing the parts of {self.key!r}")
+        return [parts[n][1] for n in sorted(parts)]
+
+    def complete(self, parts: Sequence[PartReceipt]) -> str:
+        store = self.store
+
+        def complete(sftp: paramiko.SFTPClient) -> str:
+            held = self._parts(sftp)
+            for i, part in enumerate(parts):
+                mine = held.get(part.number)
+                if mine is None or mine[1].etag != part.etag.strip('"') or mine[1].size != part.size:
+                    raise InvalidRequest(f"{store.label}: part {part.number} of {self.key!r} is not held as sent",
+                                         key=self.key)
+                if i < len(parts) - 1 and part.size < store.limits.min_part_size:
+                    raise InvalidRequest(f"{store.label}: part {part.number} of {self.key!r} is {part.size} bytes, "
+                                         f"below the minimum of {store.limits.min_part_size} for a part that is not "
+                                         "the last", key=self.key)
+            temp = store._temp_path()
+            store._makedirs(sftp, posixpath.dirname(temp))
+            try:
+                self._assemble(sftp, temp, [held[p.number][0] for p in parts], [p.size for p in parts])
+                etag = store._publish(sftp, temp, self.key, self.meta, None)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    sftp.remove(temp)
+                raise
+            self._remove(sftp)
+            return etag
+        return store._call(complete, self.key, f"completing {self.key!r}")
+
+    def _assemble(self, sftp: paramiko.SFTPClient, temp: str, names: list[str], sizes: list[int]) -> None:
+        """Concatenate the part files into `temp`: on the server (`copy-data`) where it can, else
+        through this client, one megabyte at a time."""
+        store = self.store
+        with sftp.open(temp, "wb") as out:
+            out.set_pipelined(True)
+            offset = 0
+            for name, size in zip(names, sizes):
+                with sftp.open(f"{self._dir}/{name}", "rb") as part:
+                    if store._copy_data:
+                        try:
+                            sftp._request(CMD_EXTENDED, "copy-data", part.handle, paramiko.sftp.int64(0),
+                                          paramiko.sftp.int64(size), out.handle, paramiko.sftp.int64(offset))
+                            offset += size
+                            continue
+                        except IOError as exc:
+                            log.info("%s: the server has no copy-data extension (%s); parts are assembled "
+                                     "through this client", store.label, exc)
+                            store._copy_data = False
+                    out.seek(offset)
+                    done = 0
+                    while done < size:
+                        chunk = part.read(min(_WRITE_CHUNK, size - done))
+                        if not chunk:
+                            raise TransientError(f"{store.label}: part file {name} of {self.key!r} is short",
+                                                 key=self.key)
+                        out.write(chunk)
+                        done += len(chunk)
+                    offset += size
+            out.flush()
+            store._fsync(sftp, out)
+            if out.stat().st_size != offset:
+                raise TransientError(f"{store.label}: {self.key!r} assembled to {out.stat().st_size} bytes, "
+                                     f"{offset} expected", key=self.key)
+
+    def _remove(self, sftp: paramiko.SFTPClient) -> None:
+        try:
+            names = sftp.listdir(self._dir)
+        except IOError as exc:
+            if _is_missing(exc):
+                return
+            raise
+        for name in names:
+            with contextlib.suppress(IOError):
+                sftp.remove(f"{self._dir}/{name}")
+        with contextlib.suppress(IOError):
+            sftp.rmdir(self._dir)
+
+    def abort(self) -> None:
+        self.store._call(self._remove, self.key, f"aborting the upload of {self.key!r}")
+
+
+def _mtime(attrs: paramiko.SFTPAttributes) -> datetime | None:
+    return datetime.fromtimestamp(attrs.st_mtime, tz=timezone.utc) if attrs.st_mtime is not None else None
+
+
+class _Replies:
+    """Collects the answers to pipelined read requests by request number (paramiko hands each
+    answer to the object registered with its request)."""
+
+    def __init__(self):
+        self.by_number: dict[int, tuple[int, Any]] = {}
+
+    def _async_response(self, t: int, msg: Any, num: int) -> None:
+        self.by_number[num] = (t, msg)
+
+
+def _pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: int) -> bytes:
+    """Bytes `start .. end-1` of the open file `handle`, with up to `_READ_WINDOW` read requests in
+    flight. paramiko's own `readv`/prefetch slows down quadratically on large ranges and buffers
+    without bound; this asks for exactly the range and nothing more."""
+    out = bytearray(end - start)
+    replies = _Replies()
+    pending: list[tuple[int, int, int]] = []  # (request number, offset, length), oldest first
+    pos = start
+    while pos < end or pending:
+        while pos < end and len(pending) < _READ_WINDOW:
+            n = min(_READ_REQUEST, end - pos)
+            pending.append((sftp._async_request(replies, CMD_READ, handle, int64(pos), n), pos, n))
+            pos += n
+        num, offset, n = pending.pop(0)
+        while num not in replies.by_number:
+            sftp._read_response()
+        t, msg = replies.by_number.pop(num)
+        if t == CMD_STATUS:
+            sftp._convert_status(msg)  # raises: EOF (the file shrank), or the server's error
+            raise EOFError(f"no data at offset {offset}")
+        if t != CMD_DATA:
+            raise paramiko.SSHException(f"unexpected SFTP answer {t} to a read")
+        data = msg.get_string()
+        got = len(data)
+        out[offset - start:offset - start + got] = data
+        if got < n:
+            # A server may answer a read with fewer bytes than asked: ask again for the rest.
+            pending.insert(0, (sftp._async_request(replies, CMD_READ, handle, int64(offset + got), n - got),
+                               offset + got, n - got))
+    return bytes(out)
