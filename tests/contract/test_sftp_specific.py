@@ -1,0 +1,187 @@
+"""What only the SFTP connector does, on the test's OpenSSH sshd: host keys pinned, logins refused,
+hostile names refused by name, a file changed during its read detected, symbolic links reported
+and not followed, uploads in parts kept across a new connector, listings streamed per directory."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import subprocess
+
+import pytest
+
+from connectors import sftp as sftp_module
+from connectors.base import AuthError, ConfigError, InvalidRequest, SourceChanged, WriteMeta
+from connectors.sftp import HostKeyPin, HostKeyRefused, SftpLogin, SftpStore
+from flows import lab_processes as lp
+from tests.contract.contract_support import SftpHarness, md5
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def harness(sshd):
+    return SftpHarness(sshd)
+
+
+def _fingerprint(pub_path) -> str:
+    blob = base64.b64decode(open(pub_path).read().split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def _store(sshd, root, pin: HostKeyPin, login: SftpLogin | None = None) -> SftpStore:
+    login = login or SftpLogin(sshd.username, sshd.user_key.read_text())
+    return SftpStore(lp.LOOPBACK, sshd.port, str(root), login, pin, connections=1)
+
+
+def test_a_pinned_fingerprint_is_accepted(sshd, harness):
+    store = _store(sshd, harness.dir, HostKeyPin(fingerprints=(_fingerprint(f"{sshd.host_key}.pub"),)))
+    assert list(store.list()) == []
+
+
+def test_an_unknown_host_key_is_refused_before_logging_in(sshd, harness, tmp_path):
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+
+    with pytest.raises(HostKeyRefused) as info:
+        _store(sshd, harness.dir, HostKeyPin(fingerprints=(_fingerprint(f"{other}.pub"),)))
+    assert "unknown" in str(info.value) and _fingerprint(f"{sshd.host_key}.pub") in str(info.value)
+    assert isinstance(info.value, ConfigError)
+
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(HostKeyRefused):
+        _store(sshd, harness.dir, HostKeyPin(known_hosts=str(empty)))
+
+
+def test_a_changed_host_key_is_refused(sshd, harness, tmp_path):
+    """known_hosts pins another key for this very host and port: a changed key (or a machine in
+    the middle), never accepted."""
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    kind, blob = open(f"{other}.pub").read().split()[:2]
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[{lp.LOOPBACK}]:{sshd.port} {kind} {blob}\n")
+
+    with pytest.raises(HostKeyRefused) as info:
+        _store(sshd, harness.dir, HostKeyPin(known_hosts=str(known)))
+    assert "NOT the one pinned" in str(info.value)
+
+
+def test_no_pin_at_all_is_a_configuration_error(sshd, harness):
+    with pytest.raises(ConfigError):
+        _store(sshd, harness.dir, HostKeyPin())
+
+
+def test_a_key_the_server_does_not_know_and_a_password_are_refused(sshd, harness, tmp_path):
+    stranger = tmp_path / "stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
+    pin = HostKeyPin(known_hosts=str(sshd.known_hosts))
+    with pytest.raises(AuthError):
+        _store(sshd, harness.dir, pin, SftpLogin(sshd.username, stranger.read_text()))
+    with pytest.raises(AuthError):  # the lab's sshd is key-only
+        _store(sshd, harness.dir, pin, SftpLogin(sshd.username, password="guess"))
+
+
+def test_an_encrypted_key_needs_its_passphrase(sshd, harness, tmp_path):
+    locked = tmp_path / "locked"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret phrase", "-f", str(locked)], check=True)
+    pin = HostKeyPin(known_hosts=str(sshd.known_hosts))
+    with pytest.raises(AuthError) as info:
+        _store(sshd, harness.dir, pin, SftpLogin(sshd.username, locked.read_text()))
+    assert "passphrase" in str(info.value)
+    # With it, the key is read; the server does not know it, so the login itself is refused.
+    with pytest.raises(AuthError) as info:
+        _store(sshd, harness.dir, pin, SftpLogin(sshd.username, locked.read_text(), passphrase="s3cret phrase"))
+    assert "refused the login" in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["../escape", "a/../../escape", "/etc/passwd", "a//b", "a/./b", "new\nline",
+                                 "tab\there", "nul\x00byte", "dir/", ".exitplan-sftp/meta/x.json", ""])
+def test_hostile_names_are_refused_by_name(harness, key):
+    store = harness.sink()
+    for call in (lambda: store.put(key, b"x", 1, WriteMeta(), None), lambda: store.head(key),
+                 lambda: store.read_range(key, 0, 1), lambda: store.open_multipart(key, WriteMeta()),
+                 lambda: store.delete(key)):
+        with pytest.raises(InvalidRequest) as info:
+            call()
+        assert repr(key) in str(info.value)
+    assert not (harness.dir.parent / "escape").exists()
+    assert sorted(p.name for p in harness.dir.iterdir() if p.name != ".exitplan-sftp") == []
+
+
+def test_a_file_changed_during_its_read_is_detected(harness, monkeypatch):
+    data = os.urandom(2 * MiB)
+    harness.seed("delivery.csv", data)
+    store = harness.source()
+    pinned = store.head("delivery.csv").etag
+    real = sftp_module._pipelined_read
+
+    def read_while_the_partner_rewrites(sftp, handle, start, end):
+        got = real(sftp, handle, start, end)
+        (harness.dir / "delivery.csv").write_bytes(data + b"appended while being read")
+        return got
+
+    monkeypatch.setattr(sftp_module, "_pipelined_read", read_while_the_partner_rewrites)
+    with pytest.raises(SourceChanged) as info:
+        store.read_range("delivery.csv", 0, MiB, if_match=pinned)
+    assert "changed while it was read" in str(info.value)
+    monkeypatch.setattr(sftp_module, "_pipelined_read", real)
+    # Re-read from its new version (what the engine does after SourceChanged), it is whole.
+    now = store.head("delivery.csv")
+    assert now.etag != pinned
+    assert store.read_range("delivery.csv", 0, now.size, if_match=now.etag) == data + b"appended while being read"
+
+
+def test_symbolic_links_are_reported_not_followed(harness, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"not part of the delivery")
+    harness.seed("real.csv", b"a,b\n")
+    os.symlink(outside, harness.dir / "linked-dir")
+    os.symlink(harness.dir / "real.csv", harness.dir / "linked-file")
+    store = harness.source()
+
+    assert [m.key for m in store.list()] == ["real.csv"]
+    assert sorted(store.skipped_links) == ["linked-dir", "linked-file"]
+
+
+def test_the_listing_reads_directories_as_it_reaches_them(harness):
+    harness.seed("a/1", b"x")
+    harness.seed("b/1", b"x")
+    store = harness.source()
+    listing = store.list()
+    assert next(listing).key == "a/1"
+    harness.seed("b/2-written-while-listing", b"y")
+    assert [m.key for m in listing] == ["b/1", "b/2-written-while-listing"]
+
+
+def test_parts_survive_a_lost_connector_and_nothing_shows_before_complete(harness):
+    """A killed writer leaves whole parts and no file under the final name; a new connector lists
+    the parts and completes the upload from them."""
+    part1, part2 = os.urandom(5 * MiB), os.urandom(MiB)
+    store = harness.sink()
+    upload = store.open_multipart("escrow/archive.tar", WriteMeta())
+    r1 = upload.upload_part(1, part1, len(part1), md5(part1))
+    store.close()  # the process dies here
+    assert not (harness.dir / "escrow" / "archive.tar").exists()
+
+    again = harness.reopen_sink()
+    [pending] = list(again.list_multipart_uploads("escrow/"))
+    resumed = again.resume_multipart("escrow/archive.tar", pending.upload_id)
+    assert resumed.list_parts() == [r1]
+    r2 = resumed.upload_part(2, part2, len(part2), md5(part2))
+    resumed.complete([r1, r2])
+    assert harness.raw_read("escrow/archive.tar") == part1 + part2
+    assert list(again.list_multipart_uploads()) == []
+    assert sorted(os.listdir(harness.dir / ".exitplan-sftp" / "tmp")) == []
+
+
+def test_a_half_written_part_is_never_listed(harness, monkeypatch):
+    store = harness.sink()
+    upload = store.open_multipart("half", WriteMeta())
+    with pytest.raises(Exception):
+        upload.upload_part(1, sftp_module.io.BytesIO(b"x" * 1000), 5000, None)  # the body ends early
+    assert upload.list_parts() == []
+    assert not (harness.dir / "half").exists()
