@@ -30,7 +30,7 @@ _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^{}]*))?\}")
 # Field names that would hold a secret in the YAML itself: refused with a pointer to `*_env` / `*_block`.
 _SECRET_FIELDS = {
     "access_key_id", "secret_access_key", "session_token", "connection_string", "sas_token",
-    "account_key", "password", "secret", "token", "client_secret",
+    "account_key", "password", "secret", "token", "client_secret", "private_key", "passphrase",
 }
 
 
@@ -41,8 +41,14 @@ _KEK_BACKENDS = {
 }
 
 
+# `sources.<name>` is a union tagged by `kind`, which pydantic likewise puts in the location.
+_SOURCE_KINDS = {"azure_blob", "sftp"}
+
+
 def _where(loc: tuple[Any, ...]) -> str:
     if len(loc) > 2 and tuple(loc[:2]) == ("keys", "kek") and loc[2] in _KEK_BACKENDS:
+        loc = tuple(loc[:2]) + tuple(loc[3:])
+    if len(loc) > 2 and loc[0] == "sources" and loc[2] in _SOURCE_KINDS:
         loc = tuple(loc[:2]) + tuple(loc[3:])
     return ".".join(str(p) for p in loc) or "(top level)"
 
@@ -141,6 +147,10 @@ def off_loopback(cfg: ExitplanConfig, where=None) -> str | None:
     Lab mode is not a flag: it is when every endpoint of the configuration is on loopback.
     """
     for name, src in cfg.sources.items():
+        if src.kind == "sftp":
+            if not is_loopback_host(src.host):
+                return f"source `{name}` is at {src.host}"
+            continue
         url = source_endpoint(src, where=where, name=name)
         if url is None:
             if src.connection_string_env and not os.environ.get(src.connection_string_env):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from .errors import ConfigFileError
 from .secrets import AWS_CREDENTIALS, AZURE_BLOB_CREDENTIALS, SECRET, check_block_ref
@@ -97,6 +97,85 @@ class AzureBlobSourceConfig(_Model):
         if not chosen[0].startswith("connection_string_") and not self.account_url:
             raise ValueError(f"`{chosen[0]}` needs `account_url` (https://ACCOUNT.blob.core.windows.net)")
         return self
+
+
+_FINGERPRINT = r"^SHA256:[A-Za-z0-9+/]{43}$"
+
+
+class SftpSourceConfig(_Model):
+    """A directory tree on an SFTP server (OpenSSH or any SFTP v3 server), read over SSH.
+
+    A dataset's `container` is a directory below `root` (an absolute path on the server); its keys
+    are the file paths below that directory. The server's host key is pinned, always: by an OpenSSH
+    `known_hosts` file (a path; relative paths from the config file's directory) and/or by
+    `host_key_fingerprints` (`SHA256:...` as `ssh-keygen -lf` prints them); an unknown or changed
+    host key is refused. Login by key: the private key's text from the environment variable
+    `private_key_env` or the Prefect Secret block `private_key_block`, or the key file
+    `private_key_file`; its passphrase, if any, from `passphrase_env` / `passphrase_block`. A
+    password (`password_env` / `password_block`) is used only with `auth: password`. No SSH agent
+    is consulted, nothing is forwarded. `connections`: SSH connections opened to the server (one
+    SFTP session each; each read or write holds one while it runs).
+    """
+
+    kind: Literal["sftp"]
+    host: str = Field(min_length=1)
+    port: int = Field(22, ge=1, le=65535)
+    username: str = Field(min_length=1)
+    root: str = "/"
+    known_hosts: str | None = None
+    host_key_fingerprints: tuple[Annotated[str, Field(pattern=_FINGERPRINT)], ...] = ()
+    auth: Literal["key", "password"] = "key"
+    private_key_env: EnvVarName | None = None
+    private_key_block: SecretBlockRef | None = None
+    private_key_file: str | None = None
+    passphrase_env: EnvVarName | None = None
+    passphrase_block: SecretBlockRef | None = None
+    password_env: EnvVarName | None = None
+    password_block: SecretBlockRef | None = None
+    connections: int = Field(8, ge=1, le=64)
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError("expected an absolute path on the server, such as /srv/deliveries")
+        return v.rstrip("/") or "/"
+
+    @model_validator(mode="after")
+    def _pinned_and_one_login(self):
+        if not self.known_hosts and not self.host_key_fingerprints:
+            raise ValueError("the server's host key must be pinned: set `known_hosts` (a known_hosts file) or "
+                             "`host_key_fingerprints` (SHA256:... from `ssh-keygen -lf`)")
+        for item in ("private_key", "passphrase", "password"):
+            if getattr(self, f"{item}_env") and getattr(self, f"{item}_block"):
+                raise ValueError(_BOTH.format(env=f"{item}_env", block=f"{item}_block"))
+        keys = [n for n in ("private_key_env", "private_key_block", "private_key_file") if getattr(self, n)]
+        password = self.password_env or self.password_block
+        if self.auth == "key":
+            if len(keys) != 1:
+                raise ValueError("set exactly one of `private_key_env`, `private_key_block` or `private_key_file` "
+                                 "(or `auth: password` with `password_env` / `password_block`)")
+            if password:
+                raise ValueError("a password is used only with `auth: password`; remove it, or set `auth: password`")
+        else:
+            if not password:
+                raise ValueError("`auth: password` needs `password_env` or `password_block`")
+            if keys or self.passphrase_env or self.passphrase_block:
+                raise ValueError("`auth: password` logs in by password only; remove the private key settings")
+        return self
+
+
+def _source_kind(value) -> str:
+    """A source without `kind` is an Azure Blob account (configs written before SFTP sources)."""
+    if isinstance(value, dict):
+        return value.get("kind", "azure_blob")
+    return getattr(value, "kind", "azure_blob")
+
+
+SourceConfig = Annotated[
+    Annotated[AzureBlobSourceConfig, Tag("azure_blob")] | Annotated[SftpSourceConfig, Tag("sftp")],
+    Discriminator(_source_kind),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +524,7 @@ class KeysConfig(_Model):
 class ExitplanConfig(_Model):
     version: Literal[1] = 1
     project: str = Field(pattern=_NAME)
-    sources: dict[str, AzureBlobSourceConfig] = Field(min_length=1)
+    sources: dict[str, SourceConfig] = Field(min_length=1)
     destinations: dict[str, DestinationConfig] = Field(min_length=1)
     datasets: dict[str, DatasetConfig] = Field(min_length=1)
     transfer: TransferConfig = TransferConfig()

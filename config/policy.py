@@ -102,7 +102,7 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
         verdicts.append(DestinationVerdict(name, profile, dest.region, region.location, dest.bucket))
     if not loaded.lab_mode:
         for name, src in cfg.sources.items():
-            if src.account_url and urlsplit(src.account_url).scheme != "https":
+            if src.kind == "azure_blob" and src.account_url and urlsplit(src.account_url).scheme != "https":
                 raise _refuse(loaded, f"source `{name}`", "plain HTTP is allowed only in the lab", "use an https:// `account_url`")
     check_kek(loaded)
     if cfg.keys is None:

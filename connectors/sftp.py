@@ -276,6 +276,7 @@ class SftpStore:
         self.host, self.port, self.root = host, port, posixpath.normpath(root)
         self.limits = limits or SinkLimits()
         self.label = label or f"sftp:{host}:{port}{self.root}"
+        self.account = f"{host}:{port}"  # what the audit manifest names as the source account
         self.skipped_links: list[str] = []
         self._login = login
         self._pin = pin

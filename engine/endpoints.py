@@ -8,14 +8,16 @@ else (never in a result, a log or the state).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
+from config.errors import ConfigFileError
 from config.lab import LAB_S3_ACCESS_KEY, LAB_S3_SECRET_KEY
 from config.loader import source_connection_string
-from config.models import LoadedConfig
+from config.models import LoadedConfig, SftpSourceConfig
 from config.policy import destination_profile
 from config.providers import ProviderProfile
 from config.secrets import read_env, read_secret
-from connectors.base import ObjectSource, SinkLimits
+from connectors.base import ConnectorError, ObjectSource, SinkLimits
 
 
 def sink_limits(profile: ProviderProfile) -> SinkLimits:
@@ -34,14 +36,57 @@ def destination_limits(loaded: LoadedConfig, destination: str) -> SinkLimits:
     return sink_limits(destination_profile(loaded, destination))
 
 
+def _config_relative(loaded: LoadedConfig, path: str) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else loaded.path.parent / p)
+
+
+def open_sftp(loaded: LoadedConfig, field: str, cfg: SftpSourceConfig, directory: str, *,
+              limits: SinkLimits | None = None, label: str | None = None):
+    """An `SftpStore` over `directory` (below `cfg.root`) of the server `cfg` names, logged in with
+    the credentials it names (read here). `field` is the config section (`sources.partner`) for
+    messages."""
+    from connectors.sftp import HostKeyPin, SftpLogin, SftpStore, refuse_hostile_key
+
+    try:
+        refuse_hostile_key(directory, field)
+    except ConnectorError as exc:
+        raise ConfigFileError(f"{loaded.path}: {exc}; name a directory below `{field}.root`") from None
+    private_key = passphrase = password = None
+    if cfg.auth == "password":
+        password = read_secret(loaded, f"{field}.password_{'block' if cfg.password_block else 'env'}",
+                               env=cfg.password_env, block=cfg.password_block)
+    elif cfg.private_key_file:
+        key_path = _config_relative(loaded, cfg.private_key_file)
+        try:
+            private_key = Path(key_path).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigFileError(f"{loaded.path}: field `{field}.private_key_file`: cannot read the key file "
+                                  f"{key_path} ({exc.__class__.__name__}); check the path") from None
+    else:
+        private_key = read_secret(loaded, f"{field}.private_key_{'block' if cfg.private_key_block else 'env'}",
+                                  env=cfg.private_key_env, block=cfg.private_key_block)
+    if cfg.passphrase_env or cfg.passphrase_block:
+        passphrase = read_secret(loaded, f"{field}.passphrase_{'block' if cfg.passphrase_block else 'env'}",
+                                 env=cfg.passphrase_env, block=cfg.passphrase_block)
+    pin = HostKeyPin(known_hosts=_config_relative(loaded, cfg.known_hosts) if cfg.known_hosts else None,
+                     fingerprints=tuple(cfg.host_key_fingerprints))
+    root = cfg.root.rstrip("/")
+    return SftpStore(cfg.host, cfg.port, f"{root}/{directory}", SftpLogin(cfg.username, private_key, passphrase, password),
+                     pin, limits=limits, connections=cfg.connections,
+                     label=label or f"sftp:{cfg.host}:{cfg.port}{root}/{directory}")
+
+
 def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
-    """The Azure container a dataset reads from."""
+    """The Azure container or SFTP directory a dataset reads from."""
     from connectors.azure_blob import AzureBlobSource
 
     ds = loaded.config.datasets[dataset]
     name = ds.source
     src = loaded.config.sources[name]
     t = loaded.config.transfer
+    if src.kind == "sftp":
+        return open_sftp(loaded, f"sources.{name}", src, ds.container)
     pool = max(src.max_connections, t.concurrency + (t.object_concurrency or t.concurrency))
     if src.connection_string_env or src.connection_string_block:
         conn = source_connection_string(src, where=loaded, name=name)
