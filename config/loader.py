@@ -41,14 +41,15 @@ _KEK_BACKENDS = {
 }
 
 
-# `sources.<name>` is a union tagged by `kind`, which pydantic likewise puts in the location.
-_SOURCE_KINDS = {"azure_blob", "sftp"}
+# `sources.<name>` and `destinations.<name>` are unions tagged by `kind`, which pydantic likewise
+# puts in the location.
+_ENDPOINT_KINDS = {"azure_blob", "s3", "sftp"}
 
 
 def _where(loc: tuple[Any, ...]) -> str:
     if len(loc) > 2 and tuple(loc[:2]) == ("keys", "kek") and loc[2] in _KEK_BACKENDS:
         loc = tuple(loc[:2]) + tuple(loc[3:])
-    if len(loc) > 2 and loc[0] == "sources" and loc[2] in _SOURCE_KINDS:
+    if len(loc) > 2 and loc[0] in ("sources", "destinations") and loc[2] in _ENDPOINT_KINDS:
         loc = tuple(loc[:2]) + tuple(loc[3:])
     return ".".join(str(p) for p in loc) or "(top level)"
 

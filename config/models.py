@@ -102,11 +102,11 @@ class AzureBlobSourceConfig(_Model):
 _FINGERPRINT = r"^SHA256:[A-Za-z0-9+/]{43}$"
 
 
-class SftpSourceConfig(_Model):
-    """A directory tree on an SFTP server (OpenSSH or any SFTP v3 server), read over SSH.
+class _SftpEndpoint(_Model):
+    """An SFTP server (OpenSSH or any SFTP v3 server) reached over SSH: what sources and
+    destinations of kind `sftp` share.
 
-    A dataset's `container` is a directory below `root` (an absolute path on the server); its keys
-    are the file paths below that directory. The server's host key is pinned, always: by an OpenSSH
+    The server's host key is pinned, always: by an OpenSSH
     `known_hosts` file (a path; relative paths from the config file's directory) and/or by
     `host_key_fingerprints` (`SHA256:...` as `ssh-keygen -lf` prints them); an unknown or changed
     host key is refused. Login by key: the private key's text from the environment variable
@@ -117,7 +117,6 @@ class SftpSourceConfig(_Model):
     SFTP session each; each read or write holds one while it runs).
     """
 
-    kind: Literal["sftp"]
     host: str = Field(min_length=1)
     port: int = Field(22, ge=1, le=65535)
     username: str = Field(min_length=1)
@@ -163,6 +162,14 @@ class SftpSourceConfig(_Model):
             if keys or self.passphrase_env or self.passphrase_block:
                 raise ValueError("`auth: password` logs in by password only; remove the private key settings")
         return self
+
+
+class SftpSourceConfig(_SftpEndpoint):
+    """A directory tree on an SFTP server, read over SSH (see `_SftpEndpoint` for the login and the
+    host key). A dataset's `container` is a directory below `root` (an absolute path on the
+    server); its keys are the file paths below that directory."""
+
+    kind: Literal["sftp"]
 
 
 def _source_kind(value) -> str:
@@ -240,6 +247,7 @@ class DestinationConfig(_Model):
     in lab mode.
     """
 
+    kind: Literal["s3"] = "s3"
     provider: str
     endpoint_url: str
     region: str
@@ -267,6 +275,39 @@ class DestinationConfig(_Model):
     @property
     def scheme(self) -> str:
         return urlsplit(self.endpoint_url).scheme
+
+
+class SftpDestinationConfig(_SftpEndpoint):
+    """A directory tree on an SFTP server at a catalogued provider (an escrow, an on-premises or
+    sovereign file store), written over SSH (see `_SftpEndpoint` for the login and the host key).
+
+    `provider` names a file in the provider catalog and `region` one of its `sftp_regions`, whose
+    hosts `host` must be one of (the sovereignty gate). Objects land below `root` under their
+    destination keys; `<root>/.exitplan-sftp/` holds what SFTP cannot keep with a file (the
+    metadata of each object, uploads in progress): connectors/sftp.py.
+    """
+
+    kind: Literal["sftp"]
+    provider: str
+    region: str
+
+    @property
+    def bucket(self) -> str:
+        """Where the objects go, named where an S3 destination names its bucket: the root directory."""
+        return self.root
+
+
+def _destination_kind(value) -> str:
+    """A destination without `kind` is an S3 bucket (configs written before SFTP destinations)."""
+    if isinstance(value, dict):
+        return value.get("kind", "s3")
+    return getattr(value, "kind", "s3")
+
+
+AnyDestinationConfig = Annotated[
+    Annotated[DestinationConfig, Tag("s3")] | Annotated[SftpDestinationConfig, Tag("sftp")],
+    Discriminator(_destination_kind),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +566,7 @@ class ExitplanConfig(_Model):
     version: Literal[1] = 1
     project: str = Field(pattern=_NAME)
     sources: dict[str, SourceConfig] = Field(min_length=1)
-    destinations: dict[str, DestinationConfig] = Field(min_length=1)
+    destinations: dict[str, AnyDestinationConfig] = Field(min_length=1)
     datasets: dict[str, DatasetConfig] = Field(min_length=1)
     transfer: TransferConfig = TransferConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()

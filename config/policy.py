@@ -4,7 +4,7 @@ Refused, each with a sentence saying which destination and why (exit code 3):
 - a provider that is not in the catalog, or whose jurisdiction is not allowed (default: EU);
 - the lab's S3 server outside lab mode;
 - a region the provider does not have, or an endpoint host that is not a known host of that
-  provider and region;
+  provider and region (for an SFTP destination: one of the provider's `sftp_regions` hosts);
 - plain HTTP, or TLS verification switched off, outside lab mode (sources included);
 - (`check_kek`) a `local` key-encryption key outside lab mode, a KMS reached over plain HTTP, or a
   provider KMS (OVHcloud KMS, Scaleway Key Manager) whose endpoint is not one of the catalogued KMS
@@ -76,6 +76,9 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
                 f"not one of the allowed jurisdictions ({', '.join(sorted(allowed))})",
                 "choose a provider under an allowed jurisdiction",
             )
+        if dest.kind == "sftp":
+            verdicts.append(_check_sftp_destination(loaded, name, dest, profile))
+            continue
         region = profile.regions.get(dest.region)
         if region is None:
             raise _refuse(
@@ -114,6 +117,25 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
                     "add a `keys` section (see docs/KEYS.md) or mark the dataset `public: true`",
                 )
     return verdicts
+
+
+def _check_sftp_destination(loaded: "LoadedConfig", name: str, dest, profile: ProviderProfile) -> DestinationVerdict:
+    """An SFTP destination's host must be one of its provider's SFTP hosts for its region. (SSH
+    is always encrypted; the host key is pinned by the configuration itself.)"""
+    what = f"destination `{name}`"
+    region = profile.sftp_regions.get(dest.region)
+    if region is None:
+        known = ", ".join(profile.sftp_regions) or "none: it offers no SFTP service in the catalog"
+        raise _refuse(loaded, what, f"{profile.display_name} has no SFTP region `{dest.region}` (known: {known})",
+                      "check `region`, or add the provider's SFTP hosts to the catalog (`sftp_regions`)")
+    if not profile.sftp_host_matches(dest.host, dest.region):
+        raise _refuse(
+            loaded, what,
+            f"host `{dest.host}` is not a known {profile.display_name} SFTP host for region `{dest.region}` "
+            f"(known: {', '.join(region.hosts)})",
+            "check `host`",
+        )
+    return DestinationVerdict(name, profile, dest.region, region.location, dest.root)
 
 
 def check_kek(loaded: "LoadedConfig") -> None:

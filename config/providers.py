@@ -63,6 +63,10 @@ class ProviderProfile(_Strict):
     # The provider's key-management service, by region: where a KEK it holds lives (the gate
     # refuses a KMS endpoint that is not one of these hosts).
     kms_regions: dict[str, Region] = {}
+    # The provider's SFTP service, by region: the hosts an SFTP destination at this provider may
+    # name. A host written `*.example.eu` stands for any one label below example.eu (per-account
+    # hosts such as u12345.your-storagebox.de).
+    sftp_regions: dict[str, Region] = {}
     limits: PartLimits = PartLimits()
     storage_classes: tuple[str, ...] = ("STANDARD",)
     sse_c: bool = False
@@ -77,6 +81,20 @@ class ProviderProfile(_Strict):
         host = host.lower().rstrip(".")
         for known in self.known_hosts(region):
             if host == known or (bucket and host == f"{bucket.lower()}.{known}"):
+                return True
+        return False
+
+
+    def sftp_host_matches(self, host: str, region: str) -> bool:
+        """True when `host` is one of the SFTP hosts of `region` (`*.` entries: one label below)."""
+        host = host.lower().rstrip(".")
+        r = self.sftp_regions.get(region)
+        for known in r.hosts if r else ():
+            if known.startswith("*."):
+                label, _, rest = host.partition(".")
+                if label and rest == known[2:]:
+                    return True
+            elif host == known:
                 return True
         return False
 

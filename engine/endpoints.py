@@ -13,7 +13,7 @@ from pathlib import Path
 from config.errors import ConfigFileError
 from config.lab import LAB_S3_ACCESS_KEY, LAB_S3_SECRET_KEY
 from config.loader import source_connection_string
-from config.models import LoadedConfig, SftpSourceConfig
+from config.models import LoadedConfig, SftpDestinationConfig, SftpSourceConfig
 from config.policy import destination_profile
 from config.providers import ProviderProfile
 from config.secrets import read_env, read_secret
@@ -41,17 +41,18 @@ def _config_relative(loaded: LoadedConfig, path: str) -> str:
     return str(p if p.is_absolute() else loaded.path.parent / p)
 
 
-def open_sftp(loaded: LoadedConfig, field: str, cfg: SftpSourceConfig, directory: str, *,
+def open_sftp(loaded: LoadedConfig, field: str, cfg: SftpSourceConfig | SftpDestinationConfig, directory: str, *,
               limits: SinkLimits | None = None, label: str | None = None):
     """An `SftpStore` over `directory` (below `cfg.root`) of the server `cfg` names, logged in with
     the credentials it names (read here). `field` is the config section (`sources.partner`) for
     messages."""
     from connectors.sftp import HostKeyPin, SftpLogin, SftpStore, refuse_hostile_key
 
-    try:
-        refuse_hostile_key(directory, field)
-    except ConnectorError as exc:
-        raise ConfigFileError(f"{loaded.path}: {exc}; name a directory below `{field}.root`") from None
+    if directory:
+        try:
+            refuse_hostile_key(directory, field)
+        except ConnectorError as exc:
+            raise ConfigFileError(f"{loaded.path}: {exc}; name a directory below `{field}.root`") from None
     private_key = passphrase = password = None
     if cfg.auth == "password":
         password = read_secret(loaded, f"{field}.password_{'block' if cfg.password_block else 'env'}",
@@ -71,10 +72,9 @@ def open_sftp(loaded: LoadedConfig, field: str, cfg: SftpSourceConfig, directory
                                  env=cfg.passphrase_env, block=cfg.passphrase_block)
     pin = HostKeyPin(known_hosts=_config_relative(loaded, cfg.known_hosts) if cfg.known_hosts else None,
                      fingerprints=tuple(cfg.host_key_fingerprints))
-    root = cfg.root.rstrip("/")
-    return SftpStore(cfg.host, cfg.port, f"{root}/{directory}", SftpLogin(cfg.username, private_key, passphrase, password),
-                     pin, limits=limits, connections=cfg.connections,
-                     label=label or f"sftp:{cfg.host}:{cfg.port}{root}/{directory}")
+    path = "/".join(p for p in (cfg.root.rstrip("/"), directory) if p) or "/"
+    return SftpStore(cfg.host, cfg.port, path, SftpLogin(cfg.username, private_key, passphrase, password),
+                     pin, limits=limits, connections=cfg.connections, label=label or f"sftp:{cfg.host}:{cfg.port}{path}")
 
 
 def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
@@ -101,7 +101,7 @@ def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
 
 
 def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | None = None):
-    """The S3 bucket a destination names (an `ObjectSink` that is also an `ObjectSource`).
+    """The S3 bucket or SFTP directory a destination names (an `ObjectSink` that is also an `ObjectSource`).
     `max_attempts`: attempts per request (default: the connector's, 5), fewer for a check that
     must not wait on a destination that does not answer."""
     from connectors.s3 import S3Store
@@ -109,6 +109,9 @@ def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | Non
     dest = loaded.config.destinations[destination]
     t = loaded.config.transfer
     profile = destination_profile(loaded, destination)
+    if dest.kind == "sftp":
+        return open_sftp(loaded, f"destinations.{destination}", dest, "", limits=sink_limits(profile),
+                         label=f"{profile.name}:sftp:{dest.host}{dest.root}")
     creds = dest.credentials
 
     def credential(item: str) -> str | None:
