@@ -89,7 +89,8 @@ class SinkLimits:
     """What the destination accepts, taken from the provider profile (never constants in the engine).
 
     Sizes in bytes. `max_key_bytes` counts the UTF-8 encoding of the key. `max_metadata_bytes` is
-    the total of user-metadata names and values as S3 counts them.
+    the total of user-metadata names and values as S3 counts them. `keys_are_paths`: keys become
+    file paths (an SFTP destination), so a key `file_path_problem` refuses cannot be written.
     """
 
     min_part_size: int = 5 * 1024**2
@@ -99,6 +100,30 @@ class SinkLimits:
     max_single_put_size: int = 5 * 1024**3
     max_key_bytes: int = 1024
     max_metadata_bytes: int = 2048
+    keys_are_paths: bool = False
+
+
+# Where a connector that writes files keeps its own (connectors/sftp.py): never an object's path.
+FILE_CONTROL_DIR = ".exitplan-sftp"
+
+
+def file_path_problem(key: str) -> str | None:
+    """Why `key` cannot be a file path below a destination root (it would leave the root, or is
+    not a file name), or None."""
+    if not key:
+        return "it is empty"
+    if key.startswith("/"):
+        return "it is absolute (starts with `/`)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        return "it contains a control character"
+    parts = key.split("/")
+    if any(p in ("..", ".") for p in parts):
+        return "it has a `..` or `.` segment that would leave or confuse the destination root"
+    if any(p == "" for p in parts):
+        return "it has an empty segment (`//` or a trailing `/`)"
+    if parts[0] == FILE_CONTROL_DIR:
+        return f"`{FILE_CONTROL_DIR}/` is where the connector keeps its own files"
+    return None
 
 
 # --------------------------------------------------------------------------------------------

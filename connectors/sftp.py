@@ -62,6 +62,7 @@ import paramiko
 from paramiko.sftp import CMD_DATA, CMD_EXTENDED, CMD_READ, CMD_STATUS, int64
 
 from .base import (
+    FILE_CONTROL_DIR,
     AuthError,
     ConfigError,
     ConnectorError,
@@ -77,13 +78,14 @@ from .base import (
     SourceChanged,
     TransientError,
     WriteMeta,
+    file_path_problem,
 )
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The connector's own directory at the root: sidecar metadata, uploads in progress, temporary files.
-CONTROL_DIR = ".exitplan-sftp"
+CONTROL_DIR = FILE_CONTROL_DIR
 # Bytes per write call: paramiko splits them into 32 KiB SFTP requests and pipelines them.
 _WRITE_CHUNK = 1024 * 1024
 # Reads: the size of one SFTP read request (OpenSSH serves at most 256 KiB, paramiko's default is
@@ -230,21 +232,7 @@ def change_marker(attrs: paramiko.SFTPAttributes) -> str:
 
 def refuse_hostile_key(key: str, where: str) -> None:
     """`InvalidRequest` naming `key` when it would leave the root or is not a file name."""
-    why = None
-    if not key:
-        why = "it is empty"
-    elif key.startswith("/"):
-        why = "it is absolute (starts with `/`)"
-    elif any(ord(c) < 32 or ord(c) == 127 for c in key):
-        why = "it contains a control character"
-    else:
-        parts = key.split("/")
-        if any(p in ("..", ".") for p in parts):
-            why = "it has a `..` or `.` segment that would leave or confuse the destination root"
-        elif any(p == "" for p in parts):
-            why = "it has an empty segment (`//` or a trailing `/`)"
-        elif parts[0] == CONTROL_DIR:
-            why = f"`{CONTROL_DIR}/` is the connector's own directory"
+    why = file_path_problem(key)
     if why:
         raise InvalidRequest(f"{where}: the name {key!r} is refused: {why}", key=key)
 
@@ -517,7 +505,12 @@ class SftpStore:
         current = directory
         while current != self.root and len(current) > len(self.root):
             try:
-                sftp.stat(current)
+                found = sftp.stat(current)
+                if not stat_mode.S_ISDIR(found.st_mode or 0):
+                    below = directory[len(self.root) + 1:]
+                    raise InvalidRequest(f"{self.label}: {current[len(self.root) + 1:]!r} is a file, so the directory "
+                                         f"{below!r} cannot be made below it (a key and a key below it, as a file "
+                                         "system cannot hold both)")
                 break
             except IOError as exc:
                 if not _is_missing(exc):

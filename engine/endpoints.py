@@ -20,8 +20,9 @@ from config.secrets import read_env, read_secret
 from connectors.base import ConnectorError, ObjectSource, SinkLimits
 
 
-def sink_limits(profile: ProviderProfile) -> SinkLimits:
-    """The provider's part and size limits as the connectors and the planner take them."""
+def sink_limits(profile: ProviderProfile, *, keys_are_paths: bool = False) -> SinkLimits:
+    """The provider's part and size limits as the connectors and the planner take them
+    (`keys_are_paths`: the destination writes files, an SFTP one)."""
     lim = profile.limits
     return SinkLimits(
         min_part_size=lim.min_part_size,
@@ -29,11 +30,13 @@ def sink_limits(profile: ProviderProfile) -> SinkLimits:
         max_parts=lim.max_parts,
         max_object_size=lim.max_object_size,
         max_single_put_size=lim.max_single_put_size,
+        keys_are_paths=keys_are_paths,
     )
 
 
 def destination_limits(loaded: LoadedConfig, destination: str) -> SinkLimits:
-    return sink_limits(destination_profile(loaded, destination))
+    kind = loaded.config.destinations[destination].kind
+    return sink_limits(destination_profile(loaded, destination), keys_are_paths=kind == "sftp")
 
 
 def _config_relative(loaded: LoadedConfig, path: str) -> str:
@@ -110,7 +113,7 @@ def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | Non
     t = loaded.config.transfer
     profile = destination_profile(loaded, destination)
     if dest.kind == "sftp":
-        return open_sftp(loaded, f"destinations.{destination}", dest, "", limits=sink_limits(profile),
+        return open_sftp(loaded, f"destinations.{destination}", dest, "", limits=destination_limits(loaded, destination),
                          label=f"{profile.name}:sftp:{dest.host}{dest.root}")
     creds = dest.credentials
 

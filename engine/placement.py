@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-from connectors.base import ObjectMeta, SinkLimits, WriteMeta
+from connectors.base import ObjectMeta, SinkLimits, WriteMeta, file_path_problem
 
 # Metadata names exitplan itself writes on objects (the encrypted format's among them: `metadata_for`).
 # Counted against the 2 KB budget before the user's metadata.
@@ -89,6 +89,10 @@ def check_key(dest_key: str, limits: SinkLimits) -> str | None:
         return f"destination key is {n} UTF-8 bytes, over the limit of {limits.max_key_bytes}"
     if not dest_key:
         return "destination key is empty"
+    if limits.keys_are_paths:
+        problem = file_path_problem(dest_key)
+        if problem:
+            return f"destination key {dest_key!r} cannot be a file path at the destination: {problem}"
     if dest_key.startswith(CONTROL_PREFIX):
         return (f"destination key {dest_key!r} falls under {CONTROL_PREFIX}, where exitplan keeps its own files "
                 "(keyset copies, the audit manifest); give the dataset a `dest_prefix`")
