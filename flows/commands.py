@@ -379,6 +379,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if path.name not in KEY_FILE_NAMES:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     os.environ["EXITPLAN_STATE_DIR"] = str(state_dir)
+    # Where the lab's SFTP server, its key and known_hosts are (the SFTP dataset of lab.yaml).
+    exports, _ = lab.env_exports(lab.lab_dir())
+    os.environ.update({k: v for k, v in exports.items() if k.startswith("EXITPLAN_LAB_SFTP_")})
     config = resources.files("config") / "examples" / "lab.yaml"
     if (state_dir / "keyset.json").exists():
         print(f"\n== keys: the keyset of an earlier demo, kept in {state_dir}\n", flush=True)

@@ -1,15 +1,16 @@
 """`exitplan lab up | down | status | env | seed`: the local rehearsal of an exit, on 127.0.0.1 only.
 
-`up` starts Azurite (the Azure Blob emulator), the lab's S3 server and a Prefect server (API and UI)
-as detached processes, waits until each answers, records a PID file and a log per server in the lab
+`up` starts Azurite (the Azure Blob emulator), the lab's S3 server, an OpenSSH sshd serving SFTP
+(`flows.lab_sftp`: its keys and the directory it serves in `<lab dir>/sftp`) and a Prefect server
+(API and UI) as detached processes, waits until each answers, records a PID file and a log per server in the lab
 state directory, and creates the destination bucket. `down` stops exactly what `up` recorded, after
 checking that each PID still runs the command line we started (PIDs are reused). `env` prints the
-exports the SDKs (and Prefect) read; `seed` fills Azurite with the synthetic datasets of
-`lab.seed`.
+exports the SDKs (and Prefect) read, and where the lab's SFTP key and known_hosts are; `seed` fills
+Azurite with the synthetic datasets of `lab.seed`, and the sshd's directory with its partner delivery.
 
 The state directory is `EXITPLAN_LAB_DIR`, else `$XDG_STATE_HOME/exitplan/lab`, else
 `~/.local/state/exitplan/lab`. Ports: `EXITPLAN_LAB_AZURITE_PORT` (10000), `EXITPLAN_LAB_S3_PORT`
-(5000), `EXITPLAN_LAB_PREFECT_PORT` (4200). Azurite and the S3 server keep their data in memory:
+(5000), `EXITPLAN_LAB_SFTP_PORT` (2222), `EXITPLAN_LAB_PREFECT_PORT` (4200). Azurite and the S3 server keep their data in memory:
 `down` forgets it, `up` + `seed` rebuild it. The Prefect server keeps its SQLite database (flow-run
 history) in `<lab dir>/prefect`, across `down` and `up`. `prefect_api_url()` / `prefect_ui_url()`
 give the running lab's Prefect URLs to other code.
@@ -38,9 +39,10 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from config.errors import ExitCode, UserError
-from config.lab import DEFAULT_PORTS, LAB_BUCKET, PORT_ENV
+from config.lab import DEFAULT_PORTS, LAB_BUCKET, LAB_SFTP_SUBDIR, PORT_ENV, SFTP_DIR_ENV, SFTP_USER_ENV
 from config.sizes import format_size
 from flows import lab_processes as lp
+from flows import lab_sftp
 
 STATE_DIR_ENV = "EXITPLAN_LAB_DIR"
 
@@ -80,7 +82,8 @@ class LabServer:
         return int(raw)
 
     def url(self, port: int) -> str:
-        return f"http://{lp.LOOPBACK}:{port}"
+        scheme = "sftp" if self.name == "sftp" else "http"
+        return f"{scheme}://{lp.LOOPBACK}:{port}"
 
 
 def prefect_home(directory: Path) -> Path:
@@ -92,12 +95,22 @@ def _prefect_spec(port: int) -> lp.ServerSpec:
     return lp.prefect_spec(port, prefect_home(lab_dir()))
 
 
+def sftp_dir(directory: Path | None = None) -> Path:
+    """The lab sshd's directory: its keys, known_hosts, and `root/` (what it serves)."""
+    return (lab_dir() if directory is None else Path(directory)) / LAB_SFTP_SUBDIR
+
+
+def _sftp_spec(port: int) -> lp.ServerSpec:
+    return lab_sftp.sshd_spec(lab_sftp.prepare_sshd(sftp_dir(), port))
+
+
 # The lab's servers, in start order (`down` stops them in reverse). A server added here is
 # started, stopped and shown by up/down/status with nothing else to change; its exports go in
 # `env_exports`.
 LAB_SERVERS: tuple[LabServer, ...] = (
     LabServer("azurite", "Azurite (Azure Blob emulator)", lp.azurite_spec),
     LabServer("s3", "S3 server (moto)", lp.s3_spec),
+    LabServer("sftp", "SFTP server (OpenSSH sshd)", _sftp_spec),
     LabServer("prefect", "Prefect server (API and UI)", _prefect_spec),
 )
 PREFECT_SERVER = next(s for s in LAB_SERVERS if s.name == "prefect")
@@ -144,8 +157,9 @@ class PidRecord:
     def is_ours(self) -> bool:
         """True if the PID is alive and still runs the command line we started.
 
-        Compared as the tail of the live command line: a script started through its shebang
-        (azurite-blob → `node …/azurite-blob ARGS`) gains an interpreter in front.
+        Compared as a part of the live command line: a script started through its shebang
+        (azurite-blob → `node …/azurite-blob ARGS`) gains an interpreter in front, and sshd rewrites
+        its own (`sshd: /usr/sbin/sshd -D -e -f CONFIG [listener] …`).
         """
         if not lp.pid_alive(self.pid):
             return False
@@ -153,7 +167,7 @@ class PidRecord:
         if not live:
             return False
         live_line = " ".join(live)
-        return live_line.endswith(" ".join(self.argv[1:])) and Path(self.argv[0]).name in live_line
+        return " ".join(self.argv[1:]) in live_line and Path(self.argv[0]).name in live_line
 
 
 def _remove_pid_file(directory: Path, name: str) -> None:
@@ -356,7 +370,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         state, rec = inspect_server(directory, server)
         if state is ServerState.RUNNING:
             assert rec is not None
-            answering = lp.http_ready(rec.port, rec.probe_path)
+            answering = lp.server_ready(rec.port, rec.probe_path)
             status = "up" if answering else "up (not answering)"
             print(f"{server.name:<8} {status:<5} pid {rec.pid:<7} port {rec.port:<6} {server.url(rec.port)}")
         else:
@@ -385,6 +399,11 @@ def env_exports(directory: Path) -> tuple[dict[str, str], bool]:
         "AWS_SECRET_ACCESS_KEY": lp.LAB_S3_SECRET_KEY,
         "AWS_DEFAULT_REGION": lp.LAB_REGION,
         "PREFECT_API_URL": _prefect_api(ports["prefect"]),
+        # The lab's sshd, for the SFTP dataset of config/examples/lab.yaml (its user key and
+        # known_hosts are files in this directory).
+        PORT_ENV["sftp"]: str(ports["sftp"]),
+        SFTP_DIR_ENV: str(sftp_dir(directory)),
+        SFTP_USER_ENV: lab_sftp.login_name(),
     }
     return exports, all_up
 
@@ -478,8 +497,14 @@ def cmd_seed(args: argparse.Namespace) -> int:
         summaries = lab_seed.seed_azurite(connection_string, objects, workers=args.workers)
     except lab_seed.LabStoreError as exc:
         raise UserError(f"seeding stopped: {exc}; running `exitplan lab seed` again is safe", ExitCode.FAILED) from exc
+    sftp_root = sftp_dir() / "root"
+    if sftp_root.is_dir():
+        # The partner delivery, in the directory the lab's sshd serves (made by `lab up`).
+        summaries.append(lab_seed.write_deliveries(sftp_root, lab_seed.expected_deliveries(args.profile)))
+    else:
+        print(f"(no SFTP delivery: {sftp_root} does not exist; `exitplan lab up` creates it)")
     for s in summaries:
-        print(f"{s.container:<8} {s.blobs:>6,} blobs  {format_size(s.bytes):>10}  ({s.bytes:,} bytes)")
+        print(f"{s.container:<10} {s.blobs:>6,} files  {format_size(s.bytes):>10}  ({s.bytes:,} bytes)")
     print(
         f"done in {time.monotonic() - started:.1f} s. Re-seeding is idempotent: it overwrites the same names "
         "with the same bytes and leaves other blobs in these containers alone."
@@ -499,15 +524,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from lab.seed import PROFILES
 
     lab = subparsers.add_parser(
-        "lab", help="run the local lab: Azurite, an S3 server and a Prefect server on 127.0.0.1",
+        "lab", help="run the local lab: Azurite, an S3 server, an SFTP server and a Prefect server on 127.0.0.1",
         description=__doc__.split("\n\n")[0],
     )
     sub = lab.add_subparsers(dest="lab_command", metavar="ACTION")
     sub.required = True
 
     p = sub.add_parser(
-        "up", help="start Azurite, the S3 server and the Prefect server (ports: EXITPLAN_LAB_AZURITE_PORT, "
-                   "EXITPLAN_LAB_S3_PORT, EXITPLAN_LAB_PREFECT_PORT)",
+        "up", help="start Azurite, the S3 server, the SFTP server and the Prefect server (ports: "
+                   "EXITPLAN_LAB_AZURITE_PORT, EXITPLAN_LAB_S3_PORT, EXITPLAN_LAB_SFTP_PORT, EXITPLAN_LAB_PREFECT_PORT)",
     )
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("down", help="stop what `lab up` started")
@@ -516,7 +541,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("env", help='print shell exports for the SDKs and Prefect: eval "$(exitplan lab env)"')
     p.set_defaults(func=cmd_env)
-    p = sub.add_parser("seed", help="write the synthetic datasets (claims, stays, imaging) into Azurite")
+    p = sub.add_parser("seed", help="write the synthetic datasets (claims, stays, imaging) into Azurite and the "
+                                    "partner delivery into the SFTP server's directory")
     p.add_argument(
         "--profile", choices=tuple(PROFILES), default="standard",
         help="tiny: seconds, for tests; standard: the demo (~0.6 GiB, 300 MiB largest); bench: ~1.2 GiB "

@@ -53,7 +53,12 @@ class SshdLayout:
 
     @property
     def username(self) -> str:
-        return pwd.getpwuid(os.getuid()).pw_name
+        return login_name()
+
+
+def login_name() -> str:
+    """The user the lab's sshd lets in: the one running it."""
+    return pwd.getpwuid(os.getuid()).pw_name
 
 
 def _keygen(path: Path, comment: str) -> None:

@@ -17,6 +17,9 @@ Three containers, each exercising a different part of the copy engine:
   0 bytes up to the profile's largest, including sizes one byte either side of the part
   boundaries the engine cares about (5, 8, 16 MiB), and one blob in the Cool tier.
 
+Beside them, a partner's delivery for the lab's SFTP server (`expected_deliveries`,
+`write_deliveries`): monthly CSV extracts and a scan archive in a directory tree.
+
 Blobs are written two ways, because Azure stores them differently: single-shot with a
 Content-MD5 (Put Blob), and as staged blocks without one (Put Block + Put Block List), which is
 what many real uploaders leave behind and what the verifier must cope with.
@@ -38,11 +41,13 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from enum import Enum
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from config.lab import LAB_DELIVERIES
 from connectors.base import ConnectorError, ContentSettings
 
 KiB = 1024
@@ -488,6 +493,53 @@ def expected_objects(profile: str | SeedProfile) -> list[SeedObject]:
     names = [(o.container, o.name) for o in objs]
     assert len(names) == len(set(names)), "duplicate blob names in a seed profile"
     return objs
+
+
+# --------------------------------------------------------------------------------------------
+# The partner delivery (SFTP)
+# --------------------------------------------------------------------------------------------
+
+
+def expected_deliveries(profile: str | SeedProfile) -> list[SeedObject]:
+    """The partner delivery `write_deliveries` puts below the lab sshd's root, in directory
+    `LAB_DELIVERIES`: monthly claim extracts (CSV) from a partner insurer, a scan archive large
+    enough to be copied in parts (above 8 MiB, one byte off a part boundary), a 0-byte end-of-
+    delivery marker and a name with spaces and accents. A file has no content headers and no
+    metadata on SFTP: only names, sizes and bytes."""
+    p = _profile(profile)
+    rng = _rng(f"{LAB_DELIVERIES}/{p.name}")
+    objs = []
+    months = max(2, min(12, p.claims_files // 100))
+    for m in range(months):
+        for part in range(3):
+            name = f"2026-{m + 1:02d}/extract-{part:02d}.csv"
+            objs.append(SeedObject(LAB_DELIVERIES, name, ClaimsCsv(f"{LAB_DELIVERIES}/{name}",
+                                                                   rng.randint(*p.claims_rows)),
+                                   UploadMode.SINGLE, ContentSettings()))
+    for name, recipe in (
+        ("2026-01/scans/archive.dcm", DicomLikeBinary(f"{LAB_DELIVERIES}/archive", 8 * MiB + 1)),
+        ("2026-01/DONE", ClaimsCsv(f"{LAB_DELIVERIES}/done", -1)),
+        ("2026-02/relevé des séjours.csv", ClaimsCsv(f"{LAB_DELIVERIES}/releve", 11)),
+    ):
+        objs.append(SeedObject(LAB_DELIVERIES, name, recipe, UploadMode.SINGLE, ContentSettings()))
+    return objs
+
+
+def write_deliveries(root: Path, objects: Sequence[SeedObject]) -> ContainerSummary:
+    """Write the delivery's files below `root` (the lab sshd serves this machine's disk, so they
+    are written in place, not over SFTP); idempotent: a file already holding the right bytes is
+    left as is, so its size and mtime, the SFTP change marker, do not move."""
+    total = 0
+    for obj in objects:
+        path = root / obj.container / obj.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        body = b"".join(obj.chunks())
+        if not (path.is_file() and path.stat().st_size == len(body) and path.read_bytes() == body):
+            temp = path.with_name(f".{path.name}.seed-tmp")
+            temp.write_bytes(body)
+            temp.replace(path)
+        total += len(body)
+    return ContainerSummary(LAB_DELIVERIES, len(objects), total)
 
 
 # --------------------------------------------------------------------------------------------

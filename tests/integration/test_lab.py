@@ -3,7 +3,8 @@
 Each lab gets its own state directory and free ports through EXITPLAN_LAB_DIR and the port
 overrides, so these tests neither see nor disturb a lab the developer has running. What was
 seeded is checked with the Azure SDK and boto3 (independent of exitplan's own connectors) against
-`lab.seed.expected_objects`.
+`lab.seed.expected_objects` (and the partner delivery on the SFTP server against
+`expected_deliveries`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ EXITPLAN = str(Path(sys.executable).with_name("exitplan")) if Path(sys.executabl
     else shutil.which("exitplan")
 SDK_VARS = ("AZURE_STORAGE_CONNECTION_STRING", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
             "AWS_DEFAULT_REGION", "PREFECT_API_URL")
-SERVERS = ("azurite", "s3", "prefect")
+SERVERS = ("azurite", "s3", "sftp", "prefect")
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Lab:
     azurite_port: int
     s3_port: int
     prefect_port: int
+    sftp_port: int
 
     def run(self, *args: str, check_rc: int | None = 0, timeout: float = 120) -> subprocess.CompletedProcess:
         result = subprocess.run([EXITPLAN, "lab", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -76,20 +78,21 @@ class Lab:
 def _new_lab(directory: Path) -> Lab:
     env = {k: v for k, v in os.environ.items() if k not in SDK_VARS and not k.startswith("EXITPLAN_LAB_")}
     ports: list[int] = []
-    while len(ports) < 3:  # never the defaults (10000, 5000, 4200): a developer's lab may be there
+    while len(ports) < 4:  # never the defaults (10000, 5000, 2222, 4200): a developer's lab may be there
         port = lp.free_port()
         if port not in ports and port not in DEFAULT_PORTS.values():
             ports.append(port)
-    azurite_port, s3_port, prefect_port = ports
+    azurite_port, s3_port, prefect_port, sftp_port = ports
     env.update(
         EXITPLAN_LAB_DIR=str(directory),
         EXITPLAN_LAB_AZURITE_PORT=str(azurite_port),
         EXITPLAN_LAB_S3_PORT=str(s3_port),
         EXITPLAN_LAB_PREFECT_PORT=str(prefect_port),
+        EXITPLAN_LAB_SFTP_PORT=str(sftp_port),
         DO_NOT_TRACK="1",
         PREFECT_SERVER_EPHEMERAL_ENABLED="false",
     )
-    return Lab(env, directory, azurite_port, s3_port, prefect_port)
+    return Lab(env, directory, azurite_port, s3_port, prefect_port, sftp_port)
 
 
 def _get(port: int, path: str, **headers: str) -> tuple[int, bytes]:
@@ -122,6 +125,7 @@ def _assert_gone(lab: Lab, pids: dict[str, int]) -> None:
     assert not lp.port_open(lab.azurite_port), "Azurite's port still answers after `lab down`"
     assert not lp.port_open(lab.s3_port), "the S3 server's port still answers after `lab down`"
     assert not lp.port_open(lab.prefect_port), "the Prefect server's port still answers after `lab down`"
+    assert not lp.port_open(lab.sftp_port), "the SFTP server's port still answers after `lab down`"
     if Path("/proc/self/environ").exists():
         assert _prefect_processes(lab) == [], "Prefect processes left behind by `lab down`"
     assert not list(lab.directory.glob("*.pid")), "PID files left behind"
@@ -160,20 +164,21 @@ def test_up_twice_status_down_twice(tmp_path):
         assert "started" in first.stdout and "exitplan-lab" in first.stdout
 
         second = lab.run("up")  # harmless: says so, starts nothing new
-        assert second.stdout.count("already running") == 3
+        assert second.stdout.count("already running") == len(SERVERS)
         assert lab.pids() == pids
 
         status = lab.run("status")
         for name, pid in pids.items():
             line = next(l for l in status.stdout.splitlines() if l.startswith(name))
             assert " up " in line and str(pid) in line
-        assert all(str(port) in status.stdout for port in (lab.azurite_port, lab.s3_port, lab.prefect_port))
+        assert all(str(port) in status.stdout for port in (lab.azurite_port, lab.s3_port, lab.prefect_port,
+                                                           lab.sftp_port))
 
         lab.run("down")
         _assert_gone(lab, pids)
         again = lab.run("down")  # harmless when nothing runs
-        assert again.stdout.count("not running") == 3
-        assert lab.run("status").stdout.count(" down ") == 3
+        assert again.stdout.count("not running") == len(SERVERS)
+        assert lab.run("status").stdout.count(" down ") == len(SERVERS)
     finally:
         lab.force_cleanup()
 
@@ -223,6 +228,24 @@ def test_env_exports_eval_and_connect(lab):
     prefect_api = urlsplit(exported["PREFECT_API_URL"])
     assert _get(prefect_api.port, f"{prefect_api.path}/health") == (200, b"true")
 
+    # The SFTP server: its host key pinned by the exported known_hosts, the exported key logs in.
+    import paramiko
+
+    sftp_dir = Path(exported["EXITPLAN_LAB_SFTP_DIR"])
+    assert exported["EXITPLAN_LAB_SFTP_PORT"] == str(lab.sftp_port)
+    client = paramiko.SSHClient()
+    client.load_host_keys(str(sftp_dir / "known_hosts"))
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    client.connect(lp.LOOPBACK, port=lab.sftp_port, username=exported["EXITPLAN_LAB_SFTP_USER"],
+                   key_filename=str(sftp_dir / "id_ed25519"), allow_agent=False, look_for_keys=False)
+    try:
+        assert client.open_sftp().stat(str(sftp_dir / "root")).st_mode
+    finally:
+        client.close()
+    with pytest.raises(paramiko.AuthenticationException):  # key only
+        client.connect(lp.LOOPBACK, port=lab.sftp_port, username=exported["EXITPLAN_LAB_SFTP_USER"],
+                       password="guess", allow_agent=False, look_for_keys=False)
+
 
 def test_prefect_urls_for_other_code(lab, tmp_path):
     assert lab_module.prefect_api_url(lab.directory) == f"http://127.0.0.1:{lab.prefect_port}/api"
@@ -245,6 +268,10 @@ def test_seed_tiny_writes_what_the_engine_expects(lab):
     for s in lab_seed.summarize(expected):
         assert any(line.startswith(s.container) and f"({s.bytes:,} bytes)" in line for line in result.stdout.splitlines())
     assert "idempotent" in result.stdout
+    deliveries = lab_seed.expected_deliveries("tiny")
+    root = lab.directory / "sftp" / "root"
+    assert {p.relative_to(root).as_posix(): p.read_bytes() for p in (root / "deliveries").rglob("*") if p.is_file()} \
+        == {f"deliveries/{o.name}": o.read() for o in deliveries}
 
     listing = _listing(lab)
     assert set(listing) == {(o.container, o.name) for o in expected}
@@ -311,7 +338,7 @@ def test_demo_ends_with_a_completed_exit_plan_flow_run(tmp_path):
         demo = subprocess.run([EXITPLAN, "demo", "--profile", "tiny"], env=the_lab.env, capture_output=True,
                               text=True, timeout=600)
         assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
-        total = len(lab_seed.expected_objects("tiny"))
+        total = len(lab_seed.expected_objects("tiny")) + len(lab_seed.expected_deliveries("tiny"))
         assert f"{total:,} copied" in demo.stdout and "**0 failed**" in demo.stdout
         assert f"**Verified** (deep): {total:,} objects match" in demo.stdout
         assert "Traceback" not in demo.stdout + demo.stderr
