@@ -554,16 +554,33 @@ class SftpStore:
                     md5.update(chunk)
                     f.write(bytes(chunk))
                     written += len(chunk)
-            f.flush()
-            self._fsync(sftp, f)
+            self._settle(sftp, f)
+        self._check_size(sftp, path, size, key)
         return md5.digest()
 
-    def _fsync(self, sftp: paramiko.SFTPClient, f: paramiko.SFTPFile) -> None:
+    @staticmethod
+    def _settle(sftp: paramiko.SFTPClient, f: paramiko.SFTPFile) -> None:
+        """Every pipelined write of `f` acknowledged (a refused one raises), then synced. The
+        acknowledgements are read before any other request: paramiko would otherwise hand them to
+        that request's reader and lose a refusal."""
+        f.flush()
+        sftp._finish_responses(f)
+        f._check_exception()
+        SftpStore._fsync(sftp, f)
+
+    def _check_size(self, sftp: paramiko.SFTPClient, path: str, size: int, key: str) -> None:
+        written = sftp.stat(path).st_size
+        if written != size:
+            raise TransientError(f"{self.label}: {key!r}: the server holds {written} bytes of the {size} written",
+                                 key=key)
+
+    @staticmethod
+    def _fsync(sftp: paramiko.SFTPClient, f: paramiko.SFTPFile) -> None:
         try:
             sftp._request(CMD_EXTENDED, "fsync@openssh.com", f.handle)
         except IOError as exc:
             # Servers without the extension answer "unsupported": the rename still publishes whole files.
-            log.debug("%s: fsync@openssh.com unavailable (%s)", self.label, exc)
+            log.debug("fsync@openssh.com unavailable (%s)", exc)
 
     def _temp_path(self) -> str:
         return self._control("tmp", uuid.uuid4().hex)
@@ -750,7 +767,6 @@ class SftpUpload:
         through this client, one megabyte at a time."""
         store = self.store
         with sftp.open(temp, "wb") as out:
-            out.set_pipelined(True)
             offset = 0
             for name, size in zip(names, sizes):
                 with sftp.open(f"{self._dir}/{name}", "rb") as part:
@@ -764,21 +780,14 @@ class SftpUpload:
                             log.info("%s: the server has no copy-data extension (%s); parts are assembled "
                                      "through this client", store.label, exc)
                             store._copy_data = False
+                    # Reads pipelined, writes not: paramiko loses track of pipelined writes whose
+                    # answers arrive while another request of the session waits for its own.
                     out.seek(offset)
-                    done = 0
-                    while done < size:
-                        chunk = part.read(min(_WRITE_CHUNK, size - done))
-                        if not chunk:
-                            raise TransientError(f"{store.label}: part file {name} of {self.key!r} is short",
-                                                 key=self.key)
-                        out.write(chunk)
-                        done += len(chunk)
+                    for done in range(0, size, _WRITE_CHUNK):
+                        out.write(_pipelined_read(sftp, part.handle, done, min(done + _WRITE_CHUNK, size)))
                     offset += size
-            out.flush()
-            store._fsync(sftp, out)
-            if out.stat().st_size != offset:
-                raise TransientError(f"{store.label}: {self.key!r} assembled to {out.stat().st_size} bytes, "
-                                     f"{offset} expected", key=self.key)
+            store._settle(sftp, out)
+        store._check_size(sftp, temp, offset, self.key)
 
     def _remove(self, sftp: paramiko.SFTPClient) -> None:
         try:

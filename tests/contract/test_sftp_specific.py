@@ -185,3 +185,22 @@ def test_a_half_written_part_is_never_listed(harness, monkeypatch):
         upload.upload_part(1, sftp_module.io.BytesIO(b"x" * 1000), 5000, None)  # the body ends early
     assert upload.list_parts() == []
     assert not (harness.dir / "half").exists()
+
+
+def test_parts_are_assembled_through_the_client_where_the_server_lacks_copy_data(harness):
+    part1, part2 = os.urandom(5 * MiB + 3), os.urandom(777)
+    store = harness.sink()
+    store._copy_data = False  # as after a server answered "unsupported"
+    upload = store.open_multipart("no-copy-data.bin", WriteMeta())
+    receipts = [upload.upload_part(1, part1, len(part1), None), upload.upload_part(2, part2, len(part2), None)]
+    upload.complete(receipts)
+    assert harness.raw_read("no-copy-data.bin") == part1 + part2
+
+
+def test_a_key_below_a_file_is_refused_with_a_sentence(harness):
+    store = harness.sink()
+    store.put("a", b"file", 4, WriteMeta(), None)
+    with pytest.raises(InvalidRequest) as info:
+        store.put("a/b", b"below", 5, WriteMeta(), None)
+    assert "'a' is a file" in str(info.value)
+    assert harness.raw_read("a") == b"file"
