@@ -148,7 +148,7 @@ def off_loopback(cfg: ExitplanConfig, where=None) -> str | None:
     Lab mode is not a flag: it is when every endpoint of the configuration is on loopback.
     """
     for name, src in cfg.sources.items():
-        if src.kind == "sftp":
+        if src.kind in ("sftp", "s3"):
             if not is_loopback_host(src.host):
                 return f"source `{name}` is at {src.host}"
             continue

@@ -172,17 +172,6 @@ class SftpSourceConfig(_SftpEndpoint):
     kind: Literal["sftp"]
 
 
-def _source_kind(value) -> str:
-    """A source without `kind` is an Azure Blob account (configs written before SFTP sources)."""
-    if isinstance(value, dict):
-        return value.get("kind", "azure_blob")
-    return getattr(value, "kind", "azure_blob")
-
-
-SourceConfig = Annotated[
-    Annotated[AzureBlobSourceConfig, Tag("azure_blob")] | Annotated[SftpSourceConfig, Tag("sftp")],
-    Discriminator(_source_kind),
-]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,24 +228,10 @@ class S3Credentials(_Model):
         return None
 
 
-class DestinationConfig(_Model):
-    """An S3-compatible bucket at a catalogued provider.
+class _S3Endpoint(_Model):
+    """An S3 service endpoint URL (`endpoint_url`): scheme, host and optional port only."""
 
-    `provider` names a file in the provider catalog; `endpoint_url` must be one of that provider's
-    known hosts for `region` (checked by the sovereignty gate). `verify_tls: false` is accepted only
-    in lab mode.
-    """
-
-    kind: Literal["s3"] = "s3"
-    provider: str
     endpoint_url: str
-    region: str
-    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-    credentials: S3Credentials = S3Credentials()
-    storage_class: str | None = None
-    addressing_style: Literal["path", "virtual"] | None = None  # default: the provider's
-    verify_tls: bool = True
-    max_connections: int = Field(32, ge=1, le=1024)
 
     @field_validator("endpoint_url")
     @classmethod
@@ -277,6 +252,41 @@ class DestinationConfig(_Model):
         return urlsplit(self.endpoint_url).scheme
 
 
+class DestinationConfig(_S3Endpoint):
+    """An S3-compatible bucket at a catalogued provider.
+
+    `provider` names a file in the provider catalog; `endpoint_url` must be one of that provider's
+    known hosts for `region` (checked by the sovereignty gate). `verify_tls: false` is accepted only
+    in lab mode.
+    """
+
+    kind: Literal["s3"] = "s3"
+    provider: str
+    region: str
+    bucket: str = Field(pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+    credentials: S3Credentials = S3Credentials()
+    storage_class: str | None = None
+    addressing_style: Literal["path", "virtual"] | None = None  # default: the provider's
+    verify_tls: bool = True
+    max_connections: int = Field(32, ge=1, le=1024)
+
+
+class S3SourceConfig(_S3Endpoint):
+    """An S3-compatible endpoint read as a source (an S3 → SFTP escrow, a move between providers).
+
+    A dataset's `container` is the bucket. Credentials as a destination's (`credentials`);
+    `endpoint_url` is the service endpoint (https outside the lab; `verify_tls: false` only in
+    the lab). `addressing_style` defaults to path (the form every S3-compatible server answers).
+    """
+
+    kind: Literal["s3"]
+    region: str
+    credentials: S3Credentials = S3Credentials()
+    addressing_style: Literal["path", "virtual"] = "path"
+    verify_tls: bool = True
+    max_connections: int = Field(32, ge=1, le=1024)
+
+
 class SftpDestinationConfig(_SftpEndpoint):
     """A directory tree on an SFTP server at a catalogued provider (an escrow, an on-premises or
     sovereign file store), written over SSH (see `_SftpEndpoint` for the login and the host key).
@@ -295,6 +305,20 @@ class SftpDestinationConfig(_SftpEndpoint):
     def bucket(self) -> str:
         """Where the objects go, named where an S3 destination names its bucket: the root directory."""
         return self.root
+
+
+def _source_kind(value) -> str:
+    """A source without `kind` is an Azure Blob account (configs written before other sources)."""
+    if isinstance(value, dict):
+        return value.get("kind", "azure_blob")
+    return getattr(value, "kind", "azure_blob")
+
+
+SourceConfig = Annotated[
+    Annotated[AzureBlobSourceConfig, Tag("azure_blob")] | Annotated[SftpSourceConfig, Tag("sftp")]
+    | Annotated[S3SourceConfig, Tag("s3")],
+    Discriminator(_source_kind),
+]
 
 
 def _destination_kind(value) -> str:

@@ -107,6 +107,12 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
         for name, src in cfg.sources.items():
             if src.kind == "azure_blob" and src.account_url and urlsplit(src.account_url).scheme != "https":
                 raise _refuse(loaded, f"source `{name}`", "plain HTTP is allowed only in the lab", "use an https:// `account_url`")
+            if src.kind == "s3" and src.scheme != "https":
+                raise _refuse(loaded, f"source `{name}`", "plain HTTP is allowed only in the lab",
+                              "use an https:// `endpoint_url`")
+            if src.kind == "s3" and not src.verify_tls:
+                raise _refuse(loaded, f"source `{name}`", "TLS verification may be switched off only in the lab",
+                              "remove `verify_tls: false`")
     check_kek(loaded)
     if cfg.keys is None:
         for name, ds in cfg.datasets.items():

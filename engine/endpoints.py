@@ -13,7 +13,7 @@ from pathlib import Path
 from config.errors import ConfigFileError
 from config.lab import LAB_S3_ACCESS_KEY, LAB_S3_SECRET_KEY
 from config.loader import source_connection_string
-from config.models import LoadedConfig, SftpDestinationConfig, SftpSourceConfig
+from config.models import LoadedConfig, S3Credentials, SftpDestinationConfig, SftpSourceConfig
 from config.policy import destination_profile
 from config.providers import ProviderProfile
 from config.secrets import read_env, read_secret
@@ -81,7 +81,7 @@ def open_sftp(loaded: LoadedConfig, field: str, cfg: SftpSourceConfig | SftpDest
 
 
 def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
-    """The Azure container or SFTP directory a dataset reads from."""
+    """The Azure container, SFTP directory or S3 bucket a dataset reads from."""
     from connectors.azure_blob import AzureBlobSource
 
     ds = loaded.config.datasets[dataset]
@@ -90,6 +90,19 @@ def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
     t = loaded.config.transfer
     if src.kind == "sftp":
         return open_sftp(loaded, f"sources.{name}", src, ds.container)
+    if src.kind == "s3":
+        from connectors.s3 import S3Store
+
+        field = f"sources.{name}.credentials"
+        return S3Store(
+            ds.container, endpoint_url=src.endpoint_url, region=src.region,
+            access_key_id=_s3_credential(loaded, field, src.credentials, "access_key_id"),
+            secret_access_key=_s3_credential(loaded, field, src.credentials, "secret_access_key"),
+            session_token=_s3_credential(loaded, field, src.credentials, "session_token"),
+            addressing_style=src.addressing_style, limits=SinkLimits(), verify_tls=src.verify_tls,
+            max_pool_connections=max(src.max_connections, t.concurrency + (t.object_concurrency or t.concurrency)),
+            label=f"s3:{src.host}/{ds.container}",
+        )
     pool = max(src.max_connections, t.concurrency + (t.object_concurrency or t.concurrency))
     if src.connection_string_env or src.connection_string_block:
         conn = source_connection_string(src, where=loaded, name=name)
@@ -101,6 +114,17 @@ def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
         token = read_secret(loaded, field, env=src.sas_token_env, block=src.sas_token_block)
         return AzureBlobSource.from_sas(src.account_url, token, ds.container, max_connections=pool)
     return AzureBlobSource.from_default_credential(src.account_url, ds.container, max_connections=pool)
+
+
+def _s3_credential(loaded: LoadedConfig, field: str, creds: S3Credentials, item: str) -> str | None:
+    """S3 key `item` where `creds` (at config section `field`) says it is, or None when not named."""
+    ref = creds.reference(item)
+    if ref is None:
+        return None
+    suffix, env_or_block = ref
+    # A session token is optional in an aws-credentials block; named on its own, it is required.
+    required = not (item == "session_token" and suffix == "block")
+    return read_secret(loaded, f"{field}.{suffix}", item=item, required=required, **env_or_block)
 
 
 def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | None = None):
@@ -118,14 +142,7 @@ def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | Non
     creds = dest.credentials
 
     def credential(item: str) -> str | None:
-        ref = creds.reference(item)
-        if ref is None:
-            return None
-        suffix, env_or_block = ref
-        # A session token is optional in an aws-credentials block; named on its own, it is required.
-        required = not (item == "session_token" and suffix == "block")
-        return read_secret(loaded, f"destinations.{destination}.credentials.{suffix}", item=item, required=required,
-                           **env_or_block)
+        return _s3_credential(loaded, f"destinations.{destination}.credentials", creds, item)
 
     if profile.lab_only and creds.access_key_id_env and not os.environ.get(creds.access_key_id_env):
         # The lab's S3 server accepts any credentials; these only name the lab.

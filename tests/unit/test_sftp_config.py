@@ -112,3 +112,18 @@ def test_keys_that_cannot_be_file_paths_do_not_fit_an_sftp_destination(key):
         place(meta, "", "", SinkLimits(keys_are_paths=True))
     assert repr(key) in str(info.value)
     assert place(meta, "", "", SinkLimits()).dest_key == key  # an S3 key may be anything
+
+
+def test_an_s3_source_is_a_bucket_read_over_https_outside_the_lab(tmp_path):
+    bucket = {"kind": "s3", "endpoint_url": "https://s3.gra.io.cloud.ovh.net", "region": "gra"}
+    data = config(sources={"old": bucket}, datasets={"c": {"source": "old", "container": "archive",
+                                                          "destination": "ovh"}})
+    loaded = load_config(write(tmp_path, data))
+    assert loaded.config.sources["old"].kind == "s3" and not loaded.lab_mode
+    for change, why in (({"endpoint_url": "http://s3.gra.io.cloud.ovh.net"}, "plain HTTP"),
+                        ({"verify_tls": False}, "TLS verification")):
+        data = config(sources={"old": {**bucket, **change}},
+                      datasets={"c": {"source": "old", "container": "archive", "destination": "ovh"}})
+        with pytest.raises(PolicyRefusal) as info:
+            load_config(write(tmp_path, data))
+        assert "source `old`" in str(info.value) and why in str(info.value)
