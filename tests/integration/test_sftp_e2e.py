@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from config.errors import ExitCode
+from connectors.base import WriteMeta
 from flows.cli import main
 from tests.contract.test_sftp_specific import _fingerprint as fingerprint_of
 from tests.s3client import lab_s3_client
@@ -254,6 +255,20 @@ def test_azure_to_sftp_encrypted_verify_restore(tmp_path, capsys, sshd, azurite_
     code, out, err = cli(capsys, "verify", "--config", config)
     assert code == ExitCode.FAILED
     assert "a/claims.csv" in out + err
+
+    # An upload a killed run opened before recording it: `cleanup` lists it, `--abort` removes it.
+    from config.loader import load_config
+    from engine.endpoints import open_sink
+
+    with open_sink(load_config(config), "escrow") as sink:
+        orphan = sink.open_multipart("claims/c/orphan.bin", WriteMeta())
+        orphan.upload_part(1, b"x" * 100, 100, None)
+    code, out, err = cli(capsys, "cleanup", "--config", config)
+    assert code == 0 and orphan.upload_id in out, err + out
+    assert (escrow / ".exitplan-sftp" / "uploads" / orphan.upload_id).exists()
+    code, out, err = cli(capsys, "cleanup", "--config", config, "--abort")
+    assert code == 0, err + out
+    assert not (escrow / ".exitplan-sftp" / "uploads" / orphan.upload_id).exists()
 
 
 def test_an_sftp_destination_off_the_catalog_is_refused(tmp_path, capsys, sshd):

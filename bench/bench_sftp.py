@@ -1,0 +1,292 @@
+#!/usr/bin/env python3
+"""Benchmark exitplan's SFTP connector against rclone's sftp backend, in the same run.
+
+Loopback only; everything it starts is stopped at the end. It starts a private OpenSSH sshd
+(`flows.lab_sftp`) and the lab's S3 server (moto, restarted before every measured run: it keeps
+every byte in memory) on free 127.0.0.1 ports, writes one mixed set of files below the sshd's root
+(a few large files, many 1 MiB and 16 KiB ones), then measures, each tool in its own process (wall
+time, user+system CPU and peak RSS from `os.wait4`, through bench_migrate's launcher):
+
+1. SFTP → S3: `exitplan migrate` (an SFTP source, encrypted) and `rclone copy sftp: s3:` (plain);
+2. S3 → SFTP: the same files put in a bucket first (not timed), then `exitplan migrate` (an S3
+   source, an SFTP destination, encrypted) and `rclone copy s3: sftp:` (plain);
+3. peak RSS of `exitplan migrate` SFTP → S3 on one large file (`--rss-mib`, default 2048) against
+   one 20 MiB file: bounded by the memory budget, not by the file.
+
+Both tools run with the same concurrency (`--concurrency`: rclone's --transfers, exitplan's
+`transfer.concurrency` and `object_concurrency`, and its SFTP `connections`) and 16 MiB parts.
+Every run's output is checked (every file, with its size, at the destination). exitplan encrypts
+(Tink streaming AEAD) and rclone does not: the CPU figures include that. Prints a table and writes
+`bench/out/sftp-<timestamp>.json`. Run: `.venv/bin/python bench/bench_sftp.py [--quick]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+for path in (str(REPO), str(REPO / "bench")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+import boto3  # noqa: E402
+import yaml  # noqa: E402
+from botocore.config import Config  # noqa: E402
+
+from bench_migrate import ChildResult, child_env, run_child  # noqa: E402
+from config.lab import LAB_REGION, LAB_S3_ACCESS_KEY, LAB_S3_SECRET_KEY, LOOPBACK  # noqa: E402
+from flows import lab_processes as lp  # noqa: E402
+from flows.lab_sftp import SshdLayout, prepare_sshd, sshd_spec  # noqa: E402
+
+MiB = 1024 * 1024
+EXITPLAN = str(Path(sys.executable).with_name("exitplan"))
+
+
+def s3_client(url: str):
+    return boto3.client("s3", endpoint_url=url, region_name=LAB_REGION, aws_access_key_id=LAB_S3_ACCESS_KEY,
+                        aws_secret_access_key=LAB_S3_SECRET_KEY,
+                        config=Config(s3={"addressing_style": "path"}, max_pool_connections=16,
+                                      request_checksum_calculation="when_required",
+                                      response_checksum_validation="when_required"))
+
+
+class Moto:
+    """The lab's S3 server, restarted on demand (its memory only grows)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.proc = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def restart(self) -> None:
+        self.stop()
+        self.port = lp.free_port()
+        self.proc = lp.start_server(lp.s3_spec(self.port), self.directory / "moto.log")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            lp.stop_pid(self.proc.pid)
+            self.proc = None
+
+
+def write_files(top: Path, big: int, big_mib: int, mid: int, small: int) -> dict[str, int]:
+    """The mixed set below `top`: {key: size}. Random bytes (incompressible), written once."""
+    sizes = {f"large/{i:02d}.bin": big_mib * MiB + i for i in range(big)}
+    sizes.update({f"mid/{i // 50:02d}/{i:04d}.bin": MiB for i in range(mid)})
+    sizes.update({f"small/{i // 100:02d}/{i:05d}.csv": 16 * 1024 for i in range(small)})
+    for key, size in sizes.items():
+        path = top / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            for start in range(0, size, 8 * MiB):
+                f.write(os.urandom(min(8 * MiB, size - start)))
+    return sizes
+
+
+def sftp_endpoint(layout: SshdLayout, root: Path, concurrency: int) -> dict:
+    return {"kind": "sftp", "host": LOOPBACK, "port": layout.port, "username": layout.username, "root": str(root),
+            "known_hosts": str(layout.known_hosts), "private_key_file": str(layout.user_key),
+            "connections": concurrency}
+
+
+def exitplan_config(path: Path, source: dict, destination: dict, container: str, concurrency: int,
+                    state: Path) -> Path:
+    cfg = {
+        "version": 1, "project": f"bench-{path.stem.lower()}",
+        "sources": {"src": source}, "destinations": {"dst": destination},
+        "datasets": {"set": {"source": "src", "container": container, "destination": "dst",
+                             "dest_prefix": "exitplan/"}},
+        "transfer": {"concurrency": concurrency, "object_concurrency": concurrency, "part_size": "16MiB",
+                     "small_object_cutoff": "16MiB", "memory_budget": "256MiB"},
+        "state": {"path": str(state)},
+        "keys": {"kek": {"backend": "local", "path": str(state / "kek.key")}},
+    }
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def run_exitplan(config: Path, log: Path) -> ChildResult:
+    env = child_env(AWS_ACCESS_KEY_ID=LAB_S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=LAB_S3_SECRET_KEY)
+    init = run_child([EXITPLAN, "keys", "init", "--config", str(config)], env=env, log=log.with_suffix(".init.log"))
+    if init.rc != 0:
+        raise SystemExit(f"exitplan keys init failed; see {init.log}")
+    return run_child([EXITPLAN, "migrate", "--config", str(config)], env=env, log=log)
+
+
+def rclone_config(path: Path, layout: SshdLayout, moto: Moto) -> Path:
+    path.write_text(f"""\
+[sftp]
+type = sftp
+host = {LOOPBACK}
+port = {layout.port}
+user = {layout.username}
+key_file = {layout.user_key}
+known_hosts_file = {layout.known_hosts}
+shell_type = none
+disable_hashcheck = true
+
+[s3]
+type = s3
+provider = Other
+endpoint = {moto.url}
+force_path_style = true
+access_key_id = {LAB_S3_ACCESS_KEY}
+secret_access_key = {LAB_S3_SECRET_KEY}
+region = {LAB_REGION}
+""")
+    return path
+
+
+def run_rclone(conf: Path, src: str, dst: str, concurrency: int, log: Path) -> ChildResult:
+    argv = ["rclone", "--config", str(conf), "copy", src, dst, "--transfers", str(concurrency),
+            "--checkers", str(2 * concurrency), "--s3-upload-concurrency", "4", "--s3-chunk-size", "16M",
+            "--s3-upload-cutoff", "16M", "--s3-no-head", "--log-level", "NOTICE", "--stats", "0"]
+    return run_child(argv, env=child_env(), log=log)
+
+
+def s3_sizes(moto: Moto, bucket: str, prefix: str) -> dict[str, int]:
+    out = {}
+    for page in s3_client(moto.url).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out.update({o["Key"][len(prefix):]: o["Size"] for o in page.get("Contents", [])})
+    return out
+
+
+def file_sizes(top: Path) -> dict[str, int]:
+    return {p.relative_to(top).as_posix(): p.stat().st_size for p in top.rglob("*") if p.is_file()} \
+        if top.is_dir() else {}
+
+
+def row(tool: str, direction: str, res: ChildResult, nbytes: int, ok: bool) -> dict:
+    cpu = res.cpu
+    return {"tool": tool, "direction": direction, "ok": ok and res.rc == 0, "rc": res.rc, "seconds": res.wall,
+            "mb_s": nbytes / res.wall / 1e6 if res.wall else None, "cpu_s": cpu,
+            "cpu_s_per_gb": cpu / (nbytes / 1e9) if nbytes else None, "peak_rss_mib": res.maxrss / MiB}
+
+
+def encrypted_sizes_ok(found: dict[str, int], sizes: dict[str, int]) -> bool:
+    """Every file arrived, each at least as large as its plaintext (exitplan adds the Tink overhead)."""
+    return set(found) == set(sizes) and all(found[k] >= sizes[k] for k in sizes)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--big", type=int, default=4, help="large files (default 4)")
+    p.add_argument("--big-mib", type=int, default=128, help="size of each large file in MiB (default 128)")
+    p.add_argument("--mid", type=int, default=200, help="1 MiB files (default 200)")
+    p.add_argument("--small", type=int, default=1000, help="16 KiB files (default 1000)")
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--rss-mib", type=int, default=2048, help="the large file of the memory test, MiB (0: skip)")
+    p.add_argument("--quick", action="store_true", help="a small set, for a smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.big, args.big_mib, args.mid, args.small, args.rss_mib = 2, 64, 50, 200, 256
+    if not shutil.which("rclone"):
+        raise SystemExit("rclone is not installed (Debian: apt-get install rclone)")
+
+    tmp = Path(tempfile.mkdtemp(prefix="exitplan-bench-sftp-"))
+    layout = prepare_sshd(tmp / "sshd", lp.free_port())
+    sshd = lp.start_server(sshd_spec(layout), tmp / "sshd.log")
+    moto = Moto(tmp)
+    rows: list[dict] = []
+    try:
+        src = layout.root / "src"
+        sizes = write_files(src, args.big, args.big_mib, args.mid, args.small)
+        total = sum(sizes.values())
+        print(f"set: {len(sizes)} files, {total / 1e6:.0f} MB; concurrency {args.concurrency}", flush=True)
+        lab_dest = {"provider": "lab", "endpoint_url": "", "region": LAB_REGION, "bucket": "bench"}
+
+        # 1. SFTP → S3
+        for tool in ("exitplan", "rclone"):
+            moto.restart()
+            s3_client(moto.url).create_bucket(Bucket="bench",
+                                              CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
+            if tool == "exitplan":
+                cfg = exitplan_config(tmp / "sftp-to-s3.yaml", sftp_endpoint(layout, layout.root, args.concurrency),
+                                      {**lab_dest, "endpoint_url": moto.url}, "src", args.concurrency,
+                                      tmp / "state-a")
+                res = run_exitplan(cfg, tmp / "exitplan-sftp-to-s3.log")
+                ok = encrypted_sizes_ok(s3_sizes(moto, "bench", "exitplan/"), sizes)
+            else:
+                conf = rclone_config(tmp / "rclone.conf", layout, moto)
+                res = run_rclone(conf, f"sftp:{src}", "s3:bench/rclone", args.concurrency, tmp / "rclone-a.log")
+                ok = s3_sizes(moto, "bench", "rclone/") == sizes
+            rows.append(row(tool, "sftp->s3", res, total, ok))
+            print(json.dumps(rows[-1]), flush=True)
+
+        # 2. S3 → SFTP (the same files in a bucket first)
+        for tool in ("exitplan", "rclone"):
+            moto.restart()
+            client = s3_client(moto.url)
+            client.create_bucket(Bucket="source", CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
+            for key in sizes:
+                client.upload_file(str(src / key), "source", key)
+            out = layout.root / f"out-{tool}"
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            if tool == "exitplan":
+                source = {"kind": "s3", "endpoint_url": moto.url, "region": LAB_REGION}
+                dest = {**sftp_endpoint(layout, out, args.concurrency), "provider": "lab", "region": "lab"}
+                cfg = exitplan_config(tmp / "s3-to-sftp.yaml", source, dest, "source", args.concurrency,
+                                      tmp / "state-b")
+                res = run_exitplan(cfg, tmp / "exitplan-s3-to-sftp.log")
+                ok = encrypted_sizes_ok(file_sizes(out / "exitplan"), sizes)
+            else:
+                conf = rclone_config(tmp / "rclone.conf", layout, moto)
+                res = run_rclone(conf, "s3:source", f"sftp:{out}", args.concurrency, tmp / "rclone-b.log")
+                ok = file_sizes(out) == sizes
+            rows.append(row(tool, "s3->sftp", res, total, ok))
+            print(json.dumps(rows[-1]), flush=True)
+            shutil.rmtree(out, ignore_errors=True)
+
+        # 3. Peak RSS: one large file against one 20 MiB file, SFTP → S3.
+        memory = []
+        for label, size_mib in (("20MiB", 20), (f"{args.rss_mib}MiB", args.rss_mib)) if args.rss_mib else ():
+            one = layout.root / f"one-{label}"
+            write_files(one, 1, size_mib, 0, 0)
+            moto.restart()
+            s3_client(moto.url).create_bucket(Bucket="bench",
+                                              CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
+            cfg = exitplan_config(tmp / f"rss-{label}.yaml", sftp_endpoint(layout, layout.root, args.concurrency),
+                                  {**lab_dest, "endpoint_url": moto.url}, one.name, args.concurrency,
+                                  tmp / f"state-{label}")
+            res = run_exitplan(cfg, tmp / f"exitplan-rss-{label}.log")
+            memory.append({"file": label, "rc": res.rc, "peak_rss_mib": res.maxrss / MiB,
+                           "mb_s": size_mib * MiB / res.wall / 1e6})
+            print(json.dumps(memory[-1]), flush=True)
+            shutil.rmtree(one, ignore_errors=True)
+    finally:
+        moto.stop()
+        lp.stop_pid(sshd.pid)
+
+    print(f"\n{'direction':<10} {'tool':<9} {'ok':<4} {'MB/s':>7} {'CPU-s/GB':>9} {'peak RSS MiB':>13}")
+    for r in rows:
+        print(f"{r['direction']:<10} {r['tool']:<9} {'yes' if r['ok'] else 'NO':<4} {r['mb_s']:>7.1f} "
+              f"{r['cpu_s_per_gb']:>9.2f} {r['peak_rss_mib']:>13.0f}")
+    for direction in ("sftp->s3", "s3->sftp"):
+        e, r = ([x for x in rows if x["direction"] == direction and x["tool"] == t][0] for t in ("exitplan", "rclone"))
+        print(f"{direction}: exitplan/rclone MB/s {e['mb_s'] / r['mb_s']:.2f}, CPU per GB {e['cpu_s_per_gb'] / r['cpu_s_per_gb']:.2f}")
+    for m in memory:
+        print(f"peak RSS, one {m['file']} file: {m['peak_rss_mib']:.0f} MiB (budget 256 MiB)")
+    out_dir = REPO / "bench" / "out"
+    out_dir.mkdir(exist_ok=True)
+    report = out_dir / f"sftp-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    report.write_text(json.dumps({"args": vars(args), "files": len(sizes), "bytes": total, "runs": rows,
+                                  "memory": memory}, indent=2))
+    print(f"written {report}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0 if all(r["ok"] for r in rows) and all(m["rc"] == 0 for m in memory) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
