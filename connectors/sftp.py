@@ -108,6 +108,17 @@ class HostKeyPin:
     known_hosts: str | None = None  # path of a known_hosts file
     fingerprints: tuple[str, ...] = ()
 
+    def pinned_types(self, host: str, port: int) -> list[str]:
+        """The host key types known_hosts pins for this server: asked for first, so that a server
+        with several host keys presents the pinned one (not, say, its RSA key beside a pinned Ed25519)."""
+        if not self.known_hosts:
+            return []
+        try:
+            entry = paramiko.HostKeys(self.known_hosts).lookup(host if port == 22 else f"[{host}]:{port}")
+        except OSError:
+            return []
+        return list(entry.keys()) if entry else []
+
     def check(self, host: str, port: int, key: paramiko.PKey, where: str) -> None:
         fingerprint = "SHA256:" + base64.b64encode(hashlib.sha256(key.asbytes()).digest()).decode().rstrip("=")
         if fingerprint in self.fingerprints:
@@ -293,6 +304,9 @@ class SftpStore:
             options = transport.get_security_options()
             fast = [c for c in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com") if c in options.ciphers]
             options.ciphers = tuple(fast + [c for c in options.ciphers if c not in fast])
+            pinned = [t for t in self._pin.pinned_types(self.host, self.port) if t in options.key_types]
+            if pinned:
+                options.key_types = tuple(pinned + [t for t in options.key_types if t not in pinned])
             transport.start_client(timeout=self._timeout)
             self._pin.check(self.host, self.port, transport.get_remote_server_key(), where)
             if self._pkey is not None:
