@@ -835,10 +835,11 @@ class _Replies:
         self.by_number[num] = (t, msg)
 
 
-def _pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: int) -> bytes:
+def _pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: int) -> bytearray:
     """Bytes `start .. end-1` of the open file `handle`, with up to `_READ_WINDOW` read requests in
-    flight. paramiko's own `readv`/prefetch slows down quadratically on large ranges and buffers
-    without bound; this asks for exactly the range and nothing more."""
+    flight, into one buffer handed over as is (a copy would hold the range twice, outside the
+    memory budget that counts it once). paramiko's own `readv`/prefetch slows down quadratically
+    on large ranges and buffers without bound; this asks for exactly the range and nothing more."""
     out = bytearray(end - start)
     replies = _Replies()
     pending: list[tuple[int, int, int]] = []  # (request number, offset, length), oldest first
@@ -864,4 +865,4 @@ def _pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: i
             # A server may answer a read with fewer bytes than asked: ask again for the rest.
             pending.insert(0, (sftp._async_request(replies, CMD_READ, handle, int64(offset + got), n - got),
                                offset + got, n - got))
-    return bytes(out)
+    return out
