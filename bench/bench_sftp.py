@@ -11,7 +11,7 @@ time, user+system CPU and peak RSS from `os.wait4`, through bench_migrate's laun
 2. S3 → SFTP: the same files put in a bucket first (not timed), then `exitplan migrate` (an S3
    source, an SFTP destination, encrypted) and `rclone copy s3: sftp:` (plain);
 3. peak RSS of `exitplan migrate` SFTP → S3 on one large file (`--rss-mib`, default 2048) against
-   one 20 MiB file: bounded by the memory budget, not by the file.
+   one 512 MiB and one 20 MiB file: bounded by the memory budget, not by the file.
 
 Both tools run with the same concurrency (`--concurrency`: rclone's --transfers, exitplan's
 `transfer.concurrency` and `object_concurrency`; exitplan's SFTP `connections` is twice that, one
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--rss-mib", type=int, default=2048, help="the large file of the memory test, MiB (0: skip)")
     p.add_argument("--quick", action="store_true", help="a small set, for a smoke run")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-RSS runs (3.)")
     args = p.parse_args(argv)
     if args.quick:
         args.big, args.big_mib, args.mid, args.small, args.rss_mib = 2, 64, 50, 200, 256
@@ -204,13 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     try:
         src = layout.root / "src"
+        if args.memory_only:
+            args.big = args.mid = args.small = 0
         sizes = write_files(src, args.big, args.big_mib, args.mid, args.small)
         total = sum(sizes.values())
         print(f"set: {len(sizes)} files, {total / 1e6:.0f} MB; concurrency {args.concurrency}", flush=True)
         lab_dest = {"provider": "lab", "endpoint_url": "", "region": LAB_REGION, "bucket": "bench"}
 
         # 1. SFTP → S3
-        for tool in ("exitplan", "rclone"):
+        for tool in ("exitplan", "rclone") if sizes else ():
             moto.restart()
             s3_client(moto.url).create_bucket(Bucket="bench",
                                               CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), flush=True)
 
         # 2. S3 → SFTP (the same files in a bucket first)
-        for tool in ("exitplan", "rclone"):
+        for tool in ("exitplan", "rclone") if sizes else ():
             moto.restart()
             client = s3_client(moto.url)
             client.create_bucket(Bucket="source", CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
@@ -254,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3. Peak RSS: one large file against one 20 MiB file, SFTP → S3.
         memory = []
-        for label, size_mib in (("20MiB", 20), (f"{args.rss_mib}MiB", args.rss_mib)) if args.rss_mib else ():
+        # 20 MiB uses a fraction of the budget; 512 MiB and the large file use all of it: the two
+        # must cost the same.
+        points = [("20MiB", 20), ("512MiB", 512), (f"{args.rss_mib}MiB", args.rss_mib)] if args.rss_mib else []
+        for label, size_mib in points:
             one = layout.root / f"one-{label}"
             write_files(one, 1, size_mib, 0, 0)
             moto.restart()
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['direction']:<10} {r['tool']:<9} {'yes' if r['ok'] else 'NO':<4} {r['mb_s']:>7.1f} "
               f"{r['cpu_s_per_gb']:>9.2f} {r['peak_rss_mib']:>13.0f}")
-    for direction in ("sftp->s3", "s3->sftp"):
+    for direction in ("sftp->s3", "s3->sftp") if rows else ():
         e, r = ([x for x in rows if x["direction"] == direction and x["tool"] == t][0] for t in ("exitplan", "rclone"))
         print(f"{direction}: exitplan/rclone MB/s {e['mb_s'] / r['mb_s']:.2f}, CPU per GB {e['cpu_s_per_gb'] / r['cpu_s_per_gb']:.2f}")
     for m in memory:
