@@ -109,7 +109,7 @@ def migrate_flow(config_path: str, datasets: list[str] | None = None, delete_rem
             create_table_artifact(rows, key=artifact_key(loaded.config.project, "plan"),
                                   description="Dry run: what a migration would write (nothing was written)")
             return rows
-        outcome = _migrate(config_path, datasets, delete_removed)
+        outcome = _migration_in_flow(config_path, datasets, delete_removed)
     except UserError as exc:
         return _user_failure(exc)
     summary_artifact(outcome, gate, None)
@@ -153,7 +153,7 @@ def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: 
     (and the HTML report). The gate goes first: a refused destination or KEK costs no listing."""
     try:
         gate = sovereignty_gate(config_path, datasets)
-        outcome = _migrate(config_path, datasets, delete_removed)
+        outcome = _migration_in_flow(config_path, datasets, delete_removed)
         checked = verify_datasets(config_path, datasets, deep_verify, 1.0, None)
     except UserError as exc:
         return _user_failure(exc)
@@ -168,12 +168,12 @@ def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: 
 # ---------------------------------------------------------------------------------------------
 
 
-def _migrate(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
+def _migration_in_flow(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
     with engine_logs_to(get_run_logger()):
-        return _migrate_run(config_path, datasets, delete_removed)
+        return _run_shards(config_path, datasets, delete_removed)
 
 
-def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
+def _run_shards(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
     logger = get_run_logger()
     loaded, names = load_datasets(config_path, datasets)
     project = loaded.config.project
