@@ -170,10 +170,10 @@ def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: 
 
 def _migration_in_flow(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
     with engine_logs_to(get_run_logger()):
-        return _run_shards(config_path, datasets, delete_removed)
+        return _copy_datasets_in_shards(config_path, datasets, delete_removed)
 
 
-def _run_shards(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
+def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
     logger = get_run_logger()
     loaded, names = load_datasets(config_path, datasets)
     project = loaded.config.project
