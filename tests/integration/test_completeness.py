@@ -320,7 +320,7 @@ def test_the_verify_and_exit_plan_flows_fail_while_a_dataset_is_not_complete(tmp
 
     state = exit_plan(config_path=str(path), deep_verify=False, return_state=True)
     assert state.is_failed() and sentence in state.message
-    assert state.result(raise_on_failure=False)["complete"] is False
+    assert state.result(raise_on_failure=False).figures["complete"] is False
 
     BlobServiceClient.from_connection_string(azurite_connection_string).get_container_client(container) \
         .delete_blob(too_long)
