@@ -385,6 +385,7 @@ def env_exports(directory: Path) -> tuple[dict[str, str], bool]:
         "AWS_SECRET_ACCESS_KEY": lp.LAB_S3_SECRET_KEY,
         "AWS_DEFAULT_REGION": lp.LAB_REGION,
         "PREFECT_API_URL": _prefect_api(ports["prefect"]),
+        "DO_NOT_TRACK": "1",  # no Prefect analytics from the shell's prefect and exitplan commands
     }
     return exports, all_up
 
