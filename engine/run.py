@@ -415,7 +415,8 @@ class MigrationRun:
         self.state.dataset_started(self.run_id, name)
         try:
             inventory = call_endpoint(f"dataset `{name}`: listing {source.label}",
-                                      lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label))
+                                      lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label,
+                                                                reserved=self.formats[name].metadata_for))
             flush()
         except BaseException as exc:
             self._listing_stopped(name, exc)

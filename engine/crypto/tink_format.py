@@ -308,6 +308,12 @@ class ObjectEncryptor:
 # --------------------------------------------------------------------------------------------
 
 
+def encrypted_metadata(key_id: int, dataset: str, meta: ObjectMeta) -> dict[str, str]:
+    """The exitplan metadata of `meta` encrypted under key `key_id` for `dataset`: what
+    `TinkFormat.metadata_for` gives, and what inventory counts without unwrapping any key."""
+    return object_metadata(key_id, associated_data(dataset, meta.key), meta.size)
+
+
 def object_metadata(key_id: int, associated_data_: bytes, plaintext_size: int) -> dict[str, str]:
     """The exitplan metadata of an encrypted object (names lower-case, values ASCII)."""
     return {
@@ -386,7 +392,7 @@ class TinkFormat:
     def metadata_for(self, meta: ObjectMeta) -> dict[str, str]:
         """The exitplan metadata `begin(meta)` will write: pass it to `placement.place(reserved=...)`
         so the 2 KB budget counts it. It does not depend on the attempt (the header is in the data)."""
-        return object_metadata(self.keys.primary_id, associated_data(self.dataset, meta.key), meta.size)
+        return encrypted_metadata(self.keys.primary_id, self.dataset, meta)
 
     def begin(self, meta: ObjectMeta, *, header: bytes | None = None, key_id: int | None = None) -> TinkEncoder:
         """A new attempt (fresh header, primary key), or with `header` and `key_id` the recorded

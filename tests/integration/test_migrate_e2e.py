@@ -220,3 +220,24 @@ def test_missing_bucket_or_container_is_one_sentence_and_exit_2(tmp_path, capsys
         code, out, err = run(capsys, *argv, "--config", str(config))
         assert code == 2, err
         assert "no-such-container" in err and "does not exist" in err
+
+
+def test_inventory_predicts_what_migrate_refuses(tmp_path, capsys, env, s3, s3_server, azurite_connection_string):
+    """A blob with 1,950 bytes of metadata fits S3's 2 KB alone, not beside exitplan's own
+    encryption metadata: inventory counts it as not fitting, and migrate refuses that object and
+    no other."""
+    container = f"fit{uuid.uuid4().hex[:8]}"
+    cc = BlobServiceClient.from_connection_string(azurite_connection_string).create_container(container)
+    cc.upload_blob("heavy.bin", b"h", metadata={"note": "x" * 1946})
+    cc.upload_blob("light.bin", b"l", metadata={"note": "x" * 100})
+    config = write_config(tmp_path, s3_server, {"fit": {"source": "az", "container": container,
+                                                        "destination": "lab", "dest_prefix": f"{container}/"}})
+    capsys.readouterr()  # what keys init printed
+    code, out, err = run(capsys, "inventory", "--config", str(config), "--format", "json")
+    assert code == 0, err
+    (inv,) = json.loads(out)
+    assert inv["misfit_count"] == 1 and [m["key"] for m in inv["misfits"]] == ["heavy.bin"]
+    code, out, err = run(capsys, "migrate", "--config", str(config))
+    assert code == 1
+    assert "heavy.bin" in err and "exitplan's own included" in err
+    assert list_keys(s3, container) == [f"{container}/light.bin"]
