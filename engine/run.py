@@ -77,7 +77,8 @@ def placer(loaded: LoadedConfig, name: str, limits: SinkLimits, fmt: OutputForma
     ds = loaded.config.datasets[name]
 
     def place_one(meta: ObjectMeta) -> Placement:
-        return place(meta, ds.prefix, ds.dest_prefix, limits, reserved=fmt.metadata_for(meta))
+        return place(meta, ds.prefix, ds.dest_prefix, limits, reserved=fmt.metadata_for(meta),
+                     content=fmt.content_for(meta))
 
     return place_one
 
