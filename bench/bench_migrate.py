@@ -17,7 +17,7 @@ One run, loopback only, everything it starts is stopped at the end (also on Ctrl
      b. ``rclone copy`` with an account-SAS Azure remote and an S3 remote (multipart forced);
      c. the lab's ceiling: boto3 uploading the same bytes from memory (generated before the timer);
    and checks that every tool wrote every object with the right size (boto3 listing).
-3. In one child process, the engine alone on in-memory connectors (`migrate_dataset` and bare
+3. In one child process, the engine alone on in-memory connectors (`copy_objects` and bare
    `copy_object`) next to a bare loop doing the same hashing over the same bytes.
 4. Peak RSS of `exitplan migrate` on one big blob (default 2 GiB) versus one 20 MiB blob.
 
@@ -606,7 +606,7 @@ def engine_child(args: argparse.Namespace) -> int:
     from connectors.memory import MemoryStore
     from engine.budget import MemoryBudget
     from engine.executors import create_executors
-    from engine.migrate import migrate_dataset, place_all
+    from engine.dataset_copy import copy_objects, place_all
     from engine.placement import place
     from engine.pipeline import copy_object
     from engine.settings import TransferSettings
@@ -693,11 +693,11 @@ def engine_child(args: argparse.Namespace) -> int:
             try:
                 with create_executors(settings.concurrency, settings.object_concurrency) as ex:
                     placer = partial(place, source_prefix="", dest_prefix="bench/", limits=sink.limits)
-                    summary = migrate_dataset(name, src, sink, place_all(src.list(""), placer), settings=settings,
+                    summary = copy_objects(name, src, sink, place_all(src.list(""), placer), settings=settings,
                                               budget=MemoryBudget(settings.memory_budget), executors=ex, state=state,
                                               run_id=run_id)
                 if summary.ok != count:
-                    raise RuntimeError(f"engine (migrate_dataset): {summary.ok}/{count} ok: {summary.failures[:3]}")
+                    raise RuntimeError(f"engine (copy_objects): {summary.ok}/{count} ok: {summary.failures[:3]}")
             finally:
                 state.finish_run(run_id, "ok")
                 state.close()
@@ -720,7 +720,7 @@ def engine_child(args: argparse.Namespace) -> int:
             if bad:
                 raise RuntimeError(f"engine (copy_object): {len(bad)} failed: {bad[0].reason}")
 
-        for label, fn in (("bare_loop", bare), ("copy_object", with_copy_object), ("migrate_dataset", with_migrate)):
+        for label, fn in (("bare_loop", bare), ("copy_object", with_copy_object), ("copy_objects", with_migrate)):
             best = None
             for _ in range(args.repeat):
                 with tempfile.TemporaryDirectory(prefix="exitplan-bench-engine-") as d:
@@ -1044,7 +1044,7 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace) 
     engine = report.get("engine")
     if engine:
         print("\nengine alone on in-memory connectors (CPU seconds; one process, time.process_time)")
-        print(f"  {'series':7} {'bare loop':>10} {'copy_object':>12} {'migrate_dataset':>16} "
+        print(f"  {'series':7} {'bare loop':>10} {'copy_object':>12} {'copy_objects':>16} "
               f"{'bare s/GB':>10} {'engine s/GB':>12} {'engine ms/obj':>14}")
         for s in series:
             e = engine.get(s.name)
@@ -1052,17 +1052,17 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace) 
                 continue
             gb = e["bytes"] / GB
             print(f"  {s.name:7} {e['bare_loop']['cpu']:10.2f} {e['copy_object']['cpu']:12.2f} "
-                  f"{e['migrate_dataset']['cpu']:16.2f} {e['bare_loop']['cpu'] / gb:10.2f} "
-                  f"{e['migrate_dataset']['cpu'] / gb:12.2f} {1000 * e['migrate_dataset']['cpu'] / e['objects']:14.3f}")
+                  f"{e['copy_objects']['cpu']:16.2f} {e['bare_loop']['cpu'] / gb:10.2f} "
+                  f"{e['copy_objects']['cpu'] / gb:12.2f} {1000 * e['copy_objects']['cpu'] / e['objects']:14.3f}")
         el = engine.get("large")
         es = engine.get("small")
         if el:
-            line("engine/bare loop CPU, large (migrate_dataset)",
-                 ratio(el["migrate_dataset"]["cpu"], el["bare_loop"]["cpu"]), "target <= 1.3")
+            line("engine/bare loop CPU, large (copy_objects)",
+                 ratio(el["copy_objects"]["cpu"], el["bare_loop"]["cpu"]), "target <= 1.3")
             line("engine/bare loop CPU, large (copy_object)", ratio(el["copy_object"]["cpu"], el["bare_loop"]["cpu"]))
         if es:
-            line("engine/bare loop CPU, small (migrate_dataset)",
-                 ratio(es["migrate_dataset"]["cpu"], es["bare_loop"]["cpu"]), "per-object costs, not hashing")
+            line("engine/bare loop CPU, small (copy_objects)",
+                 ratio(es["copy_objects"]["cpu"], es["bare_loop"]["cpu"]), "per-object costs, not hashing")
             line("engine/bare loop CPU, small (copy_object)", ratio(es["copy_object"]["cpu"], es["bare_loop"]["cpu"]))
 
     rss = report.get("rss")

@@ -78,6 +78,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from config.errors import ExitCode, UserError
 from engine import state as st
+from engine.private_files import open_private, private_directory
 
 if TYPE_CHECKING:
     from config.models import LoadedConfig
@@ -217,8 +218,8 @@ class AuditManifest:
         self._lock = threading.Lock()
         self.repairs: list[dict[str, Any]] = []  # the repair records this opening wrote
         self._public_key = public_key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._flock = open(path.with_name(path.name + ".lock"), "a+b")
+        private_directory(path.parent)
+        self._flock = open_private(path.with_name(path.name + ".lock"), "a+b")
         try:
             fcntl.flock(self._flock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -227,7 +228,7 @@ class AuditManifest:
                                 "(a migrate or verify still going); run this one once it has finished") from None
         try:
             self._settle_end()
-            self._file = open(path, "ab")
+            self._file = open_private(path, "ab")
         except BaseException:
             self._flock.close()
             raise

@@ -17,6 +17,9 @@ from .endpoints import destination_limits, open_source
 from .errors import call_endpoint
 from .placement import DoesNotFit, place
 
+# Tink key ids are 32-bit: with no keyset yet, inventory counts the widest id's metadata.
+WIDEST_KEY_ID = 2**32 - 1
+
 MAX_EXAMPLES = 10
 HOT_TIERS = {None, "", "hot", "standard"}
 
@@ -72,14 +75,17 @@ def inventory_dataset(
     limits: SinkLimits,
     *,
     source_label: str = "",
+    reserved: Callable[[ObjectMeta], dict[str, str]] | None = None,
     progress: Callable[[DatasetInventory], None] | None = None,
     progress_every: int = 10_000,
 ) -> DatasetInventory:
-    """Stream `listing` (the source listed under the dataset's prefix) into a `DatasetInventory`."""
+    """Stream `listing` (the source listed under the dataset's prefix) into a `DatasetInventory`.
+    `reserved(meta)`: the metadata exitplan itself will write on the object (`format_metadata`),
+    counted in the destination's limit exactly as migrate's placement counts it."""
     inv = DatasetInventory(dataset=name, source=source_label, destination=ds.destination)
     for meta in selected(listing, ds):
         try:
-            place(meta, ds.prefix, ds.dest_prefix, limits)
+            place(meta, ds.prefix, ds.dest_prefix, limits, reserved=reserved(meta) if reserved else None)
             misfit = None
         except DoesNotFit as exc:
             misfit = str(exc)
@@ -89,6 +95,20 @@ def inventory_dataset(
     return inv
 
 
+def format_metadata(loaded: LoadedConfig, name: str) -> Callable[[ObjectMeta], dict[str, str]]:
+    """The metadata migrate's output format will write on each object of dataset `name`, known
+    without the KEK: the primary key id is read from the keyset's clear info (the widest id when
+    `keys init` has not run yet, so what inventory says fits always fits)."""
+    if loaded.config.datasets[name].public:
+        return lambda meta: {}
+    from .crypto.tink_format import encrypted_metadata
+    from .keys import local_keyset_info
+
+    info = local_keyset_info(loaded)
+    key_id = info.primary_id if info is not None else WIDEST_KEY_ID
+    return lambda meta: encrypted_metadata(key_id, name, meta)
+
+
 def inventory(loaded: LoadedConfig, datasets: list[str]) -> list[DatasetInventory]:
     """The inventory of each dataset (one streamed listing each)."""
     results = []
@@ -96,6 +116,7 @@ def inventory(loaded: LoadedConfig, datasets: list[str]) -> list[DatasetInventor
         ds = loaded.config.datasets[name]
         source = call_endpoint(f"dataset `{name}`: source", open_source, loaded, name)
         limits = destination_limits(loaded, ds.destination)
+        reserved = format_metadata(loaded, name)
         results.append(call_endpoint(f"dataset `{name}`: listing {source.label}", lambda: inventory_dataset(
-            name, ds, source.list(ds.prefix), limits, source_label=source.label)))
+            name, ds, source.list(ds.prefix), limits, source_label=source.label, reserved=reserved)))
     return results

@@ -54,6 +54,7 @@ from config.models import KekConfig, KeysConfig, LoadedConfig, LocalKekConfig, O
 from config.policy import check_kek
 from connectors.kms import KekError, KekWrongKey, kek_reference, open_kek
 from engine.crypto.datakeys import DataKeys, KeysetError, data_keys, new_keyset
+from engine.private_files import private_directory
 
 META_FORMAT = "exitplan-keyset-meta/1"
 AUDIT_FORMAT = "exitplan-audit-key/1"
@@ -176,7 +177,7 @@ def _fsync_directory(directory: Path) -> None:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file in the same directory, fsync, rename), 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_directory(path.parent)
     tmp = _private_temp_file(path.parent, path.name, data)
     try:
         os.replace(tmp, path)
@@ -198,7 +199,7 @@ def keep_version(directory: Path, data: bytes) -> Path:
     then a hard link, which unlike a rename never replaces an existing name)."""
     path = directory / version_name(data)
     if not path.exists():
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_directory(directory)
         tmp = _private_temp_file(directory, path.name, data)
         try:
             os.link(tmp, path)

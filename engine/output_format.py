@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Mapping, Protocol
 
-from connectors.base import ObjectMeta
+from connectors.base import ContentSettings, ObjectMeta
 from engine.crypto.segments import IDENTITY_LAYOUT, SegmentLayout
 
 
@@ -51,6 +51,11 @@ class OutputFormat(Protocol):
         attempt: placing the object counts it in the destination's metadata limit."""
         ...
 
+    def content_for(self, meta: ObjectMeta) -> ContentSettings:
+        """The content headers written with `meta`'s output: the source's for the identity; for an
+        encrypted format, those of bytes (the source's then travel in `metadata_for`)."""
+        ...
+
     def begin(self, meta: ObjectMeta, *, header: bytes | None = None, key_id: int | None = None) -> SegmentEncoder:
         """Start an attempt at writing `meta` (called again, with the new version, on a restart).
         With `header` / `key_id` (a resumed upload): continue the recorded attempt instead, so
@@ -75,6 +80,9 @@ class IdentityFormat:
 
     def metadata_for(self, meta: ObjectMeta) -> dict[str, str]:
         return {}
+
+    def content_for(self, meta: ObjectMeta) -> ContentSettings:
+        return meta.content
 
     def begin(self, meta: ObjectMeta, *, header: bytes | None = None, key_id: int | None = None) -> SegmentEncoder:
         return _IdentityEncoder()

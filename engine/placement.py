@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from dataclasses import dataclass
 
-from connectors.base import ObjectMeta, SinkLimits, WriteMeta, file_path_problem
+from connectors.base import ContentSettings, ObjectMeta, SinkLimits, WriteMeta, file_path_problem
 
 # Metadata names exitplan itself writes on objects (the encrypted format's among them: `metadata_for`).
 # Counted against the 2 KB budget before the user's metadata.
@@ -100,8 +100,10 @@ def check_key(dest_key: str, limits: SinkLimits) -> str | None:
 
 
 def place(meta: ObjectMeta, source_prefix: str, dest_prefix: str, limits: SinkLimits,
-          reserved: dict[str, str] | None = None) -> Placement:
-    """Name and describe `meta` at the destination; raise `DoesNotFit` with the reason."""
+          reserved: dict[str, str] | None = None, content: ContentSettings | None = None) -> Placement:
+    """Name and describe `meta` at the destination; raise `DoesNotFit` with the reason. `reserved`:
+    the metadata the output format writes itself; `content`: the content headers it writes (the
+    source's, by default)."""
     dest_key = destination_key(meta.key, source_prefix, dest_prefix)
     reason = check_key(dest_key, limits)
     if reason:
@@ -121,4 +123,4 @@ def place(meta: ObjectMeta, source_prefix: str, dest_prefix: str, limits: SinkLi
         raise DoesNotFit(
             f"user metadata is {size} bytes once encoded (exitplan's own included), over the limit of {limits.max_metadata_bytes}"
         )
-    return Placement(meta.key, dest_key, WriteMeta(content=meta.content, metadata=total))
+    return Placement(meta.key, dest_key, WriteMeta(content=meta.content if content is None else content, metadata=total))

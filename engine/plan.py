@@ -12,7 +12,7 @@ from connectors.base import ConnectorError
 from .endpoints import destination_limits, open_source
 from .errors import RunError, call_endpoint
 from .key_copies import check_keysets
-from .migrate import DryRunSummary, PlannedObject, dry_run
+from .dataset_copy import DryRunSummary, PlannedObject, dry_run
 from .output_format import IDENTITY
 from .project import open_state
 from .run import dataset_items, output_formats, transfer_settings

@@ -1,5 +1,5 @@
 """Where an object's copy can continue: the unfinished multipart upload an earlier run left, as its
-state row records it (`engine.migrate` builds it; `engine.pipeline.copy_object` continues it)."""
+state row records it (`engine.dataset_copy` builds it; `engine.pipeline.copy_object` continues it)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A whole migration run over the datasets of a configuration: what the CLI and the flows call.
 
 Opens the connectors and the state store, streams each dataset's listing through placement into
-`migrate_dataset`, shares one memory budget and one pair of executors across every dataset, and
+`copy_objects`, shares one memory budget and one pair of executors across every dataset, and
 reports through a small observer so that the CLI (a progress bar) and Prefect (an artifact) can
 show the same run. The dry run is `engine.plan`; the project's state and lock, `engine.project`.
 """
@@ -30,7 +30,7 @@ from .errors import RunError, call_endpoint
 from .executors import create_executors
 from . import key_copies
 from .inventory import DatasetInventory, inventory_dataset, selected
-from .migrate import DatasetSummary, Progress, ProgressCallback, Refusal, migrate_dataset, place_all
+from .dataset_copy import DatasetSummary, Progress, ProgressCallback, Refusal, copy_objects, place_all
 from .placement import Placement, place
 from .output_format import IDENTITY, OutputFormat
 from .project import lock_project, open_state, state_location
@@ -77,7 +77,8 @@ def placer(loaded: LoadedConfig, name: str, limits: SinkLimits, fmt: OutputForma
     ds = loaded.config.datasets[name]
 
     def place_one(meta: ObjectMeta) -> Placement:
-        return place(meta, ds.prefix, ds.dest_prefix, limits, reserved=fmt.metadata_for(meta))
+        return place(meta, ds.prefix, ds.dest_prefix, limits, reserved=fmt.metadata_for(meta),
+                     content=fmt.content_for(meta))
 
     return place_one
 
@@ -367,7 +368,7 @@ class MigrationRun:
 
     def _copy(self, name: str, items, progress, retry_rows=None) -> DatasetSummary:
         sink, fmt = self.sink(name), self.formats[name]
-        summary = migrate_dataset(
+        summary = copy_objects(
             name, self.source(name), sink, items, settings=self.settings, budget=self.budget,
             executors=self.executors, state=self.state, run_id=self.run_id, progress=progress, output_format=fmt,
             replace_placement=placer(self.loaded, name, sink.limits, fmt), retry_rows=retry_rows,
@@ -415,7 +416,8 @@ class MigrationRun:
         self.state.dataset_started(self.run_id, name)
         try:
             inventory = call_endpoint(f"dataset `{name}`: listing {source.label}",
-                                      lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label))
+                                      lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label,
+                                                                reserved=self.formats[name].metadata_for))
             flush()
         except BaseException as exc:
             self._listing_stopped(name, exc)

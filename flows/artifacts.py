@@ -76,7 +76,7 @@ def ended_shard_row(outcome: ShardOutcome) -> dict[str, Any]:
 
 
 def plan_rows(summaries) -> list[dict[str, Any]]:
-    """A dry run's table (`engine.migrate.DryRunSummary` per dataset)."""
+    """A dry run's table (`engine.dataset_copy.DryRunSummary` per dataset)."""
     return [{"dataset": s.dataset, "objects_to_write": s.objects, "size": format_size(s.bytes), "bytes": s.bytes,
              "written": format_size(s.output_bytes), "requests": s.parts, "multipart": s.multipart_objects,
              "unchanged": s.skipped, "refused": s.refused,

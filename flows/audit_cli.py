@@ -49,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = asub.add_parser("verify", help="check a manifest's hash chain and every run_end signature")
     p.add_argument("manifest", type=Path, metavar="MANIFEST", help="the manifest (manifest.jsonl)")
     p.add_argument("--public-key", required=True, type=Path, metavar="KEY.pem",
-                   help="the project's audit public key (`exitplan keys show --audit-public-key`)")
+                   help="the project's audit public key (`exitplan keys show --config F --audit-public-key`)")
     p.add_argument("--format", choices=("text", "json"), default="text",
                    help="json: one JSON object on stdout (ok, problems, runs without an end, repairs)")
     p.set_defaults(func=cmd_audit_verify)

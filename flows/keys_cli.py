@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from config.errors import ExitCode
 from config.loader import load_config
@@ -70,7 +71,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     report = key_copies.init_keys(loaded)
     print(f"created the keyset of project `{report.project}`: {report.keyset_path}")
-    _print_report(report)
+    _print_report(report, args.config)
     print("\nback up keyset.json and audit-key.json: they are useless without the KEK, and the data is unreadable without them. "
           "`exitplan migrate` also copies the wrapped keyset next to the data.")
     return ExitCode.OK
@@ -88,7 +89,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         versions = f"{result.copies} version{'s' if result.copies > 1 else ''}"
         print(f"nothing to import: the keyset in {report.keyset_path} already holds every data key of the project's "
               f"keyset copies in {', '.join(f'`{d}`' for d in result.destinations)} ({versions})")
-    _print_report(report)
+    _print_report(report, args.config)
     return ExitCode.OK
 
 
@@ -102,7 +103,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     else:
         report = keys.rotate_keys(loaded)
         print(f"added data key {report.primary_id}, now primary; older keys still decrypt: {report.keyset_path}")
-    _print_report(report)
+    _print_report(report, args.config)
     return ExitCode.OK
 
 
@@ -120,7 +121,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         old_kek = keys.resolve_kek(old)
     report = keys.rewrap_keys(loaded, old_kek)
     print(f"re-wrapped the keyset under {report.kek}: {report.keyset_path} (data keys unchanged, no object touched)")
-    _print_report(report)
+    _print_report(report, args.config)
     return ExitCode.OK
 
 
@@ -149,11 +150,11 @@ def cmd_show(args: argparse.Namespace) -> int:
         }, indent=2))
         return ExitCode.OK
     print(f"project {report.project}: keyset {report.keyset_path}")
-    _print_report(report)
+    _print_report(report, args.config)
     return ExitCode.OK
 
 
-def _print_report(report) -> None:
+def _print_report(report, config: str) -> None:
     version = f" (key version {report.kek_version})" if report.kek_version else ""
     print(f"wrapped by: {report.kek}{version}")
     if report.verified:
@@ -166,6 +167,7 @@ def _print_report(report) -> None:
     if report.versions_kept:
         print(f"\nevery version of the wrapped keyset is kept: {report.versions_kept} in {report.versions_dir}")
     if report.audit_public_key_pem:
-        print("\naudit-signing key: Ed25519 (public key: `exitplan keys show --audit-public-key`)")
+        print(f"\naudit-signing key: Ed25519 (public key: `exitplan keys show --config {shlex.quote(str(config))} "
+              "--audit-public-key`)")
     for note in report.notes:
         print(f"note: {note}")

@@ -404,6 +404,7 @@ def env_exports(directory: Path) -> tuple[dict[str, str], bool]:
         PORT_ENV["sftp"]: str(ports["sftp"]),
         SFTP_DIR_ENV: str(sftp_dir(directory)),
         SFTP_USER_ENV: lab_sftp.login_name(),
+        "DO_NOT_TRACK": "1",  # no Prefect analytics from the shell's prefect and exitplan commands
     }
     return exports, all_up
 

@@ -55,7 +55,7 @@ from engine.shards import ConnectionShare, ShardPlan, share_connections
 from flows.artifacts import (MigrateOutcome, artifact_key, shard_artifacts, summary_artifact, verify_artifacts,
                              verify_summary_artifact)
 from flows.provider_limits import provider_limit_name, provider_limits
-from flows.run_logs import engine_logs_to
+from flows.run_logs import RunFailure, engine_logs_to
 from flows.tasks import (RunProgress, copy_shard, inventory_dataset, list_dataset, load_datasets, plan_datasets,
                          progress_shown, sovereignty_gate, verify_datasets)
 
@@ -109,7 +109,7 @@ def migrate_flow(config_path: str, datasets: list[str] | None = None, delete_rem
             create_table_artifact(rows, key=artifact_key(loaded.config.project, "plan"),
                                   description="Dry run: what a migration would write (nothing was written)")
             return rows
-        outcome = _migrate(config_path, datasets, delete_removed)
+        outcome = _migration_in_flow(config_path, datasets, delete_removed)
     except UserError as exc:
         return _user_failure(exc)
     summary_artifact(outcome, gate, None)
@@ -129,8 +129,8 @@ def verify_flow(config_path: str, datasets: list[str] | None = None, deep: bool 
     verify_summary_artifact(loaded.config.project, checked)
     failed = sum(d["failed"] for d in checked["datasets"])
     if failed or checked["incomplete"]:
-        return Failed(message="; ".join(([f"verification found {failed} object(s) with discrepancies (see the table "
-                                          "artifact)"] if failed else []) + checked["incomplete"]))
+        return _failed("; ".join(([f"verification found {failed} object(s) with discrepancies (see the table "
+                                   "artifact)"] if failed else []) + checked["incomplete"]), checked)
     return checked
 
 
@@ -153,7 +153,7 @@ def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: 
     (and the HTML report). The gate goes first: a refused destination or KEK costs no listing."""
     try:
         gate = sovereignty_gate(config_path, datasets)
-        outcome = _migrate(config_path, datasets, delete_removed)
+        outcome = _migration_in_flow(config_path, datasets, delete_removed)
         checked = verify_datasets(config_path, datasets, deep_verify, 1.0, None)
     except UserError as exc:
         return _user_failure(exc)
@@ -168,12 +168,12 @@ def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: 
 # ---------------------------------------------------------------------------------------------
 
 
-def _migrate(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
+def _migration_in_flow(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
     with engine_logs_to(get_run_logger()):
-        return _migrate_run(config_path, datasets, delete_removed)
+        return _copy_datasets_in_shards(config_path, datasets, delete_removed)
 
 
-def _migrate_run(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
+def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
     logger = get_run_logger()
     loaded, names = load_datasets(config_path, datasets)
     project = loaded.config.project
@@ -359,14 +359,19 @@ def _final(outcome: MigrateOutcome, checked: dict[str, Any] | None):
     incomplete = checked["incomplete"] if checked else []
     figures["complete"] = not incomplete if checked else None
     if failed or bad or outcome.failed_shards or incomplete:
-        return Failed(message="; ".join([f"{failed} object(s) failed in {outcome.failed_shards} shard(s), {bad} "
-                                         "discrepancies (see the summary and the failures table)"] + incomplete),
-                      data=figures)
+        return _failed("; ".join([f"{failed} object(s) failed in {outcome.failed_shards} shard(s), {bad} "
+                                  "discrepancies (see the summary and the failures table)"] + incomplete), figures)
     return figures
+
+
+def _failed(message: str, figures: dict[str, Any] | None = None):
+    """The state a flow ends in when it failed for a reason it states: Failed, `message`, and a
+    `RunFailure` carrying `figures` (logged as its sentence, never with a traceback)."""
+    return Failed(message=message, data=RunFailure(message, figures))
 
 
 
 def _user_failure(exc: UserError):
     """A configuration, policy or key problem: one sentence in the log and the state, no traceback."""
     get_run_logger().error("%s (exit code %d)", exc, int(exc.exit_code))
-    return Failed(message=str(exc))
+    return _failed(str(exc))

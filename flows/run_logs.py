@@ -1,14 +1,20 @@
-"""The engine's log lines in a Prefect run's log.
+"""What a Prefect run's log says: the engine's lines, and failures without tracebacks.
 
 The engine and the connectors log with the standard `logging` module (retries, restarts, resumed
 uploads, internal errors) and know nothing of Prefect; inside a flow or task, `engine_logs_to`
 hands those lines to the run's logger so that they show in the run's log in the UI.
+
+A run that ends Failed for a reason exitplan states (a `RunFailure`) must read as a failure, not a
+crash: Prefect logs every exception with its traceback, and under a worker its engine raises a
+failed run's result once more after the run ended ("Engine execution exited with unexpected
+exception"). `quiet_failures` keeps the sentence and drops the rest, for `RunFailure` only.
 """
 
 from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from typing import Any
 
 
 class _RunLogBridge(logging.Handler):
@@ -44,3 +50,51 @@ def engine_logs_to(run_logger):
         for lg, level in zip(loggers, levels):
             lg.removeHandler(bridge)
             lg.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures that read as failures
+# ---------------------------------------------------------------------------------------------
+
+
+class RunFailure(Exception):
+    """A failure exitplan has already stated in one sentence (objects failed, a dataset not
+    complete, a configuration, policy or key error): the run ends Failed with that sentence, and
+    no traceback is printed for it anywhere. `figures`: what the run did, when it got that far."""
+
+    def __init__(self, message: str, figures: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.figures = figures
+
+
+# What Prefect's engine logs when it raises a failed run's exception again after the run ended
+# (`python -m prefect.engine` under a worker): the run's state already says it, in our sentence.
+_RERAISED = ("Engine execution exited with unexpected exception", "Execution of flow run",
+             "Execution exited with unexpected exception")
+
+
+class _QuietFailures(logging.Filter):
+    """On Prefect's run and engine loggers: a `RunFailure` is logged as its sentence, without a
+    traceback, and the engine's lines that only raise it again after the run ended are dropped.
+    Any other exception keeps its traceback: that one is a bug, and its stack is what fixes it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, RunFailure):
+            return True
+        if isinstance(record.msg, str) and record.msg.startswith(_RERAISED):
+            return False
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+_QUIET = _QuietFailures()
+
+
+def quiet_failures() -> None:
+    """Install the `RunFailure` rule on Prefect's loggers (idempotent; done when the flows load)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)

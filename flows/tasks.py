@@ -29,7 +29,9 @@ from engine.shards import PlannedShard, failure_sentence
 from engine.verify import verify
 from flows.artifacts import inventory_row, plan_rows, shard_row, verify_figures
 from flows.provider_limits import ensure_provider_limits, provider_limits
-from flows.run_logs import engine_logs_to
+from flows.run_logs import RunFailure, engine_logs_to, quiet_failures
+
+quiet_failures()  # wherever the flows or their tasks run: a failure exitplan states prints no traceback
 
 
 def load_datasets(config_path: str, datasets: list[str] | None) -> tuple[LoadedConfig, list[str]]:
@@ -97,12 +99,15 @@ def progress_shown(run_id: int, progress: RunProgress) -> Iterator[RunProgress]:
 # ---------------------------------------------------------------------------------------------
 
 
-class ShardFailed(Exception):
+class ShardFailed(RunFailure):
     """A shard ended with failed objects; `transient` when trying it again may help."""
 
     def __init__(self, message: str, transient: bool):
         super().__init__(message)
         self.transient = transient
+
+    def __reduce__(self):  # a shard process sends it back pickled
+        return (type(self), (str(self), self.transient))
 
 
 def _retry_transient(task, task_run, state) -> bool:
@@ -116,7 +121,15 @@ def _retry_transient(task, task_run, state) -> bool:
     return bool(getattr(exc, "retryable", False))
 
 
-@task(name="sovereignty-gate", cache_policy=NO_CACHE, persist_result=False)
+def _verify_run_name() -> str:
+    """`verify claims, imaging (deep)`: what a verify task run checks, as the UI lists it."""
+    from prefect.runtime import task_run
+
+    params = task_run.parameters
+    return f"verify {', '.join(params.get('datasets') or []) or 'every dataset'}{' (deep)' if params.get('deep') else ''}"
+
+
+@task(name="sovereignty-gate", task_run_name="sovereignty gate", cache_policy=NO_CACHE, persist_result=False)
 def sovereignty_gate(config_path: str, datasets: list[str] | None) -> list[dict[str, str]]:
     """Load the configuration (the sovereignty policy refuses a destination before any byte moves)
     and return where each dataset's bytes would go; creates the per-provider connection limits."""
@@ -135,7 +148,7 @@ def sovereignty_gate(config_path: str, datasets: list[str] | None) -> list[dict[
     return rows
 
 
-@task(name="list-dataset", cache_policy=NO_CACHE, persist_result=False)
+@task(name="list-dataset", task_run_name="list {dataset}", cache_policy=NO_CACHE, persist_result=False)
 def list_dataset(run_id: int, dataset: str) -> dict[str, Any]:
     """List one dataset into the state store, cut into shards; returns its inventory figures."""
     run = engine_run.active_run(run_id)
@@ -146,7 +159,8 @@ def list_dataset(run_id: int, dataset: str) -> dict[str, Any]:
     return inventory_row(inv)
 
 
-@task(name="copy-shard", cache_policy=NO_CACHE, persist_result=False, retry_condition_fn=_retry_transient)
+@task(name="copy-shard", task_run_name="copy {dataset} shard {shard}", cache_policy=NO_CACHE, persist_result=False,
+      retry_condition_fn=_retry_transient)
 def copy_shard(run_id: int, dataset: str, shard: int, config_path: str = "", connections: int = 0) -> dict[str, Any]:
     """Copy the objects of one shard; returns its figures. Fails, with the reasons, when an object
     failed (retried when every cause may pass). In the flow's process it uses the open run; in a
@@ -176,7 +190,7 @@ def _copy_shard(run_id: int, dataset: str, shard: int, config_path: str, connect
     return shard_row(result)
 
 
-@task(name="verify-datasets", cache_policy=NO_CACHE, persist_result=False)
+@task(name="verify-datasets", task_run_name=_verify_run_name, cache_policy=NO_CACHE, persist_result=False)
 def verify_datasets(config_path: str, datasets: list[str] | None, deep: bool, sample: float,
                     seed: int | None) -> dict[str, Any]:
     """Check the destination against the state store (quick: listing + metadata; deep: read back,
@@ -192,7 +206,7 @@ def verify_datasets(config_path: str, datasets: list[str] | None, deep: bool, sa
     return verify_figures(result)
 
 
-@task(name="plan-datasets", cache_policy=NO_CACHE, persist_result=False)
+@task(name="plan-datasets", task_run_name="dry run", cache_policy=NO_CACHE, persist_result=False)
 def plan_datasets(config_path: str, datasets: list[str] | None) -> list[dict[str, Any]]:
     """What a migration would write, per dataset, touching nothing (of the destination only its
     keyset copies are read, the state store only read; the keyset is unwrapped, which proves the
@@ -201,7 +215,7 @@ def plan_datasets(config_path: str, datasets: list[str] | None) -> list[dict[str
     return plan_rows(engine_plan.plan(loaded, names, lambda dataset, planned: None))
 
 
-@task(name="inventory-dataset", cache_policy=NO_CACHE, persist_result=False)
+@task(name="inventory-dataset", task_run_name="inventory {dataset}", cache_policy=NO_CACHE, persist_result=False)
 def inventory_dataset(config_path: str, dataset: str) -> dict[str, Any]:
     """One dataset's inventory (a streamed listing; nothing is written)."""
     loaded, names = load_datasets(config_path, [dataset])

@@ -39,8 +39,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from connectors.base import ObjectMeta
+from connectors.base import ContentSettings, ObjectMeta
 from engine.crypto.datakeys import DataKey, DataKeys
+from engine.placement import decode_header_value, encode_header_value
 from engine.crypto.segments import SEGMENT_SIZE, FramedLayout, sum_output
 
 # --------------------------------------------------------------------------------------------
@@ -60,6 +61,17 @@ META_FORMAT = "exitplan-format"
 META_KEY_ID = "exitplan-key-id"
 META_PLAINTEXT_SIZE = "exitplan-plaintext-size"
 META_ASSOCIATED_DATA = "exitplan-associated-data"
+# The source's content headers, carried in metadata: on the ciphertext itself they would mislead
+# (an HTTP client honouring `Content-Encoding: gzip` would inflate the Tink bytes and break them).
+META_CONTENT = {
+    "content_type": "exitplan-content-type",
+    "content_encoding": "exitplan-content-encoding",
+    "content_language": "exitplan-content-language",
+    "content_disposition": "exitplan-content-disposition",
+    "cache_control": "exitplan-cache-control",
+}
+# The content headers of every encrypted object: bytes, to be read as such.
+CIPHERTEXT_CONTENT = ContentSettings(content_type="application/octet-stream")
 
 AAD_VERSION = "v1"
 # A dataset id is a config dataset name (config.models: lower-case letters, digits, '-', '_', at
@@ -308,6 +320,27 @@ class ObjectEncryptor:
 # --------------------------------------------------------------------------------------------
 
 
+def encrypted_metadata(key_id: int, dataset: str, meta: ObjectMeta) -> dict[str, str]:
+    """The exitplan metadata of `meta` encrypted under key `key_id` for `dataset`, the source's
+    content headers included: what `TinkFormat.metadata_for` gives, and what inventory counts
+    without unwrapping any key."""
+    return {**object_metadata(key_id, associated_data(dataset, meta.key), meta.size), **content_metadata(meta.content)}
+
+
+def content_metadata(content: ContentSettings) -> dict[str, str]:
+    """The source's content headers as exitplan metadata (`META_CONTENT`; values header-safe)."""
+    return {name: encode_header_value(value) for field_name, name in META_CONTENT.items()
+            if (value := getattr(content, field_name)) is not None}
+
+
+def content_of(metadata: Mapping[str, str]) -> ContentSettings:
+    """The source's content headers an encrypted object's metadata carries (`content_metadata`
+    read back; names compared case-insensitively, values decoded)."""
+    lower = {k.lower(): v for k, v in metadata.items()}
+    return ContentSettings(**{field_name: decode_header_value(lower[name]) for field_name, name in META_CONTENT.items()
+                              if name in lower})
+
+
 def object_metadata(key_id: int, associated_data_: bytes, plaintext_size: int) -> dict[str, str]:
     """The exitplan metadata of an encrypted object (names lower-case, values ASCII)."""
     return {
@@ -384,9 +417,14 @@ class TinkFormat:
         return f"TinkFormat(dataset={self.dataset!r}, key_id={self.keys.primary_id})"
 
     def metadata_for(self, meta: ObjectMeta) -> dict[str, str]:
-        """The exitplan metadata `begin(meta)` will write: pass it to `placement.place(reserved=...)`
-        so the 2 KB budget counts it. It does not depend on the attempt (the header is in the data)."""
-        return object_metadata(self.keys.primary_id, associated_data(self.dataset, meta.key), meta.size)
+        """The exitplan metadata `begin(meta)` will write, and the source's content headers: pass it
+        to `placement.place(reserved=...)` so the 2 KB budget counts it. It does not depend on the
+        attempt (the header is in the data)."""
+        return encrypted_metadata(self.keys.primary_id, self.dataset, meta)
+
+    def content_for(self, meta: ObjectMeta) -> ContentSettings:
+        """The ciphertext's own content headers (`CIPHERTEXT_CONTENT`): the source's travel in metadata."""
+        return CIPHERTEXT_CONTENT
 
     def begin(self, meta: ObjectMeta, *, header: bytes | None = None, key_id: int | None = None) -> TinkEncoder:
         """A new attempt (fresh header, primary key), or with `header` and `key_id` the recorded

@@ -155,6 +155,8 @@ class RunDataset:
             return f"{run} stopped before it went through {what}: {self.stopped}"
         if self.run_status == "running":
             return f"{run} has not gone through {what}: it is still running, or was killed"
+        if self.run_status == "interrupted":  # killed (found by a later run) or stopped by Ctrl-C
+            return f"{run} was interrupted before it went through {what}"
         return f"{run} ended ({self.run_status}) before it went through {what}"
 
 

@@ -193,9 +193,10 @@ def test_a_killed_run_leaves_the_dataset_not_known_to_be_complete(project, capsy
     code, out, err = cli(capsys, "verify", "--config", cfg)
     assert code == 1
     assert "docs: 3 of 3 objects verified; not known to be complete: run 3 (migrate, started" in out
-    assert "has not gone through the source listing: it is still running, or was killed" in out
+    # the verify found the killed run dead (its run_start without a run_end in the manifest)
+    assert "was interrupted before it went through the source listing" in out
     code, out, err = cli(capsys, "status", "--config", cfg)
-    assert code == 1 and "not known" in out and "3 running or killed" in out
+    assert code == 1 and "not known" in out and "3 interrupted" in out
     code, out, err = cli(capsys, "restore", "--config", cfg, "--dataset", "docs", "--to", project.dir / "out")
     assert code == 1 and "not known to be complete: run 3" in err
 
@@ -319,7 +320,7 @@ def test_the_verify_and_exit_plan_flows_fail_while_a_dataset_is_not_complete(tmp
 
     state = exit_plan(config_path=str(path), deep_verify=False, return_state=True)
     assert state.is_failed() and sentence in state.message
-    assert state.result(raise_on_failure=False)["complete"] is False
+    assert state.result(raise_on_failure=False).figures["complete"] is False
 
     BlobServiceClient.from_connection_string(azurite_connection_string).get_container_client(container) \
         .delete_blob(too_long)

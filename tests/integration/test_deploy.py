@@ -69,11 +69,16 @@ def s3(s3_server):
     return lab_s3_client(s3_server.url, BUCKET)
 
 
-@pytest.mark.parametrize("spread", ["threads", "shard-workers"])
+TOO_LONG = "claims/" + "é" * 600 + ".csv"  # 600 characters for Azure, 1,211 bytes for S3 (over 1,024)
+
+
+@pytest.mark.parametrize("spread", ["threads", "shard-workers", "failing"])
 def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_string, s3_server, s3, spread,
                                      request):
     """`shard-workers`: the run's shards are flow runs of the `shards` deployment, taken by the
-    worker as runs of their own (each its own process), the state in a PostgreSQL database."""
+    worker as runs of their own (each its own process), the state in a PostgreSQL database.
+    `failing`: one object's name is too long for the destination; the run ends Failed with its
+    one-sentence reason, and neither the run's log nor the worker's terminal holds a traceback."""
     began = time.monotonic()
     monkeypatch.setenv(CS_VAR, azurite_connection_string)
     extra_env: dict[str, str] = {}
@@ -84,7 +89,8 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
         orchestration = {"shard_workers": 2}
     config, container, blobs = write_project(tmp_path, azurite_connection_string, s3_server.url, project="deploy",
                                              bucket=BUCKET, cs_var=CS_VAR, orchestration=orchestration,
-                                             state={"url_env": STATE_VAR} if extra_env else None)
+                                             state={"url_env": STATE_VAR} if extra_env else None,
+                                             extra_blobs={TOO_LONG: b"x"} if spread == "failing" else None)
     mark = uuid.uuid4().hex
 
     # A Prefect server of our own: its own PREFECT_HOME (SQLite), a free loopback port.
@@ -151,6 +157,14 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
             logs = client.read_logs(log_filter=_logs_of(run.id))
         detail = ("\n".join(f"{l.level} {l.message}" for l in logs) + "\n--- worker ---\n"
                   + worker_log.read_text(errors="replace")[-6000:])
+        assert azurite_connection_string not in detail  # no credential in the run's logs
+        if spread == "failing":
+            assert state.is_failed(), f"{state.type} {state.message}\n{detail}"
+            assert state.message.startswith("1 object(s) failed in 1 shard(s)"), state.message
+            assert "Traceback" not in detail and "unexpected exception" not in detail, detail
+            assert TOO_LONG in detail  # the failed object named in the run's log, with its reason
+            assert set(blobs) - keys_below(s3, BUCKET, f"{container}/") == {TOO_LONG}
+            return
         assert state.is_completed(), f"{state.type} {state.message}\n{detail}"
         assert set(blobs) <= keys_below(s3, BUCKET, f"{container}/")
         assert azurite_connection_string not in detail  # no credential in the run's logs

@@ -66,7 +66,7 @@ def task_states(flow_run_id) -> list[tuple[str, str]]:
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return sorted((t.name.rsplit("-", 1)[0], t.state.type.value) for t in runs)
+    return sorted((t.name, t.state.type.value) for t in runs)
 
 
 def stored_keys(s3, container: str) -> set[str]:
@@ -109,9 +109,11 @@ def test_exit_plan_migrates_verifies_and_shows_it(tmp_path, env, s3_server, s3):
     assert "## Who holds the keys" in summary.data and "- claims: Tink AES256_GCM_HKDF_1MB" in summary.data
     everything = json.dumps([a.data for a in sum(found.values(), [])]) + json.dumps(result)
     assert env not in everything and "AccountKey" not in everything  # no credential shown anywhere
-    assert sorted(set(task_states(state.state_details.flow_run_id))) == [
-        ("copy-shard", "COMPLETED"), ("list-dataset", "COMPLETED"), ("sovereignty-gate", "COMPLETED"),
-        ("verify-datasets", "COMPLETED")]
+    # each task run named after what it does, as the UI lists them
+    assert task_states(state.state_details.flow_run_id) == [
+        ("copy claims shard 0", "COMPLETED"), ("copy claims shard 1", "COMPLETED"),
+        ("copy claims shard 2", "COMPLETED"), ("list claims", "COMPLETED"), ("sovereignty gate", "COMPLETED"),
+        ("verify every dataset (deep)", "COMPLETED")]
 
     # A second run is a delta: nothing changed, nothing copied.
     again = exit_plan(config_path=str(path), deep_verify=False, return_state=True)
@@ -129,13 +131,13 @@ def test_a_failing_object_fails_its_shard_only(tmp_path, env, s3_server, s3):
     state = migrate_flow(config_path=str(path), return_state=True)
     assert state.is_failed()
     assert "1 object(s) failed in 1 shard(s)" in state.message
-    figures = state.result(raise_on_failure=False)
+    figures = state.result(raise_on_failure=False).figures
     assert (figures["copied"], figures["failed"], figures["failed_shards"]) == (len(blobs) - 1, 1, 1)
     stored = stored_keys(s3, container)
     assert set(blobs) - stored == {too_long}
     run_id = state.state_details.flow_run_id
-    assert sorted(task_states(run_id)).count(("copy-shard", "FAILED")) == 1
-    assert sorted(task_states(run_id)).count(("copy-shard", "COMPLETED")) == 2
+    assert [t for t in task_states(run_id) if t[0].startswith("copy ")] == [
+        ("copy claims shard 0", "COMPLETED"), ("copy claims shard 1", "COMPLETED"), ("copy claims shard 2", "FAILED")]
     found = artifacts_of(run_id)
     tables = {a.key: json.loads(a.data) for a in found["table"]}
     (failure,) = tables[f"exitplan-{container}-failures"]
@@ -303,7 +305,7 @@ def test_shards_in_processes_of_their_own(tmp_path, env, s3_server, s3):
                                            orchestration={"shard_processes": 2, "provider_connections": {"lab": 8}})
     state = exit_plan(config_path=str(path), return_state=True)
     assert state.is_failed() and "1 object(s) failed in 1 shard(s)" in state.message
-    figures = state.result(raise_on_failure=False)
+    figures = state.result(raise_on_failure=False).figures
     assert (figures["copied"], figures["failed"], figures["verified"]) == (len(blobs) - 1, 1, len(blobs) - 1)
     assert set(blobs) - stored_keys(s3, container) == {too_long}
     run_id = state.state_details.flow_run_id

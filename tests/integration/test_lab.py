@@ -36,7 +36,7 @@ pytestmark = pytest.mark.integration
 EXITPLAN = str(Path(sys.executable).with_name("exitplan")) if Path(sys.executable).with_name("exitplan").exists() \
     else shutil.which("exitplan")
 SDK_VARS = ("AZURE_STORAGE_CONNECTION_STRING", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION", "PREFECT_API_URL")
+            "AWS_DEFAULT_REGION", "PREFECT_API_URL", "DO_NOT_TRACK")
 SERVERS = ("azurite", "s3", "sftp", "prefect")
 
 
@@ -205,7 +205,7 @@ def test_env_exports_eval_and_connect(lab):
     # Through a real shell: the quoting must survive `eval`.
     shell = subprocess.run(
         ["bash", "-c", f'eval "$({EXITPLAN} lab env)" && env -0'],
-        env=lab.env, capture_output=True, text=True, check=True,
+        env={k: v for k, v in lab.env.items() if k != "DO_NOT_TRACK"}, capture_output=True, text=True, check=True,
     )
     exported = dict(item.split("=", 1) for item in shell.stdout.split("\0") if "=" in item)
     assert {k: exported.get(k) for k in SDK_VARS} == {
@@ -215,6 +215,7 @@ def test_env_exports_eval_and_connect(lab):
         "AWS_SECRET_ACCESS_KEY": lp.LAB_S3_SECRET_KEY,
         "AWS_DEFAULT_REGION": lp.LAB_REGION,
         "PREFECT_API_URL": f"http://127.0.0.1:{lab.prefect_port}/api",
+        "DO_NOT_TRACK": "1",
     }
 
     service = BlobServiceClient.from_connection_string(exported["AZURE_STORAGE_CONNECTION_STRING"])

@@ -22,7 +22,9 @@ from tink import streaming_aead
 
 from config.lab import LAB_BUCKET
 from config.loader import load_config
+from connectors.base import ContentSettings as ContentHeaders
 from engine import keys as project_keys
+from engine.crypto.tink_format import content_of
 from engine.placement import decode_header_value
 from flows.cli import main
 from tests.projects import project_name
@@ -112,11 +114,14 @@ def test_migrate_copies_every_seeded_object_byte_exact(tmp_path, capsys, env, se
         assert body == expected, key
         key_ids.add(got["Metadata"]["exitplan-key-id"])
         props = source.get_blob_properties()
-        assert got["ContentType"] == props.content_settings.content_type
-        if props.content_settings.content_encoding:
-            assert got.get("ContentEncoding") == props.content_settings.content_encoding
-        if props.content_settings.cache_control:
-            assert got.get("CacheControl") == props.content_settings.cache_control
+        # The ciphertext is bytes to every HTTP client; the source's content headers travel in
+        # exitplan's metadata, exactly.
+        assert got["ContentType"] == "application/octet-stream", key
+        assert not {"ContentEncoding", "CacheControl", "ContentDisposition", "ContentLanguage"} & set(got), key
+        sc = props.content_settings
+        assert content_of(got["Metadata"]) == ContentHeaders(
+            content_type=sc.content_type, content_encoding=sc.content_encoding, cache_control=sc.cache_control,
+            content_disposition=sc.content_disposition, content_language=sc.content_language), key
         carried = {k: decode_header_value(v) for k, v in got["Metadata"].items() if not k.startswith("exitplan-")}
         assert carried == {k.lower(): v for k, v in props.metadata.items()}, key
         sizes.add(len(body))
@@ -220,3 +225,51 @@ def test_missing_bucket_or_container_is_one_sentence_and_exit_2(tmp_path, capsys
         code, out, err = run(capsys, *argv, "--config", str(config))
         assert code == 2, err
         assert "no-such-container" in err and "does not exist" in err
+
+
+def test_inventory_predicts_what_migrate_refuses(tmp_path, capsys, env, s3, s3_server, azurite_connection_string):
+    """A blob with 1,950 bytes of metadata fits S3's 2 KB alone, not beside exitplan's own
+    encryption metadata: inventory counts it as not fitting, and migrate refuses that object and
+    no other."""
+    container = f"fit{uuid.uuid4().hex[:8]}"
+    cc = BlobServiceClient.from_connection_string(azurite_connection_string).create_container(container)
+    cc.upload_blob("heavy.bin", b"h", metadata={"note": "x" * 1946})
+    cc.upload_blob("light.bin", b"l", metadata={"note": "x" * 100})
+    config = write_config(tmp_path, s3_server, {"fit": {"source": "az", "container": container,
+                                                        "destination": "lab", "dest_prefix": f"{container}/"}})
+    capsys.readouterr()  # what keys init printed
+    code, out, err = run(capsys, "inventory", "--config", str(config), "--format", "json")
+    assert code == 0, err
+    (inv,) = json.loads(out)
+    assert inv["misfit_count"] == 1 and [m["key"] for m in inv["misfits"]] == ["heavy.bin"]
+    code, out, err = run(capsys, "migrate", "--config", str(config))
+    assert code == 1
+    assert "heavy.bin" in err and "exitplan's own included" in err
+    assert list_keys(s3, container) == [f"{container}/light.bin"]
+
+
+def test_a_gzip_blob_is_carried_as_stored_and_its_headers_in_metadata(tmp_path, capsys, env, s3, s3_server,
+                                                                      azurite_connection_string):
+    """A blob stored gzip-encoded, with a content type and a non-ASCII content disposition: the
+    ciphertext says only that it is bytes (no Content-Encoding a client would act on), decrypts to
+    the stored (compressed) bytes, and its metadata gives back every content header exactly."""
+    import gzip
+
+    container = f"gz{uuid.uuid4().hex[:8]}"
+    cc = BlobServiceClient.from_connection_string(azurite_connection_string).create_container(container)
+    stored = gzip.compress(b"patient,visit\n" * 5000)
+    headers = ContentSettings(content_type="text/csv", content_encoding="gzip", content_language="fr",
+                              content_disposition='attachment; filename="séjours.csv"', cache_control="no-cache")
+    cc.upload_blob("visits.csv", stored, content_settings=headers)
+    config = write_config(tmp_path, s3_server, {"gz": {"source": "az", "container": container,
+                                                       "destination": "lab", "dest_prefix": f"{container}/"}})
+    code, out, err = run(capsys, "migrate", "--config", str(config))
+    assert code == 0, err
+    got = s3.get_object(Bucket=LAB_BUCKET, Key=f"{container}/visits.csv")
+    assert got["ContentType"] == "application/octet-stream" and "ContentEncoding" not in got
+    assert tink_decrypt(config, got["Body"].read(), got["Metadata"]) == stored
+    assert content_of(got["Metadata"]) == ContentHeaders(
+        content_type="text/csv", content_encoding="gzip", content_language="fr",
+        content_disposition='attachment; filename="séjours.csv"', cache_control="no-cache")
+    code, out, err = run(capsys, "verify", "--config", str(config), "--deep")
+    assert code == 0, out + err

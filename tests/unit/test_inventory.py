@@ -58,3 +58,29 @@ def test_a_million_entries_in_flat_memory():
     assert inv.misfit_count == 1_000_000 and len(inv.misfits) == MAX_EXAMPLES
     # A million ObjectMeta held at once would take hundreds of MB; streaming keeps growth tiny.
     assert mem.growth < 16 * 1024**2, f"RSS grew by {mem.growth} bytes"
+
+
+def test_exitplans_own_metadata_counts_as_migrate_counts_it():
+    """A blob whose metadata fits alone but not beside exitplan's own encryption metadata: inventory
+    (with the format's metadata, as `exitplan inventory` passes it) says it will not fit, at
+    2,048 bytes + 1, and that it fits at exactly 2,048, as migrate's placement decides."""
+    from engine.crypto.tink_format import encrypted_metadata
+    from engine.inventory import WIDEST_KEY_ID
+    from engine.placement import metadata_bytes
+
+    ds = DatasetConfig(source="az", container="c", destination="d")
+
+    def blob(key: str, user_bytes: int) -> ObjectMeta:
+        return ObjectMeta(key, 7, "e", None, WHEN, "Hot", metadata={"note": "x" * (user_bytes - len("note"))})
+
+    def reserved(meta: ObjectMeta) -> dict[str, str]:
+        return encrypted_metadata(WIDEST_KEY_ID, "claims", meta)
+
+    own = metadata_bytes(reserved(blob("a.bin", 10)))
+    assert own > 100  # format, key id, size, associated data
+    listing = [blob("a.bin", 2048 - own), blob("b.bin", 2048 - own + 1), blob("c.bin", 1950)]
+    without = inventory_dataset("claims", ds, listing, SinkLimits())
+    assert without.misfit_count == 0  # what inventory said before: each fits alone
+    inv = inventory_dataset("claims", ds, listing, SinkLimits(), reserved=reserved)
+    assert [k for k, _ in inv.misfits] == ["b.bin", "c.bin"]
+    assert "2049 bytes once encoded (exitplan's own included)" in dict(inv.misfits)["b.bin"]

@@ -55,3 +55,27 @@ def test_open_private_creates_0600(tmp_path, loose_umask):
         fh.write("é")
     assert mode(tmp_path / "lock") == 0o600 and mode(tmp_path / "page.html") == 0o600
     assert (tmp_path / "page.html").read_text(encoding="utf-8") == "é"
+
+
+def test_key_files_and_the_audit_manifest_are_private(tmp_path, loose_umask, monkeypatch):
+    """`keys init`, a rotation and a manifest written under umask 022: every directory of the state
+    is 0700 and every file 0600 (the kept keyset versions, the audit key, the manifest and its lock)."""
+    from config.loader import load_config
+    from connectors.memory import MemoryStore
+    from engine import key_copies, keys
+    from engine.audit import AuditManifest, manifest_path
+    from tests.unit.test_key_copies import make_config
+
+    monkeypatch.setattr(key_copies, "open_sink", lambda loaded, destination, **options: MemoryStore(label="mem"))
+    monkeypatch.delenv("EP_TEST_NO_CONN", raising=False)
+    loaded = load_config(make_config(tmp_path, "state"))
+    key_copies.init_keys(loaded)
+    keys.rotate_keys(loaded)
+    with AuditManifest(manifest_path(loaded), loaded.config.project, None) as manifest:
+        manifest.append({"type": "note"})
+    state_dir = tmp_path / "state"
+    found = {p.relative_to(tmp_path).as_posix(): oct(mode(p)) for p in [state_dir, *state_dir.rglob("*")]}
+    assert {"state/audit/manifest.jsonl", "state/audit/manifest.jsonl.lock", "state/keysets"} <= set(found)
+    wide = {name: m for name, m in found.items()
+            if m != (oct(0o700) if (tmp_path / name).is_dir() else oct(0o600))}
+    assert not wide, wide

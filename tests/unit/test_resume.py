@@ -25,7 +25,7 @@ from engine.budget import MemoryBudget
 from engine.crypto.datakeys import data_keys, new_keyset
 from engine.crypto.tink_format import HEADER_SIZE, TinkFormat, associated_data
 from engine.executors import create_executors
-from engine.migrate import migrate_dataset, place_all, resume_point
+from engine.dataset_copy import copy_objects, place_all, resume_point
 from engine.placement import place
 from engine.planning import MiB
 from engine.settings import TransferSettings
@@ -170,7 +170,7 @@ def migrate(src, sink, state, fmt, cfg, *, serial=False):
     run_id = state.start_run("migrate")
     budget = MemoryBudget(cfg.memory_budget)
     with create_executors(cfg.concurrency, cfg.object_concurrency, serial=serial) as ex:
-        summary = migrate_dataset(DATASET, src, sink, place_all(src.list("in/"), placer), settings=cfg, budget=budget,
+        summary = copy_objects(DATASET, src, sink, place_all(src.list("in/"), placer), settings=cfg, budget=budget,
                                   executors=ex, state=state, run_id=run_id, output_format=fmt)
     assert budget.in_use == 0
     return run_id, summary

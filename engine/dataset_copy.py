@@ -297,7 +297,7 @@ def _internal_error(outcome: ObjectOutcome, exc: BaseException) -> ObjectOutcome
                          reason=reason, refused=outcome.refused)
 
 
-def migrate_dataset(
+def copy_objects(
     dataset: str,
     source: ObjectSource,
     sink: ObjectSink,
@@ -470,7 +470,7 @@ def dry_run(
     on_object: Callable[[PlannedObject], None] | None = None,
     max_reported: int = 100,
 ) -> DryRunSummary:
-    """What `migrate_dataset` would write, without touching the destination (only its `limits` are
+    """What `copy_objects` would write, without touching the destination (only its `limits` are
     used). With `state`, objects unchanged since a previous copy count as skipped. `on_object`
     receives every `PlannedObject` as it is planned (stream it to a file or a table; nothing is kept
     here but totals and the first `max_reported` refusals)."""

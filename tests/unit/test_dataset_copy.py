@@ -15,7 +15,7 @@ from connectors.memory import MemoryStore
 from engine import state as st
 from engine.budget import MemoryBudget
 from engine.executors import create_executors
-from engine.migrate import Refusal, dry_run, migrate_dataset, place_all
+from engine.dataset_copy import Refusal, dry_run, copy_objects, place_all
 from engine.placement import DoesNotFit, place
 from engine.planning import MiB
 from engine.settings import TransferSettings
@@ -89,7 +89,7 @@ def placer(meta):
 def migrate(src, sink, state, run_id, cfg, *, serial=False, budget=None, progress=None, items=None):
     budget = budget or MemoryBudget(cfg.memory_budget)
     with create_executors(cfg.concurrency, cfg.object_concurrency, serial=serial) as ex:
-        summary = migrate_dataset(
+        summary = copy_objects(
             "claims", src, sink, items if items is not None else place_all(src.list("in/"), placer),
             settings=cfg, budget=budget, executors=ex, state=state, run_id=run_id, progress=progress,
             progress_interval=0,
@@ -306,7 +306,7 @@ def test_a_normal_end_writes_every_batched_row_and_the_summary_agrees(state, ser
     src, dst = mixed_source(random.Random(11)), MemoryStore(limits=LIMITS)
     run = state.start_run("migrate")
     with create_executors(4, 6, serial=serial) as ex:
-        summary = migrate_dataset(  # thresholds that are never reached: only the end flushes
+        summary = copy_objects(  # thresholds that are never reached: only the end flushes
             "claims", src, FailingSink(dst, deny={"out/0004.bin"}), place_all(src.list("in/"), placer),
             settings=settings(), budget=MemoryBudget(4 * MiB), executors=ex, state=state, run_id=run,
             state_batch_rows=10_000, state_batch_seconds=3600)
@@ -319,7 +319,7 @@ def test_a_normal_end_writes_every_batched_row_and_the_summary_agrees(state, ser
     src.add("in/0001.bin", b"changed")
     run2 = state.start_run("migrate")
     with create_executors(4, 6, serial=serial) as ex:
-        again = migrate_dataset(
+        again = copy_objects(
             "claims", src, dst, place_all(src.list("in/"), placer), settings=settings(),
             budget=MemoryBudget(4 * MiB), executors=ex, state=state, run_id=run2,
             state_batch_rows=10_000, state_batch_seconds=3600)
@@ -339,7 +339,7 @@ def test_a_failure_mid_dataset_still_writes_every_finished_object(state, serial)
 
     run = state.start_run("migrate")
     with create_executors(4, 6, serial=serial) as ex, pytest.raises(AuthError):
-        migrate_dataset("claims", src, dst, listing_that_breaks(), settings=settings(),
+        copy_objects("claims", src, dst, listing_that_breaks(), settings=settings(),
                         budget=MemoryBudget(4 * MiB), executors=ex, state=state, run_id=run,
                         state_batch_rows=10_000, state_batch_seconds=3600)
     rows = list(state.objects(run))
@@ -393,7 +393,7 @@ def test_an_exception_escaping_an_objects_task_fails_that_object_and_is_counted(
     """The object pool never drops a task's exception: one raised before the copy started (its
     state events could not be made) and one that is not an `Exception` at all each fail their
     object, named, and the summary still adds up."""
-    import engine.migrate as migrate_module
+    import engine.dataset_copy as migrate_module
 
     class WorkerStopped(BaseException):
         pass
