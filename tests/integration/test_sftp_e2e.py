@@ -237,7 +237,9 @@ def test_azure_to_sftp_encrypted_verify_restore(tmp_path, capsys, sshd, azurite_
     assert blobs["a/claims.csv"][:100] not in (escrow / "claims" / "a" / "claims.csv").read_bytes()
     sidecar = json.loads((escrow / ".exitplan-sftp" / "meta" / "claims" / "c" / "big.bin.json").read_text())
     assert sidecar["metadata"]["exitplan-format"] == "tink-aes256-gcm-hkdf-1mb"
-    assert sidecar["metadata"]["owner"] == "claims-team" and sidecar["content"]["content_type"] == "text/csv"
+    # the ciphertext is bytes; the source's content type travels in exitplan's metadata
+    assert sidecar["metadata"]["owner"] == "claims-team" and sidecar["metadata"]["exitplan-content-type"] == "text/csv"
+    assert sidecar["content"]["content_type"] == "application/octet-stream"
     assert any((escrow / "_exitplan").rglob("*keyset*")), "the wrapped keyset is copied next to the data"
     assert not list((escrow / ".exitplan-sftp" / "tmp").iterdir())
     assert not (escrow / ".exitplan-sftp" / "uploads").exists() or not list((escrow / ".exitplan-sftp" / "uploads").iterdir())
