@@ -38,6 +38,7 @@ import flows
 from config.errors import ConfigFileError, ExitCode, UserError
 from config.loader import load_config
 from config.models import LoadedConfig
+from config.yaml_files import load_yaml_file
 from flows.provider_limits import ensure_provider_limits, provider_limit_name, provider_limits
 
 REPO_ROOT = Path(flows.__file__).resolve().parent.parent
@@ -92,12 +93,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def _read_prefect_file(path: Path) -> dict[str, Any]:
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = load_yaml_file(path, "the deployments file")
     except FileNotFoundError:
         raise ConfigFileError(f"{path}: not found; `exitplan deploy` runs from a checkout of the exitplan "
                               "repository (the deployable unit), not from an installed package") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigFileError(f"{path}: cannot read the deployments file ({exc})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("deployments"), list) or not spec["deployments"]:
         raise ConfigFileError(f"{path}: expected a `deployments` list")
     return spec
