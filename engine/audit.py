@@ -62,6 +62,7 @@ a record.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -805,6 +806,14 @@ class RunAudit:
         }, self.signing_key)
         self.manifest.close()
         return self._finished
+
+    def abandon(self) -> None:
+        """Close the manifest without a run_end, as a kill would leave it: the state or the
+        manifest cannot be written (`StateUnwritable`), so the next run records this one as
+        interrupted. What is still buffered and cannot be written is a torn last line, which the
+        next opening cuts and records."""
+        with contextlib.suppress(st.StateUnwritable):
+            self.manifest.close()
 
     def publish(self, destinations: list[str]) -> tuple[list[str], list[str]]:
         """Copy the manifest to `_exitplan/<project>/manifest.jsonl` in each destination: (written,

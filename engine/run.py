@@ -520,6 +520,7 @@ class MigrationRun:
         state or the manifest (the run's row still says running and its trail has no run_end; the
         next run records it as interrupted), the lock released; raise `StateUnwritable`."""
         try:
+            self.trail.abandon()
             self.state.close()
         finally:
             _ACTIVE.pop(self.run_id, None)
@@ -548,6 +549,9 @@ class MigrationRun:
                 md5_checked = sum(1 for r in self.state.objects(self.run_id) if r.md5_checked)
                 try:
                     self.trail.end(status)
+                except StateUnwritable:  # the manifest's disk, this time
+                    self.trail.abandon()
+                    raise
                 finally:
                     self.state.close()
             finally:

@@ -181,3 +181,20 @@ def test_an_audit_manifest_on_a_full_disk_is_one_sentence_and_the_next_opening_r
     records = [json.loads(line) for line in path.read_bytes().splitlines()]
     assert [r["seq"] for r in records] == list(range(len(records)))
     assert records[-1]["key"] == "after"
+
+
+def test_a_disk_that_fills_during_a_verify_stops_it_in_one_sentence_and_a_rerun_ends_it(project):
+    config, state, container, env = project
+    assert exitplan(env, "migrate", "--config", str(config))[0] == 0
+    filler = fill(state, keep=300 * 1024)  # room for the run's start, not for its 400 verdicts
+
+    code, out, err = exitplan(env, "verify", "--config", str(config))
+    assert code == 1
+    sentence = the_sentence(err)
+    assert "cannot be written (the disk is full" in sentence and str(state) in sentence
+    assert "objects verified" not in out  # stopped, not summarised
+
+    filler.unlink()
+    code, out, err = exitplan(env, "verify", "--config", str(config))
+    assert code == 0, err[-3000:]
+    assert "recorded as interrupted" in out
