@@ -198,3 +198,29 @@ def test_a_disk_that_fills_during_a_verify_stops_it_in_one_sentence_and_a_rerun_
     code, out, err = exitplan(env, "verify", "--config", str(config))
     assert code == 0, err[-3000:]
     assert "recorded as interrupted" in out
+
+
+def test_keys_init_on_a_full_disk_is_one_sentence_and_leaves_no_short_key_file(tmp_path, small_disk, s3_server, bucket):
+    state = small_disk("keys", "64k")
+    cfg = {"version": 1, "project": "disk-keys",
+           "sources": {"az": {"kind": "azure_blob", "connection_string_env": "EXITPLAN_TEST_CS", "emulator": "azurite"}},
+           "destinations": {"lab": {"provider": "lab", "endpoint_url": s3_server.url, "region": "eu-west-3",
+                                    "bucket": BUCKET}},
+           "datasets": {"d": {"source": "az", "container": "d", "destination": "lab"}},
+           "state": {"path": str(state)},
+           "keys": {"kek": {"backend": "local"}}}
+    config = tmp_path / "exitplan.yaml"
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "EXITPLAN_TEST_CS"} | {"PYTHONPATH": str(REPO)}
+    filler = fill(state, keep=0)
+
+    code, _, err = exitplan(env, "keys", "init", "--config", str(config))
+    assert code == 1
+    sentence = the_sentence(err)
+    assert f"the local KEK file {state / 'kek.key'} cannot be written (the disk is full" in sentence
+    assert not (state / "kek.key").exists()  # a short key file would be "a wrong key" ever after
+
+    filler.unlink()
+    code, _, err = exitplan(env, "keys", "init", "--config", str(config))
+    assert code == 0, err[-3000:]
+    assert (state / "kek.key").stat().st_size == 32
