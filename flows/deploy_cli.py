@@ -38,6 +38,7 @@ import flows
 from config.errors import ConfigFileError, ExitCode, UserError
 from config.loader import load_config
 from config.models import LoadedConfig
+from config.secrets import shown_variable
 from config.yaml_files import load_yaml_file
 from flows.provider_limits import ensure_provider_limits, provider_limit_name, provider_limits
 
@@ -221,9 +222,19 @@ def _print_worker(loaded: LoadedConfig, pool: str, api_url: str) -> None:
           "`prefect worker start --pool ... --type process` works too)")
     required, optional = worker_env_names(loaded)
     if required:
-        print("the workers' environment must also hold the variables the configuration names: " + ", ".join(required))
+        print("the workers' environment must also hold the variables the configuration names: " + _names(required))
     if optional:
-        print("and, where the file's default does not fit: " + ", ".join(optional))
+        print("and, where the file's default does not fit: " + _names(optional))
+
+
+def _names(names: list[str]) -> str:
+    """Variable names for the terminal; a name that does not read like one (a secret pasted into a
+    `*_env` field is a valid name when it is a hex token) is counted, never shown."""
+    shown = [n for n in names if shown_variable(n) == n]
+    hidden = len(names) - len(shown)
+    more = (f"{' and ' if shown else ''}{hidden} name(s) that do not read like variable names (not shown: check "
+            "the `*_env` fields for a value pasted in place of a name)") if hidden else ""
+    return ", ".join(shown) + more
 
 
 def worker_env_names(loaded: LoadedConfig) -> tuple[list[str], list[str]]:

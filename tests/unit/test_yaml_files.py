@@ -17,6 +17,7 @@ from config.errors import ConfigFileError
 from config.loader import MAX_EXPANDED_CHARS, _Expansion, load_config
 from config.secrets import read_env
 from config.yaml_files import MAX_DEPTH, MAX_FILE_BYTES, parse_yaml
+from connectors.kms import KekAuthError, _secret
 from flows.deploy_cli import _read_prefect_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +30,7 @@ ALIAS_BOMB = "".join(
 ) + "version: 1\nproject: *h\n"
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-HEX_SECRET = "3f9a1c0e7b2d4a6f8e1c3b5d7f9a2c4e"
+HEX_SECRET = "f3a91c0e7b2d4a6f8e1c3b5d7f9a2c4e"  # a valid variable name, not a usual one
 
 TIME_BOUND = 30  # seconds for a command that must answer at once; the alias bomb ran past 60
 MEMORY_BOUND = 1024**3  # bytes of address space; the command needs less than 100 MiB
@@ -134,6 +135,13 @@ def test_a_secret_that_reads_as_a_variable_name_is_not_echoed_when_unset(monkeyp
     with pytest.raises(ConfigFileError) as caught:
         read_env("c.yaml", "keys.kek.token_env", HEX_SECRET)
     assert HEX_SECRET not in str(caught.value) and "keys.kek.token_env" in str(caught.value)
+
+
+def test_a_kek_secret_that_reads_as_a_variable_name_is_not_echoed_when_unset(monkeypatch):
+    monkeypatch.delenv(HEX_SECRET, raising=False)
+    with pytest.raises(KekAuthError) as caught:
+        _secret(HEX_SECRET, "OpenBao/Vault token", "openbao")
+    assert HEX_SECRET not in str(caught.value) and "is not set" in str(caught.value)
 
 
 # ---------------------------------------------------------------------------------------------
