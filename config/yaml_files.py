@@ -26,7 +26,9 @@ import yaml
 
 from .errors import ConfigFileError
 
-MAX_FILE_BYTES = 1024 * 1024  # bytes; a configuration is a few KiB, a provider profile less
+# Bytes. A configuration is a few KiB; PyYAML reads the densest YAML at about 70 KiB a second
+# (1 MiB: 14 s and 250 MB), so the bound is also the time and memory a hostile file can cost.
+MAX_FILE_BYTES = 256 * 1024
 MAX_DEPTH = 64  # nesting levels of mappings and sequences; a configuration uses six
 
 

@@ -168,7 +168,7 @@ def test_deep_nesting_is_refused_not_a_recursion_error(tmp_path):
 
 def test_a_file_larger_than_the_bound_is_refused_unread(tmp_path):
     text = LAB + "#" * MAX_FILE_BYTES
-    with pytest.raises(ConfigFileError, match="c.yaml: the configuration file is larger than 1024 KiB"):
+    with pytest.raises(ConfigFileError, match=f"c.yaml: the configuration file is larger than {MAX_FILE_BYTES // 1024} KiB"):
         load_config(write(tmp_path, text), check_policy=False)
 
 
