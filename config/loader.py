@@ -88,6 +88,7 @@ class _Expansion:
         return node
 
     def text(self, text: str, loc: tuple[Any, ...]) -> str:
+        """`text` (the string at `loc`) with its references replaced, left to right."""
         out: list[str] = []
         pos = 0
         while (start := text.find("${", pos)) >= 0:
