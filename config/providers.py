@@ -14,11 +14,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigFileError
 from .sizes import ByteSize
+from .yaml_files import load_yaml_file
 
 CATALOG_DIR = Path(__file__).resolve().parent / "providers"
 
@@ -101,10 +101,9 @@ class ProviderProfile(_Strict):
 
 def _load_file(path: Path) -> ProviderProfile:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        profile = ProviderProfile.model_validate(data)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigFileError(f"{path}: cannot read the provider profile ({exc})") from None
+        profile = ProviderProfile.model_validate(load_yaml_file(path, "a provider profile"))
+    except FileNotFoundError:
+        raise ConfigFileError(f"{path}: the provider profile disappeared while the catalog was read; run again") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])

@@ -66,12 +66,14 @@ def block_reader() -> BlockReader | None:
 
 
 def parse_block_ref(text: str, example: str = "secret/NAME") -> tuple[str, str]:
-    """`"<block-type-slug>/<block-name>"` → (slug, name); ValueError with a sentence otherwise."""
+    """`"<block-type-slug>/<block-name>"` → (slug, name); ValueError with a sentence otherwise (that
+    never repeats `text`)."""
     m = BLOCK_REF.match(text) if isinstance(text, str) else None
     if not m:
         raise ValueError(
-            f"{text!r} is not a Prefect block reference; expected `<block-type-slug>/<block-name>` such as "
-            f"`{example}` (lower-case letters, digits and '-')"
+            "not a Prefect block reference; expected `<block-type-slug>/<block-name>` such as "
+            f"`{example}` (lower-case letters, digits and '-'; the value given is not repeated: it may be a secret "
+            "pasted in place of the reference)"
         )
     return m.group(1), m.group(2)
 
@@ -101,13 +103,28 @@ def _prefix(where: Any) -> str:
     return f"{path}: " if path else ""
 
 
+# An environment variable's name as people write them: upper-case letters, digits and '_'.
+_USUAL_VARIABLE = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
+
+
+def shown_variable(var: str) -> str:
+    """`var`, the name of an environment variable a config field gives, as a message may show it:
+    itself when it reads like a variable's name, else a stand-in. A `*_env` field that holds a
+    secret pasted in place of the name (a lower-case hex token is a valid name) must not be
+    echoed in the error that says the "variable" is unset."""
+    if _USUAL_VARIABLE.match(var):
+        return var
+    return "(a name that does not read like a variable's: it may be a pasted secret, so it is not repeated)"
+
+
 def read_env(where: Any, field: str, var: str) -> str:
     """The value of environment variable `var`, which config field `field` names; a config error
     (exit code 2) when it is unset or empty."""
     value = os.environ.get(var)
     if not value:
         raise ConfigFileError(
-            f"{_prefix(where)}field `{field}` names the environment variable {var}, which is not set; export it before running"
+            f"{_prefix(where)}field `{field}` names the environment variable {shown_variable(var)}, which is not set; "
+            "export it before running"
         )
     return value
 

@@ -62,6 +62,7 @@ a record.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -79,6 +80,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from config.errors import ExitCode, UserError
 from engine import state as st
 from engine.private_files import open_private, private_directory
+from engine.state import writing_file
 
 if TYPE_CHECKING:
     from config.models import LoadedConfig
@@ -100,6 +102,7 @@ RUN_END = "run_end"
 REMOVAL = "removal"
 RUN_INTERRUPTED = "run_interrupted"
 REPAIR = "repair"
+_MANIFEST = "the audit manifest"  # for the sentence of a manifest that cannot be written
 RECORD_TYPES = (CHAIN_START, RUN_START, TRANSFER, REMOVAL, VERIFY, RUN_INTERRUPTED, REPAIR, RUN_END)
 
 
@@ -218,8 +221,9 @@ class AuditManifest:
         self._lock = threading.Lock()
         self.repairs: list[dict[str, Any]] = []  # the repair records this opening wrote
         self._public_key = public_key
-        private_directory(path.parent)
-        self._flock = open_private(path.with_name(path.name + ".lock"), "a+b")
+        with writing_file(path, _MANIFEST):
+            private_directory(path.parent)
+            self._flock = open_private(path.with_name(path.name + ".lock"), "a+b")
         try:
             fcntl.flock(self._flock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -227,8 +231,9 @@ class AuditManifest:
             raise ManifestError(f"{path} is being written by another exitplan run of project `{project}` "
                                 "(a migrate or verify still going); run this one once it has finished") from None
         try:
-            self._settle_end()
-            self._file = open_private(path, "ab")
+            with writing_file(path, _MANIFEST):
+                self._settle_end()
+                self._file = open_private(path, "ab")
         except BaseException:
             self._flock.close()
             raise
@@ -312,7 +317,7 @@ class AuditManifest:
 
     def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Write `record` with its `type` given, adding `seq`, `prev` and `time` (unless given)."""
-        with self._lock:
+        with self._lock, writing_file(self.path, _MANIFEST):
             full, line = self._stamped(record)
             self._file.write(line + b"\n")
             self._file.flush()
@@ -328,8 +333,9 @@ class AuditManifest:
             full["signature"] = (base64.b64encode(signing_key.sign(signed_payload(full))).decode("ascii")
                                  if signing_key else None)
             full, line = self._stamped(full)
-            self._file.write(line + b"\n")
-            self._file.flush()
+            with writing_file(self.path, _MANIFEST):
+                self._file.write(line + b"\n")
+                self._file.flush()
             return full
 
     def unfinished_runs(self) -> list[UnfinishedRun]:
@@ -368,17 +374,23 @@ class AuditManifest:
         return sorted(found.values(), key=lambda u: (u.run, u.first_seq or 0))
 
     def sync(self) -> None:
-        with self._lock:
+        with self._lock, writing_file(self.path, _MANIFEST):
             self._file.flush()
             os.fsync(self._file.fileno())
 
     def close(self) -> None:
         with self._lock:
             if not self._file.closed:
-                self._file.flush()
-                os.fsync(self._file.fileno())
-                self._file.close()
-                self._flock.close()  # releases the flock
+                try:
+                    with writing_file(self.path, _MANIFEST):
+                        self._file.flush()
+                        os.fsync(self._file.fileno())
+                finally:
+                    try:
+                        self._file.close()
+                    except OSError:  # not flushed above either: a torn last line, cut and recorded next time
+                        pass
+                    self._flock.close()  # releases the flock
 
     def __enter__(self) -> "AuditManifest":
         return self
@@ -795,6 +807,14 @@ class RunAudit:
         }, self.signing_key)
         self.manifest.close()
         return self._finished
+
+    def abandon(self) -> None:
+        """Close the manifest without a run_end, as a kill would leave it: the state or the
+        manifest cannot be written (`StateUnwritable`), so the next run records this one as
+        interrupted. What is still buffered and cannot be written is a torn last line, which the
+        next opening cuts and records."""
+        with contextlib.suppress(st.StateUnwritable):
+            self.manifest.close()
 
     def publish(self, destinations: list[str]) -> tuple[list[str], list[str]]:
         """Copy the manifest to `_exitplan/<project>/manifest.jsonl` in each destination: (written,

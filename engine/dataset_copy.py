@@ -28,7 +28,7 @@ from engine.pipeline import copy_object, single_put_cutoff
 from engine.planning import ObjectPlan, PartPlan, PlanRefused, plan_object
 from engine.resume_point import RecordedPart, ResumePoint
 from engine.settings import TransferSettings
-from engine.state import StateStore, WriteBatch
+from engine.state import StateStore, StateUnwritable, WriteBatch
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,8 @@ def _unrecorded(tally: _Tally, outcome: ObjectOutcome) -> Callable[[Exception | 
     summary counts the object as failed, as it does for a write that fails at once."""
 
     def written(error: Exception | None) -> None:
+        if isinstance(error, StateUnwritable):  # the run stops with that one sentence (migrate_dataset)
+            return
         if error is not None:
             log.error("recording %s failed: %s", outcome.source_key, error)
             tally.replace(outcome, _internal_error(outcome, error))
@@ -331,6 +333,8 @@ def copy_objects(
     objects start and end), and every one of them before this returns or raises: a kill loses at
     most those, and the next run copies such objects again (or decides them again). A write the
     store refuses turns the object into a failure in the summary, so the summary and the rows agree.
+    A state that cannot be written at all (`StateUnwritable`: a full disk, a read-only filesystem)
+    is not an object's failure: no more objects start, those in flight end, and it is raised once.
 
     `progress` gets a `Progress` at most every `progress_interval` seconds and once at the end,
     from worker threads: keep it quick. The run's counters in `runs` are increased by this
@@ -356,6 +360,8 @@ def copy_objects(
                 output_format=output_format, events=events, replace_placement=replace_placement,
                 resume=resume_point(state, dataset, meta.key),
             )
+        except StateUnwritable:  # kept in `state.unwritable`: the dataset stops and raises it once
+            return
         except Exception as exc:
             log.exception("copying %s failed", meta.key)
             tally.done(_internal_error(ObjectOutcome(meta.key, placement.dest_key, meta.etag, meta.size, "failed"), exc))
@@ -364,11 +370,15 @@ def copy_objects(
         tally.done(outcome)
         try:
             events.finished(meta, outcome)
+        except StateUnwritable:
+            return
         except BaseException as exc:  # counted already: the count is corrected, nothing is raised twice
             log.exception("recording %s failed", meta.key)
             tally.replace(outcome, _internal_error(outcome, exc))
 
     def escaped(item: tuple[ObjectMeta, Placement], exc: BaseException) -> None:
+        if isinstance(exc, StateUnwritable):
+            return
         meta, placement = item
         log.error("copying %s failed", meta.key, exc_info=(type(exc), exc, exc.__traceback__))
         tally.done(_internal_error(ObjectOutcome(meta.key, placement.dest_key, meta.etag, meta.size, "failed"), exc))
@@ -383,6 +393,8 @@ def copy_objects(
         # At most `objects_in_flight` objects held at once: the listing is consumed as they finish.
         with BoundedTasks(executors.objects, settings.objects_in_flight, on_error=escaped) as objects:
             for meta, placed in items:
+                if state.unwritable is not None:  # nothing more can be recorded: no more objects start
+                    break
                 tally.seen(meta.size)
                 if isinstance(placed, Refusal):
                     decided(meta, None, ObjectOutcome(meta.key, "", meta.etag, meta.size, "failed",
@@ -404,6 +416,10 @@ def copy_objects(
         # Every object submitted has ended (the block waits for them); everything queued is
         # written, on a normal end as on an error or an interrupt.
         batch.flush()
+    if state.unwritable is not None:
+        # The state cannot be written (a full disk, a read-only filesystem): the objects in flight
+        # ended, each transaction was whole or not at all, and what a kill would leave is left.
+        raise state.unwritable
 
     summary = tally.summary()
     state.add_run_totals(run_id, objects_total=summary.objects, objects_ok=summary.ok,

@@ -55,9 +55,11 @@ from config.policy import check_kek
 from connectors.kms import KekError, KekWrongKey, kek_reference, open_kek
 from engine.crypto.datakeys import DataKeys, KeysetError, data_keys, new_keyset
 from engine.private_files import private_directory
+from engine.state import writing_file
 
 META_FORMAT = "exitplan-keyset-meta/1"
 AUDIT_FORMAT = "exitplan-audit-key/1"
+_KEY_FILE = "the key file"  # for the sentence of a key file that cannot be written
 
 
 class KeyStoreError(UserError):
@@ -134,7 +136,9 @@ def _create_local_key(loaded: LoadedConfig, kek: KekConfig) -> None:
         from connectors.kms.local import create_key_file
 
         path = Path(kek.path).expanduser()
-        create_key_file(path if path.is_absolute() else loaded.path.parent / path)
+        path = path if path.is_absolute() else loaded.path.parent / path
+        with writing_file(path, "the local KEK file"):
+            create_key_file(path)
 
 
 def open_project_kek(loaded: LoadedConfig, kek: KekConfig | None = None):
@@ -150,17 +154,18 @@ def open_project_kek(loaded: LoadedConfig, kek: KekConfig | None = None):
 
 def _private_temp_file(directory: Path, name: str, data: bytes) -> str:
     """A temp file in `directory` holding `data`, mode 0600, on disk (fsync); the caller renames
-    or links it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    or links it into place. A full disk or a read-only directory is a `StateUnwritable`."""
+    with writing_file(directory / name, _KEY_FILE):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            os.unlink(tmp)
+            raise
     return tmp
 
 
@@ -177,13 +182,14 @@ def _fsync_directory(directory: Path) -> None:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Write `data` to `path` atomically (temp file in the same directory, fsync, rename), 0600."""
-    private_directory(path.parent)
-    tmp = _private_temp_file(path.parent, path.name, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with writing_file(path, _KEY_FILE):
+        private_directory(path.parent)
+        tmp = _private_temp_file(path.parent, path.name, data)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
     _fsync_directory(path.parent)
 
 

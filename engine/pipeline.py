@@ -72,6 +72,7 @@ from engine.output_format import IDENTITY, OutputFormat
 from engine.planning import ObjectPlan, PartPlan, PlanRefused, plan_object
 from engine.resume_point import ResumePoint
 from engine.settings import TransferSettings
+from engine.state import StateUnwritable
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ def copy_object(
             return attempt.failed(str(exc), transient=exc.transient)
         except ConnectorError as exc:
             return attempt.failed(f"{type(exc).__name__}: {exc}", transient=exc.retryable)
+        except StateUnwritable:  # not this object's failure: the run stops (migrate_dataset)
+            raise
         except Exception as exc:  # a bug must fail this object, not the run
             log.exception("internal error while copying %s", meta.key)
             return attempt.failed(f"internal error: {type(exc).__name__}: {exc}")

@@ -24,7 +24,7 @@ from connectors.base import ConfigError
 
 from .errors import RunError
 from .private_files import open_private, private_directory
-from .state import StateStore
+from .state import StateStore, writing_file
 
 STATE_FILE = "state.db"
 LOCK_FILE = "migrate.lock"
@@ -126,8 +126,9 @@ def lock_project(loaded: LoadedConfig) -> IO[str] | _DatabaseLock:
     url = state_url(loaded)
     if url is not None and url.startswith("postgresql"):
         return _DatabaseLock(loaded, url)
-    path = private_directory(loaded.state_dir) / LOCK_FILE
-    f = open_private(path, "a+")
+    path = loaded.state_dir / LOCK_FILE
+    with writing_file(path, "the project's lock file"):
+        f = open_private(private_directory(loaded.state_dir) / LOCK_FILE, "a+")
     try:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -18,6 +18,7 @@ time series and the histogram are fixed-size bins), whatever the number of objec
 
 from __future__ import annotations
 
+import contextlib
 import html
 import math
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from config.sizes import format_size
 
 from .private_files import PRIVATE_DIR, open_private
 from .project import open_state
-from .state import DatasetFigures
+from .state import DatasetFigures, writing_file
 
 TIME_BINS = 48
 # Object size bins: upper bounds (exclusive), factors of 16 from 1 KiB; the last is open.
@@ -389,11 +390,17 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
 
 def write_report(loaded: LoadedConfig, datasets: Sequence[str], out: Path) -> ReportFile:
     page, objects, fp = render(loaded, datasets)
-    out.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with open_private(tmp, "w") as f:
-        f.write(page)
-    tmp.replace(out)
+    with writing_file(out, "the report", "`--out`"):
+        out.parent.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        try:
+            with open_private(tmp, "w") as f:
+                f.write(page)
+            tmp.replace(out)
+        except BaseException:
+            with contextlib.suppress(OSError):  # a read-only directory keeps it; it is only ever a temporary name
+                tmp.unlink(missing_ok=True)
+            raise
     line = (f"manifest: {fp.path}: SHA-256 {fp.file_sha256}, last record hash {fp.last_hash}; {fp.verdict}"
             if fp.exists else f"manifest: {fp.verdict}")
     return ReportFile(out, out.stat().st_size, objects, line)

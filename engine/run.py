@@ -38,7 +38,7 @@ from .settings import TransferSettings
 from .shards import (WENT_THROUGH, PlannedShard, ShardCutter, ShardOutcome, ShardPlan, ShardResult, ShardsEnded,
                      failure_sentence, shard_outcome)
 from . import state as st
-from .state import StateStore
+from .state import StateStore, StateUnwritable
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +358,8 @@ class MigrationRun:
     def _listing_stopped(self, name: str, exc: BaseException) -> None:
         """Record why the run stopped before it went through `name`'s listing; the exception that
         stopped it goes on whatever happens here (the state store may be what failed)."""
+        if isinstance(exc, StateUnwritable):  # nothing can be recorded; the next run says interrupted
+            return
         reason = ("interrupted (Ctrl-C or a stop signal)" if isinstance(exc, (KeyboardInterrupt, SystemExit))
                   else f"the listing failed: {exc}" if isinstance(exc, ConnectorError)
                   else str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}")
@@ -515,6 +517,18 @@ class MigrationRun:
 
     # ---- the end -------------------------------------------------------------------------------
 
+    def _stop_unwritable(self) -> None:
+        """End a run whose state cannot be written: as a kill would, without a word more in the
+        state or the manifest (the run's row still says running and its trail has no run_end; the
+        next run records it as interrupted), the lock released; raise `StateUnwritable`."""
+        try:
+            self.trail.abandon()
+            self.state.close()
+        finally:
+            _ACTIVE.pop(self.run_id, None)
+            self._lock_file.close()
+        raise self.state.unwritable
+
     def finish(self) -> MigrationResult:
         """Close the run (status ok, failed, or interrupted when `completed` was not set), record
         the audit trail and publish the manifest. Call once, whatever happened before."""
@@ -530,11 +544,16 @@ class MigrationRun:
             if self._executors is not None:
                 self._executors.__exit__(None, None, None)
         finally:
+            if self.state.unwritable is not None:
+                self._stop_unwritable()
             try:
                 self.state.finish_run(self.run_id, status)
                 md5_checked = sum(1 for r in self.state.objects(self.run_id) if r.md5_checked)
                 try:
                     self.trail.end(status)
+                except StateUnwritable:  # the manifest's disk, this time
+                    self.trail.abandon()
+                    raise
                 finally:
                     self.state.close()
             finally:

@@ -331,10 +331,20 @@ def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sin
             snap = VerifyProgress(dataset, tally["objects"], total, tally["failed"], tally["bytes"])
             observer.progress(snap)
 
+    # The first `StateUnwritable` a check met (the state or the manifest cannot be written): no
+    # more checks start, those in flight end without a word, and it is raised once, at the end.
+    stopped: list[st.StateUnwritable] = []
+
     def one(row: st.ObjectRecord, listed: ObjectMeta | None) -> None:
         nonlocal truncated
+        if stopped:
+            return
         result = checker.check(row, listed)
-        on_checked(row, result)
+        try:
+            on_checked(row, result)
+        except st.StateUnwritable as exc:
+            stopped.append(exc)
+            return
         with lock:
             tally["objects"] += 1
             tally["bytes"] += result.bytes_read
@@ -364,6 +374,8 @@ def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sin
             listing = _listing(sink, prefix)
             current = next(listing, None)
             for row in store.expected_at_destination(dataset):
+                if stopped:
+                    break
                 key = row.dest_key or ""
                 if not key.startswith(prefix):  # written under an earlier dest_prefix: not in this listing
                     try:
@@ -387,6 +399,8 @@ def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sin
         raise VerifyError(f"dataset `{dataset}`: listing {sink.label}/{prefix}: {exc}",
                           ExitCode.USAGE if exc.__class__.__name__ in ("AuthError", "ConfigError", "BucketNotFound")
                           else ExitCode.FAILED) from None
+    if stopped:
+        raise stopped[0]
     emit(force=True)
     return DatasetVerification(
         dataset, "deep" if deep else "quick", tally["objects"], tally["ok"], tally["failed"], tally["deep"],
@@ -471,11 +485,19 @@ def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sam
                 observer.dataset_finished(summary)
         status = "ok" if all(s.all_ok for s in summaries) else "failed"
     finally:
+        if store.unwritable is not None:  # left as a kill leaves it: the next run records it as interrupted
+            store.close()
+            trail.abandon()
+            raise store.unwritable
         totals = dict(objects_total=sum(s.objects for s in summaries), objects_ok=sum(s.ok for s in summaries),
                       objects_failed=sum(s.failed for s in summaries), bytes_total=sum(s.bytes_read for s in summaries))
         store.finish_run(run_id, status, **totals)
         store.close()
-        trail.finish(status, dict(totals, objects_deep_checked=sum(s.deep_checked for s in summaries)))
+        try:
+            trail.finish(status, dict(totals, objects_deep_checked=sum(s.deep_checked for s in summaries)))
+        except st.StateUnwritable:  # the manifest's disk, this time
+            trail.abandon()
+            raise
     copies, notes = trail.publish([loaded.config.datasets[d].destination for d in datasets])
     return VerifyResult(run_id, mode, sample, seed if deep else None, tuple(summaries), time.monotonic() - started,
                         trail.outcome(copies, notes))
@@ -484,6 +506,8 @@ def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sam
 def _record_stop(store: st.StateStore, run_id: int, dataset: str, exc: BaseException) -> None:
     """Record why the verify run stopped before it went through `dataset`; `exc` goes on whatever
     happens here (the state store may be what failed)."""
+    if isinstance(exc, st.StateUnwritable):  # nothing can be recorded; the next run says interrupted
+        return
     try:
         store.dataset_stopped(run_id, dataset, "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
     except Exception:

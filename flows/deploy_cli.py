@@ -38,6 +38,8 @@ import flows
 from config.errors import ConfigFileError, ExitCode, UserError
 from config.loader import load_config
 from config.models import LoadedConfig
+from config.secrets import shown_variable
+from config.yaml_files import load_yaml_file
 from flows.provider_limits import ensure_provider_limits, provider_limit_name, provider_limits
 
 REPO_ROOT = Path(flows.__file__).resolve().parent.parent
@@ -92,12 +94,10 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def _read_prefect_file(path: Path) -> dict[str, Any]:
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        spec = load_yaml_file(path, "the deployments file")
     except FileNotFoundError:
         raise ConfigFileError(f"{path}: not found; `exitplan deploy` runs from a checkout of the exitplan "
                               "repository (the deployable unit), not from an installed package") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigFileError(f"{path}: cannot read the deployments file ({exc})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("deployments"), list) or not spec["deployments"]:
         raise ConfigFileError(f"{path}: expected a `deployments` list")
     return spec
@@ -222,9 +222,19 @@ def _print_worker(loaded: LoadedConfig, pool: str, api_url: str) -> None:
           "`prefect worker start --pool ... --type process` works too)")
     required, optional = worker_env_names(loaded)
     if required:
-        print("the workers' environment must also hold the variables the configuration names: " + ", ".join(required))
+        print("the workers' environment must also hold the variables the configuration names: " + _names(required))
     if optional:
-        print("and, where the file's default does not fit: " + ", ".join(optional))
+        print("and, where the file's default does not fit: " + _names(optional))
+
+
+def _names(names: list[str]) -> str:
+    """Variable names for the terminal; a name that does not read like one (a secret pasted into a
+    `*_env` field is a valid name when it is a hex token) is counted, never shown."""
+    shown = [n for n in names if shown_variable(n) == n]
+    hidden = len(names) - len(shown)
+    more = (f"{' and ' if shown else ''}{hidden} name(s) that do not read like variable names (not shown: check "
+            "the `*_env` fields for a value pasted in place of a name)") if hidden else ""
+    return ", ".join(shown) + more
 
 
 def worker_env_names(loaded: LoadedConfig) -> tuple[list[str], list[str]]:

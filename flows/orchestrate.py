@@ -37,7 +37,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
@@ -48,6 +47,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from config.errors import UserError
 from config.sizes import format_size
+from config.yaml_files import load_yaml_file
 from engine import run as engine_run
 from engine.executors import noted
 from engine.report import write_report
@@ -70,7 +70,7 @@ def _run_name(kind: str) -> Callable[[], str]:
         datasets = params.get("datasets") or []
         what = "+".join(datasets) if datasets else "all-datasets"
         try:  # the project's name only: no full load (no gate, no credential read) to name a run
-            project = str(yaml.safe_load(Path(params["config_path"]).read_text(encoding="utf-8"))["project"])
+            project = str(load_yaml_file(Path(params["config_path"]), "the configuration file")["project"])
         except Exception:  # the flow itself reports a bad config; the name must not fail
             project = Path(str(params.get("config_path", "config"))).stem
         return f"{kind} {project} {what} {datetime.now(timezone.utc):%Y-%m-%d %H:%M}Z"

@@ -29,7 +29,7 @@ from config.models import (
     Pkcs11KekConfig,
     ScalewayKmsKekConfig,
 )
-from config.secrets import read_block
+from config.secrets import read_block, shown_variable
 
 from .base import KekAuthError, KekError, KekUnavailable, KekWrongKey, KeyEncryptionKey
 
@@ -41,7 +41,8 @@ __all__ = [
 def _secret(var: str, what: str, backend: str) -> str:
     value = os.environ.get(var)
     if not value:
-        raise KekAuthError(f"{backend}: environment variable {var} is not set; export the {what} there (see `keys.kek`)")
+        raise KekAuthError(f"{backend}: environment variable {shown_variable(var)} is not set; "
+                           f"export the {what} there (see `keys.kek`)")
     return value
 
 
@@ -53,7 +54,7 @@ def _credential(kek, item: str, what: str) -> tuple[str, str]:
     if block:
         return read_block(None, f"keys.kek.{item}_block", block), f"the Prefect block {block}"
     var = getattr(kek, f"{item}_env")
-    return _secret(var, what, kek.backend), f"${var}"
+    return _secret(var, what, kek.backend), f"${shown_variable(var)}"
 
 
 def open_kek(kek, *, base_dir: Path | None = None) -> aead.Aead:

@@ -22,16 +22,22 @@ KEY_BYTES = 32
 
 
 def create_key_file(path: Path) -> bool:
-    """Create `path` with 32 random bytes, mode 0600, if it does not exist. True if created."""
+    """Create `path` with 32 random bytes, mode 0600, if it does not exist. True if created.
+    A write that fails (a full disk) removes the file: a short key file would be taken for a
+    wrong key by every later command."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "wb") as f:
-        f.write(os.urandom(KEY_BYTES))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(KEY_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
     return True
 
 

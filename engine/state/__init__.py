@@ -34,7 +34,10 @@ one definition of "complete" that verify, restore, status and the flows use).
 The package owns every table (schema.py, the audit manifest's `audit_recorded` included) and every
 query (store.py; completeness.py for a dataset's status); the other modules ask `StateStore` and get
 frozen records (records.py). Rows are built and checked in rows.py; batch.py queues the harmless
-writes.
+writes. A full disk, a read-only filesystem or a refused permission becomes `StateUnwritable` in
+unwritable.py (for the database through the store's error hook, for the state directory's other
+files around their writes with `writing_file`): one sentence, and `StateStore.unwritable` tells
+the engine to stop.
 """
 
 from .batch import WriteBatch
@@ -45,6 +48,7 @@ from .schema import (CHANGED, COPIED, FAILED, IN_PROGRESS, INITIAL_STATES, PENDI
                      UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition, audit_recorded, listing, metadata,
                      objects, parts, run_datasets, runs, shards, utcnow)
 from .store import StateStore
+from .unwritable import StateUnwritable, writing_file
 
 __all__ = [
     "CHANGED", "COPIED", "FAILED", "IN_PROGRESS", "INITIAL_STATES", "PENDING", "REMOVED", "STATES", "TRANSITIONS",
@@ -55,5 +59,5 @@ __all__ = [
     "DatasetStatus", "ObjectStatus", "RunDataset", "StatusCount",
     "VERIFIED_COPY", "COPIED_COPY", "FAILED_PERMANENT", "FAILED_TRANSIENT", "FOUND_WRONG", "PENDING_COPY",
     "NEVER_ATTEMPTED", "STATUS_CATEGORIES", "NEVER_ARRIVED", "NOT_AT_DESTINATION",
-    "StateStore", "WriteBatch",
+    "StateStore", "StateUnwritable", "WriteBatch", "writing_file",
 ]

@@ -26,6 +26,7 @@ from .rows import listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, REMOVED, STATES, TRANSITIONS, UNCHANGED,
                      UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition, audit_recorded, listing, metadata, objects,
                      parts, run_datasets, runs, shards, utcnow)
+from .unwritable import StateUnwritable, unwritable_database, writing_file
 
 # Statements built once: building and cache-keying a Core statement costs more than running it
 # on SQLite. Updates name their SET columns through the parameters' keys (compiled once per key set).
@@ -63,19 +64,25 @@ class StateStore:
         url = str(url_or_path)
         if "://" not in url:
             path = Path(url)
-            private_file(private_directory(path.parent) / path.name)
+            with writing_file(path, "the state store"):
+                private_file(private_directory(path.parent) / path.name)
             url = f"sqlite:///{path}"
         self.url = url
         self.engine: Engine = sa.create_engine(url, connect_args=self._connect_args(url))
+        self._file = _sqlite_file(self.engine)
+        # Set by the first write (or open) that finds the state unwritable; the engine stops at it.
+        self.unwritable: StateUnwritable | None = None
+        sa.event.listen(self.engine, "handle_error", self._unwritable)
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write = threading.Lock()
         self._conn: Connection | None = None  # the writer's connection, opened on the first write
         try:
             metadata.create_all(self.engine)
-        except sa.exc.OperationalError:
+        except (sa.exc.OperationalError, StateUnwritable):
             if "mode=ro" not in url:  # read-only: an older store may lack a table; reads still work
                 raise
+            self.unwritable = None  # opened read-only on purpose: not a reason to stop
         self._add_missing_columns()
 
     def _add_missing_columns(self) -> None:
@@ -90,6 +97,18 @@ class StateStore:
                     col = objects.c[name]
                     conn.execute(sa.text(f"ALTER TABLE objects ADD COLUMN {name} "
                                          f"{col.type.compile(dialect=self.engine.dialect)}"))
+
+    def _unwritable(self, context: sa.engine.ExceptionContext) -> None:
+        """SQLAlchemy's `handle_error` hook: a full disk, a read-only filesystem or a refused
+        permission becomes `StateUnwritable` (one sentence, no traceback), here and only here, for
+        every statement, commit and connection of this store; it is also kept in `unwritable`."""
+        shown = str(self._file) if self._file else self.engine.url.render_as_string(hide_password=True)
+        stop = unwritable_database(context.original_exception, self._file, shown, read_only="mode=ro" in self.url)
+        if stop is None:
+            return
+        if self.unwritable is None:
+            self.unwritable = stop
+        raise stop
 
     @staticmethod
     def _connect_args(url: str) -> dict[str, Any]:
@@ -658,6 +677,14 @@ def _refusal(conn: Connection, object_id: int, new_state: str) -> InvalidTransit
     if current is None:
         return InvalidTransition(f"object {object_id} is not in the state store")
     return InvalidTransition(f"object {object_id} cannot go from {current!r} to {new_state!r}")
+
+
+def _sqlite_file(engine: Engine) -> Path | None:
+    """The SQLite file of `engine` (None for a database server or an in-memory database)."""
+    if engine.dialect.name != "sqlite" or not engine.url.database or engine.url.database == ":memory:":
+        return None
+    name = engine.url.database
+    return Path(name[len("file:"):] if name.startswith("file:") else name)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -101,6 +101,19 @@ def test_an_unreachable_prefect_api_is_named(config, capsys):
     assert f"the Prefect API at {url} does not answer" in err
 
 
+def test_a_variable_name_that_may_be_a_pasted_secret_is_not_printed(config, monkeypatch, capsys):
+    from config.loader import load_config
+
+    token = "f3a91c0e7b2d4a6f8e1c3b5d7f9a2c4e"  # a valid name, not a usual one
+    data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    data["destinations"]["lab-s3"]["credentials"] = {"access_key_id_env": token}
+    config.write_text(yaml.safe_dump(data), encoding="utf-8")
+    deploy_cli._print_worker(load_config(config), "exitplan", "http://127.0.0.1:4200/api")
+    out = capsys.readouterr().out
+    assert token not in out
+    assert "AWS_SECRET_ACCESS_KEY" in out and "1 name(s) that do not read like variable names" in out
+
+
 def test_worker_env_names(config):
     from config.loader import load_config
 
