@@ -280,7 +280,7 @@ def _unrecorded(tally: _Tally, outcome: ObjectOutcome) -> Callable[[Exception | 
     summary counts the object as failed, as it does for a write that fails at once."""
 
     def written(error: Exception | None) -> None:
-        if isinstance(error, StateUnwritable):  # the run stops with that one sentence (migrate_dataset)
+        if isinstance(error, StateUnwritable):  # the run stops with that one sentence (copy_objects)
             return
         if error is not None:
             log.error("recording %s failed: %s", outcome.source_key, error)

@@ -179,7 +179,7 @@ def copy_object(
             return attempt.failed(str(exc), transient=exc.transient)
         except ConnectorError as exc:
             return attempt.failed(f"{type(exc).__name__}: {exc}", transient=exc.retryable)
-        except StateUnwritable:  # not this object's failure: the run stops (migrate_dataset)
+        except StateUnwritable:  # not this object's failure: the run stops (copy_objects)
             raise
         except Exception as exc:  # a bug must fail this object, not the run
             log.exception("internal error while copying %s", meta.key)

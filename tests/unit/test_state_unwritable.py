@@ -21,7 +21,7 @@ from connectors.memory import MemoryStore
 from engine import state as st
 from engine.state import StateStore, StateUnwritable, writing_file
 from engine.state.unwritable import unwritable_database
-from tests.unit.test_migrate import LIMITS, migrate, seed, settings
+from tests.unit.test_dataset_copy import LIMITS, migrate, seed, settings
 
 
 def limit_writes(state: StateStore, pragma: str) -> None:

@@ -91,11 +91,20 @@ def test_a_huge_variable_is_refused_without_being_repeated(tmp_path):
     assert "xxxxxxxx" not in sentence
 
 
+def _line_of(text: str, line: str, after: int = 0) -> int:
+    """The 1-based number of the first line equal to `line` after line `after`."""
+    return text.splitlines().index(line, after) + 1
+
+
+_DATASETS_TWICE = LAB + "\ndatasets:\n  other:\n    source: azurite\n    container: other\n    destination: lab-s3\n"
+_CONTAINER_TWICE = LAB.replace("    container: claims\n", "    container: claims\n    container: stays\n")
+
+
 @pytest.mark.parametrize("text, key, lines", [
-    (LAB + "\ndatasets:\n  other:\n    source: azurite\n    container: other\n    destination: lab-s3\n",
-     "datasets", ("line 24", "at line 63")),
-    (LAB.replace("    container: claims\n", "    container: claims\n    container: stays\n"),
-     "container", ("line 27", "at line 28")),
+    (_DATASETS_TWICE, "datasets", (f"line {_line_of(LAB, 'datasets:')}",
+                                   f"at line {_line_of(_DATASETS_TWICE, 'datasets:', _line_of(LAB, 'datasets:'))}")),
+    (_CONTAINER_TWICE, "container", (f"line {_line_of(LAB, '    container: claims')}",
+                                     f"at line {_line_of(LAB, '    container: claims') + 1}")),
 ])
 def test_a_key_written_twice_is_refused_at_any_depth(tmp_path, text, key, lines):
     code, err = exitplan(tmp_path, text)
