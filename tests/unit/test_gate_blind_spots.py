@@ -1,0 +1,184 @@
+"""The sovereignty gate against inputs built to slip past it: connection strings the gate and the
+Azure SDK could read differently, URLs whose host Python and urllib3 read differently.
+
+Each case is judged on the endpoint the request would really go to; a refusal is one sentence and
+the right exit code (2 for a configuration that cannot be read one way, 3 for a policy refusal).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from config.azure_connection import ConnectionStringError, blob_endpoints
+from config.errors import ConfigFileError, ExitCode, PolicyRefusal
+from config.hosts import ambiguous_url
+from config.lab import AZURITE_KEY
+from config.loader import load_config
+from flows.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+ACCOUNT_KEY = AZURITE_KEY  # a published key: the tests check that no key is ever repeated
+CONN_ENV = "EXITPLAN_TEST_GATE_CONNECTION_STRING"
+
+# A lab configuration: Azurite by a connection string, the lab's S3 server, a local KEK.
+LAB = {
+    "version": 1,
+    "project": "gate-test",
+    "sources": {"az": {"kind": "azure_blob", "connection_string_env": CONN_ENV}},
+    "destinations": {"s3": {"provider": "lab", "endpoint_url": "http://127.0.0.1:5000", "region": "eu-west-3",
+                            "bucket": "exitplan-lab"}},
+    "datasets": {"claims": {"source": "az", "container": "claims", "destination": "s3"}},
+    "keys": {"kek": {"backend": "local"}},
+}
+
+# A production configuration: an OVHcloud bucket, keys in OpenBao.
+PROD = {
+    "version": 1,
+    "project": "gate-test",
+    "sources": {"az": {"kind": "azure_blob", "connection_string_env": CONN_ENV}},
+    "destinations": {"ovh": {"provider": "ovhcloud", "endpoint_url": "https://s3.gra.io.cloud.ovh.net",
+                             "region": "gra", "bucket": "hdh-exit"}},
+    "datasets": {"claims": {"source": "az", "container": "claims", "destination": "ovh"}},
+    "keys": {"kek": {"backend": "openbao", "address": "https://bao.example.eu:8200", "key_name": "exitplan"}},
+}
+
+LOCAL = "http://127.0.0.1:10000/devstoreaccount1"
+REMOTE = "https://acct.blob.core.windows.net/"
+
+
+def write(tmp_path: Path, data: dict, name: str = "exitplan.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def one_sentence_without_secret(message: str) -> None:
+    assert "\n" not in message.strip()
+    assert ACCOUNT_KEY not in message and ACCOUNT_KEY[:12] not in message
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection strings: the endpoint the SDK will use decides lab mode
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conn, key", [
+    # The SDK keeps the last of a repeated key: a real account, in clear, while the first says loopback.
+    (f"BlobEndpoint={LOCAL};BLOBENDPOINT={REMOTE.replace('https', 'http')};AccountName=acct;AccountKey={ACCOUNT_KEY}",
+     "BlobEndpoint"),
+    # Keys are compared by str.upper(): a dotless ı upper-cases to I.
+    (f"BlobEndpoint={LOCAL};BlobEndpo\u0131nt={REMOTE};AccountName=acct;AccountKey={ACCOUNT_KEY}", "BlobEndpoint"),
+    (f"AccountName=devstoreaccount1;accountname=acct;AccountKey={ACCOUNT_KEY};BlobEndpoint={LOCAL}", "AccountName"),
+])
+def test_a_repeated_connection_string_key_is_refused_with_exit_2_naming_it(tmp_path, capsys, monkeypatch, conn, key):
+    monkeypatch.setenv(CONN_ENV, conn)
+    path = write(tmp_path, LAB)
+    with pytest.raises(ConfigFileError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and f"sources.az.connection_string_env" in message
+    assert f"`{key}` twice" in message and "keep one" in message
+    one_sentence_without_secret(message)
+    code, err = run_cli(capsys, "migrate", "--dry-run", "--config", str(path))
+    assert code == ExitCode.USAGE and f"`{key}` twice" in err
+    one_sentence_without_secret(err)
+
+
+@pytest.mark.parametrize("conn, host", [
+    # `True` is not `true` to the SDK: no emulator, the account on Azure.
+    (f"UseDevelopmentStorage=True;AccountName=acct;AccountKey={ACCOUNT_KEY}", "acct.blob.core.windows.net"),
+    # An empty BlobEndpoint counts as absent to the SDK.
+    (f"BlobEndpoint=;AccountName=acct;AccountKey={ACCOUNT_KEY}", "acct.blob.core.windows.net"),
+])
+def test_lab_mode_follows_the_endpoint_the_sdk_derives(tmp_path, monkeypatch, conn, host):
+    monkeypatch.setenv(CONN_ENV, conn)
+    with pytest.raises(PolicyRefusal) as info:
+        load_config(write(tmp_path, LAB))
+    assert "lab's S3 server" in str(info.value) and f"source `az` is at {host}" in str(info.value)
+    one_sentence_without_secret(str(info.value))
+
+
+def test_a_connection_string_to_the_emulator_is_still_lab_mode(monkeypatch, tmp_path):
+    for conn in ("UseDevelopmentStorage=true",
+                 f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={ACCOUNT_KEY};BlobEndpoint={LOCAL};"):
+        monkeypatch.setenv(CONN_ENV, conn)
+        assert load_config(write(tmp_path, LAB)).lab_mode
+
+
+@pytest.mark.parametrize("conn", [
+    # Python's urllib reads 127.0.0.1 as the host, urllib3 (the SDK's requests) the account.
+    f"AccountName=acct;AccountKey={ACCOUNT_KEY};BlobEndpoint=http://acct.blob.core.windows.net\\@127.0.0.1:10000/acct",
+    f"AccountName=acct;AccountKey={ACCOUNT_KEY};BlobEndpoint=http://acct.blob.core.windows.net@127.0.0.1:10000/acct",
+    f"AccountName=acct;AccountKey={ACCOUNT_KEY};BlobEndpoint=http://127.0.0.1:10000/acct;"
+    "BlobSecondaryEndpoint=acct-secondary.blob.core.windows.net",
+])
+def test_an_endpoint_read_two_ways_is_refused_with_exit_2(tmp_path, capsys, monkeypatch, conn):
+    monkeypatch.setenv(CONN_ENV, conn)
+    path = write(tmp_path, LAB)
+    with pytest.raises(ConfigFileError) as info:
+        load_config(path)
+    one_sentence_without_secret(str(info.value))
+    code, err = run_cli(capsys, "inventory", "--config", str(path))
+    assert code == ExitCode.USAGE
+
+
+@pytest.mark.parametrize("conn", [
+    f"DefaultEndpointsProtocol=http;AccountName=acct;AccountKey={ACCOUNT_KEY};EndpointSuffix=core.windows.net",
+    f"AccountName=acct;AccountKey={ACCOUNT_KEY};BlobEndpoint=http://acct.blob.core.windows.net",
+])
+def test_plain_http_to_an_account_through_a_connection_string_is_refused(tmp_path, capsys, monkeypatch, conn):
+    monkeypatch.setenv(CONN_ENV, conn)
+    path = write(tmp_path, PROD)
+    with pytest.raises(PolicyRefusal) as info:
+        load_config(path)
+    assert "source `az`" in str(info.value) and "plain HTTP" in str(info.value)
+    one_sentence_without_secret(str(info.value))
+    code, err = run_cli(capsys, "inventory", "--config", str(path))
+    assert code == ExitCode.REFUSED
+
+
+@pytest.mark.parametrize("field, url", [
+    ("sources.az.account_url", "http://acct.blob.core.windows.net\\@127.0.0.1:10000/acct"),
+    ("keys.kek.address", "http://bao.example.com\\@127.0.0.1:8200"),
+    ("keys.kek.address", "http://bao.example.com@127.0.0.1:8200"),
+])
+def test_a_url_whose_host_reads_two_ways_is_refused_in_the_config(tmp_path, field, url):
+    data = copy.deepcopy(LAB)
+    if field.startswith("sources"):
+        data["sources"]["az"] = {"kind": "azure_blob", "account_url": url, "sas_token_env": "EXITPLAN_TEST_SAS"}
+    else:
+        data["keys"]["kek"] = {"backend": "openbao", "address": url, "key_name": "k"}
+    with pytest.raises(ConfigFileError, match=field.replace(".", r"\.")):
+        load_config(write(tmp_path, data))
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("http://a.example\\@127.0.0.1/", "backslash"),
+    ("http://a.example@127.0.0.1/", "plain host"),
+    ("http://a.example%40127.0.0.1/", "plain host"),
+    ("http://127.0.0.1\t/", "control"),
+    ("https://s3.gra.io.cloud.ovh.net", None),
+    ("http://[::1]:10000/devstoreaccount1", None),
+])
+def test_ambiguous_urls(url, problem):
+    why = ambiguous_url(url)
+    assert (why is None) if problem is None else (problem in why)
+
+
+def test_malformed_connection_strings_name_the_part_never_a_value():
+    with pytest.raises(ConnectionStringError, match="part 2") as info:
+        blob_endpoints(f"AccountName=acct;{ACCOUNT_KEY.rstrip('=')}")  # a key pasted without its name
+    one_sentence_without_secret(str(info.value))
+    with pytest.raises(ConnectionStringError, match="only|without `BlobEndpoint`"):
+        blob_endpoints("AccountName=acct;BlobSecondaryEndpoint=https://acct-secondary.blob.core.windows.net")
