@@ -44,3 +44,41 @@ def ambiguous_url(url: str) -> str | None:
     if not _PLAIN_AUTHORITY.match(urlsplit(url).netloc):
         return "its host part is not a plain host name or IP address with an optional port (no user part, no `@`)"
     return None
+
+
+# Clouds under a jurisdiction outside the EU, by the domains their storage and KMS endpoints use.
+# The parent company decides: a European region, or a European subsidiary, of a provider seated in
+# the US or China is still reachable by that country's law (e.g. the US CLOUD Act), so every domain
+# of the group is listed, EU-branded ones included. Built in and not overridable: a provider
+# catalog file cannot make one of these hosts acceptable (the gate checks this list first).
+NON_EU_CLOUDS: dict[str, tuple[str, ...]] = {
+    "Amazon Web Services": ("amazonaws.com", "amazonaws.com.cn", "amazonaws.eu", "api.aws", "on.aws",
+                            "cloudfront.net", "awsglobalaccelerator.com", "amazon.com"),
+    "Google Cloud": ("googleapis.com", "googleusercontent.com", "appspot.com", "cloud.goog", "run.app",
+                     "google.com", "withgoogle.com"),
+    "Microsoft Azure": ("windows.net", "azure.com", "azure.net", "azureedge.net", "azurefd.net", "azurewebsites.net",
+                        "cloudapp.net", "microsoft.com", "chinacloudapi.cn", "usgovcloudapi.net"),
+    "Oracle Cloud": ("oraclecloud.com", "oraclecloud.eu", "oracle.com"),
+    "IBM Cloud": ("appdomain.cloud", "ibm.com", "softlayer.net", "bluemix.net"),
+    "Alibaba Cloud": ("aliyuncs.com", "alibabacloud.com", "aliyun.com"),
+    "DigitalOcean": ("digitaloceanspaces.com", "digitalocean.com", "ondigitalocean.app"),
+    "Cloudflare": ("cloudflarestorage.com", "r2.dev", "cloudflare.com", "workers.dev"),
+    "Backblaze": ("backblazeb2.com", "backblaze.com"),
+    "Wasabi": ("wasabisys.com",),
+    "Akamai (Linode)": ("linodeobjects.com", "linode.com", "akamai.com"),
+    "Vultr": ("vultrobjects.com", "vultr.com"),
+    "Tencent Cloud": ("myqcloud.com", "tencentcos.cn", "tencentcloudapi.com"),
+    "Huawei Cloud": ("myhuaweicloud.com", "huaweicloud.com"),
+}
+
+
+def non_eu_cloud(host: str | None) -> str | None:
+    """The name of the non-EU cloud `host` belongs to (itself or a subdomain of one of its
+    domains, see `NON_EU_CLOUDS`), or None."""
+    if not host:
+        return None
+    host = host.lower().rstrip(".")
+    for cloud, domains in NON_EU_CLOUDS.items():
+        if any(host == d or host.endswith("." + d) for d in domains):
+            return cloud
+    return None

@@ -5,11 +5,17 @@ Refused, each with a sentence saying which destination and why (exit code 3):
 - the lab's S3 server outside lab mode;
 - a region the provider does not have, or an endpoint host that is not a known host of that
   provider and region;
+- an endpoint host of a cloud outside the EU (`config.hosts.NON_EU_CLOUDS`), whatever the provider
+  catalog says of it (destinations and KMS endpoints; checked after the catalog's own checks so
+  their sentences stay the most precise);
 - plain HTTP, or TLS verification switched off, outside lab mode (sources included);
 - (`check_kek`) a `local` key-encryption key outside lab mode, a KMS reached over plain HTTP, or a
   provider KMS (OVHcloud KMS, Scaleway Key Manager) whose endpoint is not one of the catalogued KMS
   hosts of that provider, or whose provider is not under an allowed jurisdiction: the keys must be
   held where the data may be.
+
+A provider profile from `EXITPLAN_PROVIDERS_DIR` may add a provider, never replace a shipped one
+(`config.providers`); a verdict names the file it came from, with its SHA-256.
 """
 
 from __future__ import annotations
@@ -18,9 +24,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .hosts import is_loopback_host
 from .errors import ConfigFileError, PolicyRefusal
-from .providers import ProviderProfile, load_catalog
+from .hosts import is_loopback_host, non_eu_cloud
+from .providers import CatalogFile, ProviderProfile, added_profile, load_catalog
 
 if TYPE_CHECKING:
     from .models import LoadedConfig
@@ -35,6 +41,9 @@ class DestinationVerdict:
     region: str
     location: str
     bucket: str
+    # The provider's profile when it is not shipped with exitplan (from EXITPLAN_PROVIDERS_DIR):
+    # shown with the verdict wherever it is shown.
+    catalog_file: CatalogFile | None = None
 
 
 def _refuse(loaded: "LoadedConfig", what: str, why: str, fix: str) -> PolicyRefusal:
@@ -90,6 +99,9 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
                 f"(known: {', '.join(region.hosts)})",
                 "check `endpoint_url`",
             )
+        cloud = non_eu_cloud(dest.host)
+        if cloud:
+            raise _refuse(loaded, what, _non_eu_host(dest.host, cloud, profile.name), "check `endpoint_url`")
         if not loaded.lab_mode and dest.scheme != "https":
             raise _refuse(loaded, what, "plain HTTP is allowed only in the lab", "use an https:// `endpoint_url`")
         if not loaded.lab_mode and not dest.verify_tls:
@@ -99,7 +111,8 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
                 f"{loaded.path}: field `destinations.{name}.storage_class`: {profile.display_name} has no storage class "
                 f"{dest.storage_class!r} (known: {', '.join(profile.storage_classes)})"
             )
-        verdicts.append(DestinationVerdict(name, profile, dest.region, region.location, dest.bucket))
+        verdicts.append(DestinationVerdict(name, profile, dest.region, region.location, dest.bucket,
+                                           added_profile(profile.name)))
     if not loaded.lab_mode:
         for name, src in cfg.sources.items():
             if src.account_url and urlsplit(src.account_url).scheme != "https":
@@ -114,6 +127,11 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
                     "add a `keys` section (see docs/KEYS.md) or mark the dataset `public: true`",
                 )
     return verdicts
+
+
+def _non_eu_host(host: str, cloud: str, provider: str) -> str:
+    return (f"endpoint host `{host}` belongs to {cloud}, a cloud outside the EU, whatever the provider profile "
+            f"`{provider}` says of it (exitplan's built-in list, which no catalog file changes)")
 
 
 def check_kek(loaded: "LoadedConfig") -> None:
@@ -140,6 +158,11 @@ def check_kek(loaded: "LoadedConfig") -> None:
     field = {"openbao": "address", "ovhcloud-kms": "endpoint", "scaleway-kms": "api_url"}.get(kek.backend)
     if field:
         url = urlsplit(getattr(kek, field))
+        cloud = non_eu_cloud(url.hostname)
+        if cloud:
+            raise _refuse(loaded, what, f"`keys.kek.{field}` host `{url.hostname}` belongs to {cloud}, a cloud outside "
+                                        "the EU: the keys must be held where the data may be",
+                          "run the KMS under an allowed jurisdiction")
         if url.scheme != "https" and not (loaded.lab_mode and is_loopback_host(url.hostname)):
             raise _refuse(
                 loaded, what, "plain HTTP to a KMS is allowed only on loopback in the lab",

@@ -197,6 +197,7 @@ def summary_markdown(outcome: MigrateOutcome, gate: list[dict[str, str]], checke
     for g in gate:
         lines.append(f"| {g['dataset']} | {g['provider']} | {g['operator']} | {g['seat']} | **{g['jurisdiction']}** "
                      f"| {g['region']} | {g['bucket']} |")
+    lines += [f"\n**{profile}**" for profile in sorted({g.get("profile") for g in gate if g.get("profile")})]
     lines += ["", "## Who holds the keys", ""]
     by_holder: dict[str, list[str]] = {}
     for g in gate:

@@ -1,5 +1,6 @@
 """The sovereignty gate against inputs built to slip past it: connection strings the gate and the
-Azure SDK could read differently, URLs whose host Python and urllib3 read differently.
+Azure SDK could read differently, URLs whose host Python and urllib3 read differently, provider
+profiles from `EXITPLAN_PROVIDERS_DIR` that relabel a host, and hosts of clouds outside the EU.
 
 Each case is judged on the endpoint the request would really go to; a refusal is one sentence and
 the right exit code (2 for a configuration that cannot be read one way, 3 for a policy refusal).
@@ -8,6 +9,10 @@ the right exit code (2 for a configuration that cannot be read one way, 3 for a 
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +20,11 @@ import yaml
 
 from config.azure_connection import ConnectionStringError, blob_endpoints
 from config.errors import ConfigFileError, ExitCode, PolicyRefusal
-from config.hosts import ambiguous_url
+from config.hosts import NON_EU_CLOUDS, ambiguous_url, non_eu_cloud
 from config.lab import AZURITE_KEY
 from config.loader import load_config
+from config.policy import check_sovereignty
+from config.providers import added_profiles, load_catalog
 from flows.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,3 +189,124 @@ def test_malformed_connection_strings_name_the_part_never_a_value():
     one_sentence_without_secret(str(info.value))
     with pytest.raises(ConnectionStringError, match="only|without `BlobEndpoint`"):
         blob_endpoints("AccountName=acct;BlobSecondaryEndpoint=https://acct-secondary.blob.core.windows.net")
+
+
+# ---------------------------------------------------------------------------------------------
+# Provider profiles from EXITPLAN_PROVIDERS_DIR
+# ---------------------------------------------------------------------------------------------
+
+
+def providers_dir(tmp_path: Path, monkeypatch, **profiles: dict) -> Path:
+    extra = tmp_path / "providers"
+    extra.mkdir(exist_ok=True)
+    for name, profile in profiles.items():
+        (extra / f"{name}.yaml").write_text(yaml.safe_dump(profile), encoding="utf-8")
+    monkeypatch.setenv("EXITPLAN_PROVIDERS_DIR", str(extra))
+    return extra
+
+
+def shipped(name: str) -> dict:
+    return yaml.safe_load((REPO / f"config/providers/{name}.yaml").read_text(encoding="utf-8"))
+
+
+def aws_dest(provider: str, region: str = "gra", host: str = "s3.eu-west-3.amazonaws.com") -> dict:
+    data = copy.deepcopy(PROD)
+    data["sources"]["az"] = {"kind": "azure_blob", "account_url": "https://acct.blob.core.windows.net",
+                             "credential": "default"}
+    data["destinations"]["ovh"].update(provider=provider, region=region, endpoint_url=f"https://{host}")
+    return data
+
+
+def test_a_profile_may_not_replace_a_shipped_one(tmp_path, capsys, monkeypatch):
+    """A replacement `ovhcloud.yaml` pointing `gra` at an AWS host: refused before it is used."""
+    relabelled = shipped("ovhcloud")
+    relabelled["regions"]["gra"]["hosts"] = ["s3.eu-west-3.amazonaws.com"]
+    providers_dir(tmp_path, monkeypatch, ovhcloud=relabelled)
+    path = write(tmp_path, aws_dest("ovhcloud"))
+    with pytest.raises(PolicyRefusal) as info:
+        load_config(path)
+    assert "ovhcloud.yaml" in str(info.value) and "would replace exitplan's own provider profile `ovhcloud`" in str(info.value)
+    code, err = run_cli(capsys, "migrate", "--dry-run", "--config", str(path))
+    assert code == ExitCode.REFUSED and "would replace" in err
+
+
+def test_a_profile_replacing_a_shipped_one_is_refused_even_unused(tmp_path, monkeypatch):
+    # The lab's profile replaced, the configuration names only OVHcloud: the catalog is refused whole.
+    providers_dir(tmp_path, monkeypatch, lab=dict(shipped("lab")))
+    with pytest.raises(PolicyRefusal, match="`lab`"):
+        load_catalog()
+
+
+@pytest.mark.parametrize("host", ["s3.eu-west-3.amazonaws.com", "bucket.s3.amazonaws.com.", "storage.googleapis.com",
+                                  "acct.blob.core.windows.net", "objectstorage.eu-frankfurt-1.oraclecloud.com",
+                                  "s3.eu-de.cloud-object-storage.appdomain.cloud", "oss-eu-central-1.aliyuncs.com",
+                                  "fra1.digitaloceanspaces.com", "acct.r2.cloudflarestorage.com"])
+def test_a_new_provider_claiming_eu_for_a_non_eu_cloud_host_is_refused(tmp_path, capsys, monkeypatch, host):
+    claims_eu = dict(shipped("ionos"), name="eu-storage", display_name="EU Storage",
+                     regions={"gra": {"location": "Gravelines, France", "hosts": [host.rstrip(".")]}})
+    providers_dir(tmp_path, monkeypatch, **{"eu-storage": claims_eu})
+    path = write(tmp_path, aws_dest("eu-storage", host=host))
+    with pytest.raises(PolicyRefusal) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "destination `ovh`" in message and f"`{host}`" in message and "a cloud outside the EU" in message
+    assert non_eu_cloud(host) in message
+    code, err = run_cli(capsys, "inventory", "--config", str(path))
+    assert code == ExitCode.REFUSED
+
+
+def test_a_kms_on_a_non_eu_cloud_is_refused(tmp_path):
+    data = copy.deepcopy(PROD)
+    data["sources"]["az"] = {"kind": "azure_blob", "account_url": "https://acct.blob.core.windows.net",
+                             "credential": "default"}
+    data["keys"]["kek"]["address"] = "https://ec2-3-120-0-1.eu-central-1.compute.amazonaws.com:8200"
+    with pytest.raises(PolicyRefusal, match="keys.kek.address.*Amazon Web Services"):
+        load_config(write(tmp_path, data))
+
+
+def test_no_shipped_host_is_on_the_non_eu_list():
+    for profile in load_catalog().values():
+        for region in (*profile.regions.values(), *profile.kms_regions.values()):
+            assert not [h for h in region.hosts if non_eu_cloud(h)], profile.name
+    assert non_eu_cloud("amazonaws.com.evil.example") is None and non_eu_cloud("notamazonaws.com") is None
+    assert all(d == d.lower() and not d.startswith(".") for ds in NON_EU_CLOUDS.values() for d in ds)
+
+
+def test_an_added_profile_is_named_with_its_hash_in_the_verdict(tmp_path, monkeypatch):
+    cleura = dict(shipped("ionos"), name="cleura", display_name="Cleura", legal_seat="Karlskrona, Sweden",
+                  country="SE", regions={"sto2": {"location": "Stockholm", "hosts": ["s3-sto2.citycloud.com"]}})
+    extra = providers_dir(tmp_path, monkeypatch, cleura=cleura)
+    loaded = load_config(write(tmp_path, aws_dest("cleura", region="sto2", host="s3-sto2.citycloud.com")))
+    [verdict] = check_sovereignty(loaded)
+    digest = hashlib.sha256((extra / "cleura.yaml").read_bytes()).hexdigest()
+    assert verdict.catalog_file is not None and verdict.catalog_file.sha256 == digest
+    assert str((extra / "cleura.yaml").resolve()) in verdict.catalog_file.sentence()
+    assert digest in verdict.catalog_file.sentence()
+    assert [f.provider for f in added_profiles()] == ["cleura"]
+    monkeypatch.delenv("EXITPLAN_PROVIDERS_DIR")
+    assert added_profiles() == ()
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end: the installed command, as an operator runs it
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["migrate", "--dry-run"], ["migrate"]])
+def test_the_exitplan_command_refuses_a_relabelled_aws_host_with_exit_3(tmp_path, monkeypatch, command):
+    claims_eu = dict(shipped("ovhcloud"), name="ovhcloud-gra2", display_name="OVHcloud",
+                     regions={"gra": {"location": "Gravelines, France", "hosts": ["s3.eu-west-3.amazonaws.com"]}})
+    extra = providers_dir(tmp_path, monkeypatch, **{"ovhcloud-gra2": claims_eu})
+    data = aws_dest("ovhcloud-gra2")
+    data["state"] = {"path": str(tmp_path / "state")}
+    path = write(tmp_path, data)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AZURE_"))}
+    env.update(EXITPLAN_PROVIDERS_DIR=str(extra), PREFECT_SERVER_EPHEMERAL_ENABLED="false", DO_NOT_TRACK="1")
+    done = subprocess.run([str(Path(sys.executable).parent / "exitplan"), *command, "--config", str(path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == ExitCode.REFUSED, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    [sentence] = done.stderr.strip().splitlines()
+    assert "destination `ovh`" in sentence and "s3.eu-west-3.amazonaws.com" in sentence
+    assert "Amazon Web Services" in sentence
+    assert not (tmp_path / "state").exists()  # nothing was written: no state, no manifest
