@@ -169,6 +169,9 @@ class AzureBlobSource:
                 initial_backoff=retry_initial_backoff, increment_base=retry_increment_base,
                 retry_total=retry_total, random_jitter_range=retry_initial_backoff / 2,
             ),
+            # The Blob service never redirects; a redirect would send the next request, signed with
+            # the account key or carrying the SAS, to a host the sovereignty gate never judged.
+            "permit_redirects": False,
         }
 
     @classmethod

@@ -31,7 +31,7 @@ from urllib3.response import HTTPResponse
 
 from config.azure_connection import ConnectionStringError, blob_endpoints
 from connectors.azure_blob import AzureBlobSource, _PooledRequestsTransport
-from connectors.base import InvalidRequest, NotFound, SourceChanged, TransientError
+from connectors.base import ConnectorError, InvalidRequest, NotFound, SourceChanged, TransientError
 
 SDK = f"azure-storage-blob {version('azure-storage-blob')} (azure-core {version('azure-core')})"
 MOVED = ("{what} moved in " + SDK + ": connectors/azure_blob.py relies on it ({why}); adapt it, or keep "
@@ -252,3 +252,19 @@ def test_the_connector_refuses_a_client_aimed_elsewhere_than_the_string_was_judg
     with pytest.raises(ConfigError, match="not to 127.0.0.1:10000"):
         AzureBlobSource.from_connection_string(f"AccountName=acct;{KEY}", "claims")
     assert AzureBlobSource.from_connection_string(CONNECTION_STRING, "claims") is not None
+
+
+def test_a_redirect_from_the_blob_service_is_not_followed():
+    """A redirect would send the next request, signed with the account key, to a host the gate
+    never judged: the connector's clients refuse redirects (azure-core's `permit_redirects`)."""
+    service = BlobService(307, b"", {"Location": "https://elsewhere.example/claims/k"})
+    session = requests.Session()
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, service)
+    options = AzureBlobSource._client_options(4, 0, 0.1, 2, 5, 5)
+    options["transport"] = RequestsTransport(session=session, session_owner=False)
+    source = AzureBlobSource(ContainerClient.from_connection_string(CONNECTION_STRING, "claims", **options))
+    with pytest.raises(ConnectorError):
+        source.read_range("k", 0, 5)
+    assert [urlsplit(r.url).hostname for r in service.sent] == ["127.0.0.1"], MOVED.format(
+        what="azure-core's RedirectPolicy keyword permit_redirects", why="no request may follow a redirect")

@@ -310,3 +310,20 @@ def test_the_exitplan_command_refuses_a_relabelled_aws_host_with_exit_3(tmp_path
     assert "destination `ovh`" in sentence and "s3.eu-west-3.amazonaws.com" in sentence
     assert "Amazon Web Services" in sentence
     assert not (tmp_path / "state").exists()  # nothing was written: no state, no manifest
+
+
+def test_a_connection_string_changed_since_the_load_is_judged_again(tmp_path, monkeypatch):
+    """The variable (or block) is read again when the source opens: lab mode was decided on the
+    string read at load, so a string that now leaves loopback is refused before any request."""
+    from engine.endpoints import open_source
+
+    monkeypatch.setenv(CONN_ENV, f"AccountName=devstoreaccount1;AccountKey={ACCOUNT_KEY};BlobEndpoint={LOCAL}")
+    loaded = load_config(write(tmp_path, LAB))
+    assert loaded.lab_mode
+    monkeypatch.setenv(CONN_ENV, f"AccountName=acct;AccountKey={ACCOUNT_KEY};BlobEndpoint={REMOTE}")
+    with pytest.raises(PolicyRefusal, match="now names acct.blob.core.windows.net") as info:
+        open_source(loaded, "claims")
+    one_sentence_without_secret(str(info.value))
+    monkeypatch.setenv(CONN_ENV, f"BlobEndpoint={LOCAL};BLOBENDPOINT={REMOTE};AccountName=acct;AccountKey={ACCOUNT_KEY}")
+    with pytest.raises(ConfigFileError, match="`BlobEndpoint` twice"):
+        open_source(loaded, "claims")
