@@ -82,3 +82,30 @@ def non_eu_cloud(host: str | None) -> str | None:
         if any(host == d or host.endswith("." + d) for d in domains):
             return cloud
     return None
+
+
+def public_ip_literal(host: str | None) -> bool:
+    """True when `host` is a public IP address: it names no operator, so no catalog or list can
+    say whose network, or which jurisdiction, it is (private and loopback addresses are the
+    operator's own network)."""
+    try:
+        return bool(host) and ipaddress.ip_address(host.strip("[]")).is_global
+    except ValueError:
+        return False
+
+
+# PKCS#11 libraries that are clients of a cloud HSM service outside the EU: the key they hold is
+# in that cloud, whatever host the configuration names (a PKCS#11 module has no endpoint to judge).
+NON_EU_CLOUD_PKCS11_MODULES: dict[str, str] = {
+    "libcloudhsm_pkcs11": "AWS CloudHSM",
+    "libkmsp11": "Google Cloud KMS",
+}
+
+
+def non_eu_cloud_pkcs11_module(module: str) -> str | None:
+    """The cloud HSM service whose client library `module` (a path) is, or None."""
+    name = module.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    for stem, service in NON_EU_CLOUD_PKCS11_MODULES.items():
+        if name.startswith(stem):
+            return service
+    return None

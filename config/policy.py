@@ -7,7 +7,9 @@ Refused, each with a sentence saying which destination and why (exit code 3):
   provider and region;
 - an endpoint host of a cloud outside the EU (`config.hosts.NON_EU_CLOUDS`), whatever the provider
   catalog says of it (destinations and KMS endpoints; checked after the catalog's own checks so
-  their sentences stay the most precise);
+  their sentences stay the most precise), and, outside lab mode, a public IP address as a
+  destination or KMS host (it names no operator); a PKCS#11 module that is a non-EU cloud HSM's
+  client library;
 - plain HTTP, or TLS verification switched off, outside lab mode (sources included);
 - (`check_kek`) a `local` key-encryption key outside lab mode, a KMS reached over plain HTTP, or a
   provider KMS (OVHcloud KMS, Scaleway Key Manager) whose endpoint is not one of the catalogued KMS
@@ -25,7 +27,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from .errors import ConfigFileError, PolicyRefusal
-from .hosts import is_loopback_host, non_eu_cloud
+from .hosts import is_loopback_host, non_eu_cloud, non_eu_cloud_pkcs11_module, public_ip_literal
 from .providers import CatalogFile, ProviderProfile, added_profile, load_catalog
 
 if TYPE_CHECKING:
@@ -102,6 +104,9 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
         cloud = non_eu_cloud(dest.host)
         if cloud:
             raise _refuse(loaded, what, _non_eu_host(dest.host, cloud, profile.name), "check `endpoint_url`")
+        if not loaded.lab_mode and public_ip_literal(dest.host):
+            raise _refuse(loaded, what, f"endpoint host `{dest.host}` is a public IP address, which names no operator "
+                                        "the policy could judge", "use the provider's host name in `endpoint_url`")
         if not loaded.lab_mode and dest.scheme != "https":
             raise _refuse(loaded, what, "plain HTTP is allowed only in the lab", "use an https:// `endpoint_url`")
         if not loaded.lab_mode and not dest.verify_tls:
@@ -155,6 +160,10 @@ def check_kek(loaded: "LoadedConfig") -> None:
             "keep production keys in a KMS or HSM: set `keys.kek.backend` to openbao, pkcs11, ovhcloud-kms or "
             "scaleway-kms and run `exitplan keys rewrap` (see docs/KEYS.md)",
         )
+    if kek.backend == "pkcs11" and non_eu_cloud_pkcs11_module(kek.module):
+        raise _refuse(loaded, what, f"`keys.kek.module` {kek.module} is the client library of "
+                                    f"{non_eu_cloud_pkcs11_module(kek.module)}, a cloud HSM outside the EU: the keys "
+                                    "must be held where the data may be", "use an HSM under an allowed jurisdiction")
     field = {"openbao": "address", "ovhcloud-kms": "endpoint", "scaleway-kms": "api_url"}.get(kek.backend)
     if field:
         url = urlsplit(getattr(kek, field))
@@ -163,6 +172,9 @@ def check_kek(loaded: "LoadedConfig") -> None:
             raise _refuse(loaded, what, f"`keys.kek.{field}` host `{url.hostname}` belongs to {cloud}, a cloud outside "
                                         "the EU: the keys must be held where the data may be",
                           "run the KMS under an allowed jurisdiction")
+        if not loaded.lab_mode and public_ip_literal(url.hostname):
+            raise _refuse(loaded, what, f"`keys.kek.{field}` host `{url.hostname}` is a public IP address, which names "
+                                        "no operator the policy could judge", f"use the KMS's host name in `keys.kek.{field}`")
         if url.scheme != "https" and not (loaded.lab_mode and is_loopback_host(url.hostname)):
             raise _refuse(
                 loaded, what, "plain HTTP to a KMS is allowed only on loopback in the lab",

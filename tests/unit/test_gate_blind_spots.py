@@ -327,3 +327,40 @@ def test_a_connection_string_changed_since_the_load_is_judged_again(tmp_path, mo
     monkeypatch.setenv(CONN_ENV, f"BlobEndpoint={LOCAL};BLOBENDPOINT={REMOTE};AccountName=acct;AccountKey={ACCOUNT_KEY}")
     with pytest.raises(ConfigFileError, match="`BlobEndpoint` twice"):
         open_source(loaded, "claims")
+
+
+@pytest.mark.parametrize("host, refused", [("52.95.150.10", True), ("[2600:1f18::1]", True), ("10.20.0.5", False)])
+def test_a_public_ip_address_as_a_destination_is_refused(tmp_path, monkeypatch, host, refused):
+    """An added profile may list an address: a public one names no operator the policy could judge
+    (it may be any cloud's); a private one is the operator's own network."""
+    onprem = dict(shipped("ionos"), name="onprem", display_name="On premises",
+                  regions={"dc1": {"location": "Lyon, France", "hosts": [host.strip("[]")]}})
+    providers_dir(tmp_path, monkeypatch, onprem=onprem)
+    path = write(tmp_path, aws_dest("onprem", region="dc1", host=host))
+    if refused:
+        with pytest.raises(PolicyRefusal, match="public IP address"):
+            load_config(path)
+    else:
+        assert load_config(path).config.destinations["ovh"].host == host
+
+
+@pytest.mark.parametrize("kek, fragment", [
+    ({"backend": "openbao", "address": "https://52.95.150.10:8200", "key_name": "k"}, "public IP address"),
+    ({"backend": "pkcs11", "module": "/opt/cloudhsm/lib/libcloudhsm_pkcs11.so", "token_label": "t", "key_label": "k"},
+     "AWS CloudHSM"),
+    ({"backend": "pkcs11", "module": "/usr/local/lib/libkmsp11.so", "token_label": "t", "key_label": "k"},
+     "Google Cloud KMS"),
+])
+def test_keys_held_where_the_gate_cannot_judge_or_outside_the_eu_are_refused(tmp_path, kek, fragment):
+    data = aws_dest("ovhcloud", host="s3.gra.io.cloud.ovh.net")
+    data["keys"]["kek"] = kek
+    with pytest.raises(PolicyRefusal, match=fragment):
+        load_config(write(tmp_path, data))
+
+
+def test_an_hsm_or_kms_on_the_operators_own_network_passes(tmp_path):
+    data = aws_dest("ovhcloud", host="s3.gra.io.cloud.ovh.net")
+    for kek in ({"backend": "openbao", "address": "https://10.20.0.7:8200", "key_name": "k"},
+                {"backend": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "t", "key_label": "k"}):
+        data["keys"]["kek"] = kek
+        assert load_config(write(tmp_path, data)).config.keys.kek.backend == kek["backend"]
