@@ -66,7 +66,6 @@ class BlobEndpoints:
         return tuple(hosts)
 
 
-
 def _settings(conn_str: str) -> dict[str, str]:
     """The key/value pairs by upper-cased key, as the SDK builds them; a repeated key is refused."""
     parts = conn_str.rstrip(";").split(";")
