@@ -81,7 +81,8 @@ def _settings(conn_str: str) -> dict[str, str]:
             )
         upper = key.upper()
         if upper in settings:
-            also = f" (as `{spelled[upper]}` and `{key}`: the SDK ignores case in keys)" if spelled[upper] != key else ""
+            also = (f" (as `{spelled[upper]}` and `{key}`: the SDK ignores case in keys)"
+                    if spelled[upper] != key else "")
             raise ConnectionStringError(
                 f"the connection string sets `{spelled[upper]}` twice{also}: the Azure SDK would use the last one "
                 "and ignore the first; keep one"
@@ -110,7 +111,8 @@ def blob_endpoints(conn_str: str) -> BlobEndpoints:
         raise ConnectionStringError("the connection string sets `BlobSecondaryEndpoint` without `BlobEndpoint`; "
                                     "set `BlobEndpoint` too, or neither")
     elif all(k in settings for k in ("DEFAULTENDPOINTSPROTOCOL", "ACCOUNTNAME", "ENDPOINTSUFFIX")):
-        primary = f"{settings['DEFAULTENDPOINTSPROTOCOL']}://{settings['ACCOUNTNAME']}.blob.{settings['ENDPOINTSUFFIX']}"
+        protocol, account, suffix = (settings[k] for k in ("DEFAULTENDPOINTSPROTOCOL", "ACCOUNTNAME", "ENDPOINTSUFFIX"))
+        primary = f"{protocol}://{account}.blob.{suffix}"
     if not primary:
         if "ACCOUNTNAME" not in settings:
             raise ConnectionStringError("the connection string names no blob endpoint: set `BlobEndpoint`, or "

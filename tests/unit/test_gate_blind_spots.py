@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -364,3 +365,17 @@ def test_an_hsm_or_kms_on_the_operators_own_network_passes(tmp_path):
                 {"backend": "pkcs11", "module": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "t", "key_label": "k"}):
         data["keys"]["kek"] = kek
         assert load_config(write(tmp_path, data)).config.keys.kek.backend == kek["backend"]
+
+
+def test_the_flow_summary_names_an_added_profile():
+    """The flows' summary artifact shows the gate's rows; a row from an added profile names it."""
+    from flows.artifacts import MigrateOutcome, summary_markdown
+
+    result = SimpleNamespace(run_id=7, summaries=(), all_ok=True, key_holders={}, removed=(), audit=None,
+                             state_path="state.db")
+    outcome = MigrateOutcome("p", None, ["claims"], result, [], [], [], 1.0)
+    named = "provider profile `cleura` read from /etc/exitplan/cleura.yaml (SHA-256 ab12), not from exitplan's own catalog"
+    row = {"dataset": "claims", "destination": "ovh", "provider": "Cleura", "operator": "Cleura AB",
+           "seat": "Karlskrona", "jurisdiction": "EU", "region": "sto2 (Stockholm)", "bucket": "b", "profile": named}
+    assert f"**{named}**" in summary_markdown(outcome, [row], None).splitlines()
+    assert "provider profile" not in summary_markdown(outcome, [dict(row, profile="")], None)
