@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from .azure_connection import connection_string_blob_endpoint
 from .errors import ConfigFileError
 from .hosts import is_loopback_host
 from .lab import azurite_connection_string
@@ -200,19 +201,6 @@ def _pydantic_sentence(path: Path, exc: ValidationError) -> str:
     return f"{path}: field `{where}`: {msg}{more}"
 
 
-def connection_string_blob_endpoint(conn_str: str) -> str | None:
-    """The BlobEndpoint (or the endpoint implied by account + suffix) of an Azure connection string."""
-    parts = dict(p.split("=", 1) for p in conn_str.split(";") if "=" in p)
-    if "BlobEndpoint" in parts:
-        return parts["BlobEndpoint"]
-    if parts.get("UseDevelopmentStorage", "").lower() == "true":
-        return "http://127.0.0.1:10000/devstoreaccount1"
-    if "AccountName" in parts:
-        proto = parts.get("DefaultEndpointsProtocol", "https")
-        return f"{proto}://{parts['AccountName']}.blob.{parts.get('EndpointSuffix', 'core.windows.net')}"
-    return None
-
-
 def source_endpoint(src: AzureBlobSourceConfig, *, where=None, name: str = "") -> str | None:
     """The blob endpoint URL a source talks to: its `account_url`, else the one its connection
     string names (read from the environment variable, or the Prefect block, for that purpose
@@ -221,7 +209,8 @@ def source_endpoint(src: AzureBlobSourceConfig, *, where=None, name: str = "") -
         return src.account_url
     if src.connection_string_env or src.connection_string_block:
         conn = source_connection_string(src, where=where, name=name)
-        return connection_string_blob_endpoint(conn) if conn else None
+        field = f"sources.{name}.connection_string_{'block' if src.connection_string_block else 'env'}"
+        return connection_string_blob_endpoint(conn, where=where, source=name, field=field) if conn else None
     return None
 
 

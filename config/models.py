@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from .errors import ConfigFileError
+from .hosts import ambiguous_url
 from .secrets import AWS_CREDENTIALS, AZURE_BLOB_CREDENTIALS, SECRET, check_block_ref
 from .sizes import ByteSize
 
@@ -31,6 +32,18 @@ def _block_ref(*allowed: str, hint: str = ""):
 
 
 SecretBlockRef = _block_ref(SECRET)  # a Prefect Secret block: `secret/<name>`
+
+
+def _service_url(v: str, expected: str) -> str:
+    """`v` without its trailing `/`, if it is an http(s) URL whose host the gate and the HTTP
+    client read alike (`config.hosts.ambiguous_url`); else ValueError saying `expected`."""
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(expected)
+    why = ambiguous_url(v)
+    if why:
+        raise ValueError(f"{why}; {expected}")
+    return v.rstrip("/")
 
 _BOTH = "`{env}` and `{block}` are both set; a credential comes from an environment variable or a Prefect block, not both"
 
@@ -79,6 +92,12 @@ class AzureBlobSourceConfig(_Model):
     # account on 127.0.0.1 (port EXITPLAN_LAB_AZURITE_PORT, default 10000). For the lab only.
     emulator: Literal["azurite"] | None = None
     max_connections: int = Field(32, ge=1, le=1024)
+
+    @field_validator("account_url")
+    @classmethod
+    def _account_url(cls, v: str | None) -> str | None:
+        return None if v is None else _service_url(v, "expected the account's blob URL, such as "
+                                                       "https://ACCOUNT.blob.core.windows.net")
 
     @model_validator(mode="after")
     def _one_credential(self):
@@ -237,11 +256,9 @@ class _S3Endpoint(_Model):
     @classmethod
     def _url(cls, v: str) -> str:
         parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected a URL such as https://s3.gra.io.cloud.ovh.net")
-        if parts.path not in ("", "/") or parts.query or parts.username:
+        if parts.scheme in ("http", "https") and (parts.path not in ("", "/") or parts.query or parts.username):
             raise ValueError("expected the service endpoint only (scheme, host, optional port), no path, query or user")
-        return v.rstrip("/")
+        return _service_url(v, "expected a URL such as https://s3.gra.io.cloud.ovh.net")
 
     @property
     def host(self) -> str:
@@ -483,10 +500,7 @@ class OpenBaoKekConfig(_Model):
     @field_validator("address")
     @classmethod
     def _address(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected the server's URL, such as https://bao.example.eu:8200")
-        return v.rstrip("/")
+        return _service_url(v, "expected the server's URL, such as https://bao.example.eu:8200")
 
 
 class Pkcs11KekConfig(_Model):
@@ -531,10 +545,7 @@ class OvhKmsKekConfig(_Model):
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected the KMS's regional URL, such as https://eu-west-rbx.okms.ovh.net")
-        return v.rstrip("/")
+        return _service_url(v, "expected the KMS's regional URL, such as https://eu-west-rbx.okms.ovh.net")
 
 
 class ScalewayKmsKekConfig(_Model):
@@ -561,10 +572,7 @@ class ScalewayKmsKekConfig(_Model):
     @field_validator("api_url")
     @classmethod
     def _api_url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError("expected a URL such as https://api.scaleway.com")
-        return v.rstrip("/")
+        return _service_url(v, "expected a URL such as https://api.scaleway.com")
 
 
 KekConfig = Annotated[

@@ -5,11 +5,19 @@ Refused, each with a sentence saying which destination and why (exit code 3):
 - the lab's S3 server outside lab mode;
 - a region the provider does not have, or an endpoint host that is not a known host of that
   provider and region (for an SFTP destination: one of the provider's `sftp_regions` hosts);
+- an endpoint host of a cloud outside the EU (`config.hosts.NON_EU_CLOUDS`), whatever the provider
+  catalog says of it (destinations and KMS endpoints; checked after the catalog's own checks so
+  their sentences stay the most precise), and, outside lab mode, a public IP address as a
+  destination or KMS host (it names no operator); a PKCS#11 module that is a non-EU cloud HSM's
+  client library;
 - plain HTTP, or TLS verification switched off, outside lab mode (sources included);
 - (`check_kek`) a `local` key-encryption key outside lab mode, a KMS reached over plain HTTP, or a
   provider KMS (OVHcloud KMS, Scaleway Key Manager) whose endpoint is not one of the catalogued KMS
   hosts of that provider, or whose provider is not under an allowed jurisdiction: the keys must be
   held where the data may be.
+
+A provider profile from `EXITPLAN_PROVIDERS_DIR` may add a provider, never replace a shipped one
+(`config.providers`); a verdict names the file it came from, with its SHA-256.
 """
 
 from __future__ import annotations
@@ -18,9 +26,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from .hosts import is_loopback_host
 from .errors import ConfigFileError, PolicyRefusal
-from .providers import ProviderProfile, load_catalog
+from .hosts import is_loopback_host, non_eu_cloud, non_eu_cloud_pkcs11_module, public_ip_literal
+from .providers import CatalogFile, ProviderProfile, added_profile, load_catalog
 
 if TYPE_CHECKING:
     from .models import LoadedConfig
@@ -35,6 +43,9 @@ class DestinationVerdict:
     region: str
     location: str
     bucket: str
+    # The provider's profile when it is not shipped with exitplan (from EXITPLAN_PROVIDERS_DIR):
+    # shown with the verdict wherever it is shown.
+    catalog_file: CatalogFile | None = None
 
 
 def _refuse(loaded: "LoadedConfig", what: str, why: str, fix: str) -> PolicyRefusal:
@@ -93,6 +104,12 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
                 f"(known: {', '.join(region.hosts)})",
                 "check `endpoint_url`",
             )
+        cloud = non_eu_cloud(dest.host)
+        if cloud:
+            raise _refuse(loaded, what, _non_eu_host(dest.host, cloud, profile.name), "check `endpoint_url`")
+        if not loaded.lab_mode and public_ip_literal(dest.host):
+            raise _refuse(loaded, what, f"endpoint host `{dest.host}` is a public IP address, which names no operator "
+                                        "the policy could judge", "use the provider's host name in `endpoint_url`")
         if not loaded.lab_mode and dest.scheme != "https":
             raise _refuse(loaded, what, "plain HTTP is allowed only in the lab", "use an https:// `endpoint_url`")
         if not loaded.lab_mode and not dest.verify_tls:
@@ -102,7 +119,8 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
                 f"{loaded.path}: field `destinations.{name}.storage_class`: {profile.display_name} has no storage class "
                 f"{dest.storage_class!r} (known: {', '.join(profile.storage_classes)})"
             )
-        verdicts.append(DestinationVerdict(name, profile, dest.region, region.location, dest.bucket))
+        verdicts.append(DestinationVerdict(name, profile, dest.region, region.location, dest.bucket,
+                                           added_profile(profile.name)))
     if not loaded.lab_mode:
         for name, src in cfg.sources.items():
             if src.kind == "azure_blob" and src.account_url and urlsplit(src.account_url).scheme != "https":
@@ -141,7 +159,18 @@ def _check_sftp_destination(loaded: "LoadedConfig", name: str, dest, profile: Pr
             f"(known: {', '.join(region.hosts)})",
             "check `host`",
         )
-    return DestinationVerdict(name, profile, dest.region, region.location, dest.root)
+    cloud = non_eu_cloud(dest.host)
+    if cloud:
+        raise _refuse(loaded, what, _non_eu_host(dest.host, cloud, profile.name), "check `host`")
+    if not loaded.lab_mode and public_ip_literal(dest.host):
+        raise _refuse(loaded, what, f"host `{dest.host}` is a public IP address, which names no operator the policy "
+                                    "could judge", "use the provider's host name in `host`")
+    return DestinationVerdict(name, profile, dest.region, region.location, dest.root, added_profile(profile.name))
+
+
+def _non_eu_host(host: str, cloud: str, provider: str) -> str:
+    return (f"endpoint host `{host}` belongs to {cloud}, a cloud outside the EU, whatever the provider profile "
+            f"`{provider}` says of it (exitplan's built-in list, which no catalog file changes)")
 
 
 def check_kek(loaded: "LoadedConfig") -> None:
@@ -165,9 +194,21 @@ def check_kek(loaded: "LoadedConfig") -> None:
             "keep production keys in a KMS or HSM: set `keys.kek.backend` to openbao, pkcs11, ovhcloud-kms or "
             "scaleway-kms and run `exitplan keys rewrap` (see docs/KEYS.md)",
         )
+    if kek.backend == "pkcs11" and non_eu_cloud_pkcs11_module(kek.module):
+        raise _refuse(loaded, what, f"`keys.kek.module` {kek.module} is the client library of "
+                                    f"{non_eu_cloud_pkcs11_module(kek.module)}, a cloud HSM outside the EU: the keys "
+                                    "must be held where the data may be", "use an HSM under an allowed jurisdiction")
     field = {"openbao": "address", "ovhcloud-kms": "endpoint", "scaleway-kms": "api_url"}.get(kek.backend)
     if field:
         url = urlsplit(getattr(kek, field))
+        cloud = non_eu_cloud(url.hostname)
+        if cloud:
+            raise _refuse(loaded, what, f"`keys.kek.{field}` host `{url.hostname}` belongs to {cloud}, a cloud outside "
+                                        "the EU: the keys must be held where the data may be",
+                          "run the KMS under an allowed jurisdiction")
+        if not loaded.lab_mode and public_ip_literal(url.hostname):
+            raise _refuse(loaded, what, f"`keys.kek.{field}` host `{url.hostname}` is a public IP address, which names "
+                                        "no operator the policy could judge", f"use the KMS's host name in `keys.kek.{field}`")
         if url.scheme != "https" and not (loaded.lab_mode and is_loopback_host(url.hostname)):
             raise _refuse(
                 loaded, what, "plain HTTP to a KMS is allowed only on loopback in the lab",

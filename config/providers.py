@@ -2,23 +2,27 @@
 
 Provider quirks are data (STYLE.md #3): legal seat and jurisdiction, certifications, known endpoint
 hosts per region, part limits, addressing style, storage classes, SSE-C support, list prices.
-Adding a provider means adding a file; no code changes. Extra catalogs can be layered on top with
-`EXITPLAN_PROVIDERS_DIR` (a directory of the same YAML files; a file there replaces a shipped one
-of the same name).
+Adding a provider means adding a file; no code changes. Extra profiles can be layered on top with
+`EXITPLAN_PROVIDERS_DIR` (a directory of the same YAML files): they add providers, never replace a
+shipped one (refused, exit code 3), and each is named with its SHA-256 wherever its provider is shown
+(`CatalogFile`). Whatever a profile says, a host of a cloud outside the EU is refused by the gate
+(`config.hosts.NON_EU_CLOUDS`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigFileError
+from .errors import ConfigFileError, PolicyRefusal
 from .sizes import ByteSize
-from .yaml_files import load_yaml_file
+from .yaml_files import MAX_FILE_BYTES, parse_yaml
 
 CATALOG_DIR = Path(__file__).resolve().parent / "providers"
 
@@ -84,7 +88,6 @@ class ProviderProfile(_Strict):
                 return True
         return False
 
-
     def sftp_host_matches(self, host: str, region: str) -> bool:
         """True when `host` is one of the SFTP hosts of `region` (`*.` entries: one label below)."""
         host = host.lower().rstrip(".")
@@ -99,30 +102,98 @@ class ProviderProfile(_Strict):
         return False
 
 
-def _load_file(path: Path) -> ProviderProfile:
+def _load_file(path: Path) -> tuple[ProviderProfile, str]:
+    """The profile in `path`, read with the configuration's YAML rules (`config.yaml_files`), and
+    the SHA-256 (hex) of the bytes it was read from."""
     try:
-        profile = ProviderProfile.model_validate(load_yaml_file(path, "a provider profile"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigFileError(f"{path}: the provider profile disappeared while the catalog was read; run again") from None
+    except OSError as exc:
+        raise ConfigFileError(f"{path}: cannot read the provider profile ({exc.strerror or exc}); check its "
+                              "permissions") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigFileError(f"{path}: the provider profile is over {MAX_FILE_BYTES:,} bytes; a profile is a few "
+                              "hundred lines at most")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(f"{path}: the provider profile is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    try:
+        profile = ProviderProfile.model_validate(parse_yaml(text, path, "a provider profile"))
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
         raise ConfigFileError(f"{path}: field `{where}`: {err['msg']}") from None
     if profile.name != path.stem:
         raise ConfigFileError(f"{path}: `name` is {profile.name!r} but the file is named {path.stem!r}; make them equal")
-    return profile
+    return profile, hashlib.sha256(raw).hexdigest()
+
+
+@dataclass(frozen=True)
+class CatalogFile:
+    """A provider profile read from `EXITPLAN_PROVIDERS_DIR`, not shipped with exitplan.
+
+    Its facts (jurisdiction, hosts) are the operator's word, not exitplan's: wherever its provider
+    appears (the gate's verdict, the run summary, the audit manifest's `run_start`, the report) the
+    file is named with its SHA-256, so a reader can tell which facts were checked against what.
+    """
+
+    provider: str
+    path: str
+    sha256: str
+
+    def sentence(self) -> str:
+        return (f"provider profile `{self.provider}` read from {self.path} (SHA-256 {self.sha256}), "
+                "not from exitplan's own catalog")
+
+    def as_record(self) -> dict[str, str]:
+        return {"provider": self.provider, "file": self.path, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
+class Catalog:
+    profiles: dict[str, ProviderProfile]
+    added: dict[str, CatalogFile]  # by provider name: the profiles from EXITPLAN_PROVIDERS_DIR
 
 
 @lru_cache(maxsize=4)
-def _load_catalog(extra_dir: str | None) -> dict[str, ProviderProfile]:
-    catalog: dict[str, ProviderProfile] = {}
-    dirs = [CATALOG_DIR] + ([Path(extra_dir)] if extra_dir else [])
-    for directory in dirs:
-        for path in sorted(directory.glob("*.yaml")):
-            catalog[path.stem] = _load_file(path)
-    return catalog
+def _load_catalog(extra_dir: str | None) -> Catalog:
+    """The shipped profiles, then those of `extra_dir`, which may add providers but never replace
+    one: a replaced profile would change what the gate checks a destination against (its
+    jurisdiction, its hosts) while the configuration still names the same provider."""
+    catalog = {path.stem: _load_file(path)[0] for path in sorted(CATALOG_DIR.glob("*.yaml"))}
+    added: dict[str, CatalogFile] = {}
+    if extra_dir:
+        for path in sorted(Path(extra_dir).glob("*.yaml")):
+            if path.stem in catalog:
+                raise PolicyRefusal(
+                    f"{path} (in EXITPLAN_PROVIDERS_DIR) would replace exitplan's own provider profile "
+                    f"`{path.stem}`, which is refused: a profile from outside may add a provider, never change one; "
+                    f"give it another name (e.g. `{path.stem}-custom`, in `name` and the file name) and name that in "
+                    "the destinations' `provider`"
+                )
+            profile, sha256 = _load_file(path)
+            catalog[path.stem] = profile
+            added[path.stem] = CatalogFile(path.stem, str(path.resolve()), sha256)
+    return Catalog(catalog, added)
+
+
+def _catalog() -> Catalog:
+    return _load_catalog(os.environ.get("EXITPLAN_PROVIDERS_DIR") or None)
 
 
 def load_catalog() -> dict[str, ProviderProfile]:
     """Every provider profile, by name (shipped catalog plus `EXITPLAN_PROVIDERS_DIR`)."""
-    return _load_catalog(os.environ.get("EXITPLAN_PROVIDERS_DIR") or None)
+    return _catalog().profiles
+
+
+def added_profiles() -> tuple[CatalogFile, ...]:
+    """The profiles read from `EXITPLAN_PROVIDERS_DIR` (none without it), by provider name."""
+    added = _catalog().added
+    return tuple(added[name] for name in sorted(added))
+
+
+def added_profile(provider: str) -> CatalogFile | None:
+    """Where `provider`'s profile came from when it is not shipped with exitplan, else None."""
+    return _catalog().added.get(provider)

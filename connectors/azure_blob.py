@@ -34,6 +34,8 @@ from azure.core.pipeline.transport import RequestsTransport
 from azure.storage.blob import BlobProperties, BlobServiceClient, ContainerClient, ExponentialRetry
 from azure.storage.blob._generated.models import ModifiedAccessConditions
 
+from config.azure_connection import ConnectionStringError, blob_endpoints
+
 from .base import (
     AuthError,
     ConfigError,
@@ -167,6 +169,9 @@ class AzureBlobSource:
                 initial_backoff=retry_initial_backoff, increment_base=retry_increment_base,
                 retry_total=retry_total, random_jitter_range=retry_initial_backoff / 2,
             ),
+            # The Blob service never redirects; a redirect would send the next request, signed with
+            # the account key or carrying the SAS, to a host the sovereignty gate never judged.
+            "permit_redirects": False,
         }
 
     @classmethod
@@ -183,16 +188,30 @@ class AzureBlobSource:
         connection_timeout: float = 20,
         read_timeout: float = 60,
     ) -> "AzureBlobSource":
-        """A source for `container` of the account a connection string names (Azurite, or a key)."""
+        """A source for `container` of the account a connection string names (Azurite, or a key).
+
+        The string is read by `config.azure_connection` first (a repeated key is refused there), and
+        the client the SDK builds must talk to the host that reading found: lab mode and the
+        sovereignty gate were decided on it."""
         options = cls._client_options(max_connections, retry_total, retry_initial_backoff, retry_increment_base,
                                       connection_timeout, read_timeout)
         try:
+            expected = urlsplit(blob_endpoints(conn_str).primary)
             service = BlobServiceClient.from_connection_string(conn_str, **options)
+        except ConnectionStringError as exc:
+            raise ConfigError(f"azure: unusable connection string for container {container!r}: {exc}") from None
         except (ValueError, AzureError) as exc:
             # Never echo the connection string: it holds the account key.
             raise ConfigError(
                 f"azure: unusable connection string for container {container!r}: {type(exc).__name__}"
             ) from None
+        used = urlsplit(service.primary_endpoint)
+        if (used.hostname, used.port) != (expected.hostname, expected.port):
+            raise ConfigError(
+                f"azure: the SDK would send container {container!r}'s requests to {used.hostname}:{used.port}, not to "
+                f"{expected.hostname}:{expected.port} where the connection string was judged; refusing (an Azure SDK "
+                "change: see config/azure_connection.py)"
+            )
         return cls(service.get_container_client(container), page_size=page_size)
 
     @classmethod

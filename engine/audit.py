@@ -22,6 +22,11 @@ Every record carries:
 - ``prev``: the SHA-256 (hex) of the previous line's bytes (without its newline); null on the first;
 - ``time``: when it was written (UTC, ISO 8601, ``Z``).
 
+A ``run_start`` names the command, the project and the datasets; when provider profiles were read
+from ``EXITPLAN_PROVIDERS_DIR`` (not shipped with exitplan, so their jurisdiction and hosts are the
+operator's word), it lists each under ``provider_profiles_added``: ``provider``, ``file`` (its
+absolute path) and ``sha256`` (of the bytes read).
+
 A ``run_end`` record is signed with the project's Ed25519 audit key (`engine.keys`): ``signature``
 is the base64 of the Ed25519 signature over the canonical line of the record *without* its
 ``signature`` field. Because each record names the hash of the one before, a ``run_end``
@@ -78,6 +83,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from config.errors import ExitCode, UserError
+from config.providers import added_profiles
 from engine import state as st
 from engine.private_files import open_private, private_directory
 from engine.state import writing_file
@@ -778,8 +784,11 @@ class RunAudit:
             self.run_id = state.start_run(command, loaded.path)
             self.first_seq = self.manifest.seq
             self.started = _now()
+            # Provider profiles from EXITPLAN_PROVIDERS_DIR: their facts are the operator's, not exitplan's.
+            added = [f.as_record() for f in added_profiles()]
             self.manifest.append({"type": RUN_START, "run": self.run_id, "command": command,
-                                  "project": loaded.config.project, "datasets": self.datasets, **details})
+                                  "project": loaded.config.project, "datasets": self.datasets,
+                                  **({"provider_profiles_added": added} if added else {}), **details})
             if exclusive or not state.shared:
                 seen = {u.run for u in unfinished}
                 unfinished += [UnfinishedRun(r.id, r.command, iso(r.started_at), None, None)

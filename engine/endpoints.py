@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from config.errors import ConfigFileError
+from config.azure_connection import connection_string_blob_endpoint
+from config.errors import ConfigFileError, PolicyRefusal
+from config.hosts import is_loopback_host
 from config.lab import LAB_S3_ACCESS_KEY, LAB_S3_SECRET_KEY
 from config.loader import source_connection_string
 from config.models import LoadedConfig, S3Credentials, SftpDestinationConfig, SftpSourceConfig
@@ -80,6 +83,21 @@ def open_sftp(loaded: LoadedConfig, field: str, cfg: SftpSourceConfig | SftpDest
                      pin, limits=limits, connections=cfg.connections, label=label or f"sftp:{cfg.host}:{cfg.port}{path}")
 
 
+def check_connection_string_unchanged(loaded: LoadedConfig, source: str, conn: str) -> None:
+    """Judge the connection string read now as the loader judged the one it read: the variable or
+    the block may have changed since (a worker process, a block edited mid-run). A string that now
+    leaves loopback in lab mode is a `PolicyRefusal` (exit 3), before any request."""
+    src = loaded.config.sources[source]
+    field = f"sources.{source}.connection_string_{'block' if src.connection_string_block else 'env'}"
+    endpoint = connection_string_blob_endpoint(conn, where=loaded.path, source=source, field=field)
+    host = urlsplit(endpoint).hostname
+    if loaded.lab_mode and not is_loopback_host(host):
+        raise PolicyRefusal(
+            f"source `{source}` in {loaded.path} is refused: its connection string ({field}) now names {host}, off "
+            "loopback, while the configuration was loaded in lab mode; load it again (run the command again)"
+        )
+
+
 def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
     """The Azure container, SFTP directory or S3 bucket a dataset reads from."""
     from connectors.azure_blob import AzureBlobSource
@@ -108,6 +126,7 @@ def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
         conn = source_connection_string(src, where=loaded, name=name)
         if not conn:
             read_env(loaded, f"sources.{name}.connection_string_env", src.connection_string_env)  # raises: not set
+        check_connection_string_unchanged(loaded, name, conn)
         return AzureBlobSource.from_connection_string(conn, ds.container, max_connections=pool)
     if src.sas_token_env or src.sas_token_block:
         field = f"sources.{name}.sas_token_{'block' if src.sas_token_block else 'env'}"

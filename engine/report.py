@@ -344,6 +344,9 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
     allowed = ", ".join(cfg.policy.allowed_jurisdictions)
     parts.append(f'<p class="sub">Every destination passed the sovereignty policy (allowed jurisdictions: {_E(allowed)}) '
                  "when this report was written.</p>")
+    used = {verdicts[cfg.datasets[d].destination].catalog_file for d in datasets} - {None}
+    parts += [f'<p class="warn">{_E(f.sentence())}: its jurisdiction and hosts are the operator\'s word.</p>'
+              for f in sorted(used, key=lambda f: f.provider)]
 
     parts.append("<h2>Charts</h2><div class=\"charts\">")
     parts.append('<div class="chart"><h3>Bytes moved over time (plaintext, cumulative)</h3>'

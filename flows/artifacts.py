@@ -197,6 +197,9 @@ def summary_markdown(outcome: MigrateOutcome, gate: list[dict[str, str]], checke
     for g in gate:
         lines.append(f"| {g['dataset']} | {g['provider']} | {g['operator']} | {g['seat']} | **{g['jurisdiction']}** "
                      f"| {g['region']} | {g['bucket']} |")
+    # A provider profile from EXITPLAN_PROVIDERS_DIR: its facts are the operator's, named with the file's hash.
+    for profile in sorted({g["profile"] for g in gate if g.get("profile")}):
+        lines += ["", f"**{profile}**"]
     lines += ["", "## Who holds the keys", ""]
     by_holder: dict[str, list[str]] = {}
     for g in gate:

@@ -11,6 +11,7 @@ from pathlib import Path
 from config.errors import ExitCode, UserError
 from config.loader import load_config
 from config.models import LoadedConfig
+from config.policy import check_sovereignty
 from config.sizes import format_size
 from flows import keys_cli, lab
 from flows.progress import ProgressDisplay
@@ -164,6 +165,9 @@ def _dry_run(loaded: LoadedConfig, datasets: list[str]) -> int:
 
     summaries = plan(loaded, datasets, show)
     print()
+    for verdict in check_sovereignty(loaded):
+        if verdict.catalog_file and any(loaded.config.datasets[d].destination == verdict.name for d in datasets):
+            print(f"destination `{verdict.name}`: {verdict.catalog_file.sentence()}")
     print_table(
         ["dataset", "objects", "size", "written", "requests", "multipart", "skipped", "refused", "destination"],
         [[s.dataset, f"{s.objects:,}", format_size(s.bytes), format_size(s.output_bytes), f"{s.parts:,}",
@@ -201,9 +205,12 @@ def print_migration_summary(result) -> None:
         v = result.destinations[s.dataset]
         by_place.setdefault((v.name, v.bucket, v.region, v.location), []).append(s.dataset)
     for (name, bucket, region, location), datasets in by_place.items():
-        p = result.destinations[datasets[0]].provider
+        v = result.destinations[datasets[0]]
+        p = v.provider
         print(f"  {', '.join(datasets)} -> bucket {bucket} at {p.display_name}, region {region} ({location}); "
               f"operated by {p.legal_entity}, {p.legal_seat}; jurisdiction {p.jurisdiction}")
+        if v.catalog_file:
+            print(f"    {v.catalog_file.sentence()}")
     print("who holds the keys:")
     by_holder: dict[str, list[str]] = {}
     for s in result.summaries:

@@ -47,6 +47,8 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from config.azure_connection import blob_endpoints
+from config.hosts import is_loopback_host
 from config.lab import LAB_DELIVERIES
 from connectors.base import ConnectorError, ContentSettings
 
@@ -678,20 +680,11 @@ def ensure_lab_buckets(
 def emulator_blob_endpoint(connection_string: str) -> str:
     """The blob endpoint a connection string points at, if it is a local emulator; else ValueError.
 
-    Seeding overwrites `claims`, `stays` and `imaging`: it must never reach a real account.
+    Seeding overwrites `claims`, `stays` and `imaging`: it must never reach a real account. The
+    endpoint is the one the Azure SDK will use (`config.azure_connection`).
     """
-    parts: dict[str, str] = {}
-    for item in connection_string.split(";"):
-        if "=" in item:
-            k, v = item.split("=", 1)
-            parts[k.strip().lower()] = v.strip()
-    if parts.get("usedevelopmentstorage", "").lower() == "true":
-        return "http://127.0.0.1:10000/devstoreaccount1"
-    endpoint = parts.get("blobendpoint")
-    if not endpoint:
-        account = parts.get("accountname", "?")
-        raise ValueError(f"the connection string names account {account!r} on Azure, not a local emulator")
-    host = urlsplit(endpoint).hostname or ""
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        raise ValueError(f"the connection string's BlobEndpoint {endpoint} is not on loopback (127.0.0.1)")
+    endpoint = blob_endpoints(connection_string).primary
+    if not is_loopback_host(urlsplit(endpoint).hostname):
+        raise ValueError(f"the connection string's blob endpoint {endpoint} is not on loopback (127.0.0.1): it names "
+                         "an Azure account, not a local emulator")
     return endpoint

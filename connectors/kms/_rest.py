@@ -4,6 +4,8 @@ text, which names no secret."""
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import requests
 
 from .base import KekAuthError, KekError, KekUnavailable, KekWrongKey
@@ -11,7 +13,9 @@ from .base import KekAuthError, KekError, KekUnavailable, KekWrongKey
 
 def post_json(session: requests.Session, url: str, body: dict, *, where: str, op: str, timeout: float = 15.0) -> dict:
     try:
-        resp = session.post(url, json=body, timeout=timeout)
+        # Never follow a redirect: the body holds the key material (a keyset to wrap) and the
+        # headers the credentials, and the sovereignty gate judged only the configured host.
+        resp = session.post(url, json=body, timeout=timeout, allow_redirects=False)
     except requests.exceptions.SSLError:
         raise KekUnavailable(f"{where}: TLS failed on {op} (server certificate or client certificate); check the endpoint and the certificate files") from None
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
@@ -23,6 +27,13 @@ def post_json(session: requests.Session, url: str, body: dict, *, where: str, op
             return resp.json()
         except ValueError:
             raise KekError(f"{where}: {op} answered HTTP {resp.status_code} without JSON; check the endpoint URL") from None
+    if resp.is_redirect:
+        target = urlsplit(resp.headers.get("Location", "")).hostname or "another address"
+        raise KekError(
+            f"{where}: {op} answered with a redirect (HTTP {resp.status_code}) to {target}, which exitplan does not "
+            "follow (the request holds key material and credentials, and only the configured host was checked); "
+            "configure the endpoint that answers itself"
+        )
     detail = _error_text(resp)
     if resp.status_code in (401, 403):
         raise KekAuthError(f"{where} refused our credentials on {op} (HTTP {resp.status_code}{detail}); check the credentials and the key's permissions")

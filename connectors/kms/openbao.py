@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hmac
 import re
+from urllib.parse import urlsplit
 
 import hvac
 import hvac.exceptions as hvac_errors
@@ -45,6 +46,20 @@ def ciphertext_version(ciphertext: bytes) -> int | None:
     """The transit key version a ciphertext was made with (`vault:vN:…`), or None."""
     m = _VERSION.match(ciphertext)
     return int(m.group(1)) if m else None
+
+
+class RedirectRefused(requests.exceptions.RequestException):
+    """OpenBao answered with a redirect, which is never followed."""
+
+    def __init__(self, status: int, target: str):
+        super().__init__(f"HTTP {status} redirect to {target}")
+        self.status, self.target = status, target
+
+
+def _refuse_redirect(response: requests.Response, *args, **kwargs) -> None:
+    if response.is_redirect:
+        raise RedirectRefused(response.status_code, urlsplit(response.headers.get("Location", "")).hostname
+                              or "another address")
 
 
 class OpenBaoKek(aead.Aead):
@@ -66,7 +81,14 @@ class OpenBaoKek(aead.Aead):
         self.mount = mount.strip("/")
         self.key_name = key_name
         self.token_from = token_from  # where the token came from, for messages: `$VAULT_TOKEN`, a Prefect block
-        self._client = hvac.Client(url=self.address, token=token, namespace=namespace, verify=verify, timeout=timeout)
+        # No redirects: a standby's redirect to the active node would carry the token and the
+        # keyset to a host the sovereignty gate never judged (point `address` at the active node,
+        # or let standbys forward requests, OpenBao's default). hvac hands a 3xx back as if it
+        # were an answer, so the session's hook stops it.
+        session = requests.Session()
+        session.hooks["response"].append(_refuse_redirect)
+        self._client = hvac.Client(url=self.address, token=token, namespace=namespace, verify=verify, timeout=timeout,
+                                   allow_redirects=False, session=session)
         self._aead = hcvault.new_aead(f"{self.mount}/keys/{self.key_name}", self._client)
         self._checked = False
 
@@ -142,6 +164,12 @@ class OpenBaoKek(aead.Aead):
     def _translate(self, exc: BaseException, op: str) -> KekError:
         cause = exc.args[0] if isinstance(exc, tink.TinkError) and exc.args else exc
         where = self.describe()
+        if isinstance(cause, RedirectRefused):
+            return KekError(
+                f"{where}: {op} answered with a redirect (HTTP {cause.status}) to {cause.target}, which exitplan does "
+                "not follow (the request holds the token and key material, and only `keys.kek.address` was checked); "
+                "point `keys.kek.address` at the active node, or let standby nodes forward requests"
+            )
         if isinstance(cause, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
             return KekUnavailable(
                 f"{where} is unreachable ({type(cause).__name__}); check that the server runs and `keys.kek.address`"

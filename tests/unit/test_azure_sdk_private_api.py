@@ -4,7 +4,9 @@
 (`BlobClient._client.blob.download` with `azure.storage.blob._generated.models.ModifiedAccessConditions`)
 so that a range streams straight into one buffer of its exact size: the public `download_blob`
 holds each range twice, outside the engine's memory budget. Its connection pool is sized through
-azure-core's `RequestsTransport._init_session` hook. None of these is public API, so pyproject.toml
+azure-core's `RequestsTransport._init_session` hook. Lab mode and the sovereignty gate read a
+connection string with config/azure_connection.py, which restates the SDK's parsing rules (config
+imports no SDK). None of these is public API, so pyproject.toml
 bounds azure-storage-blob to the versions they are known to work with, and these tests fail, each
 with a sentence naming what moved, on the first SDK version where they do not. Raise the bound only
 with these tests green.
@@ -18,16 +20,18 @@ import gzip
 import inspect
 import io
 from importlib.metadata import version
+from urllib.parse import urlsplit
 
 import pytest
 import requests
 from azure.core.pipeline.transport import RequestsTransport
-from azure.storage.blob import ContainerClient, ExponentialRetry
+from azure.storage.blob import BlobServiceClient, ContainerClient, ExponentialRetry
 from requests.structures import CaseInsensitiveDict
 from urllib3.response import HTTPResponse
 
+from config.azure_connection import ConnectionStringError, blob_endpoints
 from connectors.azure_blob import AzureBlobSource, _PooledRequestsTransport
-from connectors.base import InvalidRequest, NotFound, SourceChanged, TransientError
+from connectors.base import ConnectorError, InvalidRequest, NotFound, SourceChanged, TransientError
 
 SDK = f"azure-storage-blob {version('azure-storage-blob')} (azure-core {version('azure-core')})"
 MOVED = ("{what} moved in " + SDK + ": connectors/azure_blob.py relies on it ({why}); adapt it, or keep "
@@ -153,3 +157,114 @@ def test_the_connection_pool_is_sized_through_azure_cores_session_hook():
                 what="the adapter RequestsTransport._init_session mounts (urllib3 retries off)", why=why)
     finally:
         transport.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection strings: config/azure_connection.py and the SDK must find the same endpoint
+# ---------------------------------------------------------------------------------------------
+
+KEY = "AccountKey=eA=="
+# Every shape of connection string the parser reads, none with a repeated key or a refused URL.
+CONNECTION_STRINGS = [
+    CONNECTION_STRING,
+    "UseDevelopmentStorage=true",
+    f"UseDevelopmentStorage=True;AccountName=acct;{KEY}",  # only `true` means the emulator
+    f"DefaultEndpointsProtocol=http;AccountName=acct;{KEY};EndpointSuffix=core.windows.net",
+    f"DefaultEndpointsProtocol=http;AccountName=acct;{KEY}",  # no suffix: https, whatever the protocol says
+    f"AccountName=acct;{KEY};EndpointSuffix=core.chinacloudapi.cn",
+    f"AccountName=acct;{KEY}",
+    f"AccountName=acct;{KEY};BlobEndpoint=",  # empty: as if absent
+    f"accountname=acct;accountkey=eA==;blobendpoint=https://other.blob.core.windows.net;",  # keys ignore case
+    f"AccountName=acct;{KEY};BlobEndpoint=127.0.0.1:10000/acct",  # no scheme: https
+    f"AccountName=acct;{KEY};BlobEndpoint=HTTP://127.0.0.1:10000/acct",
+    f"AccountName=acct;{KEY};BlobEndpo\u0131nt=http://127.0.0.1:10000/acct",  # dotless ı upper-cases to I
+    f"AccountName=acct;{KEY}; BlobEndpoint=http://127.0.0.1:10000/acct",  # a key with a space is another key
+    f"AccountName=acct;{KEY};BlobEndpoint=https://acct.blob.core.windows.net;"
+    "BlobSecondaryEndpoint=https://acct-secondary.blob.core.windows.net",
+    "AccountName=acct;SharedAccessSignature=sv=2024-01-01&sig=x;BlobEndpoint=http://[::1]:10000/acct",
+    f"AccountName=acct;{KEY};;",
+]
+# What the SDK refuses, the parser refuses too (and what it accepts, the parser does not refuse
+# for being malformed: see CONNECTION_STRINGS).
+REFUSED_BY_BOTH = ["", ";", f"AccountName=acct;{KEY};;BlobEndpoint=https://x.example", "AccountKey=eA==",
+                   f"AccountName=acct;{KEY};BlobSecondaryEndpoint=https://acct-secondary.blob.core.windows.net"]
+
+
+def _host(url: str | None) -> tuple[str | None, int | None]:
+    if not url:
+        return None, None
+    parts = urlsplit(url if "//" in url else "//" + url)
+    return parts.hostname, parts.port
+
+
+@pytest.mark.parametrize("conn", CONNECTION_STRINGS)
+def test_a_connection_string_is_read_as_the_sdk_reads_it(conn):
+    why = "lab mode and the gate are decided on the endpoint config/azure_connection.py reads from a connection string"
+    ours = blob_endpoints(conn)
+    service = BlobServiceClient.from_connection_string(conn)
+    used = urlsplit(service.primary_endpoint)
+    mine = urlsplit(ours.primary)
+    assert (mine.scheme.lower(), mine.hostname, mine.port) == (used.scheme, used.hostname, used.port), \
+        MOVED.format(what="the SDK's reading of a connection string's blob endpoint (parse_connection_str)", why=why)
+    if ours.secondary:
+        assert _host(ours.secondary) == _host(service.secondary_hostname), \
+            MOVED.format(what="the SDK's reading of a connection string's BlobSecondaryEndpoint", why=why)
+
+
+def test_the_connectors_clients_never_read_from_a_secondary_endpoint():
+    """The parser leaves out the secondary host the SDK derives for an account on Azure: exitplan's
+    clients never send a request there (no retry to the secondary, the primary location mode)."""
+    why = "lab mode is decided on the primary endpoint alone"
+    options = AzureBlobSource._client_options(4, 4, 1.0, 2, 20, 60)
+    assert options["retry_policy"].retry_to_secondary is False, \
+        MOVED.format(what="ExponentialRetry's retry_to_secondary default", why=why)
+    service = BlobServiceClient.from_connection_string(CONNECTION_STRING, **options)
+    assert service.location_mode == "primary", MOVED.format(what="the clients' default location mode", why=why)
+
+
+@pytest.mark.parametrize("conn", REFUSED_BY_BOTH)
+def test_a_connection_string_the_sdk_refuses_is_refused(conn):
+    with pytest.raises(ValueError):
+        BlobServiceClient.from_connection_string(conn)
+    with pytest.raises(ConnectionStringError):
+        blob_endpoints(conn)
+
+
+def test_the_sdk_keeps_the_last_of_a_repeated_key_which_is_why_a_repeat_is_refused():
+    conn = f"BlobEndpoint=http://127.0.0.1:10000/acct;AccountName=acct;{KEY};BLOBENDPOINT=https://acct.blob.core.windows.net"
+    used = urlsplit(BlobServiceClient.from_connection_string(conn).primary_endpoint)
+    assert used.hostname == "acct.blob.core.windows.net", MOVED.format(
+        what="which of a repeated connection-string key the SDK keeps",
+        why="config/azure_connection.py documents that it keeps the last")
+    with pytest.raises(ConnectionStringError, match="`BlobEndpoint` twice"):
+        blob_endpoints(conn)
+
+
+def test_the_connector_refuses_a_client_aimed_elsewhere_than_the_string_was_judged(monkeypatch):
+    """The run-time check in `AzureBlobSource.from_connection_string`: were the SDK ever to read a
+    string otherwise, the source is refused before any request."""
+    import config.azure_connection as parser
+    from connectors import azure_blob
+    from connectors.base import ConfigError
+
+    judged = parser.BlobEndpoints("http://127.0.0.1:10000/devstoreaccount1", None)
+    monkeypatch.setattr(azure_blob, "blob_endpoints", lambda conn: judged)
+    with pytest.raises(ConfigError, match="not to 127.0.0.1:10000"):
+        AzureBlobSource.from_connection_string(f"AccountName=acct;{KEY}", "claims")
+    assert AzureBlobSource.from_connection_string(CONNECTION_STRING, "claims") is not None
+
+
+def test_a_redirect_from_the_blob_service_is_not_followed():
+    """A redirect would send the next request, signed with the account key, to a host the gate
+    never judged: the connector's clients refuse redirects (azure-core's `permit_redirects`)."""
+    service = BlobService(307, b"", {"Location": "https://elsewhere.example/claims/k"})
+    session = requests.Session()
+    for scheme in ("http://", "https://"):
+        session.mount(scheme, service)
+    options = AzureBlobSource._client_options(4, 0, 0.1, 2, 5, 5)
+    options["transport"] = RequestsTransport(session=session, session_owner=False)
+    source = AzureBlobSource(ContainerClient.from_connection_string(CONNECTION_STRING, "claims", **options))
+    with pytest.raises(ConnectorError):
+        source.read_range("k", 0, 5)
+    assert [urlsplit(r.url).hostname for r in service.sent] == ["127.0.0.1"], MOVED.format(
+        what="azure-core's RedirectPolicy keyword permit_redirects", why="no request may follow a redirect")

@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from config.models import ScalewayKmsKekConfig
-from connectors.kms import KekAuthError, KekUnavailable, KekWrongKey, open_kek
+from connectors.kms import KekAuthError, KekError, KekUnavailable, KekWrongKey, open_kek
 from connectors.kms.ovhcloud import OvhKmsKek, okms_context
 from connectors.kms.scaleway import ScalewayKmsKek
 
@@ -47,6 +47,8 @@ class FakeKms:
                 status, answer = fake.handle(self.path, dict(self.headers), body)
                 data = json.dumps(answer).encode()
                 self.send_response(status)
+                if 300 <= status < 400:
+                    self.send_header("Location", f"{fake.url}/elsewhere{self.path}")
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -169,3 +171,50 @@ def test_ovhcloud_errors(fake):
     fake.force_status = 429
     with pytest.raises(KekUnavailable):
         OvhKmsKek(fake.url, OKMS_ID, KEY_ID).encrypt(b"x", AD)
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_kms_redirect_is_not_followed(fake, status):
+    """The request holds the keyset to wrap and the credentials: sent once, to the configured host."""
+    fake.force_status = status
+    for kek in (ScalewayKmsKek(KEY_ID, SCW_SECRET, api_url=fake.url),
+                OvhKmsKek(fake.url, OKMS_ID, KEY_ID)):
+        before = len(fake.requests)
+        with pytest.raises(KekError, match=f"redirect \\(HTTP {status}\\) to 127.0.0.1"):
+            kek.encrypt(b"keyset bytes", AD)
+        assert len(fake.requests) == before + 1
+
+
+def test_an_openbao_redirect_is_not_followed():
+    """hvac hands a 3xx back as an answer; the adapter's session stops it (a standby's redirect
+    would carry the token and the keyset to a host the gate never judged)."""
+    from connectors.kms.openbao import OpenBaoKek
+
+    seen: list[tuple[str, str]] = []
+
+    class Redirecting(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def answer(self):
+            seen.append((self.command, self.path))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(307)
+            self.send_header("Location", f"http://127.0.0.2:1{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirecting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        kek = OpenBaoKek(f"http://127.0.0.1:{server.server_address[1]}", "exitplan", "bao-token")
+        with pytest.raises(KekError, match=r"read answered with a redirect \(HTTP 307\) to 127.0.0.2"):
+            kek.encrypt(b"keyset bytes", AD)
+        with pytest.raises(KekError, match=r"decrypt answered with a redirect \(HTTP 307\) to 127.0.0.2"):
+            kek.decrypt(b"vault:v1:AAAA", AD)
+        assert seen == [("GET", "/v1/transit/keys/exitplan"), ("POST", "/v1/transit/decrypt/exitplan")]
+    finally:
+        server.shutdown()
+        server.server_close()
