@@ -32,9 +32,10 @@ from config.sizes import format_size
 
 from .private_files import PRIVATE_DIR, open_private
 from .project import open_state
-from .state import DatasetFigures, writing_file
+from .state import COPIED_COPY, NEVER_ARRIVED, DatasetFigures, writing_file
 
 TIME_BINS = 48
+NAMED_PER_KIND = 200  # objects named per dataset and kind in "Objects that did not arrive"
 # Object size bins: upper bounds (exclusive), factors of 16 from 1 KiB; the last is open.
 SIZE_BOUNDS = (1, 1 << 10, 1 << 14, 1 << 18, 1 << 22, 1 << 26, 1 << 30, 1 << 34)
 SIZE_LABELS = ("0 B", "<1 KiB", "<16 KiB", "<256 KiB", "<4 MiB", "<64 MiB", "<1 GiB", "<16 GiB", "≥16 GiB")
@@ -266,6 +267,28 @@ def _completeness_cell(status) -> str:
     return f'<span class="bad">{"no" if status.known else "not known"}</span>'
 
 
+def _not_arrived_section(statuses: dict) -> list[str]:
+    """The objects a dataset must hold that did not arrive (failed, found wrong, pending, never
+    attempted), each named with its reason: the first `NAMED_PER_KIND` of each kind per dataset,
+    and how many more (`exitplan status --format json` and the state hold them all)."""
+    rows, more = [], []
+    for d, status in statuses.items():
+        named = [e for e in status.not_verified() if e.category != COPIED_COPY]
+        rows += [[f"<b>{_E(d)}</b>", _E(e.category), _E(e.reason), f"<code>{_E(e.source_key)}</code>",
+                  _E(format_size(e.size))] for e in named]
+        for category in NEVER_ARRIVED:
+            count = status.count(category).objects
+            shown = sum(1 for e in named if e.category == category)
+            if count > shown:
+                more.append(f"{d}: {count - shown:,} more {category}")
+    if not rows:
+        return []
+    return ["<h2>Objects that did not arrive</h2>",
+            _table(["dataset", "status", "reason", "object", "size"], rows),
+            *([f'<p class="sub">Not listed here: {_E("; ".join(more))} (<code>exitplan status --format json</code> '
+               "names them).</p>"] if more else [])]
+
+
 def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, ManifestFingerprint]:
     """The report's HTML, the number of objects it covers, and the manifest's fingerprint."""
     cfg = loaded.config
@@ -273,7 +296,7 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
     store = open_state(loaded, read_only=True)
     try:
         figures = [store.dataset_figures(d) for d in datasets] if store else []
-        statuses = {d: store.dataset_status(d, examples=0) for d in datasets} if store else {}
+        statuses = {d: store.dataset_status(d, examples=NAMED_PER_KIND) for d in datasets} if store else {}
         timeline = store.moved_over_time(datasets, TIME_BINS) if store else []
         histogram = store.size_histogram(datasets, SIZE_BOUNDS) if store else []
         runs = store.recent_runs(limit=30) if store else []
@@ -329,6 +352,7 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
                  "<i>complete</i>: every object of the dataset's newest complete source listing is at the "
                  "destination and verified (<code>exitplan status</code> names those that are not).</p>")
     parts += [f'<p class="warn">{_E(s.sentence())}</p>' for s in statuses.values() if not s.complete]
+    parts += _not_arrived_section(statuses)
 
     parts.append("<h2>Where the data is, and who holds the keys</h2>")
     rows = []

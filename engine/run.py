@@ -107,17 +107,22 @@ def publish_keysets(loaded: LoadedConfig, datasets: list[str], formats: dict[str
     return key_copies.publish_keysets(loaded, [n for n in datasets if formats[n] is not IDENTITY])
 
 
-def count_dataset(loaded: LoadedConfig, name: str, source: ObjectSource) -> tuple[int, int]:
-    """(objects, bytes) the dataset selects now: one listing pass, for progress and ETA."""
+def count_dataset(loaded: LoadedConfig, name: str, source: ObjectSource,
+                  counted: Callable[[int, int], None] | None = None, every: int = 1000) -> tuple[int, int]:
+    """(objects, bytes) the dataset selects now: one listing pass, for progress and ETA;
+    `counted(objects, bytes)` is told the figures so far every `every` objects."""
     ds = loaded.config.datasets[name]
     objects = total = 0
     for meta in selected(source.list(ds.prefix), ds):
         objects += 1
         total += meta.size
+        if counted is not None and objects % every == 0:
+            counted(objects, total)
     return objects, total
 
 
 class RunObserver(Protocol):
+    def counting(self, dataset: str, objects: int, bytes_total: int) -> None: ...
     def dataset_started(self, dataset: str, objects: int, bytes_total: int) -> None: ...
     def progress(self, snapshot: Progress) -> None: ...
     def dataset_finished(self, summary: DatasetSummary) -> None: ...
@@ -336,7 +341,8 @@ class MigrationRun:
     def copy_dataset(self, name: str, observer: RunObserver, *, count_first: bool = True) -> DatasetSummary:
         source, sink = self.source(name), self.sink(name)
         objects, total = (call_endpoint(f"dataset `{name}`: listing {source.label}", count_dataset, self.loaded,
-                                        name, source) if count_first else (-1, -1))
+                                        name, source, partial(observer.counting, name))
+                          if count_first else (-1, -1))
         observer.dataset_started(name, objects, total)
         self.state.dataset_started(self.run_id, name)
         try:

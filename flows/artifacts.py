@@ -61,10 +61,11 @@ def inventory_row(inv) -> dict[str, Any]:
 def shard_row(result: ShardResult) -> dict[str, Any]:
     """A shard's figures as a row; `_failures` carries its failed objects to the failures table."""
     rate = result.bytes_copied / result.seconds / 1e6 if result.seconds > 0 else 0.0
-    return {"dataset": result.dataset, "shard": result.shard, "objects": result.objects,
-            "size": format_size(result.bytes), "copied": result.copied, "unchanged": result.unchanged,
-            "failed": result.failed, "bytes_copied": result.bytes_copied, "seconds": round(result.seconds, 1),
-            "mb_per_s": round(rate, 1), "attempts": result.attempt, "status": "ok" if result.ok else "failed",
+    # Status and reason first: a long object name in the reason must not push the figures away.
+    return {"dataset": result.dataset, "shard": result.shard, "status": "ok" if result.ok else "failed",
+            "objects": result.objects, "size": format_size(result.bytes), "copied": result.copied,
+            "unchanged": result.unchanged, "failed": result.failed, "bytes_copied": result.bytes_copied,
+            "seconds": round(result.seconds, 1), "mb_per_s": round(rate, 1), "attempts": result.attempt,
             "reason": "" if result.ok else failure_sentence(result), "_failures": result.failures}
 
 
@@ -126,7 +127,8 @@ def shard_artifacts(project: str, run_id: int, ended: tuple[ShardOutcome, ...]
     """The shards table and, when objects failed, the failures table (each with its reason);
     returns their rows."""
     rows = [ended_shard_row(o) for o in ended]
-    failures = [{"dataset": r["dataset"], "shard": str(r["shard"]), "object": key, "reason": reason}
+    # The reason before the object: keys can be 1,024 bytes long and would push it off-screen.
+    failures = [{"reason": reason, "dataset": r["dataset"], "shard": str(r["shard"]), "object": key}
                 for r in rows for key, reason in r.pop("_failures", ())]
     create_table_artifact(rows, key=artifact_key(project, "shards"), description=f"Shards of run {run_id}: one task each")
     if failures:

@@ -36,6 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_config(p)
     p.add_argument("--dry-run", action="store_true",
                    help="list what would be written (objects, bytes, parts, destination keys); write nothing anywhere")
+    p.add_argument("--summary", action="store_true",
+                   help="with --dry-run: only the table per dataset, not a line per object (refused objects "
+                        "are still named)")
     p.add_argument("--delete-removed", action="store_true",
                    help="delete the destination copies of objects that are gone from the source since they were "
                         "copied (default: only report them)")
@@ -125,14 +128,21 @@ class _CliObserver:
     def __init__(self) -> None:
         self.display = ProgressDisplay()
 
+    def counting(self, dataset: str, objects: int, bytes_total: int) -> None:
+        self.display.counting(dataset, objects, bytes_total)
+
     def dataset_started(self, dataset: str, objects: int, bytes_total: int) -> None:
         self.display.start(dataset, objects, bytes_total)
 
     def progress(self, snapshot) -> None:
-        self.display.update(snapshot.bytes_done, snapshot.objects_done, snapshot.objects_failed)
+        self.display.update(snapshot.bytes_done, snapshot.objects_done, snapshot.objects_failed,
+                            bytes_skipped=snapshot.bytes_skipped, objects_skipped=snapshot.objects_skipped)
 
     def dataset_finished(self, summary) -> None:
-        self.display.update(summary.bytes_copied, summary.ok + summary.skipped, summary.failed, force=True)
+        # Every byte has gone through: copied, or unchanged, failed or refused (named in the summary).
+        self.display.update(summary.bytes_copied, summary.ok + summary.skipped, summary.failed,
+                            bytes_skipped=summary.bytes_total - summary.bytes_copied,
+                            objects_skipped=summary.skipped, force=True)
         self.display.finish()
 
 
@@ -141,8 +151,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     loaded = load_config(args.config)
     datasets = loaded.chosen_datasets(args.dataset)
+    if args.summary and not args.dry_run:
+        raise UserError("--summary goes with --dry-run (a migration prints its summary anyway)")
     if args.dry_run:
-        return _dry_run(loaded, datasets)
+        return _dry_run(loaded, datasets, summary_only=args.summary)
     observer = _CliObserver()
     # Totals for an ETA cost a listing pass: worth it for a person watching, not for a log.
     result = run.migrate(loaded, datasets, observer, count_first=observer.display.tty,
@@ -151,10 +163,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return ExitCode.OK if result.all_ok else ExitCode.FAILED
 
 
-def _dry_run(loaded: LoadedConfig, datasets: list[str]) -> int:
+def _dry_run(loaded: LoadedConfig, datasets: list[str], *, summary_only: bool = False) -> int:
     from engine.plan import plan
 
     def show(dataset: str, planned) -> None:
+        if summary_only and planned.action != "refuse":
+            return
         if planned.action == "write":
             how = "1 PUT" if planned.single_put else f"{planned.parts} parts"
             print(f"would write  {dataset}: {planned.dest_key}  ({format_size(planned.output_size)}, {how})")

@@ -85,7 +85,12 @@ def _run_name(kind: str) -> Callable[[], str]:
 
 @flow(name="exitplan-inventory", flow_run_name=_run_name("inventory"), log_prints=False)
 def inventory_flow(config_path: str, datasets: list[str] | None = None):
-    """What each dataset holds: objects, bytes, largest, without MD5, not hot, won't fit."""
+    """What each dataset holds: objects, bytes, largest, without MD5, not hot, won't fit.
+
+    Args:
+        config_path: The exitplan configuration file, as an absolute path on the workers.
+        datasets: The datasets to work on, by their names in the configuration; empty: all of them.
+    """
     try:
         loaded, names = load_datasets(config_path, datasets)
         rows = _every_result([inventory_dataset.submit(config_path, name) for name in names])
@@ -100,7 +105,15 @@ def inventory_flow(config_path: str, datasets: list[str] | None = None):
 def migrate_flow(config_path: str, datasets: list[str] | None = None, delete_removed: bool = False,
                  dry_run: bool = False):
     """Copy the datasets, shard by shard; a failing object fails its shard, the other shards go on.
-    With `dry_run`, only a table of what would be written (nothing is written anywhere)."""
+    With `dry_run`, only a table of what would be written (nothing is written anywhere).
+
+    Args:
+        config_path: The exitplan configuration file, as an absolute path on the workers.
+        datasets: The datasets to work on, by their names in the configuration; empty: all of them.
+        delete_removed: Delete the destination copies of objects gone from the source since they
+            were copied (off: they are reported and kept).
+        dry_run: Only show what would be written; write nothing anywhere.
+    """
     try:
         gate = sovereignty_gate(config_path, datasets)
         if dry_run:
@@ -119,7 +132,15 @@ def migrate_flow(config_path: str, datasets: list[str] | None = None, delete_rem
 @flow(name="exitplan-verify", flow_run_name=_run_name("verify"))
 def verify_flow(config_path: str, datasets: list[str] | None = None, deep: bool = False, sample: float = 1.0,
                 seed: int | None = None):
-    """Prove the destinations hold what the state store says was copied (never reads the source)."""
+    """Prove the destinations hold what the state store says was copied (never reads the source).
+
+    Args:
+        config_path: The exitplan configuration file, as an absolute path on the workers.
+        datasets: The datasets to work on, by their names in the configuration; empty: all of them.
+        deep: Also read each object back, decrypt it and compare its SHA-256 (off: listing and HEAD).
+        sample: With deep, the fraction of objects read back (0 to 1; 1: every object).
+        seed: The sample's seed, to repeat a sample exactly (empty: a new one).
+    """
     try:
         loaded, _ = load_datasets(config_path, datasets)
         checked = verify_datasets(config_path, datasets, deep, sample, seed)
@@ -150,7 +171,15 @@ def copy_shards_flow(config_path: str, run_id: int, dataset: str, shard: int, co
 def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: bool = True,
               delete_removed: bool = False):
     """The whole exit: sovereignty gate -> inventory (the run's listing) -> migrate -> verify -> summary
-    (and the HTML report). The gate goes first: a refused destination or KEK costs no listing."""
+    (and the HTML report). The gate goes first: a refused destination or KEK costs no listing.
+
+    Args:
+        config_path: The exitplan configuration file, as an absolute path on the workers.
+        datasets: The datasets to work on, by their names in the configuration; empty: all of them.
+        deep_verify: Read every object back, decrypt it and compare its SHA-256 after the copy.
+        delete_removed: Delete the destination copies of objects gone from the source since they
+            were copied (off: they are reported and kept).
+    """
     try:
         gate = sovereignty_gate(config_path, datasets)
         outcome = _migration_in_flow(config_path, datasets, delete_removed)

@@ -61,7 +61,13 @@ class StatusLine:
 
 
 class ProgressDisplay(StatusLine):
-    """Shows bytes, objects, MB/s and ETA for the dataset being copied."""
+    """Shows bytes, objects, MB/s and ETA for the dataset being copied. Objects skipped as
+    unchanged count as gone through (a re-run with nothing to copy reaches 100%); the rate and
+    the ETA count only the bytes copied."""
+
+    def counting(self, dataset: str, objects: int, bytes_total: int) -> None:
+        """The listing pass that gives the totals: its figures so far."""
+        self.show(lambda now: f"{dataset}: listing… {objects:,} objects, {format_size(bytes_total)} so far")
 
     def start(self, dataset: str, total_objects: int, total_bytes: int) -> None:
         self.dataset = dataset
@@ -71,24 +77,28 @@ class ProgressDisplay(StatusLine):
         what = f"{total_objects:,} objects, {format_size(total_bytes)}" if total_objects >= 0 else "listing as it goes"
         self.restart(f"{dataset}: copying ({what})")
 
-    def update(self, bytes_done: int, objects_done: int, objects_failed: int, *, force: bool = False) -> None:
-        self.show(lambda now: self._render(now, bytes_done, objects_done, objects_failed), force=force)
+    def update(self, bytes_done: int, objects_done: int, objects_failed: int, *, bytes_skipped: int = 0,
+               objects_skipped: int = 0, force: bool = False) -> None:
+        self.show(lambda now: self._render(now, bytes_done, objects_done, objects_failed, bytes_skipped,
+                                           objects_skipped), force=force)
 
-    def _render(self, now: float, bytes_done: int, objects_done: int, objects_failed: int) -> str:
+    def _render(self, now: float, bytes_done: int, objects_done: int, objects_failed: int, bytes_skipped: int,
+                objects_skipped: int) -> str:
         elapsed = max(now - self.started, 1e-6)
         rate = bytes_done / elapsed
         failed = f", {objects_failed:,} failed" if objects_failed else ""
+        unchanged = f" ({objects_skipped:,} unchanged)" if objects_skipped else ""
         if self.total_objects < 0:  # totals unknown: the listing is consumed as the copy goes
-            text = (f"{self.dataset}: {format_size(bytes_done)}, {objects_done:,} objects{failed}, "
+            return (f"{self.dataset}: {format_size(bytes_done)} copied, {objects_done:,} objects{unchanged}{failed}, "
                     f"{rate / 1e6:.1f} MB/s")
+        through = bytes_done + bytes_skipped
+        left = max(self.total_bytes - through, 0)
+        # An ETA from the first instants (connections opening, small files first) is noise.
+        settled = elapsed >= 3.0 or (self.total_bytes and bytes_done >= 0.05 * self.total_bytes)
+        if not left:
+            eta = "0:00:00"
         else:
-            left = max(self.total_bytes - bytes_done, 0)
-            # An ETA from the first instants (connections opening, small files first) is noise.
-            settled = elapsed >= 3.0 or (self.total_bytes and bytes_done >= 0.05 * self.total_bytes)
             eta = _eta(left / rate) if rate > 0 and bytes_done and settled else "--:--:--"
-            pct = 100.0 * bytes_done / self.total_bytes if self.total_bytes else 100.0
-            text = (
-                f"{self.dataset}: {format_size(bytes_done)} / {format_size(self.total_bytes)} ({pct:.0f}%), "
-                f"{objects_done:,}/{self.total_objects:,} objects{failed}, {rate / 1e6:.1f} MB/s, ETA {eta}"
-            )
-        return text
+        pct = 100.0 * through / self.total_bytes if self.total_bytes else 100.0
+        return (f"{self.dataset}: {format_size(through)} / {format_size(self.total_bytes)} ({pct:.0f}%), "
+                f"{objects_done:,}/{self.total_objects:,} objects{unchanged}{failed}, {rate / 1e6:.1f} MB/s, ETA {eta}")

@@ -9,6 +9,7 @@ unchanged although its copy had been deleted).
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -140,6 +141,12 @@ def test_verify_restore_and_status_name_every_object_that_never_arrived(project,
     assert {e["source_key"] for e in status["not_verified"]} == failing
     code, out, err = cli(capsys, "status", "--config", cfg)
     assert code == 1 and "docs: 2 of 16 objects verified; 14 never arrived" in out and named(err) == failing
+    # The report names each of them with its reason (before: only a count of failed objects).
+    assert cli(capsys, "report", "--config", cfg, "--out", tmp_path / "report.html")[0] == 0
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<h2>Objects that did not arrive</h2>" in page
+    assert all(f"<code>{html.escape(name)}</code>" in page for name in failing)
+    assert page.count("failed (permanent)</td>") == 14 and "over the limit of 1024" in page
 
     # Fixed at the source: the long names go (they can never be written as they are), the metadata
     # is cut down. The next run copies the 7, and the dataset is complete.

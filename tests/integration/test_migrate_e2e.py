@@ -157,6 +157,12 @@ def test_dry_run_writes_nothing_anywhere(tmp_path, capsys, env, seeded, s3, s3_s
     assert len(lines) == len(seeded)
     written = {line.split(": ", 1)[1].rsplit("  (", 1)[0] for line in lines}
     assert written == {f"{prefix}/{o.container}/{o.name}" for o in seeded}
+    table = out[out.index("\ndataset "):]
+    # --summary: the same table, no line per object
+    code, summary, err = run(capsys, "migrate", "--config", str(config), "--dry-run", "--summary")
+    assert code == 0, err
+    assert "would write" not in summary and summary.strip() == table.strip()
+    assert run(capsys, "migrate", "--config", str(config), "--summary")[0] == 2  # only with --dry-run
     assert list_keys(s3, prefix) == []
     assert s3.list_multipart_uploads(Bucket=LAB_BUCKET, Prefix=prefix).get("Uploads", []) == []
     # Nothing local either: no state store, no file created or touched (the keyset was only read).

@@ -1,0 +1,40 @@
+"""The CLI's progress line: a re-run with nothing to copy reaches 100% (unchanged objects have gone
+through), the listing pass that gives the totals says so, and the ETA never guesses from nothing."""
+
+from __future__ import annotations
+
+import io
+
+from flows.progress import ProgressDisplay
+
+MiB = 1024 * 1024
+
+
+def lines(stream: io.StringIO) -> list[str]:
+    return [line for line in stream.getvalue().splitlines() if line]
+
+
+def test_a_rerun_with_nothing_to_copy_is_complete_not_stuck_at_zero():
+    out = io.StringIO()
+    display = ProgressDisplay(out)
+    display.start("claims", 12, 7 * MiB)
+    display.update(0, 12, 0, bytes_skipped=7 * MiB, objects_skipped=12, force=True)
+    last = lines(out)[-1]
+    assert "7.0 MiB / 7.0 MiB (100%)" in last and "12/12 objects (12 unchanged)" in last, last
+    assert "ETA 0:00:00" in last, last
+
+
+def test_part_copied_part_unchanged_counts_both_and_rates_only_the_copy():
+    out = io.StringIO()
+    display = ProgressDisplay(out)
+    display.start("claims", 10, 10 * MiB)
+    display.update(2 * MiB, 6, 1, bytes_skipped=4 * MiB, objects_skipped=4, force=True)
+    last = lines(out)[-1]
+    assert "6.0 MiB / 10.0 MiB (60%)" in last and "6/10 objects (4 unchanged), 1 failed" in last, last
+
+
+def test_the_counting_pass_shows_its_figures():
+    out = io.StringIO()
+    display = ProgressDisplay(out)
+    display.counting("scans", 3000, 3 * MiB)
+    assert lines(out) == ["scans: listing… 3,000 objects, 3.0 MiB so far"]
