@@ -104,12 +104,7 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
                 f"(known: {', '.join(region.hosts)})",
                 "check `endpoint_url`",
             )
-        cloud = non_eu_cloud(dest.host)
-        if cloud:
-            raise _refuse(loaded, what, _non_eu_host(dest.host, cloud, profile.name), "check `endpoint_url`")
-        if not loaded.lab_mode and public_ip_literal(dest.host):
-            raise _refuse(loaded, what, f"endpoint host `{dest.host}` is a public IP address, which names no operator "
-                                        "the policy could judge", "use the provider's host name in `endpoint_url`")
+        _refuse_unjudgeable_host(loaded, what, dest.host, profile, "endpoint_url")
         if not loaded.lab_mode and dest.scheme != "https":
             raise _refuse(loaded, what, "plain HTTP is allowed only in the lab", "use an https:// `endpoint_url`")
         if not loaded.lab_mode and not dest.verify_tls:
@@ -159,13 +154,20 @@ def _check_sftp_destination(loaded: "LoadedConfig", name: str, dest, profile: Pr
             f"(known: {', '.join(region.hosts)})",
             "check `host`",
         )
-    cloud = non_eu_cloud(dest.host)
-    if cloud:
-        raise _refuse(loaded, what, _non_eu_host(dest.host, cloud, profile.name), "check `host`")
-    if not loaded.lab_mode and public_ip_literal(dest.host):
-        raise _refuse(loaded, what, f"host `{dest.host}` is a public IP address, which names no operator the policy "
-                                    "could judge", "use the provider's host name in `host`")
+    _refuse_unjudgeable_host(loaded, what, dest.host, profile, "host")
     return DestinationVerdict(name, profile, dest.region, region.location, dest.root, added_profile(profile.name))
+
+
+def _refuse_unjudgeable_host(loaded: "LoadedConfig", what: str, host: str, profile: ProviderProfile,
+                             field: str) -> None:
+    """After the catalog's own checks: a host of a cloud outside the EU whatever the profile says,
+    and outside the lab a public IP address (it names no operator the policy could judge)."""
+    cloud = non_eu_cloud(host)
+    if cloud:
+        raise _refuse(loaded, what, _non_eu_host(host, cloud, profile.name), f"check `{field}`")
+    if not loaded.lab_mode and public_ip_literal(host):
+        raise _refuse(loaded, what, f"endpoint host `{host}` is a public IP address, which names no operator "
+                                    "the policy could judge", f"use the provider's host name in `{field}`")
 
 
 def _non_eu_host(host: str, cloud: str, provider: str) -> str:
@@ -237,5 +239,5 @@ def _check_kms_host(loaded: "LoadedConfig", what: str, provider: str, field: str
             f"`keys.kek.{field}` host `{host}` is not a catalogued {profile.display_name} KMS host"
             + (f" for region `{region}`" if region else "") + f" (known: {known or 'none'}): the keys must be held in a "
             "region the policy allows",
-            f"use one of those hosts, or add the region to the provider catalog if it is under an allowed jurisdiction",
+            "use one of those hosts, or add the region to the provider catalog if it is under an allowed jurisdiction",
         )
