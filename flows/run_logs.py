@@ -89,12 +89,25 @@ class _QuietFailures(logging.Filter):
         return True
 
 
+class _NoCompletedTasks(logging.Filter):
+    """On Prefect's task-run logger: no "Finished in state Completed()" line per task (half of a
+    run's log; the UI shows each task's state). A task that did not complete still says so."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO and isinstance(record.msg, str)
+                    and record.msg.startswith("Finished in state Completed"))
+
+
 _QUIET = _QuietFailures()
+_NO_COMPLETED = _NoCompletedTasks()
 
 
 def quiet_failures() -> None:
-    """Install the `RunFailure` rule on Prefect's loggers (idempotent; done when the flows load)."""
-    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.engine"):
+    """Install the `RunFailure` rule on Prefect's loggers, and drop the completed tasks' lines
+    (idempotent; done when the flows load)."""
+    for name, filters in (("prefect.flow_runs", [_QUIET]), ("prefect.task_runs", [_QUIET, _NO_COMPLETED]),
+                          ("prefect.engine", [_QUIET])):
         logger = logging.getLogger(name)
-        if _QUIET not in logger.filters:
-            logger.addFilter(_QUIET)
+        for f in filters:
+            if f not in logger.filters:
+                logger.addFilter(f)

@@ -162,6 +162,7 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
             assert state.is_failed(), f"{state.type} {state.message}\n{detail}"
             assert state.message.startswith("1 object(s) failed in 1 shard(s)"), state.message
             assert "Traceback" not in detail and "unexpected exception" not in detail, detail
+            assert "Finished in state Completed()" not in detail  # no line per completed task
             assert TOO_LONG in detail  # the failed object named in the run's log, with its reason
             assert set(blobs) - keys_below(s3, BUCKET, f"{container}/") == {TOO_LONG}
             return
