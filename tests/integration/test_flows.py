@@ -106,6 +106,7 @@ def test_exit_plan_migrates_verifies_and_shows_it(tmp_path, env, s3_server, s3):
     (summary,) = found["markdown"]
     assert "11 copied" in summary.data and "**0 failed**" in summary.data
     assert "| claims | exitplan lab S3 server (moto) |" in summary.data and "**lab**" in summary.data
+    assert f"| {BUCKET} | `{container}/` |" in summary.data  # the bucket and the prefix below it
     assert "## Who holds the keys" in summary.data and "- claims: Tink AES256_GCM_HKDF_1MB" in summary.data
     everything = json.dumps([a.data for a in sum(found.values(), [])]) + json.dumps(result)
     assert env not in everything and "AccountKey" not in everything  # no credential shown anywhere
