@@ -37,7 +37,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.futures import wait
@@ -61,6 +61,11 @@ from flows.tasks import (RunProgress, copy_shard, inventory_dataset, list_datase
 
 PROGRESS_EVERY = 2.0  # seconds between two updates of the progress artifact
 SHARDS_DEPLOYMENT = "exitplan-shards/shards"  # shards as flow runs on any worker (`shard_workers`)
+
+
+def dataset_tag(dataset: str) -> str:
+    """The tag of a dataset's task runs (`dataset:claims`), to filter them in the UI."""
+    return f"dataset:{dataset}"
 
 
 def _run_name(kind: str) -> Callable[[], str]:
@@ -93,7 +98,8 @@ def inventory_flow(config_path: str, datasets: list[str] | None = None):
     """
     try:
         loaded, names = load_datasets(config_path, datasets)
-        rows = _every_result([inventory_dataset.submit(config_path, name) for name in names])
+        rows = _every_result([inventory_dataset.with_options(tags={dataset_tag(name)}).submit(config_path, name)
+                              for name in names])
     except UserError as exc:
         return _user_failure(exc)
     create_table_artifact(rows, key=artifact_key(loaded.config.project, "inventory"),
@@ -219,7 +225,8 @@ def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delet
                 ", ".join(f"{p} {n}" for p, n in limits.items()))
     inventory_rows: list[dict[str, Any]] = []
     try:
-        inventory_rows = _every_result([list_dataset.submit(run.run_id, name) for name in names])
+        inventory_rows = _every_result([list_dataset.with_options(tags={dataset_tag(name)}).submit(run.run_id, name)
+                                        for name in names])
         plan = run.define_shards(orch.max_shards)
         logger.info("%d shard(s) in all (at most about %d per run)", len(plan.shards), orch.max_shards)
         create_table_artifact(inventory_rows, key=artifact_key(project, "inventory"),
@@ -305,7 +312,8 @@ def _submit_shards(submit, run_id: int, plan: ShardPlan, parallel: int, artifact
         while pending or running:
             while pending and len(running) < parallel:
                 name, shard = pending.pop(0)
-                f = submit(run_id, name, shard)
+                with tags(dataset_tag(name)):  # the UI filters a dataset's task runs by it
+                    f = submit(run_id, name, shard)
                 futures[(name, shard)] = f
                 running[f] = (name, shard)
             done, _ = wait_fn(list(running), timeout=PROGRESS_EVERY)

@@ -60,6 +60,15 @@ def logs_of(flow_run_id) -> list[str]:
         return [log.message for log in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
 
 
+def task_tags(flow_run_id) -> dict[str, set[str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {t.name: set(t.tags) for t in runs}
+
+
 def task_states(flow_run_id) -> list[tuple[str, str]]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -115,6 +124,8 @@ def test_exit_plan_migrates_verifies_and_shows_it(tmp_path, env, s3_server, s3):
         ("copy claims shard 0", "COMPLETED"), ("copy claims shard 1", "COMPLETED"),
         ("copy claims shard 2", "COMPLETED"), ("list claims", "COMPLETED"), ("sovereignty gate", "COMPLETED"),
         ("verify every dataset (deep)", "COMPLETED")]
+    tagged = task_tags(state.state_details.flow_run_id)
+    assert all("dataset:claims" in tagged[n] for n in tagged if n.startswith(("copy claims", "list claims"))), tagged
 
     # A second run is a delta: nothing changed, nothing copied.
     again = exit_plan(config_path=str(path), deep_verify=False, return_state=True)
