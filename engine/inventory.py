@@ -15,6 +15,7 @@ from connectors.base import ObjectMeta, SinkLimits
 
 from .endpoints import destination_limits, open_source
 from .errors import call_endpoint
+from .output_format import IDENTITY
 from .placement import DoesNotFit, place
 
 # Tink key ids are 32-bit: with no keyset yet, inventory counts the widest id's metadata.
@@ -100,7 +101,7 @@ def format_metadata(loaded: LoadedConfig, name: str) -> Callable[[ObjectMeta], d
     without the KEK: the primary key id is read from the keyset's clear info (the widest id when
     `keys init` has not run yet, so what inventory says fits always fits)."""
     if loaded.config.datasets[name].public:
-        return lambda meta: {}
+        return IDENTITY.metadata_for
     from .crypto.tink_format import encrypted_metadata
     from .keys import local_keyset_info
 

@@ -32,7 +32,7 @@ from config.sizes import format_size
 
 from .private_files import PRIVATE_DIR, open_private
 from .project import open_state
-from .state import COPIED_COPY, NEVER_ARRIVED, DatasetFigures, writing_file
+from .state import NEVER_ARRIVED, DatasetFigures, writing_file
 
 TIME_BINS = 48
 NAMED_PER_KIND = 200  # objects named per dataset and kind in "Objects that did not arrive"
@@ -273,14 +273,12 @@ def _not_arrived_section(statuses: dict) -> list[str]:
     and how many more (`exitplan status --format json` and the state hold them all)."""
     rows, more = [], []
     for d, status in statuses.items():
-        named = [e for e in status.not_verified() if e.category != COPIED_COPY]
-        rows += [[f"<b>{_E(d)}</b>", _E(e.category), _E(e.reason), f"<code>{_E(e.source_key)}</code>",
-                  _E(format_size(e.size))] for e in named]
         for category in NEVER_ARRIVED:
-            count = status.count(category).objects
-            shown = sum(1 for e in named if e.category == category)
-            if count > shown:
-                more.append(f"{d}: {count - shown:,} more {category}")
+            count = status.count(category)
+            rows += [[f"<b>{_E(d)}</b>", _E(e.category), _E(e.reason), f"<code>{_E(e.source_key)}</code>",
+                      _E(format_size(e.size))] for e in count.examples]
+            if count.objects > len(count.examples):
+                more.append(f"{d}: {count.objects - len(count.examples):,} more {category}")
     if not rows:
         return []
     return ["<h2>Objects that did not arrive</h2>",
