@@ -52,6 +52,9 @@ class ObjectMeta:
     tier: str | None = None
     content: ContentSettings = field(default_factory=ContentSettings)
     metadata: Mapping[str, str] = field(default_factory=dict)
+    # Why the source cannot give this entry as an object (a symbolic link not followed, a device):
+    # a listing names it instead of leaving it out, and placement refuses it with this reason.
+    not_copyable: str | None = None
 
     @property
     def content_md5_b64(self) -> str | None:

@@ -29,7 +29,8 @@ What SFTP has and has not, and what this connector does about it:
   whole parts. `etag_is_md5` is False: the markers are not digests of the bytes.
 - Listing. SFTP directories come unordered and whole: each directory is read and sorted on its own
   (memory grows with the largest directory, not the tree), and the tree is walked in key order.
-  Symbolic links are not followed; each one is reported once in `skipped_links` and logged.
+  Symbolic links are not followed: each is listed with `not_copyable` set (placement refuses it by
+  name, so inventory, migrate and the exit code say so), kept in `skipped_links` and logged.
   `.exitplan-sftp/` at the root is the connector's own and never listed.
 - Names. A key that would leave the root or cannot be a file name (`..` or `.` segments, an empty
   segment, a leading `/`, a NUL or other control character) is refused by name (`InvalidRequest`).
@@ -389,7 +390,7 @@ class SftpStore:
         if head_dir:
             refuse_hostile_key(head_dir, self.label)
 
-        def entries(rel_dir: str) -> list[tuple[str, paramiko.SFTPAttributes]]:
+        def entries(rel_dir: str) -> list[tuple[str, paramiko.SFTPAttributes, str | None]]:
             path = f"{self.root}/{rel_dir}" if rel_dir else self.root
 
             def read(sftp: paramiko.SFTPClient):
@@ -412,29 +413,33 @@ class SftpStore:
                 if stat_mode.S_ISLNK(mode):
                     log.warning("%s: %r is a symbolic link; not followed", self.label, key)
                     self.skipped_links.append(key)
-                    continue
-                if stat_mode.S_ISDIR(mode):
-                    found.append((key + "/", attrs))
+                    found.append((key, attrs, "a symbolic link at the source, not followed (copy what it points "
+                                              "to under a name of its own, or exclude it)"))
+                elif stat_mode.S_ISDIR(mode):
+                    found.append((key + "/", attrs, None))
                 elif stat_mode.S_ISREG(mode):
-                    found.append((key, attrs))
+                    found.append((key, attrs, None))
+                else:  # a socket, a FIFO, a device: no bytes to copy, named rather than left out
+                    found.append((key, attrs, "not a regular file at the source (a socket, FIFO or device); "
+                                              "exclude it"))
             # A directory sorts as its name plus `/`: the walk then yields keys in plain string order.
             found.sort(key=lambda item: item[0])
             return found
 
         stack: list[Iterator[tuple[str, paramiko.SFTPAttributes]]] = [
-            iter([(k, a) for k, a in entries(head_dir) if k[len(head_dir) + 1 if head_dir else 0:].startswith(start)])
+            iter([e for e in entries(head_dir) if e[0][len(head_dir) + 1 if head_dir else 0:].startswith(start)])
         ]
         while stack:
             try:
-                key, attrs = next(stack[-1])
+                key, attrs, not_copyable = next(stack[-1])
             except StopIteration:
                 stack.pop()
                 continue
             if key.endswith("/"):
                 stack.append(iter(entries(key[:-1])))
                 continue
-            yield ObjectMeta(key=key, size=attrs.st_size or 0, etag=change_marker(attrs),
-                             last_modified=_mtime(attrs))
+            yield ObjectMeta(key=key, size=0 if not_copyable else attrs.st_size or 0, etag=change_marker(attrs),
+                             last_modified=_mtime(attrs), not_copyable=not_copyable)
 
     def head(self, key: str) -> ObjectMeta:
         path = self._path(key)

@@ -104,6 +104,8 @@ def place(meta: ObjectMeta, source_prefix: str, dest_prefix: str, limits: SinkLi
     """Name and describe `meta` at the destination; raise `DoesNotFit` with the reason. `reserved`:
     the metadata the output format writes itself; `content`: the content headers it writes (the
     source's, by default)."""
+    if meta.not_copyable:
+        raise DoesNotFit(meta.not_copyable)
     dest_key = destination_key(meta.key, source_prefix, dest_prefix)
     reason = check_key(dest_key, limits)
     if reason:

@@ -143,8 +143,17 @@ def test_symbolic_links_are_reported_not_followed(harness, tmp_path):
     os.symlink(harness.dir / "real.csv", harness.dir / "linked-file")
     store = harness.source()
 
-    assert [m.key for m in store.list()] == ["real.csv"]
+    listed = {m.key: m for m in store.list()}
+    assert sorted(listed) == ["linked-dir", "linked-file", "real.csv"]  # named, never left out
+    assert listed["real.csv"].not_copyable is None
+    assert all("symbolic link" in listed[k].not_copyable and listed[k].size == 0 for k in ("linked-dir", "linked-file"))
     assert sorted(store.skipped_links) == ["linked-dir", "linked-file"]
+    # placement refuses them by name, so inventory, migrate and the exit code say so
+    from connectors.base import SinkLimits
+    from engine.placement import DoesNotFit, place
+
+    with pytest.raises(DoesNotFit, match="symbolic link"):
+        place(listed["linked-dir"], "", "", SinkLimits())
 
 
 def test_the_listing_reads_directories_as_it_reaches_them(harness):
