@@ -11,7 +11,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
@@ -286,6 +286,9 @@ class DestinationConfig(_S3Endpoint):
     addressing_style: Literal["path", "virtual"] | None = None  # default: the provider's
     verify_tls: bool = True
     max_connections: int = Field(32, ge=1, le=1024)
+    # Changes to the provider profile's behaviour for this bucket (what `exitplan probe` measured):
+    # `limits`, `multipart`, `request_rates`, `flexible_checksums`; merged key by key.
+    provider_overrides: dict[str, Any] = {}
 
 
 class S3SourceConfig(_S3Endpoint):

@@ -61,6 +61,12 @@ def destination_profile(loaded: "LoadedConfig", name: str) -> ProviderProfile:
             f"provider `{dest.provider}` is not in the provider catalog (known: {', '.join(sorted(load_catalog()))})",
             "choose a catalogued provider, or add its profile to the catalog (see the README)",
         )
+    overrides = getattr(dest, "provider_overrides", None)
+    if overrides:
+        try:
+            return profile.with_overrides(overrides, f"destinations.{name}.provider_overrides")
+        except ValueError as exc:
+            raise ConfigFileError(f"{loaded.path}: {exc}") from None
     return profile
 
 

@@ -44,6 +44,43 @@ class PartLimits(_Strict):
     max_parts: int = Field(10_000, ge=1)
     max_object_size: ByteSize = 5 * 1024**4
     max_single_put_size: ByteSize = 5 * 1024**3
+    # User metadata, names and values, as S3 counts it (2 KB at AWS and most providers).
+    max_metadata_bytes: ByteSize = 2048
+    # Tags per object (S3's own limit is 10).
+    max_tags: int = Field(10, ge=0)
+    # The longest a single request may take before the provider cuts it, in seconds (None: not
+    # published); a part must be sized so it is sent within it at the measured throughput.
+    max_request_seconds: float | None = Field(None, gt=0)
+
+
+class MultipartBehaviour(_Strict):
+    """How the provider's multipart API answers (measured by `exitplan probe`).
+
+    `etag`: `md5` when CompleteMultipartUpload's ETag is the MD5 of the parts' MD5s with `-N` (the
+    AWS form, checked after every completion); `opaque` when the provider computes it otherwise
+    (several do with server-side encryption): integrity then rests on each part's Content-MD5 being
+    accepted, the sizes and the deep read-back. `list_parts`, `abort`, `list_uploads`: whether
+    ListParts, AbortMultipartUpload and ListMultipartUploads are answered.
+    """
+
+    etag: Literal["md5", "opaque"] = "md5"
+    list_parts: bool = True
+    abort: bool = True
+    list_uploads: bool = True
+
+
+class RequestRates(_Strict):
+    """The provider's published request-rate limits per bucket, in requests per second (None: not
+    published). Soft limits: above them a provider answers SlowDown / 503."""
+
+    put: float | None = Field(None, gt=0)
+    get: float | None = Field(None, gt=0)
+    total: float | None = Field(None, gt=0)
+
+
+# What a destination's `provider_overrides` may change in its provider's profile: how the service
+# behaves, never who runs it or where (legal seat, jurisdiction, hosts are the gate's facts).
+OVERRIDABLE = ("limits", "multipart", "request_rates", "flexible_checksums")
 
 
 class Prices(_Strict):
@@ -72,9 +109,38 @@ class ProviderProfile(_Strict):
     # hosts such as u12345.your-storagebox.de).
     sftp_regions: dict[str, Region] = {}
     limits: PartLimits = PartLimits()
+    multipart: MultipartBehaviour = MultipartBehaviour()
+    request_rates: RequestRates = RequestRates()
+    # Whether the service accepts the `x-amz-checksum-*` headers boto3 sends by default since 1.36;
+    # false: exitplan sends Content-MD5 only (every provider accepts it).
+    flexible_checksums: bool = False
     storage_classes: tuple[str, ...] = ("STANDARD",)
     sse_c: bool = False
     prices: Prices | None = None
+    # Where the facts above come from: the provider's documentation pages, by topic.
+    sources: dict[str, str] = {}
+
+    def with_overrides(self, overrides: dict, where: str) -> "ProviderProfile":
+        """This profile with a destination's `provider_overrides` applied (nested sections merged
+        key by key); `ValueError` naming the field (`where`.…) when one is not overridable or invalid."""
+        if not overrides:
+            return self
+        for key in overrides:
+            if key not in OVERRIDABLE:
+                raise ValueError(f"field `{where}.{key}` cannot be overridden (only {', '.join(OVERRIDABLE)}: "
+                                 "the provider's legal facts and hosts come from the catalog)")
+        merged = self.model_dump()
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(merged.get(key), dict):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+        try:
+            return ProviderProfile.model_validate(merged)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"field `{where}.{loc}`: {err['msg']}") from None
 
     def known_hosts(self, region: str) -> tuple[str, ...]:
         r = self.regions.get(region)

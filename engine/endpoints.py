@@ -33,6 +33,7 @@ def sink_limits(profile: ProviderProfile, *, keys_are_paths: bool = False) -> Si
         max_parts=lim.max_parts,
         max_object_size=lim.max_object_size,
         max_single_put_size=lim.max_single_put_size,
+        max_metadata_bytes=lim.max_metadata_bytes,
         keys_are_paths=keys_are_paths,
     )
 

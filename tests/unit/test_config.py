@@ -195,6 +195,34 @@ def test_catalog_has_the_expected_providers_and_limits():
         assert profile.limits.min_part_size <= profile.limits.max_part_size
 
 
+def test_provider_overrides_change_behaviour_for_one_destination(tmp_path):
+    from config.policy import destination_profile
+
+    overrides = {"multipart": {"etag": "opaque"}, "request_rates": {"put": 50}, "limits": {"max_tags": 5}}
+    loaded = load_config(write(tmp_path, variant(destinations__ovh__provider_overrides=overrides)))
+    profile = destination_profile(loaded, "ovh")
+    assert profile.multipart.etag == "opaque" and profile.multipart.list_parts  # merged key by key
+    assert profile.request_rates.put == 50 and profile.request_rates.get == 900  # the catalog's get kept
+    assert profile.limits.max_tags == 5 and profile.limits.max_parts == 10_000
+    assert load_catalog()["ovhcloud"].multipart.etag == "md5"  # the catalog itself unchanged
+
+
+@pytest.mark.parametrize("overrides, fragments", [
+    ({"jurisdiction": "EU"}, ["`destinations.ovh.provider_overrides.jurisdiction` cannot be overridden"]),
+    ({"regions": {}}, ["`destinations.ovh.provider_overrides.regions` cannot be overridden"]),
+    ({"multipart": {"etag": "sha1"}}, ["`destinations.ovh.provider_overrides.multipart.etag`", "'md5' or 'opaque'"]),
+    ({"request_rates": {"put": -1}}, ["`destinations.ovh.provider_overrides.request_rates.put`"]),
+])
+def test_bad_provider_overrides_are_config_errors(tmp_path, capsys, overrides, fragments):
+    path = write(tmp_path, variant(destinations__ovh__provider_overrides=overrides))
+    with pytest.raises(ConfigFileError) as info:
+        load_config(path)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+    code, err = run_cli(capsys, "inventory", "--config", str(path))
+    assert code == ExitCode.USAGE and fragments[0] in err
+
+
 def test_adding_a_provider_is_a_file_not_code(tmp_path, monkeypatch):
     extra = tmp_path / "providers"
     extra.mkdir()
