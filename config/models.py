@@ -130,7 +130,9 @@ class _SftpEndpoint(_Model):
     `host_key_fingerprints` (`SHA256:...` as `ssh-keygen -lf` prints them); an unknown or changed
     host key is refused. Login by key: the private key's text from the environment variable
     `private_key_env` or the Prefect Secret block `private_key_block`, or the key file
-    `private_key_file`; its passphrase, if any, from `passphrase_env` / `passphrase_block`. A
+    `private_key_file`; its passphrase, if any, from `passphrase_env` / `passphrase_block`; where
+    the server trusts a user certificate authority, the key's OpenSSH certificate (`-cert.pub`) from
+    `certificate_file`, `certificate_env` or `certificate_block`. A
     password (`password_env` / `password_block`) is used only with `auth: password`. No SSH agent
     is consulted, nothing is forwarded. `connections`: SSH connections opened to the server (one
     SFTP session each; each read or write holds one while it runs).
@@ -148,6 +150,9 @@ class _SftpEndpoint(_Model):
     private_key_file: str | None = None
     passphrase_env: EnvVarName | None = None
     passphrase_block: SecretBlockRef | None = None
+    certificate_env: EnvVarName | None = None
+    certificate_block: SecretBlockRef | None = None
+    certificate_file: str | None = None
     password_env: EnvVarName | None = None
     password_block: SecretBlockRef | None = None
     connections: int = Field(8, ge=1, le=64)
@@ -164,9 +169,12 @@ class _SftpEndpoint(_Model):
         if not self.known_hosts and not self.host_key_fingerprints:
             raise ValueError("the server's host key must be pinned: set `known_hosts` (a known_hosts file) or "
                              "`host_key_fingerprints` (SHA256:... from `ssh-keygen -lf`)")
-        for item in ("private_key", "passphrase", "password"):
+        for item in ("private_key", "passphrase", "password", "certificate"):
             if getattr(self, f"{item}_env") and getattr(self, f"{item}_block"):
                 raise ValueError(_BOTH.format(env=f"{item}_env", block=f"{item}_block"))
+        certificates = [n for n in ("certificate_env", "certificate_block", "certificate_file") if getattr(self, n)]
+        if len(certificates) > 1:
+            raise ValueError(f"set one of {', '.join(f'`{n}`' for n in certificates)}: one certificate per login")
         keys = [n for n in ("private_key_env", "private_key_block", "private_key_file") if getattr(self, n)]
         password = self.password_env or self.password_block
         if self.auth == "key":
@@ -178,7 +186,7 @@ class _SftpEndpoint(_Model):
         else:
             if not password:
                 raise ValueError("`auth: password` needs `password_env` or `password_block`")
-            if keys or self.passphrase_env or self.passphrase_block:
+            if keys or self.passphrase_env or self.passphrase_block or certificates:
                 raise ValueError("`auth: password` logs in by password only; remove the private key settings")
         return self
 

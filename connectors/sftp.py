@@ -154,12 +154,15 @@ class HostKeyPin:
 @dataclass(frozen=True)
 class SftpLogin:
     """Who logs in and how. `private_key`: the key's text (OpenSSH or PEM), `passphrase` if it is
-    encrypted; `password` only when password authentication was asked for explicitly."""
+    encrypted, `certificate` the OpenSSH certificate of that key (the text of its `-cert.pub` file)
+    when the server trusts a user CA instead of listing keys; `password` only when password
+    authentication was asked for explicitly."""
 
     username: str
     private_key: str | None = None
     passphrase: str | None = None
     password: str | None = None
+    certificate: str | None = None
 
 
 def load_private_key(text: str, passphrase: str | None, where: str) -> paramiko.PKey:
@@ -175,6 +178,20 @@ def load_private_key(text: str, passphrase: str | None, where: str) -> paramiko.
             problems.append(str(exc))
     raise AuthError(f"{where}: the private key cannot be read (not an Ed25519, ECDSA or RSA key, or a wrong "
                     f"passphrase: {problems[0] if problems else 'empty'})")
+
+
+def attach_certificate(key: paramiko.PKey, certificate: str, where: str) -> None:
+    """Log in with `key` presented by its OpenSSH `certificate` (the `-cert.pub` line); `AuthError`
+    naming `where` when it is not a certificate of that key."""
+    try:
+        blob = paramiko.PublicBlob.from_string(certificate.strip())
+    except (ValueError, paramiko.SSHException, IndexError) as exc:
+        raise AuthError(f"{where}: the SSH certificate cannot be read ({exc}); give the text of the `-cert.pub` "
+                        "file that `ssh-keygen -s` wrote") from None
+    if "-cert-" not in blob.key_type or not blob.key_type.startswith(key.get_name()):
+        raise AuthError(f"{where}: the SSH certificate is a {blob.key_type}, not a certificate of the "
+                        f"{key.get_name()} private key; give the `-cert.pub` file written for this very key")
+    key.public_blob = blob  # paramiko then offers the certificate instead of the bare key
 
 
 class _Sessions:
@@ -282,6 +299,10 @@ class SftpStore:
         self._pin = pin
         self._timeout = connect_timeout
         self._pkey = load_private_key(login.private_key, login.passphrase, self.label) if login.private_key else None
+        if login.certificate is not None:
+            if self._pkey is None:
+                raise AuthError(f"{self.label}: an SSH certificate was given without its private key")
+            attach_certificate(self._pkey, login.certificate, self.label)
         if self._pkey is None and login.password is None:
             raise AuthError(f"{self.label}: no private key and no password given; set the key's variable or block")
         self._sessions = _Sessions(self._connect, connections)

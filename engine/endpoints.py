@@ -60,28 +60,32 @@ def open_sftp(loaded: LoadedConfig, field: str, cfg: SftpSourceConfig | SftpDest
             refuse_hostile_key(directory, field)
         except ConnectorError as exc:
             raise ConfigFileError(f"{loaded.path}: {exc}; name a directory below `{field}.root`") from None
-    private_key = passphrase = password = None
+    def login_item(item: str, what: str) -> str | None:
+        """`item` (private_key, passphrase, password, certificate) from its `_file`, `_env` or
+        `_block` field, or None when none is set."""
+        path = getattr(cfg, f"{item}_file", None)
+        if path:
+            path = _config_relative(loaded, path)
+            try:
+                return Path(path).read_text(encoding="ascii")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigFileError(f"{loaded.path}: field `{field}.{item}_file`: cannot read the {what} {path} "
+                                      f"({exc.__class__.__name__}); check the path") from None
+        env, block = getattr(cfg, f"{item}_env"), getattr(cfg, f"{item}_block")
+        if not (env or block):
+            return None
+        return read_secret(loaded, f"{field}.{item}_{'block' if block else 'env'}", env=env, block=block)
+
     if cfg.auth == "password":
-        password = read_secret(loaded, f"{field}.password_{'block' if cfg.password_block else 'env'}",
-                               env=cfg.password_env, block=cfg.password_block)
-    elif cfg.private_key_file:
-        key_path = _config_relative(loaded, cfg.private_key_file)
-        try:
-            private_key = Path(key_path).read_text(encoding="ascii")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigFileError(f"{loaded.path}: field `{field}.private_key_file`: cannot read the key file "
-                                  f"{key_path} ({exc.__class__.__name__}); check the path") from None
+        login = SftpLogin(cfg.username, password=login_item("password", "password"))
     else:
-        private_key = read_secret(loaded, f"{field}.private_key_{'block' if cfg.private_key_block else 'env'}",
-                                  env=cfg.private_key_env, block=cfg.private_key_block)
-    if cfg.passphrase_env or cfg.passphrase_block:
-        passphrase = read_secret(loaded, f"{field}.passphrase_{'block' if cfg.passphrase_block else 'env'}",
-                                 env=cfg.passphrase_env, block=cfg.passphrase_block)
+        login = SftpLogin(cfg.username, private_key=login_item("private_key", "key file"),
+                          passphrase=login_item("passphrase", "passphrase"),
+                          certificate=login_item("certificate", "certificate"))
     pin = HostKeyPin(known_hosts=_config_relative(loaded, cfg.known_hosts) if cfg.known_hosts else None,
                      fingerprints=tuple(cfg.host_key_fingerprints))
     path = "/".join(p for p in (cfg.root.rstrip("/"), directory) if p) or "/"
-    return SftpStore(cfg.host, cfg.port, path, SftpLogin(cfg.username, private_key, passphrase, password),
-                     pin, limits=limits, connections=cfg.connections, label=label or f"sftp:{cfg.host}:{cfg.port}{path}")
+    return SftpStore(cfg.host, cfg.port, path, login, pin, limits=limits, connections=cfg.connections, label=label or f"sftp:{cfg.host}:{cfg.port}{path}")
 
 
 def check_connection_string_unchanged(loaded: LoadedConfig, source: str, conn: str) -> None:

@@ -44,6 +44,12 @@ class SshdLayout:
         return self.directory / "id_ed25519"
 
     @property
+    def user_ca_key(self) -> Path:
+        """The lab's user certificate authority: a key signed by it logs in as a certificate names
+        (`ssh-keygen -s user_ca -n <user> -I <id> key.pub`), without being in authorized_keys."""
+        return self.directory / "user_ca"
+
+    @property
     def known_hosts(self) -> Path:
         return self.directory / "known_hosts"
 
@@ -83,6 +89,8 @@ def prepare_sshd(directory: Path, port: int) -> SshdLayout:
         _keygen(layout.host_key, "exitplan-lab-host")
     if not layout.user_key.exists():
         _keygen(layout.user_key, "exitplan-lab-user")
+    if not layout.user_ca_key.exists():
+        _keygen(layout.user_ca_key, "exitplan-lab-user-ca")
     authorized = layout.directory / "authorized_keys"
     authorized.write_text(Path(f"{layout.user_key}.pub").read_text())
     host_pub = Path(f"{layout.host_key}.pub").read_text().split()
@@ -93,6 +101,7 @@ def prepare_sshd(directory: Path, port: int) -> SshdLayout:
         f"HostKey {layout.host_key}",
         f"PidFile {layout.directory / 'sshd.pid'}",
         f"AuthorizedKeysFile {authorized}",
+        f"TrustedUserCAKeys {layout.user_ca_key}.pub",
         f"AllowUsers {layout.username}",
         "PermitRootLogin prohibit-password",
         "PubkeyAuthentication yes",

@@ -97,6 +97,48 @@ def test_an_encrypted_key_needs_its_passphrase(sshd, harness, tmp_path):
     assert "refused the login" in str(info.value)
 
 
+def _signed(sshd, tmp_path, name: str, *sign_args: str) -> tuple[str, str]:
+    """A new key (unknown to authorized_keys) and its certificate signed by the lab's user CA."""
+    key = tmp_path / name
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-s", str(sshd.user_ca_key), "-I", name, *sign_args, f"{key}.pub"],
+                   check=True, capture_output=True)
+    return key.read_text(), (tmp_path / f"{name}-cert.pub").read_text()
+
+
+def test_a_key_certified_by_the_trusted_user_ca_logs_in(sshd, harness, tmp_path):
+    pin = HostKeyPin(known_hosts=str(sshd.known_hosts))
+    key, certificate = _signed(sshd, tmp_path, "certified", "-n", sshd.username, "-V", "-5m:+1h")
+    store = _store(sshd, harness.dir, pin, SftpLogin(sshd.username, key, certificate=certificate))
+    assert list(store.list()) == []
+    # The same key without its certificate is a stranger to the server.
+    with pytest.raises(AuthError):
+        _store(sshd, harness.dir, pin, SftpLogin(sshd.username, key))
+
+
+@pytest.mark.parametrize("sign_args", [("-n", "somebody-else"), ("-n", "{user}", "-V", "20200101:20200102")],
+                         ids=["other principal", "expired"])
+def test_a_certificate_the_server_does_not_accept_is_refused(sshd, harness, tmp_path, sign_args):
+    pin = HostKeyPin(known_hosts=str(sshd.known_hosts))
+    key, certificate = _signed(sshd, tmp_path, "refused", *(a.format(user=sshd.username) for a in sign_args))
+    with pytest.raises(AuthError) as info:
+        _store(sshd, harness.dir, pin, SftpLogin(sshd.username, key, certificate=certificate))
+    assert "refused the login" in str(info.value)
+
+
+def test_a_certificate_of_another_kind_of_key_is_named(sshd, harness, tmp_path):
+    rsa = tmp_path / "rsa"
+    subprocess.run(["ssh-keygen", "-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", str(rsa)], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-s", str(sshd.user_ca_key), "-I", "rsa", "-n", sshd.username, f"{rsa}.pub"],
+                   check=True, capture_output=True)
+    pin = HostKeyPin(known_hosts=str(sshd.known_hosts))
+    for certificate, fragment in (((tmp_path / "rsa-cert.pub").read_text(), "not a certificate of the ssh-ed25519"),
+                                  ("not a certificate", "cannot be read")):
+        with pytest.raises(AuthError) as info:
+            _store(sshd, harness.dir, pin, SftpLogin(sshd.username, sshd.user_key.read_text(), certificate=certificate))
+        assert fragment in str(info.value)
+
+
 @pytest.mark.parametrize("key", ["../escape", "a/../../escape", "/etc/passwd", "a//b", "a/./b", "new\nline",
                                  "tab\there", "nul\x00byte", "dir/", ".exitplan-sftp/meta/x.json", ""])
 def test_hostile_names_are_refused_by_name(harness, key):

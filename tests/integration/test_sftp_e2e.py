@@ -195,6 +195,30 @@ def test_a_kill_mid_file_resumes_the_upload(tmp_path, sshd, s3_server, s3):
     assert tink_decrypt(config, got["Body"].read(), got["Metadata"]) == data
 
 
+def test_a_source_logs_in_with_an_ssh_certificate(tmp_path, capsys, delivery, sshd):
+    """A key the server does not list, certified by the user CA it trusts: `certificate_file` (or
+    `certificate_env`) next to the key logs in; without it the login is refused (exit 2)."""
+    import subprocess
+
+    top, files, config = delivery
+    key = tmp_path / "certified"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    subprocess.run(["ssh-keygen", "-q", "-s", str(sshd.user_ca_key), "-I", "partner", "-n", sshd.username,
+                    "-V", "-5m:+1h", f"{key}.pub"], check=True, capture_output=True)
+    path = config()
+    data = yaml.safe_load(path.read_text())
+    data["sources"]["partner"]["private_key_file"] = str(key)
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    code, out, err = cli(capsys, "inventory", "--config", path)
+    assert code == ExitCode.USAGE and "refused the login" in err
+
+    data["sources"]["partner"]["certificate_file"] = "certified-cert.pub"  # relative to the config file
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    code, out, err = cli(capsys, "inventory", "--config", path)
+    assert code == ExitCode.OK, err
+    assert str(len(files)) in out
+
+
 def test_azure_to_sftp_encrypted_verify_restore(tmp_path, capsys, sshd, azurite_connection_string, monkeypatch):
     """An escrow copy on an SFTP server: Azure blobs (content settings and metadata included) are
     written encrypted below the destination root, published whole under their names; verify (quick

@@ -52,6 +52,9 @@ def test_configs_without_kind_still_mean_azure_and_s3(tmp_path):
     ({"auth": "password"}, "needs `password_env` or `password_block`"),
     ({"auth": "password", "password_env": "PW"}, "remove the private key settings"),
     ({"root": "relative/dir"}, "absolute path"),
+    ({"certificate_file": "id-cert.pub", "certificate_env": "CERT"}, "one certificate per login"),
+    ({"auth": "password", "password_env": "PW", "private_key_env": None, "certificate_env": "CERT"},
+     "remove the private key settings"),
     ({"private_key_env": None, "private_key_block": "secret/k", "passphrase_env": "P", "passphrase_block": "secret/p"},
      "both set"),
 ])
