@@ -637,6 +637,28 @@ class ExitplanConfig(_Model):
             if ds.destination not in self.destinations:
                 problems.append((f"datasets.{name}.destination",
                                  f"destination {ds.destination!r} is not defined under `destinations` ({', '.join(self.destinations)})"))
+        problems.extend(self._shared_key_spaces())
+        return problems
+
+    def _shared_key_spaces(self) -> list[tuple[str, str]]:
+        """Two datasets writing to one destination where one's `dest_prefix` starts the other's:
+        a key of one could land on a key of the other (prefix `a/` with key `b/f` and prefix `a/b/`
+        with key `f`), and the later copy would replace the earlier without a word."""
+        problems = []
+        names = sorted(self.datasets)
+        for i, first in enumerate(names):
+            for second in names[i + 1:]:
+                a, b = self.datasets[first], self.datasets[second]
+                if a.destination != b.destination:
+                    continue
+                if a.dest_prefix.startswith(b.dest_prefix) or b.dest_prefix.startswith(a.dest_prefix):
+                    how = ("the same dest_prefix" if a.dest_prefix == b.dest_prefix else
+                           f"dest_prefix {a.dest_prefix!r} and {b.dest_prefix!r}, one the start of the other")
+                    problems.append((
+                        f"datasets.{second}.dest_prefix",
+                        f"datasets `{first}` and `{second}` write to destination `{a.destination}` with {how}: an "
+                        "object of one could overwrite an object of the other; give each its own dest_prefix, none "
+                        f"the start of another (e.g. `{first}/` and `{second}/`)"))
         return problems
 
 

@@ -5,7 +5,8 @@ report summarises them, and a restore writes their plaintext: directories are cr
 files 0600 (ARCHITECTURE.md §5, README "Security"). A directory of exitplan's own that exists
 with wider permissions (made by an earlier version, or under a looser umask) is narrowed when it
 is opened again; a directory the user named (`--to`, `--out`'s parent) is created private but
-never changed.
+never changed, and a shared directory (sticky bit, as /tmp: a key or state path written there) is
+never changed at all: narrowing /tmp would lock every other user and service out of it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ PRIVATE_FILE = 0o600
 
 
 def private_directory(path: Path) -> Path:
-    """Create `path` (and missing parents) 0700; an existing directory of this user is made 0700."""
+    """Create `path` (and missing parents) 0700; an existing directory of this user is made 0700,
+    unless it is a shared one (sticky bit)."""
     path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
     st = path.stat()
-    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077:
+    if st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) & 0o077 and not st.st_mode & stat.S_ISVTX:
         os.chmod(path, stat.S_IMODE(st.st_mode) & 0o700)
     return path
 

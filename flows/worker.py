@@ -149,6 +149,9 @@ def _private_directory(path: Path) -> None:
     if st.st_uid != os.getuid():
         raise UserError(f"--work-dir: {path} belongs to another user (uid {st.st_uid}); the worker's temporary files "
                         "hold its runs' environment: give it a directory of its own")
+    if st.st_mode & stat.S_ISVTX:
+        raise UserError(f"--work-dir: {path} is a shared directory (sticky bit, like /tmp); the worker's temporary "
+                        "files hold its runs' environment: name a directory of its own (e.g. below it)")
     if stat.S_IMODE(st.st_mode) != 0o700:
         os.chmod(path, 0o700)
 

@@ -195,6 +195,21 @@ def test_catalog_has_the_expected_providers_and_limits():
         assert profile.limits.min_part_size <= profile.limits.max_part_size
 
 
+@pytest.mark.parametrize("first, second", [("claims/", "claims/2024/"), ("", "x/"), ("data", "data1/"), ("a/", "a/")])
+def test_datasets_whose_keys_could_meet_on_one_destination_are_refused(tmp_path, capsys, first, second):
+    """Prefix `a/` with key `b/f` and prefix `a/b/` with key `f` are the same object: the later copy
+    would replace the earlier one without a word."""
+    data = variant(datasets__claims__dest_prefix=first)
+    data["datasets"]["stays"] = {"source": "az", "container": "stays", "destination": "ovh", "dest_prefix": second}
+    path = write(tmp_path, data)
+    code, err = run_cli(capsys, "inventory", "--config", str(path))
+    assert code == ExitCode.USAGE
+    assert "datasets `claims` and `stays` write to destination `ovh`" in err and "dest_prefix" in err
+    data["datasets"]["stays"]["dest_prefix"] = "stays/"
+    data["datasets"]["claims"]["dest_prefix"] = "claims/"
+    assert load_config(write(tmp_path, data)).config.datasets["stays"].dest_prefix == "stays/"
+
+
 def test_provider_overrides_change_behaviour_for_one_destination(tmp_path):
     from config.policy import destination_profile
 

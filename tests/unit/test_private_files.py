@@ -48,6 +48,19 @@ def test_an_existing_directory_and_file_of_ours_are_narrowed(tmp_path, loose_uma
     assert (mode(d), mode(f)) == (0o700, 0o600)
 
 
+def test_a_shared_directory_is_never_narrowed(tmp_path, loose_umask):
+    """A state or key path written in /tmp must not lock every other user out of /tmp: a sticky
+    directory is never changed (its files are still 0600)."""
+    from engine.keys import _write_private
+
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    private_directory(shared)
+    _write_private(shared / "kek.key", b"k")
+    assert (stat.S_IMODE(os.stat(shared).st_mode), mode(shared / "kek.key")) == (0o1777, 0o600)
+
+
 def test_open_private_creates_0600(tmp_path, loose_umask):
     with open_private(tmp_path / "lock", "a+") as fh:
         fh.write("pid 1\n")
@@ -79,3 +92,19 @@ def test_key_files_and_the_audit_manifest_are_private(tmp_path, loose_umask, mon
     wide = {name: m for name, m in found.items()
             if m != (oct(0o700) if (tmp_path / name).is_dir() else oct(0o600))}
     assert not wide, wide
+
+
+def test_the_worker_refuses_a_shared_work_dir(tmp_path):
+    """`exitplan worker --work-dir /tmp` would make /tmp 0700 (the worker narrows its directory):
+    a sticky directory is refused instead, and left as it was."""
+    from config.errors import UserError
+    from flows.worker import WorkerDirectory
+
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    with pytest.raises(UserError) as info:
+        with WorkerDirectory(shared):
+            pass
+    assert "shared directory" in str(info.value) and str(shared) in str(info.value)
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
