@@ -605,6 +605,26 @@ class KeysConfig(_Model):
     keyset_path: str | None = None
 
 
+class AlertsConfig(_Model):
+    """Prefect automations `exitplan deploy` creates (or updates, or removes when switched off) on
+    the server, each sending to the Prefect notification block `notify` names
+    (`<block-type-slug>/<block-name>`, e.g. `slack-webhook/ops-oncall`, `custom-webhook/pager`:
+    whatever Prefect offers; the block holds the webhook URL or address, never this file).
+
+    `on_failure`: a run of the project's deployments ends Failed or Crashed. `late_after_minutes`:
+    a scheduled run has not started that long after Prefect marked it late (no worker, a full pool).
+    `running_longer_than_hours`: a run still running after that long. `on_discrepancies`: verify
+    found copies that differ from what was recorded (an `exitplan.verify.discrepancies` event).
+    """
+
+    notify: str = Field(pattern=r"^[a-z0-9-]+/[A-Za-z0-9_.-]+$")
+    on_failure: bool = True
+    # Prefect checks a "did not happen within" trigger over at least 10 seconds: the minimums.
+    late_after_minutes: float | None = Field(30, ge=0.2, le=7 * 24 * 60)
+    running_longer_than_hours: float | None = Field(None, ge=0.003, le=24 * 30)
+    on_discrepancies: bool = True
+
+
 class ExitplanConfig(_Model):
     version: Literal[1] = 1
     project: str = Field(pattern=_NAME)
@@ -616,6 +636,7 @@ class ExitplanConfig(_Model):
     state: StateConfig = StateConfig()
     policy: PolicyConfig = PolicyConfig()
     keys: KeysConfig | None = None  # required by `exitplan keys …` and by encrypted writes
+    alerts: AlertsConfig | None = None  # Prefect automations made by `exitplan deploy`
 
     def reference_problems(self) -> list[tuple[str, str]]:
         """(field, problem) for names that break the naming rule or point at nothing."""

@@ -13,7 +13,9 @@ Prefect server (ARCHITECTURE.md §8).
    parameter), no ephemeral server and analytics off; with `--pool` or `--deployment` it deploys a
    copy of the file restricted to those deployments, on that pool;
 6. reads back what was registered and prints it, with the command that starts a worker and the
-   environment variables the workers need (names only, never values).
+   environment variables the workers need (names only, never values);
+7. creates, updates or removes the alerts of the `alerts` section (Prefect automations,
+   `flows.alerts`).
 
 The repository is the deployable unit: the workers run the flows from this checkout
 (`deploy/prefect.yaml` records its path at deploy time).
@@ -47,6 +49,7 @@ PREFECT_FILE = Path("deploy") / "prefect.yaml"  # relative to REPO_ROOT
 DEFAULT_POOL = "exitplan"
 # What every Prefect process exitplan starts (and every worker) must have.
 QUIET_PREFECT_ENV = {"PREFECT_SERVER_EPHEMERAL_ENABLED": "false", "DO_NOT_TRACK": "1"}
+SHARDS_DEPLOYMENT_NAME = "shards"  # started by a run itself (`orchestration.shard_workers`), never alone
 DEPLOY_TIMEOUT = 600.0  # seconds for `prefect deploy` (a few deployments take a few seconds)
 
 
@@ -88,6 +91,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     _run_prefect_deploy(spec, chosen, args.pool, prefect_file, config_path, url)
     registered = _read_back(chosen)
     _print_registered(registered, args.pool)
+    _ensure_alerts(loaded, spec)
     _print_worker(loaded, args.pool, url)
     return ExitCode.OK
 
@@ -184,9 +188,11 @@ def _run_prefect_deploy(spec: dict[str, Any], chosen: list[dict[str, Any]], pool
         raise UserError(f"`prefect deploy` failed with exit code {done.returncode} (its output is above)")
 
 
-def _read_back(chosen: list[dict[str, Any]]) -> list[tuple[str, Any]]:
-    """(flow/deployment name, deployment) as the server now has them."""
+def _read_back(chosen: list[dict[str, Any]], *, missing_ok: bool = False) -> list[tuple[str, Any]]:
+    """(flow/deployment name, deployment) as the server now has them (with `missing_ok`, those it
+    has)."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
     from prefect.flows import load_flow_from_entrypoint
 
     out = []
@@ -195,8 +201,24 @@ def _read_back(chosen: list[dict[str, Any]]) -> list[tuple[str, Any]]:
             path, _, func = d["entrypoint"].partition(":")
             flow_name = load_flow_from_entrypoint(f"{REPO_ROOT / path}:{func}").name
             full = f"{flow_name}/{d['name']}"
-            out.append((full, client.read_deployment_by_name(full)))
+            try:
+                out.append((full, client.read_deployment_by_name(full)))
+            except ObjectNotFound:
+                if not missing_ok:
+                    raise
     return out
+
+
+def _ensure_alerts(loaded: LoadedConfig, spec: dict[str, Any]) -> None:
+    """The `alerts` section's automations, watching the runs of every deployment of the file the
+    server has (those deployed earlier too), except the shards a run starts itself."""
+    from flows.alerts import ensure_alerts
+
+    runs = [d for d in spec.get("deployments") or [] if d.get("name") != SHARDS_DEPLOYMENT_NAME]
+    ids = [str(dep.id) for _, dep in _read_back(runs, missing_ok=True)]
+    lines = ensure_alerts(loaded, ids)
+    if lines:
+        print("\n" + "\n".join(lines))
 
 
 def _print_registered(registered: list[tuple[str, Any]], pool: str) -> None:

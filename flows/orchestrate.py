@@ -52,6 +52,7 @@ from engine import run as engine_run
 from engine.executors import noted
 from engine.report import write_report
 from engine.shards import ConnectionShare, ShardPlan, share_connections
+from flows.alerts import discrepancy_event
 from flows.artifacts import (MigrateOutcome, artifact_key, shard_artifacts, summary_artifact, verify_artifacts,
                              verify_summary_artifact)
 from flows.provider_limits import provider_limit_name, provider_limits
@@ -154,6 +155,7 @@ def verify_flow(config_path: str, datasets: list[str] | None = None, deep: bool 
         return _user_failure(exc)
     verify_artifacts(loaded.config.project, checked)
     verify_summary_artifact(loaded.config.project, checked)
+    discrepancy_event(loaded.config.project, checked)
     failed = sum(d["failed"] for d in checked["datasets"])
     if failed or checked["incomplete"]:
         return _failed("; ".join(([f"verification found {failed} object(s) with discrepancies (see the table "
@@ -193,6 +195,7 @@ def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: 
     except UserError as exc:
         return _user_failure(exc)
     verify_artifacts(outcome.project, checked)
+    discrepancy_event(outcome.project, checked)
     outcome.report = _write_report(outcome)
     summary_artifact(outcome, gate, checked)
     return _final(outcome, checked)

@@ -24,8 +24,8 @@ def project_name(tmp_path: Path, prefix: str) -> str:
 
 def write_project(tmp_path: Path, cs: str, s3_url: str, *, project: str, bucket: str, cs_var: str,
                   orchestration: dict | None = None, transfer: dict | None = None,
-                  extra_blobs: dict[str, bytes] | None = None, state: dict | None = None
-                  ) -> tuple[Path, str, dict[str, bytes]]:
+                  extra_blobs: dict[str, bytes] | None = None, state: dict | None = None,
+                  alerts: dict | None = None) -> tuple[Path, str, dict[str, bytes]]:
     """(config path, container, {key: bytes}); the config reads the connection string from `cs_var`.
 
     The project is named after its container (`project` and a unique suffix): the S3 server and
@@ -49,6 +49,7 @@ def write_project(tmp_path: Path, cs: str, s3_url: str, *, project: str, bucket:
         "orchestration": {"shard_objects": 4, "parallel_shards": 2, "shard_retries": 0, **(orchestration or {})},
         "state": {"path": str(tmp_path / "state"), **(state or {})},
         "keys": {"kek": {"backend": "local", "path": str(tmp_path / "kek.json")}},
+        **({"alerts": alerts} if alerts else {}),
     }
     path = tmp_path / "exitplan.yaml"
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")

@@ -11,10 +11,14 @@ import subprocess
 import sys
 import time
 import uuid
-from contextlib import contextmanager
+import json
+import threading
+from contextlib import ExitStack, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flows import lab_processes as lp
 from tests.projects import write_project
@@ -87,10 +91,15 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
         extra_env[STATE_VAR] = request.getfixturevalue("postgres").create_database(f"deploy_{uuid.uuid4().hex[:12]}")
         monkeypatch.setenv(STATE_VAR, extra_env[STATE_VAR])
         orchestration = {"shard_workers": 2}
+    # `failing` also carries alerts: a failed run and a run running too long (0.003 h: 10.8 s) are sent
+    # to a webhook block pointing at a receiver of ours.
+    alerts = ({"notify": "custom-webhook/ops", "running_longer_than_hours": 0.003, "late_after_minutes": None}
+              if spread == "failing" else None)
     config, container, blobs = write_project(tmp_path, azurite_connection_string, s3_server.url, project="deploy",
                                              bucket=BUCKET, cs_var=CS_VAR, orchestration=orchestration,
                                              state={"url_env": STATE_VAR} if extra_env else None,
-                                             extra_blobs={TOO_LONG: b"x"} if spread == "failing" else None)
+                                             extra_blobs={TOO_LONG: b"x"} if spread == "failing" else None,
+                                             alerts=alerts)
     mark = uuid.uuid4().hex
 
     # A Prefect server of our own: its own PREFECT_HOME (SQLite), a free loopback port.
@@ -100,6 +109,7 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
     server = lp.start_server(spec, tmp_path / "prefect-server.log")
     worker = None
     worker_log = tmp_path / "worker.log"
+    stack = ExitStack()
     try:
         # What a worker host (and CI) has: the API URL, no ephemeral server, analytics off, the
         # credential the configuration names; nothing else of Prefect's from the test's shell.
@@ -108,9 +118,24 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
                     "PREFECT_HOME": str(tmp_path / "client-home"), CS_VAR: azurite_connection_string, MARK: mark,
                     **extra_env})
 
+        if alerts:
+            hook = stack.enter_context(WebhookReceiver())
+            missing = subprocess.run([str(BIN / "exitplan"), "deploy", "--config", str(config)], env=env,
+                                     cwd=tmp_path, capture_output=True, text=True, timeout=300)
+            assert missing.returncode == 2 and "no block 'custom-webhook/ops'" in missing.stderr, missing.stderr
+            from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+            with _client(api_url):
+                CustomWebhookNotificationBlock(name="ops", url=hook.url, method="POST",
+                                               json_data={"subject": "{{subject}}", "body": "{{body}}"}).save("ops")
         deployed = subprocess.run([str(BIN / "exitplan"), "deploy", "--config", str(config)], env=env,
                                   cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        if alerts:
+            project = yaml.safe_load(config.read_text())["project"]
+            assert f"alert: exitplan {project}: run failed -> custom-webhook/ops" in deployed.stdout
+            assert f"alert: exitplan {project}: run too long -> custom-webhook/ops" in deployed.stdout
+            assert "run late" not in deployed.stdout  # switched off: never created
         worker_cmd = f"PREFECT_API_URL={api_url} exitplan worker --pool exitplan --config {config.resolve()}"
         assert worker_cmd in deployed.stdout, deployed.stdout
         assert CS_VAR in deployed.stdout and azurite_connection_string not in deployed.stdout
@@ -165,6 +190,25 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
             assert "Finished in state Completed()" not in detail  # no line per completed task
             assert TOO_LONG in detail  # the failed object named in the run's log, with its reason
             assert set(blobs) - keys_below(s3, BUCKET, f"{container}/") == {TOO_LONG}
+            # The alert: the failure's one sentence, sent by the server's automation to the webhook.
+            sent = hook.wait_for(lambda m: m["subject"].endswith("run failed"), 60)
+            assert state.message in sent["body"] and run.name in sent["body"], sent
+            # A run that started and never ended: "still running" after 10.8 s (Prefect checks
+            # proactive triggers every few seconds).
+            from prefect.states import Running
+
+            with _client(api_url) as client:
+                stuck = client.create_flow_run_from_deployment(deps["exit-plan/exit-plan"].id, state=Running())
+            sent = hook.wait_for(lambda m: m["subject"].endswith("run still running"), 90)
+            assert stuck.name in sent["body"], sent
+            # What the verify flows emit when copies differ from what was recorded.
+            from flows.alerts import discrepancy_event
+
+            with _client(api_url):
+                discrepancy_event(project, {"run_id": 7, "datasets": [{"dataset": "claims", "failed": 3},
+                                                                      {"dataset": "stays", "failed": 0}]})
+            sent = hook.wait_for(lambda m: m["subject"].endswith("verify found discrepancies"), 60)
+            assert sent["body"].startswith("3 object(s)") and "(claims)" in sent["body"], sent
             return
         assert state.is_completed(), f"{state.type} {state.message}\n{detail}"
         assert set(blobs) <= keys_below(s3, BUCKET, f"{container}/")
@@ -183,6 +227,7 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
             # each shard ran in the process of its own flow run, on the worker
             assert [s.status for s in shards] == ["ok"] * 3 and len({s.worker for s in shards}) == 3
     finally:
+        stack.close()
         if worker is not None:
             lp.stop_pid(worker.pid)
             worker.wait(timeout=15)
@@ -191,6 +236,49 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
     if Path("/proc/self/environ").exists():
         assert _wait_gone(mark) == [], "a process started by the worker or the server is still running"
     print(f"deploy + worker + exit-plan run in {time.monotonic() - began:.1f} s")
+
+
+class WebhookReceiver:
+    """An HTTP server on 127.0.0.1 keeping the JSON bodies POSTed to it (what a notification block
+    of type custom-webhook sends)."""
+
+    def __init__(self):
+        received = self.received = []
+        cond = self.cond = threading.Condition()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with cond:
+                    received.append(json.loads(body))
+                    cond.notify_all()
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer((lp.LOOPBACK, 0), Handler)
+        self.url = f"http://{lp.LOOPBACK}:{self.server.server_port}/hook"
+
+    def __enter__(self) -> "WebhookReceiver":
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def wait_for(self, matches, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = [m for m in self.received if matches(m)]
+                if found:
+                    return found[0]
+                left = deadline - time.monotonic()
+                assert left > 0, f"no such notification within {timeout} s; received: {self.received}"
+                self.cond.wait(left)
 
 
 def _logs_of(flow_run_id):
