@@ -192,7 +192,7 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
             assert set(blobs) - keys_below(s3, BUCKET, f"{container}/") == {TOO_LONG}
             # The alert: the failure's one sentence, sent by the server's automation to the webhook.
             sent = hook.wait_for(lambda m: m["subject"].endswith("run failed"), 60)
-            assert state.message in sent["body"] and run.name in sent["body"], sent
+            assert state.message in sent["body"] and str(run.id) in sent["body"], sent  # with a link to the run
             # A run that started and never ended: "still running" after 10.8 s (Prefect checks
             # proactive triggers every few seconds).
             from prefect.states import Running
