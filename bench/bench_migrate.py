@@ -72,6 +72,11 @@ PART_SIZE = 16 * MiB
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 OUT_DIR = REPO / "bench" / "out"
 EXITPLAN = Path(sys.executable).parent / "exitplan"
+PY_SPY = Path(sys.executable).parent / "py-spy"
+# py-spy samples per second, of the thread holding the GIL only (`--gil`): Python's CPU, without
+# the threads waiting on a socket or a lock, which py-spy's idle detection misses on a loaded box.
+PROFILE_RATE = 100
+PROFILE_DIR = REPO / "bench" / "profiles"
 
 # ----------------------------------------------------------------------------------------------
 # The dataset (shared by the seed, the ceiling child and the in-memory engine child)
@@ -367,6 +372,94 @@ def verify_prefix(endpoint: str, prefix: str, series: Series, encrypted: bool = 
 
 
 # ----------------------------------------------------------------------------------------------
+# Latency-true simulation: the servers behind proxies that hold every request
+# ----------------------------------------------------------------------------------------------
+
+# One child process (its own process group, so its CPU is counted as a server's) running a
+# tests/faultproxy.py proxy in front of each given port, each holding every request `delay`
+# seconds (`delay_every`). A listen backlog of 1,024: the standard library's 5 would make
+# hundreds of connections opened at once wait for SYN retries.
+_PROXY_CHILD = r"""
+import http.server, sys
+sys.path.insert(0, sys.argv[1])
+http.server.ThreadingHTTPServer.request_queue_size = 1024
+from tests.faultproxy import FaultProxy
+proxies = [FaultProxy("127.0.0.1", int(port), timeout=120).start() for port in sys.argv[3:]]
+for proxy in proxies:
+    proxy.delay_every(float(sys.argv[2]))
+print(" ".join(str(proxy.port) for proxy in proxies), flush=True)
+sys.stdin.read()  # until the bench closes this pipe
+"""
+
+
+class ProxiedLab:
+    """The lab as a client sees it through the delaying proxies: Azurite and S3 URLs point at the
+    proxies; moto restarts and server CPU are the lab's, plus the proxies' CPU ("proxy")."""
+
+    def __init__(self, lab: Lab, delay_s: float):
+        self.lab = lab
+        self.delay_s = delay_s
+        self.proc = subprocess.Popen([sys.executable, "-c", _PROXY_CHILD, str(REPO), str(delay_s),
+                                      str(lab.azurite_port), str(lab.s3_port)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     start_new_session=True, env=child_env())
+        _CHILDREN.add(self.proc.pid)
+        self.azurite_port, s3_port = (int(x) for x in self.proc.stdout.readline().split())
+        self.s3_url = f"http://{LOOPBACK}:{s3_port}"
+
+    @property
+    def conn_str(self) -> str:
+        return azurite_connection_string(self.azurite_port)
+
+    def restart_moto(self) -> None:
+        self.lab.restart_moto()
+
+    def server_pgids(self) -> dict[str, int | None]:
+        return dict(self.lab.server_pgids(), proxy=self.proc.pid)
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        _kill(self.proc.pid)
+        self.proc.wait()
+        _CHILDREN.discard(self.proc.pid)
+
+
+def latency_series(lab: Lab, series: Series, args: argparse.Namespace, tmp: Path) -> list[dict]:
+    """Each tool of `--latency-tools` at each `--latency-concurrency` on `series` through proxies
+    holding every request `--latency-ms`: objects/s against concurrency / latency, CPU per object."""
+    delay = args.latency_ms / 1000
+    far = ProxiedLab(lab, delay)
+    rows: list[dict] = []
+    print(f"latency-true simulation: every request held {args.latency_ms:g} ms by a proxy "
+          f"(Azurite :{far.azurite_port}, S3 {far.s3_url}); {series.count:,} x {series.size / KiB:g} KiB", flush=True)
+    try:
+        conf = rclone_config(tmp / "rclone-far.conf", far)  # type: ignore[arg-type]
+        for c in args.latency_concurrency:
+            for tool in args.latency_tools:
+                tag = f"far{args.latency_ms:g}-c{c}"
+                far.restart_moto()
+                if tool == "rclone":
+                    res = run_rclone(far, conf, series, tag, c, tmp)  # type: ignore[arg-type]
+                else:
+                    res = run_exitplan(far, series, tag, c, tmp, encrypted=tool == "exitplan-enc")  # type: ignore[arg-type]
+                ok, detail = (verify_prefix(lab.s3_url, res.prefix, series, encrypted=tool == "exitplan-enc")
+                              if res.rc == 0 else (False, f"exit {res.rc}"))
+                row = measure(tool, series, res, ok, detail)
+                ideal = c / (2 * delay)  # two requests per object (a GET, a PUT), each held `delay`
+                row.update(concurrency=c, latency_ms=args.latency_ms, objects_s=series.count / res.wall,
+                           ideal_objects_s=ideal, of_ideal=series.count / res.wall / ideal)
+                rows.append(row)
+                print(f"  c={c:4} {tool:13} {row['objects_s']:7.1f} obj/s (ideal {ideal:7.1f}, "
+                      f"{100 * row['of_ideal']:5.1f}%)  cpu {row['cpu_ms_per_object']:6.2f} ms/obj  "
+                      f"rss {row['peak_rss_mib']:5.0f} MiB  proxy cpu {res.server_cpu.get('proxy', 0):5.1f} s  "
+                      f"moto cpu {res.server_cpu.get('moto', 0):5.1f} s  {'ok' if ok else 'FAILED'}: {detail}",
+                      flush=True)
+    finally:
+        far.stop()
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
 # The tools
 # ----------------------------------------------------------------------------------------------
 
@@ -422,8 +515,9 @@ state:
     return path
 
 
-def run_exitplan(lab: Lab, series: Series, tag: str, concurrency: int, tmp: Path, encrypted: bool = False
-                 ) -> ChildResult:
+def run_exitplan(lab: Lab, series: Series, tag: str, concurrency: int, tmp: Path, encrypted: bool = False,
+                 profile: Path | None = None) -> ChildResult:
+    """`exitplan migrate` of `series`; with `profile`, under py-spy, its raw stacks written there."""
     name = "exitplan-enc" if encrypted else "exitplan"
     prefix = f"{name}-{tag}/"
     cfg = exitplan_config(tmp / f"{name}-{tag}.yaml", lab, series, prefix, concurrency, tmp / f"state-{name}-{tag}",
@@ -433,8 +527,11 @@ def run_exitplan(lab: Lab, series: Series, tag: str, concurrency: int, tmp: Path
     if encrypted:  # the keyset is made once per project, not timed
         subprocess.run([str(EXITPLAN), "keys", "init", "--config", str(cfg)], env=env, check=True,
                        stdout=subprocess.DEVNULL)
-    res = run_child([str(EXITPLAN), "migrate", "--config", str(cfg)], env=env, log=tmp / f"{name}-{tag}.log",
-                    lab=lab)
+    argv = [str(EXITPLAN), "migrate", "--config", str(cfg)]
+    if profile is not None:  # py-spy samples the run (it costs the run a few % of CPU)
+        argv = [str(PY_SPY), "record", "--gil", "--rate", str(PROFILE_RATE), "--format", "raw",
+                "--output", str(profile), "--", *argv]
+    res = run_child(argv, env=env, log=tmp / f"{name}-{tag}.log", lab=lab)
     res.prefix = prefix  # type: ignore[attr-defined]
     return res
 
@@ -764,6 +861,24 @@ def measure(tool: str, series: Series, res: ChildResult, ok: bool, detail: str, 
     return row
 
 
+def keep_profile(raw: Path, tool: str, series: Series, res: ChildResult, concurrency: int) -> None:
+    """The profiled run's breakdown (text) under bench/profiles/, its shares scaled by `res` (the
+    same run, not profiled), and for the encrypted small series its flame graph (SVG); the raw
+    stacks stay in the temp dir."""
+    from bench.profile_stacks import flame_svg, read_raw, summary_text
+
+    stacks = read_raw(raw)
+    name = f"{series.name}-{tool}-c{concurrency}"
+    title = (f"{tool} migrate, {series.count:,} x {series.size / KiB:g} KiB, concurrency {concurrency}, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.2f}")
+    PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+    text = summary_text(title, stacks, 1000 * res.cpu / series.count)
+    (PROFILE_DIR / f"{name}.txt").write_text(text)
+    print(text, flush=True)
+    if series.name == "small" and tool == "exitplan-enc":
+        (PROFILE_DIR / f"{name}.svg").write_text(flame_svg(stacks, title))
+
+
 def median_row(rows: list[dict]) -> dict:
     """Per metric, the median over repeats (the best run's numbers are in the JSON too)."""
     out = dict(rows[0])
@@ -796,7 +911,7 @@ def main_run(args: argparse.Namespace) -> int:
     small = Series("small", "bench-small", args.small_count, args.small_kib * KiB)
     rss_big = Series("rss-big", "bench-rss-big", 1, args.rss_big_mib * MiB)
     rss_small = Series("rss-small", "bench-rss-small", 1, 20 * MiB)
-    series = [large, small]
+    series = [s for s in (large, small) if s.name in args.series]
     n = args.concurrency
     tmp = Path(tempfile.mkdtemp(prefix="exitplan-bench-"))
     lab = Lab(tmp)
@@ -893,7 +1008,16 @@ def main_run(args: argparse.Namespace) -> int:
                     if not ok:
                         print(f"    log tail ({res.log}):\n" + "\n".join("      " + line for line in res.tail().splitlines()),
                               flush=True)
+                    if args.profile and rep == 1 and tool in ("exitplan", "exitplan-enc"):
+                        # A second run under py-spy, not timed: its shares, scaled by this run's CPU.
+                        raw = tmp / f"profile-{tool}-{tag}.txt"
+                        lab.restart_moto()
+                        run_exitplan(lab, s, f"{tag}-profiled", n, tmp, encrypted=tool == "exitplan-enc", profile=raw)
+                        if raw.exists():
+                            keep_profile(raw, tool, s, res, n)
         report["runs"] = runs
+        if args.latency_ms:
+            report["latency"] = latency_series(lab, small, args, tmp)
 
         # --- peak RSS: one big blob versus one 20 MiB blob -------------------------------------------
         rss: dict = {}
@@ -915,7 +1039,8 @@ def main_run(args: argparse.Namespace) -> int:
         out_path = OUT_DIR / f"{started.strftime('%Y%m%dT%H%M%S')}.json"
         out_path.write_text(json.dumps(report, indent=2, default=str))
         print(f"\nresults: {out_path.relative_to(REPO)}")
-        failed = [r for r in runs if not r["verified"]] + [r for r in rss.values() if not r["verified"]]
+        failed = ([r for r in runs + report.get("latency", []) if not r["verified"]]
+                  + [r for r in rss.values() if not r["verified"]])
         return 1 if failed else 0
     finally:
         for pid in list(_CHILDREN):
@@ -1065,6 +1190,27 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace) 
                  ratio(es["copy_objects"]["cpu"], es["bare_loop"]["cpu"]), "per-object costs, not hashing")
             line("engine/bare loop CPU, small (copy_object)", ratio(es["copy_object"]["cpu"], es["bare_loop"]["cpu"]))
 
+    far = report.get("latency")
+    if far:
+        print(f"\nlatency-true simulation (every request held {far[0]['latency_ms']:g} ms; ideal = concurrency / "
+              "(2 x latency): a GET then a PUT per object)")
+        print(f"  {'concurrency':>11} {'tool':13} {'obj/s':>8} {'ideal':>8} {'of ideal':>8} {'CPU ms/obj':>10} "
+              f"{'peak RSS MiB':>12}  verified")
+        for r in far:
+            print(f"  {r['concurrency']:11d} {r['tool']:13} {r['objects_s']:8.1f} {r['ideal_objects_s']:8.1f} "
+                  f"{100 * r['of_ideal']:7.1f}% {r['cpu_ms_per_object']:10.2f} {r['peak_rss_mib']:12.0f}  "
+                  f"{'yes' if r['verified'] else 'NO'}")
+        for c in sorted({r["concurrency"] for r in far}):
+            by = {r["tool"]: r for r in far if r["concurrency"] == c}
+            if "rclone" not in by:
+                continue
+            for tool in ("exitplan", "exitplan-enc"):
+                if tool in by:
+                    line(f"{tool}/rclone obj/s, {far[0]['latency_ms']:g} ms, c={c}",
+                         ratio(by[tool]["objects_s"], by["rclone"]["objects_s"]), "> 1: exitplan faster")
+                    line(f"{tool}/rclone CPU per object, {far[0]['latency_ms']:g} ms, c={c}",
+                         ratio(by[tool]["cpu_ms_per_object"], by["rclone"]["cpu_ms_per_object"]), "< 1: cheaper")
+
     rss = report.get("rss")
     if rss and "rss-big" in rss and "rss-small" in rss:
         big, sm = rss["rss-big"], rss["rss-small"]
@@ -1135,6 +1281,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"{FLOW_PROCESSES_TOOL} (the same flow, its shards in {FLOW_SHARD_PROCESSES} processes; not in "
                         "the default set), exitplan-enc "
                         "(encrypted, exitplan's default), rclone, ceiling (default all)")
+    p.add_argument("--series", default="large,small", help="comma-separated subset of large, small (default both)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the first timed run of exitplan and exitplan-enc, run it again under py-spy (pip "
+                        "install py-spy into the venv) and write where its CPU went to bench/profiles/")
+    p.add_argument("--latency-ms", type=float, default=0,
+                   help="also run the small series through proxies holding every request this many ms (a "
+                        "latency-true simulation; default 0: off)")
+    p.add_argument("--latency-concurrency", default="8,64,256",
+                   help="concurrencies of the latency series (default 8,64,256)")
+    p.add_argument("--latency-tools", default="exitplan,exitplan-enc,rclone",
+                   help="tools of the latency series (default exitplan,exitplan-enc,rclone)")
     p.add_argument("--skip-2g", action="store_true", help="skip the peak-RSS comparison (big blob vs 20 MiB)")
     p.add_argument("--skip-engine", action="store_true", help="skip the in-memory engine vs bare loop")
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (configs, logs) for inspection")
@@ -1145,6 +1302,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(ns, name) is None:
             setattr(ns, name, q if quick else default)
     ns.tools = [t.strip() for t in ns.tools.split(",") if t.strip()]
+    ns.series = [t.strip() for t in ns.series.split(",") if t.strip()]
+    ns.latency_concurrency = [int(c) for c in ns.latency_concurrency.split(",") if c.strip()]
+    ns.latency_tools = [t.strip() for t in ns.latency_tools.split(",") if t.strip()]
+    if set(ns.latency_tools) - {"exitplan", "exitplan-enc", "rclone"}:
+        p.error("--latency-tools takes exitplan, exitplan-enc, rclone")
+    if ns.latency_ms and "small" not in ns.series:
+        p.error("--latency-ms runs the small series: keep small in --series")
+    if set(ns.series) - {"large", "small"} or not ns.series:
+        p.error("--series takes large, small or both")
+    if ns.profile and not PY_SPY.exists():
+        p.error(f"--profile needs py-spy in the venv ({PY_SPY}): .venv/bin/pip install py-spy")
     unknown = set(ns.tools) - {"exitplan", "exitplan-flow", FLOW_PROCESSES_TOOL, "exitplan-enc", "rclone", "ceiling"}
     if unknown:
         p.error(f"unknown tool(s): {', '.join(sorted(unknown))}")

@@ -60,8 +60,8 @@ uploaded (or verified) and was not recorded yet, in row order, after each datase
 its end, read back from the state store (`engine.state` tables; times and digests come from the
 rows). Which rows are recorded is kept in the state database (its ``audit_recorded`` table,
 `StateStore.unaudited` and `mark_audited`): a run killed before its records were written has them
-written by the next run (``late: true``). A kill between a line and its mark can at worst repeat
-a record.
+written by the next run (``late: true``). The marks are written after their lines, up to 500 rows
+per transaction: a kill between lines and their marks can at worst repeat those records.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ RUN_INTERRUPTED = "run_interrupted"
 REPAIR = "repair"
 _MANIFEST = "the audit manifest"  # for the sentence of a manifest that cannot be written
 RECORD_TYPES = (CHAIN_START, RUN_START, TRANSFER, REMOVAL, VERIFY, RUN_INTERRUPTED, REPAIR, RUN_END)
+MARKS_PER_TRANSACTION = 500  # rows marked recorded per state transaction (`_Marks`)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -885,7 +886,7 @@ class MigrationAudit(RunAudit):
         src_cfg = self.loaded.config.sources[ds.source]
         account = getattr(source, "account", None) or _account_of(src_cfg)
         verdict = self.verdicts[ds.destination]
-        n = 0
+        marks = _Marks(self.state)
         for row in self.state.unaudited(dataset, st.COPIED):
             key_id = self.key_ids.get(dataset)
             if ds.public:
@@ -912,8 +913,8 @@ class MigrationAudit(RunAudit):
                 "restarts": row.restarts,
                 "started": iso(row.started_at), "finished": iso(row.finished_at),
             })
-            self.state.mark_audited(row.id, record["seq"])
-            n += 1
+            marks.add(row.id, record["seq"])
+        marks.flush()  # before reading the removals: the same table decides what they are
         for row in self.state.unaudited(dataset, (st.REMOVED,)):
             record = self.manifest.append({
                 "type": REMOVAL, "run": row.run_id, "recorded_in_run": self.run_id,
@@ -926,9 +927,32 @@ class MigrationAudit(RunAudit):
                           "(migrate --delete-removed)",
                 "deleted": iso(row.finished_at or row.updated_at),
             })
-            self.state.mark_audited(row.id, record["seq"])
-            n += 1
-        return n
+            marks.add(row.id, record["seq"])
+        marks.flush()
+        return marks.count
+
+
+class _Marks:
+    """Which manifest line records which state row, written `MARKS_PER_TRANSACTION` at a time
+    (one transaction per row cost as much as the row's copy, for small objects). The lines are
+    written and flushed first: a kill before a batch's marks makes the next run record those rows
+    again (at worst repeated records, never a row left unrecorded)."""
+
+    def __init__(self, state: Any):
+        self.state = state
+        self.pending: list[tuple[int, int]] = []
+        self.count = 0
+
+    def add(self, object_id: int, seq: int) -> None:
+        self.pending.append((object_id, seq))
+        self.count += 1
+        if len(self.pending) >= MARKS_PER_TRANSACTION:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.state.mark_audited(lines=self.pending)
+            self.pending = []
 
 
 def _account_of(src_cfg: Any) -> str | None:

@@ -345,6 +345,9 @@ def copy_objects(
     """
     tally = _Tally(dataset, run_id, progress, progress_interval, max_reported_failures)
     batch = state.batch(max_rows=state_batch_rows, max_age=state_batch_seconds)
+    # Most runs have nothing to skip against or to resume (a first copy; a delta after a run that
+    # ended cleanly): then the two per-object look-ups answer nothing and are left out.
+    earlier_copies, open_uploads = state.earlier_work(dataset, run_id)
 
     def one(meta: ObjectMeta, placement: Placement) -> None:
         """Copy, count and record one object. `copy_object` turns the object's own failures into
@@ -358,7 +361,7 @@ def copy_objects(
             outcome = copy_object(
                 source, sink, meta, placement, settings=settings, budget=budget, executors=executors,
                 output_format=output_format, events=events, replace_placement=replace_placement,
-                resume=resume_point(state, dataset, meta.key),
+                resume=resume_point(state, dataset, meta.key) if open_uploads else None,
             )
         except StateUnwritable:  # kept in `state.unwritable`: the dataset stops and raises it once
             return
@@ -401,7 +404,7 @@ def copy_objects(
                                                       reason=placed.reason, refused=True),
                             st.FAILED, reason=placed.reason, transient=False)
                     continue
-                if skip_unchanged:
+                if skip_unchanged and earlier_copies:
                     previous = state.current_copy(dataset, meta.key)
                     if (previous is not None and previous.run_id != run_id and previous.source_etag == meta.etag
                             and previous.size == meta.size and previous.dest_key == placed.dest_key):

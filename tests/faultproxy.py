@@ -11,6 +11,7 @@ connection. Put this proxy between a connector and the server and tell it what t
         proxy.drop_next(method="PUT")            # forward the next PUT, then hang up without answering
         proxy.delay_next(2.0, method="GET")      # hold the next GET for 2 s before forwarding it
         proxy.count("PUT", "part")               # requests seen, by method and kind of path
+        proxy.delay_every(0.020)                 # hold every request 20 ms (a distant provider)
 
 Faults are one-shot rules, consumed in the order they were added by the first request they match
 (method and a regular expression searched in the raw request target, path and query). Requests
@@ -103,6 +104,7 @@ class FaultProxy:
         self.received: list[tuple[str, str]] = []
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self.constant_delay = 0.0  # seconds every request is held (`delay_every`)
 
     # ---- lifecycle --------------------------------------------------------------------------
 
@@ -181,6 +183,13 @@ class FaultProxy:
                    times: int = 1) -> None:
         """Hold the next matching request for `seconds` before forwarding it (client timeouts)."""
         self._add(_Rule("delay", _methods(method), _compile(pattern), times, seconds=seconds))
+
+    def delay_every(self, seconds: float) -> None:
+        """Hold every request `seconds` before forwarding it, on top of any fault (a latency-true
+        simulation of a provider `seconds` away; 0 turns it off). Not a one-shot rule."""
+        if seconds < 0:
+            raise ValueError("a delay cannot be negative")
+        self.constant_delay = seconds
 
     def clear(self) -> None:
         """Drop every pending fault."""
@@ -262,6 +271,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         target = self.path
         body = self._read_body()
         rule = self.owner._take(method, target)
+        if self.owner.constant_delay:
+            time.sleep(self.owner.constant_delay)
         if rule is not None and rule.action == "status":
             self._send_error_response(rule)
             self.owner._record(method, target, rule.status)

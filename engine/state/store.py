@@ -438,6 +438,19 @@ class StateStore:
                                 .where(parts.c.object_id == object_id).order_by(parts.c.number)).all()
         return [PartRecord(int(n), e, int(z), m) for n, e, z, m in rows]
 
+    def earlier_work(self, dataset: str, run_id: int) -> tuple[bool, bool]:
+        """(whether another run than `run_id` left a copied row of `dataset`, whether a row of it
+        is an unfinished multipart upload). Where one is False, `current_copy` finds no copy of
+        another run and `resumable` finds nothing for any of the dataset's keys until this run
+        writes such rows itself: two queries per dataset instead of two per object."""
+        o = objects
+        copied = (sa.select(o.c.id).where(o.c.dataset == dataset, o.c.state.in_(COPIED), o.c.run_id != run_id)
+                  .limit(1))
+        open_upload = (sa.select(o.c.id).where(o.c.dataset == dataset, o.c.state == IN_PROGRESS,
+                                              o.c.upload_id.is_not(None)).limit(1))
+        with self.engine.connect() as conn:
+            return (conn.execute(copied).first() is not None, conn.execute(open_upload).first() is not None)
+
     def resumable(self, dataset: str, source_key: str) -> ObjectRecord | None:
         """The newest row of this object across runs that is an unfinished multipart upload
         (in_progress with an upload id), unless a later row finished or failed the object: what a
@@ -561,10 +574,18 @@ class StateStore:
         return self._object_pages([o.c.dataset == dataset, o.c.state.in_(states),
                                    ~sa.exists().where(audit_recorded.c.object_id == o.c.id)], page)
 
-    def mark_audited(self, object_id: int, seq: int) -> None:
-        """Record that manifest line `seq` records the row `object_id` (written after the line)."""
+    def mark_audited(self, object_id: int | None = None, seq: int | None = None, *,
+                     lines: Sequence[tuple[int, int]] = ()) -> None:
+        """Record that manifest line `seq` records the row `object_id`, or for each (object_id, seq)
+        of `lines` (one transaction for all). Written after the lines: a mark lost to a kill makes
+        the next run record those rows again, never leaves a row unrecorded."""
+        rows = [dict(object_id=o, seq=s) for o, s in lines]
+        if object_id is not None and seq is not None:
+            rows.append(dict(object_id=object_id, seq=seq))
+        if not rows:
+            return
         with self._writing() as conn:
-            conn.execute(audit_recorded.insert().values(object_id=object_id, seq=seq))
+            conn.execute(audit_recorded.insert(), rows)
 
     # ---- the report's figures ----------------------------------------------------------------------
 

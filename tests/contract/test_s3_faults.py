@@ -7,6 +7,7 @@ between the connector and the server and breaks exactly one thing at a time.
 from __future__ import annotations
 
 import io
+import time
 import os
 
 import pytest
@@ -199,6 +200,19 @@ def test_a_slow_server_times_out_as_transient(fault_proxy, s3_bucket):
         fault_proxy.delay_next(1.0, method="HEAD")
         with pytest.raises(TransientError):
             impatient.head("anything")
+
+
+def test_a_constant_delay_holds_every_request(store, fault_proxy):
+    """`delay_every` (the bench's latency simulation) holds each request, not only the next one."""
+    fault_proxy.delay_every(0.3)
+    began = time.monotonic()
+    for i in range(3):
+        store.put(f"far-{i}", b"x", 1, WriteMeta(), md5(b"x"))
+    assert time.monotonic() - began >= 3 * 0.3
+    fault_proxy.delay_every(0)
+    began = time.monotonic()
+    store.put("near", b"x", 1, WriteMeta(), md5(b"x"))
+    assert time.monotonic() - began < 0.3
 
 
 def test_unreachable_endpoint_is_transient(s3_bucket):

@@ -159,6 +159,35 @@ def test_the_connection_pool_is_sized_through_azure_cores_session_hook():
         transport.close()
 
 
+def test_the_environments_proxies_are_read_once_per_endpoint_and_still_used(monkeypatch):
+    """The transport's session answers what requests would (proxy, no_proxy, CA bundle) without
+    scanning the environment again for every request to the same endpoint."""
+    import connectors.azure_blob as azure_blob
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/etc/lab-ca.pem")
+    lookups = []
+    real = azure_blob.get_environ_proxies
+    monkeypatch.setattr(azure_blob, "get_environ_proxies", lambda url, no_proxy=None: lookups.append(url) or real(
+        url, no_proxy=no_proxy))
+    transport = _PooledRequestsTransport(2)
+    transport.open()
+    try:
+        session = transport.session
+        plain = requests.Session()
+        for url in ("https://acct.blob.core.windows.net/c/a?x=1", "https://acct.blob.core.windows.net/c/b",
+                    "http://127.0.0.1:10000/acct/c/a"):
+            for _ in range(3):
+                assert session.merge_environment_settings(url, {}, None, True, None) == \
+                    plain.merge_environment_settings(url, {}, None, True, None), url
+        assert session.merge_environment_settings("https://acct.blob.core.windows.net/c/a", {}, None, True, None)[
+            "proxies"]["https"] == "http://proxy.example:3128"
+        assert len(lookups) == 2  # one per endpoint
+    finally:
+        transport.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Connection strings: config/azure_connection.py and the SDK must find the same endpoint
 # ---------------------------------------------------------------------------------------------

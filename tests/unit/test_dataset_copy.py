@@ -192,6 +192,38 @@ def test_a_rerun_skips_what_is_unchanged_and_copies_what_changed(state):
     assert counts[st.UNCHANGED][0] == 9 and counts[st.UPLOADED][0] == 1
 
 
+def test_per_object_look_ups_run_only_when_an_earlier_run_left_something(state, monkeypatch):
+    """A first copy has nothing to skip against and nothing to resume: no query per object. Once
+    a run copied the dataset, a re-run asks for each object's copy again (and skips it)."""
+    calls = {"current_copy": 0, "resumable": 0}
+    for name in calls:
+        real = getattr(StateStore, name)
+
+        def counted(self, *args, _real=real, _name=name):
+            calls[_name] += 1
+            return _real(self, *args)
+
+        monkeypatch.setattr(StateStore, name, counted)
+    src = MemoryStore()
+    seed(src, 12, random.Random(5))
+    first = migrate(src, MemoryStore(limits=LIMITS), state, state.start_run("migrate"), settings())
+    assert first.ok == 12 and calls == {"current_copy": 0, "resumable": 0}
+    again = migrate(src, MemoryStore(limits=LIMITS), state, state.start_run("migrate"), settings())
+    assert again.skipped == 12 and calls["current_copy"] == 12
+
+
+def test_an_upload_left_open_is_looked_up_for_its_object(state):
+    run = state.start_run("migrate")
+    oid = state.add_object(run, "claims", "in/big.bin", "0x1", 10, state=st.IN_PROGRESS)
+    assert state.earlier_work("claims", run) == (False, False)
+    state.record_upload(oid, "up-1", None, None)
+    assert state.earlier_work("claims", run) == (False, True)
+    state.transition(oid, st.UPLOADED)
+    assert state.earlier_work("claims", run) == (False, False)
+    assert state.earlier_work("claims", state.start_run("migrate")) == (True, False)
+    assert state.earlier_work("other", run) == (False, False)
+
+
 def test_many_small_objects_share_the_budget(state):
     src, dst = MemoryStore(), MemoryStore(limits=LIMITS)
     for i in range(120):

@@ -165,6 +165,18 @@ def test_rows_marked_audited_are_not_offered_again(store):
     store.mark_audited(a, seq=7)
     assert [r.id for r in store.unaudited("d", st.COPIED)] == [b]
     assert list(store.unaudited("other", st.COPIED)) == []
+    store.mark_audited(lines=[(b, 8)])
+    assert list(store.unaudited("d", st.COPIED)) == []
+
+
+def test_many_rows_are_marked_audited_in_one_transaction(store):
+    run = store.start_run("migrate")
+    ids = [store.add_object(run, "d", f"k{i}", "0x1", 1, state=st.IN_PROGRESS) for i in range(5)]
+    for oid in ids:
+        store.transition(oid, st.UPLOADED)
+    store.mark_audited(lines=[(oid, 10 + i) for i, oid in enumerate(ids[:4])])
+    assert [r.id for r in store.unaudited("d", st.COPIED)] == ids[4:]
+    store.mark_audited(lines=[])  # nothing to mark: no transaction, no error
 
 
 def test_objects_of_a_run_stream_across_pages_and_counts_add_up(store):
