@@ -272,6 +272,25 @@ class S3Store:
                 )
             return self._stream_client_instance
 
+    def probe_client(self, *, addressing_style: str | None = None, verify_tls: bool | None = None,
+                     checksums: bool = False):
+        """A boto3 client for this store's endpoint and credentials, one attempt per request, for
+        `connectors.s3_probe` only: it must see each answer as the server gave it (no retry hides a
+        refusal), try the other addressing style or certificate check, and, with `checksums`, send
+        the `x-amz-checksum-*` headers boto3 sends by default (`when_supported`)."""
+        kwargs = dict(self._client_kwargs)
+        if verify_tls is not None:
+            kwargs["verify"] = verify_tls
+        config = dict(self._config_kwargs)
+        if checksums:
+            config["request_checksum_calculation"] = "when_supported"
+        return _new_client(
+            "s3",
+            config=Config(**config, s3={"addressing_style": addressing_style or self._addressing_style},
+                          retries={"mode": "standard", "total_max_attempts": 1}),
+            **kwargs,
+        )
+
     def close(self) -> None:
         """Close the HTTP connections of both clients."""
         for client in (self._client, self._stream_client_instance):
