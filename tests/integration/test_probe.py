@@ -184,3 +184,51 @@ def test_an_unknown_destination_is_a_usage_error(s3_server, bucket, tmp_path, ca
     path = write_config(tmp_path, s3_server.url, bucket)
     assert main(["probe", "--config", str(path), "--destination", "nowhere"]) == 2
     assert "no destination `nowhere`" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe as the first step of the exit plan (Prefect's test harness)
+# ---------------------------------------------------------------------------------------------
+
+def _flow_artifacts(flow_run_id) -> dict[str, str]:
+    from tests.integration.test_flows import artifacts_of
+
+    return {a.key: a.data for a in artifacts_of(flow_run_id).get("markdown", [])}
+
+
+def test_exit_plan_stops_before_listing_when_the_probe_finds_the_bucket_unsafe(s3_server, bucket, tmp_path,
+                                                                             prefect_harness):
+    from flows.orchestrate import exit_plan
+    from tests.integration.test_flows import task_states
+
+    with FaultProxy(lp.LOOPBACK, s3_server.port) as proxy:
+        proxy.fail_next(1000, status=405, code="MethodNotAllowed", method="GET", pattern=LISTPARTS)
+        path = write_config(tmp_path, proxy.url, bucket)
+        state = exit_plan(config_path=str(path), probe=True, return_state=True)
+
+    assert state.is_failed()
+    assert "destination(s) bucket cannot hold the migration as configured" in state.message
+    run_id = state.state_details.flow_run_id
+    assert task_states(run_id) == [("probe the destination buckets", "COMPLETED"), ("sovereignty gate", "COMPLETED")]
+    markdown = _flow_artifacts(run_id)["exitplan-probe-probe"]
+    assert "| ListParts | refused: 405 MethodNotAllowed | answered | **FAIL** |" in markdown
+    assert "list_parts: false" in markdown
+    assert_nothing_left(s3_server.url, bucket)
+
+
+def test_exit_plan_with_the_probe_first_migrates_a_safe_bucket(s3_server, tmp_path, prefect_harness, monkeypatch,
+                                                              azurite_connection_string):
+    from flows.orchestrate import exit_plan
+    from tests import projects
+
+    monkeypatch.setenv("EXITPLAN_TEST_PROBE_CS", azurite_connection_string)
+    lab_s3_client(s3_server.url, "exitplan-probe-flow")
+    path, container, _ = projects.write_project(tmp_path, azurite_connection_string, s3_server.url, project="probe",
+                                                bucket="exitplan-probe-flow", cs_var="EXITPLAN_TEST_PROBE_CS")
+    state = exit_plan(config_path=str(path), probe=True, deep_verify=False, return_state=True)
+
+    assert state.is_completed(), state.message
+    assert state.result()["copied"] == 11
+    markdown = _flow_artifacts(state.state_details.flow_run_id)[f"exitplan-{container}-probe"]
+    assert "can hold a migration as configured" in markdown and "| multipart ETag | md5-of-md5s-2 | md5 | ok |" in markdown
+    assert_nothing_left(s3_server.url, "exitplan-probe-flow")
