@@ -20,6 +20,7 @@ Only plain HTTP; bodies are buffered in memory (fine for test-sized parts).
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import re
 import socket
@@ -31,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
-__all__ = ["FaultProxy", "request_kind"]
+__all__ = ["FaultProxy", "QuirkProxy", "request_kind"]
 
 _HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -91,6 +92,9 @@ class FaultProxy:
     endpoint. All methods are thread-safe.
     """
 
+    # The request handler; a subclass of `_ProxyHandler` changes what the "server" answers (QuirkProxy).
+    handler_class: type["_ProxyHandler"]
+
     def __init__(self, upstream_host: str, upstream_port: int, *, timeout: float = 30.0):
         self.upstream = (upstream_host, upstream_port)
         self.timeout = timeout
@@ -110,7 +114,7 @@ class FaultProxy:
         """Bind a free port on 127.0.0.1 and serve in a background thread."""
         proxy = self
 
-        class Handler(_ProxyHandler):
+        class Handler(self.handler_class):
             owner = proxy
 
         server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -371,3 +375,125 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(payload)
         self.wfile.flush()
+
+
+FaultProxy.handler_class = _ProxyHandler
+
+
+# ---- quirk mode: an S3 provider that differs from AWS -----------------------------------------
+#
+# Real S3-compatible services differ from moto in ways that change what a migration can prove:
+# with server-side encryption (and at several providers) the multipart ETag is not
+# md5-of-part-md5s-N; some answer 405 to ListParts and abort and 501 to ListMultipartUploads
+# (npm `s3rver` does all of these). `QuirkProxy` puts those answers in front of a faithful server.
+
+_MULTIPART_ETAG = re.compile(rb"[0-9a-f]{32}-[0-9]+")
+_S3_METHOD_NOT_ALLOWED = (405, "MethodNotAllowed", "The specified method is not allowed against this resource.")
+_S3_NOT_IMPLEMENTED = (501, "NotImplemented", "A header or operation you provided implies functionality that is not implemented.")
+
+
+def opaque_etag(upstream_etag: bytes) -> bytes:
+    """The opaque ETag the quirk proxy shows for a multipart ETag of the server behind it: 32 hex
+    digits without a part count, derived from the real one so every answer about the object agrees,
+    and equal neither to the object's MD5 nor to md5-of-part-md5s."""
+    return hashlib.md5(b"quirk-proxy-opaque:" + upstream_etag).hexdigest().encode()
+
+
+class QuirkProxy(FaultProxy):
+    """A `FaultProxy` that also behaves like a quirky S3 provider, each quirk switched on its own:
+
+    - `opaque_etags`: every multipart ETag (`<32 hex>-N`) in an answer (CompleteMultipartUpload,
+      HEAD, GET, ListObjects…) is replaced by `opaque_etag` of it, consistently; an If-Match /
+      If-None-Match carrying an opaque value is translated back before forwarding.
+    - `list_parts=False`: ListParts answers 405 MethodNotAllowed.
+    - `abort=False`: AbortMultipartUpload answers 405 MethodNotAllowed (the upload stays).
+    - `list_uploads=False`: ListMultipartUploads answers 501 NotImplemented.
+
+    A refused request is not forwarded. The one-shot faults of `FaultProxy` still apply on top.
+    `refused` counts the refusals by operation name.
+    """
+
+    def __init__(self, upstream_host: str, upstream_port: int, *, opaque_etags: bool = True,
+                 list_parts: bool = False, abort: bool = False, list_uploads: bool = False,
+                 timeout: float = 30.0):
+        super().__init__(upstream_host, upstream_port, timeout=timeout)
+        self.opaque_etags = opaque_etags
+        self.list_parts = list_parts
+        self.abort = abort
+        self.list_uploads = list_uploads
+        self.refused: Counter[str] = Counter()
+        self._upstream_etag: dict[bytes, bytes] = {}   # opaque value -> the server's ETag
+
+    def refusal(self, method: str, target: str) -> tuple[str, tuple[int, str, str]] | None:
+        """The operation name and (status, code, message) this provider answers instead of the
+        server, or None when the request is forwarded."""
+        query = parse_qs(urlsplit(target).query, keep_blank_values=True)
+        if "uploadId" in query and "partNumber" not in query:
+            if method == "GET" and not self.list_parts:
+                return "ListParts", _S3_METHOD_NOT_ALLOWED
+            if method == "DELETE" and not self.abort:
+                return "AbortMultipartUpload", _S3_METHOD_NOT_ALLOWED
+        if method == "GET" and "uploads" in query and not self.list_uploads:
+            return "ListMultipartUploads", _S3_NOT_IMPLEMENTED
+        return None
+
+    def show_etags(self, data: bytes) -> bytes:
+        """`data` (a header value or a body) with every multipart ETag made opaque."""
+        if not self.opaque_etags:
+            return data
+
+        def replace(match: re.Match[bytes]) -> bytes:
+            shown = opaque_etag(match.group(0))
+            with self._lock:
+                self._upstream_etag[shown] = match.group(0)
+            return shown
+
+        return _MULTIPART_ETAG.sub(replace, data)
+
+    def upstream_etags(self, value: str) -> str:
+        """A conditional header's value with every opaque ETag this proxy showed put back."""
+        with self._lock:
+            known = dict(self._upstream_etag)
+        raw = value.encode("latin-1")
+        for shown, upstream in known.items():
+            raw = raw.replace(shown, upstream)
+        return raw.decode("latin-1")
+
+
+_CONDITIONAL_HEADERS = {"if-match", "if-none-match", "x-amz-copy-source-if-match", "x-amz-copy-source-if-none-match"}
+
+
+class _QuirkHandler(_ProxyHandler):
+    owner: QuirkProxy
+
+    def _forward(self, method: str, target: str, body: bytes):
+        refused = self.owner.refusal(method, target)
+        if refused is not None:
+            operation, (status, code, message) = refused
+            with self.owner._lock:
+                self.owner.refused[operation] += 1
+            payload = (
+                '<?xml version="1.0" encoding="UTF-8"?>\n'
+                f"<Error><Code>{code}</Code><Message>{escape(message)}</Message>"
+                "<RequestId>quirkproxy</RequestId></Error>"
+            ).encode()
+            headers = [("Content-Type", "application/xml"), ("Content-Length", str(len(payload)))]
+            return status, http.client.responses.get(status, ""), headers, payload if method != "HEAD" else b""
+        for name in list(self.headers.keys()):
+            if name.lower() in _CONDITIONAL_HEADERS:
+                value = self.headers[name]
+                del self.headers[name]
+                self.headers[name] = self.owner.upstream_etags(value)
+        status, reason, headers, payload = super()._forward(method, target, body)
+        payload = self.owner.show_etags(payload)
+        shown = []
+        for name, value in headers:
+            if name.lower() == "etag":
+                value = self.owner.show_etags(value.encode("latin-1")).decode("latin-1")
+            elif name.lower() == "content-length" and method != "HEAD":
+                value = str(len(payload))
+            shown.append((name, value))
+        return status, reason, shown, payload
+
+
+QuirkProxy.handler_class = _QuirkHandler
