@@ -15,13 +15,11 @@ from config.loader import load_config
 from engine.probe import PROBE_PREFIX, ProbeInterrupted, probe_destination
 from flows import lab_processes as lp
 from flows.cli import main
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import FaultProxy, QuirkProxy
 from tests.s3client import lab_s3_client
 
 # The source is never read by a probe; the loader only needs its variable to be named.
 SOURCE_VAR = "EXITPLAN_PROBE_TEST_SOURCE"
-LISTPARTS = r"uploadId=(?!.*partNumber)"   # a GET with an upload id: ListParts
-LIST_UPLOADS = r"\?uploads"                # a GET of the bucket's uploads: ListMultipartUploads
 
 
 @pytest.fixture(autouse=True)
@@ -96,29 +94,55 @@ def test_the_table_names_each_check_and_the_verdict(s3_server, bucket, tmp_path,
 
 
 def test_a_quirky_server_fails_and_its_suggested_overrides_make_it_pass(s3_server, bucket, tmp_path, capsys):
-    with FaultProxy(lp.LOOPBACK, s3_server.port) as proxy:
-        proxy.fail_next(1000, status=405, code="MethodNotAllowed", method="GET", pattern=LISTPARTS)
-        proxy.fail_next(1000, status=501, code="NotImplemented", method="GET", pattern=LIST_UPLOADS)
+    """The quirk proxy: opaque multipart ETags, 405 to ListParts and abort, 501 to ListMultipartUploads."""
+    with QuirkProxy(lp.LOOPBACK, s3_server.port) as proxy:
         path = write_config(tmp_path, proxy.url, bucket)
         code, report = probe_json(capsys, path)
 
         assert code == 1 and not report["safe"]
         r = rows(report)
+        assert r["multipart ETag"]["measured"].startswith("opaque (") and r["multipart ETag"]["verdict"] == "FAIL"
+        assert r["part ETag"]["verdict"] == "ok"   # parts keep their MD5 ETags
         assert (r["ListParts"]["measured"], r["ListParts"]["verdict"]) == ("refused: 405 MethodNotAllowed", "FAIL")
         assert r["ListMultipartUploads"]["measured"] == "refused: 501 NotImplemented"
-        assert r["ListMultipartUploads"]["verdict"] == "FAIL"
-        # ListParts refused: whether the abort worked cannot be told from it; its answer stands.
-        assert r["abort multipart upload"]["verdict"] == "ok"
-        assert report["suggested_overrides"] == {"multipart": {"list_parts": False, "list_uploads": False}}
+        assert r["abort multipart upload"]["measured"] == "refused: 405 MethodNotAllowed"
+        assert report["suggested_overrides"] == {
+            "multipart": {"etag": "opaque", "list_parts": False, "list_uploads": False, "abort": False}}
+        # Abort refused: the upload the probe left open is named, not silently left.
+        (left,) = report["left_behind"]
+        assert "could not be aborted (refused: 405 MethodNotAllowed)" in left
 
         # The runbook: paste the suggestion into the destination, probe again.
         pasted = yaml.safe_load(main_output(capsys, path))["destinations"]["bucket"]["provider_overrides"]
         code, report = probe_json(capsys, write_config(tmp_path, proxy.url, bucket, overrides=pasted))
         assert code == 0, report
         r = rows(report)
+        assert r["multipart ETag"]["catalog"] == "opaque (override)" and r["multipart ETag"]["verdict"] == "ok"
         assert r["ListParts"]["catalog"] == "not answered (override)" and r["ListParts"]["verdict"] == "ok"
         assert report["suggested_overrides"] == {}
+    abort_uploads_left(s3_server.url, bucket)
     assert_nothing_left(s3_server.url, bucket)
+
+
+def test_ministack_refuses_a_wrong_content_md5(ministack_server, tmp_path, capsys):
+    """The second S3 implementation checks Content-MD5 where moto does not."""
+    bucket = "probe-ministack"
+    lab_s3_client(ministack_server.url, bucket)
+    code, report = probe_json(capsys, write_config(tmp_path, ministack_server.url, bucket))
+
+    assert code == 0, report
+    r = rows(report)
+    assert (r["wrong Content-MD5"]["measured"], r["wrong Content-MD5"]["verdict"]) == ("refused (BadDigest)", "ok")
+    assert r["multipart ETag"]["measured"].startswith("md5-of-md5s-")
+    assert (r["ListParts"]["measured"], r["ListMultipartUploads"]["measured"]) == ("answered", "answered")
+    assert report["left_behind"] == []
+    assert_nothing_left(ministack_server.url, bucket)
+
+
+def abort_uploads_left(url: str, bucket: str) -> None:
+    client = lab_s3_client(url)
+    for upload in client.list_multipart_uploads(Bucket=bucket, Prefix=PROBE_PREFIX).get("Uploads", []):
+        client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
 
 
 def main_output(capsys, path: Path) -> str:
@@ -168,7 +192,7 @@ def test_an_interrupted_probe_names_the_upload_it_could_not_abort(s3_server, buc
     client = lab_s3_client(s3_server.url)
     (upload,) = client.list_multipart_uploads(Bucket=bucket, Prefix=PROBE_PREFIX)["Uploads"]
     assert upload["UploadId"] in left
-    client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+    abort_uploads_left(s3_server.url, bucket)
     assert_nothing_left(s3_server.url, bucket)
 
 
@@ -201,8 +225,7 @@ def test_exit_plan_stops_before_listing_when_the_probe_finds_the_bucket_unsafe(s
     from flows.orchestrate import exit_plan
     from tests.integration.test_flows import task_states
 
-    with FaultProxy(lp.LOOPBACK, s3_server.port) as proxy:
-        proxy.fail_next(1000, status=405, code="MethodNotAllowed", method="GET", pattern=LISTPARTS)
+    with QuirkProxy(lp.LOOPBACK, s3_server.port, abort=True, list_uploads=True) as proxy:
         path = write_config(tmp_path, proxy.url, bucket)
         state = exit_plan(config_path=str(path), probe=True, return_state=True)
 
@@ -212,7 +235,7 @@ def test_exit_plan_stops_before_listing_when_the_probe_finds_the_bucket_unsafe(s
     assert task_states(run_id) == [("probe the destination buckets", "COMPLETED"), ("sovereignty gate", "COMPLETED")]
     markdown = _flow_artifacts(run_id)["exitplan-probe-probe"]
     assert "| ListParts | refused: 405 MethodNotAllowed | answered | **FAIL** |" in markdown
-    assert "list_parts: false" in markdown
+    assert "list_parts: false" in markdown and "etag: opaque" in markdown
     assert_nothing_left(s3_server.url, bucket)
 
 
