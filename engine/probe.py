@@ -192,8 +192,10 @@ def probe_destination(loaded: LoadedConfig, name: str, *, throughput_mib: int = 
     except BaseException:
         probe.clean()
         raise
-    left = probe.clean()
-    store.close()
+    else:
+        left = probe.clean()
+    finally:
+        store.close()
     checks, suggestions = _judge(measured, loaded, name, profile)
     return ProbeReport(name, profile.name, dest.bucket, dest.endpoint_url or "", prefix, tuple(checks),
                        suggestions.merged_with(dict(dest.provider_overrides)), tuple(left), time.monotonic() - began)
