@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from config.lab import LAB_S3_SECRET_KEY
 from config.loader import load_config
 from engine.probe import PROBE_PREFIX, ProbeInterrupted, probe_destination
 from flows import lab_processes as lp
@@ -53,6 +54,7 @@ def write_config(tmp_path: Path, endpoint: str, bucket: str, *, provider: str = 
 def probe_json(capsys, path: Path, *extra: str) -> tuple[int, dict]:
     code = main(["probe", "--config", str(path), "--json", *extra])
     out = capsys.readouterr().out
+    assert LAB_S3_SECRET_KEY not in out and "AccountKey" not in out   # no credential in the output
     reports = json.loads(out) if out.strip() else []
     return code, (reports[0] if reports else {})
 
