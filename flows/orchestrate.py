@@ -176,8 +176,9 @@ def copy_shards_flow(config_path: str, run_id: int, dataset: str, shard: int, co
 @flow(name="exit-plan", flow_run_name=_run_name("exit-plan"), task_runner=ThreadPoolTaskRunner(max_workers=16))
 def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: bool = True,
               delete_removed: bool = False, probe: bool = False):
-    """The whole exit: sovereignty gate -> inventory (the run's listing) -> migrate -> verify -> summary
-    (and the HTML report). The gate goes first: a refused destination or KEK costs no listing.
+    """The whole exit: sovereignty gate -> (with `probe`) the destination buckets probed -> inventory
+    (the run's listing) -> migrate -> verify -> summary (and the HTML report). The gate goes first: a
+    refused destination or KEK costs no listing; so does a bucket the probe finds unfit.
 
     Args:
         config_path: The exitplan configuration file, as an absolute path on the workers.
