@@ -27,4 +27,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/bench_migrate.py
 
 clean:
-	rm -rf $(VENV) deploy/lab/node_modules .pytest_cache
+	rm -rf $(VENV) deploy/lab/node_modules deploy/lab/ministack/venv .pytest_cache

@@ -249,6 +249,8 @@ class S3Store:
             raise ConfigError(f"{self.label}: cannot build an S3 client for {endpoint_url!r}: {exc}") from None
         self._stream_client_lock = threading.Lock()
         self._stream_client_instance = None
+        self._resent_lock = threading.Lock()
+        self._resent_by_sdk = 0
 
     def _stream_client(self):
         """The client for streamed bodies: one attempt, no payload pre-read.
@@ -271,6 +273,39 @@ class S3Store:
                     **self._client_kwargs,
                 )
             return self._stream_client_instance
+
+    @property
+    def bodies_resent_by_sdk(self) -> int:
+        """PUT and UploadPart requests botocore sent again on its own (throttling, 5xx, a dropped
+        connection) since this store was made: their bytes crossed the network again. The engine's
+        own retries are counted by the engine (`ObjectOutcome.resent`)."""
+        with self._resent_lock:
+            return self._resent_by_sdk
+
+    def _count_sdk_retries(self, response: Mapping[str, Any] | None) -> None:
+        retries = ((response or {}).get("ResponseMetadata") or {}).get("RetryAttempts") or 0
+        if retries:
+            with self._resent_lock:
+                self._resent_by_sdk += retries
+
+    def probe_client(self, *, addressing_style: str | None = None, verify_tls: bool | None = None,
+                     checksums: bool = False):
+        """A boto3 client for this store's endpoint and credentials, one attempt per request, for
+        `connectors.s3_probe` only: it must see each answer as the server gave it (no retry hides a
+        refusal), try the other addressing style or certificate check, and, with `checksums`, send
+        the `x-amz-checksum-*` headers boto3 sends by default (`when_supported`)."""
+        kwargs = dict(self._client_kwargs)
+        if verify_tls is not None:
+            kwargs["verify"] = verify_tls
+        config = dict(self._config_kwargs)
+        if checksums:
+            config["request_checksum_calculation"] = "when_supported"
+        return _new_client(
+            "s3",
+            config=Config(**config, s3={"addressing_style": addressing_style or self._addressing_style},
+                          retries={"mode": "standard", "total_max_attempts": 1}),
+            **kwargs,
+        )
 
     def close(self) -> None:
         """Close the HTTP connections of both clients."""
@@ -501,7 +536,13 @@ class S3Store:
             client = self._stream_client()
         # A stream that ends early surfaces as botocore's HTTPClientError wrapping _ShortBody:
         # a TransientError whose message carries the reason.
-        resp = self._call(lambda: getattr(client, operation)(**params), key)
+        try:
+            resp = self._call(lambda: getattr(client, operation)(**params), key)
+        except ConnectorError as exc:
+            if isinstance(exc.__cause__, ClientError):
+                self._count_sdk_retries(exc.__cause__.response)
+            raise
+        self._count_sdk_retries(resp)
         etag = _unquote(resp.get("ETag"))
         sent = md5
         if reader is not None:

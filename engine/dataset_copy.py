@@ -92,6 +92,8 @@ class DatasetSummary:
     failures_truncated: bool
     elapsed_seconds: float
     transient_failures: int = 0  # failures whose cause may pass (trying again later can succeed)
+    requests_retried: int = 0  # requests the engine sent again after a retryable failure
+    bodies_resent: int = 0  # of which part uploads and single PUTs (their bytes sent again)
 
     @property
     def all_ok(self) -> bool:
@@ -111,7 +113,7 @@ class _Tally:
         self.lock = threading.Lock()
         self.objects = self.ok = self.failed = self.skipped = self.refused = self.transient = 0
         self.bytes_total = self.bytes_copied = self.bytes_sent = self.bytes_done = self.bytes_skipped = 0
-        self.parts = self.restarts = 0
+        self.parts = self.restarts = self.retried = self.resent = 0
         self.failures: list[tuple[str, str]] = []
         self.truncated = False
         self._last_emit = 0.0
@@ -141,6 +143,8 @@ class _Tally:
 
     def _count(self, outcome: ObjectOutcome, sign: int) -> None:
         self.restarts += sign * outcome.restarts
+        self.retried += sign * outcome.retried
+        self.resent += sign * outcome.resent
         if outcome.status == "ok":
             self.ok += sign
             self.bytes_copied += sign * outcome.size
@@ -186,7 +190,7 @@ class _Tally:
                 skipped=self.skipped, refused=self.refused, bytes_total=self.bytes_total,
                 bytes_copied=self.bytes_copied, bytes_sent=self.bytes_sent, parts=self.parts,
                 restarts=self.restarts, failures=tuple(self.failures), failures_truncated=self.truncated,
-                transient_failures=self.transient,
+                transient_failures=self.transient, requests_retried=self.retried, bodies_resent=self.resent,
                 elapsed_seconds=time.monotonic() - self.started,
             )
 

@@ -17,7 +17,9 @@ class ObjectOutcome:
     engine issued for the object (range reads, heads, PUT / open / part uploads / complete),
     retries and restarts included: with no fault it is reads + uploads + 2 for a multipart object. `refused` marks an
     object that never started because it cannot be written (too large, a name or metadata that
-    does not fit): its status is "failed". `resumed`: the final attempt continued an upload left
+    does not fit): its status is "failed". `retried`: of those, the requests sent again after a
+    retryable failure; `resent`: the part uploads and single PUTs among them (bytes sent again by the
+    engine; the SDK's own retries are counted by the connector). `resumed`: the final attempt continued an upload left
     by an earlier run; `parts_kept` of its parts were already there (checked, not re-sent).
     """
 
@@ -34,6 +36,8 @@ class ObjectOutcome:
     bytes_sent: int = 0
     restarts: int = 0
     attempts: int = 0
+    retried: int = 0
+    resent: int = 0
     output_size: int = 0
     refused: bool = False
     resumed: bool = False

@@ -215,29 +215,44 @@ def _abort_quietly(upload: MultipartUpload) -> None:
 
 
 class _Counter:
+    """The engine's requests for one object: `value` every one sent (retries included), `retried`
+    those sent again after a retryable failure, `resent` those of them that carried a body (a part
+    or a single PUT, whose bytes crossed the network again)."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.value = 0
+        self.value = self.retried = self.resent = 0
 
     def add(self, n: int = 1) -> None:
         with self._lock:
             self.value += n
+
+    def again(self, body: bool) -> None:
+        with self._lock:
+            self.retried += 1
+            self.resent += body
 
 
 def _is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, ConnectorError) and exc.retryable and not isinstance(exc, SourceChanged)
 
 
-def _retrying(settings: TransferSettings, counter: _Counter, what: str) -> Callable:
+def _retrying(settings: TransferSettings, counter: _Counter, what: str, *, body: bool = False) -> Callable:
     """A callable ``run(fn, *args)`` retrying `fn` per settings; the final retryable failure becomes
-    `ObjectFailed` naming `what`, a non-retryable error propagates unchanged."""
+    `ObjectFailed` naming `what`, a non-retryable error propagates unchanged. Each retry is counted
+    (`body`: the request carries a part or an object, so a retry sends its bytes again)."""
+
+    def again(state) -> None:
+        counter.again(body)
+        log.info("%s: attempt %d failed (%s); retrying", what, state.attempt_number,
+                 state.outcome.exception() if state.outcome else "?")
+
     retrying = tenacity.Retrying(
         stop=tenacity.stop_after_attempt(settings.part_attempts),
         wait=tenacity.wait_random_exponential(multiplier=settings.retry_wait_initial, max=settings.retry_wait_max),
         retry=tenacity.retry_if_exception(_is_retryable),
         before=lambda state: counter.add(),
-        before_sleep=lambda state: log.info("%s: attempt %d failed (%s); retrying", what, state.attempt_number,
-                                            state.outcome.exception() if state.outcome else "?"),
+        before_sleep=again,
         reraise=True,
     )
 
@@ -291,6 +306,7 @@ class _Attempt:
             size=self.meta.size, status="failed", reason=reason,
             parts=self.plan.part_count if self.plan else 0, bytes_sent=self.bytes_sent,
             restarts=self.restarts if restarts is None else restarts, attempts=self.counter.value,
+            retried=self.counter.retried, resent=self.counter.resent,
             output_size=self.plan.output_size if self.plan else 0, refused=refused, transient=transient,
         )
 
@@ -306,8 +322,8 @@ class _Attempt:
         if n:
             self.events.bytes_moved(-n)
 
-    def retry(self, what: str) -> Callable:
-        return _retrying(self.settings, self.counter, f"{what} of {self.meta.key!r}")
+    def retry(self, what: str, *, body: bool = False) -> Callable:
+        return _retrying(self.settings, self.counter, f"{what} of {self.meta.key!r}", body=body)
 
     # ---- the attempt -------------------------------------------------------------------------
 
@@ -352,6 +368,7 @@ class _Attempt:
             size=self.meta.size, status="ok", sha256=self.digest.sha256.hexdigest(),
             md5_checked=self.meta.content_md5 is not None, dest_etag=dest_etag, parts=plan.part_count,
             bytes_sent=self.bytes_sent, restarts=self.restarts, attempts=self.counter.value,
+            retried=self.counter.retried, resent=self.counter.resent,
             output_size=plan.output_size, resumed=self.resumed, parts_kept=self.parts_kept,
         )
 
@@ -515,7 +532,7 @@ class _Attempt:
         def put() -> str:
             return self.sink.put(dest, out, part.output_size, write_meta, md5).strip('"')
 
-        etag = self.retry("upload")(put)
+        etag = self.retry("upload", body=True)(put)
         self._sent(part)
         self.events.part_uploaded(part, PartReceipt(1, etag, part.output_size))
         return etag
@@ -654,7 +671,7 @@ class _Attempt:
                 self._check_receipt(receipt, part)
                 return receipt
 
-            receipt = self.retry(f"upload of part {part.number}")(send)
+            receipt = self.retry(f"upload of part {part.number}", body=True)(send)
             self._sent(part)
             self.events.part_uploaded(part, receipt, md5)
             return receipt, md5
@@ -733,7 +750,7 @@ class _Attempt:
             self._check_receipt(receipt, part)
             return receipt, md5
 
-        receipt, md5 = self.retry(f"upload of part {part.number}")(send)
+        receipt, md5 = self.retry(f"upload of part {part.number}", body=True)(send)
         self._sent(part)
         self.events.part_uploaded(part, receipt, md5)
         return receipt, md5

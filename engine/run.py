@@ -140,6 +140,9 @@ class MigrationResult:
     keyset_copies: tuple[str, ...] = ()
     audit: AuditOutcome | None = None  # the run's records in the audit manifest, and its copies
     removed: tuple[RemovedAtSource, ...] = ()
+    # Part uploads and single PUTs the S3 SDK sent again on its own in this process (the engine's
+    # own retries are in each summary's `bodies_resent`).
+    bodies_resent_by_sdk: int = 0
 
     @property
     def all_ok(self) -> bool:
@@ -571,7 +574,9 @@ class MigrationRun:
                                state_location(loaded),
                                {ds: self.verdicts[loaded.config.datasets[ds].destination] for ds in datasets},
                                {ds: key_holder(loaded, self.formats[ds]) for ds in datasets},
-                               tuple(self.keyset_copies), self.trail.outcome(copies, notes), tuple(self._removed))
+                               tuple(self.keyset_copies), self.trail.outcome(copies, notes), tuple(self._removed),
+                               sum(getattr(endpoint, "bodies_resent_by_sdk", 0)
+                                   for (kind, _), endpoint in self._endpoints.items() if kind == "sink"))
 
 
 def summary_from_rows(state: StateStore, run_id: int, dataset: str, elapsed: float) -> DatasetSummary:

@@ -266,3 +266,30 @@ def completeness_markdown(checked: dict[str, Any]) -> list[str]:
         lines += [f"  - `{e['object']}` ({e['dataset']}): {e['status']}: {e['reason']}" for e in checked["not_verified"][:20]]
     lines.append("")
     return lines
+
+
+def probe_artifact(project: str, reports) -> None:
+    """The probe's tables (`engine.probe.ProbeReport` per destination) as one markdown artifact."""
+    if reports:
+        create_markdown_artifact(probe_markdown(reports), key=artifact_key(project, "probe"),
+                                 description="What the destination buckets do, against their provider profiles")
+
+
+def probe_markdown(reports) -> str:
+    """Each destination's probe: the table, the notes of the rows that are not ok, the overrides."""
+    lines = [f"# Probe of the destination bucket{'s' if len(reports) > 1 else ''}", ""]
+    for r in reports:
+        verdict = "can hold a migration as configured" if r.safe else "**cannot hold a migration as configured**"
+        lines += [f"## `{r.destination}`: {r.provider}, bucket `{r.bucket}`", "",
+                  f"The bucket {verdict} (probed under `{r.prefix}` in {r.seconds:.1f} s).", "",
+                  "| check | measured | catalog says | verdict |", "|---|---|---|---|"]
+        lines += [f"| {c.check} | {c.measured} | {c.catalog} | {'**FAIL**' if c.verdict == 'FAIL' else c.verdict} |"
+                  for c in r.checks]
+        notes = [c for c in r.checks if c.note and c.verdict != "ok"]
+        if notes:
+            lines += [""] + [f"- {c.check} ({c.verdict}): {c.note}" for c in notes]
+        if r.suggested_overrides:
+            lines += ["", "Suggested `provider_overrides` (paste into the configuration, then probe again):", "",
+                      "```yaml", r.overrides_yaml().rstrip("\n"), "```"]
+        lines += [""] + [f"- left behind: {left}" for left in r.left_behind]
+    return "\n".join(lines)

@@ -211,6 +211,11 @@ def print_migration_summary(result) -> None:
     moved = sum(s.bytes_copied for s in result.summaries)
     rate = moved / result.elapsed_seconds / 1e6 if result.elapsed_seconds else 0.0
     print(f"\n{copied:,} objects, {fs(moved)} copied in {result.elapsed_seconds:.1f} s ({rate:.1f} MB/s).")
+    retried = sum(s.requests_retried for s in result.summaries)
+    resent = sum(s.bodies_resent for s in result.summaries) + result.bodies_resent_by_sdk
+    if retried or resent:
+        print(f"recovered from faults: {resent:,} parts or objects re-sent ({result.bodies_resent_by_sdk:,} by the S3 "
+              f"SDK's own retries), {retried:,} requests retried by exitplan.")
     print(f"checked: every copied object's size and plaintext SHA-256 recorded, every part's Content-MD5 and the "
           f"destination ETag verified; {result.md5_checked:,} matched the source's stored Content-MD5.")
     print("where the data went:")

@@ -6,6 +6,7 @@ free ports. Only subprocesses and sockets here: no cloud SDK.
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import os
 import shutil
@@ -119,6 +120,81 @@ def s3_spec(port: int) -> ServerSpec:
         port,
         (sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(port)),
         "/moto-api/",
+    )
+
+
+# The second, independent S3 implementation of the test suite (PyPI `ministack`). It pins an exact
+# botocore, older than the one exitplan's connectors are tested with, so it lives in a virtual
+# environment of its own, installed from the pinned requirements on first use, like Azurite's
+# node_modules.
+LAB_MINISTACK_DIR = LAB_NODE_DIR / "ministack"
+MINISTACK_REQUIREMENTS = LAB_MINISTACK_DIR / "requirements.txt"
+MINISTACK_HEALTH_PATH = "/_ministack/health"
+
+
+def ministack_binary() -> str:
+    """The `ministack` executable: EXITPLAN_MINISTACK_BIN, else the one in deploy/lab/ministack/venv,
+    installed there from requirements.txt (pinned) on first use."""
+    override = os.environ.get("EXITPLAN_MINISTACK_BIN")
+    if override:
+        return override
+    venv = LAB_MINISTACK_DIR / "venv"
+    binary = venv / "bin" / "ministack"
+    # Written last: a venv whose install was interrupted is installed again, not used half-made.
+    installed = venv / ".installed"
+    if installed.exists() and binary.exists():
+        return str(binary)
+    with open(LAB_MINISTACK_DIR / ".install.lock", "w") as lock:
+        # Two test runs in one checkout must not install into the same venv at once.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if installed.exists() and binary.exists():
+            return str(binary)
+        shutil.rmtree(venv, ignore_errors=True)
+        steps = (
+            [sys.executable, "-m", "venv", str(venv)],
+            [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+             "-r", str(MINISTACK_REQUIREMENTS)],
+        )
+        for argv in steps:
+            result = subprocess.run(argv, capture_output=True, text=True)
+            if result.returncode != 0:
+                last = (result.stderr or result.stdout).strip().splitlines()
+                raise LabError(
+                    f"the second S3 server (ministack) could not be installed in {venv}: `{' '.join(argv[-3:])}` "
+                    f"failed ({last[-1] if last else f'exit code {result.returncode}'}); fix that, "
+                    "or set EXITPLAN_MINISTACK_BIN to a ministack executable"
+                )
+        installed.touch()
+    return str(binary)
+
+
+def ministack_spec(port: int, workdir: Path) -> ServerSpec:
+    """ministack serving S3 alone, in memory, on 127.0.0.1:`port` (it binds 0.0.0.0 unless told).
+
+    `workdir` holds its PID file (it writes one to TMPDIR). Variables that would change what it
+    serves or where it keeps data (AWS_*, S3_*, persistence, TLS, another port) are not passed on.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    return ServerSpec(
+        "ministack",
+        port,
+        (ministack_binary(),),
+        MINISTACK_HEALTH_PATH,
+        env={
+            "BIND_HOST": LOOPBACK,
+            "GATEWAY_PORT": str(port),
+            "SERVICES": "s3",
+            "S3_PERSIST": "0",
+            "PERSIST_STATE": "0",
+            "MINISTACK_REGION": LAB_REGION,
+            "LOG_LEVEL": "WARNING",
+            "TMPDIR": str(workdir),
+        },
+        drop_env_prefixes=(
+            "AWS_", "S3_", "LOCALSTACK_", "MINISTACK_", "PERSIST_", "STATE_DIR", "EDGE_PORT", "GATEWAY_",
+            "USE_SSL", "SERVICES", "SFTP_", "DOCKER_", "AUTH",
+        ),
+        cwd=str(workdir),
     )
 
 

@@ -58,7 +58,7 @@ from flows.artifacts import (MigrateOutcome, artifact_key, shard_artifacts, summ
 from flows.provider_limits import provider_limit_name, provider_limits
 from flows.run_logs import RunFailure, engine_logs_to
 from flows.tasks import (RunProgress, copy_shard, inventory_dataset, list_dataset, load_datasets, plan_datasets,
-                         progress_shown, sovereignty_gate, verify_datasets)
+                         probe_buckets, progress_shown, sovereignty_gate, verify_datasets)
 
 PROGRESS_EVERY = 2.0  # seconds between two updates of the progress artifact
 SHARDS_DEPLOYMENT = "exitplan-shards/shards"  # shards as flow runs on any worker (`shard_workers`)
@@ -177,9 +177,10 @@ def copy_shards_flow(config_path: str, run_id: int, dataset: str, shard: int, co
 
 @flow(name="exit-plan", flow_run_name=_run_name("exit-plan"), task_runner=ThreadPoolTaskRunner(max_workers=16))
 def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: bool = True,
-              delete_removed: bool = False):
-    """The whole exit: sovereignty gate -> inventory (the run's listing) -> migrate -> verify -> summary
-    (and the HTML report). The gate goes first: a refused destination or KEK costs no listing.
+              delete_removed: bool = False, probe: bool = False):
+    """The whole exit: sovereignty gate -> (with `probe`) the destination buckets probed -> inventory
+    (the run's listing) -> migrate -> verify -> summary (and the HTML report). The gate goes first: a
+    refused destination or KEK costs no listing; so does a bucket the probe finds unfit.
 
     Args:
         config_path: The exitplan configuration file, as an absolute path on the workers.
@@ -187,9 +188,17 @@ def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: 
         deep_verify: Read every object back, decrypt it and compare its SHA-256 after the copy.
         delete_removed: Delete the destination copies of objects gone from the source since they
             were copied (off: they are reported and kept).
+        probe: First measure each destination bucket against its provider profile (`exitplan
+            probe`, a few MiB written and removed); the run stops before any listing when a bucket
+            cannot hold the migration as configured.
     """
     try:
         gate = sovereignty_gate(config_path, datasets)
+        if probe:
+            unsafe = [r["destination"] for r in probe_buckets(config_path, datasets) if not r["safe"]]
+            if unsafe:
+                return _failed(f"the probe found that destination(s) {', '.join(unsafe)} cannot hold the migration as "
+                               "configured (see the probe artifact and its suggested provider_overrides)")
         outcome = _migration_in_flow(config_path, datasets, delete_removed)
         checked = verify_datasets(config_path, datasets, deep_verify, 1.0, None)
     except UserError as exc:

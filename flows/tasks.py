@@ -9,6 +9,7 @@ it through the state store (`engine.run.MigrationRun.attach`).
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,11 +24,12 @@ from config.policy import check_sovereignty
 from config.sizes import format_size
 from engine import inventory as engine_inventory
 from engine import plan as engine_plan
+from engine import probe as engine_probe
 from engine import run as engine_run
 from engine.settings import within_connections
 from engine.shards import PlannedShard, failure_sentence
 from engine.verify import verify
-from flows.artifacts import inventory_row, plan_rows, shard_row, verify_figures
+from flows.artifacts import inventory_row, plan_rows, probe_artifact, shard_row, verify_figures
 from flows.provider_limits import ensure_provider_limits, provider_limits
 from flows.run_logs import RunFailure, engine_logs_to, quiet_failures
 
@@ -149,6 +151,24 @@ def sovereignty_gate(config_path: str, datasets: list[str] | None) -> list[dict[
     for profile in sorted({r["profile"] for r in rows if r["profile"]}):
         get_run_logger().warning("%s", profile)
     return rows
+
+
+@task(name="probe-buckets", task_run_name="probe the destination buckets", cache_policy=NO_CACHE,
+      persist_result=False)
+def probe_buckets(config_path: str, datasets: list[str] | None) -> list[dict[str, Any]]:
+    """Measure the S3 buckets the datasets go to against their provider profiles (`engine.probe`,
+    what `exitplan probe` does), show the tables as a markdown artifact; returns each report's
+    figures (`safe` false: a migration there would fail as configured)."""
+    loaded, names = load_datasets(config_path, datasets)
+    dests = sorted({loaded.config.datasets[n].destination for n in names
+                    if loaded.config.destinations[loaded.config.datasets[n].destination].kind == "s3"})
+    reports = engine_probe.probe_destinations(loaded, dests) if dests else []
+    probe_artifact(loaded.config.project, reports)
+    for r in reports:
+        get_run_logger().log(logging.INFO if r.safe else logging.ERROR, "probe of destination `%s`: %s", r.destination,
+                             "can hold a migration as configured" if r.safe else "CANNOT hold a migration as configured: "
+                             + "; ".join(f"{c.check}: {c.note}" for c in r.checks if c.verdict == "FAIL"))
+    return [r.as_dict() for r in reports]
 
 
 @task(name="list-dataset", task_run_name="list {dataset}", cache_policy=NO_CACHE, persist_result=False)

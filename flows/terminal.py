@@ -9,12 +9,14 @@ from __future__ import annotations
 import sys
 
 
-def print_table(headers: list[str], rows: list[list[str]]) -> None:
-    """A plain aligned table: the first column left-aligned, the figures right-aligned."""
+def print_table(headers: list[str], rows: list[list[str]], *, left_columns: int = 1) -> None:
+    """A plain aligned table: the first `left_columns` columns (names, words) left-aligned, the
+    figures right-aligned."""
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
 
     def line(cells) -> str:
-        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(str(c).ljust(w) if i < left_columns else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
 
     print(line(headers))
     print(line(["-" * w for w in widths]))

@@ -109,3 +109,11 @@ def sshd(tmp_path_factory):
         yield layout
     finally:
         lp.stop_pid(proc.pid)
+
+
+@pytest.fixture(scope="session")
+def ministack_server(tmp_path_factory):
+    """The second, independent S3 implementation (ministack, S3 only, in memory) on a free
+    loopback port: the contract suite and the end-to-end test run on it as well as on moto."""
+    workdir = tmp_path_factory.mktemp("ministack-run")
+    yield from _serve(lp.ministack_spec(lp.free_port(), workdir), tmp_path_factory)

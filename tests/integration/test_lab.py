@@ -364,3 +364,20 @@ def test_demo_ends_with_a_completed_exit_plan_flow_run(tmp_path):
         pids = the_lab.pids()
         the_lab.force_cleanup()
         _assert_gone(the_lab, pids)
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local IPv4/IPv6 addresses (hex as in /proc/net/tcp*) with a socket listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].rsplit(":", 1)
+            if int(port_hex, 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+def test_the_second_s3_server_listens_on_loopback_only(ministack_server):
+    # ministack binds every interface unless told; the fixture must keep it on 127.0.0.1.
+    assert _listening_addresses(ministack_server.port) == {"0100007F"}  # 127.0.0.1, little-endian hex
