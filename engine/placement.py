@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
+from typing import Mapping
 
 from connectors.base import ContentSettings, ObjectMeta, SinkLimits, WriteMeta, file_path_problem
 
@@ -59,6 +60,109 @@ def source_key_of(dest_key: str, source_prefix: str, dest_prefix: str) -> str:
     else:
         rel = dest_key
     return f"{source_prefix}{rel}"
+
+
+def relative_key(source_key: str, source_prefix: str) -> str:
+    """The key of `source_key` below its dataset's `source_prefix`: its path when restored (a
+    prefix `data` holds `data/x`: the file is `x`)."""
+    rel = source_key[len(source_prefix):] if source_key.startswith(source_prefix) else source_key
+    return rel.removeprefix("/") if source_prefix and not source_prefix.endswith("/") else rel
+
+
+# ---------------------------------------------------------------------------------------------
+# Names as files: the one rule for directory markers, `//` and a file that is also a directory
+# ---------------------------------------------------------------------------------------------
+#
+# An object store's keys are not paths: `dir/` (a 0-byte "directory marker"), `a//b` and `d` beside
+# `d/file` are distinct objects there. Migrate and verify carry and check every one of them as it is
+# (S3 accepts them all; renaming could collide with another key and loses the original). Only
+# where a key must become a file path (restore into a directory) do they differ, and that is
+# decided here, once: inventory names up front what restore will name as not restorable.
+
+# The metadata ADLS Gen2 (and the tools that imitate it) puts on a blob that stands for a directory.
+FOLDER_METADATA = "hdi_isfolder"
+
+
+class NotAPath(ValueError):
+    """A key that cannot be written as a file path below a directory; the message says why."""
+
+
+def is_directory_marker(key: str, size: int, metadata: Mapping[str, str]) -> bool:
+    """Whether an object stands for a directory: it holds no bytes, and its name ends in `/` (Azure
+    tools, S3 consoles) or it carries `hdi_isfolder=true` (ADLS Gen2: the name has no `/`).
+    `size` is the plaintext size; metadata names are compared case-insensitively."""
+    if size != 0:
+        return False
+    if key.endswith("/"):
+        return True
+    return any(k.lower() == FOLDER_METADATA and v.strip().lower() == "true" for k, v in metadata.items())
+
+
+def restore_path(rel_key: str, size: int, metadata: Mapping[str, str]) -> tuple[tuple[str, ...], bool]:
+    """(path components, whether a directory) of the object `rel_key` (its key below the dataset,
+    `size` plaintext bytes) restored below a directory: a directory marker (`is_directory_marker`)
+    becomes a directory, any other object a file. `NotAPath` when it cannot be either: a key ending
+    in `/` that holds bytes, an empty segment (`a//b`), a `.` or `..` segment, an absolute key, a
+    NUL byte."""
+    directory = is_directory_marker(rel_key, size, metadata)
+    if rel_key.endswith("/") and not directory:
+        raise NotAPath(f"its key ends with '/', so it can only be restored as the directory {rel_key[:-1]!r}, "
+                       f"but it holds {size:,} bytes")
+    name = rel_key[:-1] if rel_key.endswith("/") else rel_key
+    unsafe = f"{rel_key!r} cannot be written as a file safely"
+    if "\x00" in rel_key:
+        raise NotAPath(f"{unsafe}: it contains a NUL byte")
+    if not name or name.startswith("/"):
+        raise NotAPath(f"{unsafe}: it is empty, or absolute")
+    parts = name.split("/")
+    if any(p == "" for p in parts):
+        raise NotAPath(f"{unsafe}: it has an empty segment (`//`), which no file path can hold")
+    if any(p in (".", "..") for p in parts):
+        raise NotAPath(f"{unsafe}: it has a `.` or `..` segment, which would leave or confuse the directory")
+    return tuple(parts), directory
+
+
+def clash_sentence(rel_key: str, below: str) -> str:
+    """Why the file `rel_key` is not restored: `below`, another key, continues below its name."""
+    return (f"{rel_key!r} is a file, and the key {below!r} continues below that name, so it is a directory "
+            "too; on a filesystem the directory wins and this file is not restored (it is at the destination)")
+
+
+class FileBesideDirectory:
+    """Finds, in one pass over keys in listing order (S3's and Azure's: by code point), each key
+    that is a file while other keys continue below its name (`d` beside `d/file`, or `d/`): on a
+    filesystem the directory wins, and that file is named as not restorable.
+
+    `add(key, item, file=...)` returns the items whose fate is now known, as (item, the first key
+    found below it, or None). A possible file is held until the listing passes its name; every key
+    held is a prefix of the last key added, so memory stays bounded by the longest key whatever
+    the listing's size. `finish()` releases the rest. Keys out of order only make it miss a clash
+    (the restore then names it as it meets it)."""
+
+    def __init__(self) -> None:
+        self._held: list[tuple[str, object]] = []
+
+    def add(self, key: str, item: object, *, file: bool) -> list[tuple[object, str | None]]:
+        released: list[tuple[object, str | None]] = []
+        still: list[tuple[str, object]] = []
+        for name, held in self._held:
+            if key.startswith(name + "/"):
+                released.append((held, key))
+            elif key.startswith(name):
+                still.append((name, held))
+            else:
+                released.append((held, None))
+        self._held = still
+        if file and not key.endswith("/"):
+            self._held.append((key, item))
+        else:
+            released.append((item, None))
+        return released
+
+    def finish(self) -> list[tuple[object, str | None]]:
+        released = [(held, None) for _, held in self._held]
+        self._held = []
+        return released
 
 
 def encode_header_value(value: str) -> str:

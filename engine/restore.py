@@ -19,8 +19,11 @@ trust (it may hold links and files planted by others, and the dataset's keys may
   directory) fails the object with a sentence, unless `overwrite`, where `rename()` replaces a
   file or a link atomically (never a directory, never writing through a link).
 - Files are created 0600 and directories 0700 (the umask can only take bits away).
-- A key that cannot be a file name (a component longer than the filesystem allows, `a` beside
-  `a/b` in the same dataset) fails that object with a sentence, and is counted.
+- A key that cannot be a file name (a component longer than the filesystem allows, `a//b`, a key
+  ending in `/` that holds bytes, the file `a` beside `a/b` in the same dataset: the directory
+  wins, `placement.restore_path` and `FileBesideDirectory`) fails that object with a sentence, and
+  is counted. A directory marker (0 bytes, named `x/` or carrying `hdi_isfolder=true`) becomes a
+  directory.
 
 Memory per object is bounded by the read size (`READ_SEGMENTS` segments), whatever its size.
 """
@@ -37,8 +40,8 @@ import stat
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from config.errors import ExitCode, UserError
 from config.models import LoadedConfig
@@ -50,7 +53,8 @@ from .endpoints import open_sink
 from .errors import RunError, call_endpoint
 from .executors import BoundedTasks, create_pool
 from .keys import load_data_keys
-from .placement import CONTROL_PREFIX, dest_key_prefix, source_key_of
+from .placement import (CONTROL_PREFIX, FileBesideDirectory, NotAPath, clash_sentence, dest_key_prefix, relative_key,
+                        restore_path, source_key_of)
 from .project import open_state
 
 log = logging.getLogger(__name__)
@@ -94,16 +98,6 @@ class RestoreSummary:
 
 class TargetRefused(Exception):
     """One object cannot be written under the target directory; the message is the sentence."""
-
-
-def safe_relative_path(source_key: str) -> PurePosixPath:
-    """The key as a relative path under the target directory; ValueError if it could escape it."""
-    parts = source_key.split("/")
-    if not source_key or source_key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"{source_key!r} cannot be written as a file safely (empty, absolute, '.' or '..' parts)")
-    if "\x00" in source_key:
-        raise ValueError(f"{source_key!r} contains a NUL byte")
-    return PurePosixPath(*parts)
 
 
 @dataclass(frozen=True)
@@ -190,18 +184,19 @@ class TargetDirectory:
 
     # ---- names ------------------------------------------------------------------------------------
 
-    def name_for(self, rel_key: str) -> TargetName:
-        """Where the object whose key below the dataset is `rel_key` goes; `TargetRefused` when the
-        key cannot be a path below the directory (escapes it, a component too long, ...)."""
-        directory = rel_key.endswith("/") and rel_key != "/"
+    def name_for(self, rel_key: str, size: int = 0, metadata: Mapping[str, str] | None = None) -> TargetName:
+        """Where the object whose key below the dataset is `rel_key` (`size` plaintext bytes,
+        `metadata` its user metadata) goes: a directory for a directory marker, else a file
+        (`placement.restore_path`, the rule inventory applies too); `TargetRefused` when the key
+        cannot be a path below the directory (escapes it, a component too long, ...)."""
         try:
-            parts = safe_relative_path(rel_key[:-1] if directory else rel_key).parts
-        except ValueError as exc:
+            parts, directory = restore_path(rel_key, size, metadata or {})
+        except NotAPath as exc:
             raise TargetRefused(str(exc)) from None
         for part in parts:
-            size = len(os.fsencode(part))
-            if size > self._name_max:
-                raise TargetRefused(f"the name {_short(part)} is {size:,} bytes long, and the filesystem of "
+            length = len(os.fsencode(part))
+            if length > self._name_max:
+                raise TargetRefused(f"the name {_short(part)} is {length:,} bytes long, and the filesystem of "
                                     f"{self.path} allows at most {self._name_max} bytes per name")
         if parts[0] == self._private_name:
             raise TargetRefused(f"{parts[0]} is the name of restore's own private directory in this run")
@@ -378,19 +373,21 @@ def _write_and_read_back(file: BinaryIO, plaintext: Iterable[bytes]) -> tuple[in
 
 
 def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, source_key: str, rel_key: str,
-                   target: TargetDirectory, keys: DataKeys | None, expected_sha256: str | None) -> RestoredObject:
+                   target: TargetDirectory, keys: DataKeys | None, expected_sha256: str | None,
+                   below: str | None = None) -> RestoredObject:
     """Restore one object to `rel_key` below `target`; never raises for a failure of that object
-    (the `RestoredObject` says why), and a failed object leaves no file behind."""
+    (the `RestoredObject` says why), and a failed object leaves no file behind. `below`: another
+    key of the dataset that continues below `rel_key` (`FileBesideDirectory`): the object can then
+    only be a directory marker."""
     shown: Path | None = None
 
     def failed(reason: str) -> RestoredObject:
         return RestoredObject(source_key, meta.key, None, meta.size, "failed", reason)
 
     try:
-        name = target.name_for(rel_key)
-        shown = target.shown(name)
-        target.check_free(name)
         head = source.head(meta.key)
+        info = None
+        size = head.size
         if keys is not None:
             info = read_object_metadata(head.metadata, what=repr(meta.key))
             # Bind to place: the associated data must be the one of *this* dataset and source key.
@@ -398,15 +395,20 @@ def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, sour
             if head.size != info.ciphertext_size:
                 return failed(f"it holds {head.size:,} bytes, but {info.ciphertext_size:,} of ciphertext were written")
             size = info.plaintext_size
+        name = target.name_for(rel_key, size, head.metadata)
+        shown = target.shown(name)
+        if below is not None and not name.directory:
+            return failed(clash_sentence(rel_key, below))
+        target.check_free(name)
+        if info is not None:
             plaintext = decrypt_object(key_for(keys, info), info.associated_data,
                                        _ciphertext_chunks(source, head, head.size), plaintext_size=size)
         else:
-            size = head.size
             plaintext = _ciphertext_chunks(source, head, head.size)
         if name.directory:
             found = sum(len(chunk) for chunk in plaintext)
             if found:
-                return failed(f"its key ends with '/', so it can only be restored as the directory {shown}, "
+                return failed(f"it is a directory marker, so it can only be restored as the directory {shown}, "
                               f"but it holds {found:,} bytes")
             digest = hashlib.sha256(b"").hexdigest()
             if expected_sha256 is not None and digest != expected_sha256:
@@ -471,22 +473,29 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
         counted(meta, RestoredObject(source_key_of(meta.key, ds.prefix, ds.dest_prefix), meta.key, None, meta.size,
                                      "failed", f"internal error: {type(exc).__name__}: {exc}"))
 
-    def one(meta: ObjectMeta, target: TargetDirectory) -> RestoredObject:
+    def rel_key_of(meta: ObjectMeta) -> tuple[str, str]:
         source_key = source_key_of(meta.key, ds.prefix, ds.dest_prefix)
-        rel_key = source_key[len(ds.prefix):]
-        if ds.prefix and not ds.prefix.endswith("/"):  # prefix `data` holds `data/x`: the file is `x`
-            rel_key = rel_key.removeprefix("/")
+        return source_key, relative_key(source_key, ds.prefix)
+
+    def one(meta: ObjectMeta, target: TargetDirectory, below: str | None) -> RestoredObject:
+        source_key, rel_key = rel_key_of(meta)
         return restore_object(sink, meta, dataset=dataset, source_key=source_key, rel_key=rel_key, target=target,
-                              keys=keys, expected_sha256=recorded(source_key))
+                              keys=keys, expected_sha256=recorded(source_key), below=below)
 
     with TargetDirectory.open(to_dir, overwrite=overwrite) as target:
         try:
             with create_pool(concurrency, "exitplan-restore") as pool, \
                     BoundedTasks(pool, concurrency * 2, on_result=counted, on_error=lost) as tasks:
+                # A file whose name other keys continue below is held until the listing passes that
+                # name: the directory wins, whichever object a worker would have reached first.
+                clashes = FileBesideDirectory()
                 for meta in sink.list(listing_prefix):
                     if meta.key.startswith(CONTROL_PREFIX):
                         continue
-                    tasks.submit(meta, one, meta, target)
+                    for held, below in clashes.add(rel_key_of(meta)[1], meta, file=True):
+                        tasks.submit(held, one, held, target, below)
+                for held, below in clashes.finish():
+                    tasks.submit(held, one, held, target, below)
         except ConnectorError as exc:
             raise RunError(f"listing {sink.label}/{listing_prefix}: {exc}", exc) from None
     return RestoreSummary(dataset, totals["objects"], totals["ok"], totals["failed"], totals["bytes"],

@@ -85,10 +85,10 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         w = csv.writer(sys.stdout)
         w.writerow(["dataset", "source", "destination", "objects", "bytes", "largest_key", "largest_size",
-                    "without_md5", "not_hot", "misfits"])
+                    "without_md5", "not_hot", "misfits", "directory_markers", "not_restorable_as_files"])
         for r in results:
             w.writerow([r.dataset, r.source, r.destination, r.objects, r.bytes, r.largest_key or "", r.largest_size,
-                        r.without_md5, r.not_hot, r.misfit_count])
+                        r.without_md5, r.not_hot, r.misfit_count, r.directory_markers, r.unrestorable_count])
     else:
         _print_inventory_table(results)
     return ExitCode.OK
@@ -115,6 +115,12 @@ def _print_inventory_table(results) -> None:
             print(f"  will not fit: {key!r}: {reason}")
         if r.misfit_count > len(r.misfits):
             print(f"  … and {r.misfit_count - len(r.misfits):,} more that will not fit")
+        if r.directory_markers:
+            print(f"  directory markers: {r.directory_markers:,} (carried as they are; restore makes directories of them)")
+        for key, reason in r.unrestorable:
+            print(f"  carried, but not restorable as a file: {key!r}: {reason}")
+        if r.unrestorable_count > len(r.unrestorable):
+            print(f"  … and {r.unrestorable_count - len(r.unrestorable):,} more carried but not restorable as files")
 
 
 # ---------------------------------------------------------------------------------------------

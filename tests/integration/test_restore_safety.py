@@ -8,6 +8,7 @@ without `--overwrite`, no object's temporary file can be another object's file, 
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import uuid
@@ -36,16 +37,18 @@ def s3(s3_server):
 
 @pytest.fixture
 def migrated(tmp_path, monkeypatch, azurite_connection_string, s3_server, s3):
-    """`migrated(blobs, concurrency=4, slash=True)`: a fresh container holding `blobs`, migrated
+    """`migrated(blobs, concurrency=4, slash=True, metadata=None)`: a fresh container holding `blobs`
+    (with `metadata[name]` where given), migrated
     (encrypted) with a project of its own below the destination prefix `<container>/` (or
     `<container>` when not `slash`); returns the config path."""
     monkeypatch.setenv(CS_VAR, azurite_connection_string)
 
-    def make(blobs: dict[str, bytes], concurrency: int = 4, slash: bool = True) -> Path:
+    def make(blobs: dict[str, bytes], concurrency: int = 4, slash: bool = True,
+             metadata: dict[str, dict[str, str]] | None = None) -> Path:
         container = f"rst{uuid.uuid4().hex[:10]}"
         cc = BlobServiceClient.from_connection_string(azurite_connection_string).create_container(container)
         for name, data in blobs.items():
-            cc.upload_blob(name, data)
+            cc.upload_blob(name, data, metadata=(metadata or {}).get(name))
         cfg = {
             "version": 1,
             "project": container,  # a project of its own: the bucket is shared by the module
@@ -172,17 +175,14 @@ def test_plaintext_is_private_whatever_the_umask(tmp_path, capsys, migrated):
 
 def test_a_name_that_is_both_a_file_and_a_directory_fails_one_object_by_name(tmp_path, capsys, migrated):
     """`a` and `a/b` in one dataset: one of them cannot be written; it is named and counted (the
-    old code dropped `a/b`'s error with its future and said "restored 2 of 2")."""
+    old code dropped `a/b`'s error with its future and said "restored 2 of 2"), and it is always `a`."""
     cfg = migrated({"a": b"the file a\n", "a/b": b"the file a/b\n", "c.txt": b"c\n"})
     code, out, err = restore(capsys, cfg, tmp_path / "out")
     assert code == ExitCode.FAILED
     assert "restored 2 of 3 objects" in out and "1 failed" in out
-    restored = files_under(tmp_path / "out")
-    assert restored in ({"a": b"the file a\n", "c.txt": b"c\n"}, {"a/b": b"the file a/b\n", "c.txt": b"c\n"})
-    if "a" in restored:
-        assert f"{tmp_path / 'out'}/a is a file, not a directory, so nothing can be written below it" in err
-    else:
-        assert f"{tmp_path / 'out'}/a is a directory (another object's key continues below this name" in err
+    # The directory wins, whichever object a worker reaches first (issue 12, item 6).
+    assert files_under(tmp_path / "out") == {"a/b": b"the file a/b\n", "c.txt": b"c\n"}
+    assert "'a' is a file, and the key 'a/b' continues below that name, so it is a directory too" in err
     assert_nothing_of_restore_left(tmp_path / "out")
 
 
@@ -219,3 +219,33 @@ def test_a_destination_prefix_without_a_slash_restores_under_the_source_names(tm
     code, out, err = restore(capsys, cfg, tmp_path / "only-sub", "--prefix", "sub/")
     assert code == 0, err
     assert files_under(tmp_path / "only-sub") == {"sub/b.txt": b"b\n"}
+
+
+def test_markers_double_slashes_and_a_file_beside_a_directory_follow_one_rule(tmp_path, capsys, migrated):
+    """Issue 12, item 6: inventory names up front what restore will name; the directory wins over
+    the file `d` whatever the order the workers reach them (`d/file` is restored, `d` named, every
+    time); an ADLS marker (0 bytes, `hdi_isfolder=true`, no `/`) beside its contents is a directory;
+    `a//b` is carried, verified and named by restore; the second migrate copies nothing."""
+    blobs = {"d": b"", "d/file": b"in d\n", "adls": b"", "adls/f": b"in adls\n", "a//b": b"two slashes\n",
+             "dir/": b"", "ok.txt": b"ok\n"}
+    cfg = migrated(blobs, concurrency=8, metadata={"adls": {"hdi_isfolder": "true"}, "dir/": {"hdi_isfolder": "true"}})
+    capsys.readouterr()  # the fixture's own commands
+    code, out, err = cli(capsys, "inventory", "--config", cfg, "--format", "json")
+    assert code == 0, err
+    (inv,) = json.loads(out)
+    assert inv["directory_markers"] == 2 and inv["misfit_count"] == 0
+    assert sorted(u["key"] for u in inv["unrestorable"]) == ["a//b", "d"]
+    code, out, err = cli(capsys, "verify", "--config", cfg, "--deep")
+    assert code == 0, (out, err)
+    for attempt in range(3):
+        to = tmp_path / f"out{attempt}"
+        code, out, err = restore(capsys, cfg, to)
+        assert code == ExitCode.FAILED, (out, err)
+        assert "restored 5 of 7 objects" in out and "2 failed" in out
+        assert "'d' is a file, and the key 'd/file' continues below that name" in err
+        assert "'a//b' cannot be written as a file safely: it has an empty segment" in err
+        assert files_under(to) == {"d/file": b"in d\n", "adls/f": b"in adls\n", "ok.txt": b"ok\n"}
+        assert (to / "dir").is_dir() and (to / "adls").is_dir()
+        assert_nothing_of_restore_left(to)
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == 0 and "scans: 0 B copied, 7 objects (7 unchanged)" in err, (out, err)

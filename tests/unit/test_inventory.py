@@ -84,3 +84,43 @@ def test_exitplans_own_metadata_counts_as_migrate_counts_it():
     inv = inventory_dataset("claims", ds, listing, SinkLimits(), reserved=reserved)
     assert [k for k, _ in inv.misfits] == ["b.bin", "c.bin"]
     assert "2049 bytes once encoded (exitplan's own included)" in dict(inv.misfits)["b.bin"]
+
+
+def test_names_restore_cannot_write_as_files_are_named_up_front():
+    """Issue 12, item 6: the one rule (`placement.restore_path`, `FileBesideDirectory`) applied by
+    inventory before anything moves: markers counted; `//`, a `/`-ending blob with bytes and a file
+    that other keys continue below are named, an ADLS marker beside its contents is not."""
+    ds = DatasetConfig(source="az", container="c", prefix="in/", destination="d")
+    folder = {"hdi_isfolder": "true"}
+    listing = [
+        ObjectMeta("in/a//b", 1, "e"),
+        ObjectMeta("in/adls", 0, "e", metadata=folder),
+        ObjectMeta("in/adls/f", 1, "e"),
+        ObjectMeta("in/d", 0, "e"),
+        ObjectMeta("in/d.txt", 1, "e"),
+        ObjectMeta("in/d/file", 1, "e"),
+        ObjectMeta("in/dir/", 0, "e"),
+        ObjectMeta("in/full/", 3, "e"),
+        ObjectMeta("in/z", 1, "e"),
+    ]
+    inv = inventory_dataset("claims", ds, listing, SinkLimits())
+    assert inv.objects == 9 and inv.misfit_count == 0
+    assert inv.directory_markers == 2  # in/adls, in/dir/
+    reasons = dict(inv.unrestorable)
+    assert set(reasons) == {"in/a//b", "in/d", "in/full/"}
+    assert "empty segment" in reasons["in/a//b"]
+    assert "'d/file' continues below that name" in reasons["in/d"]
+    assert "holds 3 bytes" in reasons["in/full/"]
+
+
+def test_a_file_beside_a_directory_is_found_with_bounded_memory():
+    from engine.placement import FileBesideDirectory
+
+    clashes = FileBesideDirectory()
+    found = []
+    for i in range(100_000):
+        for key in (f"k{i:06d}", f"k{i:06d}.x", f"k{i:06d}/y" if i % 2 else f"k{i:06d}z"):
+            found += [(k, below) for k, below in clashes.add(key, key, file=True) if below]
+            assert len(clashes._held) <= 2
+    found += [(k, below) for k, below in clashes.finish() if below]
+    assert len(found) == 50_000 and found[0] == ("k000001", "k000001/y")
