@@ -16,13 +16,13 @@ from connectors.base import ObjectMeta, SinkLimits
 from .endpoints import destination_limits, open_source
 from .errors import call_endpoint
 from .output_format import IDENTITY
-from .placement import DoesNotFit, FileBesideDirectory, NotAPath, clash_sentence, place, relative_key, restore_path
+from .placement import DEFAULT_KINDS, DEFAULT_TIERS, DoesNotFit, FileBesideDirectory, NotAPath, clash_sentence, place, relative_key, restore_path
 
 # Tink key ids are 32-bit: with no keyset yet, inventory counts the widest id's metadata.
 WIDEST_KEY_ID = 2**32 - 1
 
 MAX_EXAMPLES = 10
-HOT_TIERS = {None, "", "hot", "standard"}
+HOT_TIERS = DEFAULT_TIERS
 
 
 @dataclass
@@ -39,6 +39,8 @@ class DatasetInventory:
     without_md5: int = 0
     not_hot: int = 0
     tiers: dict[str, int] = field(default_factory=dict)
+    # Objects per source kind (Azure: block, page, append); the kind is kept as exitplan metadata.
+    kinds: dict[str, int] = field(default_factory=dict)
     misfit_count: int = 0
     misfits: list[tuple[str, str]] = field(default_factory=list)
     # Carried, but restored as directories (0-byte `x/` or `hdi_isfolder=true`: `is_directory_marker`).
@@ -55,10 +57,13 @@ class DatasetInventory:
             self.largest_key, self.largest_size = meta.key, meta.size
         if meta.content_md5 is None:
             self.without_md5 += 1
-        tier = meta.tier or "Hot"
+        # Page and append blobs have no access tier: not counted as Hot (`kinds` counts them).
+        tier = meta.tier or ("Hot" if meta.kind in DEFAULT_KINDS else "none")
         self.tiers[tier] = self.tiers.get(tier, 0) + 1
         if (meta.tier or "").lower() not in HOT_TIERS:
             self.not_hot += 1
+        if meta.kind is not None:
+            self.kinds[meta.kind] = self.kinds.get(meta.kind, 0) + 1
         if misfit:
             self.misfit_count += 1
             if len(self.misfits) < MAX_EXAMPLES:

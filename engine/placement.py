@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Mapping
+from urllib.parse import parse_qsl, quote, urlencode
 
 from connectors.base import ContentSettings, ObjectMeta, SinkLimits, WriteMeta, file_path_problem
 
@@ -165,9 +167,91 @@ class FileBesideDirectory:
         return released
 
 
+# ---------------------------------------------------------------------------------------------
+# The source's properties S3 metadata cannot hold as they are, kept as exitplan metadata
+# ---------------------------------------------------------------------------------------------
+
+# The names of the source's metadata that are not all lower-case, comma-separated, as the source
+# spells them: S3 lower-cases metadata names, so restore gives back `PatientId`, not `patientid`.
+META_NAMES = "exitplan-metadata-names"
+# The source blob's creation and last-modified times (ISO 8601, UTC) and its ETag, for an auditor
+# to match the copy with the source.
+META_SOURCE_CREATED = "exitplan-source-created"
+META_SOURCE_MODIFIED = "exitplan-source-modified"
+META_SOURCE_ETAG = "exitplan-source-etag"
+# The source's tags, URL-encoded (`a=1&b=2`), when the destination keeps fewer tags per object
+# than the source has (`SinkLimits.max_tags`); otherwise they are the object's own tags.
+META_TAGS = "exitplan-tags"
+# The source's kind of blob when it is not a block blob (`page`, `append`), and its access tier when
+# it is not the default one (`Cool`, `Cold`): the destination's objects have neither.
+META_SOURCE_KIND = "exitplan-source-kind"
+META_SOURCE_TIER = "exitplan-source-tier"
+DEFAULT_KINDS = {None, "block"}
+DEFAULT_TIERS = {None, "", "hot", "standard"}
+
+
+def source_metadata(meta: ObjectMeta) -> dict[str, str]:
+    """The exitplan metadata that keeps what S3 metadata would lose of `meta`: its metadata names'
+    case, its creation and last-modified times, its ETag, its kind and tier where they are not the
+    default ones. Part of exitplan's own metadata (both
+    output formats write it: `OutputFormat.metadata_for`), so placement counts it in the limit."""
+    out: dict[str, str] = {}
+    cased = [name for name in meta.metadata if name != name.lower()]
+    if cased:
+        out[META_NAMES] = ",".join(cased)
+    if meta.created is not None:
+        out[META_SOURCE_CREATED] = _utc(meta.created)
+    if meta.last_modified is not None:
+        out[META_SOURCE_MODIFIED] = _utc(meta.last_modified)
+    if meta.etag:
+        out[META_SOURCE_ETAG] = encode_header_value(meta.etag)
+    if meta.kind not in DEFAULT_KINDS:
+        out[META_SOURCE_KIND] = encode_header_value(meta.kind)
+    if (meta.tier or "").lower() not in DEFAULT_TIERS:
+        out[META_SOURCE_TIER] = encode_header_value(meta.tier)
+    return out
+
+
+def _utc(when: datetime) -> str:
+    when = when.astimezone(timezone.utc) if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when.isoformat(timespec="microseconds" if when.microsecond else "seconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class SourceProperties:
+    """What an object's metadata (and tags) at the destination say of its source: the user
+    metadata with the source's names and values, the tags, the source's times and ETag."""
+
+    metadata: dict[str, str]
+    tags: dict[str, str]
+    created: str | None
+    last_modified: str | None
+    etag: str | None
+    kind: str | None = None
+    tier: str | None = None
+
+
+def source_properties(metadata: Mapping[str, str], tags: Mapping[str, str]) -> SourceProperties:
+    """Read back what `place` wrote: `metadata` as the destination returns it (names lower-case),
+    `tags` the object's own tags. exitplan's own entries are taken out of the user metadata."""
+    lower = {k.lower(): v for k, v in metadata.items()}
+    cased = {name.lower(): name for name in lower.get(META_NAMES, "").split(",") if name}
+    user = {cased.get(name, name): decode_header_value(value) for name, value in lower.items()
+            if not name.startswith(RESERVED_PREFIX)}
+    found_tags = dict(tags)
+    if META_TAGS in lower:
+        found_tags.update(parse_qsl(lower[META_TAGS], keep_blank_values=True))
+    def decoded(name: str) -> str | None:
+        return decode_header_value(lower[name]) if name in lower else None
+
+    return SourceProperties(user, found_tags, lower.get(META_SOURCE_CREATED), lower.get(META_SOURCE_MODIFIED),
+                            decoded(META_SOURCE_ETAG), decoded(META_SOURCE_KIND), decoded(META_SOURCE_TIER))
+
+
 def encode_header_value(value: str) -> str:
-    """Header-safe form of a metadata value: printable ASCII as is, anything else RFC 2047 base64."""
-    if value.isascii() and value.isprintable() and value == value.strip():
+    """Header-safe form of a metadata value: printable ASCII as is, anything else RFC 2047 base64
+    (a value that itself looks encoded too, so `decode_header_value` gives back the very bytes)."""
+    if value.isascii() and value.isprintable() and value == value.strip() and not value.startswith("=?"):
         return value
     return "=?UTF-8?B?" + base64.b64encode(value.encode("utf-8")).decode("ascii") + "?="
 
@@ -224,9 +308,14 @@ def place(meta: ObjectMeta, source_prefix: str, dest_prefix: str, limits: SinkLi
         user[lname] = encode_header_value(value)
     total = dict(reserved or {})
     total.update(user)
+    tags = dict(meta.tags)
+    if len(tags) > limits.max_tags:  # kept, in exitplan's metadata, rather than dropped
+        total[META_TAGS] = urlencode(tags, quote_via=quote)
+        tags = {}
     size = metadata_bytes(total)
     if size > limits.max_metadata_bytes:
         raise DoesNotFit(
             f"user metadata is {size} bytes once encoded (exitplan's own included), over the limit of {limits.max_metadata_bytes}"
         )
-    return Placement(meta.key, dest_key, WriteMeta(content=meta.content if content is None else content, metadata=total))
+    return Placement(meta.key, dest_key, WriteMeta(content=meta.content if content is None else content, metadata=total,
+                                                   tags=tags))

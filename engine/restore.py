@@ -30,9 +30,11 @@ Memory per object is bounded by the read size (`READ_SEGMENTS` segments), whatev
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import itertools
+import json
 import logging
 import os
 import secrets
@@ -40,21 +42,22 @@ import stat
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from config.errors import ExitCode, UserError
 from config.models import LoadedConfig
-from connectors.base import ConnectorError, ObjectMeta, ObjectSource
+from connectors.base import ConnectorError, ContentSettings, ObjectMeta, ObjectSource, TagReader
 
 from .crypto.datakeys import DataKeys, KeysetError
-from .crypto.tink_format import SEGMENT_SIZE, FormatError, decrypt_object, key_for, read_object_metadata
+from .crypto.tink_format import SEGMENT_SIZE, FormatError, content_of, decrypt_object, key_for, read_object_metadata
 from .endpoints import open_sink
 from .errors import RunError, call_endpoint
 from .executors import BoundedTasks, create_pool
 from .keys import load_data_keys
-from .placement import (CONTROL_PREFIX, FileBesideDirectory, NotAPath, clash_sentence, dest_key_prefix, relative_key,
-                        restore_path, source_key_of)
+from .placement import (CONTROL_PREFIX, FileBesideDirectory, NotAPath, SourceProperties, clash_sentence,
+                        dest_key_prefix, relative_key, restore_path, source_key_of, source_properties)
 from .project import open_state
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # link() fails with these where the filesystem has no hard links (FAT, exFAT, some FUSE mounts).
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
+# The file in DIR listing, per restored object, the properties a file cannot hold (docs/FORMAT.md).
+SIDECAR = ".exitplan-properties.jsonl"
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ class RestoredObject:
     status: str  # "ok", "failed"
     reason: str | None = None
     digest_checked: bool = False
+    # The object's line in the sidecar (`sidecar_record`): what a file cannot hold of it.
+    properties: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -90,10 +97,13 @@ class RestoreSummary:
     bytes: int
     unchecked: int  # restored, but no recorded digest to compare with (no state for them)
     failures: tuple[tuple[str, str], ...]
+    # Where the restored objects' other properties were written (`SIDECAR`), or why they were not.
+    sidecar: Path | None = None
+    sidecar_problem: str | None = None
 
     @property
     def all_ok(self) -> bool:
-        return self.failed == 0
+        return self.failed == 0 and self.sidecar_problem is None
 
 
 class TargetRefused(Exception):
@@ -200,6 +210,9 @@ class TargetDirectory:
                                     f"{self.path} allows at most {self._name_max} bytes per name")
         if parts[0] == self._private_name:
             raise TargetRefused(f"{parts[0]} is the name of restore's own private directory in this run")
+        if parts == (SIDECAR,):
+            raise TargetRefused(f"{SIDECAR} is the name of the file where restore lists the objects' properties; "
+                                "restore this object with --prefix into another directory")
         return TargetName(parts, directory)
 
     def shown(self, name: TargetName | tuple[str, ...]) -> Path:
@@ -395,8 +408,11 @@ def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, sour
             if head.size != info.ciphertext_size:
                 return failed(f"it holds {head.size:,} bytes, but {info.ciphertext_size:,} of ciphertext were written")
             size = info.plaintext_size
-        name = target.name_for(rel_key, size, head.metadata)
+        properties = source_properties(head.metadata, source.tags(meta.key) if isinstance(source, TagReader) else {})
+        name = target.name_for(rel_key, size, properties.metadata)
         shown = target.shown(name)
+        record = sidecar_record(source_key, name, size, content_of(head.metadata) if keys is not None else head.content,
+                                properties)
         if below is not None and not name.directory:
             return failed(clash_sentence(rel_key, below))
         target.check_free(name)
@@ -414,7 +430,8 @@ def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, sour
             if expected_sha256 is not None and digest != expected_sha256:
                 return failed(f"it is empty, but the source's SHA-256 {expected_sha256} was recorded when it was copied")
             target.make_directory(name)
-            return RestoredObject(source_key, meta.key, shown, 0, "ok", digest_checked=expected_sha256 is not None)
+            return RestoredObject(source_key, meta.key, shown, 0, "ok", digest_checked=expected_sha256 is not None,
+                                  properties=record)
         with target.temporary() as temporary:
             written, sent, on_disk = _write_and_read_back(temporary.file, plaintext)
             if written != size:
@@ -424,8 +441,12 @@ def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, sour
             if expected_sha256 is not None and on_disk != expected_sha256:
                 return failed(f"the restored bytes have SHA-256 {on_disk}, but {expected_sha256} was recorded "
                               "from the source when it was copied")
+            modified = _timestamp(properties.last_modified)
+            if modified is not None:  # the source's last-modified time, as the file's
+                os.utime(temporary.file.fileno(), (modified, modified))
             target.place(temporary, name)
-        return RestoredObject(source_key, meta.key, shown, written, "ok", digest_checked=expected_sha256 is not None)
+        return RestoredObject(source_key, meta.key, shown, written, "ok", digest_checked=expected_sha256 is not None,
+                              properties=record)
     except TargetRefused as exc:
         return failed(str(exc))
     except (FormatError, KeysetError) as exc:
@@ -434,6 +455,29 @@ def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, sour
         return failed(f"reading it back failed: {exc}")
     except OSError as exc:
         return failed(f"writing {shown or rel_key} failed: {exc.strerror or exc}")
+
+
+def sidecar_record(source_key: str, name: TargetName, size: int, content: ContentSettings,
+                   properties: SourceProperties) -> dict:
+    """One object's line in the sidecar (docs/FORMAT.md): its path below DIR and what a file does
+    not hold of the source blob (content headers, metadata with the source's names, tags, times,
+    ETag). Empty fields are left out."""
+    record: dict = {"key": source_key, "path": "/".join(name.parts) + ("/" if name.directory else ""), "size": size}
+    headers = {k: v for k, v in dataclasses.asdict(content).items() if v is not None}
+    source = {"created": properties.created, "last_modified": properties.last_modified, "etag": properties.etag,
+              "kind": properties.kind, "tier": properties.tier}
+    for field_name, value in (("content", headers), ("metadata", properties.metadata), ("tags", properties.tags),
+                              ("source", {k: v for k, v in source.items() if v is not None})):
+        if value:
+            record[field_name] = value
+    return record
+
+
+def _timestamp(iso: str | None) -> float | None:
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() if iso else None
+    except ValueError:
+        return None
 
 
 def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",
@@ -455,12 +499,16 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
     totals = {"objects": 0, "ok": 0, "failed": 0, "bytes": 0, "unchecked": 0}
     failures: list[tuple[str, str]] = []
 
+    sidecar: Temporary | None = None
+
     def counted(meta: ObjectMeta, result: RestoredObject) -> None:
         totals["objects"] += 1
         if result.status == "ok":
             totals["ok"] += 1
             totals["bytes"] += result.size
             totals["unchecked"] += not result.digest_checked
+            if result.properties is not None and sidecar is not None:
+                sidecar.file.write(json.dumps(result.properties, ensure_ascii=False, sort_keys=True).encode() + b"\n")
         else:
             totals["failed"] += 1
             if len(failures) < 100:
@@ -482,7 +530,9 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
         return restore_object(sink, meta, dataset=dataset, source_key=source_key, rel_key=rel_key, target=target,
                               keys=keys, expected_sha256=recorded(source_key), below=below)
 
-    with TargetDirectory.open(to_dir, overwrite=overwrite) as target:
+    sidecar_path: Path | None = None
+    sidecar_problem: str | None = None
+    with TargetDirectory.open(to_dir, overwrite=overwrite) as target, target.temporary() as sidecar:
         try:
             with create_pool(concurrency, "exitplan-restore") as pool, \
                     BoundedTasks(pool, concurrency * 2, on_result=counted, on_error=lost) as tasks:
@@ -498,8 +548,17 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
                     tasks.submit(held, one, held, target, below)
         except ConnectorError as exc:
             raise RunError(f"listing {sink.label}/{listing_prefix}: {exc}", exc) from None
+        sidecar.file.flush()
+        os.fsync(sidecar.file.fileno())
+        name = TargetName((SIDECAR,))
+        try:
+            target.place(sidecar, name)
+            sidecar_path = target.shown(name)
+        except TargetRefused as exc:
+            sidecar_problem = (f"the objects' properties (content headers, metadata, tags, source times) were not "
+                               f"written: {exc}; restore again with --overwrite, or into another directory")
     return RestoreSummary(dataset, totals["objects"], totals["ok"], totals["failed"], totals["bytes"],
-                          totals["unchecked"], tuple(failures))
+                          totals["unchecked"], tuple(failures), sidecar_path, sidecar_problem)
 
 
 def restore(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",

@@ -124,3 +124,21 @@ def test_a_file_beside_a_directory_is_found_with_bounded_memory():
             assert len(clashes._held) <= 2
     found += [(k, below) for k, below in clashes.finish() if below]
     assert len(found) == 50_000 and found[0] == ("k000001", "k000001/y")
+
+
+def test_blob_kinds_and_tiers_are_counted_and_archive_is_named_as_migrate_refuses_it():
+    """Issue 12, item 4: page and append blobs counted as Hot; an Archive blob said to fit."""
+    from connectors.azure_blob import ARCHIVED
+
+    ds = DatasetConfig(source="az", container="c", destination="d")
+    listing = [
+        ObjectMeta("block.bin", 3, "e", tier="Hot", kind="block"),
+        ObjectMeta("cool.bin", 3, "e", tier="Cool", kind="block"),
+        ObjectMeta("disk.vhd", 1024, "e", kind="page"),
+        ObjectMeta("log.txt", 5, "e", kind="append"),
+        ObjectMeta("cold.bin", 3, "e", tier="Archive", kind="block", not_copyable=ARCHIVED),
+    ]
+    inv = inventory_dataset("claims", ds, listing, SinkLimits())
+    assert inv.kinds == {"block": 3, "page": 1, "append": 1}
+    assert inv.tiers == {"Hot": 1, "Cool": 1, "none": 2, "Archive": 1}
+    assert inv.misfit_count == 1 and "Archive tier" in dict(inv.misfits)["cold.bin"]
