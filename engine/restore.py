@@ -48,7 +48,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from config.errors import ExitCode, UserError
 from config.models import LoadedConfig
-from connectors.base import ConnectorError, ContentSettings, ObjectMeta, ObjectSource, TagReader
+from connectors.base import ConnectorError, ContentSettings, NotFound, ObjectMeta, ObjectSource, TagReader
 
 from .crypto.datakeys import DataKeys, KeysetError
 from .crypto.tink_format import SEGMENT_SIZE, FormatError, content_of, decrypt_object, key_for, read_object_metadata
@@ -408,11 +408,21 @@ def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, sour
             if head.size != info.ciphertext_size:
                 return failed(f"it holds {head.size:,} bytes, but {info.ciphertext_size:,} of ciphertext were written")
             size = info.plaintext_size
-        properties = source_properties(head.metadata, source.tags(meta.key) if isinstance(source, TagReader) else {})
+        tags, tags_unreadable = {}, None
+        if isinstance(source, TagReader):
+            try:
+                tags = source.tags(meta.key)
+            except NotFound:
+                raise
+            except ConnectorError as exc:  # a provider without the tagging API: the bytes still come back
+                tags_unreadable = f"the destination did not give the object's tags: {exc}"
+        properties = source_properties(head.metadata, tags)
         name = target.name_for(rel_key, size, properties.metadata)
         shown = target.shown(name)
         record = sidecar_record(source_key, name, size, content_of(head.metadata) if keys is not None else head.content,
                                 properties)
+        if tags_unreadable:
+            record["tags_unreadable"] = tags_unreadable
         if below is not None and not name.directory:
             return failed(clash_sentence(rel_key, below))
         target.check_free(name)
