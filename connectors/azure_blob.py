@@ -146,6 +146,14 @@ class _ExactBuffer:
         return False
 
 
+# The SDK's blob types as `ObjectMeta.kind`.
+_KINDS = {"BlockBlob": "block", "PageBlob": "page", "AppendBlob": "append"}
+# Why an Archive-tier blob is listed but not copied: a permanent outcome until someone rehydrates it
+# (hours at Azure), never a read retried until it gives up.
+ARCHIVED = ("it is in the Archive tier and cannot be read until it is rehydrated (az storage blob set-tier --tier "
+            "Hot --rehydrate-priority Standard); the first migrate after that copies it")
+
+
 def _unquote(etag: str | None) -> str:
     return (etag or "").strip('"')
 
@@ -337,7 +345,7 @@ class AzureBlobSource:
         """Yield every blob under `prefix` in name order, one page (`page_size` blobs) at a time."""
         pages = self._call(
             lambda: self._container.list_blobs(
-                name_starts_with=prefix or None, include=["metadata"], results_per_page=self.page_size,
+                name_starts_with=prefix or None, include=["metadata", "tags"], results_per_page=self.page_size,
             ).by_page(),
             prefix,
         )
@@ -350,9 +358,12 @@ class AzureBlobSource:
                 yield self._meta(props)
 
     def head(self, key: str) -> ObjectMeta:
-        """Full properties of blob `key` (size, ETag, Content-MD5, tier, content headers, metadata)."""
+        """Full properties of blob `key` (size, ETag, Content-MD5, tier, content headers, metadata,
+        index tags: one more request when it has tags)."""
         blob = self._container.get_blob_client(key)
-        return self._meta(self._call(blob.get_blob_properties, key))
+        props = self._call(blob.get_blob_properties, key)
+        tags = self._call(blob.get_blob_tags, key) if props.tag_count else {}
+        return self._meta(props, tags)
 
     def read_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
         """Bytes ``start .. end-1`` of `key`, pinned to ETag `if_match` when given.
@@ -409,16 +420,17 @@ class AzureBlobSource:
         if end > size:
             raise InvalidRequest(f"{self.label}: range {start}-{end} is outside {key!r} ({size} bytes)", key=key)
 
-    def _meta(self, props: BlobProperties) -> ObjectMeta:
+    def _meta(self, props: BlobProperties, tags: dict[str, str] | None = None) -> ObjectMeta:
         cs = props.content_settings
         md5 = cs.content_md5 if cs is not None else None
+        tier = _tier(props.blob_tier)
         return ObjectMeta(
             key=props.name,
             size=props.size,
             etag=_unquote(props.etag),
             content_md5=bytes(md5) if md5 else None,
             last_modified=props.last_modified if isinstance(props.last_modified, datetime) else None,
-            tier=_tier(props.blob_tier),
+            tier=tier,
             content=ContentSettings(
                 content_type=cs.content_type if cs else None,
                 content_encoding=cs.content_encoding if cs else None,
@@ -427,6 +439,10 @@ class AzureBlobSource:
                 content_language=cs.content_language if cs else None,
             ),
             metadata=dict(props.metadata or {}),
+            tags=dict(tags if tags is not None else props.tags or {}),
+            created=props.creation_time if isinstance(props.creation_time, datetime) else None,
+            kind=_KINDS.get(_tier(props.blob_type) or "", _tier(props.blob_type)),
+            not_copyable=ARCHIVED if (tier or "").lower() == "archive" else None,
         )
 
     def _call(self, fn: Callable[[], T], key: str) -> T:

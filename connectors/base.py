@@ -40,8 +40,10 @@ class ObjectMeta:
     `etag` is the opaque version token used for If-Match (quotes stripped). `content_md5` is the
     raw 16-byte MD5 the store keeps for the whole object, or None when it has none (Azure blobs
     uploaded as blocks without one; S3 multipart objects). `tier` is the storage tier or class.
-    Listings may leave `content` and `metadata` empty where the store does not return them; a
-    `head` always fills them.
+    `metadata` keeps the names as the store spells them (Azure: with their case). `tags`: the
+    object's tags (Azure blob index tags). `created`: when the object was created, where the
+    store says. Listings may leave `content`, `metadata` and `tags` empty where the store does not
+    return them; a `head` always fills them.
     """
 
     key: str
@@ -52,6 +54,10 @@ class ObjectMeta:
     tier: str | None = None
     content: ContentSettings = field(default_factory=ContentSettings)
     metadata: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+    created: datetime | None = None
+    # The source's kind of object where it has several: Azure's "block", "page" or "append" blob.
+    kind: str | None = None
     # Why the source cannot give this entry as an object (a symbolic link not followed, a device):
     # a listing names it instead of leaving it out, and placement refuses it with this reason.
     not_copyable: str | None = None
@@ -63,10 +69,12 @@ class ObjectMeta:
 
 @dataclass(frozen=True)
 class WriteMeta:
-    """What is written with an object: content headers and user metadata (already validated)."""
+    """What is written with an object: content headers, user metadata and tags (already validated:
+    at most `SinkLimits.max_tags` tags)."""
 
     content: ContentSettings = field(default_factory=ContentSettings)
     metadata: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,8 +100,9 @@ class SinkLimits:
     """What the destination accepts, taken from the provider profile (never constants in the engine).
 
     Sizes in bytes. `max_key_bytes` counts the UTF-8 encoding of the key. `max_metadata_bytes` is
-    the total of user-metadata names and values as S3 counts them. `keys_are_paths`: keys become
-    file paths (an SFTP destination), so a key `file_path_problem` refuses cannot be written.
+    the total of user-metadata names and values as S3 counts them. `max_tags`: object tags the
+    destination keeps per object (0: none). `keys_are_paths`: keys become file paths (an SFTP
+    destination), so a key `file_path_problem` refuses cannot be written.
     """
 
     min_part_size: int = 5 * 1024**2
@@ -103,6 +112,7 @@ class SinkLimits:
     max_single_put_size: int = 5 * 1024**3
     max_key_bytes: int = 1024
     max_metadata_bytes: int = 2048
+    max_tags: int = 10
     keys_are_paths: bool = False
 
 
@@ -218,6 +228,13 @@ class RangeReader(Protocol):
 
         A short body raises `TransientError` (never returns fewer bytes).
         """
+        ...
+
+
+@runtime_checkable
+class TagReader(Protocol):
+    def tags(self, key: str) -> dict[str, str]:
+        """The object's tags (empty when it has none); raises `NotFound`."""
         ...
 
 

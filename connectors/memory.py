@@ -83,6 +83,7 @@ class MemoryStore:
             tier=tier,
             content=meta.content,
             metadata=dict(meta.metadata),
+            tags=dict(meta.tags),
         )
         with self._lock:
             self._objects[key] = _Stored(bytes(data), om)
@@ -130,6 +131,9 @@ class MemoryStore:
         if start < 0 or end > stored.meta.size or start > end:
             raise InvalidRequest(f"{self.label}: range {start}-{end} outside {key!r} ({stored.meta.size} bytes)", key=key)
         return stored.data[start:end]
+
+    def tags(self, key: str) -> dict[str, str]:
+        return dict(self._get(key).meta.tags)
 
     # ---- ObjectSink ------------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ import hashlib
 import re
 import threading
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence, TypeVar
+from urllib.parse import quote, urlencode
 
 import boto3
 from botocore.config import Config
@@ -473,6 +474,11 @@ class S3Store:
             for item in page.get("Uploads", ()):
                 yield PendingUpload(item["Key"], item["UploadId"], item.get("Initiated"))
 
+    def tags(self, key: str) -> dict[str, str]:
+        """The tags of `key` (GetObjectTagging); `NotFound` when it is gone."""
+        resp = self._call(lambda: self._client.get_object_tagging(Bucket=self.bucket, Key=key), key)
+        return {t["Key"]: t["Value"] for t in resp.get("TagSet", ())}
+
     def delete(self, key: str) -> None:
         """Remove `key`; a missing key is not an error (a missing bucket is `NotFound`)."""
         try:
@@ -739,4 +745,7 @@ def _write_params(meta: WriteMeta, label: str, key: str) -> dict[str, Any]:
                                  key=key)
     if metadata:
         params["Metadata"] = metadata
+    if meta.tags:
+        # The `x-amz-tagging` header of PutObject and CreateMultipartUpload: a URL-encoded query.
+        params["Tagging"] = urlencode(dict(meta.tags), quote_via=quote)
     return params

@@ -34,6 +34,8 @@ def sink_limits(profile: ProviderProfile, *, keys_are_paths: bool = False) -> Si
         max_object_size=lim.max_object_size,
         max_single_put_size=lim.max_single_put_size,
         max_metadata_bytes=lim.max_metadata_bytes,
+        # Files keep no tags: an SFTP destination's go into exitplan's metadata (`placement.place`).
+        max_tags=0 if keys_are_paths else lim.max_tags,
         keys_are_paths=keys_are_paths,
     )
 

@@ -16,13 +16,13 @@ from connectors.base import ObjectMeta, SinkLimits
 from .endpoints import destination_limits, open_source
 from .errors import call_endpoint
 from .output_format import IDENTITY
-from .placement import DoesNotFit, place
+from .placement import DEFAULT_KINDS, DEFAULT_TIERS, DoesNotFit, FileBesideDirectory, NotAPath, clash_sentence, place, relative_key, restore_path
 
 # Tink key ids are 32-bit: with no keyset yet, inventory counts the widest id's metadata.
 WIDEST_KEY_ID = 2**32 - 1
 
 MAX_EXAMPLES = 10
-HOT_TIERS = {None, "", "hot", "standard"}
+HOT_TIERS = DEFAULT_TIERS
 
 
 @dataclass
@@ -39,8 +39,16 @@ class DatasetInventory:
     without_md5: int = 0
     not_hot: int = 0
     tiers: dict[str, int] = field(default_factory=dict)
+    # Objects per source kind (Azure: block, page, append); the kind is kept as exitplan metadata.
+    kinds: dict[str, int] = field(default_factory=dict)
     misfit_count: int = 0
     misfits: list[tuple[str, str]] = field(default_factory=list)
+    # Carried, but restored as directories (0-byte `x/` or `hdi_isfolder=true`: `is_directory_marker`).
+    directory_markers: int = 0
+    # Carried and verified, but restore will name them instead of writing them as files
+    # (`placement.restore_path`, `FileBesideDirectory`): (key, reason) examples, at most MAX_EXAMPLES.
+    unrestorable_count: int = 0
+    unrestorable: list[tuple[str, str]] = field(default_factory=list)
 
     def add(self, meta: ObjectMeta, misfit: str | None) -> None:
         self.objects += 1
@@ -49,18 +57,27 @@ class DatasetInventory:
             self.largest_key, self.largest_size = meta.key, meta.size
         if meta.content_md5 is None:
             self.without_md5 += 1
-        tier = meta.tier or "Hot"
+        # Page and append blobs have no access tier: not counted as Hot (`kinds` counts them).
+        tier = meta.tier or ("Hot" if meta.kind in DEFAULT_KINDS else "none")
         self.tiers[tier] = self.tiers.get(tier, 0) + 1
         if (meta.tier or "").lower() not in HOT_TIERS:
             self.not_hot += 1
+        if meta.kind is not None:
+            self.kinds[meta.kind] = self.kinds.get(meta.kind, 0) + 1
         if misfit:
             self.misfit_count += 1
             if len(self.misfits) < MAX_EXAMPLES:
                 self.misfits.append((meta.key, misfit))
 
+    def not_restorable(self, key: str, reason: str) -> None:
+        self.unrestorable_count += 1
+        if len(self.unrestorable) < MAX_EXAMPLES:
+            self.unrestorable.append((key, reason))
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d["misfits"] = [{"key": k, "reason": r} for k, r in self.misfits]
+        d["unrestorable"] = [{"key": k, "reason": r} for k, r in self.unrestorable]
         return d
 
 
@@ -84,6 +101,7 @@ def inventory_dataset(
     `reserved(meta)`: the metadata exitplan itself will write on the object (`format_metadata`),
     counted in the destination's limit exactly as migrate's placement counts it."""
     inv = DatasetInventory(dataset=name, source=source_label, destination=ds.destination)
+    clashes = FileBesideDirectory()
     for meta in selected(listing, ds):
         try:
             place(meta, ds.prefix, ds.dest_prefix, limits, reserved=reserved(meta) if reserved else None)
@@ -91,6 +109,17 @@ def inventory_dataset(
         except DoesNotFit as exc:
             misfit = str(exc)
         inv.add(meta, misfit)
+        if misfit is None:  # what restore will meet among the objects migrate carries
+            rel_key = relative_key(meta.key, ds.prefix)
+            try:
+                directory = restore_path(rel_key, meta.size, meta.metadata)[1]
+            except NotAPath as exc:
+                inv.not_restorable(meta.key, str(exc))
+            else:
+                inv.directory_markers += directory
+                for (key, rel), below in clashes.add(rel_key, (meta.key, rel_key), file=not directory):
+                    if below is not None:
+                        inv.not_restorable(key, clash_sentence(rel, below))
         if progress and inv.objects % progress_every == 0:
             progress(inv)
     return inv

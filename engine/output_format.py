@@ -12,6 +12,7 @@ from typing import Mapping, Protocol
 
 from connectors.base import ContentSettings, ObjectMeta
 from engine.crypto.segments import IDENTITY_LAYOUT, SegmentLayout
+from engine.placement import source_metadata
 
 
 class SegmentEncoder(Protocol):
@@ -79,7 +80,8 @@ class IdentityFormat:
     copies = False
 
     def metadata_for(self, meta: ObjectMeta) -> dict[str, str]:
-        return {}
+        """What S3 metadata would lose of the source (names' case, times, ETag: `source_metadata`)."""
+        return source_metadata(meta)
 
     def content_for(self, meta: ObjectMeta) -> ContentSettings:
         return meta.content

@@ -38,6 +38,7 @@ continued from its `ResumePoint` (`engine.resume_point`).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import logging
@@ -354,7 +355,7 @@ class _Attempt:
         self.encoder = encoder
         write_meta = self.placement.write_meta
         if encoder.metadata:
-            write_meta = WriteMeta(content=write_meta.content, metadata={**write_meta.metadata, **encoder.metadata})
+            write_meta = dataclasses.replace(write_meta, metadata={**write_meta.metadata, **encoder.metadata})
         self.events.attempt_started(self.meta, plan, self.restarts)
 
         if plan.single_put:

@@ -19,17 +19,22 @@ trust (it may hold links and files planted by others, and the dataset's keys may
   directory) fails the object with a sentence, unless `overwrite`, where `rename()` replaces a
   file or a link atomically (never a directory, never writing through a link).
 - Files are created 0600 and directories 0700 (the umask can only take bits away).
-- A key that cannot be a file name (a component longer than the filesystem allows, `a` beside
-  `a/b` in the same dataset) fails that object with a sentence, and is counted.
+- A key that cannot be a file name (a component longer than the filesystem allows, `a//b`, a key
+  ending in `/` that holds bytes, the file `a` beside `a/b` in the same dataset: the directory
+  wins, `placement.restore_path` and `FileBesideDirectory`) fails that object with a sentence, and
+  is counted. A directory marker (0 bytes, named `x/` or carrying `hdi_isfolder=true`) becomes a
+  directory.
 
 Memory per object is bounded by the read size (`READ_SEGMENTS` segments), whatever its size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import itertools
+import json
 import logging
 import os
 import secrets
@@ -37,20 +42,22 @@ import stat
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Callable, Iterable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from config.errors import ExitCode, UserError
 from config.models import LoadedConfig
-from connectors.base import ConnectorError, ObjectMeta, ObjectSource
+from connectors.base import ConnectorError, ContentSettings, NotFound, ObjectMeta, ObjectSource, TagReader
 
 from .crypto.datakeys import DataKeys, KeysetError
-from .crypto.tink_format import SEGMENT_SIZE, FormatError, decrypt_object, key_for, read_object_metadata
+from .crypto.tink_format import SEGMENT_SIZE, FormatError, content_of, decrypt_object, key_for, read_object_metadata
 from .endpoints import open_sink
 from .errors import RunError, call_endpoint
 from .executors import BoundedTasks, create_pool
 from .keys import load_data_keys
-from .placement import CONTROL_PREFIX, dest_key_prefix, source_key_of
+from .placement import (CONTROL_PREFIX, FileBesideDirectory, NotAPath, SourceProperties, clash_sentence,
+                        dest_key_prefix, relative_key, restore_path, source_key_of, source_properties)
 from .project import open_state
 
 log = logging.getLogger(__name__)
@@ -64,6 +71,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # link() fails with these where the filesystem has no hard links (FAT, exFAT, some FUSE mounts).
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK}
+# The file in DIR listing, per restored object, the properties a file cannot hold (docs/FORMAT.md).
+SIDECAR = ".exitplan-properties.jsonl"
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,8 @@ class RestoredObject:
     status: str  # "ok", "failed"
     reason: str | None = None
     digest_checked: bool = False
+    # The object's line in the sidecar (`sidecar_record`): what a file cannot hold of it.
+    properties: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -86,24 +97,17 @@ class RestoreSummary:
     bytes: int
     unchecked: int  # restored, but no recorded digest to compare with (no state for them)
     failures: tuple[tuple[str, str], ...]
+    # Where the restored objects' other properties were written (`SIDECAR`), or why they were not.
+    sidecar: Path | None = None
+    sidecar_problem: str | None = None
 
     @property
     def all_ok(self) -> bool:
-        return self.failed == 0
+        return self.failed == 0 and self.sidecar_problem is None
 
 
 class TargetRefused(Exception):
     """One object cannot be written under the target directory; the message is the sentence."""
-
-
-def safe_relative_path(source_key: str) -> PurePosixPath:
-    """The key as a relative path under the target directory; ValueError if it could escape it."""
-    parts = source_key.split("/")
-    if not source_key or source_key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise ValueError(f"{source_key!r} cannot be written as a file safely (empty, absolute, '.' or '..' parts)")
-    if "\x00" in source_key:
-        raise ValueError(f"{source_key!r} contains a NUL byte")
-    return PurePosixPath(*parts)
 
 
 @dataclass(frozen=True)
@@ -190,21 +194,25 @@ class TargetDirectory:
 
     # ---- names ------------------------------------------------------------------------------------
 
-    def name_for(self, rel_key: str) -> TargetName:
-        """Where the object whose key below the dataset is `rel_key` goes; `TargetRefused` when the
-        key cannot be a path below the directory (escapes it, a component too long, ...)."""
-        directory = rel_key.endswith("/") and rel_key != "/"
+    def name_for(self, rel_key: str, size: int = 0, metadata: Mapping[str, str] | None = None) -> TargetName:
+        """Where the object whose key below the dataset is `rel_key` (`size` plaintext bytes,
+        `metadata` its user metadata) goes: a directory for a directory marker, else a file
+        (`placement.restore_path`, the rule inventory applies too); `TargetRefused` when the key
+        cannot be a path below the directory (escapes it, a component too long, ...)."""
         try:
-            parts = safe_relative_path(rel_key[:-1] if directory else rel_key).parts
-        except ValueError as exc:
+            parts, directory = restore_path(rel_key, size, metadata or {})
+        except NotAPath as exc:
             raise TargetRefused(str(exc)) from None
         for part in parts:
-            size = len(os.fsencode(part))
-            if size > self._name_max:
-                raise TargetRefused(f"the name {_short(part)} is {size:,} bytes long, and the filesystem of "
+            length = len(os.fsencode(part))
+            if length > self._name_max:
+                raise TargetRefused(f"the name {_short(part)} is {length:,} bytes long, and the filesystem of "
                                     f"{self.path} allows at most {self._name_max} bytes per name")
         if parts[0] == self._private_name:
             raise TargetRefused(f"{parts[0]} is the name of restore's own private directory in this run")
+        if parts == (SIDECAR,):
+            raise TargetRefused(f"{SIDECAR} is the name of the file where restore lists the objects' properties; "
+                                "restore this object with --prefix into another directory")
         return TargetName(parts, directory)
 
     def shown(self, name: TargetName | tuple[str, ...]) -> Path:
@@ -378,19 +386,21 @@ def _write_and_read_back(file: BinaryIO, plaintext: Iterable[bytes]) -> tuple[in
 
 
 def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, source_key: str, rel_key: str,
-                   target: TargetDirectory, keys: DataKeys | None, expected_sha256: str | None) -> RestoredObject:
+                   target: TargetDirectory, keys: DataKeys | None, expected_sha256: str | None,
+                   below: str | None = None) -> RestoredObject:
     """Restore one object to `rel_key` below `target`; never raises for a failure of that object
-    (the `RestoredObject` says why), and a failed object leaves no file behind."""
+    (the `RestoredObject` says why), and a failed object leaves no file behind. `below`: another
+    key of the dataset that continues below `rel_key` (`FileBesideDirectory`): the object can then
+    only be a directory marker."""
     shown: Path | None = None
 
     def failed(reason: str) -> RestoredObject:
         return RestoredObject(source_key, meta.key, None, meta.size, "failed", reason)
 
     try:
-        name = target.name_for(rel_key)
-        shown = target.shown(name)
-        target.check_free(name)
         head = source.head(meta.key)
+        info = None
+        size = head.size
         if keys is not None:
             info = read_object_metadata(head.metadata, what=repr(meta.key))
             # Bind to place: the associated data must be the one of *this* dataset and source key.
@@ -398,21 +408,40 @@ def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, sour
             if head.size != info.ciphertext_size:
                 return failed(f"it holds {head.size:,} bytes, but {info.ciphertext_size:,} of ciphertext were written")
             size = info.plaintext_size
+        tags, tags_unreadable = {}, None
+        if isinstance(source, TagReader):
+            try:
+                tags = source.tags(meta.key)
+            except NotFound:
+                raise
+            except ConnectorError as exc:  # a provider without the tagging API: the bytes still come back
+                tags_unreadable = f"the destination did not give the object's tags: {exc}"
+        properties = source_properties(head.metadata, tags)
+        name = target.name_for(rel_key, size, properties.metadata)
+        shown = target.shown(name)
+        record = sidecar_record(source_key, name, size, content_of(head.metadata) if keys is not None else head.content,
+                                properties)
+        if tags_unreadable:
+            record["tags_unreadable"] = tags_unreadable
+        if below is not None and not name.directory:
+            return failed(clash_sentence(rel_key, below))
+        target.check_free(name)
+        if info is not None:
             plaintext = decrypt_object(key_for(keys, info), info.associated_data,
                                        _ciphertext_chunks(source, head, head.size), plaintext_size=size)
         else:
-            size = head.size
             plaintext = _ciphertext_chunks(source, head, head.size)
         if name.directory:
             found = sum(len(chunk) for chunk in plaintext)
             if found:
-                return failed(f"its key ends with '/', so it can only be restored as the directory {shown}, "
+                return failed(f"it is a directory marker, so it can only be restored as the directory {shown}, "
                               f"but it holds {found:,} bytes")
             digest = hashlib.sha256(b"").hexdigest()
             if expected_sha256 is not None and digest != expected_sha256:
                 return failed(f"it is empty, but the source's SHA-256 {expected_sha256} was recorded when it was copied")
             target.make_directory(name)
-            return RestoredObject(source_key, meta.key, shown, 0, "ok", digest_checked=expected_sha256 is not None)
+            return RestoredObject(source_key, meta.key, shown, 0, "ok", digest_checked=expected_sha256 is not None,
+                                  properties=record)
         with target.temporary() as temporary:
             written, sent, on_disk = _write_and_read_back(temporary.file, plaintext)
             if written != size:
@@ -422,8 +451,12 @@ def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, sour
             if expected_sha256 is not None and on_disk != expected_sha256:
                 return failed(f"the restored bytes have SHA-256 {on_disk}, but {expected_sha256} was recorded "
                               "from the source when it was copied")
+            modified = _timestamp(properties.last_modified)
+            if modified is not None:  # the source's last-modified time, as the file's
+                os.utime(temporary.file.fileno(), (modified, modified))
             target.place(temporary, name)
-        return RestoredObject(source_key, meta.key, shown, written, "ok", digest_checked=expected_sha256 is not None)
+        return RestoredObject(source_key, meta.key, shown, written, "ok", digest_checked=expected_sha256 is not None,
+                              properties=record)
     except TargetRefused as exc:
         return failed(str(exc))
     except (FormatError, KeysetError) as exc:
@@ -432,6 +465,29 @@ def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, sour
         return failed(f"reading it back failed: {exc}")
     except OSError as exc:
         return failed(f"writing {shown or rel_key} failed: {exc.strerror or exc}")
+
+
+def sidecar_record(source_key: str, name: TargetName, size: int, content: ContentSettings,
+                   properties: SourceProperties) -> dict:
+    """One object's line in the sidecar (docs/FORMAT.md): its path below DIR and what a file does
+    not hold of the source blob (content headers, metadata with the source's names, tags, times,
+    ETag). Empty fields are left out."""
+    record: dict = {"key": source_key, "path": "/".join(name.parts) + ("/" if name.directory else ""), "size": size}
+    headers = {k: v for k, v in dataclasses.asdict(content).items() if v is not None}
+    source = {"created": properties.created, "last_modified": properties.last_modified, "etag": properties.etag,
+              "kind": properties.kind, "tier": properties.tier}
+    for field_name, value in (("content", headers), ("metadata", properties.metadata), ("tags", properties.tags),
+                              ("source", {k: v for k, v in source.items() if v is not None})):
+        if value:
+            record[field_name] = value
+    return record
+
+
+def _timestamp(iso: str | None) -> float | None:
+    try:
+        return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() if iso else None
+    except ValueError:
+        return None
 
 
 def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",
@@ -453,12 +509,16 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
     totals = {"objects": 0, "ok": 0, "failed": 0, "bytes": 0, "unchecked": 0}
     failures: list[tuple[str, str]] = []
 
+    sidecar: Temporary | None = None
+
     def counted(meta: ObjectMeta, result: RestoredObject) -> None:
         totals["objects"] += 1
         if result.status == "ok":
             totals["ok"] += 1
             totals["bytes"] += result.size
             totals["unchecked"] += not result.digest_checked
+            if result.properties is not None and sidecar is not None:
+                sidecar.file.write(json.dumps(result.properties, ensure_ascii=False, sort_keys=True).encode() + b"\n")
         else:
             totals["failed"] += 1
             if len(failures) < 100:
@@ -471,26 +531,44 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
         counted(meta, RestoredObject(source_key_of(meta.key, ds.prefix, ds.dest_prefix), meta.key, None, meta.size,
                                      "failed", f"internal error: {type(exc).__name__}: {exc}"))
 
-    def one(meta: ObjectMeta, target: TargetDirectory) -> RestoredObject:
+    def rel_key_of(meta: ObjectMeta) -> tuple[str, str]:
         source_key = source_key_of(meta.key, ds.prefix, ds.dest_prefix)
-        rel_key = source_key[len(ds.prefix):]
-        if ds.prefix and not ds.prefix.endswith("/"):  # prefix `data` holds `data/x`: the file is `x`
-            rel_key = rel_key.removeprefix("/")
-        return restore_object(sink, meta, dataset=dataset, source_key=source_key, rel_key=rel_key, target=target,
-                              keys=keys, expected_sha256=recorded(source_key))
+        return source_key, relative_key(source_key, ds.prefix)
 
-    with TargetDirectory.open(to_dir, overwrite=overwrite) as target:
+    def one(meta: ObjectMeta, target: TargetDirectory, below: str | None) -> RestoredObject:
+        source_key, rel_key = rel_key_of(meta)
+        return restore_object(sink, meta, dataset=dataset, source_key=source_key, rel_key=rel_key, target=target,
+                              keys=keys, expected_sha256=recorded(source_key), below=below)
+
+    sidecar_path: Path | None = None
+    sidecar_problem: str | None = None
+    with TargetDirectory.open(to_dir, overwrite=overwrite) as target, target.temporary() as sidecar:
         try:
             with create_pool(concurrency, "exitplan-restore") as pool, \
                     BoundedTasks(pool, concurrency * 2, on_result=counted, on_error=lost) as tasks:
+                # A file whose name other keys continue below is held until the listing passes that
+                # name: the directory wins, whichever object a worker would have reached first.
+                clashes = FileBesideDirectory()
                 for meta in sink.list(listing_prefix):
                     if meta.key.startswith(CONTROL_PREFIX):
                         continue
-                    tasks.submit(meta, one, meta, target)
+                    for held, below in clashes.add(rel_key_of(meta)[1], meta, file=True):
+                        tasks.submit(held, one, held, target, below)
+                for held, below in clashes.finish():
+                    tasks.submit(held, one, held, target, below)
         except ConnectorError as exc:
             raise RunError(f"listing {sink.label}/{listing_prefix}: {exc}", exc) from None
+        sidecar.file.flush()
+        os.fsync(sidecar.file.fileno())
+        name = TargetName((SIDECAR,))
+        try:
+            target.place(sidecar, name)
+            sidecar_path = target.shown(name)
+        except TargetRefused as exc:
+            sidecar_problem = (f"the objects' properties (content headers, metadata, tags, source times) were not "
+                               f"written: {exc}; restore again with --overwrite, or into another directory")
     return RestoreSummary(dataset, totals["objects"], totals["ok"], totals["failed"], totals["bytes"],
-                          totals["unchecked"], tuple(failures))
+                          totals["unchecked"], tuple(failures), sidecar_path, sidecar_problem)
 
 
 def restore(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",

@@ -85,10 +85,10 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         w = csv.writer(sys.stdout)
         w.writerow(["dataset", "source", "destination", "objects", "bytes", "largest_key", "largest_size",
-                    "without_md5", "not_hot", "misfits"])
+                    "without_md5", "not_hot", "misfits", "directory_markers", "not_restorable_as_files"])
         for r in results:
             w.writerow([r.dataset, r.source, r.destination, r.objects, r.bytes, r.largest_key or "", r.largest_size,
-                        r.without_md5, r.not_hot, r.misfit_count])
+                        r.without_md5, r.not_hot, r.misfit_count, r.directory_markers, r.unrestorable_count])
     else:
         _print_inventory_table(results)
     return ExitCode.OK
@@ -110,11 +110,21 @@ def _print_inventory_table(results) -> None:
         if r.largest_key:
             print(f"\n{r.dataset}: {r.source} -> {r.destination}; largest object {r.largest_key!r}")
         if r.tiers and set(r.tiers) != {"Hot"}:
-            print("  tiers: " + ", ".join(f"{t} {n:,}" for t, n in sorted(r.tiers.items())))
+            print("  tiers: " + ", ".join(f"{t} {n:,}" for t, n in sorted(r.tiers.items()))
+                  + " (the tier is kept as exitplan metadata; every object lands in the destination's default class)")
+        if set(r.kinds) - {"block"}:
+            print("  blob kinds: " + ", ".join(f"{k} {n:,}" for k, n in sorted(r.kinds.items()))
+                  + " (bytes copied as read, page blobs' empty ranges as zeros; the kind kept as exitplan metadata)")
         for key, reason in r.misfits:
             print(f"  will not fit: {key!r}: {reason}")
         if r.misfit_count > len(r.misfits):
             print(f"  … and {r.misfit_count - len(r.misfits):,} more that will not fit")
+        if r.directory_markers:
+            print(f"  directory markers: {r.directory_markers:,} (carried as they are; restore makes directories of them)")
+        for key, reason in r.unrestorable:
+            print(f"  carried, but not restorable as a file: {key!r}: {reason}")
+        if r.unrestorable_count > len(r.unrestorable):
+            print(f"  … and {r.unrestorable_count - len(r.unrestorable):,} more carried but not restorable as files")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +300,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
           f"{checked:,} matched the SHA-256 recorded at copy time"
           + (f", {summary.unchecked:,} had no recorded digest (no state for them)" if summary.unchecked else "")
           + (f"; {summary.failed:,} failed" if summary.failed else ""))
-    code = ExitCode.OK if summary.all_ok and summary.objects else (ExitCode.FAILED if summary.failed else ExitCode.OK)
+    if summary.sidecar:
+        print(f"{dataset}: content headers, metadata, tags and source times of the restored objects: {summary.sidecar}")
+    if summary.sidecar_problem:
+        print(f"{dataset}: {summary.sidecar_problem}", file=sys.stderr)
+    code = ExitCode.OK if summary.all_ok and summary.objects else (
+        ExitCode.FAILED if summary.failed or summary.sidecar_problem else ExitCode.OK)
     return max(code, _never_arrived(loaded, dataset, args.prefix))
 
 

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from connectors.base import ContentSettings, ObjectMeta
 from engine.crypto.datakeys import DataKey, DataKeys
-from engine.placement import decode_header_value, encode_header_value
+from engine.placement import decode_header_value, encode_header_value, source_metadata
 from engine.crypto.segments import SEGMENT_SIZE, FramedLayout, sum_output
 
 # --------------------------------------------------------------------------------------------
@@ -322,9 +322,10 @@ class ObjectEncryptor:
 
 def encrypted_metadata(key_id: int, dataset: str, meta: ObjectMeta) -> dict[str, str]:
     """The exitplan metadata of `meta` encrypted under key `key_id` for `dataset`, the source's
-    content headers included: what `TinkFormat.metadata_for` gives, and what inventory counts
-    without unwrapping any key."""
-    return {**object_metadata(key_id, associated_data(dataset, meta.key), meta.size), **content_metadata(meta.content)}
+    content headers, metadata names' case, times and ETag included (`placement.source_metadata`):
+    what `TinkFormat.metadata_for` gives, and what inventory counts without unwrapping any key."""
+    return {**object_metadata(key_id, associated_data(dataset, meta.key), meta.size), **content_metadata(meta.content),
+            **source_metadata(meta)}
 
 
 def content_metadata(content: ContentSettings) -> dict[str, str]:
@@ -432,7 +433,8 @@ class TinkFormat:
         key = self.keys.primary if header is None or key_id is None else self.keys.get(key_id)
         aad = associated_data(self.dataset, meta.key)
         encryptor = ObjectEncryptor(key, aad, segment_count=self.layout.segment_count(meta.size), header=header)
-        return TinkEncoder(encryptor, meta.size, object_metadata(key.key_id, aad, meta.size), self.layout)
+        return TinkEncoder(encryptor, meta.size, {**object_metadata(key.key_id, aad, meta.size), **source_metadata(meta)},
+                           self.layout)
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,7 +76,14 @@ def cli(capsys, *argv) -> tuple[int, str, str]:
 
 
 def restored_files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    """The objects restored below `root`: every file but restore's list of their properties
+    (`SIDECAR`), which must be there, one JSON line per restored object that is a file or more."""
+    from engine.restore import SIDECAR
+
+    files = {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    lines = files.pop(SIDECAR).decode().splitlines()
+    assert {json.loads(line)["path"] for line in lines} >= set(files)
+    return files
 
 
 def key_ids(s3, container: str) -> dict[str, str]:

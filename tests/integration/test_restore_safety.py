@@ -8,6 +8,7 @@ without `--overwrite`, no object's temporary file can be another object's file, 
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import uuid
@@ -18,7 +19,7 @@ import yaml
 from azure.storage.blob import BlobServiceClient
 
 from config.errors import ExitCode
-from engine.restore import PRIVATE_PREFIX
+from engine.restore import PRIVATE_PREFIX, SIDECAR
 from flows.cli import main
 from tests.integration.test_encryption_e2e import cli
 from tests.s3client import lab_s3_client
@@ -36,16 +37,18 @@ def s3(s3_server):
 
 @pytest.fixture
 def migrated(tmp_path, monkeypatch, azurite_connection_string, s3_server, s3):
-    """`migrated(blobs, concurrency=4, slash=True)`: a fresh container holding `blobs`, migrated
+    """`migrated(blobs, concurrency=4, slash=True, metadata=None)`: a fresh container holding `blobs`
+    (with `metadata[name]` where given), migrated
     (encrypted) with a project of its own below the destination prefix `<container>/` (or
     `<container>` when not `slash`); returns the config path."""
     monkeypatch.setenv(CS_VAR, azurite_connection_string)
 
-    def make(blobs: dict[str, bytes], concurrency: int = 4, slash: bool = True) -> Path:
+    def make(blobs: dict[str, bytes], concurrency: int = 4, slash: bool = True,
+             metadata: dict[str, dict[str, str]] | None = None) -> Path:
         container = f"rst{uuid.uuid4().hex[:10]}"
         cc = BlobServiceClient.from_connection_string(azurite_connection_string).create_container(container)
         for name, data in blobs.items():
-            cc.upload_blob(name, data)
+            cc.upload_blob(name, data, metadata=(metadata or {}).get(name))
         cfg = {
             "version": 1,
             "project": container,  # a project of its own: the bucket is shared by the module
@@ -72,13 +75,17 @@ def restore(capsys, cfg: Path, to: Path, *extra) -> tuple[int, str, str]:
 
 
 def files_under(root: Path) -> dict[str, bytes]:
-    """Every regular file below `root` (links are not followed), by relative path."""
+    """Every regular file below `root` (links are not followed), by relative path, but restore's
+    list of the objects' properties (`SIDECAR`)."""
     found = {}
     for directory, _, names in os.walk(root):
         for name in names:
             path = Path(directory) / name
             if path.is_file() and not path.is_symlink():
                 found[path.relative_to(root).as_posix()] = path.read_bytes()
+    sidecar = found.pop(SIDECAR, None)
+    if sidecar is not None:  # it names restored objects only (files planted before are not)
+        assert all((root / json.loads(line)["path"]).exists() for line in sidecar.decode().splitlines())
     return found
 
 
@@ -167,22 +174,20 @@ def test_plaintext_is_private_whatever_the_umask(tmp_path, capsys, migrated):
     modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
              for p in [tmp_path / "new", *(tmp_path / "new").rglob("*")]}
     assert modes == {"new": 0o700, "new/out": 0o700, "new/out/top.txt": 0o600, "new/out/deep": 0o700,
-                     "new/out/deep/er": 0o700, "new/out/deep/er/file.txt": 0o600}
+                     "new/out/deep/er": 0o700, "new/out/deep/er/file.txt": 0o600,
+                     f"new/out/{SIDECAR}": 0o600}
 
 
 def test_a_name_that_is_both_a_file_and_a_directory_fails_one_object_by_name(tmp_path, capsys, migrated):
     """`a` and `a/b` in one dataset: one of them cannot be written; it is named and counted (the
-    old code dropped `a/b`'s error with its future and said "restored 2 of 2")."""
+    old code dropped `a/b`'s error with its future and said "restored 2 of 2"), and it is always `a`."""
     cfg = migrated({"a": b"the file a\n", "a/b": b"the file a/b\n", "c.txt": b"c\n"})
     code, out, err = restore(capsys, cfg, tmp_path / "out")
     assert code == ExitCode.FAILED
     assert "restored 2 of 3 objects" in out and "1 failed" in out
-    restored = files_under(tmp_path / "out")
-    assert restored in ({"a": b"the file a\n", "c.txt": b"c\n"}, {"a/b": b"the file a/b\n", "c.txt": b"c\n"})
-    if "a" in restored:
-        assert f"{tmp_path / 'out'}/a is a file, not a directory, so nothing can be written below it" in err
-    else:
-        assert f"{tmp_path / 'out'}/a is a directory (another object's key continues below this name" in err
+    # The directory wins, whichever object a worker reaches first (issue 12, item 6).
+    assert files_under(tmp_path / "out") == {"a/b": b"the file a/b\n", "c.txt": b"c\n"}
+    assert "'a' is a file, and the key 'a/b' continues below that name, so it is a directory too" in err
     assert_nothing_of_restore_left(tmp_path / "out")
 
 
@@ -219,3 +224,137 @@ def test_a_destination_prefix_without_a_slash_restores_under_the_source_names(tm
     code, out, err = restore(capsys, cfg, tmp_path / "only-sub", "--prefix", "sub/")
     assert code == 0, err
     assert files_under(tmp_path / "only-sub") == {"sub/b.txt": b"b\n"}
+
+
+def test_markers_double_slashes_and_a_file_beside_a_directory_follow_one_rule(tmp_path, capsys, migrated):
+    """Issue 12, item 6: inventory names up front what restore will name; the directory wins over
+    the file `d` whatever the order the workers reach them (`d/file` is restored, `d` named, every
+    time); an ADLS marker (0 bytes, `hdi_isfolder=true`, no `/`) beside its contents is a directory;
+    `a//b` is carried, verified and named by restore; the second migrate copies nothing."""
+    blobs = {"d": b"", "d/file": b"in d\n", "adls": b"", "adls/f": b"in adls\n", "a//b": b"two slashes\n",
+             "dir/": b"", "ok.txt": b"ok\n"}
+    cfg = migrated(blobs, concurrency=8, metadata={"adls": {"hdi_isfolder": "true"}, "dir/": {"hdi_isfolder": "true"}})
+    capsys.readouterr()  # the fixture's own commands
+    code, out, err = cli(capsys, "inventory", "--config", cfg, "--format", "json")
+    assert code == 0, err
+    (inv,) = json.loads(out)
+    assert inv["directory_markers"] == 2 and inv["misfit_count"] == 0
+    assert sorted(u["key"] for u in inv["unrestorable"]) == ["a//b", "d"]
+    code, out, err = cli(capsys, "verify", "--config", cfg, "--deep")
+    assert code == 0, (out, err)
+    for attempt in range(3):
+        to = tmp_path / f"out{attempt}"
+        code, out, err = restore(capsys, cfg, to)
+        assert code == ExitCode.FAILED, (out, err)
+        assert "restored 5 of 7 objects" in out and "2 failed" in out
+        assert "'d' is a file, and the key 'd/file' continues below that name" in err
+        assert "'a//b' cannot be written as a file safely: it has an empty segment" in err
+        assert files_under(to) == {"d/file": b"in d\n", "adls/f": b"in adls\n", "ok.txt": b"ok\n"}
+        assert (to / "dir").is_dir() and (to / "adls").is_dir()
+        assert_nothing_of_restore_left(to)
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == 0 and "scans: 0 B copied, 7 objects (7 unchanged)" in err, (out, err)
+
+
+def test_metadata_names_tags_content_headers_and_source_times_come_back(tmp_path, capsys, migrated, s3,
+                                                                          azurite_connection_string):
+    """Issue 12, item 3: metadata names kept their case only as S3 lower-cased them, index tags were
+    dropped, the source's times and ETag were nowhere. Now tags are the object's S3 tags (or, past
+    the destination's tag limit, exitplan metadata), and restore gives back what a file holds (the
+    bytes, the last-modified time) and lists the rest in DIR/.exitplan-properties.jsonl."""
+    import gzip
+
+    from engine.restore import SIDECAR
+
+    packed = gzip.compress(b"gzip-encoded plaintext\n" * 20)
+    cfg = migrated({"scan.bin": packed, "plain.txt": b"plain\n"})
+    container = yaml.safe_load(cfg.read_text())["datasets"]["scans"]["container"]
+    cc = BlobServiceClient.from_connection_string(azurite_connection_string).get_container_client(container)
+    from azure.storage.blob import ContentSettings
+
+    names = {"PatientId": "P-007", "lower": "ascii é", "Note": "=?UTF-8?B?bm90IGVuY29kZWQ=?="}
+    tags = {"Dept": "Cardio", "study": "a b/c"}
+    cc.upload_blob("scan.bin", packed, overwrite=True, metadata=names, tags=tags,
+                   content_settings=ContentSettings(content_type="application/dicom", content_encoding="gzip",
+                                                    content_language="fr"))
+    source = cc.get_blob_client("scan.bin").get_blob_properties()
+    capsys.readouterr()
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == 0, err
+    dest_key = f"{container}/scan.bin"
+    head = s3.head_object(Bucket=BUCKET, Key=dest_key)
+    assert head["ContentType"] == "application/octet-stream" and "ContentEncoding" not in head
+    assert set(head["Metadata"]["exitplan-metadata-names"].split(",")) == {"PatientId", "Note"}
+    assert head["Metadata"]["exitplan-source-etag"] == source.etag.strip('"')
+    assert {t["Key"]: t["Value"] for t in s3.get_object_tagging(Bucket=BUCKET, Key=dest_key)["TagSet"]} == tags
+
+    to = tmp_path / "out"
+    code, out, err = restore(capsys, cfg, to)
+    assert code == 0, err
+    assert (to / "scan.bin").read_bytes() == packed  # as stored: never inflated
+    assert abs((to / "scan.bin").stat().st_mtime - source.last_modified.timestamp()) < 1
+    records = {r["key"]: r for r in map(json.loads, (to / SIDECAR).read_text().splitlines())}
+    assert set(records) == {"scan.bin", "plain.txt"}
+    scan = records["scan.bin"]
+    assert scan["path"] == "scan.bin" and scan["size"] == len(packed)
+    assert source.metadata == names and scan["metadata"] == names and scan["tags"] == tags
+    assert scan["content"] == {"content_type": "application/dicom", "content_encoding": "gzip", "content_language": "fr"}
+    assert scan["source"]["etag"] == source.etag.strip('"')
+    assert scan["source"]["created"].startswith(source.creation_time.strftime("%Y-%m-%dT%H:%M:%S"))
+    assert "metadata" not in records["plain.txt"] and "tags" not in records["plain.txt"]
+
+    # A destination that keeps fewer tags than the blob has: they travel in exitplan's metadata.
+    doc = yaml.safe_load(cfg.read_text())
+    doc["destinations"]["lab"]["provider_overrides"] = {"limits": {"max_tags": 1}}
+    cfg.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    cc.upload_blob("scan.bin", packed, overwrite=True, metadata=names, tags=tags)
+    assert cli(capsys, "migrate", "--config", cfg)[0] == 0
+    assert s3.get_object_tagging(Bucket=BUCKET, Key=dest_key)["TagSet"] == []
+    assert s3.head_object(Bucket=BUCKET, Key=dest_key)["Metadata"]["exitplan-tags"] == "Dept=Cardio&study=a%20b%2Fc"
+    code, out, err = restore(capsys, cfg, tmp_path / "again")
+    assert code == 0, err
+    again = {r["key"]: r for r in map(json.loads, (tmp_path / "again" / SIDECAR).read_text().splitlines())}
+    assert again["scan.bin"]["tags"] == tags and again["scan.bin"]["metadata"] == names
+
+
+def test_page_append_and_cool_blobs_carry_their_kind_and_an_archive_blob_is_named_not_retried(
+        tmp_path, capsys, migrated, s3, azurite_connection_string):
+    """Issue 12, item 4: page and append blobs were counted as Hot and became plain objects without a
+    word; an Archive blob failed every attempt of every run."""
+    from azure.storage.blob import StandardBlobTier
+
+    cfg = migrated({"block.txt": b"block\n"})
+    container = yaml.safe_load(cfg.read_text())["datasets"]["scans"]["container"]
+    cc = BlobServiceClient.from_connection_string(azurite_connection_string).get_container_client(container)
+    page = cc.get_blob_client("disk.vhd")
+    page.create_page_blob(size=4 * 512)
+    page.upload_page(b"\x07" * 512, offset=512, length=512)  # pages 0, 2, 3 never written: zeros
+    append = cc.get_blob_client("log.txt")
+    append.create_append_blob()
+    for line in (b"one\n", b"two\n"):
+        append.append_block(line)
+    cc.upload_blob("cool.bin", b"cool\n", standard_blob_tier=StandardBlobTier.COOL)
+    cc.upload_blob("frozen.bin", b"frozen\n", standard_blob_tier=StandardBlobTier.ARCHIVE)
+    capsys.readouterr()
+
+    code, out, err = cli(capsys, "inventory", "--config", cfg, "--format", "json")
+    assert code == 0, err
+    (inv,) = json.loads(out)
+    assert inv["kinds"] == {"block": 3, "page": 1, "append": 1}
+    assert inv["tiers"] == {"Hot": 1, "Cool": 1, "Archive": 1, "none": 2}
+    assert [m["key"] for m in inv["misfits"]] == ["frozen.bin"] and "Archive tier" in inv["misfits"][0]["reason"]
+
+    for _ in range(2):  # refused with its reason each time, never read and retried
+        code, out, err = cli(capsys, "migrate", "--config", cfg)
+        assert code == ExitCode.FAILED and "frozen.bin" in err and "Archive tier" in err, (out, err)
+    head = s3.head_object(Bucket=BUCKET, Key=f"{container}/disk.vhd")["Metadata"]
+    assert head["exitplan-source-kind"] == "page"
+    assert s3.head_object(Bucket=BUCKET, Key=f"{container}/cool.bin")["Metadata"]["exitplan-source-tier"] == "Cool"
+
+    to = tmp_path / "out"
+    code, out, err = restore(capsys, cfg, to)
+    assert files_under(to) == {"block.txt": b"block\n", "disk.vhd": bytes(512) + b"\x07" * 512 + bytes(1024),
+                               "log.txt": b"one\ntwo\n", "cool.bin": b"cool\n"}
+    records = {r["key"]: r for r in map(json.loads, (to / SIDECAR).read_text().splitlines())}
+    assert records["disk.vhd"]["source"]["kind"] == "page" and records["log.txt"]["source"]["kind"] == "append"
+    assert records["cool.bin"]["source"]["tier"] == "Cool"

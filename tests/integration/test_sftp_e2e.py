@@ -16,6 +16,7 @@ from config.errors import ExitCode
 from connectors.base import WriteMeta
 from flows.cli import main
 from tests.contract.test_sftp_specific import _fingerprint as fingerprint_of
+from tests.integration.test_encryption_e2e import restored_files
 from tests.s3client import lab_s3_client
 
 pytestmark = pytest.mark.integration
@@ -98,7 +99,7 @@ def test_sftp_to_s3_encrypted_verify_deep_restore(tmp_path, capsys, delivery, s3
     code, out, err = cli(capsys, "restore", "--config", cfg, "--dataset", "deliveries", "--to", tmp_path / "back")
     assert code == 0, err + out
     back = tmp_path / "back"
-    assert {p.relative_to(back).as_posix(): p.read_bytes() for p in back.rglob("*") if p.is_file()} == files
+    assert restored_files(back) == files
 
     # The partner re-delivers one file: the next run copies it again, and only it.
     changed = b"id,amount\n1,2\n"
@@ -274,7 +275,7 @@ def test_azure_to_sftp_encrypted_verify_restore(tmp_path, capsys, sshd, azurite_
     code, out, err = cli(capsys, "restore", "--config", config, "--dataset", "claims", "--to", tmp_path / "back")
     assert code == 0, err + out
     back = tmp_path / "back"
-    assert {p.relative_to(back).as_posix(): p.read_bytes() for p in back.rglob("*") if p.is_file()} == blobs
+    assert restored_files(back) == blobs
 
     damaged = escrow / "claims" / "a" / "claims.csv"
     damaged.write_bytes(damaged.read_bytes()[:-1])
@@ -355,7 +356,7 @@ def test_s3_to_sftp_escrow_encrypted_verify_restore(tmp_path, capsys, sshd, s3_s
     code, out, err = cli(capsys, "restore", "--config", config, "--dataset", "exports", "--to", tmp_path / "back")
     assert code == 0, err + out
     back = tmp_path / "back"
-    assert {p.relative_to(back).as_posix(): p.read_bytes() for p in back.rglob("*") if p.is_file()} == objects
+    assert restored_files(back) == objects
     stamps = {p: p.stat().st_mtime_ns for p in (escrow / "exports").rglob("*") if p.is_file()}
     code, out, err = cli(capsys, "migrate", "--config", config)
     assert code == 0, err + out

@@ -84,3 +84,61 @@ def test_exitplans_own_metadata_counts_as_migrate_counts_it():
     inv = inventory_dataset("claims", ds, listing, SinkLimits(), reserved=reserved)
     assert [k for k, _ in inv.misfits] == ["b.bin", "c.bin"]
     assert "2049 bytes once encoded (exitplan's own included)" in dict(inv.misfits)["b.bin"]
+
+
+def test_names_restore_cannot_write_as_files_are_named_up_front():
+    """Issue 12, item 6: the one rule (`placement.restore_path`, `FileBesideDirectory`) applied by
+    inventory before anything moves: markers counted; `//`, a `/`-ending blob with bytes and a file
+    that other keys continue below are named, an ADLS marker beside its contents is not."""
+    ds = DatasetConfig(source="az", container="c", prefix="in/", destination="d")
+    folder = {"hdi_isfolder": "true"}
+    listing = [
+        ObjectMeta("in/a//b", 1, "e"),
+        ObjectMeta("in/adls", 0, "e", metadata=folder),
+        ObjectMeta("in/adls/f", 1, "e"),
+        ObjectMeta("in/d", 0, "e"),
+        ObjectMeta("in/d.txt", 1, "e"),
+        ObjectMeta("in/d/file", 1, "e"),
+        ObjectMeta("in/dir/", 0, "e"),
+        ObjectMeta("in/full/", 3, "e"),
+        ObjectMeta("in/z", 1, "e"),
+    ]
+    inv = inventory_dataset("claims", ds, listing, SinkLimits())
+    assert inv.objects == 9 and inv.misfit_count == 0
+    assert inv.directory_markers == 2  # in/adls, in/dir/
+    reasons = dict(inv.unrestorable)
+    assert set(reasons) == {"in/a//b", "in/d", "in/full/"}
+    assert "empty segment" in reasons["in/a//b"]
+    assert "'d/file' continues below that name" in reasons["in/d"]
+    assert "holds 3 bytes" in reasons["in/full/"]
+
+
+def test_a_file_beside_a_directory_is_found_with_bounded_memory():
+    from engine.placement import FileBesideDirectory
+
+    clashes = FileBesideDirectory()
+    found = []
+    for i in range(100_000):
+        for key in (f"k{i:06d}", f"k{i:06d}.x", f"k{i:06d}/y" if i % 2 else f"k{i:06d}z"):
+            found += [(k, below) for k, below in clashes.add(key, key, file=True) if below]
+            assert len(clashes._held) <= 2
+    found += [(k, below) for k, below in clashes.finish() if below]
+    assert len(found) == 50_000 and found[0] == ("k000001", "k000001/y")
+
+
+def test_blob_kinds_and_tiers_are_counted_and_archive_is_named_as_migrate_refuses_it():
+    """Issue 12, item 4: page and append blobs counted as Hot; an Archive blob said to fit."""
+    from connectors.azure_blob import ARCHIVED
+
+    ds = DatasetConfig(source="az", container="c", destination="d")
+    listing = [
+        ObjectMeta("block.bin", 3, "e", tier="Hot", kind="block"),
+        ObjectMeta("cool.bin", 3, "e", tier="Cool", kind="block"),
+        ObjectMeta("disk.vhd", 1024, "e", kind="page"),
+        ObjectMeta("log.txt", 5, "e", kind="append"),
+        ObjectMeta("cold.bin", 3, "e", tier="Archive", kind="block", not_copyable=ARCHIVED),
+    ]
+    inv = inventory_dataset("claims", ds, listing, SinkLimits())
+    assert inv.kinds == {"block": 3, "page": 1, "append": 1}
+    assert inv.tiers == {"Hot": 1, "Cool": 1, "none": 2, "Archive": 1}
+    assert inv.misfit_count == 1 and "Archive tier" in dict(inv.misfits)["cold.bin"]

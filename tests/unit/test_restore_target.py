@@ -185,3 +185,34 @@ def test_source_key_of_gives_back_what_destination_key_named(source_prefix, dest
     dest = destination_key(source, source_prefix, dest_prefix)
     assert source_key_of(dest, source_prefix, dest_prefix) == source
     assert dest.startswith(dest_key_prefix(dest_prefix)) or dest == dest_prefix
+
+
+def test_an_object_restores_with_its_properties_and_a_destination_without_tags_is_said_so(tmp_path):
+    """The sidecar record of one object: metadata with the source's names (from
+    `exitplan-metadata-names`), content headers, source times; a destination that cannot give tags
+    back does not fail the object's bytes, its record says so."""
+    from connectors.base import ContentSettings, Unsupported, WriteMeta
+    from connectors.memory import MemoryStore
+    from engine.restore import restore_object
+
+    class NoTagging(MemoryStore):
+        def tags(self, key: str) -> dict[str, str]:
+            raise Unsupported("no tagging API here")
+
+    for store, tags in ((MemoryStore(), {"Dept": "Cardio"}), (NoTagging(), None)):
+        meta = store.add("d/scan.bin", b"bytes\n", meta=WriteMeta(
+            ContentSettings(content_type="application/dicom"),
+            {"patientid": "P-007", "exitplan-metadata-names": "PatientId",
+             "exitplan-source-modified": "2026-01-02T03:04:05Z"}, {"Dept": "Cardio"}))
+        with TargetDirectory.open(tmp_path / type(store).__name__) as target:
+            result = restore_object(store, meta, dataset="scans", source_key="d/scan.bin", rel_key="d/scan.bin",
+                                    target=target, keys=None, expected_sha256=None)
+        assert result.status == "ok", result.reason
+        assert (target.path / "d" / "scan.bin").stat().st_mtime == 1767323045
+        record = result.properties
+        assert record["metadata"] == {"PatientId": "P-007"} and record["content"] == {"content_type": "application/dicom"}
+        assert record["source"] == {"last_modified": "2026-01-02T03:04:05Z"}
+        if tags:
+            assert record["tags"] == tags and "tags_unreadable" not in record
+        else:
+            assert "tags" not in record and "no tagging API here" in record["tags_unreadable"]
