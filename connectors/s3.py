@@ -614,6 +614,14 @@ class S3MultipartUpload:
         """Assemble the object; return its ETag, checked against the parts' MD5s when ETags are MD5s."""
         if not parts:
             raise InvalidRequest(f"{self.store.label}: cannot complete {self.key!r} without parts", key=self.key)
+        # S3 refuses this at completion (EntityTooSmall); some compatible servers accept it, so the
+        # rule of the provider's profile is held here, whatever the server does.
+        min_size = self.store.limits.min_part_size
+        for part in parts[:-1]:
+            if part.size < min_size:
+                raise InvalidRequest(f"{self.store.label}: part {part.number} of {self.key!r} is {part.size} bytes, "
+                                     f"below the provider's minimum part size of {min_size} (only the last part "
+                                     "may be smaller)", key=self.key)
         resp = self.store._call(
             lambda: self.store._client.complete_multipart_upload(
                 Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
