@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -26,7 +27,7 @@ import yaml
 from azure.storage.blob import BlobServiceClient
 
 from flows.cli import main
-from tests.faultproxy import FaultProxy
+from tests.faultproxy import FaultProxy, QuirkProxy
 from tests.projects import project_name
 from tests.s3client import lab_s3_client
 
@@ -167,3 +168,76 @@ def test_migrate_killed_then_resumed_verifies_deep_and_restores(s3_endpoint, tmp
         assert code == 0, out + err
         assert exit_.restored(capsys, tmp_path / "restored") == exit_.blobs
         assert not lab_s3_client(proxy.url).list_multipart_uploads(Bucket=exit_.bucket).get("Uploads")
+
+
+# ---- a provider that differs from AWS: the quirk proxy in front of moto ------------------------
+
+QUIRKY = {"multipart": {"etag": "opaque", "list_parts": False, "abort": False, "list_uploads": False}}
+
+
+def etag_checks(db: Path) -> set:
+    con = sqlite3.connect(db)
+    try:
+        return {c for (c,) in con.execute("SELECT etag_checked FROM objects WHERE state IN ('uploaded', 'verified')")}
+    finally:
+        con.close()
+
+
+def test_a_quirky_provider_under_its_profile_migrates_resumes_verifies_and_cleans_up(
+        s3_server, tmp_path, capsys, monkeypatch, azurite_connection_string):
+    monkeypatch.setenv(CS_VAR, azurite_connection_string)
+    with QuirkProxy("127.0.0.1", s3_server.port) as proxy:
+        proxy.delay_next(PART_DELAY, method="PUT", pattern=r"partNumber=", times=10**6)
+        exit_ = Exit.create(tmp_path, azurite_connection_string, proxy, provider_overrides=QUIRKY)
+        left = exit_.kill_migrate_mid_object("big.bin")
+        time.sleep(PART_DELAY + 0.1)
+        proxy.clear()
+
+        code, out, err = exit_.run(capsys, "migrate")
+        assert code == 0, out + err
+        # Started over (its parts cannot be listed), the old upload left open (it cannot be aborted).
+        assert exit_.runs_of_upload(left) == 1
+        # big.bin, and other-big.bin when the kill found it in flight too
+        assert re.search(r"\b[12] objects? (was|were) started over: .*list_parts: false", out), out
+        assert "ETags are opaque at the destination of files" in out
+        assert etag_checks(exit_.db) == {0}
+        # Nothing the profile says the provider does not answer was asked.
+        assert not proxy.refused
+
+        code, out, err = exit_.run(capsys, "verify")
+        assert code == 0, out + err
+        assert "ETags are opaque at this destination" in out and "only `exitplan verify --deep` proves" in out
+        code, out, err = exit_.run(capsys, "verify", "--deep")
+        assert code == 0, out + err
+        assert exit_.restored(capsys, tmp_path / "restored") == exit_.blobs
+
+        code, out, err = exit_.run(capsys, "cleanup", "--abort")
+        assert code == 0, out + err
+        assert "does not list multipart uploads" in out and left in out and "cannot be aborted" in out
+        assert not proxy.refused
+        # Honest: the uploads are still there behind the provider (they could not be aborted), and
+        # cleanup named each of them.
+        uploads = lab_s3_client(s3_server.url).list_multipart_uploads(Bucket=exit_.bucket).get("Uploads", [])
+        assert left in {u["UploadId"] for u in uploads} and all(u["UploadId"] in out for u in uploads)
+
+
+def test_a_quirky_provider_under_the_default_profile_fails_loudly_naming_the_setting(
+        s3_server, tmp_path, capsys, monkeypatch, azurite_connection_string):
+    monkeypatch.setenv(CS_VAR, azurite_connection_string)
+    with QuirkProxy("127.0.0.1", s3_server.port) as proxy:
+        proxy.delay_next(PART_DELAY, method="PUT", pattern=r"partNumber=", times=10**6)
+        exit_ = Exit.create(tmp_path, azurite_connection_string, proxy)
+        exit_.kill_migrate_mid_object("big.bin")
+        time.sleep(PART_DELAY + 0.1)
+        proxy.clear()
+
+        code, out, err = exit_.run(capsys, "migrate")
+        assert code == 1, out + err
+        said = out + err
+        assert "provider_overrides: {multipart: {list_parts: false}}" in said  # big.bin could not be resumed
+        assert "provider_overrides: {multipart: {etag: opaque}}" in said  # other-big.bin: ETag not md5-of-md5s
+        assert proxy.refused["ListParts"] >= 1
+
+        code, out, err = exit_.run(capsys, "cleanup")
+        assert code == 1, out + err
+        assert "provider_overrides: {multipart: {list_uploads: false}}" in out + err
