@@ -8,6 +8,7 @@ sent.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -201,6 +202,10 @@ def test_a_quirky_provider_under_its_profile_migrates_resumes_verifies_and_clean
         assert re.search(r"\b[12] objects? (was|were) started over: .*list_parts: false", out), out
         assert "ETags are opaque at the destination of files" in out
         assert etag_checks(exit_.db) == {0}
+        manifest = [json.loads(line) for line in (exit_.db.parent / "audit" / "manifest.jsonl").read_text().splitlines()
+                    if line.strip()]
+        transfers = [r for r in manifest if r.get("type") == "transfer"]
+        assert transfers and all(r["destination"]["etag_checked"] is False for r in transfers)
         # Nothing the profile says the provider does not answer was asked.
         assert not proxy.refused
 
