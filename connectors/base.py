@@ -116,6 +116,29 @@ class SinkLimits:
     keys_are_paths: bool = False
 
 
+@dataclass(frozen=True)
+class SinkBehaviour:
+    """How the destination's multipart API answers, taken from the provider profile (`multipart`,
+    `flexible_checksums`) like `SinkLimits`; what exitplan may ask of it and what it may conclude.
+
+    - `list_parts`: ListParts is answered. False: an upload left by an earlier run cannot be
+      continued (its parts cannot be listed), so the object is restarted.
+    - `abort`: AbortMultipartUpload is answered. False: an upload given up is left (recorded in the
+      state; the bucket's lifecycle rule removes it) instead of aborted.
+    - `list_uploads`: ListMultipartUploads is answered. False: `cleanup` knows only the uploads the
+      state store recorded.
+    - `flexible_checksums`: the service accepts the `x-amz-checksum-*` headers the SDK sends when
+      an operation supports them; False (the default): Content-MD5 only.
+
+    Whether ETags are MD5s is `ObjectSink.etag_is_md5` (the profile's `multipart.etag`).
+    """
+
+    list_parts: bool = True
+    abort: bool = True
+    list_uploads: bool = True
+    flexible_checksums: bool = False
+
+
 # Where a connector that writes files keeps its own (connectors/sftp.py): never an object's path.
 FILE_CONTROL_DIR = ".exitplan-sftp"
 
@@ -195,7 +218,13 @@ class ConfigError(ConnectorError):
 
 
 class Unsupported(ConnectorError):
-    """The connector cannot do this operation (see its `unsupported` set)."""
+    """The connector cannot do this operation (see its `unsupported` set), or the service does not
+    implement it (HTTP 405 / 501, or its `SinkBehaviour` says so). `operation` names it (S3's
+    name: "ListParts", "AbortMultipartUpload", "ListMultipartUploads"), when known."""
+
+    def __init__(self, message: str, *, key: str | None = None, operation: str | None = None):
+        super().__init__(message, key=key)
+        self.operation = operation
 
 
 class InvalidRequest(ConnectorError):
@@ -293,6 +322,9 @@ class ObjectSink(HeadReader, Protocol):
     limits: SinkLimits
     unsupported: frozenset[str]
     label: str
+
+    behaviour: SinkBehaviour
+    """Which multipart operations the destination answers (`SinkBehaviour`)."""
 
     etag_is_md5: bool
     """True when the destination's ETags are MD5s: of the bytes for a single PUT or a part, S3's

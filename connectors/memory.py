@@ -22,6 +22,7 @@ from .base import (
     PartBody,
     PartReceipt,
     PendingUpload,
+    SinkBehaviour,
     SinkLimits,
     SourceChanged,
     TransientError,
@@ -57,6 +58,7 @@ class MemoryStore:
 
     unsupported: frozenset[str] = frozenset()
     etag_is_md5: bool = True
+    behaviour: SinkBehaviour = SinkBehaviour()
 
     def __init__(self, limits: SinkLimits | None = None, page_size: int = 1000, label: str = "memory"):
         self.limits = limits or SinkLimits()

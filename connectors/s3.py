@@ -12,7 +12,12 @@ do not check Content-MD5. A streamed body (a file-like object, for parts larger 
 budget) is hashed while it is sent and the returned ETag compared with that digest; a completed
 multipart upload's ETag is compared with the one its parts make. These are the only ETag checks of
 a write (`connectors.base.checked_etag`); they are skipped when the provider's ETag is not an MD5
-(`etag_is_md5=False`: SSE-C, SSE-KMS).
+(`etag_is_md5=False`: SSE-C, SSE-KMS, a provider profile's `multipart.etag: opaque`); a completed
+multipart upload's size is then checked instead (HEAD), and its bytes rest on every part's
+Content-MD5 having been accepted by the server.
+
+What the provider's multipart API answers comes from its profile (`SinkBehaviour`): an operation
+it does not implement is not sent (`Unsupported`), and a 405 / 501 answer is `Unsupported` too.
 
 Every SDK call is wrapped: botocore exceptions never leave this module.
 """
@@ -50,10 +55,12 @@ from .base import (
     PartBody,
     PartReceipt,
     PendingUpload,
+    SinkBehaviour,
     SinkLimits,
     SourceChanged,
     Throttled,
     TransientError,
+    Unsupported,
     WriteMeta,
     checked_etag,
     checked_multipart_etag,
@@ -71,6 +78,7 @@ _TRANSIENT = {"RequestTimeout", "InternalError", "500", "502", "504"}
 _DIGEST = {"BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch"}
 _AUTH = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
          "AllAccessDisabled", "AccountProblem", "403", "401"}
+_UNSUPPORTED = {"MethodNotAllowed", "NotImplemented", "405", "501"}
 _INVALID = {"EntityTooSmall", "EntityTooLarge", "InvalidPart", "InvalidPartOrder", "InvalidRequest",
             "InvalidArgument", "InvalidRange", "MalformedXML", "KeyTooLongError", "MetadataTooLarge",
             "InvalidStorageClass", "400", "416"}
@@ -172,7 +180,9 @@ class S3Store:
     - ``label``: a short name for messages; default ``s3:BUCKET``.
     - ``etag_is_md5`` (default True): the provider's ETags are MD5s (of the object, or S3's
       md5-of-md5s for multipart), so returned ETags are compared with what was sent. Set False
-      under SSE-C / SSE-KMS, where ETags are opaque.
+      under SSE-C / SSE-KMS, where ETags are opaque, and for a profile's `multipart.etag: opaque`.
+    - ``behaviour``: which multipart operations the provider answers and whether it accepts
+      flexible checksum headers (`SinkBehaviour`; default: all of them, Content-MD5 only).
     - ``max_attempts`` (default 5): botocore's own attempts per request, the first included
       (standard retry mode: throttling, 5xx, connection errors; exponential backoff with jitter).
       Requests with a streamed (file-like) body get one attempt only: the engine re-reads and
@@ -198,6 +208,7 @@ class S3Store:
         verify_tls: bool = True,
         label: str | None = None,
         etag_is_md5: bool = True,
+        behaviour: SinkBehaviour = SinkBehaviour(),
         max_attempts: int = 5,
         page_size: int = 1000,
         connect_timeout: float = 10,
@@ -213,6 +224,7 @@ class S3Store:
         self.limits = limits
         self.label = label or f"s3:{bucket}"
         self.etag_is_md5 = etag_is_md5
+        self.behaviour = behaviour
         self.page_size = page_size
         self.endpoint_url = endpoint_url
         self._client_kwargs: dict[str, Any] = {
@@ -224,7 +236,9 @@ class S3Store:
             "aws_session_token": session_token,
         }
         self._config_kwargs: dict[str, Any] = {
-            "request_checksum_calculation": "when_required",
+            # A provider that accepts the x-amz-checksum-* headers may get them where an operation
+            # supports them (boto3's default); the others get Content-MD5 alone (module docstring).
+            "request_checksum_calculation": "when_supported" if behaviour.flexible_checksums else "when_required",
             "response_checksum_validation": "when_required",
             "max_pool_connections": max_pool_connections,
             "connect_timeout": connect_timeout,
@@ -461,7 +475,13 @@ class S3Store:
         return S3MultipartUpload(self, key, resp["UploadId"])
 
     def resume_multipart(self, key: str, upload_id: str) -> "S3MultipartUpload":
-        """Re-attach to upload `upload_id` of `key`; `NotFound` if the server no longer holds it."""
+        """Re-attach to upload `upload_id` of `key`; `NotFound` if the server no longer holds it.
+
+        Without ListParts (`behaviour.list_parts` False) nothing can tell whether the upload is
+        still there: the handle is returned unchecked (abort it, or leave it; never continue it).
+        """
+        if not self.behaviour.list_parts:
+            return S3MultipartUpload(self, key, upload_id)
         self._call(
             lambda: self._client.list_parts(Bucket=self.bucket, Key=key, UploadId=upload_id, MaxParts=1),
             key, upload_id=upload_id,
@@ -469,7 +489,11 @@ class S3Store:
         return S3MultipartUpload(self, key, upload_id)
 
     def list_multipart_uploads(self, prefix: str = "") -> Iterator[PendingUpload]:
-        """Yield the multipart uploads still open under `prefix` (key order), page by page."""
+        """Yield the multipart uploads still open under `prefix` (key order), page by page;
+        `Unsupported` where the provider does not answer ListMultipartUploads."""
+        if not self.behaviour.list_uploads:
+            raise Unsupported(f"{self.label}: the provider does not list multipart uploads (ListMultipartUploads)",
+                              key=prefix, operation="ListMultipartUploads")
         for page in self._pages("list_multipart_uploads", prefix):
             for item in page.get("Uploads", ()):
                 yield PendingUpload(item["Key"], item["UploadId"], item.get("Initiated"))
@@ -587,6 +611,10 @@ class S3Store:
             if code == "NoSuchUpload":
                 upload = f"multipart upload {upload_id}" if upload_id else "the multipart upload"
                 return NotFound(f"{what}: {upload} is gone (completed, aborted or expired)", key=key)
+            if code in _UNSUPPORTED or status in (405, 501):
+                operation = getattr(exc, "operation_name", None) or "this request"
+                return Unsupported(f"{what}: the server does not support {operation} ({reason})", key=key,
+                                   operation=getattr(exc, "operation_name", None))
             if code in _NOT_FOUND or status == 404:
                 return NotFound(f"{what}: no such object ({reason})", key=key)
             if code in _CHANGED or status == 412:
@@ -640,7 +668,11 @@ class S3MultipartUpload:
         return PartReceipt(number, etag, size)
 
     def list_parts(self) -> list[PartReceipt]:
-        """The parts the server holds, in part-number order (all ListParts pages)."""
+        """The parts the server holds, in part-number order (all ListParts pages); `Unsupported`
+        where the provider does not answer ListParts."""
+        if not self.store.behaviour.list_parts:
+            raise Unsupported(f"{self.store.label}: the provider does not list the parts of an upload (ListParts)",
+                              key=self.key, operation="ListParts")
         client = self.store._client
         pages = self.store._call(
             lambda: iter(client.get_paginator("list_parts").paginate(
@@ -661,6 +693,14 @@ class S3MultipartUpload:
         """Assemble the object; return its ETag, checked against the parts' MD5s when ETags are MD5s."""
         if not parts:
             raise InvalidRequest(f"{self.store.label}: cannot complete {self.key!r} without parts", key=self.key)
+        # S3 refuses this at completion (EntityTooSmall); some compatible servers accept it, so the
+        # rule of the provider's profile is held here, whatever the server does.
+        min_size = self.store.limits.min_part_size
+        for part in parts[:-1]:
+            if part.size < min_size:
+                raise InvalidRequest(f"{self.store.label}: part {part.number} of {self.key!r} is {part.size} bytes, "
+                                     f"below the provider's minimum part size of {min_size} (only the last part "
+                                     "may be smaller)", key=self.key)
         resp = self.store._call(
             lambda: self.store._client.complete_multipart_upload(
                 Bucket=self.store.bucket, Key=self.key, UploadId=self.upload_id,
@@ -671,10 +711,24 @@ class S3MultipartUpload:
         etag = _unquote(resp.get("ETag"))
         if self.store.etag_is_md5:
             checked_multipart_etag(etag, parts, what=f"{self.store.label}: {self.key!r}", key=self.key)
+        else:
+            self._check_completed_size(sum(p.size for p in parts))
         return etag
 
+    def _check_completed_size(self, expected: int) -> None:
+        """Where ETags are opaque, the completed object's size is what the parts add up to;
+        `IntegrityError` otherwise (the object then exists at the destination, wrong)."""
+        size = self.store.head(self.key).size
+        if size != expected:
+            raise IntegrityError(f"{self.store.label}: {self.key!r} completed with {size:,} bytes, expected "
+                                 f"{expected:,} from the parts sent", key=self.key)
+
     def abort(self) -> None:
-        """Discard the upload and its parts; an upload already gone is not an error."""
+        """Discard the upload and its parts; an upload already gone is not an error. `Unsupported`
+        (nothing sent) where the provider does not answer AbortMultipartUpload."""
+        if not self.store.behaviour.abort:
+            raise Unsupported(f"{self.store.label}: the provider cannot abort the multipart upload {self.upload_id} "
+                              f"of {self.key!r} (AbortMultipartUpload)", key=self.key, operation="AbortMultipartUpload")
         try:
             self.store._call(
                 lambda: self.store._client.abort_multipart_upload(

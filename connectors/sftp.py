@@ -75,6 +75,7 @@ from .base import (
     PartBody,
     PartReceipt,
     PendingUpload,
+    SinkBehaviour,
     SinkLimits,
     SourceChanged,
     TransientError,
@@ -281,6 +282,7 @@ class SftpStore:
         "tiers",
     })
     etag_is_md5 = False
+    behaviour = SinkBehaviour()
 
     def __init__(self, host: str, port: int, root: str, login: SftpLogin, pin: HostKeyPin, *,
                  limits: SinkLimits | None = None, connections: int = 4, label: str | None = None,

@@ -908,7 +908,9 @@ class MigrationAudit(RunAudit):
                                 "legal_entity": verdict.provider.legal_entity,
                                 "jurisdiction": verdict.provider.jurisdiction, "region": verdict.region,
                                 "bucket": verdict.bucket, "key": row.dest_key, "etag": row.dest_etag,
-                                "size": row.output_size, "parts": row.part_count},
+                                "size": row.output_size, "parts": row.part_count,
+                                # False: the destination's ETags are opaque, only a deep verify proves the bytes
+                                "etag_checked": row.etag_checked},
                 "encryption": encryption,
                 "restarts": row.restarts,
                 "started": iso(row.started_at), "finished": iso(row.finished_at),

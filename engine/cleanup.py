@@ -1,5 +1,11 @@
 """`exitplan cleanup`: the multipart uploads under the datasets' destination prefixes that no state
-row refers to (left by a killed run or a lost state store), listed, and aborted on request."""
+row refers to (left by a killed run or a lost state store), listed, and aborted on request.
+
+Where the provider does not list multipart uploads (`multipart.list_uploads: false`), the uploads
+the state store knows were left (`StateStore.uploads_left`: given up by a restart, or whose abort
+failed) are the ones named, and the result says which destinations could not be listed. Where it
+cannot abort them (`multipart.abort: false`), they are named and left for the bucket's lifecycle
+rule."""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from config.models import LoadedConfig
-from connectors.base import NotFound
+from connectors.base import NotFound, Unsupported
 
 from .endpoints import open_sink
 from .errors import call_endpoint
@@ -25,6 +31,11 @@ class OrphanUpload:
     upload_id: str
     initiated: datetime | None
     aborted: bool = False
+    # Known from the state store (the destination cannot list uploads), not from a listing: an
+    # upload a run gave up, which the state's rows still name.
+    recorded: bool = False
+    # False where the provider cannot abort an upload: it stays until the lifecycle rule removes it.
+    abortable: bool = True
 
     @property
     def age_seconds(self) -> float | None:
@@ -34,7 +45,16 @@ class OrphanUpload:
         return (datetime.now(timezone.utc) - initiated).total_seconds()
 
 
-def cleanup(loaded: LoadedConfig, datasets: list[str], *, abort: bool = False) -> list[OrphanUpload]:
+@dataclass(frozen=True)
+class CleanupResult:
+    """The uploads found (`OrphanUpload`), and the destinations that could not be listed (their
+    provider does not answer ListMultipartUploads: only what the state recorded is known there)."""
+
+    uploads: tuple[OrphanUpload, ...]
+    unlisted_destinations: tuple[str, ...] = ()
+
+
+def cleanup(loaded: LoadedConfig, datasets: list[str], *, abort: bool = False) -> CleanupResult:
     """The multipart uploads under each dataset's destination prefix that no state row refers to
     (uploads a row refers to are kept: an in-progress one is what the next `migrate` resumes).
     With `abort`, each is aborted; otherwise nothing is touched. The state store is only read.
@@ -51,34 +71,59 @@ def cleanup(loaded: LoadedConfig, datasets: list[str], *, abort: bool = False) -
         lock.close()
 
 
-def _orphans(loaded: LoadedConfig, datasets: list[str], *, abort: bool) -> list[OrphanUpload]:
+def _orphans(loaded: LoadedConfig, datasets: list[str], *, abort: bool) -> CleanupResult:
     state = open_state(loaded, read_only=True)
     try:
         known = state.upload_ids() if state is not None else set()
+        left = {name: state.uploads_left(name) if state is not None else [] for name in datasets}
     finally:
         if state is not None:
             state.close()
     found: list[OrphanUpload] = []
+    unlisted: list[str] = []
     seen: set[tuple[str, str]] = set()
     for name in datasets:
         ds = loaded.config.datasets[name]
         sink = call_endpoint(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
-        pending = call_endpoint(f"dataset `{name}`: listing the multipart uploads of {sink.label}",
-                                lambda: list(sink.list_multipart_uploads(ds.dest_prefix)))
-        for upload in pending:
-            if upload.upload_id in known or (ds.destination, upload.upload_id) in seen:
+        recorded = not sink.behaviour.list_uploads
+        if recorded:
+            if ds.destination not in unlisted:
+                unlisted.append(ds.destination)
+            pending = [(key, upload_id, None) for key, upload_id in left[name]]
+        else:
+            pending = [(u.key, u.upload_id, u.initiated) for u in _listed(loaded, name, sink) if u.upload_id not in known]
+        for key, upload_id, initiated in pending:
+            if (ds.destination, upload_id) in seen:
                 continue
-            seen.add((ds.destination, upload.upload_id))
-            if abort:
-                call_endpoint(f"dataset `{name}`: aborting upload {upload.upload_id} of {upload.key}", _abort, sink,
-                              upload)
-            found.append(OrphanUpload(name, ds.destination, upload.key, upload.upload_id, upload.initiated, abort))
-    return found
+            seen.add((ds.destination, upload_id))
+            abortable = sink.behaviour.abort
+            if abort and abortable:
+                call_endpoint(f"dataset `{name}`: aborting upload {upload_id} of {key}", _abort, sink, key, upload_id)
+            found.append(OrphanUpload(name, ds.destination, key, upload_id, initiated, abort and abortable,
+                                      recorded=recorded, abortable=abortable))
+    return CleanupResult(tuple(found), tuple(unlisted))
 
 
-def _abort(sink, upload) -> None:
+def _listed(loaded: LoadedConfig, dataset: str, sink) -> list:
+    """The multipart uploads open under the dataset's destination prefix; a provider that does not
+    answer the listing under the default profile is a `RunError` naming the setting to change."""
+    ds = loaded.config.datasets[dataset]
+
+    def listing() -> list:
+        try:
+            return list(sink.list_multipart_uploads(ds.dest_prefix))
+        except Unsupported as exc:
+            raise Unsupported(
+                f"{exc}; if this provider does not list multipart uploads, set `provider_overrides: {{multipart: "
+                f"{{list_uploads: false}}}}` on destination `{ds.destination}` in {loaded.path} (cleanup then names "
+                "the uploads the state recorded)", key=exc.key, operation=exc.operation) from exc
+
+    return call_endpoint(f"dataset `{dataset}`: listing the multipart uploads of {sink.label}", listing)
+
+
+def _abort(sink, key: str, upload_id: str) -> None:
     try:
-        handle = sink.resume_multipart(upload.key, upload.upload_id)
+        handle = sink.resume_multipart(key, upload_id)
     except NotFound:
         return  # gone since it was listed (completed or aborted by someone else): nothing to do
     handle.abort()

@@ -94,6 +94,9 @@ class DatasetSummary:
     transient_failures: int = 0  # failures whose cause may pass (trying again later can succeed)
     requests_retried: int = 0  # requests the engine sent again after a retryable failure
     bodies_resent: int = 0  # of which part uploads and single PUTs (their bytes sent again)
+    # Objects started over because the upload an earlier run left could not be continued (the
+    # provider does not list parts); counted by the run that copied them (0 in a sharded run's summary).
+    uploads_restarted: int = 0
 
     @property
     def all_ok(self) -> bool:
@@ -113,7 +116,7 @@ class _Tally:
         self.lock = threading.Lock()
         self.objects = self.ok = self.failed = self.skipped = self.refused = self.transient = 0
         self.bytes_total = self.bytes_copied = self.bytes_sent = self.bytes_done = self.bytes_skipped = 0
-        self.parts = self.restarts = self.retried = self.resent = 0
+        self.parts = self.restarts = self.retried = self.resent = self.uploads_restarted = 0
         self.failures: list[tuple[str, str]] = []
         self.truncated = False
         self._last_emit = 0.0
@@ -150,6 +153,7 @@ class _Tally:
             self.bytes_copied += sign * outcome.size
             self.bytes_sent += sign * outcome.bytes_sent
             self.parts += sign * outcome.parts
+            self.uploads_restarted += sign * outcome.upload_restarted
         elif outcome.status == "skipped":
             self.skipped += sign
             self.bytes_skipped += sign * outcome.size
@@ -191,6 +195,7 @@ class _Tally:
                 bytes_copied=self.bytes_copied, bytes_sent=self.bytes_sent, parts=self.parts,
                 restarts=self.restarts, failures=tuple(self.failures), failures_truncated=self.truncated,
                 transient_failures=self.transient, requests_retried=self.retried, bodies_resent=self.resent,
+                uploads_restarted=self.uploads_restarted,
                 elapsed_seconds=time.monotonic() - self.started,
             )
 
@@ -250,7 +255,8 @@ class _StateEvents(CopyEvents):
         """Record the object's outcome (at once, or queued in the batch; see the class docstring)."""
         if outcome.status == "ok":
             state, fields = st.UPLOADED, dict(
-                sha256=outcome.sha256, md5_checked=outcome.md5_checked, dest_key=outcome.dest_key,
+                sha256=outcome.sha256, md5_checked=outcome.md5_checked, etag_checked=outcome.etag_checked,
+                dest_key=outcome.dest_key,
                 dest_etag=outcome.dest_etag, output_size=outcome.output_size, part_count=outcome.parts,
                 restarts=outcome.restarts, source_etag=outcome.source_etag, size=outcome.size, reason=None)
         else:

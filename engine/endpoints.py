@@ -20,7 +20,7 @@ from config.models import LoadedConfig, S3Credentials, SftpDestinationConfig, Sf
 from config.policy import destination_profile
 from config.providers import ProviderProfile
 from config.secrets import read_env, read_secret
-from connectors.base import ConnectorError, ObjectSource, SinkLimits
+from connectors.base import ConnectorError, ObjectSource, SinkBehaviour, SinkLimits
 
 
 def sink_limits(profile: ProviderProfile, *, keys_are_paths: bool = False) -> SinkLimits:
@@ -38,6 +38,13 @@ def sink_limits(profile: ProviderProfile, *, keys_are_paths: bool = False) -> Si
         max_tags=0 if keys_are_paths else lim.max_tags,
         keys_are_paths=keys_are_paths,
     )
+
+
+def sink_behaviour(profile: ProviderProfile) -> SinkBehaviour:
+    """The provider's multipart API support and checksum-header policy as the connectors take them."""
+    mp = profile.multipart
+    return SinkBehaviour(list_parts=mp.list_parts, abort=mp.abort, list_uploads=mp.list_uploads,
+                         flexible_checksums=profile.flexible_checksums)
 
 
 def destination_limits(loaded: LoadedConfig, destination: str) -> SinkLimits:
@@ -186,6 +193,8 @@ def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | Non
         session_token=token,
         addressing_style=dest.addressing_style or profile.addressing_style,
         limits=sink_limits(profile),
+        etag_is_md5=profile.multipart.etag == "md5",
+        behaviour=sink_behaviour(profile),
         # Requests in flight: part uploads (concurrency) + single PUTs and open/complete calls
         # (one per object in progress).
         max_pool_connections=max(dest.max_connections, t.concurrency + (t.object_concurrency or t.concurrency)),

@@ -31,6 +31,9 @@ class ObjectOutcome:
     reason: str | None = None
     sha256: str | None = None
     md5_checked: bool = False
+    # Whether the destination's answers were compared with the MD5s of the bytes sent (ETags that
+    # are MD5s); False where they are opaque: the server's Content-MD5 check and the sizes only.
+    etag_checked: bool = False
     dest_etag: str | None = None
     parts: int = 0
     bytes_sent: int = 0
@@ -42,4 +45,7 @@ class ObjectOutcome:
     refused: bool = False
     resumed: bool = False
     parts_kept: int = 0
+    # An upload an earlier run left was given up and the object started over, because the provider
+    # cannot list its parts (`multipart.list_parts: false`).
+    upload_restarted: bool = False
     transient: bool = False  # a failure whose cause may pass: trying again later can succeed

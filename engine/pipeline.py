@@ -59,6 +59,7 @@ from connectors.base import (
     PartReceipt,
     SourceChanged,
     TransientError,
+    Unsupported,
     WriteMeta,
     multipart_etag,
 )
@@ -211,6 +212,11 @@ class _CompletedUpload:
 def _abort_quietly(upload: MultipartUpload) -> None:
     try:
         upload.abort()
+    except Unsupported:
+        # The provider cannot abort (`multipart.abort: false`): the upload's row keeps its id, so
+        # `exitplan cleanup` names it; the bucket's lifecycle rule removes it.
+        log.info("the multipart upload %s of %r is left open: the provider cannot abort it", upload.upload_id,
+                 upload.key)
     except Exception:
         log.warning("could not abort the multipart upload %s of %r", upload.upload_id, upload.key, exc_info=True)
 
@@ -297,6 +303,7 @@ class _Attempt:
         self.resume = resume
         self.parts_kept = 0
         self.resumed = False
+        self.upload_restarted = False
 
     # ---- outcome helpers -------------------------------------------------------------------
 
@@ -367,10 +374,12 @@ class _Attempt:
         return ObjectOutcome(
             source_key=self.meta.key, dest_key=self.placement.dest_key, source_etag=self.meta.etag,
             size=self.meta.size, status="ok", sha256=self.digest.sha256.hexdigest(),
-            md5_checked=self.meta.content_md5 is not None, dest_etag=dest_etag, parts=plan.part_count,
+            md5_checked=self.meta.content_md5 is not None, etag_checked=self.etags_are_md5, dest_etag=dest_etag,
+            parts=plan.part_count,
             bytes_sent=self.bytes_sent, restarts=self.restarts, attempts=self.counter.value,
             retried=self.counter.retried, resent=self.counter.resent,
             output_size=plan.output_size, resumed=self.resumed, parts_kept=self.parts_kept,
+            upload_restarted=self.upload_restarted,
         )
 
     # ---- resume --------------------------------------------------------------------------------
@@ -380,7 +389,7 @@ class _Attempt:
         resume, self.resume = self.resume, None
         if resume is None:
             return
-        log.info("%s: aborting the upload %s left by an earlier run: %s", self.meta.key, resume.upload_id, why)
+        log.info("%s: giving up the upload %s left by an earlier run: %s", self.meta.key, resume.upload_id, why)
         try:
             _abort_quietly(self.sink.resume_multipart(resume.dest_key, resume.upload_id))
         except NotFound:
@@ -401,10 +410,23 @@ class _Attempt:
         if resume.dest_key != self.placement.dest_key or plan.single_put:
             self._drop_resume("the object is now written differently")
             return None
+        if not self.sink.behaviour.list_parts:
+            # Nothing can say which parts the destination holds: the object starts over.
+            log.info("%s: restarting the object: the provider does not list the parts of an upload "
+                     "(multipart.list_parts: false), so the upload %s cannot be continued", self.meta.key,
+                     resume.upload_id)
+            self._drop_resume("its parts cannot be listed")
+            self.upload_restarted = True
+            return None
         try:
             upload = self.retry("re-attaching to the multipart upload")(
                 self.sink.resume_multipart, resume.dest_key, resume.upload_id)
             listed = self.retry("listing the parts of the multipart upload")(upload.list_parts)
+        except Unsupported as exc:
+            raise ObjectFailed(
+                f"the upload {resume.upload_id} left by an earlier run cannot be continued: {exc}; if this provider "
+                "does not answer ListParts, set `provider_overrides: {multipart: {list_parts: false}}` on the "
+                "destination (objects are then restarted, not continued)") from exc
         except NotFound:
             done = self._completed_before(plan, resume)
             if done is not None:
@@ -573,12 +595,12 @@ class _Attempt:
                 self.sink.delete(dest)
             except Exception:
                 log.warning("could not delete %r after an ETag mismatch", dest, exc_info=True)
-            raise ObjectFailed(f"{exc}; the object was deleted from the destination") from exc
+            hint = ("; if this provider's multipart ETags are not S3's MD5 of the parts' MD5s (as with server-side "
+                    "encryption at several providers), set `provider_overrides: {multipart: {etag: opaque}}` on the "
+                    "destination" if self.etags_are_md5 else "")
+            raise ObjectFailed(f"{exc}; the object was deleted from the destination{hint}") from exc
         except Exception:
-            try:
-                upload.abort()
-            except Exception:  # the original failure matters more; the upload stays listable
-                log.warning("could not abort the multipart upload %s of %r", upload.upload_id, dest, exc_info=True)
+            _abort_quietly(upload)  # the original failure matters more; the upload stays listable
             raise
         return etag
 

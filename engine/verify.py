@@ -10,7 +10,8 @@ size and its plaintext SHA-256.
 1,000 keys a request) and merged with the expected rows, both in key order (UTF-8 byte order,
 S3's listing order), so memory stays bounded by the page size whatever the dataset's size. Then:
 missing at the destination, size differs from the output size, ETag differs from the one the
-upload returned. An encrypted object also gets one HEAD, because its exitplan metadata must match
+upload returned (not where the provider's ETags are opaque, `multipart.etag: opaque`: an ETag
+there proves nothing about the bytes, the output says so, and only a deep check proves them). An encrypted object also gets one HEAD, because its exitplan metadata must match
 too: format, key id (known to the project's keyset), associated data (bound to this dataset and
 source key: `check_place`), plaintext size (= the state's) and the ciphertext size it implies.
 
@@ -53,6 +54,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from config.errors import ExitCode, UserError
 from config.models import LoadedConfig
+from config.policy import destination_profile
 from connectors.base import ConnectorError, NotFound, ObjectMeta, ObjectReader
 
 from . import state as st
@@ -125,6 +127,9 @@ class DatasetVerification:
     # Whether the dataset is complete after this check: every object its newest complete source
     # listing holds is at the destination and verified (`StateStore.dataset_status`).
     status: st.DatasetStatus | None = None
+    # The destination's ETags are opaque (`multipart.etag: opaque`): they were not compared, and
+    # only a deep check proves the bytes.
+    etags_opaque: bool = False
 
     @property
     def complete(self) -> bool:
@@ -182,8 +187,9 @@ def in_sample(seed: int, dataset: str, source_key: str, fraction: float) -> bool
 
 class _Checker:
     def __init__(self, dataset: str, sink: ObjectReader, *, encrypted: bool, known_key_ids: frozenset[int] | None,
-                 keys: Any, deep: bool, sample: float, seed: int):
+                 keys: Any, deep: bool, sample: float, seed: int, etags_opaque: bool = False):
         self.dataset = dataset
+        self.etags_opaque = etags_opaque
         self.sink = sink
         self.encrypted = encrypted
         self.known_key_ids = known_key_ids
@@ -207,7 +213,7 @@ class _Checker:
             return done()
         if row.output_size is not None and listed.size != row.output_size:
             bad("size", f"{row.output_size:,} bytes", f"{listed.size:,} bytes")
-        if row.dest_etag and listed.etag != row.dest_etag:
+        if row.dest_etag and listed.etag != row.dest_etag and not self.etags_opaque:
             bad("etag", row.dest_etag, listed.etag)
         info = None
         try:
@@ -307,8 +313,9 @@ def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sin
     ds = loaded.config.datasets[dataset]
     started = time.monotonic()
     concurrency = loaded.config.transfer.concurrency
+    etags_opaque = destination_profile(loaded, ds.destination).multipart.etag == "opaque"
     checker = _Checker(dataset, sink, encrypted=not ds.public, known_key_ids=known_key_ids, keys=keys, deep=deep,
-                       sample=sample, seed=seed)
+                       sample=sample, seed=seed, etags_opaque=etags_opaque)
     total = store.count_expected_at_destination(dataset)
     if observer:
         observer.dataset_started(dataset, total)
@@ -404,7 +411,8 @@ def verify_dataset(loaded: LoadedConfig, dataset: str, store: st.StateStore, sin
     emit(force=True)
     return DatasetVerification(
         dataset, "deep" if deep else "quick", tally["objects"], tally["ok"], tally["failed"], tally["deep"],
-        tally["bytes"], unknown_count, tuple(unknown), tuple(discrepancies), truncated, time.monotonic() - started)
+        tally["bytes"], unknown_count, tuple(unknown), tuple(discrepancies), truncated, time.monotonic() - started,
+        etags_opaque=etags_opaque)
 
 
 def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sample: float = 1.0,

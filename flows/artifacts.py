@@ -94,7 +94,8 @@ def verify_figures(result) -> dict[str, Any]:
         "datasets": [{"dataset": d.dataset, "objects": d.objects, "ok": d.ok, "failed": d.failed,
                       "read_back": d.deep_checked, "bytes_read": d.bytes_read, "unknown": d.unknown,
                       "expected": d.status.expected, "verified": d.status.verified,
-                      "never_arrived": d.status.never_arrived, "complete": d.complete}
+                      "never_arrived": d.status.never_arrived, "complete": d.complete,
+                      "etags_opaque": d.etags_opaque}
                      for d in result.datasets],
         "discrepancies": [{"dataset": x.dataset, "object": x.dest_key, "source": x.source_key, "kind": x.kind,
                            "expected": x.expected, "found": x.found}

@@ -111,6 +111,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print("\nquick: listing (size, ETag) against the state, and the exitplan metadata of each encrypted object "
               "(HEAD); `--deep` also decrypts and hashes.")
     for d in result.datasets:
+        if d.etags_opaque:
+            print(f"{d.dataset}: ETags are opaque at this destination (multipart.etag: opaque): they were not compared"
+                  + ("; the deep check proved the bytes." if d.mode == "deep" else
+                     "; only `exitplan verify --deep` proves the bytes."))
+    for d in result.datasets:
         if d.unknown:
             print(f"{d.dataset}: {d.unknown:,} objects under the destination prefix are not in the state "
                   f"(not written by exitplan, or their record was lost), e.g. {', '.join(d.unknown_examples[:3])}")

@@ -226,8 +226,18 @@ def print_migration_summary(result) -> None:
     if retried or resent:
         print(f"recovered from faults: {resent:,} parts or objects re-sent ({result.bodies_resent_by_sdk:,} by the S3 "
               f"SDK's own retries), {retried:,} requests retried by exitplan.")
-    print(f"checked: every copied object's size and plaintext SHA-256 recorded, every part's Content-MD5 and the "
-          f"destination ETag verified; {result.md5_checked:,} matched the source's stored Content-MD5.")
+    opaque = [s.dataset for s in result.summaries if result.destinations[s.dataset].provider.multipart.etag == "opaque"]
+    etags = "the destination ETag verified" if not opaque else "the destination ETag verified where ETags are MD5s"
+    print(f"checked: every copied object's size and plaintext SHA-256 recorded, every part's Content-MD5 and {etags}; "
+          f"{result.md5_checked:,} matched the source's stored Content-MD5.")
+    if opaque:
+        print(f"ETags are opaque at the destination of {', '.join(opaque)} (multipart.etag: opaque): there no ETag "
+              "was compared; each write rests on the server accepting its Content-MD5 and on the object's size, and "
+              "only `exitplan verify --deep` proves the bytes.")
+    restarted = sum(s.uploads_restarted for s in result.summaries)
+    if restarted:
+        print(f"{restarted:,} object{' was' if restarted == 1 else 's were'} started over: the provider does not list the parts of an upload "
+              "(multipart.list_parts: false), so the uploads an earlier run left could not be continued.")
     print("where the data went:")
     by_place: dict[tuple, list[str]] = {}
     for s in result.summaries:
@@ -339,9 +349,16 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     from engine.cleanup import cleanup
 
     loaded = load_config(args.config)
-    found = cleanup(loaded, loaded.chosen_datasets(args.dataset), abort=args.abort)
+    result = cleanup(loaded, loaded.chosen_datasets(args.dataset), abort=args.abort)
+    found = result.uploads
+    for name in result.unlisted_destinations:
+        print(f"destination `{name}`: the provider does not list multipart uploads (multipart.list_uploads: false): "
+              "only the uploads the state store recorded as left open are known; one opened by a run killed before "
+              "it recorded it, or named by a lost state store, cannot be seen: an AbortIncompleteMultipartUpload "
+              "lifecycle rule on the bucket removes those.")
     if not found:
-        print("no multipart upload under the datasets' destination prefixes is unknown to the state.")
+        print("no multipart upload under the datasets' destination prefixes is unknown to the state."
+              if not result.unlisted_destinations else "the state store records no multipart upload left open.")
         return ExitCode.OK
 
     def age(seconds: float | None) -> str:
@@ -349,13 +366,28 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
             return "?"
         return f"{seconds / 86400:.1f} d" if seconds >= 86400 else f"{seconds / 3600:.1f} h"
 
+    def status(o) -> str:
+        return "aborted" if o.aborted else "open" if o.abortable else "open (cannot be aborted)"
+
     print_table(["dataset", "key", "upload id", "age", "status"],
-                [[o.dataset, o.key, o.upload_id, age(o.age_seconds), "aborted" if o.aborted else "open"] for o in found])
-    if args.abort:
-        print(f"\naborted {len(found):,} multipart uploads that no state row referred to.")
-    else:
-        print(f"\n{len(found):,} multipart uploads are not referred to by the state (a run killed right after "
-              "opening them, or a lost state store); they cost storage until aborted: run again with --abort.")
+                [[o.dataset, o.key, o.upload_id, age(o.age_seconds), status(o)] for o in found])
+    aborted = [o for o in found if o.aborted]
+    if aborted:
+        print(f"\naborted {len(aborted):,} multipart uploads that no state row referred to"
+              + (" or that earlier runs left." if any(o.recorded for o in aborted) else "."))
+    unabortable = [o for o in found if not o.abortable]
+    if unabortable:
+        print(f"\n{len(unabortable):,} multipart uploads cannot be aborted: the provider does not answer "
+              "AbortMultipartUpload (multipart.abort: false); they cost storage until the bucket's lifecycle rule "
+              "(AbortIncompleteMultipartUpload) removes them.")
+    waiting = [o for o in found if o.abortable and not o.aborted]
+    if any(not o.recorded for o in waiting):
+        print(f"\n{sum(not o.recorded for o in waiting):,} multipart uploads are not referred to by the state (a run "
+              "killed right after opening them, or a lost state store); they cost storage until aborted: run again "
+              "with --abort.")
+    if any(o.recorded for o in waiting):
+        print(f"\n{sum(o.recorded for o in waiting):,} multipart uploads were left open by earlier runs (the state "
+              "records them); they cost storage until aborted: run again with --abort.")
     return ExitCode.OK
 
 

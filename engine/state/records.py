@@ -33,6 +33,7 @@ class ObjectRecord:
     header: str | None = None  # hex
     key_id: int | None = None
     transient: bool | None = None  # a failed row: whether its cause may pass
+    etag_checked: bool | None = None  # the write's ETag compared with the bytes' MD5s (False: opaque ETags)
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,10 @@ objects = sa.Table(
     sa.Column("sha256", sa.String(64)),  # hex, of the plaintext
     sa.Column("source_md5", sa.String(32)),  # hex, the source's stored Content-MD5 (None when it has none)
     sa.Column("md5_checked", sa.Boolean, nullable=False, default=False),
+    # How the destination's answer to the write was checked: True, its ETags compared with the MD5s
+    # of the bytes sent; False, ETags opaque there (the server's Content-MD5 check and the size:
+    # only a deep verify proves the bytes); None on rows written before it was recorded.
+    sa.Column("etag_checked", sa.Boolean),
     sa.Column("dest_key", sa.String),
     sa.Column("dest_etag", sa.String),
     sa.Column("output_size", sa.BigInteger),
@@ -186,4 +190,4 @@ audit_recorded = sa.Table(
 )
 
 # Columns added after the first release of the store: added to an existing database on open.
-ADDED_COLUMNS = ("upload_id", "header", "key_id", "transient")
+ADDED_COLUMNS = ("upload_id", "header", "key_id", "transient", "etag_checked")

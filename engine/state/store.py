@@ -466,6 +466,29 @@ class StateStore:
             # single PUT); the upload an earlier run left may still be there.
         return None
 
+    def uploads_left(self, dataset: str) -> list[tuple[str, str]]:
+        """(destination key, upload id) of each multipart upload a row of `dataset` opened that no
+        copy was completed from and that the next `migrate` would not continue (not the upload
+        `resumable` returns for its object): uploads given up (a restart where the provider cannot
+        abort) or whose abort failed. What `cleanup` can name where the provider does not list
+        multipart uploads. An upload aborted since is still named (the state cannot tell)."""
+        o = objects
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(o.c.source_key, o.c.dest_key, o.c.upload_id, o.c.state)
+                                .where(o.c.dataset == dataset, o.c.upload_id.is_not(None)).order_by(o.c.id)).all()
+        completed = {u for _, _, u, state in rows if state in COPIED}
+        continued: dict[str, str | None] = {}
+        left: dict[str, tuple[str, str]] = {}
+        for key, dest_key, upload_id, _ in rows:
+            if upload_id in completed or not dest_key:
+                continue
+            if key not in continued:
+                resume = self.resumable(dataset, key)
+                continued[key] = resume.upload_id if resume else None
+            if upload_id != continued[key]:
+                left.setdefault(upload_id, (dest_key, upload_id))
+        return list(left.values())
+
     def upload_ids(self) -> set[str]:
         """Every multipart upload id any row refers to (for `exitplan cleanup`)."""
         with self.engine.connect() as conn:

@@ -1,6 +1,7 @@
 """Fixtures of the contract suite: one harness per connector kind, the fault proxy, fresh buckets.
 
-`source_harness` runs memory, Azurite, the S3 server and the SFTP server (OpenSSH); `sink_harness` runs the same list and skips
+`source_harness` runs memory, Azurite, the S3 server (moto), the second S3 server (ministack) and the
+SFTP server (OpenSSH); `sink_harness` runs the same list and skips
 a connector that states ``"sink"`` in its `unsupported` set (Azure). Harnesses live in
 contract_support.py.
 """
@@ -24,18 +25,20 @@ def _harness(request, name: str):
         return AzuriteHarness(request.getfixturevalue("azurite_connection_string"))
     if name == "s3":
         return S3Harness(request.getfixturevalue("s3_server").url)
+    if name == "ministack":
+        return S3Harness(request.getfixturevalue("ministack_server").url, name="ministack")
     if name == "sftp":
         return SftpHarness(request.getfixturevalue("sshd"))
     raise AssertionError(name)
 
 
-@pytest.fixture(params=["memory", "azurite", "s3", "sftp"])
+@pytest.fixture(params=["memory", "azurite", "s3", "ministack", "sftp"])
 def source_harness(request):
     """A fresh, empty store of each kind, read through its connector."""
     return _harness(request, request.param)
 
 
-@pytest.fixture(params=["memory", "azurite", "s3", "sftp"])
+@pytest.fixture(params=["memory", "azurite", "s3", "ministack", "sftp"])
 def sink_harness(request):
     """A fresh, empty store of each kind that can be a destination (others skip with their reason)."""
     harness = _harness(request, request.param)

@@ -134,9 +134,10 @@ def make_s3_store(endpoint_url: str, bucket: str, **kwargs):
 
 
 class S3Harness:
-    name = "s3"
+    """A fresh bucket on an S3 server (`name`: "s3" for moto, "ministack" for the second server)."""
 
-    def __init__(self, endpoint_url: str):
+    def __init__(self, endpoint_url: str, name: str = "s3"):
+        self.name = name
         self.endpoint_url = endpoint_url
         self.bucket = unique_name()
         self.client = lab_boto3_client(endpoint_url)

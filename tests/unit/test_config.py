@@ -222,6 +222,31 @@ def test_provider_overrides_change_behaviour_for_one_destination(tmp_path):
     assert load_catalog()["ovhcloud"].multipart.etag == "md5"  # the catalog itself unchanged
 
 
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"multipart": {"etag": "opaque", "list_parts": False, "abort": False, "list_uploads": False},
+     "flexible_checksums": True},
+])
+def test_the_destination_profile_reaches_its_s3_connector(tmp_path, monkeypatch, overrides):
+    """What the destination's S3Store is told: whether ETags are MD5s, which multipart operations
+    the provider answers, and whether boto3 may send flexible checksum headers (the client's own
+    setting, not only the store's attribute)."""
+    from config.policy import destination_profile
+    from engine.endpoints import open_sink
+
+    monkeypatch.setenv("OVH_KEY", "k")
+    monkeypatch.setenv("OVH_SECRET", "s")
+    loaded = load_config(write(tmp_path, variant(destinations__ovh__provider_overrides=overrides or None)))
+    mp = destination_profile(loaded, "ovh").multipart
+    store = open_sink(loaded, "ovh")
+    assert store.etag_is_md5 == (mp.etag == "md5") == (not overrides)
+    b = store.behaviour
+    assert (b.list_parts, b.abort, b.list_uploads, b.flexible_checksums) == (
+        (True, True, True, False) if not overrides else (False, False, False, True))
+    assert store._client.meta.config.request_checksum_calculation == (
+        "when_supported" if overrides else "when_required")
+
+
 @pytest.mark.parametrize("overrides, fragments", [
     ({"jurisdiction": "EU"}, ["`destinations.ovh.provider_overrides.jurisdiction` cannot be overridden"]),
     ({"regions": {}}, ["`destinations.ovh.provider_overrides.regions` cannot be overridden"]),

@@ -38,6 +38,7 @@ class FailingSink:
         self.store, self.deny = store, deny
         self.limits, self.unsupported, self.label = store.limits, store.unsupported, "failing"
         self.etag_is_md5 = store.etag_is_md5
+        self.behaviour = store.behaviour
         self.writes = 0
 
     def head(self, key):

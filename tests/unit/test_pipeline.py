@@ -87,6 +87,7 @@ class FaultySink:
         self.limits = store.limits
         self.unsupported = store.unsupported
         self.etag_is_md5 = store.etag_is_md5
+        self.behaviour = store.behaviour
         self.label = "faulty-sink"
         self.part_fault = part_fault
         self.put_fault = put_fault

@@ -53,6 +53,7 @@ class KillingSink:
         self.kill_at = kill_at
         self.limits, self.unsupported, self.label = store.limits, store.unsupported, "killing"
         self.etag_is_md5 = store.etag_is_md5
+        self.behaviour = store.behaviour
         self.dead = False
         self.parts_sent: Counter[str] = Counter()  # source key -> parts stored by the destination
         self.in_flight = 0
