@@ -11,6 +11,7 @@ connection. Put this proxy between a connector and the server and tell it what t
         proxy.drop_next(method="PUT")            # forward the next PUT, then hang up without answering
         proxy.delay_next(2.0, method="GET")      # hold the next GET for 2 s before forwarding it
         proxy.count("PUT", "part")               # requests seen, by method and kind of path
+        proxy.arrivals                           # when each request began and ended arriving, its body size
 
 Faults are one-shot rules, consumed in the order they were added by the first request they match
 (method and a regular expression searched in the raw request target, path and query). Requests
@@ -31,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
-__all__ = ["FaultProxy", "request_kind"]
+__all__ = ["Arrival", "FaultProxy", "request_kind"]
 
 _HOP_BY_HOP = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -63,6 +64,18 @@ def request_kind(method: str, target: str) -> str:
     if len(segments) == 1:
         return "bucket"
     return "object"
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One request as the server side saw it: when its first line came in and when its body was
+    complete (`time.monotonic()` seconds), and the body's size."""
+
+    method: str
+    target: str
+    started: float
+    finished: float
+    size: int
 
 
 @dataclass
@@ -101,6 +114,7 @@ class FaultProxy:
         # (method, target) of every request received, in order, whether or not it was answered
         # (a client killed mid-request never gets, and the log never shows, its answer).
         self.received: list[tuple[str, str]] = []
+        self.arrivals: list[Arrival] = []  # every request received, in order of its body's end
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -211,6 +225,7 @@ class FaultProxy:
             self._counts.clear()
             self.log.clear()
             self.received.clear()
+            self.arrivals.clear()
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -220,10 +235,11 @@ class FaultProxy:
         with self._lock:
             self._rules.append(rule)
 
-    def _take(self, method: str, target: str) -> _Rule | None:
+    def _take(self, method: str, target: str, started: float, size: int) -> _Rule | None:
         with self._lock:
             self._counts[(method, request_kind(method, target))] += 1
             self.received.append((method, target))
+            self.arrivals.append(Arrival(method, target, started, time.monotonic(), size))
             for rule in self._rules:
                 if rule.remaining > 0 and rule.matches(method, target):
                     rule.remaining -= 1
@@ -258,10 +274,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         pass
 
     def _handle(self) -> None:
+        started = time.monotonic()
         method = self.command
         target = self.path
         body = self._read_body()
-        rule = self.owner._take(method, target)
+        rule = self.owner._take(method, target, started, len(body))
         if rule is not None and rule.action == "status":
             self._send_error_response(rule)
             self.owner._record(method, target, rule.status)
