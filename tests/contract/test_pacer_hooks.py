@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 from azure.storage.blob import BlobServiceClient
 
 from connectors.azure_blob import AzureBlobSource
 from connectors.base import WriteMeta
-from flows import lab_processes as lp
 from tests.contract.contract_support import make_s3_store, md5, unique_name
-from tests.faultproxy import FaultProxy
 
 
 class RecordingPacer:
@@ -65,12 +62,6 @@ def test_s3_a_body_under_a_bandwidth_limit_goes_chunk_by_chunk(fault_proxy, s3_b
         pacer.events.clear()
         assert store.read_range("big", 0, len(body)) == body
         assert pacer.of("bytes") == [len(body)]
-
-
-@pytest.fixture
-def azurite_via_proxy(azurite):
-    with FaultProxy(lp.LOOPBACK, azurite.port) as proxy:
-        yield proxy, lp.azurite_connection_string(proxy.port)
 
 
 def test_azure_every_attempt_is_paced_and_server_busy_is_reported(azurite_via_proxy, azurite_connection_string):

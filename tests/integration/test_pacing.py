@@ -4,7 +4,6 @@ answers and raised again, and the bandwidth limit."""
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
