@@ -162,8 +162,9 @@ class AdaptiveWindow:
         if self._cut_at is not None and now - self._cut_at < CUT_COOLDOWN:
             return
         self._cut_at = now
-        if self.limit > 1:
-            self.limit = max(1, self.limit // 2)
+        if self.limit == 1:  # as low as it goes: nothing changes, nothing to say
+            return
+        self.limit //= 2
         self._log.warning("%s: throttled (%s), %d/%d requests in flight", self.label, what, self.limit, self.ceiling)
 
     def throttling(self) -> Throttling | None:

@@ -109,17 +109,22 @@ def test_throttling_halves_the_requests_in_flight_once_then_they_climb_back(capl
     clock.now = 1.5
     answer("SlowDown (HTTP 503)")
     assert window.limit == 2
-    for _ in range(2 + 3 + 4 + 5 + 6 + 7):  # one more after each window's worth of calm answers
+    for second in (3, 4.5, 6):  # down to one, and no line more while it stays there
+        clock.now = second
+        answer("SlowDown (HTTP 503)")
+    assert window.limit == 1
+    answer()
+    for _ in range(1 + 2 + 3 + 4 + 5 + 6 + 7 - 1):  # one more after each window's worth of calm answers
         answer()
     assert window.limit == 8 and window.throttling() is None
     for _ in range(20):
         answer()
     assert window.limit == 8  # never above the ceiling
     lines = [r.getMessage() for r in caplog.records if r.name == "engine.pacing"]
-    assert lines[0] == "destination `ovh`: throttled (SlowDown (HTTP 503)), 4/8 requests in flight"
-    assert lines[1] == "destination `ovh`: throttled (SlowDown (HTTP 503)), 2/8 requests in flight"
-    assert lines[2:] == [f"destination `ovh`: no throttling for {n - 1} answers, {n}/8 requests in flight"
-                         for n in range(3, 9)]  # one line per change, none per request
+    assert lines[:3] == [f"destination `ovh`: throttled (SlowDown (HTTP 503)), {n}/8 requests in flight"
+                         for n in (4, 2, 1)]
+    assert lines[3:] == [f"destination `ovh`: no throttling for {n - 1} answers, {n}/8 requests in flight"
+                         for n in range(2, 9)]  # one line per change, none per request
 
 
 def test_a_thread_never_holds_two_places():
