@@ -19,6 +19,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 from .errors import ConfigFileError
 from .hosts import ambiguous_url
 from .secrets import AWS_CREDENTIALS, AZURE_BLOB_CREDENTIALS, SECRET, check_block_ref
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from .bandwidth import EXAMPLE as BANDWIDTH_EXAMPLE, BandwidthTimetable, parse_bandwidth
 from .sizes import ByteSize
 
 _NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -92,6 +95,9 @@ class AzureBlobSourceConfig(_Model):
     # account on 127.0.0.1 (port EXITPLAN_LAB_AZURITE_PORT, default 10000). For the lab only.
     emulator: Literal["azurite"] | None = None
     max_connections: int = Field(32, ge=1, le=1024)
+    # Requests per second to this storage account, shared by every thread and shard process of a
+    # run (Azure's published scalability target is 20,000 per account); None: not paced.
+    request_rate: float | None = Field(None, gt=0)
 
     @field_validator("account_url")
     @classmethod
@@ -313,6 +319,8 @@ class S3SourceConfig(_S3Endpoint):
     addressing_style: Literal["path", "virtual"] = "path"
     verify_tls: bool = True
     max_connections: int = Field(32, ge=1, le=1024)
+    # Requests per second to this endpoint, shared by every thread and shard process of a run; None: not paced.
+    request_rate: float | None = Field(None, gt=0)
 
 
 class SftpDestinationConfig(_SftpEndpoint):
@@ -401,6 +409,34 @@ class TransferConfig(_Model):
     small_object_cutoff: ByteSize = 16 * 1024**2
     max_source_restarts: int = Field(3, ge=0, le=100)
     part_attempts: int = Field(5, ge=1, le=50)
+    # Bytes per second across the whole run (every thread and shard process together): one rate
+    # (`20M`) or a timetable (`"08:00,50M 19:00,off"`, times in `bandwidth_timezone`); None or `off`:
+    # no limit. `exitplan migrate --bwlimit` overrides it. config/bandwidth.py has the forms.
+    bandwidth: str | None = None
+    bandwidth_timezone: str = "Europe/Paris"
+
+    @field_validator("bandwidth")
+    @classmethod
+    def _bandwidth(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_bandwidth(v)
+            except ValueError as exc:
+                raise ValueError(f"{exc}; write a rate or a timetable such as {BANDWIDTH_EXAMPLE}") from None
+        return v
+
+    @field_validator("bandwidth_timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is not a time zone name; write one such as Europe/Paris or UTC") from None
+        return v
+
+    @property
+    def bandwidth_timetable(self) -> BandwidthTimetable | None:
+        return parse_bandwidth(self.bandwidth) if self.bandwidth is not None else None
 
     @model_validator(mode="after")
     def _sane(self):

@@ -48,9 +48,11 @@ from .base import (
     InvalidRequest,
     NotFound,
     ObjectMeta,
+    RequestPacer,
     SourceChanged,
     Throttled,
     TransientError,
+    UNPACED,
 )
 
 T = TypeVar("T")
@@ -185,13 +187,18 @@ class AzureBlobSource:
       jitter (3, 5, 9, 17 s by default; base 0 gives a constant wait of `initial`).
       The engine retries whole ranges on top of these, so the SDK's layer is kept short.
     - ``connection_timeout`` / ``read_timeout`` (seconds, defaults 20 / 60): per request.
+    - ``pacer``: how fast to talk to the account (`connectors.base.RequestPacer`), asked before
+      every HTTP attempt (the SDK's retries included) and told of every `ServerBusy` / 503 / 429
+      answer ("egress is over the account limit" among them); default: never waits.
     """
 
     # Everything a source does is supported; Azure is never a destination.
     unsupported: frozenset[str] = frozenset({"sink"})
 
-    def __init__(self, container_client: ContainerClient, *, page_size: int = DEFAULT_PAGE_SIZE):
-        """Wrap an already built `ContainerClient` (prefer the `from_*` constructors)."""
+    def __init__(self, container_client: ContainerClient, *, page_size: int = DEFAULT_PAGE_SIZE,
+                 pacer: RequestPacer = UNPACED):
+        """Wrap an already built `ContainerClient` (prefer the `from_*` constructors, which also
+        hook `pacer` into the client's requests)."""
         if page_size < 1:
             raise ConfigError(f"page_size must be at least 1, not {page_size}")
         self._container = container_client
@@ -199,13 +206,14 @@ class AzureBlobSource:
         self.account = container_client.account_name or _account_from_url(container_client.url)
         self.page_size = page_size
         self.label = f"azure:{self.account}/{self.container}"
+        self.pacer = pacer
 
     # ---- constructors ---------------------------------------------------------------------
 
     @staticmethod
     def _client_options(max_connections: int, retry_total: int, retry_initial_backoff: float,
                         retry_increment_base: float, connection_timeout: float,
-                        read_timeout: float) -> dict[str, Any]:
+                        read_timeout: float, pacer: RequestPacer = UNPACED) -> dict[str, Any]:
         if max_connections < 1:
             raise ConfigError(f"max_connections must be at least 1, not {max_connections}")
         return {
@@ -222,6 +230,9 @@ class AzureBlobSource:
             # The Blob service never redirects; a redirect would send the next request, signed with
             # the account key or carrying the SAS, to a host the sovereignty gate never judged.
             "permit_redirects": False,
+            # The storage SDK calls these for every attempt, inside its retry policy.
+            "raw_request_hook": lambda _request: pacer.request_starts("get"),
+            "raw_response_hook": lambda response: pacer.request_ended(_throttling(response.http_response)),
         }
 
     @classmethod
@@ -237,6 +248,7 @@ class AzureBlobSource:
         retry_increment_base: float = 2,
         connection_timeout: float = 20,
         read_timeout: float = 60,
+        pacer: RequestPacer = UNPACED,
     ) -> "AzureBlobSource":
         """A source for `container` of the account a connection string names (Azurite, or a key).
 
@@ -244,7 +256,7 @@ class AzureBlobSource:
         the client the SDK builds must talk to the host that reading found: lab mode and the
         sovereignty gate were decided on it."""
         options = cls._client_options(max_connections, retry_total, retry_initial_backoff, retry_increment_base,
-                                      connection_timeout, read_timeout)
+                                      connection_timeout, read_timeout, pacer)
         try:
             expected = urlsplit(blob_endpoints(conn_str).primary)
             service = BlobServiceClient.from_connection_string(conn_str, **options)
@@ -262,7 +274,7 @@ class AzureBlobSource:
                 f"{expected.hostname}:{expected.port} where the connection string was judged; refusing (an Azure SDK "
                 "change: see config/azure_connection.py)"
             )
-        return cls(service.get_container_client(container), page_size=page_size)
+        return cls(service.get_container_client(container), page_size=page_size, pacer=pacer)
 
     @classmethod
     def from_sas(
@@ -278,20 +290,21 @@ class AzureBlobSource:
         retry_increment_base: float = 2,
         connection_timeout: float = 20,
         read_timeout: float = 60,
+        pacer: RequestPacer = UNPACED,
     ) -> "AzureBlobSource":
         """A source for `container` under `account_url`, authorised by an account or container SAS.
 
         The SAS needs read and list permissions on the container.
         """
         options = cls._client_options(max_connections, retry_total, retry_initial_backoff, retry_increment_base,
-                                      connection_timeout, read_timeout)
+                                      connection_timeout, read_timeout, pacer)
         try:
             service = BlobServiceClient(account_url, credential=sas_token.lstrip("?"), **options)
         except (ValueError, AzureError) as exc:
             raise ConfigError(
                 f"azure: unusable account URL {account_url!r} or SAS token: {type(exc).__name__}"
             ) from None
-        return cls(service.get_container_client(container), page_size=page_size)
+        return cls(service.get_container_client(container), page_size=page_size, pacer=pacer)
 
     @classmethod
     def from_default_credential(
@@ -307,6 +320,7 @@ class AzureBlobSource:
         connection_timeout: float = 20,
         read_timeout: float = 60,
         credential: Any = None,
+        pacer: RequestPacer = UNPACED,
     ) -> "AzureBlobSource":
         """A source authorised by Microsoft Entra ID through azure-identity's `DefaultAzureCredential`.
 
@@ -315,7 +329,7 @@ class AzureBlobSource:
         overrides the default chain (any azure-core `TokenCredential`).
         """
         options = cls._client_options(max_connections, retry_total, retry_initial_backoff, retry_increment_base,
-                                      connection_timeout, read_timeout)
+                                      connection_timeout, read_timeout, pacer)
         if credential is None:
             from azure.identity import DefaultAzureCredential
 
@@ -324,7 +338,7 @@ class AzureBlobSource:
             service = BlobServiceClient(account_url, credential=credential, **options)
         except (ValueError, AzureError) as exc:
             raise ConfigError(f"azure: unusable account URL {account_url!r}: {type(exc).__name__}: {exc}") from None
-        return cls(service.get_container_client(container), page_size=page_size)
+        return cls(service.get_container_client(container), page_size=page_size, pacer=pacer)
 
     def close(self) -> None:
         """Close the HTTP connections."""
@@ -451,6 +465,8 @@ class AzureBlobSource:
         except ConnectorError:
             raise
         except AzureError as exc:
+            # An attempt that got no answer never reached the response hook: it ended all the same.
+            self.pacer.request_ended(None)
             raise self._translate(exc, key) from exc
         except ValueError as exc:
             # The SDK validates some arguments itself (e.g. a malformed ETag or range).
@@ -495,6 +511,17 @@ class AzureBlobSource:
         if isinstance(exc, HttpResponseError):
             return InvalidRequest(f"{what}: request refused: {reason}: {_first_line(exc)}", key=key)
         return TransientError(f"{what}: {type(exc).__name__}: {_first_line(exc)}", key=key)
+
+
+def _throttling(response: Any) -> str | None:
+    """What a throttling answer says ("ServerBusy (HTTP 503: Egress is over the account limit.)"),
+    or None for any other answer. Azure puts the error's message in the status line's reason."""
+    status = getattr(response, "status_code", None)
+    code = (getattr(response, "headers", None) or {}).get("x-ms-error-code") or ""
+    if status not in (429, 503) and code != "ServerBusy":
+        return None
+    reason = getattr(response, "reason", None)
+    return f"{code or 'throttled'} (HTTP {status}{f': {reason}' if reason else ''})"
 
 
 def _next_page(pages: Iterator[Any]) -> list[BlobProperties] | None:

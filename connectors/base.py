@@ -139,6 +139,50 @@ class SinkBehaviour:
     flexible_checksums: bool = False
 
 
+class RequestPacer(Protocol):
+    """How fast a connector may talk to its endpoint; built by the engine (engine/pacing.py) from
+    the provider's published request rates, the source's setting and the bandwidth timetable, and
+    passed in the way `SinkLimits` is. A connector calls it around every HTTP attempt, its SDK's own
+    retries included, so that what is paced is what the server counts.
+    """
+
+    paces_bytes: bool
+    """True when a bandwidth limit applies to this endpoint's bodies: the connector then hands
+    them over in chunks through `body_bytes` (otherwise it sends them whole, without a copy)."""
+
+    def request_starts(self, kind: str) -> None:
+        """Block until one more request of `kind` (`put`: a write, `get`: a read, list or head) may
+        be sent: a token of each rate that applies, then a place among the requests in flight."""
+        ...
+
+    def request_ended(self, throttled: str | None) -> None:
+        """The attempt begun by this thread's last `request_starts` ended: with a throttling answer
+        (`throttled` names it: "SlowDown (HTTP 503)"), or None for any other outcome."""
+        ...
+
+    def body_bytes(self, nbytes: int) -> None:
+        """Block until `nbytes` more body bytes may go (the run's bandwidth limit)."""
+        ...
+
+
+class Unpaced:
+    """A `RequestPacer` that never waits: connectors built without one (tests, one-off checks)."""
+
+    paces_bytes = False
+
+    def request_starts(self, kind: str) -> None:
+        pass
+
+    def request_ended(self, throttled: str | None) -> None:
+        pass
+
+    def body_bytes(self, nbytes: int) -> None:
+        pass
+
+
+UNPACED = Unpaced()
+
+
 # Where a connector that writes files keeps its own (connectors/sftp.py): never an object's path.
 FILE_CONTROL_DIR = ".exitplan-sftp"
 

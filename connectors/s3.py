@@ -56,11 +56,13 @@ from .base import (
     PartReceipt,
     PendingUpload,
     SinkBehaviour,
+    RequestPacer,
     SinkLimits,
     SourceChanged,
     Throttled,
     TransientError,
     Unsupported,
+    UNPACED,
     WriteMeta,
     checked_etag,
     checked_multipart_etag,
@@ -108,11 +110,12 @@ class _HashingReader:
     that ends early raises `_ShortBody` instead of letting the server wait for the missing bytes.
     """
 
-    def __init__(self, raw: BinaryIO, size: int):
+    def __init__(self, raw: BinaryIO, size: int, pacer: RequestPacer = UNPACED):
         self._raw = raw
         self._remaining = size
         self.size = size
         self.md5 = hashlib.md5()
+        self._pacer = pacer
 
     def __len__(self) -> int:
         return self.size
@@ -127,6 +130,7 @@ class _HashingReader:
         chunk = bytes(chunk)
         self._remaining -= len(chunk)
         self.md5.update(chunk)
+        self._pacer.body_bytes(len(chunk))
         return chunk
 
     @property
@@ -140,9 +144,10 @@ class _ViewReader:
     Retries stay safe: botocore rewinds with ``seek(0)``, which is the start of this view.
     """
 
-    def __init__(self, view: memoryview):
+    def __init__(self, view: memoryview, pacer: RequestPacer = UNPACED):
         self._view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
         self._pos = 0
+        self._pacer = pacer
 
     def __len__(self) -> int:
         return len(self._view)
@@ -151,6 +156,7 @@ class _ViewReader:
         end = len(self._view) if n is None or n < 0 else min(self._pos + n, len(self._view))
         chunk = self._view[self._pos:end].tobytes()
         self._pos = end
+        self._pacer.body_bytes(len(chunk))  # a retry sends the bytes again: they count again
         return chunk
 
     def seek(self, offset: int, whence: int = 0) -> int:
@@ -189,6 +195,9 @@ class S3Store:
       re-sends the part.
     - ``page_size`` (default 1000): keys per ListObjectsV2 request, parts per ListParts request.
     - ``connect_timeout`` / ``read_timeout`` (seconds, defaults 10 / 60).
+    - ``pacer``: how fast to talk to the bucket (`connectors.base.RequestPacer`: request rates,
+      requests in flight, bandwidth), asked before every HTTP attempt (botocore's retries
+      included) and told of every throttling answer; default: never waits.
     """
 
     unsupported: frozenset[str] = frozenset()
@@ -213,6 +222,7 @@ class S3Store:
         page_size: int = 1000,
         connect_timeout: float = 10,
         read_timeout: float = 60,
+        pacer: RequestPacer = UNPACED,
     ):
         if addressing_style not in ("path", "virtual"):
             raise ConfigError(f"addressing_style must be 'path' or 'virtual', not {addressing_style!r}")
@@ -227,6 +237,7 @@ class S3Store:
         self.behaviour = behaviour
         self.page_size = page_size
         self.endpoint_url = endpoint_url
+        self.pacer = pacer
         self._client_kwargs: dict[str, Any] = {
             "endpoint_url": endpoint_url,
             "region_name": region,
@@ -262,6 +273,7 @@ class S3Store:
             )
         except (BotoCoreError, ValueError) as exc:
             raise ConfigError(f"{self.label}: cannot build an S3 client for {endpoint_url!r}: {exc}") from None
+        self._paced(self._client)
         self._stream_client_lock = threading.Lock()
         self._stream_client_instance = None
         self._resent_lock = threading.Lock()
@@ -287,6 +299,7 @@ class S3Store:
                     ),
                     **self._client_kwargs,
                 )
+                self._paced(self._stream_client_instance)
             return self._stream_client_instance
 
     @property
@@ -321,6 +334,27 @@ class S3Store:
                           retries={"mode": "standard", "total_max_attempts": 1}),
             **kwargs,
         )
+
+    def _paced(self, client) -> None:
+        """Ask the pacer before each HTTP attempt of `client` and tell it how each one ended: at
+        botocore's send, below its retry loop, so a retried request is paced and counted again."""
+        events = client.meta.events
+        events.register("before-send.s3", self._request_starts)
+        events.register("response-received.s3", self._request_ended)
+
+    def _request_starts(self, request, **_: Any) -> None:
+        # Returns None: botocore then sends the request itself.
+        self.pacer.request_starts("put" if request.method in ("PUT", "POST", "DELETE") else "get")
+
+    def _request_ended(self, response_dict: Mapping[str, Any] | None = None,
+                       parsed_response: Mapping[str, Any] | None = None, **_: Any) -> None:
+        throttled = None
+        if response_dict is not None:
+            status = response_dict.get("status_code")
+            code = str(((parsed_response or {}).get("Error") or {}).get("Code") or "")
+            if status in (429, 503) or (code in _THROTTLED and not code.isdigit()):
+                throttled = f"{code or 'throttled'} (HTTP {status})"
+        self.pacer.request_ended(throttled)
 
     def close(self) -> None:
         """Close the HTTP connections of both clients."""
@@ -440,6 +474,7 @@ class S3Store:
             resp = self._head(key, params)
             self._check_bounds(key, start, end, resp["ContentLength"])
             return b""
+        self.pacer.body_bytes(end - start)
         resp = self._call(lambda: self._client.get_object(Range=f"bytes={start}-{end - 1}", **params), key)
         body = resp["Body"]
         try:
@@ -558,10 +593,12 @@ class S3Store:
                 raise InvalidRequest(f"{self.label}: {what} body is {view.nbytes} bytes, {size} announced", key=key)
             # bytes/bytearray go as they are; a memoryview (a slice of the engine's buffer) is
             # streamed from in place: a copy would double the part outside the memory budget.
-            params["Body"] = body if isinstance(body, (bytes, bytearray)) else _ViewReader(view)
+            # Under a bandwidth limit every body goes through a reader that asks for each chunk.
+            whole = isinstance(body, (bytes, bytearray)) and not self.pacer.paces_bytes
+            params["Body"] = body if whole else _ViewReader(view, self.pacer)
             client = self._client
         else:
-            reader = _HashingReader(body, size)
+            reader = _HashingReader(body, size, self.pacer)
             params["Body"] = reader
             client = self._stream_client()
         # A stream that ends early surfaces as botocore's HTTPClientError wrapping _ShortBody:

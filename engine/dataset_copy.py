@@ -66,6 +66,8 @@ class Progress:
     objects_failed: int
     objects_skipped: int
     bytes_skipped: int = 0  # plaintext bytes of the objects skipped as unchanged
+    # Endpoints whose requests in flight are cut after throttling answers (engine.pacing.Throttling).
+    throttling: tuple = ()
 
 
 ProgressCallback = Callable[[Progress], None]

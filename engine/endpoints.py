@@ -20,7 +20,7 @@ from config.models import LoadedConfig, S3Credentials, SftpDestinationConfig, Sf
 from config.policy import destination_profile
 from config.providers import ProviderProfile
 from config.secrets import read_env, read_secret
-from connectors.base import ConnectorError, ObjectSource, SinkBehaviour, SinkLimits
+from connectors.base import UNPACED, ConnectorError, ObjectSource, RequestPacer, SinkBehaviour, SinkLimits
 
 
 def sink_limits(profile: ProviderProfile, *, keys_are_paths: bool = False) -> SinkLimits:
@@ -112,8 +112,9 @@ def check_connection_string_unchanged(loaded: LoadedConfig, source: str, conn: s
         )
 
 
-def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
-    """The Azure container, SFTP directory or S3 bucket a dataset reads from."""
+def open_source(loaded: LoadedConfig, dataset: str, *, pacer: RequestPacer = UNPACED) -> ObjectSource:
+    """The Azure container, SFTP directory or S3 bucket a dataset reads from. `pacer`: how fast to
+    talk to it (engine/pacing.py; an SFTP server is not paced)."""
     from connectors.azure_blob import AzureBlobSource
 
     ds = loaded.config.datasets[dataset]
@@ -133,7 +134,7 @@ def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
             session_token=_s3_credential(loaded, field, src.credentials, "session_token"),
             addressing_style=src.addressing_style, limits=SinkLimits(), verify_tls=src.verify_tls,
             max_pool_connections=max(src.max_connections, t.concurrency + (t.object_concurrency or t.concurrency)),
-            label=f"s3:{src.host}/{ds.container}",
+            label=f"s3:{src.host}/{ds.container}", pacer=pacer,
         )
     pool = max(src.max_connections, t.concurrency + (t.object_concurrency or t.concurrency))
     if src.connection_string_env or src.connection_string_block:
@@ -141,12 +142,12 @@ def open_source(loaded: LoadedConfig, dataset: str) -> ObjectSource:
         if not conn:
             read_env(loaded, f"sources.{name}.connection_string_env", src.connection_string_env)  # raises: not set
         check_connection_string_unchanged(loaded, name, conn)
-        return AzureBlobSource.from_connection_string(conn, ds.container, max_connections=pool)
+        return AzureBlobSource.from_connection_string(conn, ds.container, max_connections=pool, pacer=pacer)
     if src.sas_token_env or src.sas_token_block:
         field = f"sources.{name}.sas_token_{'block' if src.sas_token_block else 'env'}"
         token = read_secret(loaded, field, env=src.sas_token_env, block=src.sas_token_block)
-        return AzureBlobSource.from_sas(src.account_url, token, ds.container, max_connections=pool)
-    return AzureBlobSource.from_default_credential(src.account_url, ds.container, max_connections=pool)
+        return AzureBlobSource.from_sas(src.account_url, token, ds.container, max_connections=pool, pacer=pacer)
+    return AzureBlobSource.from_default_credential(src.account_url, ds.container, max_connections=pool, pacer=pacer)
 
 
 def _s3_credential(loaded: LoadedConfig, field: str, creds: S3Credentials, item: str) -> str | None:
@@ -160,10 +161,12 @@ def _s3_credential(loaded: LoadedConfig, field: str, creds: S3Credentials, item:
     return read_secret(loaded, f"{field}.{suffix}", item=item, required=required, **env_or_block)
 
 
-def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | None = None):
+def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | None = None,
+              pacer: RequestPacer = UNPACED):
     """The S3 bucket or SFTP directory a destination names (an `ObjectSink` that is also an `ObjectSource`).
     `max_attempts`: attempts per request (default: the connector's, 5), fewer for a check that
-    must not wait on a destination that does not answer."""
+    must not wait on a destination that does not answer. `pacer`: how fast to talk to it
+    (engine/pacing.py; an SFTP server is not paced)."""
     from connectors.s3 import S3Store
 
     dest = loaded.config.destinations[destination]
@@ -200,6 +203,7 @@ def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | Non
         max_pool_connections=max(dest.max_connections, t.concurrency + (t.object_concurrency or t.concurrency)),
         verify_tls=dest.verify_tls,
         label=f"{profile.name}:{dest.bucket}",
+        pacer=pacer,
         **({"max_attempts": max_attempts} if max_attempts else {}),
     )
 

@@ -43,9 +43,11 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
 
+from config.bandwidth import BandwidthTimetable
 from config.errors import ExitCode, UserError
 from config.models import LoadedConfig
 from connectors.base import ConnectorError, ContentSettings, NotFound, ObjectMeta, ObjectSource, TagReader
@@ -56,6 +58,7 @@ from .endpoints import open_sink
 from .errors import RunError, call_endpoint
 from .executors import BoundedTasks, create_pool
 from .keys import load_data_keys
+from .pacing import LocalLeaser, RunPacing, run_bandwidth
 from .placement import (CONTROL_PREFIX, FileBesideDirectory, NotAPath, SourceProperties, clash_sentence,
                         dest_key_prefix, relative_key, restore_path, source_key_of, source_properties)
 from .project import open_state
@@ -493,7 +496,7 @@ def _timestamp(iso: str | None) -> float | None:
 def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",
                     keys: DataKeys | None, recorded: Callable[[str], str | None],
                     on_object: Callable[[RestoredObject], None] | None = None,
-                    overwrite: bool = False) -> RestoreSummary:
+                    overwrite: bool = False, bandwidth: BandwidthTimetable | None = None) -> RestoreSummary:
     """Restore every object of `dataset` under `prefix` (relative to the dataset) into `to_dir`.
 
     `recorded(source_key)` gives the plaintext SHA-256 recorded when the object was copied (None
@@ -501,10 +504,16 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
     many listed ahead), each streamed; `on_object` gets each one's outcome, in this thread. An
     object whose restore raised (a defect, not a refusal) is counted as failed with the exception.
     `overwrite`: replace files already at objects' names (default: such an object fails).
+    `bandwidth`: bytes per second read from the destination (default: `transfer.bandwidth`).
     """
     ds = loaded.config.datasets[dataset]
-    sink = call_endpoint(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
     concurrency = loaded.config.transfer.concurrency
+    # One process: the request rates and the bandwidth are paced here, not through the state
+    # (a restore only reads it); the rates are the destination's, as for a migration.
+    pacing = RunPacing(loaded, LocalLeaser(), concurrency,
+                       bandwidth=run_bandwidth(loaded, bandwidth or loaded.config.transfer.bandwidth_timetable))
+    sink = call_endpoint(f"destination `{ds.destination}`", partial(open_sink, pacer=pacing.for_sink(ds.destination)),
+                         loaded, ds.destination)
     listing_prefix = dest_key_prefix(ds.dest_prefix) + prefix
     totals = {"objects": 0, "ok": 0, "failed": 0, "bytes": 0, "unchecked": 0}
     failures: list[tuple[str, str]] = []
@@ -572,11 +581,13 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
 
 
 def restore(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",
-            on_object: Callable[[RestoredObject], None] | None = None, overwrite: bool = False) -> RestoreSummary:
+            on_object: Callable[[RestoredObject], None] | None = None, overwrite: bool = False,
+            bandwidth: BandwidthTimetable | None = None) -> RestoreSummary:
     """Read `dataset` back from its destination into `to_dir`, decrypted and checked against the
     plaintext SHA-256 recorded at copy time (`exitplan restore`). Keys are unwrapped first; the
     state store is only read (without it, nothing is checked against a recorded digest).
-    `overwrite`: replace files already there (default: an object whose name is taken fails)."""
+    `overwrite`: replace files already there (default: an object whose name is taken fails).
+    `bandwidth`: the command line's `--bwlimit` (default: `transfer.bandwidth`)."""
     keys = None
     if not loaded.config.datasets[dataset].public:
         keys = load_data_keys(loaded)
@@ -590,7 +601,7 @@ def restore(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "
 
     try:
         return restore_dataset(loaded, dataset, to_dir, prefix=prefix, keys=keys, recorded=recorded,
-                               on_object=on_object, overwrite=overwrite)
+                               on_object=on_object, overwrite=overwrite, bandwidth=bandwidth)
     finally:
         if state is not None:
             state.close()

@@ -13,10 +13,11 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Iterator, Protocol
 
+from config.bandwidth import BandwidthTimetable
 from config.errors import UserError
 from config.models import LoadedConfig
 from config.policy import DestinationVerdict, check_sovereignty
@@ -33,6 +34,7 @@ from .inventory import DatasetInventory, inventory_dataset, selected
 from .dataset_copy import DatasetSummary, Progress, ProgressCallback, Refusal, copy_objects, place_all
 from .placement import Placement, place
 from .output_format import IDENTITY, OutputFormat
+from .pacing import RunPacing, run_bandwidth
 from .project import lock_project, open_state, state_location
 from .settings import TransferSettings
 from .shards import (WENT_THROUGH, PlannedShard, ShardCutter, ShardOutcome, ShardPlan, ShardResult, ShardsEnded,
@@ -53,6 +55,7 @@ def transfer_settings(loaded: LoadedConfig) -> TransferSettings:
         small_object_cutoff=t.small_object_cutoff,
         max_source_restarts=t.max_source_restarts,
         part_attempts=t.part_attempts,
+        bandwidth=t.bandwidth_timetable,
     )
 
 
@@ -201,8 +204,10 @@ def handle_removed(state: StateStore, run_id: int, dataset: str, sink, *, delete
 
 
 def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *, count_first: bool = True,
-            delete_removed: bool = False) -> MigrationResult:
+            delete_removed: bool = False, bandwidth: BandwidthTimetable | None = None) -> MigrationResult:
     """Copy every object of `datasets`; one failing object never stops the others.
+
+    `bandwidth`: the uploads' limit (the command line's `--bwlimit`), instead of `transfer.bandwidth`.
 
     Objects copied by earlier runs that a dataset's (complete) listing no longer has are reported
     in `MigrationResult.removed`; the destination copies are deleted only with `delete_removed`.
@@ -211,7 +216,10 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
     total and an ETA (`observer.dataset_started` gets the counts; otherwise -1, -1): one extra
     listing pass, about 0.1 ms of CPU per object.
     """
-    run = MigrationRun.start(loaded, datasets, delete_removed=delete_removed)
+    settings = transfer_settings(loaded)
+    if bandwidth is not None:
+        settings = replace(settings, bandwidth=bandwidth)
+    run = MigrationRun.start(loaded, datasets, delete_removed=delete_removed, settings=settings)
     try:
         for name in datasets:
             run.copy_dataset(name, observer, count_first=count_first)
@@ -265,6 +273,7 @@ class MigrationRun:
         self.executors = None
         self._lock_file = None
         self.attached = False  # joined from another process (`attach`): copies shards, never finishes
+        self.pacing: RunPacing | None = None  # with the state store: its shared limits live there
 
     @classmethod
     def start(cls, loaded: LoadedConfig, datasets: list[str], *, delete_removed: bool = False,
@@ -294,6 +303,7 @@ class MigrationRun:
             run.state.close()
             raise RunError(f"migration run {run_id} is not running any more; its shards cannot be copied")
         run.run_id = run_id
+        run._pace()
         run._executors = create_executors(run.settings.concurrency, run.settings.object_concurrency)
         run.executors = run._executors.__enter__()
         return run
@@ -321,22 +331,31 @@ class MigrationRun:
                                     {n: fmt.keys.primary_id for n, fmt in self.formats.items() if fmt is not IDENTITY},
                                     self.signing_key)
         self.run_id = self.trail.run_id
+        self._pace()
         self._executors = create_executors(self.settings.concurrency, self.settings.object_concurrency)
         self.executors = self._executors.__enter__()
+
+    def _pace(self) -> None:
+        """The run's pacers: request rates and bandwidth shared through the state store with the
+        run's other processes, requests in flight up to what the settings open."""
+        self.pacing = RunPacing(self.loaded, self.state, self.settings.requests_in_flight,
+                                bandwidth=run_bandwidth(self.loaded, self.settings.bandwidth))
 
     # ---- endpoints, opened once per run ---------------------------------------------------------
 
     def source(self, name: str) -> ObjectSource:
-        return self._endpoint("source", name, f"dataset `{name}`: source", open_source, name)
+        pacer = self.pacing.for_source(self.loaded.config.datasets[name].source)
+        return self._endpoint("source", name, f"dataset `{name}`: source", open_source, name, pacer)
 
     def sink(self, name: str):
         dest = self.loaded.config.datasets[name].destination
-        return self._endpoint("sink", dest, f"dataset `{name}`: destination `{dest}`", open_sink, dest)
+        return self._endpoint("sink", dest, f"dataset `{name}`: destination `{dest}`", open_sink, dest,
+                              self.pacing.for_sink(dest))
 
-    def _endpoint(self, kind: str, name: str, what: str, opener: Callable, arg: str):
+    def _endpoint(self, kind: str, name: str, what: str, opener: Callable, arg: str, pacer):
         with self._lock:
             if (kind, name) not in self._endpoints:
-                self._endpoints[(kind, name)] = call_endpoint(what, opener, self.loaded, arg)
+                self._endpoints[(kind, name)] = call_endpoint(what, partial(opener, pacer=pacer), self.loaded, arg)
             return self._endpoints[(kind, name)]
 
     # ---- the CLI's way: a dataset at a time, streamed from its listing ----------------------------
@@ -379,6 +398,8 @@ class MigrationRun:
 
     def _copy(self, name: str, items, progress, retry_rows=None) -> DatasetSummary:
         sink, fmt = self.sink(name), self.formats[name]
+        if progress is not None:  # each snapshot says which endpoints throttle now
+            progress = partial(_with_throttling, progress, self.pacing)
         summary = copy_objects(
             name, self.source(name), sink, items, settings=self.settings, budget=self.budget,
             executors=self.executors, state=self.state, run_id=self.run_id, progress=progress, output_format=fmt,
@@ -577,6 +598,10 @@ class MigrationRun:
                                tuple(self.keyset_copies), self.trail.outcome(copies, notes), tuple(self._removed),
                                sum(getattr(endpoint, "bodies_resent_by_sdk", 0)
                                    for (kind, _), endpoint in self._endpoints.items() if kind == "sink"))
+
+
+def _with_throttling(progress: ProgressCallback, pacing: RunPacing, snapshot: Progress) -> None:
+    progress(replace(snapshot, throttling=pacing.throttling()))
 
 
 def summary_from_rows(state: StateStore, run_id: int, dataset: str, elapsed: float) -> DatasetSummary:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from config.bandwidth import BandwidthTimetable
 from engine.crypto.segments import SEGMENT_SIZE, MiB
 
 
@@ -88,6 +89,11 @@ class TransferSettings:
     """Output bytes read, transformed and sent per step of a streamed part (rounded down to whole
     segments; at most half the memory budget). Default 8 MiB. Larger slices mean fewer, larger
     source reads; each slice is one range request."""
+
+    bandwidth: BandwidthTimetable | None = None
+    """Bytes per second of the run's uploads, across its threads and processes: one rate or a
+    timetable (`transfer.bandwidth`, read in `transfer.bandwidth_timezone`; engine/pacing.py).
+    Default None: no limit."""
 
     def __post_init__(self) -> None:
         checks = [

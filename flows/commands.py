@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from config.bandwidth import EXAMPLE as BANDWIDTH_EXAMPLE, BandwidthTimetable, parse_bandwidth
 from config.errors import ExitCode, UserError
 from config.loader import load_config
 from config.models import LoadedConfig
@@ -26,6 +27,23 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_bwlimit(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--bwlimit", metavar="RATE|TIMETABLE",
+                   help=f"bytes per second of the {what}, across every thread: a rate (20M) or a timetable in "
+                        f"`transfer.bandwidth_timezone` (\"08:00,50M 19:00,off\"); overrides `transfer.bandwidth`")
+
+
+def _bwlimit(args: argparse.Namespace) -> BandwidthTimetable | None:
+    """The `--bwlimit` given, read; a `UserError` (exit 2) naming the flag and an example otherwise."""
+    if args.bwlimit is None:
+        return None
+    try:
+        return parse_bandwidth(args.bwlimit)
+    except ValueError as exc:
+        raise UserError(f"--bwlimit {args.bwlimit!r}: {exc}; write a rate or a timetable such as "
+                        f"{BANDWIDTH_EXAMPLE}") from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inventory", help="list what each dataset holds and what will not fit the destination")
     _add_config(p)
@@ -42,6 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delete-removed", action="store_true",
                    help="delete the destination copies of objects that are gone from the source since they were "
                         "copied (default: only report them)")
+    _add_bwlimit(p, "uploads")
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("restore", help="read a dataset back from its destination, decrypt it, write the plaintext to a directory")
@@ -54,6 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace files already at objects' names under DIR (default: such an object fails and is "
                         "named; nothing there is touched)")
+    _add_bwlimit(p, "downloads")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("cleanup", help="list multipart uploads under the destination prefixes that no state refers to; "
@@ -146,7 +166,8 @@ class _CliObserver:
 
     def progress(self, snapshot) -> None:
         self.display.update(snapshot.bytes_done, snapshot.objects_done, snapshot.objects_failed,
-                            bytes_skipped=snapshot.bytes_skipped, objects_skipped=snapshot.objects_skipped)
+                            bytes_skipped=snapshot.bytes_skipped, objects_skipped=snapshot.objects_skipped,
+                            throttling=snapshot.throttling)
 
     def dataset_finished(self, summary) -> None:
         # Every byte has gone through: copied, or unchanged, failed or refused (named in the summary).
@@ -163,12 +184,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     datasets = loaded.chosen_datasets(args.dataset)
     if args.summary and not args.dry_run:
         raise UserError("--summary goes with --dry-run (a migration prints its summary anyway)")
+    bandwidth = _bwlimit(args)
     if args.dry_run:
         return _dry_run(loaded, datasets, summary_only=args.summary)
     observer = _CliObserver()
     # Totals for an ETA cost a listing pass: worth it for a person watching, not for a log.
     result = run.migrate(loaded, datasets, observer, count_first=observer.display.tty,
-                         delete_removed=args.delete_removed)
+                         delete_removed=args.delete_removed, bandwidth=bandwidth)
     print_migration_summary(result)
     return ExitCode.OK if result.all_ok else ExitCode.FAILED
 
@@ -297,6 +319,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     loaded = load_config(args.config)
     (dataset,) = loaded.chosen_datasets([args.dataset])
+    bandwidth = _bwlimit(args)
     if args.to.exists() and not args.to.is_dir():
         raise UserError(f"--to {args.to}: exists and is not a directory; name a directory for the restored files")
 
@@ -304,7 +327,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
         if result.status != "ok":
             print(f"failed   {result.dest_key}: {result.reason}", file=sys.stderr)
 
-    summary = restore(loaded, dataset, args.to, prefix=args.prefix, on_object=show, overwrite=args.overwrite)
+    summary = restore(loaded, dataset, args.to, prefix=args.prefix, on_object=show, overwrite=args.overwrite,
+                      bandwidth=bandwidth)
     checked = summary.ok - summary.unchecked
     print(f"{dataset}: restored {summary.ok:,} of {summary.objects:,} objects ({format_size(summary.bytes)}) into {args.to}; "
           f"{checked:,} matched the SHA-256 recorded at copy time"

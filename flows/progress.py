@@ -78,9 +78,14 @@ class ProgressDisplay(StatusLine):
         self.restart(f"{dataset}: copying ({what})")
 
     def update(self, bytes_done: int, objects_done: int, objects_failed: int, *, bytes_skipped: int = 0,
-               objects_skipped: int = 0, force: bool = False) -> None:
-        self.show(lambda now: self._render(now, bytes_done, objects_done, objects_failed, bytes_skipped,
-                                           objects_skipped), force=force)
+               objects_skipped: int = 0, throttling: tuple = (), force: bool = False) -> None:
+        """`throttling`: the endpoints whose requests in flight are cut after throttling answers
+        (`engine.pacing.Throttling`), shown after the figures: "destination `ovh`: throttled: 4/8 in flight"."""
+        def render(now: float) -> str:
+            line = self._render(now, bytes_done, objects_done, objects_failed, bytes_skipped, objects_skipped)
+            return "; ".join([line] + [f"{t.label} {t.sentence()}" for t in throttling])
+
+        self.show(render, force=force)
 
     def _render(self, now: float, bytes_done: int, objects_done: int, objects_failed: int, bytes_skipped: int,
                 objects_skipped: int) -> str:

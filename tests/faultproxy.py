@@ -14,6 +14,7 @@ connection. Put this proxy between a connector and the server and tell it what t
         proxy.slow_next(1.0, method="GET")       # trickle the next GET's body over 1 s
         proxy.count("PUT", "part")               # requests seen, by method and kind of path
         proxy.delay_every(0.020)                 # hold every request 20 ms (a distant provider)
+        proxy.arrivals                           # when each request began and ended arriving, its body size
 
 Faults are one-shot rules, consumed in the order they were added by the first request they match
 (method and a regular expression searched in the raw request target, path and query). Requests
@@ -45,7 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
-__all__ = ["FaultProxy", "QuirkProxy", "RANDOM_FAULTS", "request_kind"]
+__all__ = ["Arrival", "FaultProxy", "QuirkProxy", "RANDOM_FAULTS", "request_kind"]
 
 # The kinds of fault random mode draws from: "5xx" (500 InternalError), "throttle" (503 SlowDown,
 # or ServerBusy at Azure), "reset" (the connection reset before any answer; half of the time after
@@ -107,6 +108,18 @@ def azure_kind(target: str) -> str:
     return "blob"
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """One request as the server side saw it: when its first line came in and when its body was
+    complete (`time.monotonic()` seconds), and the body's size."""
+
+    method: str
+    target: str
+    started: float
+    finished: float
+    size: int
+
+
 @dataclass
 class _Rule:
     action: str                 # "flip" | "status" | "cut" | "drop" | "delay" | "reset" | "slow"
@@ -152,6 +165,7 @@ class FaultProxy:
         # (method, target) of every request received, in order, whether or not it was answered
         # (a client killed mid-request never gets, and the log never shows, its answer).
         self.received: list[tuple[str, str]] = []
+        self.arrivals: list[Arrival] = []  # every request received, in order of its body's end
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.constant_delay = 0.0  # seconds every request is held (`delay_every`)
@@ -299,6 +313,7 @@ class FaultProxy:
             self._counts.clear()
             self.log.clear()
             self.received.clear()
+            self.arrivals.clear()
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -308,11 +323,12 @@ class FaultProxy:
         with self._lock:
             self._rules.append(rule)
 
-    def _take(self, method: str, target: str) -> _Rule | None:
+    def _take(self, method: str, target: str, started: float, size: int) -> _Rule | None:
         with self._lock:
             kind = request_kind(method, target, self.service)
             self._counts[(method, kind)] += 1
             self.received.append((method, target))
+            self.arrivals.append(Arrival(method, target, started, time.monotonic(), size))
             for rule in self._rules:
                 if rule.remaining > 0 and rule.matches(method, target):
                     rule.remaining -= 1
@@ -391,10 +407,11 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         pass
 
     def _handle(self) -> None:
+        started = time.monotonic()
         method = self.command
         target = self.path
         body = self._read_body()
-        rule = self.owner._take(method, target)
+        rule = self.owner._take(method, target, started, len(body))
         if self.owner.constant_delay:
             time.sleep(self.owner.constant_delay)
         if rule is not None and rule.action == "status":

@@ -189,5 +189,17 @@ audit_recorded = sa.Table(
     sa.Column("seq", sa.BigInteger, nullable=False),  # the manifest line that records it
 )
 
+# One row per request-rate or bandwidth limit shared by the processes of a run (engine/pacing.py):
+# a token bucket every process leases batches from (`StateStore.lease_tokens`). `tokens` is what
+# was left at `at` (seconds since the epoch on the database's clock); negative: reserved ahead, to
+# be paid back by the refill at `rate` per second before the one who reserved them may spend them.
+rate_buckets = sa.Table(
+    "rate_buckets", metadata,
+    sa.Column("name", sa.String, primary_key=True),  # what is limited: "put s3://endpoint/bucket", "bandwidth"
+    sa.Column("tokens", sa.Float, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("rate", sa.Float, nullable=False),  # per second, as the last lease asked
+)
+
 # Columns added after the first release of the store: added to an existing database on open.
 ADDED_COLUMNS = ("upload_id", "header", "key_id", "transient", "etag_checked")

@@ -25,7 +25,7 @@ from .records import (DatasetFigures, DatasetStatus, DatasetTotals, ObjectRecord
 from .rows import listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, REMOVED, STATES, TRANSITIONS, UNCHANGED,
                      UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition, audit_recorded, listing, metadata, objects,
-                     parts, run_datasets, runs, shards, utcnow)
+                     parts, rate_buckets, run_datasets, runs, shards, utcnow)
 from .unwritable import StateUnwritable, unwritable_database, writing_file
 
 # Statements built once: building and cache-keying a Core statement costs more than running it
@@ -610,6 +610,38 @@ class StateStore:
         with self._writing() as conn:
             conn.execute(audit_recorded.insert(), rows)
 
+    # ---- shared rate limits (engine/pacing.py) ------------------------------------------------------
+
+    def lease_tokens(self, name: str, rate: float, burst: float, amount: float) -> float:
+        """Reserve `amount` tokens of the shared bucket `name`, refilled at `rate` per second up to
+        `burst`; returns the seconds to wait before spending them (0 when they were there).
+
+        One UPDATE on the database's own clock (hosts sharing a PostgreSQL state need not agree on
+        the time), so concurrent leases from any number of processes never hand out a token twice:
+        over any span T, at most ``burst + rate x T`` tokens are spent. A new bucket starts empty
+        (no burst at the start of a run)."""
+        now = _DB_EPOCH[self.engine.dialect.name]
+        b = rate_buckets.c
+        elapsed = sa.case((now > b.at, now - b.at), else_=sa.literal(0.0))
+        refilled = b.tokens + elapsed * sa.literal(float(rate))
+        capped = sa.case((refilled > sa.literal(float(burst)), sa.literal(float(burst))), else_=refilled)
+        update = (rate_buckets.update().where(b.name == name)
+                  .values(tokens=capped - sa.literal(float(amount)), at=now, rate=float(rate))
+                  .returning(b.tokens))
+        for _ in range(2):  # a second pass when another process created the row at the same moment
+            try:
+                with self._writing() as conn:
+                    left = conn.execute(update).scalar()
+                    if left is None:
+                        conn.execute(rate_buckets.insert().from_select(
+                            ["name", "tokens", "at", "rate"],
+                            sa.select(sa.literal(name), sa.literal(-float(amount)), now, sa.literal(float(rate)))))
+                        left = -float(amount)
+                return max(0.0, -left / rate)
+            except sa.exc.IntegrityError:
+                continue
+        raise RuntimeError(f"the shared rate limit {name!r} could not be leased")
+
     # ---- the report's figures ----------------------------------------------------------------------
 
     def dataset_figures(self, dataset: str) -> DatasetFigures:
@@ -676,6 +708,13 @@ class StateStore:
         with self.engine.connect() as conn:
             rows = conn.execute(runs.select().order_by(runs.c.id.desc()).limit(limit)).mappings().all()
         return [RunRecord(**r) for r in reversed(rows)]
+
+
+# Seconds since the epoch on the database's clock, as SQL.
+_DB_EPOCH = {
+    "sqlite": sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)", sa.Float),
+    "postgresql": sa.literal_column("extract(epoch from clock_timestamp())", sa.Float),
+}
 
 
 def _newest_copies(dataset: str) -> sa.Subquery:

@@ -56,6 +56,14 @@ def s3_bucket(s3_server) -> str:
 
 
 @pytest.fixture
+def azurite_via_proxy(azurite):
+    """A `FaultProxy` in front of Azurite: the same proxy the S3 tests use, the protocol is HTTP;
+    (the proxy, a connection string to Azurite through it)."""
+    with FaultProxy(lp.LOOPBACK, azurite.port) as proxy:
+        yield proxy, lp.azurite_connection_string(proxy.port)
+
+
+@pytest.fixture
 def fault_proxy(s3_server):
     """A `FaultProxy` in front of the lab S3 server, for this test only."""
     with FaultProxy(lp.LOOPBACK, s3_server.port) as proxy:

@@ -18,7 +18,6 @@ from connectors.azure_blob import AzureBlobSource
 from connectors.base import AuthError, ConfigError, InvalidRequest, NotFound, SourceChanged, Throttled, TransientError
 from flows import lab_processes as lp
 from tests.contract.contract_support import unique_name
-from tests.faultproxy import FaultProxy
 
 
 @pytest.fixture
@@ -148,13 +147,6 @@ def test_connection_pool_holds_max_connections_concurrent_readers(azurite_connec
             t.join()
     assert not errors
     assert not [r for r in caplog.records if "pool is full" in r.getMessage()]
-
-
-@pytest.fixture
-def azurite_via_proxy(azurite):
-    """A `FaultProxy` in front of Azurite: the same proxy the S3 tests use, the protocol is HTTP."""
-    with FaultProxy(lp.LOOPBACK, azurite.port) as proxy:
-        yield proxy, lp.azurite_connection_string(proxy.port)
 
 
 def test_busy_server_is_retried_then_throttled(azurite_via_proxy, container):
