@@ -204,10 +204,13 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
             # What the verify flows emit when copies differ from what was recorded.
             from flows.alerts import discrepancy_event
 
+            from prefect.events.worker import EventsWorker
+
             with _client(api_url):
                 discrepancy_event(project, {"run_id": 7, "datasets": [{"dataset": "claims", "failed": 3},
                                                                       {"dataset": "stays", "failed": 0}]})
-            sent = hook.wait_for(lambda m: m["subject"].endswith("verify found discrepancies"), 60)
+                EventsWorker.drain_all(timeout=30)  # sent now, as a flow run's end sends its events
+            sent = hook.wait_for(lambda m: m["subject"].endswith("verify found discrepancies"), 90)
             assert sent["body"].startswith("3 object(s)") and "(claims)" in sent["body"], sent
             return
         assert state.is_completed(), f"{state.type} {state.message}\n{detail}"

@@ -27,6 +27,7 @@ import pytest
 import yaml
 from azure.storage.blob import BlobServiceClient
 
+from engine.restore import SIDECAR
 from flows.cli import main
 from tests.faultproxy import FaultProxy, QuirkProxy
 from tests.projects import project_name
@@ -134,7 +135,11 @@ class Exit:
     def restored(self, capsys, directory: Path) -> dict[str, bytes]:
         code, out, err = self.run(capsys, "restore", "--dataset", "files", "--to", str(directory))
         assert code == 0, out + err
-        return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+        files = {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+        # Each restored object's other properties (content headers, source times…) are in the sidecar.
+        sidecar = files.pop(SIDECAR)
+        assert {json.loads(line)["path"] for line in sidecar.splitlines()} == set(files)
+        return files
 
 
 def parts_sent(proxy: FaultProxy, upload_id: str) -> Counter:
