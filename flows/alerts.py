@@ -52,10 +52,18 @@ class AlertSpec:
         return f"exitplan {project}: {self.what}"
 
 
-def alert_specs(project: str, alerts: AlertsConfig, run_deployments: list[str]) -> list[AlertSpec]:
+# Every alert exitplan knows, by the last words of its name.
+ALERTS = ("run failed", "run late", "run too long", "verify discrepancies")
+
+
+def alert_specs(project: str, alerts: AlertsConfig | None, run_deployments: list[str]) -> list[AlertSpec]:
     """Every alert exitplan knows, for `project` whose runs come from the deployments `run_deployments`
-    (ids), each wanted or not by `alerts` (a trigger only for the wanted ones)."""
+    (ids), each wanted or not by `alerts` (a trigger only for the wanted ones; none without an
+    `alerts` section)."""
     from prefect.events.schemas.automations import EventTrigger, Posture
+
+    if alerts is None:
+        return [AlertSpec(what, False) for what in ALERTS]
 
     of_deployments = {"prefect.resource.role": "deployment",
                       "prefect.resource.id": [f"prefect.deployment.{d}" for d in run_deployments]}
@@ -117,8 +125,7 @@ def ensure_alerts(loaded: LoadedConfig, run_deployments: list[str]) -> list[str]
 
     project = loaded.config.project
     alerts = loaded.config.alerts
-    specs = alert_specs(project, alerts or AlertsConfig(notify="none/none", on_failure=False, late_after_minutes=None,
-                                                        on_discrepancies=False), run_deployments)
+    specs = alert_specs(project, alerts, run_deployments)
     block_id = notification_block_id(alerts, loaded) if alerts else None
     lines = []
     with get_client(sync_client=True) as client:

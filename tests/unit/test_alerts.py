@@ -38,6 +38,9 @@ def test_alerts_switched_off_are_not_wanted():
     assert not specs["run failed"].wanted and not specs["run late"].wanted
     assert not specs["run too long"].wanted  # off unless set
     assert specs["verify discrepancies"].wanted
+    # Without an `alerts` section, none is wanted (deploy removes those an earlier one made).
+    assert [(s.what, s.wanted) for s in alert_specs("hdh", None, [DEPLOYMENT])] == [
+        (what, False) for what in ("run failed", "run late", "run too long", "verify discrepancies")]
 
 
 @pytest.mark.parametrize("alerts, field", [
