@@ -201,15 +201,15 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
                 stuck = client.create_flow_run_from_deployment(deps["exit-plan/exit-plan"].id, state=Running())
             sent = hook.wait_for(lambda m: m["subject"].endswith("run still running"), 90)
             assert stuck.name in sent["body"], sent
-            # What the verify flows emit when copies differ from what was recorded.
-            from flows.alerts import discrepancy_event
-
-            from prefect.events.worker import EventsWorker
-
-            with _client(api_url):
-                discrepancy_event(project, {"run_id": 7, "datasets": [{"dataset": "claims", "failed": 3},
-                                                                      {"dataset": "stays", "failed": 0}]})
-                EventsWorker.drain_all(timeout=30)  # sent now, as a flow run's end sends its events
+            # What the verify flows emit when copies differ from what was recorded, sent from a process
+            # of its own as a flow run's process sends it (and drains its events when it ends): this
+            # process's events worker may still be bound to an earlier test's server.
+            emit = ("from flows.alerts import discrepancy_event; "
+                    f"discrepancy_event({project!r}, {{'run_id': 7, 'datasets': [{{'dataset': 'claims', 'failed': 3}}, "
+                    "{'dataset': 'stays', 'failed': 0}]})")
+            emitted = subprocess.run([sys.executable, "-c", emit], env=env, cwd=lp.REPO_ROOT, capture_output=True,
+                                     text=True, timeout=120)
+            assert emitted.returncode == 0, emitted.stderr
             sent = hook.wait_for(lambda m: m["subject"].endswith("verify found discrepancies"), 90)
             assert sent["body"].startswith("3 object(s)") and "(claims)" in sent["body"], sent
             return
