@@ -72,7 +72,10 @@ def test_a_bucket_request_rate_holds_across_two_shard_processes(tmp_path, env, s
     assert len(writes) >= len(blobs)  # a PUT per object, and the multipart object's POSTs
     span = writes[-1].finished - writes[0].finished
     rate = (len(writes) - 1) / span
-    assert 8 * 0.9 <= rate <= 8 * 1.1, f"{len(writes)} writes in {span:.2f} s: {rate:.2f}/s"
+    # Above 8.8/s: each process kept a rate of its own. The lower bound leaves room for a loaded
+    # machine (a shard process that starts late, writes waiting for a core: 6.4/s was seen at a
+    # load of 7 on 2 cores) yet stays above 4/s, what halving the rate between the processes gives.
+    assert 8 * 0.7 <= rate <= 8 * 1.1, f"{len(writes)} writes in {span:.2f} s: {rate:.2f}/s"
 
 
 class _Recording:
