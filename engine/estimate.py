@@ -35,6 +35,7 @@ from config.policy import destination_profile
 from config.price_catalog import (UNCONFIRMED, AzurePriceCatalog, AzureRegionPrices, DestinationPrices,
                                   destination_prices, load_azure_prices, with_overrides)
 from config.sizes import format_size
+from connectors.base import ObjectMeta
 
 from .dataset_copy import PlannedObject
 
@@ -142,6 +143,20 @@ class PlanTally:
     @property
     def list_calls(self) -> int:
         return math.ceil(self.listed.objects / LIST_PAGE) if self.listed.objects else 0
+
+
+def listing_tally(dataset: str, listed: Iterable[ObjectMeta], planned: Callable[[int], Rehydrated | None]
+                  ) -> PlanTally:
+    """A listing (the state's newest, for the report) counted as if every object were copied from
+    scratch: `planned(size)` says how it would be written (None: it would not fit); Archive-tier
+    objects count as to rehydrate first."""
+    tally = PlanTally(dataset, planned)
+    for meta in listed:
+        plan = None if azure_tier(meta.tier) == "Archive" else planned(meta.size)
+        tally.add(PlannedObject(meta.key, meta.key, meta.size, plan.output_size, plan.parts, plan.single_put, "write",
+                                tier=meta.tier, kind=meta.kind) if plan is not None else
+                  PlannedObject(meta.key, None, meta.size, 0, 0, False, "refuse", tier=meta.tier, kind=meta.kind))
+    return tally
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ per dataset, with nothing written anywhere."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable
 
@@ -12,6 +13,8 @@ from connectors.base import ConnectorError
 from .endpoints import destination_limits, open_source
 from .errors import RunError, call_endpoint
 from .key_copies import check_keysets
+from .crypto.segments import SegmentLayout
+from .crypto.tink_format import TINK_LAYOUT
 from .dataset_copy import DryRunSummary, PlannedObject, dry_run, plan_sized_object
 from .estimate import Estimate, PlanTally, Rehydrated, estimate, terms_for
 from .output_format import IDENTITY, OutputFormat
@@ -38,7 +41,7 @@ def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, Pl
             limits = destination_limits(loaded, ds.destination)
             shown = partial(on_object, name)
             if tallies is not None:
-                tally = PlanTally(name, partial(_rehydrated, limits=limits, settings=settings, output_format=formats[name]))
+                tally = PlanTally(name, partial(_planned_size, limits=limits, settings=settings, output_format=formats[name]))
                 tallies.append(tally)
                 shown = partial(_counted, tally, shown)
             try:
@@ -57,13 +60,30 @@ def _counted(tally: PlanTally, on_object: Callable[[PlannedObject], None], plann
     on_object(planned)
 
 
-def _rehydrated(size: int, *, limits, settings, output_format: OutputFormat) -> Rehydrated | None:
-    """How an Archive-tier object would be written once rehydrated (None: it would not fit anyway)."""
+def _planned_size(size: int, *, limits, settings, output_format: OutputFormat) -> Rehydrated | None:
+    """How an object of `size` bytes would be written (an Archive-tier one: once rehydrated; None:
+    it would not fit anyway)."""
     try:
         planned = plan_sized_object(size, limits, settings, output_format)
     except PlanRefused:
         return None
     return Rehydrated(planned.output_size, planned.part_count, planned.single_put)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """An output format's layout without its keys: enough to plan parts (`plan_sized_object`)."""
+
+    layout: SegmentLayout
+    copies: bool
+
+
+def size_planner(loaded: LoadedConfig, name: str) -> Callable[[int], Rehydrated | None]:
+    """How dataset `name` would write an object of a given size, known without unwrapping a key
+    (the output format's layout is fixed): the report's estimate plans the state's listing with it."""
+    fmt = IDENTITY if loaded.config.datasets[name].public else _Layout(TINK_LAYOUT, copies=True)
+    return partial(_planned_size, limits=destination_limits(loaded, loaded.config.datasets[name].destination),
+                   settings=transfer_settings(loaded), output_format=fmt)
 
 
 def plan_with_estimate(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, PlannedObject], None]
