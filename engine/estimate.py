@@ -553,6 +553,16 @@ def _mix(figures: dict[str, Figures]) -> str:
     return ", ".join(f"{name} {f.objects:,} ({format_size(f.bytes)})" for name, f in sorted(figures.items()))
 
 
+def _summed(mixes: Iterable[dict[str, Figures]]) -> dict[str, Figures]:
+    total: dict[str, Figures] = {}
+    for mix in mixes:
+        for name, f in mix.items():
+            t = total.setdefault(name, Figures())
+            t.objects += f.objects
+            t.bytes += f.bytes
+    return total
+
+
 def detail_lines(est: Estimate) -> list[str]:
     """Per dataset: the tier and kind mix, each limit and cost with what it assumes; then the
     assumptions and the prices' sources, one line each."""
@@ -570,6 +580,10 @@ def detail_lines(est: Estimate) -> list[str]:
             lines.append(f"  rehydrate first: {r.objects:,} Archive-tier objects, {format_size(r.bytes)}: "
                          f"{format_eur(r.eur)}, up to {r.hours:g} h at {r.priority} priority; early deletion at most "
                          f"{format_eur(r.early_deletion_max_eur)}")
+    if len(est.datasets) > 1:
+        lines.append(f"total: listed {sum(d.tally.listed.objects for d in est.datasets):,} objects; by tier: "
+                     f"{_mix(_summed(d.tally.by_tier for d in est.datasets))}; by kind: "
+                     f"{_mix(_summed(d.tally.by_kind for d in est.datasets))}")
     lines += [f"assumes {a}" for a in est.assumptions]
     lines += [f"prices of {p}" for p in est.prices]
     return lines

@@ -123,6 +123,9 @@ def test_the_estimate_matches_the_hand_computed_figures():
     assert imaging.monthly_eur() == pytest.approx((200 * GB + 200_000) / GB * 0.01)
     assert est.monthly_eur() == pytest.approx(0.14000005 + 2.000002)
     assert est.as_dict()["datasets"][0]["rehydration"]["objects"] == 1
+    # Both datasets' mix: Hot is claims' 8 GB and imaging's 200 GB; block, every object but the page blob (214 GB).
+    assert "total: listed 8 objects; by tier: Archive 1 (3.7 GiB), Cool 1 (1.9 GiB), Hot 5 (193.7 GiB), none 1 (1 B); " \
+           "by kind: block 7 (199.3 GiB), page 1 (1 B)" in detail_lines(est)
 
 
 def test_every_figure_says_what_it_assumes_and_where_its_price_comes_from():
