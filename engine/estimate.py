@@ -65,8 +65,9 @@ class Figures:
 
 
 @dataclass(frozen=True)
-class Rehydrated:
-    """How an Archive-tier object would be written once rehydrated: output bytes and requests."""
+class SizedWrite:
+    """How an object of a given size would be written (an Archive-tier one: once rehydrated): output
+    bytes and requests."""
 
     output_size: int
     parts: int
@@ -89,7 +90,7 @@ class PlanTally:
     run refuses it: it cannot be read yet)."""
 
     dataset: str
-    rehydrated: Callable[[int], Rehydrated | None] = lambda size: None
+    rehydrated: Callable[[int], SizedWrite | None] = lambda size: None
     listed: Figures = field(default_factory=Figures)
     by_tier: dict[str, Figures] = field(default_factory=dict)
     by_kind: dict[str, Figures] = field(default_factory=dict)
@@ -145,7 +146,7 @@ class PlanTally:
         return math.ceil(self.listed.objects / LIST_PAGE) if self.listed.objects else 0
 
 
-def listing_tally(dataset: str, listed: Iterable[ObjectMeta], planned: Callable[[int], Rehydrated | None]
+def listing_tally(dataset: str, listed: Iterable[ObjectMeta], planned: Callable[[int], SizedWrite | None]
                   ) -> PlanTally:
     """A listing (the state's newest, for the report) counted as if every object were copied from
     scratch: `planned(size)` says how it would be written (None: it would not fit); Archive-tier

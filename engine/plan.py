@@ -16,7 +16,7 @@ from .key_copies import check_keysets
 from .crypto.segments import SegmentLayout
 from .crypto.tink_format import TINK_LAYOUT
 from .dataset_copy import DryRunSummary, PlannedObject, dry_run, plan_sized_object
-from .estimate import Estimate, PlanTally, Rehydrated, estimate, terms_for
+from .estimate import Estimate, PlanTally, SizedWrite, estimate, terms_for
 from .output_format import IDENTITY, OutputFormat
 from .planning import PlanRefused
 from .project import open_state
@@ -60,14 +60,14 @@ def _counted(tally: PlanTally, on_object: Callable[[PlannedObject], None], plann
     on_object(planned)
 
 
-def _planned_size(size: int, *, limits, settings, output_format: OutputFormat) -> Rehydrated | None:
+def _planned_size(size: int, *, limits, settings, output_format: OutputFormat) -> SizedWrite | None:
     """How an object of `size` bytes would be written (an Archive-tier one: once rehydrated; None:
     it would not fit anyway)."""
     try:
         planned = plan_sized_object(size, limits, settings, output_format)
     except PlanRefused:
         return None
-    return Rehydrated(planned.output_size, planned.part_count, planned.single_put)
+    return SizedWrite(planned.output_size, planned.part_count, planned.single_put)
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class _Layout:
     copies: bool
 
 
-def size_planner(loaded: LoadedConfig, name: str) -> Callable[[int], Rehydrated | None]:
+def size_planner(loaded: LoadedConfig, name: str) -> Callable[[int], SizedWrite | None]:
     """How dataset `name` would write an object of a given size, known without unwrapping a key
     (the output format's layout is fixed): the report's estimate plans the state's listing with it."""
     fmt = IDENTITY if loaded.config.datasets[name].public else _Layout(TINK_LAYOUT, copies=True)

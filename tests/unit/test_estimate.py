@@ -16,7 +16,7 @@ from config.loader import load_config
 from config.price_catalog import AzurePriceCatalog, AzureRegionPrices, DestinationPrices, UNCONFIRMED, load_azure_prices
 from config.providers import load_catalog
 from engine.dataset_copy import PlannedObject
-from engine.estimate import (AzureTerms, DestinationTerms, EstimateTerms, PlanTally, Rehydrated, Throughput, detail_lines,
+from engine.estimate import (AzureTerms, DestinationTerms, EstimateTerms, PlanTally, SizedWrite, Throughput, detail_lines,
                              estimate, format_duration, table_rows, throughput_for, tiered_egress_eur)
 from tests.unit.test_config import run_cli, variant, write
 
@@ -45,7 +45,7 @@ def write_obj(key, size, output, parts, tier="Hot", kind="block"):
 
 def claims_tally() -> PlanTally:
     """Seven objects: four to write (three Hot, one Cool), one unchanged, one in Archive, one refused."""
-    t = PlanTally("claims", rehydrated=lambda size: Rehydrated(size, 80, False))
+    t = PlanTally("claims", rehydrated=lambda size: SizedWrite(size, 80, False))
     for planned in (
         write_obj("h1", GB, GB + 1000, 1),  # a single PUT
         write_obj("h2", GB, GB + 1000, 10),
