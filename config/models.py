@@ -22,8 +22,8 @@ from .secrets import AWS_CREDENTIALS, AZURE_BLOB_CREDENTIALS, SECRET, check_bloc
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .bandwidth import EXAMPLE as BANDWIDTH_EXAMPLE, BandwidthTimetable, parse_bandwidth
-from .price_catalog import (AzurePriceOverrides, DestinationPriceOverrides, destination_prices, load_azure_prices,
-                            with_overrides)
+from .price_catalog import (AzurePriceOverrides, DestinationPriceOverrides, PriceError, destination_prices,
+                            load_azure_prices, with_overrides)
 from .providers import load_catalog
 from .sizes import ByteSize
 
@@ -738,9 +738,10 @@ class ExitplanConfig(_Model):
         else:
             try:
                 with_overrides(regions[region], self.estimate.prices.azure, "estimate.prices.azure")
-            except ValueError as exc:
-                problems.append(("estimate.prices.azure", str(exc)))
-        profiles = load_catalog()
+            except PriceError as exc:
+                problems.append((exc.field, exc.problem))
+        # The catalog is read only for prices set here (the gate reads it anyway, after these checks).
+        profiles = load_catalog() if self.estimate.prices.destinations else {}
         for name, overrides in self.estimate.prices.destinations.items():
             dest = self.destinations.get(name)
             if dest is None:
@@ -750,8 +751,8 @@ class ExitplanConfig(_Model):
             profile = profiles.get(dest.provider)
             try:
                 destination_prices(profile.prices if profile else None, overrides, f"estimate.prices.destinations.{name}")
-            except ValueError as exc:
-                problems.append((f"estimate.prices.destinations.{name}", str(exc)))
+            except PriceError as exc:
+                problems.append((exc.field, exc.problem))
         return problems
 
     def _shared_key_spaces(self) -> list[tuple[str, str]]:

@@ -132,6 +132,21 @@ class AzurePriceCatalog(_Sourced):
     regions: dict[str, AzureRegionPrices] = Field(min_length=1)
 
 
+class PriceError(ValueError):
+    """A price set in the configuration that makes its block invalid: `field` names it, `problem` says why."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"field `{field}`: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def _price_error(exc: ValidationError, where: str, hint: str = "") -> PriceError:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return PriceError(where + (f".{loc}" if loc else ""), hint + err["msg"].removeprefix("Value error, "))
+
+
 def overrides_model(base: type[BaseModel], name: str) -> type[BaseModel]:
     """A model of `base`'s figures, every one optional: what the configuration may replace
     (`estimate.prices`); `sources` is the catalog's alone (a figure set in the configuration is shown
@@ -148,7 +163,7 @@ AzurePriceOverrides = overrides_model(AzureRegionPrices, "AzurePriceOverrides")
 
 def with_overrides(prices: _Sourced, overrides: BaseModel | None, where: str) -> tuple[_Sourced, frozenset[str]]:
     """`prices` with the figures `overrides` sets (mappings merged key by key), and the names of
-    the figures replaced. `ValueError` naming the field under `where` when the result is invalid."""
+    the figures replaced. `PriceError` naming the field under `where` when the result is invalid."""
     if overrides is None:
         return prices, frozenset()
     changes = overrides.model_dump(exclude_none=True)
@@ -161,10 +176,7 @@ def with_overrides(prices: _Sourced, overrides: BaseModel | None, where: str) ->
     try:
         return type(prices).model_validate(merged), frozenset(changes)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        raise ValueError(f"field `{where}{'.' + loc if loc else ''}`: {msg}") from None
+        raise _price_error(exc, where) from None
 
 
 def destination_prices(catalog: DestinationPrices | None, overrides: BaseModel | None, where: str
@@ -179,10 +191,7 @@ def destination_prices(catalog: DestinationPrices | None, overrides: BaseModel |
     try:
         return DestinationPrices.model_validate(changes), frozenset(changes)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        raise ValueError(f"field `{where}.{loc}`: the provider profile files no prices, so set them all here "
-                         f"({err['msg']})") from None
+        raise _price_error(exc, where, "the provider profile files no prices, so set them all here: ") from None
 
 
 @lru_cache(maxsize=1)

@@ -204,7 +204,7 @@ def test_estimate_settings_are_checked_with_a_sentence_and_exit_code_2(tmp_path,
         load_config(path)
     message = str(info.value)
     assert all(f in message for f in fragments), message
-    assert "\n" not in message
+    assert "\n" not in message and message.count("field `") == 1, message
     code, err = run_cli(capsys, "inventory", "--config", str(path))
     assert code == ExitCode.USAGE and fragments[0] in err
 
