@@ -22,6 +22,9 @@ from .secrets import AWS_CREDENTIALS, AZURE_BLOB_CREDENTIALS, SECRET, check_bloc
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .bandwidth import EXAMPLE as BANDWIDTH_EXAMPLE, BandwidthTimetable, parse_bandwidth
+from .price_catalog import (AzurePriceOverrides, DestinationPriceOverrides, PriceError, destination_prices,
+                            load_azure_prices, with_overrides)
+from .providers import load_catalog
 from .sizes import ByteSize
 
 _NAME = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -661,6 +664,29 @@ class AlertsConfig(_Model):
     on_discrepancies: bool = True
 
 
+class EstimatePricesConfig(_Model):
+    """Figures replacing the price catalog's (`config.price_catalog`), one by one; each is then
+    shown as the configuration's. `azure`: the chosen Azure region's; `destinations`: by destination
+    name, its provider's."""
+
+    azure: AzurePriceOverrides = AzurePriceOverrides()
+    destinations: dict[str, DestinationPriceOverrides] = {}
+
+
+class EstimateConfig(_Model):
+    """What the dry run's estimate (`engine.estimate`) assumes where nothing measured says better."""
+
+    # The storage account's Azure region, for its prices (`config/prices/azure.yaml`).
+    azure_region: str = "westeurope"
+    # MB/s (10^6 bytes) written, used when no migrate run of this project has been measured yet.
+    throughput_mb_s: float | None = Field(None, gt=0, le=1_000_000)
+    # The rehydration priority the Archive-tier objects would be rehydrated with.
+    rehydrate_priority: Literal["standard", "high"] = "standard"
+    # The catalog's currency; the only one the estimate computes in.
+    currency: Literal["EUR"] = "EUR"
+    prices: EstimatePricesConfig = EstimatePricesConfig()
+
+
 class ExitplanConfig(_Model):
     version: Literal[1] = 1
     project: str = Field(pattern=_NAME)
@@ -673,6 +699,7 @@ class ExitplanConfig(_Model):
     policy: PolicyConfig = PolicyConfig()
     keys: KeysConfig | None = None  # required by `exitplan keys …` and by encrypted writes
     alerts: AlertsConfig | None = None  # Prefect automations made by `exitplan deploy`
+    estimate: EstimateConfig = EstimateConfig()  # the dry run's duration and cost estimate
 
     def reference_problems(self) -> list[tuple[str, str]]:
         """(field, problem) for names that break the naming rule or point at nothing."""
@@ -695,6 +722,37 @@ class ExitplanConfig(_Model):
                 problems.append((f"datasets.{name}.destination",
                                  f"destination {ds.destination!r} is not defined under `destinations` ({', '.join(self.destinations)})"))
         problems.extend(self._shared_key_spaces())
+        problems.extend(self._estimate_problems())
+        return problems
+
+    def _estimate_problems(self) -> list[tuple[str, str]]:
+        """An Azure region the price catalog does not hold, prices set for a destination that does
+        not exist."""
+        problems = []
+        regions = load_azure_prices().regions
+        region = self.estimate.azure_region
+        if region not in regions:
+            problems.append(("estimate.azure_region",
+                             f"the price catalog has no Azure region {region!r} ({', '.join(regions)}); "
+                             "name the nearest and set the figures that differ under `estimate.prices.azure`"))
+        else:
+            try:
+                with_overrides(regions[region], self.estimate.prices.azure, "estimate.prices.azure")
+            except PriceError as exc:
+                problems.append((exc.field, exc.problem))
+        # The catalog is read only for prices set here (the gate reads it anyway, after these checks).
+        profiles = load_catalog() if self.estimate.prices.destinations else {}
+        for name, overrides in self.estimate.prices.destinations.items():
+            dest = self.destinations.get(name)
+            if dest is None:
+                problems.append((f"estimate.prices.destinations.{name}",
+                                 f"destination {name!r} is not defined under `destinations` ({', '.join(self.destinations)})"))
+                continue
+            profile = profiles.get(dest.provider)
+            try:
+                destination_prices(profile.prices if profile else None, overrides, f"estimate.prices.destinations.{name}")
+            except PriceError as exc:
+                problems.append((exc.field, exc.problem))
         return problems
 
     def _shared_key_spaces(self) -> list[tuple[str, str]]:

@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigFileError, PolicyRefusal
+from .price_catalog import DestinationPrices
 from .sizes import ByteSize
 from .yaml_files import MAX_FILE_BYTES, parse_yaml
 
@@ -83,13 +84,6 @@ class RequestRates(_Strict):
 OVERRIDABLE = ("limits", "multipart", "request_rates", "flexible_checksums")
 
 
-class Prices(_Strict):
-    """Indicative list prices in EUR excluding VAT; estimates only."""
-
-    storage_eur_per_tb_month: float = Field(ge=0)
-    egress_eur_per_gb: float = Field(ge=0)
-
-
 class ProviderProfile(_Strict):
     name: str
     display_name: str
@@ -116,7 +110,9 @@ class ProviderProfile(_Strict):
     flexible_checksums: bool = False
     storage_classes: tuple[str, ...] = ("STANDARD",)
     sse_c: bool = False
-    prices: Prices | None = None
+    # Unit list prices for the estimate (`config.price_catalog.DestinationPrices`), each figure with
+    # its page or marked as filed, unconfirmed.
+    prices: DestinationPrices | None = None
     # Where the facts above come from: the provider's documentation pages, by topic.
     sources: dict[str, str] = {}
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterable, Iterator, Mapping
 
 from connectors.base import MultipartUpload, ObjectMeta, ObjectSink, ObjectSource, PartReceipt, SinkLimits
@@ -461,6 +461,9 @@ class PlannedObject:
     single_put: bool
     action: str
     reason: str | None = None
+    # The source's tier and kind of object (`ObjectMeta.tier`, `.kind`), for the estimate.
+    tier: str | None = None
+    kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -476,18 +479,25 @@ class DryRunSummary:
     refusals: tuple[tuple[str, str], ...]  # first `max_reported` (source key, reason)
 
 
+def plan_sized_object(size: int, limits: SinkLimits, settings: TransferSettings,
+                      output_format: OutputFormat = IDENTITY) -> ObjectPlan:
+    """The parts `copy_object` would write an object of `size` plaintext bytes in (`PlanRefused`)."""
+    return plan_object(size, limits, layout=output_format.layout, part_size=settings.part_size,
+                       single_put_cutoff=single_put_cutoff(settings, settings.memory_budget, output_format.copies))
+
+
 def plan_placed_object(meta: ObjectMeta, placed: Placement | Refusal, limits: SinkLimits,
                        settings: TransferSettings, output_format: OutputFormat = IDENTITY) -> PlannedObject:
     """The plan of one placed object, exactly as `copy_object` would make it."""
+    source = {"tier": meta.tier, "kind": meta.kind}
     if isinstance(placed, Refusal):
-        return PlannedObject(meta.key, None, meta.size, 0, 0, False, "refuse", placed.reason)
+        return PlannedObject(meta.key, None, meta.size, 0, 0, False, "refuse", placed.reason, **source)
     try:
-        plan = plan_object(meta.size, limits, layout=output_format.layout, part_size=settings.part_size,
-                           single_put_cutoff=single_put_cutoff(settings, settings.memory_budget, output_format.copies))
+        plan = plan_sized_object(meta.size, limits, settings, output_format)
     except PlanRefused as exc:
-        return PlannedObject(meta.key, placed.dest_key, meta.size, 0, 0, False, "refuse", str(exc))
+        return PlannedObject(meta.key, placed.dest_key, meta.size, 0, 0, False, "refuse", str(exc), **source)
     return PlannedObject(meta.key, placed.dest_key, meta.size, plan.output_size, plan.part_count, plan.single_put,
-                         "write")
+                         "write", **source)
 
 
 def dry_run(
@@ -513,8 +523,7 @@ def dry_run(
             previous = state.current_copy(dataset, meta.key)
             if (previous is not None and previous.source_etag == meta.etag and previous.size == meta.size
                     and previous.dest_key == planned.dest_key):
-                planned = PlannedObject(meta.key, planned.dest_key, meta.size, planned.output_size, 0,
-                                        planned.single_put, "skip", f"unchanged since run {previous.run_id}")
+                planned = replace(planned, parts=0, action="skip", reason=f"unchanged since run {previous.run_id}")
         if planned.action == "write":
             objects += 1
             total += planned.size

@@ -6,7 +6,9 @@ store (read-only), the configuration (the sovereignty verdicts, the KEK), the ke
 and the audit manifest; nothing is unwrapped and no endpoint is contacted.
 
 Sections: per-dataset figures (objects, bytes, verified, not yet verified, failed, whether the
-dataset is complete: `StateStore.dataset_status`), the sovereignty summary (provider, legal entity
+dataset is complete: `StateStore.dataset_status`), the estimate of each dataset's newest listing next
+to what was measured (`engine.estimate`, priced at the catalog's and the configuration's unit
+prices), the sovereignty summary (provider, legal entity
 and seat, jurisdiction, region, bucket, who holds the keys), charts (bytes moved over time from
 the copies' finish times, throughput per migrate run, object size distribution, verification
 status), the runs, and the manifest's fingerprint (SHA-256 of the file, last record hash, whether
@@ -30,6 +32,8 @@ from config.models import LoadedConfig
 from config.policy import check_sovereignty
 from config.sizes import format_size
 
+from .estimate import HEADERS, detail_lines, estimate, format_duration, listing_tally, table_rows, terms_for
+from .plan import size_planner
 from .private_files import PRIVATE_DIR, open_private
 from .project import open_state
 from .state import NEVER_ARRIVED, DatasetFigures, writing_file
@@ -287,6 +291,48 @@ def _not_arrived_section(statuses: dict) -> list[str]:
                "names them).</p>"] if more else [])]
 
 
+def _newest_listings(store, datasets: Sequence[str]) -> dict[str, int]:
+    """Per dataset, the newest migrate run that listed it (datasets never listed are left out)."""
+    found = {}
+    for d in datasets:
+        runs = [r.run_id for r in store.run_datasets(d) if r.command == "migrate"]
+        if runs:
+            found[d] = runs[0]
+    return found
+
+
+def _estimate_section(loaded: LoadedConfig, datasets: Sequence[str], tallies: list, listings: dict[str, int], runs,
+                      figures: dict[str, DatasetFigures]) -> list[str]:
+    """The estimate of each dataset's newest listing, as if copied from scratch, next to what was
+    measured: the bytes stored and the newest migrate run's time and throughput."""
+    parts = ["<h2>Estimate and measured</h2>"]
+    if not tallies:
+        return parts + ['<p class="sub">No listing in the state yet: <code>exitplan migrate --dry-run</code> gives the '
+                        "estimate before the first run.</p>"]
+    est = estimate(tallies, terms_for(loaded, list(listings), runs))
+    parts.append(_table(HEADERS + ["stored (measured)"],
+                        [[_E(c) for c in row] + [_E(format_size(figures[row[0]].output_bytes))
+                                                  if row[0] in figures else ""] for row in table_rows(est)],
+                        numeric=set(range(1, len(HEADERS) + 1)) - {5}))
+    migrated = [r for r in runs if r.command == "migrate" and r.finished_at and not r.dry_run]
+    measured = ""
+    if migrated:
+        r = migrated[-1]
+        seconds = (r.finished_at - r.started_at).total_seconds()
+        measured = (f" Measured: run #{r.id} sent {format_size(r.bytes_sent)} in {format_duration(seconds)}"
+                    f" ({r.bytes_sent / max(seconds, 1e-3) / 1e6:,.1f} MB/s).")
+    sources = ", ".join(f"{d}: run #{run_id}" for d, run_id in listings.items())
+    parts.append(f'<p class="sub">Each dataset\'s newest listing in the state ({_E(sources)}) priced as if copied '
+                 f"from scratch: duration, one-off costs at Azure and at the destination, storage per month, and the "
+                 f"Archive-tier objects to rehydrate first. <i>stored (measured)</i>: what the destination holds now."
+                 f"{_E(measured)}</p>")
+    # A self-contained page holds no link: a price's page is named without its scheme.
+    parts.append("<details><summary>What the figures rest on</summary><ul>"
+                 + "".join(f"<li>{_E(line.strip().replace('https://', ''))}</li>" for line in detail_lines(est))
+                 + "</ul></details>")
+    return parts
+
+
 def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, ManifestFingerprint]:
     """The report's HTML, the number of objects it covers, and the manifest's fingerprint."""
     cfg = loaded.config
@@ -298,6 +344,8 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
         timeline = store.moved_over_time(datasets, TIME_BINS) if store else []
         histogram = store.size_histogram(datasets, SIZE_BOUNDS) if store else []
         runs = store.recent_runs(limit=30) if store else []
+        listings = _newest_listings(store, datasets) if store else {}
+        tallies = [listing_tally(d, store.listed(run_id, d), size_planner(loaded, d)) for d, run_id in listings.items()]
     finally:
         if store is not None:
             store.close()
@@ -351,6 +399,7 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
                  "destination and verified (<code>exitplan status</code> names those that are not).</p>")
     parts += [f'<p class="warn">{_E(s.sentence())}</p>' for s in statuses.values() if not s.complete]
     parts += _not_arrived_section(statuses)
+    parts += _estimate_section(loaded, datasets, tallies, listings, runs, fig_by)
 
     parts.append("<h2>Where the data is, and who holds the keys</h2>")
     rows = []

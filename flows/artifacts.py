@@ -16,6 +16,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from config.models import LoadedConfig
 from config.sizes import format_size
+from engine.estimate import HEADERS, detail_lines, table_rows
 from engine.shards import ShardOutcome, ShardResult, failure_sentence
 from engine.state import STATUS_CATEGORIES
 
@@ -268,6 +269,22 @@ def completeness_markdown(checked: dict[str, Any]) -> list[str]:
         lines += [f"  - `{e['object']}` ({e['dataset']}): {e['status']}: {e['reason']}" for e in checked["not_verified"][:20]]
     lines.append("")
     return lines
+
+
+def estimate_markdown(estimate) -> str:
+    """The dry run's estimate (`engine.estimate.Estimate`): its table, then what each figure rests on."""
+    lines = ["# Estimate: how long and how much", "",
+             "EUR excluding VAT: duration and one-off costs of what would be written now, storage per month of what "
+             "the destination would hold.", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(estimate)]
+    lines += ["", "## What the figures rest on", ""] + [f"- {line.strip()}" for line in detail_lines(estimate)]
+    return "\n".join(lines)
+
+
+def estimate_artifact(project: str, estimate) -> None:
+    create_markdown_artifact(estimate_markdown(estimate), key=artifact_key(project, "estimate"),
+                             description="Dry run: how long the migration would take and what it would cost")
 
 
 def probe_artifact(project: str, reports) -> None:

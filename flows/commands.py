@@ -16,7 +16,7 @@ from config.policy import check_sovereignty
 from config.sizes import format_size
 from flows import keys_cli, lab
 from flows.progress import ProgressDisplay
-from flows.terminal import print_audit_outcome, print_incomplete, print_table
+from flows.terminal import print_audit_outcome, print_estimate, print_estimate_basis, print_incomplete, print_table
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -196,7 +196,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _dry_run(loaded: LoadedConfig, datasets: list[str], *, summary_only: bool = False) -> int:
-    from engine.plan import plan
+    from engine.estimate import HEADERS, detail_lines, table_rows
+    from engine.plan import plan_with_estimate
 
     def show(dataset: str, planned) -> None:
         if summary_only and planned.action != "refuse":
@@ -209,8 +210,10 @@ def _dry_run(loaded: LoadedConfig, datasets: list[str], *, summary_only: bool = 
         else:
             print(f"would refuse {dataset}: {planned.source_key}  ({planned.reason})")
 
-    summaries = plan(loaded, datasets, show)
+    summaries, estimate = plan_with_estimate(loaded, datasets, show)
     print()
+    if not summary_only:
+        print_estimate_basis(detail_lines(estimate))
     for verdict in check_sovereignty(loaded):
         if verdict.catalog_file and any(loaded.config.datasets[d].destination == verdict.name for d in datasets):
             print(f"destination `{verdict.name}`: {verdict.catalog_file.sentence()}")
@@ -220,6 +223,7 @@ def _dry_run(loaded: LoadedConfig, datasets: list[str], *, summary_only: bool = 
           f"{s.multipart_objects:,}", f"{s.skipped:,}", f"{s.refused:,}", _where_to(loaded, s.dataset)]
          for s in summaries],
     )
+    print_estimate(HEADERS, table_rows(estimate))
     print("\ndry run: nothing was written (no object, no multipart upload, no state).")
     return ExitCode.OK
 

@@ -29,7 +29,7 @@ from engine import run as engine_run
 from engine.settings import within_connections
 from engine.shards import PlannedShard, failure_sentence
 from engine.verify import verify
-from flows.artifacts import inventory_row, plan_rows, probe_artifact, shard_row, verify_figures
+from flows.artifacts import estimate_artifact, inventory_row, plan_rows, probe_artifact, shard_row, verify_figures
 from flows.provider_limits import ensure_provider_limits, provider_limits
 from flows.run_logs import RunFailure, engine_logs_to, quiet_failures
 
@@ -233,9 +233,11 @@ def verify_datasets(config_path: str, datasets: list[str] | None, deep: bool, sa
 def plan_datasets(config_path: str, datasets: list[str] | None) -> list[dict[str, Any]]:
     """What a migration would write, per dataset, touching nothing (of the destination only its
     keyset copies are read, the state store only read; the keyset is unwrapped, which proves the
-    KEK works)."""
+    KEK works). The estimate of its duration and cost goes to an artifact of its own."""
     loaded, names = load_datasets(config_path, datasets)
-    return plan_rows(engine_plan.plan(loaded, names, lambda dataset, planned: None))
+    summaries, estimate = engine_plan.plan_with_estimate(loaded, names, lambda dataset, planned: None)
+    estimate_artifact(loaded.config.project, estimate)
+    return plan_rows(summaries)
 
 
 @task(name="inventory-dataset", task_run_name="inventory {dataset}", cache_policy=NO_CACHE, persist_result=False)

@@ -24,6 +24,23 @@ def print_table(headers: list[str], rows: list[list[str]], *, left_columns: int 
         print(line(row))
 
 
+def print_estimate_basis(lines: list[str]) -> None:
+    """What each figure of the dry run's estimate assumes and where each price comes from, one line
+    each (`engine.estimate.detail_lines`), printed above the tables so that `--summary`, which leaves
+    them out, ends with the same tables."""
+    print("estimate: what the figures of the table at the end rest on")
+    for line in lines:
+        print(f"  {line}")
+    print()
+
+
+def print_estimate(headers: list[str], rows: list[list[str]]) -> None:
+    """The dry run's estimate table (`engine.estimate.table_rows`)."""
+    print("\nestimate (EUR excluding VAT; duration and one-off costs of what would be written now, storage per month "
+          "of what the destination would hold):")
+    print_table(headers, rows)
+
+
 def print_audit_outcome(a) -> None:
     """What a run appended to the audit manifest, and where its copies went (migrate and verify)."""
     print(f"audit manifest: {a.manifest} ({a.records:,} records this run, run end "

@@ -300,6 +300,9 @@ def test_a_dry_run_flow_writes_nothing(tmp_path, env, s3_server, s3):
     assert row["bytes"] == sum(len(b) for k, b in blobs.items() if k != too_long) and too_long in row["refusals"]
     tables = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
     assert tables[f"exitplan-{container}-plan"] == [row]
+    # The estimate beside the plan: its table and what each figure rests on.
+    estimate = {a.key: a.data for a in artifacts_of(state.state_details.flow_run_id)["markdown"]}[f"exitplan-{container}-estimate"]
+    assert "| dataset | to copy |" in estimate and "- assumes throughput: 50.0 MB/s (assumed:" in estimate
     assert stored_keys(s3, container) == set()
     assert not (tmp_path / "state" / "state.db").exists()
 

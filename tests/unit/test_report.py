@@ -117,6 +117,33 @@ def test_the_report_has_the_figures_the_sovereignty_table_and_the_fingerprint(pr
     assert all(label.replace("<", "&lt;") in page for label in SIZE_LABELS)
 
 
+def test_the_report_prices_the_newest_listing_next_to_what_was_measured(project, tmp_path, capsys):
+    from connectors.base import ObjectMeta
+
+    loaded = load_config(project)
+    with st.StateStore(loaded.state_dir / "state.db") as store:
+        run = store.start_run("migrate", project)
+        store.dataset_started(run, "claims")
+        store.record_listing(run, "claims", [(0, ObjectMeta("a", 1000, "e1", tier="Hot")),
+                                             (0, ObjectMeta("b", 3000, "e2", tier="Cool")),
+                                             (0, ObjectMeta("c", 2000, "e3", tier="Archive"))])
+        store.add_run_totals(run, bytes_sent=4000)
+        store.finish_run(run, "ok")
+    out = tmp_path / "report.html"
+    code, o, e = report(capsys, project, out)
+    assert code == 0, e
+    page = out.read_text(encoding="utf-8")
+    section = page.split("<h2>Estimate and measured</h2>")[1].split("<h2>")[0]
+    row = re.search(r"<tr><td>claims</td>.*?</tr>", section).group(0)
+    cells = [re.sub("<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row)]
+    # Two objects to copy (the Archive one first rehydrated, up to 15 h); 4 objects stored at the
+    # destination by the earlier runs (0 + 500 + 5,000,000 bytes, plus 56 each, k2 failed).
+    assert cells[1] == "2" and cells[4] == "15 h 00 min" and cells[5] == "rehydration"
+    assert cells[9].startswith("1 (2.0 KiB)") and cells[10] == "4.8 MiB"
+    assert "claims: run #3" in section and "by tier: Archive 1 (2.0 KiB), Cool 1 (2.9 KiB), Hot 1 (1000 B)" in section
+    assert "learn.microsoft.com/en-us/training" in section  # the rehydration time's page, named without a link
+
+
 def test_a_broken_manifest_is_said_so_in_the_report(project, tmp_path, capsys):
     path = manifest_path(load_config(project))
     path.write_bytes(path.read_bytes().replace(b'"status":"ok"', b'"status":"OK"'))
