@@ -3,6 +3,7 @@ per dataset, with nothing written anywhere."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Callable
 
@@ -12,10 +13,12 @@ from connectors.base import ConnectorError
 from .endpoints import destination_limits, open_source
 from .errors import RunError, call_endpoint
 from .key_copies import check_keysets
-from .dataset_copy import DryRunSummary, PlannedObject, dry_run
+from .dataset_copy import DryRunSummary, PlannedObject, dry_run, place_all
+from .inventory import selected
+from .listing import ReportListing, dataset_listing
 from .output_format import IDENTITY
 from .project import open_state
-from .run import dataset_items, output_formats, transfer_settings
+from .run import output_formats, placer, transfer_settings
 
 
 def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, PlannedObject], None]
@@ -34,9 +37,13 @@ def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, Pl
             source = call_endpoint(f"dataset `{name}`: source", open_source, loaded, name)
             limits = destination_limits(loaded, ds.destination)
             try:
-                results.append(dry_run(name, dataset_items(loaded, name, source, limits, formats[name]), limits,
-                                       settings, output_format=formats[name], state=state,
-                                       on_object=partial(on_object, name)))
+                listing = dataset_listing(loaded, name, source)
+                summary = dry_run(name, place_all(selected(listing, ds), placer(loaded, name, limits, formats[name])),
+                                  limits, settings, output_format=formats[name], state=state,
+                                  on_object=partial(on_object, name))
+                if isinstance(listing, ReportListing):
+                    summary = replace(summary, listed_from=listing.origin, not_copied=tuple(listing.not_copied.items()))
+                results.append(summary)
             except ConnectorError as exc:
                 raise RunError(f"dataset `{name}`: listing {source.label}: {exc}", exc) from None
     finally:
