@@ -234,17 +234,90 @@ def test_a_parquet_report_without_pyarrow_says_which_extra_to_install(monkeypatc
         open_report(store)
 
 
-def test_a_ranged_file_hashes_what_it_skipped():
-    store = MemoryStore()
+class CountingStore(MemoryStore):
+    def __init__(self):
+        super().__init__()
+        self.bytes_read = 0
+
+    def read_range(self, key, start, end, *, if_match=None):
+        self.bytes_read += end - start
+        return super().read_range(key, start, end, if_match=if_match)
+
+
+def test_a_ranged_file_hashes_in_one_pass_what_it_read_out_of_order():
+    store = CountingStore()
     data = bytes(range(256)) * 20_000
     meta = store.add("f", data)
     f = RangedBlobFile(store, "f", len(data), meta.etag)
     f.seek(len(data) - 10)
     assert f.read(10) == data[-10:]  # a footer first, as Parquet is read
     f.seek(4)
-    assert f.read(1000) == data[4:1004]  # the gap before is fetched and hashed
+    assert f.read(1000) == data[4:1004]  # the small gap before is fetched and hashed
     assert f.md5() == hashlib.md5(data).digest()
+    assert store.bytes_read == len(data) + 10  # the file once, and the footer twice
 
 
 def test_the_lab_report_names_azure_s_fields():
     assert SCHEMA_FIELDS[0] == "Name" and {"Content-Length", "Etag", "Content-MD5", "BlobType", "AccessTier"} <= set(SCHEMA_FIELDS)
+
+
+# ---- the configuration -------------------------------------------------------------------------
+
+S3_SOURCE = {"kind": "s3", "endpoint_url": "https://s3.gra.io.cloud.ovh.net", "region": "gra"}
+
+
+def config_with(tmp_path, inventory: dict, **sources):
+    import yaml
+
+    data = {
+        "version": 1, "project": "hdh-exit",
+        "sources": {"az": {"kind": "azure_blob", "account_url": "https://acct.blob.core.windows.net",
+                           "credential": "default"}, **sources},
+        "destinations": {"ovh": {"provider": "ovhcloud", "endpoint_url": "https://s3.gra.io.cloud.ovh.net",
+                                 "region": "gra", "bucket": "hdh-exit",
+                                 "credentials": {"access_key_id_env": "OVH_KEY", "secret_access_key_env": "OVH_SECRET"}}},
+        "datasets": {"claims": {"source": "az", "container": "claims", "destination": "ovh", "inventory": inventory}},
+        "keys": {"kek": {"backend": "openbao", "address": "https://bao.example.eu:8200", "key_name": "exitplan"}},
+    }
+    path = tmp_path / "exitplan.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def test_the_report_path_is_a_folder_or_its_manifest(tmp_path):
+    from config.loader import load_config
+
+    folder = load_config(config_with(tmp_path, {"report": f"inventory/{FOLDER}"})).config.datasets["claims"].inventory
+    assert (folder.container, folder.manifest_path) == ("inventory", MANIFEST)
+    manifest = load_config(config_with(tmp_path, {"report": f"inventory/{MANIFEST}"})).config.datasets["claims"].inventory
+    assert manifest.manifest_path == MANIFEST
+
+
+@pytest.mark.parametrize("inventory, sources, fragment", [
+    ({"report": f"inventory/{FOLDER}", "source": "bucket"}, {"bucket": S3_SOURCE},
+     "`datasets.claims.inventory.source`: the report must be read from an Azure Blob source"),
+    ({"report": f"inventory/{FOLDER}", "source": "nowhere"}, {}, "source 'nowhere' is not defined"),
+    ({"report": "inventory"}, {}, "datasets.claims.inventory.report"),
+])
+def test_a_report_outside_azure_is_refused_with_exit_2(tmp_path, capsys, inventory, sources, fragment):
+    from config.errors import ConfigFileError, ExitCode
+    from config.loader import load_config
+    from flows.cli import main
+
+    path = config_with(tmp_path, inventory, **sources)
+    with pytest.raises(ConfigFileError, match=fragment):
+        load_config(path)
+    assert main(["inventory", "--config", str(path)]) == ExitCode.USAGE
+
+
+def test_a_report_for_a_dataset_read_from_s3_is_refused(tmp_path):
+    import yaml
+    from config.errors import ConfigFileError
+    from config.loader import load_config
+
+    path = config_with(tmp_path, {"report": f"inventory/{FOLDER}"}, bucket=S3_SOURCE)
+    data = yaml.safe_load(path.read_text())
+    data["datasets"]["claims"].update(source="bucket", inventory={"report": f"inventory/{FOLDER}", "source": "az"})
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigFileError, match="`datasets.claims.inventory`: an inventory report lists an Azure Blob"):
+        load_config(path)
