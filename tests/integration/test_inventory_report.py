@@ -195,3 +195,26 @@ def test_the_lab_command_writes_a_report_the_config_can_name(tmp_path, capsys, c
     assert main(["inventory", "--config", str(report), "--format", "json"]) == 0
     inventory = json.loads(capsys.readouterr().out)[0]
     assert inventory["objects"] == 9 and inventory["listed_from"].startswith(f"inventory report {path}")
+
+
+def test_the_flows_listing_pass_reads_the_report_into_the_state(tmp_path, container, s3_server):
+    """What the exit_plan flow's tasks call, without Prefect: the listing pass stores the report's
+    objects, cut into shards, and the shards copy them."""
+    name, _ = container
+    live = write_config(tmp_path, s3_server, name, None, "live.yaml")
+    written = write_dataset_report(load_config(live), "d", fmt="parquet", container=f"{name}-inv")
+    config = write_config(tmp_path, s3_server, name, {"report": written.path}, "report.yaml")
+    assert main(["keys", "init", "--config", str(config)]) == 0
+    migration = run.MigrationRun.start(load_config(config), ["d"])
+    try:
+        inventory, shards = migration.list_dataset("d", shard_bytes=1024**3, shard_objects=4)
+        assert (inventory.objects, shards) == (9, 3)
+        assert inventory.listed_from.startswith(f"inventory report {written.path}")
+        assert sorted(m.key for m in migration.state.listed(migration.run_id, "d"))[:2] == ["docs/a.csv", "docs/blocks.bin"]
+        shard_plan = migration.define_shards(max_shards=10)
+        for shard in shard_plan.shards:
+            assert migration.copy_shard("d", shard.shard).ok
+        migration.shards_ended(shard_plan, lambda *_: "not run")
+    finally:
+        result = migration.finish()
+    assert result.all_ok and result.summaries[0].ok == 9
