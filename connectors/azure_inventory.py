@@ -76,7 +76,8 @@ _ALIASES = {"cachedisposition": "contentdisposition"}
 class ReportFile:
     blob: str
     size: int
-    md5: bytes | None
+    md5: bytes | None  # the manifest's, when it gives one
+    etag: str = ""  # as found when the manifest was checked: the file is read pinned to it
 
 
 @dataclass
@@ -149,6 +150,7 @@ class InventoryReport:
                           for f in manifest["files"])
         except (KeyError, TypeError, ValueError) as exc:
             raise refuse(f"the manifest lacks `files[].blob`, `files[].size` or `summary.objectCount` ({exc!r})") from None
+        found = []
         for f in files:
             try:
                 held = reader.head(f.blob)
@@ -156,6 +158,8 @@ class InventoryReport:
                 raise refuse(f"report file {f.blob} named by the manifest is missing") from None
             if held.size != f.size:
                 raise refuse(f"report file {f.blob} has {held.size:,} bytes, the manifest says {f.size:,}")
+            found.append(ReportFile(f.blob, f.size, f.md5, held.etag))
+        files = tuple(found)
         if fmt == "parquet":
             _pyarrow(refuse)
         return cls(reader, path, files, fmt, count, str(manifest.get("inventoryCompletionTime") or "at an unknown time"),
@@ -193,7 +197,7 @@ class InventoryReport:
                               "name another run")
 
     def _csv_rows(self, f: ReportFile) -> Iterator[dict[str, Any]]:
-        raw = RangedBlobFile(self.reader, f.blob, f.size, self._etag(f))
+        raw = RangedBlobFile(self.reader, f.blob, f.size, f.etag)
         text = io.TextIOWrapper(io.BufferedReader(raw, READ_CHUNK), encoding="utf-8-sig", newline="")
         reader = csv.reader(text)
         header = next(reader, None)
@@ -208,7 +212,7 @@ class InventoryReport:
     def _parquet_rows(self, f: ReportFile) -> Iterator[dict[str, Any]]:
         import pyarrow.parquet as pq
 
-        raw = RangedBlobFile(self.reader, f.blob, f.size, self._etag(f))
+        raw = RangedBlobFile(self.reader, f.blob, f.size, f.etag)
         try:
             parquet = pq.ParquetFile(raw)
         except Exception as exc:  # pyarrow's own errors: not a Parquet file
@@ -221,9 +225,6 @@ class InventoryReport:
             for row in batch.to_pylist():
                 yield {rename[k]: v for k, v in row.items()}
         self._check_md5(f, raw)
-
-    def _etag(self, f: ReportFile) -> str:
-        return self.reader.head(f.blob).etag
 
     def _check_header(self, f: ReportFile, keys: list[str]) -> None:
         missing = [REQUIRED_FIELDS[k] for k in REQUIRED_FIELDS if k not in keys]

@@ -321,3 +321,14 @@ def test_a_report_for_a_dataset_read_from_s3_is_refused(tmp_path):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigFileError, match="`datasets.claims.inventory`: an inventory report lists an Azure Blob"):
         load_config(path)
+
+
+def test_a_report_file_replaced_after_its_manifest_was_checked_is_not_read():
+    from connectors.base import SourceChanged
+
+    store = report_store(blobs())
+    report = open_report(store)
+    name = f"{FOLDER}/exitplan.csv"
+    store.add(name, store.data(name))  # same bytes, a new ETag: Azure rewrote it
+    with pytest.raises(SourceChanged):
+        list(report.objects("claims"))
