@@ -34,6 +34,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
+from functools import lru_cache
 from typing import Any, Iterator, Mapping
 
 from .azure_blob import ARCHIVED
@@ -315,17 +316,22 @@ def object_meta(row: Mapping[str, Any], container: str, *, where: str = "") -> O
         content_md5=md5,
         last_modified=last_modified,
         tier=tier,
-        content=ContentSettings(
-            content_type=_text(row.get("contenttype")), content_encoding=_text(row.get("contentencoding")),
-            cache_control=_text(row.get("cachecontrol")), content_disposition=_text(row.get("contentdisposition")),
-            content_language=_text(row.get("contentlanguage")),
-        ),
+        content=_content(_text(row.get("contenttype")), _text(row.get("contentencoding")),
+                         _text(row.get("cachecontrol")), _text(row.get("contentdisposition")),
+                         _text(row.get("contentlanguage"))),
         metadata=metadata,
         tags=tags,
         created=created,
         kind=_KINDS.get((blob_type or "").lower(), blob_type),
         not_copyable=ARCHIVED if (tier or "").lower() == "archive" else None,
     )
+
+
+@lru_cache(maxsize=4096)
+def _content(content_type, content_encoding, cache_control, content_disposition, content_language) -> ContentSettings:
+    # Few distinct header sets in a report of millions: one (immutable) value each.
+    return ContentSettings(content_type=content_type, content_encoding=content_encoding, cache_control=cache_control,
+                           content_disposition=content_disposition, content_language=content_language)
 
 
 def _text(value: Any) -> str | None:
@@ -360,6 +366,13 @@ def _mapping(value: Any, what: str) -> dict[str, str]:
         return {}
     if isinstance(value, dict):
         return {str(k): str(v) for k, v in value.items()}
+    if isinstance(value, str) and value[:1] == "{":
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if type(parsed) is dict and all(type(v) is str for v in parsed.values()):
+            return parsed
     if isinstance(value, list):  # pyarrow's map type: a list of (key, value) pairs
         return {str(k): str(v) for k, v in value}
     try:
@@ -377,7 +390,16 @@ def _time(value: Any) -> datetime | None:
         return None
     if isinstance(value, datetime):
         return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-    text = str(value).strip()
+    return _text_time(str(value))
+
+
+@lru_cache(maxsize=1024)
+def _text_time(text: str) -> datetime:
+    # Cached: a row's times often repeat (created = last modified), and a blob written in bulk
+    # shares its second with thousands of others.
+    text = text.strip()
+    if len(text) == 28 and text[19] == "." and text[27] == "Z":  # Azure's own: 2021-05-26T13:25:36.1234567Z
+        return datetime.fromisoformat(f"{text[:26]}+00:00")
     if text[:1].isdigit():
         head, _, rest = text.partition(".")
         fraction = "".join(c for c in rest if c.isdigit())[:6]

@@ -516,7 +516,6 @@ def cmd_seed(args: argparse.Namespace) -> int:
 def cmd_inventory_report(args: argparse.Namespace) -> int:
     """Write an Azure Blob Inventory report of a dataset's container, from Azurite's contents."""
     from config.loader import load_config
-    from connectors.base import ConnectorError
     from lab import inventory_report, seed as lab_seed
 
     loaded = load_config(args.config)
@@ -530,7 +529,7 @@ def cmd_inventory_report(args: argparse.Namespace) -> int:
                                                         rule=args.rule)
     except ValueError as exc:
         raise UserError(f"--dataset {args.dataset}: {exc}") from None
-    except ConnectorError as exc:
+    except lab_seed.LabStoreError as exc:
         raise UserError(f"writing the inventory report failed: {exc}", ExitCode.FAILED) from None
     print(f"inventory report of {written.rows:,} blobs written: {written.path} ({', '.join(written.files)})")
     print(f"use it with, under datasets.{args.dataset}:\n  inventory:\n    report: {written.path}")

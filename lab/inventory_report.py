@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Iterable, Protocol, Sequence
 
-from connectors.base import ContentSettings, ObjectMeta
+from connectors.base import ConnectorError, ContentSettings, ObjectMeta
 
 # The rule's schemaFields, in the order Azure writes the columns; the names are Azure's.
 SCHEMA_FIELDS = (
@@ -142,12 +142,13 @@ def write_dataset_report(loaded, dataset: str, *, fmt: str = "csv", container: s
                          rule: str = "exitplan", rows_per_file: int = 0) -> WrittenReport:
     """A report of everything dataset `dataset`'s container holds now in the lab's Azurite, written
     into `container` of the same account. Refuses (ValueError) a source that is not the local
-    emulator: the lab never writes into a real account."""
+    emulator: the lab never writes into a real account. `lab.seed.LabStoreError` when Azurite
+    refuses or does not answer."""
     from config.loader import source_connection_string
     from connectors.azure_writer import AzureBlobWriter
     from engine.endpoints import open_source
 
-    from .seed import emulator_blob_endpoint
+    from .seed import LabStoreError, emulator_blob_endpoint
 
     ds = loaded.config.datasets[dataset]
     src = loaded.config.sources[ds.source]
@@ -159,6 +160,9 @@ def write_dataset_report(loaded, dataset: str, *, fmt: str = "csv", container: s
         raise ValueError(f"source `{ds.source}` has no connection string here: the lab generator writes into Azurite "
                          "through the source's connection string (`exitplan lab env`)")
     endpoint = emulator_blob_endpoint(conn)
-    source = open_source(loaded, dataset)
-    return write_report(AzureBlobWriter(conn), container, source.list(""), ds.container, rule=rule, fmt=fmt,
-                        rows_per_file=rows_per_file, endpoint=endpoint)
+    try:
+        source = open_source(loaded, dataset)
+        return write_report(AzureBlobWriter(conn), container, source.list(""), ds.container, rule=rule, fmt=fmt,
+                            rows_per_file=rows_per_file, endpoint=endpoint)
+    except ConnectorError as exc:
+        raise LabStoreError(str(exc)) from exc
