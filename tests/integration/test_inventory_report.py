@@ -15,7 +15,6 @@ import yaml
 from azure.storage.blob import BlobServiceClient, ContentSettings
 
 from config.errors import ExitCode
-from config.lab import LAB_BUCKET
 from config.loader import load_config
 from engine import run
 from engine.endpoints import open_source
@@ -30,11 +29,12 @@ from tests.s3client import lab_s3_client
 pytestmark = pytest.mark.integration
 
 CS_VAR = "EXITPLAN_TEST_AZURE_CS"
+BUCKET = "inventory-report"  # this module's own: the S3 server and its buckets are shared by the session
 
 
 @pytest.fixture(scope="module")
 def s3(s3_server):
-    return lab_s3_client(s3_server.url, LAB_BUCKET)
+    return lab_s3_client(s3_server.url, BUCKET)
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def write_config(tmp_path: Path, s3_server, container: str, inventory: dict | No
         "project": project_name(tmp_path, "inv"),
         "sources": {"az": {"kind": "azure_blob", "connection_string_env": CS_VAR}},
         "destinations": {"lab": {"provider": "lab", "endpoint_url": s3_server.url, "region": "eu-west-3",
-                                 "bucket": LAB_BUCKET}},
+                                 "bucket": BUCKET}},
         "datasets": {"d": dataset},
         "transfer": {"concurrency": 2},
         "state": {"path": str(tmp_path / "state")},
