@@ -191,7 +191,12 @@ class InventoryReport:
                     if reason is not None:
                         self.not_copied[reason] = self.not_copied.get(reason, 0) + 1
                         continue
-                    yield object_meta(row, container, where=f"{self.path}: {f.blob}, row {self.rows:,}")
+                    try:
+                        meta = object_meta(row, container)
+                    except ConfigError as exc:
+                        raise ConfigError(f"inventory report {self.path}: {f.blob}, row {self.rows:,}: {exc}; "
+                                          "name another run") from None
+                    yield meta
         if self.rows != self.object_count:
             raise ConfigError(f"inventory report {self.path}: its files hold {self.rows:,} rows, its manifest says "
                               f"{self.object_count:,} (summary.objectCount); the report is incomplete or altered, "
@@ -293,7 +298,7 @@ def row_not_copied(row: Mapping[str, Any]) -> str | None:
     return None
 
 
-def object_meta(row: Mapping[str, Any], container: str, *, where: str = "") -> ObjectMeta:
+def object_meta(row: Mapping[str, Any], container: str) -> ObjectMeta:
     """The `ObjectMeta` of one report row (field names as `field_key` spells them), the way
     `AzureBlobSource.list` makes it: ETag without quotes, Content-MD5 as raw bytes, the blob type
     as block/page/append, an Archive-tier blob named as not copyable."""
@@ -306,7 +311,7 @@ def object_meta(row: Mapping[str, Any], container: str, *, where: str = "") -> O
         last_modified = _time(row.get("lastmodified"))
         created = _time(row.get("creationtime"))
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"inventory report {where}: blob {name!r}: {exc}") from None
+        raise ConfigError(f"blob {name!r}: {exc}") from None
     tier = _text(row.get("accesstier"))
     blob_type = _text(row.get("blobtype"))
     return ObjectMeta(

@@ -332,3 +332,15 @@ def test_a_report_file_replaced_after_its_manifest_was_checked_is_not_read():
     store.add(name, store.data(name))  # same bytes, a new ETag: Azure rewrote it
     with pytest.raises(SourceChanged):
         list(report.objects("claims"))
+
+
+def test_a_cell_that_cannot_be_read_names_the_file_and_row():
+    store = report_store(blobs())
+    name = f"{FOLDER}/exitplan.csv"
+    md5 = base64.b64encode(hashlib.md5(b"1,2\n" * 10).digest())
+    body = store.data(name).replace(md5, b"!" * len(md5), 1)
+    assert body != store.data(name)
+    store.add(name, body)
+    rewrite_manifest(store, lambda m: m["files"][0].update(md5=hashlib.md5(body).hexdigest()))
+    with pytest.raises(ConfigError, match=r"exitplan.csv, row 1: blob 'claims/a/one.csv': Content-MD5"):
+        list(open_report(store).objects("claims"))
