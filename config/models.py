@@ -378,6 +378,32 @@ AnyDestinationConfig = Annotated[
 # ---------------------------------------------------------------------------------------------
 
 
+class InventoryReportConfig(_Model):
+    """An Azure Blob Inventory report that stands for the dataset's listing (issue 16).
+
+    `report`: where the report's manifest is, as ``<container>/<path>``: the folder Azure writes a
+    rule's run into (``inventory/2026/11/30/01-00-00/exitplan``, whose manifest is
+    ``exitplan-manifest.json``), or the manifest blob itself (``…/exitplan-manifest.json``).
+    `source`: the Azure source (under `sources`) whose account holds the report; default: the
+    dataset's own source.
+    """
+
+    report: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{1,62}/[^/].*[^/]$")
+    source: str | None = None
+
+    @property
+    def container(self) -> str:
+        return self.report.split("/", 1)[0]
+
+    @property
+    def manifest_path(self) -> str:
+        """The manifest blob's name inside `container`."""
+        path = self.report.split("/", 1)[1]
+        if path.endswith("-manifest.json"):
+            return path
+        return f"{path}/{path.rsplit('/', 1)[-1]}-manifest.json"
+
+
 class DatasetConfig(_Model):
     """One dataset: the objects of a source container under a prefix, filtered, going to one place.
 
@@ -394,6 +420,8 @@ class DatasetConfig(_Model):
     destination: str
     dest_prefix: str = ""
     public: bool = False
+    # Read the dataset's objects from an Azure Blob Inventory report instead of listing the container.
+    inventory: InventoryReportConfig | None = None
 
     def selects(self, key: str) -> bool:
         rel = key[len(self.prefix):] if key.startswith(self.prefix) else key
@@ -721,6 +749,8 @@ class ExitplanConfig(_Model):
             if ds.destination not in self.destinations:
                 problems.append((f"datasets.{name}.destination",
                                  f"destination {ds.destination!r} is not defined under `destinations` ({', '.join(self.destinations)})"))
+            if ds.inventory is not None:
+                problems.extend(self._inventory_problems(name, ds))
         problems.extend(self._shared_key_spaces())
         problems.extend(self._estimate_problems())
         return problems
@@ -753,6 +783,24 @@ class ExitplanConfig(_Model):
                 destination_prices(profile.prices if profile else None, overrides, f"estimate.prices.destinations.{name}")
             except PriceError as exc:
                 problems.append((exc.field, exc.problem))
+        return problems
+
+    def _inventory_problems(self, name: str, ds: DatasetConfig) -> list[tuple[str, str]]:
+        """An inventory report is Azure's: the dataset must read an Azure source, and the report
+        live in one."""
+        problems = []
+        field = f"datasets.{name}.inventory"
+        src = self.sources.get(ds.source)
+        if src is not None and src.kind != "azure_blob":
+            problems.append((field, f"an inventory report lists an Azure Blob container, but source `{ds.source}` is "
+                                    f"{src.kind}; remove `inventory` (the source is then listed) or read an Azure source"))
+        where = ds.inventory.source or ds.source
+        report_src = self.sources.get(where)
+        if ds.inventory.source is not None and report_src is None:
+            problems.append((f"{field}.source", f"source {where!r} is not defined under `sources` ({', '.join(self.sources)})"))
+        elif report_src is not None and report_src.kind != "azure_blob":
+            problems.append((f"{field}.source", f"the report must be read from an Azure Blob source, and `{where}` is "
+                                                f"{report_src.kind}; name the Azure source whose account holds the report"))
         return problems
 
     def _shared_key_spaces(self) -> list[tuple[str, str]]:

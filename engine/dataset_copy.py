@@ -477,6 +477,10 @@ class DryRunSummary:
     skipped: int
     refused: int
     refusals: tuple[tuple[str, str], ...]  # first `max_reported` (source key, reason)
+    # Where the listing came from when it is not a live one, and the rows of that inventory report
+    # that are not objects to copy: (reason, rows).
+    listed_from: str | None = None
+    not_copied: tuple[tuple[str, int], ...] = ()
 
 
 def plan_sized_object(size: int, limits: SinkLimits, settings: TransferSettings,

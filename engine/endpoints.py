@@ -115,8 +115,6 @@ def check_connection_string_unchanged(loaded: LoadedConfig, source: str, conn: s
 def open_source(loaded: LoadedConfig, dataset: str, *, pacer: RequestPacer = UNPACED) -> ObjectSource:
     """The Azure container, SFTP directory or S3 bucket a dataset reads from. `pacer`: how fast to
     talk to it (engine/pacing.py; an SFTP server is not paced)."""
-    from connectors.azure_blob import AzureBlobSource
-
     ds = loaded.config.datasets[dataset]
     name = ds.source
     src = loaded.config.sources[name]
@@ -136,18 +134,28 @@ def open_source(loaded: LoadedConfig, dataset: str, *, pacer: RequestPacer = UNP
             max_pool_connections=max(src.max_connections, t.concurrency + (t.object_concurrency or t.concurrency)),
             label=f"s3:{src.host}/{ds.container}", pacer=pacer,
         )
+    return open_azure_container(loaded, name, ds.container, pacer=pacer)
+
+
+def open_azure_container(loaded: LoadedConfig, name: str, container: str, *, pacer: RequestPacer = UNPACED):
+    """`container` of the Azure account that source `name` reads, with that source's credentials
+    (a dataset's container, or the one its inventory report is in)."""
+    from connectors.azure_blob import AzureBlobSource
+
+    src = loaded.config.sources[name]
+    t = loaded.config.transfer
     pool = max(src.max_connections, t.concurrency + (t.object_concurrency or t.concurrency))
     if src.connection_string_env or src.connection_string_block:
         conn = source_connection_string(src, where=loaded, name=name)
         if not conn:
             read_env(loaded, f"sources.{name}.connection_string_env", src.connection_string_env)  # raises: not set
         check_connection_string_unchanged(loaded, name, conn)
-        return AzureBlobSource.from_connection_string(conn, ds.container, max_connections=pool, pacer=pacer)
+        return AzureBlobSource.from_connection_string(conn, container, max_connections=pool, pacer=pacer)
     if src.sas_token_env or src.sas_token_block:
         field = f"sources.{name}.sas_token_{'block' if src.sas_token_block else 'env'}"
         token = read_secret(loaded, field, env=src.sas_token_env, block=src.sas_token_block)
-        return AzureBlobSource.from_sas(src.account_url, token, ds.container, max_connections=pool, pacer=pacer)
-    return AzureBlobSource.from_default_credential(src.account_url, ds.container, max_connections=pool, pacer=pacer)
+        return AzureBlobSource.from_sas(src.account_url, token, container, max_connections=pool, pacer=pacer)
+    return AzureBlobSource.from_default_credential(src.account_url, container, max_connections=pool, pacer=pacer)
 
 
 def _s3_credential(loaded: LoadedConfig, field: str, creds: S3Credentials, item: str) -> str | None:

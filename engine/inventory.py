@@ -15,6 +15,7 @@ from connectors.base import ObjectMeta, SinkLimits
 
 from .endpoints import destination_limits, open_source
 from .errors import call_endpoint
+from .listing import dataset_listing, listed_from
 from .output_format import IDENTITY
 from .placement import DEFAULT_KINDS, DEFAULT_TIERS, DoesNotFit, FileBesideDirectory, NotAPath, clash_sentence, place, relative_key, restore_path
 
@@ -49,6 +50,10 @@ class DatasetInventory:
     # (`placement.restore_path`, `FileBesideDirectory`): (key, reason) examples, at most MAX_EXAMPLES.
     unrestorable_count: int = 0
     unrestorable: list[tuple[str, str]] = field(default_factory=list)
+    # Where the listing came from when it is not a live one ("inventory report … (completed …, N
+    # rows)"), and the report's rows that are not objects to copy: reason -> rows.
+    listed_from: str | None = None
+    not_copied: dict[str, int] = field(default_factory=dict)
 
     def add(self, meta: ObjectMeta, misfit: str | None) -> None:
         self.objects += 1
@@ -147,6 +152,8 @@ def inventory(loaded: LoadedConfig, datasets: list[str]) -> list[DatasetInventor
         source = call_endpoint(f"dataset `{name}`: source", open_source, loaded, name)
         limits = destination_limits(loaded, ds.destination)
         reserved = format_metadata(loaded, name)
+        listing = call_endpoint(f"dataset `{name}`: listing {source.label}", dataset_listing, loaded, name, source)
         results.append(call_endpoint(f"dataset `{name}`: listing {source.label}", lambda: inventory_dataset(
-            name, ds, source.list(ds.prefix), limits, source_label=source.label, reserved=reserved)))
+            name, ds, listing, limits, source_label=source.label, reserved=reserved)))
+        listed_from(results[-1], listing)
     return results

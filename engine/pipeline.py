@@ -164,7 +164,7 @@ def copy_object(
             try:
                 new = _retrying(settings, counter, f"head of {meta.key!r}")(source.head, meta.key)
             except NotFound:
-                return attempt.failed("the source object was deleted during the copy")
+                return attempt.failed("the source object was deleted since it was listed (or during the copy)")
             except (ObjectFailed, ConnectorError) as head_exc:
                 return attempt.failed(f"the source changed and reading its new version failed: {head_exc}")
             events.source_changed(current, new)
@@ -494,12 +494,13 @@ class _Attempt:
                 raise TransientError(f"short read of {key!r}: {len(data)} bytes for range {start}-{end}", key=key)
             return data
 
-        if start == end:
-            return b""
+        # An empty object is read too (an empty range: the connector checks the object is still
+        # there at that ETag): listed from an inventory report days ago, it may have been deleted,
+        # or rewritten with content, since.
         try:
             return self.retry(f"read of bytes {start}-{end}")(read)
         except NotFound as exc:
-            raise ObjectFailed(f"the source object was deleted during the copy ({exc})") from exc
+            raise ObjectFailed(f"the source object was deleted since it was listed (or during the copy) ({exc})") from exc
 
     def _check_source(self) -> None:
         """Before anything is published: every byte was read, and the source's MD5 matches."""

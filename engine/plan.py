@@ -3,7 +3,7 @@ per dataset, with nothing written anywhere."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable
 
@@ -15,12 +15,14 @@ from .errors import RunError, call_endpoint
 from .key_copies import check_keysets
 from .crypto.segments import SegmentLayout
 from .crypto.tink_format import TINK_LAYOUT
-from .dataset_copy import DryRunSummary, PlannedObject, dry_run, plan_sized_object
+from .dataset_copy import DryRunSummary, PlannedObject, dry_run, place_all, plan_sized_object
 from .estimate import Estimate, PlanTally, SizedWrite, estimate, terms_for
+from .inventory import selected
+from .listing import ReportListing, dataset_listing
 from .output_format import IDENTITY, OutputFormat
 from .planning import PlanRefused
 from .project import open_state
-from .run import dataset_items, output_formats, transfer_settings
+from .run import output_formats, placer, transfer_settings
 
 
 def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, PlannedObject], None], *,
@@ -45,8 +47,12 @@ def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, Pl
                 tallies.append(tally)
                 shown = partial(_counted, tally, shown)
             try:
-                results.append(dry_run(name, dataset_items(loaded, name, source, limits, formats[name]), limits,
-                                       settings, output_format=formats[name], state=state, on_object=shown))
+                listing = dataset_listing(loaded, name, source)
+                summary = dry_run(name, place_all(selected(listing, ds), placer(loaded, name, limits, formats[name])),
+                                  limits, settings, output_format=formats[name], state=state, on_object=shown)
+                if isinstance(listing, ReportListing):
+                    summary = replace(summary, listed_from=listing.origin, not_copied=tuple(listing.not_copied.items()))
+                results.append(summary)
             except ConnectorError as exc:
                 raise RunError(f"dataset `{name}`: listing {source.label}: {exc}", exc) from None
     finally:

@@ -31,6 +31,7 @@ from .errors import RunError, call_endpoint
 from .executors import create_executors
 from . import key_copies
 from .inventory import DatasetInventory, inventory_dataset, selected
+from .listing import dataset_listing, listed_from, refuse_delete_removed
 from .dataset_copy import DatasetSummary, Progress, ProgressCallback, Refusal, copy_objects, place_all
 from .placement import Placement, place
 from .output_format import IDENTITY, OutputFormat
@@ -90,7 +91,7 @@ def dataset_items(loaded: LoadedConfig, name: str, source: ObjectSource, limits:
                   fmt: OutputFormat = IDENTITY) -> Iterator[tuple[ObjectMeta, Placement | Refusal]]:
     """The dataset's selected objects, listed lazily, each placed at the destination or refused."""
     ds = loaded.config.datasets[name]
-    return place_all(selected(source.list(ds.prefix), ds), placer(loaded, name, limits, fmt))
+    return place_all(selected(dataset_listing(loaded, name, source), ds), placer(loaded, name, limits, fmt))
 
 
 def preflight_destinations(loaded: LoadedConfig, datasets: list[str]) -> None:
@@ -116,7 +117,7 @@ def count_dataset(loaded: LoadedConfig, name: str, source: ObjectSource,
     `counted(objects, bytes)` is told the figures so far every `every` objects."""
     ds = loaded.config.datasets[name]
     objects = total = 0
-    for meta in selected(source.list(ds.prefix), ds):
+    for meta in selected(dataset_listing(loaded, name, source), ds):
         objects += 1
         total += meta.size
         if counted is not None and objects % every == 0:
@@ -279,6 +280,8 @@ class MigrationRun:
     def start(cls, loaded: LoadedConfig, datasets: list[str], *, delete_removed: bool = False,
               settings: TransferSettings | None = None) -> "MigrationRun":
         """Open the run (`settings`: the configuration's transfer settings unless given)."""
+        if delete_removed:
+            refuse_delete_removed(loaded, datasets)
         run = cls(loaded, datasets, delete_removed=delete_removed, settings=settings)
         run._lock_file = lock_project(loaded)
         try:
@@ -436,8 +439,10 @@ class MigrationRun:
             stored += len(page)
             page.clear()
 
+        listing = call_endpoint(f"dataset `{name}`: listing {source.label}", dataset_listing, self.loaded, name, source)
+
         def listed() -> Iterator[ObjectMeta]:
-            for meta in selected(source.list(ds.prefix), ds):
+            for meta in selected(listing, ds):
                 page.append((cutter.shard_of(meta.size), meta))
                 if len(page) >= 1000:
                     flush()
@@ -454,6 +459,7 @@ class MigrationRun:
         except BaseException as exc:
             self._listing_stopped(name, exc)
             raise
+        listed_from(inventory, listing)
         # The whole listing is in the state store: it defines what the dataset must hold (objects
         # the shards never reach are "never attempted").
         self.state.dataset_through(self.run_id, name, stored, inventory.bytes)

@@ -57,7 +57,8 @@ def inventory_row(inv) -> dict[str, Any]:
     return {"dataset": inv.dataset, "source": inv.source, "destination": inv.destination, "objects": inv.objects,
             "bytes": inv.bytes, "size": format_size(inv.bytes), "largest": format_size(inv.largest_size),
             "without_md5": inv.without_md5, "not_hot": inv.not_hot, "will_not_fit": inv.misfit_count,
-            "not_restorable_as_files": inv.unrestorable_count}
+            "not_restorable_as_files": inv.unrestorable_count,
+            "listed_from": inv.listed_from or "a live listing"}
 
 
 def shard_row(result: ShardResult) -> dict[str, Any]:

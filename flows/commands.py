@@ -129,6 +129,7 @@ def _print_inventory_table(results) -> None:
     for r in results:
         if r.largest_key:
             print(f"\n{r.dataset}: {r.source} -> {r.destination}; largest object {r.largest_key!r}")
+        _print_listed_from(r.dataset, r.listed_from, r.not_copied.items())
         if r.tiers and set(r.tiers) != {"Hot"}:
             print("  tiers: " + ", ".join(f"{t} {n:,}" for t, n in sorted(r.tiers.items()))
                   + " (the tier is kept as exitplan metadata; every object lands in the destination's default class)")
@@ -223,9 +224,23 @@ def _dry_run(loaded: LoadedConfig, datasets: list[str], *, summary_only: bool = 
           f"{s.multipart_objects:,}", f"{s.skipped:,}", f"{s.refused:,}", _where_to(loaded, s.dataset)]
          for s in summaries],
     )
+    for s in summaries:
+        _print_listed_from(s.dataset, s.listed_from, s.not_copied)
     print_estimate(HEADERS, table_rows(estimate))
     print("\ndry run: nothing was written (no object, no multipart upload, no state).")
     return ExitCode.OK
+
+
+def _print_listed_from(dataset: str, listed_from: str | None, not_copied) -> None:
+    """Say that a dataset's plan comes from an inventory report, not a live listing, and which of
+    the report's rows are not objects to copy."""
+    if listed_from is None:
+        return
+    print(f"\n{dataset}: from {listed_from}, not a live listing: objects created since are not in it, and each "
+          "object is read pinned to the report's ETag (changed since: re-read at its current version; deleted "
+          "since: named as failed)")
+    for reason, rows in not_copied:
+        print(f"  not copied: {rows:,} rows: {reason}")
 
 
 def _where_to(loaded: LoadedConfig, dataset: str) -> str:

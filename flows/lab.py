@@ -513,6 +513,29 @@ def cmd_seed(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def cmd_inventory_report(args: argparse.Namespace) -> int:
+    """Write an Azure Blob Inventory report of a dataset's container, from Azurite's contents."""
+    from config.loader import load_config
+    from lab import inventory_report, seed as lab_seed
+
+    loaded = load_config(args.config)
+    if args.dataset not in loaded.config.datasets:
+        raise UserError(f"--dataset {args.dataset}: no such dataset in {args.config} "
+                        f"({', '.join(loaded.config.datasets)})")
+    if args.format == "parquet" and not lab_seed.parquet_available():
+        raise UserError(lab_seed.PYARROW_MISSING)
+    try:
+        written = inventory_report.write_dataset_report(loaded, args.dataset, fmt=args.format, container=args.container,
+                                                        rule=args.rule)
+    except ValueError as exc:
+        raise UserError(f"--dataset {args.dataset}: {exc}") from None
+    except lab_seed.LabStoreError as exc:
+        raise UserError(f"writing the inventory report failed: {exc}", ExitCode.FAILED) from None
+    print(f"inventory report of {written.rows:,} blobs written: {written.path} ({', '.join(written.files)})")
+    print(f"use it with, under datasets.{args.dataset}:\n  inventory:\n    report: {written.path}")
+    return ExitCode.OK
+
+
 def _workers(raw: str) -> int:
     n = int(raw)
     if not 1 <= n <= 64:
@@ -555,3 +578,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--workers", type=_workers, default=8, help="uploads in flight (default: 8)")
     p.set_defaults(func=cmd_seed)
+    p = sub.add_parser("inventory-report", help="write an Azure Blob Inventory report (CSV or Parquet, with its "
+                                                "manifest) of a dataset's container from Azurite's contents")
+    p.add_argument("--config", required=True, help="the configuration file")
+    p.add_argument("--dataset", required=True, help="the dataset whose container the report lists")
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv", help="the report's format (default: csv)")
+    p.add_argument("--container", default="inventory", help="the container the report goes into (default: inventory)")
+    p.add_argument("--rule", default="exitplan", help="the inventory rule's name (default: exitplan)")
+    p.set_defaults(func=cmd_inventory_report)
