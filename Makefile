@@ -2,7 +2,10 @@
 # Both create the virtual environment on first use.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PYTEST_ARGS ?=
+# Two pytest workers, a test module each at a time (pytest-xdist): every worker starts its own
+# servers on free ports, and a module's fixtures stay in one process. `make test PYTEST_ARGS=` runs
+# the suite in one process.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: demo test install lab-down bench clean
 
