@@ -141,7 +141,9 @@ listing = sa.Table(
     sa.Column("tier", sa.String),
     sa.Column("content", sa.JSON),  # ContentSettings fields that are set
     sa.Column("meta", sa.JSON),  # user metadata
-    sa.Index("ix_listing_shard", "run_id", "dataset", "shard"),
+    # A shard's objects in listing order, read a page at a time (`StateStore.listed`): a seek, not
+    # a walk of the dataset's listing from its start for each page of each shard.
+    sa.Index("ix_listing_shard_seq", "run_id", "dataset", "shard", "seq"),
 )
 
 # One row per shard of a run: its extent, then what its task made of it.
@@ -228,6 +230,10 @@ listing_ranges = sa.Table(
 
 # Shard numbers a range may use while its dataset lists (`listing_ranges`).
 RANGE_SHARDS = 1_000_000
+
+# An index of `listing` that a newer one replaced: dropped when an older state store is opened
+# (`create_all` creates a table's indexes only with the table: the store adds the missing ones).
+REPLACED_INDEXES = ("ix_listing_shard",)  # (run_id, dataset, shard): a prefix of ix_listing_shard_seq
 
 # Columns added after the first release of the store: added to an existing database on open.
 ADDED_COLUMNS = ("upload_id", "header", "key_id", "transient", "etag_checked")

@@ -23,9 +23,10 @@ from .batch import WriteBatch
 from .records import (DatasetFigures, DatasetStatus, DatasetTotals, ListingRangeRecord, ObjectRecord, PartRecord,
                       RunDataset, RunRecord, ShardCounts, ShardRecord)
 from .rows import listing_row, object_row, transition_values
-from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, RANGE_SHARDS, REMOVED, STATES, TRANSITIONS,
-                     UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition, audit_recorded, listing,
-                     listing_ranges, metadata, objects, parts, rate_buckets, run_datasets, runs, shards, utcnow)
+from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, RANGE_SHARDS, REMOVED, REPLACED_INDEXES,
+                     STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition,
+                     audit_recorded, listing, listing_ranges, metadata, objects, parts, rate_buckets, run_datasets,
+                     runs, shards, utcnow)
 from .unwritable import StateUnwritable, unwritable_database, writing_file
 
 # Statements built once: building and cache-keying a Core statement costs more than running it
@@ -84,6 +85,22 @@ class StateStore:
                 raise
             self.unwritable = None  # opened read-only on purpose: not a reason to stop
         self._add_missing_columns()
+        self._add_missing_indexes()
+
+    def _add_missing_indexes(self) -> None:
+        """A state store written by an older exitplan lacks the `listing` indexes added since: create
+        them (one pass over the table, once) and drop those they replace."""
+        if "mode=ro" in self.url:
+            return
+        have = {i["name"] for i in sa.inspect(self.engine).get_indexes("listing")}
+        missing = [index for index in listing.indexes if index.name not in have]
+        replaced = [name for name in REPLACED_INDEXES if name in have]
+        if missing or replaced:
+            with self._write, self.engine.begin() as conn:
+                for index in missing:
+                    index.create(conn)
+                for name in replaced:
+                    conn.execute(sa.text(f"DROP INDEX {name}"))
 
     def _add_missing_columns(self) -> None:
         """A state store written by an older exitplan lacks the resume columns: add them (nullable)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+import sqlalchemy as sa
 
 from config.models import DatasetConfig
 from connectors.base import ListingRange, TransientError
@@ -168,3 +169,22 @@ def test_a_listing_selecting_other_objects_is_not_taken_over(store):
     _, listing2, yielded = list_run(store, src, ds=narrower)
     assert listing2.taken_over is None
     assert sorted(yielded) == sorted(k for k in src._objects if not k.startswith("b/"))
+
+
+def test_a_state_store_of_the_previous_version_gets_the_ranges_table_and_the_shard_index(store):
+    """The previous version had no `listing_ranges` and indexed a shard without its listing order."""
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE listing_ranges"))
+        conn.execute(sa.text("DROP INDEX ix_listing_shard_seq"))
+        conn.execute(sa.text("CREATE INDEX ix_listing_shard ON listing (run_id, dataset, shard)"))
+    store.close()
+    reopened = StateStore(store.url)
+    try:
+        inspector = sa.inspect(reopened.engine)
+        assert {i["name"]: i["column_names"] for i in inspector.get_indexes("listing")} == {
+            "ix_listing_shard_seq": ["run_id", "dataset", "shard", "seq"]}
+        assert "listing_ranges" in inspector.get_table_names()
+        run, _, yielded = list_run(reopened, source())
+        assert len(yielded) == 40
+    finally:
+        reopened.close()
