@@ -139,8 +139,9 @@ listing = sa.Table(
     sa.Column("content_md5", sa.String(32)),  # hex
     sa.Column("last_modified", sa.DateTime),
     sa.Column("tier", sa.String),
-    sa.Column("content", sa.JSON),  # ContentSettings fields that are set
-    sa.Column("meta", sa.JSON),  # user metadata
+    # SQL NULL when empty (most objects): nothing to decode when a shard is read back.
+    sa.Column("content", sa.JSON(none_as_null=True)),  # ContentSettings fields that are set
+    sa.Column("meta", sa.JSON(none_as_null=True)),  # user metadata
     # A shard's objects in listing order, read a page at a time (`StateStore.listed`): a seek, not
     # a walk of the dataset's listing from its start for each page of each shard.
     sa.Index("ix_listing_shard_seq", "run_id", "dataset", "shard", "seq"),

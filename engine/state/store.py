@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -45,14 +46,17 @@ _LAST_COPY = (objects.select()
               .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"),
                      objects.c.state.in_([sa.literal(s) for s in COPIED]))
               .order_by(objects.c.id.desc()).limit(1))
-# The newest row saying what the destination holds of a key (a copy, a copy verify found wrong, a
-# copy deleted on purpose): what a re-run may skip against, when it is a copy.
+# The rows saying what the destination holds of a key (a copy, a copy verify found wrong, a copy
+# deleted on purpose): the newest is what a re-run may skip against, when it is a copy.
+_CLAIM = sa.or_(objects.c.state.in_([sa.literal(s) for s in COPIED + (REMOVED,)]),
+                sa.and_(objects.c.state == sa.literal(FAILED), objects.c.reason.like(sa.literal(VERIFY_REASON + "%"))))
 _NEWEST_CLAIM = (objects.select()
                  .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"),
-                        sa.or_(objects.c.state.in_([sa.literal(s) for s in COPIED + (REMOVED,)]),
-                               sa.and_(objects.c.state == sa.literal(FAILED),
-                                       objects.c.reason.like(sa.literal(VERIFY_REASON + "%")))))
+                        _CLAIM)
                  .order_by(objects.c.id.desc()).limit(1))
+# An `objects` row's columns in `ObjectRecord`'s field order, to build records from positional rows.
+_RECORD_COLUMNS = tuple(objects.c[f.name] for f in fields(ObjectRecord))
+_NO_CONTENT = ContentSettings()
 _NEWEST_ROWS = (objects.select()
                 .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"))
                 .order_by(objects.c.id.desc()).limit(20))
@@ -313,6 +317,20 @@ class StateStore:
             row = conn.execute(_NEWEST_CLAIM, {"_dataset": dataset, "_key": source_key}).mappings().first()
         return ObjectRecord(**row) if row and row["state"] in COPIED else None
 
+    def current_copies(self, dataset: str, keys: Sequence[str]) -> dict[str, ObjectRecord]:
+        """`current_copy` of many keys in one query (a page of a listing, a few hundred keys):
+        source key -> its copy, for the keys that have one. What a delta pass asks per page."""
+        if not keys:
+            return {}
+        o = objects
+        newest = (sa.select(sa.func.max(o.c.id))
+                  .where(o.c.dataset == dataset, o.c.source_key.in_(list(keys)), _CLAIM).group_by(o.c.source_key))
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(*_RECORD_COLUMNS).where(o.c.id.in_(newest.scalar_subquery()),
+                                                                   o.c.state.in_(COPIED))).all()
+        # Positional rows: a mapping per row costs more than the query at a few hundred keys.
+        return {row[3]: ObjectRecord(*row) for row in rows}
+
     # ---- a run's listing and its shards (the flows' unit of work) -----------------------------
 
     def record_listing(self, run_id: int, dataset: str, entries: Iterable[tuple[int, ObjectMeta]], *,
@@ -343,16 +361,16 @@ class StateStore:
             if shard is not None:
                 query = query.where(listing.c.shard == shard)
             with self.engine.connect() as conn:
-                rows = conn.execute(query.order_by(listing.c.seq).limit(1000)).mappings().all()
+                rows = conn.execute(query.order_by(listing.c.seq).limit(1000)).all()
             if not rows:
                 return
-            for r in rows:
+            # Positional rows (the table's column order): a mapping per row costs as much as the read.
+            for (_, _, _, _, key, etag, size, md5, modified, tier, content, meta) in rows:
                 yield ObjectMeta(
-                    key=r["source_key"], size=r["size"], etag=r["etag"],
-                    content_md5=bytes.fromhex(r["content_md5"]) if r["content_md5"] else None,
-                    last_modified=r["last_modified"].replace(tzinfo=timezone.utc) if r["last_modified"] else None,
-                    tier=r["tier"], content=ContentSettings(**(r["content"] or {})), metadata=r["meta"] or {})
-            last = rows[-1]["seq"]
+                    key=key, size=size, etag=etag, content_md5=bytes.fromhex(md5) if md5 else None,
+                    last_modified=modified.replace(tzinfo=timezone.utc) if modified else None,
+                    tier=tier, content=ContentSettings(**content) if content else _NO_CONTENT, metadata=meta or {})
+            last = rows[-1][2]
 
     def merge_shards(self, run_id: int, dataset: str, factor: int) -> None:
         """Renumber a dataset's listed shards 0, 1, ... in listing order, merging each `factor`

@@ -188,3 +188,24 @@ def test_a_state_store_of_the_previous_version_gets_the_ranges_table_and_the_sha
         assert len(yielded) == 40
     finally:
         reopened.close()
+
+
+def test_the_copies_of_a_page_of_keys_are_what_current_copy_says_of_each(store):
+    """The delta pass's look-up, a page of keys per query, answers what `current_copy` answers per
+    key: the newest copy, none once that copy was deleted or found wrong by verify, none for a new key."""
+    from engine import state as st
+
+    first, second = store.start_run("migrate"), store.start_run("migrate")
+    for key in ("copied", "deleted", "found-wrong", "copied-twice"):
+        oid = store.add_object(first, "ds", key, "e1", 1, dest_key=key, state=st.IN_PROGRESS)
+        store.transition(oid, st.UPLOADED)
+    store.add_object(second, "ds", "deleted", "e1", 1, dest_key="deleted", state=st.REMOVED)
+    wrong = next(r for r in store.objects(first) if r.source_key == "found-wrong")
+    store.transition(wrong.id, st.FAILED, reason=st.VERIFY_REASON + "size differs")
+    oid = store.add_object(second, "ds", "copied-twice", "e2", 2, dest_key="copied-twice", state=st.IN_PROGRESS)
+    store.transition(oid, st.UPLOADED)
+    keys = ["copied", "deleted", "found-wrong", "copied-twice", "new"]
+    copies = store.current_copies("ds", keys)
+    assert {k: (r.run_id, r.source_etag) for k, r in copies.items()} == {"copied": (first, "e1"),
+                                                                          "copied-twice": (second, "e2")}
+    assert copies == {k: store.current_copy("ds", k) for k in keys if store.current_copy("ds", k)}
