@@ -89,6 +89,12 @@ class SyntheticSource:
         raise NotImplementedError("listed by range only")
 
 
+def _add(rows: list, row: tuple) -> None:
+    """A row of the table, also printed at once (a run at 10^7 objects takes a while)."""
+    rows.append(row)
+    print(" | ".join(str(c) for c in row), file=sys.stderr, flush=True)
+
+
 def timed(what: str, fn):
     began = time.perf_counter()
     result = fn()
@@ -135,11 +141,11 @@ def record_previous_copies(state: StateStore, source: SyntheticSource, run: int)
             etag = meta.etag + ("-old" if i % 200 == 2 else "")
             row = object_row(run, "bench", meta.key, etag, meta.size, meta.key, meta.content_md5, "pending", {})
             row.update(state="uploaded", sha256="0" * 64, dest_etag="d")
-            rows.append(row)
+            _add(rows, row)
             if i % 1000 == 3:
                 gone = object_row(run, "bench", meta.key + ".gone", "e", 1, meta.key + ".gone", None, "pending", {})
                 gone.update(state="uploaded")
-                rows.append(gone)
+                _add(rows, gone)
             if len(rows) >= 5000:
                 flush()
     if rows:
@@ -188,24 +194,24 @@ def synthetic(objects: int, folders: int, url: str, label: str) -> list[tuple[st
         copied_by = state.start_run("migrate")
         state.finish_run(copied_by, "ok")
         written, seconds = timed("history", lambda: record_previous_copies(state, source, copied_by))
-        rows.append((label, "previous copies recorded (bench setup)", f"{written / seconds:,.0f} rows/s",
+        _add(rows, (label, "previous copies recorded (bench setup)", f"{written / seconds:,.0f} rows/s",
                      f"{peak_rss_mib():.0f}"))
         (run, n, listing), seconds = timed("listing", lambda: list_into(state, source, 4))
-        rows.append((label, f"listing into the state, 4 ranges ({n:,} objects)", f"{n / seconds:,.0f} obj/s",
+        _add(rows, (label, f"listing into the state, 4 ranges ({n:,} objects)", f"{n / seconds:,.0f} obj/s",
                      f"{peak_rss_mib():.0f}"))
         (_, seconds) = timed("shards", lambda: (state.merge_shards(run, "bench", 1),
                                                 state.define_shards(run, "bench")))
-        rows.append((label, f"shards fixed ({listing.shards:,}: renumbered, defined)", f"{seconds:.1f} s",
+        _add(rows, (label, f"shards fixed ({listing.shards:,}: renumbered, defined)", f"{seconds:.1f} s",
                      f"{peak_rss_mib():.0f}"))
         few = min(n, 20_000)
         _, seconds = timed("delta", lambda: delta_pass(state, run, per_object=few))
-        rows.append((label, f"delta pass, one query per object (the first {few:,})", f"{few / seconds:,.0f} obj/s",
+        _add(rows, (label, f"delta pass, one query per object (the first {few:,})", f"{few / seconds:,.0f} obj/s",
                      f"{peak_rss_mib():.0f}"))
         counts, seconds = timed("delta", lambda: delta_pass(state, run))
-        rows.append((label, "delta pass, one query per page: " + ", ".join(f"{v:,} {k}" for k, v in counts.items()),
+        _add(rows, (label, "delta pass, one query per page: " + ", ".join(f"{v:,} {k}" for k, v in counts.items()),
                      f"{n / seconds:,.0f} obj/s", f"{peak_rss_mib():.0f}"))
         gone, seconds = timed("gone", lambda: sum(1 for _ in state.removed_at_source("bench", run)))
-        rows.append((label, f"gone from the source: {gone:,}", f"{seconds:.1f} s", f"{peak_rss_mib():.0f}"))
+        _add(rows, (label, f"gone from the source: {gone:,}", f"{seconds:.1f} s", f"{peak_rss_mib():.0f}"))
     finally:
         state.close()
     return rows
@@ -235,7 +241,7 @@ def azurite(blobs: int, folders: int, seed_threads: int, workdir: Path) -> list[
                               chunksize=256):
                 pass
         seeded = time.perf_counter() - began
-        rows.append(("azurite", f"seed: {blobs:,} empty blobs, {seed_threads} threads", f"{blobs / seeded:,.0f} blobs/s",
+        _add(rows, ("azurite", f"seed: {blobs:,} empty blobs, {seed_threads} threads", f"{blobs / seeded:,.0f} blobs/s",
                      f"{seeded:.0f} s"))
 
         def bare() -> int:
@@ -246,7 +252,7 @@ def azurite(blobs: int, folders: int, seed_threads: int, workdir: Path) -> list[
 
         n, seconds = timed("bare", bare)
         base = n / seconds
-        rows.append(("azurite", "bare SDK loop (list_blobs pages of 5000)", f"{base:,.0f} obj/s", "1.00"))
+        _add(rows, ("azurite", "bare SDK loop (list_blobs pages of 5000)", f"{base:,.0f} obj/s", "1.00"))
         for at_once in (1, 2, 4):
             state_dir = Path(tempfile.mkdtemp(dir=workdir))
             state = StateStore(state_dir / "state.db")
@@ -254,7 +260,7 @@ def azurite(blobs: int, folders: int, seed_threads: int, workdir: Path) -> list[
                 source = AzureBlobSource.from_connection_string(cs, "bench-listing", page_size=5000)
                 (_, listed, _), seconds = timed("ranges", lambda: list_into(state, source, at_once))
                 assert listed == n, (listed, n)
-                rows.append(("azurite", f"listing into the state, {at_once} range(s) at once",
+                _add(rows, ("azurite", f"listing into the state, {at_once} range(s) at once",
                              f"{listed / seconds:,.0f} obj/s", f"{listed / seconds / base:.2f}"))
             finally:
                 state.close()

@@ -209,3 +209,20 @@ def test_the_copies_of_a_page_of_keys_are_what_current_copy_says_of_each(store):
     assert {k: (r.run_id, r.source_etag) for k, r in copies.items()} == {"copied": (first, "e1"),
                                                                           "copied-twice": (second, "e2")}
     assert copies == {k: store.current_copy("ds", k) for k in keys if store.current_copy("ds", k)}
+
+
+def test_the_listing_bench_runs_at_a_tiny_size(tmp_path):
+    """bench/bench_listing.py's synthetic part, 2,000 objects on SQLite: kept from rotting."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_listing.py"
+    spec = importlib.util.spec_from_file_location("bench_listing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.synthetic(2000, 4, str(tmp_path / "state.db"), "sqlite")
+    assert [what.split(" (")[0].split(":")[0] for _, what, *_ in rows] == [
+        "previous copies recorded", "listing into the state, 4 ranges", "shards fixed",
+        "delta pass, one query per object", "delta pass, one query per page", "gone from the source"]
+    assert rows[4][1] == "delta pass, one query per page: 1,976 unchanged, 12 changed, 12 new"
+    assert rows[5][1] == "gone from the source: 4"
