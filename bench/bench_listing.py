@@ -141,11 +141,11 @@ def record_previous_copies(state: StateStore, source: SyntheticSource, run: int)
             etag = meta.etag + ("-old" if i % 200 == 2 else "")
             row = object_row(run, "bench", meta.key, etag, meta.size, meta.key, meta.content_md5, "pending", {})
             row.update(state="uploaded", sha256="0" * 64, dest_etag="d")
-            _add(rows, row)
+            rows.append(row)
             if i % 1000 == 3:
                 gone = object_row(run, "bench", meta.key + ".gone", "e", 1, meta.key + ".gone", None, "pending", {})
                 gone.update(state="uploaded")
-                _add(rows, gone)
+                rows.append(gone)
             if len(rows) >= 5000:
                 flush()
     if rows:
