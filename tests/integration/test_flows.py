@@ -361,10 +361,7 @@ def test_a_shard_that_stops_on_an_error_fails_the_run(tmp_path, env, s3_server, 
 def test_a_run_with_more_shards_than_allowed_merges_neighbours(tmp_path, env, s3_server, s3):
     from flows.orchestrate import migrate_flow
 
-    # One listing range: claims/ and scans/ listed as one, so that neighbours of both folders merge
-    # (listed in ranges, a shard never holds two folders: tests/unit/test_listing_ranges.py).
-    path, container, blobs = write_project(tmp_path, env, s3_server.url,
-                                           orchestration={"max_shards": 2, "listing_ranges": 1})
+    path, container, blobs = write_project(tmp_path, env, s3_server.url, orchestration={"max_shards": 2})
     state = migrate_flow(config_path=str(path), return_state=True)
     assert state.is_completed(), state.message
     shards = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
