@@ -297,6 +297,7 @@ def main() -> int:
             if args.postgres:
                 from tests.pg import start_postgres
 
+                workdir.chmod(0o755)  # the server runs as the `postgres` user when this runs as root
                 pg = start_postgres(workdir / "pg")
                 try:
                     rows += synthetic(args.objects, args.folders, pg.create_database("bench"), "postgresql")
