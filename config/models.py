@@ -481,7 +481,10 @@ class TransferConfig(_Model):
 class OrchestrationConfig(_Model):
     """How the Prefect flows cut a run into shards and share providers between runs.
 
-    A shard is a run of consecutive listed objects of one dataset, closed when it reaches
+    Each dataset is listed into the state store in up to `listing_ranges` ranges at once (split by
+    its folders; a killed listing goes on from each range's last page in the next run), and never
+    fewer shards than it has ranges. A shard is a run of consecutive listed objects of one dataset
+    (of one range), closed when it reaches
     `shard_bytes` or `shard_objects`; each shard is one Prefect task. When a run would have more
     than `max_shards` shards in all, neighbouring shards of each dataset are merged (Prefect's
     server loses events beyond about 10k task runs per flow run). `parallel_shards` shard tasks of a run go at once in
@@ -498,6 +501,7 @@ class OrchestrationConfig(_Model):
     `default_provider_connections`).
     """
 
+    listing_ranges: int = Field(4, ge=1, le=64)
     shard_bytes: ByteSize = 4 * 1024**3
     shard_objects: int = Field(5000, ge=1, le=1_000_000)
     max_shards: int = Field(500, ge=1, le=5000)

@@ -33,7 +33,7 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.core.pipeline.transport import RequestsTransport
-from azure.storage.blob import BlobProperties, BlobServiceClient, ContainerClient, ExponentialRetry
+from azure.storage.blob import BlobPrefix, BlobProperties, BlobServiceClient, ContainerClient, ExponentialRetry
 from azure.storage.blob._generated.models import ModifiedAccessConditions
 from requests.sessions import merge_setting
 from requests.utils import get_environ_proxies
@@ -46,6 +46,8 @@ from .base import (
     ConnectorError,
     ContentSettings,
     InvalidRequest,
+    ListingPage,
+    ListingRange,
     NotFound,
     ObjectMeta,
     RequestPacer,
@@ -370,6 +372,35 @@ class AzureBlobSource:
                 return
             for props in page:
                 yield self._meta(props)
+
+    def folders(self, prefix: str, limit: int) -> tuple[list[str], bool] | None:
+        """The folder prefixes directly below `prefix` and whether blobs sit directly there (one
+        "/"-delimited listing request of at most `limit` entries, 5000 at most); None when the
+        level holds more (`RangeLister`)."""
+        pages = self._container.walk_blobs(name_starts_with=prefix or None, delimiter="/",
+                                           results_per_page=min(limit, 5000)).by_page()
+        page = self._call(lambda: _next_page(pages), prefix)
+        if pages.continuation_token or len(page or ()) > limit:
+            return None
+        found = page or []
+        return [p.name for p in found if isinstance(p, BlobPrefix)], any(not isinstance(p, BlobPrefix) for p in found)
+
+    def list_pages(self, part: ListingRange, marker: str | None = None) -> Iterator[ListingPage]:
+        """The pages of `part`, each with its continuation token as the marker (`RangeLister`):
+        a range is listed on from where an earlier listing stopped, without listing its start again."""
+        options = dict(name_starts_with=part.prefix or None, include=["metadata", "tags"],
+                       results_per_page=self.page_size)
+        paged = (self._container.walk_blobs(delimiter="/", **options) if part.direct
+                 else self._container.list_blobs(**options))
+        pages = self._call(lambda: paged.by_page(continuation_token=marker), part.prefix)
+        while True:
+            page = self._call(lambda: _next_page(pages), part.prefix)
+            if page is None:
+                return
+            token = pages.continuation_token or None
+            yield ListingPage([self._meta(p) for p in page if not isinstance(p, BlobPrefix)], token)
+            if token is None:
+                return
 
     def head(self, key: str) -> ObjectMeta:
         """Full properties of blob `key` (size, ETag, Content-MD5, tier, content headers, metadata,

@@ -287,6 +287,42 @@ class Lister(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class ListingRange:
+    """A part of a listing that is listed on its own (a dataset listed as several at once): every
+    object whose key starts with `prefix`; with `direct`, only those with no "/" after `prefix`
+    (the objects directly in a folder, listed with the "/" delimiter, its subfolders left out)."""
+
+    prefix: str
+    direct: bool = False
+
+
+@dataclass(frozen=True)
+class ListingPage:
+    """One listing request's answer: its objects in key order, and the marker that lists on after
+    them (a continuation token, or the last key), None after the range's last page."""
+
+    objects: list[ObjectMeta]
+    marker: str | None
+
+
+@runtime_checkable
+class RangeLister(Protocol):
+    """A source that lists a part of a container on its own and resumes a listing from a marker
+    (optional: a source without it is listed as one range, from its start)."""
+
+    def folders(self, prefix: str, limit: int) -> tuple[list[str], bool] | None:
+        """One "/"-delimited listing of the level below `prefix`: the folder prefixes there (in key
+        order) and whether objects sit directly at that level; None when the level holds more than
+        `limit` entries (too many to split this way)."""
+        ...
+
+    def list_pages(self, part: ListingRange, marker: str | None = None) -> Iterator[ListingPage]:
+        """The pages of `part`, from its start or from `marker` (a page's marker of an earlier
+        listing); one request per page, made as the page is asked for."""
+        ...
+
+
 @runtime_checkable
 class HeadReader(Protocol):
     def head(self, key: str) -> ObjectMeta:

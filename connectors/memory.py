@@ -17,6 +17,8 @@ from typing import Iterator, Sequence
 from .base import (
     IntegrityError,
     InvalidRequest,
+    ListingPage,
+    ListingRange,
     NotFound,
     ObjectMeta,
     PartBody,
@@ -69,6 +71,7 @@ class MemoryStore:
         self._lock = threading.Lock()
         self._versions = itertools.count(1)
         self.list_calls = 0
+        self.page_requests: list[tuple[ListingRange, str | None]] = []  # (range, marker) per listing page
 
     # ---- writing helpers for tests -------------------------------------------------------
 
@@ -122,6 +125,30 @@ class MemoryStore:
             if len(page) < self.page_size:
                 return
             marker = page[-1]
+
+    def folders(self, prefix: str, limit: int) -> tuple[list[str], bool] | None:
+        self.list_calls += 1
+        with self._lock:
+            below = {k[len(prefix):] for k in self._objects if k.startswith(prefix)}
+        found = sorted({prefix + rest[:rest.index("/") + 1] for rest in below if "/" in rest})
+        direct = any("/" not in rest for rest in below)
+        return None if len(found) + direct > limit else (found, direct)
+
+    def list_pages(self, part: ListingRange, marker: str | None = None) -> Iterator[ListingPage]:
+        """Pages of `part` with the last key as the marker; every request is in `page_requests`."""
+        marker = marker or ""
+        while True:
+            self.list_calls += 1
+            self.page_requests.append((part, marker or None))
+            with self._lock:
+                keys = sorted(k for k in self._objects if k.startswith(part.prefix) and k > marker
+                              and not (part.direct and "/" in k[len(part.prefix):]))[: self.page_size]
+                metas = [self._objects[k].meta for k in keys]
+            last = len(keys) < self.page_size
+            yield ListingPage(metas, None if last else keys[-1])
+            if last:
+                return
+            marker = keys[-1]
 
     def head(self, key: str) -> ObjectMeta:
         return self._get(key).meta

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
+from itertools import islice
 from typing import Callable, Iterable, Iterator, Mapping
 
 from connectors.base import MultipartUpload, ObjectMeta, ObjectSink, ObjectSource, PartReceipt, SinkLimits
@@ -407,7 +408,7 @@ def copy_objects(
     try:
         # At most `objects_in_flight` objects held at once: the listing is consumed as they finish.
         with BoundedTasks(executors.objects, settings.objects_in_flight, on_error=escaped) as objects:
-            for meta, placed in items:
+            for meta, placed, copies in _with_copies(items, state, dataset, skip_unchanged and earlier_copies):
                 if state.unwritable is not None:  # nothing more can be recorded: no more objects start
                     break
                 tally.seen(meta.size)
@@ -417,7 +418,7 @@ def copy_objects(
                             st.FAILED, reason=placed.reason, transient=False)
                     continue
                 if skip_unchanged and earlier_copies:
-                    previous = state.current_copy(dataset, meta.key)
+                    previous = copies.get(meta.key)
                     if (previous is not None and previous.run_id != run_id and previous.source_etag == meta.etag
                             and previous.size == meta.size and previous.dest_key == placed.dest_key):
                         reason = f"unchanged since run {previous.run_id}"
@@ -543,3 +544,25 @@ def dry_run(
         if on_object is not None:
             on_object(planned)
     return DryRunSummary(dataset, objects, total, output, parts, multipart, skipped, refused, tuple(refusals))
+
+
+COPIES_PAGE = 500  # objects whose earlier copies are looked up in one query
+
+
+def _with_copies(items: Iterable[tuple[ObjectMeta, Placement | Refusal]], state: StateStore, dataset: str,
+                 look_up: bool) -> Iterator[tuple[ObjectMeta, Placement | Refusal, Mapping[str, st.ObjectRecord]]]:
+    """Each item with the current copies (`StateStore.current_copies`) of its page of `COPIES_PAGE`
+    items: one query per page instead of one per object (the delta pass of a run over millions of
+    objects copied before). With `look_up` False (nothing to skip against), no query at all."""
+    if not look_up:
+        for meta, placed in items:
+            yield meta, placed, {}
+        return
+    iterator = iter(items)
+    while True:
+        page = list(islice(iterator, COPIES_PAGE))
+        if not page:
+            return
+        copies = state.current_copies(dataset, [meta.key for meta, placed in page if not isinstance(placed, Refusal)])
+        for meta, placed in page:
+            yield meta, placed, copies

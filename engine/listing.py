@@ -1,21 +1,59 @@
-"""Where a dataset's listing comes from: the source listed live, or the Azure Blob Inventory report
-the dataset names (`datasets.<name>.inventory`). Either way an iterator of `ObjectMeta` under the
-dataset's prefix, so that placement, the copy, the dry run and the inventory are the same.
+"""A dataset's listing: where it comes from, and how the flows store it.
 
-A report is a past listing: each object is still read pinned to the report's ETag, so an object
+**Where from.** The source listed live, or the Azure Blob Inventory report the dataset names
+(`datasets.<name>.inventory`): either way an iterator of `ObjectMeta` under the dataset's prefix
+(`dataset_listing`), so that placement, the copy, the dry run and the inventory are the same. A
+report is a past listing: each object is still read pinned to the report's ETag, so an object
 changed since is re-read at its current version and one deleted since fails with its name
 (engine/pipeline.py); objects created since are not in it. docs/DESIGN.md, "Inventory reports".
+
+**Into the state store** (`RangedListing`). The flows list each dataset once into the `listing`
+table before copying it shard by shard (`MigrationRun.list_dataset`). At 10^8 blobs one listing
+request after the other takes hours, and a listing killed part-way would start over; so:
+
+- **Ranges.** The dataset's prefix is split by its folders: one "/"-delimited listing request per
+  level (`RangeLister.folders`), down to `MAX_DEPTH` levels, until there are at least as many
+  ranges as are listed at once. Each folder is a range, and the objects directly in a split level
+  are one more (listed with the delimiter). Every key below the prefix is in exactly one range.
+  A level too large to split (more than `FOLDER_LIMIT` entries, a flat container) stays one range;
+  a source without `RangeLister` is always one range, listed with `list`; so is an inventory
+  report, whose marker is the number of its rows already stored (its files are pinned to their
+  ETags: a report read again gives its rows in the same order).
+- **At once.** Each range is listed by a thread of a pool of its own (one request at a time per
+  range, as a listing must); pages go through a bounded queue to the calling thread, which
+  selects, cuts shards and stores them: memory holds at most a few pages, and the state store has
+  one writer.
+- **Resumable.** A page's rows and the range's marker after it (Azure's continuation token, or the
+  last key) are stored in one transaction (`StateStore.record_listing_page`). A later run of the
+  same dataset whose newest listing attempt never went through (killed, or stopped on an error)
+  takes over its stored rows and ranges in the database (`StateStore.take_over_listing`), lists on
+  from each unfinished range's marker and sends no request for the ranges already done.
+- **Shards.** Each range has its own shard cutter, saved with each page; a range's shards are
+  numbered `range_no * RANGE_SHARDS + n` while it lists, so that no shard holds objects of two
+  ranges, and `StateStore.merge_shards` numbers them 0, 1, ... once the run's shards are fixed.
+  `seq` numbers pages in the order they were stored: in listing order within a range, which is
+  all a shard needs.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from itertools import islice
 from typing import TYPE_CHECKING, Iterator
 
 from config.errors import UserError
-from config.models import LoadedConfig
-from connectors.base import ObjectMeta, ObjectSource
+from config.models import DatasetConfig, LoadedConfig
+from connectors.base import ConnectorError, ListingPage, ListingRange, ObjectMeta, ObjectSource, RangeLister
 
 from .endpoints import open_azure_container
+from .executors import create_pool, noted
+from .shards import ShardCutter
+from .state import ListingRangeRecord, StateStore
+from .state.schema import RANGE_SHARDS
 
 if TYPE_CHECKING:
     from connectors.azure_inventory import InventoryReport
@@ -27,7 +65,14 @@ def dataset_listing(loaded: LoadedConfig, name: str, source: ObjectSource) -> It
     ds = loaded.config.datasets[name]
     if ds.inventory is None:
         return source.list(ds.prefix)
-    return ReportListing(open_report(loaded, name), ds.container, ds.prefix)
+    return report_listing(loaded, name)
+
+
+def report_listing(loaded: LoadedConfig, name: str) -> "ReportListing | None":
+    """Dataset `name`'s inventory report as a listing (its manifest read and checked), or None
+    when the dataset is listed live."""
+    ds = loaded.config.datasets[name]
+    return None if ds.inventory is None else ReportListing(open_report(loaded, name), ds.container, ds.prefix)
 
 
 def open_report(loaded: LoadedConfig, name: str) -> "InventoryReport":
@@ -77,3 +122,234 @@ def refuse_delete_removed(loaded: LoadedConfig, datasets: list[str]) -> None:
         raise UserError(f"--delete-removed cannot be used with dataset(s) {', '.join(from_reports)}: they are read from "
                         "an inventory report, which does not have the objects created after it was made; run without "
                         "--delete-removed, or remove `inventory` to list the source live")
+
+
+# ---- into the state store ----------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
+
+FOLDER_LIMIT = 5000  # entries a level may hold to be split into its folders (one listing request)
+MAX_DEPTH = 2  # levels below the dataset's prefix that may be split
+MAX_RANGES = 256  # a dataset has at least as many shards as ranges (and range n's shard numbers start at n * RANGE_SHARDS)
+PAGE_SIZE = 1000  # objects per page for a source listed with `list`
+
+
+def listing_basis(ds: DatasetConfig) -> str:
+    """What a dataset's listing selects: a later run takes over a stored listing only when its
+    own basis is the same (the same objects would be listed and selected)."""
+    basis = {"source": ds.source, "container": ds.container, "prefix": ds.prefix,
+             "include": list(ds.include), "exclude": list(ds.exclude)}
+    if ds.inventory is not None:  # another report gives other rows in another order
+        basis["inventory"] = ds.inventory.model_dump(mode="json")
+    return json.dumps(basis, sort_keys=True)
+
+
+def discover_ranges(source: ObjectSource, prefix: str, wanted: int) -> list[ListingRange]:
+    """The ranges to list `prefix` in: split by folders, a level at a time (one request per folder
+    split), until there are `wanted` ranges or `MAX_DEPTH` levels were split. One range when
+    `wanted` is 1 or the source cannot list a range on its own."""
+    ranges = [ListingRange(prefix)]
+    if wanted <= 1 or not isinstance(source, RangeLister):
+        return ranges
+    for _ in range(MAX_DEPTH):
+        if len(ranges) >= wanted:
+            break
+        split: list[ListingRange] = []
+        for part in ranges:
+            level = None if part.direct else source.folders(part.prefix, FOLDER_LIMIT)
+            if not level or not level[0]:  # objects only, too many entries, or already direct
+                split.append(part)
+                continue
+            folders, direct = level
+            split += ([ListingRange(part.prefix, direct=True)] if direct else []) + [ListingRange(f) for f in folders]
+        if len(split) > MAX_RANGES or split == ranges:
+            break
+        ranges = split
+    return ranges
+
+
+def range_label(part: ListingRange | ListingRangeRecord) -> str:
+    """A range as a user reads it: `'claims/2024/'`, or `objects directly in 'claims/'`."""
+    return f"objects directly in {part.prefix!r}" if part.direct else repr(part.prefix)
+
+
+class RangedListing:
+    """One run's listing of one dataset into the state store (see the module docstring).
+
+    Iterate `objects()` to list: it yields each selected object once it is stored (the objects of
+    a taken-over listing first, read back from the state), for the caller's inventory. Then
+    `shards` is how many shards were cut and `objects_stored` / `bytes_stored` what the listing holds.
+    """
+
+    def __init__(self, state: StateStore, run_id: int, name: str, ds: DatasetConfig, source: ObjectSource, *,
+                 shard_bytes: int, shard_objects: int, at_once: int, report: ReportListing | None = None):
+        self.state, self.run_id, self.name, self.ds, self.source = state, run_id, name, ds, source
+        self.report = report  # the dataset's inventory report, listed instead of the source (one range)
+        self.shard_bytes, self.shard_objects, self.at_once = shard_bytes, shard_objects, at_once
+        self.taken_over: int | None = None  # the run whose listing this one went on with
+        self._ranges: dict[int, ListingRangeRecord] = {}  # range number -> how far it got
+
+    @property
+    def ranges(self) -> list[ListingRangeRecord]:
+        return [self._ranges[n] for n in sorted(self._ranges)]
+
+    @property
+    def shards(self) -> int:
+        return sum(r.shards for r in self.ranges)
+
+    @property
+    def objects_stored(self) -> int:
+        return sum(r.objects for r in self.ranges)
+
+    @property
+    def bytes_stored(self) -> int:
+        return sum(r.bytes for r in self.ranges)
+
+    def objects(self) -> Iterator[ObjectMeta]:
+        basis = listing_basis(self.ds)
+        self.taken_over = self.state.listing_to_resume(self.name, basis, self.run_id)
+        if self.taken_over is not None:
+            self.state.take_over_listing(self.taken_over, self.run_id, self.name)
+            self._ranges = {r.range_no: r for r in self.state.listing_ranges(self.run_id, self.name)}
+            log.info("%s: the listing goes on from run %d's (%d of %d range(s) done, %s object(s) stored)",
+                     self.name, self.taken_over, sum(r.done for r in self.ranges), len(self.ranges),
+                     f"{self.objects_stored:,}")
+            yield from self.state.listed(self.run_id, self.name)
+        else:
+            parts = discover_ranges(self.source, self.ds.prefix, 1 if self.report is not None else self.at_once)
+            self._ranges = {r.range_no: r for r in self.state.start_listing_ranges(
+                self.run_id, self.name, basis, [(p.prefix, p.direct) for p in parts])}
+        yield from self._list_ranges([r for r in self.ranges if not r.done])
+
+    def _list_ranges(self, todo: list[ListingRangeRecord]) -> Iterator[ObjectMeta]:
+        """List the ranges `todo` at once, each from its marker; store each page as it comes."""
+        if not todo:
+            return
+        pages: queue.Queue = queue.Queue(maxsize=2 * min(self.at_once, len(todo)))
+        stop = threading.Event()
+        futures: list[tuple[ListingRangeRecord, Future]] = []
+        seq = self.state.listing_length(self.run_id, self.name)
+        open_ranges = {r.range_no for r in todo}
+        pool = create_pool(min(self.at_once, len(todo)), f"listing-{self.name}")
+        try:
+            futures = [(r, pool.submit(self._produce, r, pages, stop)) for r in todo]
+            while open_ranges:
+                try:
+                    range_no, page = pages.get(timeout=1.0)
+                except queue.Empty:
+                    self._check_producers(futures)
+                    continue
+                if isinstance(page, BaseException):
+                    raise _range_failed(self._ranges[range_no], page)
+                stored = self._store(self._ranges[range_no], page, seq)
+                seq += len(stored)
+                if page.marker is None:
+                    open_ranges.discard(range_no)
+                yield from stored
+        finally:
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._collect(futures)
+
+    def _produce(self, part: ListingRangeRecord, pages: queue.Queue, stop: threading.Event) -> None:
+        """A listing thread: the pages of one range, from its marker, into `pages` (or its error)."""
+        try:
+            for page in self._pages(part):
+                if not _put(pages, (part.range_no, page), stop):
+                    return
+                if page.marker is None:
+                    return
+            # a source that ended without a last page (no marker-less page): the range is done
+            _put(pages, (part.range_no, ListingPage([], None)), stop)
+        except BaseException as exc:
+            _put(pages, (part.range_no, exc), stop)
+            raise
+
+    def _pages(self, part: ListingRangeRecord) -> Iterator[ListingPage]:
+        what = ListingRange(part.prefix, part.direct)
+        if self.report is not None:
+            return _report_pages(self.report, part.marker)
+        if isinstance(self.source, RangeLister):
+            return self.source.list_pages(what, part.marker)
+        return _pages_of(self.source, what, part.marker)
+
+    def _store(self, part: ListingRangeRecord, page: ListingPage, seq: int) -> list[ObjectMeta]:
+        """Select, cut and store one page of a range, with the range's new marker; returns what was stored."""
+        cutter = ShardCutter(self.shard_bytes, self.shard_objects)
+        cutter.current, cutter.objects, cutter.bytes = part.cut_shard, part.cut_objects, part.cut_bytes
+        base = part.range_no * RANGE_SHARDS
+        entries = [(base + min(cutter.shard_of(m.size), RANGE_SHARDS - 1), m)
+                   for m in page.objects if self.ds.selects(m.key)]
+        after = ListingRangeRecord(
+            part.run_id, part.dataset, part.range_no, part.prefix, part.direct, part.basis, page.marker,
+            page.marker is None, part.objects + len(entries), part.bytes + sum(m.size for _, m in entries),
+            min(cutter.current, RANGE_SHARDS - 1), cutter.objects, cutter.bytes)
+        self.state.record_listing_page(after, entries, seq)
+        self._ranges[part.range_no] = after
+        return [m for _, m in entries]
+
+    def _check_producers(self, futures: list[tuple[ListingRangeRecord, Future]]) -> None:
+        """While no page comes: a listing thread that ended on an error it could not hand over."""
+        for part, future in futures:
+            if future.done() and not future.cancelled() and future.exception() is not None:
+                raise _range_failed(part, future.exception())
+
+    def _collect(self, futures: list[tuple[ListingRangeRecord, Future]]) -> None:
+        """Read every listing thread's outcome (each error is already raised or noted: log the rest)."""
+        errors = [future.exception() for _, future in futures if not future.cancelled() and future.exception()]
+        if errors:
+            noted(errors[0], errors[1:], "another listing range")
+
+
+def _range_failed(part: ListingRangeRecord, exc: BaseException) -> BaseException:
+    """`exc` of a listing thread, its sentence naming the range (a connector error keeps its class)."""
+    if not isinstance(exc, ConnectorError):
+        exc.add_note(f"while listing the range {range_label(part)}")
+        return exc
+    try:
+        named = type(exc)(f"the range {range_label(part)}: {exc}", key=exc.key)
+    except TypeError:
+        named = ConnectorError(f"the range {range_label(part)}: {exc}", key=exc.key)
+    named.__cause__ = exc
+    return named
+
+
+def _put(pages: queue.Queue, item: tuple, stop: threading.Event) -> bool:
+    """Hand `item` to the storing thread; False when the listing stopped meanwhile."""
+    while not stop.is_set():
+        try:
+            pages.put(item, timeout=0.5)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _pages_of(source: ObjectSource, part: ListingRange, marker: str | None) -> Iterator[ListingPage]:
+    """The listing of a source without `RangeLister` as pages whose marker is the last key: a
+    resumed listing lists from the start again and skips the keys up to the marker."""
+    objects = (m for m in source.list(part.prefix) if marker is None or m.key > marker)
+    page = list(islice(objects, PAGE_SIZE))
+    while True:
+        following = list(islice(objects, PAGE_SIZE))
+        yield ListingPage(page, page[-1].key if following else None)
+        if not following:
+            return
+        page = following
+
+
+def _report_pages(report: ReportListing, marker: str | None) -> Iterator[ListingPage]:
+    """An inventory report's rows as pages whose marker is the number of rows stored so far: a
+    resumed listing reads the report again (the same rows in the same order: its files are pinned
+    to their ETags) and skips that many. A report's rows are in no key order, so a last key would
+    not do."""
+    done = int(marker) if marker else 0
+    objects = islice(iter(report), done, None)
+    page = list(islice(objects, PAGE_SIZE))
+    while True:
+        following = list(islice(objects, PAGE_SIZE))
+        done += len(page)
+        yield ListingPage(page, str(done) if following else None)
+        if not following:
+            return
+        page = following

@@ -31,14 +31,14 @@ from .errors import RunError, call_endpoint
 from .executors import create_executors
 from . import key_copies
 from .inventory import DatasetInventory, inventory_dataset, selected
-from .listing import dataset_listing, listed_from, refuse_delete_removed
+from .listing import RangedListing, dataset_listing, listed_from, refuse_delete_removed, report_listing
 from .dataset_copy import DatasetSummary, Progress, ProgressCallback, Refusal, copy_objects, place_all
 from .placement import Placement, place
 from .output_format import IDENTITY, OutputFormat
 from .pacing import RunPacing, run_bandwidth
 from .project import lock_project, open_state, state_location
 from .settings import TransferSettings
-from .shards import (WENT_THROUGH, PlannedShard, ShardCutter, ShardOutcome, ShardPlan, ShardResult, ShardsEnded,
+from .shards import (WENT_THROUGH, PlannedShard, ShardOutcome, ShardPlan, ShardResult, ShardsEnded,
                      failure_sentence, shard_outcome)
 from . import state as st
 from .state import StateStore, StateUnwritable
@@ -422,50 +422,38 @@ class MigrationRun:
 
     # ---- the flows' way: list into the state store, then shard by shard ----------------------------
 
-    def list_dataset(self, name: str, *, shard_bytes: int, shard_objects: int) -> tuple[DatasetInventory, int]:
+    def list_dataset(self, name: str, *, shard_bytes: int, shard_objects: int,
+                     ranges_at_once: int = 1) -> tuple[DatasetInventory, int]:
         """List `name` once into the state store, cut into shards of consecutive objects (a shard
         closes at `shard_bytes` or `shard_objects`); returns the dataset's inventory and its number
-        of shards. `define_shards` then fixes the run's shards once every dataset is listed."""
+        of shards. `define_shards` then fixes the run's shards once every dataset is listed.
+
+        The listing is split into up to `ranges_at_once` ranges listed at once, and goes on from
+        where an earlier run's listing of the dataset was killed, if it was (`engine.listing`)."""
         ds = self.loaded.config.datasets[name]
         source = self.source(name)
         limits = destination_limits(self.loaded, ds.destination)
-        cutter = ShardCutter(shard_bytes, shard_objects)
-        page: list[tuple[int, ObjectMeta]] = []
-        stored = 0
-
-        def flush() -> None:
-            nonlocal stored
-            self.state.record_listing(self.run_id, name, page, start=stored)
-            stored += len(page)
-            page.clear()
-
-        listing = call_endpoint(f"dataset `{name}`: listing {source.label}", dataset_listing, self.loaded, name, source)
-
-        def listed() -> Iterator[ObjectMeta]:
-            for meta in selected(listing, ds):
-                page.append((cutter.shard_of(meta.size), meta))
-                if len(page) >= 1000:
-                    flush()
-                yield meta
-
+        report = call_endpoint(f"dataset `{name}`: listing {source.label}", report_listing, self.loaded, name)
+        listing = RangedListing(self.state, self.run_id, name, ds, source, shard_bytes=shard_bytes,
+                                shard_objects=shard_objects, at_once=ranges_at_once, report=report)
         with self._lock:
             self._sharded.append(name)
         self.state.dataset_started(self.run_id, name)
         try:
             inventory = call_endpoint(f"dataset `{name}`: listing {source.label}",
-                                      lambda: inventory_dataset(name, ds, listed(), limits, source_label=source.label,
+                                      lambda: inventory_dataset(name, ds, listing.objects(), limits,
+                                                                source_label=source.label,
                                                                 reserved=self.formats[name].metadata_for))
-            flush()
         except BaseException as exc:
             self._listing_stopped(name, exc)
             raise
-        listed_from(inventory, listing)
+        listed_from(inventory, report)
         # The whole listing is in the state store: it defines what the dataset must hold (objects
         # the shards never reach are "never attempted").
-        self.state.dataset_through(self.run_id, name, stored, inventory.bytes)
+        self.state.dataset_through(self.run_id, name, listing.objects_stored, inventory.bytes)
         with self._lock:
-            self._shard_counts[name] = cutter.shards
-        return inventory, cutter.shards
+            self._shard_counts[name] = listing.shards
+        return inventory, listing.shards
 
     def define_shards(self, max_shards: int) -> ShardPlan:
         """The shards of every listed dataset, written to the state store. When the run would have
@@ -475,8 +463,8 @@ class MigrationRun:
         factor = -(-total // max_shards) if total > max_shards else 1
         shards: list[PlannedShard] = []
         for name in self._sharded:
-            if factor > 1:
-                self.state.merge_shards(self.run_id, name, factor)
+            # Merges neighbours by `factor`, and numbers the shards of a listing in ranges 0, 1, ...
+            self.state.merge_shards(self.run_id, name, factor)
             shards += [PlannedShard(name, r.shard, r.objects, r.bytes)
                        for r in self.state.define_shards(self.run_id, name)]
         return ShardPlan(tuple(self._sharded), tuple(shards))

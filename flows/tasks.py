@@ -176,7 +176,8 @@ def list_dataset(run_id: int, dataset: str) -> dict[str, Any]:
     """List one dataset into the state store, cut into shards; returns its inventory figures."""
     run = engine_run.active_run(run_id)
     orch = run.loaded.config.orchestration
-    inv, shards = run.list_dataset(dataset, shard_bytes=orch.shard_bytes, shard_objects=orch.shard_objects)
+    inv, shards = run.list_dataset(dataset, shard_bytes=orch.shard_bytes, shard_objects=orch.shard_objects,
+                                   ranges_at_once=orch.listing_ranges)
     get_run_logger().info("%s: %s objects, %s, cut into %d shard(s)", dataset, f"{inv.objects:,}",
                           format_size(inv.bytes), shards)
     return inventory_row(inv)

@@ -46,7 +46,10 @@ def write_project(tmp_path: Path, cs: str, s3_url: str, *, project: str, bucket:
         "datasets": {"claims": {"source": "az", "container": container, "destination": "lab",
                                 "dest_prefix": f"{container}/"}},
         "transfer": {"concurrency": 4, "part_size": "5MiB", "small_object_cutoff": "1MiB", **(transfer or {})},
-        "orchestration": {"shard_objects": 4, "parallel_shards": 2, "shard_retries": 0, **(orchestration or {})},
+        # One listing range: these tests count and name the shards of one listing in key order
+        # (a dataset listed in ranges: tests/integration/test_listing_resume.py, tests/unit/test_listing_ranges.py).
+        "orchestration": {"shard_objects": 4, "parallel_shards": 2, "shard_retries": 0, "listing_ranges": 1,
+                          **(orchestration or {})},
         "state": {"path": str(tmp_path / "state"), **(state or {})},
         "keys": {"kek": {"backend": "local", "path": str(tmp_path / "kek.json")}},
         **({"alerts": alerts} if alerts else {}),

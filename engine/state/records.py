@@ -67,6 +67,31 @@ class ShardRecord:
 
 
 @dataclass(frozen=True)
+class ListingRangeRecord:
+    """One range of a run's listing of a dataset (`schema.listing_ranges`): what it lists, how far
+    its listing got, and where its shard cutter stands."""
+
+    run_id: int
+    dataset: str
+    range_no: int
+    prefix: str
+    direct: bool
+    basis: str
+    marker: str | None
+    done: bool
+    objects: int
+    bytes: int
+    cut_shard: int
+    cut_objects: int
+    cut_bytes: int
+
+    @property
+    def shards(self) -> int:
+        """The shards cut in this range so far (the current one counts once it holds an object)."""
+        return self.cut_shard + (1 if self.cut_objects else 0)
+
+
+@dataclass(frozen=True)
 class ShardCounts:
     """What the state store says of a shard's objects in its run: state -> (objects, bytes), the
     destination bytes written, and the first failures with their reasons."""

@@ -3,11 +3,11 @@ transition's parameters, a listing row. The store and its write batch share them
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import fields
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
-from connectors.base import ObjectMeta
+from connectors.base import ContentSettings, ObjectMeta
 
 from .schema import (FAILED, IN_PROGRESS, INITIAL_STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, InvalidTransition,
                      objects, utcnow)
@@ -39,9 +39,13 @@ def object_row(run_id: int, dataset: str, source_key: str, source_etag: str, siz
     return row
 
 
+_CONTENT_FIELDS = tuple(f.name for f in fields(ContentSettings))
+
+
 def listing_row(run_id: int, dataset: str, seq: int, shard: int, meta: ObjectMeta) -> dict[str, Any]:
     """A `listing` row: one listed object of a run's dataset, at position `seq`, in `shard`."""
-    content = {k: v for k, v in asdict(meta.content).items() if v is not None}
+    # Attribute by attribute: `asdict` (recursive, deep-copying) cost more than the rest of the row.
+    content = {k: v for k in _CONTENT_FIELDS if (v := getattr(meta.content, k)) is not None}
     modified = meta.last_modified
     if modified is not None and modified.tzinfo is not None:
         modified = modified.astimezone(timezone.utc).replace(tzinfo=None)

@@ -139,9 +139,12 @@ listing = sa.Table(
     sa.Column("content_md5", sa.String(32)),  # hex
     sa.Column("last_modified", sa.DateTime),
     sa.Column("tier", sa.String),
-    sa.Column("content", sa.JSON),  # ContentSettings fields that are set
-    sa.Column("meta", sa.JSON),  # user metadata
-    sa.Index("ix_listing_shard", "run_id", "dataset", "shard"),
+    # SQL NULL when empty (most objects): nothing to decode when a shard is read back.
+    sa.Column("content", sa.JSON(none_as_null=True)),  # ContentSettings fields that are set
+    sa.Column("meta", sa.JSON(none_as_null=True)),  # user metadata
+    # A shard's objects in listing order, read a page at a time (`StateStore.listed`): a seek, not
+    # a walk of the dataset's listing from its start for each page of each shard.
+    sa.Index("ix_listing_shard_seq", "run_id", "dataset", "shard", "seq"),
 )
 
 # One row per shard of a run: its extent, then what its task made of it.
@@ -200,6 +203,38 @@ rate_buckets = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
     sa.Column("rate", sa.Float, nullable=False),  # per second, as the last lease asked
 )
+
+# The ranges a run lists a dataset in (engine/listing.py), listed at once, each resumable: how far
+# its listing got (`marker`, None before its first page; `done` once its last page is stored,
+# in the same transaction as that page's `listing` rows) and the shard cutter's position, so that a
+# later run of the same dataset takes over the stored rows and lists on from each marker.
+# A range's shards are numbered `range_no * RANGE_SHARDS + n` while listing (a shard never holds
+# objects of two ranges), then renumbered 0, 1, ... in range order when the run's shards are fixed.
+listing_ranges = sa.Table(
+    "listing_ranges", metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
+    sa.Column("dataset", sa.String, primary_key=True),
+    sa.Column("range_no", sa.Integer, primary_key=True),
+    sa.Column("prefix", sa.String, nullable=False),
+    sa.Column("direct", sa.Boolean, nullable=False),  # only the objects directly below `prefix`
+    # What the listing selects (source, container, prefix, include/exclude): a later run takes
+    # over this listing only when it selects the same.
+    sa.Column("basis", sa.Text, nullable=False),
+    sa.Column("marker", sa.Text),
+    sa.Column("done", sa.Boolean, nullable=False),
+    sa.Column("objects", sa.BigInteger, nullable=False),  # selected objects stored so far
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("cut_shard", sa.Integer, nullable=False),  # the shard cutter: its current shard (within the range)
+    sa.Column("cut_objects", sa.Integer, nullable=False),  # ... and what that shard holds so far
+    sa.Column("cut_bytes", sa.BigInteger, nullable=False),
+)
+
+# Shard numbers a range may use while its dataset lists (`listing_ranges`).
+RANGE_SHARDS = 1_000_000
+
+# An index of `listing` that a newer one replaced: dropped when an older state store is opened
+# (`create_all` creates a table's indexes only with the table: the store adds the missing ones).
+REPLACED_INDEXES = ("ix_listing_shard",)  # (run_id, dataset, shard): a prefix of ix_listing_shard_seq
 
 # Columns added after the first release of the store: added to an existing database on open.
 ADDED_COLUMNS = ("upload_id", "header", "key_id", "transient", "etag_checked")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import contextmanager
+from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -20,12 +21,13 @@ from connectors.base import ContentSettings, ObjectMeta
 from ..private_files import private_directory, private_file
 from . import completeness
 from .batch import WriteBatch
-from .records import (DatasetFigures, DatasetStatus, DatasetTotals, ObjectRecord, PartRecord, RunDataset, RunRecord,
-                      ShardCounts, ShardRecord)
+from .records import (DatasetFigures, DatasetStatus, DatasetTotals, ListingRangeRecord, ObjectRecord, PartRecord,
+                      RunDataset, RunRecord, ShardCounts, ShardRecord)
 from .rows import listing_row, object_row, transition_values
-from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, REMOVED, STATES, TRANSITIONS, UNCHANGED,
-                     UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition, audit_recorded, listing, metadata, objects,
-                     parts, rate_buckets, run_datasets, runs, shards, utcnow)
+from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, RANGE_SHARDS, REMOVED, REPLACED_INDEXES,
+                     STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition,
+                     audit_recorded, listing, listing_ranges, metadata, objects, parts, rate_buckets, run_datasets,
+                     runs, shards, utcnow)
 from .unwritable import StateUnwritable, unwritable_database, writing_file
 
 # Statements built once: building and cache-keying a Core statement costs more than running it
@@ -44,14 +46,17 @@ _LAST_COPY = (objects.select()
               .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"),
                      objects.c.state.in_([sa.literal(s) for s in COPIED]))
               .order_by(objects.c.id.desc()).limit(1))
-# The newest row saying what the destination holds of a key (a copy, a copy verify found wrong, a
-# copy deleted on purpose): what a re-run may skip against, when it is a copy.
+# The rows saying what the destination holds of a key (a copy, a copy verify found wrong, a copy
+# deleted on purpose): the newest is what a re-run may skip against, when it is a copy.
+_CLAIM = sa.or_(objects.c.state.in_([sa.literal(s) for s in COPIED + (REMOVED,)]),
+                sa.and_(objects.c.state == sa.literal(FAILED), objects.c.reason.like(sa.literal(VERIFY_REASON + "%"))))
 _NEWEST_CLAIM = (objects.select()
                  .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"),
-                        sa.or_(objects.c.state.in_([sa.literal(s) for s in COPIED + (REMOVED,)]),
-                               sa.and_(objects.c.state == sa.literal(FAILED),
-                                       objects.c.reason.like(sa.literal(VERIFY_REASON + "%")))))
+                        _CLAIM)
                  .order_by(objects.c.id.desc()).limit(1))
+# An `objects` row's columns in `ObjectRecord`'s field order, to build records from positional rows.
+_RECORD_COLUMNS = tuple(objects.c[f.name] for f in fields(ObjectRecord))
+_NO_CONTENT = ContentSettings()
 _NEWEST_ROWS = (objects.select()
                 .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"))
                 .order_by(objects.c.id.desc()).limit(20))
@@ -84,6 +89,22 @@ class StateStore:
                 raise
             self.unwritable = None  # opened read-only on purpose: not a reason to stop
         self._add_missing_columns()
+        self._add_missing_indexes()
+
+    def _add_missing_indexes(self) -> None:
+        """A state store written by an older exitplan lacks the `listing` indexes added since: create
+        them (one pass over the table, once) and drop those they replace."""
+        if "mode=ro" in self.url:
+            return
+        have = {i["name"] for i in sa.inspect(self.engine).get_indexes("listing")}
+        missing = [index for index in listing.indexes if index.name not in have]
+        replaced = [name for name in REPLACED_INDEXES if name in have]
+        if missing or replaced:
+            with self._write, self.engine.begin() as conn:
+                for index in missing:
+                    index.create(conn)
+                for name in replaced:
+                    conn.execute(sa.text(f"DROP INDEX {name}"))
 
     def _add_missing_columns(self) -> None:
         """A state store written by an older exitplan lacks the resume columns: add them (nullable)."""
@@ -296,6 +317,20 @@ class StateStore:
             row = conn.execute(_NEWEST_CLAIM, {"_dataset": dataset, "_key": source_key}).mappings().first()
         return ObjectRecord(**row) if row and row["state"] in COPIED else None
 
+    def current_copies(self, dataset: str, keys: Sequence[str]) -> dict[str, ObjectRecord]:
+        """`current_copy` of many keys in one query (a page of a listing, a few hundred keys):
+        source key -> its copy, for the keys that have one. What a delta pass asks per page."""
+        if not keys:
+            return {}
+        o = objects
+        newest = (sa.select(sa.func.max(o.c.id))
+                  .where(o.c.dataset == dataset, o.c.source_key.in_(list(keys)), _CLAIM).group_by(o.c.source_key))
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(*_RECORD_COLUMNS).where(o.c.id.in_(newest.scalar_subquery()),
+                                                                   o.c.state.in_(COPIED))).all()
+        # Positional rows: a mapping per row costs more than the query at a few hundred keys.
+        return {row[3]: ObjectRecord(*row) for row in rows}
+
     # ---- a run's listing and its shards (the flows' unit of work) -----------------------------
 
     def record_listing(self, run_id: int, dataset: str, entries: Iterable[tuple[int, ObjectMeta]], *,
@@ -326,22 +361,106 @@ class StateStore:
             if shard is not None:
                 query = query.where(listing.c.shard == shard)
             with self.engine.connect() as conn:
-                rows = conn.execute(query.order_by(listing.c.seq).limit(1000)).mappings().all()
+                rows = conn.execute(query.order_by(listing.c.seq).limit(1000)).all()
             if not rows:
                 return
-            for r in rows:
+            # Positional rows (the table's column order): a mapping per row costs as much as the read.
+            for (_, _, _, _, key, etag, size, md5, modified, tier, content, meta) in rows:
                 yield ObjectMeta(
-                    key=r["source_key"], size=r["size"], etag=r["etag"],
-                    content_md5=bytes.fromhex(r["content_md5"]) if r["content_md5"] else None,
-                    last_modified=r["last_modified"].replace(tzinfo=timezone.utc) if r["last_modified"] else None,
-                    tier=r["tier"], content=ContentSettings(**(r["content"] or {})), metadata=r["meta"] or {})
-            last = rows[-1]["seq"]
+                    key=key, size=size, etag=etag, content_md5=bytes.fromhex(md5) if md5 else None,
+                    last_modified=modified.replace(tzinfo=timezone.utc) if modified else None,
+                    tier=tier, content=ContentSettings(**content) if content else _NO_CONTENT, metadata=meta or {})
+            last = rows[-1][2]
 
     def merge_shards(self, run_id: int, dataset: str, factor: int) -> None:
-        """Renumber a dataset's listed shards `n` -> `n // factor` (merging neighbours)."""
+        """Renumber a dataset's listed shards 0, 1, ... in listing order, merging each `factor`
+        neighbours (`n` -> `n // factor`). A dataset listed in several ranges (`listing_ranges`)
+        has its shards numbered per range while it lists: they are merged within their range only
+        (a shard never holds objects of two ranges) and numbered on from the range before."""
+        l = listing
+        ranges = self.listing_ranges(run_id, dataset)
+        if len(ranges) <= 1:
+            new = l.c.shard // factor if factor > 1 else None
+        else:
+            offsets, first = {}, 0
+            for r in ranges:
+                offsets[r.range_no] = first
+                first += -(-r.shards // factor)
+            within = (l.c.shard % RANGE_SHARDS) // factor if factor > 1 else l.c.shard % RANGE_SHARDS
+            new = sa.case(offsets, value=l.c.shard // RANGE_SHARDS) + within
+        if new is not None:
+            with self._writing() as conn:
+                conn.execute(l.update().where(l.c.run_id == run_id, l.c.dataset == dataset).values(shard=new))
+
+    # ---- a run's listing in ranges, resumable (engine/listing.py) ---------------------------------
+
+    def start_listing_ranges(self, run_id: int, dataset: str, basis: str,
+                             ranges: Sequence[tuple[str, bool]]) -> list[ListingRangeRecord]:
+        """Record the ranges (prefix, direct) `dataset`'s listing is cut into, none listed yet."""
+        rows = [dict(run_id=run_id, dataset=dataset, range_no=n, prefix=prefix, direct=direct, basis=basis,
+                     marker=None, done=False, objects=0, bytes=0, cut_shard=0, cut_objects=0, cut_bytes=0)
+                for n, (prefix, direct) in enumerate(ranges)]
         with self._writing() as conn:
-            conn.execute(listing.update().where(listing.c.run_id == run_id, listing.c.dataset == dataset)
-                         .values(shard=listing.c.shard // factor))
+            conn.execute(listing_ranges.insert(), rows)
+        return [ListingRangeRecord(**r) for r in rows]
+
+    def listing_ranges(self, run_id: int, dataset: str) -> list[ListingRangeRecord]:
+        """The ranges of a run's listing of `dataset`, in range order (none for a listing not cut in ranges)."""
+        r = listing_ranges
+        with self.engine.connect() as conn:
+            rows = conn.execute(r.select().where(r.c.run_id == run_id, r.c.dataset == dataset)
+                                .order_by(r.c.range_no)).mappings().all()
+        return [ListingRangeRecord(**row) for row in rows]
+
+    def record_listing_page(self, part: ListingRangeRecord, entries: Sequence[tuple[int, ObjectMeta]],
+                            start: int) -> None:
+        """Store one listed page of a range: its (shard, ObjectMeta) entries numbered from `start`,
+        and, in the same transaction, the range as it stands after the page (`part`: marker, done,
+        counts, cutter): a listing killed at any point resumes exactly after its last stored page."""
+        rows = [listing_row(part.run_id, part.dataset, start + i, shard, meta) for i, (shard, meta) in enumerate(entries)]
+        r = listing_ranges
+        with self._writing() as conn:
+            if rows:
+                conn.execute(listing.insert(), rows)
+            conn.execute(r.update().where(r.c.run_id == part.run_id, r.c.dataset == part.dataset,
+                                          r.c.range_no == part.range_no)
+                         .values(marker=part.marker, done=part.done, objects=part.objects, bytes=part.bytes,
+                                 cut_shard=part.cut_shard, cut_objects=part.cut_objects, cut_bytes=part.cut_bytes))
+
+    def listing_to_resume(self, dataset: str, basis: str, run_id: int) -> int | None:
+        """The run whose listing of `dataset` run `run_id` may take over: the newest other run that
+        started on the dataset, if it listed it in ranges selecting the same (`basis`), never went
+        through that listing (killed, or stopped on an error) and is no longer running. None otherwise."""
+        rd, r = run_datasets, listing_ranges
+        with self.engine.connect() as conn:
+            newest = conn.execute(
+                sa.select(rd.c.run_id, rd.c.through_at, runs.c.status).join_from(rd, runs, runs.c.id == rd.c.run_id)
+                .where(rd.c.dataset == dataset, rd.c.run_id != run_id, runs.c.command == "migrate")
+                .order_by(rd.c.run_id.desc()).limit(1)).first()
+            if newest is None or newest.through_at is not None or newest.status == "running":
+                return None
+            bases = set(conn.execute(sa.select(r.c.basis).where(r.c.run_id == newest.run_id,
+                                                                 r.c.dataset == dataset)).scalars())
+        return newest.run_id if bases == {basis} else None
+
+    def take_over_listing(self, earlier: int, run_id: int, dataset: str) -> None:
+        """Copy run `earlier`'s stored listing of `dataset` (its rows, its ranges with their markers)
+        to run `run_id`, in the database (nothing goes through this process): run `run_id` lists on
+        from there. Run `earlier`'s rows stay as they were."""
+        with self._writing() as conn:
+            for table in (listing, listing_ranges):
+                columns = [c.name for c in table.columns]
+                taken = [sa.literal(run_id, sa.Integer).label("run_id") if c == "run_id" else table.c[c]
+                         for c in columns]
+                conn.execute(table.insert().from_select(columns, sa.select(*taken).where(
+                    table.c.run_id == earlier, table.c.dataset == dataset)))
+
+    def listing_length(self, run_id: int, dataset: str) -> int:
+        """The position after the last stored row of a run's listing of `dataset` (0 when none)."""
+        with self.engine.connect() as conn:
+            last = conn.execute(sa.select(sa.func.max(listing.c.seq)).where(listing.c.run_id == run_id,
+                                                                            listing.c.dataset == dataset)).scalar()
+        return 0 if last is None else int(last) + 1
 
     def define_shards(self, run_id: int, dataset: str) -> list[ShardRecord]:
         """Write the `shards` rows of a dataset from its stored listing (status pending); returns them."""

@@ -195,8 +195,9 @@ def test_a_rerun_skips_what_is_unchanged_and_copies_what_changed(state):
 
 def test_per_object_look_ups_run_only_when_an_earlier_run_left_something(state, monkeypatch):
     """A first copy has nothing to skip against and nothing to resume: no query per object. Once
-    a run copied the dataset, a re-run asks for each object's copy again (and skips it)."""
-    calls = {"current_copy": 0, "resumable": 0}
+    a run copied the dataset, a re-run asks for the objects' copies again, a page of them per query
+    (and skips them)."""
+    calls = {"current_copies": 0, "resumable": 0}
     for name in calls:
         real = getattr(StateStore, name)
 
@@ -208,9 +209,9 @@ def test_per_object_look_ups_run_only_when_an_earlier_run_left_something(state, 
     src = MemoryStore()
     seed(src, 12, random.Random(5))
     first = migrate(src, MemoryStore(limits=LIMITS), state, state.start_run("migrate"), settings())
-    assert first.ok == 12 and calls == {"current_copy": 0, "resumable": 0}
+    assert first.ok == 12 and calls == {"current_copies": 0, "resumable": 0}
     again = migrate(src, MemoryStore(limits=LIMITS), state, state.start_run("migrate"), settings())
-    assert again.skipped == 12 and calls["current_copy"] == 12
+    assert again.skipped == 12 and calls["current_copies"] == 1
 
 
 def test_an_upload_left_open_is_looked_up_for_its_object(state):

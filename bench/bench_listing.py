@@ -1,0 +1,315 @@
+#!/usr/bin/env python3
+"""Benchmark a dataset's listing into the state store, and the state at 10^7 objects.
+
+Two parts, loopback only; everything the script starts is stopped at the end:
+
+- ``azurite``: starts its own Azurite, seeds a container with ``--blobs`` empty blobs in
+  ``--folders`` folders (``upload_blob`` from ``--seed-threads`` threads; the seeding time is
+  printed), then lists it (a) with a bare SDK loop (`ContainerClient.list_blobs(...).by_page()`,
+  metadata and tags included, as the connector asks) and (b) with `engine.listing.RangedListing`
+  into a fresh SQLite state, 1, 2 and 4 ranges at once; objects/s and the ratio to the bare loop.
+- ``synthetic``: ``--objects`` generated objects (a `RangeLister` that makes them up, in
+  ``--folders`` folders) through the listing into the state (4 ranges), the shards fixed, a previous
+  run's copies recorded for them (1 in 200 with another ETag, 1 in 200 never copied, 1 in 1000
+  gone from the source), then the delta pass: each shard read back and each object decided as
+  copy_objects does (`StateStore.current_copy`: unchanged, changed, new), and the objects gone from
+  the source (`removed_at_source`). Objects/s and the process's peak RSS after each phase, on SQLite
+  and (``--postgres``) on a private PostgreSQL server (tests/pg.py).
+
+Run: ``.venv/bin/python bench/bench_listing.py azurite --blobs 100000`` and
+``.venv/bin/python bench/bench_listing.py synthetic --objects 10000000 [--postgres]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from config.models import DatasetConfig  # noqa: E402
+from connectors.base import ListingPage, ListingRange, ObjectMeta  # noqa: E402
+from engine.dataset_copy import COPIES_PAGE  # noqa: E402
+from engine.listing import RangedListing  # noqa: E402
+from engine.state import StateStore  # noqa: E402
+
+DS = DatasetConfig(source="bench", container="bench", destination="bench")
+MODIFIED = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class SyntheticSource:
+    """`--objects` objects made up as they are listed, in folders `f000/` ...: a `RangeLister`
+    (the marker is the index of the last object of a page) that holds nothing in memory."""
+
+    label = "synthetic"
+    unsupported: frozenset[str] = frozenset()
+
+    def __init__(self, objects: int, folders: int, page_size: int = 5000):
+        self.objects, self.folder_count, self.page_size = objects, folders, page_size
+
+    def per_folder(self, folder: int) -> int:
+        return self.objects // self.folder_count + (1 if folder < self.objects % self.folder_count else 0)
+
+    @staticmethod
+    def meta(folder: int, i: int) -> ObjectMeta:
+        key = f"f{folder:03d}/{i:09d}.dcm"
+        return ObjectMeta(key=key, size=(i * 7919) % 1_000_000, etag=f"0x8D{folder:03d}{i:012d}",
+                          content_md5=hashlib.md5(key.encode()).digest(), last_modified=MODIFIED, tier="Hot")
+
+    def folders(self, prefix: str, limit: int) -> tuple[list[str], bool] | None:
+        return ([f"f{n:03d}/" for n in range(self.folder_count)], False) if prefix == "" else ([], True)
+
+    def list_pages(self, part: ListingRange, marker: str | None = None) -> Iterator[ListingPage]:
+        folder = int(part.prefix[1:4])
+        start, end = (int(marker) + 1 if marker else 0), self.per_folder(folder)
+        while start < end:
+            stop = min(start + self.page_size, end)
+            yield ListingPage([self.meta(folder, i) for i in range(start, stop)], str(stop - 1) if stop < end else None)
+            start = stop
+        if end == 0:
+            yield ListingPage([], None)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
+        raise NotImplementedError("listed by range only")
+
+
+def _add(rows: list, row: tuple) -> None:
+    """A row of the table, also printed at once (a run at 10^7 objects takes a while)."""
+    rows.append(row)
+    print(" | ".join(str(c) for c in row), file=sys.stderr, flush=True)
+
+
+def timed(what: str, fn):
+    began = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - began
+    return result, seconds
+
+
+def list_into(state: StateStore, source, at_once: int, shard_objects: int = 5000) -> tuple[int, int, RangedListing]:
+    """A migrate run's listing of the bench dataset into `state`; (run id, objects, the listing)."""
+    run = state.start_run("migrate")
+    state.dataset_started(run, "bench")
+    listing = RangedListing(state, run, "bench", DS, source, shard_bytes=4 * 1024**3, shard_objects=shard_objects,
+                            at_once=at_once)
+    n = sum(1 for _ in listing.objects())
+    state.dataset_through(run, "bench", listing.objects_stored, listing.bytes_stored)
+    return run, n, listing
+
+
+# ---- synthetic: the state at 10^7 --------------------------------------------------------------
+
+
+def record_previous_copies(state: StateStore, source: SyntheticSource, run: int) -> int:
+    """A previous run's copied rows for the synthetic objects (written in the database's batches, as
+    the copy's `WriteBatch` does): 1 in 200 with another ETag, 1 in 200 never copied, and 1 in 1000
+    of a key the source no longer has. Returns the rows written."""
+    from engine.state import objects as objects_table
+    from engine.state.rows import object_row
+
+    written = 0
+    rows: list[dict] = []
+
+    def flush():
+        nonlocal written
+        with state.engine.begin() as conn:  # the bench writes history directly: no copy ran
+            conn.execute(objects_table.insert(), rows)
+        written += len(rows)
+        rows.clear()
+
+    for folder in range(source.folder_count):
+        for i in range(source.per_folder(folder)):
+            if i % 200 == 1:
+                continue  # new since
+            meta = source.meta(folder, i)
+            etag = meta.etag + ("-old" if i % 200 == 2 else "")
+            row = object_row(run, "bench", meta.key, etag, meta.size, meta.key, meta.content_md5, "pending", {})
+            row.update(state="uploaded", sha256="0" * 64, dest_etag="d")
+            rows.append(row)
+            if i % 1000 == 3:
+                gone = object_row(run, "bench", meta.key + ".gone", "e", 1, meta.key + ".gone", None, "pending", {})
+                gone.update(state="uploaded")
+                rows.append(gone)
+            if len(rows) >= 5000:
+                flush()
+    if rows:
+        flush()
+    return written
+
+
+def delta_pass(state: StateStore, run: int, per_object: int = 0) -> dict[str, int]:
+    """Each listed object of `run`, shard by shard, decided as copy_objects decides it: its page's
+    current copies in one query (`StateStore.current_copies`, pages of `COPIES_PAGE`), or, for the
+    first `per_object` objects only, one `current_copy` query each (what it did before)."""
+    counts = {"unchanged": 0, "changed": 0, "new": 0}
+
+    def decide(meta, previous):
+        if previous is None:
+            counts["new"] += 1
+        elif previous.source_etag == meta.etag and previous.size == meta.size:
+            counts["unchanged"] += 1
+        else:
+            counts["changed"] += 1
+
+    for shard in state.shards(run, "bench"):
+        listed = state.listed(run, "bench", shard.shard)
+        while True:
+            page = list(islice(listed, COPIES_PAGE))
+            if not page:
+                break
+            if per_object:
+                for meta in page:
+                    decide(meta, state.current_copy("bench", meta.key))
+                per_object = max(0, per_object - len(page))
+                if not per_object:
+                    return counts
+                continue
+            copies = state.current_copies("bench", [m.key for m in page])
+            for meta in page:
+                decide(meta, copies.get(meta.key))
+    return counts
+
+
+def synthetic(objects: int, folders: int, url: str, label: str) -> list[tuple[str, str, str, str]]:
+    source = SyntheticSource(objects, folders)
+    rows = []
+    state = StateStore(url)
+    try:
+        copied_by = state.start_run("migrate")
+        state.finish_run(copied_by, "ok")
+        written, seconds = timed("history", lambda: record_previous_copies(state, source, copied_by))
+        _add(rows, (label, "previous copies recorded (bench setup)", f"{written / seconds:,.0f} rows/s",
+                     f"{peak_rss_mib():.0f}"))
+        (run, n, listing), seconds = timed("listing", lambda: list_into(state, source, 4))
+        _add(rows, (label, f"listing into the state, 4 ranges ({n:,} objects)", f"{n / seconds:,.0f} obj/s",
+                     f"{peak_rss_mib():.0f}"))
+        (_, seconds) = timed("shards", lambda: (state.merge_shards(run, "bench", 1),
+                                                state.define_shards(run, "bench")))
+        _add(rows, (label, f"shards fixed ({listing.shards:,}: renumbered, defined)", f"{seconds:.1f} s",
+                     f"{peak_rss_mib():.0f}"))
+        few = min(n, 20_000)
+        _, seconds = timed("delta", lambda: delta_pass(state, run, per_object=few))
+        _add(rows, (label, f"delta pass, one query per object (the first {few:,})", f"{few / seconds:,.0f} obj/s",
+                     f"{peak_rss_mib():.0f}"))
+        counts, seconds = timed("delta", lambda: delta_pass(state, run))
+        _add(rows, (label, "delta pass, one query per page: " + ", ".join(f"{v:,} {k}" for k, v in counts.items()),
+                     f"{n / seconds:,.0f} obj/s", f"{peak_rss_mib():.0f}"))
+        gone, seconds = timed("gone", lambda: sum(1 for _ in state.removed_at_source("bench", run)))
+        _add(rows, (label, f"gone from the source: {gone:,}", f"{seconds:.1f} s", f"{peak_rss_mib():.0f}"))
+    finally:
+        state.close()
+    return rows
+
+
+# ---- Azurite: listing into the state against a bare SDK loop ---------------------------------------
+
+
+def azurite(blobs: int, folders: int, seed_threads: int, workdir: Path) -> list[tuple[str, str, str, str]]:
+    from azure.storage.blob import BlobServiceClient
+
+    from config.lab import azurite_connection_string
+    from connectors.azure_blob import AzureBlobSource
+    from flows.lab_processes import azurite_spec, free_port, start_server, stop_pid
+
+    port = free_port()
+    started = []
+    server = start_server(azurite_spec(port), log_path=workdir / "azurite.log", on_started=started.append)
+    rows = []
+    try:
+        cs = azurite_connection_string(port)
+        service = BlobServiceClient.from_connection_string(cs)
+        container = service.create_container("bench-listing")
+        began = time.perf_counter()
+        with ThreadPoolExecutor(seed_threads) as pool:
+            for _ in pool.map(lambda i: container.upload_blob(f"f{i % folders:03d}/{i:09d}.dcm", b""), range(blobs),
+                              chunksize=256):
+                pass
+        seeded = time.perf_counter() - began
+        _add(rows, ("azurite", f"seed: {blobs:,} empty blobs, {seed_threads} threads", f"{blobs / seeded:,.0f} blobs/s",
+                     f"{seeded:.0f} s"))
+
+        def bare() -> int:
+            n = 0
+            for page in container.list_blobs(include=["metadata", "tags"], results_per_page=5000).by_page():
+                n += sum(1 for _ in page)
+            return n
+
+        n, seconds = timed("bare", bare)
+        base = n / seconds
+        _add(rows, ("azurite", "bare SDK loop (list_blobs pages of 5000)", f"{base:,.0f} obj/s", "1.00"))
+        for at_once in (1, 2, 4):
+            state_dir = Path(tempfile.mkdtemp(dir=workdir))
+            state = StateStore(state_dir / "state.db")
+            try:
+                source = AzureBlobSource.from_connection_string(cs, "bench-listing", page_size=5000)
+                (_, listed, _), seconds = timed("ranges", lambda: list_into(state, source, at_once))
+                assert listed == n, (listed, n)
+                _add(rows, ("azurite", f"listing into the state, {at_once} range(s) at once",
+                             f"{listed / seconds:,.0f} obj/s", f"{listed / seconds / base:.2f}"))
+            finally:
+                state.close()
+    finally:
+        if started:
+            stop_pid(server.pid)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="part", required=True)
+    az = sub.add_parser("azurite")
+    az.add_argument("--blobs", type=int, default=100_000)
+    az.add_argument("--folders", type=int, default=16)
+    az.add_argument("--seed-threads", type=int, default=32)
+    syn = sub.add_parser("synthetic")
+    syn.add_argument("--objects", type=int, default=10_000_000)
+    syn.add_argument("--folders", type=int, default=16)
+    syn.add_argument("--postgres", action="store_true", help="also on a private PostgreSQL server")
+    syn.add_argument("--no-sqlite", action="store_true")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-listing-"))
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        if args.part == "azurite":
+            rows = azurite(args.blobs, args.folders, args.seed_threads, workdir)
+            header = ("where", "what", "rate", "ratio / time")
+        else:
+            header = ("state", "what", "rate / time", "peak RSS MiB")
+            if not args.no_sqlite:
+                rows += synthetic(args.objects, args.folders, str(workdir / "state.db"), "sqlite")
+            if args.postgres:
+                from tests.pg import start_postgres
+
+                workdir.chmod(0o755)  # the server runs as the `postgres` user when this runs as root
+                pg = start_postgres(workdir / "pg")
+                try:
+                    rows += synthetic(args.objects, args.folders, pg.create_database("bench"), "postgresql")
+                finally:
+                    pg.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
+    for r in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

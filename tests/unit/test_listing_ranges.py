@@ -1,0 +1,228 @@
+"""A dataset listed in ranges at once into the state store (engine/listing.py): every object once,
+shards within a range, a failing range named, and a killed listing resumed from each range's marker
+without a request for the ranges it had finished, ending with the rows an uninterrupted one stores."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from config.models import DatasetConfig
+from connectors.base import ListingRange, TransientError
+from connectors.memory import MemoryStore
+from engine.listing import RangedListing, discover_ranges
+from engine.state import StateStore
+
+DS = DatasetConfig(source="az", container="c", destination="d")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = StateStore(tmp_path / "state.db")
+    else:
+        pg = request.getfixturevalue("postgres")
+        s = StateStore(pg.create_database(f"listing_{uuid.uuid4().hex[:12]}"))
+    yield s
+    s.close()
+
+
+def source(page_size=3) -> MemoryStore:
+    """Three folders (one with subfolders) and objects at the top: 40 objects."""
+    src = MemoryStore(page_size=page_size)
+    for i in range(4):
+        src.add(f"top{i}.txt", b"x" * i)
+    for i in range(12):
+        src.add(f"a/{i:02d}", b"a" * (i + 1))
+        src.add(f"b/{i:02d}", b"b")
+        src.add(f"c/{'dx'[i % 2]}/{i:02d}", b"cc")
+    return src
+
+
+def list_run(store, src, ds=DS, at_once=4, shard_objects=5):
+    """One migrate run's listing of dataset `ds`; returns (run id, the listing, keys it yielded)."""
+    run = store.start_run("migrate")
+    store.dataset_started(run, "ds")
+    listing = RangedListing(store, run, "ds", ds, src, shard_bytes=10**9, shard_objects=shard_objects,
+                            at_once=at_once)
+    yielded = [m.key for m in listing.objects()]
+    store.dataset_through(run, "ds", listing.objects_stored, listing.bytes_stored)
+    return run, listing, yielded
+
+
+def rows(store, run):
+    """(key, etag, size, shard) of each listed object, and the shards' extents, after the run's shards are fixed."""
+    store.merge_shards(run, "ds", 1)
+    shards = [(s.shard, s.objects, s.first_key, s.last_key) for s in store.define_shards(run, "ds")]
+    listed = {}
+    for s, *_ in shards:
+        listed.update({m.key: (m.etag, m.size, s) for m in store.listed(run, "ds", s)})
+    return listed, shards
+
+
+def test_the_ranges_are_the_folders_and_the_objects_directly_above_them():
+    src = source()
+    assert discover_ranges(src, "", 1) == [ListingRange("")]
+    assert discover_ranges(src, "", 4) == [ListingRange("", direct=True), ListingRange("a/"), ListingRange("b/"),
+                                           ListingRange("c/")]
+    # Wanting more splits the next level too; a folder of objects only stays one range.
+    assert discover_ranges(src, "", 6) == [ListingRange("", direct=True), ListingRange("a/"), ListingRange("b/"),
+                                           ListingRange("c/d/"), ListingRange("c/x/")]
+    assert discover_ranges(src, "a/", 4) == [ListingRange("a/")]
+
+
+def test_a_listing_in_ranges_stores_every_object_once_and_no_shard_holds_two_ranges(store):
+    src = source()
+    run, listing, yielded = list_run(store, src)
+    assert sorted(yielded) == sorted(src._objects)
+    assert [r.prefix for r in listing.ranges] == ["", "a/", "b/", "c/"] and all(r.done for r in listing.ranges)
+    listed, shards = rows(store, run)
+    assert sorted(listed) == sorted(src._objects)
+    # Shards numbered 0, 1, ... in range order; each within one range: 4 top, 12 a/, 12 b/, 12 c/ by 5.
+    assert [(n, count) for n, count, *_ in shards] == [(0, 4), (1, 5), (2, 5), (3, 2), (4, 5), (5, 5), (6, 2),
+                                                        (7, 5), (8, 5), (9, 2)]
+    assert [(first, last) for *_, first, last in shards][:4] == [("top0.txt", "top3.txt"), ("a/00", "a/04"),
+                                                                 ("a/05", "a/09"), ("a/10", "a/11")]
+    # Within a shard, the listing order is the key order.
+    assert [m.key for m in store.listed(run, "ds", 8)] == ["c/d/10", "c/x/01", "c/x/03", "c/x/05", "c/x/07"]
+
+
+def test_merging_shards_keeps_each_range_apart(store):
+    src = source()
+    run, _, _ = list_run(store, src)
+    store.merge_shards(run, "ds", 2)
+    shards = store.define_shards(run, "ds")
+    assert [(s.objects, s.first_key[:2]) for s in shards] == [(4, "to"), (10, "a/"), (2, "a/"), (10, "b/"),
+                                                               (2, "b/"), (10, "c/"), (2, "c/")]
+
+
+def test_a_failing_range_fails_the_listing_naming_the_range(store):
+    class Failing(MemoryStore):
+        def list_pages(self, part, marker=None):
+            for n, page in enumerate(super().list_pages(part, marker)):
+                if part.prefix == "b/" and n == 2:
+                    raise TransientError("memory: the connection was reset")
+                yield page
+
+    src = Failing(page_size=3)
+    for key, stored in source()._objects.items():
+        src._objects[key] = stored
+    run = store.start_run("migrate")
+    listing = RangedListing(store, run, "ds", DS, src, shard_bytes=10**9, shard_objects=5, at_once=4)
+    with pytest.raises(TransientError, match=r"^the range 'b/': memory: the connection was reset$"):
+        list(listing.objects())
+
+
+class Killed(BaseException):
+    """The process dies (what a kill looks like to the code after it: nothing more runs)."""
+
+
+def test_a_killed_listing_goes_on_from_each_range_without_listing_a_finished_range_again(store):
+    class KilledAfter(MemoryStore):
+        """Dies when the listing of c/ asks for its third page (a/ and b/ done by then)."""
+
+        def list_pages(self, part, marker=None):
+            for n, page in enumerate(super().list_pages(part, marker)):
+                if part.prefix == "c/" and n == 2 and kill:
+                    while not all(r.done for r in listing.ranges if r.prefix in ("", "a/", "b/")):
+                        pass  # the other ranges finish first, so that the test knows which are done
+                    raise Killed()
+                yield page
+
+    whole = source()
+    src = KilledAfter(page_size=3)
+    src._objects.update(whole._objects)
+    kill = True
+    run = store.start_run("migrate")
+    store.dataset_started(run, "ds")
+    listing = RangedListing(store, run, "ds", DS, src, shard_bytes=10**9, shard_objects=5, at_once=4)
+    with pytest.raises(Killed):
+        list(listing.objects())
+    store.finish_run(run, "interrupted")
+    stopped = {r.prefix: (r.done, r.marker, r.objects) for r in store.listing_ranges(run, "ds")}
+    assert stopped == {"": (True, None, 4), "a/": (True, None, 12), "b/": (True, None, 12), "c/": (False, "c/d/10", 6)}
+
+    kill = False
+    src.page_requests.clear()
+    resumed, listing2, yielded = list_run(store, src)
+    assert listing2.taken_over == run
+    # Only c/ was listed, from its marker: no request for the ranges done before the kill.
+    assert src.page_requests == [(ListingRange("c/"), "c/d/10"), (ListingRange("c/"), "c/x/05"),
+                                 (ListingRange("c/"), "c/x/11")]
+    assert sorted(yielded) == sorted(whole._objects)
+
+    fresh, _, _ = list_run(store, whole)
+    assert store.listing_to_resume("ds", listing2.ranges[0].basis, fresh + 1) is None  # the newest went through
+    assert rows(store, resumed) == rows(store, fresh)
+
+
+def test_a_listing_selecting_other_objects_is_not_taken_over(store):
+    src = source()
+    run = store.start_run("migrate")
+    store.dataset_started(run, "ds")
+    listing = RangedListing(store, run, "ds", DS, src, shard_bytes=10**9, shard_objects=5, at_once=4)
+    next(iter(listing.objects()))
+    store.finish_run(run, "interrupted")
+    narrower = DatasetConfig(source="az", container="c", destination="d", exclude=("b/*",))
+    _, listing2, yielded = list_run(store, src, ds=narrower)
+    assert listing2.taken_over is None
+    assert sorted(yielded) == sorted(k for k in src._objects if not k.startswith("b/"))
+
+
+def test_a_state_store_of_the_previous_version_gets_the_ranges_table_and_the_shard_index(store):
+    """The previous version had no `listing_ranges` and indexed a shard without its listing order."""
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE listing_ranges"))
+        conn.execute(sa.text("DROP INDEX ix_listing_shard_seq"))
+        conn.execute(sa.text("CREATE INDEX ix_listing_shard ON listing (run_id, dataset, shard)"))
+    store.close()
+    reopened = StateStore(store.url)
+    try:
+        inspector = sa.inspect(reopened.engine)
+        assert {i["name"]: i["column_names"] for i in inspector.get_indexes("listing")} == {
+            "ix_listing_shard_seq": ["run_id", "dataset", "shard", "seq"]}
+        assert "listing_ranges" in inspector.get_table_names()
+        run, _, yielded = list_run(reopened, source())
+        assert len(yielded) == 40
+    finally:
+        reopened.close()
+
+
+def test_the_copies_of_a_page_of_keys_are_what_current_copy_says_of_each(store):
+    """The delta pass's look-up, a page of keys per query, answers what `current_copy` answers per
+    key: the newest copy, none once that copy was deleted or found wrong by verify, none for a new key."""
+    from engine import state as st
+
+    first, second = store.start_run("migrate"), store.start_run("migrate")
+    for key in ("copied", "deleted", "found-wrong", "copied-twice"):
+        oid = store.add_object(first, "ds", key, "e1", 1, dest_key=key, state=st.IN_PROGRESS)
+        store.transition(oid, st.UPLOADED)
+    store.add_object(second, "ds", "deleted", "e1", 1, dest_key="deleted", state=st.REMOVED)
+    wrong = next(r for r in store.objects(first) if r.source_key == "found-wrong")
+    store.transition(wrong.id, st.FAILED, reason=st.VERIFY_REASON + "size differs")
+    oid = store.add_object(second, "ds", "copied-twice", "e2", 2, dest_key="copied-twice", state=st.IN_PROGRESS)
+    store.transition(oid, st.UPLOADED)
+    keys = ["copied", "deleted", "found-wrong", "copied-twice", "new"]
+    copies = store.current_copies("ds", keys)
+    assert {k: (r.run_id, r.source_etag) for k, r in copies.items()} == {"copied": (first, "e1"),
+                                                                          "copied-twice": (second, "e2")}
+    assert copies == {k: store.current_copy("ds", k) for k in keys if store.current_copy("ds", k)}
+
+
+def test_the_listing_bench_runs_at_a_tiny_size(tmp_path):
+    """bench/bench_listing.py's synthetic part, 2,000 objects on SQLite: kept from rotting."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "bench_listing.py"
+    spec = importlib.util.spec_from_file_location("bench_listing", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.synthetic(2000, 4, str(tmp_path / "state.db"), "sqlite")
+    assert [what.split(" (")[0].split(":")[0] for _, what, *_ in rows] == [
+        "previous copies recorded", "listing into the state, 4 ranges", "shards fixed",
+        "delta pass, one query per object", "delta pass, one query per page", "gone from the source"]
+    assert rows[4][1] == "delta pass, one query per page: 1,976 unchanged, 12 changed, 12 new"
+    assert rows[5][1] == "gone from the source: 4"
