@@ -218,3 +218,62 @@ def test_the_flows_listing_pass_reads_the_report_into_the_state(tmp_path, contai
     finally:
         result = migration.finish()
     assert result.all_ok and result.summaries[0].ok == 9
+
+
+class Killed(KeyboardInterrupt):
+    """What a kill looks like to the code after it: the run stops where it is."""
+
+
+def test_a_killed_report_listing_goes_on_from_the_rows_it_stored(tmp_path, container, s3_server, monkeypatch,
+                                                                 azurite_connection_string):
+    """A report's rows are in no key order, so its listing's marker is a row count: the next run
+    takes over a listing killed part-way, skips the rows already stored and ends with each of the
+    report's objects exactly once, as an uninterrupted listing does."""
+    from engine import listing
+    from engine.state import StateStore
+
+    from connectors.azure_writer import AzureBlobWriter
+    from lab.inventory_report import write_report
+
+    name, _ = container
+    live = write_config(tmp_path, s3_server, name, None, "live.yaml")
+    # Rows in reverse key order over three files: a last key would not say where the listing stopped.
+    blobs = sorted(open_source(load_config(live), "d").list(""), key=lambda m: m.key, reverse=True)
+    written = write_report(AzureBlobWriter(azurite_connection_string), f"{name}-inv", blobs, name, rows_per_file=4)
+    config = write_config(tmp_path, s3_server, name, {"report": written.path}, "report.yaml")
+    assert main(["keys", "init", "--config", str(config)]) == 0
+    monkeypatch.setattr(listing, "PAGE_SIZE", 2)  # 9 rows: 5 pages
+    record_page, stored = StateStore.record_listing_page, []
+    kill = True
+
+    def killed_after_two_pages(state, part, entries, start):
+        if kill and len(stored) == 2:
+            raise Killed()
+        record_page(state, part, entries, start)
+        stored.append((part.marker, [m.key for _, m in entries]))
+
+    monkeypatch.setattr(StateStore, "record_listing_page", killed_after_two_pages)
+
+    def listing_run():
+        migration = run.MigrationRun.start(load_config(config), ["d"])
+        try:
+            inventory, _ = migration.list_dataset("d", shard_bytes=1024**3, shard_objects=3, ranges_at_once=4)
+            migration.define_shards(100)
+        finally:
+            migration.finish()  # not completed: recorded as interrupted
+        return migration.run_id, inventory
+
+    with pytest.raises(Killed):
+        listing_run()
+    assert [marker for marker, _ in stored] == ["2", "4"]
+    first_keys = [key for _, keys in stored for key in keys]
+    kill = False
+    resumed, inventory = listing_run()
+    assert [marker for marker, _ in stored[2:]] == ["6", "8", None]  # rows 5 to 9 only
+    assert inventory.objects == 9
+    fresh, _ = listing_run()
+    with open_state(load_config(config)) as state:
+        resumed_rows = [m.key for m in state.listed(resumed, "d")]
+        fresh_rows = [m.key for m in state.listed(fresh, "d")]
+    assert resumed_rows[:4] == first_keys == [m.key for m in blobs[:4]]
+    assert sorted(resumed_rows) == sorted(fresh_rows) and len(set(resumed_rows)) == 9
