@@ -145,6 +145,9 @@ listing = sa.Table(
     # A shard's objects in listing order, read a page at a time (`StateStore.listed`): a seek, not
     # a walk of the dataset's listing from its start for each page of each shard.
     sa.Index("ix_listing_shard_seq", "run_id", "dataset", "shard", "seq"),
+    # Whether a run listed a key (`StateStore.removed_at_source`): a probe per copied object, not a
+    # scan of the run's listing (or, in PostgreSQL, a `NOT IN` rescanned per row).
+    sa.Index("ix_listing_key", "run_id", "dataset", "source_key"),
 )
 
 # One row per shard of a run: its extent, then what its task made of it.

@@ -290,12 +290,22 @@ class StateStore:
         newest = (sa.select(sa.func.max(o.c.id).label("id"))
                   .where(o.c.dataset == dataset, o.c.state.in_(COPIED + (REMOVED,)))
                   .group_by(o.c.source_key).subquery())
-        seen = sa.union(sa.select(o.c.source_key).where(o.c.run_id == run_id, o.c.dataset == dataset),
-                        sa.select(listing.c.source_key).where(listing.c.run_id == run_id, listing.c.dataset == dataset))
+        # NOT EXISTS, each an index probe (ix_objects_dataset_key, ix_listing_key): PostgreSQL
+        # rescans a `NOT IN (subquery)` per row once the run's keys outgrow work_mem.
+        mine = o.alias("mine")
+        seen_copied = (sa.select(mine.c.id).where(mine.c.dataset == dataset, mine.c.source_key == o.c.source_key,
+                                                  mine.c.run_id == run_id))
+        seen_listed = (sa.select(listing.c.seq).where(listing.c.run_id == run_id, listing.c.dataset == dataset,
+                                                       listing.c.source_key == o.c.source_key))
         query = (o.select().join_from(o, newest, o.c.id == newest.c.id)
-                 .where(o.c.state.in_(COPIED), o.c.run_id != run_id, o.c.source_key.not_in(seen))
+                 .where(o.c.state.in_(COPIED), o.c.run_id != run_id, ~seen_copied.exists(), ~seen_listed.exists())
                  .order_by(o.c.source_key))
         with self.engine.connect() as conn:
+            if self.engine.dialect.name == "postgresql":
+                # Streamed through a cursor, which PostgreSQL plans for its first 10% of rows: nested
+                # loops where hashing the run's keys once is a hundred times faster (44 s against
+                # 0.4 s for 200,000 objects). The whole result is wanted: plan for all of it.
+                conn.exec_driver_sql("SET LOCAL cursor_tuple_fraction = 1.0")
             result = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
             for row in result.mappings():
                 yield ObjectRecord(**row)

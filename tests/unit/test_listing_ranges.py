@@ -176,13 +176,15 @@ def test_a_state_store_of_the_previous_version_gets_the_ranges_table_and_the_sha
     with store.engine.begin() as conn:
         conn.execute(sa.text("DROP TABLE listing_ranges"))
         conn.execute(sa.text("DROP INDEX ix_listing_shard_seq"))
+        conn.execute(sa.text("DROP INDEX ix_listing_key"))
         conn.execute(sa.text("CREATE INDEX ix_listing_shard ON listing (run_id, dataset, shard)"))
     store.close()
     reopened = StateStore(store.url)
     try:
         inspector = sa.inspect(reopened.engine)
         assert {i["name"]: i["column_names"] for i in inspector.get_indexes("listing")} == {
-            "ix_listing_shard_seq": ["run_id", "dataset", "shard", "seq"]}
+            "ix_listing_shard_seq": ["run_id", "dataset", "shard", "seq"],
+            "ix_listing_key": ["run_id", "dataset", "source_key"]}
         assert "listing_ranges" in inspector.get_table_names()
         run, _, yielded = list_run(reopened, source())
         assert len(yielded) == 40
