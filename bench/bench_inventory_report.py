@@ -34,18 +34,8 @@ if str(REPO) not in sys.path:
 from connectors.azure_inventory import InventoryReport  # noqa: E402
 from connectors.base import ContentSettings, ObjectMeta  # noqa: E402
 from connectors.memory import MemoryStore  # noqa: E402
-from lab.inventory_report import write_report  # noqa: E402
+from lab.inventory_report import MemoryReportWriter, write_report  # noqa: E402
 
-
-class _StoreWriter:
-    def __init__(self, store: MemoryStore):
-        self.store = store
-
-    def ensure_container(self, container: str) -> None:
-        pass
-
-    def put_single(self, container, name, body, content, metadata, md5) -> None:
-        self.store.add(name, body)
 
 
 def synthetic(rows: int):
@@ -59,7 +49,7 @@ def synthetic(rows: int):
 
 def measure(fmt: str, rows: int) -> tuple[float, float, int]:
     store = MemoryStore()
-    written = write_report(_StoreWriter(store), "inventory", synthetic(rows), "claims", fmt=fmt)
+    written = write_report(MemoryReportWriter(store), "inventory", synthetic(rows), "claims", fmt=fmt)
     body = store.data(written.files[0])
     started = time.perf_counter()
     if fmt == "csv":

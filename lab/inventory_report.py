@@ -42,6 +42,21 @@ class ReportWriter(Protocol):
                    metadata: dict[str, str], md5: bytes) -> None: ...
 
 
+class MemoryReportWriter:
+    """A `ReportWriter` into a `connectors.memory.MemoryStore` standing for the report's container
+    (one container: the name is the blob's name), for the unit tests and the bench."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def ensure_container(self, container: str) -> None:
+        pass
+
+    def put_single(self, container: str, name: str, body: bytes, content: ContentSettings,
+                   metadata: dict[str, str], md5: bytes) -> None:
+        self.store.add(name, body)
+
+
 @dataclass(frozen=True)
 class WrittenReport:
     path: str  # <container>/YYYY/MM/DD/HH-MM-SS/<rule>: what `datasets.<name>.inventory.report` names

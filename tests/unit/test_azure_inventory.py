@@ -23,24 +23,12 @@ from connectors.azure_inventory import (
 )
 from connectors.base import ConfigError, ContentSettings, ObjectMeta, WriteMeta
 from connectors.memory import MemoryStore
-from lab.inventory_report import SCHEMA_FIELDS, write_report
+from lab.inventory_report import MemoryReportWriter, SCHEMA_FIELDS, write_report
 
 STARTED = datetime(2026, 11, 30, 1, 0, 0, tzinfo=timezone.utc)
 FOLDER = "2026/11/30/01-00-00/exitplan"
 MANIFEST = f"{FOLDER}/exitplan-manifest.json"
 
-
-class StoreWriter:
-    """The lab generator's writer over a `MemoryStore` standing for the report's container."""
-
-    def __init__(self, store: MemoryStore):
-        self.store = store
-
-    def ensure_container(self, container: str) -> None:
-        pass
-
-    def put_single(self, container, name, body, content, metadata, md5) -> None:
-        self.store.add(name, body)
 
 
 def row(**cells) -> dict:
@@ -129,7 +117,7 @@ def blobs() -> list[ObjectMeta]:
 
 def report_store(metas, *, fmt="csv", rows_per_file=0) -> MemoryStore:
     store = MemoryStore()
-    write_report(StoreWriter(store), "inventory", list(metas), "claims", fmt=fmt, started=STARTED,
+    write_report(MemoryReportWriter(store), "inventory", list(metas), "claims", fmt=fmt, started=STARTED,
                  rows_per_file=rows_per_file)
     return store
 

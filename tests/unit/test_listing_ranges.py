@@ -4,7 +4,6 @@ without a request for the ranges it had finished, ending with the rows an uninte
 
 from __future__ import annotations
 
-import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -16,17 +15,6 @@ from engine.listing import RangedListing, discover_ranges
 from engine.state import StateStore
 
 DS = DatasetConfig(source="az", container="c", destination="d")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    if request.param == "sqlite":
-        s = StateStore(tmp_path / "state.db")
-    else:
-        pg = request.getfixturevalue("postgres")
-        s = StateStore(pg.create_database(f"listing_{uuid.uuid4().hex[:12]}"))
-    yield s
-    s.close()
 
 
 def source(page_size=3) -> MemoryStore:

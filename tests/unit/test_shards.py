@@ -3,10 +3,7 @@ back, a shard's figures from its rows, and how its task ended."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timezone
-
-import pytest
 
 from connectors.base import ContentSettings, ObjectMeta
 from engine import state as st
@@ -14,19 +11,6 @@ from config.models import OrchestrationConfig
 from engine.run import summary_from_rows
 from engine.settings import TransferSettings, within_connections
 from engine.shards import ShardCutter, ShardResult, share_connections, shard_outcome
-from engine.state import StateStore
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request, tmp_path):
-    """The state store on SQLite, and on PostgreSQL (a fresh database each time)."""
-    if request.param == "sqlite":
-        s = StateStore(tmp_path / "state.db")
-    else:
-        pg = request.getfixturevalue("postgres")
-        s = StateStore(pg.create_database(f"shards_{uuid.uuid4().hex[:12]}"))
-    yield s
-    s.close()
 
 
 def shards_of(sizes, max_bytes, max_objects):
