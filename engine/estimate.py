@@ -38,6 +38,7 @@ from config.sizes import format_size
 from connectors.base import ObjectMeta
 
 from .dataset_copy import PlannedObject
+from .placement import tier_label
 
 GB = 10**9
 MB = 10**6
@@ -111,7 +112,7 @@ class PlanTally:
 
     def add(self, planned: PlannedObject) -> None:
         self.listed.add(planned.size)
-        self.by_tier.setdefault(planned.tier or "none", Figures()).add(planned.size)
+        self.by_tier.setdefault(tier_label(planned.tier, planned.kind), Figures()).add(planned.size)
         self.by_kind.setdefault(planned.kind or "object", Figures()).add(planned.size)
         if planned.action == "write":
             self.to_copy.add(planned.size)

@@ -17,7 +17,8 @@ from .endpoints import destination_limits, open_source
 from .errors import call_endpoint
 from .listing import dataset_listing, listed_from
 from .output_format import IDENTITY
-from .placement import DEFAULT_KINDS, DEFAULT_TIERS, DoesNotFit, FileBesideDirectory, NotAPath, clash_sentence, place, relative_key, restore_path
+from .placement import (DEFAULT_TIERS, DoesNotFit, FileBesideDirectory, NotAPath, clash_sentence, place, relative_key,
+                        restore_path, tier_label)
 
 # Tink key ids are 32-bit: with no keyset yet, inventory counts the widest id's metadata.
 WIDEST_KEY_ID = 2**32 - 1
@@ -63,7 +64,7 @@ class DatasetInventory:
         if meta.content_md5 is None:
             self.without_md5 += 1
         # Page and append blobs have no access tier: not counted as Hot (`kinds` counts them).
-        tier = meta.tier or ("Hot" if meta.kind in DEFAULT_KINDS else "none")
+        tier = tier_label(meta.tier, meta.kind)
         self.tiers[tier] = self.tiers.get(tier, 0) + 1
         if (meta.tier or "").lower() not in HOT_TIERS:
             self.not_hot += 1

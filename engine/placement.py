@@ -190,6 +190,13 @@ DEFAULT_KINDS = {None, "block"}
 DEFAULT_TIERS = {None, "", "hot", "standard"}
 
 
+def tier_label(tier: str | None, kind: str | None) -> str:
+    """A tier as the inventory and the estimate count it: the object's own; Hot for a block blob (or
+    an object of a store without kinds) that states none, Azure's default; "none" for the kinds
+    that have no access tier (page and append blobs)."""
+    return tier or ("Hot" if kind in DEFAULT_KINDS else "none")
+
+
 def source_metadata(meta: ObjectMeta) -> dict[str, str]:
     """The exitplan metadata that keeps what S3 metadata would lose of `meta`: its metadata names'
     case, its creation and last-modified times, its ETag, its kind and tier where they are not the

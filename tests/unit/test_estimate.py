@@ -49,7 +49,7 @@ def claims_tally() -> PlanTally:
     for planned in (
         write_obj("h1", GB, GB + 1000, 1),  # a single PUT
         write_obj("h2", GB, GB + 1000, 10),
-        write_obj("h3", GB, GB + 1000, 20),
+        write_obj("h3", GB, GB + 1000, 20, tier=None),  # a block blob stating no tier: Hot, as `inventory` counts it
         write_obj("c1", 2 * GB, 2 * GB + 2000, 40, tier="Cool"),
         PlannedObject("u1", "d/u1", 5 * GB, 5 * GB, 0, False, "skip", "unchanged since run 1", tier="Hot", kind="block"),
         PlannedObject("a1", None, 4 * GB, 0, 0, False, "refuse", "it is in the Archive tier", tier="Archive", kind="block"),
