@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from connectors.base import ObjectMeta
 from engine import state as st
-from tests.unit.test_shards import store  # noqa: F401 (the state store on SQLite and on PostgreSQL)
 
 
 def copied(store, run, key, etag="e1", size=10, verified=False) -> int:
