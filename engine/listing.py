@@ -43,7 +43,7 @@ import queue
 import threading
 from concurrent.futures import Future
 from itertools import islice
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from config.errors import UserError
 from config.models import DatasetConfig, LoadedConfig
@@ -329,13 +329,7 @@ def _pages_of(source: ObjectSource, part: ListingRange, marker: str | None) -> I
     """The listing of a source without `RangeLister` as pages whose marker is the last key: a
     resumed listing lists from the start again and skips the keys up to the marker."""
     objects = (m for m in source.list(part.prefix) if marker is None or m.key > marker)
-    page = list(islice(objects, PAGE_SIZE))
-    while True:
-        following = list(islice(objects, PAGE_SIZE))
-        yield ListingPage(page, page[-1].key if following else None)
-        if not following:
-            return
-        page = following
+    return _paged(objects, lambda page: page[-1].key)
 
 
 def _report_pages(report: ReportListing, marker: str | None) -> Iterator[ListingPage]:
@@ -344,12 +338,22 @@ def _report_pages(report: ReportListing, marker: str | None) -> Iterator[Listing
     to their ETags) and skips that many. A report's rows are in no key order, so a last key would
     not do."""
     done = int(marker) if marker else 0
-    objects = islice(iter(report), done, None)
+
+    def count(page: list[ObjectMeta]) -> str:
+        nonlocal done
+        done += len(page)
+        return str(done)
+
+    return _paged(islice(iter(report), done, None), count)
+
+
+def _paged(objects: Iterator[ObjectMeta], marker_after: Callable[[list[ObjectMeta]], str]) -> Iterator[ListingPage]:
+    """`objects` in pages of `PAGE_SIZE`, each with the marker a resumed listing goes on from
+    (`marker_after(page)`), the last one with none."""
     page = list(islice(objects, PAGE_SIZE))
     while True:
         following = list(islice(objects, PAGE_SIZE))
-        done += len(page)
-        yield ListingPage(page, str(done) if following else None)
+        yield ListingPage(page, marker_after(page) if following else None)
         if not following:
             return
         page = following
