@@ -220,10 +220,6 @@ def test_the_flows_listing_pass_reads_the_report_into_the_state(tmp_path, contai
     assert result.all_ok and result.summaries[0].ok == 9
 
 
-class Killed(KeyboardInterrupt):
-    """What a kill looks like to the code after it: the run stops where it is."""
-
-
 def test_a_killed_report_listing_goes_on_from_the_rows_it_stored(tmp_path, container, s3_server, monkeypatch,
                                                                  azurite_connection_string):
     """A report's rows are in no key order, so its listing's marker is a row count: the next run
@@ -231,6 +227,7 @@ def test_a_killed_report_listing_goes_on_from_the_rows_it_stored(tmp_path, conta
     report's objects exactly once, as an uninterrupted listing does."""
     from engine import listing
     from engine.state import StateStore
+    from tests.integration.test_listing_resume import Killed, list_dataset_run
 
     from connectors.azure_writer import AzureBlobWriter
     from lab.inventory_report import write_report
@@ -255,13 +252,7 @@ def test_a_killed_report_listing_goes_on_from_the_rows_it_stored(tmp_path, conta
     monkeypatch.setattr(StateStore, "record_listing_page", killed_after_two_pages)
 
     def listing_run():
-        migration = run.MigrationRun.start(load_config(config), ["d"])
-        try:
-            inventory, _ = migration.list_dataset("d", shard_bytes=1024**3, shard_objects=3, ranges_at_once=4)
-            migration.define_shards(100)
-        finally:
-            migration.finish()  # not completed: recorded as interrupted
-        return migration.run_id, inventory
+        return list_dataset_run(load_config(config), "d")
 
     with pytest.raises(Killed):
         listing_run()

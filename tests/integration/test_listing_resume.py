@@ -24,6 +24,18 @@ class Killed(KeyboardInterrupt):
     """What a kill looks like to the code after it: the run stops where it is."""
 
 
+def list_dataset_run(loaded, dataset: str):
+    """A run of the flows' listing pass alone (4 ranges at once, shards of 3 objects): (its run id,
+    the dataset's inventory). A `Killed` on the way leaves it recorded as interrupted."""
+    run = MigrationRun.start(loaded, [dataset])
+    try:
+        inventory, _ = run.list_dataset(dataset, shard_bytes=10**9, shard_objects=3, ranges_at_once=4)
+        run.define_shards(100)
+    finally:
+        run.finish()  # not completed: recorded as interrupted
+    return run.run_id, inventory
+
+
 def listed_rows(loaded, run_id):
     """(key, etag, size, shard) of each object of run `run_id`'s listing, after its shards are fixed."""
     from engine.project import open_state
@@ -74,13 +86,7 @@ def test_a_killed_listing_goes_on_from_each_unfinished_range_without_listing_the
     monkeypatch.setattr(StateStore, "record_listing_page", killed_after_two_pages_of_c)
 
     def listing_run():
-        run = MigrationRun.start(loaded, ["docs"])
-        try:
-            inventory, _ = run.list_dataset("docs", shard_bytes=10**9, shard_objects=3, ranges_at_once=4)
-            run.define_shards(100)
-        finally:
-            run.finish()  # not completed: recorded as interrupted
-        return run.run_id, inventory
+        return list_dataset_run(loaded, "docs")
 
     with pytest.raises(Killed):
         listing_run()
