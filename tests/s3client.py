@@ -8,13 +8,16 @@ from botocore.config import Config
 
 def lab_s3_client(url: str, bucket: str | None = None, region: str = "eu-west-3"):
     """A client for the S3 server at `url` (checksums only when required, as exitplan's own);
-    creates `bucket` when given."""
+    creates `bucket` when given, unless an earlier module on the same server already did."""
     client = boto3.client(
         "s3", endpoint_url=url, region_name=region, aws_access_key_id="t", aws_secret_access_key="t",
         config=Config(request_checksum_calculation="when_required", response_checksum_validation="when_required"),
     )
     if bucket:
-        client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region})
+        try:
+            client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region})
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            pass  # a module-scoped fixture imported into a second module asks again
     return client
 
 
