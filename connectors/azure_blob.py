@@ -387,8 +387,10 @@ class AzureBlobSource:
 
     def list_pages(self, part: ListingRange, marker: str | None = None) -> Iterator[ListingPage]:
         """The pages of `part`, each with its continuation token as the marker (`RangeLister`):
-        a range is listed on from where an earlier listing stopped, without listing its start again."""
-        options = dict(name_starts_with=part.prefix or None, include=["metadata", "tags"],
+        a range is listed on from where an earlier listing stopped, without listing its start again.
+        Snapshots and earlier versions are listed too, apart (`ListingPage.history`), so that what
+        is not carried is counted and named instead of left unseen."""
+        options = dict(name_starts_with=part.prefix or None, include=["metadata", "tags", "snapshots", "versions"],
                        results_per_page=self.page_size)
         paged = (self._container.walk_blobs(delimiter="/", **options) if part.direct
                  else self._container.list_blobs(**options))
@@ -398,9 +400,32 @@ class AzureBlobSource:
             if page is None:
                 return
             token = pages.continuation_token or None
-            yield ListingPage([self._meta(p) for p in page if not isinstance(p, BlobPrefix)], token)
+            entries = [self._meta(p) for p in page if not isinstance(p, BlobPrefix)]
+            if token is not None and entries and token == entries[-1].key:
+                entries += self._rest_of_name(entries, options["include"])
+            yield ListingPage([m for m in entries if m.earlier_state is None], token,
+                              [m for m in entries if m.earlier_state is not None])
             if token is None:
                 return
+
+    def _rest_of_name(self, entries: list[ObjectMeta], include: list[str]) -> list[ObjectMeta]:
+        """The entries of the page's last name that the page left out. Azure's continuation token is
+        opaque and goes on inside a name's snapshots and versions; Azurite's is the last name itself
+        and goes on after it, so that the rest of that name's entries (its other snapshots, or the
+        blob itself) would never be listed. A token equal to the last name is answered by listing
+        that name's entries once more."""
+        name = entries[-1].key
+        seen = {(m.snapshot, m.version_id) for m in entries if m.key == name}
+        pages = self._container.list_blobs(name_starts_with=name, include=include, results_per_page=5000).by_page()
+        rest: list[ObjectMeta] = []
+        while (page := self._call(lambda: _next_page(pages), name)) is not None:
+            for props in page:
+                if props.name != name:
+                    return rest
+                meta = self._meta(props)
+                if (meta.snapshot, meta.version_id) not in seen:
+                    rest.append(meta)
+        return rest
 
     def head(self, key: str) -> ObjectMeta:
         """Full properties of blob `key` (size, ETag, Content-MD5, tier, content headers, metadata,
@@ -488,6 +513,11 @@ class AzureBlobSource:
             created=props.creation_time if isinstance(props.creation_time, datetime) else None,
             kind=_KINDS.get(_tier(props.blob_type) or "", _tier(props.blob_type)),
             not_copyable=ARCHIVED if (tier or "").lower() == "archive" else None,
+            snapshot=getattr(props, "snapshot", None) or None,
+            version_id=getattr(props, "version_id", None) or None,
+            # Azure marks only the current version (`IsCurrentVersion` true); without a version id
+            # (no versioning, or a listing without versions) the blob is its current state.
+            current_version=not getattr(props, "version_id", None) or getattr(props, "is_current_version", None) is True,
         )
 
     def _call(self, fn: Callable[[], T], key: str) -> T:

@@ -38,7 +38,7 @@ from functools import lru_cache
 from typing import Any, Iterator, Mapping
 
 from .azure_blob import ARCHIVED
-from .base import ConfigError, ContentSettings, HeadReader, NotFound, ObjectMeta, RangeReader
+from .base import NOT_CARRIED, ConfigError, ContentSettings, HeadReader, NotFound, ObjectMeta, RangeReader
 
 # Bytes asked for per read of a report file.
 READ_CHUNK = 8 * 1024 * 1024
@@ -84,7 +84,7 @@ class ReportFile:
 @dataclass
 class InventoryReport:
     """One rule's run, its manifest checked (`open`). `origin` says where the listing came from,
-    for the inventory and the dry run; `not_copied` (reason -> rows) and `rows` grow as
+    for the inventory and the dry run; `not_copied` (reason -> (rows, bytes)) and `rows` grow as
     `objects` reads."""
 
     reader: Any  # HeadReader + RangeReader over the report's container
@@ -94,7 +94,7 @@ class InventoryReport:
     object_count: int
     completed: str
     rule: str
-    not_copied: dict[str, int] = field(default_factory=dict)
+    not_copied: dict[str, tuple[int, int]] = field(default_factory=dict)
     rows: int = 0
 
     @property
@@ -189,7 +189,8 @@ class InventoryReport:
                     if reason is None and not seen.first(name):
                         reason = "repeated rows of one blob (Azure's reports may list a blob twice): carried once"
                     if reason is not None:
-                        self.not_copied[reason] = self.not_copied.get(reason, 0) + 1
+                        rows_before, bytes_before = self.not_copied.get(reason, (0, 0))
+                        self.not_copied[reason] = (rows_before + 1, bytes_before + _size(row))
                         continue
                     try:
                         meta = object_meta(row, container)
@@ -290,12 +291,20 @@ def row_not_copied(row: Mapping[str, Any]) -> str | None:
     """Why a report row is not an object to copy (a snapshot, an earlier version, a soft-deleted
     blob), or None for a current base blob: what the live listing yields."""
     if row.get("snapshot"):
-        return "snapshots (the live listing does not carry them either)"
+        return NOT_CARRIED["snapshot"]
     if _flag(row.get("deleted")):
-        return "soft-deleted blobs"
+        return "soft-deleted blobs: only blobs present at the source are carried"
     if row.get("versionid") and not _flag(row.get("iscurrentversion")):
-        return "earlier versions (only each blob's current version is copied)"
+        return NOT_CARRIED["version"]
     return None
+
+
+def _size(row: Mapping[str, Any]) -> int:
+    """A row's Content-Length, 0 where it states none (a row counted, not copied)."""
+    try:
+        return int(row.get("contentlength") or 0)
+    except (TypeError, ValueError):
+        return 0
 
 
 def object_meta(row: Mapping[str, Any], container: str) -> ObjectMeta:

@@ -61,10 +61,36 @@ class ObjectMeta:
     # Why the source cannot give this entry as an object (a symbolic link not followed, a device):
     # a listing names it instead of leaving it out, and placement refuses it with this reason.
     not_copyable: str | None = None
+    # An earlier state of a blob that a listing names beside the blob itself: Azure's snapshot
+    # (its time stamp) or a version that is not the current one (its version id; the current
+    # version carries its id too). A listing keeps earlier states apart (`ListingPage.history`):
+    # they are never copied as the blob, and `earlier_state` says which kind one is.
+    snapshot: str | None = None
+    version_id: str | None = None
+    current_version: bool = True
+
+    @property
+    def earlier_state(self) -> str | None:
+        """"snapshot" or "version" for an earlier state of a blob, None for the blob itself."""
+        if self.snapshot:
+            return "snapshot"
+        if self.version_id and not self.current_version:
+            return "version"
+        return None
 
     @property
     def content_md5_b64(self) -> str | None:
         return base64.b64encode(self.content_md5).decode() if self.content_md5 else None
+
+
+# Why a listing's earlier states of blobs (`ObjectMeta.earlier_state`) are not copied: the same
+# sentence for a live listing and an inventory report's rows, counted and named wherever a dataset's
+# figures are shown (inventory, dry run, summary, status, manifest, report).
+NOT_CARRIED = {
+    "snapshot": "snapshots: each blob's current state is carried, not its snapshots",
+    "version": "earlier versions (of blobs present or deleted): each blob's current version is carried, not its "
+               "earlier ones",
+}
 
 
 @dataclass(frozen=True)
@@ -300,10 +326,14 @@ class ListingRange:
 @dataclass(frozen=True)
 class ListingPage:
     """One listing request's answer: its objects in key order, and the marker that lists on after
-    them (a continuation token, or the last key), None after the range's last page."""
+    them (a continuation token, or the last key), None after the range's last page; `history`: the
+    snapshots and earlier versions listed with them."""
 
     objects: list[ObjectMeta]
     marker: str | None
+    # The earlier states of blobs the request named beside them (`ObjectMeta.earlier_state`):
+    # counted and named as not carried, never copied as objects.
+    history: list[ObjectMeta] = field(default_factory=list)
 
 
 @runtime_checkable

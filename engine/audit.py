@@ -108,8 +108,9 @@ RUN_END = "run_end"
 REMOVAL = "removal"
 RUN_INTERRUPTED = "run_interrupted"
 REPAIR = "repair"
+NOT_CARRIED = "not_carried"  # what a dataset's listing named that the run does not carry, by reason
 _MANIFEST = "the audit manifest"  # for the sentence of a manifest that cannot be written
-RECORD_TYPES = (CHAIN_START, RUN_START, TRANSFER, REMOVAL, VERIFY, RUN_INTERRUPTED, REPAIR, RUN_END)
+RECORD_TYPES = (CHAIN_START, RUN_START, TRANSFER, REMOVAL, NOT_CARRIED, VERIFY, RUN_INTERRUPTED, REPAIR, RUN_END)
 MARKS_PER_TRANSACTION = 500  # rows marked recorded per state transaction (`_Marks`)
 
 
@@ -875,6 +876,21 @@ class MigrationAudit(RunAudit):
         run = self.state.get_run(self.run_id)
         return self.finish(status, {k: getattr(run, k) for k in (
             "objects_total", "objects_ok", "objects_failed", "objects_skipped", "bytes_total", "bytes_sent")})
+
+    def record_not_carried(self, dataset: str, counts: Mapping[str, tuple[int, int]]) -> None:
+        """A `not_carried` record for `dataset`: what this run's listing of it named and the run does
+        not carry (snapshots, earlier versions, rows of an inventory report), objects and bytes per
+        reason. Nothing when the listing named nothing of the kind."""
+        if not counts:
+            return
+        ds = self.loaded.config.datasets[dataset]
+        self.manifest.append({
+            "type": NOT_CARRIED, "run": self.run_id, "dataset": dataset,
+            "source": {"kind": self.loaded.config.sources[ds.source].kind, "name": ds.source,
+                       "container": ds.container, "prefix": ds.prefix},
+            "not_carried": [{"reason": reason, "objects": objects, "bytes": size}
+                            for reason, (objects, size) in sorted(counts.items())],
+        })
 
     def record_transfers(self, dataset: str, source: ObjectSource | None = None, sink: HeadReader | None = None) -> int:
         """Append a transfer record for each copied row of `dataset` not recorded yet; returns how many.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -478,10 +478,10 @@ class DryRunSummary:
     skipped: int
     refused: int
     refusals: tuple[tuple[str, str], ...]  # first `max_reported` (source key, reason)
-    # Where the listing came from when it is not a live one, and the rows of that inventory report
-    # that are not objects to copy: (reason, rows).
+    # Where the listing came from when it is not a live one, and what the listing named that is not
+    # carried (snapshots, earlier versions, report rows that are not objects): reason -> (objects, bytes).
     listed_from: str | None = None
-    not_copied: tuple[tuple[str, int], ...] = ()
+    not_copied: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def plan_sized_object(size: int, limits: SinkLimits, settings: TransferSettings,

@@ -52,9 +52,10 @@ class DatasetInventory:
     unrestorable_count: int = 0
     unrestorable: list[tuple[str, str]] = field(default_factory=list)
     # Where the listing came from when it is not a live one ("inventory report … (completed …, N
-    # rows)"), and the report's rows that are not objects to copy: reason -> rows.
+    # rows)"), and what the listing named that is not carried (snapshots, earlier versions, report
+    # rows that are not objects): reason -> (objects, bytes).
     listed_from: str | None = None
-    not_copied: dict[str, int] = field(default_factory=dict)
+    not_copied: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def add(self, meta: ObjectMeta, misfit: str | None) -> None:
         self.objects += 1

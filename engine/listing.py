@@ -43,11 +43,12 @@ import queue
 import threading
 from concurrent.futures import Future
 from itertools import islice
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from config.errors import UserError
 from config.models import DatasetConfig, LoadedConfig
-from connectors.base import ConnectorError, ListingPage, ListingRange, ObjectMeta, ObjectSource, RangeLister
+from connectors.base import (NOT_CARRIED, ConnectorError, ListingPage, ListingRange, ObjectMeta, ObjectSource,
+                             RangeLister)
 
 from .endpoints import open_azure_container
 from .executors import create_pool, noted
@@ -59,13 +60,47 @@ if TYPE_CHECKING:
     from connectors.azure_inventory import InventoryReport
 
 
-def dataset_listing(loaded: LoadedConfig, name: str, source: ObjectSource) -> Iterator[ObjectMeta]:
-    """The objects of dataset `name` under its prefix: `source.list(prefix)`, or its inventory
-    report's rows (`ReportListing`; the manifest is read and checked here, before any row)."""
+def dataset_listing(loaded: LoadedConfig, name: str, source: ObjectSource) -> "LiveListing | ReportListing":
+    """The objects of dataset `name` under its prefix: the source listed live (`LiveListing`), or
+    its inventory report's rows (`ReportListing`; the manifest is read and checked here, before any
+    row). Either counts, in `not_copied`, what it names that is not carried."""
     ds = loaded.config.datasets[name]
     if ds.inventory is None:
-        return source.list(ds.prefix)
+        return LiveListing(source, ds)
     return report_listing(loaded, name)
+
+
+NotCarried = dict[str, tuple[int, int]]  # reason -> (objects, bytes) a listing names but no run carries
+
+
+def count_not_carried(counts: NotCarried, history: Iterable[ObjectMeta], ds: DatasetConfig) -> NotCarried:
+    """`counts` with the earlier states of blobs in `history` (snapshots, earlier versions) that
+    dataset `ds` selects added, under their reasons (`connectors.base.NOT_CARRIED`)."""
+    for meta in history:
+        if ds.selects(meta.key):
+            reason = NOT_CARRIED[meta.earlier_state or "snapshot"]
+            objects, size = counts.get(reason, (0, 0))
+            counts[reason] = (objects + 1, size + meta.size)
+    return counts
+
+
+class LiveListing:
+    """A dataset's objects listed live from its source (iterate it once); `not_copied`: the
+    snapshots and earlier versions of its selected blobs, counted as the pages come."""
+
+    origin = None  # a live listing, not a report
+
+    def __init__(self, source: ObjectSource, ds: DatasetConfig):
+        self.source, self.ds = source, ds
+        self.not_copied: NotCarried = {}
+
+    def __iter__(self) -> Iterator[ObjectMeta]:
+        if not isinstance(self.source, RangeLister):
+            yield from self.source.list(self.ds.prefix)
+            return
+        for page in self.source.list_pages(ListingRange(self.ds.prefix)):
+            count_not_carried(self.not_copied, page.history, self.ds)
+            yield from page.objects
 
 
 def report_listing(loaded: LoadedConfig, name: str) -> "ReportListing | None":
@@ -102,16 +137,15 @@ class ReportListing:
         return self.report.origin
 
     @property
-    def not_copied(self) -> dict[str, int]:
+    def not_copied(self) -> NotCarried:
         return dict(self.report.not_copied)
 
 
 def listed_from(inventory, listing) -> None:
-    """Note on a `DatasetInventory` (or anything with `listed_from` and `not_copied`) that
-    `listing` was read from an inventory report, and the report's rows that were not objects."""
-    if isinstance(listing, ReportListing):
-        inventory.listed_from = listing.origin
-        inventory.not_copied = listing.not_copied
+    """Note on a `DatasetInventory` (or anything with `listed_from` and `not_copied`) where
+    `listing` came from (an inventory report, or None: live) and what it named but does not carry."""
+    inventory.listed_from = listing.origin
+    inventory.not_copied = dict(listing.not_copied)
 
 
 def refuse_delete_removed(loaded: LoadedConfig, datasets: list[str]) -> None:
@@ -205,6 +239,21 @@ class RangedListing:
     def bytes_stored(self) -> int:
         return sum(r.bytes for r in self.ranges)
 
+    @property
+    def not_copied(self) -> NotCarried:
+        """The snapshots and earlier versions the ranges named (stored with each page), with an
+        inventory report's rows that are not objects."""
+        counts: NotCarried = dict(self.report.not_copied) if self.report is not None else {}
+        for part in self.ranges:
+            for reason, (objects, size) in json.loads(part.not_carried or "{}").items():
+                before = counts.get(reason, (0, 0))
+                counts[reason] = (before[0] + objects, before[1] + size)
+        return counts
+
+    @property
+    def origin(self) -> str | None:
+        return self.report.origin if self.report is not None else None
+
     def objects(self) -> Iterator[ObjectMeta]:
         basis = listing_basis(self.ds)
         self.taken_over = self.state.listing_to_resume(self.name, basis, self.run_id)
@@ -280,10 +329,15 @@ class RangedListing:
         base = part.range_no * RANGE_SHARDS
         entries = [(base + min(cutter.shard_of(m.size), RANGE_SHARDS - 1), m)
                    for m in page.objects if self.ds.selects(m.key)]
+        not_carried = part.not_carried
+        if page.history:
+            counts = count_not_carried({k: tuple(v) for k, v in json.loads(not_carried or "{}").items()},
+                                       page.history, self.ds)
+            not_carried = json.dumps(counts) if counts else not_carried
         after = ListingRangeRecord(
             part.run_id, part.dataset, part.range_no, part.prefix, part.direct, part.basis, page.marker,
             page.marker is None, part.objects + len(entries), part.bytes + sum(m.size for _, m in entries),
-            min(cutter.current, RANGE_SHARDS - 1), cutter.objects, cutter.bytes)
+            min(cutter.current, RANGE_SHARDS - 1), cutter.objects, cutter.bytes, not_carried)
         self.state.record_listing_page(after, entries, seq)
         self._ranges[part.range_no] = after
         return [m for _, m in entries]

@@ -18,7 +18,7 @@ from .crypto.tink_format import TINK_LAYOUT
 from .dataset_copy import DryRunSummary, PlannedObject, dry_run, place_all, plan_sized_object
 from .estimate import Estimate, PlanTally, SizedWrite, estimate, terms_for
 from .inventory import selected
-from .listing import ReportListing, dataset_listing
+from .listing import dataset_listing
 from .output_format import IDENTITY, OutputFormat
 from .planning import PlanRefused
 from .project import open_state
@@ -50,8 +50,7 @@ def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, Pl
                 listing = dataset_listing(loaded, name, source)
                 summary = dry_run(name, place_all(selected(listing, ds), placer(loaded, name, limits, formats[name])),
                                   limits, settings, output_format=formats[name], state=state, on_object=shown)
-                if isinstance(listing, ReportListing):
-                    summary = replace(summary, listed_from=listing.origin, not_copied=tuple(listing.not_copied.items()))
+                summary = replace(summary, listed_from=listing.origin, not_copied=dict(listing.not_copied))
                 results.append(summary)
             except ConnectorError as exc:
                 raise RunError(f"dataset `{name}`: listing {source.label}: {exc}", exc) from None

@@ -398,6 +398,9 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
                  "<i>complete</i>: every object of the dataset's newest complete source listing is at the "
                  "destination and verified (<code>exitplan status</code> names those that are not).</p>")
     parts += [f'<p class="warn">{_E(s.sentence())}</p>' for s in statuses.values() if not s.complete]
+    parts += [f'<p class="warn">{_E(d)}: not carried: {n:,} ({_E(format_size(size))}) {_E(reason)}</p>'
+              for d, s in statuses.items() if s.listing is not None
+              for reason, (n, size) in sorted(s.listing.not_carried_counts.items())]
     parts += _not_arrived_section(statuses)
     parts += _estimate_section(loaded, datasets, tallies, listings, runs, fig_by)
 

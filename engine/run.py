@@ -13,9 +13,9 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 from config.bandwidth import BandwidthTimetable
 from config.errors import UserError
@@ -87,11 +87,12 @@ def placer(loaded: LoadedConfig, name: str, limits: SinkLimits, fmt: OutputForma
     return place_one
 
 
-def dataset_items(loaded: LoadedConfig, name: str, source: ObjectSource, limits: SinkLimits,
+def dataset_items(loaded: LoadedConfig, name: str, listing: Iterable[ObjectMeta], limits: SinkLimits,
                   fmt: OutputFormat = IDENTITY) -> Iterator[tuple[ObjectMeta, Placement | Refusal]]:
-    """The dataset's selected objects, listed lazily, each placed at the destination or refused."""
+    """The dataset's selected objects of `listing` (`dataset_listing`), listed lazily, each placed
+    at the destination or refused."""
     ds = loaded.config.datasets[name]
-    return place_all(selected(dataset_listing(loaded, name, source), ds), placer(loaded, name, limits, fmt))
+    return place_all(selected(listing, ds), placer(loaded, name, limits, fmt))
 
 
 def preflight_destinations(loaded: LoadedConfig, datasets: list[str]) -> None:
@@ -147,6 +148,9 @@ class MigrationResult:
     # Part uploads and single PUTs the S3 SDK sent again on its own in this process (the engine's
     # own retries are in each summary's `bodies_resent`).
     bodies_resent_by_sdk: int = 0
+    # dataset -> what its listing named that is not carried (snapshots, earlier versions, report
+    # rows that are not objects): reason -> (objects, bytes).
+    not_carried: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
 
     @property
     def all_ok(self) -> bool:
@@ -371,7 +375,9 @@ class MigrationRun:
         observer.dataset_started(name, objects, total)
         self.state.dataset_started(self.run_id, name)
         try:
-            summary = self._copy(name, dataset_items(self.loaded, name, source, sink.limits, self.formats[name]),
+            listing = call_endpoint(f"dataset `{name}`: listing {source.label}", dataset_listing, self.loaded, name,
+                                    source)
+            summary = self._copy(name, dataset_items(self.loaded, name, listing, sink.limits, self.formats[name]),
                                  observer.progress)
         except ConnectorError as exc:  # the listing itself failed part-way
             self._listing_stopped(name, exc)
@@ -381,7 +387,7 @@ class MigrationRun:
             raise
         # Every listed object was handed to the copy and has its row (or is counted as failed):
         # this listing now defines what the dataset must hold.
-        self.state.dataset_through(self.run_id, name, summary.objects, summary.bytes_total)
+        self.state.dataset_through(self.run_id, name, summary.objects, summary.bytes_total, listing.not_copied)
         self.dataset_done(name, listed=summary.objects)
         observer.dataset_finished(summary)
         return summary
@@ -419,6 +425,7 @@ class MigrationRun:
         self._removed.append(handle_removed(self.state, self.run_id, name, self.sink(name),
                                             delete=self.delete_removed, listed=listed))
         self.trail.record_transfers(name, self.source(name), self.sink(name))
+        self.trail.record_not_carried(name, self.state.not_carried(self.run_id, name))
 
     # ---- the flows' way: list into the state store, then shard by shard ----------------------------
 
@@ -447,10 +454,10 @@ class MigrationRun:
         except BaseException as exc:
             self._listing_stopped(name, exc)
             raise
-        listed_from(inventory, report)
+        listed_from(inventory, listing)
         # The whole listing is in the state store: it defines what the dataset must hold (objects
         # the shards never reach are "never attempted").
-        self.state.dataset_through(self.run_id, name, listing.objects_stored, inventory.bytes)
+        self.state.dataset_through(self.run_id, name, listing.objects_stored, inventory.bytes, inventory.not_copied)
         with self._lock:
             self._shard_counts[name] = listing.shards
         return inventory, listing.shards
@@ -573,6 +580,7 @@ class MigrationRun:
             try:
                 self.state.finish_run(self.run_id, status)
                 md5_checked = sum(1 for r in self.state.objects(self.run_id) if r.md5_checked)
+                not_carried = {ds: self.state.not_carried(self.run_id, ds) for ds in self.datasets}
                 try:
                     self.trail.end(status)
                 except StateUnwritable:  # the manifest's disk, this time
@@ -591,7 +599,8 @@ class MigrationRun:
                                {ds: key_holder(loaded, self.formats[ds]) for ds in datasets},
                                tuple(self.keyset_copies), self.trail.outcome(copies, notes), tuple(self._removed),
                                sum(getattr(endpoint, "bodies_resent_by_sdk", 0)
-                                   for (kind, _), endpoint in self._endpoints.items() if kind == "sink"))
+                                   for (kind, _), endpoint in self._endpoints.items() if kind == "sink"),
+                               {ds: counts for ds, counts in not_carried.items() if counts})
 
 
 def _with_throttling(progress: ProgressCallback, pacing: RunPacing, snapshot: Progress) -> None:

@@ -58,6 +58,7 @@ def inventory_row(inv) -> dict[str, Any]:
             "bytes": inv.bytes, "size": format_size(inv.bytes), "largest": format_size(inv.largest_size),
             "without_md5": inv.without_md5, "not_hot": inv.not_hot, "will_not_fit": inv.misfit_count,
             "not_restorable_as_files": inv.unrestorable_count,
+            "not_carried": sum(n for n, _ in inv.not_copied.values()),
             "listed_from": inv.listed_from or "a live listing"}
 
 
@@ -219,6 +220,9 @@ def summary_markdown(outcome: MigrateOutcome, gate: list[dict[str, str]], checke
     if outcome.failures:
         lines += ["", f"## Failed objects ({len(outcome.failures):,} shown)", ""]
         lines += [f"- `{f['dataset']}` `{f['object']}`: {f['reason']}" for f in outcome.failures[:20]]
+    for dataset, counts in r.not_carried.items():
+        lines += [""] + [f"{dataset}: **not carried**: {objects:,} ({format_size(size)}) {reason}"
+                         for reason, (objects, size) in sorted(counts.items())]
     for removed in r.removed:
         if removed.count:
             lines += ["", f"{removed.dataset}: {removed.count:,} object(s) gone from the source since they were "

@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import sys
+from typing import Mapping
 from pathlib import Path
 
 from config.bandwidth import EXAMPLE as BANDWIDTH_EXAMPLE, BandwidthTimetable, parse_bandwidth
@@ -105,10 +106,12 @@ def cmd_inventory(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         w = csv.writer(sys.stdout)
         w.writerow(["dataset", "source", "destination", "objects", "bytes", "largest_key", "largest_size",
-                    "without_md5", "not_hot", "misfits", "directory_markers", "not_restorable_as_files"])
+                    "without_md5", "not_hot", "misfits", "directory_markers", "not_restorable_as_files",
+                    "not_carried_objects", "not_carried_bytes"])
         for r in results:
             w.writerow([r.dataset, r.source, r.destination, r.objects, r.bytes, r.largest_key or "", r.largest_size,
-                        r.without_md5, r.not_hot, r.misfit_count, r.directory_markers, r.unrestorable_count])
+                        r.without_md5, r.not_hot, r.misfit_count, r.directory_markers, r.unrestorable_count,
+                        sum(n for n, _ in r.not_copied.values()), sum(b for _, b in r.not_copied.values())])
     else:
         _print_inventory_table(results)
     return ExitCode.OK
@@ -129,7 +132,7 @@ def _print_inventory_table(results) -> None:
     for r in results:
         if r.largest_key:
             print(f"\n{r.dataset}: {r.source} -> {r.destination}; largest object {r.largest_key!r}")
-        _print_listed_from(r.dataset, r.listed_from, r.not_copied.items())
+        _print_listed_from(r.dataset, r.listed_from, r.not_copied)
         if r.tiers and set(r.tiers) != {"Hot"}:
             print("  tiers: " + ", ".join(f"{t} {n:,}" for t, n in sorted(r.tiers.items()))
                   + " (the tier is kept as exitplan metadata; every object lands in the destination's default class)")
@@ -231,16 +234,20 @@ def _dry_run(loaded: LoadedConfig, datasets: list[str], *, summary_only: bool = 
     return ExitCode.OK
 
 
-def _print_listed_from(dataset: str, listed_from: str | None, not_copied) -> None:
-    """Say that a dataset's plan comes from an inventory report, not a live listing, and which of
-    the report's rows are not objects to copy."""
-    if listed_from is None:
-        return
-    print(f"\n{dataset}: from {listed_from}, not a live listing: objects created since are not in it, and each "
-          "object is read pinned to the report's ETag (changed since: re-read at its current version; deleted "
-          "since: named as failed)")
-    for reason, rows in not_copied:
-        print(f"  not copied: {rows:,} rows: {reason}")
+def _print_listed_from(dataset: str, listed_from: str | None, not_copied: Mapping[str, tuple[int, int]]) -> None:
+    """Say that a dataset's plan comes from an inventory report, not a live listing, and what its
+    listing named that is not carried (snapshots, earlier versions, report rows that are no objects)."""
+    if listed_from is not None:
+        print(f"\n{dataset}: from {listed_from}, not a live listing: objects created since are not in it, and each "
+              "object is read pinned to the report's ETag (changed since: re-read at its current version; deleted "
+              "since: named as failed)")
+    print_not_carried(dataset, not_copied)
+
+
+def print_not_carried(dataset: str, not_carried: Mapping[str, tuple[int, int]]) -> None:
+    """One line per reason: what a dataset's listing named that is not carried, objects and bytes."""
+    for reason, (objects, size) in sorted(not_carried.items()):
+        print(f"{dataset}: not carried: {objects:,} ({format_size(size)}) {reason}")
 
 
 def _where_to(loaded: LoadedConfig, dataset: str) -> str:
@@ -299,6 +306,8 @@ def print_migration_summary(result) -> None:
         print(f"  {', '.join(datasets)}: {holder}")
     for copy in result.keyset_copies:
         print(f"  wrapped keyset copied next to the data: {copy}")
+    for dataset, counts in result.not_carried.items():
+        print_not_carried(dataset, counts)
     for r in result.removed:
         if r.not_looked_for:
             print(f"{r.dataset}: {r.not_looked_for}", file=sys.stderr)

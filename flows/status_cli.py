@@ -66,6 +66,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                   + (f"; {s.removed_kept:,} gone from the source since they were copied (copies kept)"
                      if s.removed_kept else "")
                   + (f"; {s.removed_deleted:,} removed at the source (copies deleted)" if s.removed_deleted else ""))
+            for reason, (objects, size) in sorted(s.listing.not_carried_counts.items()):
+                print(f"  not carried: {objects:,} ({format_size(size)}) {reason}")
         print(s.sentence())
     for s in statuses:
         print_incomplete(s)

@@ -35,14 +35,18 @@ from .schema import (CHANGED, COPIED, FAILED, IN_PROGRESS, PENDING, REMOVED, UNC
 
 def run_datasets_of(engine: Engine, dataset: str) -> list[RunDataset]:
     """Every migrate and verify run that started on `dataset`, newest first (a few per day at most)."""
-    query = (sa.select(run_datasets.c.run_id, run_datasets.c.dataset, runs.c.command, runs.c.status.label("run_status"),
-                       run_datasets.c.started_at, run_datasets.c.through_at, run_datasets.c.objects,
-                       run_datasets.c.bytes, run_datasets.c.stopped)
-             .join_from(run_datasets, runs, runs.c.id == run_datasets.c.run_id)
-             .where(run_datasets.c.dataset == dataset).order_by(run_datasets.c.run_id.desc()))
     with engine.connect() as conn:
-        if not sa.inspect(conn).has_table("run_datasets"):  # a read-only store written by an older exitplan
+        inspector = sa.inspect(conn)
+        if not inspector.has_table("run_datasets"):  # a read-only store written by an older exitplan
             return []
+        # ... or one without the column added since (read-only: not added on open)
+        not_carried = (run_datasets.c.not_carried if any(c["name"] == "not_carried" for c in inspector.get_columns("run_datasets"))
+                       else sa.null().label("not_carried"))
+        query = (sa.select(run_datasets.c.run_id, run_datasets.c.dataset, runs.c.command,
+                           runs.c.status.label("run_status"), run_datasets.c.started_at, run_datasets.c.through_at,
+                           run_datasets.c.objects, run_datasets.c.bytes, run_datasets.c.stopped, not_carried)
+                 .join_from(run_datasets, runs, runs.c.id == run_datasets.c.run_id)
+                 .where(run_datasets.c.dataset == dataset).order_by(run_datasets.c.run_id.desc()))
         return [RunDataset(**r) for r in conn.execute(query).mappings()]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Mapping
@@ -84,6 +85,7 @@ class ListingRangeRecord:
     cut_shard: int
     cut_objects: int
     cut_bytes: int
+    not_carried: str | None = None  # JSON {reason: [objects, bytes]}: snapshots, earlier versions
 
     @property
     def shards(self) -> int:
@@ -167,10 +169,16 @@ class RunDataset:
     objects: int | None  # what the listing held (migrate), what was checked (verify)
     bytes: int | None
     stopped: str | None
+    not_carried: str | None = None  # JSON {reason: [objects, bytes]}: what the listing named, not carried
 
     @property
     def went_through(self) -> bool:
         return self.through_at is not None
+
+    @property
+    def not_carried_counts(self) -> dict[str, tuple[int, int]]:
+        """What the run's listing named that is not carried: reason -> (objects, bytes)."""
+        return {reason: (int(n[0]), int(n[1])) for reason, n in json.loads(self.not_carried or "{}").items()}
 
     def why_not_through(self) -> str:
         """Why this run did not go through the dataset, as a clause ("run 7 (migrate, started
@@ -295,7 +303,9 @@ class DatasetStatus:
 
         listing = run(self.listing)
         if listing is not None:
-            listing.update(objects=self.listing.objects, bytes=self.listing.bytes)
+            listing.update(objects=self.listing.objects, bytes=self.listing.bytes,
+                           not_carried=[{"reason": reason, "objects": n, "bytes": size} for reason, (n, size)
+                                        in sorted(self.listing.not_carried_counts.items())])
         return {
             "dataset": self.dataset, "prefix": self.prefix or None, "complete": self.complete, "known": self.known,
             "expected": {"objects": self.expected, "bytes": self.expected_bytes}, "listing": listing,

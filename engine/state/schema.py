@@ -184,6 +184,9 @@ run_datasets = sa.Table(
     sa.Column("objects", sa.BigInteger),
     sa.Column("bytes", sa.BigInteger),
     sa.Column("stopped", sa.Text),
+    # What the listing named but the run does not carry (snapshots, earlier versions, rows of an
+    # inventory report that are not objects): JSON {reason: [objects, bytes]}, set with `through_at`.
+    sa.Column("not_carried", sa.Text),
     sa.Index("ix_run_datasets_dataset", "dataset", "run_id"),
 )
 
@@ -230,6 +233,9 @@ listing_ranges = sa.Table(
     sa.Column("cut_shard", sa.Integer, nullable=False),  # the shard cutter: its current shard (within the range)
     sa.Column("cut_objects", sa.Integer, nullable=False),  # ... and what that shard holds so far
     sa.Column("cut_bytes", sa.BigInteger, nullable=False),
+    # The range's listed entries that are not objects to carry (snapshots, earlier versions) so
+    # far: JSON {reason: [objects, bytes]}, stored with each page.
+    sa.Column("not_carried", sa.Text),
 )
 
 # Shard numbers a range may use while its dataset lists (`listing_ranges`).
@@ -239,5 +245,9 @@ RANGE_SHARDS = 1_000_000
 # (`create_all` creates a table's indexes only with the table: the store adds the missing ones).
 REPLACED_INDEXES = ("ix_listing_shard",)  # (run_id, dataset, shard): a prefix of ix_listing_shard_seq
 
-# Columns added after the first release of the store: added to an existing database on open.
-ADDED_COLUMNS = ("upload_id", "header", "key_id", "transient", "etag_checked")
+# Columns added after the first release of the store, per table: added to an existing database on open.
+ADDED_COLUMNS = {
+    "objects": ("upload_id", "header", "key_id", "transient", "etag_checked"),
+    "run_datasets": ("not_carried",),
+    "listing_ranges": ("not_carried",),
+}

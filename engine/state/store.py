@@ -6,12 +6,13 @@ builds a query or touches the SQLAlchemy engine.
 
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import contextmanager
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -107,17 +108,19 @@ class StateStore:
                     conn.execute(sa.text(f"DROP INDEX {name}"))
 
     def _add_missing_columns(self) -> None:
-        """A state store written by an older exitplan lacks the resume columns: add them (nullable)."""
+        """A state store written by an older exitplan lacks the columns added since: add them (nullable)."""
         if "mode=ro" in self.url:
             return
-        have = {c["name"] for c in sa.inspect(self.engine).get_columns("objects")}
-        missing = [name for name in ADDED_COLUMNS if name not in have]
-        if missing:
-            with self._write, self.engine.begin() as conn:
-                for name in missing:
-                    col = objects.c[name]
-                    conn.execute(sa.text(f"ALTER TABLE objects ADD COLUMN {name} "
-                                         f"{col.type.compile(dialect=self.engine.dialect)}"))
+        inspector = sa.inspect(self.engine)
+        for table, names in ADDED_COLUMNS.items():
+            have = {c["name"] for c in inspector.get_columns(table)}
+            missing = [name for name in names if name not in have]
+            if missing:
+                with self._write, self.engine.begin() as conn:
+                    for name in missing:
+                        col = metadata.tables[table].c[name]
+                        conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {name} "
+                                             f"{col.type.compile(dialect=self.engine.dialect)}"))
 
     def _unwritable(self, context: sa.engine.ExceptionContext) -> None:
         """SQLAlchemy's `handle_error` hook: a full disk, a read-only filesystem or a refused
@@ -408,7 +411,8 @@ class StateStore:
                              ranges: Sequence[tuple[str, bool]]) -> list[ListingRangeRecord]:
         """Record the ranges (prefix, direct) `dataset`'s listing is cut into, none listed yet."""
         rows = [dict(run_id=run_id, dataset=dataset, range_no=n, prefix=prefix, direct=direct, basis=basis,
-                     marker=None, done=False, objects=0, bytes=0, cut_shard=0, cut_objects=0, cut_bytes=0)
+                     marker=None, done=False, objects=0, bytes=0, cut_shard=0, cut_objects=0, cut_bytes=0,
+                     not_carried=None)
                 for n, (prefix, direct) in enumerate(ranges)]
         with self._writing() as conn:
             conn.execute(listing_ranges.insert(), rows)
@@ -435,7 +439,8 @@ class StateStore:
             conn.execute(r.update().where(r.c.run_id == part.run_id, r.c.dataset == part.dataset,
                                           r.c.range_no == part.range_no)
                          .values(marker=part.marker, done=part.done, objects=part.objects, bytes=part.bytes,
-                                 cut_shard=part.cut_shard, cut_objects=part.cut_objects, cut_bytes=part.cut_bytes))
+                                 cut_shard=part.cut_shard, cut_objects=part.cut_objects, cut_bytes=part.cut_bytes,
+                                 not_carried=part.not_carried))
 
     def listing_to_resume(self, dataset: str, basis: str, run_id: int) -> int | None:
         """The run whose listing of `dataset` run `run_id` may take over: the newest other run that
@@ -661,13 +666,25 @@ class StateStore:
         with self._writing() as conn:
             conn.execute(run_datasets.insert().values(run_id=run_id, dataset=dataset, started_at=utcnow()))
 
-    def dataset_through(self, run_id: int, dataset: str, objects: int, bytes_: int) -> None:
+    def dataset_through(self, run_id: int, dataset: str, objects: int, bytes_: int,
+                        not_carried: Mapping[str, tuple[int, int]] | None = None) -> None:
         """Run `run_id` went through `dataset`: a migrate run, its whole source listing (`objects`
-        and `bytes_` are what the listing held); a verify run, every expected object (what it checked)."""
+        and `bytes_` are what the listing held, `not_carried` what it named but does not carry:
+        reason -> (objects, bytes)); a verify run, every expected object (what it checked)."""
+        values = dict(through_at=utcnow(), objects=objects, bytes=bytes_)
+        if not_carried is not None:
+            values["not_carried"] = json.dumps({reason: list(n) for reason, n in not_carried.items()})
         with self._writing() as conn:
             conn.execute(run_datasets.update()
                          .where(run_datasets.c.run_id == run_id, run_datasets.c.dataset == dataset)
-                         .values(through_at=utcnow(), objects=objects, bytes=bytes_))
+                         .values(**values))
+
+    def not_carried(self, run_id: int, dataset: str) -> dict[str, tuple[int, int]]:
+        """What run `run_id`'s listing of `dataset` named but does not carry: reason -> (objects, bytes)."""
+        with self.engine.connect() as conn:
+            raw = conn.execute(sa.select(run_datasets.c.not_carried).where(
+                run_datasets.c.run_id == run_id, run_datasets.c.dataset == dataset)).scalar()
+        return {reason: (int(n[0]), int(n[1])) for reason, n in json.loads(raw).items()} if raw else {}
 
     def dataset_stopped(self, run_id: int, dataset: str, reason: str) -> None:
         """Run `run_id` stopped before it went through `dataset`: `reason`, one sentence."""

@@ -3,7 +3,6 @@ flows on a real server, the project's lock across processes, and an unreachable 
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 
@@ -49,7 +48,7 @@ def test_the_cli_keeps_its_state_in_postgresql(tmp_path, capsys, project, s3):
     assert "state: postgresql+psycopg://exitplan:***@127.0.0.1:" in out and "secret-not-checked" not in out
     assert set(blobs) <= stored_keys(s3, container)
     assert main(["migrate", "--config", str(path)]) == 0  # a delta: everything unchanged, from the database
-    assert f"0 objects, 0 B copied" in capsys.readouterr().out
+    assert "0 objects, 0 B copied" in capsys.readouterr().out
     assert main(["verify", "--config", str(path), "--deep"]) == 0
     assert main(["report", "--config", str(path), "--out", str(tmp_path / "r.html")]) == 0
     assert not (tmp_path / "state" / "state.db").exists()  # nothing in SQLite

@@ -372,7 +372,7 @@ def test_the_flow_summary_names_an_added_profile():
     from flows.artifacts import MigrateOutcome, summary_markdown
 
     result = SimpleNamespace(run_id=7, summaries=(), all_ok=True, key_holders={}, removed=(), audit=None,
-                             state_path="state.db")
+                             state_path="state.db", not_carried={})
     outcome = MigrateOutcome("p", None, ["claims"], result, [], [], [], 1.0)
     named = "provider profile `cleura` read from /etc/exitplan/cleura.yaml (SHA-256 ab12), not from exitplan's own catalog"
     row = {"dataset": "claims", "destination": "ovh", "provider": "Cleura", "operator": "Cleura AB",
