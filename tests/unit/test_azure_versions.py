@@ -1,0 +1,106 @@
+"""Versions in a live listing, against List Blobs answers recorded in the service's documented
+shape (Azurite keeps no versions: it returns no `VersionId`, so these answers are served from a
+loopback HTTP server). Each blob's current version is its object; earlier versions, the versions
+of a deleted blob and snapshots are history, counted and named as not carried."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+
+from config.models import DatasetConfig
+from connectors.azure_blob import AzureBlobSource
+from connectors.base import NOT_CARRIED, ListingRange
+from engine.listing import LiveListing
+
+
+def _blob(name: str, size: int, *, version: str | None = None, current: bool | None = None,
+          snapshot: str | None = None, etag: str = "0x8D9") -> str:
+    extra = ""
+    if snapshot:
+        extra += f"<Snapshot>{snapshot}</Snapshot>"
+    if version:
+        extra += f"<VersionId>{version}</VersionId>"
+    if current is not None:
+        extra += f"<IsCurrentVersion>{str(current).lower()}</IsCurrentVersion>"
+    return (f"<Blob><Name>{name}</Name>{extra}<Properties>"
+            "<Creation-Time>Mon, 02 Nov 2026 10:00:00 GMT</Creation-Time>"
+            "<Last-Modified>Mon, 02 Nov 2026 10:00:00 GMT</Last-Modified>"
+            f"<Etag>{etag}</Etag><Content-Length>{size}</Content-Length>"
+            "<Content-Type>text/csv</Content-Type><Content-Encoding /><Content-Language />"
+            "<Content-MD5 /><Cache-Control /><BlobType>BlockBlob</BlobType><AccessTier>Hot</AccessTier>"
+            "<AccessTierInferred>true</AccessTierInferred><LeaseStatus>unlocked</LeaseStatus>"
+            "<LeaseState>available</LeaseState><ServerEncrypted>true</ServerEncrypted>"
+            "</Properties><Metadata /></Blob>")
+
+
+def _page(blobs: list[str], next_marker: str | None) -> bytes:
+    return ('<?xml version="1.0" encoding="utf-8"?>'
+            '<EnumerationResults ServiceEndpoint="http://127.0.0.1/devstoreaccount1" ContainerName="vers">'
+            f"<MaxResults>3</MaxResults><Blobs>{''.join(blobs)}</Blobs>"
+            f"<NextMarker>{next_marker or ''}</NextMarker></EnumerationResults>").encode()
+
+
+V1, V2, V3 = "2026-11-01T10:00:00.0000000Z", "2026-11-02T10:00:00.0000000Z", "2026-11-03T10:00:00.0000000Z"
+SNAP = "2026-11-04T10:00:00.0000000Z"
+# Two pages, as the service cuts them (an opaque marker that goes on inside a.csv's versions):
+# a.csv has two earlier versions and its current one; b.csv was deleted (its only version is not
+# current); c.csv has a snapshot beside the blob (no versioning when it was written: no version id).
+PAGES = {
+    None: _page([_blob("a.csv", 10, version=V1), _blob("a.csv", 20, version=V2)], "2!88!MDAwMDA3IWEuY3N2"),
+    "2!88!MDAwMDA3IWEuY3N2": _page([_blob("a.csv", 30, version=V3, current=True),
+                                    _blob("b.csv", 40, version=V1),
+                                    _blob("c.csv", 50, snapshot=SNAP), _blob("c.csv", 60)], None),
+}
+
+
+@pytest.fixture(scope="module")
+def service():
+    asked: list[dict[str, list[str]]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            query = parse_qs(urlsplit(self.path).query)
+            asked.append(query)
+            body = PAGES.get(query.get("marker", [None])[0])
+            self.send_response(200 if body is not None else 400)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("x-ms-version", "2021-08-06")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/devstoreaccount1", asked
+    server.shutdown()
+
+
+def _source(url: str) -> AzureBlobSource:
+    return AzureBlobSource.from_sas(url, "sv=2021-08-06&sig=recorded", "vers", page_size=3, retry_total=0)
+
+
+def test_current_versions_are_the_objects_and_the_rest_is_history(service):
+    url, asked = service
+    pages = list(_source(url).list_pages(ListingRange("")))
+    assert "versions" in asked[0]["include"][0] and "snapshots" in asked[0]["include"][0]
+    objects = [(m.key, m.size, m.version_id) for p in pages for m in p.objects]
+    assert objects == [("a.csv", 30, V3), ("c.csv", 60, None)]
+    history = [(m.key, m.size, m.earlier_state) for p in pages for m in p.history]
+    assert history == [("a.csv", 10, "version"), ("a.csv", 20, "version"), ("b.csv", 40, "version"),
+                       ("c.csv", 50, "snapshot")]
+    # The service's opaque marker is followed as given: no second listing of a name.
+    assert [q.get("marker") for q in asked[-2:]] == [None, ["2!88!MDAwMDA3IWEuY3N2"]]
+
+
+def test_a_live_listing_counts_what_it_does_not_carry(service):
+    url, _ = service
+    listing = LiveListing(_source(url), DatasetConfig(source="azure", container="vers", destination="d"))
+    assert [m.key for m in listing] == ["a.csv", "c.csv"]
+    assert listing.not_copied == {NOT_CARRIED["version"]: (3, 70), NOT_CARRIED["snapshot"]: (1, 50)}
