@@ -422,6 +422,9 @@ class DatasetConfig(_Model):
     public: bool = False
     # Read the dataset's objects from an Azure Blob Inventory report instead of listing the container.
     inventory: InventoryReportConfig | None = None
+    # The destination storage class by source tier (Hot, Cool, Cold, Archive), over the provider
+    # catalog's `tier_classes` and the destination's `storage_class`; an S3 destination only.
+    tier_classes: dict[str, str] = {}
 
     def selects(self, key: str) -> bool:
         rel = key[len(self.prefix):] if key.startswith(self.prefix) else key

@@ -70,6 +70,20 @@ def destination_profile(loaded: "LoadedConfig", name: str) -> ProviderProfile:
     return profile
 
 
+def _check_tier_classes(loaded: "LoadedConfig", destination: str, profile: ProviderProfile) -> None:
+    """Refuse (exit 2) a dataset's `tier_classes` naming a class destination `destination` has not."""
+    sftp = loaded.config.destinations[destination].kind == "sftp"
+    known = () if sftp else profile.storage_classes
+    for ds_name, ds in loaded.config.datasets.items():
+        unknown = sorted({c for c in ds.tier_classes.values() if c not in known})
+        if ds.destination == destination and unknown:
+            has = (f"destination `{destination}` is an SFTP server, which has no storage classes" if sftp else
+                   f"{profile.display_name} has no storage class {', '.join(map(repr, unknown))} "
+                   f"(known: {', '.join(known)})")
+            raise ConfigFileError(f"{loaded.path}: field `datasets.{ds_name}.tier_classes`: {has}; remove it or "
+                                  "name one of the known classes")
+
+
 def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
     """Raise `PolicyRefusal` for the first destination or source the policy refuses."""
     cfg = loaded.config
@@ -93,6 +107,7 @@ def check_sovereignty(loaded: "LoadedConfig") -> list[DestinationVerdict]:
                 f"not one of the allowed jurisdictions ({', '.join(sorted(allowed))})",
                 "choose a provider under an allowed jurisdiction",
             )
+        _check_tier_classes(loaded, name, profile)
         if dest.kind == "sftp":
             verdicts.append(_check_sftp_destination(loaded, name, dest, profile))
             continue

@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigFileError, PolicyRefusal
 from .price_catalog import DestinationPrices
@@ -109,12 +109,25 @@ class ProviderProfile(_Strict):
     # false: exitplan sends Content-MD5 only (every provider accepts it).
     flexible_checksums: bool = False
     storage_classes: tuple[str, ...] = ("STANDARD",)
+    # The storage class an object lands in, by its tier at the source (Azure's Hot, Cool, Cold,
+    # Archive; an S3 source's classes), matched without regard to case; a tier not named lands in
+    # the bucket's default class. Only classes read back at once: a class that needs a restore
+    # before a GET (GLACIER) would leave deep verify and restore unable to read the object.
+    tier_classes: dict[str, str] = {}
     sse_c: bool = False
     # Unit list prices for the estimate (`config.price_catalog.DestinationPrices`), each figure with
     # its page or marked as filed, unconfirmed.
     prices: DestinationPrices | None = None
     # Where the facts above come from: the provider's documentation pages, by topic.
     sources: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _tier_classes_known(self) -> "ProviderProfile":
+        for tier, cls in self.tier_classes.items():
+            if cls not in self.storage_classes:
+                raise ValueError(f"tier_classes.{tier}: {cls!r} is not one of storage_classes "
+                                 f"({', '.join(self.storage_classes)})")
+        return self
 
     def with_overrides(self, overrides: dict, where: str) -> "ProviderProfile":
         """This profile with a destination's `provider_overrides` applied (nested sections merged

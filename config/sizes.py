@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Mapping
 
 from pydantic import BeforeValidator, PlainSerializer
 
@@ -38,6 +38,13 @@ def format_size(n: int | float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def classes_text(classes: Mapping[str | None, tuple[int, int]], default: str = "default") -> str:
+    """Objects and bytes by the storage class they land in, named classes first, None (the
+    bucket's default class) as `default`: "STANDARD_IA 3 (1.0 MiB), default 12 (5.0 MiB)"."""
+    return ", ".join(f"{c or default} {n:,} ({format_size(b)})"
+                     for c, (n, b) in sorted(classes.items(), key=lambda item: (item[0] is None, item[0] or "")))
 
 
 ByteSize = Annotated[int, BeforeValidator(parse_size), PlainSerializer(int)]

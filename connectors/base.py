@@ -101,6 +101,9 @@ class WriteMeta:
     content: ContentSettings = field(default_factory=ContentSettings)
     metadata: Mapping[str, str] = field(default_factory=dict)
     tags: Mapping[str, str] = field(default_factory=dict)
+    # The S3 storage class to write the object in (`StorageClass`); None: the bucket's default.
+    # A destination without classes (SFTP) ignores it.
+    storage_class: str | None = None
 
 
 @dataclass(frozen=True)

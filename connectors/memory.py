@@ -171,7 +171,7 @@ class MemoryStore:
         digest = hashlib.md5(data).digest()
         if md5 is not None and md5 != digest:
             raise IntegrityError(f"{self.label}: Content-MD5 mismatch for {key!r}", key=key)
-        om = self.add(key, data, meta=meta, tier=None)
+        om = self.add(key, data, meta=meta, tier=meta.storage_class)  # as S3 reports its class
         etag = digest.hex()
         with self._lock:
             self._objects[key].meta = replace(om, etag=etag)
@@ -245,7 +245,7 @@ class _MemoryUpload:
                 chunks.append(held[0])
                 md5s.append(bytes.fromhex(held[1]))
             del self.store._uploads[self.upload_id]
-        om = self.store.add(self.key, b"".join(chunks), content_md5=False, tier=None, meta=self.meta)
+        om = self.store.add(self.key, b"".join(chunks), content_md5=False, tier=self.meta.storage_class, meta=self.meta)
         etag = multipart_etag(md5s)
         with self.store._lock:
             self.store._objects[self.key].meta = replace(om, etag=etag)

@@ -836,6 +836,8 @@ def _write_params(meta: WriteMeta, label: str, key: str) -> dict[str, Any]:
                                  key=key)
     if metadata:
         params["Metadata"] = metadata
+    if meta.storage_class:
+        params["StorageClass"] = meta.storage_class
     if meta.tags:
         # The `x-amz-tagging` header of PutObject and CreateMultipartUpload: a URL-encoded query.
         params["Tagging"] = urlencode(dict(meta.tags), quote_via=quote)

@@ -465,6 +465,8 @@ class PlannedObject:
     # The source's tier and kind of object (`ObjectMeta.tier`, `.kind`), for the estimate.
     tier: str | None = None
     kind: str | None = None
+    # The storage class it would land in (`WriteMeta.storage_class`; None: the bucket's default).
+    storage_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -482,6 +484,9 @@ class DryRunSummary:
     # carried (snapshots, earlier versions, report rows that are not objects): reason -> (objects, bytes).
     listed_from: str | None = None
     not_copied: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    # The objects that would be written, by the storage class they land in (None: the bucket's
+    # default): class -> (objects, plaintext bytes).
+    classes: Mapping[str | None, tuple[int, int]] = field(default_factory=dict)
 
 
 def plan_sized_object(size: int, limits: SinkLimits, settings: TransferSettings,
@@ -502,7 +507,7 @@ def plan_placed_object(meta: ObjectMeta, placed: Placement | Refusal, limits: Si
     except PlanRefused as exc:
         return PlannedObject(meta.key, placed.dest_key, meta.size, 0, 0, False, "refuse", str(exc), **source)
     return PlannedObject(meta.key, placed.dest_key, meta.size, plan.output_size, plan.part_count, plan.single_put,
-                         "write", **source)
+                         "write", **source, storage_class=placed.write_meta.storage_class)
 
 
 def dry_run(
@@ -522,6 +527,7 @@ def dry_run(
     here but totals and the first `max_reported` refusals)."""
     objects = total = output = parts = multipart = skipped = refused = 0
     refusals: list[tuple[str, str]] = []
+    classes: dict[str | None, tuple[int, int]] = {}
     for meta, placed in items:
         planned = plan_placed_object(meta, placed, limits, settings, output_format)
         if planned.action == "write" and state is not None:
@@ -535,6 +541,8 @@ def dry_run(
             output += planned.output_size
             parts += planned.parts
             multipart += not planned.single_put
+            in_class = classes.get(planned.storage_class, (0, 0))
+            classes[planned.storage_class] = (in_class[0] + 1, in_class[1] + planned.size)
         elif planned.action == "skip":
             skipped += 1
         else:
@@ -543,7 +551,8 @@ def dry_run(
                 refusals.append((meta.key, planned.reason or ""))
         if on_object is not None:
             on_object(planned)
-    return DryRunSummary(dataset, objects, total, output, parts, multipart, skipped, refused, tuple(refusals))
+    return DryRunSummary(dataset, objects, total, output, parts, multipart, skipped, refused, tuple(refusals),
+                         classes=classes)
 
 
 COPIES_PAGE = 500  # objects whose earlier copies are looked up in one query

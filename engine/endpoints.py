@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 from config.azure_connection import connection_string_blob_endpoint
@@ -50,6 +51,20 @@ def sink_behaviour(profile: ProviderProfile) -> SinkBehaviour:
 def destination_limits(loaded: LoadedConfig, destination: str) -> SinkLimits:
     kind = loaded.config.destinations[destination].kind
     return sink_limits(destination_profile(loaded, destination), keys_are_paths=kind == "sftp")
+
+
+def storage_classes(loaded: LoadedConfig, dataset: str) -> Callable[[str | None], str | None]:
+    """The storage class an object of `dataset` lands in, by its source tier: the dataset's
+    `tier_classes`, else the destination's `storage_class` (every tier), else the provider
+    catalog's `tier_classes`; None: the bucket's default class (and always for an SFTP destination).
+    Tiers match without regard to case."""
+    ds = loaded.config.datasets[dataset]
+    dest = loaded.config.destinations[ds.destination]
+    if dest.kind == "sftp":
+        return lambda tier: None
+    by_tier = {} if dest.storage_class else destination_profile(loaded, ds.destination).tier_classes
+    by_tier = {t.lower(): c for t, c in {**by_tier, **ds.tier_classes}.items()}
+    return lambda tier: by_tier.get((tier or "").lower(), dest.storage_class)
 
 
 def _config_relative(loaded: LoadedConfig, path: str) -> str:

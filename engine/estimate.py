@@ -109,6 +109,9 @@ class PlanTally:
     archived_output: int = 0
     archived_parts: int = 0
     archived_multipart: int = 0
+    # Bytes the destination would hold, by the storage class they land in (None: the destination's
+    # own class, `DestinationTerms.storage_class`; an Archive blob's once rehydrated too).
+    stored_by_class: dict[str | None, int] = field(default_factory=dict)
 
     def add(self, planned: PlannedObject) -> None:
         self.listed.add(planned.size)
@@ -119,19 +122,25 @@ class PlanTally:
             self.copy_output += planned.output_size
             self.copy_parts += planned.parts
             self.copy_multipart += not planned.single_put
+            self._stored(planned.storage_class, planned.output_size)
             tier = azure_tier(planned.tier)
             self.reads[tier] = self.reads.get(tier, 0) + planned.parts
             self.read_bytes[tier] = self.read_bytes.get(tier, 0) + planned.size
         elif planned.action == "skip":
             self.unchanged.add(planned.size)
             self.unchanged_output += planned.output_size
+            self._stored(planned.storage_class, planned.output_size)
         elif azure_tier(planned.tier) == "Archive" and (later := self.rehydrated(planned.size)) is not None:
             self.archived.add(planned.size)
             self.archived_output += later.output_size
             self.archived_parts += later.parts
             self.archived_multipart += not later.single_put
+            self._stored(None, later.output_size)
         else:
             self.refused += 1
+
+    def _stored(self, storage_class: str | None, size: int) -> None:
+        self.stored_by_class[storage_class] = self.stored_by_class.get(storage_class, 0) + size
 
     @property
     def write_requests(self) -> int:
@@ -368,13 +377,29 @@ def _dataset_estimate(t: PlanTally, terms: EstimateTerms, egress_eur: float) -> 
                          f"{requests:,} write requests at €{dp.put_per_1000:g} per 1,000"))
         if dp.ingress_gb:
             once.append(Cost("destination ingress", stored / GB * dp.ingress_gb, f"{stored / GB:,.2f} GB in"))
-        price = dp.storage_gb_month.get(dest.storage_class)
-        monthly.append(Cost(
-            "destination storage", None if price is None else stored / GB * price,
-            f"{stored / GB:,.2f} GB stored as written, {dest.storage_class} at €{price:g} per GB-month" if price is not None
-            else f"no {dest.storage_class} price for `{dest.provider}`: set "
-                 f"estimate.prices.destinations.{dest.destination}.storage_gb_month.{dest.storage_class}"))
+        monthly.append(_storage_cost(dest, dp, stored, t.stored_by_class))
     return DatasetEstimate(t.dataset, t, tuple(limits), tuple(once), tuple(monthly), rehydration)
+
+
+def _storage_cost(dest: DestinationTerms, prices: DestinationPrices, stored: int, by_class: dict[str | None, int]
+                  ) -> Cost:
+    """A month of the destination's storage: each storage class's bytes at its price (a class
+    without a filed price: no figure, and the setting that gives one)."""
+    classes: dict[str, int] = {}
+    for cls, size in (by_class.items() if by_class else [(None, stored)]):
+        classes[cls or dest.storage_class] = classes.get(cls or dest.storage_class, 0) + size
+    unpriced = [c for c in sorted(classes) if c not in prices.storage_gb_month]
+    if unpriced:
+        return Cost("destination storage", None, f"no {', '.join(unpriced)} price for `{dest.provider}`: set " + ", ".join(
+            f"estimate.prices.destinations.{dest.destination}.storage_gb_month.{c}" for c in unpriced))
+    parts = [f"{classes[c] / GB:,.2f} GB {c} at €{prices.storage_gb_month[c]:g}" for c in sorted(classes)]
+    if len(parts) == 1:
+        only = next(iter(classes))
+        how = f"{stored / GB:,.2f} GB stored as written, {only} at €{prices.storage_gb_month[only]:g} per GB-month"
+    else:
+        how = f"{stored / GB:,.2f} GB stored as written: {', '.join(parts)} per GB-month"
+    return Cost("destination storage", sum(size / GB * prices.storage_gb_month[c] for c, size in classes.items()),
+                how)
 
 
 def _price_lines(terms: EstimateTerms, datasets: Iterable[str]) -> tuple[str, ...]:

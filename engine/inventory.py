@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 from config.models import DatasetConfig, LoadedConfig
 from connectors.base import ObjectMeta, SinkLimits
 
-from .endpoints import destination_limits, open_source
+from .endpoints import destination_limits, open_source, storage_classes
 from .errors import call_endpoint
 from .listing import dataset_listing, listed_from
 from .output_format import IDENTITY
@@ -56,8 +56,11 @@ class DatasetInventory:
     # rows that are not objects): reason -> (objects, bytes).
     listed_from: str | None = None
     not_copied: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # The objects that fit, by the storage class they land in (None: the bucket's default):
+    # class -> (objects, bytes).
+    classes: dict[str | None, tuple[int, int]] = field(default_factory=dict)
 
-    def add(self, meta: ObjectMeta, misfit: str | None) -> None:
+    def add(self, meta: ObjectMeta, misfit: str | None, storage_class: str | None = None) -> None:
         self.objects += 1
         self.bytes += meta.size
         if meta.size > self.largest_size or self.largest_key is None:
@@ -75,6 +78,9 @@ class DatasetInventory:
             self.misfit_count += 1
             if len(self.misfits) < MAX_EXAMPLES:
                 self.misfits.append((meta.key, misfit))
+        else:
+            objects, size = self.classes.get(storage_class, (0, 0))
+            self.classes[storage_class] = (objects + 1, size + meta.size)
 
     def not_restorable(self, key: str, reason: str) -> None:
         self.unrestorable_count += 1
@@ -85,6 +91,7 @@ class DatasetInventory:
         d = asdict(self)
         d["misfits"] = [{"key": k, "reason": r} for k, r in self.misfits]
         d["unrestorable"] = [{"key": k, "reason": r} for k, r in self.unrestorable]
+        d["classes"] = [{"storage_class": c, "objects": n, "bytes": b} for c, (n, b) in self.classes.items()]
         return d
 
 
@@ -101,21 +108,24 @@ def inventory_dataset(
     *,
     source_label: str = "",
     reserved: Callable[[ObjectMeta], dict[str, str]] | None = None,
+    storage_class: Callable[[str | None], str | None] | None = None,
     progress: Callable[[DatasetInventory], None] | None = None,
     progress_every: int = 10_000,
 ) -> DatasetInventory:
     """Stream `listing` (the source listed under the dataset's prefix) into a `DatasetInventory`.
     `reserved(meta)`: the metadata exitplan itself will write on the object (`format_metadata`),
-    counted in the destination's limit exactly as migrate's placement counts it."""
+    counted in the destination's limit exactly as migrate's placement counts it; `storage_class(tier)`:
+    the class an object lands in (`endpoints.storage_classes`)."""
     inv = DatasetInventory(dataset=name, source=source_label, destination=ds.destination)
     clashes = FileBesideDirectory()
     for meta in selected(listing, ds):
         try:
-            place(meta, ds.prefix, ds.dest_prefix, limits, reserved=reserved(meta) if reserved else None)
-            misfit = None
+            placed = place(meta, ds.prefix, ds.dest_prefix, limits, reserved=reserved(meta) if reserved else None,
+                           storage_class=storage_class(meta.tier) if storage_class else None)
+            misfit, landing = None, placed.write_meta.storage_class
         except DoesNotFit as exc:
-            misfit = str(exc)
-        inv.add(meta, misfit)
+            misfit, landing = str(exc), None
+        inv.add(meta, misfit, landing)
         if misfit is None:  # what restore will meet among the objects migrate carries
             rel_key = relative_key(meta.key, ds.prefix)
             try:
@@ -156,6 +166,7 @@ def inventory(loaded: LoadedConfig, datasets: list[str]) -> list[DatasetInventor
         reserved = format_metadata(loaded, name)
         listing = call_endpoint(f"dataset `{name}`: listing {source.label}", dataset_listing, loaded, name, source)
         results.append(call_endpoint(f"dataset `{name}`: listing {source.label}", lambda: inventory_dataset(
-            name, ds, listing, limits, source_label=source.label, reserved=reserved)))
+            name, ds, listing, limits, source_label=source.label, reserved=reserved,
+            storage_class=storage_classes(loaded, name))))
         listed_from(results[-1], listing)
     return results

@@ -295,10 +295,11 @@ def check_key(dest_key: str, limits: SinkLimits) -> str | None:
 
 
 def place(meta: ObjectMeta, source_prefix: str, dest_prefix: str, limits: SinkLimits,
-          reserved: dict[str, str] | None = None, content: ContentSettings | None = None) -> Placement:
+          reserved: dict[str, str] | None = None, content: ContentSettings | None = None,
+          storage_class: str | None = None) -> Placement:
     """Name and describe `meta` at the destination; raise `DoesNotFit` with the reason. `reserved`:
     the metadata the output format writes itself; `content`: the content headers it writes (the
-    source's, by default)."""
+    source's, by default); `storage_class`: the class it lands in (None: the bucket's default)."""
     if meta.not_copyable:
         raise DoesNotFit(meta.not_copyable)
     dest_key = destination_key(meta.key, source_prefix, dest_prefix)
@@ -325,4 +326,4 @@ def place(meta: ObjectMeta, source_prefix: str, dest_prefix: str, limits: SinkLi
             f"user metadata is {size} bytes once encoded (exitplan's own included), over the limit of {limits.max_metadata_bytes}"
         )
     return Placement(meta.key, dest_key, WriteMeta(content=meta.content if content is None else content, metadata=total,
-                                                   tags=tags))
+                                                   tags=tags, storage_class=storage_class))

@@ -26,7 +26,7 @@ from connectors.base import ConnectorError, ObjectMeta, ObjectSource, SinkLimits
 from .allocator import tune_malloc
 from .audit import AuditOutcome, MigrationAudit, audit_signing_key
 from .budget import MemoryBudget
-from .endpoints import destination_limits, open_sink, open_source
+from .endpoints import destination_limits, open_sink, open_source, storage_classes
 from .errors import RunError, call_endpoint
 from .executors import create_executors
 from . import key_copies
@@ -77,12 +77,14 @@ def output_formats(loaded: LoadedConfig, datasets: list[str]) -> dict[str, Outpu
 
 def placer(loaded: LoadedConfig, name: str, limits: SinkLimits, fmt: OutputFormat
            ) -> Callable[[ObjectMeta], Placement]:
-    """Places one object of dataset `name`; the 2 KB metadata budget counts the format's own metadata."""
+    """Places one object of dataset `name`; the 2 KB metadata budget counts the format's own
+    metadata; the storage class follows the object's tier (`endpoints.storage_classes`)."""
     ds = loaded.config.datasets[name]
+    class_of = storage_classes(loaded, name)
 
     def place_one(meta: ObjectMeta) -> Placement:
         return place(meta, ds.prefix, ds.dest_prefix, limits, reserved=fmt.metadata_for(meta),
-                     content=fmt.content_for(meta))
+                     content=fmt.content_for(meta), storage_class=class_of(meta.tier))
 
     return place_one
 
@@ -450,7 +452,8 @@ class MigrationRun:
             inventory = call_endpoint(f"dataset `{name}`: listing {source.label}",
                                       lambda: inventory_dataset(name, ds, listing.objects(), limits,
                                                                 source_label=source.label,
-                                                                reserved=self.formats[name].metadata_for))
+                                                                reserved=self.formats[name].metadata_for,
+                                                                storage_class=storage_classes(self.loaded, name)))
         except BaseException as exc:
             self._listing_stopped(name, exc)
             raise

@@ -15,7 +15,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from config.models import LoadedConfig
-from config.sizes import format_size
+from config.sizes import classes_text, format_size
 from engine.estimate import HEADERS, detail_lines, table_rows
 from engine.shards import ShardOutcome, ShardResult, failure_sentence
 from engine.state import STATUS_CATEGORIES
@@ -59,7 +59,9 @@ def inventory_row(inv) -> dict[str, Any]:
             "without_md5": inv.without_md5, "not_hot": inv.not_hot, "will_not_fit": inv.misfit_count,
             "not_restorable_as_files": inv.unrestorable_count,
             "not_carried": sum(n for n, _ in inv.not_copied.values()),
+            "storage_classes": classes_text(inv.classes),
             "listed_from": inv.listed_from or "a live listing"}
+
 
 
 def shard_row(result: ShardResult) -> dict[str, Any]:
@@ -84,7 +86,7 @@ def plan_rows(summaries) -> list[dict[str, Any]]:
     """A dry run's table (`engine.dataset_copy.DryRunSummary` per dataset)."""
     return [{"dataset": s.dataset, "objects_to_write": s.objects, "size": format_size(s.bytes), "bytes": s.bytes,
              "written": format_size(s.output_bytes), "requests": s.parts, "multipart": s.multipart_objects,
-             "unchanged": s.skipped, "refused": s.refused,
+             "unchanged": s.skipped, "refused": s.refused, "storage_classes": classes_text(s.classes),
              "refusals": "; ".join(f"{key}: {reason}" for key, reason in s.refusals[:5])} for s in summaries]
 
 

@@ -14,7 +14,7 @@ from config.errors import ExitCode, UserError
 from config.loader import load_config
 from config.models import LoadedConfig
 from config.policy import check_sovereignty
-from config.sizes import format_size
+from config.sizes import classes_text, format_size
 from flows import keys_cli, lab
 from flows.progress import ProgressDisplay
 from flows.terminal import print_audit_outcome, print_estimate, print_estimate_basis, print_incomplete, print_table
@@ -135,7 +135,8 @@ def _print_inventory_table(results) -> None:
         _print_listed_from(r.dataset, r.listed_from, r.not_copied)
         if r.tiers and set(r.tiers) != {"Hot"}:
             print("  tiers: " + ", ".join(f"{t} {n:,}" for t, n in sorted(r.tiers.items()))
-                  + " (the tier is kept as exitplan metadata; every object lands in the destination's default class)")
+                  + " (a tier other than Hot is kept as exitplan metadata)")
+        print_classes(f"  {r.dataset}", r.classes, "will land")
         if set(r.kinds) - {"block"}:
             print("  blob kinds: " + ", ".join(f"{k} {n:,}" for k, n in sorted(r.kinds.items()))
                   + " (bytes copied as read, page blobs' empty ranges as zeros; the kind kept as exitplan metadata)")
@@ -208,6 +209,7 @@ def _dry_run(loaded: LoadedConfig, datasets: list[str], *, summary_only: bool = 
             return
         if planned.action == "write":
             how = "1 PUT" if planned.single_put else f"{planned.parts} parts"
+            how += f", {planned.storage_class}" if planned.storage_class else ""
             print(f"would write  {dataset}: {planned.dest_key}  ({format_size(planned.output_size)}, {how})")
         elif planned.action == "skip":
             print(f"would skip   {dataset}: {planned.source_key}  ({planned.reason})")
@@ -229,6 +231,7 @@ def _dry_run(loaded: LoadedConfig, datasets: list[str], *, summary_only: bool = 
     )
     for s in summaries:
         _print_listed_from(s.dataset, s.listed_from, s.not_copied)
+        print_classes(s.dataset, s.classes, "would land")
     print_estimate(HEADERS, table_rows(estimate))
     print("\ndry run: nothing was written (no object, no multipart upload, no state).")
     return ExitCode.OK
@@ -248,6 +251,13 @@ def print_not_carried(dataset: str, not_carried: Mapping[str, tuple[int, int]]) 
     """One line per reason: what a dataset's listing named that is not carried, objects and bytes."""
     for reason, (objects, size) in sorted(not_carried.items()):
         print(f"{dataset}: not carried: {objects:,} ({format_size(size)}) {reason}")
+
+
+def print_classes(dataset: str, classes: Mapping[str | None, tuple[int, int]], verb: str) -> None:
+    """The storage classes a dataset's objects land in (objects and bytes), when any is named;
+    nothing when every object lands in the bucket's default class."""
+    if any(c is not None for c in classes):
+        print(f"{dataset}: {verb} in storage classes: {classes_text(classes, 'the bucket default')}")
 
 
 def _where_to(loaded: LoadedConfig, dataset: str) -> str:

@@ -22,7 +22,7 @@ from config.errors import ExitCode
 from engine.restore import PRIVATE_PREFIX, SIDECAR
 from flows.cli import main
 from tests.integration.test_encryption_e2e import cli
-from tests.s3client import lab_s3_client
+from tests.s3client import keys_below, lab_s3_client
 
 pytestmark = pytest.mark.integration
 
@@ -343,13 +343,21 @@ def test_page_append_and_cool_blobs_carry_their_kind_and_an_archive_blob_is_name
     assert inv["kinds"] == {"block": 3, "page": 1, "append": 1}
     assert inv["tiers"] == {"Hot": 1, "Cool": 1, "Archive": 1, "none": 2}
     assert [m["key"] for m in inv["misfits"]] == ["frozen.bin"] and "Archive tier" in inv["misfits"][0]["reason"]
+    # The lab's catalog entry maps Cool to STANDARD_IA; the rest lands in the bucket's default class.
+    assert {c["storage_class"]: c["objects"] for c in inv["classes"]} == {"STANDARD_IA": 1, None: 3}
+    code, out, err = cli(capsys, "migrate", "--config", cfg, "--dry-run")
+    assert code == 0, err
+    assert f"would write  scans: {container}/cool.bin  (" in out and "1 PUT, STANDARD_IA)" in out
+    assert "scans: would land in storage classes: STANDARD_IA 1 (5 B), the bucket default 2 (" in out, out
 
     for _ in range(2):  # refused with its reason each time, never read and retried
         code, out, err = cli(capsys, "migrate", "--config", cfg)
         assert code == ExitCode.FAILED and "frozen.bin" in err and "Archive tier" in err, (out, err)
     head = s3.head_object(Bucket=BUCKET, Key=f"{container}/disk.vhd")["Metadata"]
     assert head["exitplan-source-kind"] == "page"
-    assert s3.head_object(Bucket=BUCKET, Key=f"{container}/cool.bin")["Metadata"]["exitplan-source-tier"] == "Cool"
+    cool = s3.head_object(Bucket=BUCKET, Key=f"{container}/cool.bin")
+    assert cool["Metadata"]["exitplan-source-tier"] == "Cool" and cool["StorageClass"] == "STANDARD_IA"
+    assert "StorageClass" not in s3.head_object(Bucket=BUCKET, Key=f"{container}/log.txt")  # STANDARD
 
     to = tmp_path / "out"
     code, out, err = restore(capsys, cfg, to)
@@ -358,3 +366,31 @@ def test_page_append_and_cool_blobs_carry_their_kind_and_an_archive_blob_is_name
     records = {r["key"]: r for r in map(json.loads, (to / SIDECAR).read_text().splitlines())}
     assert records["disk.vhd"]["source"]["kind"] == "page" and records["log.txt"]["source"]["kind"] == "append"
     assert records["cool.bin"]["source"]["tier"] == "Cool"
+
+
+def test_a_dataset_chooses_the_class_of_a_tier_over_the_destination_s_and_a_class_the_provider_lacks_is_refused(
+        capsys, migrated, s3, azurite_connection_string):
+    """Issue 12, item 4: tiers map to storage classes (catalog, destination, dataset), and `storage_class`
+    is sent, not only checked."""
+    from azure.storage.blob import StandardBlobTier
+
+    cfg = migrated({"a.txt": b"a"})
+    container = yaml.safe_load(cfg.read_text())["datasets"]["scans"]["container"]
+    cc = BlobServiceClient.from_connection_string(azurite_connection_string).get_container_client(container)
+    cc.upload_blob("cool.bin", b"cool", standard_blob_tier=StandardBlobTier.COOL)
+    cc.upload_blob("hot.bin", b"hot")
+    doc = yaml.safe_load(cfg.read_text())
+    doc["datasets"]["scans"]["tier_classes"] = {"COOL": "GLACIER"}
+    cfg.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    capsys.readouterr()
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == ExitCode.USAGE and "field `datasets.scans.tier_classes`" in err and "'GLACIER'" in err, err
+    assert "Traceback" not in err and keys_below(s3, BUCKET, f"{container}/") == {"a.txt"}
+
+    doc["datasets"]["scans"]["tier_classes"] = {"cool": "STANDARD"}
+    doc["destinations"]["lab"]["storage_class"] = "STANDARD_IA"
+    cfg.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == 0, err
+    assert s3.head_object(Bucket=BUCKET, Key=f"{container}/cool.bin").get("StorageClass", "STANDARD") == "STANDARD"
+    assert s3.head_object(Bucket=BUCKET, Key=f"{container}/hot.bin")["StorageClass"] == "STANDARD_IA"

@@ -156,6 +156,21 @@ def test_a_storage_class_without_a_price_is_named_not_guessed():
     assert storage.eur is None and "estimate.prices.destinations.ovh.storage_gb_month.STANDARD_IA" in storage.sentence
 
 
+def test_each_storage_class_is_priced_at_its_own_price_and_an_unpriced_one_is_named():
+    prices = DestinationPrices(storage_gb_month={"STANDARD": 0.01, "STANDARD_IA": 0.005})
+    t = PlanTally("imaging")
+    t.add(write_obj("hot", 100 * GB, 100 * GB, 10))
+    t.add(PlannedObject("cool", "cool", 50 * GB, 50 * GB, 5, False, "write", tier="Cool", storage_class="STANDARD_IA"))
+    dest = DestinationTerms("ovh", "ovhcloud", "STANDARD", prices, 300.0, "")
+    (d,) = estimate([t], terms(destinations={"imaging": dest})).datasets
+    (storage,) = d.monthly
+    assert storage.eur == pytest.approx(100 * 0.01 + 50 * 0.005)
+    assert "50.00 GB STANDARD_IA at €0.005" in storage.sentence and "100.00 GB STANDARD at €0.01" in storage.sentence
+    only_standard = DestinationTerms("ovh", "ovhcloud", "STANDARD", DEST_PRICES, 300.0, "")
+    (d,) = estimate([t], terms(destinations={"imaging": only_standard})).datasets
+    assert d.monthly[0].eur is None and "storage_gb_month.STANDARD_IA" in d.monthly[0].sentence
+
+
 def _run(id_, sent, seconds, *, command="migrate", dry_run=False):
     start = datetime(2026, 12, 1, 8)
     return SimpleNamespace(id=id_, command=command, dry_run=dry_run, started_at=start,
