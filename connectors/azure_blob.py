@@ -154,8 +154,19 @@ class _ExactBuffer:
 _KINDS = {"BlockBlob": "block", "PageBlob": "page", "AppendBlob": "append"}
 # Why an Archive-tier blob is listed but not copied: a permanent outcome until someone rehydrates it
 # (hours at Azure), never a read retried until it gives up.
-ARCHIVED = ("it is in the Archive tier and cannot be read until it is rehydrated (az storage blob set-tier --tier "
-            "Hot --rehydrate-priority Standard); the first migrate after that copies it")
+ARCHIVED = ("it is in the Archive tier and cannot be read until it is rehydrated (`exitplan rehydrate`, or az storage "
+            "blob set-tier --tier Hot --rehydrate-priority Standard); the first migrate after that copies it")
+# An Archive-tier blob whose rehydration was asked for and has not ended (Azure: up to 15 hours).
+REHYDRATING = ("it is being rehydrated out of the Archive tier ({status}) and cannot be read yet; the first migrate "
+               "once it is readable copies it (`exitplan rehydrate --wait` waits for that)")
+
+
+def archived_reason(tier: str | None, archive_status: str | None) -> str | None:
+    """Why a blob of `tier` cannot be read (Archive: `ARCHIVED`, or `REHYDRATING` while its
+    rehydration runs), None when it can."""
+    if (tier or "").lower() != "archive":
+        return None
+    return REHYDRATING.format(status=archive_status) if archive_status else ARCHIVED
 
 
 def _unquote(etag: str | None) -> str:
@@ -427,6 +438,13 @@ class AzureBlobSource:
                     rest.append(meta)
         return rest
 
+    def rehydrate(self, key: str, tier: str = "Hot", priority: str = "Standard") -> None:
+        """Ask for Archive-tier blob `key` to be rehydrated to `tier` (Hot, Cool or Cold) at
+        `priority` (Standard: up to 15 hours; High: under an hour for small blobs, at a higher price).
+        The blob stays unreadable until Azure has finished; its listing says so (`rehydrating`)."""
+        self._call(lambda: self._container.get_blob_client(key).set_standard_blob_tier(tier, rehydrate_priority=priority),
+                   key)
+
     def head(self, key: str) -> ObjectMeta:
         """Full properties of blob `key` (size, ETag, Content-MD5, tier, content headers, metadata,
         index tags: one more request when it has tags)."""
@@ -494,6 +512,7 @@ class AzureBlobSource:
         cs = props.content_settings
         md5 = cs.content_md5 if cs is not None else None
         tier = _tier(props.blob_tier)
+        archive_status = _tier(getattr(props, "archive_status", None)) or None
         return ObjectMeta(
             key=props.name,
             size=props.size,
@@ -512,7 +531,8 @@ class AzureBlobSource:
             tags=dict(tags if tags is not None else props.tags or {}),
             created=props.creation_time if isinstance(props.creation_time, datetime) else None,
             kind=_KINDS.get(_tier(props.blob_type) or "", _tier(props.blob_type)),
-            not_copyable=ARCHIVED if (tier or "").lower() == "archive" else None,
+            not_copyable=archived_reason(tier, archive_status),
+            rehydrating=archive_status,
             snapshot=getattr(props, "snapshot", None) or None,
             version_id=getattr(props, "version_id", None) or None,
             # Azure marks only the current version (`IsCurrentVersion` true); without a version id

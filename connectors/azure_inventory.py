@@ -37,7 +37,7 @@ from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from typing import Any, Iterator, Mapping
 
-from .azure_blob import ARCHIVED
+from .azure_blob import archived_reason
 from .base import NOT_CARRIED, ConfigError, ContentSettings, HeadReader, NotFound, ObjectMeta, RangeReader
 
 # Bytes asked for per read of a report file.
@@ -337,7 +337,8 @@ def object_meta(row: Mapping[str, Any], container: str) -> ObjectMeta:
         tags=tags,
         created=created,
         kind=_KINDS.get((blob_type or "").lower(), blob_type),
-        not_copyable=ARCHIVED if (tier or "").lower() == "archive" else None,
+        not_copyable=archived_reason(tier, _text(row.get("archivestatus"))),
+        rehydrating=_text(row.get("archivestatus")),
     )
 
 

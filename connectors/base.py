@@ -68,6 +68,8 @@ class ObjectMeta:
     snapshot: str | None = None
     version_id: str | None = None
     current_version: bool = True
+    # An Archive-tier blob being rehydrated: Azure's archive status ("rehydrate-pending-to-hot").
+    rehydrating: str | None = None
 
     @property
     def earlier_state(self) -> str | None:

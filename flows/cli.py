@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from config.errors import ExitCode, UserError
-from flows import audit_cli, commands, deploy_cli, keys_cli, lab, probe_cli, status_cli, worker
+from flows import audit_cli, commands, deploy_cli, keys_cli, lab, probe_cli, rehydrate_cli, status_cli, worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys_cli.register(sub)
     worker.register(sub)
     probe_cli.register(sub)
+    rehydrate_cli.register(sub)
     return parser
 
 

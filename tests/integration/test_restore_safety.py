@@ -394,3 +394,39 @@ def test_a_dataset_chooses_the_class_of_a_tier_over_the_destination_s_and_a_clas
     assert code == 0, err
     assert s3.head_object(Bucket=BUCKET, Key=f"{container}/cool.bin").get("StorageClass", "STANDARD") == "STANDARD"
     assert s3.head_object(Bucket=BUCKET, Key=f"{container}/hot.bin")["StorageClass"] == "STANDARD_IA"
+
+
+def test_rehydrate_brings_archive_blobs_online_and_the_next_migrate_copies_them(
+        capsys, migrated, s3, azurite_connection_string):
+    """Issue 12, item 4: the opt-in rehydration step. Azurite rehydrates at once (a pending
+    rehydration is shown against recorded answers in tests/unit/test_rehydrate.py)."""
+    from azure.storage.blob import StandardBlobTier
+
+    cfg = migrated({"a.txt": b"a"})
+    container = yaml.safe_load(cfg.read_text())["datasets"]["scans"]["container"]
+    cc = BlobServiceClient.from_connection_string(azurite_connection_string).get_container_client(container)
+    for name in ("old/1.bin", "old/2.bin"):
+        cc.upload_blob(name, name.encode() * 100, standard_blob_tier=StandardBlobTier.ARCHIVE)
+    capsys.readouterr()
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == ExitCode.FAILED and "old/1.bin" in err and "`exitplan rehydrate`" in err, (out, err)
+
+    code, out, err = cli(capsys, "rehydrate", "--config", cfg, "--dry-run")
+    assert code == 0, err
+    assert "dry run: nothing was asked" in out and "would ask for 2 blob(s) to be rehydrated to Hot" in out, out
+    assert {b.name: b.blob_tier for b in cc.list_blobs(name_starts_with="old/")} == {
+        "old/1.bin": "Archive", "old/2.bin": "Archive"}
+
+    code, out, err = cli(capsys, "rehydrate", "--config", cfg, "--tier", "cool", "--priority", "high", "--json")
+    assert code == 0, err
+    (scans,) = json.loads(out)
+    assert scans["requested"] == {"objects": 2, "bytes": 1800} and scans["failed"]["objects"] == 0
+    assert {b.name: b.blob_tier for b in cc.list_blobs(name_starts_with="old/")} == {
+        "old/1.bin": "Cool", "old/2.bin": "Cool"}
+
+    code, out, err = cli(capsys, "rehydrate", "--config", cfg, "--wait", "--poll", "0.1")
+    assert code == 0 and "no blob is left in the Archive tier" in out, (out, err)
+    assert cli(capsys, "migrate", "--config", cfg)[0] == 0
+    # Rehydrated to Cool: the lab's catalog maps Cool to STANDARD_IA.
+    assert s3.head_object(Bucket=BUCKET, Key=f"{container}/old/1.bin")["StorageClass"] == "STANDARD_IA"
+    assert keys_below(s3, BUCKET, f"{container}/") == {"a.txt", "old/1.bin", "old/2.bin"}

@@ -17,8 +17,9 @@ from connectors.base import NOT_CARRIED, ListingRange
 from engine.listing import LiveListing
 
 
-def _blob(name: str, size: int, *, version: str | None = None, current: bool | None = None,
-          snapshot: str | None = None, etag: str = "0x8D9") -> str:
+def blob_xml(name: str, size: int, *, version: str | None = None, current: bool | None = None,
+             snapshot: str | None = None, etag: str = "0x8D9", tier: str = "Hot", archive_status: str | None = None) -> str:
+    """One `<Blob>` of a List Blobs answer, in the service's documented shape."""
     extra = ""
     if snapshot:
         extra += f"<Snapshot>{snapshot}</Snapshot>"
@@ -31,13 +32,15 @@ def _blob(name: str, size: int, *, version: str | None = None, current: bool | N
             "<Last-Modified>Mon, 02 Nov 2026 10:00:00 GMT</Last-Modified>"
             f"<Etag>{etag}</Etag><Content-Length>{size}</Content-Length>"
             "<Content-Type>text/csv</Content-Type><Content-Encoding /><Content-Language />"
-            "<Content-MD5 /><Cache-Control /><BlobType>BlockBlob</BlobType><AccessTier>Hot</AccessTier>"
-            "<AccessTierInferred>true</AccessTierInferred><LeaseStatus>unlocked</LeaseStatus>"
+            f"<Content-MD5 /><Cache-Control /><BlobType>BlockBlob</BlobType><AccessTier>{tier}</AccessTier>"
+            f"{f'<ArchiveStatus>{archive_status}</ArchiveStatus>' if archive_status else ''}"
+            "<LeaseStatus>unlocked</LeaseStatus>"
             "<LeaseState>available</LeaseState><ServerEncrypted>true</ServerEncrypted>"
             "</Properties><Metadata /></Blob>")
 
 
-def _page(blobs: list[str], next_marker: str | None) -> bytes:
+def page_xml(blobs: list[str], next_marker: str | None) -> bytes:
+    """A List Blobs answer holding `blobs`."""
     return ('<?xml version="1.0" encoding="utf-8"?>'
             '<EnumerationResults ServiceEndpoint="http://127.0.0.1/devstoreaccount1" ContainerName="vers">'
             f"<MaxResults>3</MaxResults><Blobs>{''.join(blobs)}</Blobs>"
@@ -50,10 +53,10 @@ SNAP = "2026-11-04T10:00:00.0000000Z"
 # a.csv has two earlier versions and its current one; b.csv was deleted (its only version is not
 # current); c.csv has a snapshot beside the blob (no versioning when it was written: no version id).
 PAGES = {
-    None: _page([_blob("a.csv", 10, version=V1), _blob("a.csv", 20, version=V2)], "2!88!MDAwMDA3IWEuY3N2"),
-    "2!88!MDAwMDA3IWEuY3N2": _page([_blob("a.csv", 30, version=V3, current=True),
-                                    _blob("b.csv", 40, version=V1),
-                                    _blob("c.csv", 50, snapshot=SNAP), _blob("c.csv", 60)], None),
+    None: page_xml([blob_xml("a.csv", 10, version=V1), blob_xml("a.csv", 20, version=V2)], "2!88!MDAwMDA3IWEuY3N2"),
+    "2!88!MDAwMDA3IWEuY3N2": page_xml([blob_xml("a.csv", 30, version=V3, current=True),
+                                    blob_xml("b.csv", 40, version=V1),
+                                    blob_xml("c.csv", 50, snapshot=SNAP), blob_xml("c.csv", 60)], None),
 }
 
 
