@@ -64,6 +64,19 @@ def inventory_row(inv) -> dict[str, Any]:
 
 
 
+def rehydration_row(found) -> dict[str, Any]:
+    """One dataset's rehydration pass (`engine.rehydrate.DatasetRehydration`) as a table row."""
+    return {"dataset": found.dataset, "still_in_archive": found.archived.objects,
+            "size": format_size(found.archived.bytes), "asked_now": found.requested.objects,
+            "rehydrating": found.pending.objects, "refused": found.failed.objects,
+            "refusals": "; ".join(f"{key}: {reason}" for key, reason in found.failures[:5])}
+
+
+def rehydration_artifact(project: str, rows: list[dict[str, Any]]) -> None:
+    create_table_artifact(key=artifact_key(project, "rehydration"), table=rows,
+                          description="Archive-tier blobs: still archived after the wait, asked for, refused")
+
+
 def shard_row(result: ShardResult) -> dict[str, Any]:
     """A shard's figures as a row; `_failures` carries its failed objects to the failures table."""
     rate = result.bytes_copied / result.seconds / 1e6 if result.seconds > 0 else 0.0

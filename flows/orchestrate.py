@@ -58,7 +58,7 @@ from flows.artifacts import (MigrateOutcome, artifact_key, shard_artifacts, summ
 from flows.provider_limits import provider_limit_name, provider_limits
 from flows.run_logs import RunFailure, engine_logs_to
 from flows.tasks import (RunProgress, copy_shard, inventory_dataset, list_dataset, load_datasets, plan_datasets,
-                         probe_buckets, progress_shown, sovereignty_gate, verify_datasets)
+                         probe_buckets, progress_shown, rehydrate_archived, sovereignty_gate, verify_datasets)
 
 PROGRESS_EVERY = 2.0  # seconds between two updates of the progress artifact
 SHARDS_DEPLOYMENT = "exitplan-shards/shards"  # shards as flow runs on any worker (`shard_workers`)
@@ -177,7 +177,8 @@ def copy_shards_flow(config_path: str, run_id: int, dataset: str, shard: int, co
 
 @flow(name="exit-plan", flow_run_name=_run_name("exit-plan"), task_runner=ThreadPoolTaskRunner(max_workers=16))
 def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: bool = True,
-              delete_removed: bool = False, probe: bool = False):
+              delete_removed: bool = False, probe: bool = False, rehydrate: bool = False,
+              rehydrate_wait_hours: float = 24, rehydrate_poll_minutes: float = 10):
     """The whole exit: sovereignty gate -> (with `probe`) the destination buckets probed -> inventory
     (the run's listing) -> migrate -> verify -> summary (and the HTML report). The gate goes first: a
     refused destination or KEK costs no listing; so does a bucket the probe finds unfit.
@@ -191,6 +192,12 @@ def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: 
         probe: First measure each destination bucket against its provider profile (`exitplan
             probe`, a few MiB written and removed); the run stops before any listing when a bucket
             cannot hold the migration as configured.
+        rehydrate: Before the copy, ask Azure to bring the Archive-tier blobs back online (to Hot,
+            standard priority: up to 15 hours) and wait until they are readable, so this run copies
+            them (off: they are refused by name, and the run ends Failed).
+        rehydrate_wait_hours: With `rehydrate`, how long to wait at most before copying what is
+            readable.
+        rehydrate_poll_minutes: With `rehydrate`, minutes between two listings while waiting.
     """
     try:
         gate = sovereignty_gate(config_path, datasets)
@@ -199,6 +206,8 @@ def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: 
             if unsafe:
                 return _failed(f"the probe found that destination(s) {', '.join(unsafe)} cannot hold the migration as "
                                "configured (see the probe artifact and its suggested provider_overrides)")
+        if rehydrate:
+            rehydrate_archived(config_path, datasets, rehydrate_wait_hours, rehydrate_poll_minutes * 60)
         outcome = _migration_in_flow(config_path, datasets, delete_removed)
         checked = verify_datasets(config_path, datasets, deep_verify, 1.0, None)
     except UserError as exc:

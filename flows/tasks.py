@@ -29,7 +29,8 @@ from engine import run as engine_run
 from engine.settings import within_connections
 from engine.shards import PlannedShard, failure_sentence
 from engine.verify import verify
-from flows.artifacts import estimate_artifact, inventory_row, plan_rows, probe_artifact, shard_row, verify_figures
+from flows.artifacts import (estimate_artifact, inventory_row, plan_rows, probe_artifact, rehydration_artifact,
+                             rehydration_row, shard_row, verify_figures)
 from flows.provider_limits import ensure_provider_limits, provider_limits
 from flows.run_logs import RunFailure, engine_logs_to, quiet_failures
 
@@ -239,6 +240,33 @@ def plan_datasets(config_path: str, datasets: list[str] | None) -> list[dict[str
     summaries, estimate = engine_plan.plan_with_estimate(loaded, names, lambda dataset, planned: None)
     estimate_artifact(loaded.config.project, estimate)
     return plan_rows(summaries)
+
+
+@task(name="rehydrate-archived", task_run_name="rehydrate the Archive blobs", cache_policy=NO_CACHE,
+      persist_result=False)
+def rehydrate_archived(config_path: str, datasets: list[str] | None, wait_hours: float = 24,
+                       poll_seconds: float = 600) -> list[dict[str, Any]]:
+    """Ask Azure to rehydrate (to Hot, standard priority) the Archive-tier blobs of the Azure
+    datasets and wait until they are readable or `wait_hours` have passed (`engine.rehydrate`,
+    what `exitplan rehydrate --wait` does); each pass is logged, the last one is an artifact."""
+    from engine.rehydrate import azure_datasets, wait_readable
+
+    logger = get_run_logger()
+    loaded, names = load_datasets(config_path, datasets)
+    names, _ = azure_datasets(loaded, names, named=False)
+
+    def progress(found, waited: float) -> None:
+        left = sum(f.archived.objects for f in found)
+        (logger.info if left == 0 else logger.warning)(
+            "rehydration after %.0f min: %s blob(s) (%s) still in the Archive tier%s", waited / 60, f"{left:,}",
+            format_size(sum(f.archived.bytes for f in found)),
+            "".join(f"; {f.dataset}: {f.failed.objects:,} refused ({f.failures[0][1]})" for f in found if f.failures))
+
+    found = wait_readable(loaded, names, tier="Hot", priority="Standard", poll=poll_seconds,
+                          timeout=wait_hours * 3600, progress=progress)
+    rows = [rehydration_row(f) for f in found]
+    rehydration_artifact(loaded.config.project, rows)
+    return rows
 
 
 @task(name="inventory-dataset", task_run_name="inventory {dataset}", cache_policy=NO_CACHE, persist_result=False)

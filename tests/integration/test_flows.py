@@ -133,6 +133,28 @@ def test_exit_plan_migrates_verifies_and_shows_it(tmp_path, env, s3_server, s3):
     assert (again.result()["copied"], again.result()["unchanged"]) == (0, 11)
 
 
+def test_the_exit_plan_rehydrates_archive_blobs_first_when_asked(tmp_path, env, s3_server, s3):
+    """With `rehydrate`, the Archive-tier blobs are asked back online and waited for before the copy,
+    so the run copies them (Azurite rehydrates at once)."""
+    from azure.storage.blob import BlobServiceClient, StandardBlobTier
+
+    from flows.orchestrate import exit_plan
+
+    path, container, blobs = write_project(tmp_path, env, s3_server.url)
+    cc = BlobServiceClient.from_connection_string(env).get_container_client(container)
+    cc.upload_blob("claims/archived.csv", b"old,row\n", standard_blob_tier=StandardBlobTier.ARCHIVE)
+    state = exit_plan(config_path=str(path), deep_verify=False, rehydrate=True, rehydrate_poll_minutes=0.001,
+                      return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["copied"] == len(blobs) + 1 and "claims/archived.csv" in stored_keys(s3, container)
+    run_id = state.state_details.flow_run_id
+    assert ("rehydrate the Archive blobs", "COMPLETED") in task_states(run_id)
+    tables = {a.key: json.loads(a.data) for a in artifacts_of(run_id)["table"]}
+    (row,) = tables[f"exitplan-{container}-rehydration"]
+    assert (row["dataset"], row["still_in_archive"], row["asked_now"], row["refused"]) == ("claims", 0, 0, 0)
+    assert any("rehydration after 0 min: 0 blob(s)" in m for m in logs_of(run_id))
+
+
 def test_a_failing_object_fails_its_shard_only(tmp_path, env, s3_server, s3):
     """An object that cannot be written (its name is over the destination's 1,024 bytes) fails its
     shard with the reason; the other shards complete; the run ends Failed, naming it."""
