@@ -24,7 +24,7 @@ from . import completeness
 from .batch import WriteBatch
 from .records import (DatasetFigures, DatasetStatus, DatasetTotals, ListingRangeRecord, ObjectRecord, PartRecord,
                       RunDataset, RunRecord, ShardCounts, ShardRecord)
-from .rows import listing_row, object_row, transition_values
+from .rows import listed_extra, listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, RANGE_SHARDS, REMOVED, REPLACED_INDEXES,
                      STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition,
                      audit_recorded, listing, listing_ranges, metadata, objects, parts, rate_buckets, run_datasets,
@@ -378,11 +378,12 @@ class StateStore:
             if not rows:
                 return
             # Positional rows (the table's column order): a mapping per row costs as much as the read.
-            for (_, _, _, _, key, etag, size, md5, modified, tier, content, meta) in rows:
+            for (_, _, _, _, key, etag, size, md5, modified, tier, content, meta, extra) in rows:
                 yield ObjectMeta(
                     key=key, size=size, etag=etag, content_md5=bytes.fromhex(md5) if md5 else None,
                     last_modified=modified.replace(tzinfo=timezone.utc) if modified else None,
-                    tier=tier, content=ContentSettings(**content) if content else _NO_CONTENT, metadata=meta or {})
+                    tier=tier, content=ContentSettings(**content) if content else _NO_CONTENT, metadata=meta or {},
+                    **listed_extra(extra))
             last = rows[-1][2]
 
     def merge_shards(self, run_id: int, dataset: str, factor: int) -> None:

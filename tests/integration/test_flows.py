@@ -133,6 +133,33 @@ def test_exit_plan_migrates_verifies_and_shows_it(tmp_path, env, s3_server, s3):
     assert (again.result()["copied"], again.result()["unchanged"]) == (0, 11)
 
 
+def test_a_shard_places_an_object_as_a_live_listing_does(tmp_path, env, s3_server, s3):
+    """What the listing pass stores for a shard keeps what the source listed beyond size and ETag:
+    tags, creation time, blob kind, and why a blob cannot be read (an Archive one is refused by its
+    reason, never read and failed)."""
+    from azure.storage.blob import BlobServiceClient, StandardBlobTier
+
+    from flows.orchestrate import migrate_flow
+
+    path, container, blobs = write_project(tmp_path, env, s3_server.url)
+    cc = BlobServiceClient.from_connection_string(env).get_container_client(container)
+    cc.upload_blob("claims/tagged.csv", b"a,b\n", tags={"Dept": "Cardio", "study": "x y"})
+    log = cc.get_blob_client("claims/log.txt")
+    log.create_append_blob()
+    log.append_block(b"one\n")
+    cc.upload_blob("claims/frozen.csv", b"old\n", standard_blob_tier=StandardBlobTier.ARCHIVE)
+    state = migrate_flow(config_path=str(path), return_state=True)
+    assert state.is_failed() and "1 object(s) failed" in state.message, state.message
+    tables = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
+    (failure,) = tables[f"exitplan-{container}-failures"]
+    assert failure["object"] == "claims/frozen.csv" and "Archive tier" in failure["reason"]
+    assert "exitplan rehydrate" in failure["reason"]
+    tags = s3.get_object_tagging(Bucket=BUCKET, Key=f"{container}/claims/tagged.csv")["TagSet"]
+    assert {t["Key"]: t["Value"] for t in tags} == {"Dept": "Cardio", "study": "x y"}
+    head = s3.head_object(Bucket=BUCKET, Key=f"{container}/claims/log.txt")["Metadata"]
+    assert head["exitplan-source-kind"] == "append" and "exitplan-source-created" in head
+
+
 def test_the_exit_plan_rehydrates_archive_blobs_first_when_asked(tmp_path, env, s3_server, s3):
     """With `rehydrate`, the Archive-tier blobs are asked back online and waited for before the copy,
     so the run copies them (Azurite rehydrates at once)."""

@@ -25,8 +25,8 @@ def s3(s3_server):
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch, azurite_connection_string, s3_server, postgres):
-    """A small project whose state is a fresh PostgreSQL database."""
+def project(tmp_path, monkeypatch, azurite_connection_string, s3_server, s3, postgres):
+    """A small project whose state is a fresh PostgreSQL database (its bucket made by `s3`)."""
     monkeypatch.setenv(CS_VAR, azurite_connection_string)
     monkeypatch.setenv(DB_VAR, postgres.create_database(f"state_{uuid.uuid4().hex[:12]}"))
 
