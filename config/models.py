@@ -425,6 +425,17 @@ class DatasetConfig(_Model):
     # The destination storage class by source tier (Hot, Cool, Cold, Archive), over the provider
     # catalog's `tier_classes` and the destination's `storage_class`; an S3 destination only.
     tier_classes: dict[str, str] = {}
+    # Earlier states of blobs (Azure snapshots, earlier versions): `current` carries each blob's
+    # current state and names the rest as not carried; `all` carries each as an object of its own
+    # (`connectors.base.HISTORY_DIR`). A live listing only: a report's earlier states are counted.
+    history: Literal["current", "all"] = "current"
+
+    @model_validator(mode="after")
+    def _history_listed_live(self):
+        if self.history == "all" and self.inventory is not None:
+            raise ValueError("`history: all` needs a live listing (it reads each snapshot and version as it is "
+                             "listed); remove `inventory` or keep `history: current`")
+        return self
 
     def selects(self, key: str) -> bool:
         rel = key[len(self.prefix):] if key.startswith(self.prefix) else key

@@ -33,7 +33,8 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 from azure.core.pipeline.transport import RequestsTransport
-from azure.storage.blob import BlobPrefix, BlobProperties, BlobServiceClient, ContainerClient, ExponentialRetry
+from azure.storage.blob import (BlobClient, BlobPrefix, BlobProperties, BlobServiceClient, ContainerClient,
+                                ExponentialRetry)
 from azure.storage.blob._generated.models import ModifiedAccessConditions
 from requests.sessions import merge_setting
 from requests.utils import get_environ_proxies
@@ -55,6 +56,7 @@ from .base import (
     Throttled,
     TransientError,
     UNPACED,
+    history_of,
 )
 
 T = TypeVar("T")
@@ -448,7 +450,7 @@ class AzureBlobSource:
     def head(self, key: str) -> ObjectMeta:
         """Full properties of blob `key` (size, ETag, Content-MD5, tier, content headers, metadata,
         index tags: one more request when it has tags)."""
-        blob = self._container.get_blob_client(key)
+        blob = self._blob(key)
         props = self._call(blob.get_blob_properties, key)
         tags = self._call(blob.get_blob_tags, key) if props.tag_count else {}
         return self._meta(props, tags)
@@ -464,7 +466,7 @@ class AzureBlobSource:
         conditions: dict[str, Any] = {}
         if if_match is not None:
             conditions = {"etag": _quote(if_match), "match_condition": MatchConditions.IfNotModified}
-        blob = self._container.get_blob_client(key)
+        blob = self._blob(key)
         if start == end:
             # An empty range cannot be expressed as an HTTP Range (and Azure answers 416 to any
             # range on a 0-byte blob): still prove the blob exists at that ETag, then return b"".
@@ -480,6 +482,7 @@ class AzureBlobSource:
         def fetch():
             return blob._client.blob.download(  # noqa: SLF001 - see above
                 range=f"bytes={start}-{end - 1}", modified_access_conditions=access,
+                snapshot=blob.snapshot, version_id=blob.version_id,
                 # The stored bytes, as stored: a blob with Content-Encoding gzip is copied compressed
                 # (its header goes with it), never inflated on the way (the operation's default).
                 decompress=False,
@@ -503,6 +506,17 @@ class AzureBlobSource:
         return into.buffer
 
     # ---- internals ------------------------------------------------------------------------
+
+    def _blob(self, key: str) -> BlobClient:
+        """The client of blob `key`, or of the earlier state of a blob a history key names
+        (`connectors.base.history_of`: a snapshot, or a version)."""
+        earlier = history_of(key)
+        if earlier is None:
+            return self._container.get_blob_client(key)
+        name, kind, ident = earlier
+        if kind == "snapshot":
+            return self._container.get_blob_client(name, snapshot=ident)
+        return self._container.get_blob_client(name, version_id=ident)
 
     def _check_bounds(self, key: str, start: int, end: int, size: int) -> None:
         if end > size:

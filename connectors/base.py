@@ -95,6 +95,38 @@ NOT_CARRIED = {
 }
 
 
+# Where a blob's earlier states go when a dataset carries them (`history: all`): each is an object
+# of its own, named below the dataset's prefix as
+#   .exitplan-history/<name below the prefix>/snapshot-<snapshot time>   or   .../version-<version id>
+# (Azure's snapshot times and version ids are both ISO 8601 times with 7 decimals, ending in Z).
+# The name is the object's key everywhere in exitplan (state, manifest, destination, restore); a
+# source reads the earlier state it names (`history_of`). A blob of the source whose own name has
+# this form is refused by placement: it could not be told apart.
+HISTORY_DIR = ".exitplan-history/"
+_HISTORY_ID = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+
+
+def history_key(meta: ObjectMeta, prefix: str) -> str:
+    """The key an earlier state of a blob (`meta.earlier_state`) is carried under, below `prefix`
+    (the dataset's prefix, which the blob's name starts with)."""
+    rel = meta.key[len(prefix):] if meta.key.startswith(prefix) else meta.key
+    ident = meta.snapshot if meta.earlier_state == "snapshot" else meta.version_id
+    return f"{prefix}{HISTORY_DIR}{rel}/{meta.earlier_state}-{ident}"
+
+
+def history_of(key: str) -> tuple[str, str, str] | None:
+    """(blob name, "snapshot" or "version", its time stamp or version id) for a key made by
+    `history_key`, None for any other key."""
+    at = key.find(HISTORY_DIR)
+    if at < 0:
+        return None
+    rel, _, last = key[at + len(HISTORY_DIR):].rpartition("/")
+    kind, _, ident = last.partition("-")
+    if not rel or kind not in ("snapshot", "version") or not _HISTORY_ID.fullmatch(ident):
+        return None
+    return key[:at] + rel, kind, ident
+
+
 @dataclass(frozen=True)
 class WriteMeta:
     """What is written with an object: content headers, user metadata and tags (already validated:

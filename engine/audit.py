@@ -84,6 +84,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from config.errors import ExitCode, UserError
 from config.providers import added_profiles
+from connectors.base import history_of
 from engine import state as st
 from engine.private_files import open_private, private_directory
 from engine.state import writing_file
@@ -913,12 +914,15 @@ class MigrationAudit(RunAudit):
                 from engine.crypto.tink_format import FORMAT_ID
 
                 encryption = {"format": FORMAT_ID, "key_id": key_id}
+            source = {"kind": src_cfg.kind, "name": ds.source, "account": account, "container": ds.container,
+                      "key": row.source_key, "etag": row.source_etag, "size": row.size,
+                      "content_md5": row.source_md5, "content_md5_checked": bool(row.md5_checked)}
+            earlier = history_of(row.source_key) if ds.history == "all" else None
+            if earlier is not None:  # a snapshot or an earlier version, carried under its history key
+                source.update({"blob": earlier[0], "snapshot" if earlier[1] == "snapshot" else "version_id": earlier[2]})
             record = self.manifest.append({
                 "type": TRANSFER, "run": row.run_id, "recorded_in_run": self.run_id, "late": row.run_id != self.run_id,
-                "dataset": dataset,
-                "source": {"kind": src_cfg.kind, "name": ds.source, "account": account, "container": ds.container,
-                           "key": row.source_key, "etag": row.source_etag, "size": row.size,
-                           "content_md5": row.source_md5, "content_md5_checked": bool(row.md5_checked)},
+                "dataset": dataset, "source": source,
                 "plaintext_sha256": row.sha256,
                 "destination": {"name": ds.destination, "provider": verdict.provider.name,
                                 "legal_entity": verdict.provider.legal_entity,

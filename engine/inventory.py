@@ -15,7 +15,7 @@ from connectors.base import ObjectMeta, SinkLimits
 
 from .endpoints import destination_limits, open_source, storage_classes
 from .errors import call_endpoint
-from .listing import dataset_listing, listed_from
+from .listing import dataset_listing, listed_from, selects
 from .output_format import IDENTITY
 from .placement import (DEFAULT_TIERS, DoesNotFit, FileBesideDirectory, NotAPath, clash_sentence, place, relative_key,
                         restore_path, tier_label)
@@ -59,6 +59,9 @@ class DatasetInventory:
     # The objects that fit, by the storage class they land in (None: the bucket's default):
     # class -> (objects, bytes).
     classes: dict[str | None, tuple[int, int]] = field(default_factory=dict)
+    # Earlier states of blobs carried as objects of their own (`history: all`): "snapshot" or
+    # "version" -> how many.
+    earlier_states: dict[str, int] = field(default_factory=dict)
 
     def add(self, meta: ObjectMeta, misfit: str | None, storage_class: str | None = None) -> None:
         self.objects += 1
@@ -74,6 +77,8 @@ class DatasetInventory:
             self.not_hot += 1
         if meta.kind is not None:
             self.kinds[meta.kind] = self.kinds.get(meta.kind, 0) + 1
+        if meta.earlier_state is not None:
+            self.earlier_states[meta.earlier_state] = self.earlier_states.get(meta.earlier_state, 0) + 1
         if misfit:
             self.misfit_count += 1
             if len(self.misfits) < MAX_EXAMPLES:
@@ -97,7 +102,7 @@ class DatasetInventory:
 
 def selected(listing: Iterable[ObjectMeta], ds: DatasetConfig) -> Iterable[ObjectMeta]:
     """The objects of a listing that the dataset's include/exclude patterns select."""
-    return (m for m in listing if ds.selects(m.key))
+    return (m for m in listing if selects(ds, m))
 
 
 def inventory_dataset(

@@ -42,13 +42,14 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
+from dataclasses import replace
 from itertools import islice
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from config.errors import UserError
 from config.models import DatasetConfig, LoadedConfig
-from connectors.base import (NOT_CARRIED, ConnectorError, ListingPage, ListingRange, ObjectMeta, ObjectSource,
-                             RangeLister)
+from connectors.base import (HISTORY_DIR, NOT_CARRIED, ConnectorError, ListingPage, ListingRange, ObjectMeta,
+                             ObjectSource, RangeLister, history_key, history_of)
 
 from .endpoints import open_azure_container
 from .executors import create_pool, noted
@@ -71,6 +72,31 @@ def dataset_listing(loaded: LoadedConfig, name: str, source: ObjectSource) -> "L
 
 
 NotCarried = dict[str, tuple[int, int]]  # reason -> (objects, bytes) a listing names but no run carries
+
+
+# Why a blob of the source is not copied when its own name has the form of an earlier state's key.
+HISTORY_NAME = (f"its name has the form exitplan gives to earlier states of blobs ({HISTORY_DIR}<name>/snapshot-<time> "
+                "or version-<id>) and could not be told apart from one; rename it at the source")
+
+
+def selects(ds: DatasetConfig, meta: ObjectMeta) -> bool:
+    """Whether dataset `ds` selects `meta`: by its name, or, for an earlier state of a blob carried
+    under its history key, by the blob's name."""
+    earlier = history_of(meta.key) if meta.earlier_state else None
+    return ds.selects(earlier[0] if earlier else meta.key)
+
+
+def page_entries(page: ListingPage, ds: DatasetConfig) -> tuple[list[ObjectMeta], list[ObjectMeta]]:
+    """A listed page as (the objects dataset `ds` carries, in key order; the earlier states of blobs
+    it does not carry). With `history: all`, each snapshot and earlier version is an object of its
+    own under its history key (`connectors.base.history_key`); a blob whose own name has that form
+    is named as not copyable rather than taken for one."""
+    objects = [replace(m, not_copyable=m.not_copyable or HISTORY_NAME) if HISTORY_DIR in m.key and history_of(m.key)
+               else m for m in page.objects]
+    if ds.history != "all" or not page.history:
+        return objects, page.history
+    carried = [replace(m, key=history_key(m, ds.prefix)) for m in page.history]
+    return sorted(objects + carried, key=lambda m: m.key), []
 
 
 def count_not_carried(counts: NotCarried, history: Iterable[ObjectMeta], ds: DatasetConfig) -> NotCarried:
@@ -99,8 +125,9 @@ class LiveListing:
             yield from self.source.list(self.ds.prefix)
             return
         for page in self.source.list_pages(ListingRange(self.ds.prefix)):
-            count_not_carried(self.not_copied, page.history, self.ds)
-            yield from page.objects
+            objects, history = page_entries(page, self.ds)
+            count_not_carried(self.not_copied, history, self.ds)
+            yield from objects
 
 
 def report_listing(loaded: LoadedConfig, name: str) -> "ReportListing | None":
@@ -175,6 +202,8 @@ def listing_basis(ds: DatasetConfig) -> str:
              "include": list(ds.include), "exclude": list(ds.exclude)}
     if ds.inventory is not None:  # another report gives other rows in another order
         basis["inventory"] = ds.inventory.model_dump(mode="json")
+    if ds.history != "current":  # earlier states listed as objects (the current basis stays as it was)
+        basis["history"] = ds.history
     return json.dumps(basis, sort_keys=True)
 
 
@@ -327,12 +356,13 @@ class RangedListing:
         cutter = ShardCutter(self.shard_bytes, self.shard_objects)
         cutter.current, cutter.objects, cutter.bytes = part.cut_shard, part.cut_objects, part.cut_bytes
         base = part.range_no * RANGE_SHARDS
+        objects, history = page_entries(page, self.ds)
         entries = [(base + min(cutter.shard_of(m.size), RANGE_SHARDS - 1), m)
-                   for m in page.objects if self.ds.selects(m.key)]
+                   for m in objects if selects(self.ds, m)]
         not_carried = part.not_carried
-        if page.history:
+        if history:
             counts = count_not_carried({k: tuple(v) for k, v in json.loads(not_carried or "{}").items()},
-                                       page.history, self.ds)
+                                       history, self.ds)
             not_carried = json.dumps(counts) if counts else not_carried
         after = ListingRangeRecord(
             part.run_id, part.dataset, part.range_no, part.prefix, part.direct, part.basis, page.marker,

@@ -137,6 +137,9 @@ def _print_inventory_table(results) -> None:
             print("  tiers: " + ", ".join(f"{t} {n:,}" for t, n in sorted(r.tiers.items()))
                   + " (a tier other than Hot is kept as exitplan metadata)")
         print_classes(f"  {r.dataset}", r.classes, "will land")
+        if r.earlier_states:
+            print("  earlier states carried as objects of their own (history: all, under .exitplan-history/): "
+                  + ", ".join(f"{kind} {n:,}" for kind, n in sorted(r.earlier_states.items())))
         if set(r.kinds) - {"block"}:
             print("  blob kinds: " + ", ".join(f"{k} {n:,}" for k, n in sorted(r.kinds.items()))
                   + " (bytes copied as read, page blobs' empty ranges as zeros; the kind kept as exitplan metadata)")

@@ -132,3 +132,71 @@ def test_the_flows_listing_counts_snapshots_in_ranges_and_keeps_the_count_across
     stored.append("go on")  # no more kills
     resumed, inventory = list_dataset_run(loaded, "docs")
     assert inventory.not_copied == expected and inventory.objects == 3 + 6
+
+
+def test_history_all_carries_each_snapshot_as_an_object_of_its_own(project, capsys, s3, tmp_path):
+    """`history: all`: each snapshot is copied under `.exitplan-history/<name>/snapshot-<time>`, with
+    its own state row and manifest record, verified, restored beside the blob, and copied once."""
+    seed(project)
+    cfg = project.make(exclude=["skip/*"], history="all")
+    capsys.readouterr()
+    snapshots = {b.name: [] for b in project.cc.list_blobs(include=["snapshots"]) if b.snapshot}
+    for b in project.cc.list_blobs(include=["snapshots"]):
+        if b.snapshot and b.name in snapshots:
+            snapshots[b.name].append(b.snapshot)
+    history = {f".exitplan-history/{name}/snapshot-{ts}" for name, stamps in snapshots.items() for ts in stamps
+               if not name.startswith("skip/")}
+    assert len(history) == 3
+
+    code, out, _ = cli(capsys, "inventory", "--config", cfg, "--format", "json")
+    (inv,) = json.loads(out)
+    assert code == 0 and inv["objects"] == 6 and inv["not_copied"] == {} and inv["earlier_states"] == {"snapshot": 3}
+    code, out, _ = cli(capsys, "migrate", "--config", cfg, "--dry-run")
+    assert code == 0 and all(f"would write  docs: {project.container}/{key}  (" in out for key in history), out
+
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == 0, err
+    assert "not carried" not in out
+    assert keys_below(s3, BUCKET, f"{project.container}/") == {"a.txt", "c.txt", "d/b.txt"} | history
+    code, out, err = cli(capsys, "verify", "--config", cfg, "--deep")
+    assert code == 0, (out, err)
+
+    to = tmp_path / "back"
+    code, out, err = cli(capsys, "restore", "--config", cfg, "--dataset", "docs", "--to", to)
+    assert code == 0, err
+    a_snapshots = sorted(snapshots["a.txt"])
+    assert (to / ".exitplan-history" / "a.txt" / f"snapshot-{a_snapshots[0]}").read_bytes() == b"first"
+    assert (to / ".exitplan-history" / "a.txt" / f"snapshot-{a_snapshots[1]}").read_bytes() == b"second!"
+    assert (to / "a.txt").read_bytes() == b"the current a"
+
+    records = [json.loads(line) for line in manifest_path(load_config(cfg)).read_text().splitlines()]
+    carried = {r["source"]["key"]: r["source"] for r in records if r["type"] == "transfer"}
+    first = carried[f".exitplan-history/a.txt/snapshot-{a_snapshots[0]}"]
+    assert first["blob"] == "a.txt" and first["snapshot"] == a_snapshots[0] and first["size"] == len(b"first")
+
+    code, out, err = cli(capsys, "migrate", "--config", cfg)  # snapshots never change: nothing to copy
+    assert code == 0 and "0 objects, 0 B copied" in out, out
+
+
+def test_a_blob_named_like_an_earlier_state_is_refused_by_name(project, capsys, s3):
+    project.cc.upload_blob("x.txt", b"x")
+    project.cc.upload_blob(".exitplan-history/x.txt/snapshot-2026-11-04T10:00:00.0000000Z", b"impostor")
+    cfg = project.make(history="all")
+    capsys.readouterr()
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == 1 and "could not be told apart from one; rename it at the source" in err, (out, err)
+    assert keys_below(s3, BUCKET, f"{project.container}/") == {"x.txt"}
+
+
+def test_the_flows_listing_stores_earlier_states_as_objects_with_history_all(project):
+    seed(project)
+    loaded = load_config(project.make(exclude=["skip/*"], history="all"))
+    run_id, inventory = list_dataset_run(loaded, "docs")
+    assert inventory.not_copied == {} and inventory.objects == 6 and inventory.earlier_states == {"snapshot": 3}
+    state = open_state(loaded)
+    try:
+        listed = sorted(m.key for m in state.listed(run_id, "docs"))
+        assert [k for k in listed if k.startswith(".exitplan-history/a.txt/snapshot-")] and len(listed) == 6
+        assert all(m.snapshot for m in state.listed(run_id, "docs") if m.key.startswith(".exitplan-history/"))
+    finally:
+        state.close()

@@ -107,3 +107,24 @@ def test_a_live_listing_counts_what_it_does_not_carry(service):
     listing = LiveListing(_source(url), DatasetConfig(source="azure", container="vers", destination="d"))
     assert [m.key for m in listing] == ["a.csv", "c.csv"]
     assert listing.not_copied == {NOT_CARRIED["version"]: (3, 70), NOT_CARRIED["snapshot"]: (1, 50)}
+
+
+def test_history_keys_name_the_earlier_state_and_nothing_else_parses_as_one():
+    from connectors.base import ObjectMeta, history_key, history_of
+
+    snap = ObjectMeta("2024/d/a.csv", 3, "e", snapshot=SNAP)
+    version = ObjectMeta("2024/d/a.csv", 3, "e", version_id=V1, current_version=False)
+    assert history_key(snap, "2024/") == f"2024/.exitplan-history/d/a.csv/snapshot-{SNAP}"
+    assert history_of(history_key(snap, "2024/")) == ("2024/d/a.csv", "snapshot", SNAP)
+    assert history_of(history_key(version, "")) == ("2024/d/a.csv", "version", V1)
+    for key in ("a.csv", ".exitplan-history/a.csv", ".exitplan-history/a.csv/snapshot-yesterday",
+                ".exitplan-history/a.csv/copy-2026-11-01T10:00:00.0000000Z", f".exitplan-history/snapshot-{SNAP}"):
+        assert history_of(key) is None, key
+
+
+def test_history_all_needs_a_live_listing():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="`history: all` needs a live listing"):
+        DatasetConfig(source="az", container="c", destination="d", history="all",
+                      inventory={"report": "inv/2026/11/30/01-00-00/rule"})
