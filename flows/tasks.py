@@ -11,11 +11,13 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from config.loader import load_config
@@ -26,11 +28,12 @@ from engine import inventory as engine_inventory
 from engine import plan as engine_plan
 from engine import probe as engine_probe
 from engine import run as engine_run
+from engine.estimate import format_duration
 from engine.settings import within_connections
 from engine.shards import PlannedShard, failure_sentence
 from engine.verify import verify
-from flows.artifacts import (estimate_artifact, inventory_row, plan_rows, probe_artifact, rehydration_artifact,
-                             rehydration_row, shard_row, verify_figures)
+from flows.artifacts import (artifact_key, estimate_artifact, inventory_row, plan_rows, probe_artifact,
+                             rehydration_artifact, rehydration_row, shard_row, verify_figures)
 from flows.provider_limits import ensure_provider_limits, provider_limits
 from flows.run_logs import RunFailure, engine_logs_to, quiet_failures
 
@@ -215,6 +218,49 @@ def _copy_shard(run_id: int, dataset: str, shard: int, config_path: str, connect
     return shard_row(result)
 
 
+class VerifyProgressShown:
+    """A verify's progress in the UI (`engine.verify.VerifyObserver`): a progress artifact
+    (`…-verify-progress`: each dataset an equal share, by objects checked of those it must hold) and
+    a log line per dataset every `LOG_EVERY` seconds: objects checked of all, bytes read back, rate,
+    time left. Called from the verify's threads."""
+
+    LOG_EVERY = 10.0
+    UPDATE_EVERY = 2.0
+
+    def __init__(self, project: str, datasets: int, logger):
+        self.datasets, self.logger, self.done = max(datasets, 1), logger, 0
+        self.artifact = create_progress_artifact(0.0, key=artifact_key(project, "verify-progress"),
+                                                 description="Objects checked by the verify, in every dataset")
+        self.started = self.logged = self.updated = time.monotonic()
+        self.lock = threading.Lock()
+
+    def dataset_started(self, dataset: str, objects: int) -> None:
+        self.started = time.monotonic()
+        self.logger.info("verify %s: %s objects to check", dataset, f"{objects:,}")
+
+    def progress(self, snap) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if now - self.updated >= self.UPDATE_EVERY:
+                self.updated = now
+                share = snap.checked / snap.total if snap.total else 1.0
+                update_progress_artifact(self.artifact, round(100 * (self.done + share) / self.datasets, 1))
+            if now - self.logged < self.LOG_EVERY:
+                return
+            self.logged = now
+        elapsed = max(now - self.started, 1e-6)
+        left = (snap.total - snap.checked) * elapsed / snap.checked if snap.checked else None
+        self.logger.info("verify %s: %s of %s objects checked%s, %s read back (%.1f MB/s)%s", snap.dataset,
+                         f"{snap.checked:,}", f"{snap.total:,}",
+                         f", {snap.failed:,} with discrepancies" if snap.failed else "", format_size(snap.bytes_read),
+                         snap.bytes_read / elapsed / 1e6, f", about {format_duration(left)} left" if left else "")
+
+    def dataset_finished(self, summary) -> None:
+        with self.lock:
+            self.done += 1
+            update_progress_artifact(self.artifact, round(100 * self.done / self.datasets, 1))
+
+
 @task(name="verify-datasets", task_run_name=_verify_run_name, cache_policy=NO_CACHE, persist_result=False)
 def verify_datasets(config_path: str, datasets: list[str] | None, deep: bool, sample: float,
                     seed: int | None) -> dict[str, Any]:
@@ -223,7 +269,8 @@ def verify_datasets(config_path: str, datasets: list[str] | None, deep: bool, sa
     loaded, names = load_datasets(config_path, datasets)
     logger = get_run_logger()
     with engine_logs_to(logger):
-        result = verify(loaded, names, deep=deep, sample=sample, seed=seed)
+        result = verify(loaded, names, deep=deep, sample=sample, seed=seed,
+                        observer=VerifyProgressShown(loaded.config.project, len(names), logger))
     for d in result.datasets:
         logger.info("verify %s (%s): %d checked, %d ok, %d with discrepancies", d.dataset, d.mode, d.objects, d.ok,
                     d.failed)

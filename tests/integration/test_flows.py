@@ -100,8 +100,10 @@ def test_exit_plan_migrates_verifies_and_shows_it(tmp_path, env, s3_server, s3):
         name = client.read_flow_run(state.state_details.flow_run_id).name
     assert re.fullmatch(rf"exit-plan {container} all-datasets \d{{4}}-\d\d-\d\d \d\d:\d\dZ", name), name  # what, when
     found = artifacts_of(state.state_details.flow_run_id)
-    (progress,) = found["progress"]
-    assert progress.data == 100.0
+    progress = {a.key: a.data for a in found["progress"]}
+    # the copy's bytes, and the verify's objects: each phase shows how far it is
+    assert progress == {f"exitplan-{container}-progress": 100.0, f"exitplan-{container}-verify-progress": 100.0}
+    assert any(m.startswith("verify claims: 11 objects to check") for m in logs_of(state.state_details.flow_run_id))
     tables = {a.key: json.loads(a.data) for a in found["table"]}
     (inventory,) = tables[f"exitplan-{container}-inventory"]
     assert (inventory["dataset"], inventory["objects"], inventory["bytes"]) == ("claims", 11, result["bytes_copied"])

@@ -355,11 +355,11 @@ def test_demo_ends_with_a_completed_exit_plan_flow_run(tmp_path):
         conn.close()
         kinds = sorted({(a["type"], a["key"]) for a in artifacts})
         assert kinds == [("markdown", "exitplan-lab-exit-summary"), ("progress", "exitplan-lab-exit-progress"),
-                         ("table", "exitplan-lab-exit-inventory"), ("table", "exitplan-lab-exit-shards"),
+                         ("progress", "exitplan-lab-exit-verify-progress"), ("table", "exitplan-lab-exit-inventory"), ("table", "exitplan-lab-exit-shards"),
                          ("table", "exitplan-lab-exit-status"), ("table", "exitplan-lab-exit-verify")]
         (status_table,) = [json.loads(a["data"]) for a in artifacts if a["key"] == "exitplan-lab-exit-status"]
         assert {row["complete"] for row in status_table} == {"yes"}  # every lab dataset, whole and verified
-        assert next(a["data"] for a in artifacts if a["type"] == "progress") == 100.0
+        assert [a["data"] for a in artifacts if a["type"] == "progress"] == [100.0, 100.0]
     finally:
         pids = the_lab.pids()
         the_lab.force_cleanup()
