@@ -16,7 +16,7 @@ from config.models import LoadedConfig
 from config.policy import check_sovereignty
 from config.sizes import classes_text, format_size
 from flows import keys_cli, lab
-from flows.progress import ProgressDisplay
+from flows.progress import ProgressDisplay, RestoreDisplay
 from flows.terminal import print_audit_outcome, print_estimate, print_estimate_basis, print_incomplete, print_table
 
 
@@ -364,12 +364,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if args.to.exists() and not args.to.is_dir():
         raise UserError(f"--to {args.to}: exists and is not a directory; name a directory for the restored files")
 
+    from engine.status import restore_shortfall
+
+    status = restore_shortfall(loaded, dataset, args.prefix)
+    display = RestoreDisplay(dataset, status.expected if status is not None and status.known else None)
+
     def show(result) -> None:
         if result.status != "ok":
-            print(f"failed   {result.dest_key}: {result.reason}", file=sys.stderr)
+            display.note(f"failed   {result.dest_key}: {result.reason}")
+        display.object_done(result.status == "ok", result.size)
 
-    summary = restore(loaded, dataset, args.to, prefix=args.prefix, on_object=show, overwrite=args.overwrite,
-                      bandwidth=bandwidth)
+    try:
+        summary = restore(loaded, dataset, args.to, prefix=args.prefix, on_object=show, overwrite=args.overwrite,
+                          bandwidth=bandwidth)
+    finally:
+        display.finish()
     checked = summary.ok - summary.unchecked
     print(f"{dataset}: restored {summary.ok:,} of {summary.objects:,} objects ({format_size(summary.bytes)}) into {args.to}; "
           f"{checked:,} matched the SHA-256 recorded at copy time"
@@ -381,17 +390,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(f"{dataset}: {summary.sidecar_problem}", file=sys.stderr)
     code = ExitCode.OK if summary.all_ok and summary.objects else (
         ExitCode.FAILED if summary.failed or summary.sidecar_problem else ExitCode.OK)
-    return max(code, _never_arrived(loaded, dataset, args.prefix))
+    return max(code, _never_arrived(dataset, status))
 
 
-def _never_arrived(loaded: LoadedConfig, dataset: str, prefix: str) -> int:
+def _never_arrived(dataset: str, status) -> int:
     """Name the objects a restore could not bring back because no copy is at the destination (the
     dataset's status: failed, pending, never attempted); exit 1 while there are any, or while what
     the dataset must hold is not known. A copy verify found wrong is restored, and judged, by the
-    restore itself."""
-    from engine.status import restore_shortfall
-
-    status = restore_shortfall(loaded, dataset, prefix)
+    restore itself. `status`: the dataset's (`engine.status.restore_shortfall`), None without state."""
     if status is None:
         print(f"{dataset}: no state here, so what the dataset must hold is not known: only what the destination "
               "holds was restored", file=sys.stderr)

@@ -107,3 +107,39 @@ class ProgressDisplay(StatusLine):
         pct = 100.0 * through / self.total_bytes if self.total_bytes else 100.0
         return (f"{self.dataset}: {format_size(through)} / {format_size(self.total_bytes)} ({pct:.0f}%), "
                 f"{objects_done:,}/{self.total_objects:,} objects{unchanged}{failed}, {rate / 1e6:.1f} MB/s, ETA {eta}")
+
+
+class RestoreDisplay(StatusLine):
+    """Progress of a restore: objects and bytes written (of the objects the dataset must hold,
+    when the state knows them), the rate, the time left; a failed object's line above it."""
+
+    def __init__(self, dataset: str, expected: int | None, stream: TextIO | None = None):
+        super().__init__(stream)
+        self.dataset, self.expected = dataset, expected
+        self.objects = self.failed = self.bytes = 0
+        self.started = time.monotonic()
+        what = f"{expected:,} objects expected" if expected is not None else "what the destination holds"
+        self.restart(f"{dataset}: restoring ({what})")
+
+    def object_done(self, ok: bool, size: int) -> None:
+        self.objects += 1
+        self.failed += not ok
+        self.bytes += size if ok else 0
+        self.show(self._render)
+
+    def note(self, line: str) -> None:
+        """A line of its own (a failed object), above the status line on a terminal."""
+        with self._lock:
+            self._write(("\r\033[K" if self.tty and self._drawn else "") + line + "\n")
+            self._drawn = False
+            self._last = 0.0
+
+    def _render(self, now: float) -> str:
+        elapsed = max(now - self.started, 1e-6)
+        of = f" of {self.expected:,}" if self.expected is not None else ""
+        left = ""
+        if self.expected and self.objects and self.objects < self.expected:
+            left = f", ETA {_eta((self.expected - self.objects) * elapsed / self.objects)}"
+        failed = f", {self.failed:,} failed" if self.failed else ""
+        return (f"{self.dataset}: {self.objects:,}{of} objects restored, {format_size(self.bytes)} "
+                f"({self.bytes / elapsed / 1e6:.1f} MB/s){failed}{left}")

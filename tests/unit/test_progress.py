@@ -38,3 +38,21 @@ def test_the_counting_pass_shows_its_figures():
     display = ProgressDisplay(out)
     display.counting("scans", 3000, 3 * MiB)
     assert lines(out) == ["scans: listing… 3,000 objects, 3.0 MiB so far"]
+
+
+def test_a_restore_counts_objects_of_those_expected_and_puts_a_failure_on_its_own_line():
+    from flows.progress import RestoreDisplay
+
+    out = io.StringIO()
+    display = RestoreDisplay("claims", 4, out)
+    display.interval = 0  # every update shown
+    display.object_done(True, 3 * MiB)
+    display.note("failed   claims/b.csv: the SHA-256 differs")
+    display.object_done(False, 0)
+    assert lines(out)[0] == "claims: restoring (4 objects expected)"
+    assert lines(out)[1].startswith("claims: 1 of 4 objects restored, 3.0 MiB (") and "ETA" in lines(out)[1]
+    assert lines(out)[2] == "failed   claims/b.csv: the SHA-256 differs"
+    assert lines(out)[3].startswith("claims: 2 of 4 objects restored, 3.0 MiB (") and "1 failed" in lines(out)[3]
+    unknown = io.StringIO()
+    RestoreDisplay("claims", None, unknown)
+    assert lines(unknown) == ["claims: restoring (what the destination holds)"]
