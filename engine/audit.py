@@ -737,6 +737,7 @@ class AuditOutcome:
     notes: tuple[str, ...] = ()
     interrupted: tuple[int, ...] = ()  # earlier runs this run recorded as started and never ended
     repairs: tuple[str, ...] = ()  # what opening the manifest mended at its end, as sentences
+    copy_urls: tuple[str, ...] = ()  # the copies next to the data, as URLs (`endpoints.object_url`)
 
 
 def audit_signing_key(loaded: "LoadedConfig", datasets: list[str] | None = None) -> Ed25519PrivateKey | None:
@@ -781,6 +782,7 @@ class RunAudit:
         self.command = command
         self.datasets = list(datasets)
         self.signing_key = signing_key
+        self.copy_urls: list[str] = []  # where `publish` copied the manifest
         self.manifest = open_manifest(loaded, signing_key)
         try:
             unfinished = self.manifest.unfinished_runs()
@@ -831,29 +833,21 @@ class RunAudit:
     def publish(self, destinations: list[str]) -> tuple[list[str], list[str]]:
         """Copy the manifest to `_exitplan/<project>/manifest.jsonl` in each destination: (written,
         notes on failures). A failure is not the run's: the copy is refreshed by the next run."""
-        from connectors.base import ConnectorError, ContentSettings, WriteMeta
-        from engine.endpoints import open_sink
+        from connectors.base import ContentSettings, WriteMeta
+        from engine.endpoints import publish_file
 
-        written, notes = [], []
-        key = manifest_object_key(self.loaded.config.project)
         meta = WriteMeta(ContentSettings(content_type="application/x-ndjson"), {"exitplan-format": MANIFEST_FORMAT})
-        for dest in sorted(set(destinations)):
-            try:
-                sink = open_sink(self.loaded, dest)
-                with open(self.manifest.path, "rb") as body:
-                    size = os.fstat(body.fileno()).st_size
-                    sink.put(key, body, size, meta, None)
-                written.append(f"{sink.label}/{key}")
-            except (ConnectorError, OSError) as exc:
-                notes.append(f"the manifest could not be copied to destination `{dest}` ({exc}); the next run copies it")
-        return written, notes
+        written, notes = publish_file(self.loaded, destinations, self.manifest.path,
+                                      manifest_object_key(self.loaded.config.project), meta, "the manifest")
+        self.copy_urls = [url for _, url in written]
+        return [label for label, _ in written], notes
 
     def outcome(self, copies: list[str] | None = None, notes: list[str] | None = None) -> AuditOutcome:
         end = self._finished or {}
         return AuditOutcome(self.manifest.path, self.manifest.seq - self.first_seq, self.manifest.prev or "",
                             bool(end.get("signature")), tuple(copies or ()), tuple(notes or ()),
                             tuple(u.run for u in self.interrupted),
-                            tuple(repair_sentence(r) for r in self.manifest.repairs))
+                            tuple(repair_sentence(r) for r in self.manifest.repairs), tuple(self.copy_urls))
 
 
 class MigrationAudit(RunAudit):

@@ -230,3 +230,31 @@ def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | Non
         **({"max_attempts": max_attempts} if max_attempts else {}),
     )
 
+
+
+def publish_file(loaded: LoadedConfig, destinations: list[str], path: Path, key: str, meta, what: str
+                 ) -> tuple[list[tuple[str, str]], list[str]]:
+    """Copy the file at `path` to `key` in each destination (next to the data: the audit manifest,
+    the report), streamed: ([(its label/key, a URL naming it)], notes on failures). A failure is a
+    note, not an error: the next run copies it again."""
+    written, notes = [], []
+    for dest in sorted(set(destinations)):
+        try:
+            sink = open_sink(loaded, dest)
+            with open(path, "rb") as body:
+                sink.put(key, body, os.fstat(body.fileno()).st_size, meta, None)
+            written.append((f"{sink.label}/{key}", object_url(loaded, dest, key)))
+        except (ConnectorError, OSError) as exc:
+            notes.append(f"{what} could not be copied to destination `{dest}` ({exc}); the next run copies it")
+    return written, notes
+
+
+def object_url(loaded: LoadedConfig, destination: str, key: str) -> str:
+    """Where object `key` of a destination is, as a URL a person can read (path-style for S3,
+    sftp:// for an SFTP server); it names the object, reading it takes the bucket's credentials."""
+    from urllib.parse import quote
+
+    dest = loaded.config.destinations[destination]
+    if dest.kind == "sftp":
+        return f"sftp://{dest.host}:{dest.port}{quote(dest.root.rstrip('/') + '/' + key)}"
+    return f"{dest.endpoint_url.rstrip('/')}/{dest.bucket}/{quote(key)}"

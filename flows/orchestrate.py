@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger, tags
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (create_link_artifact, create_progress_artifact, create_table_artifact,
+                              update_progress_artifact)
 from prefect.concurrency.sync import concurrency
 from prefect.futures import wait
 from prefect.runtime import flow_run as current_flow_run
@@ -400,7 +401,29 @@ def _write_report(outcome: MigrateOutcome) -> Path | None:
     except UserError as exc:
         get_run_logger().warning("the HTML report could not be written: %s", exc)
         return None
+    link_artifacts(outcome, out)
     return out
+
+
+def link_artifacts(outcome: MigrateOutcome, report: Path) -> None:
+    """The report copied next to the data (`_exitplan/<project>/reports/`), and links in the UI to
+    it and to the audit manifest's copies: where an auditor finds them, not a path on a worker's disk."""
+    from connectors.base import ContentSettings, WriteMeta
+    from engine.endpoints import publish_file
+
+    loaded, project = outcome.loaded, outcome.project
+    destinations = sorted({loaded.config.datasets[d].destination for d in outcome.datasets})
+    written, notes = publish_file(loaded, destinations, report, f"_exitplan/{project}/reports/{report.name}",
+                                  WriteMeta(ContentSettings(content_type="text/html; charset=utf-8")), "the report")
+    for note in notes:
+        get_run_logger().warning("%s", note)
+    for label, url in written:
+        create_link_artifact(url, link_text=f"report of run {outcome.result.run_id}: {label}",
+                             key=artifact_key(project, "report"),
+                             description="The HTML report, next to the data (read it with the bucket's credentials)")
+    for url in outcome.result.audit.copy_urls if outcome.result.audit is not None else ():
+        create_link_artifact(url, link_text=f"audit manifest of project `{project}` next to the data",
+                             key=artifact_key(project, "manifest"), description="The signed audit manifest")
 
 
 def _final(outcome: MigrateOutcome, checked: dict[str, Any] | None):

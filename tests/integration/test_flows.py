@@ -112,13 +112,20 @@ def test_exit_plan_migrates_verifies_and_shows_it(tmp_path, env, s3_server, s3):
         (0, 4, 4, "ok"), (1, 4, 4, "ok"), (2, 3, 3, "ok")]
     assert sum(s["bytes_copied"] for s in shards) == result["bytes_copied"]
     assert shards[2]["seconds"] > 0 and shards[2]["mb_per_s"] > 0  # the shard with the 6 MiB object
+    # The report and the manifest, next to the data, and linked from the run.
+    links = {a.key: a.data for a in found["markdown"]}  # Prefect keeps a link artifact as markdown
+    report_key = f"_exitplan/{container}/reports/exit-plan-run-{result['run_id']}.html"
+    assert f"({s3_server.url}/{BUCKET}/{report_key})" in links[f"exitplan-{container}-report"]
+    assert f"({s3_server.url}/{BUCKET}/_exitplan/{container}/manifest.jsonl)" in links[f"exitplan-{container}-manifest"]
+    report = s3.get_object(Bucket=BUCKET, Key=report_key)
+    assert report["ContentType"].startswith("text/html") and b"<html" in report["Body"].read()
     (verified,) = tables[f"exitplan-{container}-verify"]
     assert (verified["objects"], verified["ok"], verified["read_back"]) == (11, 11, 11)
-    (summary,) = found["markdown"]
-    assert "11 copied" in summary.data and "**0 failed**" in summary.data
-    assert "| claims | exitplan lab S3 server (moto) |" in summary.data and "**lab**" in summary.data
-    assert f"| {BUCKET} | `{container}/` |" in summary.data  # the bucket and the prefix below it
-    assert "## Who holds the keys" in summary.data and "- claims: Tink AES256_GCM_HKDF_1MB" in summary.data
+    summary = links[f"exitplan-{container}-summary"]
+    assert "11 copied" in summary and "**0 failed**" in summary
+    assert "| claims | exitplan lab S3 server (moto) |" in summary and "**lab**" in summary
+    assert f"| {BUCKET} | `{container}/` |" in summary  # the bucket and the prefix below it
+    assert "## Who holds the keys" in summary and "- claims: Tink AES256_GCM_HKDF_1MB" in summary
     everything = json.dumps([a.data for a in sum(found.values(), [])]) + json.dumps(result)
     assert env not in everything and "AccountKey" not in everything  # no credential shown anywhere
     # each task run named after what it does, as the UI lists them

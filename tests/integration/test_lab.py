@@ -354,7 +354,8 @@ def test_demo_ends_with_a_completed_exit_plan_flow_run(tmp_path):
         artifacts = json.loads(conn.getresponse().read())
         conn.close()
         kinds = sorted({(a["type"], a["key"]) for a in artifacts})
-        assert kinds == [("markdown", "exitplan-lab-exit-summary"), ("progress", "exitplan-lab-exit-progress"),
+        assert kinds == [("markdown", "exitplan-lab-exit-manifest"), ("markdown", "exitplan-lab-exit-report"),
+                         ("markdown", "exitplan-lab-exit-summary"), ("progress", "exitplan-lab-exit-progress"),
                          ("progress", "exitplan-lab-exit-verify-progress"), ("table", "exitplan-lab-exit-inventory"), ("table", "exitplan-lab-exit-shards"),
                          ("table", "exitplan-lab-exit-status"), ("table", "exitplan-lab-exit-verify")]
         (status_table,) = [json.loads(a["data"]) for a in artifacts if a["key"] == "exitplan-lab-exit-status"]
