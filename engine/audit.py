@@ -111,7 +111,10 @@ RUN_INTERRUPTED = "run_interrupted"
 REPAIR = "repair"
 NOT_CARRIED = "not_carried"  # what a dataset's listing named that the run does not carry, by reason
 _MANIFEST = "the audit manifest"  # for the sentence of a manifest that cannot be written
-RECORD_TYPES = (CHAIN_START, RUN_START, TRANSFER, REMOVAL, NOT_CARRIED, VERIFY, RUN_INTERRUPTED, REPAIR, RUN_END)
+# A dataset cut over (`engine.cutover`): signed itself, like a run_end.
+CUTOVER = "cutover"
+RECORD_TYPES = (CHAIN_START, RUN_START, TRANSFER, REMOVAL, NOT_CARRIED, VERIFY, RUN_INTERRUPTED, REPAIR, CUTOVER,
+                RUN_END)
 MARKS_PER_TRANSACTION = 500  # rows marked recorded per state transaction (`_Marks`)
 
 
@@ -537,6 +540,8 @@ class ManifestCheck:
     counts: Mapping[str, int] = field(default_factory=dict)
     runs_without_end: tuple[RunWithoutEnd, ...] = ()
     repairs: tuple[ManifestRepair, ...] = ()
+    # The `cutover` records whose signature verifies: (line, dataset, time, objects, objects_sha256).
+    cutovers: tuple[tuple[int, str, str, int, str], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -548,7 +553,9 @@ class ManifestCheck:
                 "problems": [{"line": p.line, "message": p.sentence()} for p in self.problems],
                 "problems_truncated": self.problems_truncated,
                 "runs_without_end": [r.as_json() for r in self.runs_without_end],
-                "repairs": [{"line": r.line, "repair": r.sentence} for r in self.repairs]}
+                "repairs": [{"line": r.line, "repair": r.sentence} for r in self.repairs],
+                "cutovers": [{"line": n, "dataset": d, "time": t, "objects": o, "objects_sha256": h}
+                             for n, d, t, o, h in self.cutovers]}
 
 
 def load_public_key(pem: bytes) -> Ed25519PublicKey:
@@ -634,6 +641,7 @@ def verify_manifest(path: Path, public_key: Ed25519PublicKey, *, max_problems: i
     kind = None
     runs = _RunSpans()
     repairs: list[ManifestRepair] = []
+    cutovers: list[tuple[int, str, str, int, str]] = []
 
     def problem(line: int, message: str) -> None:
         nonlocal truncated
@@ -678,17 +686,21 @@ def verify_manifest(path: Path, public_key: Ed25519PublicKey, *, max_problems: i
                 problem(n, f"the first record is {kind!r}, not {CHAIN_START!r}: the start of the chain is missing")
             if kind not in RECORD_TYPES:
                 problem(n, f"unknown record type {kind!r}")
-            if kind == RUN_END:
+            if kind in (RUN_END, CUTOVER):
                 sig = record.get("signature")
                 if not isinstance(sig, str):
-                    problem(n, "the run_end record is not signed (signature is null: the project has no audit key)")
+                    problem(n, f"the {kind} record is not signed (signature is null: the project has no audit key)")
                 else:
                     try:
                         public_key.verify(base64.b64decode(sig, validate=True), signed_payload(record))
-                        runs_signed += 1
-                        signed_through = n
+                        if kind == RUN_END:
+                            runs_signed += 1
+                            signed_through = n
+                        else:
+                            cutovers.append((n, str(record.get("dataset")), str(record.get("time")),
+                                             int(record.get("objects") or 0), str(record.get("objects_sha256"))))
                     except (InvalidSignature, ValueError):
-                        problem(n, f"the run_end signature does not verify with the given public key "
+                        problem(n, f"the {kind} signature does not verify with the given public key "
                                    f"(sha256 {fingerprint[:16]}…): the record was altered or signed by another key")
             if kind == REPAIR:
                 repairs.append(ManifestRepair(n, repair_sentence(record)))
@@ -705,7 +717,7 @@ def verify_manifest(path: Path, public_key: Ed25519PublicKey, *, max_problems: i
     without_end = runs.without_end(problem)
     problems.sort(key=lambda p: p.line)  # stable: a line's own problems keep their order
     return ManifestCheck(path, n, runs_signed, prev, file_digest.hexdigest(), tuple(problems), truncated, counts,
-                         without_end, tuple(repairs))
+                         without_end, tuple(repairs), tuple(cutovers))
 
 
 def _short(digest: Any) -> str:

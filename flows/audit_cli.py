@@ -193,6 +193,9 @@ def print_manifest_findings(check) -> None:
         print(f"repairs of the manifest's end: {len(check.repairs)}")
         for repair in check.repairs:
             print(f"  line {repair.line}: {repair.sentence}")
+    for line, dataset, when, objects, digest in check.cutovers:
+        print(f"cutover of dataset `{dataset}` at {when}: {objects:,} objects (objects_sha256 {digest}), signed, "
+              f"line {line}")
 
 
 # ---------------------------------------------------------------------------------------------

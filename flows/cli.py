@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from config.errors import ExitCode, UserError
-from flows import audit_cli, commands, deploy_cli, keys_cli, lab, probe_cli, rehydrate_cli, status_cli, worker
+from flows import (audit_cli, commands, cutover_cli, deploy_cli, keys_cli, lab, probe_cli, rehydrate_cli, status_cli,
+                   worker)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.register(sub)
     probe_cli.register(sub)
     rehydrate_cli.register(sub)
+    cutover_cli.register(sub)
     return parser
 
 

@@ -68,6 +68,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                   + (f"; {s.removed_deleted:,} removed at the source (copies deleted)" if s.removed_deleted else ""))
             for reason, (objects, size) in sorted(s.listing.not_carried_counts.items()):
                 print(f"  not carried: {objects:,} ({format_size(size)}) {reason}")
+        if s.cut_over is not None:
+            c = s.cut_over
+            later = (s.last_migrate is not None and s.last_migrate.run_id > c.run_id)
+            print(f"  cut over {_age(c.at, now)} (run {c.run_id}, {c.at:%Y-%m-%d %H:%M}Z): {c.objects:,} objects, "
+                  f"{format_size(c.bytes)}, after delta run {c.delta_run} and deep verify run {c.verify_run}; signed "
+                  f"record at line {c.manifest_seq + 1} of the audit manifest"
+                  + ("; migrate ran again since" if later else ""))
         print(s.sentence())
     for s in statuses:
         print_incomplete(s)

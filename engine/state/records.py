@@ -230,6 +230,26 @@ class StatusCount:
 
 
 @dataclass(frozen=True)
+class CutoverRecord:
+    """A dataset's cutover (`exitplan cutover`, table `cutovers`)."""
+
+    run_id: int
+    dataset: str
+    at: datetime
+    delta_run: int
+    verify_run: int
+    objects: int
+    bytes: int
+    digest: str
+    manifest_seq: int
+
+    def as_dict(self) -> dict:
+        return {"run": self.run_id, "at": f"{self.at:%Y-%m-%dT%H:%M:%S}Z", "delta_run": self.delta_run,
+                "verify_run": self.verify_run, "objects": self.objects, "bytes": self.bytes, "digest": self.digest,
+                "manifest_line": self.manifest_seq + 1}
+
+
+@dataclass(frozen=True)
 class DatasetStatus:
     """Whether a dataset is complete: every object it must hold is at the destination and verified.
 
@@ -249,6 +269,9 @@ class DatasetStatus:
     removed_deleted: int  # gone from the source; the destination copy was deleted (--delete-removed)
     last_migrate: RunDataset | None
     last_verify: RunDataset | None
+    # The dataset's last cutover, if it was cut over (its source then found unchanged since the
+    # last delta): a migrate after it copies what changed since, and says so.
+    cut_over: CutoverRecord | None = None
 
     def count(self, category: str) -> StatusCount:
         return self.counts.get(category, StatusCount())
@@ -314,6 +337,7 @@ class DatasetStatus:
             "never_arrived": self.never_arrived,
             "removed_at_source": {"kept": self.removed_kept, "deleted": self.removed_deleted},
             "last_migrate": run(self.last_migrate), "last_verify": run(self.last_verify),
+            "cut_over": self.cut_over.as_dict() if self.cut_over else None,
             "not_verified": [{"source_key": e.source_key, "size": e.size, "status": e.category, "reason": e.reason}
                              for e in self.not_verified()],
         }

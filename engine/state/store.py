@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -22,12 +22,12 @@ from connectors.base import ContentSettings, ObjectMeta
 from ..private_files import private_directory, private_file
 from . import completeness
 from .batch import WriteBatch
-from .records import (DatasetFigures, DatasetStatus, DatasetTotals, ListingRangeRecord, ObjectRecord, PartRecord,
+from .records import (CutoverRecord, DatasetFigures, DatasetStatus, DatasetTotals, ListingRangeRecord, ObjectRecord, PartRecord,
                       RunDataset, RunRecord, ShardCounts, ShardRecord)
 from .rows import listed_extra, listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, RANGE_SHARDS, REMOVED, REPLACED_INDEXES,
                      STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition,
-                     audit_recorded, listing, listing_ranges, metadata, objects, parts, rate_buckets, run_datasets,
+                     audit_recorded, cutovers, listing, listing_ranges, metadata, objects, parts, rate_buckets, run_datasets,
                      runs, shards, utcnow)
 from .unwritable import StateUnwritable, unwritable_database, writing_file
 
@@ -704,7 +704,22 @@ class StateStore:
         and, per expected object, whether it is verified, copied, failed, pending or never attempted,
         with the first `examples` of each (engine/state/completeness.py). Only source keys starting
         with `prefix` when one is given. Streamed: bounded memory whatever the dataset's size."""
-        return completeness.dataset_status(self.engine, dataset, prefix=prefix, examples=examples)
+        status = completeness.dataset_status(self.engine, dataset, prefix=prefix, examples=examples)
+        cut_over = self.last_cutover(dataset)
+        return replace(status, cut_over=cut_over) if cut_over else status
+
+    def record_cutover(self, record: CutoverRecord) -> None:
+        with self._writing() as conn:
+            conn.execute(cutovers.insert().values(**record.__dict__))
+
+    def last_cutover(self, dataset: str) -> CutoverRecord | None:
+        """The dataset's newest cutover; None, also in a read-only store written before cutovers."""
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("cutovers"):
+                return None
+            row = conn.execute(cutovers.select().where(cutovers.c.dataset == dataset)
+                               .order_by(cutovers.c.run_id.desc()).limit(1)).mappings().first()
+        return CutoverRecord(**row) if row else None
 
     # ---- what verify checks ----------------------------------------------------------------------
 
