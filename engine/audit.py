@@ -845,12 +845,11 @@ class RunAudit:
     def publish(self, destinations: list[str]) -> tuple[list[str], list[str]]:
         """Copy the manifest to `_exitplan/<project>/manifest.jsonl` in each destination: (written,
         notes on failures). A failure is not the run's: the copy is refreshed by the next run."""
-        from connectors.base import ContentSettings, WriteMeta
         from engine.endpoints import publish_file
 
-        meta = WriteMeta(ContentSettings(content_type="application/x-ndjson"), {"exitplan-format": MANIFEST_FORMAT})
         written, notes = publish_file(self.loaded, destinations, self.manifest.path,
-                                      manifest_object_key(self.loaded.config.project), meta, "the manifest")
+                                      manifest_object_key(self.loaded.config.project), "the manifest",
+                                      content_type="application/x-ndjson", metadata={"exitplan-format": MANIFEST_FORMAT})
         self.copy_urls = [url for _, url in written]
         return [label for label, _ in written], notes
 

@@ -25,7 +25,14 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from config.models import LoadedConfig
+from config.policy import destination_profile
 from engine import state as st
+from engine import verify as engine_verify
+
+from .audit import CUTOVER, RunAudit, audit_signing_key
+from .plan import plan
+from .project import open_state
+from .run import migrate
 
 MAX_NAMED = 20  # objects named per kind of change
 
@@ -58,10 +65,6 @@ def cutover(loaded: LoadedConfig, dataset: str, *, observer, say: Callable[[str]
             ) -> CutoverResult:
     """Cut dataset `dataset` over (see the module docstring). `observer`: the migrate's
     (`engine.run.RunObserver`); `say(line)`: each step as it starts."""
-    from .plan import plan
-    from .run import migrate
-    from .verify import verify
-
     say(f"{dataset}: 1/3 the last delta (migrate)")
     delta = migrate(loaded, [dataset], observer, count_first=False)
     (copied,) = delta.summaries
@@ -71,7 +74,7 @@ def cutover(loaded: LoadedConfig, dataset: str, *, observer, say: Callable[[str]
                              f"{copied.failed:,} failed or refused; fix them (see `exitplan status`) and run cutover "
                              "again", named)
     say(f"{dataset}: 2/3 a deep verify")
-    checked = verify(loaded, [dataset], deep=True)
+    checked = engine_verify.verify(loaded, [dataset], deep=True)
     (verified,) = checked.datasets
     if not checked.all_ok:
         named = tuple(f"{d.source_key}: {d.kind}: expected {d.expected}, found {d.found}"
@@ -108,11 +111,6 @@ def cutover(loaded: LoadedConfig, dataset: str, *, observer, say: Callable[[str]
 
 def _record(loaded: LoadedConfig, dataset: str, delta_run: int, verify_run: int) -> tuple[dict[str, Any], list[str]]:
     """Append the signed `cutover` record in a run of its own, and keep it in the state."""
-    from config.policy import destination_profile
-
-    from .audit import CUTOVER, RunAudit, audit_signing_key
-    from .project import open_state
-
     ds = loaded.config.datasets[dataset]
     dest = loaded.config.destinations[ds.destination]
     src = loaded.config.sources[ds.source]

@@ -232,11 +232,14 @@ def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | Non
 
 
 
-def publish_file(loaded: LoadedConfig, destinations: list[str], path: Path, key: str, meta, what: str
-                 ) -> tuple[list[tuple[str, str]], list[str]]:
+def publish_file(loaded: LoadedConfig, destinations: list[str], path: Path, key: str, what: str, *,
+                 content_type: str, metadata: dict[str, str] | None = None) -> tuple[list[tuple[str, str]], list[str]]:
     """Copy the file at `path` to `key` in each destination (next to the data: the audit manifest,
-    the report), streamed: ([(its label/key, a URL naming it)], notes on failures). A failure is a
-    note, not an error: the next run copies it again."""
+    the report), streamed, as `content_type` with `metadata`: ([(its label/key, a URL naming it)],
+    notes on failures). A failure is a note, not an error: the next run copies it again."""
+    from connectors.base import ContentSettings, WriteMeta
+
+    meta = WriteMeta(ContentSettings(content_type=content_type), metadata or {})
     written, notes = [], []
     for dest in sorted(set(destinations)):
         try:

@@ -408,13 +408,12 @@ def _write_report(outcome: MigrateOutcome) -> Path | None:
 def link_artifacts(outcome: MigrateOutcome, report: Path) -> None:
     """The report copied next to the data (`_exitplan/<project>/reports/`), and links in the UI to
     it and to the audit manifest's copies: where an auditor finds them, not a path on a worker's disk."""
-    from connectors.base import ContentSettings, WriteMeta
     from engine.endpoints import publish_file
 
     loaded, project = outcome.loaded, outcome.project
     destinations = sorted({loaded.config.datasets[d].destination for d in outcome.datasets})
     written, notes = publish_file(loaded, destinations, report, f"_exitplan/{project}/reports/{report.name}",
-                                  WriteMeta(ContentSettings(content_type="text/html; charset=utf-8")), "the report")
+                                  "the report", content_type="text/html; charset=utf-8")
     for note in notes:
         get_run_logger().warning("%s", note)
     for label, url in written:
