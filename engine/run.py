@@ -521,7 +521,7 @@ class MigrationRun:
         failed, _ = get(st.FAILED, st.IN_PROGRESS, st.CHANGED)
         return ShardResult(self.run_id, dataset, shard, record.objects, record.bytes, copied, unchanged, failed,
                            bytes_copied, counts.output_bytes, seconds, record.attempts, counts.failures,
-                           transient and failed > 0)
+                           transient and failed > 0, counts.transient_keys)
 
     def shards_ended(self, plan: ShardPlan, why_stopped: Callable[[str, int], str]) -> ShardsEnded:
         """Every shard task of `plan` has ended: read how each ended from the state store, and

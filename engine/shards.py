@@ -135,6 +135,7 @@ class ShardResult:
     attempt: int
     failures: tuple[tuple[str, str], ...]  # the first (source key, reason) pairs
     transient: bool  # some failure's cause may pass: trying the shard again can succeed
+    transient_keys: frozenset[str] = frozenset()  # which of `failures` may pass; the others are permanent
 
     @property
     def ok(self) -> bool:

@@ -85,7 +85,8 @@ def shard_row(result: ShardResult) -> dict[str, Any]:
             "objects": result.objects, "size": format_size(result.bytes), "copied": result.copied,
             "unchanged": result.unchanged, "failed": result.failed, "bytes_copied": result.bytes_copied,
             "seconds": round(result.seconds, 1), "mb_per_s": round(rate, 1), "attempts": result.attempt,
-            "reason": "" if result.ok else failure_sentence(result), "_failures": result.failures}
+            "reason": "" if result.ok else failure_sentence(result),
+            "_failures": [(key, reason, key in result.transient_keys) for key, reason in result.failures]}
 
 
 def ended_shard_row(outcome: ShardOutcome) -> dict[str, Any]:
@@ -142,14 +143,19 @@ def status_row(status) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+# Whether running again can help an object that failed, by whether its cause may pass.
+RERUN = {True: "may pass: the next run tries it again",
+         False: "permanent: fix it at the source (or exclude it), then migrate"}
+
+
 def shard_artifacts(project: str, run_id: int, ended: tuple[ShardOutcome, ...]
                     ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """The shards table and, when objects failed, the failures table (each with its reason);
     returns their rows."""
     rows = [ended_shard_row(o) for o in ended]
     # The reason before the object: keys can be 1,024 bytes long and would push it off-screen.
-    failures = [{"reason": reason, "dataset": r["dataset"], "shard": str(r["shard"]), "object": key}
-                for r in rows for key, reason in r.pop("_failures", ())]
+    failures = [{"reason": reason, "again": RERUN[transient], "dataset": r["dataset"], "shard": str(r["shard"]),
+                 "object": key} for r in rows for key, reason, transient in r.pop("_failures", ())]
     create_table_artifact(rows, key=artifact_key(project, "shards"), description=f"Shards of run {run_id}: one task each")
     if failures:
         create_table_artifact(failures, key=artifact_key(project, "failures"),

@@ -101,6 +101,8 @@ class ShardCounts:
     states: Mapping[str, tuple[int, int]]
     output_bytes: int
     failures: tuple[tuple[str, str], ...]
+    # The keys among `failures` whose cause may pass (a re-run can succeed); the others are permanent.
+    transient_keys: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)

@@ -534,10 +534,11 @@ class StateStore:
                 .select_from(l.join(o, joined)).where(*where).group_by(o.c.state))}
             output = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(o.c.output_size), 0))
                                   .select_from(l.join(o, joined)).where(*where, o.c.state.in_(COPIED))).scalar()
-            failures = tuple((k, r or "unknown") for k, r in conn.execute(
-                sa.select(o.c.source_key, o.c.reason).select_from(l.join(o, joined))
-                .where(*where, o.c.state == FAILED).order_by(l.c.seq).limit(max_failures)))
-        return ShardCounts(states, int(output or 0), failures)
+            failed = conn.execute(
+                sa.select(o.c.source_key, o.c.reason, o.c.transient).select_from(l.join(o, joined))
+                .where(*where, o.c.state == FAILED).order_by(l.c.seq).limit(max_failures)).all()
+        return ShardCounts(states, int(output or 0), tuple((k, r or "unknown") for k, r, _ in failed),
+                           frozenset(k for k, _, transient in failed if transient))
 
     # ---- multipart uploads and their parts (resume) --------------------------------------------
 

@@ -212,6 +212,7 @@ def test_a_failing_object_fails_its_shard_only(tmp_path, env, s3_server, s3):
     tables = {a.key: json.loads(a.data) for a in found["table"]}
     (failure,) = tables[f"exitplan-{container}-failures"]
     assert failure["object"] == too_long and "1024" in failure["reason"].replace(",", "")
+    assert failure["again"].startswith("permanent: fix it at the source") and list(failure)[:2] == ["reason", "again"]
     failed_shards = [s for s in tables[f"exitplan-{container}-shards"] if s["status"] != "ok"]
     assert len(failed_shards) == 1 and too_long in failed_shards[0]["reason"]
     assert "**1 failed**" in found["markdown"][0].data
