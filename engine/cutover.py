@@ -96,8 +96,11 @@ def cutover(loaded: LoadedConfig, dataset: str, *, observer, say: Callable[[str]
         problems.append(f"{planned.objects:,} object(s) added or changed since the delta")
     if planned.refused:
         problems.append(f"{planned.refused:,} object(s) now refused")
-    if planned.skipped < expected - planned.refused:
-        problems.append(f"{expected - planned.skipped - planned.refused:,} object(s) removed since the delta "
+    # Each object the dataset holds is now skipped (unchanged), written (changed) or refused, or gone;
+    # a write may also be a new object, so with writes the count of those gone is a lower bound.
+    gone = expected - planned.skipped - planned.objects - planned.refused
+    if gone > 0:
+        problems.append(f"{'at least ' if planned.objects else ''}{gone:,} object(s) removed since the delta "
                         f"(`exitplan migrate --dataset {dataset}` names them)")
     if problems:
         return CutoverResult(dataset, False, "source", "the source changed after the last delta: " + "; ".join(problems)

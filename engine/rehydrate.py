@@ -22,6 +22,7 @@ from connectors.base import ConnectorError, ObjectMeta
 
 from .endpoints import open_source
 from .errors import call_endpoint
+from .estimate import Figures
 from .executors import BoundedTasks, create_pool
 from .inventory import selected
 
@@ -32,16 +33,6 @@ MAX_EXAMPLES = 20
 
 
 @dataclass
-class Tally:
-    objects: int = 0
-    bytes: int = 0
-
-    def add(self, meta: ObjectMeta) -> None:
-        self.objects += 1
-        self.bytes += meta.size
-
-
-@dataclass
 class DatasetRehydration:
     """One dataset's Archive-tier blobs, as one pass found them: `requested` (asked for by this
     pass), `pending` (being rehydrated since an earlier request), `failed` (the request was
@@ -49,15 +40,15 @@ class DatasetRehydration:
 
     dataset: str
     listed: int = 0
-    requested: Tally = field(default_factory=Tally)
-    pending: Tally = field(default_factory=Tally)
-    failed: Tally = field(default_factory=Tally)
+    requested: Figures = field(default_factory=Figures)
+    pending: Figures = field(default_factory=Figures)
+    failed: Figures = field(default_factory=Figures)
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     @property
-    def archived(self) -> Tally:
+    def archived(self) -> Figures:
         """Every blob still in the Archive tier: asked for now, earlier, or refused."""
-        return Tally(self.requested.objects + self.pending.objects + self.failed.objects,
+        return Figures(self.requested.objects + self.pending.objects + self.failed.objects,
                      self.requested.bytes + self.pending.bytes + self.failed.bytes)
 
     def as_dict(self) -> dict:
@@ -97,12 +88,12 @@ def rehydrate(loaded: LoadedConfig, datasets: list[str], *, tier: str = "Hot", p
         found = DatasetRehydration(name)
 
         def asked(meta: ObjectMeta, _result: None, found: DatasetRehydration = found) -> None:
-            found.requested.add(meta)
+            found.requested.add(meta.size)
 
         def refused(meta: ObjectMeta, exc: BaseException, found: DatasetRehydration = found) -> None:
             if not isinstance(exc, ConnectorError):
                 raise exc
-            found.failed.add(meta)
+            found.failed.add(meta.size)
             if len(found.failures) < MAX_EXAMPLES:
                 found.failures.append((meta.key, str(exc)))
 
@@ -110,9 +101,9 @@ def rehydrate(loaded: LoadedConfig, datasets: list[str], *, tier: str = "Hot", p
             for meta in archived(loaded, name, source):
                 found.listed += 1
                 if meta.rehydrating:
-                    found.pending.add(meta)
+                    found.pending.add(meta.size)
                 elif tasks is None:
-                    found.requested.add(meta)
+                    found.requested.add(meta.size)
                 else:
                     tasks.submit(meta, source.rehydrate, meta.key, tier, priority)
 

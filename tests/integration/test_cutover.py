@@ -78,12 +78,30 @@ def test_a_source_written_to_after_the_delta_is_not_cut_over(project, capsys, mo
     monkeypatch.setattr(engine_verify, "verify", then_a_writer)
     code, out, err = cli(capsys, "cutover", "--config", cfg, "--dataset", "docs")
     assert code == 1, (out, err)
-    assert "the source changed after the last delta: 2 object(s) added or changed since the delta" in err
+    assert "the source changed after the last delta: 2 object(s) added or changed since the delta. Stop" in err
     assert "  a.csv: added or changed since the delta" in err and "  late.csv: added or changed" in err
     assert "Stop what writes to it" in err
     assert not [r for r in manifest_records(project) if r["type"] == "cutover"]
     code, status = status_json(capsys, cfg)
     assert status["cut_over"] is None
+
+
+def test_a_blob_deleted_after_the_delta_is_counted_as_removed(project, capsys, monkeypatch):
+    for name in ("a.csv", "b.csv", "c.csv"):
+        project.cc.upload_blob(name, name.encode())
+    cfg = project.make()
+    capsys.readouterr()
+    verify = engine_verify.verify
+
+    def then_a_deletion(*args, **kwargs):
+        result = verify(*args, **kwargs)
+        project.cc.delete_blob("b.csv")
+        return result
+
+    monkeypatch.setattr(engine_verify, "verify", then_a_deletion)
+    code, out, err = cli(capsys, "cutover", "--config", cfg, "--dataset", "docs")
+    assert code == 1 and "the source changed after the last delta: 1 object(s) removed since the delta" in err, err
+    assert not [r for r in manifest_records(project) if r["type"] == "cutover"]
 
 
 def test_an_object_the_delta_cannot_carry_stops_the_cutover_at_the_first_step(project, capsys):
