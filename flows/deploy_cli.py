@@ -90,6 +90,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     _run_prefect_deploy(spec, chosen, args.pool, prefect_file, config_path, url)
     registered = _read_back(chosen)
+    _name_datasets(registered, list(loaded.config.datasets))
     _print_registered(registered, args.pool)
     _ensure_alerts(loaded, spec)
     _print_worker(loaded, args.pool, url)
@@ -207,6 +208,25 @@ def _read_back(chosen: list[dict[str, Any]], *, missing_ok: bool = False) -> lis
                 if not missing_ok:
                     raise
     return out
+
+
+def _name_datasets(registered: list[tuple[str, Any]], names: list[str]) -> None:
+    """The run form's `datasets` field names the configuration's datasets in its description: the
+    flows' signature only says "a list of names". (An `enum` of them makes Prefect's form show a
+    select with no options: a description it shows as written.)"""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    with get_client(sync_client=True) as client:
+        for _, deployment in registered:
+            schema = dict(deployment.parameter_openapi_schema or {})
+            field = (schema.get("properties") or {}).get("datasets")
+            if field is None:
+                continue
+            described = field.get("description", "").split(" This configuration's: ")[0]
+            field = dict(field, description=f"{described} This configuration's: {', '.join(sorted(names))}.")
+            schema["properties"] = dict(schema["properties"], datasets=field)
+            client.update_deployment(deployment.id, DeploymentUpdate(parameter_openapi_schema=schema))
 
 
 def _ensure_alerts(loaded: LoadedConfig, spec: dict[str, Any]) -> None:

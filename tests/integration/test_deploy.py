@@ -146,8 +146,11 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
             assert client.read_global_concurrency_limit_by_name("exitplan-provider-lab").limit >= 1
             deps = {name: client.read_deployment_by_name(name) for name in
                     ("exit-plan/exit-plan", "exitplan-migrate/nightly-delta", "exitplan-verify/weekly-verify")}
+        names = ", ".join(sorted(yaml.safe_load(config.read_text())["datasets"]))
         for dep in deps.values():
             assert dep.work_pool_name == "exitplan"
+            described = dep.parameter_openapi_schema["properties"]["datasets"]["description"]
+            assert described.endswith(f"empty: all of them. This configuration's: {names}."), described
             assert dep.parameters["config_path"] == str(config.resolve())
             assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory":
                                        {"directory": str(lp.REPO_ROOT)}}]
