@@ -70,7 +70,8 @@ class SyntheticSource:
     def meta(folder: int, i: int) -> ObjectMeta:
         key = f"f{folder:03d}/{i:09d}.dcm"
         return ObjectMeta(key=key, size=(i * 7919) % 1_000_000, etag=f"0x8D{folder:03d}{i:012d}",
-                          content_md5=hashlib.md5(key.encode()).digest(), last_modified=MODIFIED, tier="Hot")
+                          content_md5=hashlib.md5(key.encode()).digest(), last_modified=MODIFIED, tier="Hot",
+                          created=MODIFIED, kind="block")  # as Azure lists a block blob
 
     def folders(self, prefix: str, limit: int) -> tuple[list[str], bool] | None:
         return ([f"f{n:03d}/" for n in range(self.folder_count)], False) if prefix == "" else ([], True)

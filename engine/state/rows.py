@@ -49,33 +49,32 @@ def listing_row(run_id: int, dataset: str, seq: int, shard: int, meta: ObjectMet
     modified = meta.last_modified
     if modified is not None and modified.tzinfo is not None:
         modified = modified.astimezone(timezone.utc).replace(tzinfo=None)
+    created = meta.created
+    if created is not None and created.tzinfo is not None:
+        created = created.astimezone(timezone.utc).replace(tzinfo=None)
     extra = {k: v for k in LISTED_EXTRA if (v := getattr(meta, k))}
     if meta.tags:
         extra["tags"] = dict(meta.tags)
-    if meta.created is not None:
-        extra["created"] = meta.created.isoformat()
     if not meta.current_version:
         extra["current_version"] = False
     return dict(run_id=run_id, dataset=dataset, seq=seq, shard=shard, source_key=meta.key, etag=meta.etag,
                 size=meta.size, content_md5=meta.content_md5.hex() if meta.content_md5 else None,
                 last_modified=modified, tier=meta.tier, content=content or None, meta=dict(meta.metadata) or None,
-                extra=extra or None)
+                created=created, kind=meta.kind, extra=extra or None)
 
 
-# `ObjectMeta` fields kept as they are in a listing row's `extra` when set (tags, the creation
-# time and `current_version` too, by `listing_row`; read back by `listed_meta`).
-LISTED_EXTRA = ("kind", "not_copyable", "snapshot", "version_id", "rehydrating")
+# `ObjectMeta` fields kept as they are in a listing row's `extra` when set (tags and
+# `current_version` too, by `listing_row`; read back by `listed_extra`).
+LISTED_EXTRA = ("not_copyable", "snapshot", "version_id", "rehydrating")
 
 
 def listed_extra(extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The `ObjectMeta` keyword arguments of a listing row's `extra`."""
+    """The `ObjectMeta` keyword arguments of a listing row's `extra` (None for most rows)."""
     if not extra:
         return {}
     out = {k: extra[k] for k in LISTED_EXTRA if k in extra}
     if "tags" in extra:
         out["tags"] = extra["tags"]
-    if "created" in extra:
-        out["created"] = datetime.fromisoformat(extra["created"])
     if "current_version" in extra:
         out["current_version"] = extra["current_version"]
     return out

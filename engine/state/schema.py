@@ -142,8 +142,11 @@ listing = sa.Table(
     # SQL NULL when empty (most objects): nothing to decode when a shard is read back.
     sa.Column("content", sa.JSON(none_as_null=True)),  # ContentSettings fields that are set
     sa.Column("meta", sa.JSON(none_as_null=True)),  # user metadata
-    # The rest of what the source listed that is set (`rows.LISTED_EXTRA`: tags, creation time, kind,
-    # why it cannot be copied, snapshot or version): a shard places the object as a live listing would.
+    # The rest of what the source listed, so that a shard places the object as a live listing would:
+    # creation time and kind (set for every Azure blob: columns of their own, read back cheaply), and
+    # what only some objects have (`rows.LISTED_EXTRA`: tags, why it cannot be copied, snapshot or version).
+    sa.Column("created", sa.DateTime),
+    sa.Column("kind", sa.String),
     sa.Column("extra", sa.JSON(none_as_null=True)),
     # A shard's objects in listing order, read a page at a time (`StateStore.listed`): a seek, not
     # a walk of the dataset's listing from its start for each page of each shard.
@@ -266,7 +269,7 @@ REPLACED_INDEXES = ("ix_listing_shard",)  # (run_id, dataset, shard): a prefix o
 # Columns added after the first release of the store, per table: added to an existing database on open.
 ADDED_COLUMNS = {
     "objects": ("upload_id", "header", "key_id", "transient", "etag_checked"),
-    "listing": ("extra",),
+    "listing": ("created", "kind", "extra"),
     "run_datasets": ("not_carried",),
     "listing_ranges": ("not_carried",),
 }

@@ -378,12 +378,13 @@ class StateStore:
             if not rows:
                 return
             # Positional rows (the table's column order): a mapping per row costs as much as the read.
-            for (_, _, _, _, key, etag, size, md5, modified, tier, content, meta, extra) in rows:
+            for (_, _, _, _, key, etag, size, md5, modified, tier, content, meta, created, kind, extra) in rows:
                 yield ObjectMeta(
                     key=key, size=size, etag=etag, content_md5=bytes.fromhex(md5) if md5 else None,
                     last_modified=modified.replace(tzinfo=timezone.utc) if modified else None,
                     tier=tier, content=ContentSettings(**content) if content else _NO_CONTENT, metadata=meta or {},
-                    **listed_extra(extra))
+                    created=created.replace(tzinfo=timezone.utc) if created else None, kind=kind,
+                    **(listed_extra(extra) if extra else {}))
             last = rows[-1][2]
 
     def merge_shards(self, run_id: int, dataset: str, factor: int) -> None:
