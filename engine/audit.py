@@ -934,6 +934,7 @@ class MigrationAudit(RunAudit):
                                 "jurisdiction": verdict.provider.jurisdiction, "region": verdict.region,
                                 "bucket": verdict.bucket, "key": row.dest_key, "etag": row.dest_etag,
                                 "size": row.output_size, "parts": row.part_count,
+                                **({"storage_class": row.storage_class} if row.storage_class else {}),
                                 # False: the destination's ETags are opaque, only a deep verify proves the bytes
                                 "etag_checked": row.etag_checked},
                 "encryption": encryption,

@@ -214,13 +214,14 @@ class _StateEvents(CopyEvents):
     part receipt (after the destination acknowledged the part; a part acknowledged but not yet
     recorded when the process dies is found again by ListParts on resume)."""
 
-    def __init__(self, store: StateStore, batch: WriteBatch, run_id: int, dataset: str, dest_key: str,
+    def __init__(self, store: StateStore, batch: WriteBatch, run_id: int, dataset: str, placement: Placement,
                  tally: _Tally):
         self.store = store
         self.batch = batch
         self.run_id = run_id
         self.dataset = dataset
-        self.dest_key = dest_key
+        self.dest_key = placement.dest_key
+        self.storage_class = placement.write_meta.storage_class
         self.tally = tally
         self.object_id: int | None = None
         self.multipart = False
@@ -261,7 +262,8 @@ class _StateEvents(CopyEvents):
                 sha256=outcome.sha256, md5_checked=outcome.md5_checked, etag_checked=outcome.etag_checked,
                 dest_key=outcome.dest_key,
                 dest_etag=outcome.dest_etag, output_size=outcome.output_size, part_count=outcome.parts,
-                restarts=outcome.restarts, source_etag=outcome.source_etag, size=outcome.size, reason=None)
+                restarts=outcome.restarts, source_etag=outcome.source_etag, size=outcome.size, reason=None,
+                storage_class=self.storage_class)
         else:
             state, fields = st.FAILED, dict(reason=outcome.reason, restarts=outcome.restarts, transient=outcome.transient)
         if self.object_id is None:  # it failed before its first attempt started (refused by the planner)
@@ -368,7 +370,7 @@ def copy_objects(
         alone. `one` raises only before the object was counted (an exception that is not an
         `Exception`), and then `escaped` counts it."""
         try:
-            events = _StateEvents(state, batch, run_id, dataset, placement.dest_key, tally)
+            events = _StateEvents(state, batch, run_id, dataset, placement, tally)
             if retry_rows:
                 events.object_id = retry_rows.get(meta.key)
             outcome = copy_object(
@@ -425,7 +427,8 @@ def copy_objects(
                         decided(meta, placed.dest_key,
                                 ObjectOutcome(meta.key, placed.dest_key, meta.etag, meta.size, "skipped",
                                               reason=reason, sha256=previous.sha256, dest_etag=previous.dest_etag),
-                                st.UNCHANGED, reason=reason, dest_etag=previous.dest_etag, sha256=previous.sha256)
+                                st.UNCHANGED, reason=reason, dest_etag=previous.dest_etag, sha256=previous.sha256,
+                                storage_class=previous.storage_class)
                         continue
                 objects.submit((meta, placed), one, meta, placed)
     finally:

@@ -82,7 +82,7 @@ class Discrepancy:
     dataset: str
     source_key: str
     dest_key: str
-    kind: str  # missing, size, etag, metadata, key, place, decrypt, sha256, unreadable
+    kind: str  # missing, size, etag, storage class, metadata, key, place, decrypt, sha256, unreadable
     expected: str
     found: str
 
@@ -215,6 +215,8 @@ class _Checker:
             bad("size", f"{row.output_size:,} bytes", f"{listed.size:,} bytes")
         if row.dest_etag and listed.etag != row.dest_etag and not self.etags_opaque:
             bad("etag", row.dest_etag, listed.etag)
+        if row.storage_class and listed.tier and listed.tier != row.storage_class:
+            bad("storage class", f"storage class {row.storage_class}", f"storage class {listed.tier}")
         info = None
         try:
             if self.encrypted:

@@ -35,6 +35,7 @@ class ObjectRecord:
     key_id: int | None = None
     transient: bool | None = None  # a failed row: whether its cause may pass
     etag_checked: bool | None = None  # the write's ETag compared with the bytes' MD5s (False: opaque ETags)
+    storage_class: str | None = None  # what it was written in (None: the bucket's default, or not recorded)
 
 
 @dataclass(frozen=True)

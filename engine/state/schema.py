@@ -105,6 +105,9 @@ objects = sa.Table(
     # A failed row: whether its cause may pass (trying again later can succeed); None otherwise,
     # and on rows written before it was recorded.
     sa.Column("transient", sa.Boolean),
+    # The storage class the object was written in (`WriteMeta.storage_class`); None: the bucket's
+    # default, and on rows written before it was recorded. Quick verify compares it.
+    sa.Column("storage_class", sa.String),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("started_at", sa.DateTime),
     sa.Column("finished_at", sa.DateTime),
@@ -268,7 +271,7 @@ REPLACED_INDEXES = ("ix_listing_shard",)  # (run_id, dataset, shard): a prefix o
 
 # Columns added after the first release of the store, per table: added to an existing database on open.
 ADDED_COLUMNS = {
-    "objects": ("upload_id", "header", "key_id", "transient", "etag_checked"),
+    "objects": ("upload_id", "header", "key_id", "transient", "etag_checked", "storage_class"),
     "listing": ("created", "kind", "extra"),
     "run_datasets": ("not_carried",),
     "listing_ranges": ("not_carried",),

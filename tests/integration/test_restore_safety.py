@@ -394,6 +394,15 @@ def test_a_dataset_chooses_the_class_of_a_tier_over_the_destination_s_and_a_clas
     assert code == 0, err
     assert s3.head_object(Bucket=BUCKET, Key=f"{container}/cool.bin").get("StorageClass", "STANDARD") == "STANDARD"
     assert s3.head_object(Bucket=BUCKET, Key=f"{container}/hot.bin")["StorageClass"] == "STANDARD_IA"
+    # The class is recorded (state, manifest) and quick verify holds the destination to it.
+    records = [json.loads(line) for line in (cfg.parent / "state" / "audit" / "manifest.jsonl").read_text().splitlines()]
+    (hot,) = [r for r in records if r["type"] == "transfer" and r["source"]["key"] == "hot.bin"]
+    assert hot["destination"]["storage_class"] == "STANDARD_IA"
+    assert cli(capsys, "verify", "--config", cfg)[0] == 0
+    key = f"{container}/hot.bin"
+    s3.copy_object(Bucket=BUCKET, Key=key, CopySource={"Bucket": BUCKET, "Key": key}, StorageClass="STANDARD")
+    code, out, err = cli(capsys, "verify", "--config", cfg)
+    assert code == 1 and "storage class STANDARD_IA" in out + err and "hot.bin" in out + err, (out, err)
 
 
 def test_rehydrate_brings_archive_blobs_online_and_the_next_migrate_copies_them(

@@ -440,10 +440,10 @@ def test_an_exception_escaping_an_objects_task_fails_that_object_and_is_counted(
         return real_copy(source, sink, meta, placement, **kwargs)
 
     class Events(real_events):
-        def __init__(self, store, batch, run_id, dataset, dest_key, tally):
-            if dest_key == "out/0005.bin":
+        def __init__(self, store, batch, run_id, dataset, placement, tally):
+            if placement.dest_key == "out/0005.bin":
                 raise RuntimeError("the state store connection is closed")
-            super().__init__(store, batch, run_id, dataset, dest_key, tally)
+            super().__init__(store, batch, run_id, dataset, placement, tally)
 
     monkeypatch.setattr(migrate_module, "copy_object", copy)
     monkeypatch.setattr(migrate_module, "_StateEvents", Events)
