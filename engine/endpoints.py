@@ -231,7 +231,6 @@ def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | Non
     )
 
 
-
 def publish_file(loaded: LoadedConfig, destinations: list[str], path: Path, key: str, what: str, *,
                  content_type: str, metadata: dict[str, str] | None = None) -> tuple[list[tuple[str, str]], list[str]]:
     """Copy the file at `path` to `key` in each destination (next to the data: the audit manifest,

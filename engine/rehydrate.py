@@ -26,7 +26,6 @@ from .estimate import Figures
 from .executors import BoundedTasks, create_pool
 from .inventory import selected
 
-
 PRIORITIES = {"standard": "Standard", "high": "High"}
 TIERS = {"hot": "Hot", "cool": "Cool", "cold": "Cold"}
 MAX_EXAMPLES = 20
@@ -49,7 +48,7 @@ class DatasetRehydration:
     def archived(self) -> Figures:
         """Every blob still in the Archive tier: asked for now, earlier, or refused."""
         return Figures(self.requested.objects + self.pending.objects + self.failed.objects,
-                     self.requested.bytes + self.pending.bytes + self.failed.bytes)
+                       self.requested.bytes + self.pending.bytes + self.failed.bytes)
 
     def as_dict(self) -> dict:
         return {"dataset": self.dataset, "listed": self.listed,
