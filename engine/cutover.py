@@ -7,9 +7,10 @@ Three checks, in order, each stopping the cutover (exit 1) with the sentence of 
 2. **A deep verify**: every object the dataset must hold read back, decrypted and matched with the
    SHA-256 recorded from the source; the dataset complete.
 3. **The source unchanged since**: the source listed again and planned as a migrate would: nothing
-   to write (no object added or changed, each named up to `MAX_NAMED`), nothing refused, and as
-   many objects as the dataset must hold (fewer: some were removed). A source still being written
-   to cannot be cut over: stop its writers (or make the container read-only) first.
+   to write (no object added or changed), nothing refused, and as many objects as the dataset must
+   hold (fewer: some were removed, found by one more listing: `removed`); each named, up to
+   `MAX_NAMED`. A source still being written to cannot be cut over: stop its writers (or make the
+   container read-only) first.
 
 Then a `cutover` record is appended to the manifest, signed like a `run_end` (its own signature,
 then the run's `run_end` covering it), holding the runs of the delta and the verify, the objects
@@ -20,8 +21,12 @@ and bytes the dataset holds and `objects_sha256`, the digest of what they are
 from __future__ import annotations
 
 import hashlib
+import sqlite3
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from itertools import islice
+from pathlib import Path
 from typing import Any, Callable
 
 from config.models import LoadedConfig
@@ -30,7 +35,11 @@ from engine import state as st
 from engine import verify as engine_verify
 
 from .audit import CUTOVER, RunAudit, audit_signing_key
+from .endpoints import open_source
+from .inventory import selected
+from .listing import dataset_listing
 from .plan import plan
+from .private_files import private_directory
 from .project import open_state
 from .run import migrate
 
@@ -100,8 +109,8 @@ def cutover(loaded: LoadedConfig, dataset: str, *, observer, say: Callable[[str]
     # a write may also be a new object, so with writes the count of those gone is a lower bound.
     gone = expected - planned.skipped - planned.objects - planned.refused
     if gone > 0:
-        problems.append(f"{'at least ' if planned.objects else ''}{gone:,} object(s) removed since the delta "
-                        f"(`exitplan migrate --dataset {dataset}` names them)")
+        problems.append(f"{'at least ' if planned.objects else ''}{gone:,} object(s) removed since the delta")
+        changed += [f"{key}: removed since the delta" for key in removed(loaded, dataset, MAX_NAMED - len(changed))]
     if problems:
         return CutoverResult(dataset, False, "source", "the source changed after the last delta: " + "; ".join(problems)
                              + ". Stop what writes to it (or make the container read-only), then run cutover again",
@@ -110,6 +119,37 @@ def cutover(loaded: LoadedConfig, dataset: str, *, observer, say: Callable[[str]
     return CutoverResult(dataset, True, "recorded", f"cut over: {record['objects']:,} objects, the source unchanged "
                          f"since delta run {delta.run_id} and deep verify run {checked.run_id}; the signed cutover "
                          f"record is line {record['seq'] + 1} of the audit manifest", record=record, notes=tuple(notes))
+
+
+def removed(loaded: LoadedConfig, dataset: str, limit: int) -> list[str]:
+    """The first `limit` source keys of the objects `dataset` holds that a new listing of its
+    source no longer has. The listed keys go into a temporary SQLite file in the state directory
+    (bounded memory whatever the dataset's size), removed after; only on the path where a cutover
+    already found objects missing."""
+    if limit <= 0:
+        return []
+    source = open_source(loaded, dataset)
+    ds = loaded.config.datasets[dataset]
+    with tempfile.TemporaryDirectory(dir=private_directory(loaded.state_dir), prefix="cutover-") as tmp:
+        keys = sqlite3.connect(Path(tmp) / "listed.db")
+        try:
+            keys.execute("CREATE TABLE listed (key TEXT PRIMARY KEY)")
+            listing = (meta.key for meta in selected(dataset_listing(loaded, dataset, source), ds))
+            while batch := list(islice(listing, 5000)):
+                keys.executemany("INSERT OR IGNORE INTO listed VALUES (?)", ((k,) for k in batch))
+            state = open_state(loaded, read_only=True)
+            try:
+                found: list[str] = []
+                for row in state.expected_at_destination(dataset):
+                    if keys.execute("SELECT 1 FROM listed WHERE key = ?", (row.source_key,)).fetchone() is None:
+                        found.append(row.source_key)
+                        if len(found) >= limit:
+                            break
+                return found
+            finally:
+                state.close()
+        finally:
+            keys.close()
 
 
 def _record(loaded: LoadedConfig, dataset: str, delta_run: int, verify_run: int) -> tuple[dict[str, Any], list[str]]:

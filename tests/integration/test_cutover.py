@@ -101,6 +101,7 @@ def test_a_blob_deleted_after_the_delta_is_counted_as_removed(project, capsys, m
     monkeypatch.setattr(engine_verify, "verify", then_a_deletion)
     code, out, err = cli(capsys, "cutover", "--config", cfg, "--dataset", "docs")
     assert code == 1 and "the source changed after the last delta: 1 object(s) removed since the delta" in err, err
+    assert "  b.csv: removed since the delta" in err and not list((project.dir / "state").glob("cutover-*"))
     assert not [r for r in manifest_records(project) if r["type"] == "cutover"]
 
 
