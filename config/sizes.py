@@ -47,4 +47,10 @@ def classes_text(classes: Mapping[str | None, tuple[int, int]], default: str = "
                      for c, (n, b) in sorted(classes.items(), key=lambda item: (item[0] is None, item[0] or "")))
 
 
+def not_carried_lines(counts: Mapping[str, tuple[int, int]]) -> list[str]:
+    """What a listing named that is not carried, one "N (size) reason" per reason, in reason order:
+    the same words in the CLI, `status`, the summary artifact and the report."""
+    return [f"{objects:,} ({format_size(size)}) {reason}" for reason, (objects, size) in sorted(counts.items())]
+
+
 ByteSize = Annotated[int, BeforeValidator(parse_size), PlainSerializer(int)]

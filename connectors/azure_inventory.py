@@ -38,7 +38,7 @@ from functools import lru_cache
 from typing import Any, Iterator, Mapping
 
 from .azure_blob import archived_reason
-from .base import NOT_CARRIED, ConfigError, ContentSettings, HeadReader, NotFound, ObjectMeta, RangeReader
+from .base import NOT_CARRIED, ConfigError, count_in, ContentSettings, HeadReader, NotFound, ObjectMeta, RangeReader
 
 # Bytes asked for per read of a report file.
 READ_CHUNK = 8 * 1024 * 1024
@@ -189,8 +189,7 @@ class InventoryReport:
                     if reason is None and not seen.first(name):
                         reason = "repeated rows of one blob (Azure's reports may list a blob twice): carried once"
                     if reason is not None:
-                        rows_before, bytes_before = self.not_copied.get(reason, (0, 0))
-                        self.not_copied[reason] = (rows_before + 1, bytes_before + _size(row))
+                        count_in(self.not_copied, reason, _size(row))
                         continue
                     try:
                         meta = object_meta(row, container)

@@ -95,6 +95,13 @@ NOT_CARRIED = {
 }
 
 
+def count_in(counts: dict, key, size: int, objects: int = 1) -> None:
+    """Add `objects` objects of `size` bytes in all to `counts[key]`, a (objects, bytes) pair:
+    the figures kept per reason not carried, per storage class."""
+    before_objects, before_bytes = counts.get(key, (0, 0))
+    counts[key] = (before_objects + objects, before_bytes + size)
+
+
 # Where a blob's earlier states go when a dataset carries them (`history: all`): each is an object
 # of its own, named below the dataset's prefix as
 #   .exitplan-history/<name below the prefix>/snapshot-<snapshot time>   or   .../version-<version id>

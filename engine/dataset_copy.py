@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Mapping
 
-from connectors.base import MultipartUpload, ObjectMeta, ObjectSink, ObjectSource, PartReceipt, SinkLimits
+from connectors.base import MultipartUpload, ObjectMeta, ObjectSink, ObjectSource, PartReceipt, SinkLimits, count_in
 from engine import state as st
 from engine.budget import MemoryBudget
 from engine.executors import BoundedTasks, Executors
@@ -544,8 +544,7 @@ def dry_run(
             output += planned.output_size
             parts += planned.parts
             multipart += not planned.single_put
-            in_class = classes.get(planned.storage_class, (0, 0))
-            classes[planned.storage_class] = (in_class[0] + 1, in_class[1] + planned.size)
+            count_in(classes, planned.storage_class, planned.size)
         elif planned.action == "skip":
             skipped += 1
         else:

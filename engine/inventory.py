@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 from config.models import DatasetConfig, LoadedConfig
-from connectors.base import ObjectMeta, SinkLimits
+from connectors.base import ObjectMeta, SinkLimits, count_in
 
 from .endpoints import destination_limits, open_source, storage_classes
 from .errors import call_endpoint
@@ -84,8 +84,7 @@ class DatasetInventory:
             if len(self.misfits) < MAX_EXAMPLES:
                 self.misfits.append((meta.key, misfit))
         else:
-            objects, size = self.classes.get(storage_class, (0, 0))
-            self.classes[storage_class] = (objects + 1, size + meta.size)
+            count_in(self.classes, storage_class, meta.size)
 
     def not_restorable(self, key: str, reason: str) -> None:
         self.unrestorable_count += 1

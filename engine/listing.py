@@ -49,12 +49,12 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 from config.errors import UserError
 from config.models import DatasetConfig, LoadedConfig
 from connectors.base import (HISTORY_DIR, NOT_CARRIED, ConnectorError, ListingPage, ListingRange, ObjectMeta,
-                             ObjectSource, RangeLister, history_key, history_of)
+                             ObjectSource, RangeLister, count_in, history_key, history_of)
 
 from .endpoints import open_azure_container
 from .executors import create_pool, noted
 from .shards import ShardCutter
-from .state import ListingRangeRecord, StateStore
+from .state import ListingRangeRecord, StateStore, counts_to_json
 from .state.schema import RANGE_SHARDS
 
 if TYPE_CHECKING:
@@ -104,9 +104,7 @@ def count_not_carried(counts: NotCarried, history: Iterable[ObjectMeta], ds: Dat
     dataset `ds` selects added, under their reasons (`connectors.base.NOT_CARRIED`)."""
     for meta in history:
         if ds.selects(meta.key):
-            reason = NOT_CARRIED[meta.earlier_state or "snapshot"]
-            objects, size = counts.get(reason, (0, 0))
-            counts[reason] = (objects + 1, size + meta.size)
+            count_in(counts, NOT_CARRIED[meta.earlier_state or "snapshot"], meta.size)
     return counts
 
 
@@ -274,9 +272,8 @@ class RangedListing:
         inventory report's rows that are not objects."""
         counts: NotCarried = dict(self.report.not_copied) if self.report is not None else {}
         for part in self.ranges:
-            for reason, (objects, size) in json.loads(part.not_carried or "{}").items():
-                before = counts.get(reason, (0, 0))
-                counts[reason] = (before[0] + objects, before[1] + size)
+            for reason, (objects, size) in part.not_carried_counts.items():
+                count_in(counts, reason, size, objects)
         return counts
 
     @property
@@ -361,9 +358,7 @@ class RangedListing:
                    for m in objects if selects(self.ds, m)]
         not_carried = part.not_carried
         if history:
-            counts = count_not_carried({k: tuple(v) for k, v in json.loads(not_carried or "{}").items()},
-                                       history, self.ds)
-            not_carried = json.dumps(counts) if counts else not_carried
+            not_carried = counts_to_json(count_not_carried(part.not_carried_counts, history, self.ds)) or not_carried
         after = ListingRangeRecord(
             part.run_id, part.dataset, part.range_no, part.prefix, part.direct, part.basis, page.marker,
             page.marker is None, part.objects + len(entries), part.bytes + sum(m.size for _, m in entries),

@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 
 from config.models import LoadedConfig
 from config.policy import check_sovereignty
-from config.sizes import format_size
+from config.sizes import format_size, not_carried_lines
 
 from .estimate import HEADERS, detail_lines, estimate, format_duration, listing_tally, table_rows, terms_for
 from .plan import size_planner
@@ -398,9 +398,9 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
                  "<i>complete</i>: every object of the dataset's newest complete source listing is at the "
                  "destination and verified (<code>exitplan status</code> names those that are not).</p>")
     parts += [f'<p class="warn">{_E(s.sentence())}</p>' for s in statuses.values() if not s.complete]
-    parts += [f'<p class="warn">{_E(d)}: not carried: {n:,} ({_E(format_size(size))}) {_E(reason)}</p>'
+    parts += [f'<p class="warn">{_E(d)}: not carried: {_E(line)}</p>'
               for d, s in statuses.items() if s.listing is not None
-              for reason, (n, size) in sorted(s.listing.not_carried_counts.items())]
+              for line in not_carried_lines(s.listing.not_carried_counts)]
     parts += _not_arrived_section(statuses)
     parts += _estimate_section(loaded, datasets, tallies, listings, runs, fig_by)
 

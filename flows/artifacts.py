@@ -15,7 +15,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from config.models import LoadedConfig
-from config.sizes import classes_text, format_size
+from config.sizes import classes_text, format_size, not_carried_lines
 from engine.estimate import HEADERS, detail_lines, table_rows
 from engine.shards import ShardOutcome, ShardResult, failure_sentence
 from engine.state import STATUS_CATEGORIES
@@ -242,8 +242,7 @@ def summary_markdown(outcome: MigrateOutcome, gate: list[dict[str, str]], checke
         lines += ["", f"## Failed objects ({len(outcome.failures):,} shown)", ""]
         lines += [f"- `{f['dataset']}` `{f['object']}`: {f['reason']}" for f in outcome.failures[:20]]
     for dataset, counts in r.not_carried.items():
-        lines += [""] + [f"{dataset}: **not carried**: {objects:,} ({format_size(size)}) {reason}"
-                         for reason, (objects, size) in sorted(counts.items())]
+        lines += [""] + [f"{dataset}: **not carried**: {line}" for line in not_carried_lines(counts)]
     for removed in r.removed:
         if removed.count:
             lines += ["", f"{removed.dataset}: {removed.count:,} object(s) gone from the source since they were "

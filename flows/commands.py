@@ -14,7 +14,7 @@ from config.errors import ExitCode, UserError
 from config.loader import load_config
 from config.models import LoadedConfig
 from config.policy import check_sovereignty
-from config.sizes import classes_text, format_size
+from config.sizes import classes_text, format_size, not_carried_lines
 from flows import keys_cli, lab
 from flows.progress import ProgressDisplay, RestoreDisplay
 from flows.terminal import print_audit_outcome, print_estimate, print_estimate_basis, print_incomplete, print_table
@@ -252,8 +252,8 @@ def _print_listed_from(dataset: str, listed_from: str | None, not_copied: Mappin
 
 def print_not_carried(dataset: str, not_carried: Mapping[str, tuple[int, int]]) -> None:
     """One line per reason: what a dataset's listing named that is not carried, objects and bytes."""
-    for reason, (objects, size) in sorted(not_carried.items()):
-        print(f"{dataset}: not carried: {objects:,} ({format_size(size)}) {reason}")
+    for line in not_carried_lines(not_carried):
+        print(f"{dataset}: not carried: {line}")
 
 
 def print_classes(dataset: str, classes: Mapping[str | None, tuple[int, int]], verb: str) -> None:

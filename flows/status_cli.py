@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 from config.errors import ExitCode, UserError
 from config.loader import load_config
-from config.sizes import format_size
+from config.sizes import format_size, not_carried_lines
 from flows.terminal import print_incomplete, print_table
 
 
@@ -66,8 +66,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                   + (f"; {s.removed_kept:,} gone from the source since they were copied (copies kept)"
                      if s.removed_kept else "")
                   + (f"; {s.removed_deleted:,} removed at the source (copies deleted)" if s.removed_deleted else ""))
-            for reason, (objects, size) in sorted(s.listing.not_carried_counts.items()):
-                print(f"  not carried: {objects:,} ({format_size(size)}) {reason}")
+            for line in not_carried_lines(s.listing.not_carried_counts):
+                print(f"  not carried: {line}")
         if s.cut_over is not None:
             c = s.cut_over
             later = (s.last_migrate is not None and s.last_migrate.run_id > c.run_id)

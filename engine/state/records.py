@@ -68,6 +68,16 @@ class ShardRecord:
     worker: str | None = None
 
 
+def counts_from_json(raw: str | None) -> dict[str, tuple[int, int]]:
+    """The counts a `not_carried` column holds (JSON {reason: [objects, bytes]}; None: none)."""
+    return {reason: (int(n[0]), int(n[1])) for reason, n in json.loads(raw).items()} if raw else {}
+
+
+def counts_to_json(counts: Mapping[str, tuple[int, int]]) -> str | None:
+    """`counts` as a `not_carried` column holds them (None when there are none)."""
+    return json.dumps({reason: list(n) for reason, n in counts.items()}) if counts else None
+
+
 @dataclass(frozen=True)
 class ListingRangeRecord:
     """One range of a run's listing of a dataset (`schema.listing_ranges`): what it lists, how far
@@ -87,6 +97,11 @@ class ListingRangeRecord:
     cut_objects: int
     cut_bytes: int
     not_carried: str | None = None  # JSON {reason: [objects, bytes]}: snapshots, earlier versions
+
+    @property
+    def not_carried_counts(self) -> dict[str, tuple[int, int]]:
+        """The earlier states of blobs the range's pages named so far: reason -> (objects, bytes)."""
+        return counts_from_json(self.not_carried)
 
     @property
     def shards(self) -> int:
@@ -181,7 +196,7 @@ class RunDataset:
     @property
     def not_carried_counts(self) -> dict[str, tuple[int, int]]:
         """What the run's listing named that is not carried: reason -> (objects, bytes)."""
-        return {reason: (int(n[0]), int(n[1])) for reason, n in json.loads(self.not_carried or "{}").items()}
+        return counts_from_json(self.not_carried)
 
     def why_not_through(self) -> str:
         """Why this run did not go through the dataset, as a clause ("run 7 (migrate, started

@@ -6,7 +6,6 @@ builds a query or touches the SQLAlchemy engine.
 
 from __future__ import annotations
 
-import json
 import threading
 from contextlib import contextmanager
 from dataclasses import fields, replace
@@ -22,7 +21,7 @@ from connectors.base import ContentSettings, ObjectMeta
 from ..private_files import private_directory, private_file
 from . import completeness
 from .batch import WriteBatch
-from .records import (CutoverRecord, DatasetFigures, DatasetStatus, DatasetTotals, ListingRangeRecord, ObjectRecord, PartRecord,
+from .records import (CutoverRecord, counts_from_json, counts_to_json, DatasetFigures, DatasetStatus, DatasetTotals, ListingRangeRecord, ObjectRecord, PartRecord,
                       RunDataset, RunRecord, ShardCounts, ShardRecord)
 from .rows import listed_extra, listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, RANGE_SHARDS, REMOVED, REPLACED_INDEXES,
@@ -676,7 +675,7 @@ class StateStore:
         reason -> (objects, bytes)); a verify run, every expected object (what it checked)."""
         values = dict(through_at=utcnow(), objects=objects, bytes=bytes_)
         if not_carried is not None:
-            values["not_carried"] = json.dumps({reason: list(n) for reason, n in not_carried.items()})
+            values["not_carried"] = counts_to_json(not_carried)
         with self._writing() as conn:
             conn.execute(run_datasets.update()
                          .where(run_datasets.c.run_id == run_id, run_datasets.c.dataset == dataset)
@@ -687,7 +686,7 @@ class StateStore:
         with self.engine.connect() as conn:
             raw = conn.execute(sa.select(run_datasets.c.not_carried).where(
                 run_datasets.c.run_id == run_id, run_datasets.c.dataset == dataset)).scalar()
-        return {reason: (int(n[0]), int(n[1])) for reason, n in json.loads(raw).items()} if raw else {}
+        return counts_from_json(raw)
 
     def dataset_stopped(self, run_id: int, dataset: str, reason: str) -> None:
         """Run `run_id` stopped before it went through `dataset`: `reason`, one sentence."""
