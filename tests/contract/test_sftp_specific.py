@@ -255,3 +255,64 @@ def test_a_key_below_a_file_is_refused_with_a_sentence(harness):
         store.put("a/b", b"below", 5, WriteMeta(), None)
     assert "'a' is a file" in str(info.value)
     assert harness.raw_read("a") == b"file"
+
+
+def test_a_directory_removed_behind_the_store_is_made_again(harness):
+    """The store remembers the directories it made; one removed since (by anyone) is looked for
+    and made again on the next write, not reported as a missing file."""
+    store = harness.sink()
+    store.put("d/e/one", b"1", 1, WriteMeta(), None)
+    for gone in ("d/e/one", "d/e"):
+        path = harness.dir / gone
+        path.unlink() if path.is_file() else path.rmdir()
+    for meta_dir in (harness.dir / ".exitplan-sftp" / "meta" / "d" / "e",):
+        for f in meta_dir.iterdir():
+            f.unlink()
+        meta_dir.rmdir()
+    store.put("d/e/two", b"22", 2, WriteMeta(), None)
+    assert harness.raw_read("d/e/two") == b"22"
+    assert store.head("d/e/two").size == 2
+
+
+def test_a_refused_write_fails_the_put_and_leaves_the_session_usable(harness, monkeypatch):
+    """The server refuses a write in the middle of a pipelined body: the put fails (every answer
+    read, the file closed, the temporary file removed), and the same session writes the next one."""
+    store = harness.sink()
+    real = sftp_module.paramiko.SFTPClient._async_request
+    refused = []
+
+    def refuse_third_write(self, fileobj, t, *args):
+        if t == sftp_module.CMD_WRITE and len(refused) < 3:
+            refused.append(1)
+            if len(refused) == 3:
+                args = (b"no-such-handle",) + args[1:]  # the server answers "failure"
+        return real(self, fileobj, t, *args)
+
+    monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_async_request", refuse_third_write)
+    data = os.urandom(MiB)
+    with pytest.raises(Exception) as info:
+        store.put("refused.bin", data, len(data), WriteMeta(), md5(data))
+    assert "refused.bin" in str(info.value)
+    assert not (harness.dir / "refused.bin").exists()
+    assert os.listdir(harness.dir / ".exitplan-sftp" / "tmp") == []
+    store.put("next.bin", data, len(data), WriteMeta(), md5(data))
+    assert harness.raw_read("next.bin") == data
+
+
+def test_without_fsync_the_file_is_looked_at_by_name(harness, monkeypatch):
+    """A server without fsync@openssh.com: said once, and the marker comes from a stat of the
+    closed file."""
+    store = harness.sink()
+    real = sftp_module.paramiko.SFTPClient._async_request
+
+    def no_fsync(self, fileobj, t, *args):
+        if t == sftp_module.CMD_EXTENDED and args and args[0] == "fsync@openssh.com":
+            args = ("fsync@unknown.example",) + args[1:]  # answered "unsupported"
+        return real(self, fileobj, t, *args)
+
+    monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_async_request", no_fsync)
+    etag = store.put("unsynced", b"abc", 3, WriteMeta(), None)
+    assert store._fsync_offered is False
+    assert store.head("unsynced").etag == etag
+    store.put("unsynced-2", b"abcd", 4, WriteMeta(), None)
+    assert store.head("unsynced-2").size == 4
