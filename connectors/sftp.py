@@ -36,9 +36,9 @@ What SFTP has and has not, and what this connector does about it:
   segment, a leading `/`, a NUL or other control character) is refused by name (`InvalidRequest`).
 
 Throughput: several SSH connections (`connections`), one SFTP session each, used by one thread at a
-time; TCP_NODELAY on every socket; reads of a range are pipelined (`_pipelined_read`, bounded by the
+time; TCP_NODELAY on every socket; reads of a range are pipelined (`pipelined_read`, bounded by the
 range the engine asked for, which its memory budget already counts); writes are pipelined too
-(`_PipelinedWriter`), each request sized to fit one SSH packet, and the sync, a look at the file
+(`PipelinedWriter`), each request sized to fit one SSH packet, and the sync, a look at the file
 and its close ride in the same round trip. A file is put in six requests' round trips (open, the
 writes with sync/fstat/close, rename; the same three for its metadata file); the directories a
 store has made or found are not looked for again. paramiko spends about 0.15 ms of CPU per request
@@ -80,6 +80,7 @@ from paramiko.sftp import (
     CMD_STATUS,
     CMD_WRITE,
     SFTP_FLAG_CREATE,
+    SFTP_FLAG_EXCL,
     SFTP_FLAG_TRUNC,
     SFTP_FLAG_WRITE,
     int64,
@@ -391,6 +392,11 @@ class SftpStore:
     def close(self) -> None:
         self._sessions.close()
 
+    def session(self) -> contextlib.AbstractContextManager[paramiko.SFTPClient]:
+        """One SFTP session of the pool, lent to this thread (what paramiko raises is the
+        caller's to translate)."""
+        return self._sessions.borrow()
+
     def __enter__(self) -> "SftpStore":
         return self
 
@@ -570,7 +576,7 @@ class SftpStore:
                     raise InvalidRequest(f"{self.label}: range {start}-{end} is outside {key!r} ({size} bytes)", key=key)
                 if start == end:
                     return b""
-                data = _pipelined_read(sftp, f.handle, start, end)
+                data = pipelined_read(sftp, f.handle, start, end)
                 after = f.stat()
                 if if_match is not None and change_marker(after) != if_match:
                     # Written while we read it: the bytes may mix two versions.
@@ -628,7 +634,7 @@ class SftpStore:
         they are sent), and the file's attributes once written. Three round trips: the open, the
         writes with the sync, a look at the file and the close, and nothing else."""
         digest = hashlib.md5()
-        writer = _PipelinedWriter(sftp, self._open_for_writing(sftp, path))
+        writer = PipelinedWriter(sftp, open_for_writing(sftp, path))
         try:
             if isinstance(body, (bytes, bytearray, memoryview)):
                 view = memoryview(body)
@@ -658,16 +664,7 @@ class SftpStore:
                                  f"announced {md5.hex()}", key=key)
         return sent, attrs
 
-    @staticmethod
-    def _open_for_writing(sftp: paramiko.SFTPClient, path: str) -> bytes:
-        """Open `path` created or truncated; its handle."""
-        t, msg = sftp._request(CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC,
-                               paramiko.SFTPAttributes())
-        if t != CMD_HANDLE:
-            raise paramiko.SSHException(f"unexpected SFTP answer {t} to an open")
-        return msg.get_binary()
-
-    def _close_written(self, sftp: paramiko.SFTPClient, writer: "_PipelinedWriter",
+    def _close_written(self, sftp: paramiko.SFTPClient, writer: "PipelinedWriter",
                        path: str) -> paramiko.SFTPAttributes:
         """Every write acknowledged, the file synced, looked at and closed; its attributes. Without
         `fsync@openssh.com` the file is looked at by name once closed (a server may still be
@@ -705,7 +702,7 @@ class SftpStore:
         """A small control file, written whole under a temporary name then renamed."""
         self._makedirs(sftp, posixpath.dirname(path))
         temp = f"{path}.{self._unique()}.tmp"
-        writer = _PipelinedWriter(sftp, self._open_for_writing(sftp, path=temp))
+        writer = PipelinedWriter(sftp, open_for_writing(sftp, temp))
         try:
             writer.write(data)
         except BaseException:
@@ -867,7 +864,7 @@ class SftpUpload:
         """Concatenate the part files into `temp`: on the server (`copy-data`) where it can, else
         through this client, one megabyte at a time; the attributes of the whole file."""
         store = self.store
-        writer = _PipelinedWriter(sftp, store._open_for_writing(sftp, temp))
+        writer = PipelinedWriter(sftp, open_for_writing(sftp, temp))
         try:
             for name, size in zip(names, sizes):
                 with sftp.open(f"{self._dir}/{name}", "rb") as part:
@@ -882,7 +879,7 @@ class SftpUpload:
                                      "through this client", store.label, exc)
                             store._copy_data = False
                     for done in range(0, size, _WRITE_CHUNK):
-                        writer.write(_pipelined_read(sftp, part.handle, done, min(done + _WRITE_CHUNK, size)))
+                        writer.write(pipelined_read(sftp, part.handle, done, min(done + _WRITE_CHUNK, size)))
                         writer.wait()  # the read's answers and the writes' are not interleaved
         except BaseException:
             writer.abandon()
@@ -925,7 +922,7 @@ class _Replies:
         self.by_number[num] = (t, msg)
 
 
-def _pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: int) -> bytearray:
+def pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: int) -> bytearray:
     """Bytes `start .. end-1` of the open file `handle`, with up to `_READ_WINDOW` read requests in
     flight, into one buffer handed over as is (a copy would hold the range twice, outside the
     memory budget that counts it once). paramiko's own `readv`/prefetch slows down quadratically
@@ -958,7 +955,23 @@ def _pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: i
     return out
 
 
-class _PipelinedWriter:
+def open_for_writing(sftp: paramiko.SFTPClient, path: str, *, mode: int | None = None,
+                     existing: str = "truncate") -> bytes:
+    """Open `path` for writing, created if missing with permissions `mode`; its handle. An
+    existing file is emptied (`existing="truncate"`), refused, as is a link (`"refuse"`:
+    SSH_FXF_EXCL), or kept as it is (`"keep"`: to write on past what it holds)."""
+    attrs = paramiko.SFTPAttributes()
+    if mode is not None:
+        attrs.st_mode = mode
+    flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | {"truncate": SFTP_FLAG_TRUNC, "refuse": SFTP_FLAG_EXCL,
+                                                  "keep": 0}[existing]
+    t, msg = sftp._request(CMD_OPEN, path, flags, attrs)
+    if t != CMD_HANDLE:
+        raise paramiko.SSHException(f"unexpected SFTP answer {t} to an open")
+    return msg.get_binary()
+
+
+class PipelinedWriter:
     """Writes at increasing offsets of the open file `handle`, up to `_WRITE_WINDOW` requests in
     flight, each sized to fit one SSH packet (paramiko's own writes of 32 KiB take two packets,
     the second of a few bytes: twice the per-packet cost), then the file synced, looked at and

@@ -82,7 +82,7 @@ SIDECAR = ".exitplan-properties.jsonl"
 class RestoredObject:
     source_key: str
     dest_key: str
-    path: Path | None
+    path: Path | str | None  # str: on an SFTP server (`sftp://host:port/path`)
     size: int
     status: str  # "ok", "failed"
     reason: str | None = None
@@ -101,7 +101,7 @@ class RestoreSummary:
     unchecked: int  # restored, but no recorded digest to compare with (no state for them)
     failures: tuple[tuple[str, str], ...]
     # Where the restored objects' other properties were written (`SIDECAR`), or why they were not.
-    sidecar: Path | None = None
+    sidecar: Path | str | None = None
     sidecar_problem: str | None = None
 
     @property
@@ -128,6 +128,30 @@ class Temporary:
 
     name: str
     file: BinaryIO
+
+
+def target_name(rel_key: str, size: int, metadata: Mapping[str, str] | None, *, name_max: int, private_name: str,
+                where: str) -> TargetName:
+    """Where the object whose key below the dataset is `rel_key` (`size` plaintext bytes,
+    `metadata` its user metadata) goes below the target `where`: a directory for a directory
+    marker, else a file (`placement.restore_path`, the rule inventory applies too); `TargetRefused`
+    when the key cannot be a path below the directory (escapes it, a component longer than
+    `name_max` bytes, the run's private directory or the properties file)."""
+    try:
+        parts, directory = restore_path(rel_key, size, metadata or {})
+    except NotAPath as exc:
+        raise TargetRefused(str(exc)) from None
+    for part in parts:
+        length = len(os.fsencode(part))
+        if length > name_max:
+            raise TargetRefused(f"the name {_short(part)} is {length:,} bytes long, and the filesystem of "
+                                f"{where} allows at most {name_max} bytes per name")
+    if parts[0] == private_name:
+        raise TargetRefused(f"{parts[0]} is the name of restore's own private directory in this run")
+    if parts == (SIDECAR,):
+        raise TargetRefused(f"{SIDECAR} is the name of the file where restore lists the objects' properties; "
+                            "restore this object with --prefix into another directory")
+    return TargetName(parts, directory)
 
 
 class TargetDirectory:
@@ -198,25 +222,9 @@ class TargetDirectory:
     # ---- names ------------------------------------------------------------------------------------
 
     def name_for(self, rel_key: str, size: int = 0, metadata: Mapping[str, str] | None = None) -> TargetName:
-        """Where the object whose key below the dataset is `rel_key` (`size` plaintext bytes,
-        `metadata` its user metadata) goes: a directory for a directory marker, else a file
-        (`placement.restore_path`, the rule inventory applies too); `TargetRefused` when the key
-        cannot be a path below the directory (escapes it, a component too long, ...)."""
-        try:
-            parts, directory = restore_path(rel_key, size, metadata or {})
-        except NotAPath as exc:
-            raise TargetRefused(str(exc)) from None
-        for part in parts:
-            length = len(os.fsencode(part))
-            if length > self._name_max:
-                raise TargetRefused(f"the name {_short(part)} is {length:,} bytes long, and the filesystem of "
-                                    f"{self.path} allows at most {self._name_max} bytes per name")
-        if parts[0] == self._private_name:
-            raise TargetRefused(f"{parts[0]} is the name of restore's own private directory in this run")
-        if parts == (SIDECAR,):
-            raise TargetRefused(f"{SIDECAR} is the name of the file where restore lists the objects' properties; "
-                                "restore this object with --prefix into another directory")
-        return TargetName(parts, directory)
+        """Where the object whose key below the dataset is `rel_key` goes (`target_name`)."""
+        return target_name(rel_key, size, metadata, name_max=self._name_max, private_name=self._private_name,
+                           where=str(self.path))
 
     def shown(self, name: TargetName | tuple[str, ...]) -> Path:
         """The path a user reads for `name` (nothing is resolved)."""
@@ -258,6 +266,27 @@ class TargetDirectory:
                 os.unlink(name, dir_fd=self._private_fd)
             except FileNotFoundError:
                 pass  # renamed into place
+
+    @staticmethod
+    def write_and_read_back(temporary: Temporary, plaintext: Iterable[bytes]) -> tuple[int, str, str]:
+        """Write `plaintext` to the temporary file, flush it to the disk, and read it back through
+        the same descriptor: (bytes written, SHA-256 of what was written, SHA-256 of what the
+        file holds)."""
+        return _write_and_read_back(temporary.file, plaintext)
+
+    @staticmethod
+    def set_modified(temporary: Temporary, when: float) -> None:
+        os.utime(temporary.file.fileno(), (when, when))
+
+    @staticmethod
+    def append(temporary: Temporary, data: bytes) -> None:
+        temporary.file.write(data)
+
+    @staticmethod
+    def seal(temporary: Temporary) -> None:
+        """Everything appended is on the disk."""
+        temporary.file.flush()
+        os.fsync(temporary.file.fileno())
 
     def place(self, temporary: Temporary, name: TargetName) -> None:
         """Give the `temporary` file its final name: never replacing a name unless `overwrite`,
@@ -389,13 +418,13 @@ def _write_and_read_back(file: BinaryIO, plaintext: Iterable[bytes]) -> tuple[in
 
 
 def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, source_key: str, rel_key: str,
-                   target: TargetDirectory, keys: DataKeys | None, expected_sha256: str | None,
+                   target, keys: DataKeys | None, expected_sha256: str | None,
                    below: str | None = None) -> RestoredObject:
     """Restore one object to `rel_key` below `target`; never raises for a failure of that object
     (the `RestoredObject` says why), and a failed object leaves no file behind. `below`: another
     key of the dataset that continues below `rel_key` (`FileBesideDirectory`): the object can then
     only be a directory marker."""
-    shown: Path | None = None
+    shown: Path | str | None = None
 
     def failed(reason: str) -> RestoredObject:
         return RestoredObject(source_key, meta.key, None, meta.size, "failed", reason)
@@ -446,7 +475,7 @@ def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, sour
             return RestoredObject(source_key, meta.key, shown, 0, "ok", digest_checked=expected_sha256 is not None,
                                   properties=record)
         with target.temporary() as temporary:
-            written, sent, on_disk = _write_and_read_back(temporary.file, plaintext)
+            written, sent, on_disk = target.write_and_read_back(temporary, plaintext)
             if written != size:
                 return failed(f"{written:,} bytes were restored, but the object holds {size:,}")
             if on_disk != sent:
@@ -456,7 +485,7 @@ def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, sour
                               "from the source when it was copied")
             modified = _timestamp(properties.last_modified)
             if modified is not None:  # the source's last-modified time, as the file's
-                os.utime(temporary.file.fileno(), (modified, modified))
+                target.set_modified(temporary, modified)
             target.place(temporary, name)
         return RestoredObject(source_key, meta.key, shown, written, "ok", digest_checked=expected_sha256 is not None,
                               properties=record)
@@ -493,7 +522,17 @@ def _timestamp(iso: str | None) -> float | None:
         return None
 
 
-def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",
+def open_target(loaded: LoadedConfig, to: Path | str, *, overwrite: bool = False):
+    """The directory `--to` names: a local one (`TargetDirectory`), or `sftp://<endpoint>/<dir>` on
+    an SFTP server of the configuration (engine/restore_sftp.py)."""
+    if isinstance(to, str) and to.startswith("sftp://"):
+        from .restore_sftp import open_sftp_target
+
+        return open_sftp_target(loaded, to, overwrite=overwrite)
+    return TargetDirectory.open(Path(to), overwrite=overwrite)
+
+
+def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path | str, *, prefix: str = "",
                     keys: DataKeys | None, recorded: Callable[[str], str | None],
                     on_object: Callable[[RestoredObject], None] | None = None,
                     overwrite: bool = False, bandwidth: BandwidthTimetable | None = None) -> RestoreSummary:
@@ -527,7 +566,7 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
             totals["bytes"] += result.size
             totals["unchecked"] += not result.digest_checked
             if result.properties is not None and sidecar is not None:
-                sidecar.file.write(json.dumps(result.properties, ensure_ascii=False, sort_keys=True).encode() + b"\n")
+                target.append(sidecar, json.dumps(result.properties, ensure_ascii=False, sort_keys=True).encode() + b"\n")
         else:
             totals["failed"] += 1
             if len(failures) < 100:
@@ -544,14 +583,14 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
         source_key = source_key_of(meta.key, ds.prefix, ds.dest_prefix)
         return source_key, relative_key(source_key, ds.prefix)
 
-    def one(meta: ObjectMeta, target: TargetDirectory, below: str | None) -> RestoredObject:
+    def one(meta: ObjectMeta, target, below: str | None) -> RestoredObject:
         source_key, rel_key = rel_key_of(meta)
         return restore_object(sink, meta, dataset=dataset, source_key=source_key, rel_key=rel_key, target=target,
                               keys=keys, expected_sha256=recorded(source_key), below=below)
 
-    sidecar_path: Path | None = None
+    sidecar_path: Path | str | None = None
     sidecar_problem: str | None = None
-    with TargetDirectory.open(to_dir, overwrite=overwrite) as target, target.temporary() as sidecar:
+    with open_target(loaded, to_dir, overwrite=overwrite) as target, target.temporary() as sidecar:
         try:
             with create_pool(concurrency, "exitplan-restore") as pool, \
                     BoundedTasks(pool, concurrency * 2, on_result=counted, on_error=lost) as tasks:
@@ -567,8 +606,7 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
                     tasks.submit(held, one, held, target, below)
         except ConnectorError as exc:
             raise RunError(f"listing {sink.label}/{listing_prefix}: {exc}", exc) from None
-        sidecar.file.flush()
-        os.fsync(sidecar.file.fileno())
+        target.seal(sidecar)
         name = TargetName((SIDECAR,))
         try:
             target.place(sidecar, name)
@@ -580,7 +618,7 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix:
                           totals["unchecked"], tuple(failures), sidecar_path, sidecar_problem)
 
 
-def restore(loaded: LoadedConfig, dataset: str, to_dir: Path, *, prefix: str = "",
+def restore(loaded: LoadedConfig, dataset: str, to_dir: Path | str, *, prefix: str = "",
             on_object: Callable[[RestoredObject], None] | None = None, overwrite: bool = False,
             bandwidth: BandwidthTimetable | None = None) -> RestoreSummary:
     """Read `dataset` back from its destination into `to_dir`, decrypted and checked against the

@@ -68,9 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", "-c", required=True, metavar="FILE", help="the exitplan YAML configuration")
     p.add_argument("--dataset", "-d", required=True, metavar="NAME", help="the dataset to restore")
     p.add_argument("--prefix", default="", metavar="P", help="only objects whose key (below the dataset's prefix) starts with P")
-    p.add_argument("--to", required=True, metavar="DIR", type=Path,
-                   help="where to write the plaintext (the only place exitplan ever writes plaintext); "
-                        "links below it are never followed, files are created 0600 and directories 0700")
+    p.add_argument("--to", required=True, metavar="DIR",
+                   help="where to write the plaintext (the only place exitplan ever writes plaintext): a local "
+                        "directory, or sftp://ENDPOINT/DIR, a directory below the root of an SFTP source or "
+                        "destination of the configuration; links below it are never followed, files are "
+                        "created 0600 and directories 0700")
     p.add_argument("--overwrite", action="store_true",
                    help="replace files already at objects' names under DIR (default: such an object fails and is "
                         "named; nothing there is touched)")
@@ -361,7 +363,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     (dataset,) = loaded.chosen_datasets([args.dataset])
     bandwidth = _bwlimit(args)
-    if args.to.exists() and not args.to.is_dir():
+    to = args.to if args.to.startswith("sftp://") else Path(args.to)
+    if isinstance(to, Path) and to.exists() and not to.is_dir():
         raise UserError(f"--to {args.to}: exists and is not a directory; name a directory for the restored files")
 
     from engine.status import restore_shortfall
@@ -375,7 +378,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         display.object_done(result.status == "ok", result.size)
 
     try:
-        summary = restore(loaded, dataset, args.to, prefix=args.prefix, on_object=show, overwrite=args.overwrite,
+        summary = restore(loaded, dataset, to, prefix=args.prefix, on_object=show, overwrite=args.overwrite,
                           bandwidth=bandwidth)
     finally:
         display.finish()

@@ -158,18 +158,18 @@ def test_a_file_changed_during_its_read_is_detected(harness, monkeypatch):
     harness.seed("delivery.csv", data)
     store = harness.source()
     pinned = store.head("delivery.csv").etag
-    real = sftp_module._pipelined_read
+    real = sftp_module.pipelined_read
 
     def read_while_the_partner_rewrites(sftp, handle, start, end):
         got = real(sftp, handle, start, end)
         (harness.dir / "delivery.csv").write_bytes(data + b"appended while being read")
         return got
 
-    monkeypatch.setattr(sftp_module, "_pipelined_read", read_while_the_partner_rewrites)
+    monkeypatch.setattr(sftp_module, "pipelined_read", read_while_the_partner_rewrites)
     with pytest.raises(SourceChanged) as info:
         store.read_range("delivery.csv", 0, MiB, if_match=pinned)
     assert "changed while it was read" in str(info.value)
-    monkeypatch.setattr(sftp_module, "_pipelined_read", real)
+    monkeypatch.setattr(sftp_module, "pipelined_read", real)
     # Re-read from its new version (what the engine does after SourceChanged), it is whole.
     now = store.head("delivery.csv")
     assert now.etag != pinned

@@ -114,6 +114,56 @@ def test_sftp_to_s3_encrypted_verify_deep_restore(tmp_path, capsys, delivery, s3
     assert (tmp_path / "again" / "2026-11" / "claims.csv").read_bytes() == changed
 
 
+def test_restore_to_an_sftp_server(tmp_path, capsys, delivery, s3):
+    """`restore --to sftp://partner/restored`: the delivery comes back onto the partner's server,
+    decrypted and checked (files 0600 in 0700 directories, the properties file beside them, no
+    private directory left); a second restore replaces nothing without --overwrite and names every
+    file; a symbolic link planted in the target is never written through; an unknown endpoint and
+    a hostile directory are exit 2."""
+    top, files, config = delivery
+    cfg = config()
+    assert cli(capsys, "keys", "init", "--config", cfg)[0] == 0
+    assert cli(capsys, "migrate", "--config", cfg)[0] == 0
+
+    code, out, err = cli(capsys, "restore", "--config", cfg, "--dataset", "deliveries", "--to",
+                         "sftp://partner/restored/2026")
+    assert code == 0, err + out
+    back = top / "restored" / "2026"
+    assert "sftp://127.0.0.1:" in out and "restored/2026" in out
+    assert restored_files(back) == files
+    assert [p.name for p in back.iterdir() if p.name.startswith(".exitplan-restore-")] == []
+    assert (back / "2026-12" / "scans" / "big.bin").stat().st_mode & 0o777 == 0o600
+    assert (back / "2026-12" / "scans").stat().st_mode & 0o777 == 0o700
+
+    code, out, err = cli(capsys, "restore", "--config", cfg, "--dataset", "deliveries", "--to",
+                         "sftp://partner/restored/2026")
+    assert code == ExitCode.FAILED
+    assert err.count("exists already") == len(files) + 1  # and the properties file
+    assert "restore again with --overwrite" in err
+    assert restored_files(back) == files
+
+    code, out, err = cli(capsys, "restore", "--config", cfg, "--dataset", "deliveries", "--to",
+                         "sftp://partner/restored/2026", "--overwrite")
+    assert code == 0, err + out
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (top / "linked").mkdir()
+    (top / "linked" / "2026-11").symlink_to(elsewhere)
+    code, out, err = cli(capsys, "restore", "--config", cfg, "--dataset", "deliveries", "--to", "sftp://partner/linked")
+    assert code == ExitCode.FAILED
+    assert "2026-11 is a symbolic link" in err
+    assert list(elsewhere.iterdir()) == []
+    assert (top / "linked" / "2026-12" / "Zürich données.txt").read_bytes() == files["2026-12/Zürich données.txt"]
+
+    for to, words in (("sftp://nobody/x", "no SFTP source or destination named 'nobody'"),
+                      ("sftp://partner/../escape", "name a directory below"),
+                      ("sftp://partner", "never the root itself")):
+        code, out, err = cli(capsys, "restore", "--config", cfg, "--dataset", "deliveries", "--to", to)
+        assert code == ExitCode.USAGE and words in err, (to, err)
+    assert not (top.parent / "escape").exists()
+
+
 def test_a_source_whose_host_key_is_not_pinned_is_refused(tmp_path, capsys, delivery, s3):
     top, files, config = delivery
     wrong = tmp_path / "known_hosts"
