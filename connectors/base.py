@@ -485,6 +485,10 @@ class ObjectSink(HeadReader, Protocol):
     md5-of-md5s-N (`multipart_etag`) for a multipart object. False where they are opaque (SSE-C,
     SSE-KMS): then no ETag can be compared with the bytes sent."""
 
+    # Optional: `hashes_writes = True` on a sink that hashes every body it writes itself and
+    # answers each part with the MD5 of its bytes as the receipt's ETag (the SFTP connector): the
+    # engine then sends `md5=None` instead of hashing the same bytes a second time.
+
     def put(self, key: str, body: PartBody, size: int, meta: WriteMeta, md5: bytes | None) -> str:
         """Write a whole object in one request; return its ETag (quotes stripped).
 

@@ -315,6 +315,8 @@ class SftpStore:
     })
     etag_is_md5 = False
     behaviour = SinkBehaviour()
+    # Every body is hashed as it is written (the MD5 names a part's file): the engine need not.
+    hashes_writes = True
 
     def __init__(self, host: str, port: int, root: str, login: SftpLogin, pin: HostKeyPin, *,
                  limits: SinkLimits | None = None, connections: int = 4, label: str | None = None,

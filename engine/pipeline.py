@@ -297,6 +297,8 @@ class _Attempt:
         # ETags that are MD5s let a resumed upload recognise its own parts and object (`_keep`,
         # `_completed_before`); checking a write's answer is the connector's (connectors/base.py).
         self.etags_are_md5 = sink.etag_is_md5
+        # A sink that hashes what it writes (connectors/base.py) is not sent an MD5 to check.
+        self.sink_hashes = getattr(sink, "hashes_writes", False)
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_reported = 0
@@ -549,6 +551,8 @@ class _Attempt:
         self._check_output(out, part)
         if not self.format.copies and self.digest.md5 is not None:
             md5 = self.digest.md5.digest()  # output is the plaintext: its MD5 is already known
+        elif self.sink_hashes:
+            md5 = None
         else:
             md5 = hashlib.md5(out).digest()
         dest = self.placement.dest_key
@@ -685,8 +689,8 @@ class _Attempt:
             fed = True
             out = self.encoder.encode(part.first_segment, data)
             self._check_output(out, part)
-            md5 = hashlib.md5(out).digest()
-            if self._keep(part, listed, md5):
+            md5 = None if self.sink_hashes and listed is None else hashlib.md5(out).digest()
+            if md5 is not None and self._keep(part, listed, md5):
                 self._kept(part, listed, md5)
                 return listed, md5
 
@@ -696,6 +700,8 @@ class _Attempt:
                 return receipt
 
             receipt = self.retry(f"upload of part {part.number}", body=True)(send)
+            if md5 is None:  # the sink's own hash of the bytes it wrote
+                md5 = _md5_of_receipt(receipt, self.sink.label, self.meta.key)
             self._sent(part)
             self.events.part_uploaded(part, receipt, md5)
             return receipt, md5
@@ -857,3 +863,15 @@ class _StreamedPartBody(io.RawIOBase):
     def close(self) -> None:
         self._release()
         super().close()
+
+
+def _md5_of_receipt(receipt: PartReceipt, label: str, key: str) -> bytes:
+    """The MD5 a sink that hashes its writes gave as a part's ETag (`hashes_writes`)."""
+    try:
+        md5 = bytes.fromhex(receipt.etag.strip('"'))
+    except ValueError:
+        md5 = b""
+    if len(md5) != 16:
+        raise IntegrityError(f"{label}: part {receipt.number} of {key!r} was answered with {receipt.etag!r}, "
+                             "not the MD5 of its bytes", key=key)
+    return md5

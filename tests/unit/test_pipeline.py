@@ -530,6 +530,48 @@ def test_a_sink_whose_etags_are_not_md5_is_not_etag_checked(stores):
     assert out.status == "ok" and out.dest_etag == "opaque-sse-kms-etag"
 
 
+class RecordingEvents(Recorder):
+    def __init__(self):
+        super().__init__()
+        self.parts = []
+
+    def part_uploaded(self, part, receipt, md5=None):
+        self.parts.append((receipt.number, md5))
+
+
+def test_a_sink_that_hashes_its_writes_is_not_sent_an_md5_and_its_receipts_are_kept(stores, monkeypatch):
+    """`hashes_writes` (the SFTP connector): the engine does not hash what the sink hashes; each
+    part's MD5 is the receipt's, recorded as any other."""
+    src, dst = stores
+    data = os.urandom(5 * MiB)
+    meta = src.add("k", data)
+    sent = []
+    sink = FaultySink(dst, part_etag=lambda number, attempt, etag: etag)
+    sink.hashes_writes = True
+    real = FaultyUpload.upload_part
+
+    def spy(self, number, body, size, md5):
+        sent.append(md5)
+        return real(self, number, body, size, md5)
+
+    monkeypatch.setattr(FaultyUpload, "upload_part", spy)
+    events = RecordingEvents()
+    out = run(src, sink, meta, events=events)
+    assert out.status == "ok" and dst.read_range("out/obj", 0, len(data)) == data
+    assert sent == [None, None, None]
+    assert sorted(events.parts) == [(n, hashlib.md5(data[(n - 1) * 2 * MiB:n * 2 * MiB]).digest()) for n in (1, 2, 3)]
+
+
+def test_a_sink_that_hashes_its_writes_and_answers_no_md5_fails_the_object(stores):
+    src, dst = stores
+    meta = src.add("k", os.urandom(5 * MiB))
+    sink = FaultySink(dst, part_etag=lambda number, attempt, etag: "not-an-md5")
+    sink.hashes_writes = True
+    sink.etag_is_md5 = False
+    out = run(src, sink, meta)
+    assert out.status == "failed" and "not the MD5 of its bytes" in out.reason
+
+
 def test_attempts_count_every_request_when_nothing_fails(stores):
     src, dst = stores
     meta = src.add("k", os.urandom(7 * MiB))
