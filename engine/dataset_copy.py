@@ -561,7 +561,7 @@ COPIES_PAGE = 500  # objects whose earlier copies are looked up in one query
 
 
 def _with_copies(items: Iterable[tuple[ObjectMeta, Placement | Refusal]], state: StateStore, dataset: str,
-                 look_up: bool) -> Iterator[tuple[ObjectMeta, Placement | Refusal, Mapping[str, st.ObjectRecord]]]:
+                 look_up: bool) -> Iterator[tuple[ObjectMeta, Placement | Refusal, Mapping[str, st.CurrentCopy]]]:
     """Each item with the current copies (`StateStore.current_copies`) of its page of `COPIES_PAGE`
     items: one query per page instead of one per object (the delta pass of a run over millions of
     objects copied before). With `look_up` False (nothing to skip against), no query at all."""

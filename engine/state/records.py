@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,20 @@ class ObjectRecord:
     transient: bool | None = None  # a failed row: whether its cause may pass
     etag_checked: bool | None = None  # the write's ETag compared with the bytes' MD5s (False: opaque ETags)
     storage_class: str | None = None  # what it was written in (None: the bucket's default, or not recorded)
+
+
+class CurrentCopy(NamedTuple):
+    """What a delta pass needs of an object's current copy (`StateStore.current_copies`), made
+    once per object of a listing: a tuple, without the row's times."""
+
+    run_id: int
+    source_key: str
+    source_etag: str
+    size: int
+    dest_key: str | None
+    dest_etag: str | None
+    sha256: str | None
+    storage_class: str | None
 
 
 @dataclass(frozen=True)

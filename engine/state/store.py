@@ -6,6 +6,7 @@ builds a query or touches the SQLAlchemy engine.
 
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import contextmanager
 from dataclasses import fields, replace
@@ -21,7 +22,7 @@ from connectors.base import ContentSettings, ObjectMeta
 from ..private_files import private_directory, private_file
 from . import completeness
 from .batch import WriteBatch
-from .records import (CutoverRecord, counts_from_json, counts_to_json, DatasetFigures, DatasetStatus, DatasetTotals, ListingRangeRecord, ObjectRecord, PartRecord,
+from .records import (CurrentCopy, CutoverRecord, counts_from_json, counts_to_json, DatasetFigures, DatasetStatus, DatasetTotals, ListingRangeRecord, ObjectRecord, PartRecord,
                       RunDataset, RunRecord, ShardCounts, ShardRecord)
 from .rows import listed_extra, listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, RANGE_SHARDS, REMOVED, REPLACED_INDEXES,
@@ -56,6 +57,7 @@ _NEWEST_CLAIM = (objects.select()
                  .order_by(objects.c.id.desc()).limit(1))
 # An `objects` row's columns in `ObjectRecord`'s field order, to build records from positional rows.
 _RECORD_COLUMNS = tuple(objects.c[f.name] for f in fields(ObjectRecord))
+_COPY_COLUMNS = tuple(objects.c[name] for name in CurrentCopy._fields)
 _NO_CONTENT = ContentSettings()
 _NEWEST_ROWS = (objects.select()
                 .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"))
@@ -329,19 +331,19 @@ class StateStore:
             row = conn.execute(_NEWEST_CLAIM, {"_dataset": dataset, "_key": source_key}).mappings().first()
         return ObjectRecord(**row) if row and row["state"] in COPIED else None
 
-    def current_copies(self, dataset: str, keys: Sequence[str]) -> dict[str, ObjectRecord]:
+    def current_copies(self, dataset: str, keys: Sequence[str]) -> dict[str, CurrentCopy]:
         """`current_copy` of many keys in one query (a page of a listing, a few hundred keys):
-        source key -> its copy, for the keys that have one. What a delta pass asks per page."""
+        source key -> what a delta pass needs of its copy, for the keys that have one."""
         if not keys:
             return {}
         o = objects
         newest = (sa.select(sa.func.max(o.c.id))
                   .where(o.c.dataset == dataset, o.c.source_key.in_(list(keys)), _CLAIM).group_by(o.c.source_key))
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(*_RECORD_COLUMNS).where(o.c.id.in_(newest.scalar_subquery()),
-                                                                   o.c.state.in_(COPIED))).all()
+            rows = conn.execute(sa.select(*_COPY_COLUMNS).where(o.c.id.in_(newest.scalar_subquery()),
+                                                                 o.c.state.in_(COPIED))).all()
         # Positional rows: a mapping per row costs more than the query at a few hundred keys.
-        return {row[3]: ObjectRecord(*row) for row in rows}
+        return {row[1]: CurrentCopy(*row) for row in rows}
 
     # ---- a run's listing and its shards (the flows' unit of work) -----------------------------
 
@@ -367,9 +369,10 @@ class StateStore:
     def listed(self, run_id: int, dataset: str, shard: int | None = None) -> Iterator[ObjectMeta]:
         """The ObjectMeta of a run's listing (one shard of it), in listing order, streamed in pages."""
         last = -1
+        columns = self._listing_columns()
         while True:
-            query = listing.select().where(listing.c.run_id == run_id, listing.c.dataset == dataset,
-                                           listing.c.seq > last)
+            query = sa.select(*columns).where(listing.c.run_id == run_id, listing.c.dataset == dataset,
+                                              listing.c.seq > last)
             if shard is not None:
                 query = query.where(listing.c.shard == shard)
             with self.engine.connect() as conn:
@@ -380,11 +383,21 @@ class StateStore:
             for (_, _, _, _, key, etag, size, md5, modified, tier, content, meta, created, kind, extra) in rows:
                 yield ObjectMeta(
                     key=key, size=size, etag=etag, content_md5=bytes.fromhex(md5) if md5 else None,
-                    last_modified=modified.replace(tzinfo=timezone.utc) if modified else None,
-                    tier=tier, content=ContentSettings(**content) if content else _NO_CONTENT, metadata=meta or {},
-                    created=created.replace(tzinfo=timezone.utc) if created else None, kind=kind,
-                    **(listed_extra(extra) if extra else {}))
+                    last_modified=_utc(modified) if modified else None,
+                    tier=tier, content=ContentSettings(**_json(content)) if content else _NO_CONTENT,
+                    metadata=_json(meta) if meta else {}, created=_utc(created) if created else None, kind=kind,
+                    **(listed_extra(_json(extra)) if extra else {}))
             last = rows[-1][2]
+
+    def _listing_columns(self) -> list[Any]:
+        """The listing table's columns as `listed` reads them. On SQLite, SQLAlchemy parses the
+        stored times with a regular expression and calls a JSON decoder per column and row, even
+        for the SQL NULL of most rows (together half of a delta pass's time): times and JSON are
+        read as the text SQLite stores, and decoded by `_utc` and `_json`."""
+        if self.engine.dialect.name != "sqlite":
+            return list(listing.c)
+        return [sa.type_coerce(c, sa.String).label(c.name) if isinstance(c.type, (sa.DateTime, sa.JSON)) else c
+                for c in listing.c]
 
     def merge_shards(self, run_id: int, dataset: str, factor: int) -> None:
         """Renumber a dataset's listed shards 0, 1, ... in listing order, merging each `factor`
@@ -942,3 +955,15 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _utc(value: datetime | str) -> datetime:
+    """A stored time (naive UTC) as an aware datetime; SQLite's as the text it stores."""
+    if isinstance(value, str):
+        return datetime.fromisoformat(value + "+00:00")
+    return value.replace(tzinfo=timezone.utc)
+
+
+def _json(value: Any) -> Any:
+    """A JSON column's value; SQLite's as the text it stores."""
+    return json.loads(value) if isinstance(value, str) else value
