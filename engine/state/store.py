@@ -57,7 +57,14 @@ _NEWEST_CLAIM = (objects.select()
                  .order_by(objects.c.id.desc()).limit(1))
 # An `objects` row's columns in `ObjectRecord`'s field order, to build records from positional rows.
 _RECORD_COLUMNS = tuple(objects.c[f.name] for f in fields(ObjectRecord))
-_COPY_COLUMNS = tuple(objects.c[name] for name in CurrentCopy._fields)
+# `current_copies`: one statement, its key list an expanding parameter (compiled once, not per page).
+_CURRENT_COPIES = (
+    sa.select(*(objects.c[name] for name in CurrentCopy._fields))
+    .where(objects.c.id.in_(sa.select(sa.func.max(objects.c.id))
+                            .where(objects.c.dataset == sa.bindparam("_dataset"),
+                                   objects.c.source_key.in_(sa.bindparam("_keys", expanding=True)), _CLAIM)
+                            .group_by(objects.c.source_key).scalar_subquery()),
+           objects.c.state.in_([sa.literal(s) for s in COPIED])))
 _NO_CONTENT = ContentSettings()
 _NEWEST_ROWS = (objects.select()
                 .where(objects.c.dataset == sa.bindparam("_dataset"), objects.c.source_key == sa.bindparam("_key"))
@@ -336,12 +343,8 @@ class StateStore:
         source key -> what a delta pass needs of its copy, for the keys that have one."""
         if not keys:
             return {}
-        o = objects
-        newest = (sa.select(sa.func.max(o.c.id))
-                  .where(o.c.dataset == dataset, o.c.source_key.in_(list(keys)), _CLAIM).group_by(o.c.source_key))
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(*_COPY_COLUMNS).where(o.c.id.in_(newest.scalar_subquery()),
-                                                                 o.c.state.in_(COPIED))).all()
+            rows = conn.execute(_CURRENT_COPIES, {"_dataset": dataset, "_keys": list(keys)}).all()
         # Positional rows: a mapping per row costs more than the query at a few hundred keys.
         return {row[1]: CurrentCopy(*row) for row in rows}
 
