@@ -174,6 +174,9 @@ class _CliObserver:
     def dataset_started(self, dataset: str, objects: int, bytes_total: int) -> None:
         self.display.start(dataset, objects, bytes_total)
 
+    def dataset_counted(self, dataset: str, objects: int, bytes_total: int) -> None:
+        self.display.counted(dataset, objects, bytes_total)
+
     def progress(self, snapshot) -> None:
         self.display.update(snapshot.bytes_done, snapshot.objects_done, snapshot.objects_failed,
                             bytes_skipped=snapshot.bytes_skipped, objects_skipped=snapshot.objects_skipped,

@@ -66,13 +66,21 @@ class ProgressDisplay(StatusLine):
     the ETA count only the bytes copied."""
 
     def counting(self, dataset: str, objects: int, bytes_total: int) -> None:
-        """The listing pass that gives the totals: its figures so far."""
-        self.show(lambda now: f"{dataset}: listing… {objects:,} objects, {format_size(bytes_total)} so far")
+        """The listing pass that gives the totals (beside the copy): its figures so far, shown
+        after the copy's own until the totals are known."""
+        self.counted_so_far = (objects, bytes_total)
+
+    def counted(self, dataset: str, objects: int, bytes_total: int) -> None:
+        """The totals are known: from now on a percentage and an ETA."""
+        self.total_objects, self.total_bytes = objects, bytes_total
+        if not self.tty:
+            self._write(f"{dataset}: {objects:,} objects, {format_size(bytes_total)} to go through\n")
 
     def start(self, dataset: str, total_objects: int, total_bytes: int) -> None:
         self.dataset = dataset
         self.total_objects = total_objects
         self.total_bytes = total_bytes
+        self.counted_so_far: tuple[int, int] | None = None
         self.started = time.monotonic()
         what = f"{total_objects:,} objects, {format_size(total_bytes)}" if total_objects >= 0 else "listing as it goes"
         self.restart(f"{dataset}: copying ({what})")
@@ -94,8 +102,10 @@ class ProgressDisplay(StatusLine):
         failed = f", {objects_failed:,} failed" if objects_failed else ""
         unchanged = f" ({objects_skipped:,} unchanged)" if objects_skipped else ""
         if self.total_objects < 0:  # totals unknown: the listing is consumed as the copy goes
+            counting = (f"; counting: {self.counted_so_far[0]:,} objects, {format_size(self.counted_so_far[1])} "
+                        "so far") if self.counted_so_far else ""
             return (f"{self.dataset}: {format_size(bytes_done)} copied, {objects_done:,} objects{unchanged}{failed}, "
-                    f"{rate / 1e6:.1f} MB/s")
+                    f"{rate / 1e6:.1f} MB/s{counting}")
         through = bytes_done + bytes_skipped
         left = max(self.total_bytes - through, 0)
         # An ETA from the first instants (connections opening, small files first) is noise.

@@ -90,6 +90,7 @@ def faithful(meta) -> tuple:
 class Quiet:
     def counting(self, *a): pass
     def dataset_started(self, *a): pass
+    def dataset_counted(self, *a): pass
     def progress(self, *a): pass
     def dataset_finished(self, *a): pass
 

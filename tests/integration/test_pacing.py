@@ -90,6 +90,9 @@ class _Recording:
     def dataset_started(self, dataset, objects, bytes_total) -> None:
         pass
 
+    def dataset_counted(self, dataset, objects, bytes_total) -> None:
+        pass
+
     def progress(self, snapshot) -> None:
         self.throttling.append(snapshot.throttling)
 

@@ -33,11 +33,18 @@ def test_part_copied_part_unchanged_counts_both_and_rates_only_the_copy():
     assert "6.0 MiB / 10.0 MiB (60%)" in last and "6/10 objects (4 unchanged), 1 failed" in last, last
 
 
-def test_the_counting_pass_shows_its_figures():
+def test_the_counting_pass_beside_the_copy_shows_its_figures_then_the_totals():
     out = io.StringIO()
     display = ProgressDisplay(out)
+    display.interval = 0
+    display.start("scans", -1, -1)
     display.counting("scans", 3000, 3 * MiB)
-    assert lines(out) == ["scans: listing… 3,000 objects, 3.0 MiB so far"]
+    display.update(MiB, 1000, 0)
+    assert lines(out)[-1].endswith("counting: 3,000 objects, 3.0 MiB so far"), lines(out)
+    display.counted("scans", 4000, 4 * MiB)
+    display.update(2 * MiB, 2000, 0)
+    assert lines(out)[-2] == "scans: 4,000 objects, 4.0 MiB to go through"
+    assert "2.0 MiB / 4.0 MiB (50%)" in lines(out)[-1] and "2,000/4,000 objects" in lines(out)[-1]
 
 
 def test_a_restore_counts_objects_of_those_expected_and_puts_a_failure_on_its_own_line():
