@@ -8,17 +8,31 @@ come from the engine's results (`engine.shards.ShardOutcome`, `engine.run.Migrat
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact, update_progress_artifact
 
 from config.models import LoadedConfig
 from config.sizes import classes_text, format_size, not_carried_lines
 from engine.estimate import HEADERS, detail_lines, table_rows
 from engine.shards import ShardOutcome, ShardResult, failure_sentence
 from engine.state import STATUS_CATEGORIES
+
+
+def show_progress(artifact_id, percent: float, logger: logging.Logger | logging.LoggerAdapter) -> bool:
+    """Set a progress artifact; False, with a warning, when the Prefect API did not take it. A
+    progress bar is for display: a run of weeks never stops because the server missed one update
+    (the next one tries again; what was copied is in the state store and the run's log)."""
+    try:
+        update_progress_artifact(artifact_id, percent)
+    except Exception as exc:  # noqa: BLE001 - the API's failures are many kinds; each is said
+        logger.warning("the progress artifact could not be updated to %.1f%% (%s: %s); the run goes on and the "
+                       "next update tries again", percent, type(exc).__name__, exc)
+        return False
+    return True
 
 
 def artifact_key(project: str, what: str) -> str:

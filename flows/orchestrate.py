@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from prefect import flow, get_run_logger, tags
-from prefect.artifacts import (create_link_artifact, create_progress_artifact, create_table_artifact,
-                              update_progress_artifact)
+from prefect.artifacts import create_link_artifact, create_progress_artifact, create_table_artifact
 from prefect.concurrency.sync import concurrency
 from prefect.futures import wait
 from prefect.runtime import flow_run as current_flow_run
@@ -54,8 +53,8 @@ from engine.executors import noted
 from engine.report import write_report
 from engine.shards import ConnectionShare, ShardPlan, share_connections
 from flows.alerts import discrepancy_event
-from flows.artifacts import (MigrateOutcome, artifact_key, shard_artifacts, summary_artifact, verify_artifacts,
-                             verify_summary_artifact)
+from flows.artifacts import (MigrateOutcome, artifact_key, shard_artifacts, show_progress, summary_artifact,
+                             verify_artifacts, verify_summary_artifact)
 from flows.provider_limits import provider_limit_name, provider_limits
 from flows.run_logs import RunFailure, engine_logs_to
 from flows.tasks import (RunProgress, copy_shard, inventory_dataset, list_dataset, load_datasets, plan_datasets,
@@ -260,7 +259,7 @@ def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delet
         with progress_shown(run.run_id, progress), \
                 concurrency([provider_limit_name(p) for p in limits], occupy=share.slots, strict=True):
             futures = _run_shards(run, plan, share, artifact_id, progress)
-        update_progress_artifact(artifact_id, 100.0)
+        show_progress(artifact_id, 100.0, logger)
         ended = run.shards_ended(plan, lambda dataset, shard: _stopped(futures[(dataset, shard)]))
         for name in ended.unfinished:
             logger.error("%s: a shard stopped on an error; objects gone from the source are not looked for "
@@ -323,9 +322,11 @@ def _submit_flow_run(pool, run_id: int, dataset: str, shard: int, *, config_path
 
 
 def _submit_shards(submit, run_id: int, plan: ShardPlan, parallel: int, artifact_id, progress: RunProgress,
-                   wait_fn=wait) -> dict[tuple[str, int], Any]:
+                   wait_fn=wait, logger=None) -> dict[tuple[str, int], Any]:
     """Submit every shard (`submit(run_id, dataset, shard)`), at most `parallel` running at once;
-    update the progress artifact while waiting. Returns (dataset, shard) -> its future."""
+    update the progress artifact while waiting (an update the API misses is logged to `logger`,
+    the flow run's by default, and the shards go on). Returns (dataset, shard) -> its future."""
+    logger = logger or get_run_logger()
     futures: dict[tuple[str, int], Any] = {}
     pending = [(s.dataset, s.shard) for s in plan.shards]
     running: dict = {}
@@ -342,8 +343,7 @@ def _submit_shards(submit, run_id: int, plan: ShardPlan, parallel: int, artifact
             for f in done:
                 progress.shard_finished(*running.pop(f))
             pct = progress.percent()
-            if pct != last:
-                update_progress_artifact(artifact_id, pct)
+            if pct != last and show_progress(artifact_id, pct, logger):
                 last = pct
     except BaseException:
         # The shards started end before this raises: the caller then closes the run (its state

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from config.loader import load_config
@@ -33,7 +33,7 @@ from engine.settings import within_connections
 from engine.shards import PlannedShard, failure_sentence
 from engine.verify import verify
 from flows.artifacts import (artifact_key, estimate_artifact, inventory_row, plan_rows, probe_artifact,
-                             rehydration_artifact, rehydration_row, shard_row, verify_figures)
+                             rehydration_artifact, rehydration_row, shard_row, show_progress, verify_figures)
 from flows.provider_limits import ensure_provider_limits, provider_limits
 from flows.run_logs import RunFailure, engine_logs_to, quiet_failures
 
@@ -244,7 +244,7 @@ class VerifyProgressShown:
             if now - self.updated >= self.UPDATE_EVERY:
                 self.updated = now
                 share = snap.checked / snap.total if snap.total else 1.0
-                update_progress_artifact(self.artifact, round(100 * (self.done + share) / self.datasets, 1))
+                show_progress(self.artifact, round(100 * (self.done + share) / self.datasets, 1), self.logger)
             if now - self.logged < self.LOG_EVERY:
                 return
             self.logged = now
@@ -258,7 +258,7 @@ class VerifyProgressShown:
     def dataset_finished(self, summary) -> None:
         with self.lock:
             self.done += 1
-            update_progress_artifact(self.artifact, round(100 * self.done / self.datasets, 1))
+            show_progress(self.artifact, round(100 * self.done / self.datasets, 1), self.logger)
 
 
 @task(name="verify-datasets", task_run_name=_verify_run_name, cache_policy=NO_CACHE, persist_result=False)

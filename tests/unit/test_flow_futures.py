@@ -3,6 +3,7 @@ no task's failure is dropped when several fail."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -18,7 +19,7 @@ def plan_of(n: int) -> ShardPlan:
     return ShardPlan(("claims",), tuple(PlannedShard("claims", i, 1, 100) for i in range(n)))
 
 
-def test_a_failing_progress_update_waits_for_the_running_shards_before_it_is_raised(monkeypatch):
+def test_a_failing_submission_waits_for_the_running_shards_before_it_is_raised(monkeypatch):
     """The caller closes the run (state store, executors) when this raises: a shard still copying
     then would write into a closed run."""
     ended: list[int] = []
@@ -28,18 +29,44 @@ def test_a_failing_progress_update_waits_for_the_running_shards_before_it_is_rai
         ended.append(n)
         return n
 
-    def unreachable(artifact_id, pct):
-        raise ConnectionError("the Prefect API did not answer")
+    def submit(pool, run_id, dataset, n):
+        if n == 3:
+            raise ConnectionError("the Prefect API did not answer")
+        return pool.submit(shard, run_id, dataset, n)
 
-    monkeypatch.setattr(orchestrate, "update_progress_artifact", unreachable)
-    monkeypatch.setattr(orchestrate, "PROGRESS_EVERY", 0.05)  # the first update comes while they copy
+    monkeypatch.setattr(orchestrate, "PROGRESS_EVERY", 0.05)
+    monkeypatch.setattr("flows.artifacts.update_progress_artifact", lambda artifact_id, pct: None)
     plan = plan_of(6)
     with ThreadPoolExecutor(3) as pool:
         with pytest.raises(ConnectionError):
-            orchestrate._submit_shards(lambda run_id, dataset, n: pool.submit(shard, run_id, dataset, n), 1, plan, 3,
-                                       "artifact", RunProgress.of(plan.shards, 600), wait_fn=wait)
+            orchestrate._submit_shards(lambda run_id, dataset, n: submit(pool, run_id, dataset, n), 1, plan, 3,
+                                       "artifact", RunProgress.of(plan.shards, 600), wait_fn=wait,
+                                       logger=logging.getLogger("test"))
         returned_with = sorted(ended)
     assert returned_with == [0, 1, 2]  # the three running had ended; nothing else was started
+
+
+def test_a_progress_update_the_api_misses_is_said_and_the_shards_go_on(monkeypatch, caplog):
+    """A run of weeks does not stop because the Prefect API missed one progress update."""
+    answered: list[float] = []
+
+    def flaky(artifact_id, pct):
+        if not answered or len(answered) % 2:
+            answered.append(-1.0)
+            raise ConnectionError("the Prefect API did not answer")
+        answered.append(pct)
+
+    monkeypatch.setattr("flows.artifacts.update_progress_artifact", flaky)
+    monkeypatch.setattr(orchestrate, "PROGRESS_EVERY", 0.02)
+    plan = plan_of(6)
+    with ThreadPoolExecutor(3) as pool:
+        futures = orchestrate._submit_shards(lambda run_id, dataset, n: pool.submit(time.sleep, 0.1), 1, plan, 3,
+                                             "artifact", RunProgress.of(plan.shards, 600), wait_fn=wait,
+                                             logger=logging.getLogger("test"))
+    assert len(futures) == 6 and all(f.done() and f.exception() is None for f in futures.values())
+    said = [r.getMessage() for r in caplog.records if r.name == "test"]
+    assert said and all("could not be updated" in m and "the run goes on" in m for m in said)
+    assert any(p > 0 for p in answered)  # a later update got through
 
 
 def test_every_task_ends_and_every_failure_is_kept_when_several_fail():
