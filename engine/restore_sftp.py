@@ -277,7 +277,7 @@ class SftpTargetDirectory:
             except BaseException:
                 writer.abandon()
                 raise
-            writer.close(sync=sync)
+            writer.close(sync=sync, look=False)
         temporary.offset = writer.offset
         temporary.pending.clear()
 
