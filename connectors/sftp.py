@@ -633,8 +633,8 @@ class SftpStore:
         """Write exactly `size` bytes of `body` to `path` (created or truncated), synced where the
         server offers `fsync@openssh.com`: the MD5 of the bytes written, which must be `md5` when
         the caller announces one (an S3 server checks Content-MD5; here the bytes are hashed as
-        they are sent), and the file's attributes once written. Three round trips: the open, the
-        writes with the sync, a look at the file and the close, and nothing else."""
+        they are sent), and the file's attributes once written. Two round trips: the open, then the
+        writes with the sync, a look at the file and the close."""
         digest = hashlib.md5()
         writer = PipelinedWriter(sftp, open_for_writing(sftp, path))
         try:
