@@ -569,10 +569,11 @@ def uses_flow(tools: list[str]) -> bool:
     return any(t.startswith("exitplan-flow") for t in tools)
 
 
-def run_exitplan_flow(lab: Lab, series: Series, tag: str, concurrency: int, tmp: Path, processes: int = 0
-                      ) -> ChildResult:
+def run_exitplan_flow(lab: Lab, series: Series, tag: str, concurrency: int, tmp: Path, processes: int = 0,
+                      profile: Path | None = None) -> ChildResult:
     """`migrate_flow` on the same plain config as `exitplan` (plus shards), in its own process;
-    with `processes`, its shard tasks in that many processes of their own."""
+    with `processes`, its shard tasks in that many processes of their own; with `profile`, under
+    py-spy (the flow's process only)."""
     name = f"exitplan-flow-{processes}p" if processes else "exitplan-flow"
     prefix = f"{name}-{tag}/"
     cfg = exitplan_config(tmp / f"{name}-{tag}.yaml", lab, series, prefix, concurrency, tmp / f"state-{name}-{tag}",
@@ -580,8 +581,11 @@ def run_exitplan_flow(lab: Lab, series: Series, tag: str, concurrency: int, tmp:
     env = flow_env(lab, tmp, EXITPLAN_BENCH_AZURE_CONNECTION_STRING=lab.conn_str,
                    EXITPLAN_BENCH_S3_KEY_ID=LAB_S3_ACCESS_KEY, EXITPLAN_BENCH_S3_SECRET=LAB_S3_SECRET_KEY)
     # cwd: Prefect also reads prefect.toml / .env from its working directory
-    res = run_child([sys.executable, "-c", _FLOW_CHILD, str(cfg)], env=env, log=tmp / f"{name}-{tag}.log", lab=lab,
-                    cwd=tmp)
+    argv = [sys.executable, "-c", _FLOW_CHILD, str(cfg)]
+    if profile is not None:
+        argv = [str(PY_SPY), "record", "--gil", "--rate", str(PROFILE_RATE), "--format", "raw",
+                "--output", str(profile), "--", *argv]
+    res = run_child(argv, env=env, log=tmp / f"{name}-{tag}.log", lab=lab, cwd=tmp)
     res.prefix = prefix  # type: ignore[attr-defined]
     return res
 
@@ -1008,11 +1012,15 @@ def main_run(args: argparse.Namespace) -> int:
                     if not ok:
                         print(f"    log tail ({res.log}):\n" + "\n".join("      " + line for line in res.tail().splitlines()),
                               flush=True)
-                    if args.profile and rep == 1 and tool in ("exitplan", "exitplan-enc"):
+                    if args.profile and rep == 1 and tool in ("exitplan", "exitplan-enc", "exitplan-flow"):
                         # A second run under py-spy, not timed: its shares, scaled by this run's CPU.
                         raw = tmp / f"profile-{tool}-{tag}.txt"
                         lab.restart_moto()
-                        run_exitplan(lab, s, f"{tag}-profiled", n, tmp, encrypted=tool == "exitplan-enc", profile=raw)
+                        if tool == "exitplan-flow":
+                            run_exitplan_flow(lab, s, f"{tag}-profiled", n, tmp, profile=raw)
+                        else:
+                            run_exitplan(lab, s, f"{tag}-profiled", n, tmp, encrypted=tool == "exitplan-enc",
+                                         profile=raw)
                         if raw.exists():
                             keep_profile(raw, tool, s, res, n)
         report["runs"] = runs
@@ -1156,6 +1164,13 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace) 
             rat["(flow + prefect server)/CLI CPU per object, small"] = ratio(per_obj, g(e_s, "cpu_ms_per_object"))
             print(f"  {'flow + prefect server CPU ms/obj, small':44} {fmt(per_obj, '.2f'):>6}  "
                   f"(x{fmt(ratio(per_obj, g(e_s, 'cpu_ms_per_object')), '.2f')} the CLI's)")
+        # Per object, each process's start-up (its imports, measured apart) taken out: what a run
+        # of millions of objects pays per object, where 2,000 objects carry a second of imports.
+        imp_cli, imp_flow = report.get("exitplan_import_cpu_s"), report.get("flow_import_cpu_s")
+        if f_s and e_s and small_series and imp_cli is not None and imp_flow is not None:
+            flow_obj = f_s["cpu_ms_per_object"] - 1000 * imp_flow / small_series.count
+            cli_obj = e_s["cpu_ms_per_object"] - 1000 * imp_cli / small_series.count
+            line("flow/CLI CPU per object, small, start-up out", ratio(flow_obj, cli_obj), "target <= 1.1")
     p_l, p_s = med.get((FLOW_PROCESSES_TOOL, "large")), med.get((FLOW_PROCESSES_TOOL, "small"))
     if p_l or p_s:
         tag = f"flow with {FLOW_SHARD_PROCESSES} shard processes"
@@ -1283,7 +1298,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(encrypted, exitplan's default), rclone, ceiling (default all)")
     p.add_argument("--series", default="large,small", help="comma-separated subset of large, small (default both)")
     p.add_argument("--profile", action="store_true",
-                   help="after the first timed run of exitplan and exitplan-enc, run it again under py-spy (pip "
+                   help="after the first timed run of exitplan, exitplan-enc and exitplan-flow, run it again under py-spy (pip "
                         "install py-spy into the venv) and write where its CPU went to bench/profiles/")
     p.add_argument("--latency-ms", type=float, default=0,
                    help="also run the small series through proxies holding every request this many ms (a "

@@ -31,6 +31,8 @@ BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("thread hand-offs (executors, futures, locks)", ("(threading.py", "(concurrent/futures/", "(queue.py",
                                                        "(engine/executors.py")),
     ("retries (tenacity)", ("(tenacity/",)),
+    ("Prefect (task runs, API client, events, logs)", ("(prefect/", "(httpx/", "(httpcore/", "(anyio/",
+                                                       "(websockets/", "(h2/")),
     ("imports and start-up", ("(<frozen importlib", "(importlib/")),
     ("logging", ("(logging/",)),
     ("exitplan engine (pipeline, planning, placement)", ("(engine/", "(connectors/")),
