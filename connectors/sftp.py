@@ -73,6 +73,7 @@ from paramiko.sftp import (
     CMD_CLOSE,
     CMD_DATA,
     CMD_EXTENDED,
+    CMD_EXTENDED_REPLY,
     CMD_FSTAT,
     CMD_HANDLE,
     CMD_OPEN,
@@ -122,9 +123,10 @@ _WRITE_WINDOW = 64
 # SSH packet.
 _WRITE_HEADER = 4 + 1 + 4 + 4 + 8 + 4
 _CHANNEL_MARGIN = 64
-# Reads: the size of one SFTP read request (OpenSSH serves at most 256 KiB, paramiko's default is
-# 32 KiB) and how many are in flight per session. The window bounds what a read buffers beyond the
-# range asked for: nothing (requests never reach past the range).
+# Reads: the size of one SFTP read request at most (paramiko's default is 32 KiB; a server that
+# states a lower limit, OpenSSH's 261,120 bytes, gets that: `read_request_size`) and how many are in
+# flight per session. The window bounds what a read buffers beyond the range asked for: nothing
+# (requests never reach past the range).
 _READ_REQUEST = 256 * 1024
 _READ_WINDOW = 32
 _CONNECT_TIMEOUT = 20.0
@@ -343,6 +345,8 @@ class SftpStore:
             raise AuthError(f"{self.label}: no private key and no password given; set the key's variable or block")
         self._sessions = _Sessions(self._connect, connections)
         self._copy_data = True  # until the server says it lacks the extension
+        self.read_request = _READ_REQUEST  # what one read asks for: the server's limit once known
+        self._limits_asked = False
         self._fsync_offered = True  # likewise
         self._prefix = uuid.uuid4().hex[:12] + "-"
         self._names = itertools.count()
@@ -379,6 +383,9 @@ class SftpStore:
             if client is None:
                 raise TransientError(f"{where}: the server opened no SFTP session")
             client.get_channel().settimeout(120.0)
+            if not self._limits_asked:
+                self._limits_asked = True
+                self.read_request = read_request_size(client)
             return transport, client
         except paramiko.AuthenticationException as exc:
             transport.close()
@@ -578,7 +585,7 @@ class SftpStore:
                     raise InvalidRequest(f"{self.label}: range {start}-{end} is outside {key!r} ({size} bytes)", key=key)
                 if start == end:
                     return b""
-                data = pipelined_read(sftp, f.handle, start, end)
+                data = pipelined_read(sftp, f.handle, start, end, self.read_request)
                 after = f.stat()
                 if if_match is not None and change_marker(after) != if_match:
                     # Written while we read it: the bytes may mix two versions.
@@ -881,7 +888,8 @@ class SftpUpload:
                                      "through this client", store.label, exc)
                             store._copy_data = False
                     for done in range(0, size, _WRITE_CHUNK):
-                        writer.write(pipelined_read(sftp, part.handle, done, min(done + _WRITE_CHUNK, size)))
+                        writer.write(pipelined_read(sftp, part.handle, done, min(done + _WRITE_CHUNK, size),
+                                                    store.read_request))
                         writer.wait()  # the read's answers and the writes' are not interleaved
         except BaseException:
             writer.abandon()
@@ -924,7 +932,23 @@ class _Replies:
         self.by_number[num] = (t, msg)
 
 
-def pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: int) -> bytearray:
+def read_request_size(sftp: paramiko.SFTPClient) -> int:
+    """How many bytes one read request asks for: `_READ_REQUEST`, or less when the server says
+    (`limits@openssh.com`) it answers less. OpenSSH answers at most 261,120 bytes: asking it for
+    256 KiB made every answer short and cost a second request, waited for at once, per read."""
+    try:
+        t, msg = sftp._request(CMD_EXTENDED, "limits@openssh.com")
+    except IOError:  # a server without the extension: it answers what it answers (short reads are asked again)
+        return _READ_REQUEST
+    if t != CMD_EXTENDED_REPLY:
+        return _READ_REQUEST
+    msg.get_int64()  # max-packet-length
+    max_read = msg.get_int64()  # 0: no limit stated
+    return min(_READ_REQUEST, max_read) if max_read > 0 else _READ_REQUEST
+
+
+def pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: int,
+                   request: int = _READ_REQUEST) -> bytearray:
     """Bytes `start .. end-1` of the open file `handle`, with up to `_READ_WINDOW` read requests in
     flight, into one buffer handed over as is (a copy would hold the range twice, outside the
     memory budget that counts it once). paramiko's own `readv`/prefetch slows down quadratically
@@ -935,7 +959,7 @@ def pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: in
     pos = start
     while pos < end or pending:
         while pos < end and len(pending) < _READ_WINDOW:
-            n = min(_READ_REQUEST, end - pos)
+            n = min(request, end - pos)
             pending.append((sftp._async_request(replies, CMD_READ, handle, int64(pos), n), pos, n))
             pos += n
         num, offset, n = pending.pop(0)

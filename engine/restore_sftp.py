@@ -204,7 +204,8 @@ class SftpTargetDirectory:
             with sftp.open(temporary.path, "rb") as f:
                 size = attrs.st_size or 0
                 for start in range(0, size, READ_BACK):
-                    stored.update(pipelined_read(sftp, f.handle, start, min(start + READ_BACK, size)))
+                    stored.update(pipelined_read(sftp, f.handle, start, min(start + READ_BACK, size),
+                                                 self.store.read_request))
         return written, written_digest.hexdigest(), stored.hexdigest()
 
     def set_modified(self, temporary: SftpTemporary, when: float) -> None:

@@ -160,8 +160,8 @@ def test_a_file_changed_during_its_read_is_detected(harness, monkeypatch):
     pinned = store.head("delivery.csv").etag
     real = sftp_module.pipelined_read
 
-    def read_while_the_partner_rewrites(sftp, handle, start, end):
-        got = real(sftp, handle, start, end)
+    def read_while_the_partner_rewrites(sftp, handle, start, end, request):
+        got = real(sftp, handle, start, end, request)
         (harness.dir / "delivery.csv").write_bytes(data + b"appended while being read")
         return got
 
@@ -316,3 +316,23 @@ def test_without_fsync_the_file_is_looked_at_by_name(harness, monkeypatch):
     assert store.head("unsynced").etag == etag
     store.put("unsynced-2", b"abcd", 4, WriteMeta(), None)
     assert store.head("unsynced-2").size == 4
+
+
+def test_reads_ask_what_the_server_answers_whole(harness, monkeypatch):
+    """OpenSSH answers a read with at most 261,120 bytes (`limits@openssh.com`): a read asks for
+    that much, so no answer comes short and no request is asked again for its last kilobyte."""
+    data = os.urandom(8 * MiB)
+    store = harness.sink()
+    store.put("big.bin", data, len(data), WriteMeta(), None)
+    asked = []
+    real = sftp_module.paramiko.SFTPClient._async_request
+
+    def count(self, fileobj, t, *args):
+        if t == sftp_module.CMD_READ:
+            asked.append(args[-1])
+        return real(self, fileobj, t, *args)
+
+    monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_async_request", count)
+    assert store.read_range("big.bin", 0, len(data)) == data
+    assert store.read_request == 261_120
+    assert len(asked) == -(-len(data) // 261_120) and set(asked[:-1]) == {261_120}
