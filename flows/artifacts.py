@@ -205,6 +205,26 @@ def verify_summary_artifact(project: str, checked: dict[str, Any]) -> None:
                              description=f"Summary of verify run {checked['run_id']}")
 
 
+def cutover_artifact(project: str, results: list) -> None:
+    """What each cutover of the flow run found (`engine.cutover.CutoverResult`): cut over, with
+    its record's digest, or the step that stopped it, its sentence and the objects behind it."""
+    lines = [f"# Cutover of {project}", ""]
+    for r in results:
+        if r.ok:
+            record = r.record or {}
+            lines += [f"## {r.dataset}: cut over", "", r.sentence, "",
+                      f"- objects: {record.get('objects', 0):,}, {format_size(record.get('bytes', 0))}",
+                      f"- `objects_sha256`: `{record.get('objects_sha256')}`",
+                      "- the signed `cutover` record is in the audit manifest (`exitplan audit verify` checks it)"]
+        else:
+            lines += [f"## {r.dataset}: not cut over (step: {r.step})", "", r.sentence]
+            if r.named:
+                lines += [""] + [f"- `{line}`" for line in r.named]
+        lines += [f"- note: {note}" for note in r.notes] + [""]
+    create_markdown_artifact("\n".join(lines), key=artifact_key(project, "cutover"),
+                             description="Cutover: a last delta, a deep verify, the source unchanged, a signed record")
+
+
 # ---------------------------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------------------------

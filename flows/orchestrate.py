@@ -53,8 +53,8 @@ from engine.executors import noted
 from engine.report import write_report
 from engine.shards import ConnectionShare, ShardPlan, share_connections
 from flows.alerts import discrepancy_event
-from flows.artifacts import (MigrateOutcome, artifact_key, shard_artifacts, show_progress, summary_artifact,
-                             verify_artifacts, verify_summary_artifact)
+from flows.artifacts import (MigrateOutcome, artifact_key, cutover_artifact, shard_artifacts, show_progress,
+                             summary_artifact, verify_artifacts, verify_summary_artifact)
 from flows.provider_limits import provider_limit_name, provider_limits
 from flows.run_logs import RunFailure, engine_logs_to
 from flows.tasks import (RunProgress, copy_shard, inventory_dataset, list_dataset, load_datasets, plan_datasets,
@@ -173,6 +173,72 @@ def copy_shards_flow(config_path: str, run_id: int, dataset: str, shard: int, co
         return task(run_id, dataset, shard, config_path, connections)
     except UserError as exc:
         return _user_failure(exc)
+
+
+@flow(name="exitplan-cutover", flow_run_name=_run_name("cutover"))
+def cutover_flow(config_path: str, datasets: list[str]):
+    """The last step of each dataset's exit (`exitplan cutover`): a last delta, a deep verify, the
+    source found unchanged since, then a signed `cutover` record in the audit manifest. Failed,
+    naming the step and the objects, for a dataset not ready.
+
+    Args:
+        config_path: The exitplan configuration file, as an absolute path on the workers.
+        datasets: The datasets to cut over, by their names in the configuration, each on its own,
+            in order (at least one: a cutover is never of every dataset by default).
+    """
+    from engine.cutover import cutover
+
+    logger = get_run_logger()
+    try:
+        if not datasets:
+            raise UserError("a cutover names its datasets: set the `datasets` parameter (a cutover is never of "
+                            "every dataset by default)")
+        loaded, names = load_datasets(config_path, datasets)
+        results = []
+        with engine_logs_to(logger):
+            for name in names:
+                results.append(cutover(loaded, name, observer=LoggedMigration(logger), say=logger.info))
+    except UserError as exc:
+        return _user_failure(exc)
+    cutover_artifact(loaded.config.project, results)
+    for r in results:
+        (logger.info if r.ok else logger.error)("%s: %s", r.dataset, r.sentence)
+    figures = [{"dataset": r.dataset, "cut_over": r.ok, "step": r.step,
+                "objects_sha256": (r.record or {}).get("objects_sha256")} for r in results]
+    not_ready = [r for r in results if not r.ok]
+    if not_ready:
+        return _failed("; ".join(f"{r.dataset}: not cut over ({r.step}): {r.sentence}" for r in not_ready), figures)
+    return figures
+
+
+class LoggedMigration:
+    """A migrate's progress (`engine.run.RunObserver`) as a log line of the flow run every
+    `LOG_EVERY` seconds and one at the end."""
+
+    LOG_EVERY = 10.0
+
+    def __init__(self, logger):
+        self.logger, self.logged = logger, 0.0
+
+    def counting(self, dataset: str, objects: int, bytes_total: int) -> None:
+        pass
+
+    def dataset_started(self, dataset: str, objects: int, bytes_total: int) -> None:
+        self.logged = time.monotonic()
+
+    def dataset_counted(self, dataset: str, objects: int, bytes_total: int) -> None:
+        pass
+
+    def progress(self, snap) -> None:
+        if time.monotonic() - self.logged >= self.LOG_EVERY:
+            self.logged = time.monotonic()
+            self.logger.info("%s: %s objects gone through (%s unchanged), %s copied%s", snap.dataset,
+                             f"{snap.objects_done:,}", f"{snap.objects_skipped:,}", format_size(snap.bytes_done),
+                             f", {snap.objects_failed:,} failed" if snap.objects_failed else "")
+
+    def dataset_finished(self, summary) -> None:
+        self.logger.info("%s: %s copied, %s unchanged, %s failed", summary.dataset, f"{summary.ok:,}",
+                         f"{summary.skipped:,}", f"{summary.failed:,}")
 
 
 @flow(name="exit-plan", flow_run_name=_run_name("exit-plan"), task_runner=ThreadPoolTaskRunner(max_workers=16))

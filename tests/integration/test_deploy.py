@@ -155,6 +155,12 @@ def test_deploy_worker_runs_exit_plan(tmp_path, monkeypatch, azurite_connection_
             assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory":
                                        {"directory": str(lp.REPO_ROOT)}}]
         assert deps["exit-plan/exit-plan"].schedules == []
+        with _client(api_url) as client:
+            cut = client.read_deployment_by_name("exitplan-cutover/cutover")
+        assert cut.schedules == [] and cut.global_concurrency_limit.limit == 1
+        assert "datasets" in cut.parameter_openapi_schema.get("required", [])
+        assert cut.parameter_openapi_schema["properties"]["datasets"]["description"].endswith(
+            f"This configuration's: {names}.")
         for name, params in (("exitplan-migrate/nightly-delta", {"delete_removed": False}),
                              ("exitplan-verify/weekly-verify", {"deep": True, "sample": 0.05})):
             (sched,) = deps[name].schedules

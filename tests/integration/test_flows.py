@@ -487,3 +487,42 @@ def test_a_killed_flow_run_is_resumed_mid_object_by_the_next(tmp_path, env, s3_s
     assert rows[0][1:] == ("in_progress", upload_id)  # the killed run's row
     assert rows[-1][1:] == ("verified", upload_id)  # continued (not started over), then verified
     assert set(blobs) <= stored_keys(s3, container)
+
+
+def test_the_cutover_flow_records_a_ready_dataset_and_names_what_stops_one(tmp_path, env, s3_server, s3):
+    """The `cutover` deployment's flow: after a migration, the dataset is cut over (a signed record,
+    its digest in the flow's result and artifact); a copy corrupted at the destination since fails
+    the next one at its deep verify, naming the step and the object; no dataset named is a
+    configuration error."""
+    from engine.audit import CUTOVER
+    from flows.orchestrate import cutover_flow, migrate_flow
+
+    path, container, blobs = write_project(tmp_path, env, s3_server.url)
+    assert migrate_flow(config_path=str(path), return_state=True).is_completed()
+    state = cutover_flow(config_path=str(path), datasets=["claims"], return_state=True)
+    assert state.is_completed(), state.message
+    (figures,) = state.result()
+    assert figures["cut_over"] and len(figures["objects_sha256"]) == 64
+    manifest = tmp_path / "state" / "audit" / "manifest.jsonl"
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    (record,) = [r for r in records if r.get("type") == CUTOVER]
+    assert record["objects"] == len(blobs) and record["objects_sha256"] == figures["objects_sha256"]
+    (summary,) = [a for a in artifacts_of(state.state_details.flow_run_id)["markdown"]
+                  if a.key == f"exitplan-{container}-cutover"]
+    assert "## claims: cut over" in summary.data and figures["objects_sha256"] in summary.data
+
+    key = f"{container}/claims/03.csv"
+    body = bytearray(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    body[-1] ^= 1
+    s3.put_object(Bucket=BUCKET, Key=key, Body=bytes(body))
+    state = cutover_flow(config_path=str(path), datasets=["claims"], return_state=True)
+    assert state.is_failed()
+    assert "claims: not cut over (verify): the deep verify did not pass" in state.message, state.message
+    logs = "\n".join(logs_of(state.state_details.flow_run_id))
+    assert "1/3 the last delta" in logs and "2/3 a deep verify" in logs and "3/3" not in logs
+    (summary,) = [a for a in artifacts_of(state.state_details.flow_run_id)["markdown"]
+                  if a.key == f"exitplan-{container}-cutover"]
+    assert "## claims: not cut over (step: verify)" in summary.data and "claims/03.csv" in summary.data
+
+    state = cutover_flow(config_path=str(path), datasets=[], return_state=True)
+    assert state.is_failed() and "a cutover names its datasets" in state.message
