@@ -27,7 +27,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, urlencode
 
@@ -68,6 +71,7 @@ from .base import (
     checked_multipart_etag,
 )
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _MD5_HEX = re.compile(r"^[0-9a-f]{32}$")
@@ -223,6 +227,7 @@ class S3Store:
         connect_timeout: float = 10,
         read_timeout: float = 60,
         pacer: RequestPacer = UNPACED,
+        source_details: bool = False,
     ):
         if addressing_style not in ("path", "virtual"):
             raise ConfigError(f"addressing_style must be 'path' or 'virtual', not {addressing_style!r}")
@@ -238,6 +243,9 @@ class S3Store:
         self.page_size = page_size
         self.endpoint_url = endpoint_url
         self.pacer = pacer
+        self.source_details = source_details
+        self._details_pool: ThreadPoolExecutor | None = None
+        self._details_at_once = max(1, min(16, max_pool_connections // 2))
         self._client_kwargs: dict[str, Any] = {
             "endpoint_url": endpoint_url,
             "region_name": region,
@@ -358,6 +366,8 @@ class S3Store:
 
     def close(self) -> None:
         """Close the HTTP connections of both clients."""
+        if self._details_pool is not None:
+            self._details_pool.shutdown(wait=False, cancel_futures=True)
         for client in (self._client, self._stream_client_instance):
             if client is not None:
                 try:
@@ -419,20 +429,43 @@ class S3Store:
     def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
         """Yield every object under `prefix` in key order, one ListObjectsV2 page at a time.
 
-        Listings carry size, ETag, last-modified and storage class; content headers and metadata
-        are left empty (a `head` fills them).
+        Listings carry size, ETag, last-modified and storage class; content headers, metadata and
+        tags are left empty (a `head` fills them), unless the store reads a source
+        (`source_details`): then each listed object is also asked for with HEAD and
+        GetObjectTagging (up to `_details_at_once` at a time, the page's order kept), so that
+        everything it is gets carried. An object deleted between the page and its HEAD is left
+        out (the listing would not hold it a moment later), logged.
         """
         for page in self._pages("list_objects_v2", prefix):
+            listed = []
             for item in page.get("Contents", ()):
                 etag = _unquote(item.get("ETag"))
-                yield ObjectMeta(
+                listed.append(ObjectMeta(
                     key=item["Key"],
                     size=item["Size"],
                     etag=etag,
                     content_md5=self._md5_from_etag(etag),
                     last_modified=item.get("LastModified"),
                     tier=item.get("StorageClass") or "STANDARD",
-                )
+                ))
+            if self.source_details and listed:
+                if self._details_pool is None:
+                    self._details_pool = ThreadPoolExecutor(self._details_at_once, thread_name_prefix="s3-details")
+                listed = [m for m in self._details_pool.map(self._details, listed) if m is not None]
+            yield from listed
+
+    def _details(self, listed: ObjectMeta) -> ObjectMeta | None:
+        """The listed object with its content headers, metadata and tags (None: deleted since)."""
+        try:
+            full = self.head(listed.key)
+            tags = self.tags(listed.key)
+        except NotFound:
+            log.info("%s: %r was listed, then deleted before it was looked at; left out", self.label, listed.key)
+            return None
+        except AuthError as exc:
+            raise AuthError(f"{exc}; exitplan reads each object's metadata and tags of an S3 source (HEAD and "
+                            "GetObjectTagging: s3:GetObject and s3:GetObjectTagging)", key=listed.key) from None
+        return replace(full, tags=tags)
 
     def head(self, key: str) -> ObjectMeta:
         """Full metadata of `key`: size, ETag, storage class, content headers and user metadata."""

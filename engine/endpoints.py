@@ -147,7 +147,7 @@ def open_source(loaded: LoadedConfig, dataset: str, *, pacer: RequestPacer = UNP
             session_token=_s3_credential(loaded, field, src.credentials, "session_token"),
             addressing_style=src.addressing_style, limits=SinkLimits(), verify_tls=src.verify_tls,
             max_pool_connections=max(src.max_connections, t.concurrency + (t.object_concurrency or t.concurrency)),
-            label=f"s3:{src.host}/{ds.container}", pacer=pacer,
+            label=f"s3:{src.host}/{ds.container}", pacer=pacer, source_details=True,
         )
     return open_azure_container(loaded, name, ds.container, pacer=pacer)
 

@@ -221,3 +221,26 @@ def test_unreachable_endpoint_is_transient(s3_bucket):
     with make_s3_store(f"http://127.0.0.1:{free_port()}", s3_bucket, max_attempts=1, connect_timeout=2) as dead:
         with pytest.raises(TransientError):
             dead.head("k")
+
+
+def test_an_s3_source_lists_what_each_object_is_with_its_tags(fault_proxy, s3_bucket, s3_server):
+    """A source's listing (`source_details`): content headers, metadata and tags of every object,
+    in key order; an object deleted between its page and its HEAD is left out; a refused
+    GetObjectTagging stops the listing with a sentence naming the permission."""
+    client = lab_boto3_client(s3_server.url)
+    for i in range(5):
+        client.put_object(Bucket=s3_bucket, Key=f"src/{i}.csv", Body=b"x" * i, ContentType="text/csv",
+                          Metadata={"n": str(i)}, Tagging=f"i={i}")
+    with make_s3_store(fault_proxy.url, s3_bucket, page_size=3, source_details=True) as store:
+        listed = list(store.list("src/"))
+        assert [m.key for m in listed] == [f"src/{i}.csv" for i in range(5)]
+        assert all(m.content.content_type == "text/csv" and m.metadata == {"n": m.key[4]} and
+                   m.tags == {"i": m.key[4]} for m in listed)
+
+        fault_proxy.fail_next(1, status=404, code="NoSuchKey", method="HEAD", pattern=r"/src/3\.csv")
+        assert [m.key for m in store.list("src/")] == ["src/0.csv", "src/1.csv", "src/2.csv", "src/4.csv"]
+
+        fault_proxy.fail_next(1, status=403, code="AccessDenied", method="GET", pattern=r"tagging")
+        with pytest.raises(AuthError) as info:
+            list(store.list("src/"))
+        assert "s3:GetObjectTagging" in str(info.value)

@@ -5,6 +5,7 @@ byte moves (exit code 2)."""
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -14,6 +15,7 @@ import yaml
 
 from config.errors import ExitCode
 from connectors.base import WriteMeta
+from engine.restore import SIDECAR
 from flows.cli import main
 from tests.contract.test_sftp_specific import _fingerprint as fingerprint_of
 from tests.integration.test_encryption_e2e import restored_files
@@ -377,6 +379,10 @@ def test_s3_to_sftp_escrow_encrypted_verify_restore(tmp_path, capsys, sshd, s3_s
                "exports/empty": b"", "exports/names with spaces & ü.txt": b"hello\n"}
     for key, data in objects.items():
         s3.put_object(Bucket=BUCKET, Key=prefix + key, Body=data, ContentType="application/octet-stream")
+    # An object's content headers, user metadata and tags are carried from an S3 source too.
+    s3.put_object(Bucket=BUCKET, Key=prefix + "exports/2026/a.parquet", Body=objects["exports/2026/a.parquet"],
+                  ContentType="application/vnd.apache.parquet", CacheControl="no-cache",
+                  Metadata={"cohort": "b7"}, Tagging="dept=cardio")
     escrow = sshd.root / f"s3-escrow-{uuid.uuid4().hex[:8]}"
     escrow.mkdir()
     cfg = {
@@ -407,6 +413,10 @@ def test_s3_to_sftp_escrow_encrypted_verify_restore(tmp_path, capsys, sshd, s3_s
     assert code == 0, err + out
     back = tmp_path / "back"
     assert restored_files(back) == objects
+    properties = {r["path"]: r for r in map(json.loads, (back / SIDECAR).read_text().splitlines())}
+    parquet = properties["exports/2026/a.parquet"]
+    assert parquet["content"] == {"content_type": "application/vnd.apache.parquet", "cache_control": "no-cache"}
+    assert parquet["metadata"] == {"cohort": "b7"} and parquet["tags"] == {"dept": "cardio"}
     stamps = {p: p.stat().st_mtime_ns for p in (escrow / "exports").rglob("*") if p.is_file()}
     code, out, err = cli(capsys, "migrate", "--config", config)
     assert code == 0, err + out
