@@ -26,6 +26,9 @@ trust (it may hold links and files planted by others, and the dataset's keys may
   directory.
 
 Memory per object is bounded by the read size (`READ_SEGMENTS` segments), whatever its size.
+
+`--to sftp://ENDPOINT/DIR` restores onto an SFTP server instead (engine/restore_sftp.py: the same
+methods, the same rules as far as the protocol lets a client keep them).
 """
 
 from __future__ import annotations
@@ -420,7 +423,8 @@ def _write_and_read_back(file: BinaryIO, plaintext: Iterable[bytes]) -> tuple[in
 def restore_object(source: ObjectSource, meta: ObjectMeta, *, dataset: str, source_key: str, rel_key: str,
                    target, keys: DataKeys | None, expected_sha256: str | None,
                    below: str | None = None) -> RestoredObject:
-    """Restore one object to `rel_key` below `target`; never raises for a failure of that object
+    """Restore one object to `rel_key` below `target` (a `TargetDirectory`, or an
+    `SftpTargetDirectory`); never raises for a failure of that object
     (the `RestoredObject` says why), and a failed object leaves no file behind. `below`: another
     key of the dataset that continues below `rel_key` (`FileBesideDirectory`): the object can then
     only be a directory marker."""
