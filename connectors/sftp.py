@@ -65,7 +65,7 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import paramiko
 from paramiko.sftp import (
@@ -794,6 +794,119 @@ class SftpStore:
             record = self._upload_record(attrs.filename, None)
             if record and str(record.get("key", "")).startswith(prefix):
                 yield PendingUpload(record["key"], attrs.filename, _mtime(attrs))
+
+
+class SftpFiles:
+    """Plain file operations on an `SftpStore`'s server, by absolute path, for a caller that
+    manages files itself (a restore onto an SFTP server, engine/restore_sftp.py). Each call borrows
+    a session; what the server answers becomes a connector error (`NotFound`, `AuthError` for
+    "permission denied", `TransientError` for the rest, each naming the path). Exceptions raised by
+    a caller's iterator inside `write_new` go through unchanged."""
+
+    def __init__(self, store: SftpStore):
+        self.store = store
+        self.label = f"sftp://{store.host}:{store.port}"
+
+    def _do(self, path: str, what: str, fn: Callable[[paramiko.SFTPClient], T]) -> T:
+        try:
+            with self.store.session() as sftp:
+                return fn(sftp)
+        except ConnectorError:
+            raise
+        except (EOFError, socket.timeout, paramiko.SSHException) as exc:
+            raise TransientError(f"{self.label}{path}: {what}: the connection failed ({exc or type(exc).__name__})",
+                                 key=path) from None
+        except (IOError, OSError) as exc:
+            code = getattr(exc, "errno", None)
+            if code == errno.ENOENT:
+                raise NotFound(f"{self.label}{path}: {what}: no such file or directory", key=path) from None
+            if code == errno.EACCES:
+                raise AuthError(f"{self.label}{path}: {what}: permission denied by the server", key=path) from None
+            raise TransientError(f"{self.label}{path}: {what}: {exc}", key=path) from None
+
+    def kind(self, path: str) -> str | None:
+        """What `path` is, not following a link: "dir", "file", "link", "other", or None (missing)."""
+        def look(sftp: paramiko.SFTPClient) -> str | None:
+            try:
+                mode = sftp.lstat(path).st_mode or 0
+            except IOError as exc:
+                if _is_missing(exc):
+                    return None
+                raise
+            return ("dir" if stat_mode.S_ISDIR(mode) else "link" if stat_mode.S_ISLNK(mode)
+                    else "file" if stat_mode.S_ISREG(mode) else "other")
+        return self._do(path, "looking at it", look)
+
+    def mkdir(self, path: str, mode: int) -> None:
+        """Create the directory `path`; one already there (made meanwhile) is not an error."""
+        def make(sftp: paramiko.SFTPClient) -> None:
+            try:
+                sftp.mkdir(path, mode)
+            except IOError:
+                if not stat_mode.S_ISDIR(sftp.lstat(path).st_mode or 0):
+                    raise
+        self._do(path, "creating the directory", make)
+
+    def write_new(self, path: str, chunks: Iterable[bytes], mode: int, read_back: int) -> tuple[int, str, str]:
+        """Create `path` (never an existing file or link: `SSH_FXF_EXCL`) with permissions `mode`,
+        write `chunks`, sync it, and read it back from the server `read_back` bytes at a time:
+        (bytes written, SHA-256 of what was written, SHA-256 of what the file holds)."""
+        def write(sftp: paramiko.SFTPClient) -> tuple[int, str, str]:
+            sent = hashlib.sha256()
+            writer = PipelinedWriter(sftp, open_for_writing(sftp, path, mode=mode, existing="refuse"))
+            try:
+                for chunk in chunks:
+                    sent.update(chunk)
+                    writer.write(chunk)
+            except BaseException:
+                writer.abandon()
+                raise
+            attrs, _ = writer.close(sync=True)
+            stored = hashlib.sha256()
+            size = attrs.st_size or 0
+            with sftp.open(path, "rb") as f:
+                for start in range(0, size, read_back):
+                    stored.update(pipelined_read(sftp, f.handle, start, min(start + read_back, size),
+                                                 self.store.read_request))
+            return writer.offset, sent.hexdigest(), stored.hexdigest()
+        return self._do(path, "writing", write)
+
+    def append(self, path: str, data: bytes, offset: int, mode: int, *, sync: bool) -> int:
+        """Write `data` at `offset` of `path` (created by the first call, offset 0: never an
+        existing file); the offset reached."""
+        def write(sftp: paramiko.SFTPClient) -> int:
+            writer = PipelinedWriter(sftp, open_for_writing(sftp, path, mode=mode,
+                                                            existing="keep" if offset else "refuse"), offset)
+            try:
+                writer.write(data)
+            except BaseException:
+                writer.abandon()
+                raise
+            writer.close(sync=sync, look=False)
+            return writer.offset
+        return self._do(path, "writing", write)
+
+    def set_mtime(self, path: str, when: float) -> None:
+        self._do(path, "setting its modification time", lambda sftp: sftp.utime(path, (when, when)))
+
+    def rename(self, source: str, target: str, *, replace: bool) -> None:
+        """Give `source` the name `target`: SFTP's RENAME, which fails when `target` exists, or with
+        `replace`, `posix-rename@openssh.com`, which replaces a file atomically."""
+        self._do(target, "renaming into place",
+                 lambda sftp: (sftp.posix_rename if replace else sftp.rename)(source, target))
+
+    def remove(self, path: str) -> None:
+        """Remove the file `path`; a missing one is not an error."""
+        def remove(sftp: paramiko.SFTPClient) -> None:
+            try:
+                sftp.remove(path)
+            except IOError as exc:
+                if not _is_missing(exc):
+                    raise
+        self._do(path, "removing it", remove)
+
+    def rmdir(self, path: str) -> None:
+        self._do(path, "removing the directory", lambda sftp: sftp.rmdir(path))
 
 
 class SftpUpload:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Mapping
 
 from config.bandwidth import BandwidthTimetable
 from config.errors import ExitCode, UserError
@@ -526,17 +526,15 @@ def _timestamp(iso: str | None) -> float | None:
         return None
 
 
-def open_target(loaded: LoadedConfig, to: Path | str, *, overwrite: bool = False):
-    """The directory `--to` names: a local one (`TargetDirectory`), or `sftp://<endpoint>/<dir>` on
-    an SFTP server of the configuration (engine/restore_sftp.py)."""
-    if isinstance(to, str) and to.startswith("sftp://"):
-        from .restore_sftp import open_sftp_target
-
-        return open_sftp_target(loaded, to, overwrite=overwrite)
+def open_target(to: Path | Callable[[], Any], *, overwrite: bool = False):
+    """The directory `--to` names: a local one (`TargetDirectory`), or, given as the callable that
+    opens it, another kind (`engine.restore_sftp.sftp_target_opener`: a directory on an SFTP server)."""
+    if callable(to):
+        return to()
     return TargetDirectory.open(Path(to), overwrite=overwrite)
 
 
-def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path | str, *, prefix: str = "",
+def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path | Callable[[], Any], *, prefix: str = "",
                     keys: DataKeys | None, recorded: Callable[[str], str | None],
                     on_object: Callable[[RestoredObject], None] | None = None,
                     overwrite: bool = False, bandwidth: BandwidthTimetable | None = None) -> RestoreSummary:
@@ -594,7 +592,7 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path | str, *, p
 
     sidecar_path: Path | str | None = None
     sidecar_problem: str | None = None
-    with open_target(loaded, to_dir, overwrite=overwrite) as target, target.temporary() as sidecar:
+    with open_target(to_dir, overwrite=overwrite) as target, target.temporary() as sidecar:
         try:
             with create_pool(concurrency, "exitplan-restore") as pool, \
                     BoundedTasks(pool, concurrency * 2, on_result=counted, on_error=lost) as tasks:
@@ -622,7 +620,7 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path | str, *, p
                           totals["unchecked"], tuple(failures), sidecar_path, sidecar_problem)
 
 
-def restore(loaded: LoadedConfig, dataset: str, to_dir: Path | str, *, prefix: str = "",
+def restore(loaded: LoadedConfig, dataset: str, to_dir: Path | Callable[[], Any], *, prefix: str = "",
             on_object: Callable[[RestoredObject], None] | None = None, overwrite: bool = False,
             bandwidth: BandwidthTimetable | None = None) -> RestoreSummary:
     """Read `dataset` back from its destination into `to_dir`, decrypted and checked against the

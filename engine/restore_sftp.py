@@ -24,22 +24,17 @@ written to its temporary file on the server, then synced and renamed like an obj
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import itertools
 import logging
 import secrets
-import stat
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
-
-import paramiko
+from typing import Callable, Iterable, Iterator, Mapping
 
 from config.errors import ExitCode, UserError
 from config.models import LoadedConfig
-from connectors.base import ConnectorError
-from connectors.sftp import PipelinedWriter, SftpStore, open_for_writing, pipelined_read, refuse_hostile_key
+from connectors.base import ConnectorError, NotFound
+from connectors.sftp import SftpFiles, SftpStore, refuse_hostile_key
 
 from .restore import DIR_MODE, FILE_MODE, PRIVATE_PREFIX, READ_BACK, TargetName, TargetRefused, target_name
 
@@ -58,6 +53,21 @@ class SftpTemporary:
     path: str
     pending: bytearray = field(default_factory=bytearray)
     offset: int = 0
+
+
+class _SourceFailed(Exception):
+    """What the plaintext iterator raised (reading the object back, decrypting it), carried
+    through the connector's file operation unchanged and raised again as it was."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def _guarded(plaintext: Iterable[bytes]) -> Iterator[bytes]:
+    try:
+        yield from plaintext
+    except Exception as exc:
+        raise _SourceFailed(exc) from exc
 
 
 def open_sftp_target(loaded: LoadedConfig, to: str, *, overwrite: bool = False) -> "SftpTargetDirectory":
@@ -95,45 +105,46 @@ def open_sftp_target(loaded: LoadedConfig, to: str, *, overwrite: bool = False) 
         raise
 
 
+def sftp_target_opener(loaded: LoadedConfig, to: str, *, overwrite: bool = False) -> Callable[[], "SftpTargetDirectory"]:
+    """What `engine.restore.restore` takes as `to` for an SFTP target: opens it when called."""
+    return lambda: open_sftp_target(loaded, to, overwrite=overwrite)
+
+
 class SftpTargetDirectory:
     """A directory on an SFTP server that one restore writes into (module docstring); the same
     methods as `engine.restore.TargetDirectory`. Thread-safe: each call borrows a session."""
 
     def __init__(self, store: SftpStore, path: str, private_name: str, *, overwrite: bool):
         self.store = store
+        self.files = SftpFiles(store)
         self.path = path
         self.overwrite = overwrite
         self._private_name = private_name
         self._private = f"{path}/{private_name}"
         self._temporaries = itertools.count(1)
-        self._label = f"sftp://{store.host}:{store.port}"
+        self._label = self.files.label
 
     @classmethod
     def open(cls, store: SftpStore, directory: str, *, overwrite: bool = False) -> "SftpTargetDirectory":
         """Make `directory` below the store's root (0700, with its missing parents, none a link)
         and the private directory inside it."""
         path = f"{store.root.rstrip('/')}/{directory}"
-        shown = f"sftp://{store.host}:{store.port}{path}"
-        private_name = PRIVATE_PREFIX + secrets.token_hex(16)
+        target = cls(store, path, PRIVATE_PREFIX + secrets.token_hex(16), overwrite=overwrite)
         try:
-            with store.session() as sftp:
-                target = cls(store, path, private_name, overwrite=overwrite)
-                target._directory(sftp, tuple(directory.split("/")), create=True, base=store.root.rstrip("/"))
-                sftp.mkdir(target._private, DIR_MODE)
+            target._directory(tuple(directory.split("/")), create=True, base=store.root.rstrip("/"))
+            target.files.mkdir(target._private, DIR_MODE)
         except TargetRefused as exc:
-            raise UserError(f"--to {shown}: {exc}", ExitCode.USAGE) from None
-        except (OSError, paramiko.SSHException, EOFError, ConnectorError) as exc:
-            raise UserError(f"--to {shown}: restore cannot create its directories there ({_reason(exc)}); name a "
-                            "directory the SFTP user can create and write to", ExitCode.USAGE) from None
+            raise UserError(f"--to {target._label}{path}: {exc}", ExitCode.USAGE) from None
+        except ConnectorError as exc:
+            raise UserError(f"--to {target._label}{path}: restore cannot create its directories there ({exc}); "
+                            "name a directory the SFTP user can create and write to", ExitCode.USAGE) from None
         return target
 
     def close(self) -> None:
         try:
-            with self.store.session() as sftp:
-                sftp.rmdir(self._private)
-        except (OSError, paramiko.SSHException, EOFError, ConnectorError) as exc:
-            log.warning("restore's private directory %s could not be removed: %s", self.shown((self._private_name,)),
-                        _reason(exc))
+            self.files.rmdir(self._private)
+        except ConnectorError as exc:
+            log.warning("restore's private directory could not be removed: %s", exc)
         finally:
             self.store.close()
 
@@ -158,13 +169,13 @@ class SftpTargetDirectory:
     def check_free(self, name: TargetName) -> None:
         """`TargetRefused` before any byte is read when the object could not be placed: a
         directory of its path is a link or a file, or its name is taken (and not `overwrite`)."""
-        with self._session(name.parts) as sftp:
-            if not self._directory(sftp, name.parts if name.directory else name.parts[:-1], create=False):
+        with self._refusing(self.shown(name)):
+            if not self._directory(name.parts if name.directory else name.parts[:-1], create=False):
                 return
             if name.directory:
                 return
-            found = self._lstat(sftp, name.parts)
-            if found is not None and (stat.S_ISDIR(found.st_mode or 0) or not self.overwrite):
+            found = self.files.kind(self._full(name.parts))
+            if found is not None and (found == "dir" or not self.overwrite):
                 raise TargetRefused(self._taken(found, name.parts))
 
     @contextmanager
@@ -176,41 +187,23 @@ class SftpTargetDirectory:
             yield temporary
         finally:
             try:
-                with self.store.session() as sftp:
-                    sftp.remove(temporary.path)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    log.warning("restore's temporary file %s could not be removed: %s", temporary.path, _reason(exc))
-            except (paramiko.SSHException, EOFError, ConnectorError) as exc:
-                log.warning("restore's temporary file %s could not be removed: %s", temporary.path, _reason(exc))
+                self.files.remove(temporary.path)
+            except ConnectorError as exc:
+                log.warning("restore's temporary file could not be removed: %s", exc)
 
     def write_and_read_back(self, temporary: SftpTemporary, plaintext: Iterable[bytes]) -> tuple[int, str, str]:
         """Write `plaintext` to the temporary file (created 0600, never an existing one), sync it,
         and read it back from the server: (bytes written, SHA-256 of what was written, SHA-256 of
-        what the file holds)."""
-        written_digest = hashlib.sha256()
-        with self._session((temporary.path,)) as sftp:
-            writer = PipelinedWriter(sftp, open_for_writing(sftp, temporary.path, mode=FILE_MODE, existing="refuse"))
-            try:
-                for chunk in plaintext:
-                    written_digest.update(chunk)
-                    writer.write(chunk)
-            except BaseException:
-                writer.abandon()
-                raise
-            attrs, _ = writer.close(sync=True)
-            written = writer.offset
-            stored = hashlib.sha256()
-            with sftp.open(temporary.path, "rb") as f:
-                size = attrs.st_size or 0
-                for start in range(0, size, READ_BACK):
-                    stored.update(pipelined_read(sftp, f.handle, start, min(start + READ_BACK, size),
-                                                 self.store.read_request))
-        return written, written_digest.hexdigest(), stored.hexdigest()
+        what the file holds). What reading or decrypting the object raises goes through as it is."""
+        try:
+            with self._refusing(self._label + temporary.path):
+                return self.files.write_new(temporary.path, _guarded(plaintext), FILE_MODE, READ_BACK)
+        except _SourceFailed as failed:
+            raise failed.error from None
 
     def set_modified(self, temporary: SftpTemporary, when: float) -> None:
-        with self._session((temporary.path,)) as sftp:
-            sftp.utime(temporary.path, (when, when))
+        with self._refusing(self._label + temporary.path):
+            self.files.set_mtime(temporary.path, when)
 
     def append(self, temporary: SftpTemporary, data: bytes) -> None:
         temporary.pending += data
@@ -224,112 +217,74 @@ class SftpTargetDirectory:
     def place(self, temporary: SftpTemporary, name: TargetName) -> None:
         """Give the temporary file its final name: never replacing one unless `overwrite` (then a
         file, atomically; never a directory); directories made 0700, none a link."""
-        final = "/".join((self.path,) + name.parts)
-        with self._session(name.parts) as sftp:
-            self._directory(sftp, name.parts[:-1], create=True)
+        final = self._full(name.parts)
+        with self._refusing(self.shown(name)):
+            self._directory(name.parts[:-1], create=True)
             if self.overwrite:
-                found = self._lstat(sftp, name.parts)
-                if found is not None and stat.S_ISDIR(found.st_mode or 0):
-                    raise TargetRefused(self._taken(found, name.parts))
-                sftp.posix_rename(temporary.path, final)
+                if self.files.kind(final) == "dir":
+                    raise TargetRefused(self._taken("dir", name.parts))
+                self.files.rename(temporary.path, final, replace=True)
                 return
             try:
-                sftp.rename(temporary.path, final)  # SSH_FXP_RENAME: fails when `final` exists
-            except OSError:
-                found = self._lstat(sftp, name.parts)
+                self.files.rename(temporary.path, final, replace=False)  # fails when `final` exists
+            except ConnectorError:
+                found = self.files.kind(final)
                 if found is not None:
                     raise TargetRefused(self._taken(found, name.parts)) from None
                 raise
 
     def make_directory(self, name: TargetName) -> None:
-        with self._session(name.parts) as sftp:
-            self._directory(sftp, name.parts, create=True)
+        with self._refusing(self.shown(name)):
+            self._directory(name.parts, create=True)
 
     # ---- internals --------------------------------------------------------------------------------
 
     @contextmanager
-    def _session(self, parts: tuple[str, ...]) -> Iterator[paramiko.SFTPClient]:
-        """A borrowed session; what the server or the connection answered, as `TargetRefused`
-        naming `parts` (an absolute path, or parts below the target). What the caller's own code
-        raises inside (reading the object back from the destination, decrypting it) goes through
-        as it is."""
-        where = self._label + parts[0] if len(parts) == 1 and parts[0].startswith("/") else self.shown(parts)
-        lent = False
+    def _refusing(self, where: str) -> Iterator[None]:
+        """What the server answered, as the `TargetRefused` of the object at `where`."""
         try:
-            with self.store.session() as sftp:
-                lent = True
-                yield sftp
-        except (OSError, paramiko.SSHException, EOFError) as exc:
-            raise TargetRefused(f"writing {where} failed: {_reason(exc)}") from None
+            yield
+        except NotFound as exc:
+            raise TargetRefused(f"writing {where} failed: {exc} (removed meanwhile?)") from None
         except ConnectorError as exc:
-            if lent:
-                raise
-            raise TargetRefused(f"writing {where} failed: {_reason(exc)}") from None
+            raise TargetRefused(f"writing {where} failed: {exc}") from None
+
+    def _full(self, parts: tuple[str, ...]) -> str:
+        return "/".join((self.path,) + parts)
 
     def _flush(self, temporary: SftpTemporary, *, sync: bool) -> None:
         """Write what was appended since the last flush at the end of the temporary file (created
         by the first flush, never an existing one)."""
-        with self._session((temporary.path,)) as sftp:
-            handle = open_for_writing(sftp, temporary.path, mode=FILE_MODE,
-                                      existing="keep" if temporary.offset else "refuse")
-            writer = PipelinedWriter(sftp, handle, temporary.offset)
-            try:
-                writer.write(temporary.pending)
-            except BaseException:
-                writer.abandon()
-                raise
-            writer.close(sync=sync, look=False)
-        temporary.offset = writer.offset
+        with self._refusing(self._label + temporary.path):
+            temporary.offset = self.files.append(temporary.path, bytes(temporary.pending), temporary.offset,
+                                                 FILE_MODE, sync=sync)
         temporary.pending.clear()
 
-    def _lstat(self, sftp: paramiko.SFTPClient, parts: tuple[str, ...]) -> paramiko.SFTPAttributes | None:
-        try:
-            return sftp.lstat("/".join((self.path,) + parts))
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                return None
-            raise
-
-    def _directory(self, sftp: paramiko.SFTPClient, parts: tuple[str, ...], *, create: bool,
-                   base: str | None = None) -> bool:
+    def _directory(self, parts: tuple[str, ...], *, create: bool, base: str | None = None) -> bool:
         """Whether the directories `parts` below the target (below `base` while the target itself is
         made) are there, made 0700 when missing if `create`; `TargetRefused` for one that is a link
         or a file."""
         base = self.path if base is None else base
         for i in range(1, len(parts) + 1):
             path = "/".join((base,) + parts[:i])
-            try:
-                found = sftp.lstat(path)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
+            found = self.files.kind(path)
+            if found is None:
                 if not create:
                     return False
-                try:
-                    sftp.mkdir(path, DIR_MODE)
-                except OSError:
-                    pass  # made meanwhile by another worker: looked at below
-                found = sftp.lstat(path)
-            if stat.S_ISLNK(found.st_mode or 0):
+                self.files.mkdir(path, DIR_MODE)
+                found = self.files.kind(path)
+            if found == "link":
                 raise TargetRefused(f"{self._label}{path} is a symbolic link; restore never writes through a link: "
                                     "remove it, or restore into an empty directory")
-            if not stat.S_ISDIR(found.st_mode or 0):
+            if found != "dir":
                 raise TargetRefused(f"{self._label}{path} is a file, not a directory, so nothing can be written below "
                                     "it (another object of the dataset has that name, or the file was there before)")
         return True
 
-    def _taken(self, found: paramiko.SFTPAttributes, parts: tuple[str, ...]) -> str:
+    def _taken(self, found: str, parts: tuple[str, ...]) -> str:
         where = self.shown(parts)
-        if stat.S_ISDIR(found.st_mode or 0):
+        if found == "dir":
             return (f"{where} is a directory (another object's key continues below this name, or it was there "
                     "before), so the object cannot be written as a file")
-        kind = "a symbolic link" if stat.S_ISLNK(found.st_mode or 0) else "a file"
+        kind = "a symbolic link" if found == "link" else "a file"
         return f"{where} exists already ({kind}); restore never replaces a file unless --overwrite is given"
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno == errno.EACCES:
-        return "permission denied by the server"
-    if isinstance(exc, OSError) and exc.errno == errno.ENOENT:
-        return "no such file or directory"
-    return str(exc) or type(exc).__name__

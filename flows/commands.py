@@ -366,7 +366,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     loaded = load_config(args.config)
     (dataset,) = loaded.chosen_datasets([args.dataset])
     bandwidth = _bwlimit(args)
-    to = args.to if args.to.startswith("sftp://") else Path(args.to)
+    if args.to.startswith("sftp://"):
+        from engine.restore_sftp import sftp_target_opener
+
+        to = sftp_target_opener(loaded, args.to, overwrite=args.overwrite)
+    else:
+        to = Path(args.to)
     if isinstance(to, Path) and to.exists() and not to.is_dir():
         raise UserError(f"--to {args.to}: exists and is not a directory; name a directory for the restored files")
 

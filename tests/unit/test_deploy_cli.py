@@ -43,9 +43,9 @@ def test_prefect_yaml_is_valid_for_prefect_and_names_the_flows():
     raw = yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
     model = PrefectYamlModel.model_validate(raw)
     deployments = {d.name: d for d in model.deployments}
-    assert list(deployments) == ["exit-plan", "nightly-delta", "shards", "weekly-verify"]
+    assert list(deployments) == ["exit-plan", "nightly-delta", "shards", "cutover", "weekly-verify"]
     flows = {"exit-plan": orch.exit_plan, "nightly-delta": orch.migrate_flow, "shards": orch.copy_shards_flow,
-             "weekly-verify": orch.verify_flow}
+             "cutover": orch.cutover_flow, "weekly-verify": orch.verify_flow}
     for name, d in deployments.items():
         path, _, func = d.entrypoint.partition(":")
         assert (deploy_cli.REPO_ROOT / path).is_file() and getattr(orch, func) is flows[name]
@@ -61,6 +61,8 @@ def test_prefect_yaml_is_valid_for_prefect_and_names_the_flows():
         built = _schedule_config_to_deployment_schedule(sched)["schedule"]
         assert built.timezone == "Europe/Paris" and built.cron
         assert deployments[name].concurrency_limit.limit == 1
+    assert deployments["cutover"].concurrency_limit.limit == 1 and not raw["deployments"][3]["schedules"]
+    assert "datasets" not in deployments["cutover"].parameters  # asked for by the run form, every time
     assert deployments["weekly-verify"].parameters["deep"] is True
     assert 0 < deployments["weekly-verify"].parameters["sample"] < 1
     # The worker runs from the checkout recorded at deploy time by the build step.
@@ -76,7 +78,7 @@ def test_a_bad_config_is_refused_first(tmp_path, capsys):
 def test_an_unknown_deployment_is_refused(config, capsys):
     assert main(["deploy", "--config", str(config), "--deployment", "hourly"]) == ExitCode.USAGE
     err = capsys.readouterr().err
-    assert "no deployment named 'hourly'" in err and "exit-plan, nightly-delta, shards, weekly-verify" in err
+    assert "no deployment named 'hourly'" in err and "exit-plan, nightly-delta, shards, cutover, weekly-verify" in err
 
 
 def test_no_prefect_api_says_how_to_set_one(config, capsys):
