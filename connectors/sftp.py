@@ -301,6 +301,27 @@ def refuse_hostile_key(key: str, where: str) -> None:
         raise InvalidRequest(f"{where}: the name {key!r} is refused: {why}", key=key)
 
 
+def _hashed(chunks: Iterable[bytes | bytearray | memoryview], digest) -> Iterator[bytes | bytearray | memoryview]:
+    """`chunks`, each added to `digest` as it goes by."""
+    for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
+
+
+def _translated(exc: BaseException, where: str, key: str | None) -> ConnectorError:
+    """What paramiko or the socket raised at `where` ("label: what was done"), as a connector
+    error: a dropped connection or a timeout is transient, a missing file `NotFound`, a refusal
+    `AuthError`, any other status of the server transient."""
+    if isinstance(exc, (EOFError, socket.timeout, paramiko.SSHException)):
+        return TransientError(f"{where}: the connection failed ({exc or type(exc).__name__})", key=key)
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOENT:
+        return NotFound(f"{where}: no such file or directory", key=key)
+    if code == errno.EACCES:
+        return AuthError(f"{where}: permission denied by the server", key=key)
+    return TransientError(f"{where}: {exc}", key=key)
+
+
 def _is_missing(exc: BaseException) -> bool:
     return isinstance(exc, (IOError, OSError)) and getattr(exc, "errno", None) == errno.ENOENT
 
@@ -427,16 +448,8 @@ class SftpStore:
                     return fn(sftp)
         except ConnectorError:
             raise
-        except (EOFError, socket.timeout, paramiko.SSHException) as exc:
-            raise TransientError(f"{self.label}: {what}: the connection failed ({exc or type(exc).__name__})",
-                                 key=key) from None
-        except (IOError, OSError) as exc:
-            code = getattr(exc, "errno", None)
-            if code == errno.ENOENT:
-                raise NotFound(f"{self.label}: {what}: no such file or directory", key=key) from None
-            if code == errno.EACCES:
-                raise AuthError(f"{self.label}: {what}: permission denied by the server", key=key) from None
-            raise TransientError(f"{self.label}: {what}: {exc}", key=key) from None
+        except (EOFError, socket.timeout, paramiko.SSHException, IOError, OSError) as exc:
+            raise _translated(exc, f"{self.label}: {what}", key) from None
 
     # ---- paths ------------------------------------------------------------------------------
 
@@ -643,26 +656,23 @@ class SftpStore:
         they are sent), and the file's attributes once written. Two round trips: the open, then the
         writes with the sync, a look at the file and the close."""
         digest = hashlib.md5()
+        if isinstance(body, (bytes, bytearray, memoryview)) and len(memoryview(body)) != size:
+            raise TransientError(f"{self.label}: the body of {key!r} is {len(memoryview(body))} bytes, {size} "
+                                 "announced", key=key)
         writer = PipelinedWriter(sftp, open_for_writing(sftp, path))
-        try:
+
+        def chunks() -> Iterator[bytes | memoryview]:
             if isinstance(body, (bytes, bytearray, memoryview)):
-                view = memoryview(body)
-                if len(view) != size:
-                    raise TransientError(f"{self.label}: the body of {key!r} is {len(view)} bytes, {size} announced",
-                                         key=key)
-                digest.update(view)
-                writer.write(view)
-            else:
-                while writer.offset < size:
-                    chunk = body.read(min(_WRITE_CHUNK, size - writer.offset))
-                    if not chunk:
-                        raise TransientError(f"{self.label}: the body of {key!r} ended after {writer.offset} bytes, "
-                                             f"{size} announced", key=key)
-                    digest.update(chunk)
-                    writer.write(chunk)
-        except BaseException:
-            writer.abandon()
-            raise
+                yield memoryview(body)
+                return
+            while writer.offset < size:
+                chunk = body.read(min(_WRITE_CHUNK, size - writer.offset))
+                if not chunk:
+                    raise TransientError(f"{self.label}: the body of {key!r} ended after {writer.offset} bytes, "
+                                         f"{size} announced", key=key)
+                yield chunk
+
+        writer.write_all(_hashed(chunks(), digest))
         attrs = self._close_written(sftp, writer, path)
         if attrs.st_size != size:
             raise TransientError(f"{self.label}: {key!r}: the server holds {attrs.st_size} bytes of the {size} "
@@ -712,11 +722,7 @@ class SftpStore:
         self._makedirs(sftp, posixpath.dirname(path))
         temp = f"{path}.{self._unique()}.tmp"
         writer = PipelinedWriter(sftp, open_for_writing(sftp, temp))
-        try:
-            writer.write(data)
-        except BaseException:
-            writer.abandon()
-            raise
+        writer.write_all((data,))
         writer.close(sync=False, look=False)
         sftp.posix_rename(temp, path)
 
@@ -813,16 +819,8 @@ class SftpFiles:
                 return fn(sftp)
         except ConnectorError:
             raise
-        except (EOFError, socket.timeout, paramiko.SSHException) as exc:
-            raise TransientError(f"{self.label}{path}: {what}: the connection failed ({exc or type(exc).__name__})",
-                                 key=path) from None
-        except (IOError, OSError) as exc:
-            code = getattr(exc, "errno", None)
-            if code == errno.ENOENT:
-                raise NotFound(f"{self.label}{path}: {what}: no such file or directory", key=path) from None
-            if code == errno.EACCES:
-                raise AuthError(f"{self.label}{path}: {what}: permission denied by the server", key=path) from None
-            raise TransientError(f"{self.label}{path}: {what}: {exc}", key=path) from None
+        except (EOFError, socket.timeout, paramiko.SSHException, IOError, OSError) as exc:
+            raise _translated(exc, f"{self.label}{path}: {what}", path) from None
 
     def kind(self, path: str) -> str | None:
         """What `path` is, not following a link: "dir", "file", "link", "other", or None (missing)."""
@@ -854,13 +852,7 @@ class SftpFiles:
         def write(sftp: paramiko.SFTPClient) -> tuple[int, str, str]:
             sent = hashlib.sha256()
             writer = PipelinedWriter(sftp, open_for_writing(sftp, path, mode=mode, existing="refuse"))
-            try:
-                for chunk in chunks:
-                    sent.update(chunk)
-                    writer.write(chunk)
-            except BaseException:
-                writer.abandon()
-                raise
+            writer.write_all(_hashed(chunks, sent))
             attrs, _ = writer.close(sync=True)
             stored = hashlib.sha256()
             size = attrs.st_size or 0
@@ -877,11 +869,7 @@ class SftpFiles:
         def write(sftp: paramiko.SFTPClient) -> int:
             writer = PipelinedWriter(sftp, open_for_writing(sftp, path, mode=mode,
                                                             existing="keep" if offset else "refuse"), offset)
-            try:
-                writer.write(data)
-            except BaseException:
-                writer.abandon()
-                raise
+            writer.write_all((data,))
             writer.close(sync=sync, look=False)
             return writer.offset
         return self._do(path, "writing", write)
@@ -1138,6 +1126,16 @@ class PipelinedWriter:
             chunk = bytes(view[start:start + self.request])
             self._pending.append(self._send(CMD_WRITE, self.handle, int64(self.offset), chunk))
             self.offset += len(chunk)
+
+    def write_all(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
+        """Write each of `chunks` in turn; on any failure (a refused write, or the caller's
+        iterator) every answer due is read and the file closed before the exception goes on."""
+        try:
+            for chunk in chunks:
+                self.write(chunk)
+        except BaseException:
+            self.abandon()
+            raise
 
     def wait(self) -> None:
         """Wait for every write's answer; the first refusal raises once all have been read (the
