@@ -225,21 +225,6 @@ rate_buckets = sa.Table(
 # later run of the same dataset takes over the stored rows and lists on from each marker.
 # A range's shards are numbered `range_no * RANGE_SHARDS + n` while listing (a shard never holds
 # objects of two ranges), then renumbered 0, 1, ... in range order when the run's shards are fixed.
-# A dataset's cutover (`exitplan cutover`): the last delta, its deep verify and the source found
-# unchanged after them; the signed `cutover` record at line `manifest_seq` of the audit manifest.
-cutovers = sa.Table(
-    "cutovers", metadata,
-    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
-    sa.Column("dataset", sa.String, primary_key=True),
-    sa.Column("at", sa.DateTime, nullable=False),
-    sa.Column("delta_run", sa.Integer, nullable=False),
-    sa.Column("verify_run", sa.Integer, nullable=False),
-    sa.Column("objects", sa.BigInteger, nullable=False),
-    sa.Column("bytes", sa.BigInteger, nullable=False),
-    sa.Column("digest", sa.String, nullable=False),  # `engine.cutover.objects_digest`
-    sa.Column("manifest_seq", sa.Integer, nullable=False),
-)
-
 listing_ranges = sa.Table(
     "listing_ranges", metadata,
     sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
@@ -260,6 +245,21 @@ listing_ranges = sa.Table(
     # The range's listed entries that are not objects to carry (snapshots, earlier versions) so
     # far: JSON {reason: [objects, bytes]}, stored with each page.
     sa.Column("not_carried", sa.Text),
+)
+
+# A dataset's cutover (`exitplan cutover`): the last delta, its deep verify and the source found
+# unchanged after them; the signed `cutover` record at line `manifest_seq` of the audit manifest.
+cutovers = sa.Table(
+    "cutovers", metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
+    sa.Column("dataset", sa.String, primary_key=True),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("delta_run", sa.Integer, nullable=False),
+    sa.Column("verify_run", sa.Integer, nullable=False),
+    sa.Column("objects", sa.BigInteger, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("digest", sa.String, nullable=False),  # `engine.cutover.objects_digest`
+    sa.Column("manifest_seq", sa.Integer, nullable=False),
 )
 
 # Shard numbers a range may use while its dataset lists (`listing_ranges`).
