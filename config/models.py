@@ -429,12 +429,23 @@ class DatasetConfig(_Model):
     # current state and names the rest as not carried; `all` carries each as an object of its own
     # (`connectors.base.HISTORY_DIR`). A live listing only: a report's earlier states are counted.
     history: Literal["current", "all"] = "current"
+    # How a flow run after the first knows what changed at the source: `listing` lists the whole
+    # container again; `feed` starts from the last listing and lists again only the names the
+    # storage account's change feed says changed since (an Azure source; engine/listing.py). The
+    # CLI's `migrate` and the cutover always list in full.
+    changes: Literal["listing", "feed"] = "listing"
 
     @model_validator(mode="after")
     def _history_listed_live(self):
         if self.history == "all" and self.inventory is not None:
             raise ValueError("`history: all` needs a live listing (it reads each snapshot and version as it is "
                              "listed); remove `inventory` or keep `history: current`")
+        if self.changes == "feed" and self.inventory is not None:
+            raise ValueError("`changes: feed` starts from the last live listing; a dataset read from an inventory "
+                             "report is read from a newer report each run: remove `inventory` or `changes`")
+        if self.changes == "feed" and self.history == "all":
+            raise ValueError("`changes: feed` cannot keep each snapshot and earlier version in step (the feed names "
+                             "a blob, not its earlier states): keep `history: current` or `changes: listing`")
         return self
 
     def selects(self, key: str) -> bool:
@@ -769,6 +780,10 @@ class ExitplanConfig(_Model):
                                  f"destination {ds.destination!r} is not defined under `destinations` ({', '.join(self.destinations)})"))
             if ds.inventory is not None:
                 problems.extend(self._inventory_problems(name, ds))
+            src = self.sources.get(ds.source)
+            if ds.changes == "feed" and src is not None and src.kind != "azure_blob":
+                problems.append((f"datasets.{name}.changes", f"a change feed is an Azure storage account's, but source "
+                                 f"`{ds.source}` is {src.kind}; set `changes: listing`"))
         problems.extend(self._shared_key_spaces())
         problems.extend(self._estimate_problems())
         return problems

@@ -63,6 +63,9 @@ T = TypeVar("T")
 
 DEFAULT_MAX_CONNECTIONS = 16
 DEFAULT_PAGE_SIZE = 1000
+# Entries per request when one name is listed with its snapshots and versions (`list_name`): the
+# listing stops at the first other name, so a small page wastes nothing.
+NAME_PAGE_SIZE = 100
 
 
 # Bytes read from the socket per step of a download.
@@ -429,16 +432,28 @@ class AzureBlobSource:
         that name's entries once more."""
         name = entries[-1].key
         seen = {(m.snapshot, m.version_id) for m in entries if m.key == name}
-        pages = self._container.list_blobs(name_starts_with=name, include=include, results_per_page=5000).by_page()
-        rest: list[ObjectMeta] = []
+        return [m for m in self._entries_of(name, include) if (m.snapshot, m.version_id) not in seen]
+
+    def list_name(self, name: str) -> ListingPage:
+        """Blob `name` as a listing of the whole container would give it: the blob (if it exists)
+        and its snapshots and earlier versions, apart. For a name the change feed says changed
+        (`connectors.azure_changefeed`): what it is now, without listing its neighbours."""
+        entries = self._entries_of(name, ["metadata", "tags", "snapshots", "versions"])
+        return ListingPage([m for m in entries if m.earlier_state is None], None,
+                           [m for m in entries if m.earlier_state is not None])
+
+    def _entries_of(self, name: str, include: list[str]) -> list[ObjectMeta]:
+        """Every listing entry of exactly `name` (the blob, its snapshots, its versions): the names
+        starting with `name` are listed in order until another name comes."""
+        pages = self._container.list_blobs(name_starts_with=name, include=include,
+                                           results_per_page=NAME_PAGE_SIZE).by_page()
+        found: list[ObjectMeta] = []
         while (page := self._call(lambda: _next_page(pages), name)) is not None:
             for props in page:
                 if props.name != name:
-                    return rest
-                meta = self._meta(props)
-                if (meta.snapshot, meta.version_id) not in seen:
-                    rest.append(meta)
-        return rest
+                    return found
+                found.append(self._meta(props))
+        return found
 
     def rehydrate(self, key: str, tier: str = "Hot", priority: str = "Standard") -> None:
         """Ask for Archive-tier blob `key` to be rehydrated to `tier` (Hot, Cool or Cold) at

@@ -28,9 +28,6 @@ import csv
 import hashlib
 import io
 import json
-import os
-import sqlite3
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
@@ -39,6 +36,7 @@ from typing import Any, Iterator, Mapping
 
 from .azure_blob import archived_reason
 from .base import NOT_CARRIED, ConfigError, count_in, ContentSettings, HeadReader, NotFound, ObjectMeta, RangeReader
+from .name_set import NameSet
 
 # Bytes asked for per read of a report file.
 READ_CHUNK = 8 * 1024 * 1024
@@ -177,7 +175,7 @@ class InventoryReport:
         under = f"{container}/{prefix}"
         self.rows = 0
         self.not_copied = {}
-        with _SeenNames() as seen:
+        with NameSet("inventory") as seen:
             for f in self.files:
                 rows = self._csv_rows(f) if self.format == "csv" else self._parquet_rows(f)
                 for row in rows:
@@ -496,25 +494,3 @@ class RangedBlobFile(io.RawIOBase):
         while self._hashed < self.size:
             self._fetch(self._hashed, min(self.size, self._hashed + READ_CHUNK))
         return self._hash.digest()
-
-
-class _SeenNames:
-    """The names already carried, in a temporary SQLite file: Azure may repeat a row, and a
-    report of 10^8 names must not be held in memory."""
-
-    def __enter__(self) -> "_SeenNames":
-        handle, self._path = tempfile.mkstemp(prefix="exitplan-inventory-", suffix=".sqlite")
-        os.close(handle)
-        self._db = sqlite3.connect(self._path)
-        self._db.execute("PRAGMA journal_mode=OFF")
-        self._db.execute("PRAGMA synchronous=OFF")
-        self._db.execute("CREATE TABLE seen (name TEXT PRIMARY KEY) WITHOUT ROWID")
-        return self
-
-    def first(self, name: str) -> bool:
-        """True the first time `name` is given."""
-        return self._db.execute("INSERT OR IGNORE INTO seen VALUES (?)", (name,)).rowcount == 1
-
-    def __exit__(self, *exc_info) -> None:
-        self._db.close()
-        os.unlink(self._path)

@@ -20,7 +20,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.storage.blob import BlobBlock, BlobServiceClient
+from azure.storage.blob import BlobBlock, BlobServiceClient, BlobType
 from azure.storage.blob import ContentSettings as AzureContentSettings
 
 from .base import (
@@ -133,3 +133,26 @@ class AzureBlobWriter:
             self._service.get_blob_client(container, name).set_standard_blob_tier(tier)
         except Exception as exc:  # noqa: BLE001
             raise self._translate(exc, f"setting tier {tier} on {container}/{name}", key=name) from exc
+
+    def put_append(self, container: str, name: str, body: bytes) -> None:
+        """An append blob holding `body` (replacing one of that name), as Azure writes the change
+        feed's Avro files."""
+        try:
+            self._service.get_blob_client(container, name).upload_blob(body, blob_type=BlobType.AppendBlob,
+                                                                       overwrite=True)
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc, f"writing append blob {container}/{name}", key=name) from exc
+
+    def names(self, container: str) -> list[str]:
+        """The names of the blobs of `container`."""
+        try:
+            return [b.name for b in self._service.get_container_client(container).list_blobs()]
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc, f"listing container {container!r}") from exc
+
+    def delete(self, container: str, name: str) -> None:
+        """Delete blob `name` (with its snapshots)."""
+        try:
+            self._service.get_blob_client(container, name).delete_blob(delete_snapshots="include")
+        except Exception as exc:  # noqa: BLE001
+            raise self._translate(exc, f"deleting {container}/{name}", key=name) from exc

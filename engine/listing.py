@@ -51,6 +51,8 @@ from config.models import DatasetConfig, LoadedConfig
 from connectors.base import (HISTORY_DIR, NOT_CARRIED, ConnectorError, ListingPage, ListingRange, ObjectMeta,
                              ObjectSource, RangeLister, count_in, history_key, history_of)
 
+from connectors.name_set import NameSet
+
 from .endpoints import open_azure_container
 from .executors import create_pool, noted
 from .shards import ShardCutter
@@ -58,6 +60,7 @@ from .state import ListingRangeRecord, StateStore, counts_to_json
 from .state.schema import RANGE_SHARDS
 
 if TYPE_CHECKING:
+    from connectors.azure_changefeed import ChangeFeed, FeedReading
     from connectors.azure_inventory import InventoryReport
 
 
@@ -191,6 +194,8 @@ FOLDER_LIMIT = 5000  # entries a level may hold to be split into its folders (on
 MAX_DEPTH = 2  # levels below the dataset's prefix that may be split
 MAX_RANGES = 256  # a dataset has at least as many shards as ranges (and range n's shard numbers start at n * RANGE_SHARDS)
 PAGE_SIZE = 1000  # objects per page for a source listed with `list`
+CHANGED_AT_ONCE = 16  # names the change feed says changed, listed again at once
+CHANGES_BATCH = 500  # ... and stored per transaction
 
 
 def listing_basis(ds: DatasetConfig) -> str:
@@ -243,9 +248,15 @@ class RangedListing:
     """
 
     def __init__(self, state: StateStore, run_id: int, name: str, ds: DatasetConfig, source: ObjectSource, *,
-                 shard_bytes: int, shard_objects: int, at_once: int, report: ReportListing | None = None):
+                 shard_bytes: int, shard_objects: int, at_once: int, report: ReportListing | None = None,
+                 feed: "ChangeFeed | None" = None, full_listing: bool = False):
         self.state, self.run_id, self.name, self.ds, self.source = state, run_id, name, ds, source
         self.report = report  # the dataset's inventory report, listed instead of the source (one range)
+        # The account's change feed, for a dataset with `changes: feed`: the listing is made from the
+        # last one and the names the feed says changed since (`_from_feed`) when it can be.
+        self.feed = feed
+        self.full_listing = full_listing  # asked for: list in full, noting where the feed stands
+        self.feed_origin: str | None = None  # how the feed was used, or why it could not be
         self.shard_bytes, self.shard_objects, self.at_once = shard_bytes, shard_objects, at_once
         self.taken_over: int | None = None  # the run whose listing this one went on with
         self._ranges: dict[int, ListingRangeRecord] = {}  # range number -> how far it got
@@ -278,7 +289,7 @@ class RangedListing:
 
     @property
     def origin(self) -> str | None:
-        return self.report.origin if self.report is not None else None
+        return self.report.origin if self.report is not None else self.feed_origin
 
     def objects(self) -> Iterator[ObjectMeta]:
         basis = listing_basis(self.ds)
@@ -291,10 +302,95 @@ class RangedListing:
                      f"{self.objects_stored:,}")
             yield from self.state.listed(self.run_id, self.name)
         else:
+            if self.feed is not None:
+                stored = self._from_feed(basis)
+                if stored is not None:
+                    yield from stored
+                    return
             parts = discover_ranges(self.source, self.ds.prefix, 1 if self.report is not None else self.at_once)
             self._ranges = {r.range_no: r for r in self.state.start_listing_ranges(
                 self.run_id, self.name, basis, [(p.prefix, p.direct) for p in parts])}
         yield from self._list_ranges([r for r in self.ranges if not r.done])
+
+    # ---- from the last listing and the change feed ----------------------------------------------
+
+    def _from_feed(self, basis: str) -> Iterator[ObjectMeta] | None:
+        """The listing made from the last one that went through and the names the change feed says
+        changed since (each listed again: what it is now), stored; None when the feed cannot say
+        everything that changed (`_in_full`: the caller lists in full)."""
+        from connectors.azure_changefeed import FeedReading, FeedUnusable, feed_time, time_text
+
+        try:
+            through = self.feed.last_consumable()
+        except FeedUnusable as why:
+            return self._in_full(why, None)
+        try:
+            if self.full_listing:
+                self.feed_origin = "a full listing, as asked (the next run reads the change feed from now)"
+                self.state.record_feed_position(self.run_id, self.name, time_text(through))
+                return None
+            baseline = self.state.feed_baseline(self.name, basis, self.run_id)
+            if baseline is None:
+                raise FeedUnusable("no earlier listing of these objects went through with a position in the feed "
+                                   "(the first run, or the dataset's selection changed)")
+            base_run, after = baseline
+            counted = [r for r in self.state.listing_ranges(base_run, self.name) if r.not_carried_counts]
+            if counted:
+                raise FeedUnusable(f"run {base_run}'s listing counted snapshots or earlier versions, which the feed "
+                                   "does not keep count of")
+            reading = FeedReading()
+            with NameSet("changes") as changed:
+                for key in self.feed.changed_names(self.ds.container, self.ds.prefix, feed_time(after), through,
+                                                   reading):
+                    changed.first(key)
+                return self._apply_changes(basis, base_run, changed, reading, after, time_text(through))
+        except FeedUnusable as why:
+            return self._in_full(why, through)
+
+    def _in_full(self, why: Exception, now) -> None:
+        """The feed cannot be used: say why (logged, and in `origin` for the inventory and the
+        report) and, when the feed is readable, note its position `now` (before the full listing's
+        first request), from which the next run reads it."""
+        from connectors.azure_changefeed import time_text
+
+        self.feed_origin = f"a full listing: the change feed could not be used ({why})"
+        log.warning("%s: listing in full: the change feed cannot be used: %s", self.name, why)
+        if now is not None:
+            self.state.record_feed_position(self.run_id, self.name, time_text(now))
+        return None
+
+    def _apply_changes(self, basis: str, base_run: int, changed: "NameSet", reading: "FeedReading",
+                       after: str, through: str) -> Iterator[ObjectMeta]:
+        """Run `base_run`'s listing copied in the database, less the `changed` names, plus what
+        each of them is now (listed again, `CHANGED_AT_ONCE` at a time); then the range and the new
+        feed position, in one transaction."""
+        base_shards = self.state.start_from_listing(base_run, self.run_id, self.name)
+        cutter = ShardCutter(self.shard_bytes, self.shard_objects)
+        cutter.current = base_shards
+        not_carried: NotCarried = {}
+        seq = self.state.listing_length(self.run_id, self.name)
+        pool = create_pool(CHANGED_AT_ONCE, f"changed-{self.name}")
+        try:
+            for names in changed.batches(CHANGES_BATCH):
+                entries = []
+                for page in pool.map(self.source.list_name, names):
+                    objects, history = page_entries(page, self.ds)
+                    count_not_carried(not_carried, history, self.ds)
+                    entries += [(cutter.shard_of(m.size), m) for m in objects if selects(self.ds, m)]
+                self.state.forget_listed(self.run_id, self.name, names)
+                self.state.record_listing(self.run_id, self.name, entries, start=seq)
+                seq += len(entries)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        part = self.state.finish_listing_from_feed(
+            self.run_id, self.name, self.ds.prefix, basis, counts_to_json(not_carried) or None, feed_through=through,
+            baseline=base_run, changed=changed.count, events=reading.events)
+        self._ranges = {0: part}
+        self.feed_origin = (f"run {base_run}'s listing and the change feed from {after} to {through} "
+                            f"({reading.segments} segment(s), {reading.events:,} event(s), "
+                            f"{changed.count:,} name(s) listed again)")
+        log.info("%s: listed from %s", self.name, self.feed_origin)
+        return self.state.listed(self.run_id, self.name)
 
     def _list_ranges(self, todo: list[ListingRangeRecord]) -> Iterator[ObjectMeta]:
         """List the ranges `todo` at once, each from its marker; store each page as it comes."""

@@ -26,7 +26,7 @@ from connectors.base import ConnectorError, ObjectMeta, ObjectSource, SinkLimits
 from .allocator import tune_malloc
 from .audit import AuditOutcome, MigrationAudit, audit_signing_key
 from .budget import MemoryBudget
-from .endpoints import destination_limits, open_sink, open_source, storage_classes
+from .endpoints import destination_limits, open_azure_container, open_sink, open_source, storage_classes
 from .errors import RunError, call_endpoint
 from .executors import create_executors
 from . import key_copies
@@ -478,19 +478,23 @@ class MigrationRun:
     # ---- the flows' way: list into the state store, then shard by shard ----------------------------
 
     def list_dataset(self, name: str, *, shard_bytes: int, shard_objects: int,
-                     ranges_at_once: int = 1) -> tuple[DatasetInventory, int]:
+                     ranges_at_once: int = 1, full_listing: bool = False) -> tuple[DatasetInventory, int]:
         """List `name` once into the state store, cut into shards of consecutive objects (a shard
         closes at `shard_bytes` or `shard_objects`); returns the dataset's inventory and its number
         of shards. `define_shards` then fixes the run's shards once every dataset is listed.
 
         The listing is split into up to `ranges_at_once` ranges listed at once, and goes on from
-        where an earlier run's listing of the dataset was killed, if it was (`engine.listing`)."""
+        where an earlier run's listing of the dataset was killed, if it was (`engine.listing`).
+        A dataset with `changes: feed` is listed from the last listing and the account's change
+        feed when it can be, unless `full_listing`."""
         ds = self.loaded.config.datasets[name]
         source = self.source(name)
         limits = destination_limits(self.loaded, ds.destination)
         report = call_endpoint(f"dataset `{name}`: listing {source.label}", report_listing, self.loaded, name)
         listing = RangedListing(self.state, self.run_id, name, ds, source, shard_bytes=shard_bytes,
-                                shard_objects=shard_objects, at_once=ranges_at_once, report=report)
+                                shard_objects=shard_objects, at_once=ranges_at_once, report=report,
+                                feed=self._change_feed(name) if ds.changes == "feed" else None,
+                                full_listing=full_listing)
         with self._lock:
             self._sharded.append(name)
         self.state.dataset_started(self.run_id, name)
@@ -510,6 +514,16 @@ class MigrationRun:
         with self._lock:
             self._shard_counts[name] = listing.shards
         return inventory, listing.shards
+
+    def _change_feed(self, name: str):
+        """The change feed of the account dataset `name` reads (same credentials and pacing)."""
+        from connectors.azure_changefeed import FEED_CONTAINER, ChangeFeed
+
+        src = self.loaded.config.datasets[name].source
+        return ChangeFeed(self._endpoint("source", f"{src} {FEED_CONTAINER}", f"dataset `{name}`: change feed",
+                                         lambda loaded, arg, pacer: open_azure_container(loaded, arg, FEED_CONTAINER,
+                                                                                         pacer=pacer),
+                                         src, self.pacing.for_source(src)))
 
     def define_shards(self, max_shards: int) -> ShardPlan:
         """The shards of every listed dataset, written to the state store. When the run would have

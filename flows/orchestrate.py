@@ -110,7 +110,7 @@ def inventory_flow(config_path: str, datasets: list[str] | None = None):
 
 @flow(name="exitplan-migrate", flow_run_name=_run_name("migrate"), task_runner=ThreadPoolTaskRunner(max_workers=16))
 def migrate_flow(config_path: str, datasets: list[str] | None = None, delete_removed: bool = False,
-                 dry_run: bool = False):
+                 dry_run: bool = False, full_listing: bool = False):
     """Copy the datasets, shard by shard; a failing object fails its shard, the other shards go on.
     With `dry_run`, only a table of what would be written (nothing is written anywhere).
 
@@ -120,6 +120,8 @@ def migrate_flow(config_path: str, datasets: list[str] | None = None, delete_rem
         delete_removed: Delete the destination copies of objects gone from the source since they
             were copied (off: they are reported and kept).
         dry_run: Only show what would be written; write nothing anywhere.
+        full_listing: List every dataset in full, also those with `changes: feed` (which are
+            otherwise listed from the last listing and the storage account's change feed).
     """
     try:
         gate = sovereignty_gate(config_path, datasets)
@@ -129,7 +131,7 @@ def migrate_flow(config_path: str, datasets: list[str] | None = None, delete_rem
             create_table_artifact(rows, key=artifact_key(loaded.config.project, "plan"),
                                   description="Dry run: what a migration would write (nothing was written)")
             return rows
-        outcome = _migration_in_flow(config_path, datasets, delete_removed)
+        outcome = _migration_in_flow(config_path, datasets, delete_removed, full_listing)
     except UserError as exc:
         return _user_failure(exc)
     summary_artifact(outcome, gate, None)
@@ -244,7 +246,7 @@ class LoggedMigration:
 @flow(name="exit-plan", flow_run_name=_run_name("exit-plan"), task_runner=ThreadPoolTaskRunner(max_workers=16))
 def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: bool = True,
               delete_removed: bool = False, probe: bool = False, rehydrate: bool = False,
-              rehydrate_wait_hours: float = 24, rehydrate_poll_minutes: float = 10):
+              rehydrate_wait_hours: float = 24, rehydrate_poll_minutes: float = 10, full_listing: bool = False):
     """The whole exit: sovereignty gate -> (with `probe`) the destination buckets probed -> inventory
     (the run's listing) -> migrate -> verify -> summary (and the HTML report). The gate goes first: a
     refused destination or KEK costs no listing; so does a bucket the probe finds unfit.
@@ -264,6 +266,8 @@ def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: 
         rehydrate_wait_hours: With `rehydrate`, how long to wait at most before copying what is
             readable.
         rehydrate_poll_minutes: With `rehydrate`, minutes between two listings while waiting.
+        full_listing: List every dataset in full, also those with `changes: feed` (which are
+            otherwise listed from the last listing and the storage account's change feed).
     """
     try:
         gate = sovereignty_gate(config_path, datasets)
@@ -274,7 +278,7 @@ def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: 
                                "configured (see the probe artifact and its suggested provider_overrides)")
         if rehydrate:
             rehydrate_archived(config_path, datasets, rehydrate_wait_hours, rehydrate_poll_minutes * 60)
-        outcome = _migration_in_flow(config_path, datasets, delete_removed)
+        outcome = _migration_in_flow(config_path, datasets, delete_removed, full_listing)
         checked = verify_datasets(config_path, datasets, deep_verify, 1.0, None)
     except UserError as exc:
         return _user_failure(exc)
@@ -290,12 +294,14 @@ def exit_plan(config_path: str, datasets: list[str] | None = None, deep_verify: 
 # ---------------------------------------------------------------------------------------------
 
 
-def _migration_in_flow(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
+def _migration_in_flow(config_path: str, datasets: list[str] | None, delete_removed: bool,
+                       full_listing: bool = False) -> MigrateOutcome:
     with engine_logs_to(get_run_logger()):
-        return _copy_datasets_in_shards(config_path, datasets, delete_removed)
+        return _copy_datasets_in_shards(config_path, datasets, delete_removed, full_listing)
 
 
-def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delete_removed: bool) -> MigrateOutcome:
+def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delete_removed: bool,
+                             full_listing: bool = False) -> MigrateOutcome:
     logger = get_run_logger()
     loaded, names = load_datasets(config_path, datasets)
     project = loaded.config.project
@@ -312,8 +318,9 @@ def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delet
                 ", ".join(f"{p} {n}" for p, n in limits.items()))
     inventory_rows: list[dict[str, Any]] = []
     try:
-        inventory_rows = _every_result([list_dataset.with_options(tags={dataset_tag(name)}).submit(run.run_id, name)
-                                        for name in names])
+        listing = [list_dataset.with_options(tags={dataset_tag(name)}).submit(run.run_id, name, full_listing)
+                   for name in names]
+        inventory_rows = _every_result(listing)
         plan = run.define_shards(orch.max_shards)
         logger.info("%d shard(s) in all (at most about %d per run)", len(plan.shards), orch.max_shards)
         create_table_artifact(inventory_rows, key=artifact_key(project, "inventory"),

@@ -176,12 +176,13 @@ def probe_buckets(config_path: str, datasets: list[str] | None) -> list[dict[str
 
 
 @task(name="list-dataset", task_run_name="list {dataset}", cache_policy=NO_CACHE, persist_result=False)
-def list_dataset(run_id: int, dataset: str) -> dict[str, Any]:
-    """List one dataset into the state store, cut into shards; returns its inventory figures."""
+def list_dataset(run_id: int, dataset: str, full_listing: bool = False) -> dict[str, Any]:
+    """List one dataset into the state store, cut into shards; returns its inventory figures.
+    `full_listing`: list in full even a dataset with `changes: feed`."""
     run = engine_run.active_run(run_id)
     orch = run.loaded.config.orchestration
     inv, shards = run.list_dataset(dataset, shard_bytes=orch.shard_bytes, shard_objects=orch.shard_objects,
-                                   ranges_at_once=orch.listing_ranges)
+                                   ranges_at_once=orch.listing_ranges, full_listing=full_listing)
     get_run_logger().info("%s: %s objects, %s, cut into %d shard(s)", dataset, f"{inv.objects:,}",
                           format_size(inv.bytes), shards)
     return inventory_row(inv)

@@ -247,6 +247,22 @@ listing_ranges = sa.Table(
     sa.Column("not_carried", sa.Text),
 )
 
+# Where a run's listing of a dataset stands in the storage account's change feed (a dataset with
+# `changes: feed`, engine/listing.py): every change of a feed segment that began at or before
+# `feed_through` is in the listing. A full listing records the feed's `lastConsumable` read before
+# its first request; a listing made from an earlier one (`baseline_run`) plus the names the feed
+# says changed records the `lastConsumable` its reading went to. The next run reads the feed
+# from there.
+listing_feed = sa.Table(
+    "listing_feed", metadata,
+    sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
+    sa.Column("dataset", sa.String, primary_key=True),
+    sa.Column("feed_through", sa.String, nullable=False),  # ISO 8601, UTC: a segment's start
+    sa.Column("baseline_run", sa.Integer),  # None: a full listing
+    sa.Column("changed", sa.BigInteger),  # names listed again (a listing from the feed)
+    sa.Column("events", sa.BigInteger),  # events of the segments read
+)
+
 # A dataset's cutover (`exitplan cutover`): the last delta, its deep verify and the source found
 # unchanged after them; the signed `cutover` record at line `manifest_seq` of the audit manifest.
 cutovers = sa.Table(

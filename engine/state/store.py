@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 from contextlib import contextmanager
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -27,7 +27,7 @@ from .records import (CurrentCopy, CutoverRecord, counts_from_json, counts_to_js
 from .rows import listed_extra, listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, RANGE_SHARDS, REMOVED, REPLACED_INDEXES,
                      STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition,
-                     audit_recorded, cutovers, listing, listing_ranges, metadata, objects, parts, rate_buckets, run_datasets,
+                     audit_recorded, cutovers, listing, listing_feed, listing_ranges, metadata, objects, parts, rate_buckets, run_datasets,
                      runs, shards, utcnow)
 from .unwritable import StateUnwritable, unwritable_database, writing_file
 
@@ -480,12 +480,80 @@ class StateStore:
         to run `run_id`, in the database (nothing goes through this process): run `run_id` lists on
         from there. Run `earlier`'s rows stay as they were."""
         with self._writing() as conn:
-            for table in (listing, listing_ranges):
+            for table in (listing, listing_ranges, listing_feed):
                 columns = [c.name for c in table.columns]
                 taken = [sa.literal(run_id, sa.Integer).label("run_id") if c == "run_id" else table.c[c]
                          for c in columns]
                 conn.execute(table.insert().from_select(columns, sa.select(*taken).where(
                     table.c.run_id == earlier, table.c.dataset == dataset)))
+
+    # ---- a listing made from an earlier one and the change feed (engine/listing.py) -------------
+
+    def record_feed_position(self, run_id: int, dataset: str, feed_through: str) -> None:
+        """Before a full listing of `dataset`: every change of a feed segment that began at or before
+        `feed_through` will be in it (the next run reads the feed from there)."""
+        with self._writing() as conn:
+            conn.execute(listing_feed.delete().where(listing_feed.c.run_id == run_id, listing_feed.c.dataset == dataset))
+            conn.execute(listing_feed.insert().values(run_id=run_id, dataset=dataset, feed_through=feed_through))
+
+    def feed_baseline(self, dataset: str, basis: str, run_id: int) -> tuple[int, str] | None:
+        """The listing run `run_id` may make its own from the change feed instead of listing in
+        full: the newest other migrate run that went through its listing of `dataset`, when that
+        listing selected the same (`basis`) and knows its place in the feed. (run, feed position),
+        or None."""
+        rd, r, f = run_datasets, listing_ranges, listing_feed
+        with self.engine.connect() as conn:
+            newest = conn.execute(
+                sa.select(rd.c.run_id).join_from(rd, runs, runs.c.id == rd.c.run_id)
+                .where(rd.c.dataset == dataset, rd.c.run_id != run_id, runs.c.command == "migrate",
+                       rd.c.through_at.is_not(None))
+                .order_by(rd.c.run_id.desc()).limit(1)).scalar()
+            if newest is None:
+                return None
+            bases = set(conn.execute(sa.select(r.c.basis).where(r.c.run_id == newest, r.c.dataset == dataset)).scalars())
+            through = conn.execute(sa.select(f.c.feed_through).where(f.c.run_id == newest, f.c.dataset == dataset)).scalar()
+        return (newest, through) if bases == {basis} and through is not None else None
+
+    def start_from_listing(self, baseline: int, run_id: int, dataset: str) -> int:
+        """Copy run `baseline`'s listing rows of `dataset` to run `run_id` in the database (nothing
+        goes through this process), its shards numbered 0, 1, ... in their order; returns how many
+        shards they fill."""
+        l = listing
+        columns = [c.name for c in l.columns]
+        renumbered = {"run_id": sa.literal(run_id, sa.Integer).label("run_id"),
+                      "shard": (sa.func.dense_rank().over(order_by=l.c.shard) - 1).label("shard")}
+        with self._writing() as conn:
+            conn.execute(l.insert().from_select(columns, sa.select(*[renumbered.get(c, l.c[c]) for c in columns])
+                                                .where(l.c.run_id == baseline, l.c.dataset == dataset)))
+            last = conn.execute(sa.select(sa.func.max(l.c.shard)).where(l.c.run_id == run_id,
+                                                                        l.c.dataset == dataset)).scalar()
+        return 0 if last is None else int(last) + 1
+
+    def forget_listed(self, run_id: int, dataset: str, keys: Sequence[str]) -> None:
+        """Remove `keys` from a run's listing of `dataset` (names listed again from the change feed)."""
+        if keys:
+            with self._writing() as conn:
+                conn.execute(listing.delete().where(listing.c.run_id == run_id, listing.c.dataset == dataset,
+                                                    listing.c.source_key.in_(list(keys))))
+
+    def finish_listing_from_feed(self, run_id: int, dataset: str, prefix: str, basis: str, not_carried: str | None, *,
+                                 feed_through: str, baseline: int, changed: int, events: int) -> ListingRangeRecord:
+        """Close a listing made from run `baseline`'s and the change feed: one range, done, holding
+        what the listing holds, and the feed position the next run reads on from, in one transaction
+        (a listing killed before this is never taken over: it has no range)."""
+        l = listing
+        with self._writing() as conn:
+            count, size, last = conn.execute(
+                sa.select(sa.func.count(), sa.func.coalesce(sa.func.sum(l.c.size), 0), sa.func.max(l.c.shard))
+                .where(l.c.run_id == run_id, l.c.dataset == dataset)).one()
+            # The cutter "stands" in the last shard, which holds objects: `shards` counts up to it.
+            cut_shard, cut_objects = (int(last), 1) if count else (0, 0)
+            part = ListingRangeRecord(run_id, dataset, 0, prefix, False, basis, None, True, int(count), int(size),
+                                      cut_shard, cut_objects, 0, not_carried)
+            conn.execute(listing_ranges.insert().values(**asdict(part)))
+            conn.execute(listing_feed.insert().values(run_id=run_id, dataset=dataset, feed_through=feed_through,
+                                                      baseline_run=baseline, changed=changed, events=events))
+        return part
 
     def listing_length(self, run_id: int, dataset: str) -> int:
         """The position after the last stored row of a run's listing of `dataset` (0 when none)."""

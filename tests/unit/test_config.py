@@ -106,6 +106,9 @@ def test_lab_example_follows_lab_env(monkeypatch):
         (variant(sources__az__credential=None), ["sources.az", "exactly one of"]),
         (variant(destinations__ovh__storage_class="DEEP_ARCHIVE"), ["storage_class", "no storage class 'DEEP_ARCHIVE'"]),
         (variant(destinations__ovh__endpoint_url="${EXITPLAN_TEST_UNSET_VAR}"), ["EXITPLAN_TEST_UNSET_VAR is not set"]),
+        (variant(datasets__claims__changes="feed", datasets__claims__history="all"),
+         ["datasets.claims", "cannot keep each snapshot and earlier version in step"]),
+        (variant(datasets__claims__changes="nightly"), ["datasets.claims.changes", "'listing' or 'feed'"]),
     ],
 )
 def test_config_errors_are_one_sentence_with_exit_code_2(tmp_path, capsys, data, fragments):
