@@ -21,7 +21,7 @@ from connectors.base import MultipartUpload, ObjectMeta, ObjectSink, ObjectSourc
 from engine import state as st
 from engine.budget import MemoryBudget
 from engine.executors import BoundedTasks, Executors
-from engine.placement import DoesNotFit, Placement
+from engine.placement import DoesNotFit, Placement, tags_digest
 from engine.copy_events import CopyEvents
 from engine.outcome import ObjectOutcome
 from engine.output_format import IDENTITY, OutputFormat
@@ -222,6 +222,7 @@ class _StateEvents(CopyEvents):
         self.dataset = dataset
         self.dest_key = placement.dest_key
         self.storage_class = placement.write_meta.storage_class
+        self.tags_digest = tags_digest(placement.write_meta.tags)
         self.tally = tally
         self.object_id: int | None = None
         self.multipart = False
@@ -263,7 +264,7 @@ class _StateEvents(CopyEvents):
                 dest_key=outcome.dest_key,
                 dest_etag=outcome.dest_etag, output_size=outcome.output_size, part_count=outcome.parts,
                 restarts=outcome.restarts, source_etag=outcome.source_etag, size=outcome.size, reason=None,
-                storage_class=self.storage_class)
+                storage_class=self.storage_class, tags_digest=self.tags_digest)
         else:
             state, fields = st.FAILED, dict(reason=outcome.reason, restarts=outcome.restarts, transient=outcome.transient)
         if self.object_id is None:  # it failed before its first attempt started (refused by the planner)
@@ -422,13 +423,16 @@ def copy_objects(
                 if skip_unchanged and earlier_copies:
                     previous = copies.get(meta.key)
                     if (previous is not None and previous.run_id != run_id and previous.source_etag == meta.etag
-                            and previous.size == meta.size and previous.dest_key == placed.dest_key):
+                            and previous.size == meta.size and previous.dest_key == placed.dest_key
+                            # Azure changes a blob's tags and tier without a new ETag: compared apart.
+                            and previous.tags_digest == tags_digest(placed.write_meta.tags)
+                            and previous.storage_class == placed.write_meta.storage_class):
                         reason = f"unchanged since run {previous.run_id}"
                         decided(meta, placed.dest_key,
                                 ObjectOutcome(meta.key, placed.dest_key, meta.etag, meta.size, "skipped",
                                               reason=reason, sha256=previous.sha256, dest_etag=previous.dest_etag),
                                 st.UNCHANGED, reason=reason, dest_etag=previous.dest_etag, sha256=previous.sha256,
-                                storage_class=previous.storage_class)
+                                storage_class=previous.storage_class, tags_digest=previous.tags_digest)
                         continue
                 objects.submit((meta, placed), one, meta, placed)
     finally:

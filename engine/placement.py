@@ -8,6 +8,8 @@ itself returns them). Whatever does not fit is refused with a reason, never trun
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Mapping
@@ -34,6 +36,14 @@ class Placement:
     source_key: str
     dest_key: str
     write_meta: WriteMeta
+
+
+def tags_digest(tags: Mapping[str, str]) -> str | None:
+    """What the state keeps of the tags written with an object, to see them change: None when there
+    are none. Azure sets a blob's tags without giving it a new ETag."""
+    if not tags:
+        return None
+    return hashlib.sha256(json.dumps(sorted(tags.items()), ensure_ascii=False).encode()).hexdigest()[:32]
 
 
 def destination_key(source_key: str, source_prefix: str, dest_prefix: str) -> str:

@@ -36,6 +36,7 @@ class ObjectRecord:
     transient: bool | None = None  # a failed row: whether its cause may pass
     etag_checked: bool | None = None  # the write's ETag compared with the bytes' MD5s (False: opaque ETags)
     storage_class: str | None = None  # what it was written in (None: the bucket's default, or not recorded)
+    tags_digest: str | None = None  # of the tags written with it (None: none, or not recorded)
 
 
 class CurrentCopy(NamedTuple):
@@ -50,6 +51,7 @@ class CurrentCopy(NamedTuple):
     dest_etag: str | None
     sha256: str | None
     storage_class: str | None
+    tags_digest: str | None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from .schema import (FAILED, IN_PROGRESS, INITIAL_STATES, TRANSITIONS, UNCHANGED
 _OBJECT_FIELDS = frozenset({
     "reason", "sha256", "source_md5", "md5_checked", "dest_key", "dest_etag", "output_size", "part_count",
     "restarts", "source_etag", "size", "started_at", "finished_at", "upload_id", "header", "key_id", "transient",
-    "etag_checked", "storage_class",
+    "etag_checked", "storage_class", "tags_digest",
 })
 
 # Every column an `objects` row is inserted with (a batch of inserts is one executemany: same keys).

@@ -108,6 +108,9 @@ objects = sa.Table(
     # The storage class the object was written in (`WriteMeta.storage_class`); None: the bucket's
     # default, and on rows written before it was recorded. Quick verify compares it.
     sa.Column("storage_class", sa.String),
+    # A digest of the tags written with it (`engine.placement.tags_digest`; None: no tags). Azure
+    # sets a blob's tags without giving it a new ETag: a delta pass compares this to see them change.
+    sa.Column("tags_digest", sa.String(32)),
     sa.Column("created_at", sa.DateTime, nullable=False),
     sa.Column("started_at", sa.DateTime),
     sa.Column("finished_at", sa.DateTime),
@@ -287,7 +290,7 @@ REPLACED_INDEXES = ("ix_listing_shard",)  # (run_id, dataset, shard): a prefix o
 
 # Columns added after the first release of the store, per table: added to an existing database on open.
 ADDED_COLUMNS = {
-    "objects": ("upload_id", "header", "key_id", "transient", "etag_checked", "storage_class"),
+    "objects": ("upload_id", "header", "key_id", "transient", "etag_checked", "storage_class", "tags_digest"),
     "listing": ("created", "kind", "extra"),
     "run_datasets": ("not_carried",),
     "listing_ranges": ("not_carried",),

@@ -145,7 +145,7 @@ def test_a_run_after_the_first_lists_only_what_the_feed_names_and_holds_what_a_f
     assert inventory.listed_from.startswith(f"run {first}'s listing and the change feed from 2026-11-30T01:00:00Z")
     assert inventory.objects == 9
     assert result.all_ok
-    assert sum(s.ok for s in result.summaries) == 3  # a/1 rewritten, c/new new, b/0 metadata
+    assert sum(s.ok for s in result.summaries) == 4  # a/1 rewritten, c/new new, b/0 metadata, b/1 tags
     assert [(r.count, r.examples) for r in result.removed] == [(1, ("a/2.bin",))]
 
     full, inventory, _ = run_pass(loaded, full_listing=True, copy=False)

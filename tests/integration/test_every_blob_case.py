@@ -156,3 +156,26 @@ def test_every_blob_case_is_carried_or_named_and_inventory_predicts_migrate(proj
     code, out, err = cli(capsys, "migrate", "--config", cfg)
     assert code == 1 and "0 objects, 0 B copied" in out and all(key in err for key in refused), (out, err)
     assert f"docs: not carried: 1 (6 B) {NOT_CARRIED['snapshot']}" in out
+
+
+def test_tags_and_a_tier_changed_at_the_source_reach_the_copy_on_the_next_run(project, capsys, s3):  # noqa: F811
+    """Azure sets a blob's tags and its tier without a new ETag: a delta that compared the ETag
+    alone would call both blobs unchanged and leave the copy with the old tags and class."""
+    project.cc.upload_blob("tagged.csv", b"a,b\n", tags={"retention": "5y"})
+    project.cc.upload_blob("tiered.bin", b"x" * 100, standard_blob_tier=StandardBlobTier.HOT)
+    project.cc.upload_blob("still.bin", b"same")
+    cfg = project.make()
+    assert cli(capsys, "migrate", "--config", cfg)[0] == 0
+    etags = {name: project.cc.get_blob_client(name).get_blob_properties().etag for name in ("tagged.csv", "tiered.bin")}
+
+    project.cc.get_blob_client("tagged.csv").set_blob_tags({"retention": "10y"})
+    project.cc.get_blob_client("tiered.bin").set_standard_blob_tier(StandardBlobTier.COOL)
+    assert etags == {name: project.cc.get_blob_client(name).get_blob_properties().etag for name in etags}
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == 0, err
+    row = next(line.split() for line in out.splitlines() if line.startswith("docs "))
+    assert row[1:5] == ["3", "2", "1", "0"], out  # objects, copied, unchanged (still.bin), failed
+    tags = s3.get_object_tagging(Bucket=BUCKET, Key=f"{project.container}/tagged.csv")["TagSet"]
+    assert {t["Key"]: t["Value"] for t in tags} == {"retention": "10y"}
+    head = s3.head_object(Bucket=BUCKET, Key=f"{project.container}/tiered.bin")
+    assert head.get("StorageClass") == "STANDARD_IA"
