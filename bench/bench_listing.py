@@ -13,8 +13,10 @@ Two parts, loopback only; everything the script starts is stopped at the end:
   run's copies recorded for them (1 in 200 with another ETag, 1 in 200 never copied, 1 in 1000
   gone from the source), then the delta pass: each shard read back and each object decided as
   copy_objects does (`StateStore.current_copy`: unchanged, changed, new), and the objects gone from
-  the source (`removed_at_source`). Objects/s and the process's peak RSS after each phase, on SQLite
-  and (``--postgres``) on a private PostgreSQL server (tests/pg.py).
+  the source (`removed_at_source`). Then the change-feed path (`changes: feed`): a full listing that
+  notes the feed's position, and the next run made from it and a feed naming 1 in 100 objects of
+  each folder as changed (each listed again). Objects/s and the process's peak RSS after each
+  phase, on SQLite and (``--postgres``) on a private PostgreSQL server (tests/pg.py).
 
 Run: ``.venv/bin/python bench/bench_listing.py azurite --blobs 100000`` and
 ``.venv/bin/python bench/bench_listing.py synthetic --objects 10000000 [--postgres]``.
@@ -89,6 +91,27 @@ class SyntheticSource:
     def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
         raise NotImplementedError("listed by range only")
 
+    def list_name(self, name: str) -> ListingPage:
+        """One name as the change-feed path lists it again: changed since (another ETag)."""
+        meta = self.meta(int(name[1:4]), int(name[5:14]))
+        return ListingPage([ObjectMeta(**{**meta.__dict__, "etag": meta.etag + "-changed"})], None)
+
+
+class SyntheticFeed:
+    """A change feed (`connectors.azure_changefeed.ChangeFeed`'s two calls) naming `every`-th
+    object of each folder of `source` as changed, in one hour after the baseline's."""
+
+    def __init__(self, source: SyntheticSource, every: int):
+        self.source, self.every, self.now = source, every, datetime(2026, 11, 30, 1, tzinfo=timezone.utc)
+
+    def last_consumable(self) -> datetime:
+        return self.now
+
+    def changed_names(self, container, prefix, after, through, reading=None) -> Iterator[str]:
+        for folder in range(self.source.folder_count):
+            for i in range(5, self.source.per_folder(folder), self.every):
+                yield self.source.meta(folder, i).key
+
 
 def _add(rows: list, row: tuple) -> None:
     """A row of the table, also printed at once (a run at 10^7 objects takes a while)."""
@@ -103,12 +126,14 @@ def timed(what: str, fn):
     return result, seconds
 
 
-def list_into(state: StateStore, source, at_once: int, shard_objects: int = 5000) -> tuple[int, int, RangedListing]:
-    """A migrate run's listing of the bench dataset into `state`; (run id, objects, the listing)."""
+def list_into(state: StateStore, source, at_once: int, shard_objects: int = 5000,
+              feed=None) -> tuple[int, int, RangedListing]:
+    """A migrate run's listing of the bench dataset into `state`; (run id, objects, the listing).
+    With `feed`, the dataset has `changes: feed` (engine/listing.py)."""
     run = state.start_run("migrate")
     state.dataset_started(run, "bench")
     listing = RangedListing(state, run, "bench", DS, source, shard_bytes=4 * 1024**3, shard_objects=shard_objects,
-                            at_once=at_once)
+                            at_once=at_once, feed=feed)
     n = sum(1 for _ in listing.objects())
     state.dataset_through(run, "bench", listing.objects_stored, listing.bytes_stored)
     return run, n, listing
@@ -213,6 +238,17 @@ def synthetic(objects: int, folders: int, url: str, label: str) -> list[tuple[st
                      f"{n / seconds:,.0f} obj/s", f"{peak_rss_mib():.0f}"))
         gone, seconds = timed("gone", lambda: sum(1 for _ in state.removed_at_source("bench", run)))
         _add(rows, (label, f"gone from the source: {gone:,}", f"{seconds:.1f} s", f"{peak_rss_mib():.0f}"))
+        # The next run from the change feed: the listing above noted no feed position (it had no
+        # feed); a full listing with the feed notes one, then a run lists 1% of the names again.
+        feed = SyntheticFeed(source, 100)
+        (base, n, _), seconds = timed("listing", lambda: list_into(state, source, 4, feed=feed))
+        _add(rows, (label, f"full listing with the feed's position noted ({n:,} objects)",
+                    f"{n / seconds:,.0f} obj/s", f"{peak_rss_mib():.0f}"))
+        changed = sum(1 for _ in feed.changed_names("", "", None, None))
+        (run, n, listing), seconds = timed("feed", lambda: list_into(state, source, 4, feed=feed))
+        assert listing.origin.startswith(f"run {base}'s listing and the change feed"), listing.origin
+        _add(rows, (label, f"listing from run {base}'s and the change feed ({changed:,} names listed again, "
+                           f"{n:,} objects)", f"{seconds:.1f} s ({n / seconds:,.0f} obj/s)", f"{peak_rss_mib():.0f}"))
     finally:
         state.close()
     return rows

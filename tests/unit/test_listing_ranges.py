@@ -215,6 +215,8 @@ def test_the_listing_bench_runs_at_a_tiny_size(tmp_path):
     rows = bench.synthetic(2000, 4, str(tmp_path / "state.db"), "sqlite")
     assert [what.split(" (")[0].split(":")[0] for _, what, *_ in rows] == [
         "previous copies recorded", "listing into the state, 4 ranges", "shards fixed",
-        "delta pass, one query per object", "delta pass, one query per page", "gone from the source"]
+        "delta pass, one query per object", "delta pass, one query per page", "gone from the source",
+        "full listing with the feed's position noted", "listing from run 3's and the change feed"]
     assert rows[4][1] == "delta pass, one query per page: 1,976 unchanged, 12 changed, 12 new"
     assert rows[5][1] == "gone from the source: 4"
+    assert rows[7][1] == "listing from run 3's and the change feed (20 names listed again, 2,000 objects)"
