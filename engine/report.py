@@ -346,6 +346,7 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
         runs = store.recent_runs(limit=30) if store else []
         listings = _newest_listings(store, datasets) if store else {}
         tallies = [listing_tally(d, store.listed(run_id, d), size_planner(loaded, d)) for d, run_id in listings.items()]
+        positions = [(d, store.feed_position(s.listing.run_id, d)) for d, s in statuses.items() if s.listing is not None]
     finally:
         if store is not None:
             store.close()
@@ -401,6 +402,7 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
     parts += [f'<p class="warn">{_E(d)}: not carried: {_E(line)}</p>'
               for d, s in statuses.items() if s.listing is not None
               for line in not_carried_lines(s.listing.not_carried_counts)]
+    parts += [f'<p class="sub">{_E(d)}: {_E(p.sentence())}.</p>' for d, p in positions if p is not None]
     parts += _not_arrived_section(statuses)
     parts += _estimate_section(loaded, datasets, tallies, listings, runs, fig_by)
 

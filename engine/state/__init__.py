@@ -42,7 +42,7 @@ the engine to stop.
 
 from .batch import WriteBatch
 from .records import (COPIED_COPY, CurrentCopy, FAILED_PERMANENT, FAILED_TRANSIENT, FOUND_WRONG, NEVER_ARRIVED, NEVER_ATTEMPTED,
-                      NOT_AT_DESTINATION, PENDING_COPY, STATUS_CATEGORIES, VERIFIED_COPY, CutoverRecord, DatasetFigures, counts_from_json, counts_to_json, DatasetStatus, DatasetTotals, ListingRangeRecord,
+                      NOT_AT_DESTINATION, PENDING_COPY, STATUS_CATEGORIES, VERIFIED_COPY, CutoverRecord, DatasetFigures, counts_from_json, counts_to_json, DatasetStatus, DatasetTotals, FeedPosition, ListingRangeRecord,
                       ObjectRecord, ObjectStatus, PartRecord, RunDataset, RunRecord, ShardCounts, ShardRecord, StatusCount)
 from .schema import (CHANGED, COPIED, FAILED, IN_PROGRESS, INITIAL_STATES, PENDING, REMOVED, STATES, TRANSITIONS,
                      UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition, audit_recorded, listing, listing_ranges,
@@ -55,7 +55,7 @@ __all__ = [
     "UNCHANGED", "UPLOADED", "VERIFIED", "VERIFY_REASON",
     "InvalidTransition", "utcnow",
     "metadata", "runs", "objects", "parts", "listing", "listing_ranges", "shards", "audit_recorded", "run_datasets",
-    "CurrentCopy", "DatasetFigures", "DatasetTotals", "ListingRangeRecord", "ObjectRecord", "PartRecord", "RunRecord", "ShardCounts", "ShardRecord",
+    "CurrentCopy", "DatasetFigures", "DatasetTotals", "FeedPosition", "ListingRangeRecord", "ObjectRecord", "PartRecord", "RunRecord", "ShardCounts", "ShardRecord",
     "CutoverRecord", "counts_from_json", "counts_to_json", "DatasetStatus", "ObjectStatus", "RunDataset", "StatusCount",
     "VERIFIED_COPY", "COPIED_COPY", "FAILED_PERMANENT", "FAILED_TRANSIENT", "FOUND_WRONG", "PENDING_COPY",
     "NEVER_ATTEMPTED", "STATUS_CATEGORIES", "NEVER_ARRIVED", "NOT_AT_DESTINATION",

@@ -189,6 +189,25 @@ class DatasetFigures:
 
 
 @dataclass(frozen=True)
+class FeedPosition:
+    """A run's listing of a dataset in the change feed (`schema.listing_feed`)."""
+
+    run_id: int
+    dataset: str
+    feed_through: str  # every change of a segment that began at or before it is in the listing
+    baseline_run: int | None  # the listing it was made from (None: a full listing)
+    changed: int | None  # names listed again
+    events: int | None
+
+    def sentence(self) -> str:
+        if self.baseline_run is None:
+            return (f"run {self.run_id} listed the source in full; the change feed is read from {self.feed_through} "
+                    "next time")
+        return (f"run {self.run_id}'s listing is run {self.baseline_run}'s with the changes of the change feed up to "
+                f"{self.feed_through} ({self.events or 0:,} event(s), {self.changed or 0:,} name(s) listed again)")
+
+
+@dataclass(frozen=True)
 class RunDataset:
     """A (run, dataset) a migrate or verify run started on: whether it went through the dataset
     (`through_at`: a migrate run, its whole source listing; a verify run, every expected object)

@@ -22,7 +22,7 @@ from connectors.base import ContentSettings, ObjectMeta
 from ..private_files import private_directory, private_file
 from . import completeness
 from .batch import WriteBatch
-from .records import (CurrentCopy, CutoverRecord, counts_from_json, counts_to_json, DatasetFigures, DatasetStatus, DatasetTotals, ListingRangeRecord, ObjectRecord, PartRecord,
+from .records import (CurrentCopy, CutoverRecord, counts_from_json, counts_to_json, DatasetFigures, DatasetStatus, DatasetTotals, FeedPosition, ListingRangeRecord, ObjectRecord, PartRecord,
                       RunDataset, RunRecord, ShardCounts, ShardRecord)
 from .rows import listed_extra, listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, RANGE_SHARDS, REMOVED, REPLACED_INDEXES,
@@ -495,6 +495,16 @@ class StateStore:
         with self._writing() as conn:
             conn.execute(listing_feed.delete().where(listing_feed.c.run_id == run_id, listing_feed.c.dataset == dataset))
             conn.execute(listing_feed.insert().values(run_id=run_id, dataset=dataset, feed_through=feed_through))
+
+    def feed_position(self, run_id: int, dataset: str) -> FeedPosition | None:
+        """Where run `run_id`'s listing of `dataset` stands in the change feed (None: not noted, or
+        a store opened read-only from before the change feed)."""
+        f = listing_feed
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table(f.name):
+                return None
+            row = conn.execute(f.select().where(f.c.run_id == run_id, f.c.dataset == dataset)).mappings().first()
+        return FeedPosition(**row) if row else None
 
     def feed_baseline(self, dataset: str, basis: str, run_id: int) -> tuple[int, str] | None:
         """The listing run `run_id` may make its own from the change feed instead of listing in

@@ -18,6 +18,7 @@ from config.loader import load_config
 from connectors.azure_blob import AzureBlobSource
 from connectors.azure_writer import AzureBlobWriter
 from engine.project import open_state
+from engine.report import render
 from engine.run import MigrationRun
 from lab.changefeed import Change, LabChangeFeed
 from tests.integration.test_completeness import project, s3  # noqa: F401 - fixtures
@@ -147,6 +148,9 @@ def test_a_run_after_the_first_lists_only_what_the_feed_names_and_holds_what_a_f
     assert result.all_ok
     assert sum(s.ok for s in result.summaries) == 4  # a/1 rewritten, c/new new, b/0 metadata, b/1 tags
     assert [(r.count, r.examples) for r in result.removed] == [(1, ("a/2.bin",))]
+    html, _, _ = render(loaded, ["docs"])
+    assert (f"docs: run {second}&#x27;s listing is run {first}&#x27;s with the changes of the change feed up to "
+            "2026-11-30T02:00:00Z (9 event(s), 6 name(s) listed again)") in html
 
     full, inventory, _ = run_pass(loaded, full_listing=True, copy=False)
     assert listed(loaded, second) == listed(loaded, full)
