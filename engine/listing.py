@@ -50,7 +50,6 @@ from config.errors import UserError
 from config.models import DatasetConfig, LoadedConfig
 from connectors.base import (HISTORY_DIR, NOT_CARRIED, ConnectorError, ListingPage, ListingRange, ObjectMeta,
                              ObjectSource, RangeLister, count_in, history_key, history_of)
-
 from connectors.name_set import NameSet
 
 from .endpoints import open_azure_container
