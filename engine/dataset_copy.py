@@ -21,7 +21,7 @@ from connectors.base import MultipartUpload, ObjectMeta, ObjectSink, ObjectSourc
 from engine import state as st
 from engine.budget import MemoryBudget
 from engine.executors import BoundedTasks, Executors
-from engine.placement import DoesNotFit, Placement, tags_digest
+from engine.placement import DoesNotFit, Placement
 from engine.copy_events import CopyEvents
 from engine.outcome import ObjectOutcome
 from engine.output_format import IDENTITY, OutputFormat
@@ -36,11 +36,36 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Refusal:
-    """An object that cannot be written as it is (its name or metadata does not fit); `reason` is
-    the sentence the user reads. Passed in place of a `Placement`."""
+    """An object that cannot be written as it is (its name or metadata does not fit, the source
+    cannot give it now); `reason` is the sentence the user reads. Passed in place of a `Placement`.
+    `placement`: where it would go (`DoesNotFit.placement`), for one the source cannot give now."""
 
     source_key: str
     reason: str
+    placement: Placement | None = None
+
+
+def still_current(previous: st.CurrentCopy | st.ObjectRecord | None, meta: ObjectMeta, placed: Placement | Refusal,
+                  run_id: int | None = None) -> bool:
+    """Whether `previous`, an object's current copy made before run `run_id`, is still the copy of
+    `meta` as `placed` would write it: the same ETag and size at the same key, with the same tags and
+    storage class (Azure changes a blob's tags and tier without a new ETag). An object the source
+    cannot give now (an Archive blob) whose copy is current needs no copy: its tier is not compared
+    (the tier it left is the one its copy was written from)."""
+    placement = placed.placement if isinstance(placed, Refusal) else placed
+    if previous is None or placement is None or previous.run_id == run_id:
+        return False
+    if (previous.source_etag, previous.size, previous.dest_key) != (meta.etag, meta.size, placement.dest_key):
+        return False
+    return isinstance(placed, Refusal) or (previous.tags_digest == placement.tags_digest
+                                           and previous.storage_class == placement.write_meta.storage_class)
+
+
+def unchanged_reason(previous: st.CurrentCopy, placed: Placement | Refusal) -> str:
+    """Why an object `still_current` is not copied: said with the reason the source cannot give it
+    now, when it cannot."""
+    reason = f"unchanged since run {previous.run_id}"
+    return f"{reason}; its copy stands ({placed.reason})" if isinstance(placed, Refusal) else reason
 
 
 def place_all(metas: Iterable[ObjectMeta], placer: Callable[[ObjectMeta], Placement]
@@ -52,7 +77,7 @@ def place_all(metas: Iterable[ObjectMeta], placer: Callable[[ObjectMeta], Placem
         try:
             yield meta, placer(meta)
         except DoesNotFit as exc:
-            yield meta, Refusal(meta.key, str(exc))
+            yield meta, Refusal(meta.key, str(exc), exc.placement)
 
 
 @dataclass(frozen=True)
@@ -222,7 +247,7 @@ class _StateEvents(CopyEvents):
         self.dataset = dataset
         self.dest_key = placement.dest_key
         self.storage_class = placement.write_meta.storage_class
-        self.tags_digest = tags_digest(placement.write_meta.tags)
+        self.tags_digest = placement.tags_digest
         self.tally = tally
         self.object_id: int | None = None
         self.multipart = False
@@ -415,25 +440,20 @@ def copy_objects(
                 if state.unwritable is not None:  # nothing more can be recorded: no more objects start
                     break
                 tally.seen(meta.size)
+                previous = copies.get(meta.key)
+                if skip_unchanged and still_current(previous, meta, placed, run_id):
+                    reason = unchanged_reason(previous, placed)
+                    decided(meta, previous.dest_key,
+                            ObjectOutcome(meta.key, previous.dest_key, meta.etag, meta.size, "skipped",
+                                          reason=reason, sha256=previous.sha256, dest_etag=previous.dest_etag),
+                            st.UNCHANGED, reason=reason, dest_etag=previous.dest_etag, sha256=previous.sha256,
+                            storage_class=previous.storage_class, tags_digest=previous.tags_digest)
+                    continue
                 if isinstance(placed, Refusal):
                     decided(meta, None, ObjectOutcome(meta.key, "", meta.etag, meta.size, "failed",
                                                       reason=placed.reason, refused=True),
                             st.FAILED, reason=placed.reason, transient=False)
                     continue
-                if skip_unchanged and earlier_copies:
-                    previous = copies.get(meta.key)
-                    if (previous is not None and previous.run_id != run_id and previous.source_etag == meta.etag
-                            and previous.size == meta.size and previous.dest_key == placed.dest_key
-                            # Azure changes a blob's tags and tier without a new ETag: compared apart.
-                            and previous.tags_digest == tags_digest(placed.write_meta.tags)
-                            and previous.storage_class == placed.write_meta.storage_class):
-                        reason = f"unchanged since run {previous.run_id}"
-                        decided(meta, placed.dest_key,
-                                ObjectOutcome(meta.key, placed.dest_key, meta.etag, meta.size, "skipped",
-                                              reason=reason, sha256=previous.sha256, dest_etag=previous.dest_etag),
-                                st.UNCHANGED, reason=reason, dest_etag=previous.dest_etag, sha256=previous.sha256,
-                                storage_class=previous.storage_class, tags_digest=previous.tags_digest)
-                        continue
                 objects.submit((meta, placed), one, meta, placed)
     finally:
         # Every object submitted has ended (the block waits for them); everything queued is
@@ -535,13 +555,11 @@ def dry_run(
     objects = total = output = parts = multipart = skipped = refused = 0
     refusals: list[tuple[str, str]] = []
     classes: dict[str | None, tuple[int, int]] = {}
-    for meta, placed in items:
+    for meta, placed, copies in _with_copies(items, state, dataset, state is not None):
         planned = plan_placed_object(meta, placed, limits, settings, output_format)
-        if planned.action == "write" and state is not None:
-            previous = state.current_copy(dataset, meta.key)
-            if (previous is not None and previous.source_etag == meta.etag and previous.size == meta.size
-                    and previous.dest_key == planned.dest_key):
-                planned = replace(planned, parts=0, action="skip", reason=f"unchanged since run {previous.run_id}")
+        if still_current(previous := copies.get(meta.key), meta, placed):
+            planned = replace(planned, dest_key=previous.dest_key, parts=0, action="skip",
+                              reason=unchanged_reason(previous, placed))
         if planned.action == "write":
             objects += 1
             total += planned.size
@@ -564,12 +582,12 @@ def dry_run(
 COPIES_PAGE = 500  # objects whose earlier copies are looked up in one query
 
 
-def _with_copies(items: Iterable[tuple[ObjectMeta, Placement | Refusal]], state: StateStore, dataset: str,
+def _with_copies(items: Iterable[tuple[ObjectMeta, Placement | Refusal]], state: StateStore | None, dataset: str,
                  look_up: bool) -> Iterator[tuple[ObjectMeta, Placement | Refusal, Mapping[str, st.CurrentCopy]]]:
     """Each item with the current copies (`StateStore.current_copies`) of its page of `COPIES_PAGE`
     items: one query per page instead of one per object (the delta pass of a run over millions of
     objects copied before). With `look_up` False (nothing to skip against), no query at all."""
-    if not look_up:
+    if not look_up or state is None:
         for meta, placed in items:
             yield meta, placed, {}
         return
@@ -578,6 +596,7 @@ def _with_copies(items: Iterable[tuple[ObjectMeta, Placement | Refusal]], state:
         page = list(islice(iterator, COPIES_PAGE))
         if not page:
             return
-        copies = state.current_copies(dataset, [meta.key for meta, placed in page if not isinstance(placed, Refusal)])
+        copies = state.current_copies(dataset, [meta.key for meta, placed in page
+                                                if not isinstance(placed, Refusal) or placed.placement is not None])
         for meta, placed in page:
             yield meta, placed, copies

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Mapping
 from urllib.parse import parse_qsl, quote, urlencode
@@ -26,7 +26,13 @@ CONTROL_PREFIX = "_exitplan/"
 
 
 class DoesNotFit(ValueError):
-    """The object cannot be written to the destination as it is; the message says why."""
+    """The object cannot be written to the destination as it is; the message says why. `placement`:
+    where it would go, for an object the source cannot give now (`ObjectMeta.not_copyable`, an
+    Archive blob) whose name and metadata fit: an earlier copy of it there may still be current."""
+
+    def __init__(self, reason: str, placement: Placement | None = None):
+        super().__init__(reason)
+        self.placement = placement
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,13 @@ class Placement:
     source_key: str
     dest_key: str
     write_meta: WriteMeta
+
+    @property
+    def tags_digest(self) -> str | None:
+        """`tags_digest` of the tags written with the object, those kept in exitplan's metadata
+        (more than the destination takes) included."""
+        kept = self.write_meta.metadata.get(META_TAGS)
+        return tags_digest({**self.write_meta.tags, META_TAGS: kept} if kept else self.write_meta.tags)
 
 
 def tags_digest(tags: Mapping[str, str]) -> str | None:
@@ -311,7 +324,12 @@ def place(meta: ObjectMeta, source_prefix: str, dest_prefix: str, limits: SinkLi
     the metadata the output format writes itself; `content`: the content headers it writes (the
     source's, by default); `storage_class`: the class it lands in (None: the bucket's default)."""
     if meta.not_copyable:
-        raise DoesNotFit(meta.not_copyable)
+        try:
+            would_be = place(replace(meta, not_copyable=None), source_prefix, dest_prefix, limits, reserved, content,
+                             storage_class)
+        except DoesNotFit:
+            would_be = None
+        raise DoesNotFit(meta.not_copyable, would_be)
     dest_key = destination_key(meta.key, source_prefix, dest_prefix)
     reason = check_key(dest_key, limits)
     if reason:

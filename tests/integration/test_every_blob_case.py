@@ -179,3 +179,31 @@ def test_tags_and_a_tier_changed_at_the_source_reach_the_copy_on_the_next_run(pr
     assert {t["Key"]: t["Value"] for t in tags} == {"retention": "10y"}
     head = s3.head_object(Bucket=BUCKET, Key=f"{project.container}/tiered.bin")
     assert head.get("StorageClass") == "STANDARD_IA"
+
+
+def test_a_blob_archived_after_its_copy_stays_unchanged_and_one_changed_then_archived_is_refused(  # noqa: F811
+        project, capsys, s3):
+    """Moving a copied blob to the Archive tier gives it no new ETag: its copy stands, said with the
+    reason the source cannot give it now (exit 0); a blob rewritten and then archived cannot be read
+    for its new bytes and is refused by name (exit 1). The dry run says the same."""
+    project.cc.upload_blob("cold/kept.bin", b"k" * 50)
+    project.cc.upload_blob("cold/rewritten.bin", b"old")
+    cfg = project.make()
+    assert cli(capsys, "migrate", "--config", cfg)[0] == 0
+    project.cc.get_blob_client("cold/kept.bin").set_standard_blob_tier(StandardBlobTier.ARCHIVE)
+    code, out, err = cli(capsys, "migrate", "--config", cfg, "--dry-run")
+    assert code == 0 and "would skip   docs: cold/kept.bin  (unchanged since run 1; its copy stands (" in out, (out, err)
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == 0, (out, err)
+    row = next(line.split() for line in out.splitlines() if line.startswith("docs "))
+    assert row[1:5] == ["2", "0", "2", "0"], out
+
+    project.cc.upload_blob("cold/rewritten.bin", b"new bytes", overwrite=True,
+                           standard_blob_tier=StandardBlobTier.ARCHIVE)
+    code, out, err = cli(capsys, "migrate", "--config", cfg, "--dry-run")
+    assert "would refuse docs: cold/rewritten.bin" in out and "would skip   docs: cold/kept.bin" in out, out
+    code, out, err = cli(capsys, "migrate", "--config", cfg)
+    assert code == 1 and "cold/rewritten.bin" in err and "cold/kept.bin" not in err, (out, err)
+    row = next(line.split() for line in out.splitlines() if line.startswith("docs "))
+    assert row[1:5] == ["2", "0", "1", "1"], out
+

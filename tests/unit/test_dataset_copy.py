@@ -10,12 +10,12 @@ from functools import partial
 import pytest
 import sqlalchemy as sa
 
-from connectors.base import AuthError, ContentSettings, SinkLimits, WriteMeta
+from connectors.base import AuthError, ContentSettings, ObjectMeta, SinkLimits, WriteMeta
 from connectors.memory import MemoryStore
 from engine import state as st
 from engine.budget import MemoryBudget
 from engine.executors import create_executors
-from engine.dataset_copy import Refusal, dry_run, copy_objects, place_all
+from engine.dataset_copy import Refusal, dry_run, copy_objects, place_all, still_current
 from engine.placement import DoesNotFit, place
 from engine.planning import MiB
 from engine.settings import TransferSettings
@@ -174,6 +174,31 @@ def test_place_all_turns_does_not_fit_into_a_refusal():
     pairs = list(place_all(src.list(), picky))
     assert pairs[1][1] == Refusal("b", "metadata name 'x y' is not a valid HTTP header name")
     assert pairs[0][1].dest_key == "a"
+
+
+def test_a_copy_is_current_until_its_etag_size_key_tags_or_class_differ_and_stays_so_for_an_unreadable_source():
+    many = {f"t{i}": str(i) for i in range(LIMITS.max_tags + 2)}  # more tags than the sink takes
+    meta = ObjectMeta("a", 5, "0x1", tags=many)
+    placed = place(meta, "", "out/", LIMITS, storage_class="STANDARD_IA")
+    assert placed.write_meta.tags == {} and placed.tags_digest is not None  # kept in metadata, still compared
+    copy = st.CurrentCopy(1, "a", "0x1", 5, "out/a", "e", "ab", "STANDARD_IA", placed.tags_digest)
+    assert still_current(copy, meta, placed) and not still_current(copy, meta, placed, run_id=1)
+    retagged = ObjectMeta("a", 5, "0x1", tags={**many, "t0": "changed"})
+    assert not still_current(copy, retagged, place(retagged, "", "out/", LIMITS, storage_class="STANDARD_IA"))
+    assert not still_current(copy, meta, place(meta, "", "out/", LIMITS))  # another class
+    assert not still_current(copy, meta, place(meta, "", "elsewhere/", LIMITS, storage_class="STANDARD_IA"))
+    assert not still_current(copy._replace(source_etag="0x2"), meta, placed)
+
+    # A source that cannot give the object now: refused, with where it would go; its copy stands
+    # while its ETag, size and key are those copied, whatever its tier now.
+    archived = ObjectMeta("a", 5, "0x1", tier="Archive", tags=many, not_copyable="in the Archive tier")
+    [(_, refusal)] = place_all([archived], partial(place, source_prefix="", dest_prefix="out/", limits=LIMITS))
+    assert isinstance(refusal, Refusal) and refusal.placement.dest_key == "out/a"
+    assert still_current(copy, archived, refusal) and not still_current(None, archived, refusal)
+    assert not still_current(copy._replace(size=6), archived, refusal)
+    badly_named = ObjectMeta("a" * 41, 5, "0x1", not_copyable="in the Archive tier")
+    [(_, refusal)] = place_all([badly_named], partial(place, source_prefix="", dest_prefix="", limits=LIMITS))
+    assert refusal == Refusal("a" * 41, "in the Archive tier")  # nowhere it could go: no copy can be current
 
 
 def test_a_rerun_skips_what_is_unchanged_and_copies_what_changed(state):
