@@ -166,6 +166,20 @@ REHYDRATING = ("it is being rehydrated out of the Archive tier ({status}) and ca
                "once it is readable copies it (`exitplan rehydrate --wait` waits for that)")
 
 
+# A blob that a Copy Blob from elsewhere is still filling (`x-ms-copy-status: pending`): its bytes
+# are not all there yet. Its ETag changes when the copy ends, so the run after that copies it.
+COPY_PENDING = ("a copy into it is still in progress at the source (Copy Blob, status pending, {progress} bytes) and "
+                "its bytes are not all there; the first migrate after the copy has ended copies it")
+
+
+def unreadable_reason(tier: str | None, archive_status: str | None, copy_status: str | None = None,
+                      copy_progress: str | None = None) -> str | None:
+    """Why a blob cannot be copied now: `archived_reason`, or a copy into it still pending."""
+    if (copy_status or "").lower() == "pending":
+        return COPY_PENDING.format(progress=copy_progress or "? of ?")
+    return archived_reason(tier, archive_status)
+
+
 def archived_reason(tier: str | None, archive_status: str | None) -> str | None:
     """Why a blob of `tier` cannot be read (Archive: `ARCHIVED`, or `REHYDRATING` while its
     rehydration runs), None when it can."""
@@ -377,7 +391,7 @@ class AzureBlobSource:
         """Yield every blob under `prefix` in name order, one page (`page_size` blobs) at a time."""
         pages = self._call(
             lambda: self._container.list_blobs(
-                name_starts_with=prefix or None, include=["metadata", "tags"], results_per_page=self.page_size,
+                name_starts_with=prefix or None, include=["metadata", "tags", "copy"], results_per_page=self.page_size,
             ).by_page(),
             prefix,
         )
@@ -406,8 +420,8 @@ class AzureBlobSource:
         a range is listed on from where an earlier listing stopped, without listing its start again.
         Snapshots and earlier versions are listed too, apart (`ListingPage.history`), so that what
         is not carried is counted and named instead of left unseen."""
-        options = dict(name_starts_with=part.prefix or None, include=["metadata", "tags", "snapshots", "versions"],
-                       results_per_page=self.page_size)
+        options = dict(name_starts_with=part.prefix or None,
+                       include=["metadata", "tags", "copy", "snapshots", "versions"], results_per_page=self.page_size)
         paged = (self._container.walk_blobs(delimiter="/", **options) if part.direct
                  else self._container.list_blobs(**options))
         pages = self._call(lambda: paged.by_page(continuation_token=marker), part.prefix)
@@ -542,6 +556,7 @@ class AzureBlobSource:
         md5 = cs.content_md5 if cs is not None else None
         tier = _tier(props.blob_tier)
         archive_status = _tier(getattr(props, "archive_status", None)) or None
+        copy = getattr(props, "copy", None)
         return ObjectMeta(
             key=props.name,
             size=props.size,
@@ -560,7 +575,8 @@ class AzureBlobSource:
             tags=dict(tags if tags is not None else props.tags or {}),
             created=props.creation_time if isinstance(props.creation_time, datetime) else None,
             kind=_KINDS.get(_tier(props.blob_type) or "", _tier(props.blob_type)),
-            not_copyable=archived_reason(tier, archive_status),
+            not_copyable=unreadable_reason(tier, archive_status, _tier(getattr(copy, "status", None)),
+                                           getattr(copy, "progress", None)),
             rehydrating=archive_status,
             snapshot=getattr(props, "snapshot", None) or None,
             version_id=getattr(props, "version_id", None) or None,

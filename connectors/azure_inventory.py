@@ -34,7 +34,7 @@ from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from typing import Any, Iterator, Mapping
 
-from .azure_blob import archived_reason
+from .azure_blob import unreadable_reason
 from .base import NOT_CARRIED, ConfigError, count_in, ContentSettings, HeadReader, NotFound, ObjectMeta, RangeReader
 from .name_set import NameSet
 
@@ -334,7 +334,8 @@ def object_meta(row: Mapping[str, Any], container: str) -> ObjectMeta:
         tags=tags,
         created=created,
         kind=_KINDS.get((blob_type or "").lower(), blob_type),
-        not_copyable=archived_reason(tier, _text(row.get("archivestatus"))),
+        not_copyable=unreadable_reason(tier, _text(row.get("archivestatus")), _text(row.get("copystatus")),
+                                       _text(row.get("copyprogress"))),
         rehydrating=_text(row.get("archivestatus")),
     )
 

@@ -69,6 +69,9 @@ def test_blob_types_tiers_and_empty_cells():
     assert object_meta({**DOCUMENTED, "blobtype": "AppendBlob"}, "claims").kind == "append"
     archived = object_meta({**DOCUMENTED, "accesstier": "Archive"}, "claims")
     assert archived.not_copyable == ARCHIVED
+    filling = object_meta({**DOCUMENTED, "copystatus": "pending", "copyprogress": "10/100"}, "claims")
+    assert filling.not_copyable.startswith("a copy into it is still in progress") and "10/100" in filling.not_copyable
+    assert object_meta({**DOCUMENTED, "copystatus": "success"}, "claims").not_copyable is None
 
 
 def test_a_row_that_cannot_be_read_is_refused_by_name():

@@ -18,7 +18,8 @@ from engine.listing import LiveListing
 
 
 def blob_xml(name: str, size: int, *, version: str | None = None, current: bool | None = None,
-             snapshot: str | None = None, etag: str = "0x8D9", tier: str = "Hot", archive_status: str | None = None) -> str:
+             snapshot: str | None = None, etag: str = "0x8D9", tier: str = "Hot", archive_status: str | None = None,
+             copy: str = "") -> str:
     """One `<Blob>` of a List Blobs answer, in the service's documented shape."""
     extra = ""
     if snapshot:
@@ -33,7 +34,7 @@ def blob_xml(name: str, size: int, *, version: str | None = None, current: bool 
             f"<Etag>{etag}</Etag><Content-Length>{size}</Content-Length>"
             "<Content-Type>text/csv</Content-Type><Content-Encoding /><Content-Language />"
             f"<Content-MD5 /><Cache-Control /><BlobType>BlockBlob</BlobType><AccessTier>{tier}</AccessTier>"
-            f"{f'<ArchiveStatus>{archive_status}</ArchiveStatus>' if archive_status else ''}"
+            f"{f'<ArchiveStatus>{archive_status}</ArchiveStatus>' if archive_status else ''}{copy}"
             "<LeaseStatus>unlocked</LeaseStatus>"
             "<LeaseState>available</LeaseState><ServerEncrypted>true</ServerEncrypted>"
             "</Properties><Metadata /></Blob>")
@@ -47,6 +48,12 @@ def page_xml(blobs: list[str], next_marker: str | None) -> bytes:
             f"<NextMarker>{next_marker or ''}</NextMarker></EnumerationResults>").encode()
 
 
+# Copy Blob's properties as List Blobs gives them (include=copy): one still filling, one done.
+COPY = ("<CopyId>6f2c1a</CopyId><CopySource>https://other.blob.core.windows.net/c/{name}</CopySource>"
+        "<CopyStatus>{status}</CopyStatus><CopyProgress>{progress}</CopyProgress>"
+        "<CopyCompletionTime>Mon, 02 Nov 2026 10:00:00 GMT</CopyCompletionTime>")
+COPYING = COPY.format(name="d.bin", status="pending", progress="4096/70")
+COPIED = COPY.format(name="e.bin", status="success", progress="80/80")
 V1, V2, V3 = "2026-11-01T10:00:00.0000000Z", "2026-11-02T10:00:00.0000000Z", "2026-11-03T10:00:00.0000000Z"
 SNAP = "2026-11-04T10:00:00.0000000Z"
 # Two pages, as the service cuts them (an opaque marker that goes on inside a.csv's versions):
@@ -56,7 +63,8 @@ PAGES = {
     None: page_xml([blob_xml("a.csv", 10, version=V1), blob_xml("a.csv", 20, version=V2)], "2!88!MDAwMDA3IWEuY3N2"),
     "2!88!MDAwMDA3IWEuY3N2": page_xml([blob_xml("a.csv", 30, version=V3, current=True),
                                     blob_xml("b.csv", 40, version=V1),
-                                    blob_xml("c.csv", 50, snapshot=SNAP), blob_xml("c.csv", 60)], None),
+                                    blob_xml("c.csv", 50, snapshot=SNAP), blob_xml("c.csv", 60),
+                                    blob_xml("d.bin", 70, copy=COPYING), blob_xml("e.bin", 80, copy=COPIED)], None),
 }
 
 
@@ -94,7 +102,7 @@ def test_current_versions_are_the_objects_and_the_rest_is_history(service):
     pages = list(_source(url).list_pages(ListingRange("")))
     assert "versions" in asked[0]["include"][0] and "snapshots" in asked[0]["include"][0]
     objects = [(m.key, m.size, m.version_id) for p in pages for m in p.objects]
-    assert objects == [("a.csv", 30, V3), ("c.csv", 60, None)]
+    assert objects == [("a.csv", 30, V3), ("c.csv", 60, None), ("d.bin", 70, None), ("e.bin", 80, None)]
     history = [(m.key, m.size, m.earlier_state) for p in pages for m in p.history]
     assert history == [("a.csv", 10, "version"), ("a.csv", 20, "version"), ("b.csv", 40, "version"),
                        ("c.csv", 50, "snapshot")]
@@ -105,8 +113,17 @@ def test_current_versions_are_the_objects_and_the_rest_is_history(service):
 def test_a_live_listing_counts_what_it_does_not_carry(service):
     url, _ = service
     listing = LiveListing(_source(url), DatasetConfig(source="azure", container="vers", destination="d"))
-    assert [m.key for m in listing] == ["a.csv", "c.csv"]
+    assert [m.key for m in listing] == ["a.csv", "c.csv", "d.bin", "e.bin"]
     assert listing.not_copied == {NOT_CARRIED["version"]: (3, 70), NOT_CARRIED["snapshot"]: (1, 50)}
+
+
+def test_a_blob_a_copy_is_still_filling_is_listed_as_not_copyable_now_with_the_reason(service):
+    url, asked = service
+    metas = {m.key: m for p in _source(url).list_pages(ListingRange("")) for m in p.objects}
+    assert "copy" in asked[-1]["include"][0].split(",")
+    assert metas["d.bin"].not_copyable.startswith("a copy into it is still in progress at the source")
+    assert "4096/70 bytes" in metas["d.bin"].not_copyable
+    assert metas["e.bin"].not_copyable is None and metas["c.csv"].not_copyable is None
 
 
 def test_history_keys_name_the_earlier_state_and_nothing_else_parses_as_one():
