@@ -7,13 +7,17 @@ higher). `rehydrate` lists each dataset live (an inventory report's tiers may be
 every Archive blob it selects that is not being rehydrated yet (one Set Blob Tier request each, at
 `transfer.concurrency` at once), and with `wait` lists again every `poll` seconds until none is
 left in the Archive tier or the time is up. A blob whose request failed is named with the reason.
-Nothing is copied here: migrate copies a blob once it is readable, and refuses it by name before.
+A blob archived after its copy (the state's current copy has its ETag and size, at the key the
+dataset would write it to) is not asked for: its copy stands, and rehydrating it would be paid for
+nothing. Nothing is copied here: migrate copies a blob once it is readable, and refuses it by name
+before.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Callable, Iterator
 
 from config.errors import ExitCode, UserError
@@ -24,7 +28,10 @@ from .endpoints import open_source
 from .errors import call_endpoint
 from .estimate import Figures
 from .executors import BoundedTasks, create_pool
+from .state import StateStore
 from .inventory import selected
+from .placement import destination_key
+from .project import open_state
 
 PRIORITIES = {"standard": "Standard", "high": "High"}
 TIERS = {"hot": "Hot", "cool": "Cool", "cold": "Cold"}
@@ -35,25 +42,28 @@ MAX_EXAMPLES = 20
 class DatasetRehydration:
     """One dataset's Archive-tier blobs, as one pass found them: `requested` (asked for by this
     pass), `pending` (being rehydrated since an earlier request), `failed` (the request was
-    refused: examples with the reason)."""
+    refused: examples with the reason), `copied` (archived after their copy: not asked for)."""
 
     dataset: str
     listed: int = 0
     requested: Figures = field(default_factory=Figures)
     pending: Figures = field(default_factory=Figures)
     failed: Figures = field(default_factory=Figures)
+    copied: Figures = field(default_factory=Figures)
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def archived(self) -> Figures:
-        """Every blob still in the Archive tier: asked for now, earlier, or refused."""
+        """Every blob still in the Archive tier that migrate needs readable: asked for now, earlier,
+        or refused (not those whose copy stands)."""
         return Figures(self.requested.objects + self.pending.objects + self.failed.objects,
                        self.requested.bytes + self.pending.bytes + self.failed.bytes)
 
     def as_dict(self) -> dict:
         return {"dataset": self.dataset, "listed": self.listed,
                 **{name: {"objects": t.objects, "bytes": t.bytes}
-                   for name, t in (("requested", self.requested), ("pending", self.pending), ("failed", self.failed))},
+                   for name, t in (("requested", self.requested), ("pending", self.pending), ("failed", self.failed),
+                                   ("copied", self.copied))},
                 "failures": [{"key": k, "reason": r} for k, r in self.failures]}
 
 
@@ -76,47 +86,73 @@ def archived(loaded: LoadedConfig, name: str, source) -> Iterator[ObjectMeta]:
             yield meta
 
 
+COPIES_PAGE = 500  # blobs whose copies are looked up in one query
+
+
+def with_copy_standing(loaded: LoadedConfig, name: str, blobs: Iterator[ObjectMeta], state: StateStore | None
+                       ) -> Iterator[tuple[ObjectMeta, bool]]:
+    """Each blob, and whether the state holds its current copy: the same ETag and size at the key
+    dataset `name` writes it to (as migrate's delta pass decides, `dataset_copy.still_current`)."""
+    ds = loaded.config.datasets[name]
+    while page := list(islice(blobs, COPIES_PAGE)):
+        copies = state.current_copies(name, [m.key for m in page]) if state is not None else {}
+        for meta in page:
+            copy = copies.get(meta.key)
+            yield meta, copy is not None and (copy.source_etag, copy.size, copy.dest_key) == (
+                meta.etag, meta.size, destination_key(meta.key, ds.prefix, ds.dest_prefix))
+
+
 def rehydrate(loaded: LoadedConfig, datasets: list[str], *, tier: str = "Hot", priority: str = "Standard",
               dry_run: bool = False) -> list[DatasetRehydration]:
     """One pass: ask for the rehydration of each dataset's Archive blobs not being rehydrated yet
     (`dry_run`: count them, ask nothing)."""
-    results = []
+    state = open_state(loaded, read_only=True)
+    try:
+        return [_rehydrate_dataset(loaded, name, state, tier, priority, dry_run) for name in datasets]
+    finally:
+        if state is not None:
+            state.close()
+
+
+def _rehydrate_dataset(loaded: LoadedConfig, name: str, state: StateStore | None, tier: str, priority: str,
+                       dry_run: bool) -> DatasetRehydration:
+    """`rehydrate` for one dataset."""
     workers = loaded.config.transfer.concurrency
-    for name in datasets:
-        source = call_endpoint(f"dataset `{name}`: source", open_source, loaded, name)
-        found = DatasetRehydration(name)
+    source = call_endpoint(f"dataset `{name}`: source", open_source, loaded, name)
+    found = DatasetRehydration(name)
 
-        def asked(meta: ObjectMeta, _result: None, found: DatasetRehydration = found) -> None:
-            found.requested.add(meta.size)
+    def asked(meta: ObjectMeta, _result: None) -> None:
+        found.requested.add(meta.size)
 
-        def refused(meta: ObjectMeta, exc: BaseException, found: DatasetRehydration = found) -> None:
-            if not isinstance(exc, ConnectorError):
-                raise exc
-            found.failed.add(meta.size)
-            if len(found.failures) < MAX_EXAMPLES:
-                found.failures.append((meta.key, str(exc)))
+    def refused(meta: ObjectMeta, exc: BaseException) -> None:
+        if not isinstance(exc, ConnectorError):
+            raise exc
+        found.failed.add(meta.size)
+        if len(found.failures) < MAX_EXAMPLES:
+            found.failures.append((meta.key, str(exc)))
 
-        def each(tasks: BoundedTasks | None) -> None:
-            for meta in archived(loaded, name, source):
-                found.listed += 1
-                if meta.rehydrating:
-                    found.pending.add(meta.size)
-                elif tasks is None:
-                    found.requested.add(meta.size)
-                else:
-                    tasks.submit(meta, source.rehydrate, meta.key, tier, priority)
+    def each(tasks: BoundedTasks | None) -> None:
+        for meta, copy_standing in with_copy_standing(loaded, name, archived(loaded, name, source), state):
+            found.listed += 1
+            if copy_standing:
+                found.copied.add(meta.size)
+            elif meta.rehydrating:
+                found.pending.add(meta.size)
+            elif tasks is None:
+                found.requested.add(meta.size)
+            else:
+                tasks.submit(meta, source.rehydrate, meta.key, tier, priority)
 
-        def listing() -> None:
-            if dry_run:
-                each(None)
-                return
-            with create_pool(workers, "rehydrate") as pool, \
-                    BoundedTasks(pool, 2 * workers, on_result=asked, on_error=refused) as tasks:
-                each(tasks)
+    def listing() -> None:
+        if dry_run:
+            each(None)
+            return
+        with create_pool(workers, "rehydrate") as pool, \
+                BoundedTasks(pool, 2 * workers, on_result=asked, on_error=refused) as tasks:
+            each(tasks)
 
-        call_endpoint(f"dataset `{name}`: listing {source.label}", listing)
-        results.append(found)
-    return results
+    call_endpoint(f"dataset `{name}`: listing {source.label}", listing)
+    return found
 
 
 def wait_readable(loaded: LoadedConfig, datasets: list[str], *, tier: str, priority: str, poll: float,

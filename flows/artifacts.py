@@ -83,6 +83,7 @@ def rehydration_row(found) -> dict[str, Any]:
     return {"dataset": found.dataset, "still_in_archive": found.archived.objects,
             "size": format_size(found.archived.bytes), "asked_now": found.requested.objects,
             "rehydrating": found.pending.objects, "refused": found.failed.objects,
+            "copied_before_archived": found.copied.objects,
             "refusals": "; ".join(f"{key}: {reason}" for key, reason in found.failures[:5])}
 
 

@@ -79,8 +79,12 @@ def _print(found, args: argparse.Namespace, tier: str, priority: str) -> None:
         return f"{t.objects:,} ({format_size(t.bytes)})"
 
     asked = "would ask" if args.dry_run else "asked now"
-    print_table(["dataset", "in Archive", asked, "rehydrating", "refused"],
-                [[f.dataset, cell(f.archived), cell(f.requested), cell(f.pending), cell(f.failed)] for f in found])
+    print_table(["dataset", "in Archive", asked, "rehydrating", "refused", "copied before archived"],
+                [[f.dataset, cell(f.archived), cell(f.requested), cell(f.pending), cell(f.failed), cell(f.copied)]
+                 for f in found])
+    if any(f.copied.objects for f in found):
+        print("copied before archived: the state holds their copy with the ETag and size they have now; not asked "
+              "for (migrate counts them unchanged)")
     for f in found:
         for key, reason in f.failures:
             print(f"{f.dataset}: refused: {key!r}: {reason}")

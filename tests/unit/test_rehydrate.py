@@ -14,6 +14,8 @@ import pytest
 from config.models import DatasetConfig, TransferConfig
 from connectors.azure_blob import AzureBlobSource
 from engine import rehydrate as rh
+from engine import state as st
+from engine.state import StateStore
 from tests.unit.test_azure_versions import blob_xml, page_xml
 
 
@@ -95,6 +97,8 @@ def account():
 def loaded(account, monkeypatch):
     monkeypatch.setattr(rh, "open_source", lambda loaded, name: AzureBlobSource.from_sas(
         account.url, "sv=2021-08-06&sig=recorded", "arch", retry_total=0))
+    account.state = None  # no state: nothing copied yet
+    monkeypatch.setattr(rh, "open_state", lambda loaded, read_only: account.state)
     ds = DatasetConfig(source="az", container="arch", destination="d")
     return SimpleNamespace(config=SimpleNamespace(datasets={"scans": ds}, transfer=TransferConfig(concurrency=2)))
 
@@ -138,3 +142,16 @@ def test_a_dataset_not_read_from_azure_is_refused_when_named_and_set_aside_other
     with pytest.raises(UserError) as caught:
         rh.azure_datasets(loaded, ["deliveries"], named=True)
     assert caught.value.exit_code == ExitCode.USAGE and "`deliveries`" in str(caught.value)
+
+
+def test_a_blob_archived_after_its_copy_is_not_asked_for_and_one_changed_since_is(account, loaded, tmp_path):
+    account.state = StateStore(tmp_path / "state.db")
+    run = account.state.start_run("migrate")
+    for key, etag, size in (("a.bin", "0x8D9", 100), ("held.bin", "0x8D8", 7)):  # held.bin rewritten since
+        oid = account.state.add_object(run, "scans", key, etag, size, dest_key=key, state=st.IN_PROGRESS)
+        account.state.transition(oid, st.UPLOADED)
+    (found,) = rh.rehydrate(loaded, ["scans"])
+    assert [name for name, _, _ in account.asked] == ["held.bin"]
+    assert (found.copied.objects, found.copied.bytes) == (1, 100) and found.archived.objects == 2
+    assert found.as_dict()["copied"] == {"objects": 1, "bytes": 100}
+
