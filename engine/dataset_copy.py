@@ -53,12 +53,17 @@ def still_current(previous: st.CurrentCopy | st.ObjectRecord | None, meta: Objec
     cannot give now (an Archive blob) whose copy is current needs no copy: its tier is not compared
     (the tier it left is the one its copy was written from)."""
     placement = placed.placement if isinstance(placed, Refusal) else placed
-    if previous is None or placement is None or previous.run_id == run_id:
-        return False
-    if (previous.source_etag, previous.size, previous.dest_key) != (meta.etag, meta.size, placement.dest_key):
+    if placement is None or not copy_holds(previous, meta, placement.dest_key) or previous.run_id == run_id:
         return False
     return isinstance(placed, Refusal) or (previous.tags_digest == placement.tags_digest
                                            and previous.storage_class == placement.write_meta.storage_class)
+
+
+def copy_holds(previous: st.CurrentCopy | st.ObjectRecord | None, meta: ObjectMeta, dest_key: str) -> bool:
+    """Whether `previous` (a current copy, or None) holds `meta`'s bytes at `dest_key`: the same ETag
+    and size there. What `still_current` and `rehydrate` start from."""
+    return previous is not None and (previous.source_etag, previous.size, previous.dest_key) == (
+        meta.etag, meta.size, dest_key)
 
 
 def unchanged_reason(previous: st.CurrentCopy, placed: Placement | Refusal) -> str:

@@ -27,11 +27,12 @@ from connectors.base import ConnectorError, ObjectMeta
 from .endpoints import open_source
 from .errors import call_endpoint
 from .estimate import Figures
+from .dataset_copy import COPIES_PAGE, copy_holds
 from .executors import BoundedTasks, create_pool
-from .state import StateStore
 from .inventory import selected
 from .placement import destination_key
 from .project import open_state
+from .state import StateStore
 
 PRIORITIES = {"standard": "Standard", "high": "High"}
 TIERS = {"hot": "Hot", "cool": "Cool", "cold": "Cold"}
@@ -86,20 +87,15 @@ def archived(loaded: LoadedConfig, name: str, source) -> Iterator[ObjectMeta]:
             yield meta
 
 
-COPIES_PAGE = 500  # blobs whose copies are looked up in one query
-
-
 def with_copy_standing(loaded: LoadedConfig, name: str, blobs: Iterator[ObjectMeta], state: StateStore | None
                        ) -> Iterator[tuple[ObjectMeta, bool]]:
     """Each blob, and whether the state holds its current copy: the same ETag and size at the key
-    dataset `name` writes it to (as migrate's delta pass decides, `dataset_copy.still_current`)."""
+    dataset `name` writes it to (`dataset_copy.copy_holds`, where migrate's delta pass starts)."""
     ds = loaded.config.datasets[name]
     while page := list(islice(blobs, COPIES_PAGE)):
         copies = state.current_copies(name, [m.key for m in page]) if state is not None else {}
         for meta in page:
-            copy = copies.get(meta.key)
-            yield meta, copy is not None and (copy.source_etag, copy.size, copy.dest_key) == (
-                meta.etag, meta.size, destination_key(meta.key, ds.prefix, ds.dest_prefix))
+            yield meta, copy_holds(copies.get(meta.key), meta, destination_key(meta.key, ds.prefix, ds.dest_prefix))
 
 
 def rehydrate(loaded: LoadedConfig, datasets: list[str], *, tier: str = "Hot", priority: str = "Standard",

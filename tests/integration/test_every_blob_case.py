@@ -206,4 +206,3 @@ def test_a_blob_archived_after_its_copy_stays_unchanged_and_one_changed_then_arc
     assert code == 1 and "cold/rewritten.bin" in err and "cold/kept.bin" not in err, (out, err)
     row = next(line.split() for line in out.splitlines() if line.startswith("docs "))
     assert row[1:5] == ["2", "0", "1", "1"], out
-
