@@ -354,9 +354,11 @@ class StateStore:
         if not keys:
             return {}
         with self.engine.connect() as conn:
-            if conn.dialect.name == "sqlite":
-                params = {"_dataset": dataset, "_keys_json": json.dumps(list(keys))}
-                rows = conn.execute(_CURRENT_COPIES_SQLITE, params).all()
+            keys_json = json.dumps(list(keys)) if conn.dialect.name == "sqlite" else ""
+            # SQLite's json_each ends a text value at a NUL ("\u0000" once encoded): such a page
+            # goes as bound parameters.
+            if keys_json and "\\u0000" not in keys_json:
+                rows = conn.execute(_CURRENT_COPIES_SQLITE, {"_dataset": dataset, "_keys_json": keys_json}).all()
             else:
                 rows = conn.execute(_CURRENT_COPIES, {"_dataset": dataset, "_keys": list(keys)}).all()
         # Positional rows: a mapping per row costs more than the query at a few hundred keys.

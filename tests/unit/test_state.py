@@ -130,9 +130,10 @@ def test_last_copy_is_the_newest_uploaded_or_verified_row_across_runs(store):
 
 def test_current_copies_finds_every_key_whatever_its_characters_and_however_many(store):
     hard = ['a"b', "a\\b", "é/ü/名前", "tab\tnew\nline", "[1,2]", "' OR 1=1 --", "x" * 1024]
+    nul = ["nul\x00after", "nul"]  # json_each would end the first at its NUL, making it the second
     many = [f"k/{i:05}" for i in range(40_000)]  # more keys than SQLite has bind variables
     run = store.start_run("migrate")
-    for key in hard + many[::997]:
+    for key in hard + nul + many[::997]:
         oid = store.add_object(run, "d", key, "0x1", 1, dest_key="x/" + key, state=st.IN_PROGRESS)
         store.transition(oid, st.UPLOADED)
     store.add_object(run, "d", "pending-only", "0x1", 1, dest_key="x/pending-only")
@@ -140,6 +141,8 @@ def test_current_copies_finds_every_key_whatever_its_characters_and_however_many
     assert sorted(copies) == sorted(hard + many[::997])
     assert all(copy.source_key == key for key, copy in copies.items())
     assert store.current_copies("other", hard) == {}
+    copies = store.current_copies("d", nul + ["nul\x00other"])
+    assert sorted(copies) == sorted(nul) and all(copy.source_key == key for key, copy in copies.items())
 
 
 def test_verify_expects_each_keys_newest_claim_in_destination_key_byte_order(store):
