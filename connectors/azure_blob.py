@@ -17,11 +17,17 @@ Things this module deliberately does not do:
 from __future__ import annotations
 
 import os
+import ssl
+import uuid
 from datetime import datetime
+from email.utils import formatdate
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
+from xml.etree import ElementTree
 
 import requests
+import urllib3
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
@@ -32,16 +38,20 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
-from azure.core.pipeline.transport import RequestsTransport
+from azure.core.pipeline import PipelineContext, PipelineRequest
+from azure.core.pipeline.policies import BearerTokenCredentialPolicy
+from azure.core.pipeline.transport import HttpRequest, RequestsTransport
 from azure.storage.blob import (BlobClient, BlobPrefix, BlobProperties, BlobServiceClient, ContainerClient,
                                 ExponentialRetry)
 from azure.storage.blob._generated.models import ModifiedAccessConditions
+from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
 from requests.sessions import merge_setting
 from requests.utils import get_environ_proxies
 
 from config.azure_connection import ConnectionStringError, blob_endpoints
 
 from .base import (
+    DIRECT_MAX_BYTES,
     AuthError,
     ConfigError,
     ConnectorError,
@@ -56,6 +66,7 @@ from .base import (
     Throttled,
     TransientError,
     UNPACED,
+    attempts,
     history_of,
 )
 
@@ -155,6 +166,151 @@ class _ExactBuffer:
         return False
 
 
+class _UseTheSdk(Exception):
+    """A direct read met what only the SDK's pipeline answers (an Entra ID challenge)."""
+
+
+class _DirectReads:
+    """Ranged Get Blob as one HTTP request, for ranges up to `DIRECT_MAX_BYTES`.
+
+    Through the SDK, every read builds a blob client (a pipeline of a dozen policies and a
+    generated client) and runs one request through all of them and requests: about 2 ms of client
+    CPU for a 16 KiB range, three quarters of it around the request itself. Here the request is
+    authorised by the container client's own credential policy (the SDK's Shared Key or Entra ID
+    token policy; a SAS rides in the URL, where the SDK put it), sent on a urllib3 pool with the
+    transport's timeouts, certificate settings and pool size, never redirected, and retried on
+    throttling, 5xx and dropped connections with the SDK retry policy's own count and backoff.
+    Built only where all of that is known (`for_container`): no proxy for the endpoint, no client
+    certificate, one credential policy of a known kind, the exponential retry policy. Otherwise,
+    and for an empty range or a snapshot or version, reads go through the SDK.
+    """
+
+    def __init__(self, container: ContainerClient, transport: "_PooledRequestsTransport",
+                 credential: Any, retry: ExponentialRetry, settings: dict[str, Any]):
+        base, _, query = container.url.partition("?")
+        parts = urlsplit(base)
+        self.path = parts.path
+        self.query = f"?{query}" if query else ""
+        self.origin = f"{parts.scheme}://{parts.netloc}"
+        self.api_version = container.api_version
+        self.credential = credential
+        self.tries = retry.total_retries + 1
+        # The SDK's policy counts a first retry as 1 (initial + base**1 seconds).
+        self.backoff = lambda n: retry.get_backoff_time({"count": n + 1})
+        config = transport.connection_config
+        kwargs: dict[str, Any] = {
+            "num_pools": 1, "maxsize": transport._max_connections, "block": False, "retries": False,
+            "timeout": urllib3.Timeout(connect=config.timeout, read=config.read_timeout),
+        }
+        if parts.scheme == "https":
+            verify = settings.get("verify", True)
+            if verify is False:
+                kwargs["cert_reqs"] = ssl.CERT_NONE
+            else:
+                bundle = requests.certs.where() if verify in (True, None) else str(verify)
+                kwargs["cert_reqs"] = ssl.CERT_REQUIRED
+                kwargs["ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"] = bundle
+        self.manager = urllib3.PoolManager(**kwargs)
+        self.pool = self.manager.connection_from_url(base)
+
+    @classmethod
+    def for_container(cls, container: ContainerClient) -> "_DirectReads | None":
+        pipeline = getattr(container, "_pipeline", None)
+        policies = [getattr(p, "_policy", p) for p in getattr(pipeline, "_impl_policies", ())]
+        transport = getattr(pipeline, "_transport", None)
+        while transport is not None and not isinstance(transport, _PooledRequestsTransport):
+            transport = getattr(transport, "_transport", None)
+        credentials = [p for p in policies if isinstance(p, (SharedKeyCredentialPolicy, BearerTokenCredentialPolicy))]
+        retries = [p for p in policies if isinstance(p, ExponentialRetry)]
+        if transport is None or len(credentials) > 1 or len(retries) != 1:
+            return None
+        if transport.session is None:
+            transport.open()
+        config = transport.connection_config
+        url = container.url.partition("?")[0]
+        settings = transport.session.merge_environment_settings(url, {}, None, config.verify, config.cert)
+        if settings.get("proxies") and requests.utils.select_proxy(url, settings["proxies"]) or settings.get("cert"):
+            return None
+        return cls(container, transport, credentials[0] if credentials else None, retries[0], settings)
+
+    def blob_url(self, key: str) -> str:
+        """The URL the SDK's blob client of `key` has (`_format_url`)."""
+        return f"{self.origin}{self.path}/{quote(key, safe='~/')}{self.query}"
+
+    def read(self, source: "AzureBlobSource", key: str, start: int, end: int, if_match: str | None) -> bytes:
+        target = f"{self.path}/{quote(key, safe='~/')}{self.query}"
+        url = f"{self.origin}{target}"
+        headers = {"x-ms-version": self.api_version, "x-ms-range": f"bytes={start}-{end - 1}", "User-Agent": "exitplan"}
+        if if_match is not None:
+            headers["If-Match"] = _quote(if_match)
+
+        def send() -> bytes:
+            request = HttpRequest("GET", url, headers={
+                **headers, "x-ms-date": formatdate(usegmt=True), "x-ms-client-request-id": str(uuid.uuid4())})
+            source.pacer.request_starts("get")
+            try:
+                if self.credential is not None:
+                    self.credential.on_request(PipelineRequest(request, PipelineContext(None)))
+                response = self.pool.urlopen("GET", target, headers=dict(request.headers), preload_content=False,
+                                             decode_content=False, redirect=False, retries=False)
+            except urllib3.exceptions.HTTPError as exc:
+                source.pacer.request_ended(None)
+                raise source._translate(ServiceRequestError(f"{type(exc).__name__}: {exc}", error=exc), key) from exc
+            except AzureError as exc:  # the token could not be had
+                source.pacer.request_ended(None)
+                raise source._translate(exc, key) from exc
+            answer = SimpleNamespace(status_code=response.status, reason=response.reason, headers=response.headers)
+            source.pacer.request_ended(_throttling(answer))
+            try:
+                return self._body(source, key, start, end, response, answer)
+            finally:
+                response.release_conn()
+
+        return attempts(send, tries=self.tries, backoff=self.backoff)
+
+    def _body(self, source: "AzureBlobSource", key: str, start: int, end: int, response: Any, answer: Any) -> bytes:
+        if response.status not in (200, 206):
+            if response.status == 401 and isinstance(self.credential, BearerTokenCredentialPolicy):
+                raise _UseTheSdk()
+            body = _drained(response)
+            message = _error_message(body) or response.reason or ""
+            answer.text = lambda encoding=None: body.decode("utf-8", "replace")
+            raise source._translate(HttpResponseError(message=message, response=answer), key)
+        if response.status == 206:
+            total = _total_size(response.headers.get("Content-Range"), end)
+        else:
+            total = int(response.headers.get("Content-Length") or 0) + start
+        source._check_bounds(key, start, end, total)
+        try:
+            data = response.read(end - start + 1, decode_content=False)
+            _drained(response)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientError(f"{source.label}: {key!r}: {type(exc).__name__}: {exc}", key=key) from exc
+        if len(data) != end - start:
+            raise TransientError(
+                f"{source.label}: short read of {key!r} range {start}-{end}: {len(data)} of {end - start} bytes"
+                if len(data) < end - start else
+                f"{source.label}: {key!r}: the service sent more than the {end - start} bytes asked for", key=key)
+        return data
+
+
+def _drained(response: Any) -> bytes:
+    """The rest of an answer's body, read so that its connection can serve the next request."""
+    try:
+        return response.read(decode_content=False) or b""
+    except (urllib3.exceptions.HTTPError, OSError):
+        return b""
+
+
+def _error_message(body: bytes) -> str:
+    # <Error><Code>…</Code><Message>first line\nRequestId:…\nTime:…</Message></Error>
+    try:
+        text = ElementTree.fromstring(body).findtext("Message") if body else None
+    except ElementTree.ParseError:
+        text = None
+    return (text or "").strip().split("\n")[0]
+
+
 # The SDK's blob types as `ObjectMeta.kind`.
 _KINDS = {"BlockBlob": "block", "PageBlob": "page", "AppendBlob": "append"}
 # Why an Archive-tier blob is listed but not copied: a permanent outcome until someone rehydrates it
@@ -239,6 +395,7 @@ class AzureBlobSource:
         self.page_size = page_size
         self.label = f"azure:{self.account}/{self.container}"
         self.pacer = pacer
+        self._direct: _DirectReads | None | bool = False  # False: not looked for yet
 
     # ---- constructors ---------------------------------------------------------------------
 
@@ -374,6 +531,9 @@ class AzureBlobSource:
 
     def close(self) -> None:
         """Close the HTTP connections."""
+        direct, self._direct = self._direct, False
+        if direct:
+            direct.manager.clear()
         try:
             self._container.close()
         except AzureError:
@@ -495,6 +655,13 @@ class AzureBlobSource:
         conditions: dict[str, Any] = {}
         if if_match is not None:
             conditions = {"etag": _quote(if_match), "match_condition": MatchConditions.IfNotModified}
+        if 0 < end - start <= DIRECT_MAX_BYTES and history_of(key) is None:
+            direct = self._direct_reads()
+            if direct is not None:
+                try:
+                    return direct.read(self, key, start, end, if_match)
+                except _UseTheSdk:
+                    pass
         blob = self._blob(key)
         if start == end:
             # An empty range cannot be expressed as an HTTP Range (and Azure answers 416 to any
@@ -535,6 +702,12 @@ class AzureBlobSource:
         return into.buffer
 
     # ---- internals ------------------------------------------------------------------------
+
+    def _direct_reads(self) -> _DirectReads | None:
+        # Looked for once; two threads that both look build the same thing.
+        if self._direct is False:
+            self._direct = _DirectReads.for_container(self._container)
+        return self._direct
 
     def _blob(self, key: str) -> BlobClient:
         """The client of blob `key`, or of the earlier state of a blob a history key names

@@ -13,9 +13,18 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import BinaryIO, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import BinaryIO, Callable, Iterator, Mapping, Protocol, Sequence, TypeVar, runtime_checkable
+
+T = TypeVar("T")
+
+# Bodies and ranges up to this size go by a connector's direct request where it has one (S3's
+# PutObject, Azure's ranged Get Blob): one HTTP request signed by the SDK's own signer and sent on
+# a keep-alive pool, without the SDK's per-request machinery (about 1 ms of CPU per request each
+# side, most of a small object's cost). Larger ones go through the SDK: their cost is the bytes.
+DIRECT_MAX_BYTES = 1024 * 1024
 
 # --------------------------------------------------------------------------------------------
 # Values passed between stages
@@ -321,6 +330,24 @@ class IntegrityError(ConnectorError):
     """
 
     retryable = True
+
+
+def attempts(send: Callable[[], T], *, tries: int, backoff: Callable[[int], float],
+             on_retry: Callable[[ConnectorError], None] | None = None) -> T:
+    """`send()` until it returns, raises anything but `Throttled` / `TransientError`, or has been
+    tried `tries` times (the last error is raised); `backoff(n)` seconds are slept before retry n
+    (0-based) and `on_retry` told of the error. The retry layer of a connector's direct requests,
+    standing for the one its SDK has: the engine's retries come on top, as they do over the SDK's."""
+    for n in range(tries):
+        try:
+            return send()
+        except (Throttled, TransientError) as exc:
+            if n + 1 >= tries:
+                raise
+            if on_retry is not None:
+                on_retry(exc)
+            time.sleep(backoff(n))
+    raise ValueError(f"tries must be at least 1, not {tries}")
 
 
 class AuthError(ConnectorError):

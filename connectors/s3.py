@@ -26,16 +26,21 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import random
 import re
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence, TypeVar
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
+from xml.etree import ElementTree
 
 import boto3
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
 from botocore.config import Config
+from botocore.credentials import Credentials
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -47,6 +52,7 @@ from botocore.exceptions import (
 )
 
 from .base import (
+    DIRECT_MAX_BYTES,
     AuthError,
     ConfigError,
     ConnectorError,
@@ -67,6 +73,7 @@ from .base import (
     Unsupported,
     UNPACED,
     WriteMeta,
+    attempts,
     checked_etag,
     checked_multipart_etag,
 )
@@ -282,6 +289,13 @@ class S3Store:
         except (BotoCoreError, ValueError) as exc:
             raise ConfigError(f"{self.label}: cannot build an S3 client for {endpoint_url!r}: {exc}") from None
         self._paced(self._client)
+        self._max_attempts = max_attempts
+        self._direct_base = _bucket_url(endpoint_url, bucket, addressing_style)
+        # PutObject of a small body from memory goes as one request (`_direct_put`) over botocore's
+        # own HTTP session: its TLS, proxy, pool and timeout settings. Private attribute: where a
+        # botocore release moves it, every PUT goes through the client (the unit tests say so).
+        self._http = getattr(getattr(self._client, "_endpoint", None), "http_session", None)
+        self._signer = S3SigV4Auth(Credentials(access_key_id, secret_access_key, session_token), "s3", region)
         self._stream_client_lock = threading.Lock()
         self._stream_client_instance = None
         self._resent_lock = threading.Lock()
@@ -533,8 +547,60 @@ class S3Store:
         without `md5` is hashed as it is sent and the returned ETag must equal that digest.
         Raises `IntegrityError` on a mismatch.
         """
+        if self._direct_fits(body, size, md5):
+            return self._direct_put(key, body, size, _write_params(meta, self.label, key), md5)
         params = {"Bucket": self.bucket, "Key": key, **_write_params(meta, self.label, key)}
         return self._send_body("put_object", params, key, body, size, md5, f"{key!r}")
+
+    def _direct_fits(self, body: PartBody, size: int, md5: bytes | None) -> bool:
+        """Whether PutObject may go as a direct request: a small body in memory with its MD5, no
+        bandwidth limit to hand it over in chunks, no flexible checksum headers to add (botocore
+        computes those), a bucket URL known without botocore's endpoint resolver."""
+        return (self._direct_base is not None and self._http is not None and md5 is not None
+                and 0 <= size <= DIRECT_MAX_BYTES and isinstance(body, (bytes, bytearray, memoryview))
+                and memoryview(body).nbytes == size and not self.pacer.paces_bytes
+                and not self.behaviour.flexible_checksums)
+
+    def _direct_put(self, key: str, body: bytes | bytearray | memoryview, size: int, params: dict[str, Any],
+                    md5: bytes) -> str:
+        """PutObject as one request: the headers botocore sends for `params` (Content-MD5 among them;
+        tests/unit/test_s3_direct.py compares the two), signed by botocore's SigV4 signer with the
+        client's configuration (UNSIGNED-PAYLOAD: the Content-MD5 covers the body), sent on botocore's
+        HTTP session, paced per attempt, and retried as botocore's standard mode retries (throttling,
+        5xx, a dropped connection: `max_attempts` in all, backoff up to 20 s), each retry counted in
+        `bodies_resent_by_sdk`. Errors are translated as the client's are; the ETag is checked."""
+        url = f"{self._direct_base}/{quote(key, safe='/~')}"
+        headers = _headers_of(params)
+        headers["Content-MD5"] = base64.b64encode(md5).decode()
+        headers["Content-Length"] = str(size)
+        config = self._client.meta.config
+
+        def send() -> str:
+            request = AWSRequest("PUT", url, data=body, headers=headers)
+            request.context["client_config"] = config
+            self.pacer.request_starts("put")
+            try:
+                self._signer.add_auth(request)
+                response = self._http.send(request.prepare())
+            except BotoCoreError as exc:
+                self.pacer.request_ended(None)
+                raise self._translate(exc, key) from exc
+            if response.status_code == 200:
+                self.pacer.request_ended(None)
+                return _unquote(response.headers.get("ETag"))
+            answer = {"Error": _error_of(response.content),
+                      "ResponseMetadata": {"HTTPStatusCode": response.status_code}}
+            self._request_ended({"status_code": response.status_code}, answer)
+            raise self._translate(ClientError(answer, "PutObject"), key)
+
+        def resent(_exc: ConnectorError) -> None:
+            with self._resent_lock:
+                self._resent_by_sdk += 1
+
+        etag = attempts(send, tries=self._max_attempts, backoff=_standard_backoff, on_retry=resent)
+        if self.etag_is_md5:
+            checked_etag(etag, md5, what=f"{self.label}: {key!r}", key=key)
+        return etag
 
     def open_multipart(self, key: str, meta: WriteMeta) -> "S3MultipartUpload":
         """Start a multipart upload of `key` with its content headers and metadata."""
@@ -846,6 +912,52 @@ def _total_from_content_range(content_range: str | None) -> int | None:
         return None
     total = content_range.rsplit("/", 1)[1]
     return int(total) if total.isdigit() else None
+
+
+def _bucket_url(endpoint_url: str | None, bucket: str, addressing_style: str) -> str | None:
+    """The bucket's URL as botocore's requests name it under `addressing_style`, or None where
+    only botocore's endpoint resolver knows it (no endpoint: AWS itself)."""
+    if not endpoint_url:
+        return None
+    parts = urlsplit(endpoint_url)
+    if parts.query or parts.fragment or not parts.hostname:
+        return None
+    path = parts.path.rstrip("/")
+    if addressing_style == "path":
+        return f"{parts.scheme}://{parts.netloc}{path}/{bucket}"
+    return f"{parts.scheme}://{bucket}.{parts.netloc}{path}"
+
+
+# boto3's PutObject parameters (those `_write_params` gives) as the HTTP headers botocore sends.
+_HEADER_OF = {"ContentType": "Content-Type", "ContentEncoding": "Content-Encoding", "CacheControl": "Cache-Control",
+              "ContentDisposition": "Content-Disposition", "ContentLanguage": "Content-Language",
+              "StorageClass": "x-amz-storage-class", "Tagging": "x-amz-tagging"}
+
+
+def _headers_of(params: Mapping[str, Any]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for name, value in params.items():
+        if name == "Metadata":
+            headers.update((f"x-amz-meta-{k}", v) for k, v in value.items())
+        else:
+            headers[_HEADER_OF[name]] = value
+    return headers
+
+
+def _error_of(content: bytes | None) -> dict[str, str]:
+    """Code and Message of an S3 error answer's XML body ({} when it has none, a HEAD's)."""
+    try:
+        root = ElementTree.fromstring(content) if content else None
+    except ElementTree.ParseError:
+        root = None
+    if root is None:
+        return {}
+    return {"Code": root.findtext("Code") or "", "Message": root.findtext("Message") or ""}
+
+
+def _standard_backoff(retry: int) -> float:
+    # botocore's standard retry mode: full jitter over 2^n seconds, at most 20.
+    return random.random() * min(20.0, 2.0 ** retry)
 
 
 def _write_params(meta: WriteMeta, label: str, key: str) -> dict[str, Any]:

@@ -1,0 +1,219 @@
+"""The connectors' direct requests (a small PutObject, a small ranged Get Blob) send what their SDK
+would send: the same URL, the same headers, signed the same way. No server: botocore's request is
+captured at its `before-send` event, the direct one at the HTTP session."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from azure.core.credentials import AccessToken
+from azure.core.pipeline.policies import BearerTokenCredentialPolicy
+from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
+from botocore.awsrequest import AWSResponse
+
+from connectors.azure_blob import AzureBlobSource, _DirectReads
+from connectors.base import DIRECT_MAX_BYTES, ContentSettings, SinkBehaviour, SinkLimits, WriteMeta
+from connectors.s3 import S3Store
+
+# Azurite's well-known development account key (public), as any emulator connection string has it.
+DEV_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
+class _Raw:
+    def __init__(self, body: bytes = b""):
+        self.body = body
+
+    def stream(self, *_args, **_kwargs):
+        yield self.body
+
+
+def _ok(url: str, etag: str) -> AWSResponse:
+    return AWSResponse(url, 200, {"ETag": f'"{etag}"'}, _Raw())
+
+
+def _store(endpoint: str, style: str = "path", **kwargs) -> S3Store:
+    return S3Store("bucket-1", endpoint_url=endpoint, region="gra", access_key_id="AKEXAMPLE",
+                   secret_access_key="secret", addressing_style=style, limits=SinkLimits(), **kwargs)
+
+
+def _through_botocore(store: S3Store, key: str, body: bytes, meta: WriteMeta, md5: bytes):
+    """The request botocore sends for the connector's own PutObject parameters."""
+    from connectors.s3 import _write_params
+
+    seen = []
+
+    def before_send(request, **_):
+        seen.append(request)
+        return _ok(request.url, md5.hex())
+
+    store._client.meta.events.register_first("before-send.s3", before_send)
+    store._client.put_object(Bucket=store.bucket, Key=key, Body=body, ContentLength=len(body),
+                             ContentMD5=base64.b64encode(md5).decode(), **_write_params(meta, "t", key))
+    return seen[0]
+
+
+def _direct(store: S3Store, key: str, body: bytes, meta: WriteMeta, md5: bytes):
+    seen = []
+
+    class Session:
+        def send(self, request):
+            seen.append(request)
+            return _ok(request.url, md5.hex())
+
+    store._http = Session()
+    assert store.put(key, body, len(body), meta, md5) == md5.hex()
+    return seen[0]
+
+
+def _comparable(request) -> tuple[str, dict[str, str], list[str]]:
+    headers = {k.lower(): (v.decode() if isinstance(v, bytes) else v) for k, v in request.headers.items()}
+    signed = headers["authorization"].split("SignedHeaders=")[1].split(",")[0].split(";")
+    # Left out on purpose by the direct PUT: `Expect: 100-continue` (one more round trip before a
+    # body of at most `DIRECT_MAX_BYTES`, which the server may refuse after reading it all the same).
+    for varying in ("authorization", "x-amz-date", "user-agent", "amz-sdk-invocation-id", "amz-sdk-request",
+                    "expect"):
+        headers.pop(varying, None)
+    return request.url, headers, signed
+
+
+KEYS = ["plain.csv", "dir/sub dir/a+b=c&d.txt", "ünïcödé/é.dcm", "a//b/./c/../d", "~tilde/%41/#hash?q",
+        "/leading/slash", "semi;colon,comma'quote\"(paren)*star!"]
+META = WriteMeta(
+    content=ContentSettings(content_type="application/dicom", content_encoding="gzip", cache_control="no-cache",
+                            content_disposition='attachment; filename="x.dcm"', content_language="fr-FR"),
+    metadata={"exitplan-sha256": "ab" * 32, "Mixed-Case": "v a l"},
+    tags={"project": "hdh", "phase 2": "a&b=c"},
+    storage_class="STANDARD_IA",
+)
+
+
+@pytest.mark.parametrize("endpoint,style", [
+    ("http://127.0.0.1:9000", "path"),
+    ("https://s3.gra.io.cloud.ovh.net", "virtual"),
+    ("https://s3.fr-par.scw.cloud/", "path"),
+    ("https://objects.example.eu:8443/prefix", "path"),
+])
+@pytest.mark.parametrize("key", KEYS)
+def test_a_direct_put_is_the_request_botocore_sends(endpoint, style, key):
+    body = b"x" * 1000
+    md5 = hashlib.md5(body).digest()
+    ours = _comparable(_direct(_store(endpoint, style), key, body, META, md5))
+    theirs = _comparable(_through_botocore(_store(endpoint, style), key, body, META, md5))
+    assert ours == theirs
+
+
+def test_a_direct_put_carries_a_session_token_as_botocore_does():
+    body, md5 = b"y", hashlib.md5(b"y").digest()
+    meta = WriteMeta(content=ContentSettings(), metadata={})
+    ours = _comparable(_direct(_store("https://s3.example.eu", session_token="tok"), "k", body, meta, md5))
+    theirs = _comparable(_through_botocore(_store("https://s3.example.eu", session_token="tok"), "k", body, meta, md5))
+    assert ours == theirs and ours[1]["x-amz-security-token"] == "tok"
+
+
+@pytest.mark.parametrize("why,store_kwargs,size,body_kind,with_md5", [
+    ("no MD5 to send", {}, 100, bytes, False),
+    ("a body larger than a direct request takes", {}, DIRECT_MAX_BYTES + 1, bytes, True),
+    ("a streamed body", {}, 100, "stream", True),
+    ("flexible checksums (botocore computes them)", {"behaviour": SinkBehaviour(flexible_checksums=True)}, 100,
+     bytes, True),
+])
+def test_what_goes_through_botocore_instead(why, store_kwargs, size, body_kind, with_md5):
+    import io
+
+    store = _store("http://127.0.0.1:9000", **store_kwargs)
+    data = b"z" * size
+    md5 = hashlib.md5(data).digest()
+    body = io.BytesIO(data) if body_kind == "stream" else data
+
+    class Refuse:
+        def send(self, request):
+            raise AssertionError(f"sent directly despite {why}")
+
+    store._http = Refuse()
+    client = store._client if body_kind is bytes else store._stream_client()
+
+    def answer(request, **_):
+        if hasattr(request.body, "read"):
+            request.body.read()  # what sending it would do
+        return _ok(request.url, md5.hex())
+
+    client.meta.events.register_first("before-send.s3", answer)
+    store.put("k", body, size, WriteMeta(content=ContentSettings(), metadata={}), md5 if with_md5 else None)
+
+
+def test_an_endpoint_only_botocore_can_resolve_has_no_direct_put():
+    assert _store(None)._direct_base is None
+    assert _store("https://s3.example.eu")._http is not None  # botocore still has its session there
+
+
+# ---- Azure ----------------------------------------------------------------------------------
+
+
+def _account_url(port: int = 10000) -> str:
+    return f"http://127.0.0.1:{port}/devstoreaccount1"
+
+
+def _from_key() -> AzureBlobSource:
+    cs = (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_KEY};"
+          f"BlobEndpoint={_account_url()};")
+    return AzureBlobSource.from_connection_string(cs, "health-data")
+
+
+@pytest.mark.parametrize("key", KEYS + ["sp ace", "percent%20encoded", "x" * 300])
+def test_the_direct_read_asks_for_the_url_the_sdk_blob_client_has(key):
+    source = _from_key()
+    direct = source._direct_reads()
+    assert direct is not None
+    assert direct.blob_url(key) == source._container.get_blob_client(key).url
+
+
+def test_a_sas_source_reads_directly_with_the_sas_in_the_url():
+    source = AzureBlobSource.from_sas(_account_url(), "?sv=2023-01-03&sp=rl&sig=abc%2Fdef", "health-data")
+    direct = source._direct_reads()
+    assert direct is not None and direct.credential is None
+    assert direct.blob_url("a b") == source._container.get_blob_client("a b").url
+    assert "sig=abc%2Fdef" in direct.blob_url("a b")
+
+
+def test_a_key_source_signs_with_the_sdk_shared_key_policy_and_its_retry_settings():
+    cs = (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={DEV_KEY};"
+          f"BlobEndpoint={_account_url()};")
+    source = AzureBlobSource.from_connection_string(cs, "c1", retry_total=2, retry_initial_backoff=1.0,
+                                                    retry_increment_base=3)
+    direct = source._direct_reads()
+    assert isinstance(direct.credential, SharedKeyCredentialPolicy)
+    assert direct.tries == 3
+    waits = [direct.backoff(n) for n in range(2)]
+    assert 3.5 <= waits[0] <= 4.5 and 9.5 <= waits[1] <= 10.5  # 1 + 3**1, 1 + 3**2, jitter ±0.5
+
+
+class _Token:
+    def __init__(self):
+        self.asked = 0
+
+    def get_token(self, *scopes, **kwargs):
+        self.asked += 1
+        return AccessToken("t0ken", int((datetime.now(timezone.utc) + timedelta(hours=1)).timestamp()))
+
+
+def test_an_entra_id_source_reads_directly_with_the_sdk_token_policy():
+    from azure.core.pipeline import PipelineContext, PipelineRequest
+    from azure.core.pipeline.transport import HttpRequest
+
+    token = _Token()
+    source = AzureBlobSource.from_default_credential("https://acct.blob.core.windows.net", "c1", credential=token)
+    direct = source._direct_reads()
+    assert isinstance(direct.credential, BearerTokenCredentialPolicy)
+    request = HttpRequest("GET", direct.blob_url("k"))
+    direct.credential.on_request(PipelineRequest(request, PipelineContext(None)))
+    assert request.headers["Authorization"] == "Bearer t0ken" and token.asked == 1
+
+
+def test_a_proxied_endpoint_is_read_through_the_sdk(monkeypatch):
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert _DirectReads.for_container(_from_key()._container) is None
