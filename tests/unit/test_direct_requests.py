@@ -14,7 +14,7 @@ from azure.core.pipeline.policies import BearerTokenCredentialPolicy
 from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
 from botocore.awsrequest import AWSResponse
 
-from connectors.azure_blob import AzureBlobSource, _DirectReads
+from connectors.azure_blob import AzureBlobSource, _DirectRequests
 from connectors.base import DIRECT_MAX_BYTES, ContentSettings, SinkBehaviour, SinkLimits, WriteMeta
 from connectors.s3 import S3Store
 
@@ -165,14 +165,14 @@ def _from_key() -> AzureBlobSource:
 @pytest.mark.parametrize("key", KEYS + ["sp ace", "percent%20encoded", "x" * 300])
 def test_the_direct_read_asks_for_the_url_the_sdk_blob_client_has(key):
     source = _from_key()
-    direct = source._direct_reads()
+    direct = source._direct_requests()
     assert direct is not None
     assert direct.blob_url(key) == source._container.get_blob_client(key).url
 
 
 def test_a_sas_source_reads_directly_with_the_sas_in_the_url():
     source = AzureBlobSource.from_sas(_account_url(), "?sv=2023-01-03&sp=rl&sig=abc%2Fdef", "health-data")
-    direct = source._direct_reads()
+    direct = source._direct_requests()
     assert direct is not None and direct.credential is None
     assert direct.blob_url("a b") == source._container.get_blob_client("a b").url
     assert "sig=abc%2Fdef" in direct.blob_url("a b")
@@ -183,7 +183,7 @@ def test_a_key_source_signs_with_the_sdk_shared_key_policy_and_its_retry_setting
           f"BlobEndpoint={_account_url()};")
     source = AzureBlobSource.from_connection_string(cs, "c1", retry_total=2, retry_initial_backoff=1.0,
                                                     retry_increment_base=3)
-    direct = source._direct_reads()
+    direct = source._direct_requests()
     assert isinstance(direct.credential, SharedKeyCredentialPolicy)
     assert direct.tries == 3
     waits = [direct.backoff(n) for n in range(2)]
@@ -205,7 +205,7 @@ def test_an_entra_id_source_reads_directly_with_the_sdk_token_policy():
 
     token = _Token()
     source = AzureBlobSource.from_default_credential("https://acct.blob.core.windows.net", "c1", credential=token)
-    direct = source._direct_reads()
+    direct = source._direct_requests()
     assert isinstance(direct.credential, BearerTokenCredentialPolicy)
     request = HttpRequest("GET", direct.blob_url("k"))
     direct.credential.on_request(PipelineRequest(request, PipelineContext(None)))
@@ -216,4 +216,72 @@ def test_a_proxied_endpoint_is_read_through_the_sdk(monkeypatch):
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    assert _DirectReads.for_container(_from_key()._container) is None
+    assert _DirectRequests.for_container(_from_key()._container) is None
+
+
+# An answer in the shape Azure documents for List Blobs (version 2021-08-06 and later), with a name
+# holding a character XML 1.0 cannot carry, which Azure sends percent-encoded (`Encoded="true"`).
+RECORDED_LISTING = b"""<?xml version="1.0" encoding="utf-8"?>
+<EnumerationResults ServiceEndpoint="https://acct.blob.core.windows.net/" ContainerName="c1">
+  <Prefix>x/</Prefix><MaxResults>2</MaxResults>
+  <Blobs>
+    <Blob>
+      <Name Encoded="true">x/ctl%01char%20%25</Name>
+      <VersionId>2026-11-30T10:00:00.1234567Z</VersionId>
+      <IsCurrentVersion>true</IsCurrentVersion>
+      <Properties>
+        <Creation-Time>Mon, 30 Nov 2026 10:00:00 GMT</Creation-Time>
+        <Last-Modified>Tue, 01 Dec 2026 11:12:13 GMT</Last-Modified>
+        <Etag>0x8DD11AAAA</Etag>
+        <Content-Length>13</Content-Length>
+        <Content-Type>application/dicom</Content-Type>
+        <Content-Encoding />
+        <Content-Language />
+        <Content-MD5>1B2M2Y8AsgTpgAmY7PhCfg==</Content-MD5>
+        <Cache-Control />
+        <Content-Disposition />
+        <BlobType>BlockBlob</BlobType>
+        <AccessTier>Archive</AccessTier>
+        <ArchiveStatus>rehydrate-pending-to-hot</ArchiveStatus>
+        <CopyStatus>pending</CopyStatus>
+        <CopyProgress>5/13</CopyProgress>
+        <TagCount>1</TagCount>
+      </Properties>
+      <Metadata><Origin>hdh</Origin></Metadata>
+      <Tags><TagSet><Tag><Key>project</Key><Value>hdh</Value></Tag></TagSet></Tags>
+    </Blob>
+    <BlobPrefix><Name>x/folder/</Name></BlobPrefix>
+    <Blob>
+      <Name>x/plain</Name>
+      <Snapshot>2026-11-29T09:00:00.0000000Z</Snapshot>
+      <Properties>
+        <Last-Modified>Sun, 29 Nov 2026 09:00:00 GMT</Last-Modified>
+        <Etag>"0x8DD11BBBB"</Etag>
+        <Content-Length>0</Content-Length>
+        <BlobType>AppendBlob</BlobType>
+      </Properties>
+    </Blob>
+  </Blobs>
+  <NextMarker>2!96!MDAwMDE4IXgvcGxhaW4=</NextMarker>
+</EnumerationResults>"""
+
+
+def test_a_recorded_azure_listing_answer_reads_as_the_sdk_reads_it():
+    from connectors.azure_blob import _listing_page
+
+    entries, marker = _listing_page(RECORDED_LISTING)
+    assert marker == "2!96!MDAwMDE4IXgvcGxhaW4="
+    source = _from_key()
+    first, second = (source._meta(e) for e in entries)
+    assert first.key == "x/ctl\x01char %"
+    assert (first.size, first.etag, first.content_md5) == (13, "0x8DD11AAAA", base64.b64decode("1B2M2Y8AsgTpgAmY7PhCfg=="))
+    assert first.last_modified == datetime(2026, 12, 1, 11, 12, 13, tzinfo=timezone.utc)
+    assert first.created == datetime(2026, 11, 30, 10, tzinfo=timezone.utc)
+    assert (first.tier, first.kind, first.rehydrating) == ("Archive", "block", "rehydrate-pending-to-hot")
+    assert first.content.content_type == "application/dicom" and first.content.content_encoding is None
+    assert first.metadata == {"Origin": "hdh"} and first.tags == {"project": "hdh"}
+    assert first.version_id == "2026-11-30T10:00:00.1234567Z" and first.current_version
+    assert "5/13 bytes" in first.not_copyable  # the copy in progress is named first
+    assert (second.key, second.etag, second.size, second.kind) == ("x/plain", "0x8DD11BBBB", 0, "append")
+    assert second.snapshot == "2026-11-29T09:00:00.0000000Z" and second.tags == {} and second.metadata == {}
+    assert second.earlier_state is not None and first.earlier_state is None
