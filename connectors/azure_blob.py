@@ -262,9 +262,10 @@ class _DirectRequests:
         return self.get(source, key, f"/{quote(key, safe='~/')}", {}, headers, body)
 
     def list_page(self, source: "AzureBlobSource", prefix: str, include: list[str], marker: str | None,
-                  page_size: int, delimiter: str | None = None) -> tuple[list[SimpleNamespace], str | None]:
+                  page_size: int, delimiter: str | None = None
+                  ) -> tuple[list[SimpleNamespace], list[str], str | None]:
         """One List Blobs page: the blobs' properties (shaped as the SDK's `BlobProperties`, for
-        `AzureBlobSource._meta`; folder prefixes are left out) and the next page's marker."""
+        `AzureBlobSource._meta`), the folder prefixes (with a `delimiter`) and the next page's marker."""
         query = {"restype": "container", "comp": "list", "prefix": prefix or None, "delimiter": delimiter,
                  "marker": marker or None, "maxresults": str(page_size), "include": ",".join(include)}
         return self.get(source, prefix, "", {k: v for k, v in query.items() if v}, {},
@@ -315,24 +316,23 @@ class _DirectRequests:
         return attempts(send, tries=self.tries, backoff=self.backoff)
 
 
-def _listing_page(body: bytes) -> tuple[list[SimpleNamespace], str | None]:
+def _listing_page(body: bytes) -> tuple[list[SimpleNamespace], list[str], str | None]:
     """List Blobs' XML answer: each `<Blob>` as the SDK's `BlobProperties` would have it (the
-    fields `AzureBlobSource._meta` reads), and `<NextMarker>` (None on the last page)."""
+    fields `AzureBlobSource._meta` reads), each `<BlobPrefix>`'s name, and `<NextMarker>` (None on
+    the last page)."""
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError as exc:
         raise TransientError(f"a listing answer is not well-formed XML ({exc})") from exc
     entries = []
     for blob in root.iterfind("Blobs/Blob"):
-        name = blob.find("Name")
-        text = name.text or "" if name is not None else ""
         properties = blob.find("Properties")
         p = {child.tag: child.text for child in properties} if properties is not None else {}
         md5 = p.get("Content-MD5")
         metadata = blob.find("Metadata")
         tags = blob.find("Tags/TagSet")
         entries.append(SimpleNamespace(
-            name=unquote(text) if name is not None and name.get("Encoded") == "true" else text,
+            name=_name_of(blob.find("Name")),
             size=int(p.get("Content-Length") or 0),
             etag=p.get("Etag"),
             last_modified=_rfc1123(p.get("Last-Modified")),
@@ -351,7 +351,14 @@ def _listing_page(body: bytes) -> tuple[list[SimpleNamespace], str | None]:
             version_id=blob.findtext("VersionId"),
             is_current_version=True if blob.findtext("IsCurrentVersion") == "true" else None,
         ))
-    return entries, root.findtext("NextMarker") or None
+    prefixes = [_name_of(p.find("Name")) for p in root.iterfind("Blobs/BlobPrefix")]
+    return entries, prefixes, root.findtext("NextMarker") or None
+
+
+def _name_of(name: Any) -> str:
+    # Azure percent-encodes a name XML cannot carry (`Encoded="true"`), as the SDK reads it.
+    text = name.text or "" if name is not None else ""
+    return unquote(text) if name is not None and name.get("Encoded") == "true" else text
 
 
 def _rfc1123(value: str | None) -> datetime | None:
@@ -624,7 +631,7 @@ class AzureBlobSource:
         direct = self._direct_requests()
         if direct is not None:
             while True:
-                entries, marker = direct.list_page(self, prefix, include, marker, page_size, delimiter)
+                entries, _folders, marker = direct.list_page(self, prefix, include, marker, page_size, delimiter)
                 yield [self._meta(props) for props in entries], marker
                 if marker is None:
                     return
@@ -643,6 +650,12 @@ class AzureBlobSource:
         """The folder prefixes directly below `prefix` and whether blobs sit directly there (one
         "/"-delimited listing request of at most `limit` entries, 5000 at most); None when the
         level holds more (`RangeLister`)."""
+        direct = self._direct_requests()
+        if direct is not None:
+            blobs, found, marker = direct.list_page(self, prefix, [], None, min(limit, 5000), "/")
+            if marker or len(blobs) + len(found) > limit:
+                return None
+            return found, bool(blobs)
         pages = self._container.walk_blobs(name_starts_with=prefix or None, delimiter="/",
                                            results_per_page=min(limit, 5000)).by_page()
         page = self._call(lambda: _next_page(pages), prefix)

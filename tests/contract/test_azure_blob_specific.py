@@ -250,6 +250,8 @@ def test_direct_listing_gives_what_the_sdk_listing_gives(azurite_connection_stri
     for part in (ListingRange(""), ListingRange("a/"), ListingRange("a/", direct=True)):
         assert pages(direct, part) == pages(through_sdk, part)
     assert direct.list_name("a/b/deep.bin") == through_sdk.list_name("a/b/deep.bin")
+    for prefix, limit in (("", 10), ("a/", 20), ("a/", 3), ("a/b/", 5)):
+        assert direct.folders(prefix, limit) == through_sdk.folders(prefix, limit)
     assert len(direct.list_name("a/b/deep.bin").history) == 2
 
 

@@ -269,8 +269,8 @@ RECORDED_LISTING = b"""<?xml version="1.0" encoding="utf-8"?>
 def test_a_recorded_azure_listing_answer_reads_as_the_sdk_reads_it():
     from connectors.azure_blob import _listing_page
 
-    entries, marker = _listing_page(RECORDED_LISTING)
-    assert marker == "2!96!MDAwMDE4IXgvcGxhaW4="
+    entries, folders, marker = _listing_page(RECORDED_LISTING)
+    assert marker == "2!96!MDAwMDE4IXgvcGxhaW4=" and folders == ["x/folder/"]
     source = _from_key()
     first, second = (source._meta(e) for e in entries)
     assert first.key == "x/ctl\x01char %"
