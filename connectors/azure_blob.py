@@ -3,9 +3,11 @@
 One `AzureBlobSource` reads one container. Every SDK call is wrapped: azure-core and azure-storage
 exceptions are translated into the connectors' error classes (`connectors.base`) and never leak.
 
-Ranged reads go through the SDK's generated Download operation (`BlobClient._client.blob.download`,
-`azure.storage.blob._generated`), not public API: `download_blob` holds each range twice, outside
-the engine's memory budget. pyproject.toml bounds azure-storage-blob to the versions where it is
+Ranges of at most `DIRECT_MAX_BYTES` and listings go as direct requests (`_DirectRequests`: the
+SDK's own credential policy and retry settings, one urllib3 request, no per-request pipeline; see
+docs/DESIGN.md "Direct requests"). Larger ranged reads go through the SDK's generated Download
+operation (`BlobClient._client.blob.download`, `azure.storage.blob._generated`), not public API:
+`download_blob` holds each range twice, outside the engine's memory budget. pyproject.toml bounds azure-storage-blob to the versions where it is
 known to work, and tests/unit/test_azure_sdk_private_api.py fails loudly on one where it moved.
 
 Things this module deliberately does not do:

@@ -19,6 +19,10 @@ Content-MD5 having been accepted by the server.
 What the provider's multipart API answers comes from its profile (`SinkBehaviour`): an operation
 it does not implement is not sent (`Unsupported`), and a 405 / 501 answer is `Unsupported` too.
 
+A PutObject of at most `DIRECT_MAX_BYTES` from memory goes as one direct request (`_direct_put`):
+botocore's signer and HTTP session, the headers botocore would send, its standard retries; the
+small-object path's cost was mostly botocore's per-request machinery (docs/DESIGN.md).
+
 Every SDK call is wrapped: botocore exceptions never leave this module.
 """
 
