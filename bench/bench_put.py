@@ -5,12 +5,14 @@ The small-object path makes two requests per object (an Azure ranged GET, an S3 
 measures what each costs the client, one thread, on the lab's servers (its own moto and Azurite on
 free loopback ports, stopped at the end):
 
-- ``S3Store.put`` (boto3/botocore, the connector exitplan uses) and a bare ``client.put_object``;
+- ``S3Store.put`` as exitplan sends it (a direct request: botocore's signer and HTTP session,
+  ``connectors/s3.py``), the same store with its direct path off (through the boto3 client, as
+  before), and a bare ``client.put_object``;
 - a lean PUT: the same request signed with botocore's own SigV4 signer (``UNSIGNED-PAYLOAD``,
   Content-MD5 sent and the ETag checked, as the connector does) and sent over a urllib3 pool;
-- ``AzureBlobSource.read_range`` (azure-core's pipeline) for the GET side, next to a bare
-  urllib3 GET of the same range without authentication (Azurite with a public-read container;
-  the floor of any Azure client, not a candidate).
+- ``AzureBlobSource.read_range`` as exitplan sends it (a direct request) and with its direct path
+  off (azure-core's pipeline through a blob client), next to a bare urllib3 GET of the same range
+  without authentication (Azurite with a public-read container; the floor of any Azure client).
 
 CPU per request is ``time.thread_time()`` of the one thread doing the requests (servers excluded).
 Run: ``.venv/bin/python bench/bench_put.py [--count 1000] [--kib 16]``.
@@ -95,9 +97,15 @@ def main() -> int:
         store = S3Store(BUCKET, endpoint_url=lab.s3_url, region=LAB_REGION, access_key_id=LAB_S3_ACCESS_KEY,
                         secret_access_key=LAB_S3_SECRET_KEY, limits=SinkLimits(), verify_tls=False)
         client = s3_client(lab.s3_url)
+        through_client = S3Store(BUCKET, endpoint_url=lab.s3_url, region=LAB_REGION,
+                                 access_key_id=LAB_S3_ACCESS_KEY, secret_access_key=LAB_S3_SECRET_KEY,
+                                 limits=SinkLimits(), verify_tls=False)
+        through_client._http = None  # its direct path off
         rows = [
-            timed("S3Store.put (boto3, the connector)", args.count,
+            timed("S3Store.put (the connector: a direct request)", args.count,
                   lambda i: store.put(f"c/{i}", body, len(body), meta, md5)),
+            timed("S3Store.put through the boto3 client (direct path off)", args.count,
+                  lambda i: through_client.put(f"o/{i}", body, len(body), meta, md5)),
             timed("boto3 put_object (bare, ContentMD5)", args.count,
                   lambda i: client.put_object(Bucket=BUCKET, Key=f"b/{i}", Body=body,
                                               ContentMD5=base64.b64encode(md5).decode())),
@@ -112,8 +120,12 @@ def main() -> int:
         container.upload_blob("obj", body)
         etag = container.get_blob_client("obj").get_blob_properties().etag.strip('"')
         source = AzureBlobSource.from_connection_string(lab.conn_str, "put-bench")
-        rows.append(timed("AzureBlobSource.read_range (azure-core, If-Match)", args.count,
+        rows.append(timed("AzureBlobSource.read_range (the connector: a direct request)", args.count,
                           lambda i: source.read_range("obj", 0, len(body), if_match=etag)))
+        through_sdk = AzureBlobSource.from_connection_string(lab.conn_str, "put-bench")
+        through_sdk._direct = None  # its direct path off
+        rows.append(timed("AzureBlobSource.read_range through azure-core (direct off)", args.count,
+                          lambda i: through_sdk.read_range("obj", 0, len(body), if_match=etag)))
         import urllib3
 
         pool = urllib3.PoolManager(maxsize=8, retries=False)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import os
 import ssl
+import threading
 import uuid
 from datetime import datetime
 from email.utils import formatdate, parsedate_to_datetime
@@ -469,6 +470,7 @@ class AzureBlobSource:
         self.label = f"azure:{self.account}/{self.container}"
         self.pacer = pacer
         self._direct: _DirectRequests | None | bool = False  # False: not looked for yet
+        self._direct_lock = threading.Lock()
 
     # ---- constructors ---------------------------------------------------------------------
 
@@ -784,9 +786,11 @@ class AzureBlobSource:
     # ---- internals ------------------------------------------------------------------------
 
     def _direct_requests(self) -> _DirectRequests | None:
-        # Looked for once; two threads that both look build the same thing.
+        """The source's direct requests (looked for once), or None: everything through the SDK."""
         if self._direct is False:
-            self._direct = _DirectRequests.for_container(self._container)
+            with self._direct_lock:
+                if self._direct is False:
+                    self._direct = _DirectRequests.for_container(self._container)
         return self._direct
 
     def _blob(self, key: str) -> BlobClient:

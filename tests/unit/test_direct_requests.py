@@ -285,3 +285,21 @@ def test_a_recorded_azure_listing_answer_reads_as_the_sdk_reads_it():
     assert (second.key, second.etag, second.size, second.kind) == ("x/plain", "0x8DD11BBBB", 0, "append")
     assert second.snapshot == "2026-11-29T09:00:00.0000000Z" and second.tags == {} and second.metadata == {}
     assert second.earlier_state is not None and first.earlier_state is None
+
+
+def test_direct_reads_over_https_verify_the_certificate_as_the_sdk_would(monkeypatch, tmp_path):
+    import ssl
+
+    import requests
+
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    source = AzureBlobSource.from_default_credential("https://acct.blob.core.windows.net", "c1", credential=_Token())
+    pool = source._direct_requests().pool
+    assert pool.cert_reqs == ssl.CERT_REQUIRED and pool.ca_certs == requests.certs.where()
+
+    bundle = tmp_path / "corporate-ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    source = AzureBlobSource.from_default_credential("https://acct.blob.core.windows.net", "c1", credential=_Token())
+    assert source._direct_requests().pool.ca_certs == str(bundle)
