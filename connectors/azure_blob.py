@@ -302,9 +302,7 @@ class _DirectRequests:
             source.pacer.request_ended(_throttling(status))
             try:
                 if 200 <= response.status < 300:
-                    result = answer(response)
-                    _drained(response)
-                    return result
+                    return answer(response)
                 if response.status == 401 and isinstance(self.credential, BearerTokenCredentialPolicy):
                     raise _UseTheSdk()
                 body = _drained(response)
@@ -314,6 +312,8 @@ class _DirectRequests:
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 raise TransientError(f"{source.label}: {key!r}: {type(exc).__name__}: {exc}", key=key) from exc
             finally:
+                if response.length_remaining:  # unread bytes: the connection cannot serve another request
+                    response.close()
                 response.release_conn()
 
         return attempts(send, tries=self.tries, backoff=self.backoff)
@@ -369,9 +369,9 @@ def _rfc1123(value: str | None) -> datetime | None:
 
 
 def _drained(response: Any) -> bytes:
-    """The rest of an answer's body, read so that its connection can serve the next request."""
+    """An error answer's body (its first 64 KiB; the rest, if any, is dropped with the connection)."""
     try:
-        return response.read(decode_content=False) or b""
+        return response.read(64 * 1024, decode_content=False) or b""
     except (urllib3.exceptions.HTTPError, OSError):
         return b""
 

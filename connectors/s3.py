@@ -54,6 +54,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
     SSLError,
 )
+from urllib3.exceptions import HTTPError
 
 from .base import (
     DIRECT_MAX_BYTES,
@@ -526,6 +527,8 @@ class S3Store:
             self._check_bounds(key, start, end, resp["ContentLength"])
             return b""
         self.pacer.body_bytes(end - start)
+        if self._direct_base is not None and self._http is not None and end - start <= DIRECT_MAX_BYTES:
+            return self._direct_get(key, start, end, if_match)
         resp = self._call(lambda: self._client.get_object(Range=f"bytes={start}-{end - 1}", **params), key)
         body = resp["Body"]
         try:
@@ -564,6 +567,56 @@ class S3Store:
                 and 0 <= size <= DIRECT_MAX_BYTES and isinstance(body, (bytes, bytearray, memoryview))
                 and memoryview(body).nbytes == size and not self.pacer.paces_bytes
                 and not self.behaviour.flexible_checksums)
+
+    def _direct_get(self, key: str, start: int, end: int, if_match: str | None) -> bytes:
+        """GetObject of a range of at most `DIRECT_MAX_BYTES` as one request, as `_direct_put`
+        sends a PutObject (botocore's signer and HTTP session, its standard retries, the client's
+        error translation). The answer is streamed and read to one byte past the range at most, so
+        a server that ignored the Range cannot make it hold a whole object."""
+        url = f"{self._direct_base}/{quote(key, safe='/~')}"
+        headers = {"Range": f"bytes={start}-{end - 1}"}
+        if if_match is not None:
+            headers["If-Match"] = _quote(if_match)
+        config = self._client.meta.config
+        n = end - start
+
+        def send() -> bytes:
+            request = AWSRequest("GET", url, headers=headers)
+            request.context["client_config"] = config
+            request.stream_output = True
+            self.pacer.request_starts("get")
+            try:
+                self._signer.add_auth(request)
+                response = self._http.send(request.prepare())
+            except BotoCoreError as exc:
+                self.pacer.request_ended(None)
+                raise self._translate(exc, key) from exc
+            try:
+                status = response.status_code
+                if status not in (200, 206):
+                    answer = {"Error": _error_of(response.raw.read(64 * 1024)), "ResponseMetadata": {"HTTPStatusCode": status}}
+                    self._request_ended({"status_code": status}, answer)
+                    raise self._translate(ClientError(answer, "GetObject"), key)
+                self.pacer.request_ended(None)
+                total = (_total_from_content_range(response.headers.get("Content-Range")) if status == 206
+                         else int(response.headers.get("Content-Length") or 0))
+                if total is not None:
+                    self._check_bounds(key, start, end, total)
+                if status == 200 and start != 0:
+                    raise TransientError(f"{self.label}: {key!r}: the server answered the whole object to a "
+                                         f"range request ({start}-{end})", key=key)
+                data = response.raw.read(n + 1)
+            except (OSError, HTTPError) as exc:
+                raise TransientError(f"{self.label}: {key!r}: {type(exc).__name__}: {exc}", key=key) from exc
+            finally:
+                _release(response.raw)
+            if len(data) != n:
+                raise TransientError(f"{self.label}: short read of {key!r} range {start}-{end}: {len(data)} of {n} bytes"
+                                     if len(data) < n else
+                                     f"{self.label}: {key!r}: the server sent more than the {n} bytes asked for", key=key)
+            return data
+
+        return attempts(send, tries=self._max_attempts, backoff=_standard_backoff)
 
     def _direct_put(self, key: str, body: bytes | bytearray | memoryview, size: int, params: dict[str, Any],
                     md5: bytes) -> str:
@@ -957,6 +1010,14 @@ def _error_of(content: bytes | None) -> dict[str, str]:
     if root is None:
         return {}
     return {"Code": root.findtext("Code") or "", "Message": root.findtext("Message") or ""}
+
+
+def _release(raw: Any) -> None:
+    """Give a streamed answer's connection back to its pool, closed first if bytes of the answer
+    are still unread (a body longer than asked for: the next request must not read them)."""
+    if raw.length_remaining:
+        raw.close()
+    raw.release_conn()
 
 
 def _standard_backoff(retry: int) -> float:

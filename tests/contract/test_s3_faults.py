@@ -144,7 +144,8 @@ def test_a_streamed_body_is_never_resent_by_the_sdk(store, fault_proxy, s3_serve
 
 
 def test_a_response_cut_half_way_is_transient(store, fault_proxy):
-    body = os.urandom(MiB)
+    # A range of more than 1 MiB goes through botocore, which does not read a body again.
+    body = os.urandom(2 * MiB)
     store.put("cut", body, len(body), WriteMeta(), md5(body))
     fault_proxy.cut_next_response(method="GET", fraction=0.5)
 
@@ -152,6 +153,20 @@ def test_a_response_cut_half_way_is_transient(store, fault_proxy):
         store.read_range("cut", 0, len(body))
     assert info.value.retryable
     assert store.read_range("cut", 0, len(body)) == body
+
+
+def test_a_small_range_cut_half_way_is_read_again_then_transient(store, fault_proxy):
+    # A range of at most 1 MiB is a direct request, retried as a whole (the store's 3 attempts).
+    body = os.urandom(MiB)
+    store.put("cut-small", body, len(body), WriteMeta(), md5(body))
+    fault_proxy.cut_next_response(method="GET", fraction=0.5)
+    assert store.read_range("cut-small", 0, len(body)) == body
+
+    fault_proxy.cut_next_response(method="GET", fraction=0.5, times=3)
+    with pytest.raises(TransientError) as info:
+        store.read_range("cut-small", 0, len(body))
+    assert info.value.retryable
+    assert store.read_range("cut-small", 0, len(body)) == body
 
 
 @pytest.mark.parametrize(

@@ -105,6 +105,37 @@ def test_a_direct_put_is_the_request_botocore_sends(endpoint, style, key):
     assert ours == theirs
 
 
+@pytest.mark.parametrize("endpoint,style", [("http://127.0.0.1:9000", "path"), ("https://s3.gra.io.cloud.ovh.net", "virtual")])
+@pytest.mark.parametrize("key", KEYS)
+def test_a_direct_ranged_get_is_the_request_botocore_sends(endpoint, style, key):
+    import io
+
+    import urllib3
+
+    body = b"0123456789"
+
+    def partial(request) -> AWSResponse:
+        raw = urllib3.HTTPResponse(io.BytesIO(body[2:6]), preload_content=False, headers={"Content-Length": "4"})
+        return AWSResponse(request.url, 206, {"Content-Range": f"bytes 2-5/{len(body)}", "Content-Length": "4"}, raw)
+
+    ours, theirs = [], []
+
+    class Session:
+        def send(self, request):
+            ours.append(request)
+            return partial(request)
+
+    direct = _store(endpoint, style)
+    direct._http = Session()
+    assert direct.read_range(key, 2, 6, if_match="e") == body[2:6]
+    through_client = _store(endpoint, style)
+    through_client._http = None
+    through_client._client.meta.events.register_first(
+        "before-send.s3", lambda request, **_: theirs.append(request) or partial(request))
+    assert through_client.read_range(key, 2, 6, if_match="e") == body[2:6]
+    assert _comparable(ours[0]) == _comparable(theirs[0])
+
+
 def test_a_direct_put_carries_a_session_token_as_botocore_does():
     body, md5 = b"y", hashlib.md5(b"y").digest()
     meta = WriteMeta(content=ContentSettings(), metadata={})
