@@ -123,7 +123,7 @@ def main() -> int:
         rows.append(timed("AzureBlobSource.read_range (the connector: a direct request)", args.count,
                           lambda i: source.read_range("obj", 0, len(body), if_match=etag)))
         through_sdk = AzureBlobSource.from_connection_string(lab.conn_str, "put-bench")
-        through_sdk._direct = None  # its direct path off
+        through_sdk.use_sdk_only()
         rows.append(timed("AzureBlobSource.read_range through azure-core (direct off)", args.count,
                           lambda i: through_sdk.read_range("obj", 0, len(body), if_match=etag)))
         import urllib3

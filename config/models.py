@@ -98,6 +98,10 @@ class AzureBlobSourceConfig(_Model):
     # account on 127.0.0.1 (port EXITPLAN_LAB_AZURITE_PORT, default 10000). For the lab only.
     emulator: Literal["azurite"] | None = None
     max_connections: int = Field(32, ge=1, le=1024)
+    # Small ranged reads (at most 1 MiB) and listings as direct requests (the SDK's own credential
+    # and retry policies, one urllib3 request each; connectors/azure_blob.py `_DirectRequests`);
+    # false: every request through the SDK's pipeline.
+    direct_requests: bool = True
     # Requests per second to this storage account, shared by every thread and shard process of a
     # run (Azure's published scalability target is 20,000 per account); None: not paced.
     request_rate: float | None = Field(None, gt=0)
@@ -304,7 +308,7 @@ class DestinationConfig(_S3Endpoint):
     verify_tls: bool = True
     max_connections: int = Field(32, ge=1, le=1024)
     # Changes to the provider profile's behaviour for this bucket (what `exitplan probe` measured):
-    # `limits`, `multipart`, `request_rates`, `flexible_checksums`; merged key by key.
+    # `limits`, `multipart`, `request_rates`, `flexible_checksums`, `direct_requests`; merged key by key.
     provider_overrides: dict[str, Any] = {}
 
 

@@ -81,7 +81,7 @@ class RequestRates(_Strict):
 
 # What a destination's `provider_overrides` may change in its provider's profile: how the service
 # behaves, never who runs it or where (legal seat, jurisdiction, hosts are the gate's facts).
-OVERRIDABLE = ("limits", "multipart", "request_rates", "flexible_checksums")
+OVERRIDABLE = ("limits", "multipart", "request_rates", "flexible_checksums", "direct_requests")
 
 
 class ProviderProfile(_Strict):
@@ -108,6 +108,10 @@ class ProviderProfile(_Strict):
     # Whether the service accepts the `x-amz-checksum-*` headers boto3 sends by default since 1.36;
     # false: exitplan sends Content-MD5 only (every provider accepts it).
     flexible_checksums: bool = False
+    # Whether a PutObject or a ranged GetObject of at most 1 MiB may go as one request signed and
+    # sent on botocore's own signer and HTTP session without the rest of botocore's per-request
+    # machinery (connectors/s3.py `_direct_put`); false: every request through the boto3 client.
+    direct_requests: bool = True
     storage_classes: tuple[str, ...] = ("STANDARD",)
     # The storage class an object lands in, by its tier at the source (Azure's Hot, Cool, Cold,
     # Archive; an S3 source's classes), matched without regard to case; a tier not named lands in

@@ -785,6 +785,12 @@ class AzureBlobSource:
 
     # ---- internals ------------------------------------------------------------------------
 
+    def use_sdk_only(self) -> None:
+        """Send every request through the SDK's pipeline (the source's `direct_requests: false`)."""
+        direct, self._direct = self._direct, None
+        if direct:
+            direct.manager.clear()
+
     def _direct_requests(self) -> _DirectRequests | None:
         """The source's direct requests (looked for once), or None: everything through the SDK."""
         if self._direct is False:

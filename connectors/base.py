@@ -208,6 +208,8 @@ class SinkBehaviour:
       state store recorded.
     - `flexible_checksums`: the service accepts the `x-amz-checksum-*` headers the SDK sends when
       an operation supports them; False (the default): Content-MD5 only.
+    - `direct_requests`: small PUTs and ranged GETs (`DIRECT_MAX_BYTES`) may go as direct
+      requests; False: every request through the SDK client.
 
     Whether ETags are MD5s is `ObjectSink.etag_is_md5` (the profile's `multipart.etag`).
     """
@@ -216,6 +218,7 @@ class SinkBehaviour:
     abort: bool = True
     list_uploads: bool = True
     flexible_checksums: bool = False
+    direct_requests: bool = True
 
 
 class RequestPacer(Protocol):

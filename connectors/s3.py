@@ -527,7 +527,7 @@ class S3Store:
             self._check_bounds(key, start, end, resp["ContentLength"])
             return b""
         self.pacer.body_bytes(end - start)
-        if self._direct_base is not None and self._http is not None and end - start <= DIRECT_MAX_BYTES:
+        if end - start <= DIRECT_MAX_BYTES and self._direct_ok():
             return self._direct_get(key, start, end, if_match)
         resp = self._call(lambda: self._client.get_object(Range=f"bytes={start}-{end - 1}", **params), key)
         body = resp["Body"]
@@ -559,11 +559,17 @@ class S3Store:
         params = {"Bucket": self.bucket, "Key": key, **_write_params(meta, self.label, key)}
         return self._send_body("put_object", params, key, body, size, md5, f"{key!r}")
 
+    def _direct_ok(self) -> bool:
+        """Whether this store sends direct requests at all: its profile allows them
+        (`direct_requests`), the bucket URL is known without botocore's resolver, botocore's HTTP
+        session was found."""
+        return self.behaviour.direct_requests and self._direct_base is not None and self._http is not None
+
     def _direct_fits(self, body: PartBody, size: int, md5: bytes | None) -> bool:
         """Whether PutObject may go as a direct request: a small body in memory with its MD5, no
         bandwidth limit to hand it over in chunks, no flexible checksum headers to add (botocore
         computes those), a bucket URL known without botocore's endpoint resolver."""
-        return (self._direct_base is not None and self._http is not None and md5 is not None
+        return (self._direct_ok() and md5 is not None
                 and 0 <= size <= DIRECT_MAX_BYTES and isinstance(body, (bytes, bytearray, memoryview))
                 and memoryview(body).nbytes == size and not self.pacer.paces_bytes
                 and not self.behaviour.flexible_checksums)

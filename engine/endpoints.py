@@ -45,7 +45,7 @@ def sink_behaviour(profile: ProviderProfile) -> SinkBehaviour:
     """The provider's multipart API support and checksum-header policy as the connectors take them."""
     mp = profile.multipart
     return SinkBehaviour(list_parts=mp.list_parts, abort=mp.abort, list_uploads=mp.list_uploads,
-                         flexible_checksums=profile.flexible_checksums)
+                         flexible_checksums=profile.flexible_checksums, direct_requests=profile.direct_requests)
 
 
 def destination_limits(loaded: LoadedConfig, destination: str) -> SinkLimits:
@@ -165,12 +165,16 @@ def open_azure_container(loaded: LoadedConfig, name: str, container: str, *, pac
         if not conn:
             read_env(loaded, f"sources.{name}.connection_string_env", src.connection_string_env)  # raises: not set
         check_connection_string_unchanged(loaded, name, conn)
-        return AzureBlobSource.from_connection_string(conn, container, max_connections=pool, pacer=pacer)
-    if src.sas_token_env or src.sas_token_block:
+        source = AzureBlobSource.from_connection_string(conn, container, max_connections=pool, pacer=pacer)
+    elif src.sas_token_env or src.sas_token_block:
         field = f"sources.{name}.sas_token_{'block' if src.sas_token_block else 'env'}"
         token = read_secret(loaded, field, env=src.sas_token_env, block=src.sas_token_block)
-        return AzureBlobSource.from_sas(src.account_url, token, container, max_connections=pool, pacer=pacer)
-    return AzureBlobSource.from_default_credential(src.account_url, container, max_connections=pool, pacer=pacer)
+        source = AzureBlobSource.from_sas(src.account_url, token, container, max_connections=pool, pacer=pacer)
+    else:
+        source = AzureBlobSource.from_default_credential(src.account_url, container, max_connections=pool, pacer=pacer)
+    if not src.direct_requests:
+        source.use_sdk_only()
+    return source
 
 
 def _s3_credential(loaded: LoadedConfig, field: str, creds: S3Credentials, item: str) -> str | None:

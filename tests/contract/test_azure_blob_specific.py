@@ -234,7 +234,7 @@ def test_direct_listing_gives_what_the_sdk_listing_gives(azurite_connection_stri
     _every_kind_of_entry(client)
     direct = AzureBlobSource.from_connection_string(azurite_connection_string, name, page_size=2)
     through_sdk = AzureBlobSource.from_connection_string(azurite_connection_string, name, page_size=2)
-    through_sdk._direct = None  # never looked for: every request through the SDK
+    through_sdk.use_sdk_only()
     assert direct._direct_requests() is not None
 
     def pages(source, part):

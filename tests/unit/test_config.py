@@ -228,7 +228,7 @@ def test_provider_overrides_change_behaviour_for_one_destination(tmp_path):
 @pytest.mark.parametrize("overrides", [
     {},
     {"multipart": {"etag": "opaque", "list_parts": False, "abort": False, "list_uploads": False},
-     "flexible_checksums": True},
+     "flexible_checksums": True, "direct_requests": False},
 ])
 def test_the_destination_profile_reaches_its_s3_connector(tmp_path, monkeypatch, overrides):
     """What the destination's S3Store is told: whether ETags are MD5s, which multipart operations
@@ -244,10 +244,19 @@ def test_the_destination_profile_reaches_its_s3_connector(tmp_path, monkeypatch,
     store = open_sink(loaded, "ovh")
     assert store.etag_is_md5 == (mp.etag == "md5") == (not overrides)
     b = store.behaviour
-    assert (b.list_parts, b.abort, b.list_uploads, b.flexible_checksums) == (
-        (True, True, True, False) if not overrides else (False, False, False, True))
+    assert (b.list_parts, b.abort, b.list_uploads, b.flexible_checksums, b.direct_requests) == (
+        (True, True, True, False, True) if not overrides else (False, False, False, True, False))
+    assert store._direct_ok() == (not overrides)  # direct_requests: false: every request through the client
     assert store._client.meta.config.request_checksum_calculation == (
         "when_supported" if overrides else "when_required")
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_an_azure_source_s_direct_requests_setting_reaches_its_connector(tmp_path, direct):
+    from engine.endpoints import open_azure_container
+
+    loaded = load_config(write(tmp_path, variant(sources__az__direct_requests=direct)))
+    assert (open_azure_container(loaded, "az", "claims")._direct_requests() is not None) == direct
 
 
 @pytest.mark.parametrize("overrides, fragments", [

@@ -150,6 +150,8 @@ def test_a_direct_put_carries_a_session_token_as_botocore_does():
     ("a streamed body", {}, 100, "stream", True),
     ("flexible checksums (botocore computes them)", {"behaviour": SinkBehaviour(flexible_checksums=True)}, 100,
      bytes, True),
+    ("direct requests turned off (provider_overrides)", {"behaviour": SinkBehaviour(direct_requests=False)}, 100,
+     bytes, True),
 ])
 def test_what_goes_through_botocore_instead(why, store_kwargs, size, body_kind, with_md5):
     import io
@@ -334,3 +336,4 @@ def test_direct_reads_over_https_verify_the_certificate_as_the_sdk_would(monkeyp
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
     source = AzureBlobSource.from_default_credential("https://acct.blob.core.windows.net", "c1", credential=_Token())
     assert source._direct_requests().pool.ca_certs == str(bundle)
+
