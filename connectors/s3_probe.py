@@ -28,6 +28,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from config.hosts import is_loopback_host
 
+from .base import ConnectorError
+
 from .s3 import S3Store, _unquote
 
 __all__ = ["Answer", "BucketProbe", "MultipartFacts", "SizeLimit", "Timing"]
@@ -160,6 +162,28 @@ class BucketProbe:
         finally:
             client.close()
         return ACCEPTED, self.read_back(name) == body
+
+    def direct_requests(self, name: str, body: bytes) -> tuple[Answer | None, bool | None]:
+        """PUT `body` (with a content type and a metadata header) and read a range of it back with
+        the store's direct requests (`S3Store._direct_put` / `_direct_get`), then HEAD it through
+        the client: the answer (None: the store cannot send direct requests to this endpoint) and
+        whether the object is what a PUT through botocore would have made (bytes, content type,
+        metadata)."""
+        store = self.store
+        if store._direct_base is None or store._http is None:
+            return None, None
+        key = self._key(name)
+        params = {"ContentType": "text/plain", "Metadata": {"exitplan-probe": "direct"}}
+        try:
+            etag = store._direct_put(key, body, len(body), params, hashlib.md5(body).digest())
+            back = store._direct_get(key, 1, len(body), _unquote(etag))
+        except ConnectorError as exc:
+            cause = exc.__cause__
+            return (_answer(cause) if isinstance(cause, ClientError) else Answer(False, None, type(exc).__name__)), None
+        answer, head = self._call(self.client.head_object, Key=key)
+        intact = (answer.accepted and back == body[1:] and head.get("ContentType") == "text/plain"
+                  and head.get("Metadata") == {"exitplan-probe": "direct"})
+        return ACCEPTED, intact
 
     # ---- multipart ----------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ say whether a migration can go there safely as configured (issue 13).
 The profile (config/providers/*.yaml, with the destination's `provider_overrides`) is what the
 migration trusts: which ETag form to check after a multipart upload, whether ListParts, abort and
 ListMultipartUploads answer, how many tags and metadata bytes fit, whether checksum headers may be
-sent. A provider that changed, or a catalog entry that was wrong, shows up here on day one instead
+sent, whether small objects may go as direct requests. A provider that changed, or a catalog entry that was wrong, shows up here on day one instead
 of as every multipart object failing in week two.
 
 Only the configured bucket is ever addressed, after the sovereignty gate (the loader ran it), and
@@ -240,6 +240,8 @@ def _measure(probe, loaded: LoadedConfig, name: str, profile: ProviderProfile, t
     m["metadata"] = probe.metadata_limit("metadata", lim.max_metadata_bytes)
     step(name, "checksum headers")
     m["checksums"] = probe.put_with_checksum_headers("checksums", small)
+    step(name, "direct requests")
+    m["direct"] = probe.direct_requests("direct", small)
     step(name, "addressing")
     m["addressing"] = probe.addressing()
     step(name, "tls")
@@ -392,6 +394,8 @@ def _judge(m: dict[str, Any], loaded: LoadedConfig, name: str, profile: Provider
             row(Check("x-amz-checksum-* headers", measured, "", OK, "exitplan sends Content-MD5 only"),
                 "flexible_checksums")
     style = dest.addressing_style or profile.addressing_style
+    if "direct" in m:
+        row(_direct_check(m["direct"], profile.direct_requests, sugg), "direct_requests")
     for kind, answer in m["addressing"].items():
         if answer is None:
             rows.append(Check(f"{kind}-style addressing", "not testable on an IP or loopback host", "",
@@ -428,6 +432,28 @@ def _judge(m: dict[str, Any], loaded: LoadedConfig, name: str, profile: Provider
     if mp.completed.accepted and mp.seconds > 0:
         rows.append(_throughput_check(mp, loaded, profile, base, sugg))
     return rows, sugg
+
+
+def _direct_check(measured: tuple[Answer | None, bool | None], said: bool, sugg: _Suggestions) -> Check:
+    """Small PUTs and ranged GETs as direct requests (connectors/s3.py): they must make the object a
+    PUT through botocore makes, or the profile must say not to send them."""
+    what = "direct PUT and GET (≤ 1 MiB)"
+    answer, intact = measured
+    if answer is None:
+        return Check(what, "not sent (an endpoint only botocore resolves)", "", OK, "every request goes through boto3")
+    works = answer.accepted and intact
+    shown = "work, object as botocore makes it" if works else (
+        str(answer) if not answer.accepted else "accepted, but the object differs from botocore's")
+    if works and said:
+        return Check(what, shown, "", OK)
+    if works:
+        sugg.add("direct_requests", True)
+        return Check(what, shown, "", DIFFERS, "the override lets small objects cost less CPU")
+    if not said:
+        return Check(what, shown, "", OK, "the profile sends every request through boto3")
+    sugg.add("direct_requests", False)
+    return Check(what, shown, "", FAIL, "small objects would fail or land differently; the override sends them "
+                                        "through boto3")
 
 
 def _limit_check(what: str, found, said: int, path: str, sugg: _Suggestions, consequence: str) -> Check:

@@ -81,6 +81,8 @@ def test_moto_holds_a_migration_and_the_probe_leaves_nothing(s3_server, bucket, 
     assert r["tags per object"]["measured"] == "10 accepted, 11 refused"
     assert r["TLS"]["measured"] == "plain http"
     assert r["virtual-style addressing"]["measured"].startswith("not testable")
+    direct = r["direct PUT and GET (≤ 1 MiB)"]
+    assert (direct["measured"], direct["catalog"], direct["verdict"]) == ("work, object as botocore makes it", "yes", "ok")
     assert report["suggested_overrides"] == {} and report["left_behind"] == []
     assert report["prefix"].startswith(PROBE_PREFIX)
     assert_nothing_left(s3_server.url, bucket)

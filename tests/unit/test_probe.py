@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from connectors.s3_probe import ACCEPTED, Answer, SizeLimit, _limit
 from engine.probe import _Suggestions
 
@@ -50,3 +52,19 @@ def test_suggestions_keep_the_destinations_current_overrides():
                                       "flexible_checksums": False}
     assert current == {"multipart": {"list_parts": False}, "limits": {"max_tags": 5}}   # not changed in place
     assert _Suggestions().merged_with(current) == {}   # nothing to change: nothing to paste
+
+
+@pytest.mark.parametrize("measured, said, verdict, suggested", [
+    ((Answer(True), True), True, "ok", None),
+    ((Answer(False, 400, "InvalidRequest"), None), True, "FAIL", False),
+    ((Answer(True), False), True, "FAIL", False),           # accepted, but the object is not botocore's
+    ((Answer(False, 400, "InvalidRequest"), None), False, "ok", None),
+    ((Answer(True), True), False, "differs", True),
+    ((None, None), True, "ok", None),                        # an endpoint only botocore resolves
+])
+def test_the_direct_requests_check(measured, said, verdict, suggested):
+    from engine.probe import _direct_check
+
+    sugg = _Suggestions()
+    assert _direct_check(measured, said, sugg).verdict == verdict
+    assert sugg.values.get("direct_requests") == suggested
