@@ -574,6 +574,29 @@ class S3Store:
                 and memoryview(body).nbytes == size and not self.pacer.paces_bytes
                 and not self.behaviour.flexible_checksums)
 
+    def _direct_send(self, method: str, url: str, key: str, headers: dict[str, str], *, body: Any = None,
+                     stream: bool = False):
+        """One attempt of a direct request: paced, signed as botocore signs for this client's
+        configuration, sent on botocore's HTTP session; a connection failure translated. The
+        caller reads the answer and tells the pacer how it ended (`_direct_refused` for an error)."""
+        request = AWSRequest(method, url, data=body, headers=headers)
+        request.context["client_config"] = self._client.meta.config
+        request.stream_output = stream
+        self.pacer.request_starts("put" if method == "PUT" else "get")
+        try:
+            self._signer.add_auth(request)
+            return self._http.send(request.prepare())
+        except BotoCoreError as exc:
+            self.pacer.request_ended(None)
+            raise self._translate(exc, key) from exc
+
+    def _direct_refused(self, status: int, content: bytes | None, operation: str, key: str) -> ConnectorError:
+        """The error of a direct request's answer other than success, as the client would raise it
+        (its XML parsed, the pacer told of throttling)."""
+        answer = {"Error": _error_of(content), "ResponseMetadata": {"HTTPStatusCode": status}}
+        self._request_ended({"status_code": status}, answer)
+        return self._translate(ClientError(answer, operation), key)
+
     def _direct_get(self, key: str, start: int, end: int, if_match: str | None) -> bytes:
         """GetObject of a range of at most `DIRECT_MAX_BYTES` as one request, as `_direct_put`
         sends a PutObject (botocore's signer and HTTP session, its standard retries, the client's
@@ -583,26 +606,14 @@ class S3Store:
         headers = {"Range": f"bytes={start}-{end - 1}"}
         if if_match is not None:
             headers["If-Match"] = _quote(if_match)
-        config = self._client.meta.config
         n = end - start
 
         def send() -> bytes:
-            request = AWSRequest("GET", url, headers=headers)
-            request.context["client_config"] = config
-            request.stream_output = True
-            self.pacer.request_starts("get")
-            try:
-                self._signer.add_auth(request)
-                response = self._http.send(request.prepare())
-            except BotoCoreError as exc:
-                self.pacer.request_ended(None)
-                raise self._translate(exc, key) from exc
+            response = self._direct_send("GET", url, key, headers, stream=True)
             try:
                 status = response.status_code
                 if status not in (200, 206):
-                    answer = {"Error": _error_of(response.raw.read(64 * 1024)), "ResponseMetadata": {"HTTPStatusCode": status}}
-                    self._request_ended({"status_code": status}, answer)
-                    raise self._translate(ClientError(answer, "GetObject"), key)
+                    raise self._direct_refused(status, response.raw.read(64 * 1024), "GetObject", key)
                 self.pacer.request_ended(None)
                 total = (_total_from_content_range(response.headers.get("Content-Range")) if status == 206
                          else int(response.headers.get("Content-Length") or 0))
@@ -627,7 +638,7 @@ class S3Store:
     def _direct_put(self, key: str, body: bytes | bytearray | memoryview, size: int, params: dict[str, Any],
                     md5: bytes) -> str:
         """PutObject as one request: the headers botocore sends for `params` (Content-MD5 among them;
-        tests/unit/test_s3_direct.py compares the two), signed by botocore's SigV4 signer with the
+        tests/unit/test_direct_requests.py compares the two), signed by botocore's SigV4 signer with the
         client's configuration (UNSIGNED-PAYLOAD: the Content-MD5 covers the body), sent on botocore's
         HTTP session, paced per attempt, and retried as botocore's standard mode retries (throttling,
         5xx, a dropped connection: `max_attempts` in all, backoff up to 20 s), each retry counted in
@@ -636,25 +647,13 @@ class S3Store:
         headers = _headers_of(params)
         headers["Content-MD5"] = base64.b64encode(md5).decode()
         headers["Content-Length"] = str(size)
-        config = self._client.meta.config
 
         def send() -> str:
-            request = AWSRequest("PUT", url, data=body, headers=headers)
-            request.context["client_config"] = config
-            self.pacer.request_starts("put")
-            try:
-                self._signer.add_auth(request)
-                response = self._http.send(request.prepare())
-            except BotoCoreError as exc:
-                self.pacer.request_ended(None)
-                raise self._translate(exc, key) from exc
-            if response.status_code == 200:
-                self.pacer.request_ended(None)
-                return _unquote(response.headers.get("ETag"))
-            answer = {"Error": _error_of(response.content),
-                      "ResponseMetadata": {"HTTPStatusCode": response.status_code}}
-            self._request_ended({"status_code": response.status_code}, answer)
-            raise self._translate(ClientError(answer, "PutObject"), key)
+            response = self._direct_send("PUT", url, key, headers, body=body)
+            if response.status_code != 200:
+                raise self._direct_refused(response.status_code, response.content, "PutObject", key)
+            self.pacer.request_ended(None)
+            return _unquote(response.headers.get("ETag"))
 
         def resent(_exc: ConnectorError) -> None:
             with self._resent_lock:
