@@ -171,7 +171,8 @@ class _ExactBuffer:
 
 
 class _UseTheSdk(Exception):
-    """A direct request met what only the SDK's pipeline answers (an Entra ID challenge)."""
+    """A direct request met what only the SDK's pipeline answers (an Entra ID challenge): the caller
+    sends that request through the SDK instead (`read_range`, `_pages`, `folders`)."""
 
 
 class _DirectRequests:
@@ -272,7 +273,7 @@ class _DirectRequests:
         query = {"restype": "container", "comp": "list", "prefix": prefix or None, "delimiter": delimiter,
                  "marker": marker or None, "maxresults": str(page_size), "include": ",".join(include)}
         return self.get(source, prefix, "", {k: v for k, v in query.items() if v}, {},
-                        lambda response: _listing_page(response.read(decode_content=True)))
+                        lambda response: _listing_page(response.read(decode_content=True), source.label))
 
     def get(self, source: "AzureBlobSource", key: str, suffix: str, query: dict[str, str],
             headers: dict[str, str], answer: Callable[[Any], T]) -> T:
@@ -319,14 +320,14 @@ class _DirectRequests:
         return attempts(send, tries=self.tries, backoff=self.backoff)
 
 
-def _listing_page(body: bytes) -> tuple[list[SimpleNamespace], list[str], str | None]:
+def _listing_page(body: bytes, label: str = "azure") -> tuple[list[SimpleNamespace], list[str], str | None]:
     """List Blobs' XML answer: each `<Blob>` as the SDK's `BlobProperties` would have it (the
     fields `AzureBlobSource._meta` reads), each `<BlobPrefix>`'s name, and `<NextMarker>` (None on
     the last page)."""
     try:
         root = ElementTree.fromstring(body)
     except ElementTree.ParseError as exc:
-        raise TransientError(f"a listing answer is not well-formed XML ({exc})") from exc
+        raise TransientError(f"{label}: a listing answer is not well-formed XML ({exc})") from exc
     entries = []
     for blob in root.iterfind("Blobs/Blob"):
         properties = blob.find("Properties")
@@ -633,12 +634,15 @@ class AzureBlobSource:
         the marker of the page after it (None after the last): direct requests where the source
         has them (`_DirectRequests`), the SDK's pager otherwise."""
         direct = self._direct_requests()
-        if direct is not None:
-            while True:
-                entries, _folders, marker = direct.list_page(self, prefix, include, marker, page_size, delimiter)
-                yield [self._meta(props) for props in entries], marker
-                if marker is None:
-                    return
+        while direct is not None:
+            try:
+                entries, _folders, after = direct.list_page(self, prefix, include, marker, page_size, delimiter)
+            except _UseTheSdk:
+                break  # the SDK's pager goes on from `marker`
+            yield [self._meta(props) for props in entries], after
+            if after is None:
+                return
+            marker = after
         options = dict(name_starts_with=prefix or None, include=include, results_per_page=page_size)
         paged = (self._container.walk_blobs(delimiter=delimiter, **options) if delimiter
                  else self._container.list_blobs(**options))
@@ -655,11 +659,12 @@ class AzureBlobSource:
         "/"-delimited listing request of at most `limit` entries, 5000 at most); None when the
         level holds more (`RangeLister`)."""
         direct = self._direct_requests()
-        if direct is not None:
-            blobs, found, marker = direct.list_page(self, prefix, [], None, min(limit, 5000), "/")
-            if marker or len(blobs) + len(found) > limit:
-                return None
-            return found, bool(blobs)
+        try:
+            if direct is not None:
+                blobs, found, marker = direct.list_page(self, prefix, [], None, min(limit, 5000), "/")
+                return None if marker or len(blobs) + len(found) > limit else (found, bool(blobs))
+        except _UseTheSdk:
+            pass
         pages = self._container.walk_blobs(name_starts_with=prefix or None, delimiter="/",
                                            results_per_page=min(limit, 5000)).by_page()
         page = self._call(lambda: _next_page(pages), prefix)

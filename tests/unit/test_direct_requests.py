@@ -337,3 +337,56 @@ def test_direct_reads_over_https_verify_the_certificate_as_the_sdk_would(monkeyp
     source = AzureBlobSource.from_default_credential("https://acct.blob.core.windows.net", "c1", credential=_Token())
     assert source._direct_requests().pool.ca_certs == str(bundle)
 
+
+
+def test_a_request_only_the_sdk_can_answer_goes_on_through_the_sdk_from_where_it_was(monkeypatch):
+    """An Entra ID challenge (401 to a token) is the SDK pipeline's to answer: the listing goes on
+    through the SDK's pager from the marker the direct pages reached, folders too."""
+    from types import SimpleNamespace
+
+    from connectors.azure_blob import _UseTheSdk
+
+    source = _from_key()
+    direct = source._direct_requests()
+    calls = []
+
+    def list_page(_source, prefix, include, marker, page_size, delimiter=None):
+        calls.append(marker)
+        if marker is None and delimiter is None:
+            return [SimpleNamespace(**_props("a"))], [], "m1"
+        raise _UseTheSdk()
+
+    monkeypatch.setattr(direct, "list_page", list_page)
+
+    class Pager:
+        def __init__(self, token):
+            self.asked, self.continuation_token = token, None
+            self.pages = iter([[SimpleNamespace(**_props("b"))]])
+
+        def __next__(self):
+            return next(self.pages)
+
+    tokens = []
+
+    class Paged:
+        def by_page(self, continuation_token=None):
+            tokens.append(continuation_token)
+            return Pager(continuation_token)
+
+    asked = {}
+    monkeypatch.setattr(source._container, "list_blobs", lambda **kw: asked.update(kw) or Paged())
+    assert [m.key for m in source.list()] == ["a", "b"] and calls == [None, "m1"]
+    assert asked["name_starts_with"] is None and tokens == ["m1"]  # the SDK's pager took over at m1
+
+    monkeypatch.setattr(source._container, "walk_blobs", lambda **kw: Paged())
+    assert source.folders("", 10) == ([], True)
+
+
+def _props(name: str) -> dict:
+    from types import SimpleNamespace
+
+    return dict(name=name, size=1, etag="e", last_modified=None, creation_time=None, blob_tier="Hot",
+                archive_status=None, blob_type="BlockBlob", copy=SimpleNamespace(status=None, progress=None),
+                content_settings=SimpleNamespace(content_type=None, content_encoding=None, cache_control=None,
+                                                 content_disposition=None, content_language=None, content_md5=None),
+                metadata={}, tags=None, snapshot=None, version_id=None, is_current_version=None)
