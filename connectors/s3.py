@@ -19,9 +19,10 @@ Content-MD5 having been accepted by the server.
 What the provider's multipart API answers comes from its profile (`SinkBehaviour`): an operation
 it does not implement is not sent (`Unsupported`), and a 405 / 501 answer is `Unsupported` too.
 
-A PutObject of at most `DIRECT_MAX_BYTES` from memory goes as one direct request (`_direct_put`):
-botocore's signer and HTTP session, the headers botocore would send, its standard retries; the
-small-object path's cost was mostly botocore's per-request machinery (docs/DESIGN.md).
+A PutObject of at most `DIRECT_MAX_BYTES` from memory and a GetObject of a range that small go as
+one direct request each (`_direct_put`, `_direct_get`): botocore's signer and HTTP session, the
+headers botocore would send, its standard retries; the small-object path's cost was mostly
+botocore's per-request machinery (docs/DESIGN.md). A profile's `direct_requests: false` turns them off.
 
 Every SDK call is wrapped: botocore exceptions never leave this module.
 """
@@ -296,9 +297,10 @@ class S3Store:
         self._paced(self._client)
         self._max_attempts = max_attempts
         self._direct_base = _bucket_url(endpoint_url, bucket, addressing_style)
-        # PutObject of a small body from memory goes as one request (`_direct_put`) over botocore's
-        # own HTTP session: its TLS, proxy, pool and timeout settings. Private attribute: where a
-        # botocore release moves it, every PUT goes through the client (the unit tests say so).
+        # Small PUTs and ranged GETs go as direct requests (`_direct_put`, `_direct_get`) over
+        # botocore's own HTTP session: its TLS, proxy, pool and timeout settings. Private attribute:
+        # where a botocore release moves it, every request goes through the client (the unit tests
+        # say so).
         self._http = getattr(getattr(self._client, "_endpoint", None), "http_session", None)
         self._signer = S3SigV4Auth(Credentials(access_key_id, secret_access_key, session_token), "s3", region)
         self._stream_client_lock = threading.Lock()
