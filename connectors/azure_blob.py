@@ -7,8 +7,9 @@ Ranges of at most `DIRECT_MAX_BYTES` and listings go as direct requests (`_Direc
 SDK's own credential policy and retry settings, one urllib3 request, no per-request pipeline; see
 docs/DESIGN.md "Direct requests"). Larger ranged reads go through the SDK's generated Download
 operation (`BlobClient._client.blob.download`, `azure.storage.blob._generated`), not public API:
-`download_blob` holds each range twice, outside the engine's memory budget. pyproject.toml bounds azure-storage-blob to the versions where it is
-known to work, and tests/unit/test_azure_sdk_private_api.py fails loudly on one where it moved.
+`download_blob` holds each range twice, outside the engine's memory budget. pyproject.toml bounds
+azure-storage-blob to the versions where it is known to work, and
+tests/unit/test_azure_sdk_private_api.py fails loudly on one where it moved.
 
 Things this module deliberately does not do:
 - no CRC64 content validation: Azurite ignores ``x-ms-content-crc64`` and the SDK's streaming CRC64
@@ -227,9 +228,12 @@ class _DirectRequests:
         transport = getattr(pipeline, "_transport", None)
         while transport is not None and not isinstance(transport, _PooledRequestsTransport):
             transport = getattr(transport, "_transport", None)
-        credentials = [p for p in policies if isinstance(p, (SharedKeyCredentialPolicy, BearerTokenCredentialPolicy))]
+        # Every policy that authorises a request, known or not: an unknown kind means the SDK alone
+        # knows how to sign, so nothing goes direct (a request sent unsigned would only be refused).
+        credentials = [p for p in policies if "Credential" in type(p).__name__]
         retries = [p for p in policies if isinstance(p, ExponentialRetry)]
-        if transport is None or len(credentials) > 1 or len(retries) != 1:
+        if (transport is None or len(credentials) > 1 or len(retries) != 1
+                or not all(isinstance(p, (SharedKeyCredentialPolicy, BearerTokenCredentialPolicy)) for p in credentials)):
             return None
         if transport.session is None:
             transport.open()
@@ -241,8 +245,13 @@ class _DirectRequests:
         return cls(container, transport, credentials[0] if credentials else None, retries[0], settings)
 
     def blob_url(self, key: str) -> str:
-        """The URL the SDK's blob client of `key` has (`_format_url`)."""
-        return f"{self.origin}{self.path}/{quote(key, safe='~/')}{'?' + self.sas if self.sas else ''}"
+        """The URL a direct read of `key` asks for: the one the SDK's blob client has (`_format_url`)."""
+        return self.origin + self._target(_blob_path(key), {})
+
+    def _target(self, suffix: str, query: dict[str, str]) -> str:
+        """The request target of the container's path + `suffix` with `query` and the SAS, if any."""
+        encoded = "&".join(x for x in (urlencode(query, quote_via=quote), self.sas) if x)
+        return f"{self.path}{suffix}{'?' + encoded if encoded else ''}"
 
     def read(self, source: "AzureBlobSource", key: str, start: int, end: int, if_match: str | None) -> bytes:
         headers = {"x-ms-range": f"bytes={start}-{end - 1}"}
@@ -263,7 +272,7 @@ class _DirectRequests:
                     f"{source.label}: {key!r}: the service sent more than the {end - start} bytes asked for", key=key)
             return data
 
-        return self.get(source, key, f"/{quote(key, safe='~/')}", {}, headers, body)
+        return self.get(source, key, _blob_path(key), {}, headers, body)
 
     def list_page(self, source: "AzureBlobSource", prefix: str, include: list[str], marker: str | None,
                   page_size: int, delimiter: str | None = None
@@ -279,8 +288,7 @@ class _DirectRequests:
             headers: dict[str, str], answer: Callable[[Any], T]) -> T:
         """GET the container's URL + `suffix` with `query` and `headers`; `answer(response)` reads
         a 2xx answer, every other one is the error the SDK's would be (`AzureBlobSource._translate`)."""
-        encoded = "&".join(x for x in (urlencode(query, quote_via=quote), self.sas) if x)
-        target = f"{self.path}{suffix}{'?' + encoded if encoded else ''}"
+        target = self._target(suffix, query)
         url = f"{self.origin}{target}"
         fixed = {"x-ms-version": self.api_version, "User-Agent": "exitplan", **headers}
 
@@ -318,6 +326,11 @@ class _DirectRequests:
                 response.release_conn()
 
         return attempts(send, tries=self.tries, backoff=self.backoff)
+
+
+def _blob_path(key: str) -> str:
+    # A blob's name below its container's path, quoted as the SDK quotes it (`_format_url`).
+    return f"/{quote(key, safe='~/')}"
 
 
 def _listing_page(body: bytes, label: str = "azure") -> tuple[list[SimpleNamespace], list[str], str | None]:
@@ -739,9 +752,6 @@ class AzureBlobSource:
         """
         if start < 0 or end < start:
             raise InvalidRequest(f"{self.label}: invalid range {start}-{end} for {key!r}", key=key)
-        conditions: dict[str, Any] = {}
-        if if_match is not None:
-            conditions = {"etag": _quote(if_match), "match_condition": MatchConditions.IfNotModified}
         if 0 < end - start <= DIRECT_MAX_BYTES and history_of(key) is None:
             direct = self._direct_requests()
             if direct is not None:
@@ -749,6 +759,9 @@ class AzureBlobSource:
                     return direct.read(self, key, start, end, if_match)
                 except _UseTheSdk:
                     pass
+        conditions: dict[str, Any] = {}
+        if if_match is not None:
+            conditions = {"etag": _quote(if_match), "match_condition": MatchConditions.IfNotModified}
         blob = self._blob(key)
         if start == end:
             # An empty range cannot be expressed as an HTTP Range (and Azure answers 416 to any

@@ -561,11 +561,15 @@ class S3Store:
         params = {"Bucket": self.bucket, "Key": key, **_write_params(meta, self.label, key)}
         return self._send_body("put_object", params, key, body, size, md5, f"{key!r}")
 
+    def _direct_possible(self) -> bool:
+        """Whether direct requests can be sent here: the bucket URL is known without botocore's
+        resolver and botocore's HTTP session was found (`exitplan probe` tries them on that alone)."""
+        return self._direct_base is not None and self._http is not None
+
     def _direct_ok(self) -> bool:
-        """Whether this store sends direct requests at all: its profile allows them
-        (`direct_requests`), the bucket URL is known without botocore's resolver, botocore's HTTP
-        session was found."""
-        return self.behaviour.direct_requests and self._direct_base is not None and self._http is not None
+        """Whether this store sends direct requests: possible here, and its profile allows them
+        (`direct_requests`)."""
+        return self.behaviour.direct_requests and self._direct_possible()
 
     def _direct_fits(self, body: PartBody, size: int, md5: bytes | None) -> bool:
         """Whether PutObject may go as a direct request: a small body in memory with its MD5, no

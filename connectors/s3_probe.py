@@ -29,7 +29,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from config.hosts import is_loopback_host
 
 from .base import ConnectorError
-
 from .s3 import S3Store, _unquote
 
 __all__ = ["Answer", "BucketProbe", "MultipartFacts", "SizeLimit", "Timing"]
@@ -170,7 +169,7 @@ class BucketProbe:
         whether the object is what a PUT through botocore would have made (bytes, content type,
         metadata)."""
         store = self.store
-        if store._direct_base is None or store._http is None:
+        if not store._direct_possible():
             return None, None
         key = self._key(name)
         params = {"ContentType": "text/plain", "Metadata": {"exitplan-probe": "direct"}}

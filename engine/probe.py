@@ -4,8 +4,8 @@ say whether a migration can go there safely as configured (issue 13).
 The profile (config/providers/*.yaml, with the destination's `provider_overrides`) is what the
 migration trusts: which ETag form to check after a multipart upload, whether ListParts, abort and
 ListMultipartUploads answer, how many tags and metadata bytes fit, whether checksum headers may be
-sent, whether small objects may go as direct requests. A provider that changed, or a catalog entry that was wrong, shows up here on day one instead
-of as every multipart object failing in week two.
+sent, whether small objects may go as direct requests. A provider that changed, or a catalog entry
+that was wrong, shows up here on day one instead of as every multipart object failing in week two.
 
 Only the configured bucket is ever addressed, after the sovereignty gate (the loader ran it), and
 only below a throw-away prefix under `CONTROL_PREFIX` (`_exitplan/probe/<random>/`), which is

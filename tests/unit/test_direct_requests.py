@@ -390,3 +390,15 @@ def _props(name: str) -> dict:
                 content_settings=SimpleNamespace(content_type=None, content_encoding=None, cache_control=None,
                                                  content_disposition=None, content_language=None, content_md5=None),
                 metadata={}, tags=None, snapshot=None, version_id=None, is_current_version=None)
+
+
+def test_a_credential_policy_of_an_unknown_kind_keeps_every_request_in_the_sdk(monkeypatch):
+    source = _from_key()
+    pipeline = source._container._pipeline
+
+    class AzureNamedKeyCredentialPolicy:  # a kind of signing the direct requests do not know
+        def on_request(self, request):
+            raise AssertionError("not to be called")
+
+    monkeypatch.setattr(pipeline, "_impl_policies", [*pipeline._impl_policies, AzureNamedKeyCredentialPolicy()])
+    assert _DirectRequests.for_container(source._container) is None
