@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
+import os
 import resource
 import shutil
 import sys
@@ -35,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -45,10 +47,14 @@ from config.models import DatasetConfig  # noqa: E402
 from connectors.base import ListingPage, ListingRange, ObjectMeta  # noqa: E402
 from engine.dataset_copy import COPIES_PAGE  # noqa: E402
 from engine.listing import RangedListing  # noqa: E402
+from engine.shards import ShardDefiner  # noqa: E402
 from engine.state import StateStore  # noqa: E402
 
 DS = DatasetConfig(source="bench", container="bench", destination="bench")
 MODIFIED = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+if TYPE_CHECKING:
+    from flows.lab_processes import ServerSpec
 
 
 def peak_rss_mib() -> float:
@@ -225,9 +231,8 @@ def synthetic(objects: int, folders: int, url: str, label: str) -> list[tuple[st
         (run, n, listing), seconds = timed("listing", lambda: list_into(state, source, 4))
         _add(rows, (label, f"listing into the state, 4 ranges ({n:,} objects)", f"{n / seconds:,.0f} obj/s",
                      f"{peak_rss_mib():.0f}"))
-        (_, seconds) = timed("shards", lambda: (state.merge_shards(run, "bench", 1),
-                                                state.define_shards(run, "bench")))
-        _add(rows, (label, f"shards fixed ({listing.shards:,}: renumbered, defined)", f"{seconds:.1f} s",
+        defined, seconds = timed("shards", lambda: ShardDefiner(state, run, 500).ready("bench"))
+        _add(rows, (label, f"shards fixed ({listing.shards:,} cut, {len(defined):,} defined)", f"{seconds:.1f} s",
                      f"{peak_rss_mib():.0f}"))
         few = min(n, 20_000)
         _, seconds = timed("delta", lambda: delta_pass(state, run, per_object=few))
@@ -257,7 +262,97 @@ def synthetic(objects: int, folders: int, url: str, label: str) -> list[tuple[st
 # ---- Azurite: listing into the state against a bare SDK loop ---------------------------------------
 
 
-def azurite(blobs: int, folders: int, seed_threads: int, workdir: Path) -> list[tuple[str, str, str, str]]:
+CONTAINER = "bench-listing"
+AZURITE_DB = "__azurite_db_blob__.json"  # Azurite's metadata database under --location (LokiJS, JSON)
+
+
+def blob_name(folder: int, i: int) -> str:
+    return f"f{folder:03d}/{i:09d}.dcm"
+
+
+def azurite_on_disk(port: int, location: Path) -> "ServerSpec":
+    """Azurite keeping its data under `location` instead of in memory (the lab's flags otherwise),
+    with room for a database of 10^6 blobs: V8's default heap stops near 4 GiB."""
+    from dataclasses import replace
+
+    from flows.lab_processes import azurite_spec
+
+    spec = azurite_spec(port)
+    argv = [a for a in spec.argv if a != "--inMemoryPersistence"] + ["--location", str(location)]
+    return replace(spec, argv=tuple(argv), env={**spec.env, "NODE_OPTIONS": "--max-old-space-size=8192"},
+                   ready_timeout=900.0)
+
+
+def seed_azurite_database(location: Path, blobs: int, folders: int) -> None:
+    """Azurite's metadata database under `location` holding container `CONTAINER` with `blobs`
+    empty block blobs (`blob_name`, in `folders` folders), written directly: Azurite's own Put Blob
+    scans every blob of the account per request (LokiJS looks a blob up by its account's index),
+    so seeding through the API slows as the container grows (~30 blobs/s on average past 50,000).
+
+    Azurite writes the database itself first (the container and one blob through the API, then
+    stopped: it saves on the way out); its blob document is the template of every blob, without
+    the optional fields an empty blob can go without (its MD5, content type, encryption flag, data
+    extent), so that 10^6 documents stay within the largest string V8 can parse (~512 MiB). The
+    documents are written in name order, so each of the collection's four binary indices (account,
+    container, name, snapshot) is the positions in order."""
+    from azure.storage.blob import BlobServiceClient
+
+    from config.lab import azurite_connection_string
+    from flows.lab_processes import free_port, start_server, stop_pid
+
+    port = free_port()
+    server = start_server(azurite_on_disk(port, location), log_path=location.parent / "azurite-template.log")
+    try:
+        container = BlobServiceClient.from_connection_string(azurite_connection_string(port)).create_container(CONTAINER)
+        container.upload_blob(blob_name(0, 0), b"")
+    finally:
+        stop_pid(server.pid, timeout=60)
+    path = location / AZURITE_DB
+    db = json.loads(path.read_text())
+    coll = next(c for c in db["collections"] if c["name"] == "$BLOBS_COLLECTION$")
+    if len(coll["data"]) != 1:
+        raise SystemExit(f"{path}: Azurite saved {len(coll['data'])} blob documents, not the one put: "
+                         "its database format changed; seed with --seed api")
+    template = coll["data"][0]
+    for field in ("deleted", "persistency"):
+        template.pop(field, None)
+    for field in ("contentMD5", "contentType", "serverEncrypted", "accessTierInferred", "accessTierChangeTime"):
+        template["properties"].pop(field, None)
+    template["meta"] = {"revision": 0, "created": template["meta"]["created"], "version": 0}
+    names = sorted(blob_name(i % folders, i) for i in range(blobs))
+    coll["data"], coll["maxId"], coll["idIndex"] = "@DOCS@", blobs, None
+    for index in coll["binaryIndices"].values():
+        index["dirty"], index["values"] = False, "@POSITIONS@"
+    head, tail = json.dumps(db, separators=(",", ":")).split('"@DOCS@"')
+    tail = tail.replace('"@POSITIONS@"', "[" + ",".join(map(str, range(blobs))) + "]")
+    with path.open("w") as out:
+        out.write(head + "[")
+        for n, name in enumerate(names, start=1):
+            doc = {**template, "name": name, "properties": {**template["properties"], "etag": f'"0x8DE{n:013X}"'},
+                   "$loki": n}
+            out.write(("," if n > 1 else "") + json.dumps(doc, separators=(",", ":")))
+        out.write("]" + tail)
+
+
+def wait_until_idle(pid: int, quiet: float = 3.0, limit: float = 1800.0) -> float:
+    """Seconds until process `pid` used under 5 % of a core for `quiet` seconds (Azurite's
+    garbage collection goes through every blob once at start)."""
+    began = time.perf_counter()
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def cpu() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    while time.perf_counter() - began < limit:
+        before = cpu()
+        time.sleep(quiet)
+        if cpu() - before < 0.05 * quiet:
+            break
+    return time.perf_counter() - began
+
+
+def azurite(blobs: int, folders: int, seed_threads: int, seed: str, killed: bool, workdir: Path) -> list[tuple[str, str, str, str]]:
     from azure.storage.blob import BlobServiceClient
 
     from config.lab import azurite_connection_string
@@ -266,20 +361,36 @@ def azurite(blobs: int, folders: int, seed_threads: int, workdir: Path) -> list[
 
     port = free_port()
     started = []
-    server = start_server(azurite_spec(port), log_path=workdir / "azurite.log", on_started=started.append)
     rows = []
+    location = workdir / "azurite"
+    if seed == "database":
+        location.mkdir()
+        began = time.perf_counter()
+        seed_azurite_database(location, blobs, folders)
+        written = time.perf_counter() - began
+        server = start_server(azurite_on_disk(port, location), log_path=workdir / "azurite.log",
+                              on_started=started.append)
+        loaded = time.perf_counter() - began - written
+        idle = wait_until_idle(server.pid)
+        _add(rows, ("azurite", f"seed: {blobs:,} empty blobs written into Azurite's database "
+                               f"({(location / AZURITE_DB).stat().st_size / 2**20:,.0f} MiB)",
+                    f"{written:.0f} s written, {loaded:.0f} s loaded", f"{idle:.0f} s until idle"))
+    else:
+        server = start_server(azurite_spec(port), log_path=workdir / "azurite.log", on_started=started.append)
     try:
         cs = azurite_connection_string(port)
         service = BlobServiceClient.from_connection_string(cs)
-        container = service.create_container("bench-listing")
-        began = time.perf_counter()
-        with ThreadPoolExecutor(seed_threads) as pool:
-            for _ in pool.map(lambda i: container.upload_blob(f"f{i % folders:03d}/{i:09d}.dcm", b""), range(blobs),
-                              chunksize=256):
-                pass
-        seeded = time.perf_counter() - began
-        _add(rows, ("azurite", f"seed: {blobs:,} empty blobs, {seed_threads} threads", f"{blobs / seeded:,.0f} blobs/s",
-                     f"{seeded:.0f} s"))
+        container = service.get_container_client(CONTAINER)
+        if seed == "api":
+            container.create_container()
+            began = time.perf_counter()
+            with ThreadPoolExecutor(seed_threads) as pool:
+                for _ in pool.map(lambda i: container.upload_blob(blob_name(i % folders, i), b""), range(blobs),
+                                  chunksize=256):
+                    pass
+            seeded = time.perf_counter() - began
+            _add(rows, ("azurite", f"seed: {blobs:,} empty blobs, {seed_threads} threads",
+                        f"{blobs / seeded:,.0f} blobs/s", f"{seeded:.0f} s"))
 
         def bare() -> int:
             n = 0
@@ -294,17 +405,132 @@ def azurite(blobs: int, folders: int, seed_threads: int, workdir: Path) -> list[
             state_dir = Path(tempfile.mkdtemp(dir=workdir))
             state = StateStore(state_dir / "state.db")
             try:
-                source = AzureBlobSource.from_connection_string(cs, "bench-listing", page_size=5000)
+                source = AzureBlobSource.from_connection_string(cs, CONTAINER, page_size=5000)
                 (_, listed, _), seconds = timed("ranges", lambda: list_into(state, source, at_once))
                 assert listed == n, (listed, n)
                 _add(rows, ("azurite", f"listing into the state, {at_once} range(s) at once",
                              f"{listed / seconds:,.0f} obj/s", f"{listed / seconds / base:.2f}"))
             finally:
                 state.close()
+        if killed:
+            rows += killed_listing(cs, n, 4, workdir)
     finally:
         if started:
             stop_pid(server.pid)
     return rows
+
+
+class CountingSource:
+    """An Azure source that counts the listing requests it sends and the entries they return, per
+    range prefix (the listing's ranges are "/"-delimited folders)."""
+
+    def __init__(self, source):
+        self.source = source
+        self.pages: dict[str, int] = {}
+        self.entries = 0
+
+    def __getattr__(self, name):
+        return getattr(self.source, name)
+
+    def folders(self, prefix: str, limit: int):
+        return self.source.folders(prefix, limit)
+
+    def list(self, prefix: str = ""):
+        return self.source.list(prefix)
+
+    def list_name(self, name: str):
+        return self.source.list_name(name)
+
+    def list_pages(self, part: ListingRange, marker: str | None = None) -> Iterator[ListingPage]:
+        for page in self.source.list_pages(part, marker):
+            self.pages[part.prefix] = self.pages.get(part.prefix, 0) + 1
+            self.entries += len(page.entries)
+            yield page
+
+
+def listing_child(state_path: str, at_once: int) -> int:
+    """`list-into`: a migrate run's listing of the bench container into the state at `state_path`
+    (the connection string from BENCH_AZURITE_CONNECTION_STRING), in a process of its own that
+    the parent kills part-way."""
+    from connectors.azure_blob import AzureBlobSource
+
+    source = AzureBlobSource.from_connection_string(os.environ["BENCH_AZURITE_CONNECTION_STRING"], CONTAINER,
+                                                    page_size=5000)
+    state = StateStore(state_path)
+    try:
+        list_into(state, source, at_once)
+    finally:
+        state.close()
+    return 0
+
+
+def killed_listing(cs: str, blobs: int, at_once: int, workdir: Path) -> list[tuple[str, str, str, str]]:
+    """A listing killed (SIGKILL) once half the blobs are stored, then a run that takes it over:
+    what the killed one had stored, the requests the resumed one sends per range, and the final
+    listing checked (every blob once)."""
+    import sqlite3
+    import signal
+    import subprocess
+
+    from connectors.azure_blob import AzureBlobSource
+
+    state_path = workdir / "killed" / "state.db"
+    state_path.parent.mkdir()
+    StateStore(state_path).close()  # the schema, before the child and this process poll it
+    child = subprocess.Popen([sys.executable, __file__, "list-into", "--state", str(state_path),
+                              "--at-once", str(at_once)], env={**os.environ, "BENCH_AZURITE_CONNECTION_STRING": cs})
+    began = time.perf_counter()
+    db = sqlite3.connect(state_path, timeout=60)
+
+    def stored() -> tuple[int, int, int]:
+        objects, done, ranges = db.execute(
+            "SELECT coalesce(sum(objects), 0), coalesce(sum(done), 0), count(*) FROM listing_ranges").fetchone()
+        return int(objects), int(done), int(ranges)
+
+    try:
+        while child.poll() is None and stored()[0] < blobs // 2:
+            time.sleep(0.2)
+        if child.poll() is not None:
+            raise SystemExit(f"the listing process ended (exit {child.returncode}) before it could be killed")
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+    first = time.perf_counter() - began
+    objects, done, ranges = stored()
+    done_prefixes = {p for (p,) in db.execute("SELECT prefix FROM listing_ranges WHERE done")}
+    db.close()
+    rows = []
+    _add(rows, ("azurite", f"killed listing ({at_once} at once): {objects:,} objects stored, {done} of {ranges} "
+                           "ranges done", f"{first:.0f} s", f"{objects / first:,.0f} obj/s"))
+    source = CountingSource(AzureBlobSource.from_connection_string(cs, CONTAINER, page_size=5000))
+    state = StateStore(state_path)
+    try:
+        (run, n, listing), seconds = timed("resume", lambda: list_into(state, source, at_once))
+        listed_again = sorted(p for p in source.pages if p in done_prefixes)
+        keys, distinct = db_counts(state, run)
+    finally:
+        state.close()
+    assert listing.taken_over is not None, "the second run did not take over the killed listing"
+    assert (n, keys, distinct) == (blobs, blobs, blobs), (n, keys, distinct, blobs)
+    assert not listed_again, f"ranges done before the kill listed again: {listed_again}"
+    _add(rows, ("azurite", f"resumed: {sum(source.pages.values()):,} listing requests, {source.entries:,} entries "
+                           f"listed ({blobs - objects:,} not stored before the kill), none to the {done} ranges "
+                           f"done; {n:,} objects, each once", f"{seconds:.0f} s",
+                f"{source.entries / seconds:,.0f} obj/s"))
+    return rows
+
+
+def db_counts(state: StateStore, run: int) -> tuple[int, int]:
+    """The listing rows of `run` and their distinct keys."""
+    import sqlalchemy as sa
+
+    from engine.state.schema import listing
+
+    with state.engine.connect() as conn:
+        return tuple(conn.execute(sa.select(sa.func.count(), sa.func.count(sa.distinct(listing.c.source_key)))
+                                  .where(listing.c.run_id == run)).one())
 
 
 def main() -> int:
@@ -314,18 +540,28 @@ def main() -> int:
     az.add_argument("--blobs", type=int, default=100_000)
     az.add_argument("--folders", type=int, default=16)
     az.add_argument("--seed-threads", type=int, default=32)
+    az.add_argument("--seed", choices=("api", "database"), default="api",
+                    help="api: Put Blob requests (slows as the container grows); database: Azurite's "
+                         "metadata database written directly, then loaded by Azurite (10^6 blobs)")
+    az.add_argument("--killed", action="store_true",
+                    help="also a listing killed half-way (4 ranges at once) and the run that resumes it")
+    child = sub.add_parser("list-into")  # a listing in its own process, killed by --killed
+    child.add_argument("--state", required=True)
+    child.add_argument("--at-once", type=int, default=4)
     syn = sub.add_parser("synthetic")
     syn.add_argument("--objects", type=int, default=10_000_000)
     syn.add_argument("--folders", type=int, default=16)
     syn.add_argument("--postgres", action="store_true", help="also on a private PostgreSQL server")
     syn.add_argument("--no-sqlite", action="store_true")
     args = parser.parse_args()
+    if args.part == "list-into":
+        return listing_child(args.state, args.at_once)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-listing-"))
     rows: list[tuple[str, str, str, str]] = []
     try:
         if args.part == "azurite":
-            rows = azurite(args.blobs, args.folders, args.seed_threads, workdir)
+            rows = azurite(args.blobs, args.folders, args.seed_threads, args.seed, args.killed, workdir)
             header = ("where", "what", "rate", "ratio / time")
         else:
             header = ("state", "what", "rate / time", "peak RSS MiB")

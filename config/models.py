@@ -514,9 +514,11 @@ class OrchestrationConfig(_Model):
     its folders; a killed listing goes on from each range's last page in the next run), and never
     fewer shards than it has ranges. A shard is a run of consecutive listed objects of one dataset
     (of one range), closed when it reaches
-    `shard_bytes` or `shard_objects`; each shard is one Prefect task. When a run would have more
-    than `max_shards` shards in all, neighbouring shards of each dataset are merged (Prefect's
-    server loses events beyond about 10k task runs per flow run). `parallel_shards` shard tasks of a run go at once in
+    `shard_bytes` or `shard_objects`; each shard is one Prefect task, copied as soon as the listing
+    has made it final (copying overlaps the listing). A run keeps to about `max_shards` shards in all
+    (Prefect's server loses events beyond about 10k task runs per flow run): as its total is not
+    known while it lists, neighbouring shards of a range are merged more and more, twice as many
+    each time the run has defined another `max_shards // 10` (`engine.shards.ShardDefiner`). `parallel_shards` shard tasks of a run go at once in
     one worker process; they share its memory budget and transfer threads. With `shard_processes`
     N > 0, shard tasks run instead in N processes of the worker host, one shard at a time each,
     each with its own memory budget and transfer threads (N x the memory formula; the run's

@@ -8,7 +8,7 @@ changed since is re-read at its current version and one deleted since fails with
 (engine/pipeline.py); objects created since are not in it. docs/DESIGN.md, "Inventory reports".
 
 **Into the state store** (`RangedListing`). The flows list each dataset once into the `listing`
-table before copying it shard by shard (`MigrationRun.list_dataset`). At 10^8 blobs one listing
+table and copy it shard by shard as its shards are final (`MigrationRun.list_dataset`, `ready_shards`). At 10^8 blobs one listing
 request after the other takes hours, and a listing killed part-way would start over; so:
 
 - **Ranges.** The dataset's prefix is split by its folders: one "/"-delimited listing request per
@@ -28,11 +28,12 @@ request after the other takes hours, and a listing killed part-way would start o
   same dataset whose newest listing attempt never went through (killed, or stopped on an error)
   takes over its stored rows and ranges in the database (`StateStore.take_over_listing`), lists on
   from each unfinished range's marker and sends no request for the ranges already done.
-- **Shards.** Each range has its own shard cutter, saved with each page; a range's shards are
-  numbered `range_no * RANGE_SHARDS + n` while it lists, so that no shard holds objects of two
-  ranges, and `StateStore.merge_shards` numbers them 0, 1, ... once the run's shards are fixed.
-  `seq` numbers pages in the order they were stored: in listing order within a range, which is
-  all a shard needs.
+- **Shards.** Each range has its own shard cutter, saved with each page; the rows of a range's
+  n-th cut shard hold `listing_shard(range_no, n)` (below zero) while it lists, so that no shard
+  holds objects of two ranges. A cut shard is final once the cutter has moved past it or its range
+  is done: `engine.shards.ShardDefiner` then defines it (alone or merged with its neighbours),
+  numbered 0, 1, ..., while the listing goes on, and the flow copies it at once. `seq` numbers
+  pages in the order they were stored: in listing order within a range, which is all a shard needs.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from .endpoints import open_azure_container
 from .executors import create_pool, noted
 from .shards import ShardCutter
 from .state import ListingRangeRecord, StateStore, counts_to_json
-from .state.schema import RANGE_SHARDS
+from .state.schema import RANGE_SHARDS, listing_shard
 
 if TYPE_CHECKING:
     from connectors.azure_changefeed import ChangeFeed, FeedReading
@@ -191,7 +192,7 @@ log = logging.getLogger(__name__)
 
 FOLDER_LIMIT = 5000  # entries a level may hold to be split into its folders (one listing request)
 MAX_DEPTH = 2  # levels below the dataset's prefix that may be split
-MAX_RANGES = 256  # a dataset has at least as many shards as ranges (and range n's shard numbers start at n * RANGE_SHARDS)
+MAX_RANGES = 256  # a dataset has at least as many shards as ranges (`listing_shard` numbers stay within 32 bits)
 PAGE_SIZE = 1000  # objects per page for a source listed with `list`
 CHANGED_AT_ONCE = 16  # names the change feed says changed, listed again at once
 CHANGES_BATCH = 500  # ... and stored per transaction
@@ -238,6 +239,11 @@ def range_label(part: ListingRange | ListingRangeRecord) -> str:
     return f"objects directly in {part.prefix!r}" if part.direct else repr(part.prefix)
 
 
+class ListingStopped(Exception):
+    """The run stopped while a dataset listed (`RangedListing.stop`): the pages stored are kept, and
+    the next run lists on from them."""
+
+
 class RangedListing:
     """One run's listing of one dataset into the state store (see the module docstring).
 
@@ -248,8 +254,10 @@ class RangedListing:
 
     def __init__(self, state: StateStore, run_id: int, name: str, ds: DatasetConfig, source: ObjectSource, *,
                  shard_bytes: int, shard_objects: int, at_once: int, report: ReportListing | None = None,
-                 feed: "ChangeFeed | None" = None, full_listing: bool = False):
+                 feed: "ChangeFeed | None" = None, full_listing: bool = False,
+                 stop: threading.Event | None = None):
         self.state, self.run_id, self.name, self.ds, self.source = state, run_id, name, ds, source
+        self.stop = stop  # once set, the listing stops at its next page (`ListingStopped`)
         self.report = report  # the dataset's inventory report, listed instead of the source (one range)
         # The account's change feed, for a dataset with `changes: feed`: the listing is made from the
         # last one and the names the feed says changed since (`_from_feed`) when it can be.
@@ -404,6 +412,9 @@ class RangedListing:
         try:
             futures = [(r, pool.submit(self._produce, r, pages, stop)) for r in todo]
             while open_ranges:
+                if self.stop is not None and self.stop.is_set():
+                    raise ListingStopped(f"{self.name}: the run stopped before the listing ended; the next run "
+                                         "lists on from where it got")
                 try:
                     range_no, page = pages.get(timeout=1.0)
                 except queue.Empty:
@@ -447,10 +458,8 @@ class RangedListing:
         """Select, cut and store one page of a range, with the range's new marker; returns what was stored."""
         cutter = ShardCutter(self.shard_bytes, self.shard_objects)
         cutter.current, cutter.objects, cutter.bytes = part.cut_shard, part.cut_objects, part.cut_bytes
-        base = part.range_no * RANGE_SHARDS
         objects, history = page_entries(page, self.ds)
-        entries = [(base + min(cutter.shard_of(m.size), RANGE_SHARDS - 1), m)
-                   for m in objects if selects(self.ds, m)]
+        entries = [(listing_shard(part.range_no, cutter.shard_of(m.size)), m) for m in objects if selects(self.ds, m)]
         not_carried = part.not_carried
         if history:
             not_carried = counts_to_json(count_not_carried(part.not_carried_counts, history, self.ds)) or not_carried

@@ -38,7 +38,7 @@ from .output_format import IDENTITY, OutputFormat
 from .pacing import RunPacing, run_bandwidth
 from .project import lock_project, open_state, state_location
 from .settings import TransferSettings
-from .shards import (WENT_THROUGH, PlannedShard, ShardOutcome, ShardPlan, ShardResult, ShardsEnded,
+from .shards import (WENT_THROUGH, PlannedShard, ShardDefiner, ShardOutcome, ShardPlan, ShardResult, ShardsEnded,
                      failure_sentence, shard_outcome)
 from . import state as st
 from .state import StateStore, StateUnwritable
@@ -310,7 +310,8 @@ class MigrationRun:
         self._summaries: list[DatasetSummary] = []
         self._removed: list[RemovedAtSource] = []
         self._sharded: list[str] = []  # datasets listed into the state store (copied shard by shard)
-        self._shard_counts: dict[str, int] = {}  # dataset -> shards as cut while listing
+        self._definer: ShardDefiner | None = None  # defines the shards as the listing goes on
+        self._listing_stop = threading.Event()  # `stop_listing`
         # (dataset, shard) -> why its task stopped on an error (not an object failure): the run failed
         self._shard_errors: dict[tuple[str, int], str] = {}
         self.keyset_copies: list[str] = []
@@ -480,8 +481,8 @@ class MigrationRun:
     def list_dataset(self, name: str, *, shard_bytes: int, shard_objects: int,
                      ranges_at_once: int = 1, full_listing: bool = False) -> tuple[DatasetInventory, int]:
         """List `name` once into the state store, cut into shards of consecutive objects (a shard
-        closes at `shard_bytes` or `shard_objects`); returns the dataset's inventory and its number
-        of shards. `define_shards` then fixes the run's shards once every dataset is listed.
+        closes at `shard_bytes` or `shard_objects`); returns the dataset's inventory and the number
+        of shards cut. Meanwhile, another thread may define its final shards (`ready_shards`).
 
         The listing is split into up to `ranges_at_once` ranges listed at once, and goes on from
         where an earlier run's listing of the dataset was killed, if it was (`engine.listing`).
@@ -494,7 +495,7 @@ class MigrationRun:
         listing = RangedListing(self.state, self.run_id, name, ds, source, shard_bytes=shard_bytes,
                                 shard_objects=shard_objects, at_once=ranges_at_once, report=report,
                                 feed=self._change_feed(name) if ds.changes == "feed" else None,
-                                full_listing=full_listing)
+                                full_listing=full_listing, stop=self._listing_stop)
         with self._lock:
             self._sharded.append(name)
         self.state.dataset_started(self.run_id, name)
@@ -511,8 +512,6 @@ class MigrationRun:
         # The whole listing is in the state store: it defines what the dataset must hold (objects
         # the shards never reach are "never attempted").
         self.state.dataset_through(self.run_id, name, listing.objects_stored, inventory.bytes, inventory.not_copied)
-        with self._lock:
-            self._shard_counts[name] = listing.shards
         return inventory, listing.shards
 
     def _change_feed(self, name: str):
@@ -525,19 +524,26 @@ class MigrationRun:
                                                                                          pacer=pacer),
                                          src, self.pacing.for_source(src)))
 
-    def define_shards(self, max_shards: int) -> ShardPlan:
-        """The shards of every listed dataset, written to the state store. When the run would have
-        more than `max_shards` shards in all, each dataset's neighbouring shards are merged by the
-        same factor, leaving at most about `max_shards` (one more per dataset at worst)."""
-        total = sum(self._shard_counts.values())
-        factor = -(-total // max_shards) if total > max_shards else 1
-        shards: list[PlannedShard] = []
-        for name in self._sharded:
-            # Merges neighbours by `factor`, and numbers the shards of a listing in ranges 0, 1, ...
-            self.state.merge_shards(self.run_id, name, factor)
-            shards += [PlannedShard(name, r.shard, r.objects, r.bytes)
-                       for r in self.state.define_shards(self.run_id, name)]
-        return ShardPlan(tuple(self._sharded), tuple(shards))
+    def ready_shards(self, name: str) -> list[PlannedShard]:
+        """Define the shards of dataset `name` that its listing has made final since the last call
+        (every one left once the listing went through) and return them: copying may start on them
+        while the listing goes on. At most about `orchestration.max_shards` in all (their sizes
+        grow as the run defines them: `engine.shards.ShardDefiner`). Called by one thread."""
+        if self._definer is None:
+            self._definer = ShardDefiner(self.state, self.run_id, self.loaded.config.orchestration.max_shards)
+        return [PlannedShard(name, r.shard, r.objects, r.bytes) for r in self._definer.ready(name)]
+
+    def stop_listing(self) -> None:
+        """Stop every listing of the run at its next page (the flow stopped while datasets listed):
+        the pages stored are kept for the next run."""
+        self._listing_stop.set()
+
+    def shard_plan(self) -> ShardPlan:
+        """Every shard the run defined, dataset by dataset in the order they began listing."""
+        with self._lock:
+            names = tuple(self._sharded)
+        return ShardPlan(names, tuple(PlannedShard(name, r.shard, r.objects, r.bytes)
+                                      for name in names for r in self.state.shards(self.run_id, name)))
 
     def copy_shard(self, dataset: str, shard: int, progress: ProgressCallback | None = None) -> ShardResult:
         """Copy the objects of one listed shard. Run again (a task retry), it tries again only the

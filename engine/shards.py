@@ -2,9 +2,10 @@
 provider allows, and how each shard's task ended.
 
 The Prefect flows run one task per shard (threads of the flow's process, processes of the host, or
-flow runs on workers); what they decide with is here, as values: a `ConnectionShare` before the
-run opens, a `ShardPlan` once every dataset is listed, a `ShardOutcome` per shard once every task
-has ended (`engine.run.MigrationRun.define_shards` and `shards_ended` build the last two).
+flow runs on workers); what they decide with is here: a `ConnectionShare` before the run opens,
+the shards as the listing makes them final (`ShardDefiner`, through
+`engine.run.MigrationRun.ready_shards`), a `ShardPlan` of them all and a `ShardOutcome` per shard
+once every task has ended (`MigrationRun.shard_plan` and `shards_ended`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from config.models import OrchestrationConfig
 
 from . import state as st
 from .settings import TransferSettings, within_connections
+from .state.schema import listing_shard
 
 # The shard statuses of a task that ended on its objects (all copied, or some failed); any other
 # status means the task stopped on an error, crashed, or never ran.
@@ -86,8 +88,74 @@ def share_connections(orchestration: OrchestrationConfig, settings: TransferSett
 
 
 # ---------------------------------------------------------------------------------------------
-# The run's shards, fixed once every dataset is listed
+# The run's shards, defined as the listing goes on
 # ---------------------------------------------------------------------------------------------
+
+
+class ShardDefiner:
+    """Defines a run's shards while its datasets list, so that copying starts before the listing
+    ends (engine/listing.py: the rows of a range's n-th cut shard hold `listing_shard(range, n)`).
+
+    A cut shard is final once its range's cutter has moved past it, or its range is done:
+    `ready` then defines it, merged with the next final ones of its range into one shard of
+    `factor` cut shards, numbered 0, 1, ... per dataset in the order defined. The run's total is
+    not known while it lists, so shards grow as the run defines them: `factor` doubles each time
+    the run has defined another `max_shards // 10` shards. A run of C cut shards has about
+    `max_shards / 10 × log2(C / (max_shards / 10))` shards: at the defaults (500 shards of 5,000
+    objects), every shard alone up to 250,000 objects, about `max_shards` shards for 2.5 × 10^8
+    objects, a few more beyond.
+
+    The rows a dataset's listing holds with their numbers already (a listing taken over from a run
+    that had defined some of its shards; a listing made from an earlier one and the change feed,
+    whose range is recorded only once it is whole) are defined as they are, the first time the
+    dataset has ranges. One thread calls `ready`."""
+
+    def __init__(self, state: st.StateStore, run_id: int, max_shards: int):
+        self.state, self.run_id = state, run_id
+        self.step = max(1, max_shards // 10)
+        self.defined = 0  # shards this run defined
+        self._next: dict[str, int] = {}  # dataset -> its next shard number
+        self._cut: dict[tuple[str, int], int | None] = {}  # (dataset, range) -> its first cut shard not defined
+
+    @property
+    def factor(self) -> int:
+        return 2 ** min(self.defined // self.step, 20)
+
+    def ready(self, dataset: str) -> list[st.ShardRecord]:
+        """Define the shards of `dataset` that are final and not defined yet; returns them. Once
+        its listing went through (every range done), that is every shard left."""
+        ranges = self.state.listing_ranges(self.run_id, dataset)
+        if not ranges:  # not begun, or made from the change feed and not whole yet
+            return []
+        new: list[st.ShardRecord] = []
+        if dataset not in self._next:
+            new += self.state.adopt_shards(self.run_id, dataset)
+            self._next[dataset] = max((r.shard for r in new), default=-1) + 1
+            self.defined += len(new)
+        for r in ranges:
+            where = (dataset, r.range_no)
+            if where not in self._cut:
+                first = self.state.first_cut_undefined(self.run_id, dataset, r.range_no)
+                self._cut[where] = first if first is not None else None if r.done else r.cut_shard
+            first = self._cut[where]
+            while first is not None:
+                last = first + self.factor - 1
+                if r.done:
+                    if first > r.cut_shard:
+                        break
+                    last = min(last, r.cut_shard)
+                elif last >= r.cut_shard:  # the cutter still fills its current shard
+                    break
+                shard = self.state.define_shard(self.run_id, dataset, (listing_shard(r.range_no, first),
+                                                                       listing_shard(r.range_no, last)),
+                                                self._next[dataset])
+                first = last + 1
+                if shard is not None:
+                    new.append(shard)
+                    self._next[dataset] += 1
+                    self.defined += 1
+            self._cut[where] = first
+        return new
 
 
 @dataclass(frozen=True)

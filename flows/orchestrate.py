@@ -4,7 +4,8 @@ Thin: each flow calls the tasks of `flows/tasks.py` (which call `engine.run` and
 the functions the CLI calls) and shows their figures (`flows/artifacts.py`). A migration run is
 opened once in the flow's process (`engine.run.MigrationRun`): every dataset is listed once into
 the state store, cut into shards (consecutive objects, by bytes and count), and each shard is one
-task. Shard tasks run in threads of the flow's process and share its memory budget and transfer
+task, submitted as soon as the listing has made it final (`ShardsAsListed`): copying overlaps the
+listing. Shard tasks run in threads of the flow's process and share its memory budget and transfer
 threads, so memory stays within `transfer.memory_budget` however many shards run at once; with
 `orchestration.shard_processes` they run instead in processes of the host that attach to the run,
 each with its own budget and a share of the connections; with `orchestration.shard_workers`, as
@@ -31,6 +32,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextvars
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from functools import partial
@@ -51,7 +53,7 @@ from config.yaml_files import load_yaml_file
 from engine import run as engine_run
 from engine.executors import noted
 from engine.report import write_report
-from engine.shards import ConnectionShare, ShardPlan, share_connections
+from engine.shards import ConnectionShare, PlannedShard, share_connections
 from flows.alerts import discrepancy_event
 from flows.artifacts import (MigrateOutcome, artifact_key, cutover_artifact, shard_artifacts, show_progress,
                              summary_artifact, verify_artifacts, verify_summary_artifact)
@@ -316,23 +318,25 @@ def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delet
     logger.info("migration run %d: %s; %d connection(s) per provider%s (limits: %s)", run.run_id, ", ".join(names),
                 share.slots, f" over {share.processes} shard {share.spread}" if share.processes else "",
                 ", ".join(f"{p} {n}" for p, n in limits.items()))
-    inventory_rows: list[dict[str, Any]] = []
+    listed = ShardsAsListed(run, {name: list_dataset.with_options(tags={dataset_tag(name)}).submit(
+        run.run_id, name, full_listing) for name in names})
     try:
-        listing = [list_dataset.with_options(tags={dataset_tag(name)}).submit(run.run_id, name, full_listing)
-                   for name in names]
-        inventory_rows = _every_result(listing)
-        plan = run.define_shards(orch.max_shards)
-        logger.info("%d shard(s) in all (at most about %d per run)", len(plan.shards), orch.max_shards)
-        create_table_artifact(inventory_rows, key=artifact_key(project, "inventory"),
-                              description=f"Inventory of run {run.run_id}: what each dataset holds at the source")
-        progress = RunProgress.of(plan.shards, sum(r["bytes"] for r in inventory_rows))
+        progress = RunProgress(0, listing=True)
         artifact_id = create_progress_artifact(0.0, key=artifact_key(project, "progress"),
-                                               description=f"Bytes of run {run.run_id} gone through "
-                                                           f"({format_size(progress.total_bytes)} in all)")
+                                               description=f"Bytes of run {run.run_id} gone through, of those "
+                                                           "listed so far while the listing goes on")
         with progress_shown(run.run_id, progress), \
                 concurrency([provider_limit_name(p) for p in limits], occupy=share.slots, strict=True):
-            futures = _run_shards(run, plan, share, artifact_id, progress)
+            try:
+                futures = _run_shards(run, listed, share, artifact_id, progress)
+            except BaseException:
+                run.stop_listing()  # a dataset still listing stops at its next page, kept for the next run
+                listed.wait()  # no listing task may still write when the run closes
+                raise
+        create_table_artifact(listed.inventory_rows, key=artifact_key(project, "inventory"),
+                              description=f"Inventory of run {run.run_id}: what each dataset holds at the source")
         show_progress(artifact_id, 100.0, logger)
+        plan = run.shard_plan()
         ended = run.shards_ended(plan, lambda dataset, shard: _stopped(futures[(dataset, shard)]))
         for name in ended.unfinished:
             logger.error("%s: a shard stopped on an error; objects gone from the source are not looked for "
@@ -340,26 +344,92 @@ def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delet
     finally:
         result = run.finish()
     shard_rows, failures = shard_artifacts(project, result.run_id, ended.shards)
-    return MigrateOutcome(project, loaded, names, result, inventory_rows, shard_rows, failures,
+    return MigrateOutcome(project, loaded, names, result, listed.inventory_rows, shard_rows, failures,
                           time.monotonic() - began)
 
 
-def _run_shards(run: engine_run.MigrationRun, plan: ShardPlan, share: ConnectionShare, artifact_id,
+class ShardsAsListed:
+    """The shards of a run as its datasets' listing tasks make them final
+    (`MigrationRun.ready_shards`), for the loop that submits the shard tasks: copying starts on the
+    first shard listed, not after the last. Polled by that loop's thread only.
+
+    A listing task that fails stops the run, as it did when copying waited for every listing: no
+    shard is submitted once it is seen, the other listings stop at their next page (what they
+    stored is kept for the next run), and its error is raised once every listing task ended."""
+
+    def __init__(self, run: engine_run.MigrationRun, listing: dict[str, Any]):
+        self.run, self.listing = run, listing
+        self.rows: dict[str, dict[str, Any]] = {}  # dataset -> its inventory row, once listed
+        self.defined = 0
+
+    @property
+    def over(self) -> bool:
+        """Every dataset is listed and every shard defined: no more will come."""
+        return len(self.rows) == len(self.listing)
+
+    @property
+    def inventory_rows(self) -> list[dict[str, Any]]:
+        return [self.rows[name] for name in self.listing if name in self.rows]
+
+    def poll(self) -> list[PlannedShard]:
+        """The shards made final since the last call. Raises a listing task's error (once every
+        listing task ended)."""
+        new: list[PlannedShard] = []
+        for name, future in self.listing.items():
+            if name in self.rows:
+                continue
+            ended = _ended(future)  # before the shards: a listing that ended has every one final
+            if ended and _listing_failed(future):
+                self.run.stop_listing()  # the other datasets' listings stop at their next page
+                self.wait()
+                _every_result(list(self.listing.values()))
+            new += self.run.ready_shards(name)
+            if ended:
+                self.rows[name] = future.result()
+        self.defined += len(new)
+        if self.over and self.listing:
+            get_run_logger().info("every dataset listed: %d shard(s) in all", self.defined)
+        return new
+
+    def listed_bytes(self) -> int:
+        """The bytes of the objects listed so far, in every dataset."""
+        return sum(r.bytes for name in self.listing for r in self.run.state.listing_ranges(self.run.run_id, name))
+
+    def wait(self) -> None:
+        """Until every listing task ended."""
+        for future in self.listing.values():
+            future.wait()
+
+
+def _ended(future) -> bool:
+    wrapped = getattr(future, "wrapped_future", None)
+    return wrapped.done() if wrapped is not None else future.state.is_final()
+
+
+def _listing_failed(future) -> bool:
+    try:
+        future.result()
+    except Exception:
+        return True
+    return False
+
+
+def _run_shards(run: engine_run.MigrationRun, shards: ShardsAsListed, share: ConnectionShare, artifact_id,
                 progress: RunProgress) -> dict[tuple[str, int], Any]:
-    """Run every shard task of `plan` as the share says: flow runs on workers, shard processes of
+    """Run every shard task of `shards` as the share says: flow runs on workers, shard processes of
     this host (each attaches to the run), or threads of this process. Returns each shard's future."""
     orch = run.loaded.config.orchestration
     shard_task = copy_shard.with_options(retries=orch.shard_retries, retry_delay_seconds=orch.shard_retry_delay)
     elsewhere = {"config_path": str(run.loaded.path), "connections": share.per_process}
     if share.spread == "workers":
         with ThreadPoolExecutor(max_workers=share.processes, thread_name_prefix="shard-run") as pool:
-            return _submit_shards(partial(_submit_flow_run, pool, **elsewhere), run.run_id, plan, share.processes,
+            return _submit_shards(partial(_submit_flow_run, pool, **elsewhere), run.run_id, shards, share.processes,
                                   artifact_id, progress, wait_fn=concurrent.futures.wait)
     if share.processes:
         with ProcessPoolTaskRunner(max_workers=share.processes) as runner:
-            return _submit_shards(partial(_submit_to, runner, shard_task, **elsewhere), run.run_id, plan,
+            return _submit_shards(partial(_submit_to, runner, shard_task, **elsewhere), run.run_id, shards,
                                   share.processes, artifact_id, progress)
-    return _submit_shards(shard_task.submit, run.run_id, plan, orch.parallel_shards, artifact_id, progress)
+    return _submit_shards(shard_task.submit, run.run_id, shards, orch.parallel_shards, artifact_id, progress)
 
 
 def _submit_to(runner, shard_task, run_id: int, dataset: str, shard: int, *, config_path: str, connections: int):
@@ -394,27 +464,41 @@ def _submit_flow_run(pool, run_id: int, dataset: str, shard: int, *, config_path
                        timeout=None)
 
 
-def _submit_shards(submit, run_id: int, plan: ShardPlan, parallel: int, artifact_id, progress: RunProgress,
+def _submit_shards(submit, run_id: int, shards, parallel: int, artifact_id, progress: RunProgress,
                    wait_fn=wait, logger=None) -> dict[tuple[str, int], Any]:
-    """Submit every shard (`submit(run_id, dataset, shard)`), at most `parallel` running at once;
-    update the progress artifact while waiting (an update the API misses is logged to `logger`,
-    the flow run's by default, and the shards go on). Returns (dataset, shard) -> its future."""
+    """Submit every shard `shards` gives (`ShardsAsListed`: `poll()` for the new ones, `over` once
+    none will come) as `submit(run_id, dataset, shard)`, in the order given, at most `parallel`
+    running at once; update the progress artifact while waiting (an update the API misses is
+    logged to `logger`, the flow run's by default, and the shards go on). Returns (dataset,
+    shard) -> its future."""
     logger = logger or get_run_logger()
     futures: dict[tuple[str, int], Any] = {}
-    pending = [(s.dataset, s.shard) for s in plan.shards]
+    pending: deque[tuple[str, int]] = deque()
     running: dict = {}
     last = -1.0
     try:
-        while pending or running:
+        while True:
+            if not shards.over:
+                new = shards.poll()
+                progress.add(new)
+                pending.extend((s.dataset, s.shard) for s in new)
+                with progress.lock:
+                    progress.listing = not shards.over
+                    progress.total_bytes = shards.listed_bytes()
+            if shards.over and not pending and not running:
+                break
             while pending and len(running) < parallel:
-                name, shard = pending.pop(0)
+                name, shard = pending.popleft()
                 with tags(dataset_tag(name)):  # the UI filters a dataset's task runs by it
                     f = submit(run_id, name, shard)
                 futures[(name, shard)] = f
                 running[f] = (name, shard)
-            done, _ = wait_fn(list(running), timeout=PROGRESS_EVERY)
-            for f in done:
-                progress.shard_finished(*running.pop(f))
+            if running:
+                done, _ = wait_fn(list(running), timeout=PROGRESS_EVERY)
+                for f in done:
+                    progress.shard_finished(*running.pop(f))
+            else:  # the listing has not made another shard final yet
+                time.sleep(PROGRESS_EVERY)
             pct = progress.percent()
             if pct != last and show_progress(artifact_id, pct, logger):
                 last = pct

@@ -53,17 +53,24 @@ def load_datasets(config_path: str, datasets: list[str] | None) -> tuple[LoadedC
 
 @dataclass
 class RunProgress:
-    """Bytes gone through per shard (copied or found unchanged), summed for the progress artifact."""
+    """Bytes gone through per shard (copied or found unchanged), summed for the progress artifact.
+    Shards are added as the listing makes them final (`add`); `total_bytes` is what the listing
+    holds so far (`listing` until every dataset is listed), so the share may go back while it grows."""
 
     total_bytes: int
     shard_bytes: dict[tuple[str, int], int] = field(default_factory=dict)
     done: dict[tuple[str, int], int] = field(default_factory=dict)
     finished: set[tuple[str, int]] = field(default_factory=set)
+    listing: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def of(cls, shards: tuple[PlannedShard, ...], total_bytes: int) -> RunProgress:
         return cls(total_bytes, {(s.dataset, s.shard): s.bytes for s in shards})
+
+    def add(self, shards: list[PlannedShard]) -> None:
+        with self.lock:
+            self.shard_bytes.update({(s.dataset, s.shard): s.bytes for s in shards})
 
     def callback(self, dataset: str, shard: int):
         def update(snapshot) -> None:
@@ -78,13 +85,14 @@ class RunProgress:
     def percent(self) -> float:
         with self.lock:
             if not self.shard_bytes:
-                return 100.0
+                return 0.0 if self.listing else 100.0
             moved = sum(size if k in self.finished else min(self.done.get(k, 0), size)
                         for k, size in self.shard_bytes.items())
             shards_done = len(self.finished) / len(self.shard_bytes)
+        most = 99.9 if self.listing else 100.0  # not done while more may be listed
         if self.total_bytes <= 0:
-            return round(100.0 * shards_done, 1)
-        return round(min(100.0, 100.0 * moved / self.total_bytes), 1)
+            return 0.0 if self.listing else round(100.0 * shards_done, 1)
+        return round(min(most, 100.0 * moved / self.total_bytes), 1)
 
 
 _PROGRESS: dict[int, RunProgress] = {}  # run id -> progress, for the shard tasks of this process

@@ -226,8 +226,9 @@ rate_buckets = sa.Table(
 # its listing got (`marker`, None before its first page; `done` once its last page is stored,
 # in the same transaction as that page's `listing` rows) and the shard cutter's position, so that a
 # later run of the same dataset takes over the stored rows and lists on from each marker.
-# A range's shards are numbered `range_no * RANGE_SHARDS + n` while listing (a shard never holds
-# objects of two ranges), then renumbered 0, 1, ... in range order when the run's shards are fixed.
+# While a range lists, its n-th cut shard's rows hold the shard number `listing_shard(range_no, n)`,
+# below zero (a shard never holds objects of two ranges); a shard is defined (`shards`) once final,
+# its rows then renumbered 0, 1, ... in the order the run defines them (`engine.shards.ShardDefiner`).
 listing_ranges = sa.Table(
     "listing_ranges", metadata,
     sa.Column("run_id", sa.Integer, sa.ForeignKey("runs.id"), primary_key=True),
@@ -281,8 +282,14 @@ cutovers = sa.Table(
     sa.Column("manifest_seq", sa.Integer, nullable=False),
 )
 
-# Shard numbers a range may use while its dataset lists (`listing_ranges`).
+# Cut shards a range may number while its dataset lists (`listing_ranges`).
 RANGE_SHARDS = 1_000_000
+
+
+def listing_shard(range_no: int, n: int) -> int:
+    """The shard number the rows of range `range_no`'s n-th cut shard hold until the shard is
+    defined: below zero, decreasing with n (numbers a run defines are 0, 1, ...)."""
+    return -1 - range_no * RANGE_SHARDS - min(n, RANGE_SHARDS - 1)
 
 # An index of `listing` that a newer one replaced: dropped when an older state store is opened
 # (`create_all` creates a table's indexes only with the table: the store adds the missing ones).

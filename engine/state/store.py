@@ -28,7 +28,7 @@ from .rows import listed_extra, listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, RANGE_SHARDS, REMOVED, REPLACED_INDEXES,
                      STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition,
                      audit_recorded, cutovers, listing, listing_feed, listing_ranges, metadata, objects, parts, rate_buckets, run_datasets,
-                     runs, shards, utcnow)
+                     listing_shard, runs, shards, utcnow)
 from .unwritable import StateUnwritable, unwritable_database, writing_file
 
 # Statements built once: building and cache-keying a Core statement costs more than running it
@@ -418,26 +418,6 @@ class StateStore:
         return [sa.type_coerce(c, sa.String).label(c.name) if isinstance(c.type, (sa.DateTime, sa.JSON)) else c
                 for c in listing.c]
 
-    def merge_shards(self, run_id: int, dataset: str, factor: int) -> None:
-        """Renumber a dataset's listed shards 0, 1, ... in listing order, merging each `factor`
-        neighbours (`n` -> `n // factor`). A dataset listed in several ranges (`listing_ranges`)
-        has its shards numbered per range while it lists: they are merged within their range only
-        (a shard never holds objects of two ranges) and numbered on from the range before."""
-        l = listing
-        ranges = self.listing_ranges(run_id, dataset)
-        if len(ranges) <= 1:
-            new = l.c.shard // factor if factor > 1 else None
-        else:
-            offsets, first = {}, 0
-            for r in ranges:
-                offsets[r.range_no] = first
-                first += -(-r.shards // factor)
-            within = (l.c.shard % RANGE_SHARDS) // factor if factor > 1 else l.c.shard % RANGE_SHARDS
-            new = sa.case(offsets, value=l.c.shard // RANGE_SHARDS) + within
-        if new is not None:
-            with self._writing() as conn:
-                conn.execute(l.update().where(l.c.run_id == run_id, l.c.dataset == dataset).values(shard=new))
-
     # ---- a run's listing in ranges, resumable (engine/listing.py) ---------------------------------
 
     def start_listing_ranges(self, run_id: int, dataset: str, basis: str,
@@ -542,12 +522,13 @@ class StateStore:
 
     def start_from_listing(self, baseline: int, run_id: int, dataset: str) -> int:
         """Copy run `baseline`'s listing rows of `dataset` to run `run_id` in the database (nothing
-        goes through this process), its shards numbered 0, 1, ... in their order; returns how many
-        shards they fill."""
+        goes through this process), its shards numbered 0, 1, ... in their order (the shards it
+        defined, then any cut shard it had not, in listing order); returns how many shards they fill."""
         l = listing
         columns = [c.name for c in l.columns]
+        in_order = (l.c.shard < 0, sa.func.abs(l.c.shard))
         renumbered = {"run_id": sa.literal(run_id, sa.Integer).label("run_id"),
-                      "shard": (sa.func.dense_rank().over(order_by=l.c.shard) - 1).label("shard")}
+                      "shard": (sa.func.dense_rank().over(order_by=in_order) - 1).label("shard")}
         with self._writing() as conn:
             conn.execute(l.insert().from_select(columns, sa.select(*[renumbered.get(c, l.c[c]) for c in columns])
                                                 .where(l.c.run_id == baseline, l.c.dataset == dataset)))
@@ -588,19 +569,47 @@ class StateStore:
                                                                             listing.c.dataset == dataset)).scalar()
         return 0 if last is None else int(last) + 1
 
-    def define_shards(self, run_id: int, dataset: str) -> list[ShardRecord]:
-        """Write the `shards` rows of a dataset from its stored listing (status pending); returns them."""
+    def _define(self, conn, run_id: int, dataset: str, where) -> list[ShardRecord]:
+        """Write the `shards` rows (status pending) of the numbered listing rows `where` selects."""
         l = listing
         query = (sa.select(l.c.shard, sa.func.count(), sa.func.coalesce(sa.func.sum(l.c.size), 0),
                            sa.func.min(l.c.source_key), sa.func.max(l.c.source_key))
-                 .where(l.c.run_id == run_id, l.c.dataset == dataset).group_by(l.c.shard).order_by(l.c.shard))
-        with self._writing() as conn:
-            rows = [dict(run_id=run_id, dataset=dataset, shard=int(n), objects=int(c), bytes=int(b), first_key=lo,
-                         last_key=hi, status="pending", attempts=0)
-                    for n, c, b, lo, hi in conn.execute(query)]
-            if rows:
-                conn.execute(shards.insert(), rows)
+                 .where(l.c.run_id == run_id, l.c.dataset == dataset, where).group_by(l.c.shard).order_by(l.c.shard))
+        rows = [dict(run_id=run_id, dataset=dataset, shard=int(n), objects=int(c), bytes=int(b), first_key=lo,
+                     last_key=hi, status="pending", attempts=0)
+                for n, c, b, lo, hi in conn.execute(query)]
+        if rows:
+            conn.execute(shards.insert(), rows)
         return [ShardRecord(**r, seconds=None, reason=None, started_at=None, finished_at=None) for r in rows]
+
+    def adopt_shards(self, run_id: int, dataset: str) -> list[ShardRecord]:
+        """Define every shard of a run's listing of `dataset` whose rows already hold their number
+        (0 or more; a listing's own cut shards are numbered below zero until defined): the shards
+        of a listing taken over from a run that had defined them, or of a listing made from an
+        earlier one and the change feed. Returns them."""
+        with self._writing() as conn:
+            return self._define(conn, run_id, dataset, listing.c.shard >= 0)
+
+    def define_shard(self, run_id: int, dataset: str, cut: tuple[int, int], number: int) -> ShardRecord | None:
+        """Define shard `number` of a run's listing of `dataset`: the rows whose listing shard
+        number is within `cut` (both ends included, `schema.listing_shard`) take that number, and
+        the shard its row, in one transaction. None when they hold no row."""
+        l = listing
+        low, high = min(cut), max(cut)
+        with self._writing() as conn:
+            conn.execute(l.update().where(l.c.run_id == run_id, l.c.dataset == dataset, l.c.shard >= low,
+                                          l.c.shard <= high).values(shard=number))
+            defined = self._define(conn, run_id, dataset, l.c.shard == number)
+        return defined[0] if defined else None
+
+    def first_cut_undefined(self, run_id: int, dataset: str, range_no: int) -> int | None:
+        """The lowest n whose cut shard of range `range_no` has rows not in a defined shard (None: none)."""
+        l = listing
+        with self.engine.connect() as conn:
+            top = conn.execute(sa.select(sa.func.max(l.c.shard)).where(
+                l.c.run_id == run_id, l.c.dataset == dataset, l.c.shard <= listing_shard(range_no, 0),
+                l.c.shard >= listing_shard(range_no, RANGE_SHARDS - 1))).scalar()
+        return None if top is None else listing_shard(range_no, 0) - int(top)
 
     def shard_started(self, run_id: int, dataset: str, shard: int, worker: str | None = None) -> None:
         with self._writing() as conn:

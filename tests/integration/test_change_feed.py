@@ -46,7 +46,8 @@ def run_pass(loaded, *, full_listing: bool = False, copy: bool = True):
     try:
         inventory, _ = run.list_dataset("docs", shard_bytes=10**9, shard_objects=3, ranges_at_once=2,
                                         full_listing=full_listing)
-        plan = run.define_shards(100)
+        run.ready_shards("docs")
+        plan = run.shard_plan()
         if copy:
             for shard in plan.shards:
                 run.copy_shard("docs", shard.shard)

@@ -240,7 +240,8 @@ def test_objects_of_a_listed_run_that_no_shard_reached_are_named_never_attempted
     run = MigrationRun.start(loaded, ["docs"])
     try:
         run.list_dataset("docs", shard_bytes=10**9, shard_objects=3)
-        plan = run.define_shards(100)
+        run.ready_shards("docs")
+        plan = run.shard_plan()
         assert len(plan.shards) == 3
         assert run.copy_shard("docs", 0).copied == 3
     finally:

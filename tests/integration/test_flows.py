@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -427,9 +428,48 @@ def test_a_run_with_more_shards_than_allowed_merges_neighbours(tmp_path, env, s3
     state = migrate_flow(config_path=str(path), return_state=True)
     assert state.is_completed(), state.message
     shards = {a.key: json.loads(a.data) for a in artifacts_of(state.state_details.flow_run_id)["table"]}
-    # Cut into 4 + 4 + 3 while listing; 3 > 2, so neighbours merged by 2: 8 + 3.
-    assert [(s["shard"], s["objects"], s["copied"]) for s in shards[f"exitplan-{container}-shards"]] == [(0, 8, 8), (1, 3, 3)]
+    # Cut into 4 + 4 + 3 while listing; with max_shards 2, the shards double in size with each one
+    # defined (engine.shards.ShardDefiner): the first cut shard alone, then the next two merged.
+    assert [(s["shard"], s["objects"], s["copied"]) for s in shards[f"exitplan-{container}-shards"]] == [(0, 4, 4), (1, 7, 7)]
     assert set(blobs) <= stored_keys(s3, container)
+
+
+def test_shards_are_copied_while_the_listing_goes_on(tmp_path, env, s3_server, s3, monkeypatch):
+    """The first shard is copied before the last page is listed (issue 16: no listing pass before
+    the first copy): pages of 2 blobs, each taking 0.4 s; shards of 4 objects."""
+    from config.loader import load_config
+    from connectors.azure_blob import AzureBlobSource
+    from engine.project import open_state
+    from flows import orchestrate
+
+    listing = AzureBlobSource.list_pages
+    built = AzureBlobSource.__init__
+
+    def small_pages(self, container_client, **kw):
+        built(self, container_client, **{**kw, "page_size": 2})
+
+    def slow_pages(self, part, marker=None):
+        for page in listing(self, part, marker):
+            time.sleep(0.4)
+            yield page
+
+    monkeypatch.setattr(AzureBlobSource, "__init__", small_pages)
+    monkeypatch.setattr(AzureBlobSource, "list_pages", slow_pages)
+    monkeypatch.setattr(orchestrate, "PROGRESS_EVERY", 0.1)
+    path, container, blobs = write_project(tmp_path, env, s3_server.url)
+    state = orchestrate.migrate_flow(config_path=str(path), return_state=True)
+    assert state.is_completed(), state.message
+    assert set(blobs) <= stored_keys(s3, container)
+    store = open_state(load_config(path), read_only=True)
+    try:
+        (listed,) = store.run_datasets("claims")
+        shards = store.shards(listed.run_id, "claims")
+    finally:
+        store.close()
+    assert [s.objects for s in shards] == [4, 4, 3] and all(s.status == "ok" for s in shards)
+    assert shards[0].started_at < listed.through_at, (shards[0].started_at, listed.through_at)
+    logs = logs_of(state.state_details.flow_run_id)
+    assert any(m == "every dataset listed: 3 shard(s) in all" for m in logs), logs
 
 
 def test_a_killed_flow_run_is_resumed_mid_object_by_the_next(tmp_path, env, s3_server, s3):

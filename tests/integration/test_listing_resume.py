@@ -30,7 +30,7 @@ def list_dataset_run(loaded, dataset: str):
     run = MigrationRun.start(loaded, [dataset])
     try:
         inventory, _ = run.list_dataset(dataset, shard_bytes=10**9, shard_objects=3, ranges_at_once=4)
-        run.define_shards(100)
+        run.ready_shards(dataset)
     finally:
         run.finish()  # not completed: recorded as interrupted
     return run.run_id, inventory

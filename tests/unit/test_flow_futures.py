@@ -11,12 +11,29 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import pytest
 
 import flows.orchestrate as orchestrate
-from engine.shards import PlannedShard, ShardPlan
+from engine.shards import PlannedShard
 from flows.tasks import RunProgress
 
 
-def plan_of(n: int) -> ShardPlan:
-    return ShardPlan(("claims",), tuple(PlannedShard("claims", i, 1, 100) for i in range(n)))
+class Listed:
+    """Shards as `orchestrate.ShardsAsListed` gives them: `n` shards, in two polls (the listing
+    goes on after the first)."""
+
+    def __init__(self, n: int):
+        self.shards = [PlannedShard("claims", i, 1, 100) for i in range(n)]
+        self.polls = 0
+
+    @property
+    def over(self) -> bool:
+        return self.polls >= 2
+
+    def poll(self) -> list[PlannedShard]:
+        self.polls += 1
+        half = len(self.shards) // 2
+        return self.shards[:half] if self.polls == 1 else self.shards[half:]
+
+    def listed_bytes(self) -> int:
+        return 100 * len(self.shards) if self.over else 50 * len(self.shards)
 
 
 def test_a_failing_submission_waits_for_the_running_shards_before_it_is_raised(monkeypatch):
@@ -36,11 +53,10 @@ def test_a_failing_submission_waits_for_the_running_shards_before_it_is_raised(m
 
     monkeypatch.setattr(orchestrate, "PROGRESS_EVERY", 0.05)
     monkeypatch.setattr("flows.artifacts.update_progress_artifact", lambda artifact_id, pct: None)
-    plan = plan_of(6)
     with ThreadPoolExecutor(3) as pool:
         with pytest.raises(ConnectionError):
-            orchestrate._submit_shards(lambda run_id, dataset, n: submit(pool, run_id, dataset, n), 1, plan, 3,
-                                       "artifact", RunProgress.of(plan.shards, 600), wait_fn=wait,
+            orchestrate._submit_shards(lambda run_id, dataset, n: submit(pool, run_id, dataset, n), 1, Listed(6), 3,
+                                       "artifact", RunProgress(0, listing=True), wait_fn=wait,
                                        logger=logging.getLogger("test"))
         returned_with = sorted(ended)
     assert returned_with == [0, 1, 2]  # the three running had ended; nothing else was started
@@ -58,10 +74,9 @@ def test_a_progress_update_the_api_misses_is_said_and_the_shards_go_on(monkeypat
 
     monkeypatch.setattr("flows.artifacts.update_progress_artifact", flaky)
     monkeypatch.setattr(orchestrate, "PROGRESS_EVERY", 0.02)
-    plan = plan_of(6)
     with ThreadPoolExecutor(3) as pool:
-        futures = orchestrate._submit_shards(lambda run_id, dataset, n: pool.submit(time.sleep, 0.1), 1, plan, 3,
-                                             "artifact", RunProgress.of(plan.shards, 600), wait_fn=wait,
+        futures = orchestrate._submit_shards(lambda run_id, dataset, n: pool.submit(time.sleep, 0.1), 1, Listed(6), 3,
+                                             "artifact", RunProgress(0, listing=True), wait_fn=wait,
                                              logger=logging.getLogger("test"))
     assert len(futures) == 6 and all(f.done() and f.exception() is None for f in futures.values())
     said = [r.getMessage() for r in caplog.records if r.name == "test"]

@@ -4,6 +4,8 @@ without a request for the ranges it had finished, ending with the rows an uninte
 
 from __future__ import annotations
 
+import threading
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -11,7 +13,8 @@ import sqlalchemy as sa
 from config.models import DatasetConfig
 from connectors.base import ListingRange, TransientError
 from connectors.memory import MemoryStore
-from engine.listing import RangedListing, discover_ranges
+from engine.listing import ListingStopped, RangedListing, discover_ranges
+from engine.shards import ShardDefiner
 from engine.state import StateStore
 
 DS = DatasetConfig(source="az", container="c", destination="d")
@@ -40,10 +43,10 @@ def list_run(store, src, ds=DS, at_once=4, shard_objects=5):
     return run, listing, yielded
 
 
-def rows(store, run):
-    """(key, etag, size, shard) of each listed object, and the shards' extents, after the run's shards are fixed."""
-    store.merge_shards(run, "ds", 1)
-    shards = [(s.shard, s.objects, s.first_key, s.last_key) for s in store.define_shards(run, "ds")]
+def rows(store, run, max_shards=1000):
+    """(key, etag, size, shard) of each listed object, and the shards' extents, once every shard is defined."""
+    ShardDefiner(store, run, max_shards).ready("ds")
+    shards = [(s.shard, s.objects, s.first_key, s.last_key) for s in store.shards(run, "ds")]
     listed = {}
     for s, *_ in shards:
         listed.update({m.key: (m.etag, m.size, s) for m in store.listed(run, "ds", s)})
@@ -77,13 +80,125 @@ def test_a_listing_in_ranges_stores_every_object_once_and_no_shard_holds_two_ran
     assert [m.key for m in store.listed(run, "ds", 8)] == ["c/d/10", "c/x/01", "c/x/03", "c/x/05", "c/x/07"]
 
 
-def test_merging_shards_keeps_each_range_apart(store):
+def test_shards_grow_as_the_run_defines_them_each_within_its_range(store):
+    """max_shards 10: the cut shards merged by 1, 2, 4, 8, ... as the run defines shards (one
+    more each time here), never across two ranges."""
     src = source()
     run, _, _ = list_run(store, src)
-    store.merge_shards(run, "ds", 2)
-    shards = store.define_shards(run, "ds")
-    assert [(s.objects, s.first_key[:2]) for s in shards] == [(4, "to"), (10, "a/"), (2, "a/"), (10, "b/"),
-                                                               (2, "b/"), (10, "c/"), (2, "c/")]
+    _, shards = rows(store, run, max_shards=10)
+    assert [(n, count, first[:2]) for n, count, first, _ in shards] == [(0, 4, "to"), (1, 10, "a/"), (2, 2, "a/"),
+                                                                        (3, 12, "b/"), (4, 12, "c/")]
+
+
+class Gate(MemoryStore):
+    """Holds the listing of range `held` before its page `at` until `release` is set."""
+
+    def __init__(self, held: str, at: int, **kw):
+        super().__init__(**kw)
+        self.held, self.at = held, at
+        self.reached, self.release = threading.Event(), threading.Event()
+
+    def list_pages(self, part, marker=None):
+        for n, page in enumerate(super().list_pages(part, marker)):
+            if part.prefix == self.held and n == self.at:
+                self.reached.set()
+                assert self.release.wait(10)
+            yield page
+
+
+def wait_stored(store, run):
+    """Until "", a/ and b/ are done and c/ has its first two pages stored (the gate holds the third)."""
+    deadline = time.monotonic() + 10
+    while not all(r.done if r.prefix != "c/" else r.objects == 6 for r in store.listing_ranges(run, "ds")):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_the_final_shards_are_defined_while_the_listing_goes_on(store):
+    """Copying starts before the listing ends: a shard is defined once its range's cutter moved
+    past it or the range is done, never one still filling; the ones left once it is done."""
+    src = Gate("c/", 2, page_size=3)
+    src._objects.update(source()._objects)
+    run = store.start_run("migrate")
+    store.dataset_started(run, "ds")
+    listing = RangedListing(store, run, "ds", DS, src, shard_bytes=10**9, shard_objects=5, at_once=4)
+    definer = ShardDefiner(store, run, 1000)
+    listed: list[str] = []
+    lister = threading.Thread(target=lambda: listed.extend(m.key for m in listing.objects()))
+    lister.start()
+    try:
+        assert src.reached.wait(10)
+        wait_stored(store, run)
+        early = definer.ready("ds")
+    finally:
+        src.release.set()
+        lister.join(10)
+    # "", a/ and b/ are done; c/ has stored two pages (6 objects): its first cut shard of 5 is final.
+    assert [(s.shard, s.objects, s.first_key) for s in early] == [
+        (0, 4, "top0.txt"), (1, 5, "a/00"), (2, 5, "a/05"), (3, 2, "a/10"), (4, 5, "b/00"), (5, 5, "b/05"),
+        (6, 2, "b/10"), (7, 5, "c/d/00")]
+    late = definer.ready("ds")
+    assert [(s.shard, s.objects) for s in late] == [(8, 5), (9, 2)] and definer.ready("ds") == []
+    held = {m.key: s.shard for s in early + late for m in store.listed(run, "ds", s.shard)}
+    assert sorted(held) == sorted(listed) == sorted(src._objects)
+
+
+def test_a_listing_taken_over_keeps_the_shards_its_run_defined(store):
+    """A run killed while it listed and copied: its defined shards are the new run's as they are
+    (their objects already copied are found unchanged), the rest defined on from there."""
+    src = Gate("c/", 2, page_size=3)
+    src._objects.update(source()._objects)
+    run = store.start_run("migrate")
+    store.dataset_started(run, "ds")
+    listing = RangedListing(store, run, "ds", DS, src, shard_bytes=10**9, shard_objects=5, at_once=4)
+    def list_all():
+        with pytest.raises(ListingStopped):
+            list(listing.objects())
+
+    lister = threading.Thread(target=list_all)
+    lister.start()
+    assert src.reached.wait(10)
+    wait_stored(store, run)
+    killed = ShardDefiner(store, run, 1000).ready("ds")
+    listing.stop = threading.Event()
+    listing.stop.set()  # as good as a kill here: nothing more is stored
+    src.release.set()
+    lister.join(10)
+    store.finish_run(run, "interrupted")
+    assert len(killed) == 8
+
+    src.held = None
+    resumed, listing2, yielded = list_run(store, src)
+    assert listing2.taken_over == run
+    listed, shards = rows(store, resumed)
+    assert [s[:3] for s in shards[:8]] == [(s.shard, s.objects, s.first_key) for s in killed]
+    assert [n for n, *_ in shards] == list(range(10)) and sorted(listed) == sorted(src._objects) == sorted(yielded)
+
+
+def test_a_stopped_run_stops_its_listing_at_the_next_page_and_keeps_what_it_stored(store):
+    src = Gate("c/", 1, page_size=3)
+    src._objects.update(source()._objects)
+    run = store.start_run("migrate")
+    store.dataset_started(run, "ds")
+    stop = threading.Event()
+    listing = RangedListing(store, run, "ds", DS, src, shard_bytes=10**9, shard_objects=5, at_once=4, stop=stop)
+    outcome: list[BaseException] = []
+
+    def list_all():
+        try:
+            list(listing.objects())
+        except ListingStopped as exc:
+            outcome.append(exc)
+
+    lister = threading.Thread(target=list_all)
+    lister.start()
+    assert src.reached.wait(10)
+    stop.set()
+    src.release.set()
+    lister.join(10)
+    assert [str(e) for e in outcome] == ["ds: the run stopped before the listing ended; the next run lists on from "
+                                         "where it got"]
+    assert not all(r.done for r in store.listing_ranges(run, "ds"))
 
 
 def test_a_failing_range_fails_the_listing_naming_the_range(store):

@@ -11,6 +11,7 @@ from config.models import OrchestrationConfig
 from engine.run import summary_from_rows
 from engine.settings import TransferSettings, within_connections
 from engine.shards import ShardCutter, ShardResult, share_connections, shard_outcome
+from engine.state.schema import listing_shard
 
 
 def shards_of(sizes, max_bytes, max_objects):
@@ -69,23 +70,29 @@ def test_a_listing_round_trips_through_the_store_by_shard(store):
     store.record_listing(run, "other", [(0, meta("z", 5))])
     assert list(store.listed(run, "ds", 0)) == [rich, meta("b", 20)]
     assert [m.key for m in store.listed(run, "ds")] == ["a/é 1.csv", "b", "c", "d"]
-    shards = store.define_shards(run, "ds")
+    shards = store.adopt_shards(run, "ds")  # rows holding their shard numbers already
     assert [(s.shard, s.objects, s.bytes, s.first_key, s.last_key, s.status) for s in shards] == [
         (0, 2, 30, "a/é 1.csv", "b", "pending"), (1, 1, 30, "c", "c", "pending"), (2, 1, 0, "d", "d", "pending")]
 
 
-def test_merging_shards_keeps_the_listing_order(store):
+def test_a_shard_defined_from_cut_shards_keeps_the_listing_order(store):
     run = store.start_run("migrate")
-    store.record_listing(run, "ds", [(i, meta(f"k{i:02d}", i)) for i in range(7)])
-    store.merge_shards(run, "ds", 3)
-    assert [(s.shard, s.objects, s.first_key, s.last_key) for s in store.define_shards(run, "ds")] == [
+    store.record_listing(run, "ds", [(listing_shard(1, i), meta(f"k{i:02d}", i)) for i in range(7)])
+    assert store.first_cut_undefined(run, "ds", 1) == 0 and store.first_cut_undefined(run, "ds", 0) is None
+    defined = [store.define_shard(run, "ds", (listing_shard(1, first), listing_shard(1, last)), n)
+               for n, (first, last) in enumerate([(0, 2), (3, 5), (6, 9)])]
+    assert [(s.shard, s.objects, s.first_key, s.last_key) for s in defined] == [
         (0, 3, "k00", "k02"), (1, 3, "k03", "k05"), (2, 1, "k06", "k06")]
+    assert [m.key for m in store.listed(run, "ds", 1)] == ["k03", "k04", "k05"]
+    assert store.first_cut_undefined(run, "ds", 1) is None
+    assert store.define_shard(run, "ds", (listing_shard(1, 10), listing_shard(1, 20)), 3) is None  # no row: no shard
+    assert [s.shard for s in store.shards(run, "ds")] == [0, 1, 2]
 
 
 def test_a_shards_figures_come_from_this_runs_rows(store):
     run = store.start_run("migrate")
     store.record_listing(run, "ds", [(0, meta("a", 10)), (0, meta("b", 20)), (0, meta("c", 30)), (1, meta("d", 40))])
-    store.define_shards(run, "ds")
+    store.adopt_shards(run, "ds")
     a = store.add_object(run, "ds", "a", "e-a", 10, state=st.IN_PROGRESS)
     store.transition(a, st.UPLOADED, output_size=99)
     store.add_object(run, "ds", "b", "e-b", 20, state=st.UNCHANGED)
