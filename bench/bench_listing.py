@@ -352,7 +352,8 @@ def wait_until_idle(pid: int, quiet: float = 3.0, limit: float = 1800.0) -> floa
     return time.perf_counter() - began
 
 
-def azurite(blobs: int, folders: int, seed_threads: int, seed: str, killed: bool, workdir: Path) -> list[tuple[str, str, str, str]]:
+def azurite(blobs: int, folders: int, seed_threads: int, seed: str, ranges: list[int], killed: bool,
+            workdir: Path) -> list[tuple[str, str, str, str]]:
     from azure.storage.blob import BlobServiceClient
 
     from config.lab import azurite_connection_string
@@ -401,7 +402,7 @@ def azurite(blobs: int, folders: int, seed_threads: int, seed: str, killed: bool
         n, seconds = timed("bare", bare)
         base = n / seconds
         _add(rows, ("azurite", "bare SDK loop (list_blobs pages of 5000)", f"{base:,.0f} obj/s", "1.00"))
-        for at_once in (1, 2, 4):
+        for at_once in ranges:
             state_dir = Path(tempfile.mkdtemp(dir=workdir))
             state = StateStore(state_dir / "state.db")
             try:
@@ -413,7 +414,9 @@ def azurite(blobs: int, folders: int, seed_threads: int, seed: str, killed: bool
             finally:
                 state.close()
         if killed:
-            rows += killed_listing(cs, n, 4, workdir)
+            # One range: a ranged listing starts with "/"-delimited requests, which Azurite answers
+            # by paging through every blob of the container (minutes at 10^6; Azure does not).
+            rows += killed_listing("azurite", "azurite", n, 1, workdir, cs)
     finally:
         if started:
             stop_pid(server.pid)
@@ -444,51 +447,61 @@ class CountingSource:
     def list_pages(self, part: ListingRange, marker: str | None = None) -> Iterator[ListingPage]:
         for page in self.source.list_pages(part, marker):
             self.pages[part.prefix] = self.pages.get(part.prefix, 0) + 1
-            self.entries += len(page.entries)
+            self.entries += len(page.objects)
             yield page
 
 
-def listing_child(state_path: str, at_once: int) -> int:
-    """`list-into`: a migrate run's listing of the bench container into the state at `state_path`
-    (the connection string from BENCH_AZURITE_CONNECTION_STRING), in a process of its own that
-    the parent kills part-way."""
+def bench_source(spec: str, cs: str | None = None):
+    """The source a `list-into` child and the resuming run list: "azurite" (the bench container of
+    the Azurite of connection string `cs`, else BENCH_AZURITE_CONNECTION_STRING) or
+    "synthetic:<objects>:<folders>"."""
+    if spec.startswith("synthetic:"):
+        _, objects, folders = spec.split(":")
+        return SyntheticSource(int(objects), int(folders))
     from connectors.azure_blob import AzureBlobSource
 
-    source = AzureBlobSource.from_connection_string(os.environ["BENCH_AZURITE_CONNECTION_STRING"], CONTAINER,
-                                                    page_size=5000)
+    # Azurite answers a "/"-delimited listing of a large container slowly (it pages through every blob).
+    return AzureBlobSource.from_connection_string(cs or os.environ["BENCH_AZURITE_CONNECTION_STRING"], CONTAINER,
+                                                  page_size=5000, read_timeout=1800)
+
+
+def listing_child(state_path: str, at_once: int, source: str) -> int:
+    """`list-into`: a migrate run's listing of `source` (`bench_source`) into the state at
+    `state_path`, in a process of its own that the parent kills part-way."""
     state = StateStore(state_path)
     try:
-        list_into(state, source, at_once)
+        list_into(state, bench_source(source), at_once)
     finally:
         state.close()
     return 0
 
 
-def killed_listing(cs: str, blobs: int, at_once: int, workdir: Path) -> list[tuple[str, str, str, str]]:
-    """A listing killed (SIGKILL) once half the blobs are stored, then a run that takes it over:
-    what the killed one had stored, the requests the resumed one sends per range, and the final
-    listing checked (every blob once)."""
-    import sqlite3
+def killed_listing(label: str, source: str, objects: int, at_once: int, workdir: Path,
+                   cs: str | None = None) -> list[tuple[str, str, str, str]]:
+    """A listing of `source` (`bench_source`, holding `objects`) killed (SIGKILL) once half its
+    objects are stored, then a run that takes it over: what the killed one had stored, the requests
+    the resumed one sends per range (none to a range done before the kill), and the final listing
+    checked (every object once)."""
     import signal
+    import sqlite3
     import subprocess
 
-    from connectors.azure_blob import AzureBlobSource
-
-    state_path = workdir / "killed" / "state.db"
+    state_path = workdir / f"killed-{label}" / "state.db"
     state_path.parent.mkdir()
     StateStore(state_path).close()  # the schema, before the child and this process poll it
     child = subprocess.Popen([sys.executable, __file__, "list-into", "--state", str(state_path),
-                              "--at-once", str(at_once)], env={**os.environ, "BENCH_AZURITE_CONNECTION_STRING": cs})
+                              "--at-once", str(at_once), "--source", source],
+                             env={**os.environ, **({"BENCH_AZURITE_CONNECTION_STRING": cs} if cs else {})})
     began = time.perf_counter()
     db = sqlite3.connect(state_path, timeout=60)
 
     def stored() -> tuple[int, int, int]:
-        objects, done, ranges = db.execute(
+        found, done, ranges = db.execute(
             "SELECT coalesce(sum(objects), 0), coalesce(sum(done), 0), count(*) FROM listing_ranges").fetchone()
-        return int(objects), int(done), int(ranges)
+        return int(found), int(done), int(ranges)
 
     try:
-        while child.poll() is None and stored()[0] < blobs // 2:
+        while child.poll() is None and stored()[0] < objects // 2:
             time.sleep(0.2)
         if child.poll() is not None:
             raise SystemExit(f"the listing process ended (exit {child.returncode}) before it could be killed")
@@ -498,27 +511,29 @@ def killed_listing(cs: str, blobs: int, at_once: int, workdir: Path) -> list[tup
         if child.poll() is None:
             child.kill()
     first = time.perf_counter() - began
-    objects, done, ranges = stored()
+    kept, done, ranges = stored()
     done_prefixes = {p for (p,) in db.execute("SELECT prefix FROM listing_ranges WHERE done")}
     db.close()
     rows = []
-    _add(rows, ("azurite", f"killed listing ({at_once} at once): {objects:,} objects stored, {done} of {ranges} "
-                           "ranges done", f"{first:.0f} s", f"{objects / first:,.0f} obj/s"))
-    source = CountingSource(AzureBlobSource.from_connection_string(cs, CONTAINER, page_size=5000))
+    _add(rows, (label, f"killed listing ({at_once} at once): {kept:,} objects stored, {done} of {ranges} "
+                       "ranges done", f"{first:.0f} s", f"{kept / first:,.0f} obj/s"))
+    counting = CountingSource(bench_source(source, cs))
     state = StateStore(state_path)
     try:
-        (run, n, listing), seconds = timed("resume", lambda: list_into(state, source, at_once))
-        listed_again = sorted(p for p in source.pages if p in done_prefixes)
+        # What the next migrate run does first, its project's lock free: the killed run is dead.
+        state.mark_interrupted([r.id for r in state.running_runs()])
+        (run, n, listing), seconds = timed("resume", lambda: list_into(state, counting, at_once))
+        listed_again = sorted(p for p in counting.pages if p in done_prefixes)
         keys, distinct = db_counts(state, run)
     finally:
         state.close()
     assert listing.taken_over is not None, "the second run did not take over the killed listing"
-    assert (n, keys, distinct) == (blobs, blobs, blobs), (n, keys, distinct, blobs)
+    assert (n, keys, distinct) == (objects, objects, objects), (n, keys, distinct, objects)
     assert not listed_again, f"ranges done before the kill listed again: {listed_again}"
-    _add(rows, ("azurite", f"resumed: {sum(source.pages.values()):,} listing requests, {source.entries:,} entries "
-                           f"listed ({blobs - objects:,} not stored before the kill), none to the {done} ranges "
-                           f"done; {n:,} objects, each once", f"{seconds:.0f} s",
-                f"{source.entries / seconds:,.0f} obj/s"))
+    _add(rows, (label, f"resumed: {sum(counting.pages.values()):,} listing requests for {counting.entries:,} "
+                       f"entries ({objects - kept:,} not stored before the kill), none to the {done} range(s) "
+                       f"done; {n:,} objects, each once", f"{seconds:.0f} s",
+                f"{counting.entries / seconds:,.0f} obj/s"))
     return rows
 
 
@@ -543,25 +558,30 @@ def main() -> int:
     az.add_argument("--seed", choices=("api", "database"), default="api",
                     help="api: Put Blob requests (slows as the container grows); database: Azurite's "
                          "metadata database written directly, then loaded by Azurite (10^6 blobs)")
+    az.add_argument("--ranges", default="1,2,4", help="the listings into the state: ranges at once, comma-separated")
     az.add_argument("--killed", action="store_true",
-                    help="also a listing killed half-way (4 ranges at once) and the run that resumes it")
+                    help="also a listing killed half-way (one range) and the run that resumes it")
     child = sub.add_parser("list-into")  # a listing in its own process, killed by --killed
     child.add_argument("--state", required=True)
     child.add_argument("--at-once", type=int, default=4)
+    child.add_argument("--source", required=True, help='"azurite" or "synthetic:<objects>:<folders>"')
     syn = sub.add_parser("synthetic")
     syn.add_argument("--objects", type=int, default=10_000_000)
     syn.add_argument("--folders", type=int, default=16)
     syn.add_argument("--postgres", action="store_true", help="also on a private PostgreSQL server")
     syn.add_argument("--no-sqlite", action="store_true")
+    syn.add_argument("--killed", action="store_true",
+                     help="also a listing killed half-way (4 ranges at once, SQLite) and the run that resumes it")
     args = parser.parse_args()
     if args.part == "list-into":
-        return listing_child(args.state, args.at_once)
+        return listing_child(args.state, args.at_once, args.source)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-listing-"))
     rows: list[tuple[str, str, str, str]] = []
     try:
         if args.part == "azurite":
-            rows = azurite(args.blobs, args.folders, args.seed_threads, args.seed, args.killed, workdir)
+            rows = azurite(args.blobs, args.folders, args.seed_threads, args.seed,
+                           [int(n) for n in args.ranges.split(",") if n], args.killed, workdir)
             header = ("where", "what", "rate", "ratio / time")
         else:
             header = ("state", "what", "rate / time", "peak RSS MiB")
@@ -576,6 +596,9 @@ def main() -> int:
                     rows += synthetic(args.objects, args.folders, pg.create_database("bench"), "postgresql")
                 finally:
                     pg.stop()
+            if args.killed:
+                rows += killed_listing("synthetic", f"synthetic:{args.objects}:{args.folders}", args.objects, 4,
+                                       workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
