@@ -382,7 +382,8 @@ class ShardsAsListed:
             if ended and _listing_failed(future):
                 self.run.stop_listing()  # the other datasets' listings stop at their next page
                 self.wait()
-                _every_result(list(self.listing.values()))
+                # This error first: the others' may only say that they were stopped.
+                _every_result([future] + [f for f in self.listing.values() if f is not future])
             new += self.run.ready_shards(name)
             if ended:
                 self.rows[name] = future.result()

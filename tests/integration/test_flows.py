@@ -472,6 +472,58 @@ def test_shards_are_copied_while_the_listing_goes_on(tmp_path, env, s3_server, s
     assert any(m == "every dataset listed: 3 shard(s) in all" for m in logs), logs
 
 
+def test_a_listing_that_fails_stops_the_run_and_the_other_listings_which_the_next_run_goes_on_with(
+        tmp_path, env, s3_server, s3, monkeypatch):
+    """Copying no longer waits for every listing: a dataset whose listing fails still fails the run
+    with its own sentence, the other dataset's listing stops at its next page, and the next run
+    lists that one on from where it got and copies everything."""
+    import yaml
+
+    from config.loader import load_config
+    from connectors.azure_blob import AzureBlobSource
+    from connectors.base import TransientError
+    from engine.project import open_state
+    from flows import orchestrate
+
+    path, container, blobs = write_project(tmp_path, env, s3_server.url)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["datasets"]["scans"] = {**cfg["datasets"]["claims"], "prefix": "scans/", "dest_prefix": f"{container}-scans/"}
+    cfg["datasets"]["claims"]["prefix"] = "claims/"
+    path.write_text(yaml.safe_dump(cfg))
+    listing, built, broken = AzureBlobSource.list_pages, AzureBlobSource.__init__, [True]
+
+    def small_pages(self, container_client, **kw):
+        built(self, container_client, **{**kw, "page_size": 2})
+
+    def pages(self, part, marker=None):
+        for page in listing(self, part, marker):
+            if part.prefix.startswith("scans/") and broken:
+                time.sleep(0.5)  # claims has stored a page
+                raise TransientError("azure: the connection was reset")
+            time.sleep(1.0 if broken else 0.0)  # claims lists for 5 s
+            yield page
+
+    monkeypatch.setattr(AzureBlobSource, "__init__", small_pages)
+    monkeypatch.setattr(AzureBlobSource, "list_pages", pages)
+    monkeypatch.setattr(orchestrate, "PROGRESS_EVERY", 0.1)
+    state = orchestrate.migrate_flow(config_path=str(path), return_state=True)
+    assert state.is_failed() and "dataset `scans`" in state.message and "the connection was reset" in state.message, \
+        state.message
+    store = open_state(load_config(path), read_only=True)
+    try:
+        (claims,) = store.run_datasets("claims")
+    finally:
+        store.close()
+    assert claims.through_at is None and "the run stopped before the listing ended" in claims.stopped, claims
+
+    broken.clear()
+    again = orchestrate.migrate_flow(config_path=str(path), return_state=True)
+    assert again.is_completed(), again.message
+    assert any(f"the listing goes on from run {claims.run_id}'s" in m for m in logs_of(again.state_details.flow_run_id))
+    # the dataset's prefix is not part of the destination key
+    assert {k.removeprefix("claims/") for k in blobs if k.startswith("claims/")} <= stored_keys(s3, container)
+
+
 def test_a_killed_flow_run_is_resumed_mid_object_by_the_next(tmp_path, env, s3_server, s3):
     """A worker's flow run killed (SIGKILL) while a multipart object is half sent: the next flow run
     takes the project's lock, continues the same multipart upload (the parts sent are kept), and
