@@ -8,8 +8,9 @@ changed since is re-read at its current version and one deleted since fails with
 (engine/pipeline.py); objects created since are not in it. docs/DESIGN.md, "Inventory reports".
 
 **Into the state store** (`RangedListing`). The flows list each dataset once into the `listing`
-table and copy it shard by shard as its shards are final (`MigrationRun.list_dataset`, `ready_shards`). At 10^8 blobs one listing
-request after the other takes hours, and a listing killed part-way would start over; so:
+table and copy it shard by shard as its shards are final (`MigrationRun.list_dataset`,
+`ready_shards`). At 10^8 blobs one listing request after the other takes hours, and a listing
+killed part-way would start over; so:
 
 - **Ranges.** The dataset's prefix is split by its folders: one "/"-delimited listing request per
   level (`RangeLister.folders`), down to `MAX_DEPTH` levels, until there are at least as many

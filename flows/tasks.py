@@ -64,10 +64,6 @@ class RunProgress:
     listing: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    @classmethod
-    def of(cls, shards: tuple[PlannedShard, ...], total_bytes: int) -> RunProgress:
-        return cls(total_bytes, {(s.dataset, s.shard): s.bytes for s in shards})
-
     def add(self, shards: list[PlannedShard]) -> None:
         with self.lock:
             self.shard_bytes.update({(s.dataset, s.shard): s.bytes for s in shards})

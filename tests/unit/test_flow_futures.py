@@ -102,3 +102,21 @@ def test_every_task_ends_and_every_failure_is_kept_when_several_fail():
     assert any("dataset imaging: the source is unreachable" in note for note in raised.value.__notes__)
     with ThreadPoolExecutor(2) as pool:
         assert orchestrate._every_result([pool.submit(lambda n=n: n) for n in range(4)]) == [0, 1, 2, 3]
+
+
+def test_the_progress_grows_with_the_listing_and_says_100_only_once_it_is_over():
+    progress = RunProgress(0, listing=True)
+    assert progress.percent() == 0.0  # nothing final yet: not "done"
+    progress.add([PlannedShard("claims", 0, 1, 100), PlannedShard("claims", 1, 1, 100)])
+    progress.total_bytes = 200
+    progress.shard_finished("claims", 0)
+    assert progress.percent() == 50.0
+    progress.shard_finished("claims", 1)
+    assert progress.percent() == 99.9  # every shard so far went through, more may be listed
+    progress.add([PlannedShard("claims", 2, 1, 200)])
+    progress.total_bytes = 400
+    assert progress.percent() == 50.0  # the share goes back as the listing grows
+    progress.listing = False
+    progress.shard_finished("claims", 2)
+    assert progress.percent() == 100.0
+    assert RunProgress(0).percent() == 100.0  # a run with nothing to copy
