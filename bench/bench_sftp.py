@@ -2,14 +2,15 @@
 """Benchmark exitplan's SFTP connector against rclone's sftp backend, in the same run.
 
 Loopback only; everything it starts is stopped at the end. It starts a private OpenSSH sshd
-(`flows.lab_sftp`) and the lab's S3 server (moto, restarted before every measured run: it keeps
-every byte in memory) on free 127.0.0.1 ports, writes one mixed set of files below the sshd's root
+(`flows.lab_sftp`) and the lab's S3 servers (`--s3`: moto, and/or ministack; each restarted before
+every measured run: they keep every byte in memory) on free 127.0.0.1 ports, writes one mixed set of files below the sshd's root
 (a few large files, many 1 MiB and 16 KiB ones), then measures, each tool in its own process (wall
 time, user+system CPU and peak RSS from `os.wait4`, through bench_migrate's launcher):
 
 1. SFTP → S3: `exitplan migrate` (an SFTP source, encrypted) and `rclone copy sftp: s3:` (plain);
 2. S3 → SFTP: the same files put in a bucket first (not timed), then `exitplan migrate` (an S3
    source, an SFTP destination, encrypted) and `rclone copy s3: sftp:` (plain);
+   1 and 2 against each S3 server named (the servers' costs differ by request pattern: `S3Server`);
 3. peak RSS of `exitplan migrate` SFTP → S3 on one large file (`--rss-mib`, default 2048) against
    one 512 MiB and one 20 MiB file: bounded by the memory budget, not by the file.
 
@@ -58,11 +59,14 @@ def s3_client(url: str):
                                       response_checksum_validation="when_required"))
 
 
-class Moto:
-    """The lab's S3 server, restarted on demand (its memory only grows)."""
+class S3Server:
+    """One of the lab's S3 servers, `kind` moto or ministack, restarted on demand (their memory only
+    grows). They cost differently per request: moto answers a ranged GET by reading the whole
+    object (8 ranges of a 128 MiB object cost it 6.5× one full GET), ministack a full GET dearer
+    than ranges; exitplan reads large objects in ranges, rclone 1.60 in one GET."""
 
-    def __init__(self, directory: Path):
-        self.directory = directory
+    def __init__(self, directory: Path, kind: str = "moto"):
+        self.directory, self.kind = directory, kind
         self.proc = None
         self.port = 0
 
@@ -73,7 +77,8 @@ class Moto:
     def restart(self) -> None:
         self.stop()
         self.port = lp.free_port()
-        self.proc = lp.start_server(lp.s3_spec(self.port), self.directory / "moto.log")
+        spec = lp.s3_spec(self.port) if self.kind == "moto" else lp.ministack_spec(self.port, self.directory / "ms")
+        self.proc = lp.start_server(spec, self.directory / f"{self.kind}.log")
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -127,7 +132,7 @@ def run_exitplan(config: Path, log: Path) -> ChildResult:
     return run_child([EXITPLAN, "migrate", "--config", str(config)], env=env, log=log)
 
 
-def rclone_config(path: Path, layout: SshdLayout, moto: Moto) -> Path:
+def rclone_config(path: Path, layout: SshdLayout, server: S3Server) -> Path:
     path.write_text(f"""\
 [sftp]
 type = sftp
@@ -142,7 +147,7 @@ disable_hashcheck = true
 [s3]
 type = s3
 provider = Other
-endpoint = {moto.url}
+endpoint = {server.url}
 force_path_style = true
 access_key_id = {LAB_S3_ACCESS_KEY}
 secret_access_key = {LAB_S3_SECRET_KEY}
@@ -158,9 +163,9 @@ def run_rclone(conf: Path, src: str, dst: str, concurrency: int, log: Path) -> C
     return run_child(argv, env=child_env(), log=log)
 
 
-def s3_sizes(moto: Moto, bucket: str, prefix: str) -> dict[str, int]:
+def s3_sizes(server: S3Server, bucket: str, prefix: str) -> dict[str, int]:
     out = {}
-    for page in s3_client(moto.url).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    for page in s3_client(server.url).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         out.update({o["Key"][len(prefix):]: o["Size"] for o in page.get("Contents", [])})
     return out
 
@@ -170,9 +175,10 @@ def file_sizes(top: Path) -> dict[str, int]:
         if top.is_dir() else {}
 
 
-def row(tool: str, direction: str, res: ChildResult, nbytes: int, ok: bool) -> dict:
+def row(tool: str, direction: str, server: str, res: ChildResult, nbytes: int, ok: bool) -> dict:
     cpu = res.cpu
-    return {"tool": tool, "direction": direction, "ok": ok and res.rc == 0, "rc": res.rc, "seconds": res.wall,
+    return {"tool": tool, "direction": direction, "server": server, "ok": ok and res.rc == 0, "rc": res.rc,
+            "seconds": res.wall,
             "mb_s": nbytes / res.wall / 1e6 if res.wall else None, "cpu_s": cpu,
             "cpu_s_per_gb": cpu / (nbytes / 1e9) if nbytes else None, "peak_rss_mib": res.maxrss / MiB}
 
@@ -189,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mid", type=int, default=200, help="1 MiB files (default 200)")
     p.add_argument("--small", type=int, default=1000, help="16 KiB files (default 1000)")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--s3", default="moto", help="the S3 servers to measure against, comma-separated: moto, ministack")
     p.add_argument("--rss-mib", type=int, default=2048, help="the large file of the memory test, MiB (0: skip)")
     p.add_argument("--quick", action="store_true", help="a small set, for a smoke run")
     p.add_argument("--memory-only", action="store_true", help="only the peak-RSS runs (3.)")
@@ -201,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="exitplan-bench-sftp-"))
     layout = prepare_sshd(tmp / "sshd", lp.free_port())
     sshd = lp.start_server(sshd_spec(layout), tmp / "sshd.log")
-    moto = Moto(tmp)
+    servers = [S3Server(tmp, kind) for kind in args.s3.split(",") if kind]
+    if not servers or any(server.kind not in ("moto", "ministack") for server in servers):
+        raise SystemExit(f"--s3: moto and/or ministack, not {args.s3!r}")
     rows: list[dict] = []
     try:
         src = layout.root / "src"
@@ -212,49 +221,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"set: {len(sizes)} files, {total / 1e6:.0f} MB; concurrency {args.concurrency}", flush=True)
         lab_dest = {"provider": "lab", "endpoint_url": "", "region": LAB_REGION, "bucket": "bench"}
 
-        # 1. SFTP → S3
-        for tool in ("exitplan", "rclone") if sizes else ():
-            moto.restart()
-            s3_client(moto.url).create_bucket(Bucket="bench",
-                                              CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
-            if tool == "exitplan":
-                cfg = exitplan_config(tmp / "sftp-to-s3.yaml", sftp_endpoint(layout, layout.root, args.concurrency),
-                                      {**lab_dest, "endpoint_url": moto.url}, "src", args.concurrency,
-                                      tmp / "state-a")
-                res = run_exitplan(cfg, tmp / "exitplan-sftp-to-s3.log")
-                ok = encrypted_sizes_ok(s3_sizes(moto, "bench", "exitplan/"), sizes)
-            else:
-                conf = rclone_config(tmp / "rclone.conf", layout, moto)
-                res = run_rclone(conf, f"sftp:{src}", "s3:bench/rclone", args.concurrency, tmp / "rclone-a.log")
-                ok = s3_sizes(moto, "bench", "rclone/") == sizes
-            rows.append(row(tool, "sftp->s3", res, total, ok))
-            print(json.dumps(rows[-1]), flush=True)
+        for server in servers:
+            # 1. SFTP → S3
+            for tool in ("exitplan", "rclone") if sizes else ():
+                server.restart()
+                s3_client(server.url).create_bucket(Bucket="bench",
+                                                  CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
+                if tool == "exitplan":
+                    cfg = exitplan_config(tmp / "sftp-to-s3.yaml", sftp_endpoint(layout, layout.root, args.concurrency),
+                                          {**lab_dest, "endpoint_url": server.url}, "src", args.concurrency,
+                                          tmp / f"state-a-{server.kind}")
+                    res = run_exitplan(cfg, tmp / "exitplan-sftp-to-s3.log")
+                    ok = encrypted_sizes_ok(s3_sizes(server, "bench", "exitplan/"), sizes)
+                else:
+                    conf = rclone_config(tmp / "rclone.conf", layout, server)
+                    res = run_rclone(conf, f"sftp:{src}", "s3:bench/rclone", args.concurrency, tmp / "rclone-a.log")
+                    ok = s3_sizes(server, "bench", "rclone/") == sizes
+                rows.append(row(tool, "sftp->s3", server.kind, res, total, ok))
+                print(json.dumps(rows[-1]), flush=True)
 
-        # 2. S3 → SFTP (the same files in a bucket first)
-        for tool in ("exitplan", "rclone") if sizes else ():
-            moto.restart()
-            client = s3_client(moto.url)
-            client.create_bucket(Bucket="source", CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
-            for key in sizes:
-                client.upload_file(str(src / key), "source", key)
-            out = layout.root / f"out-{tool}"
-            shutil.rmtree(out, ignore_errors=True)
-            out.mkdir()
-            if tool == "exitplan":
-                source = {"kind": "s3", "endpoint_url": moto.url, "region": LAB_REGION}
-                dest = {**sftp_endpoint(layout, out, args.concurrency), "provider": "lab", "region": "lab"}
-                cfg = exitplan_config(tmp / "s3-to-sftp.yaml", source, dest, "source", args.concurrency,
-                                      tmp / "state-b")
-                res = run_exitplan(cfg, tmp / "exitplan-s3-to-sftp.log")
-                ok = encrypted_sizes_ok(file_sizes(out / "exitplan"), sizes)
-            else:
-                conf = rclone_config(tmp / "rclone.conf", layout, moto)
-                res = run_rclone(conf, "s3:source", f"sftp:{out}", args.concurrency, tmp / "rclone-b.log")
-                ok = file_sizes(out) == sizes
-            rows.append(row(tool, "s3->sftp", res, total, ok))
-            print(json.dumps(rows[-1]), flush=True)
-            shutil.rmtree(out, ignore_errors=True)
+            # 2. S3 → SFTP (the same files in a bucket first)
+            for tool in ("exitplan", "rclone") if sizes else ():
+                server.restart()
+                client = s3_client(server.url)
+                client.create_bucket(Bucket="source", CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
+                for key in sizes:
+                    client.upload_file(str(src / key), "source", key)
+                out = layout.root / f"out-{tool}"
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir()
+                if tool == "exitplan":
+                    source = {"kind": "s3", "endpoint_url": server.url, "region": LAB_REGION}
+                    dest = {**sftp_endpoint(layout, out, args.concurrency), "provider": "lab", "region": "lab"}
+                    cfg = exitplan_config(tmp / "s3-to-sftp.yaml", source, dest, "source", args.concurrency,
+                                          tmp / f"state-b-{server.kind}")
+                    res = run_exitplan(cfg, tmp / "exitplan-s3-to-sftp.log")
+                    ok = encrypted_sizes_ok(file_sizes(out / "exitplan"), sizes)
+                else:
+                    conf = rclone_config(tmp / "rclone.conf", layout, server)
+                    res = run_rclone(conf, "s3:source", f"sftp:{out}", args.concurrency, tmp / "rclone-b.log")
+                    ok = file_sizes(out) == sizes
+                rows.append(row(tool, "s3->sftp", server.kind, res, total, ok))
+                print(json.dumps(rows[-1]), flush=True)
+                shutil.rmtree(out, ignore_errors=True)
 
+        server = servers[0]  # the memory runs'
         # 3. Peak RSS: one large file against one 20 MiB file, SFTP → S3.
         memory = []
         # 20 MiB uses a fraction of the budget; 512 MiB and the large file use all of it: the two
@@ -263,11 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         for label, size_mib in points:
             one = layout.root / f"one-{label}"
             write_files(one, 1, size_mib, 0, 0)
-            moto.restart()
-            s3_client(moto.url).create_bucket(Bucket="bench",
+            server.restart()
+            s3_client(server.url).create_bucket(Bucket="bench",
                                               CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
             cfg = exitplan_config(tmp / f"rss-{label}.yaml", sftp_endpoint(layout, layout.root, args.concurrency),
-                                  {**lab_dest, "endpoint_url": moto.url}, one.name, args.concurrency,
+                                  {**lab_dest, "endpoint_url": server.url}, one.name, args.concurrency,
                                   tmp / f"state-{label}")
             res = run_exitplan(cfg, tmp / f"exitplan-rss-{label}.log")
             memory.append({"file": label, "rc": res.rc, "peak_rss_mib": res.maxrss / MiB,
@@ -275,16 +286,19 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(memory[-1]), flush=True)
             shutil.rmtree(one, ignore_errors=True)
     finally:
-        moto.stop()
+        for server in servers:
+            server.stop()
         lp.stop_pid(sshd.pid)
 
-    print(f"\n{'direction':<10} {'tool':<9} {'ok':<4} {'MB/s':>7} {'CPU-s/GB':>9} {'peak RSS MiB':>13}")
+    print(f"\n{'direction':<10} {'server':<10} {'tool':<9} {'ok':<4} {'MB/s':>7} {'CPU-s/GB':>9} {'peak RSS MiB':>13}")
     for r in rows:
-        print(f"{r['direction']:<10} {r['tool']:<9} {'yes' if r['ok'] else 'NO':<4} {r['mb_s']:>7.1f} "
+        print(f"{r['direction']:<10} {r['server']:<10} {r['tool']:<9} {'yes' if r['ok'] else 'NO':<4} {r['mb_s']:>7.1f} "
               f"{r['cpu_s_per_gb']:>9.2f} {r['peak_rss_mib']:>13.0f}")
-    for direction in ("sftp->s3", "s3->sftp") if rows else ():
-        e, r = ([x for x in rows if x["direction"] == direction and x["tool"] == t][0] for t in ("exitplan", "rclone"))
-        print(f"{direction}: exitplan/rclone MB/s {e['mb_s'] / r['mb_s']:.2f}, CPU per GB {e['cpu_s_per_gb'] / r['cpu_s_per_gb']:.2f}")
+    for direction, server in dict.fromkeys((r["direction"], r["server"]) for r in rows):
+        e, r = ([x for x in rows if (x["direction"], x["server"], x["tool"]) == (direction, server, t)][0]
+                for t in ("exitplan", "rclone"))
+        print(f"{direction} ({server}): exitplan/rclone MB/s {e['mb_s'] / r['mb_s']:.2f}, "
+              f"CPU per GB {e['cpu_s_per_gb'] / r['cpu_s_per_gb']:.2f}")
     for m in memory:
         print(f"peak RSS, one {m['file']} file: {m['peak_rss_mib']:.0f} MiB (budget 256 MiB)")
     out_dir = REPO / "bench" / "out"
