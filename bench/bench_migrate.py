@@ -717,7 +717,8 @@ def engine_child(args: argparse.Namespace) -> int:
         def __init__(self, key: str):
             self.key, self.upload_id, self.parts = key, f"bench-{key}", {}
 
-        def upload_part(self, number: int, body, size: int, md5: bytes | None) -> PartReceipt:
+        def upload_part(self, number: int, body, size: int, md5: bytes | None,
+                        offset: int | None = None) -> PartReceipt:
             if md5 is None:  # a streamed part: read it (as a server would) and hash it
                 h, n = hashlib.md5(), 0
                 while chunk := body.read(8 * MiB):

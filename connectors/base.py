@@ -476,8 +476,12 @@ class MultipartUpload(Protocol):
     key: str
     upload_id: str
 
-    def upload_part(self, number: int, body: PartBody, size: int, md5: bytes | None) -> PartReceipt:
+    def upload_part(self, number: int, body: PartBody, size: int, md5: bytes | None,
+                    offset: int | None = None) -> PartReceipt:
         """Upload part `number` (1-based). With `md5`, the server checks the body against it.
+        `offset`: where the part's bytes start in the object (the sizes of the parts before it):
+        the engine always gives it; a sink that writes the parts in place needs it (SFTP), the
+        others do without.
 
         Raises `IntegrityError` when the server reports a digest mismatch, or (where ETags are
         MD5s) answers an ETag that is not the MD5 of the bytes sent (`checked_etag`).

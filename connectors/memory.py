@@ -211,7 +211,8 @@ class _MemoryUpload:
     parts: dict[int, tuple[bytes, str]] = field(default_factory=dict)
     initiated: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
-    def upload_part(self, number: int, body: PartBody, size: int, md5: bytes | None) -> PartReceipt:
+    def upload_part(self, number: int, body: PartBody, size: int, md5: bytes | None,
+                    offset: int | None = None) -> PartReceipt:
         if not 1 <= number <= self.store.limits.max_parts:
             raise InvalidRequest(f"part number {number} outside 1..{self.store.limits.max_parts}", key=self.key)
         data = _body_bytes(body, size)

@@ -857,7 +857,8 @@ class S3MultipartUpload:
         self.key = key
         self.upload_id = upload_id
 
-    def upload_part(self, number: int, body: PartBody, size: int, md5: bytes | None) -> PartReceipt:
+    def upload_part(self, number: int, body: PartBody, size: int, md5: bytes | None,
+                    offset: int | None = None) -> PartReceipt:
         """Upload part `number` (1-based); the returned ETag is checked against `md5` (or the streamed MD5)."""
         limits = self.store.limits
         if not 1 <= number <= limits.max_parts:

@@ -20,12 +20,13 @@ What SFTP has and has not, and what this connector does about it:
   encrypted format's metadata, the MD5 of a single write) goes into a sidecar JSON file under
   `<root>/.exitplan-sftp/meta/`, which records the marker of the file it describes and is believed
   only while the file still has that marker: a file changed by anyone else has no metadata.
-- No multipart upload. An upload is a directory `<root>/.exitplan-sftp/uploads/<id>/` holding one
-  file per part (written under a temporary name, then renamed to `part-<n>-<md5>`, so a listed part
-  is whole and its MD5 is known without reading it); completing assembles the parts into a temporary
-  file with the server's `copy-data` extension (through this client where the server lacks it),
-  syncs it (`fsync@openssh.com`) and renames it over the final name (`posix-rename@openssh.com`):
-  no reader ever sees a half-written file under its final name, and a killed run resumes from its
+- No multipart upload. An upload is a directory `<root>/.exitplan-sftp/uploads/<id>/` holding the
+  object's bytes in one file, `data`, each part written in place at its offset (the engine gives
+  it) and synced (`fsync@openssh.com`), then an empty marker file `part-<n>-<md5>-<offset>-<size>`
+  (removed before a part is written again), so a listed part is whole and its MD5 is known without
+  reading it; completing checks the markers against the parts (contiguous, as sent), and renames
+  `data` over the final name (`posix-rename@openssh.com`): no byte is copied on the server, no
+  reader ever sees a half-written file under its final name, and a killed run resumes from its
   whole parts. `etag_is_md5` is False: the markers are not digests of the bytes.
 - Listing. SFTP directories come unordered and whole: each directory is read and sorted on its own
   (memory grows with the largest directory, not the tree), and the tree is walked in key order.
@@ -365,7 +366,6 @@ class SftpStore:
         if self._pkey is None and login.password is None:
             raise AuthError(f"{self.label}: no private key and no password given; set the key's variable or block")
         self._sessions = _Sessions(self._connect, connections)
-        self._copy_data = True  # until the server says it lacks the extension
         self.read_request = _READ_REQUEST  # what one read asks for: the server's limit once known
         self._limits_asked = False
         self._fsync_offered = True  # likewise
@@ -649,8 +649,9 @@ class SftpStore:
             directory = posixpath.dirname(directory)
 
     def _write_file(self, sftp: paramiko.SFTPClient, path: str, body: PartBody, size: int, key: str,
-                    md5: bytes | None) -> tuple[bytes, paramiko.SFTPAttributes]:
-        """Write exactly `size` bytes of `body` to `path` (created or truncated), synced where the
+                    md5: bytes | None, offset: int | None = None) -> tuple[bytes, paramiko.SFTPAttributes]:
+        """Write exactly `size` bytes of `body` to `path` (created or truncated; with `offset`,
+        created if missing and written from there, the rest of the file kept), synced where the
         server offers `fsync@openssh.com`: the MD5 of the bytes written, which must be `md5` when
         the caller announces one (an S3 server checks Content-MD5; here the bytes are hashed as
         they are sent), and the file's attributes once written. Two round trips: the open, then the
@@ -659,24 +660,26 @@ class SftpStore:
         if isinstance(body, (bytes, bytearray, memoryview)) and len(memoryview(body)) != size:
             raise TransientError(f"{self.label}: the body of {key!r} is {len(memoryview(body))} bytes, {size} "
                                  "announced", key=key)
-        writer = PipelinedWriter(sftp, open_for_writing(sftp, path))
+        start = offset or 0
+        handle = open_for_writing(sftp, path) if offset is None else open_for_writing(sftp, path, existing="keep")
+        writer = PipelinedWriter(sftp, handle, start)
 
         def chunks() -> Iterator[bytes | memoryview]:
             if isinstance(body, (bytes, bytearray, memoryview)):
                 yield memoryview(body)
                 return
-            while writer.offset < size:
-                chunk = body.read(min(_WRITE_CHUNK, size - writer.offset))
+            while writer.offset - start < size:
+                chunk = body.read(min(_WRITE_CHUNK, size - (writer.offset - start)))
                 if not chunk:
-                    raise TransientError(f"{self.label}: the body of {key!r} ended after {writer.offset} bytes, "
-                                         f"{size} announced", key=key)
+                    raise TransientError(f"{self.label}: the body of {key!r} ended after {writer.offset - start} "
+                                         f"bytes, {size} announced", key=key)
                 yield chunk
 
         writer.write_all(_hashed(chunks(), digest))
         attrs = self._close_written(sftp, writer, path)
-        if attrs.st_size != size:
-            raise TransientError(f"{self.label}: {key!r}: the server holds {attrs.st_size} bytes of the {size} "
-                                 "written", key=key)
+        if attrs.st_size != size if offset is None else (attrs.st_size or 0) < start + size:
+            raise TransientError(f"{self.label}: {key!r}: the server holds {attrs.st_size} bytes after writing "
+                                 f"{size} at {start}", key=key)
         sent = digest.digest()
         if md5 is not None and sent != md5:
             raise IntegrityError(f"{self.label}: the bytes written for {key!r} have MD5 {sent.hex()}, the caller "
@@ -898,108 +901,90 @@ class SftpFiles:
 
 
 class SftpUpload:
-    """An upload in parts to an `SftpStore` (its module docstring says how it is kept)."""
+    """An upload in parts to an `SftpStore` (its module docstring says how it is kept): the parts
+    written in place into one `data` file at their offsets, a marker file per part once its bytes
+    are synced, the file renamed into place when complete."""
 
     def __init__(self, store: SftpStore, key: str, upload_id: str, meta: WriteMeta):
         self.store, self.key, self.upload_id, self.meta = store, key, upload_id, meta
         self._dir = store._control("uploads", upload_id)
+        self._data = f"{self._dir}/data"
 
-    def _parts(self, sftp: paramiko.SFTPClient) -> dict[int, tuple[str, PartReceipt]]:
+    def _parts(self, sftp: paramiko.SFTPClient) -> dict[int, tuple[str, int, PartReceipt]]:
+        """number -> (marker name, offset, receipt) of every part the upload holds."""
         try:
-            listed = sftp.listdir_attr(self._dir)
+            listed = sftp.listdir(self._dir)
         except IOError as exc:
             if _is_missing(exc):
                 raise NotFound(f"{self.store.label}: the upload {self.upload_id} of {self.key!r} is gone",
                                key=self.key) from None
             raise
         parts = {}
-        for attrs in listed:
-            name = attrs.filename.split("-")
-            if len(name) == 3 and name[0] == "part" and name[1].isdigit():
-                number = int(name[1])
-                parts[number] = (attrs.filename, PartReceipt(number, name[2], attrs.st_size or 0))
+        for name in listed:
+            fields = name.split("-")
+            if len(fields) == 5 and fields[0] == "part" and all(f.isdigit() for f in fields[1:2] + fields[3:]):
+                number, offset, size = int(fields[1]), int(fields[3]), int(fields[4])
+                parts[number] = (name, offset, PartReceipt(number, fields[2], size))
         return parts
 
-    def upload_part(self, number: int, body: PartBody, size: int, md5: bytes | None) -> PartReceipt:
+    def upload_part(self, number: int, body: PartBody, size: int, md5: bytes | None,
+                    offset: int | None = None) -> PartReceipt:
+        if offset is None or offset < 0:
+            raise InvalidRequest(f"{self.store.label}: part {number} of {self.key!r} was sent without its offset "
+                                 "in the object: an SFTP upload writes each part in place", key=self.key)
+
         def upload(sftp: paramiko.SFTPClient) -> PartReceipt:
             before = self._parts(sftp)  # NotFound when the upload was aborted
-            temp = f"{self._dir}/tmp-{number:05d}-{self.store._unique()}"
-            try:
-                sent, _ = self.store._write_file(sftp, temp, body, size, self.key, md5)
-                sftp.posix_rename(temp, f"{self._dir}/part-{number:05d}-{sent.hex()}")
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    sftp.remove(temp)
-                raise
             old = before.get(number)
-            if old is not None and old[1].etag != sent.hex():
-                with contextlib.suppress(IOError):
-                    sftp.remove(f"{self._dir}/{old[0]}")  # replaced by the new body
+            if old is not None:  # its bytes are about to change: no marker may vouch for them meanwhile
+                sftp.remove(f"{self._dir}/{old[0]}")
+            sent, _ = self.store._write_file(sftp, self._data, body, size, self.key, md5, offset=offset)
+            writer = PipelinedWriter(sftp, open_for_writing(sftp, f"{self._dir}/part-{number:05d}-{sent.hex()}-"
+                                                                  f"{offset}-{size}"))
+            writer.close(sync=False, look=False)
             return PartReceipt(number, sent.hex(), size)
         return self.store._call(upload, self.key, f"part {number} of {self.key!r}")
 
     def list_parts(self) -> list[PartReceipt]:
         parts = self.store._call(self._parts, self.key, f"listing the parts of {self.key!r}")
-        return [parts[n][1] for n in sorted(parts)]
+        return [parts[n][2] for n in sorted(parts)]
 
     def complete(self, parts: Sequence[PartReceipt]) -> str:
         store = self.store
 
         def complete(sftp: paramiko.SFTPClient) -> str:
             held = self._parts(sftp)
+            end = 0
             for i, part in enumerate(parts):
                 mine = held.get(part.number)
-                if mine is None or mine[1].etag != part.etag.strip('"') or mine[1].size != part.size:
+                if mine is None or mine[2].etag != part.etag.strip('"') or mine[2].size != part.size:
                     raise InvalidRequest(f"{store.label}: part {part.number} of {self.key!r} is not held as sent",
                                          key=self.key)
+                if mine[1] != end:
+                    raise InvalidRequest(f"{store.label}: part {part.number} of {self.key!r} was written at byte "
+                                         f"{mine[1]:,}, not after the parts before it ({end:,})", key=self.key)
                 if i < len(parts) - 1 and part.size < store.limits.min_part_size:
                     raise InvalidRequest(f"{store.label}: part {part.number} of {self.key!r} is {part.size} bytes, "
                                          f"below the minimum of {store.limits.min_part_size} for a part that is not "
                                          "the last", key=self.key)
-            temp = store._temp_path()
-            store._makedirs(sftp, posixpath.dirname(temp))
+                end += part.size
             try:
-                attrs = self._assemble(sftp, temp, [held[p.number][0] for p in parts], [p.size for p in parts])
-                etag = store._publish(sftp, temp, self.key, self.meta, None, attrs)
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    sftp.remove(temp)
-                raise
+                attrs = sftp.stat(self._data)
+            except IOError as exc:
+                if not _is_missing(exc):
+                    raise
+                if end:
+                    raise InvalidRequest(f"{store.label}: the upload of {self.key!r} holds no data", key=self.key) \
+                        from None
+                PipelinedWriter(sftp, open_for_writing(sftp, self._data)).close(sync=False, look=False)
+                attrs = sftp.stat(self._data)
+            if (attrs.st_size or 0) != end:  # bytes past the parts: an attempt with other parts wrote them
+                sftp.truncate(self._data, end)
+                attrs = sftp.stat(self._data)
+            etag = store._publish(sftp, self._data, self.key, self.meta, None, attrs)
             self._remove(sftp)
             return etag
         return store._call(complete, self.key, f"completing {self.key!r}")
-
-    def _assemble(self, sftp: paramiko.SFTPClient, temp: str, names: list[str],
-                  sizes: list[int]) -> paramiko.SFTPAttributes:
-        """Concatenate the part files into `temp`: on the server (`copy-data`) where it can, else
-        through this client, one megabyte at a time; the attributes of the whole file."""
-        store = self.store
-        writer = PipelinedWriter(sftp, open_for_writing(sftp, temp))
-        try:
-            for name, size in zip(names, sizes):
-                with sftp.open(f"{self._dir}/{name}", "rb") as part:
-                    if store._copy_data:
-                        try:
-                            sftp._request(CMD_EXTENDED, "copy-data", part.handle, int64(0), int64(size),
-                                          writer.handle, int64(writer.offset))
-                            writer.offset += size
-                            continue
-                        except IOError as exc:
-                            log.info("%s: the server has no copy-data extension (%s); parts are assembled "
-                                     "through this client", store.label, exc)
-                            store._copy_data = False
-                    for done in range(0, size, _WRITE_CHUNK):
-                        writer.write(pipelined_read(sftp, part.handle, done, min(done + _WRITE_CHUNK, size),
-                                                    store.read_request))
-                        writer.wait()  # the read's answers and the writes' are not interleaved
-        except BaseException:
-            writer.abandon()
-            raise
-        attrs = store._close_written(sftp, writer, temp)
-        if attrs.st_size != writer.offset:
-            raise TransientError(f"{store.label}: {self.key!r}: the server holds {attrs.st_size} bytes of the "
-                                 f"{writer.offset} assembled", key=self.key)
-        return attrs
 
     def _remove(self, sftp: paramiko.SFTPClient) -> None:
         try:

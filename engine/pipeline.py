@@ -195,7 +195,7 @@ class _CompletedUpload:
     def __init__(self, key: str, upload_id: str, etag: str):
         self.key, self.upload_id, self.etag = key, upload_id, etag
 
-    def upload_part(self, number: int, body, size: int, md5: bytes | None) -> PartReceipt:
+    def upload_part(self, number: int, body, size: int, md5: bytes | None, offset: int | None = None) -> PartReceipt:
         raise NotFound(f"part {number} of {self.key!r} differs from the object an earlier run completed; "
                        "the next run copies the object again", key=self.key)
 
@@ -483,6 +483,10 @@ class _Attempt:
         self.events.bytes_moved(part.plaintext_size)
         self.events.part_kept(part, listed, md5)
 
+    def _offset(self, part: PartPlan) -> int:
+        """Where `part`'s output starts in the object: every part before it is `part_output_size`."""
+        return (part.number - 1) * self.plan.part_output_size
+
     def _charge(self, part: PartPlan) -> int:
         return part.plaintext_size + (part.output_size if self.format.copies else 0)
 
@@ -695,7 +699,7 @@ class _Attempt:
                 return listed, md5
 
             def send() -> PartReceipt:
-                receipt = upload.upload_part(part.number, out, part.output_size, md5)
+                receipt = upload.upload_part(part.number, out, part.output_size, md5, offset=self._offset(part))
                 self._check_receipt(receipt, part)
                 return receipt
 
@@ -764,7 +768,7 @@ class _Attempt:
             self.digest.restore(snapshot)
             body = _StreamedPartBody(self, part, slice_segments)
             try:
-                receipt = upload.upload_part(part.number, body, part.output_size, None)
+                receipt = upload.upload_part(part.number, body, part.output_size, None, offset=self._offset(part))
             except ConnectorError:
                 if body.error is not None:  # our read failed inside the connector: that is the cause
                     raise body.error from None

@@ -114,8 +114,8 @@ def test_multipart_upload_list_complete(sink_harness):
     part1, part2 = os.urandom(5 * MiB), os.urandom(MiB + 3)
 
     upload = sink.open_multipart("big/object.bin", META)
-    r1 = upload.upload_part(1, part1, len(part1), md5(part1))
-    r2 = upload.upload_part(2, part2, len(part2), md5(part2))
+    r1 = upload.upload_part(1, part1, len(part1), md5(part1), offset=0)
+    r2 = upload.upload_part(2, part2, len(part2), md5(part2), offset=len(part1))
 
     assert r1 == PartReceipt(1, md5(part1).hex(), len(part1))
     assert r2 == PartReceipt(2, md5(part2).hex(), len(part2))
@@ -135,7 +135,7 @@ def test_list_parts_pages_and_keeps_part_order(sink_harness):
     upload = sink.open_multipart("parts", WriteMeta())
     bodies = {n: os.urandom(100 + n) for n in (3, 1, 5, 2, 4)}
     for n, body in bodies.items():
-        upload.upload_part(n, body, len(body), md5(body))
+        upload.upload_part(n, body, len(body), md5(body), offset=sum(len(bodies[k]) for k in range(1, n)))
 
     assert upload.list_parts() == [PartReceipt(n, md5(bodies[n]).hex(), len(bodies[n])) for n in range(1, 6)]
     upload.abort()
@@ -144,8 +144,8 @@ def test_list_parts_pages_and_keeps_part_order(sink_harness):
 def test_reuploading_a_part_replaces_it(sink_harness):
     sink = sink_harness.sink()
     upload = sink.open_multipart("again", WriteMeta())
-    upload.upload_part(1, b"first", 5, md5(b"first"))
-    receipt = upload.upload_part(1, b"second", 6, md5(b"second"))
+    upload.upload_part(1, b"first", 5, md5(b"first"), offset=0)
+    receipt = upload.upload_part(1, b"second", 6, md5(b"second"), offset=0)
     assert upload.list_parts() == [receipt]
     assert upload.complete([receipt]) == written_etag(sink, "again", multipart_etag([md5(b"second")]))
     assert sink_harness.raw_read("again") == b"second"
@@ -154,7 +154,7 @@ def test_reuploading_a_part_replaces_it(sink_harness):
 def test_abort_leaves_no_upload(sink_harness):
     sink = sink_harness.sink()
     upload = sink.open_multipart("aborted/obj", WriteMeta())
-    upload.upload_part(1, b"abc", 3, md5(b"abc"))
+    upload.upload_part(1, b"abc", 3, md5(b"abc"), offset=0)
     other = sink.open_multipart("kept/obj", WriteMeta())
 
     assert upload.upload_id in {u.upload_id for u in sink.list_multipart_uploads()}
@@ -177,8 +177,8 @@ def test_abort_leaves_no_upload(sink_harness):
 def test_a_small_non_last_part_is_refused_at_complete(sink_harness):
     sink = sink_harness.sink()
     upload = sink.open_multipart("too-small", WriteMeta())
-    r1 = upload.upload_part(1, b"x" * 1024, 1024, md5(b"x" * 1024))
-    r2 = upload.upload_part(2, b"y", 1, md5(b"y"))
+    r1 = upload.upload_part(1, b"x" * 1024, 1024, md5(b"x" * 1024), offset=0)
+    r2 = upload.upload_part(2, b"y", 1, md5(b"y"), offset=1024)
 
     with pytest.raises(InvalidRequest):
         upload.complete([r1, r2])
@@ -189,7 +189,7 @@ def test_resume_multipart_reattaches_from_another_connector(sink_harness):
     sink = sink_harness.sink()
     part1, part2 = os.urandom(5 * MiB), b"the end"
     upload = sink.open_multipart("resumed.bin", META)
-    r1 = upload.upload_part(1, part1, len(part1), md5(part1))
+    r1 = upload.upload_part(1, part1, len(part1), md5(part1), offset=0)
 
     # A new process: a new connector, only the key and upload id kept in the state store.
     again = sink_harness.reopen_sink()
@@ -198,7 +198,7 @@ def test_resume_multipart_reattaches_from_another_connector(sink_harness):
     resumed = again.resume_multipart("resumed.bin", pending.upload_id)
     assert (resumed.key, resumed.upload_id) == ("resumed.bin", upload.upload_id)
     assert resumed.list_parts() == [r1]
-    r2 = resumed.upload_part(2, part2, len(part2), md5(part2))
+    r2 = resumed.upload_part(2, part2, len(part2), md5(part2), offset=len(part1))
 
     assert resumed.complete([r1, r2]) == written_etag(again, "resumed.bin", multipart_etag([md5(part1), md5(part2)]))
     assert sink_harness.raw_read("resumed.bin") == part1 + part2
@@ -216,8 +216,8 @@ def test_streamed_part_body(sink_harness):
     part1, part2 = os.urandom(5 * MiB + 1), os.urandom(1000)
     upload = sink.open_multipart("streamed-parts", WriteMeta())
 
-    r1 = upload.upload_part(1, one_way_stream(part1), len(part1), None)
-    r2 = upload.upload_part(2, one_way_stream(part2), len(part2), md5(part2))
+    r1 = upload.upload_part(1, one_way_stream(part1), len(part1), None, offset=0)
+    r2 = upload.upload_part(2, one_way_stream(part2), len(part2), md5(part2), offset=len(part1))
 
     assert r1 == PartReceipt(1, md5(part1).hex(), len(part1))
     assert r2 == PartReceipt(2, md5(part2).hex(), len(part2))

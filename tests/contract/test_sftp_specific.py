@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from connectors import sftp as sftp_module
-from connectors.base import AuthError, ConfigError, InvalidRequest, SourceChanged, WriteMeta
+from connectors.base import AuthError, ConfigError, InvalidRequest, SourceChanged, TransientError, WriteMeta
 from connectors.sftp import HostKeyPin, HostKeyRefused, SftpLogin, SftpStore
 from flows import lab_processes as lp
 from tests.contract.contract_support import SftpHarness, md5
@@ -214,7 +214,7 @@ def test_parts_survive_a_lost_connector_and_nothing_shows_before_complete(harnes
     part1, part2 = os.urandom(5 * MiB), os.urandom(MiB)
     store = harness.sink()
     upload = store.open_multipart("escrow/archive.tar", WriteMeta())
-    r1 = upload.upload_part(1, part1, len(part1), md5(part1))
+    r1 = upload.upload_part(1, part1, len(part1), md5(part1), offset=0)
     store.close()  # the process dies here
     assert not (harness.dir / "escrow" / "archive.tar").exists()
 
@@ -222,30 +222,74 @@ def test_parts_survive_a_lost_connector_and_nothing_shows_before_complete(harnes
     [pending] = list(again.list_multipart_uploads("escrow/"))
     resumed = again.resume_multipart("escrow/archive.tar", pending.upload_id)
     assert resumed.list_parts() == [r1]
-    r2 = resumed.upload_part(2, part2, len(part2), md5(part2))
+    r2 = resumed.upload_part(2, part2, len(part2), md5(part2), offset=len(part1))
     resumed.complete([r1, r2])
     assert harness.raw_read("escrow/archive.tar") == part1 + part2
     assert list(again.list_multipart_uploads()) == []
-    assert sorted(os.listdir(harness.dir / ".exitplan-sftp" / "tmp")) == []
+    assert sorted(os.listdir(harness.dir / ".exitplan-sftp" / "uploads")) == []
 
 
 def test_a_half_written_part_is_never_listed(harness, monkeypatch):
     store = harness.sink()
     upload = store.open_multipart("half", WriteMeta())
     with pytest.raises(Exception):
-        upload.upload_part(1, sftp_module.io.BytesIO(b"x" * 1000), 5000, None)  # the body ends early
+        upload.upload_part(1, sftp_module.io.BytesIO(b"x" * 1000), 5000, None, offset=0)  # the body ends early
     assert upload.list_parts() == []
     assert not (harness.dir / "half").exists()
 
 
-def test_parts_are_assembled_through_the_client_where_the_server_lacks_copy_data(harness):
-    part1, part2 = os.urandom(5 * MiB + 3), os.urandom(777)
+def test_parts_are_written_in_place_and_the_file_is_renamed_not_copied(harness):
+    """The parts go into one file at their offsets, in any order; completing renames that file
+    (the same inode under the final name): no byte is copied on the server, which needs the
+    object's size once, not twice."""
+    part1, part2, part3 = os.urandom(5 * MiB + 3), os.urandom(5 * MiB + 3), os.urandom(777)
     store = harness.sink()
-    store._copy_data = False  # as after a server answered "unsupported"
-    upload = store.open_multipart("no-copy-data.bin", WriteMeta())
-    receipts = [upload.upload_part(1, part1, len(part1), None), upload.upload_part(2, part2, len(part2), None)]
-    upload.complete(receipts)
-    assert harness.raw_read("no-copy-data.bin") == part1 + part2
+    upload = store.open_multipart("in-place.bin", WriteMeta())
+    receipts = [upload.upload_part(3, part3, len(part3), None, offset=2 * len(part1)),
+                upload.upload_part(1, part1, len(part1), None, offset=0),
+                upload.upload_part(2, part2, len(part2), None, offset=len(part1))]
+    held = harness.dir / ".exitplan-sftp" / "uploads" / upload.upload_id
+    assert sorted(p.name for p in held.iterdir()) == sorted(
+        ["upload.json", "data"] + [f"part-{r.number:05d}-{r.etag}-{o}-{r.size}"
+                                   for r, o in zip(receipts, (2 * len(part1), 0, len(part1)))])
+    inode = (held / "data").stat().st_ino
+    upload.complete(sorted(receipts, key=lambda r: r.number))
+    assert harness.raw_read("in-place.bin") == part1 + part2 + part3
+    assert (harness.dir / "in-place.bin").stat().st_ino == inode and not held.exists()
+
+
+def test_a_part_without_its_offset_or_out_of_place_is_refused(harness):
+    store = harness.sink()
+    upload = store.open_multipart("misplaced.bin", WriteMeta())
+    with pytest.raises(InvalidRequest, match="without its offset"):
+        upload.upload_part(1, b"x" * 10, 10, None)
+    r1 = upload.upload_part(1, b"x" * (5 * MiB), 5 * MiB, None, offset=0)
+    r2 = upload.upload_part(2, b"y" * 10, 10, None, offset=5 * MiB + 1)  # a byte after where part 1 ends
+    with pytest.raises(InvalidRequest, match="part 2 .* was written at byte 5,242,881, not after the parts before it"):
+        upload.complete([r1, r2])
+    assert not (harness.dir / "misplaced.bin").exists()
+    upload.abort()
+
+
+def test_a_part_written_again_has_no_marker_while_its_bytes_change(harness, monkeypatch):
+    """A part sent again (a retry) loses its marker before its bytes are touched: killed half-way,
+    it is not listed (the engine sends it again), never listed with the old MD5 over new bytes."""
+    store = harness.sink()
+    upload = store.open_multipart("rewritten.bin", WriteMeta())
+    first = upload.upload_part(1, b"a" * 1000, 1000, None, offset=0)
+    assert upload.list_parts() == [first]
+
+    def killed(*args, **kwargs):
+        raise TransientError("sftp: the connection was lost")
+
+    monkeypatch.setattr(store, "_write_file", killed)
+    with pytest.raises(TransientError):
+        upload.upload_part(1, b"b" * 1000, 1000, None, offset=0)
+    assert upload.list_parts() == []
+    monkeypatch.undo()
+    again = upload.upload_part(1, b"b" * 1000, 1000, None, offset=0)
+    upload.complete([again])
+    assert harness.raw_read("rewritten.bin") == b"b" * 1000
 
 
 def test_a_key_below_a_file_is_refused_with_a_sentence(harness):

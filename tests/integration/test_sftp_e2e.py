@@ -341,7 +341,7 @@ def test_azure_to_sftp_encrypted_verify_restore(tmp_path, capsys, sshd, azurite_
 
     with open_sink(load_config(config), "escrow") as sink:
         orphan = sink.open_multipart("claims/c/orphan.bin", WriteMeta())
-        orphan.upload_part(1, b"x" * 100, 100, None)
+        orphan.upload_part(1, b"x" * 100, 100, None, offset=0)
     code, out, err = cli(capsys, "cleanup", "--config", config)
     assert code == 0 and orphan.upload_id in out, err + out
     assert (escrow / ".exitplan-sftp" / "uploads" / orphan.upload_id).exists()

@@ -128,7 +128,7 @@ class FaultyUpload:
         self.key = inner.key
         self.upload_id = inner.upload_id
 
-    def upload_part(self, number, body, size, md5):
+    def upload_part(self, number, body, size, md5, offset=None):
         attempt = self.sink.part_attempts.get(number, 0) + 1
         self.sink.part_attempts[number] = attempt
         self.sink.log.append(f"part {number}")
@@ -139,7 +139,7 @@ class FaultyUpload:
             if self.sink.mid_body_fault(number, attempt):
                 body.read(size // 2)
                 raise TransientError("connection reset by peer while sending the body")
-        receipt = self.inner.upload_part(number, body, size, md5)
+        receipt = self.inner.upload_part(number, body, size, md5, offset)
         if self.sink.part_etag:
             answered = self.sink.part_etag(number, attempt, receipt.etag)
             if self.sink.etag_is_md5:
@@ -541,24 +541,26 @@ class RecordingEvents(Recorder):
 
 def test_a_sink_that_hashes_its_writes_is_not_sent_an_md5_and_its_receipts_are_kept(stores, monkeypatch):
     """`hashes_writes` (the SFTP connector): the engine does not hash what the sink hashes; each
-    part's MD5 is the receipt's, recorded as any other."""
+    part's MD5 is the receipt's, recorded as any other. Each part goes with its offset in the
+    object (the SFTP connector writes it there)."""
     src, dst = stores
     data = os.urandom(5 * MiB)
     meta = src.add("k", data)
-    sent = []
+    sent, offsets = [], {}
     sink = FaultySink(dst, part_etag=lambda number, attempt, etag: etag)
     sink.hashes_writes = True
     real = FaultyUpload.upload_part
 
-    def spy(self, number, body, size, md5):
+    def spy(self, number, body, size, md5, offset=None):
         sent.append(md5)
-        return real(self, number, body, size, md5)
+        offsets[number] = offset
+        return real(self, number, body, size, md5, offset)
 
     monkeypatch.setattr(FaultyUpload, "upload_part", spy)
     events = RecordingEvents()
     out = run(src, sink, meta, events=events)
     assert out.status == "ok" and dst.read_range("out/obj", 0, len(data)) == data
-    assert sent == [None, None, None]
+    assert sent == [None, None, None] and offsets == {1: 0, 2: 2 * MiB, 3: 4 * MiB}
     assert sorted(events.parts) == [(n, hashlib.md5(data[(n - 1) * 2 * MiB:n * 2 * MiB]).digest()) for n in (1, 2, 3)]
 
 

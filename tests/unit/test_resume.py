@@ -98,7 +98,7 @@ class _KillingUpload:
         self.sink, self.inner, self.die_first = sink, inner, die_first
         self.key, self.upload_id = inner.key, inner.upload_id
 
-    def upload_part(self, number, body, size, md5):
+    def upload_part(self, number, body, size, md5, offset=None):
         sink = self.sink
         sink._alive()
         if self.die_first:
@@ -112,7 +112,7 @@ class _KillingUpload:
             sink.max_in_flight = max(sink.max_in_flight, sink.in_flight)
         try:
             sink._alive()
-            receipt = self.inner.upload_part(number, body, size, md5)
+            receipt = self.inner.upload_part(number, body, size, md5, offset)
             with sink._lock:
                 sink.parts_sent["in/" + self.key[len("out/"):]] += 1
                 if mode == "sent" and sum(sink.parts_sent.values()) > k:
