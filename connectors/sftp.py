@@ -981,6 +981,10 @@ class SftpUpload:
             if (attrs.st_size or 0) != end:  # bytes past the parts: an attempt with other parts wrote them
                 sftp.truncate(self._data, end)
                 attrs = sftp.stat(self._data)
+            # The markers go first: killed after the rename, the upload holds no part and no data
+            # (the next run sends the parts again), never parts whose data is gone.
+            for name, _, _ in held.values():
+                sftp.remove(f"{self._dir}/{name}")
             etag = store._publish(sftp, self._data, self.key, self.meta, None, attrs)
             self._remove(sftp)
             return etag

@@ -258,6 +258,33 @@ def test_parts_are_written_in_place_and_the_file_is_renamed_not_copied(harness):
     assert (harness.dir / "in-place.bin").stat().st_ino == inode and not held.exists()
 
 
+def test_a_run_killed_once_the_object_is_renamed_leaves_no_part_behind(harness, monkeypatch):
+    """Killed after `complete` renamed the file, before the upload's directory went: the next run
+    finds no part (so it sends them again), never markers vouching for data that is gone."""
+    part1, part2 = os.urandom(5 * MiB), os.urandom(10)
+    store = harness.sink()
+    upload = store.open_multipart("renamed.bin", WriteMeta())
+    receipts = [upload.upload_part(1, part1, len(part1), None, offset=0),
+                upload.upload_part(2, part2, len(part2), None, offset=len(part1))]
+    publish = store._publish
+
+    def killed_after(*args, **kwargs):
+        publish(*args, **kwargs)
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(store, "_publish", killed_after)
+    with pytest.raises(KeyboardInterrupt):
+        upload.complete(receipts)
+    assert harness.raw_read("renamed.bin") == part1 + part2
+    again = harness.reopen_sink()
+    resumed = again.resume_multipart("renamed.bin", upload.upload_id)
+    assert resumed.list_parts() == []
+    receipts = [resumed.upload_part(1, part1, len(part1), None, offset=0),
+                resumed.upload_part(2, part2, len(part2), None, offset=len(part1))]
+    resumed.complete(receipts)
+    assert harness.raw_read("renamed.bin") == part1 + part2 and list(again.list_multipart_uploads()) == []
+
+
 def test_a_part_without_its_offset_or_out_of_place_is_refused(harness):
     store = harness.sink()
     upload = store.open_multipart("misplaced.bin", WriteMeta())
