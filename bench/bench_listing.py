@@ -4,10 +4,12 @@
 Two parts, loopback only; everything the script starts is stopped at the end:
 
 - ``azurite``: starts its own Azurite, seeds a container with ``--blobs`` empty blobs in
-  ``--folders`` folders (``upload_blob`` from ``--seed-threads`` threads; the seeding time is
-  printed), then lists it (a) with a bare SDK loop (`ContainerClient.list_blobs(...).by_page()`,
-  metadata and tags included, as the connector asks) and (b) with `engine.listing.RangedListing`
-  into a fresh SQLite state, 1, 2 and 4 ranges at once; objects/s and the ratio to the bare loop.
+  ``--folders`` folders (``upload_blob`` from ``--seed-threads`` threads, or ``--seed database``:
+  Azurite's database written directly, for 10^6; the seeding time is printed), then lists it (a)
+  with a bare SDK loop (`ContainerClient.list_blobs(...).by_page()`, metadata and tags included, as
+  the connector asks) and (b) with `engine.listing.RangedListing` into a fresh SQLite state,
+  ``--ranges`` at once (1, 2 and 4); objects/s and the ratio to the bare loop. ``--killed``: a
+  listing killed half-way in a process of its own, and the run that takes it over.
 - ``synthetic``: ``--objects`` generated objects (a `RangeLister` that makes them up, in
   ``--folders`` folders) through the listing into the state (4 ranges), the shards fixed, a previous
   run's copies recorded for them (1 in 200 with another ETag, 1 in 200 never copied, 1 in 1000
@@ -17,6 +19,8 @@ Two parts, loopback only; everything the script starts is stopped at the end:
   notes the feed's position, and the next run made from it and a feed naming 1 in 100 objects of
   each folder as changed (each listed again). Objects/s and the process's peak RSS after each
   phase, on SQLite and (``--postgres``) on a private PostgreSQL server (tests/pg.py).
+
+``synthetic --killed`` does the same kill on the synthetic source in 4 ranges (SQLite).
 
 Run: ``.venv/bin/python bench/bench_listing.py azurite --blobs 100000`` and
 ``.venv/bin/python bench/bench_listing.py synthetic --objects 10000000 [--postgres]``.
