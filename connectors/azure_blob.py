@@ -72,6 +72,8 @@ from .base import (
     TransientError,
     UNPACED,
     attempts,
+    exact_range,
+    release_answer,
     history_of,
 )
 
@@ -264,13 +266,7 @@ class _DirectRequests:
             else:
                 total = int(response.headers.get("Content-Length") or 0) + start
             source._check_bounds(key, start, end, total)
-            data = response.read(end - start + 1, decode_content=False)
-            if len(data) != end - start:
-                raise TransientError(
-                    f"{source.label}: short read of {key!r} range {start}-{end}: {len(data)} of {end - start} bytes"
-                    if len(data) < end - start else
-                    f"{source.label}: {key!r}: the service sent more than the {end - start} bytes asked for", key=key)
-            return data
+            return exact_range(response.read(end - start + 1, decode_content=False), start, end, source.label, key)
 
         return self.get(source, key, _blob_path(key), {}, headers, body)
 
@@ -321,9 +317,7 @@ class _DirectRequests:
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 raise TransientError(f"{source.label}: {key!r}: {type(exc).__name__}: {exc}", key=key) from exc
             finally:
-                if response.length_remaining:  # unread bytes: the connection cannot serve another request
-                    response.close()
-                response.release_conn()
+                release_answer(response)
 
         return attempts(send, tries=self.tries, backoff=self.backoff)
 

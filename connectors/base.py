@@ -353,6 +353,27 @@ def attempts(send: Callable[[], T], *, tries: int, backoff: Callable[[int], floa
     raise ValueError(f"tries must be at least 1, not {tries}")
 
 
+def exact_range(data: bytes, start: int, end: int, label: str, key: str) -> bytes:
+    """`data`, read for bytes `start .. end-1` (one byte past them at most, so that a longer
+    answer shows): itself when it is exactly that long, else `TransientError` saying whether the
+    answer was short or longer than asked."""
+    n = end - start
+    if len(data) < n:
+        raise TransientError(f"{label}: short read of {key!r} range {start}-{end}: {len(data)} of {n} bytes", key=key)
+    if len(data) > n:
+        raise TransientError(f"{label}: {key!r}: the server sent more than the {n} bytes asked for", key=key)
+    return data
+
+
+def release_answer(response) -> None:
+    """Give a streamed urllib3 answer's connection back to its pool, closed first when bytes of the
+    answer are still unread (a body longer than asked for, an error body read in part): the next
+    request on that connection must not read them."""
+    if response.length_remaining:
+        response.close()
+    response.release_conn()
+
+
 class AuthError(ConnectorError):
     """Credentials missing, wrong or without the needed permission."""
 

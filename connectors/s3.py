@@ -80,6 +80,8 @@ from .base import (
     UNPACED,
     WriteMeta,
     attempts,
+    exact_range,
+    release_answer,
     checked_etag,
     checked_multipart_etag,
 )
@@ -540,12 +542,7 @@ class S3Store:
             data = self._call(body.read, key)
         finally:
             body.close()
-        if len(data) != end - start:
-            raise TransientError(
-                f"{self.label}: short read of {key!r} range {start}-{end}: {len(data)} of {end - start} bytes",
-                key=key,
-            )
-        return data
+        return exact_range(data, start, end, self.label, key)
 
     # ---- ObjectSink -----------------------------------------------------------------------
 
@@ -612,7 +609,6 @@ class S3Store:
         headers = {"Range": f"bytes={start}-{end - 1}"}
         if if_match is not None:
             headers["If-Match"] = _quote(if_match)
-        n = end - start
 
         def send() -> bytes:
             response = self._direct_send("GET", url, key, headers, stream=True)
@@ -628,16 +624,12 @@ class S3Store:
                 if status == 200 and start != 0:
                     raise TransientError(f"{self.label}: {key!r}: the server answered the whole object to a "
                                          f"range request ({start}-{end})", key=key)
-                data = response.raw.read(n + 1)
+                data = response.raw.read(end - start + 1)
             except (OSError, HTTPError) as exc:
                 raise TransientError(f"{self.label}: {key!r}: {type(exc).__name__}: {exc}", key=key) from exc
             finally:
-                _release(response.raw)
-            if len(data) != n:
-                raise TransientError(f"{self.label}: short read of {key!r} range {start}-{end}: {len(data)} of {n} bytes"
-                                     if len(data) < n else
-                                     f"{self.label}: {key!r}: the server sent more than the {n} bytes asked for", key=key)
-            return data
+                release_answer(response.raw)
+            return exact_range(data, start, end, self.label, key)
 
         return attempts(send, tries=self._max_attempts, backoff=_standard_backoff)
 
@@ -1022,14 +1014,6 @@ def _error_of(content: bytes | None) -> dict[str, str]:
     if root is None:
         return {}
     return {"Code": root.findtext("Code") or "", "Message": root.findtext("Message") or ""}
-
-
-def _release(raw: Any) -> None:
-    """Give a streamed answer's connection back to its pool, closed first if bytes of the answer
-    are still unread (a body longer than asked for: the next request must not read them)."""
-    if raw.length_remaining:
-        raw.close()
-    raw.release_conn()
 
 
 def _standard_backoff(retry: int) -> float:
