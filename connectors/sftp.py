@@ -939,9 +939,7 @@ class SftpUpload:
             if old is not None:  # its bytes are about to change: no marker may vouch for them meanwhile
                 sftp.remove(f"{self._dir}/{old[0]}")
             sent, _ = self.store._write_file(sftp, self._data, body, size, self.key, md5, offset=offset)
-            writer = PipelinedWriter(sftp, open_for_writing(sftp, f"{self._dir}/part-{number:05d}-{sent.hex()}-"
-                                                                  f"{offset}-{size}"))
-            writer.close(sync=False, look=False)
+            _create_empty(sftp, f"{self._dir}/part-{number:05d}-{sent.hex()}-{offset}-{size}")
             return PartReceipt(number, sent.hex(), size)
         return self.store._call(upload, self.key, f"part {number} of {self.key!r}")
 
@@ -969,16 +967,19 @@ class SftpUpload:
                                          "the last", key=self.key)
                 end += part.size
             try:
-                attrs = sftp.stat(self._data)
+                attrs: paramiko.SFTPAttributes | None = sftp.stat(self._data)
             except IOError as exc:
                 if not _is_missing(exc):
                     raise
-                if end:
-                    raise InvalidRequest(f"{store.label}: the upload of {self.key!r} holds no data", key=self.key) \
-                        from None
-                PipelinedWriter(sftp, open_for_writing(sftp, self._data)).close(sync=False, look=False)
+                attrs = None
+            held_bytes = attrs.st_size or 0 if attrs is not None else 0
+            if held_bytes < end:  # never made up by growing the file: it would hold zeros where parts are
+                raise InvalidRequest(f"{store.label}: the upload of {self.key!r} holds {held_bytes:,} bytes of data, "
+                                     f"its parts {end:,}", key=self.key)
+            if attrs is None:  # an upload of no part: an empty object
+                _create_empty(sftp, self._data)
                 attrs = sftp.stat(self._data)
-            if (attrs.st_size or 0) != end:  # bytes past the parts: an attempt with other parts wrote them
+            elif held_bytes > end:  # bytes past the parts: an attempt with other parts wrote them
                 sftp.truncate(self._data, end)
                 attrs = sftp.stat(self._data)
             # The markers go first: killed after the rename, the upload holds no part and no data
@@ -1005,6 +1006,11 @@ class SftpUpload:
 
     def abort(self) -> None:
         self.store._call(self._remove, self.key, f"aborting the upload of {self.key!r}")
+
+
+def _create_empty(sftp: paramiko.SFTPClient, path: str) -> None:
+    """An empty file at `path` (emptied if it is there): one round trip for the open, one for the close."""
+    PipelinedWriter(sftp, open_for_writing(sftp, path)).close(sync=False, look=False)
 
 
 def _mtime(attrs: paramiko.SFTPAttributes) -> datetime | None:

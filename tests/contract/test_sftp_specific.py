@@ -298,6 +298,19 @@ def test_a_part_without_its_offset_or_out_of_place_is_refused(harness):
     upload.abort()
 
 
+def test_a_data_file_shorter_than_its_parts_is_refused_never_grown_with_zeros(harness):
+    """Whatever cut the upload's file behind the store (a full disk, someone's hand), `complete`
+    refuses it by name: growing it to the parts' length would publish zeros where a part was."""
+    store = harness.sink()
+    upload = store.open_multipart("cut.bin", WriteMeta())
+    receipt = upload.upload_part(1, b"z" * 1000, 1000, None, offset=0)
+    os.truncate(harness.dir / ".exitplan-sftp" / "uploads" / upload.upload_id / "data", 600)
+    with pytest.raises(InvalidRequest, match="holds 600 bytes of data, its parts 1,000"):
+        upload.complete([receipt])
+    assert not (harness.dir / "cut.bin").exists()
+    upload.abort()
+
+
 def test_a_part_written_again_has_no_marker_while_its_bytes_change(harness, monkeypatch):
     """A part sent again (a retry) loses its marker before its bytes are touched: killed half-way,
     it is not listed (the engine sends it again), never listed with the old MD5 over new bytes."""
