@@ -533,6 +533,10 @@ class MigrationRun:
             self._definer = ShardDefiner(self.state, self.run_id, self.loaded.config.orchestration.max_shards)
         return [PlannedShard(name, r.shard, r.objects, r.bytes) for r in self._definer.ready(name)]
 
+    def listed_bytes(self) -> int:
+        """The bytes the run's listings held when `ready_shards` last looked, every dataset together."""
+        return sum(self._definer.listed_bytes.values()) if self._definer is not None else 0
+
     def stop_listing(self) -> None:
         """Stop every listing of the run at its next page (the flow stopped while datasets listed):
         the pages stored are kept for the next run."""

@@ -114,6 +114,7 @@ class ShardDefiner:
         self.state, self.run_id = state, run_id
         self.step = max(1, max_shards // 10)
         self.defined = 0  # shards this run defined
+        self.listed_bytes: dict[str, int] = {}  # dataset -> the bytes its listing held at the last `ready`
         self._next: dict[str, int] = {}  # dataset -> its next shard number
         self._cut: dict[tuple[str, int], int | None] = {}  # (dataset, range) -> its first cut shard not defined
 
@@ -125,6 +126,7 @@ class ShardDefiner:
         """Define the shards of `dataset` that are final and not defined yet; returns them. Once
         its listing went through (every range done), that is every shard left."""
         ranges = self.state.listing_ranges(self.run_id, dataset)
+        self.listed_bytes[dataset] = sum(r.bytes for r in ranges)
         if not ranges:  # not begun, or made from the change feed and not whole yet
             return []
         new: list[st.ShardRecord] = []

@@ -52,6 +52,7 @@ from config.sizes import format_size
 from config.yaml_files import load_yaml_file
 from engine import run as engine_run
 from engine.executors import noted
+from engine.listing import ListingStopped
 from engine.report import write_report
 from engine.shards import ConnectionShare, PlannedShard, share_connections
 from flows.alerts import discrepancy_event
@@ -329,9 +330,8 @@ def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delet
                 concurrency([provider_limit_name(p) for p in limits], occupy=share.slots, strict=True):
             try:
                 futures = _run_shards(run, listed, share, artifact_id, progress)
-            except BaseException:
-                run.stop_listing()  # a dataset still listing stops at its next page, kept for the next run
-                listed.wait()  # no listing task may still write when the run closes
+            except BaseException as exc:
+                listed.stop(exc)  # no listing task may still write when the run closes
                 raise
         create_table_artifact(listed.inventory_rows, key=artifact_key(project, "inventory"),
                               description=f"Inventory of run {run.run_id}: what each dataset holds at the source")
@@ -393,13 +393,22 @@ class ShardsAsListed:
         return new
 
     def listed_bytes(self) -> int:
-        """The bytes of the objects listed so far, in every dataset."""
-        return sum(r.bytes for name in self.listing for r in self.run.state.listing_ranges(self.run.run_id, name))
+        """The bytes of the objects listed so far, in every dataset (as the last poll read them)."""
+        return self.run.listed_bytes()
 
     def wait(self) -> None:
         """Until every listing task ended."""
         for future in self.listing.values():
             future.wait()
+
+    def stop(self, error: BaseException) -> None:
+        """The run stops on `error` (not a listing's): every dataset still listing stops at its next
+        page (kept for the next run), and once every listing task ended, a listing that failed of
+        itself meanwhile is noted on `error` (those that say they were stopped are not)."""
+        self.run.stop_listing()
+        self.wait()
+        failed = [_listing_error(f) for f in self.listing.values()]
+        noted(error, [e for e in failed if e is not None and not isinstance(e, ListingStopped)], "a listing")
 
 
 def _ended(future) -> bool:
@@ -408,11 +417,16 @@ def _ended(future) -> bool:
 
 
 def _listing_failed(future) -> bool:
+    return _listing_error(future) is not None
+
+
+def _listing_error(future) -> BaseException | None:
+    """What an ended listing task raised (None: it went through)."""
     try:
         future.result()
-    except Exception:
-        return True
-    return False
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _run_shards(run: engine_run.MigrationRun, shards: ShardsAsListed, share: ConnectionShare, artifact_id,

@@ -436,7 +436,8 @@ def test_a_run_with_more_shards_than_allowed_merges_neighbours(tmp_path, env, s3
 
 def test_shards_are_copied_while_the_listing_goes_on(tmp_path, env, s3_server, s3, monkeypatch):
     """The first shard is copied before the last page is listed (issue 16: no listing pass before
-    the first copy): pages of 2 blobs, each taking 0.4 s; shards of 4 objects."""
+    the first copy): pages of 2 blobs, each taking 1 s (the first shard is final after
+    3 s, the listing after 6: room for a slow task start on a loaded machine); shards of 4 objects."""
     from config.loader import load_config
     from connectors.azure_blob import AzureBlobSource
     from engine.project import open_state
@@ -450,7 +451,7 @@ def test_shards_are_copied_while_the_listing_goes_on(tmp_path, env, s3_server, s
 
     def slow_pages(self, part, marker=None):
         for page in listing(self, part, marker):
-            time.sleep(0.4)
+            time.sleep(1.0)
             yield page
 
     monkeypatch.setattr(AzureBlobSource, "__init__", small_pages)

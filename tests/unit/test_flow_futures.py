@@ -120,3 +120,40 @@ def test_the_progress_grows_with_the_listing_and_says_100_only_once_it_is_over()
     progress.shard_finished("claims", 2)
     assert progress.percent() == 100.0
     assert RunProgress(0).percent() == 100.0  # a run with nothing to copy
+
+
+class Ended:
+    """A listing task that has ended, as `ShardsAsListed` reads it."""
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+    def wait(self) -> None:
+        pass
+
+    def result(self):
+        if self.error is not None:
+            raise self.error
+        return {"dataset": "x"}
+
+
+def test_a_run_stopping_on_another_error_names_a_listing_that_failed_of_itself_meanwhile():
+    """The run stops on, say, the Prefect API: the listings still going stop at their next page (they
+    only say so), and one that failed for its own reason at the same moment is named with the error."""
+    from engine.listing import ListingStopped
+
+    stopped = []
+
+    class Run:
+        def stop_listing(self):
+            stopped.append(True)
+
+    listed = orchestrate.ShardsAsListed(Run(), {
+        "claims": Ended(ListingStopped("claims: the run stopped before the listing ended")),
+        "scans": Ended(RuntimeError("dataset scans: the source is unreachable")),
+        "imaging": Ended(),
+    })
+    error = ConnectionError("the Prefect API did not answer")
+    listed.stop(error)
+    assert stopped == [True]
+    assert error.__notes__ == ["a listing failed too: RuntimeError: dataset scans: the source is unreachable"]
