@@ -5,14 +5,15 @@ The small-object path makes two requests per object (an Azure ranged GET, an S3 
 measures what each costs the client, one thread, on the lab's servers (its own moto and Azurite on
 free loopback ports, stopped at the end):
 
-- ``S3Store.put`` as exitplan sends it (a direct request: botocore's signer and HTTP session,
-  ``connectors/s3.py``), the same store with its direct path off (through the boto3 client, as
-  before), and a bare ``client.put_object``;
+- ``S3Store.put`` as exitplan sends it (a direct request: botocore's signer, libcurl,
+  ``connectors/s3.py``, ``connectors/curl.py``), the same store with its direct path off (through
+  the boto3 client, as before), and a bare ``client.put_object``;
 - a lean PUT: the same request signed with botocore's own SigV4 signer (``UNSIGNED-PAYLOAD``,
   Content-MD5 sent and the ETag checked, as the connector does) and sent over a urllib3 pool;
 - ``AzureBlobSource.read_range`` as exitplan sends it (a direct request) and with its direct path
-  off (azure-core's pipeline through a blob client), next to a bare urllib3 GET of the same range
-  without authentication (Azurite with a public-read container; the floor of any Azure client).
+  off (azure-core's pipeline through a blob client), next to a bare urllib3 GET and a bare libcurl
+  GET of the same range without authentication (Azurite with a public-read container; the floor
+  of a client on each).
 
 CPU per request is ``time.thread_time()`` of the one thread doing the requests (servers excluded).
 Run: ``.venv/bin/python bench/bench_put.py [--count 1000] [--kib 16]``.
@@ -100,7 +101,7 @@ def main() -> int:
         through_client = S3Store(BUCKET, endpoint_url=lab.s3_url, region=LAB_REGION,
                                  access_key_id=LAB_S3_ACCESS_KEY, secret_access_key=LAB_S3_SECRET_KEY,
                                  limits=SinkLimits(), verify_tls=False)
-        through_client._http = None  # its direct path off
+        through_client._curl = None  # its direct path off
         rows = [
             timed("S3Store.put (the connector: a direct request)", args.count,
                   lambda i: store.put(f"c/{i}", body, len(body), meta, md5)),
@@ -133,6 +134,12 @@ def main() -> int:
         rows.append(timed("bare urllib3 GET of the same range (no auth: the floor)", args.count,
                           lambda i: pool.request("GET", url, headers={"Range": f"bytes=0-{len(body) - 1}",
                                                                      "If-Match": f'"{etag}"'}).data))
+        from connectors.curl import CurlSession
+
+        curl = CurlSession(connect_timeout=5, read_timeout=30, verify=False)
+        rows.append(timed("bare libcurl GET of the same range (no auth)", args.count,
+                          lambda i: curl.request("GET", url, {"Range": f"bytes=0-{len(body) - 1}",
+                                                              "If-Match": f'"{etag}"'}).body))
         return 0
     finally:
         lab.stop()

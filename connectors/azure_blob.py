@@ -4,7 +4,7 @@ One `AzureBlobSource` reads one container. Every SDK call is wrapped: azure-core
 exceptions are translated into the connectors' error classes (`connectors.base`) and never leak.
 
 Ranges of at most `DIRECT_MAX_BYTES` and listings go as direct requests (`_DirectRequests`: the
-SDK's own credential policy and retry settings, one urllib3 request, no per-request pipeline; see
+SDK's own credential policy and retry settings, one libcurl request, no per-request pipeline; see
 docs/DESIGN.md "Direct requests"). Larger ranged reads go through the SDK's generated Download
 operation (`BlobClient._client.blob.download`, `azure.storage.blob._generated`), not public API:
 `download_blob` holds each range twice, outside the engine's memory budget. pyproject.toml bounds
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import os
-import ssl
 import threading
 import uuid
 from datetime import datetime
@@ -32,7 +31,6 @@ from urllib.parse import quote, unquote, urlencode, urlsplit
 from xml.etree import ElementTree
 
 import requests
-import urllib3
 from azure.core import MatchConditions
 from azure.core.exceptions import (
     AzureError,
@@ -73,9 +71,9 @@ from .base import (
     UNPACED,
     attempts,
     exact_range,
-    release_answer,
     history_of,
 )
+from .curl import Answer, CurlFailure, CurlSession
 
 T = TypeVar("T")
 
@@ -186,8 +184,8 @@ class _DirectRequests:
     CPU for a 16 KiB range, three quarters of it around the request itself; a listing deserialises
     each entry through the generated models (about 0.2 ms a blob). Here the request is authorised by
     the container client's own credential policy (the SDK's Shared Key or Entra ID token policy; a
-    SAS rides in the URL, where the SDK put it), sent on a urllib3 pool with the transport's
-    timeouts, certificate settings and pool size, never redirected, and retried on throttling, 5xx
+    SAS rides in the URL, where the SDK put it), sent with libcurl (`connectors/curl.py`) with the
+    transport's timeouts and certificate settings, never redirected, and retried on throttling, 5xx
     and dropped connections with the SDK retry policy's own count and backoff; a listing's XML is
     read with ElementTree into the properties the SDK would give (tests compare the two). Built
     only where all of that is known (`for_container`): no proxy for the endpoint, no client
@@ -208,20 +206,13 @@ class _DirectRequests:
         # The SDK's policy counts a first retry as 1 (initial + base**1 seconds).
         self.backoff = lambda n: retry.get_backoff_time({"count": n + 1})
         config = transport.connection_config
-        kwargs: dict[str, Any] = {
-            "num_pools": 1, "maxsize": transport._max_connections, "block": False, "retries": False,
-            "timeout": urllib3.Timeout(connect=config.timeout, read=config.read_timeout),
-        }
-        if parts.scheme == "https":
+        if parts.scheme == "https" and settings.get("verify", True) is not False:
             verify = settings.get("verify", True)
-            if verify is False:
-                kwargs["cert_reqs"] = ssl.CERT_NONE
-            else:
-                bundle = requests.certs.where() if verify in (True, None) else str(verify)
-                kwargs["cert_reqs"] = ssl.CERT_REQUIRED
-                kwargs["ca_cert_dir" if os.path.isdir(bundle) else "ca_certs"] = bundle
-        self.manager = urllib3.PoolManager(**kwargs)
-        self.pool = self.manager.connection_from_url(base)
+            bundle = requests.certs.where() if verify in (True, None) else str(verify)
+            self.curl = CurlSession(connect_timeout=config.timeout, read_timeout=config.read_timeout, verify=True,
+                                    ca_bundle=bundle, ca_is_dir=os.path.isdir(bundle))
+        else:
+            self.curl = CurlSession(connect_timeout=config.timeout, read_timeout=config.read_timeout, verify=False)
 
     @classmethod
     def for_container(cls, container: ContainerClient) -> "_DirectRequests | None":
@@ -260,15 +251,15 @@ class _DirectRequests:
         if if_match is not None:
             headers["If-Match"] = _quote(if_match)
 
-        def body(response: Any) -> bytes:
-            if response.status == 206:
-                total = _total_size(response.headers.get("Content-Range"), end)
+        def body(answer: Answer) -> bytes:
+            if answer.status == 206:
+                total = _total_size(answer.headers.get("Content-Range"), end)
             else:
-                total = int(response.headers.get("Content-Length") or 0) + start
+                total = int(answer.headers.get("Content-Length") or 0) + start
             source._check_bounds(key, start, end, total)
-            return exact_range(response.read(end - start + 1, decode_content=False), start, end, source.label, key)
+            return exact_range(answer.body[:end - start + 1], start, end, source.label, key)
 
-        return self.get(source, key, _blob_path(key), {}, headers, body)
+        return self.get(source, key, _blob_path(key), {}, headers, body, limit=max(end - start + 1, _ERROR_BODY))
 
     def list_page(self, source: "AzureBlobSource", prefix: str, include: list[str], marker: str | None,
                   page_size: int, delimiter: str | None = None
@@ -278,12 +269,13 @@ class _DirectRequests:
         query = {"restype": "container", "comp": "list", "prefix": prefix or None, "delimiter": delimiter,
                  "marker": marker or None, "maxresults": str(page_size), "include": ",".join(include)}
         return self.get(source, prefix, "", {k: v for k, v in query.items() if v}, {},
-                        lambda response: _listing_page(response.read(decode_content=True), source.label))
+                        lambda answer: _listing_page(answer.body, source.label))
 
     def get(self, source: "AzureBlobSource", key: str, suffix: str, query: dict[str, str],
-            headers: dict[str, str], answer: Callable[[Any], T]) -> T:
-        """GET the container's URL + `suffix` with `query` and `headers`; `answer(response)` reads
-        a 2xx answer, every other one is the error the SDK's would be (`AzureBlobSource._translate`)."""
+            headers: dict[str, str], answer: Callable[[Answer], T], limit: int | None = None) -> T:
+        """GET the container's URL + `suffix` with `query` and `headers`, keeping at most `limit`
+        bytes of the answer; `answer(...)` reads a 2xx answer, every other one is the error the
+        SDK's would be (`AzureBlobSource._translate`)."""
         target = self._target(suffix, query)
         url = f"{self.origin}{target}"
         fixed = {"x-ms-version": self.api_version, "User-Agent": "exitplan", **headers}
@@ -295,29 +287,23 @@ class _DirectRequests:
             try:
                 if self.credential is not None:
                     self.credential.on_request(PipelineRequest(request, PipelineContext(None)))
-                response = self.pool.urlopen("GET", target, headers=dict(request.headers), preload_content=False,
-                                             decode_content=False, redirect=False, retries=False)
-            except urllib3.exceptions.HTTPError as exc:
+                response = self.curl.request("GET", url, request.headers, limit=limit)
+            except CurlFailure as exc:
                 source.pacer.request_ended(None)
-                raise source._translate(ServiceRequestError(f"{type(exc).__name__}: {exc}", error=exc), key) from exc
+                raise source._translate(ServiceRequestError(str(exc), error=exc), key) from None
             except AzureError as exc:  # the token could not be had
                 source.pacer.request_ended(None)
                 raise source._translate(exc, key) from exc
             status = SimpleNamespace(status_code=response.status, reason=response.reason, headers=response.headers)
             source.pacer.request_ended(_throttling(status))
-            try:
-                if 200 <= response.status < 300:
-                    return answer(response)
-                if response.status == 401 and isinstance(self.credential, BearerTokenCredentialPolicy):
-                    raise _UseTheSdk()
-                body = _drained(response)
-                status.text = lambda encoding=None: body.decode("utf-8", "replace")
-                message = _error_message(body) or response.reason or ""
-                raise source._translate(HttpResponseError(message=message, response=status), key)
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                raise TransientError(f"{source.label}: {key!r}: {type(exc).__name__}: {exc}", key=key) from exc
-            finally:
-                release_answer(response)
+            if 200 <= response.status < 300:
+                return answer(response)
+            if response.status == 401 and isinstance(self.credential, BearerTokenCredentialPolicy):
+                raise _UseTheSdk()
+            body = response.body[:_ERROR_BODY]
+            status.text = lambda encoding=None: body.decode("utf-8", "replace")
+            message = _error_message(body) or response.reason or ""
+            raise source._translate(HttpResponseError(message=message, response=status), key)
 
         return attempts(send, tries=self.tries, backoff=self.backoff)
 
@@ -376,12 +362,8 @@ def _rfc1123(value: str | None) -> datetime | None:
     return parsedate_to_datetime(value) if value else None
 
 
-def _drained(response: Any) -> bytes:
-    """An error answer's body (its first 64 KiB; the rest, if any, is dropped with the connection)."""
-    try:
-        return response.read(64 * 1024, decode_content=False) or b""
-    except (urllib3.exceptions.HTTPError, OSError):
-        return b""
+# The most of an error answer's body kept (its first 64 KiB; the rest is dropped with the connection).
+_ERROR_BODY = 64 * 1024
 
 
 def _error_message(body: bytes) -> str:
@@ -616,7 +598,7 @@ class AzureBlobSource:
         """Close the HTTP connections."""
         direct, self._direct = self._direct, False
         if direct:
-            direct.manager.clear()
+            direct.curl.close()
         try:
             self._container.close()
         except AzureError:
@@ -801,7 +783,7 @@ class AzureBlobSource:
         """Send every request through the SDK's pipeline (the source's `direct_requests: false`)."""
         direct, self._direct = self._direct, None
         if direct:
-            direct.manager.clear()
+            direct.curl.close()
 
     def _direct_requests(self) -> _DirectRequests | None:
         """The source's direct requests (looked for once), or None: everything through the SDK."""

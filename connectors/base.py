@@ -365,15 +365,6 @@ def exact_range(data: bytes, start: int, end: int, label: str, key: str) -> byte
     return data
 
 
-def release_answer(response) -> None:
-    """Give a streamed urllib3 answer's connection back to its pool, closed first when bytes of the
-    answer are still unread (a body longer than asked for, an error body read in part): the next
-    request on that connection must not read them."""
-    if response.length_remaining:
-        response.close()
-    response.release_conn()
-
-
 class AuthError(ConnectorError):
     """Credentials missing, wrong or without the needed permission."""
 

@@ -34,6 +34,7 @@ import hashlib
 import random
 import re
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -55,7 +56,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
     SSLError,
 )
-from urllib3.exceptions import HTTPError
+from botocore.httpsession import get_cert_path as botocore_cert_path
 
 from .base import (
     DIRECT_MAX_BYTES,
@@ -81,10 +82,10 @@ from .base import (
     WriteMeta,
     attempts,
     exact_range,
-    release_answer,
     checked_etag,
     checked_multipart_etag,
 )
+from .curl import Answer, CurlFailure, CurlSession
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -299,11 +300,12 @@ class S3Store:
         self._paced(self._client)
         self._max_attempts = max_attempts
         self._direct_base = _bucket_url(endpoint_url, bucket, addressing_style)
-        # Small PUTs and ranged GETs go as direct requests (`_direct_put`, `_direct_get`) over
-        # botocore's own HTTP session: its TLS, proxy, pool and timeout settings. Private attribute:
-        # where a botocore release moves it, every request goes through the client (the unit tests
-        # say so).
-        self._http = getattr(getattr(self._client, "_endpoint", None), "http_session", None)
+        # Small PUTs and ranged GETs go as direct requests (`_direct_put`, `_direct_get`) on
+        # libcurl (connectors/curl.py) with botocore's HTTP session's TLS and timeout settings.
+        # Private attribute: where a botocore release moves it, or a proxy applies to the endpoint,
+        # every request goes through the client (the unit tests say so).
+        self._curl = _curl_session(getattr(getattr(self._client, "_endpoint", None), "http_session", None),
+                                   self._direct_base, connect_timeout, read_timeout)
         self._signer = S3SigV4Auth(Credentials(access_key_id, secret_access_key, session_token), "s3", region)
         self._stream_client_lock = threading.Lock()
         self._stream_client_instance = None
@@ -388,9 +390,11 @@ class S3Store:
         self.pacer.request_ended(throttled)
 
     def close(self) -> None:
-        """Close the HTTP connections of both clients."""
+        """Close the HTTP connections of both clients and of the direct requests."""
         if self._details_pool is not None:
             self._details_pool.shutdown(wait=False, cancel_futures=True)
+        if self._curl is not None:
+            self._curl.close()
         for client in (self._client, self._stream_client_instance):
             if client is not None:
                 try:
@@ -560,8 +564,9 @@ class S3Store:
 
     def _direct_possible(self) -> bool:
         """Whether direct requests can be sent here: the bucket URL is known without botocore's
-        resolver and botocore's HTTP session was found (`exitplan probe` tries them on that alone)."""
-        return self._direct_base is not None and self._http is not None
+        resolver, and botocore's HTTP session was found with no proxy for the endpoint (`exitplan
+        probe` tries them on that alone)."""
+        return self._direct_base is not None and self._curl is not None
 
     def _direct_ok(self) -> bool:
         """Whether this store sends direct requests: possible here, and its profile allows them
@@ -578,58 +583,58 @@ class S3Store:
                 and not self.behaviour.flexible_checksums)
 
     def _direct_send(self, method: str, url: str, key: str, headers: dict[str, str], *, body: Any = None,
-                     stream: bool = False):
+                     limit: int | None = None) -> Answer:
         """One attempt of a direct request: paced, signed as botocore signs for this client's
-        configuration, sent on botocore's HTTP session; a connection failure translated. The
-        caller reads the answer and tells the pacer how it ended (`_direct_refused` for an error)."""
+        configuration, sent with libcurl (at most `limit` bytes of the answer kept); a connection
+        failure translated as botocore's would be. The caller reads the answer and tells the pacer
+        how it ended (`_direct_refused` for an error)."""
         request = AWSRequest(method, url, data=body, headers=headers)
         request.context["client_config"] = self._client.meta.config
-        request.stream_output = stream
         self.pacer.request_starts("put" if method == "PUT" else "get")
         try:
             self._signer.add_auth(request)
-            return self._http.send(request.prepare())
+            return self._curl.request(method, url, request.headers, body=body, limit=limit)
         except BotoCoreError as exc:
             self.pacer.request_ended(None)
             raise self._translate(exc, key) from exc
+        except CurlFailure as exc:
+            self.pacer.request_ended(None)
+            if exc.certificate:
+                raise ConfigError(f"{self.label}: the TLS certificate of {self.endpoint_url} cannot be verified "
+                                  f"({exc})", key=key) from None
+            raise TransientError(f"{self.label}: {key!r}: {exc}", key=key) from None
 
-    def _direct_refused(self, status: int, content: bytes | None, operation: str, key: str) -> ConnectorError:
+    def _direct_refused(self, answer: Answer, operation: str, key: str) -> ConnectorError:
         """The error of a direct request's answer other than success, as the client would raise it
         (its XML parsed, the pacer told of throttling)."""
-        answer = {"Error": _error_of(content), "ResponseMetadata": {"HTTPStatusCode": status}}
-        self._request_ended({"status_code": status}, answer)
-        return self._translate(ClientError(answer, operation), key)
+        error = {"Error": _error_of(answer.body), "ResponseMetadata": {"HTTPStatusCode": answer.status}}
+        self._request_ended({"status_code": answer.status}, error)
+        return self._translate(ClientError(error, operation), key)
 
     def _direct_get(self, key: str, start: int, end: int, if_match: str | None) -> bytes:
         """GetObject of a range of at most `DIRECT_MAX_BYTES` as one request, as `_direct_put`
-        sends a PutObject (botocore's signer and HTTP session, its standard retries, the client's
-        error translation). The answer is streamed and read to one byte past the range at most, so
-        a server that ignored the Range cannot make it hold a whole object."""
+        sends a PutObject (botocore's signer, libcurl, its standard retries, the client's error
+        translation). At most one byte past the range is read (64 KiB of an error answer), so a
+        server that ignored the Range cannot make it hold a whole object."""
         url = f"{self._direct_base}/{quote(key, safe='/~')}"
         headers = {"Range": f"bytes={start}-{end - 1}"}
         if if_match is not None:
             headers["If-Match"] = _quote(if_match)
 
         def send() -> bytes:
-            response = self._direct_send("GET", url, key, headers, stream=True)
-            try:
-                status = response.status_code
-                if status not in (200, 206):
-                    raise self._direct_refused(status, response.raw.read(64 * 1024), "GetObject", key)
-                self.pacer.request_ended(None)
-                total = (_total_from_content_range(response.headers.get("Content-Range")) if status == 206
-                         else int(response.headers.get("Content-Length") or 0))
-                if total is not None:
-                    self._check_bounds(key, start, end, total)
-                if status == 200 and start != 0:
-                    raise TransientError(f"{self.label}: {key!r}: the server answered the whole object to a "
-                                         f"range request ({start}-{end})", key=key)
-                data = response.raw.read(end - start + 1)
-            except (OSError, HTTPError) as exc:
-                raise TransientError(f"{self.label}: {key!r}: {type(exc).__name__}: {exc}", key=key) from exc
-            finally:
-                release_answer(response.raw)
-            return exact_range(data, start, end, self.label, key)
+            answer = self._direct_send("GET", url, key, headers, limit=max(end - start + 1, 64 * 1024))
+            status = answer.status
+            if status not in (200, 206):
+                raise self._direct_refused(answer, "GetObject", key)
+            self.pacer.request_ended(None)
+            total = (_total_from_content_range(answer.headers.get("Content-Range")) if status == 206
+                     else int(answer.headers.get("Content-Length") or 0))
+            if total is not None:
+                self._check_bounds(key, start, end, total)
+            if status == 200 and start != 0:
+                raise TransientError(f"{self.label}: {key!r}: the server answered the whole object to a "
+                                     f"range request ({start}-{end})", key=key)
+            return exact_range(answer.body[:end - start + 1], start, end, self.label, key)
 
         return attempts(send, tries=self._max_attempts, backoff=_standard_backoff)
 
@@ -637,9 +642,9 @@ class S3Store:
                     md5: bytes) -> str:
         """PutObject as one request: the headers botocore sends for `params` (Content-MD5 among them;
         tests/unit/test_direct_requests.py compares the two), signed by botocore's SigV4 signer with the
-        client's configuration (UNSIGNED-PAYLOAD: the Content-MD5 covers the body), sent on botocore's
-        HTTP session, paced per attempt, and retried as botocore's standard mode retries (throttling,
-        5xx, a dropped connection: `max_attempts` in all, backoff up to 20 s), each retry counted in
+        client's configuration (UNSIGNED-PAYLOAD: the Content-MD5 covers the body), sent with libcurl,
+        paced per attempt, and retried as botocore's standard mode retries (throttling, 5xx, a
+        dropped connection: `max_attempts` in all, backoff up to 20 s), each retry counted in
         `bodies_resent_by_sdk`. Errors are translated as the client's are; the ETag is checked."""
         url = f"{self._direct_base}/{quote(key, safe='/~')}"
         headers = _headers_of(params)
@@ -647,11 +652,11 @@ class S3Store:
         headers["Content-Length"] = str(size)
 
         def send() -> str:
-            response = self._direct_send("PUT", url, key, headers, body=body)
-            if response.status_code != 200:
-                raise self._direct_refused(response.status_code, response.content, "PutObject", key)
+            answer = self._direct_send("PUT", url, key, headers, body=body, limit=64 * 1024)
+            if answer.status != 200:
+                raise self._direct_refused(answer, "PutObject", key)
             self.pacer.request_ended(None)
-            return _unquote(response.headers.get("ETag"))
+            return _unquote(answer.headers.get("ETag"))
 
         def resent(_exc: ConnectorError) -> None:
             with self._resent_lock:
@@ -987,6 +992,24 @@ def _bucket_url(endpoint_url: str | None, bucket: str, addressing_style: str) ->
     if addressing_style == "path":
         return f"{parts.scheme}://{parts.netloc}{path}/{bucket}"
     return f"{parts.scheme}://{bucket}.{parts.netloc}{path}"
+
+
+def _curl_session(http: Any, base: str | None, connect_timeout: float, read_timeout: float) -> CurlSession | None:
+    """The libcurl session of the direct requests, with botocore's HTTP session's certificate
+    settings (`verify`: False, True for botocore's CA bundle or AWS_CA_BUNDLE's, a bundle's path),
+    or None where it cannot stand for that session: none found (a botocore release that moved it),
+    a client certificate, or a proxy for the bucket's URL (botocore would go through it)."""
+    verify = getattr(http, "_verify", None)
+    proxies = getattr(http, "_proxy_config", None)
+    if base is None or verify is None or proxies is None or getattr(http, "_cert_file", None):
+        return None
+    if proxies.proxy_url_for(base):
+        return None
+    if verify is False:
+        return CurlSession(connect_timeout=connect_timeout, read_timeout=read_timeout, verify=False)
+    bundle = str(botocore_cert_path(verify))
+    return CurlSession(connect_timeout=connect_timeout, read_timeout=read_timeout, verify=True, ca_bundle=bundle,
+                       ca_is_dir=os.path.isdir(bundle))
 
 
 # boto3's PutObject parameters (those `_write_params` gives) as the HTTP headers botocore sends.

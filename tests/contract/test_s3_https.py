@@ -102,3 +102,23 @@ def test_a_self_signed_certificate_is_refused_when_verifying(https_s3):
         with pytest.raises(ConfigError) as info:
             store.head("k")
     assert "certificate" in str(info.value)
+
+
+def test_direct_requests_go_over_https_and_refuse_a_self_signed_certificate_when_verifying(https_s3):
+    """A small PUT and a small ranged read go as direct requests (libcurl): over https with the
+    check off (the lab's certificate), and refused by name, before any byte of the object is sent,
+    when the certificate is checked."""
+    bucket = unique_name()
+    body = os.urandom(3000)
+    with make_s3_store(https_s3, bucket, verify_tls=False) as store:
+        store.ensure_bucket()
+        assert store._direct_ok()
+        assert store.put("direct", body, len(body), WriteMeta(), md5(body)) == md5(body).hex()
+        assert store.read_range("direct", 10, 2010) == body[10:2010]
+    with make_s3_store(https_s3, bucket, max_attempts=1) as store:
+        assert store._direct_ok()
+        with pytest.raises(ConfigError, match="certificate"):
+            store.put("refused", body, len(body), WriteMeta(), md5(body))
+        with pytest.raises(ConfigError, match="certificate"):
+            store.read_range("direct", 0, 100)
+    assert "Contents" not in lab_boto3_client(https_s3, verify=False).list_objects_v2(Bucket=bucket, Prefix="refused")

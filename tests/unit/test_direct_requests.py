@@ -1,6 +1,6 @@
 """The connectors' direct requests (a small PutObject, a small ranged Get Blob) send what their SDK
 would send: the same URL, the same headers, signed the same way. No server: botocore's request is
-captured at its `before-send` event, the direct one at the HTTP session."""
+captured at its `before-send` event, the direct one at the libcurl session."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from azure.storage.blob._shared.authentication import SharedKeyCredentialPolicy
 from botocore.awsrequest import AWSResponse
 
 from connectors.azure_blob import AzureBlobSource, _DirectRequests
-from connectors.base import DIRECT_MAX_BYTES, ContentSettings, SinkBehaviour, SinkLimits, WriteMeta
+from connectors.base import DIRECT_MAX_BYTES, ContentSettings, SinkBehaviour, SinkLimits, TransientError, WriteMeta
+from connectors.curl import Answer, Headers
 from connectors.s3 import S3Store
 
 # Azurite's well-known development account key (public), as any emulator connection string has it.
@@ -32,6 +33,27 @@ class _Raw:
 
 def _ok(url: str, etag: str) -> AWSResponse:
     return AWSResponse(url, 200, {"ETag": f'"{etag}"'}, _Raw())
+
+
+class _Curl:
+    """Stands for a store's libcurl session: keeps what it was asked to send, answers `answer`."""
+
+    def __init__(self, answer: Answer):
+        self.answer = answer
+        self.sent = []
+
+    def request(self, method, url, headers, *, body=None, limit=None):
+        from types import SimpleNamespace
+
+        self.sent.append(SimpleNamespace(method=method, url=url, headers=dict(headers), body=body, limit=limit))
+        return self.answer
+
+    def close(self):
+        pass
+
+
+def _answer(status: int, headers: dict[str, str], body: bytes = b"", cut: bool = False) -> Answer:
+    return Answer(status, "", Headers((k.lower(), v) for k, v in headers.items()), body, cut)
 
 
 def _store(endpoint: str, style: str = "path", **kwargs) -> S3Store:
@@ -56,16 +78,10 @@ def _through_botocore(store: S3Store, key: str, body: bytes, meta: WriteMeta, md
 
 
 def _direct(store: S3Store, key: str, body: bytes, meta: WriteMeta, md5: bytes):
-    seen = []
-
-    class Session:
-        def send(self, request):
-            seen.append(request)
-            return _ok(request.url, md5.hex())
-
-    store._http = Session()
+    store._curl = _Curl(_answer(200, {"ETag": f'"{md5.hex()}"'}))
     assert store.put(key, body, len(body), meta, md5) == md5.hex()
-    return seen[0]
+    assert store._curl.sent[0].method == "PUT" and store._curl.sent[0].body == body
+    return store._curl.sent[0]
 
 
 def _comparable(request) -> tuple[str, dict[str, str], list[str]]:
@@ -118,18 +134,14 @@ def test_a_direct_ranged_get_is_the_request_botocore_sends(endpoint, style, key)
         raw = urllib3.HTTPResponse(io.BytesIO(body[2:6]), preload_content=False, headers={"Content-Length": "4"})
         return AWSResponse(request.url, 206, {"Content-Range": f"bytes 2-5/{len(body)}", "Content-Length": "4"}, raw)
 
-    ours, theirs = [], []
-
-    class Session:
-        def send(self, request):
-            ours.append(request)
-            return partial(request)
-
+    theirs = []
     direct = _store(endpoint, style)
-    direct._http = Session()
+    direct._curl = _Curl(_answer(206, {"Content-Range": f"bytes 2-5/{len(body)}", "Content-Length": "4"}, body[2:6]))
     assert direct.read_range(key, 2, 6, if_match="e") == body[2:6]
+    ours = direct._curl.sent
+    assert ours[0].method == "GET" and ours[0].limit >= 5  # one byte past the range at least
     through_client = _store(endpoint, style)
-    through_client._http = None
+    through_client._curl = None
     through_client._client.meta.events.register_first(
         "before-send.s3", lambda request, **_: theirs.append(request) or partial(request))
     assert through_client.read_range(key, 2, 6, if_match="e") == body[2:6]
@@ -162,10 +174,10 @@ def test_what_goes_through_botocore_instead(why, store_kwargs, size, body_kind, 
     body = io.BytesIO(data) if body_kind == "stream" else data
 
     class Refuse:
-        def send(self, request):
+        def request(self, *_args, **_kwargs):
             raise AssertionError(f"sent directly despite {why}")
 
-    store._http = Refuse()
+    store._curl = Refuse()
     client = store._client if body_kind is bytes else store._stream_client()
 
     def answer(request, **_):
@@ -179,7 +191,36 @@ def test_what_goes_through_botocore_instead(why, store_kwargs, size, body_kind, 
 
 def test_an_endpoint_only_botocore_can_resolve_has_no_direct_put():
     assert _store(None)._direct_base is None
-    assert _store("https://s3.example.eu")._http is not None  # botocore still has its session there
+    assert _store("https://s3.example.eu")._curl is not None  # botocore still has its session there
+
+
+def test_direct_requests_verify_certificates_as_botocore_does():
+    import botocore.httpsession
+
+    store = _store("https://s3.example.eu")
+    botocore_verify = store._client._endpoint.http_session._verify
+    assert store._curl.verify is True
+    assert store._curl.ca_bundle == botocore.httpsession.get_cert_path(botocore_verify)
+    assert _store("http://127.0.0.1:9000", verify_tls=False)._curl.verify is False
+
+
+def test_a_proxied_s3_endpoint_is_sent_to_through_the_client(monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.eu:3128")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert _store("https://s3.example.eu")._curl is None
+    monkeypatch.setenv("NO_PROXY", "s3.example.eu")
+    assert _store("https://s3.example.eu")._curl is not None
+
+
+def test_a_whole_object_answered_to_a_range_is_not_taken_for_the_range():
+    store = _store("http://127.0.0.1:9000", max_attempts=1)
+    store._curl = _Curl(_answer(200, {"Content-Length": "100"}, b"x" * 3, cut=True))
+    with pytest.raises(TransientError, match="whole object"):
+        store.read_range("k", 2, 4)
+    store._curl = _Curl(_answer(206, {"Content-Range": "bytes 0-1/100"}, b"xyz", cut=True))
+    with pytest.raises(TransientError, match="more than"):
+        store.read_range("k", 0, 2)
 
 
 # ---- Azure ----------------------------------------------------------------------------------
@@ -321,21 +362,19 @@ def test_a_recorded_azure_listing_answer_reads_as_the_sdk_reads_it():
 
 
 def test_direct_reads_over_https_verify_the_certificate_as_the_sdk_would(monkeypatch, tmp_path):
-    import ssl
-
     import requests
 
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
     source = AzureBlobSource.from_default_credential("https://acct.blob.core.windows.net", "c1", credential=_Token())
-    pool = source._direct_requests().pool
-    assert pool.cert_reqs == ssl.CERT_REQUIRED and pool.ca_certs == requests.certs.where()
+    curl = source._direct_requests().curl
+    assert curl.verify is True and curl.ca_bundle == requests.certs.where()
 
     bundle = tmp_path / "corporate-ca.pem"
     bundle.write_text("-----BEGIN CERTIFICATE-----\n")
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
     source = AzureBlobSource.from_default_credential("https://acct.blob.core.windows.net", "c1", credential=_Token())
-    assert source._direct_requests().pool.ca_certs == str(bundle)
+    assert source._direct_requests().curl.ca_bundle == str(bundle)
 
 
 
