@@ -254,18 +254,35 @@ def _retrying(settings: TransferSettings, counter: _Counter, what: str, *, body:
         log.info("%s: attempt %d failed (%s); retrying", what, state.attempt_number,
                  state.outcome.exception() if state.outcome else "?")
 
-    retrying = tenacity.Retrying(
-        stop=tenacity.stop_after_attempt(settings.part_attempts),
-        wait=tenacity.wait_random_exponential(multiplier=settings.retry_wait_initial, max=settings.retry_wait_max),
-        retry=tenacity.retry_if_exception(_is_retryable),
-        before=lambda state: counter.add(),
-        before_sleep=again,
-        reraise=True,
-    )
+    def retrying() -> tenacity.Retrying:
+        return tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(settings.part_attempts),
+            wait=tenacity.wait_random_exponential(multiplier=settings.retry_wait_initial, max=settings.retry_wait_max),
+            retry=tenacity.retry_if_exception(_is_retryable),
+            # The first attempt was counted when it was made (`run`).
+            before=lambda state: state.attempt_number > 1 and counter.add(),
+            before_sleep=again,
+            reraise=True,
+        )
 
     def run(fn: Callable, *args, **kwargs):
+        # The first attempt outside tenacity: building a `Retrying` costs more than a small object's
+        # request, and most attempts succeed. A retryable failure is handed to tenacity as its
+        # first attempt's outcome (not sent again), so the waits, counts and logs are tenacity's.
+        counter.add()
         try:
-            return retrying(fn, *args, **kwargs)
+            return fn(*args, **kwargs)
+        except ConnectorError as exc:
+            if not _is_retryable(exc):
+                raise
+            failed = [exc]
+        try:
+            def attempt(*a, **k):
+                if failed:
+                    raise failed.pop()
+                return fn(*a, **k)
+
+            return retrying()(attempt, *args, **kwargs)
         except ConnectorError as exc:
             if _is_retryable(exc):
                 raise ObjectFailed(f"{what} failed after {settings.part_attempts} attempts: {exc}", transient=True) from exc
