@@ -369,6 +369,35 @@ def _internal_error(outcome: ObjectOutcome, exc: BaseException) -> ObjectOutcome
                          reason=reason, refused=outcome.refused)
 
 
+class _Feed:
+    """An iterator shared by threads: `next` under a lock (a generator cannot be advanced by two
+    threads at once). The first error of the underlying iterator is raised to the thread that met
+    it; every later `next`, in any thread, ends the iteration, so one thread raises it."""
+
+    def __init__(self, items: Iterable):
+        self._items = iter(items)
+        self._lock = threading.Lock()
+        self._over = False
+
+    def __iter__(self) -> "_Feed":
+        return self
+
+    def close(self) -> None:
+        """End the iteration for every thread (the objects being copied finish)."""
+        with self._lock:
+            self._over = True
+
+    def __next__(self):
+        with self._lock:
+            if self._over:
+                raise StopIteration
+            try:
+                return next(self._items)
+            except BaseException:
+                self._over = True
+                raise
+
+
 def copy_objects(
     dataset: str,
     source: ObjectSource,
@@ -450,6 +479,7 @@ def copy_objects(
             tally.replace(outcome, _internal_error(outcome, exc))
 
     def escaped(item: tuple[ObjectMeta, Placement], exc: BaseException) -> None:
+        """An exception that escaped `one` (not an `Exception`): the object fails with it."""
         if isinstance(exc, StateUnwritable):
             return
         meta, placement = item
@@ -462,28 +492,54 @@ def copy_objects(
         batch.add_object(run_id, dataset, meta.key, meta.etag, meta.size, dest_key=dest_key,
                          source_md5=meta.content_md5, state=state_, on_written=_unrecorded(tally, outcome), **fields)
 
+    def to_copy() -> Iterator[tuple[ObjectMeta, Placement]]:
+        """The objects to copy, in listing order; those decided without a copy (unchanged,
+        refused) are counted and batched on the way. Stops once the state cannot be written."""
+        for meta, placed, copies in _with_copies(items, state, dataset, skip_unchanged and earlier_copies):
+            if state.unwritable is not None:  # nothing more can be recorded: no more objects start
+                return
+            tally.seen(meta.size)
+            previous = copies.get(meta.key)
+            if skip_unchanged and still_current(previous, meta, placed, run_id):
+                reason = unchanged_reason(previous, placed)
+                decided(meta, previous.dest_key,
+                        ObjectOutcome(meta.key, previous.dest_key, meta.etag, meta.size, "skipped",
+                                      reason=reason, sha256=previous.sha256, dest_etag=previous.dest_etag),
+                        st.UNCHANGED, reason=reason, dest_etag=previous.dest_etag, sha256=previous.sha256,
+                        storage_class=previous.storage_class, tags_digest=previous.tags_digest)
+                continue
+            if isinstance(placed, Refusal):
+                decided(meta, None, ObjectOutcome(meta.key, "", meta.etag, meta.size, "failed",
+                                                  reason=placed.reason, refused=True),
+                        st.FAILED, reason=placed.reason, transient=False)
+                continue
+            yield meta, placed
+
+    feed = _Feed(to_copy())
+
+    def driver() -> None:
+        """One of `objects_in_flight` object drivers: copies the next object of the feed until
+        there is none. An object's own failure is its outcome (`one`); an exception that escapes
+        `one` is that object's failure (`escaped`) and the driver goes on; the listing's (or the
+        placement's) error ends every driver and is the dataset's error."""
+        for item in feed:
+            try:
+                one(*item)
+            except BaseException as exc:
+                escaped(item, exc)
+
     try:
-        # At most `objects_in_flight` objects held at once: the listing is consumed as they finish.
-        with BoundedTasks(executors.objects, settings.objects_in_flight, on_error=escaped) as objects:
-            for meta, placed, copies in _with_copies(items, state, dataset, skip_unchanged and earlier_copies):
-                if state.unwritable is not None:  # nothing more can be recorded: no more objects start
-                    break
-                tally.seen(meta.size)
-                previous = copies.get(meta.key)
-                if skip_unchanged and still_current(previous, meta, placed, run_id):
-                    reason = unchanged_reason(previous, placed)
-                    decided(meta, previous.dest_key,
-                            ObjectOutcome(meta.key, previous.dest_key, meta.etag, meta.size, "skipped",
-                                          reason=reason, sha256=previous.sha256, dest_etag=previous.dest_etag),
-                            st.UNCHANGED, reason=reason, dest_etag=previous.dest_etag, sha256=previous.sha256,
-                            storage_class=previous.storage_class, tags_digest=previous.tags_digest)
-                    continue
-                if isinstance(placed, Refusal):
-                    decided(meta, None, ObjectOutcome(meta.key, "", meta.etag, meta.size, "failed",
-                                                      reason=placed.reason, refused=True),
-                            st.FAILED, reason=placed.reason, transient=False)
-                    continue
-                objects.submit((meta, placed), one, meta, placed)
+        # At most `objects_in_flight` objects held at once, each driver taking the next object as
+        # it finishes one: no hand-off per object (a task, a future and a callback per 16 KiB
+        # object cost about as much as its PUT); the listing is consumed as objects finish.
+        with BoundedTasks(executors.objects, settings.objects_in_flight) as drivers:
+            try:
+                for _ in range(settings.objects_in_flight):
+                    drivers.submit(None, driver)
+                drivers.wait()
+            except BaseException:  # an interrupt, the listing's error: no more objects start
+                feed.close()
+                raise
     finally:
         # Every object submitted has ended (the block waits for them); everything queued is
         # written, on a normal end as on an error or an interrupt.

@@ -87,13 +87,13 @@ def placer(meta):
     return place(meta, "in/", "out", LIMITS)
 
 
-def migrate(src, sink, state, run_id, cfg, *, serial=False, budget=None, progress=None, items=None):
+def migrate(src, sink, state, run_id, cfg, *, serial=False, budget=None, progress=None, items=None, **kwargs):
     budget = budget or MemoryBudget(cfg.memory_budget)
     with create_executors(cfg.concurrency, cfg.object_concurrency, serial=serial) as ex:
         summary = copy_objects(
             "claims", src, sink, items if items is not None else place_all(src.list("in/"), placer),
             settings=cfg, budget=budget, executors=ex, state=state, run_id=run_id, progress=progress,
-            progress_interval=0,
+            progress_interval=0, **kwargs,
         )
     assert budget.in_use == 0
     return summary
@@ -525,3 +525,35 @@ def test_a_single_put_whose_source_changes_has_its_row_written_with_the_change(s
     assert dst.data("out/a.bin") == b"new bytes, longer"
     assert a.started_at is not None and b.started_at is not None and b.started_at <= b.finished_at
     assert b.restarts == 0 and b.sha256 == hashlib.sha256(b"never changes").hexdigest()
+
+
+def test_an_interrupt_stops_the_drivers_once_the_objects_they_hold_are_done(state):
+    """Ctrl-C while the drivers copy: no object starts after it, those in flight end and are recorded."""
+    import signal
+    import threading
+    import time
+
+    src = MemoryStore()
+    for i in range(300):
+        src.add(f"in/{i:03d}", b"x" * 100)
+    main = threading.main_thread().ident
+    sent = []
+
+    class Interrupted(MemoryStore):
+        def put(self, key, *args, **kwargs):
+            time.sleep(0.002)  # a request's wait (the GIL released), so the main thread gets its turn
+            etag = super().put(key, *args, **kwargs)
+            sent.append(key)
+            if len(sent) == 20:
+                signal.pthread_kill(main, signal.SIGINT)
+            return etag
+
+    dst = Interrupted(limits=LIMITS)
+    run = state.start_run("migrate")
+    cfg = settings(object_concurrency=4)
+    with pytest.raises(KeyboardInterrupt):
+        migrate(src, dst, state, run, cfg)
+    # Without the drivers stopping, all 300 would be copied before the interrupt is raised.
+    assert 20 <= len(sent) < 60
+    rows = list(state.objects(run))
+    assert sorted(r.dest_key for r in rows) == sorted(dst.keys()) and {r.state for r in rows} == {st.UPLOADED}

@@ -45,7 +45,9 @@ def test_a_full_state_stops_the_dataset_once_without_a_traceback(tmp_path, caplo
     limit_writes(state, f"PRAGMA max_page_count = {page_count(state) + 4}")
 
     with caplog.at_level(logging.INFO), pytest.raises(StateUnwritable) as caught:
-        migrate(src, dst, state, run, settings(), serial=serial)
+        # Batches of 20 rows: the disk fills up long before the 300 objects are copied (the
+        # default, 500 rows or 0.2 s, can take the whole in-memory dataset in one batch).
+        migrate(src, dst, state, run, settings(), serial=serial, state_batch_rows=20)
     state.close()
 
     assert caught.value.exit_code == ExitCode.FAILED
