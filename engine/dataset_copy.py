@@ -11,6 +11,7 @@ others: each ends as an `ObjectOutcome` in the state store and in the `DatasetSu
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -369,33 +370,37 @@ def _internal_error(outcome: ObjectOutcome, exc: BaseException) -> ObjectOutcome
                          reason=reason, refused=outcome.refused)
 
 
-class _Feed:
-    """An iterator shared by threads: `next` under a lock (a generator cannot be advanced by two
-    threads at once). The first error of the underlying iterator is raised to the thread that met
-    it; every later `next`, in any thread, ends the iteration, so one thread raises it."""
+class _Handoff:
+    """Objects handed by the thread that reads the listing to long-lived driver threads: a
+    semaphore of `drivers` slots (an object holds one from before it is handed until its driver
+    finished it, so at most that many are held and the listing is consumed as objects finish) and
+    a queue, instead of a task, a future and a callback per object, which cost about as much as
+    a 16 KiB object's PUT. The listing stays on the thread that reads it (its iterators may hold
+    resources of that thread, such as a SQLite connection)."""
 
-    def __init__(self, items: Iterable):
-        self._items = iter(items)
-        self._lock = threading.Lock()
-        self._over = False
+    def __init__(self, drivers: int):
+        self._drivers = drivers
+        self._slots = threading.Semaphore(drivers)
+        self._items: queue.SimpleQueue = queue.SimpleQueue()
 
-    def __iter__(self) -> "_Feed":
-        return self
+    def give(self, item: tuple[ObjectMeta, Placement]) -> None:
+        """Hand `item` to the next free driver; blocks while every driver holds an object."""
+        self._slots.acquire()
+        self._items.put(item)
+
+    def take(self) -> tuple[ObjectMeta, Placement] | None:
+        """The next object to copy, or None: no more (`close`)."""
+        return self._items.get()
+
+    def finished(self) -> None:
+        """A driver finished the object it took."""
+        self._slots.release()
 
     def close(self) -> None:
-        """End the iteration for every thread (the objects being copied finish)."""
-        with self._lock:
-            self._over = True
-
-    def __next__(self):
-        with self._lock:
-            if self._over:
-                raise StopIteration
-            try:
-                return next(self._items)
-            except BaseException:
-                self._over = True
-                raise
+        """No more objects: each driver ends once the objects handed before are taken (an object
+        handed holds a slot, so a driver is free for it)."""
+        for _ in range(self._drivers):
+            self._items.put(None)
 
 
 def copy_objects(
@@ -515,31 +520,36 @@ def copy_objects(
                 continue
             yield meta, placed
 
-    feed = _Feed(to_copy())
+    def copy(item: tuple[ObjectMeta, Placement]) -> None:
+        """Copy one object; an exception that escapes `one` is that object's failure (`escaped`)."""
+        try:
+            one(*item)
+        except BaseException as exc:
+            escaped(item, exc)
 
-    def driver() -> None:
-        """One of `objects_in_flight` object drivers: copies the next object of the feed until
-        there is none. An object's own failure is its outcome (`one`); an exception that escapes
-        `one` is that object's failure (`escaped`) and the driver goes on; the listing's (or the
-        placement's) error ends every driver and is the dataset's error."""
-        for item in feed:
+    def driver(handoff: _Handoff) -> None:
+        """One of `objects_in_flight` object drivers: copies the objects handed to it until there
+        are no more."""
+        while (item := handoff.take()) is not None:
             try:
-                one(*item)
-            except BaseException as exc:
-                escaped(item, exc)
+                copy(item)
+            finally:
+                handoff.finished()
 
     try:
-        # At most `objects_in_flight` objects held at once, each driver taking the next object as
-        # it finishes one: no hand-off per object (a task, a future and a callback per 16 KiB
-        # object cost about as much as its PUT); the listing is consumed as objects finish.
-        with BoundedTasks(executors.objects, settings.objects_in_flight) as drivers:
-            try:
+        if executors.serial:  # one thread, in listing order (deterministic tests)
+            for item in to_copy():
+                copy(item)
+        else:
+            handoff = _Handoff(settings.objects_in_flight)
+            with BoundedTasks(executors.objects, settings.objects_in_flight) as drivers:
                 for _ in range(settings.objects_in_flight):
-                    drivers.submit(None, driver)
-                drivers.wait()
-            except BaseException:  # an interrupt, the listing's error: no more objects start
-                feed.close()
-                raise
+                    drivers.submit(None, driver, handoff)
+                try:
+                    for item in to_copy():
+                        handoff.give(item)
+                finally:  # the end of the listing, its error, an interrupt: no more objects start
+                    handoff.close()
     finally:
         # Every object submitted has ended (the block waits for them); everything queued is
         # written, on a normal end as on an error or an interrupt.

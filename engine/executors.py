@@ -4,7 +4,9 @@ Two pools, because they wait on different things:
 
 - `objects`: one thread per object in progress. It plans, acquires memory in part order, submits
   a multipart object's part work and waits. A single-PUT object (one read, one PUT) is copied on
-  its own driver thread: a hand-off would cost more than the request.
+  its own driver thread: a hand-off would cost more than the request. A dataset's copy runs
+  `objects_in_flight` long-lived drivers there, each handed the next object as it finishes one
+  (`engine.dataset_copy._Handoff`), rather than a task per object.
 - `transfers`: the workers that issue the range reads and part uploads of multipart objects.
 
 Requests in flight are therefore at most `concurrency` (parts) + `objects_in_flight` (single PUTs

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import threading
 from functools import partial
 
 import pytest
@@ -268,12 +269,14 @@ def test_the_listing_is_consumed_lazily(state):
         src.add(f"in/{i:03d}", b"x" * 1000)
     pulled = 0
     ahead = []
+    threads = set()
 
     def items():
         nonlocal pulled
         for pair in place_all(src.list("in/"), placer):
             pulled += 1
             ahead.append(pulled - len(dst.keys()))
+            threads.add(threading.get_ident())
             yield pair
 
     cfg = settings(object_concurrency=3)
@@ -281,6 +284,9 @@ def test_the_listing_is_consumed_lazily(state):
     assert summary.ok == 40
     # At most the objects in flight, plus the one being pulled, are ahead of the finished ones.
     assert max(ahead) <= cfg.objects_in_flight + 1
+    # Read on the calling thread only: a listing may hold what belongs to its thread (an
+    # inventory report's SQLite name set).
+    assert threads == {threading.get_ident()}
 
 
 def test_a_serial_run_is_deterministic(tmp_path):
@@ -530,7 +536,6 @@ def test_a_single_put_whose_source_changes_has_its_row_written_with_the_change(s
 def test_an_interrupt_stops_the_drivers_once_the_objects_they_hold_are_done(state):
     """Ctrl-C while the drivers copy: no object starts after it, those in flight end and are recorded."""
     import signal
-    import threading
     import time
 
     src = MemoryStore()
