@@ -15,7 +15,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from itertools import islice
 from typing import Callable, Iterable, Iterator, Mapping
 
@@ -236,20 +235,15 @@ class _Tally:
 
 
 class _StateEvents(CopyEvents):
-    """Records one object: each transition a later run must find before the side effect it announces.
+    """Records one object: each transition before the side effect it announces.
 
-    A multipart object's row is created when its first attempt starts, directly as in_progress
-    (before any byte moves); its upload id and header are written right after the upload is
-    opened (before any part is sent), each part receipt after the destination acknowledged the
-    part (a part acknowledged but not yet recorded when the process dies is found again by
-    ListParts on resume), and its end at once (its upload is what a resume looks at).
-
-    An object that only ever took single PUTs leaves nothing a later run could continue or must
-    clean up (a PUT is whole or absent), so its row is written once, when it ends (uploaded or
-    failed, with when its attempt started), through the dataset's `WriteBatch`: losing it to a
-    kill only means the object is copied again, as an in_progress row left behind would. That
-    saves a transaction per small object. A single-PUT object whose source changes under it has
-    its row written then (the change is recorded, the object restarts as before)."""
+    The row is created when the first attempt starts, directly as in_progress (before any byte
+    moves). The end of an object that only ever took single PUTs (uploaded, failed) goes through
+    the dataset's `WriteBatch`: losing it to a kill only means the object is copied again. A
+    multipart object's end is written at once (its upload is what a resume looks at), and so are
+    its upload id and header (right after the upload is opened, before any part is sent) and each
+    part receipt (after the destination acknowledged the part; a part acknowledged but not yet
+    recorded when the process dies is found again by ListParts on resume)."""
 
     def __init__(self, store: StateStore, batch: WriteBatch, run_id: int, dataset: str, placement: Placement,
                  tally: _Tally):
@@ -263,16 +257,10 @@ class _StateEvents(CopyEvents):
         self.tally = tally
         self.object_id: int | None = None
         self.multipart = False
-        # A single PUT's attempt not written yet: when it started and its in_progress fields.
-        self.started: tuple[datetime, dict] | None = None
 
     def attempt_started(self, meta: ObjectMeta, plan: ObjectPlan, restarts: int) -> None:
         self.multipart = self.multipart or not plan.single_put
         fields = dict(output_size=plan.output_size, part_count=plan.part_count, restarts=restarts)
-        if self.object_id is None and not self.multipart:  # written when it ends (class docstring)
-            self.started = (st.utcnow(), fields)
-            self.batch.flush_if_due()
-            return
         if self.object_id is None:
             self.object_id = self.store.add_object(
                 self.run_id, self.dataset, meta.key, meta.etag, meta.size, dest_key=self.dest_key,
@@ -292,11 +280,6 @@ class _StateEvents(CopyEvents):
         self.store.record_parts(self.object_id, [st.PartRecord(receipt.number, receipt.etag, receipt.size, md5.hex())])
 
     def source_changed(self, old: ObjectMeta, new: ObjectMeta) -> None:
-        if self.object_id is None and self.started is not None:
-            started_at, fields = self.started
-            self.object_id = self.store.add_object(
-                self.run_id, self.dataset, old.key, old.etag, old.size, dest_key=self.dest_key,
-                source_md5=old.content_md5, state=st.IN_PROGRESS, started_at=started_at, **fields)
         self.store.transition(self.object_id, st.CHANGED, source_etag=new.etag, size=new.size,
                               source_md5=new.content_md5.hex() if new.content_md5 else None,
                               reason=f"source changed from ETag {old.etag} to {new.etag}; restarting")
@@ -315,14 +298,7 @@ class _StateEvents(CopyEvents):
                 storage_class=self.storage_class, tags_digest=self.tags_digest)
         else:
             state, fields = st.FAILED, dict(reason=outcome.reason, restarts=outcome.restarts, transient=outcome.transient)
-        if self.object_id is None and self.started is not None:  # single PUTs only: one row, start and end
-            started_at, started = self.started
-            self.batch.add_ended_object(self.run_id, self.dataset, meta.key, fields.pop("source_etag", meta.etag),
-                                        fields.pop("size", meta.size), dest_key=fields.pop("dest_key", self.dest_key),
-                                        source_md5=meta.content_md5, started_at=started_at,
-                                        started=started, state=state, on_written=_unrecorded(self.tally, outcome),
-                                        **fields)
-        elif self.object_id is None:  # it failed before its first attempt started (refused by the planner)
+        if self.object_id is None:  # it failed before its first attempt started (refused by the planner)
             self.batch.add_object(self.run_id, self.dataset, meta.key, meta.etag, meta.size, dest_key=self.dest_key,
                                   source_md5=meta.content_md5, state=state,
                                   on_written=_unrecorded(self.tally, outcome), **fields)

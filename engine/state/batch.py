@@ -5,10 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
-from .rows import ended_row, object_row, transition_values
+from .rows import object_row, transition_values
 from .schema import PENDING
 
 # Writes a batch in one transaction: (full rows to insert, (new state, transition values) to
@@ -22,12 +21,12 @@ class WriteBatch:
     """Object writes committed many at a time: one transaction per `max_rows` writes or per
     `max_age` seconds, and at `flush()`. Thread-safe.
 
-    Only for writes whose loss is harmless, because a kill loses what is queued: the row of a
-    single PUT, start and end in one (`add_ended_object`: a lost row means the next run copies
-    the object again, and a PUT is idempotent and leaves nothing half-written), or a row decided
-    without a copy (unchanged, refused: a lost row means the next run decides again). Never for a
-    transition that announces a side effect a later run must find (a multipart upload opened, its
-    parts): those are written at once with `StateStore.transition` / `add_object`.
+    Only for writes whose loss is harmless, because a kill loses what is queued: the end of a
+    single PUT (a lost "uploaded" or "failed" leaves the row in_progress, so the next run copies
+    the object again, and a PUT is idempotent), or a row decided without a copy (unchanged,
+    refused: a lost row means the next run decides again). Never for a transition that announces
+    a side effect (in_progress before bytes move, a multipart upload's state): those are written
+    at once with `StateStore.transition` / `add_object`.
 
     Each write names a callback, called once it is committed (`None`) or could not be (the
     `InvalidTransition` the table gave, or the database error): a caller that reported the write
@@ -49,19 +48,6 @@ class WriteBatch:
                    source_md5: bytes | None = None, state: str = PENDING, **fields: Any) -> None:
         """Queue `StateStore.add_object` (checked now; the id is not returned: nothing may refer to it)."""
         row = object_row(run_id, dataset, source_key, source_etag, size, dest_key, source_md5, state, fields)
-        with self._lock:
-            self._stamp()
-            self._inserts.append((row, on_written))
-        self.flush_if_due()
-
-    def add_ended_object(self, run_id: int, dataset: str, source_key: str, source_etag: str, size: int, *,
-                         on_written: Callable[[Exception | None], None], started_at: datetime,
-                         started: Mapping[str, Any], state: str, dest_key: str | None = None,
-                         source_md5: bytes | None = None, **fields: Any) -> None:
-        """Queue the row of an object whose attempt started at `started_at` (with the in_progress
-        fields `started`) and ended in `state` with `fields` (`rows.ended_row`)."""
-        row = ended_row(run_id, dataset, source_key, source_etag, size, dest_key, source_md5, started_at, started,
-                        state, fields)
         with self._lock:
             self._stamp()
             self._inserts.append((row, on_written))
@@ -121,3 +107,4 @@ def _call(callback: Callable[[Exception | None], None], error: Exception | None)
         callback(error)
     except Exception:  # one caller's bookkeeping must not stop the others' from being told
         log.exception("a state write callback failed")
+

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from connectors.base import ContentSettings, ObjectMeta
 
-from .schema import (CHANGED, FAILED, IN_PROGRESS, INITIAL_STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, InvalidTransition,
+from .schema import (FAILED, IN_PROGRESS, INITIAL_STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, InvalidTransition,
                      objects, utcnow)
 
 # Columns a transition may set besides the state.
@@ -36,22 +36,6 @@ def object_row(run_id: int, dataset: str, source_key: str, source_etag: str, siz
                dest_key=dest_key, source_md5=source_md5.hex() if source_md5 else None, md5_checked=False,
                restarts=0, created_at=now)
     row.update(_stamped(state, fields, now))
-    return row
-
-
-def ended_row(run_id: int, dataset: str, source_key: str, source_etag: str, size: int, dest_key: str | None,
-              source_md5: bytes | None, started_at: datetime, started: Mapping[str, Any], state: str,
-              fields: Mapping[str, Any]) -> dict[str, Any]:
-    """A full `objects` row of an object whose attempt started at `started_at` (in_progress with
-    `started`) and has ended in `state` (uploaded or failed) with `fields`: the one row that stands
-    for both writes, for an object whose start need not be written before its bytes move (a single
-    PUT: `engine.dataset_copy._StateEvents`)."""
-    if state not in TRANSITIONS[IN_PROGRESS] - {CHANGED}:
-        raise InvalidTransition(f"an object cannot end as {state!r} straight from in_progress")
-    row = object_row(run_id, dataset, source_key, source_etag, size, dest_key, source_md5, IN_PROGRESS,
-                     dict(started, started_at=started_at))
-    _check_fields(fields)
-    row.update(_stamped(state, fields, utcnow()))
     return row
 
 

@@ -413,8 +413,7 @@ def test_a_failure_mid_dataset_still_writes_every_finished_object(state, serial)
 
 
 def test_a_kill_before_the_batch_is_written_only_means_copying_again(state, monkeypatch):
-    """A kill loses what the batch holds: the single PUTs' rows (each written once, when the object
-    ended); the multipart objects' rows, written before their side effects, are all there."""
+    """A kill loses what the batch holds; the rows written before each copy say what to redo."""
     from engine.state import WriteBatch
 
     src, dst = mixed_source(random.Random(13)), MemoryStore(limits=LIMITS)
@@ -424,9 +423,11 @@ def test_a_kill_before_the_batch_is_written_only_means_copying_again(state, monk
         m.setattr(WriteBatch, "flush_if_due", lambda self: None)
         migrate(src, dst, state, run, settings(), serial=True)
     rows = {r.source_key: r for r in state.objects(run)}
-    # The multipart ones (every write at once) are uploaded; the single PUTs and the refused one
-    # are simply lost with the batch.
-    assert {k: r.state for k, r in rows.items()} == {"in/0000.bin": st.UPLOADED, "in/0015.bin": st.UPLOADED}
+    # Written before their side effect: every copied object is there, in_progress at least; the
+    # multipart ones (their end is written at once) are uploaded; the refused one is simply lost.
+    assert len(rows) == 30 and "in/" + "z" * 60 not in rows
+    assert {k for k, r in rows.items() if r.state == st.UPLOADED} == {"in/0000.bin", "in/0015.bin"}
+    assert {r.state for k, r in rows.items() if k not in ("in/0000.bin", "in/0015.bin")} == {st.IN_PROGRESS}
     # The next run copies the single PUTs again (nothing says they were done), skips the multipart ones.
     run2 = state.start_run("migrate")
     summary = migrate(src, dst, state, run2, settings(), serial=True)
@@ -449,7 +450,7 @@ def test_rows_the_store_cannot_write_are_failures_in_the_summary(state, monkeypa
     reasons = dict(summary.failures)
     assert len(reasons) == 29 and all("disk I/O error" in r for r in reasons.values())
     assert "UTF-8 bytes" in reasons["in/" + "z" * 60]  # the refusal keeps its own reason too
-    assert {k: n for k, (n, _) in state.state_counts(run).items()} == {st.UPLOADED: 2}
+    assert {k: n for k, (n, _) in state.state_counts(run).items()} == {st.UPLOADED: 2, st.IN_PROGRESS: 28}
 
 
 @pytest.mark.parametrize("serial", [True, False])
@@ -508,8 +509,8 @@ def test_an_object_that_would_land_among_exitplans_own_files_is_refused_by_name(
 
 
 def test_a_single_put_whose_source_changes_has_its_row_written_with_the_change(state):
-    """A single PUT's row is written once, when it ends; one whose source changes under it has its
-    row written then, recorded as changed, and ends uploaded from the new version with one restart."""
+    """A single PUT whose source changes under it is recorded as changed, restarts from the new
+    version and ends uploaded with one restart, in one row."""
     from tests.unit.test_pipeline import FaultySource
 
     src, dst = MemoryStore(), MemoryStore(limits=LIMITS)
