@@ -347,21 +347,31 @@ def _internal_error(outcome: ObjectOutcome, exc: BaseException) -> ObjectOutcome
 
 
 class _Handoff:
-    """Objects handed by the thread that reads the listing to long-lived driver threads: a
-    semaphore of `drivers` slots (an object holds one from before it is handed until its driver
-    finished it, so at most that many are held and the listing is consumed as objects finish) and
-    a queue, instead of a task, a future and a callback per object, which cost about as much as
-    a 16 KiB object's PUT. The listing stays on the thread that reads it (its iterators may hold
-    resources of that thread, such as a SQLite connection)."""
+    """Objects handed by the thread that reads the listing to long-lived driver threads, instead
+    of a task, a future and a callback per object (which cost about as much as a 16 KiB object's
+    PUT). The listing stays on the thread that reads it (its iterators may hold resources of that
+    thread, such as a SQLite connection).
+
+    At most `2 × drivers` objects are held (handed and not finished): one for each driver and as
+    many waiting in the queue, so a driver that finishes an object finds the next one there
+    without waking anyone, and the reader, once it has filled the queue, sleeps until `drivers`
+    objects are finished and refills it in one go (one wake-up per `drivers` objects rather than
+    one per object). The listing is consumed as objects finish."""
 
     def __init__(self, drivers: int):
         self._drivers = drivers
-        self._slots = threading.Semaphore(drivers)
+        self._capacity = 2 * drivers
+        self._held = 0
+        self._room = threading.Condition(threading.Lock())
         self._items: queue.SimpleQueue = queue.SimpleQueue()
 
     def give(self, item: tuple[ObjectMeta, Placement]) -> None:
-        """Hand `item` to the next free driver; blocks while every driver holds an object."""
-        self._slots.acquire()
+        """Hand `item` to the drivers; blocks while the queue is full, until half of the objects
+        held are finished."""
+        with self._room:
+            while self._held >= self._capacity:
+                self._room.wait()
+            self._held += 1
         self._items.put(item)
 
     def take(self) -> tuple[ObjectMeta, Placement] | None:
@@ -370,11 +380,21 @@ class _Handoff:
 
     def finished(self) -> None:
         """A driver finished the object it took."""
-        self._slots.release()
+        with self._room:
+            self._held -= 1
+            if self._held == self._capacity - self._drivers:
+                self._room.notify()
 
-    def close(self) -> None:
-        """No more objects: each driver ends once the objects handed before are taken (an object
-        handed holds a slot, so a driver is free for it)."""
+    def close(self, *, drop_waiting: bool = False) -> None:
+        """No more objects: each driver ends once the objects handed before are taken, or, with
+        `drop_waiting` (an interrupt), once it finished the one it holds: those still waiting in
+        the queue are not started."""
+        if drop_waiting:
+            while True:
+                try:
+                    self._items.get_nowait()
+                except queue.Empty:
+                    break
         for _ in range(self._drivers):
             self._items.put(None)
 
@@ -524,8 +544,13 @@ def copy_objects(
                 try:
                     for item in to_copy():
                         handoff.give(item)
-                finally:  # the end of the listing, its error, an interrupt: no more objects start
+                except Exception:  # the listing's error: the objects handed before it are copied
                     handoff.close()
+                    raise
+                except BaseException:  # an interrupt: no object starts after it
+                    handoff.close(drop_waiting=True)
+                    raise
+                handoff.close()
     finally:
         # Every object submitted has ended (the block waits for them); everything queued is
         # written, on a normal end as on an error or an interrupt.
