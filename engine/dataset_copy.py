@@ -362,17 +362,22 @@ class _Handoff:
         self._drivers = drivers
         self._capacity = 2 * drivers
         self._held = 0
+        self._broken = False
         self._room = threading.Condition(threading.Lock())
         self._items: queue.SimpleQueue = queue.SimpleQueue()
 
-    def give(self, item: tuple[ObjectMeta, Placement]) -> None:
+    def give(self, item: tuple[ObjectMeta, Placement]) -> bool:
         """Hand `item` to the drivers; blocks while the queue is full, until half of the objects
-        held are finished."""
+        held are finished. False, and nothing handed, once a driver stopped on an error (`broken`):
+        no object may wait for drivers that are gone."""
         with self._room:
-            while self._held >= self._capacity:
+            while self._held >= self._capacity and not self._broken:
                 self._room.wait()
+            if self._broken:
+                return False
             self._held += 1
         self._items.put(item)
+        return True
 
     def take(self) -> tuple[ObjectMeta, Placement] | None:
         """The next object to copy, or None: no more (`close`)."""
@@ -384,6 +389,12 @@ class _Handoff:
             self._held -= 1
             if self._held == self._capacity - self._drivers:
                 self._room.notify()
+
+    def broken(self) -> None:
+        """A driver stopped on an error of its own (a defect: an object's failures are its outcome)."""
+        with self._room:
+            self._broken = True
+            self._room.notify_all()
 
     def close(self, *, drop_waiting: bool = False) -> None:
         """No more objects: each driver ends once the objects handed before are taken, or, with
@@ -525,12 +536,16 @@ def copy_objects(
 
     def driver(handoff: _Handoff) -> None:
         """One of `objects_in_flight` object drivers: copies the objects handed to it until there
-        are no more."""
-        while (item := handoff.take()) is not None:
-            try:
-                copy(item)
-            finally:
-                handoff.finished()
+        are no more. Its own error (a defect) stops the hand-off and is the dataset's error."""
+        try:
+            while (item := handoff.take()) is not None:
+                try:
+                    copy(item)
+                finally:
+                    handoff.finished()
+        except BaseException:
+            handoff.broken()
+            raise
 
     try:
         if executors.serial:  # one thread, in listing order (deterministic tests)
@@ -543,7 +558,8 @@ def copy_objects(
                     drivers.submit(None, driver, handoff)
                 try:
                     for item in to_copy():
-                        handoff.give(item)
+                        if not handoff.give(item):
+                            break  # a driver failed: its error is raised when the block ends
                 except Exception:  # the listing's error: the objects handed before it are copied
                     handoff.close()
                     raise

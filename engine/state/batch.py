@@ -107,4 +107,3 @@ def _call(callback: Callable[[Exception | None], None], error: Exception | None)
         callback(error)
     except Exception:  # one caller's bookkeeping must not stop the others' from being told
         log.exception("a state write callback failed")
-

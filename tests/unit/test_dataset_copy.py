@@ -564,3 +564,38 @@ def test_an_interrupt_stops_the_drivers_once_the_objects_they_hold_are_done(stat
     assert 20 <= len(sent) < 60
     rows = list(state.objects(run))
     assert sorted(r.dest_key for r in rows) == sorted(dst.keys()) and {r.state for r in rows} == {st.UPLOADED}
+
+
+def test_a_driver_failing_of_itself_stops_the_copy_with_its_error_instead_of_hanging(state, monkeypatch):
+    """A defect in a driver (here: counting an escaped exception fails) ends the hand-off: the
+    reader hands nothing more to drivers that are gone, and the error is the dataset's."""
+    import engine.dataset_copy as dc
+
+    class Escaping(BaseException):
+        pass
+
+    class Broken(MemoryStore):
+        def put(self, *args, **kwargs):
+            raise Escaping("not an Exception: it escapes the object's own handling")
+
+    def defect(*_args, **_kwargs):
+        raise RuntimeError("a defect while counting the object")
+
+    monkeypatch.setattr(dc, "_internal_error", defect)
+    src = MemoryStore()
+    for i in range(300):
+        src.add(f"in/{i:03d}", b"x" * 100)
+    run = state.start_run("migrate")
+    outcome = []
+
+    def go():
+        try:
+            migrate(src, Broken(limits=LIMITS), state, run, settings(object_concurrency=4))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=go, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "the copy hung once its drivers were gone"
+    assert isinstance(outcome[0], RuntimeError) and "a defect while counting" in str(outcome[0])
