@@ -73,7 +73,7 @@ from .base import (
     exact_range,
     history_of,
 )
-from .curl import Answer, CurlFailure, CurlSession
+from .curl import ERROR_BODY, Answer, CurlFailure, CurlSession
 
 T = TypeVar("T")
 
@@ -206,13 +206,10 @@ class _DirectRequests:
         # The SDK's policy counts a first retry as 1 (initial + base**1 seconds).
         self.backoff = lambda n: retry.get_backoff_time({"count": n + 1})
         config = transport.connection_config
-        if parts.scheme == "https" and settings.get("verify", True) is not False:
-            verify = settings.get("verify", True)
-            bundle = requests.certs.where() if verify in (True, None) else str(verify)
-            self.curl = CurlSession(connect_timeout=config.timeout, read_timeout=config.read_timeout, verify=True,
-                                    ca_bundle=bundle, ca_is_dir=os.path.isdir(bundle))
-        else:
-            self.curl = CurlSession(connect_timeout=config.timeout, read_timeout=config.read_timeout, verify=False)
+        verify = settings.get("verify", True) if parts.scheme == "https" else False
+        bundle = None if verify is False else requests.certs.where() if verify in (True, None) else str(verify)
+        self.curl = CurlSession(connect_timeout=config.timeout, read_timeout=config.read_timeout,
+                                verify=bundle is not None, ca_bundle=bundle)
 
     @classmethod
     def for_container(cls, container: ContainerClient) -> "_DirectRequests | None":
@@ -257,9 +254,9 @@ class _DirectRequests:
             else:
                 total = int(answer.headers.get("Content-Length") or 0) + start
             source._check_bounds(key, start, end, total)
-            return exact_range(answer.body[:end - start + 1], start, end, source.label, key)
+            return exact_range(answer.body, start, end, source.label, key)
 
-        return self.get(source, key, _blob_path(key), {}, headers, body, limit=max(end - start + 1, _ERROR_BODY))
+        return self.get(source, key, _blob_path(key), {}, headers, body, limit=max(end - start + 1, ERROR_BODY))
 
     def list_page(self, source: "AzureBlobSource", prefix: str, include: list[str], marker: str | None,
                   page_size: int, delimiter: str | None = None
@@ -300,7 +297,7 @@ class _DirectRequests:
                 return answer(response)
             if response.status == 401 and isinstance(self.credential, BearerTokenCredentialPolicy):
                 raise _UseTheSdk()
-            body = response.body[:_ERROR_BODY]
+            body = response.body[:ERROR_BODY]  # a listing's answer has no limit
             status.text = lambda encoding=None: body.decode("utf-8", "replace")
             message = _error_message(body) or response.reason or ""
             raise source._translate(HttpResponseError(message=message, response=status), key)
@@ -360,10 +357,6 @@ def _name_of(name: Any) -> str:
 
 def _rfc1123(value: str | None) -> datetime | None:
     return parsedate_to_datetime(value) if value else None
-
-
-# The most of an error answer's body kept (its first 64 KiB; the rest is dropped with the connection).
-_ERROR_BODY = 64 * 1024
 
 
 def _error_message(body: bytes) -> str:

@@ -354,9 +354,9 @@ def attempts(send: Callable[[], T], *, tries: int, backoff: Callable[[int], floa
 
 
 def exact_range(data: bytes, start: int, end: int, label: str, key: str) -> bytes:
-    """`data`, read for bytes `start .. end-1` (one byte past them at most, so that a longer
-    answer shows): itself when it is exactly that long, else `TransientError` saying whether the
-    answer was short or longer than asked."""
+    """`data`, read for bytes `start .. end-1` (to a bound past them, so that a longer answer
+    shows): itself when it is exactly that long, else `TransientError` saying whether the answer
+    was short or longer than asked."""
     n = end - start
     if len(data) < n:
         raise TransientError(f"{label}: short read of {key!r} range {start}-{end}: {len(data)} of {n} bytes", key=key)

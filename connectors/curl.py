@@ -30,11 +30,16 @@ SDK's connection errors.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 import pycurl
+
+# The most of an error answer's body a caller needs to keep (its message; the rest is dropped with
+# the connection), and so the least `limit` of a request whose answer may be an error.
+ERROR_BODY = 64 * 1024
 
 # libcurl's codes for a certificate that cannot be verified (the peer's, its name, the CA bundle).
 _CERTIFICATE_CODES = frozenset({
@@ -113,7 +118,7 @@ class _Handle:
         else:
             c.setopt(pycurl.SSL_VERIFYPEER, 1)
             c.setopt(pycurl.SSL_VERIFYHOST, 2)
-            c.setopt(pycurl.CAINFO if not session.ca_is_dir else pycurl.CAPATH, session.ca_bundle)
+            c.setopt(pycurl.CAPATH if os.path.isdir(session.ca_bundle) else pycurl.CAINFO, session.ca_bundle)
         c.setopt(pycurl.HEADERFUNCTION, self.lines.append)
         c.setopt(pycurl.WRITEFUNCTION, self._write)
         c.setopt(pycurl.READFUNCTION, self._read)
@@ -138,15 +143,13 @@ class CurlSession:
     """Requests on per-thread libcurl handles (module docstring). `verify`: True (the CA bundle
     `ca_bundle`, a file or a directory), or False (no check: the lab only)."""
 
-    def __init__(self, *, connect_timeout: float, read_timeout: float, verify: bool, ca_bundle: str | None = None,
-                 ca_is_dir: bool = False):
+    def __init__(self, *, connect_timeout: float, read_timeout: float, verify: bool, ca_bundle: str | None = None):
         if verify and not ca_bundle:
             raise ValueError("a CA bundle is needed to verify certificates")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.verify = verify
         self.ca_bundle = ca_bundle
-        self.ca_is_dir = ca_is_dir
         self._local = threading.local()
         self._handles: list[_Handle] = []
         self._lock = threading.Lock()

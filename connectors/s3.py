@@ -34,7 +34,6 @@ import hashlib
 import random
 import re
 import logging
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -85,7 +84,7 @@ from .base import (
     checked_etag,
     checked_multipart_etag,
 )
-from .curl import Answer, CurlFailure, CurlSession
+from .curl import ERROR_BODY, Answer, CurlFailure, CurlSession
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -594,15 +593,9 @@ class S3Store:
         try:
             self._signer.add_auth(request)
             return self._curl.request(method, url, request.headers, body=body, limit=limit)
-        except BotoCoreError as exc:
+        except (BotoCoreError, CurlFailure) as exc:
             self.pacer.request_ended(None)
             raise self._translate(exc, key) from exc
-        except CurlFailure as exc:
-            self.pacer.request_ended(None)
-            if exc.certificate:
-                raise ConfigError(f"{self.label}: the TLS certificate of {self.endpoint_url} cannot be verified "
-                                  f"({exc})", key=key) from None
-            raise TransientError(f"{self.label}: {key!r}: {exc}", key=key) from None
 
     def _direct_refused(self, answer: Answer, operation: str, key: str) -> ConnectorError:
         """The error of a direct request's answer other than success, as the client would raise it
@@ -622,7 +615,7 @@ class S3Store:
             headers["If-Match"] = _quote(if_match)
 
         def send() -> bytes:
-            answer = self._direct_send("GET", url, key, headers, limit=max(end - start + 1, 64 * 1024))
+            answer = self._direct_send("GET", url, key, headers, limit=max(end - start + 1, ERROR_BODY))
             status = answer.status
             if status not in (200, 206):
                 raise self._direct_refused(answer, "GetObject", key)
@@ -634,7 +627,7 @@ class S3Store:
             if status == 200 and start != 0:
                 raise TransientError(f"{self.label}: {key!r}: the server answered the whole object to a "
                                      f"range request ({start}-{end})", key=key)
-            return exact_range(answer.body[:end - start + 1], start, end, self.label, key)
+            return exact_range(answer.body, start, end, self.label, key)
 
         return attempts(send, tries=self._max_attempts, backoff=_standard_backoff)
 
@@ -652,7 +645,7 @@ class S3Store:
         headers["Content-Length"] = str(size)
 
         def send() -> str:
-            answer = self._direct_send("PUT", url, key, headers, body=body, limit=64 * 1024)
+            answer = self._direct_send("PUT", url, key, headers, body=body, limit=ERROR_BODY)
             if answer.status != 200:
                 raise self._direct_refused(answer, "PutObject", key)
             self.pacer.request_ended(None)
@@ -834,12 +827,13 @@ class S3Store:
             return TransientError(f"{what}: {reason}: {message}", key=key)
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return AuthError(f"{self.label}: no usable credentials ({exc})", key=key)
-        if isinstance(exc, SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        if (isinstance(exc, SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc)
+                or isinstance(exc, CurlFailure) and exc.certificate):
             return ConfigError(f"{self.label}: the TLS certificate of {self.endpoint_url} cannot be verified ({exc})",
                                key=key)
         if isinstance(exc, ParamValidationError):
             return InvalidRequest(f"{what}: {exc}", key=key)
-        if isinstance(exc, BotoConnectionError):
+        if isinstance(exc, (BotoConnectionError, CurlFailure)):
             return TransientError(f"{what}: {type(exc).__name__}: {exc}", key=key)
         # The rest of botocore's errors raised during a request are read/stream failures
         # (IncompleteReadError, ResponseStreamingError, UnseekableStreamError, …): try again.
@@ -1007,9 +1001,8 @@ def _curl_session(http: Any, base: str | None, connect_timeout: float, read_time
         return None
     if verify is False:
         return CurlSession(connect_timeout=connect_timeout, read_timeout=read_timeout, verify=False)
-    bundle = str(botocore_cert_path(verify))
-    return CurlSession(connect_timeout=connect_timeout, read_timeout=read_timeout, verify=True, ca_bundle=bundle,
-                       ca_is_dir=os.path.isdir(bundle))
+    return CurlSession(connect_timeout=connect_timeout, read_timeout=read_timeout, verify=True,
+                       ca_bundle=str(botocore_cert_path(verify)))
 
 
 # boto3's PutObject parameters (those `_write_params` gives) as the HTTP headers botocore sends.
