@@ -20,18 +20,18 @@ _OBJECT_FIELDS = frozenset({
 })
 
 # Every column an `objects` row is inserted with (a batch of inserts is one executemany: same keys).
-_INSERT_COLUMNS = tuple(c.name for c in objects.columns if c.name != "id")
+INSERT_COLUMNS = tuple(c.name for c in objects.columns if c.name != "id")
 
 
 def object_row(run_id: int, dataset: str, source_key: str, source_etag: str, size: int, dest_key: str | None,
                source_md5: bytes | None, state: str, fields: Mapping[str, Any]) -> dict[str, Any]:
-    """A full `objects` row (every column of `_INSERT_COLUMNS`) created in `state` with `fields`."""
+    """A full `objects` row (every column of `INSERT_COLUMNS`) created in `state` with `fields`."""
     if state not in INITIAL_STATES:
         raise InvalidTransition(f"an object cannot be recorded as {state!r} straight away "
                                 f"(allowed: {', '.join(sorted(INITIAL_STATES))})")
     _check_fields(fields)
     now = utcnow()
-    row = dict.fromkeys(_INSERT_COLUMNS)
+    row = dict.fromkeys(INSERT_COLUMNS)
     row.update(run_id=run_id, dataset=dataset, source_key=source_key, source_etag=source_etag, size=size,
                dest_key=dest_key, source_md5=source_md5.hex() if source_md5 else None, md5_checked=False,
                restarts=0, created_at=now)

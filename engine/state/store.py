@@ -24,7 +24,7 @@ from . import completeness
 from .batch import WriteBatch
 from .records import (CurrentCopy, CutoverRecord, counts_from_json, counts_to_json, DatasetFigures, DatasetStatus, DatasetTotals, FeedPosition, ListingRangeRecord, ObjectRecord, PartRecord,
                       RunDataset, RunRecord, ShardCounts, ShardRecord)
-from .rows import listed_extra, listing_row, object_row, transition_values
+from .rows import INSERT_COLUMNS, listed_extra, listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, RANGE_SHARDS, REMOVED, REPLACED_INDEXES,
                      STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition,
                      audit_recorded, cutovers, listing, listing_feed, listing_ranges, metadata, objects, parts, rate_buckets, run_datasets,
@@ -101,6 +101,10 @@ class StateStore:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         self._write = threading.Lock()
         self._conn: Connection | None = None  # the writer's connection, opened on the first write
+        # One object row per attempt is written before its bytes move: on SQLite that insert runs
+        # on the writer's DBAPI connection (`_DirectInsert`), below SQLAlchemy's statement path,
+        # which cost several times the insert and its commit.
+        self._direct_insert = _DirectInsert(self.engine.dialect) if self.engine.dialect.name == "sqlite" else None
         try:
             metadata.create_all(self.engine)
         except (sa.exc.OperationalError, StateUnwritable):
@@ -143,14 +147,19 @@ class StateStore:
     def _unwritable(self, context: sa.engine.ExceptionContext) -> None:
         """SQLAlchemy's `handle_error` hook: a full disk, a read-only filesystem or a refused
         permission becomes `StateUnwritable` (one sentence, no traceback), here and only here, for
-        every statement, commit and connection of this store; it is also kept in `unwritable`."""
+        every statement, commit and connection of this store (and `_insert_direct`, which runs
+        below SQLAlchemy); it is also kept in `unwritable`."""
+        stop = self._stop(context.original_exception)
+        if stop is not None:
+            raise stop
+
+    def _stop(self, error: BaseException) -> StateUnwritable | None:
+        """The `StateUnwritable` a DBAPI error means (kept in `unwritable`), or None."""
         shown = str(self._file) if self._file else self.engine.url.render_as_string(hide_password=True)
-        stop = unwritable_database(context.original_exception, self._file, shown, read_only="mode=ro" in self.url)
-        if stop is None:
-            return
-        if self.unwritable is None:
+        stop = unwritable_database(error, self._file, shown, read_only="mode=ro" in self.url)
+        if stop is not None and self.unwritable is None:
             self.unwritable = stop
-        raise stop
+        return stop
 
     @staticmethod
     def _connect_args(url: str) -> dict[str, Any]:
@@ -248,9 +257,29 @@ class StateStore:
         one step from it (`INITIAL_STATES`): in_progress when its first attempt starts now, failed or
         unchanged when it is decided without a copy; `fields` are set with it, as `transition` does."""
         row = object_row(run_id, dataset, source_key, source_etag, size, dest_key, source_md5, state, fields)
+        if self._direct_insert is not None:
+            return self._insert_direct(row)
         with self._writing() as conn:
             result = conn.execute(_INSERT_OBJECT, row)
             return int(result.inserted_primary_key[0])
+
+    def _insert_direct(self, row: dict[str, Any]) -> int:
+        """`add_object`'s insert and commit on the writer's DBAPI connection (SQLite). A driver
+        error is what SQLAlchemy would have raised: `StateUnwritable` for a full disk or a
+        read-only file, else a `DBAPIError`; the transaction is rolled back either way."""
+        insert = self._direct_insert
+        params = insert.params(row)
+        with self._write:
+            if self._conn is None:
+                self._conn = self.engine.connect()
+            driver = self._conn.connection.dbapi_connection
+            try:
+                cursor = driver.execute(insert.sql, params)
+                driver.commit()
+            except insert.error as exc:
+                driver.rollback()
+                raise (self._stop(exc) or sa.exc.DBAPIError.instance(insert.sql, params, exc, insert.error)) from None
+            return int(cursor.lastrowid)
 
     def batch(self, max_rows: int = 500, max_age: float = 0.2) -> "WriteBatch":
         """A `WriteBatch` on this store (see there for what may be queued)."""
@@ -1010,6 +1039,24 @@ def _newest_copies(dataset: str) -> sa.Subquery:
 
 def _shard_key(run_id: int, dataset: str, shard: int) -> tuple:
     return shards.c.run_id == run_id, shards.c.dataset == dataset, shards.c.shard == shard
+
+
+class _DirectInsert:
+    """`_INSERT_OBJECT` compiled once for a dialect with a positional parameter style (SQLite's),
+    with every column given: its SQL, and its parameters in order through the columns' own bind
+    processors (booleans and times stored exactly as SQLAlchemy stores them)."""
+
+    def __init__(self, dialect: sa.Dialect):
+        compiled = _INSERT_OBJECT.compile(dialect=dialect, column_keys=list(INSERT_COLUMNS))
+        if compiled.positiontup is None or set(compiled.positiontup) != set(INSERT_COLUMNS):
+            raise RuntimeError(f"the objects insert did not compile to positional parameters on {dialect.name}")
+        self.sql = str(compiled)
+        self.error: type[Exception] = dialect.dbapi.Error
+        self._binds = tuple((name, objects.c[name].type.dialect_impl(dialect).bind_processor(dialect))
+                            for name in compiled.positiontup)
+
+    def params(self, row: Mapping[str, Any]) -> tuple:
+        return tuple(row[name] if process is None else process(row[name]) for name, process in self._binds)
 
 
 class _SomeRowRefused(Exception):

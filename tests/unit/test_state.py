@@ -308,3 +308,61 @@ def test_the_store_reopens_its_writer_after_close(tmp_path):
     s.transition(oid, st.UPLOADED)  # a write after close opens a new connection
     assert s.get_object(oid).state == st.UPLOADED
     s.close()
+
+
+def test_the_direct_insert_stores_what_sqlalchemy_stores(tmp_path, store):
+    # On SQLite `add_object` runs its insert on the DBAPI connection; a store without that path
+    # (as on PostgreSQL) inserts through SQLAlchemy. The same calls read back the same rows.
+    assert store._direct_insert is not None
+    core = StateStore(tmp_path / "core.db")
+    core._direct_insert = None
+    try:
+        rows = []
+        for s in (store, core):
+            run = s.start_run("migrate")
+            ids = [s.add_object(run, "ds", "a/b é", "0x8D", 5, dest_key="x/a/b é", source_md5=bytes(range(16)),
+                                state=st.IN_PROGRESS, restarts=2, transient=True, upload_id="u-1", key_id=7),
+                   s.add_object(run, "ds", "c", "e2", 0),
+                   s.add_object(run, "ds", "d", "e3", 9, state=st.FAILED, reason="refused", transient=False,
+                                etag_checked=True)]
+            s.transition(ids[0], st.UPLOADED, sha256="ab" * 32, dest_etag="d1", output_size=5, md5_checked=True)
+            with s.engine.connect() as conn:
+                raw = conn.exec_driver_sql("SELECT * FROM objects ORDER BY id").all()
+            records = [s.get_object(i) for i in ids]
+            rows.append((raw, records))
+        (raw_direct, direct), (raw_core, via_core) = rows
+        times = {"created_at", "started_at", "finished_at", "updated_at"}
+        # Same column values (times compared by form: SQLite keeps them as text), same records.
+        for a, b in zip(raw_direct, raw_core, strict=True):
+            assert len(a) == len(b)
+            for name, x, y in zip(a._fields, a, b):
+                if name in times:
+                    assert (x is None) == (y is None) and (x is None or len(x) == len(y)), name
+                else:
+                    assert x == y, name
+        for a, b in zip(direct, via_core, strict=True):
+            assert {k: v for k, v in a.__dict__.items() if k not in times} == \
+                   {k: v for k, v in b.__dict__.items() if k not in times}
+            assert type(a.created_at) is type(b.created_at)
+    finally:
+        core.close()
+
+
+def test_a_direct_insert_the_database_refuses_raises_and_leaves_the_store_usable(store):
+    run = store.start_run("migrate")
+    with pytest.raises(sa.exc.IntegrityError, match="FOREIGN KEY"):
+        store.add_object(run + 1, "ds", "k", "e", 1)  # no such run
+    assert store.add_object(run, "ds", "k", "e", 1) > 0
+    assert [r.source_key for r in store.objects(run)] == ["k"]
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM objects").scalar() == 1
+
+
+def test_a_direct_insert_on_an_unwritable_state_is_state_unwritable(store):
+    run = store.start_run("migrate")
+    store.add_object(run, "ds", "k", "e", 1)
+    with store._write:  # the writer's connection, as the direct insert uses it
+        store._conn.connection.dbapi_connection.execute("PRAGMA query_only = 1")
+    with pytest.raises(st.StateUnwritable, match="cannot be written"):
+        store.add_object(run, "ds", "k2", "e", 1)
+    assert store.unwritable is not None
