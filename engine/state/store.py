@@ -7,6 +7,7 @@ builds a query or touches the SQLAlchemy engine.
 from __future__ import annotations
 
 import json
+import operator
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, fields, replace
@@ -1052,11 +1053,16 @@ class _DirectInsert:
             raise RuntimeError(f"the objects insert did not compile to positional parameters on {dialect.name}")
         self.sql = str(compiled)
         self.error: type[Exception] = dialect.dbapi.Error
-        self._binds = tuple((name, objects.c[name].type.dialect_impl(dialect).bind_processor(dialect))
-                            for name in compiled.positiontup)
+        self._values = operator.itemgetter(*compiled.positiontup)
+        processors = (objects.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+                      for name in compiled.positiontup)
+        self._processors = tuple((i, process) for i, process in enumerate(processors) if process is not None)
 
-    def params(self, row: Mapping[str, Any]) -> tuple:
-        return tuple(row[name] if process is None else process(row[name]) for name, process in self._binds)
+    def params(self, row: Mapping[str, Any]) -> list:
+        values = list(self._values(row))
+        for i, process in self._processors:
+            values[i] = process(values[i])
+        return values
 
 
 class _SomeRowRefused(Exception):
