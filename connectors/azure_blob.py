@@ -24,7 +24,7 @@ import os
 import threading
 import uuid
 from datetime import datetime
-from email.utils import formatdate, parsedate_to_datetime
+from email.utils import parsedate_to_datetime
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator, TypeVar
 from urllib.parse import quote, unquote, urlencode, urlsplit
@@ -74,6 +74,7 @@ from .base import (
     history_of,
 )
 from .curl import ERROR_BODY, Answer, CurlFailure, CurlSession
+from .signing import SharedKey, http_date
 
 T = TypeVar("T")
 
@@ -182,9 +183,10 @@ class _DirectRequests:
     Through the SDK, every read builds a blob client (a pipeline of a dozen policies and a
     generated client) and runs one request through all of them and requests: about 2 ms of client
     CPU for a 16 KiB range, three quarters of it around the request itself; a listing deserialises
-    each entry through the generated models (about 0.2 ms a blob). Here the request is authorised by
-    the container client's own credential policy (the SDK's Shared Key or Entra ID token policy; a
-    SAS rides in the URL, where the SDK put it), sent with libcurl (`connectors/curl.py`) with the
+    each entry through the generated models (about 0.2 ms a blob). Here the request is authorised as
+    the container client's own credential policy would (Shared Key signed as that policy signs,
+    connectors/signing.py; an Entra ID token by the SDK's token policy itself; a SAS rides in the
+    URL, where the SDK put it), sent with libcurl (`connectors/curl.py`) with the
     transport's timeouts and certificate settings, never redirected, and retried on throttling, 5xx
     and dropped connections with the SDK retry policy's own count and backoff; a listing's XML is
     read with ElementTree into the properties the SDK would give (tests compare the two). Built
@@ -202,6 +204,10 @@ class _DirectRequests:
         self.origin = f"{parts.scheme}://{parts.netloc}"
         self.api_version = container.api_version
         self.credential = credential
+        # Shared Key is signed here as the SDK's policy signs (connectors/signing.py); a token
+        # policy authorises through the SDK's own `on_request`.
+        self.shared_key = (SharedKey(credential.account_name, credential.account_key)
+                           if isinstance(credential, SharedKeyCredentialPolicy) else None)
         self.tries = retry.total_retries + 1
         # The SDK's policy counts a first retry as 1 (initial + base**1 seconds).
         self.backoff = lambda n: retry.get_backoff_time({"count": n + 1})
@@ -278,13 +284,16 @@ class _DirectRequests:
         fixed = {"x-ms-version": self.api_version, "User-Agent": "exitplan", **headers}
 
         def send() -> T:
-            request = HttpRequest("GET", url, headers={
-                **fixed, "x-ms-date": formatdate(usegmt=True), "x-ms-client-request-id": str(uuid.uuid4())})
+            headers = {**fixed, "x-ms-date": http_date(), "x-ms-client-request-id": str(uuid.uuid4())}
             source.pacer.request_starts("get")
             try:
-                if self.credential is not None:
+                if self.shared_key is not None:
+                    headers["Authorization"] = self.shared_key.authorization("GET", url, headers)
+                elif self.credential is not None:
+                    request = HttpRequest("GET", url, headers=headers)
                     self.credential.on_request(PipelineRequest(request, PipelineContext(None)))
-                response = self.curl.request("GET", url, request.headers, limit=limit)
+                    headers = request.headers
+                response = self.curl.request("GET", url, headers, limit=limit)
             except CurlFailure as exc:
                 source.pacer.request_ended(None)
                 raise source._translate(ServiceRequestError(str(exc), error=exc), key) from None

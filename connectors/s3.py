@@ -20,8 +20,9 @@ What the provider's multipart API answers comes from its profile (`SinkBehaviour
 it does not implement is not sent (`Unsupported`), and a 405 / 501 answer is `Unsupported` too.
 
 A PutObject of at most `DIRECT_MAX_BYTES` from memory and a GetObject of a range that small go as
-one direct request each (`_direct_put`, `_direct_get`): botocore's signer and HTTP session, the
-headers botocore would send, its standard retries; the small-object path's cost was mostly
+one direct request each (`_direct_put`, `_direct_get`): signed as botocore signs
+(connectors/signing.py), sent on libcurl with botocore's HTTP session's settings, the headers
+botocore would send, its standard retries; the small-object path's cost was mostly
 botocore's per-request machinery (docs/DESIGN.md). A profile's `direct_requests: false` turns them off.
 
 Every SDK call is wrapped: botocore exceptions never leave this module.
@@ -42,10 +43,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from xml.etree import ElementTree
 
 import boto3
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
 from botocore.config import Config
-from botocore.credentials import Credentials
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -85,6 +83,7 @@ from .base import (
     checked_multipart_etag,
 )
 from .curl import ERROR_BODY, Answer, CurlFailure, CurlSession
+from .signing import SigV4
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -305,7 +304,7 @@ class S3Store:
         # every request goes through the client (the unit tests say so).
         self._curl = _curl_session(getattr(getattr(self._client, "_endpoint", None), "http_session", None),
                                    self._direct_base, connect_timeout, read_timeout)
-        self._signer = S3SigV4Auth(Credentials(access_key_id, secret_access_key, session_token), "s3", region)
+        self._signer = SigV4(access_key_id, secret_access_key, session_token, region)
         self._stream_client_lock = threading.Lock()
         self._stream_client_instance = None
         self._resent_lock = threading.Lock()
@@ -584,16 +583,13 @@ class S3Store:
     def _direct_send(self, method: str, url: str, key: str, headers: dict[str, str], *, body: Any = None,
                      limit: int | None = None) -> Answer:
         """One attempt of a direct request: paced, signed as botocore signs for this client's
-        configuration, sent with libcurl (at most `limit` bytes of the answer kept); a connection
+        configuration (`signing.SigV4`, UNSIGNED-PAYLOAD), sent with libcurl (at most `limit` bytes of the answer kept); a connection
         failure translated as botocore's would be. The caller reads the answer and tells the pacer
         how it ended (`_direct_refused` for an error)."""
-        request = AWSRequest(method, url, data=body, headers=headers)
-        request.context["client_config"] = self._client.meta.config
         self.pacer.request_starts("put" if method == "PUT" else "get")
         try:
-            self._signer.add_auth(request)
-            return self._curl.request(method, url, request.headers, body=body, limit=limit)
-        except (BotoCoreError, CurlFailure) as exc:
+            return self._curl.request(method, url, self._signer.sign(method, url, headers), body=body, limit=limit)
+        except CurlFailure as exc:
             self.pacer.request_ended(None)
             raise self._translate(exc, key) from exc
 
@@ -606,7 +602,7 @@ class S3Store:
 
     def _direct_get(self, key: str, start: int, end: int, if_match: str | None) -> bytes:
         """GetObject of a range of at most `DIRECT_MAX_BYTES` as one request, as `_direct_put`
-        sends a PutObject (botocore's signer, libcurl, its standard retries, the client's error
+        sends a PutObject (SigV4 as botocore signs, libcurl, its standard retries, the client's error
         translation). At most one byte past the range is read (64 KiB of an error answer), so a
         server that ignored the Range cannot make it hold a whole object."""
         url = f"{self._direct_base}/{quote(key, safe='/~')}"
@@ -634,8 +630,8 @@ class S3Store:
     def _direct_put(self, key: str, body: bytes | bytearray | memoryview, size: int, params: dict[str, Any],
                     md5: bytes) -> str:
         """PutObject as one request: the headers botocore sends for `params` (Content-MD5 among them;
-        tests/unit/test_direct_requests.py compares the two), signed by botocore's SigV4 signer with the
-        client's configuration (UNSIGNED-PAYLOAD: the Content-MD5 covers the body), sent with libcurl,
+        tests/unit/test_direct_requests.py compares the two), signed as botocore's SigV4 signer signs
+        with the client's configuration (UNSIGNED-PAYLOAD: the Content-MD5 covers the body), sent with libcurl,
         paced per attempt, and retried as botocore's standard mode retries (throttling, 5xx, a
         dropped connection: `max_attempts` in all, backoff up to 20 s), each retry counted in
         `bodies_resent_by_sdk`. Errors are translated as the client's are; the ETag is checked."""
