@@ -18,7 +18,8 @@ from pathlib import Path
 # frame does not matter (the patterns do not overlap); the leaf-first walk is what makes a SHA-256
 # inside botocore's signer count as signing, not as hashing of the object.
 BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("S3 request signing (SigV4)", ("botocore/auth.py", "botocore/signers.py")),
+    ("request signing (SigV4, Shared Key)", ("botocore/auth.py", "botocore/signers.py", "(connectors/signing.py",
+                                            "(blob/_shared/authentication.py")),
     ("hashing of the object (SHA-256, MD5)", ("(engine/ordered_digest.py",)),
     ("encryption (Tink set-up and segments)", ("(engine/crypto/", "(tink/", "(cryptography/")),
     ("state store (SQLAlchemy, SQLite)", ("(engine/state/", "(sqlalchemy/", "sqlite3/")),

@@ -652,7 +652,7 @@ class MigrationRun:
                 self._stop_unwritable()
             try:
                 self.state.finish_run(self.run_id, status)
-                md5_checked = sum(1 for r in self.state.objects(self.run_id) if r.md5_checked)
+                md5_checked = self.state.md5_checked(self.run_id)
                 not_carried = {ds: self.state.not_carried(self.run_id, ds) for ds in self.datasets}
                 try:
                     self.trail.end(status)

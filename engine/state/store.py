@@ -809,6 +809,12 @@ class StateStore:
         with self.engine.connect() as conn:
             return {state: (int(n), int(b)) for state, n, b in conn.execute(query)}
 
+    def md5_checked(self, run_id: int) -> int:
+        """How many objects of a run had their source Content-MD5 checked against the bytes read."""
+        query = sa.select(sa.func.count()).where(objects.c.run_id == run_id, objects.c.md5_checked.is_(True))
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
     # ---- which runs went through which datasets, and what a dataset must hold ---------------------
 
     def dataset_started(self, run_id: int, dataset: str) -> None:

@@ -366,3 +366,15 @@ def test_a_direct_insert_on_an_unwritable_state_is_state_unwritable(store):
     with pytest.raises(st.StateUnwritable, match="cannot be written"):
         store.add_object(run, "ds", "k2", "e", 1)
     assert store.unwritable is not None
+
+
+def test_md5_checked_counts_the_runs_objects_whose_source_md5_was_checked(store):
+    run, other = store.start_run("migrate"), store.start_run("migrate")
+    a = store.add_object(run, "ds", "a", "e", 1, state=st.IN_PROGRESS)
+    store.add_object(run, "ds", "b", "e", 1, state=st.IN_PROGRESS)
+    store.add_object(run, "ds2", "c", "e", 1, state=st.IN_PROGRESS, md5_checked=True)
+    store.add_object(other, "ds", "a", "e", 1, state=st.IN_PROGRESS, md5_checked=True)
+    store.transition(a, st.UPLOADED, md5_checked=True)
+    assert store.md5_checked(run) == 2
+    assert store.md5_checked(other) == 1
+    assert store.md5_checked(other + 1) == 0
