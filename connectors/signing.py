@@ -33,8 +33,6 @@ from email.utils import formatdate
 from typing import Mapping
 from urllib.parse import unquote, urlparse, urlsplit
 
-from azure.storage.blob._shared.authentication import _storage_header_sort
-
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 
 # botocore.auth.SIGNED_HEADERS_BLACKLIST: headers a proxy or the HTTP layer may change.
@@ -136,6 +134,9 @@ class SharedKey:
     def _order(self, names: tuple[str, ...]) -> tuple[str, ...]:
         order = self._orders.get(names)
         if order is None:
+            # The SDK's own collation (imported here: an S3-only run never loads the Azure SDK).
+            from azure.storage.blob._shared.authentication import _storage_header_sort
+
             order = tuple(name for name, _ in _storage_header_sort([(n, "") for n in names]))
             self._orders[names] = order
         return order

@@ -324,14 +324,14 @@ class StateStore:
         open between pages, so the caller may write while it iterates)."""
         last = 0
         while True:
-            query = objects.select().where(*where, objects.c.id > last).order_by(objects.c.id).limit(page)
+            query = sa.select(*_RECORD_COLUMNS).where(*where, objects.c.id > last).order_by(objects.c.id).limit(page)
             with self.engine.connect() as conn:
-                rows = conn.execute(query).mappings().all()
+                rows = conn.execute(query).all()
             if not rows:
                 return
             for row in rows:
-                yield ObjectRecord(**row)
-            last = rows[-1]["id"]
+                yield ObjectRecord(*row)
+            last = rows[-1].id
 
     def removed_at_source(self, dataset: str, run_id: int) -> Iterator[ObjectRecord]:
         """Objects the destination holds (newest copied row, not since removed) that run `run_id`
