@@ -6,8 +6,8 @@ measures what each costs the client, one thread, on the lab's servers (its own m
 free loopback ports, stopped at the end):
 
 - ``S3Store.put`` as exitplan sends it (a direct request: SigV4 as botocore signs, libcurl,
-  ``connectors/s3.py``, ``connectors/signing.py``, ``connectors/curl.py``), the same store with its direct path off (through
-  the boto3 client, as before), and a bare ``client.put_object``;
+  ``connectors/s3.py``, ``connectors/signing.py``, ``connectors/curl.py``), the same store with
+  its direct path off (through the boto3 client, as before), and a bare ``client.put_object``;
 - a lean PUT: the same request signed with botocore's own SigV4 signer (``UNSIGNED-PAYLOAD``,
   Content-MD5 sent and the ETag checked, as the connector does) and sent over a urllib3 pool;
 - ``AzureBlobSource.read_range`` as exitplan sends it (a direct request) and with its direct path

@@ -583,9 +583,9 @@ class S3Store:
     def _direct_send(self, method: str, url: str, key: str, headers: dict[str, str], *, body: Any = None,
                      limit: int | None = None) -> Answer:
         """One attempt of a direct request: paced, signed as botocore signs for this client's
-        configuration (`signing.SigV4`, UNSIGNED-PAYLOAD), sent with libcurl (at most `limit` bytes of the answer kept); a connection
-        failure translated as botocore's would be. The caller reads the answer and tells the pacer
-        how it ended (`_direct_refused` for an error)."""
+        configuration (`signing.SigV4`, UNSIGNED-PAYLOAD), sent with libcurl (at most `limit` bytes
+        of the answer kept); a connection failure translated as botocore's would be. The caller
+        reads the answer and tells the pacer how it ended (`_direct_refused` for an error)."""
         self.pacer.request_starts("put" if method == "PUT" else "get")
         try:
             return self._curl.request(method, url, self._signer.sign(method, url, headers), body=body, limit=limit)
@@ -631,8 +631,8 @@ class S3Store:
                     md5: bytes) -> str:
         """PutObject as one request: the headers botocore sends for `params` (Content-MD5 among them;
         tests/unit/test_direct_requests.py compares the two), signed as botocore's SigV4 signer signs
-        with the client's configuration (UNSIGNED-PAYLOAD: the Content-MD5 covers the body), sent with libcurl,
-        paced per attempt, and retried as botocore's standard mode retries (throttling, 5xx, a
+        with the client's configuration (UNSIGNED-PAYLOAD: the Content-MD5 covers the body), sent
+        with libcurl, paced per attempt, and retried as botocore's standard mode retries (throttling, 5xx, a
         dropped connection: `max_attempts` in all, backoff up to 20 s), each retry counted in
         `bodies_resent_by_sdk`. Errors are translated as the client's are; the ETag is checked."""
         url = f"{self._direct_base}/{quote(key, safe='/~')}"

@@ -17,9 +17,9 @@ parameters) with these and with botocore's `S3SigV4Auth` and azure-storage-blob'
 `SharedKeyCredentialPolicy` at the same instant and compares every header byte for byte. Azurite
 checks Shared Key signatures, so the contract and integration suites exercise `SharedKey` against a
 server too; the lab's S3 servers (moto, ministack) accept any signature, so `SigV4` rests on the
-comparison with botocore. What these do not cover goes through the SDK: payload signing (the direct PUT sends
-UNSIGNED-PAYLOAD with its Content-MD5, as the store's client is configured to), Entra ID tokens,
-SAS (which needs no signature), refreshable credentials.
+comparison with botocore (and `exitplan probe` on a real bucket). What these do not cover goes
+through the SDK: payload signing (the direct PUT sends UNSIGNED-PAYLOAD with its Content-MD5, as
+the store's client is configured to), Entra ID tokens, SAS (which needs no signature).
 """
 
 from __future__ import annotations

@@ -545,13 +545,16 @@ def test_an_interrupt_stops_the_drivers_once_the_objects_they_hold_are_done(stat
         src.add(f"in/{i:03d}", b"x" * 100)
     main = threading.main_thread().ident
     sent = []
+    counting = threading.Lock()
 
     class Interrupted(MemoryStore):
         def put(self, key, *args, **kwargs):
             time.sleep(0.002)  # a request's wait (the GIL released), so the main thread gets its turn
             etag = super().put(key, *args, **kwargs)
-            sent.append(key)
-            if len(sent) == 20:
+            with counting:  # two drivers appending before either counts would never see 20
+                sent.append(key)
+                twentieth = len(sent) == 20
+            if twentieth:
                 signal.pthread_kill(main, signal.SIGINT)
             return etag
 
