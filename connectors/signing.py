@@ -14,11 +14,12 @@ the order of a set of x-ms header names) and build the same canonical strings.
 "The same" is tested, not assumed: tests/unit/test_signing.py signs varied requests (keys with
 spaces, unicode and reserved characters, queries, session tokens, conditional headers, listing
 parameters) with these and with botocore's `S3SigV4Auth` and azure-storage-blob's
-`SharedKeyCredentialPolicy` at the same instant and compares every header byte for byte. Azurite
-checks Shared Key signatures, so the contract and integration suites exercise `SharedKey` against a
-server too; the lab's S3 servers (moto, ministack) accept any signature, so `SigV4` rests on the
-comparison with botocore (and `exitplan probe` on a real bucket). What these do not cover goes
-through the SDK: payload signing (the direct PUT sends UNSIGNED-PAYLOAD with its Content-MD5, as
+`SharedKeyCredentialPolicy` at the same instant and compares every header byte for byte. Servers
+check them too: Azurite checks Shared Key signatures (the contract and integration suites go
+through `SharedKey`); the lab's S3 servers accept any signature, so
+tests/contract/test_s3_signatures.py runs a moto of its own with its IAM access control on, which
+accepts the direct PUTs and reads with the right secret and refuses a wrong one (`exitplan probe`
+tries them on a real bucket). What these do not cover goes through the SDK: payload signing (the direct PUT sends UNSIGNED-PAYLOAD with its Content-MD5, as
 the store's client is configured to), Entra ID tokens, SAS (which needs no signature).
 """
 
