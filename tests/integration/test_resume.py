@@ -299,7 +299,14 @@ def test_ctrl_c_mid_run_exits_130_leaves_a_consistent_state_and_the_next_run_com
     blobs.update({f"small/{i:03d}.bin": rng.randbytes(2000) for i in range(60)})
     for name, data in blobs.items():
         cc.upload_blob(name, data)
-    proc = start_migrate(config)
+    # Ctrl-C as a terminal delivers it: SIGINT unblocked and Python's own handler in the child,
+    # whatever this test process inherited (a run of the suite in the background starts with
+    # SIGINT ignored or blocked, and a child would inherit that).
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT}); "
+         "signal.signal(signal.SIGINT, signal.default_int_handler); from flows.cli import main; "
+         "sys.exit(main(sys.argv[1:]))", "migrate", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
     assert wait_for_objects(db, 1, proc), "the migration ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=120)
