@@ -179,11 +179,15 @@ class StateStore:
         """One write transaction on the writer's connection, under the write lock. The connection
         is kept between transactions (a pool check-out per write costs as much as the write)."""
         with self._write:
-            if self._conn is None:
-                self._conn = self.engine.connect()
-            conn = self._conn
+            conn = self._writer()
             with conn.begin():
                 yield conn
+
+    def _writer(self) -> Connection:
+        """The writer's connection, opened on the first write (call with the write lock held)."""
+        if self._conn is None:
+            self._conn = self.engine.connect()
+        return self._conn
 
     def __enter__(self) -> "StateStore":
         return self
@@ -271,9 +275,7 @@ class StateStore:
         insert = self._direct_insert
         params = insert.params(row)
         with self._write:
-            if self._conn is None:
-                self._conn = self.engine.connect()
-            driver = self._conn.connection.dbapi_connection
+            driver = self._writer().connection.dbapi_connection
             try:
                 cursor = driver.execute(insert.sql, params)
                 driver.commit()
