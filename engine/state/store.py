@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import operator
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -280,7 +280,8 @@ class StateStore:
                 cursor = driver.execute(insert.sql, params)
                 driver.commit()
             except insert.error as exc:
-                driver.rollback()
+                with suppress(insert.error):  # the error raised is the insert's, not a failed rollback's
+                    driver.rollback()
                 raise (self._stop(exc) or sa.exc.DBAPIError.instance(insert.sql, params, exc, insert.error)) from None
             return int(cursor.lastrowid)
 
