@@ -284,16 +284,16 @@ class _DirectRequests:
         fixed = {"x-ms-version": self.api_version, "User-Agent": "exitplan", **headers}
 
         def send() -> T:
-            headers = {**fixed, "x-ms-date": http_date(), "x-ms-client-request-id": str(uuid.uuid4())}
+            sent = {**fixed, "x-ms-date": http_date(), "x-ms-client-request-id": str(uuid.uuid4())}
             source.pacer.request_starts("get")
             try:
                 if self.shared_key is not None:
-                    headers["Authorization"] = self.shared_key.authorization("GET", url, headers)
+                    sent["Authorization"] = self.shared_key.authorization("GET", url, sent)
                 elif self.credential is not None:
-                    request = HttpRequest("GET", url, headers=headers)
+                    request = HttpRequest("GET", url, headers=sent)
                     self.credential.on_request(PipelineRequest(request, PipelineContext(None)))
-                    headers = request.headers
-                response = self.curl.request("GET", url, headers, limit=limit)
+                    sent = request.headers
+                response = self.curl.request("GET", url, sent, limit=limit)
             except CurlFailure as exc:
                 source.pacer.request_ended(None)
                 raise source._translate(ServiceRequestError(str(exc), error=exc), key) from None

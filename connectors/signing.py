@@ -19,8 +19,9 @@ check them too: Azurite checks Shared Key signatures (the contract and integrati
 through `SharedKey`); the lab's S3 servers accept any signature, so
 tests/contract/test_s3_signatures.py runs a moto of its own with its IAM access control on, which
 accepts the direct PUTs and reads with the right secret and refuses a wrong one (`exitplan probe`
-tries them on a real bucket). What these do not cover goes through the SDK: payload signing (the direct PUT sends UNSIGNED-PAYLOAD with its Content-MD5, as
-the store's client is configured to), Entra ID tokens, SAS (which needs no signature).
+tries them on a real bucket). What these do not cover goes through the SDK: payload signing (the
+direct PUT sends UNSIGNED-PAYLOAD with its Content-MD5, as the store's client is configured to),
+Entra ID tokens, SAS (which needs no signature).
 """
 
 from __future__ import annotations
