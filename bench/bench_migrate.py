@@ -989,7 +989,7 @@ def main_run(args: argparse.Namespace) -> int:
         # --- the timed series --------------------------------------------------------------------
         runs: list[dict] = []
         for rep in range(1, args.repeat + 1):
-            for s in series + ([base] if base else []):
+            for s in seeded:
                 for tool in (args.tools if s is not base else ("exitplan", "exitplan-flow")):
                     tag = f"{s.name}-r{rep}"
                     lab.restart_moto()
