@@ -33,7 +33,7 @@ import time
 from datetime import datetime, timezone
 from email.utils import formatdate
 from typing import Mapping
-from urllib.parse import unquote, urlparse, urlsplit
+from urllib.parse import SplitResult, unquote, urlparse, urlsplit
 
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 
@@ -45,10 +45,9 @@ _NOT_SIGNED = frozenset({
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-def _host(url: str) -> str:
-    """The Host value SigV4 signs for `url` (botocore's `_host_from_url`): lower case, the port
-    unless it is the scheme's default, no user info."""
-    parts = urlsplit(url)
+def _host(parts: SplitResult) -> str:
+    """The Host value SigV4 signs for a URL split in `parts` (botocore's `_host_from_url`): lower
+    case, the port unless it is the scheme's default, no user info."""
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
@@ -102,7 +101,7 @@ class SigV4:
             if lname not in _NOT_SIGNED:
                 signed.setdefault(lname, []).append(" ".join(value.split()))
         if "host" not in signed:
-            signed["host"] = [_host(url)]
+            signed["host"] = [_host(parts)]
         names = sorted(signed)
         signed_names = ";".join(names)
         canonical = "\n".join((
