@@ -10,7 +10,7 @@ from typing import Any, Mapping
 from connectors.base import ContentSettings, ObjectMeta
 
 from .schema import (FAILED, IN_PROGRESS, INITIAL_STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, InvalidTransition,
-                     objects, utcnow)
+                     listing, objects, utcnow)
 
 # Columns a transition may set besides the state.
 _OBJECT_FIELDS = frozenset({
@@ -21,6 +21,8 @@ _OBJECT_FIELDS = frozenset({
 
 # Every column an `objects` row is inserted with (a batch of inserts is one executemany: same keys).
 INSERT_COLUMNS = tuple(c.name for c in objects.columns if c.name != "id")
+# Every column of a `listing` row (`listing_row`).
+LISTING_COLUMNS = tuple(c.name for c in listing.columns)
 
 
 def object_row(run_id: int, dataset: str, source_key: str, source_etag: str, size: int, dest_key: str | None,

@@ -25,7 +25,7 @@ from . import completeness
 from .batch import WriteBatch
 from .records import (CurrentCopy, CutoverRecord, counts_from_json, counts_to_json, DatasetFigures, DatasetStatus, DatasetTotals, FeedPosition, ListingRangeRecord, ObjectRecord, PartRecord,
                       RunDataset, RunRecord, ShardCounts, ShardRecord)
-from .rows import INSERT_COLUMNS, listed_extra, listing_row, object_row, transition_values
+from .rows import INSERT_COLUMNS, LISTING_COLUMNS, listed_extra, listing_row, object_row, transition_values
 from .schema import (ADDED_COLUMNS, COPIED, FAILED, IN_PROGRESS, PENDING, RANGE_SHARDS, REMOVED, REPLACED_INDEXES,
                      STATES, TRANSITIONS, UNCHANGED, UPLOADED, VERIFIED, VERIFY_REASON, InvalidTransition,
                      audit_recorded, cutovers, listing, listing_feed, listing_ranges, metadata, objects, parts, rate_buckets, run_datasets,
@@ -104,8 +104,11 @@ class StateStore:
         self._conn: Connection | None = None  # the writer's connection, opened on the first write
         # One object row per attempt is written before its bytes move: on SQLite that insert runs
         # on the writer's DBAPI connection (`_DirectInsert`), below SQLAlchemy's statement path,
-        # which cost several times the insert and its commit.
-        self._direct_insert = _DirectInsert(self.engine.dialect) if self.engine.dialect.name == "sqlite" else None
+        # which cost several times the insert and its commit. A listing's rows (the flows list
+        # every object into the store before a shard copies it) take the same compiled path.
+        sqlite = self.engine.dialect.name == "sqlite"
+        self._direct_insert = _DirectInsert(self.engine.dialect, objects, INSERT_COLUMNS) if sqlite else None
+        self._direct_listing = _DirectInsert(self.engine.dialect, listing, LISTING_COLUMNS) if sqlite else None
         try:
             metadata.create_all(self.engine)
         except (sa.exc.OperationalError, StateUnwritable):
@@ -416,7 +419,19 @@ class StateStore:
 
     def _insert(self, table: sa.Table, rows: list[dict[str, Any]]) -> None:
         with self._writing() as conn:
-            conn.execute(table.insert(), rows)
+            if table is listing:
+                self._insert_rows(conn, rows)
+            else:
+                conn.execute(table.insert(), rows)
+
+    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Insert listing rows (`listing_row`) in `conn`'s transaction: on SQLite one executemany of
+        the compiled insert (`_DirectInsert`: SQLAlchemy's per-row parameter handling cost more than
+        the insert), still through SQLAlchemy's connection and its error handling."""
+        if self._direct_listing is None:
+            conn.execute(listing.insert(), rows)
+        else:
+            conn.exec_driver_sql(self._direct_listing.sql, [self._direct_listing.params(row) for row in rows])
 
     def listed(self, run_id: int, dataset: str, shard: int | None = None) -> Iterator[ObjectMeta]:
         """The ObjectMeta of a run's listing (one shard of it), in listing order, streamed in pages."""
@@ -481,7 +496,7 @@ class StateStore:
         r = listing_ranges
         with self._writing() as conn:
             if rows:
-                conn.execute(listing.insert(), rows)
+                self._insert_rows(conn, rows)
             conn.execute(r.update().where(r.c.run_id == part.run_id, r.c.dataset == part.dataset,
                                           r.c.range_no == part.range_no)
                          .values(marker=part.marker, done=part.done, objects=part.objects, bytes=part.bytes,
@@ -1052,26 +1067,27 @@ def _shard_key(run_id: int, dataset: str, shard: int) -> tuple:
 
 
 class _DirectInsert:
-    """`_INSERT_OBJECT` compiled once for a dialect with a positional parameter style (SQLite's),
-    with every column given: its SQL, and its parameters in order through the columns' own bind
-    processors (booleans and times stored exactly as SQLAlchemy stores them)."""
+    """An insert into `table` of rows with every one of `columns`, compiled once for a dialect
+    with a positional parameter style (SQLite's): its SQL, and a row's parameters in order through
+    the columns' own bind processors (booleans, times and JSON stored exactly as SQLAlchemy stores
+    them)."""
 
-    def __init__(self, dialect: sa.Dialect):
-        compiled = _INSERT_OBJECT.compile(dialect=dialect, column_keys=list(INSERT_COLUMNS))
-        if compiled.positiontup is None or set(compiled.positiontup) != set(INSERT_COLUMNS):
-            raise RuntimeError(f"the objects insert did not compile to positional parameters on {dialect.name}")
+    def __init__(self, dialect: sa.Dialect, table: sa.Table, columns: Sequence[str]):
+        compiled = table.insert().compile(dialect=dialect, column_keys=list(columns))
+        if compiled.positiontup is None or set(compiled.positiontup) != set(columns):
+            raise RuntimeError(f"the {table.name} insert did not compile to positional parameters on {dialect.name}")
         self.sql = str(compiled)
         self.error: type[Exception] = dialect.dbapi.Error
         self._values = operator.itemgetter(*compiled.positiontup)
-        processors = (objects.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+        processors = (table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
                       for name in compiled.positiontup)
         self._processors = tuple((i, process) for i, process in enumerate(processors) if process is not None)
 
-    def params(self, row: Mapping[str, Any]) -> list:
+    def params(self, row: Mapping[str, Any]) -> tuple:
         values = list(self._values(row))
         for i, process in self._processors:
             values[i] = process(values[i])
-        return values
+        return tuple(values)
 
 
 class _SomeRowRefused(Exception):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import sqlalchemy as sa
 
+from connectors.base import ContentSettings, ObjectMeta
 from engine import state as st
 from engine.state import InvalidTransition, StateStore
 
@@ -344,6 +346,41 @@ def test_the_direct_insert_stores_what_sqlalchemy_stores(tmp_path, store):
             assert {k: v for k, v in a.__dict__.items() if k not in times} == \
                    {k: v for k, v in b.__dict__.items() if k not in times}
             assert type(a.created_at) is type(b.created_at)
+    finally:
+        core.close()
+
+
+def test_listing_rows_inserted_directly_are_what_sqlalchemy_stores(tmp_path, store):
+    # On SQLite a listing's pages are one executemany of the compiled insert; a store without that
+    # path (as on PostgreSQL) inserts them through SQLAlchemy. Same rows, same objects read back.
+    assert store._direct_listing is not None
+    core = StateStore(tmp_path / "core.db")
+    core._direct_listing = None
+    paris = timezone(timedelta(hours=1))
+    metas = [ObjectMeta("a/é 1.csv", 10, "0x8D", content_md5=bytes(range(16)),
+                        last_modified=datetime(2026, 11, 29, 10, 0, 0, 123456, tzinfo=paris), tier="Cool",
+                        content=ContentSettings(content_type="text/csv", cache_control="no-cache"),
+                        metadata={"Kind": "claims", "n": "1"}, tags={"team": "a b"},
+                        created=datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc), kind="block"),
+             ObjectMeta("b", 0, "e2"),
+             ObjectMeta("c", 5, "e3", snapshot="2026-11-29T10:00:00.0000000Z", current_version=False,
+                        version_id="v1", not_copyable="a snapshot", rehydrating="rehydrate-pending-to-hot",
+                        last_modified=datetime(2026, 11, 29, 10, 0))]
+    try:
+        got = []
+        for s in (store, core):
+            run = s.start_run("migrate")
+            s.record_listing(run, "ds", [(0, metas[0]), (1, metas[1])])
+            (part,) = s.start_listing_ranges(run, "ds", "b", [("", False)])
+            s.record_listing_page(part, [(2, metas[2])], 2)
+            with s.engine.connect() as conn:
+                raw = conn.exec_driver_sql("SELECT * FROM listing ORDER BY seq").all()
+            got.append((raw, list(s.listed(run, "ds"))))
+        (raw_direct, direct), (raw_core, via_core) = got
+        assert raw_direct == raw_core
+        assert direct == via_core
+        assert direct[0].content == metas[0].content and direct[0].tags == {"team": "a b"}
+        assert direct[0].last_modified == metas[0].last_modified and direct[2].version_id == "v1"
     finally:
         core.close()
 
