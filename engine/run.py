@@ -23,7 +23,7 @@ from config.models import LoadedConfig
 from config.policy import DestinationVerdict, check_sovereignty
 from connectors.base import ConnectorError, ObjectMeta, ObjectSource, SinkLimits
 
-from .allocator import tune_malloc
+from .allocator import freeze_long_lived, thaw_long_lived, tune_malloc
 from .audit import AuditOutcome, MigrationAudit, audit_signing_key
 from .budget import MemoryBudget
 from .endpoints import destination_limits, open_azure_container, open_sink, open_source, storage_classes
@@ -325,6 +325,7 @@ class MigrationRun:
         self._lock_file = None
         self.attached = False  # joined from another process (`attach`): copies shards, never finishes
         self.pacing: RunPacing | None = None  # with the state store: its shared limits live there
+        self._frozen = False  # holds the collector's long-lived objects frozen (`_freeze`)
 
     @classmethod
     def start(cls, loaded: LoadedConfig, datasets: list[str], *, delete_removed: bool = False,
@@ -359,6 +360,7 @@ class MigrationRun:
         run._pace()
         run._executors = create_executors(run.settings.concurrency, run.settings.object_concurrency)
         run.executors = run._executors.__enter__()
+        run._freeze()
         return run
 
     def close(self) -> None:
@@ -368,8 +370,20 @@ class MigrationRun:
                 self._executors.__exit__(None, None, None)
                 self._executors = None
         finally:
+            self._thaw()
             if self.state is not None:
                 self.state.close()
+
+    def _freeze(self) -> None:
+        """The run is open: what it holds until it ends leaves the collector's full passes."""
+        if not self._frozen:
+            self._frozen = True
+            freeze_long_lived()
+
+    def _thaw(self) -> None:
+        if self._frozen:
+            self._frozen = False
+            thaw_long_lived()
 
     def _open(self) -> None:
         loaded, datasets = self.loaded, self.datasets
@@ -387,6 +401,7 @@ class MigrationRun:
         self._pace()
         self._executors = create_executors(self.settings.concurrency, self.settings.object_concurrency)
         self.executors = self._executors.__enter__()
+        self._freeze()
 
     def _pace(self) -> None:
         """The run's pacers: request rates and bandwidth shared through the state store with the
@@ -636,6 +651,7 @@ class MigrationRun:
     def finish(self) -> MigrationResult:
         """Close the run (status ok, failed, or interrupted when `completed` was not set), record
         the audit trail and publish the manifest. Call once, whatever happened before."""
+        self._thaw()
         if self._sharded:  # one summary per dataset from its rows (shard attempts overlap)
             elapsed = time.monotonic() - self.started
             summaries = tuple(summary_from_rows(self.state, self.run_id, name, elapsed) for name in self._sharded)
