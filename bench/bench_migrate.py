@@ -903,6 +903,43 @@ def keep_profile(raw: Path, tool: str, series: Series, res: ChildResult, concurr
         (PROFILE_DIR / f"{name}.svg").write_text(flame_svg(stacks, title))
 
 
+# The issue's small-object targets, as ratios within each repeat: the tools of a repeat run one after
+# the other, so a box that slows down between repeats moves both sides of a pair alike.
+# (label, tool, reference, figure, target)
+PAIRED_TARGETS = (
+    ("exitplan/rclone CPU per object", "exitplan", "rclone", "cpu", "< 1: cheaper"),
+    ("exitplan-enc/rclone CPU per object", "exitplan-enc", "rclone", "cpu", "target <= 1.5"),
+    ("exitplan-enc/ceiling CPU per object", "exitplan-enc", "ceiling", "cpu", "target <= 1 (the ceiling's upload CPU)"),
+    ("exitplan/rclone objects/s", "exitplan", "rclone", "rate", "target >= 1"),
+    ("exitplan-enc/rclone objects/s", "exitplan-enc", "rclone", "rate", "target >= 1"),
+    ("exitplan-flow/exitplan CPU per object", "exitplan-flow", "exitplan", "cpu", "whole runs, start-up in"),
+)
+
+
+def paired_ratios(runs: list[dict], args: argparse.Namespace, rat: dict[str, Any]) -> None:
+    """For each of `PAIRED_TARGETS` both tools ran: the median over repeats of the ratio within a
+    repeat, and the range of those ratios (small series); kept in `rat` too."""
+    def figure(row: dict, kind: str) -> float | None:
+        if kind == "rate":
+            return 1 / row["wall_s"] if row.get("wall_s") else None
+        cpu = row.get("upload_cpu_s") if row["tool"] == "ceiling" else row.get("cpu_s")
+        return cpu
+
+    by = {(r["tool"], r["repeat"]): r for r in runs if r["series"] == "small" and r.get("verified")}
+    printed = False
+    for label, tool, ref, kind, note in PAIRED_TARGETS:
+        pairs = [ratio(figure(by[(tool, rep)], kind), figure(by[(ref, rep)], kind))
+                 for rep in range(1, args.repeat + 1) if (tool, rep) in by and (ref, rep) in by]
+        pairs = [p for p in pairs if p is not None]
+        if not pairs:
+            continue
+        if not printed:
+            print("  small series, the same repeat's pair (median over repeats [lowest-highest]):")
+            printed = True
+        value = rat[f"{label}, small, paired"] = statistics.median(pairs)
+        print(f"    {label:40} {value:6.2f}  [{min(pairs):.2f}-{max(pairs):.2f}]  {note}")
+
+
 def median_row(rows: list[dict]) -> dict:
     """Per metric, the median over repeats (the best run's numbers are in the JSON too)."""
     out = dict(rows[0])
@@ -1220,6 +1257,7 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace, 
                   f"flow {fmt(flow_m, '.2f')}; fixed per run: CLI {fmt(cli_fixed, '.1f')} s, "
                   f"flow {fmt(flow_fixed, '.1f')} s ({FLOW_SHARDS} shards)")
             line("flow/CLI CPU per object, small, marginal", ratio(flow_m, cli_m), "target <= 1.1")
+    paired_ratios(runs, args, rat)
     p_l, p_s = med.get((FLOW_PROCESSES_TOOL, "large")), med.get((FLOW_PROCESSES_TOOL, "small"))
     if p_l or p_s:
         tag = f"flow with {FLOW_SHARD_PROCESSES} shard processes"
