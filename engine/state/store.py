@@ -412,19 +412,14 @@ class StateStore:
             rows.append(listing_row(run_id, dataset, seq, shard, meta))
             seq += 1
             if len(rows) >= page:
-                self._insert(listing, rows)
+                with self._writing() as conn:
+                    self._insert_listing(conn, rows)
                 rows = []
         if rows:
-            self._insert(listing, rows)
+            with self._writing() as conn:
+                self._insert_listing(conn, rows)
 
-    def _insert(self, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-        with self._writing() as conn:
-            if table is listing:
-                self._insert_rows(conn, rows)
-            else:
-                conn.execute(table.insert(), rows)
-
-    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+    def _insert_listing(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Insert listing rows (`listing_row`) in `conn`'s transaction: on SQLite one executemany of
         the compiled insert (`_DirectInsert`: SQLAlchemy's per-row parameter handling cost more than
         the insert), still through SQLAlchemy's connection and its error handling."""
@@ -496,7 +491,7 @@ class StateStore:
         r = listing_ranges
         with self._writing() as conn:
             if rows:
-                self._insert_rows(conn, rows)
+                self._insert_listing(conn, rows)
             conn.execute(r.update().where(r.c.run_id == part.run_id, r.c.dataset == part.dataset,
                                           r.c.range_no == part.range_no)
                          .values(marker=part.marker, done=part.done, objects=part.objects, bytes=part.bytes,
