@@ -59,8 +59,9 @@ _frozen_lock = threading.Lock()
 def freeze_long_lived() -> None:
     """Once a run is open (modules imported, clients, keys and the state store opened): leave
     everything alive out of the cyclic collector's full passes (`gc.freeze`, a constant-time move
-    of the collector's lists; no collection first, which in a large process such as a test run
-    costs far more than it saves: a cycle already dead is freed when the run thaws).
+    of the collector's lists). No collection first: a dead cycle frozen with the run is freed when
+    the run thaws, and a collection per run opened would cost a large process (a test session) a
+    pass over every object it holds.
 
     Those objects (a hundred thousand and more: SQLAlchemy, botocore, the Azure SDK, Prefect) live
     as long as the run, yet each full collection walked them all again (about 60 ms each, a few
