@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -383,6 +384,21 @@ def test_listing_rows_inserted_directly_are_what_sqlalchemy_stores(tmp_path, sto
         assert direct[0].last_modified == metas[0].last_modified and direct[2].version_id == "v1"
     finally:
         core.close()
+
+
+def test_a_listing_page_on_an_unwritable_state_is_state_unwritable_and_stores_nothing(store):
+    # The listing's direct insert still goes through SQLAlchemy's connection: its error handling
+    # names the cause, and the page and its range's new marker are one transaction.
+    run = store.start_run("migrate")
+    (part,) = store.start_listing_ranges(run, "ds", "b", [("", False)])
+    with store._write:
+        store._writer().connection.dbapi_connection.execute("PRAGMA query_only = 1")
+    page = replace(part, marker="m1", objects=1, bytes=5)
+    with pytest.raises(st.StateUnwritable, match="cannot be written"):
+        store.record_listing_page(page, [(0, ObjectMeta("a", 5, "e1"))], 0)
+    assert store.unwritable is not None
+    assert list(store.listed(run, "ds")) == []
+    assert [(r.marker, r.objects) for r in store.listing_ranges(run, "ds")] == [(None, 0)]
 
 
 def test_a_direct_insert_the_database_refuses_raises_and_leaves_the_store_usable(store):
