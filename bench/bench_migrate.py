@@ -922,8 +922,7 @@ def paired_ratios(runs: list[dict], args: argparse.Namespace, rat: dict[str, Any
     def figure(row: dict, kind: str) -> float | None:
         if kind == "rate":
             return 1 / row["wall_s"] if row.get("wall_s") else None
-        cpu = row.get("upload_cpu_s") if row["tool"] == "ceiling" else row.get("cpu_s")
-        return cpu
+        return row.get("upload_cpu_s") if row["tool"] == "ceiling" else row.get("cpu_s")
 
     by = {(r["tool"], r["repeat"]): r for r in runs if r["series"] == "small" and r.get("verified")}
     printed = False
