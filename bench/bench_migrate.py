@@ -933,10 +933,11 @@ def paired_ratios(runs: list[dict], args: argparse.Namespace, rat: dict[str, Any
         if not pairs:
             continue
         if not printed:
-            print("  small series, the same repeat's pair (median over repeats [lowest-highest]):")
+            print("  small series, the same repeat's pair (median over repeats [lowest-highest], pairs "
+                  "where both runs were verified):")
             printed = True
         value = rat[f"{label}, small, paired"] = statistics.median(pairs)
-        print(f"    {label:40} {value:6.2f}  [{min(pairs):.2f}-{max(pairs):.2f}]  {note}")
+        print(f"    {label:40} {value:6.2f}  [{min(pairs):.2f}-{max(pairs):.2f}] of {len(pairs)}  {note}")
 
 
 def median_row(rows: list[dict]) -> dict:
