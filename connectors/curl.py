@@ -90,7 +90,7 @@ class Answer:
 class _Handle:
     """A libcurl easy handle and the buffers its callbacks fill, for one thread."""
 
-    __slots__ = ("curl", "lines", "chunks", "room", "cut", "upload", "sent")
+    __slots__ = ("curl", "lines", "chunks", "room", "cut", "upload", "sent", "head")
 
     def __init__(self, session: "CurlSession"):
         self.lines: list[bytes] = []
@@ -99,6 +99,7 @@ class _Handle:
         self.cut = False
         self.upload: memoryview | None = None
         self.sent = 0
+        self.head = False  # the last request was a HEAD (its no-body setting is still on)
         c = self.curl = pycurl.Curl()
         c.setopt(pycurl.NOSIGNAL, 1)
         c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
@@ -164,9 +165,9 @@ class CurlSession:
 
     def request(self, method: str, url: str, headers: Mapping[str, Any], *, body: bytes | bytearray | memoryview | None = None,
                 limit: int | None = None) -> Answer:
-        """Send a GET, or a PUT of `body` (with its Content-Length), to `url` with `headers`; return the
-        answer with at most `limit` bytes of its body (no limit: all of it). `CurlFailure` when no
-        complete answer came."""
+        """Send a GET, a HEAD, or a PUT of `body` (with its Content-Length), to `url` with `headers`;
+        return the answer with at most `limit` bytes of its body (no limit: all of it; a HEAD's is
+        empty). `CurlFailure` when no complete answer came."""
         h = self._handle()
         c = h.curl
         h.lines.clear()
@@ -179,14 +180,20 @@ class CurlSession:
                 sent.append(f"{name}: {value}".encode("latin-1"))
         c.setopt(pycurl.URL, url)
         if method == "PUT":
+            if h.head:
+                c.setopt(pycurl.NOBODY, 0)
+                h.head = False
             h.upload = memoryview(body if body is not None else b"").cast("B")
             h.sent = 0
             c.setopt(pycurl.UPLOAD, 1)
             c.setopt(pycurl.INFILESIZE_LARGE, h.upload.nbytes)
-        elif method == "GET" and body is None:
-            c.setopt(pycurl.HTTPGET, 1)
+        elif method in ("GET", "HEAD") and body is None:
+            c.setopt(pycurl.HTTPGET, 1)  # which also turns a HEAD's no-body setting off
+            h.head = method == "HEAD"
+            if h.head:
+                c.setopt(pycurl.NOBODY, 1)
         else:
-            raise ValueError(f"a CurlSession sends GET and PUT (with a body), not {method}")
+            raise ValueError(f"a CurlSession sends GET, HEAD and PUT (with a body), not {method}")
         c.setopt(pycurl.HTTPHEADER, sent)
         try:
             c.perform()
@@ -219,7 +226,9 @@ def _header_block(lines: list[bytes]) -> tuple[str, Headers]:
     for line in b"".join(lines[start + 1:]).decode("latin-1").split("\r\n"):
         name, sep, value = line.partition(":")
         if sep:
-            name, value = name.strip().lower(), value.strip()
+            # As http.client reads a field (and so the SDKs): the spaces after the colon go, a
+            # value's own trailing spaces stay (S3 metadata values keep them).
+            name, value = name.strip().lower(), value.lstrip(" \t")
             dict.__setitem__(headers, name, f"{dict.__getitem__(headers, name)}, {value}"
                              if dict.__contains__(headers, name) else value)
     return reason, headers

@@ -38,6 +38,7 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from email.utils import parsedate_to_datetime
 from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, urlencode, urlsplit
 from xml.etree import ElementTree
@@ -388,9 +389,11 @@ class S3Store:
         self.pacer.request_ended(throttled)
 
     def close(self) -> None:
-        """Close the HTTP connections of both clients and of the direct requests."""
+        """Close the HTTP connections of both clients and of the direct requests, once the looks
+        at listed objects still running have ended (a listing stopped by an error leaves some:
+        their libcurl handles cannot be closed under them)."""
         if self._details_pool is not None:
-            self._details_pool.shutdown(wait=False, cancel_futures=True)
+            self._details_pool.shutdown(wait=True, cancel_futures=True)
         if self._curl is not None:
             self._curl.close()
         for client in (self._client, self._stream_client_instance):
@@ -500,6 +503,8 @@ class S3Store:
 
     def _head(self, key: str, params: dict[str, Any]) -> Mapping[str, Any]:
         try:
+            if self._direct_ok():
+                return self._direct_head(key, params.get("IfMatch"))
             return self._call(lambda: self._client.head_object(**params), key)
         except BucketNotFound:
             raise
@@ -627,6 +632,39 @@ class S3Store:
 
         return attempts(send, tries=self._max_attempts, backoff=_standard_backoff)
 
+    def _direct_head(self, key: str, if_match: str | None) -> dict[str, Any]:
+        """HeadObject as one request (a source's per-object look, beside GetObjectTagging): what
+        the client's `head_object` answers, the fields `_meta_from_head` reads, from the answer's
+        headers as botocore parses them; its errors (a HEAD's have no body: by status) translated
+        as the client's."""
+        url = f"{self._direct_base}/{quote(key, safe='/~')}"
+        headers = {} if if_match is None else {"If-Match": _quote(if_match)}
+
+        def send() -> dict[str, Any]:
+            answer = self._direct_send("HEAD", url, key, headers, limit=0)
+            if answer.status != 200:
+                raise self._direct_refused(answer, "HeadObject", key)
+            self.pacer.request_ended(None)
+            return _head_fields(answer.headers, self.label, key)
+
+        return attempts(send, tries=self._max_attempts, backoff=_standard_backoff)
+
+    def _direct_tags(self, key: str) -> dict[str, str]:
+        """GetObjectTagging as one request, its XML read as botocore reads it."""
+        url = f"{self._direct_base}/{quote(key, safe='/~')}?tagging"
+
+        def send() -> dict[str, str]:
+            answer = self._direct_send("GET", url, key, {}, limit=TAGGING_BODY)
+            if answer.status != 200:
+                raise self._direct_refused(answer, "GetObjectTagging", key)
+            self.pacer.request_ended(None)
+            if answer.cut:
+                raise TransientError(f"{self.label}: {key!r}: the tag set answered is over {TAGGING_BODY} bytes, "
+                                     "more than S3's 10 tags can take", key=key)
+            return _tag_set(answer.body, self.label, key)
+
+        return attempts(send, tries=self._max_attempts, backoff=_standard_backoff)
+
     def _direct_put(self, key: str, body: bytes | bytearray | memoryview, size: int, params: dict[str, Any],
                     md5: bytes) -> str:
         """PutObject as one request: the headers botocore sends for `params` (Content-MD5 among them;
@@ -688,6 +726,8 @@ class S3Store:
 
     def tags(self, key: str) -> dict[str, str]:
         """The tags of `key` (GetObjectTagging); `NotFound` when it is gone."""
+        if self._direct_ok():
+            return self._direct_tags(key)
         resp = self._call(lambda: self._client.get_object_tagging(Bucket=self.bucket, Key=key), key)
         return {t["Key"]: t["Value"] for t in resp.get("TagSet", ())}
 
@@ -1015,6 +1055,50 @@ def _headers_of(params: Mapping[str, Any]) -> dict[str, str]:
         else:
             headers[_HEADER_OF[name]] = value
     return headers
+
+
+# A GetObjectTagging answer's body at most: 10 tags of a 128-character key and a 256-character
+# value are under 8 KiB of XML even with every character escaped.
+TAGGING_BODY = 64 * 1024
+# What HeadObject's answer headers become in the client's response, as `_meta_from_head` reads it.
+_HEAD_HEADERS = (("ETag", "etag"), ("StorageClass", "x-amz-storage-class"), ("ContentType", "content-type"),
+                 ("ContentEncoding", "content-encoding"), ("CacheControl", "cache-control"),
+                 ("ContentDisposition", "content-disposition"), ("ContentLanguage", "content-language"))
+_META_PREFIX = "x-amz-meta-"
+
+
+def _head_fields(headers: Mapping[str, str], label: str, key: str) -> dict[str, Any]:
+    """HeadObject's answer `headers` as the client's response holds them (the fields `_meta_from_head`
+    reads): sizes as integers, Last-Modified as an aware datetime, user metadata by name after
+    the `x-amz-meta-` prefix."""
+    try:
+        fields: dict[str, Any] = {"ContentLength": int(headers["content-length"])}
+        if "last-modified" in headers:
+            fields["LastModified"] = parsedate_to_datetime(headers["last-modified"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise TransientError(f"{label}: {key!r}: the HEAD answer's Content-Length or Last-Modified cannot be read "
+                             f"({exc})", key=key) from None
+    for field, header in _HEAD_HEADERS:
+        value = headers.get(header)
+        if value is not None:
+            fields[field] = value
+    fields["Metadata"] = {name[len(_META_PREFIX):]: value for name, value in headers.items()
+                          if name.startswith(_META_PREFIX)}
+    return fields
+
+
+def _tag_set(content: bytes, label: str, key: str) -> dict[str, str]:
+    """The tags of a GetObjectTagging answer's XML (any namespace, as botocore reads it)."""
+    try:
+        root = ElementTree.fromstring(content)
+    except ElementTree.ParseError as exc:
+        raise TransientError(f"{label}: {key!r}: the tag set answered is not XML ({exc})", key=key) from None
+    tags = {}
+    for tag in root.iter():
+        if tag.tag.rpartition("}")[2] == "Tag":
+            fields = {child.tag.rpartition("}")[2]: child.text or "" for child in tag}
+            tags[fields.get("Key", "")] = fields.get("Value", "")
+    return tags
 
 
 def _error_of(content: bytes | None) -> dict[str, str]:

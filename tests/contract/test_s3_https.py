@@ -88,7 +88,7 @@ def test_bytes_streams_and_parts_arrive_unchanged_over_https(https_s3):
             assert oracle.get_object(Bucket=bucket, Key=key)["Body"].read() == data
             assert store.read_range(key, 0, len(data)) == data
             assert store.head(key).size == len(data)
-        assert len(sent) >= 8
+        assert len(sent) >= 6  # the streamed puts, the upload's requests, the large reads (HEADs go direct)
         for headers in sent:
             assert "aws-chunked" not in headers.get("content-encoding", "")
             assert "chunked" not in headers.get("transfer-encoding", "")

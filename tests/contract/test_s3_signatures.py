@@ -51,10 +51,12 @@ def store(url: str, key_id: str, secret: str) -> S3Store:
 
 
 def no_client_puts(s3: S3Store, monkeypatch) -> None:
-    """Make sure the bodies go as direct requests: the client's PutObject would fail the test."""
-    def refused(**_kwargs):
-        raise AssertionError("put_object went through the client, not as a direct request")
-    monkeypatch.setattr(s3._client, "put_object", refused)
+    """Make sure the bodies and the looks at objects go as direct requests: the client's
+    PutObject, HeadObject or GetObjectTagging would fail the test."""
+    for operation in ("put_object", "head_object", "get_object_tagging"):
+        def refused(*_args, _operation=operation, **_kwargs):
+            raise AssertionError(f"{_operation} went through the client, not as a direct request")
+        monkeypatch.setattr(s3._client, operation, refused)
 
 
 def test_direct_puts_and_reads_are_signed_as_the_server_checks(checking_moto, monkeypatch):
@@ -69,6 +71,10 @@ def test_direct_puts_and_reads_are_signed_as_the_server_checks(checking_moto, mo
         assert etag == hashlib.md5(body).hexdigest()
         assert client.get_object(Bucket=BUCKET, Key=key)["Body"].read() == body
         assert s3.read_range(key, 7, 20, if_match=etag) == body[7:20]
+        head = s3.head(key)
+        assert (head.size, head.etag, dict(head.metadata)) == (
+            len(body), etag, client.head_object(Bucket=BUCKET, Key=key)["Metadata"])
+        assert s3.tags(key) == {}
 
 
 def test_a_wrong_secret_is_refused_by_name_and_writes_nothing(checking_moto, monkeypatch):
@@ -82,3 +88,7 @@ def test_a_wrong_secret_is_refused_by_name_and_writes_nothing(checking_moto, mon
         client.head_object(Bucket=BUCKET, Key="refused.bin")
     with pytest.raises(AuthError, match="access refused"):  # a direct ranged read, as refused
         s3.read_range(KEYS[0], 0, 5)
+    with pytest.raises(AuthError, match="access refused"):  # a HEAD: no body, refused by its status
+        s3.head(KEYS[0])
+    with pytest.raises(AuthError, match="access refused.*SignatureDoesNotMatch"):
+        s3.tags(KEYS[0])

@@ -36,6 +36,13 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", "0")
         self.end_headers()
 
+    def do_HEAD(self):
+        self._record(b"")
+        self.send_response(200)
+        self.send_header("ETag", '"abc"')
+        self.send_header("Content-Length", "10")  # the object's: no body follows a HEAD's answer
+        self.end_headers()
+
     def do_GET(self):
         self._record(b"")
         if self.path == "/big":
@@ -94,8 +101,21 @@ def test_only_the_given_headers_and_the_body_are_sent_and_the_method_does_not_ca
         "content-length", "content-md5", "host", "user-agent", "x-amz-meta-a"]
     assert dict(put["headers"])["Content-Length"] == "5" and dict(put["headers"])["User-Agent"] == "exitplan"
     assert get["method"] == "GET" and sorted(name.lower() for name, _ in get["headers"]) == ["host", "range", "user-agent"]
-    with pytest.raises(ValueError, match="GET and PUT"):
+    with pytest.raises(ValueError, match="GET, HEAD and PUT"):
         curl.request("DELETE", f"{url}/k", {})
+
+
+def test_a_head_reads_no_body_and_the_requests_after_it_are_not_heads(server):
+    url, seen = server
+    curl = _session()
+    answer = curl.request("HEAD", f"{url}/k", {"x-amz-date": "d"})
+    assert (answer.status, answer.body, answer.headers["content-length"], answer.headers["etag"]) == (200, b"", "10", '"abc"')
+    answer = curl.request("GET", f"{url}/k", {"Range": "bytes=0-3"})
+    assert (answer.status, answer.body) == (206, b"0123")
+    curl.request("HEAD", f"{url}/k", {})
+    assert curl.request("PUT", f"{url}/k", {}, body=b"after").status == 200
+    assert [(r["method"], r["body"]) for r in seen] == [("HEAD", b""), ("GET", b""), ("HEAD", b""), ("PUT", b"after")]
+    assert len({r["peer"] for r in seen}) == 1  # one connection throughout: every answer was read whole
 
 
 def test_a_thread_keeps_its_connection_and_threads_have_their_own(server):
