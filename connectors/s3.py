@@ -19,8 +19,9 @@ Content-MD5 having been accepted by the server.
 What the provider's multipart API answers comes from its profile (`SinkBehaviour`): an operation
 it does not implement is not sent (`Unsupported`), and a 405 / 501 answer is `Unsupported` too.
 
-A PutObject of at most `DIRECT_MAX_BYTES` from memory and a GetObject of a range that small go as
-one direct request each (`_direct_put`, `_direct_get`): signed as botocore signs
+A PutObject of at most `DIRECT_MAX_BYTES` from memory, a GetObject of a range that small, and the
+HeadObject and GetObjectTagging a source sends for each listed object go as one direct request each
+(`_direct_put`, `_direct_get`, `_direct_head`, `_direct_tags`): signed as botocore signs
 (connectors/signing.py), sent on libcurl with botocore's HTTP session's settings, the headers
 botocore would send, its standard retries; the small-object path's cost was mostly
 botocore's per-request machinery (docs/DESIGN.md). A profile's `direct_requests: false` turns them off.
