@@ -148,7 +148,11 @@ class _SftpEndpoint(_Model):
     `certificate_file`, `certificate_env` or `certificate_block`. A
     password (`password_env` / `password_block`) is used only with `auth: password`. No SSH agent
     is consulted, nothing is forwarded. `connections`: SSH connections opened to the server (one
-    SFTP session each; each read or write holds one while it runs).
+    SFTP session each; each read or write holds one while it runs). `transport`: what carries
+    them: `openssh`, the OpenSSH client (`ssh`, in a process per connection: the SSH protocol in
+    C, about half the CPU per GB), `paramiko` (in Python, in exitplan's process), or `auto` (the
+    default): OpenSSH when it is installed and the login is by key, paramiko otherwise. Either
+    way the host key is checked against the pin by exitplan first (connectors/openssh.py).
     """
 
     host: str = Field(min_length=1)
@@ -169,6 +173,7 @@ class _SftpEndpoint(_Model):
     password_env: EnvVarName | None = None
     password_block: SecretBlockRef | None = None
     connections: int = Field(8, ge=1, le=64)
+    transport: Literal["auto", "openssh", "paramiko"] = "auto"
 
     @field_validator("root")
     @classmethod

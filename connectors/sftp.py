@@ -62,6 +62,7 @@ import posixpath
 import queue
 import socket
 import stat as stat_mode
+import struct
 import threading
 import uuid
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ from paramiko.sftp import (
     int64,
 )
 
+from .openssh import OpenSshLauncher, OpenSshUnavailable, SshPipe, openssh_path, unencrypted_key
 from .base import (
     FILE_CONTROL_DIR,
     AuthError,
@@ -125,11 +127,17 @@ _WRITE_WINDOW = 64
 _WRITE_HEADER = 4 + 1 + 4 + 4 + 8 + 4
 _CHANNEL_MARGIN = 64
 # Reads: the size of one SFTP read request at most (paramiko's default is 32 KiB; a server that
-# states a lower limit, OpenSSH's 261,120 bytes, gets that: `read_request_size`) and how many are in
+# states a lower limit, OpenSSH's 261,120 bytes, gets that: `server_limits`) and how many are in
 # flight per session. The window bounds what a read buffers beyond the range asked for: nothing
 # (requests never reach past the range).
 _READ_REQUEST = 256 * 1024
 _READ_WINDOW = 32
+# Writes over an OpenSSH client's pipe (connectors/openssh.py): each request as large as the server
+# takes (`max-write-length`: 261,120 bytes with OpenSSH; 32 KiB where a server does not say), and
+# about this many bytes in flight per session.
+_PIPE_WRITE_DEFAULT = 32 * 1024
+_PIPE_WRITE_IN_FLIGHT = 4 * 1024 * 1024
+TRANSPORTS = ("auto", "openssh", "paramiko")
 _CONNECT_TIMEOUT = 20.0
 
 
@@ -344,7 +352,7 @@ class SftpStore:
 
     def __init__(self, host: str, port: int, root: str, login: SftpLogin, pin: HostKeyPin, *,
                  limits: SinkLimits | None = None, connections: int = 4, label: str | None = None,
-                 connect_timeout: float = _CONNECT_TIMEOUT):
+                 connect_timeout: float = _CONNECT_TIMEOUT, transport: str = "auto"):
         if not root.startswith("/"):
             raise ConfigError(f"sftp://{host}:{port}: the root {root!r} must be an absolute path on the server")
         if not (pin.known_hosts or pin.fingerprints):
@@ -365,8 +373,13 @@ class SftpStore:
             attach_certificate(self._pkey, login.certificate, self.label)
         if self._pkey is None and login.password is None:
             raise AuthError(f"{self.label}: no private key and no password given; set the key's variable or block")
+        if transport not in TRANSPORTS:
+            raise ConfigError(f"{self.label}: unknown SSH transport {transport!r}; use one of {', '.join(TRANSPORTS)}")
         self._sessions = _Sessions(self._connect, connections)
+        self._launcher: OpenSshLauncher | None = None
+        self._host_key: paramiko.PKey | None = None  # the server's, as checked against the pin
         self.read_request = _READ_REQUEST  # what one read asks for: the server's limit once known
+        self.max_write = 0  # what one write request of an OpenSSH session carries (0: not stated)
         self._limits_asked = False
         self._fsync_offered = True  # likewise
         self._prefix = uuid.uuid4().hex[:12] + "-"
@@ -375,10 +388,58 @@ class SftpStore:
         # Connect now: a refused host key or a wrong key is a configuration error at open time.
         with self._sessions.borrow():
             pass
+        if transport != "paramiko":
+            self._use_openssh(transport == "openssh", connections)
+
+    @property
+    def transport(self) -> str:
+        """What carries the SSH connections: "openssh" (the `ssh` client) or "paramiko"."""
+        return "openssh" if self._launcher is not None else "paramiko"
 
     # ---- connections ------------------------------------------------------------------------
 
-    def _connect(self) -> tuple[paramiko.Transport, paramiko.SFTPClient]:
+    def _use_openssh(self, required: bool, connections: int) -> None:
+        """Carry the sessions with the OpenSSH client from now on (connectors/openssh.py), once the
+        paramiko session opened first has checked the host key and the login: its sessions are
+        closed. Where `ssh` cannot be used, paramiko goes on (said in the log), or, when the
+        configuration asks for OpenSSH (`required`), `ConfigError` says why."""
+        ssh = openssh_path()
+        why = None
+        if ssh is None:
+            why = "the OpenSSH client (`ssh`, Debian's openssh-client) is not installed, or this is not Linux"
+        elif self._pkey is None:
+            why = "a password login is made by paramiko only"
+        else:
+            try:
+                key = unencrypted_key(self._login.private_key, self._login.passphrase)
+                launcher = OpenSshLauncher(ssh, self.host, self.port, self._login.username, self._host_key, key,
+                                           self._login.certificate, self._timeout)
+            except OpenSshUnavailable as exc:
+                why = str(exc)
+        if why is None:
+            paramiko_sessions, self._sessions = self._sessions, _Sessions(self._connect, connections)
+            self._launcher = launcher
+            try:
+                with self._sessions.borrow():
+                    pass
+            except ConnectorError as exc:
+                self._sessions.close()
+                self._sessions, self._launcher = paramiko_sessions, None
+                launcher.close()
+                if required or isinstance(exc, (AuthError, ConfigError)):
+                    raise
+                why = str(exc)
+            else:
+                paramiko_sessions.close()
+                return
+        if required:
+            raise ConfigError(f"{self.label}: `transport: openssh` cannot be used: {why}; install openssh-client "
+                              "or set `transport: paramiko`")
+        log.info("%s: SSH sessions carried by paramiko (%s)", self.label, why)
+
+    def _connect(self) -> tuple[paramiko.Transport | SshPipe, paramiko.SFTPClient]:
+        if self._launcher is not None:
+            return self._connect_openssh(self._launcher)
         where = self.label
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self._timeout)
@@ -396,6 +457,7 @@ class SftpStore:
                 options.key_types = tuple(pinned + [t for t in options.key_types if t not in pinned])
             transport.start_client(timeout=self._timeout)
             self._pin.check(self.host, self.port, transport.get_remote_server_key(), where)
+            self._host_key = transport.get_remote_server_key()
             if self._pkey is not None:
                 transport.auth_publickey(self._login.username, self._pkey)
             else:
@@ -404,9 +466,7 @@ class SftpStore:
             if client is None:
                 raise TransientError(f"{where}: the server opened no SFTP session")
             client.get_channel().settimeout(120.0)
-            if not self._limits_asked:
-                self._limits_asked = True
-                self.read_request = read_request_size(client)
+            self._ask_limits(client)
             return transport, client
         except paramiko.AuthenticationException as exc:
             transport.close()
@@ -419,8 +479,36 @@ class SftpStore:
             transport.close()
             raise TransientError(f"{where}: SSH connection failed ({exc})") from None
 
+    def _ask_limits(self, client: paramiko.SFTPClient) -> None:
+        if not self._limits_asked:
+            self._limits_asked = True
+            max_read, self.max_write = server_limits(client)
+            self.read_request = min(_READ_REQUEST, max_read) if max_read > 0 else _READ_REQUEST
+
+    def _connect_openssh(self, launcher: OpenSshLauncher) -> tuple[SshPipe, paramiko.SFTPClient]:
+        """One SFTP session through a new `ssh` process; what `ssh` said, translated, when it
+        could not open one (a refused login or host key stops here as at the first connection)."""
+        pipe = launcher.start()
+        try:
+            client = paramiko.SFTPClient(pipe)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            words = pipe.close() or str(exc)
+            where = f"{self.label}: ssh"
+            if "Permission denied" in words:
+                raise AuthError(f"{where}: the server refused the login of {self._login.username!r} ({words})") from None
+            if "host key" in words.lower() or "HOST IDENTIFICATION" in words:
+                raise HostKeyRefused(f"{where}: the server's host key is not the one checked at the first connection "
+                                     f"({words}); refused") from None
+            raise TransientError(f"{where}: no SFTP session ({words})") from None
+        pipe.settimeout(120.0)
+        self._ask_limits(client)
+        pipe.max_write = min(self.max_write, 255 * 1024) if self.max_write > 0 else _PIPE_WRITE_DEFAULT
+        return pipe, client
+
     def close(self) -> None:
         self._sessions.close()
+        if self._launcher is not None:
+            self._launcher.close()
 
     def session(self) -> contextlib.AbstractContextManager[paramiko.SFTPClient]:
         """One SFTP session of the pool, lent to this thread (what paramiko raises is the
@@ -1028,19 +1116,19 @@ class _Replies:
         self.by_number[num] = (t, msg)
 
 
-def read_request_size(sftp: paramiko.SFTPClient) -> int:
-    """How many bytes one read request asks for: `_READ_REQUEST`, or less when the server says
-    (`limits@openssh.com`) it answers less. OpenSSH answers at most 261,120 bytes: asking it for
+def server_limits(sftp: paramiko.SFTPClient) -> tuple[int, int]:
+    """The most bytes the server answers to one read and takes in one write, as it says them
+    (`limits@openssh.com`; 0: not stated). OpenSSH answers at most 261,120 bytes: asking it for
     256 KiB made every answer short and cost a second request, waited for at once, per read."""
     try:
         t, msg = sftp._request(CMD_EXTENDED, "limits@openssh.com")
     except IOError:  # a server without the extension: it answers what it answers (short reads are asked again)
-        return _READ_REQUEST
+        return 0, 0
     if t != CMD_EXTENDED_REPLY:
-        return _READ_REQUEST
+        return 0, 0
     msg.get_int64()  # max-packet-length
-    max_read = msg.get_int64()  # 0: no limit stated
-    return min(_READ_REQUEST, max_read) if max_read > 0 else _READ_REQUEST
+    max_read = msg.get_int64()
+    return max_read, msg.get_int64()
 
 
 def pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: int,
@@ -1103,24 +1191,51 @@ class PipelinedWriter:
 
     def __init__(self, sftp: paramiko.SFTPClient, handle: bytes, offset: int = 0):
         self.sftp, self.handle, self.offset = sftp, handle, offset
-        self.request = max(4096, sftp.get_channel().out_max_packet_size - _CHANNEL_MARGIN - _WRITE_HEADER
-                           - len(handle))
+        pipe = sftp.sock if isinstance(sftp.sock, SshPipe) else None
+        self._pipe = pipe
+        if pipe is not None:  # an OpenSSH session: requests as large as the server takes, sent uncopied
+            self.request = pipe.max_write
+            self._window = max(2, _PIPE_WRITE_IN_FLIGHT // self.request)
+            self._handle_field = struct.pack(">I", len(handle)) + handle
+        else:
+            self.request = max(4096, sftp.get_channel().out_max_packet_size - _CHANNEL_MARGIN - _WRITE_HEADER
+                               - len(handle))
+            self._window = _WRITE_WINDOW
         self._replies = _Replies()
         self._pending: collections.deque[int] = collections.deque()
         self._closed = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
         for start in range(0, len(view), self.request):
-            if len(self._pending) >= _WRITE_WINDOW:
+            if len(self._pending) >= self._window:
                 try:
                     self._status(self._pending.popleft())
                 except (IOError, EOFError):
                     self._drain()
                     raise
-            chunk = bytes(view[start:start + self.request])
-            self._pending.append(self._send(CMD_WRITE, self.handle, int64(self.offset), chunk))
+            if self._pipe is not None:
+                chunk = view[start:start + self.request]
+                self._pending.append(self._send_write(chunk))
+            else:
+                chunk = bytes(view[start:start + self.request])
+                self._pending.append(self._send(CMD_WRITE, self.handle, int64(self.offset), chunk))
             self.offset += len(chunk)
+
+    def _send_write(self, chunk: memoryview) -> int:
+        """An SFTP write request of `chunk` at the current offset, framed here and handed to the
+        `ssh` process as it is (no copy); its request number, registered as paramiko registers
+        its own (`SFTPClient._async_request`), so that its answer comes back to `_replies`."""
+        sftp = self.sftp
+        with sftp._lock:
+            num = sftp.request_number
+            sftp._expecting[num] = self._replies
+            sftp.request_number += 1
+        n = chunk.nbytes
+        header = (struct.pack(">IBI", 1 + 4 + len(self._handle_field) + 12 + n, CMD_WRITE, num) + self._handle_field
+                  + struct.pack(">QI", self.offset, n))
+        self._pipe.send_parts((header, chunk))
+        return num
 
     def write_all(self, chunks: Iterable[bytes | bytearray | memoryview]) -> None:
         """Write each of `chunks` in turn; on any failure (a refused write, or the caller's

@@ -109,7 +109,8 @@ def open_sftp(loaded: LoadedConfig, field: str, cfg: SftpSourceConfig | SftpDest
     pin = HostKeyPin(known_hosts=_config_relative(loaded, cfg.known_hosts) if cfg.known_hosts else None,
                      fingerprints=tuple(cfg.host_key_fingerprints))
     path = "/".join(p for p in (cfg.root.rstrip("/"), directory) if p) or "/"
-    return SftpStore(cfg.host, cfg.port, path, login, pin, limits=limits, connections=cfg.connections, label=label or f"sftp:{cfg.host}:{cfg.port}{path}")
+    return SftpStore(cfg.host, cfg.port, path, login, pin, limits=limits, connections=cfg.connections,
+                     label=label or f"sftp:{cfg.host}:{cfg.port}{path}", transport=cfg.transport)
 
 
 def check_connection_string_unchanged(loaded: LoadedConfig, source: str, conn: str) -> None:

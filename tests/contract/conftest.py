@@ -1,7 +1,8 @@
 """Fixtures of the contract suite: one harness per connector kind, the fault proxy, fresh buckets.
 
 `source_harness` runs memory, Azurite, the S3 server (moto), the second S3 server (ministack) and the
-SFTP server (OpenSSH); `sink_harness` runs the same list and skips
+SFTP server (OpenSSH's sshd, reached through the OpenSSH client and through paramiko);
+`sink_harness` runs the same list and skips
 a connector that states ``"sink"`` in its `unsupported` set (Azure). Harnesses live in
 contract_support.py.
 """
@@ -29,16 +30,18 @@ def _harness(request, name: str):
         return S3Harness(request.getfixturevalue("ministack_server").url, name="ministack")
     if name == "sftp":
         return SftpHarness(request.getfixturevalue("sshd"))
+    if name == "sftp-paramiko":
+        return SftpHarness(request.getfixturevalue("sshd"), transport="paramiko")
     raise AssertionError(name)
 
 
-@pytest.fixture(params=["memory", "azurite", "s3", "ministack", "sftp"])
+@pytest.fixture(params=["memory", "azurite", "s3", "ministack", "sftp", "sftp-paramiko"])
 def source_harness(request):
     """A fresh, empty store of each kind, read through its connector."""
     return _harness(request, request.param)
 
 
-@pytest.fixture(params=["memory", "azurite", "s3", "ministack", "sftp"])
+@pytest.fixture(params=["memory", "azurite", "s3", "ministack", "sftp", "sftp-paramiko"])
 def sink_harness(request):
     """A fresh, empty store of each kind that can be a destination (others skip with their reason)."""
     harness = _harness(request, request.param)

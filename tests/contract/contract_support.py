@@ -181,14 +181,14 @@ class S3Harness:
 
 
 class SftpHarness:
-    """A fresh directory on the test sshd, read and written through `SftpStore`; seeded and read
-    back on the server's own file system (the sshd serves this machine's disk), with the sidecar
-    metadata file written as connectors/sftp.py documents it."""
+    """A fresh directory on the test sshd, read and written through `SftpStore` with its sessions
+    carried by `transport`; seeded and read back on the server's own file system (the sshd serves
+    this machine's disk), with the sidecar metadata file written as connectors/sftp.py documents it."""
 
-    name = "sftp"
-
-    def __init__(self, layout):
+    def __init__(self, layout, transport: str = "openssh"):
         self.layout = layout
+        self.transport = transport  # what carries the SSH connections: "openssh" or "paramiko"
+        self.name = "sftp" if transport == "openssh" else f"sftp-{transport}"
         self.dir = layout.root / unique_name()
         self.dir.mkdir()
 
@@ -196,6 +196,7 @@ class SftpHarness:
         from connectors.sftp import HostKeyPin, SftpLogin, SftpStore
 
         kwargs.setdefault("limits", SinkLimits())
+        kwargs.setdefault("transport", self.transport)
         return SftpStore(lp.LOOPBACK, self.layout.port, str(root),
                          SftpLogin(self.layout.username, self.layout.user_key.read_text()),
                          HostKeyPin(known_hosts=str(self.layout.known_hosts)), connections=2, **kwargs)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import struct
 import subprocess
 
 import pytest
@@ -20,9 +21,10 @@ from tests.contract.contract_support import SftpHarness, md5
 MiB = 1024 * 1024
 
 
-@pytest.fixture
-def harness(sshd):
-    return SftpHarness(sshd)
+@pytest.fixture(params=["openssh", "paramiko"])
+def harness(sshd, request):
+    """A fresh directory, its stores' sessions carried by each transport in turn."""
+    return SftpHarness(sshd, transport=request.param)
 
 
 def _fingerprint(pub_path) -> str:
@@ -30,13 +32,13 @@ def _fingerprint(pub_path) -> str:
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
 
 
-def _store(sshd, root, pin: HostKeyPin, login: SftpLogin | None = None) -> SftpStore:
+def _store(sshd, harness, pin: HostKeyPin, login: SftpLogin | None = None) -> SftpStore:
     login = login or SftpLogin(sshd.username, sshd.user_key.read_text())
-    return SftpStore(lp.LOOPBACK, sshd.port, str(root), login, pin, connections=1)
+    return SftpStore(lp.LOOPBACK, sshd.port, str(harness.dir), login, pin, connections=1, transport=harness.transport)
 
 
 def test_a_pinned_fingerprint_is_accepted(sshd, harness):
-    store = _store(sshd, harness.dir, HostKeyPin(fingerprints=(_fingerprint(f"{sshd.host_key}.pub"),)))
+    store = _store(sshd, harness, HostKeyPin(fingerprints=(_fingerprint(f"{sshd.host_key}.pub"),)))
     assert list(store.list()) == []
 
 
@@ -45,14 +47,14 @@ def test_an_unknown_host_key_is_refused_before_logging_in(sshd, harness, tmp_pat
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
 
     with pytest.raises(HostKeyRefused) as info:
-        _store(sshd, harness.dir, HostKeyPin(fingerprints=(_fingerprint(f"{other}.pub"),)))
+        _store(sshd, harness, HostKeyPin(fingerprints=(_fingerprint(f"{other}.pub"),)))
     assert "unknown" in str(info.value) and _fingerprint(f"{sshd.host_key}.pub") in str(info.value)
     assert isinstance(info.value, ConfigError)
 
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     with pytest.raises(HostKeyRefused):
-        _store(sshd, harness.dir, HostKeyPin(known_hosts=str(empty)))
+        _store(sshd, harness, HostKeyPin(known_hosts=str(empty)))
 
 
 def test_a_changed_host_key_is_refused(sshd, harness, tmp_path):
@@ -65,13 +67,13 @@ def test_a_changed_host_key_is_refused(sshd, harness, tmp_path):
     known.write_text(f"[{lp.LOOPBACK}]:{sshd.port} {kind} {blob}\n")
 
     with pytest.raises(HostKeyRefused) as info:
-        _store(sshd, harness.dir, HostKeyPin(known_hosts=str(known)))
+        _store(sshd, harness, HostKeyPin(known_hosts=str(known)))
     assert "NOT the one pinned" in str(info.value)
 
 
 def test_no_pin_at_all_is_a_configuration_error(sshd, harness):
     with pytest.raises(ConfigError):
-        _store(sshd, harness.dir, HostKeyPin())
+        _store(sshd, harness, HostKeyPin())
 
 
 def test_a_key_the_server_does_not_know_and_a_password_are_refused(sshd, harness, tmp_path):
@@ -79,9 +81,9 @@ def test_a_key_the_server_does_not_know_and_a_password_are_refused(sshd, harness
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True)
     pin = HostKeyPin(known_hosts=str(sshd.known_hosts))
     with pytest.raises(AuthError):
-        _store(sshd, harness.dir, pin, SftpLogin(sshd.username, stranger.read_text()))
+        _store(sshd, harness, pin, SftpLogin(sshd.username, stranger.read_text()))
     with pytest.raises(AuthError):  # the lab's sshd is key-only
-        _store(sshd, harness.dir, pin, SftpLogin(sshd.username, password="guess"))
+        _store(sshd, harness, pin, SftpLogin(sshd.username, password="guess"))
 
 
 def test_an_encrypted_key_needs_its_passphrase(sshd, harness, tmp_path):
@@ -89,11 +91,11 @@ def test_an_encrypted_key_needs_its_passphrase(sshd, harness, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "s3cret phrase", "-f", str(locked)], check=True)
     pin = HostKeyPin(known_hosts=str(sshd.known_hosts))
     with pytest.raises(AuthError) as info:
-        _store(sshd, harness.dir, pin, SftpLogin(sshd.username, locked.read_text()))
+        _store(sshd, harness, pin, SftpLogin(sshd.username, locked.read_text()))
     assert "passphrase" in str(info.value)
     # With it, the key is read; the server does not know it, so the login itself is refused.
     with pytest.raises(AuthError) as info:
-        _store(sshd, harness.dir, pin, SftpLogin(sshd.username, locked.read_text(), passphrase="s3cret phrase"))
+        _store(sshd, harness, pin, SftpLogin(sshd.username, locked.read_text(), passphrase="s3cret phrase"))
     assert "refused the login" in str(info.value)
 
 
@@ -109,11 +111,11 @@ def _signed(sshd, tmp_path, name: str, *sign_args: str) -> tuple[str, str]:
 def test_a_key_certified_by_the_trusted_user_ca_logs_in(sshd, harness, tmp_path):
     pin = HostKeyPin(known_hosts=str(sshd.known_hosts))
     key, certificate = _signed(sshd, tmp_path, "certified", "-n", sshd.username, "-V", "-5m:+1h")
-    store = _store(sshd, harness.dir, pin, SftpLogin(sshd.username, key, certificate=certificate))
+    store = _store(sshd, harness, pin, SftpLogin(sshd.username, key, certificate=certificate))
     assert list(store.list()) == []
     # The same key without its certificate is a stranger to the server.
     with pytest.raises(AuthError):
-        _store(sshd, harness.dir, pin, SftpLogin(sshd.username, key))
+        _store(sshd, harness, pin, SftpLogin(sshd.username, key))
 
 
 @pytest.mark.parametrize("sign_args", [("-n", "somebody-else"), ("-n", "{user}", "-V", "20200101:20200102")],
@@ -122,7 +124,7 @@ def test_a_certificate_the_server_does_not_accept_is_refused(sshd, harness, tmp_
     pin = HostKeyPin(known_hosts=str(sshd.known_hosts))
     key, certificate = _signed(sshd, tmp_path, "refused", *(a.format(user=sshd.username) for a in sign_args))
     with pytest.raises(AuthError) as info:
-        _store(sshd, harness.dir, pin, SftpLogin(sshd.username, key, certificate=certificate))
+        _store(sshd, harness, pin, SftpLogin(sshd.username, key, certificate=certificate))
     assert "refused the login" in str(info.value)
 
 
@@ -135,7 +137,7 @@ def test_a_certificate_of_another_kind_of_key_is_named(sshd, harness, tmp_path):
     for certificate, fragment in (((tmp_path / "rsa-cert.pub").read_text(), "not a certificate of the ssh-ed25519"),
                                   ("not a certificate", "cannot be read")):
         with pytest.raises(AuthError) as info:
-            _store(sshd, harness.dir, pin, SftpLogin(sshd.username, sshd.user_key.read_text(), certificate=certificate))
+            _store(sshd, harness, pin, SftpLogin(sshd.username, sshd.user_key.read_text(), certificate=certificate))
         assert fragment in str(info.value)
 
 
@@ -372,13 +374,27 @@ def test_a_refused_write_fails_the_put_and_leaves_the_session_usable(harness, mo
                 args = (b"no-such-handle",) + args[1:]  # the server answers "failure"
         return real(self, fileobj, t, *args)
 
+    real_pipe_write = sftp_module.PipelinedWriter._send_write
+
+    def refuse_third_pipe_write(self, chunk):  # an OpenSSH session's writes are framed by the writer
+        refused.append(1)
+        if len(refused) != 3:
+            return real_pipe_write(self, chunk)
+        field, self._handle_field = self._handle_field, struct.pack(">I", 14) + b"no-such-handle"
+        try:
+            return real_pipe_write(self, chunk)
+        finally:
+            self._handle_field = field
+
     monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_async_request", refuse_third_write)
+    monkeypatch.setattr(sftp_module.PipelinedWriter, "_send_write", refuse_third_pipe_write)
     data = os.urandom(MiB)
     with pytest.raises(Exception) as info:
         store.put("refused.bin", data, len(data), WriteMeta(), md5(data))
     assert "refused.bin" in str(info.value)
     assert not (harness.dir / "refused.bin").exists()
     assert os.listdir(harness.dir / ".exitplan-sftp" / "tmp") == []
+    assert len(refused) >= 3
     store.put("next.bin", data, len(data), WriteMeta(), md5(data))
     assert harness.raw_read("next.bin") == data
 

@@ -1,0 +1,219 @@
+"""SFTP sessions carried by the OpenSSH client (`ssh -s ... sftp`), for `connectors.sftp`.
+
+paramiko does the SSH protocol in Python: about 90 µs of CPU per 32 KiB SSH packet, under the
+GIL, plus a thread hand-off for every answer (bench/README.md). The OpenSSH client does it in C, in
+a process of its own: exitplan's process then only frames SFTP requests (up to the server's
+`max-write-length`, 255 KiB with OpenSSH, instead of one SSH packet each) and hands their bytes to
+the `ssh` process over a socket pair, without copying them (`SshPipe.send_parts`). paramiko's
+`SFTPClient` still speaks SFTP over that pipe, so every operation of the connector is the same on
+both transports.
+
+What the `ssh` process is given, and how (`OpenSshLauncher`):
+
+- the host key: exactly the key the store checked against its pin with paramiko when it opened
+  (`HostKeyPin`: a known_hosts file or fingerprints), written as the only known_hosts entry, with
+  `StrictHostKeyChecking=yes` and `HostKeyAlgorithms` limited to that key's type: a server
+  presenting any other key is refused by `ssh` as by the store;
+- the private key (decrypted when it has a passphrase: `ssh` runs with `BatchMode=yes` and asks
+  nothing), the certificate and the known_hosts entry are memory files (`memfd_create`), read by
+  `ssh` through `/proc/<pid>/fd/<n>`: no key is ever written to disk, none is in the command line
+  or the environment;
+- no configuration file (`-F /dev/null`), no agent, no forwarding of any kind, no X11, no
+  compression, no local command; `BatchMode=yes`.
+
+Linux only (memory files, /proc); `connectors.sftp` falls back to paramiko elsewhere, when `ssh`
+is not installed, for a password login, or where the private key cannot be handed over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from typing import Sequence
+
+from cryptography.hazmat.primitives import serialization
+
+SSH = "ssh"
+# How long `ssh` is given to exit once its pipe is closed, then to die once told to.
+_EXIT_WAIT = 5.0
+# Host key algorithms for a key of each type (an RSA key signs with SHA-2 since OpenSSH 8.8).
+_HOST_KEY_ALGORITHMS = {"ssh-rsa": "rsa-sha2-512,rsa-sha2-256"}
+
+
+class OpenSshUnavailable(Exception):
+    """Why the OpenSSH client cannot carry this store's sessions (the store says it and uses paramiko)."""
+
+
+def openssh_path() -> str | None:
+    """The `ssh` client on PATH, where memory files exist to hand it a key (Linux); None otherwise."""
+    if not hasattr(os, "memfd_create") or not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+        return None
+    return shutil.which(SSH)
+
+
+def _memory_file(name: str, data: bytes) -> int:
+    """A file in memory only (never on disk) holding `data`, readable by this user alone."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def unencrypted_key(text: str, passphrase: str | None) -> bytes:
+    """The private key in `text` as `ssh` can read it without asking: as given when it has no
+    passphrase, otherwise decrypted and written in OpenSSH's format (into a memory file only)."""
+    if passphrase is None:
+        return text.encode("ascii")
+    data, password = text.encode("ascii"), passphrase.encode()
+    try:
+        key = serialization.load_ssh_private_key(data, password)
+    except (ValueError, TypeError, serialization.UnsupportedAlgorithm):
+        try:
+            key = serialization.load_pem_private_key(data, password)
+        except (ValueError, TypeError, serialization.UnsupportedAlgorithm) as exc:
+            raise OpenSshUnavailable(f"the private key cannot be handed to ssh ({exc})") from None
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                             serialization.NoEncryption())
+
+
+class SshPipe:
+    """The socket between this process and one `ssh` process, as paramiko's `SFTPClient` uses a
+    channel (`send`, `recv`, `settimeout`, `close`), plus `send_parts` (several buffers, no copy)."""
+
+    def __init__(self, sock: socket.socket, process: subprocess.Popen, errors):
+        self._sock = sock
+        self.process = process
+        self._errors = errors  # ssh's stderr (a temporary file)
+        self.max_write = 0  # the data one SFTP write request carries at most (the store sets it)
+
+    def send(self, data) -> int:
+        self._sock.sendall(data)
+        return len(data)
+
+    def send_parts(self, parts: Sequence[bytes | memoryview]) -> None:
+        """Send every byte of `parts`, in order, in as few system calls as the socket takes."""
+        views = [memoryview(p).cast("B") for p in parts]
+        while views:
+            sent = self._sock.sendmsg(views)
+            while views and sent >= views[0].nbytes:
+                sent -= views[0].nbytes
+                views.pop(0)
+            if views and sent:
+                views[0] = views[0][sent:]
+
+    def recv(self, n: int) -> bytes:
+        return self._sock.recv(n)
+
+    def recv_into(self, buffer, n: int) -> int:
+        return self._sock.recv_into(buffer, n)
+
+    def settimeout(self, seconds: float | None) -> None:
+        self._sock.settimeout(seconds)
+
+    def get_name(self) -> str:
+        return "ssh"
+
+    def is_active(self) -> bool:
+        return self.process.poll() is None
+
+    def stderr(self) -> str:
+        """What `ssh` wrote on its standard error so far (its reason when it exits), one line."""
+        try:
+            self._errors.seek(0)
+            text = self._errors.read(4096).decode("utf-8", "replace")
+        except (OSError, ValueError):
+            return ""
+        return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+    def close(self) -> str:
+        """Close the pipe, then wait for `ssh` to exit (told to, then killed, if it does not); what
+        it wrote on its standard error (its reason, when it failed)."""
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        process = self.process
+        try:
+            process.wait(_EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(_EXIT_WAIT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        words = self.stderr()
+        with contextlib.suppress(OSError, ValueError):
+            self._errors.close()
+        return words
+
+
+class OpenSshLauncher:
+    """Starts `ssh` processes to one server for one user, each carrying one SFTP session (module
+    docstring: what it is given). `host_key` is the server's key as paramiko saw and checked it."""
+
+    def __init__(self, ssh: str, host: str, port: int, username: str, host_key, private_key: bytes,
+                 certificate: str | None, connect_timeout: float):
+        self._fds: list[int] = []
+        try:
+            key_type = host_key.get_name()
+            name = host if port == 22 else f"[{host}]:{port}"
+            known = f"{name} {key_type} {host_key.get_base64()}\n".encode("ascii")
+            files = {"IdentityFile": _memory_file("exitplan-ssh-key", private_key),
+                     "UserKnownHostsFile": _memory_file("exitplan-known-hosts", known)}
+            if certificate is not None:
+                files["CertificateFile"] = _memory_file("exitplan-ssh-cert", certificate.strip().encode("ascii") + b"\n")
+            self._fds = list(files.values())
+        except BaseException:
+            self.close()
+            raise
+        pid = os.getpid()
+        options = {
+            **{option: f"/proc/{pid}/fd/{fd}" for option, fd in files.items()},
+            "BatchMode": "yes", "IdentitiesOnly": "yes", "IdentityAgent": "none", "PasswordAuthentication": "no",
+            "KbdInteractiveAuthentication": "no", "GlobalKnownHostsFile": "/dev/null",
+            "StrictHostKeyChecking": "yes", "HostKeyAlgorithms": _HOST_KEY_ALGORITHMS.get(key_type, key_type),
+            "CheckHostIP": "no", "UpdateHostKeys": "no", "ForwardAgent": "no", "ForwardX11": "no",
+            "ClearAllForwardings": "yes", "PermitLocalCommand": "no", "Compression": "no",
+            "ConnectTimeout": str(max(1, round(connect_timeout))), "ServerAliveInterval": "30",
+            "ServerAliveCountMax": "4", "LogLevel": "ERROR",
+            # AES-GCM first: one pass with AES-NI, no separate MAC (as the paramiko sessions ask).
+            "Ciphers": "^aes128-gcm@openssh.com,aes256-gcm@openssh.com",
+        }
+        self.argv = [ssh, "-F", "/dev/null", "-T", "-x", "-a",
+                     *(arg for option, value in options.items() for arg in ("-o", f"{option}={value}")),
+                     "-p", str(port), "-l", username, "-s", "--", host, "sftp"]
+        # What ssh inherits: no agent socket, no askpass program, no display.
+        self._env = {k: v for k, v in os.environ.items()
+                     if k not in ("SSH_AUTH_SOCK", "SSH_ASKPASS", "SSH_ASKPASS_REQUIRE", "DISPLAY")}
+
+    def start(self) -> SshPipe:
+        """One `ssh` process, its SFTP subsystem requested; the pipe to it (the SFTP version
+        exchange is the caller's: paramiko's `SFTPClient`)."""
+        ours, theirs = socket.socketpair()
+        errors = tempfile.TemporaryFile()
+        try:
+            process = subprocess.Popen(self.argv, stdin=theirs, stdout=theirs, stderr=errors, env=self._env,
+                                       close_fds=True, start_new_session=True)
+        except OSError as exc:
+            ours.close()
+            errors.close()
+            raise OpenSshUnavailable(f"ssh cannot be started ({exc})") from None
+        finally:
+            theirs.close()
+        return SshPipe(ours, process, errors)
+
+    def close(self) -> None:
+        """Close the memory files (the processes already started keep what they read)."""
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
