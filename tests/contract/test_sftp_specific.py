@@ -436,3 +436,113 @@ def test_reads_ask_what_the_server_answers_whole(harness, monkeypatch):
     assert store.read_range("big.bin", 0, len(data)) == data
     assert store.read_request == 261_120
     assert len(asked) == -(-len(data) // 261_120) and set(asked[:-1]) == {261_120}
+
+
+# ---- the OpenSSH client as transport (connectors/openssh.py) ------------------------------------
+
+def _openssh(sshd, harness_dir, **login) -> SftpStore:
+    pin = HostKeyPin(known_hosts=str(sshd.known_hosts))
+    return SftpStore(lp.LOOPBACK, sshd.port, str(harness_dir), SftpLogin(sshd.username, sshd.user_key.read_text(), **login),
+                     pin, connections=2, transport="openssh")
+
+
+def test_openssh_is_given_no_key_on_disk_and_nothing_but_the_checked_host_key(sshd, tmp_path):
+    (tmp_path / "d").mkdir()
+    store = _openssh(sshd, tmp_path / "d")
+    try:
+        argv = store._launcher.argv
+        key_text = sshd.user_key.read_text()
+        assert not any(line in " ".join(argv) for line in key_text.splitlines()[1:-1])
+        files = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if "=" in a and a.split("=", 1)[1].startswith("/")}
+        assert set(files) == {"IdentityFile", "UserKnownHostsFile", "GlobalKnownHostsFile"}
+        assert files["GlobalKnownHostsFile"] == "/dev/null"
+        for option in ("IdentityFile", "UserKnownHostsFile"):
+            assert files[option].startswith(f"/proc/{os.getpid()}/fd/")
+            assert os.readlink(files[option]).startswith("/memfd:")  # in memory: no file on any disk
+        known = open(files["UserKnownHostsFile"]).read().split()
+        assert known[1:] == [store._host_key.get_name(), store._host_key.get_base64()]
+        assert "StrictHostKeyChecking=yes" in argv and "BatchMode=yes" in argv and "-a" in argv and "-x" in argv
+        assert "ClearAllForwardings=yes" in argv and "IdentityAgent=none" in argv and argv[1:3] == ["-F", "/dev/null"]
+        store.put("a.bin", b"abc", 3, WriteMeta(), None)
+        pipes = [session[0] for session in store._sessions._all]
+        assert pipes and all(p.process.poll() is None for p in pipes)
+    finally:
+        store.close()
+    assert all(p.process.poll() is not None for p in pipes)  # every ssh process ended with the store
+
+
+def test_openssh_refuses_a_host_key_other_than_the_one_checked(sshd, tmp_path, monkeypatch):
+    """The key handed to ssh is the one paramiko checked; a server showing another one (here: ssh
+    is told to expect another key) is refused by ssh, and the store says so."""
+    import paramiko
+
+    real = sftp_module.OpenSshLauncher.__init__
+    other = paramiko.Ed25519Key.from_private_key_file(str(_other_key(tmp_path)))
+
+    def expecting_another_key(self, ssh, host, port, username, host_key, *args):
+        real(self, ssh, host, port, username, other, *args)
+
+    monkeypatch.setattr(sftp_module.OpenSshLauncher, "__init__", expecting_another_key)
+    with pytest.raises(HostKeyRefused, match="host key"):
+        SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path), SftpLogin(sshd.username, sshd.user_key.read_text()),
+                  HostKeyPin(known_hosts=str(sshd.known_hosts)), transport="auto")
+
+
+def _other_key(tmp_path):
+    path = tmp_path / "other_host_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path
+
+
+def test_without_the_openssh_client_auto_uses_paramiko_and_openssh_is_refused(sshd, tmp_path, monkeypatch):
+    monkeypatch.setattr(sftp_module, "openssh_path", lambda: None)
+    login, pin = SftpLogin(sshd.username, sshd.user_key.read_text()), HostKeyPin(known_hosts=str(sshd.known_hosts))
+    with SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path), login, pin, transport="auto") as store:
+        assert store.transport == "paramiko"
+        store.put("a.bin", b"abc", 3, WriteMeta(), None)
+    with pytest.raises(ConfigError, match="`transport: openssh` cannot be used.*openssh-client"):
+        SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path), login, pin, transport="openssh")
+
+
+def test_an_ssh_process_that_dies_costs_one_transient_failure_then_a_fresh_session(sshd, tmp_path):
+    (tmp_path / "d").mkdir()
+    store = _openssh(sshd, tmp_path / "d")
+    try:
+        store.put("a.bin", b"abc", 3, WriteMeta(), None)
+        for pipe, _client in list(store._sessions._all):
+            pipe.process.kill()
+            pipe.process.wait()
+        outcomes = []
+        for _ in range(3):
+            try:
+                outcomes.append(store.read_range("a.bin", 0, 3))
+            except TransientError as exc:
+                outcomes.append(exc)
+        assert outcomes[-1] == b"abc" and all(o == b"abc" or isinstance(o, TransientError) for o in outcomes)
+        assert all(p.process.poll() is None for p, _ in store._sessions._all)
+    finally:
+        store.close()
+
+
+def test_large_writes_go_in_requests_as_large_as_the_server_takes(sshd, tmp_path):
+    (tmp_path / "d").mkdir()
+    store = _openssh(sshd, tmp_path / "d")
+    try:
+        assert store.max_write == 261120  # OpenSSH's, from limits@openssh.com
+        data = os.urandom(3 * MiB + 5)
+        sent = []
+        real = sftp_module.PipelinedWriter._send_write
+
+        def count(self, chunk):
+            sent.append(chunk.nbytes)
+            return real(self, chunk)
+
+        sftp_module.PipelinedWriter._send_write = count
+        try:
+            store.put("big.bin", data, len(data), WriteMeta(), md5(data))
+        finally:
+            sftp_module.PipelinedWriter._send_write = real
+        assert (tmp_path / "d" / "big.bin").read_bytes() == data
+        assert sent[:13] == [255 * 1024] * 12 + [len(data) - 12 * 255 * 1024]  # then the metadata file's
+    finally:
+        store.close()
