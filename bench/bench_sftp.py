@@ -100,12 +100,17 @@ def write_files(top: Path, big: int, big_mib: int, mid: int, small: int) -> dict
     return sizes
 
 
-def sftp_endpoint(layout: SshdLayout, root: Path, concurrency: int) -> dict:
+def sftp_endpoint(layout: SshdLayout, root: Path, concurrency: int, transport: str = "openssh") -> dict:
     # One SSH connection per request exitplan may have in flight (range reads or part writes of
     # multipart objects, plus whole small objects): rclone 1.60 opens as many as it needs too.
     return {"kind": "sftp", "host": LOOPBACK, "port": layout.port, "username": layout.username, "root": str(root),
             "known_hosts": str(layout.known_hosts), "private_key_file": str(layout.user_key),
-            "connections": 2 * concurrency}
+            "connections": 2 * concurrency, "transport": transport}
+
+
+def transport_of(tool: str) -> str:
+    """The SSH transport of an exitplan tool name: `exitplan` (OpenSSH) or `exitplan-paramiko`."""
+    return tool.partition("-")[2] or "openssh"
 
 
 def exitplan_config(path: Path, source: dict, destination: dict, container: str, concurrency: int,
@@ -195,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mid", type=int, default=200, help="1 MiB files (default 200)")
     p.add_argument("--small", type=int, default=1000, help="16 KiB files (default 1000)")
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--tools", default="exitplan,rclone",
+                   help="comma-separated: exitplan (SSH by the OpenSSH client), exitplan-paramiko, rclone")
     p.add_argument("--s3", default="moto", help="the S3 servers to measure against, comma-separated: moto, ministack")
     p.add_argument("--rss-mib", type=int, default=2048, help="the large file of the memory test, MiB (0: skip)")
     p.add_argument("--quick", action="store_true", help="a small set, for a smoke run")
@@ -209,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     layout = prepare_sshd(tmp / "sshd", lp.free_port())
     sshd = lp.start_server(sshd_spec(layout), tmp / "sshd.log")
     servers = [S3Server(tmp, kind) for kind in args.s3.split(",") if kind]
+    tools = [t for t in args.tools.split(",") if t]
+    if not tools or any(t not in ("exitplan", "exitplan-paramiko", "rclone") for t in tools):
+        raise SystemExit(f"--tools: exitplan, exitplan-paramiko and/or rclone, not {args.tools!r}")
     if not servers or any(server.kind not in ("moto", "ministack") for server in servers):
         raise SystemExit(f"--s3: moto and/or ministack, not {args.s3!r}")
     rows: list[dict] = []
@@ -223,12 +233,13 @@ def main(argv: list[str] | None = None) -> int:
 
         for server in servers:
             # 1. SFTP → S3
-            for tool in ("exitplan", "rclone") if sizes else ():
+            for tool in tools if sizes else ():
                 server.restart()
                 s3_client(server.url).create_bucket(Bucket="bench",
                                                   CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
-                if tool == "exitplan":
-                    cfg = exitplan_config(tmp / "sftp-to-s3.yaml", sftp_endpoint(layout, layout.root, args.concurrency),
+                if tool != "rclone":
+                    cfg = exitplan_config(tmp / "sftp-to-s3.yaml",
+                                          sftp_endpoint(layout, layout.root, args.concurrency, transport_of(tool)),
                                           {**lab_dest, "endpoint_url": server.url}, "src", args.concurrency,
                                           tmp / f"state-a-{server.kind}")
                     res = run_exitplan(cfg, tmp / "exitplan-sftp-to-s3.log")
@@ -241,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rows[-1]), flush=True)
 
             # 2. S3 → SFTP (the same files in a bucket first)
-            for tool in ("exitplan", "rclone") if sizes else ():
+            for tool in tools if sizes else ():
                 server.restart()
                 client = s3_client(server.url)
                 client.create_bucket(Bucket="source", CreateBucketConfiguration={"LocationConstraint": LAB_REGION})
@@ -250,9 +261,10 @@ def main(argv: list[str] | None = None) -> int:
                 out = layout.root / f"out-{tool}"
                 shutil.rmtree(out, ignore_errors=True)
                 out.mkdir()
-                if tool == "exitplan":
+                if tool != "rclone":
                     source = {"kind": "s3", "endpoint_url": server.url, "region": LAB_REGION}
-                    dest = {**sftp_endpoint(layout, out, args.concurrency), "provider": "lab", "region": "lab"}
+                    dest = {**sftp_endpoint(layout, out, args.concurrency, transport_of(tool)), "provider": "lab",
+                            "region": "lab"}
                     cfg = exitplan_config(tmp / "s3-to-sftp.yaml", source, dest, "source", args.concurrency,
                                           tmp / f"state-b-{server.kind}")
                     res = run_exitplan(cfg, tmp / "exitplan-s3-to-sftp.log")
@@ -290,15 +302,17 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         lp.stop_pid(sshd.pid)
 
-    print(f"\n{'direction':<10} {'server':<10} {'tool':<9} {'ok':<4} {'MB/s':>7} {'CPU-s/GB':>9} {'peak RSS MiB':>13}")
+    print(f"\n{'direction':<10} {'server':<10} {'tool':<17} {'ok':<4} {'MB/s':>7} {'CPU-s/GB':>9} {'peak RSS MiB':>13}")
     for r in rows:
-        print(f"{r['direction']:<10} {r['server']:<10} {r['tool']:<9} {'yes' if r['ok'] else 'NO':<4} {r['mb_s']:>7.1f} "
+        print(f"{r['direction']:<10} {r['server']:<10} {r['tool']:<17} {'yes' if r['ok'] else 'NO':<4} {r['mb_s']:>7.1f} "
               f"{r['cpu_s_per_gb']:>9.2f} {r['peak_rss_mib']:>13.0f}")
     for direction, server in dict.fromkeys((r["direction"], r["server"]) for r in rows):
-        e, r = ([x for x in rows if (x["direction"], x["server"], x["tool"]) == (direction, server, t)][0]
-                for t in ("exitplan", "rclone"))
-        print(f"{direction} ({server}): exitplan/rclone MB/s {e['mb_s'] / r['mb_s']:.2f}, "
-              f"CPU per GB {e['cpu_s_per_gb'] / r['cpu_s_per_gb']:.2f}")
+        found = {x["tool"]: x for x in rows if (x["direction"], x["server"]) == (direction, server)}
+        r = found.get("rclone")
+        for tool, e in found.items():
+            if r is not None and tool != "rclone":
+                print(f"{direction} ({server}): {tool}/rclone MB/s {e['mb_s'] / r['mb_s']:.2f}, "
+                      f"CPU per GB {e['cpu_s_per_gb'] / r['cpu_s_per_gb']:.2f}")
     for m in memory:
         print(f"peak RSS, one {m['file']} file: {m['peak_rss_mib']:.0f} MiB (budget 256 MiB)")
     out_dir = REPO / "bench" / "out"
