@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = exitplan_config(tmp / "sftp-to-s3.yaml",
                                           sftp_endpoint(layout, layout.root, args.concurrency, transport_of(tool)),
                                           {**lab_dest, "endpoint_url": server.url}, "src", args.concurrency,
-                                          tmp / f"state-a-{server.kind}")
+                                          tmp / f"state-a-{server.kind}-{tool}")
                     res = run_exitplan(cfg, tmp / "exitplan-sftp-to-s3.log")
                     ok = encrypted_sizes_ok(s3_sizes(server, "bench", "exitplan/"), sizes)
                 else:
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                     dest = {**sftp_endpoint(layout, out, args.concurrency, transport_of(tool)), "provider": "lab",
                             "region": "lab"}
                     cfg = exitplan_config(tmp / "s3-to-sftp.yaml", source, dest, "source", args.concurrency,
-                                          tmp / f"state-b-{server.kind}")
+                                          tmp / f"state-b-{server.kind}-{tool}")
                     res = run_exitplan(cfg, tmp / "exitplan-s3-to-sftp.log")
                     ok = encrypted_sizes_ok(file_sizes(out / "exitplan"), sizes)
                 else:
