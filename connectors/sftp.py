@@ -37,14 +37,20 @@ What SFTP has and has not, and what this connector does about it:
   segment, a leading `/`, a NUL or other control character) is refused by name (`InvalidRequest`).
 
 Throughput: several SSH connections (`connections`), one SFTP session each, used by one thread at a
-time; TCP_NODELAY on every socket; reads of a range are pipelined (`pipelined_read`, bounded by the
-range the engine asked for, which its memory budget already counts); writes are pipelined too
-(`PipelinedWriter`), each request sized to fit one SSH packet, and the sync, a look at the file
-and its close ride in the same round trip. A file is put in ten requests over six round trips
-(open, the writes with sync/fstat/close, rename; open, write/close, rename for its metadata file);
-the directories a store has made or found are not looked for again. paramiko spends about 0.15 ms of CPU per request
-and 3 CPU-s per GB written, under the GIL: one process writes at most about 150 MB/s
-(bench/README.md).
+time; reads of a range are pipelined (`pipelined_read`, bounded by the range the engine asked for,
+which its memory budget already counts); writes are pipelined too (`PipelinedWriter`), and the
+sync, a look at the file and its close ride in the same round trip. A file is put in ten requests
+over six round trips (open, the writes with sync/fstat/close, rename; open, write/close, rename for
+its metadata file); the directories a store has made or found are not looked for again.
+
+What carries the sessions (`transport`): the OpenSSH client, an `ssh` process per connection
+(connectors/openssh.py: the SSH protocol in C, each write request as large as the server takes,
+255 KiB with OpenSSH, its bytes handed over uncopied), or paramiko in this process (each write
+request sized to fit one 32 KiB SSH packet; TCP_NODELAY; about 0.15 ms of CPU per request and 3
+CPU-s per GB written under the GIL, so one process writes at most about 150 MB/s). `auto` takes
+OpenSSH where it is installed and the login is by key. Either way the first connection is
+paramiko's: it checks the host key against the pin and the login, and the `ssh` processes are
+given that very host key as their only known host (bench/README.md has the figures).
 """
 
 from __future__ import annotations
