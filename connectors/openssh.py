@@ -113,9 +113,6 @@ class SshPipe:
     def recv(self, n: int) -> bytes:
         return self._sock.recv(n)
 
-    def recv_into(self, buffer, n: int) -> int:
-        return self._sock.recv_into(buffer, n)
-
     def settimeout(self, seconds: float | None) -> None:
         self._sock.settimeout(seconds)
 
@@ -191,9 +188,9 @@ class OpenSshLauncher:
         self.argv = [ssh, "-F", "/dev/null", "-T", "-x", "-a",
                      *(arg for option, value in options.items() for arg in ("-o", f"{option}={value}")),
                      "-p", str(port), "-l", username, "-s", "--", host, "sftp"]
-        # What ssh inherits: no agent socket, no askpass program, no display.
-        self._env = {k: v for k, v in os.environ.items()
-                     if k not in ("SSH_AUTH_SOCK", "SSH_ASKPASS", "SSH_ASKPASS_REQUIRE", "DISPLAY")}
+        # What ssh inherits of the environment: where programs are, nothing else (no agent socket,
+        # no askpass program, no display, none of the credentials exitplan's own environment holds).
+        self._env = {"PATH": os.environ.get("PATH", os.defpath)}
 
     def start(self) -> SshPipe:
         """One `ssh` process, its SFTP subsystem requested; the pipe to it (the SFTP version

@@ -407,12 +407,13 @@ class SftpStore:
     def _use_openssh(self, required: bool, connections: int) -> None:
         """Carry the sessions with the OpenSSH client from now on (connectors/openssh.py), once the
         paramiko session opened first has checked the host key and the login: its sessions are
-        closed. Where `ssh` cannot be used, paramiko goes on (said in the log), or, when the
-        configuration asks for OpenSSH (`required`), `ConfigError` says why."""
+        closed. Where `ssh` cannot be used or fails to log in, paramiko goes on (said in the log),
+        or, when the configuration asks for OpenSSH (`required`), the error says why; a host key
+        other than the one checked is refused either way."""
         ssh = openssh_path()
         why = None
         if ssh is None:
-            why = "the OpenSSH client (`ssh`, Debian's openssh-client) is not installed, or this is not Linux"
+            why = "the OpenSSH client (`ssh`) is not installed (Debian: apt-get install openssh-client), or this is not Linux"
         elif self._pkey is None:
             why = "a password login is made by paramiko only"
         else:
@@ -432,15 +433,16 @@ class SftpStore:
                 self._sessions.close()
                 self._sessions, self._launcher = paramiko_sessions, None
                 launcher.close()
-                if required or isinstance(exc, (AuthError, ConfigError)):
+                if required or isinstance(exc, HostKeyRefused):  # another host key than paramiko saw: never passed over
                     raise
-                why = str(exc)
+                log.warning("%s: the OpenSSH client could not open an SFTP session; paramiko carries them (%s)",
+                            self.label, exc)
+                return
             else:
                 paramiko_sessions.close()
                 return
         if required:
-            raise ConfigError(f"{self.label}: `transport: openssh` cannot be used: {why}; install openssh-client "
-                              "or set `transport: paramiko`")
+            raise ConfigError(f"{self.label}: `transport: openssh` cannot be used: {why}; or set `transport: paramiko`")
         log.info("%s: SSH sessions carried by paramiko (%s)", self.label, why)
 
     def _connect(self) -> tuple[paramiko.Transport | SshPipe, paramiko.SFTPClient]:
@@ -494,7 +496,10 @@ class SftpStore:
     def _connect_openssh(self, launcher: OpenSshLauncher) -> tuple[SshPipe, paramiko.SFTPClient]:
         """One SFTP session through a new `ssh` process; what `ssh` said, translated, when it
         could not open one (a refused login or host key stops here as at the first connection)."""
-        pipe = launcher.start()
+        try:
+            pipe = launcher.start()
+        except OpenSshUnavailable as exc:
+            raise TransientError(f"{self.label}: {exc}") from None
         try:
             client = paramiko.SFTPClient(pipe)
         except (paramiko.SSHException, OSError, EOFError) as exc:

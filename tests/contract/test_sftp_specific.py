@@ -500,7 +500,7 @@ def test_without_the_openssh_client_auto_uses_paramiko_and_openssh_is_refused(ss
     with SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path), login, pin, transport="auto") as store:
         assert store.transport == "paramiko"
         store.put("a.bin", b"abc", 3, WriteMeta(), None)
-    with pytest.raises(ConfigError, match="`transport: openssh` cannot be used.*openssh-client"):
+    with pytest.raises(ConfigError, match="`transport: openssh` cannot be used.*openssh-client.*`transport: paramiko`"):
         SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path), login, pin, transport="openssh")
 
 
@@ -546,3 +546,18 @@ def test_large_writes_go_in_requests_as_large_as_the_server_takes(sshd, tmp_path
         assert sent[:13] == [255 * 1024] * 12 + [len(data) - 12 * 255 * 1024]  # then the metadata file's
     finally:
         store.close()
+
+
+def test_an_ssh_login_refused_falls_back_to_paramiko_under_auto_and_fails_under_openssh(sshd, tmp_path, monkeypatch,
+                                                                                        caplog):
+    """paramiko logged in, then `ssh` is refused (here: handed a key the server does not know):
+    `auto` goes on with paramiko and says so; `openssh` fails with ssh's reason."""
+    stranger = _other_key(tmp_path).read_bytes()
+    monkeypatch.setattr(sftp_module, "unencrypted_key", lambda _text, _passphrase: stranger)
+    login, pin = SftpLogin(sshd.username, sshd.user_key.read_text()), HostKeyPin(known_hosts=str(sshd.known_hosts))
+    with SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path), login, pin, transport="auto") as store:
+        assert store.transport == "paramiko"
+        store.put("a.bin", b"abc", 3, WriteMeta(), None)
+    assert "could not open an SFTP session" in caplog.text and "Permission denied" in caplog.text
+    with pytest.raises(AuthError, match="ssh: the server refused the login.*Permission denied"):
+        SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path), login, pin, transport="openssh")
