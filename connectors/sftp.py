@@ -90,6 +90,7 @@ from paramiko.sftp import (
     CMD_WRITE,
     SFTP_FLAG_CREATE,
     SFTP_FLAG_EXCL,
+    SFTP_FLAG_READ,
     SFTP_FLAG_TRUNC,
     SFTP_FLAG_WRITE,
     int64,
@@ -680,29 +681,49 @@ class SftpStore:
         """Bytes `start .. end-1`, checked against `if_match` before and after the read."""
         path = self._path(key)
 
+        if start < 0 or end < start:
+            raise InvalidRequest(f"{self.label}: invalid range {start}-{end} for {key!r}", key=key)
+
         def read(sftp: paramiko.SFTPClient) -> bytes:
             try:
-                f = sftp.open(path, "rb")
+                handle = open_for_reading(sftp, path)
             except IOError as exc:
                 if _is_missing(exc):
                     raise self._not_found(sftp, key) from None
                 raise
-            with f:
-                before = f.stat()
+            # Three round trips: the open; a look at the file with the reads behind it; a second
+            # look with the close. The answers to requests on one handle come in order, so the
+            # bytes are those of the file between the two looks.
+            batch = _Batch(sftp)
+            try:
+                first = batch.send(CMD_FSTAT, handle)
+                data, failure = b"", None
+                if start != end:
+                    try:
+                        data = pipelined_read(sftp, handle, start, end, self.read_request)
+                    except (IOError, EOFError) as exc:
+                        failure = exc
+                before = batch.attrs(first)
                 if if_match is not None and change_marker(before) != if_match:
                     raise SourceChanged(f"{self.label}: {key!r} changed (now {change_marker(before)}, "
                                         f"pinned {if_match})", key=key)
                 size = before.st_size or 0
-                if start < 0 or end < start or end > size or (start == size and start != end) or start > size:
+                if end > size or (start == size and start != end) or start > size:
                     raise InvalidRequest(f"{self.label}: range {start}-{end} is outside {key!r} ({size} bytes)", key=key)
+                if failure is not None:
+                    raise failure
                 if start == end:
                     return b""
-                data = pipelined_read(sftp, f.handle, start, end, self.read_request)
-                after = f.stat()
-                if if_match is not None and change_marker(after) != if_match:
-                    # Written while we read it: the bytes may mix two versions.
-                    raise SourceChanged(f"{self.label}: {key!r} changed while it was read (now {change_marker(after)}, "
-                                        f"pinned {if_match})", key=key)
+                second = batch.send(CMD_FSTAT, handle)
+            finally:
+                closing = batch.send(CMD_CLOSE, handle)
+                batch.collect()
+            after = batch.attrs(second)
+            batch.status(closing)
+            if if_match is not None and change_marker(after) != if_match:
+                # Written while we read it: the bytes may mix two versions.
+                raise SourceChanged(f"{self.label}: {key!r} changed while it was read (now {change_marker(after)}, "
+                                    f"pinned {if_match})", key=key)
             if len(data) != end - start:
                 raise TransientError(f"{self.label}: short read of {key!r}: {len(data)} bytes for range {start}-{end}",
                                      key=key)
@@ -1174,6 +1195,57 @@ def pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: in
             pending.insert(0, (sftp._async_request(replies, CMD_READ, handle, int64(offset + got), n - got),
                                offset + got, n - got))
     return out
+
+
+class _Batch:
+    """Requests sent without waiting, their answers collected by request number: every answer is
+    read (`collect`) before the session is given back, whatever was raised meanwhile."""
+
+    def __init__(self, sftp: paramiko.SFTPClient):
+        self.sftp = sftp
+        self._replies = _Replies()
+        self._due: list[int] = []
+
+    def send(self, t: int, *args: Any) -> int:
+        num = self.sftp._async_request(self._replies, t, *args)
+        self._due.append(num)
+        return num
+
+    def answer(self, num: int) -> tuple[int, Any]:
+        replies = self._replies.by_number
+        while num not in replies:
+            self.sftp._read_response()
+        self._due.remove(num)
+        return replies.pop(num)
+
+    def collect(self) -> None:
+        """Read every answer still due (they stay for `answer`, `attrs` and `status`)."""
+        replies = self._replies.by_number
+        for num in self._due:
+            while num not in replies:
+                self.sftp._read_response()
+
+    def attrs(self, num: int) -> paramiko.SFTPAttributes:
+        t, msg = self.answer(num)
+        if t == CMD_STATUS:
+            self.sftp._convert_status(msg)
+        if t != CMD_ATTRS:
+            raise paramiko.SSHException(f"unexpected SFTP answer {t} to an fstat")
+        return paramiko.SFTPAttributes._from_msg(msg)
+
+    def status(self, num: int) -> None:
+        t, msg = self.answer(num)
+        if t != CMD_STATUS:
+            raise paramiko.SSHException(f"unexpected SFTP answer {t}")
+        self.sftp._convert_status(msg)  # raises on anything but OK
+
+
+def open_for_reading(sftp: paramiko.SFTPClient, path: str) -> bytes:
+    """Open `path` for reading; its handle."""
+    t, msg = sftp._request(CMD_OPEN, path, SFTP_FLAG_READ, paramiko.SFTPAttributes())
+    if t != CMD_HANDLE:
+        raise paramiko.SSHException(f"unexpected SFTP answer {t} to an open")
+    return msg.get_binary()
 
 
 def open_for_writing(sftp: paramiko.SFTPClient, path: str, *, mode: int | None = None,

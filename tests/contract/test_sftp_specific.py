@@ -178,6 +178,41 @@ def test_a_file_changed_during_its_read_is_detected(harness, monkeypatch):
     assert store.read_range("delivery.csv", 0, now.size, if_match=now.etag) == data + b"appended while being read"
 
 
+def test_a_small_read_takes_three_round_trips_and_closes_its_file(harness, monkeypatch):
+    """The open; a look at the file with the reads; a second look with the close (5 before). A
+    round trip is a wait for an answer after requests were sent."""
+    data = os.urandom(100_000)
+    harness.seed("small.csv", data)
+    store = harness.source()
+    pinned = store.head("small.csv").etag
+    events = []
+    real_send, real_read = sftp_module.paramiko.SFTPClient._async_request, sftp_module.paramiko.SFTPClient._read_response
+
+    def send(self, fileobj, t, *args):
+        events.append(("send", t))
+        return real_send(self, fileobj, t, *args)
+
+    def read(self, *args, **kwargs):
+        events.append(("read", None))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_async_request", send)
+    monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_read_response", read)
+    assert store.read_range("small.csv", 0, len(data), if_match=pinned) == data
+    sent = [t for kind, t in events if kind == "send"]
+    assert sent == [sftp_module.CMD_OPEN, sftp_module.CMD_FSTAT, sftp_module.CMD_READ, sftp_module.CMD_FSTAT,
+                    sftp_module.CMD_CLOSE]
+    waits = sum(1 for before, now in zip(events, events[1:]) if before[0] == "send" and now[0] == "read")
+    assert waits == 3
+    monkeypatch.undo()
+    assert store.read_range("small.csv", 10, 20, if_match=pinned) == data[10:20]
+    with pytest.raises(InvalidRequest, match="outside"):
+        store.read_range("small.csv", 0, len(data) + 1, if_match=pinned)
+    with pytest.raises(SourceChanged):
+        store.read_range("small.csv", 0, 10, if_match="s1-t1")
+    assert store.read_range("small.csv", 5, 5, if_match=pinned) == b""
+
+
 def test_symbolic_links_are_reported_not_followed(harness, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
