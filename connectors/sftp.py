@@ -38,8 +38,9 @@ What SFTP has and has not, and what this connector does about it:
 
 Throughput: several SSH connections (`connections`), one SFTP session each, used by one thread at a
 time; reads of a range are pipelined (`pipelined_read`, bounded by the range the engine asked for,
-which its memory budget already counts); writes are pipelined too (`PipelinedWriter`), and the
-sync, a look at the file and its close ride in the same round trip. A file is put in ten requests
+which its memory budget already counts) behind a look at the file, and a second look rides with
+the close (a small file is read in three round trips); writes are pipelined too
+(`PipelinedWriter`), and the sync, a look at the file and its close ride in the same round trip. A file is put in ten requests
 over six round trips (open, the writes with sync/fstat/close, rename; open, write/close, rename for
 its metadata file); the directories a store has made or found are not looked for again.
 
