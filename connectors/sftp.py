@@ -1205,24 +1205,35 @@ class _Batch:
     def __init__(self, sftp: paramiko.SFTPClient):
         self.sftp = sftp
         self._replies = _Replies()
-        self._due: list[int] = []
+        self._due: set[int] = set()
 
     def send(self, t: int, *args: Any) -> int:
         num = self.sftp._async_request(self._replies, t, *args)
-        self._due.append(num)
+        self._due.add(num)
+        return num
+
+    def register(self) -> int:
+        """A request number whose answer comes to this batch, for a request the caller frames and
+        sends itself (registered as paramiko registers its own in `SFTPClient._async_request`)."""
+        sftp = self.sftp
+        with sftp._lock:
+            num = sftp.request_number
+            sftp._expecting[num] = self._replies
+            sftp.request_number += 1
+        self._due.add(num)
         return num
 
     def answer(self, num: int) -> tuple[int, Any]:
         replies = self._replies.by_number
         while num not in replies:
             self.sftp._read_response()
-        self._due.remove(num)
+        self._due.discard(num)
         return replies.pop(num)
 
     def collect(self) -> None:
         """Read every answer still due (they stay for `answer`, `attrs` and `status`)."""
         replies = self._replies.by_number
-        for num in self._due:
+        for num in sorted(self._due):
             while num not in replies:
                 self.sftp._read_response()
 
@@ -1285,7 +1296,7 @@ class PipelinedWriter:
             self.request = max(4096, sftp.get_channel().out_max_packet_size - _CHANNEL_MARGIN - _WRITE_HEADER
                                - len(handle))
             self._window = _WRITE_WINDOW
-        self._replies = _Replies()
+        self._batch = _Batch(sftp)
         self._pending: collections.deque[int] = collections.deque()
         self._closed = False
 
@@ -1308,13 +1319,8 @@ class PipelinedWriter:
 
     def _send_write(self, chunk: memoryview) -> int:
         """An SFTP write request of `chunk` at the current offset, framed here and handed to the
-        `ssh` process as it is (no copy); its request number, registered as paramiko registers
-        its own (`SFTPClient._async_request`), so that its answer comes back to `_replies`."""
-        sftp = self.sftp
-        with sftp._lock:
-            num = sftp.request_number
-            sftp._expecting[num] = self._replies
-            sftp.request_number += 1
+        `ssh` process as it is (no copy); its request number."""
+        num = self._batch.register()
         n = chunk.nbytes
         header = (struct.pack(">IBI", 1 + 4 + len(self._handle_field) + 12 + n, CMD_WRITE, num) + self._handle_field
                   + struct.pack(">QI", self.offset, n))
@@ -1358,12 +1364,7 @@ class PipelinedWriter:
         attrs = None
         try:
             if fstat is not None:
-                t, msg = self._answer(fstat)
-                if t == CMD_STATUS:
-                    self.sftp._convert_status(msg)
-                if t != CMD_ATTRS:
-                    raise paramiko.SSHException(f"unexpected SFTP answer {t} to an fstat")
-                attrs = paramiko.SFTPAttributes._from_msg(msg)
+                attrs = self._batch.attrs(fstat)
         except (IOError, EOFError) as exc:
             error = error or exc
         try:
@@ -1384,7 +1385,7 @@ class PipelinedWriter:
                 self._status(self._send(CMD_CLOSE, self.handle))
 
     def _send(self, t: int, *args: Any) -> int:
-        return self.sftp._async_request(self._replies, t, *args)
+        return self._batch.send(t, *args)
 
     def _drain(self) -> BaseException | None:
         """Read every write answer still due; the first refusal among them."""
@@ -1396,14 +1397,5 @@ class PipelinedWriter:
                 error = error or exc
         return error
 
-    def _answer(self, num: int) -> tuple[int, Any]:
-        replies = self._replies.by_number
-        while num not in replies:
-            self.sftp._read_response()
-        return replies.pop(num)
-
     def _status(self, num: int) -> None:
-        t, msg = self._answer(num)
-        if t != CMD_STATUS:
-            raise paramiko.SSHException(f"unexpected SFTP answer {t} to a write")
-        self.sftp._convert_status(msg)  # raises on anything but OK
+        self._batch.status(num)
