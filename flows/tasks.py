@@ -9,6 +9,7 @@ it through the state store (`engine.run.MigrationRun.attach`).
 from __future__ import annotations
 
 import atexit
+import contextvars
 import logging
 import threading
 import time
@@ -227,7 +228,10 @@ class VerifyProgressShown:
     """A verify's progress in the UI (`engine.verify.VerifyObserver`): a progress artifact
     (`…-verify-progress`: each dataset an equal share, by objects checked of those it must hold) and
     a log line per dataset every `LOG_EVERY` seconds: objects checked of all, bytes read back, rate,
-    time left. Called from the verify's threads."""
+    time left. Called from the verify's threads: each call runs in a copy of the context the
+    observer was made in (the task's), since a pool's threads start with none of it — no Prefect
+    settings given as a context (the API's URL under `temporary_settings`, as the demo and the
+    tests give it), no run context for the run logger: the updates and the log lines failed."""
 
     LOG_EVERY = 10.0
     UPDATE_EVERY = 2.0
@@ -238,12 +242,16 @@ class VerifyProgressShown:
                                                  description="Objects checked by the verify, in every dataset")
         self.started = self.logged = self.updated = time.monotonic()
         self.lock = threading.Lock()
+        self._context = contextvars.copy_context()
+
+    def progress(self, snap) -> None:
+        self._context.copy().run(self._progress, snap)
 
     def dataset_started(self, dataset: str, objects: int) -> None:
         self.started = time.monotonic()
         self.logger.info("verify %s: %s objects to check", dataset, f"{objects:,}")
 
-    def progress(self, snap) -> None:
+    def _progress(self, snap) -> None:
         now = time.monotonic()
         with self.lock:
             if now - self.updated >= self.UPDATE_EVERY:

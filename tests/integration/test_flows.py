@@ -4,6 +4,7 @@ the UI is shown (artifacts), a failing object failing only its shard, and user e
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -619,3 +620,34 @@ def test_the_cutover_flow_records_a_ready_dataset_and_names_what_stops_one(tmp_p
 
     state = cutover_flow(config_path=str(path), datasets=[], return_state=True)
     assert state.is_failed() and "a cutover names its datasets" in state.message
+
+
+def test_the_verify_progress_is_shown_from_the_verify_threads(prefect_harness, caplog, monkeypatch):
+    """The verify calls its observer from the threads of its own pool, which start with an empty
+    context: no Prefect settings given as a context (the demo gives the API's URL so, and its
+    deep verify logged "No Prefect API URL provided" for every update), no run context. Each call
+    runs in a copy of the context the observer was made in; the artifact is updated from there."""
+    import contextvars
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
+
+    import flows.tasks as tasks
+    from engine.verify import VerifyProgress
+
+    made_in = contextvars.ContextVar("made_in")
+    made_in.set("the task's context")
+    seen = []
+    real = tasks.show_progress
+    monkeypatch.setattr(tasks, "show_progress", lambda *args: seen.append(made_in.get(None)) or real(*args))
+    shown = tasks.VerifyProgressShown("threads", 2, logging.getLogger("exitplan.test.verify-progress"))
+    shown.UPDATE_EVERY = 0.0
+    thread = threading.Thread(target=shown.progress, args=(VerifyProgress("claims", 5, 10, 0, 500),))
+    thread.start()
+    thread.join()
+    assert seen == ["the task's context"]
+    assert "could not be updated" not in caplog.text
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[shown.artifact])))
+    assert artifact.data == 25.0  # half of the first of two datasets
