@@ -230,8 +230,8 @@ class VerifyProgressShown:
     a log line per dataset every `LOG_EVERY` seconds: objects checked of all, bytes read back, rate,
     time left. Called from the verify's threads: each call runs in a copy of the context the
     observer was made in (the task's), since a pool's threads start with none of it — no Prefect
-    settings given as a context (the API's URL under `temporary_settings`, as the demo and the
-    tests give it), no run context for the run logger: the updates and the log lines failed."""
+    settings given as a context (the API's URL under `temporary_settings`, as the demo gives it),
+    no run context for the run logger: the updates and the log lines failed."""
 
     LOG_EVERY = 10.0
     UPDATE_EVERY = 2.0
