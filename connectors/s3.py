@@ -572,6 +572,10 @@ class S3Store:
         probe` tries them on that alone)."""
         return self._direct_base is not None and self._curl is not None
 
+    def _object_url(self, key: str) -> str:
+        """The URL of object `key` for a direct request (path-encoded as botocore encodes it)."""
+        return f"{self._direct_base}/{quote(key, safe='/~')}"
+
     def _direct_ok(self) -> bool:
         """Whether this store sends direct requests: possible here, and its profile allows them
         (`direct_requests`)."""
@@ -611,7 +615,7 @@ class S3Store:
         sends a PutObject (SigV4 as botocore signs, libcurl, its standard retries, the client's error
         translation). At most one byte past the range is read (64 KiB of an error answer), so a
         server that ignored the Range cannot make it hold a whole object."""
-        url = f"{self._direct_base}/{quote(key, safe='/~')}"
+        url = self._object_url(key)
         headers = {"Range": f"bytes={start}-{end - 1}"}
         if if_match is not None:
             headers["If-Match"] = _quote(if_match)
@@ -638,7 +642,7 @@ class S3Store:
         the client's `head_object` answers, the fields `_meta_from_head` reads, from the answer's
         headers as botocore parses them; its errors (a HEAD's have no body: by status) translated
         as the client's."""
-        url = f"{self._direct_base}/{quote(key, safe='/~')}"
+        url = self._object_url(key)
         headers = {} if if_match is None else {"If-Match": _quote(if_match)}
 
         def send() -> dict[str, Any]:
@@ -652,7 +656,7 @@ class S3Store:
 
     def _direct_tags(self, key: str) -> dict[str, str]:
         """GetObjectTagging as one request, its XML read as botocore reads it."""
-        url = f"{self._direct_base}/{quote(key, safe='/~')}?tagging"
+        url = self._object_url(key) + "?tagging"
 
         def send() -> dict[str, str]:
             answer = self._direct_send("GET", url, key, {}, limit=TAGGING_BODY)
@@ -674,7 +678,7 @@ class S3Store:
         with libcurl, paced per attempt, and retried as botocore's standard mode retries (throttling, 5xx, a
         dropped connection: `max_attempts` in all, backoff up to 20 s), each retry counted in
         `bodies_resent_by_sdk`. Errors are translated as the client's are; the ETag is checked."""
-        url = f"{self._direct_base}/{quote(key, safe='/~')}"
+        url = self._object_url(key)
         headers = _headers_of(params)
         headers["Content-MD5"] = base64.b64encode(md5).decode()
         headers["Content-Length"] = str(size)
