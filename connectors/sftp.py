@@ -513,8 +513,7 @@ class SftpStore:
                 raise HostKeyRefused(f"{where}: the server's host key is not the one checked at the first connection "
                                      f"({words}); refused") from None
             raise TransientError(f"{where}: no SFTP session ({words})") from None
-        pipe.settimeout(120.0)
-        self._ask_limits(client)
+        pipe.settimeout(120.0)  # the server's limits were asked by the paramiko session opened first
         pipe.max_write = min(self.max_write, 255 * 1024) if self.max_write > 0 else _PIPE_WRITE_DEFAULT
         return pipe, client
 
