@@ -133,6 +133,15 @@ def make_s3_store(endpoint_url: str, bucket: str, **kwargs):
     )
 
 
+def refuse_client_operations(store, monkeypatch, *operations: str) -> None:
+    """Fail the test if `store` sends any of `operations` (boto3 method names) through its client
+    rather than as a direct request."""
+    for operation in operations:
+        def refused(*_args, _operation=operation, **_kwargs):
+            raise AssertionError(f"{_operation} went through the client, not as a direct request")
+        monkeypatch.setattr(store._client, operation, refused)
+
+
 class S3Harness:
     """A fresh bucket on an S3 server (`name`: "s3" for moto, "ministack" for the second server)."""
 

@@ -9,7 +9,7 @@ import pytest
 import flows.lab_processes as lp
 from connectors.base import NotFound, SourceChanged
 from connectors.s3 import BucketNotFound
-from tests.contract.contract_support import lab_boto3_client, make_s3_store, unique_name
+from tests.contract.contract_support import lab_boto3_client, make_s3_store, refuse_client_operations, unique_name
 
 KEYS = ["plain.csv", "dir/sub dir/a+b=c&d.txt", "ünïcödé/é.dcm", "semi;colon,comma'quote(paren)*star!"]
 # What AWS and moto allow in a tag: letters, digits, spaces and `_ . : / = + - @ %`.
@@ -29,10 +29,7 @@ def _stores(url: str, bucket: str, monkeypatch):
     """(direct, through the client): the first refuses to send a HEAD or a tagging read through
     botocore, the second has no libcurl session."""
     direct = make_s3_store(url, bucket, source_details=True)
-    for operation in ("head_object", "get_object_tagging"):
-        def refused(*_args, _operation=operation, **_kwargs):
-            raise AssertionError(f"{_operation} went through the client, not as a direct request")
-        monkeypatch.setattr(direct._client, operation, refused)
+    refuse_client_operations(direct, monkeypatch, "head_object", "get_object_tagging")
     sdk = make_s3_store(url, bucket, source_details=True)
     sdk._curl = None
     assert direct._direct_ok() and not sdk._direct_ok()

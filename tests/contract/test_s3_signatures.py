@@ -19,6 +19,7 @@ import pytest
 import flows.lab_processes as lp
 from connectors.base import AuthError, ContentSettings, SinkLimits, WriteMeta
 from connectors.s3 import S3Store
+from tests.contract.contract_support import refuse_client_operations
 
 BUCKET = "signed-requests"
 KEYS = ["plain.bin", "a b/c  d.bin", "é/日本語.dcm", "x+y=z&w;[]!$'()*,:@~.bin", "deep/" * 5 + "0001.bin"]
@@ -53,10 +54,7 @@ def store(url: str, key_id: str, secret: str) -> S3Store:
 def no_client_puts(s3: S3Store, monkeypatch) -> None:
     """Make sure the bodies and the looks at objects go as direct requests: the client's
     PutObject, HeadObject or GetObjectTagging would fail the test."""
-    for operation in ("put_object", "head_object", "get_object_tagging"):
-        def refused(*_args, _operation=operation, **_kwargs):
-            raise AssertionError(f"{_operation} went through the client, not as a direct request")
-        monkeypatch.setattr(s3._client, operation, refused)
+    refuse_client_operations(s3, monkeypatch, "put_object", "head_object", "get_object_tagging")
 
 
 def test_direct_puts_and_reads_are_signed_as_the_server_checks(checking_moto, monkeypatch):
