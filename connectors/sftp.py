@@ -97,7 +97,7 @@ from paramiko.sftp import (
     int64,
 )
 
-from .openssh import OpenSshLauncher, OpenSshUnavailable, SshPipe, openssh_path, unencrypted_key
+from .openssh import OpenSshLauncher, OpenSshUnavailable, SshPipe, SshSessionFailed, openssh_path, unencrypted_key
 from .base import (
     FILE_CONTROL_DIR,
     AuthError,
@@ -500,13 +500,14 @@ class SftpStore:
         could not open one (a refused login or host key stops here as at the first connection)."""
         try:
             pipe = launcher.start()
+            try:
+                client = paramiko.SFTPClient(pipe)
+            except (paramiko.SSHException, OSError, EOFError) as exc:
+                raise SshSessionFailed(pipe.close() or str(exc)) from None
         except OpenSshUnavailable as exc:
             raise TransientError(f"{self.label}: {exc}") from None
-        try:
-            client = paramiko.SFTPClient(pipe)
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            words = pipe.close() or str(exc)
-            where = f"{self.label}: ssh"
+        except SshSessionFailed as exc:
+            words, where = exc.words, f"{self.label}: ssh"
             if "Permission denied" in words:
                 raise AuthError(f"{where}: the server refused the login of {self._login.username!r} ({words})") from None
             if "host key" in words.lower() or "HOST IDENTIFICATION" in words:

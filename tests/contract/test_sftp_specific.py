@@ -5,10 +5,16 @@ and not followed, uploads in parts kept across a new connector, listings streame
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import hashlib
 import os
+import stat
 import struct
 import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +23,8 @@ from connectors.base import AuthError, ConfigError, InvalidRequest, SourceChange
 from connectors.sftp import HostKeyPin, HostKeyRefused, SftpLogin, SftpStore
 from flows import lab_processes as lp
 from tests.contract.contract_support import SftpHarness, md5
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MiB = 1024 * 1024
 
@@ -557,6 +565,114 @@ def test_an_ssh_process_that_dies_costs_one_transient_failure_then_a_fresh_sessi
         assert all(p.process.poll() is None for p, _ in store._sessions._all)
     finally:
         store.close()
+
+
+def _logins(sshd) -> int:
+    return (sshd.directory / "sshd.log").read_text().count("Accepted publickey")
+
+
+def test_openssh_sessions_share_one_connection_that_ends_with_the_store(sshd, tmp_path):
+    """Four sessions at once, two logins: paramiko's check and the master connection the four
+    `ssh` processes are multiplexed over; the master and its control socket end with the store."""
+    (tmp_path / "d").mkdir()
+    before = _logins(sshd)
+    store = SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path / "d"), SftpLogin(sshd.username, sshd.user_key.read_text()),
+                      HostKeyPin(known_hosts=str(sshd.known_hosts)), connections=4, transport="openssh")
+    held = threading.Barrier(4)
+
+    def hold(i: int) -> None:
+        with store.session() as sftp:
+            held.wait(timeout=30)
+            sftp.stat(".")
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(hold, range(4)))
+        assert len(store._sessions._all) == 4
+        master, control = store._launcher._master, store._launcher._control_dir
+        assert master.is_active() and stat.S_IMODE(os.stat(control).st_mode) == 0o700
+        argvs = [pipe.process.args for pipe, _ in store._sessions._all]
+        assert all("ControlMaster=no" in argv and f"ControlPath={store._launcher._control}" in argv for argv in argvs)
+        assert _logins(sshd) - before == 2
+    finally:
+        store.close()
+    assert master.process.poll() is not None and not os.path.exists(control)
+
+
+def test_a_master_connection_that_dies_costs_one_transient_failure_then_a_new_one(sshd, tmp_path):
+    (tmp_path / "d").mkdir()
+    store = _openssh(sshd, tmp_path / "d")
+    try:
+        store.put("a.bin", b"abc", 3, WriteMeta(), None)
+        master = store._launcher._master
+        master.process.kill()
+        master.process.wait()
+        outcomes = []
+        for _ in range(3):
+            try:
+                outcomes.append(store.read_range("a.bin", 0, 3))
+            except TransientError as exc:
+                outcomes.append(exc)
+        assert outcomes[-1] == b"abc" and all(o == b"abc" or isinstance(o, TransientError) for o in outcomes)
+        assert store._launcher._master is not master and store._launcher._master.is_active()
+    finally:
+        store.close()
+
+
+def test_a_pipe_that_failed_once_is_not_lent_again_while_its_ssh_lingers():
+    """A session over a master that died: its `ssh` may not have exited yet when the pool looks;
+    the pipe's own failure (end of stream, a refused send) is enough to discard it."""
+    import socket
+    import tempfile
+
+    from connectors.openssh import SshPipe
+
+    for failure in ("recv", "send"):
+        ours, theirs = socket.socketpair()
+        lingering = subprocess.Popen(["sleep", "30"])
+        pipe = SshPipe(ours, lingering, tempfile.TemporaryFile())
+        try:
+            assert pipe.is_active()
+            theirs.close()
+            if failure == "recv":
+                assert pipe.recv(10) == b""
+            else:
+                with pytest.raises(OSError):
+                    for _ in range(100):
+                        pipe.send(b"x" * 65536)
+            assert not pipe.is_active() and lingering.poll() is None
+        finally:
+            lingering.kill()
+            pipe.close()
+
+
+def test_the_master_connection_does_not_outlive_the_process_that_opened_it(sshd, tmp_path):
+    """The process ends without closing its store (as when killed): the master's own session sees
+    its pipe close, and the master ends; no `ssh` is left connected to the server."""
+    (tmp_path / "d").mkdir()
+    script = (
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from connectors.sftp import HostKeyPin, SftpLogin, SftpStore\n"
+        f"store = SftpStore('127.0.0.1', {sshd.port}, {str(tmp_path / 'd')!r}, SftpLogin({sshd.username!r}, "
+        f"open({str(sshd.user_key)!r}).read()), HostKeyPin(known_hosts={str(sshd.known_hosts)!r}), transport='openssh')\n"
+        "print(store._launcher._master.process.pid, flush=True)\n"
+        "os._exit(0)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and _running(pid):
+        time.sleep(0.1)
+    assert not _running(pid)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_large_writes_go_in_requests_as_large_as_the_server_takes(sshd, tmp_path):
