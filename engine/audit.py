@@ -93,6 +93,7 @@ if TYPE_CHECKING:
     from config.models import LoadedConfig
     from config.policy import DestinationVerdict
     from connectors.base import HeadReader, ObjectSource
+    from engine.endpoints import DestinationSinks
 
 log = logging.getLogger(__name__)
 
@@ -842,14 +843,16 @@ class RunAudit:
         with contextlib.suppress(st.StateUnwritable):
             self.manifest.close()
 
-    def publish(self, destinations: list[str]) -> tuple[list[str], list[str]]:
+    def publish(self, destinations: list[str], sinks: "DestinationSinks | None" = None) -> tuple[list[str], list[str]]:
         """Copy the manifest to `_exitplan/<project>/manifest.jsonl` in each destination: (written,
-        notes on failures). A failure is not the run's: the copy is refreshed by the next run."""
+        notes on failures). A failure is not the run's: the copy is refreshed by the next run.
+        `sinks`: the run's open sinks (else opened for this and closed)."""
         from engine.endpoints import publish_file
 
         written, notes = publish_file(self.loaded, destinations, self.manifest.path,
                                       manifest_object_key(self.loaded.config.project), "the manifest",
-                                      content_type="application/x-ndjson", metadata={"exitplan-format": MANIFEST_FORMAT})
+                                      content_type="application/x-ndjson", metadata={"exitplan-format": MANIFEST_FORMAT},
+                                      sinks=sinks)
         self.copy_urls = [url for _, url in written]
         return [label for label, _ in written], notes
 

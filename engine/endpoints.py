@@ -7,7 +7,9 @@ else (never in a result, a log or the state).
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlsplit
@@ -22,6 +24,8 @@ from config.policy import destination_profile
 from config.providers import ProviderProfile
 from config.secrets import read_env, read_secret
 from connectors.base import UNPACED, ConnectorError, ObjectSource, RequestPacer, SinkBehaviour, SinkLimits
+
+log = logging.getLogger(__name__)
 
 
 def sink_limits(profile: ProviderProfile, *, keys_are_paths: bool = False) -> SinkLimits:
@@ -236,18 +240,86 @@ def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | Non
     )
 
 
+def close_endpoint(endpoint, where: str) -> None:
+    """Close a connector's connections (its `close`, where it has one). A failure is said in the
+    log, not raised: closing is cleanup after work that has already ended, one way or the other."""
+    close = getattr(endpoint, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        log.warning("%s: closing %s failed (%s)", where, getattr(endpoint, "label", "its connections"), exc)
+
+
+class DestinationSinks:
+    """The sinks of a configuration's destinations, each opened on first use and kept until `close`:
+    a run's check, keyset copies, objects and manifest go through one store per destination (one
+    SSH connection to an SFTP server instead of one per step). Unpaced until `pace`. Call it with
+    a destination's name: its sink (what `open_sink` raises when it cannot be opened; nothing is
+    kept then)."""
+
+    def __init__(self, loaded: LoadedConfig):
+        self._loaded = loaded
+        self._pacer_of: Callable[[str], RequestPacer] | None = None
+        self._lock = threading.Lock()
+        self._sinks: dict[str, object] = {}
+
+    def pace(self, pacer_of: Callable[[str], RequestPacer]) -> None:
+        """Pace the sinks from now on, those already open included (call it between requests: a
+        run paces its sinks once its state store, where the shared limits live, is open). A sink
+        that is never paced (an SFTP server's) has no `pacer` and is left as it is."""
+        with self._lock:
+            self._pacer_of = pacer_of
+            for destination, sink in self._sinks.items():
+                if hasattr(sink, "pacer"):
+                    sink.pacer = pacer_of(destination)
+
+    def __call__(self, destination: str):
+        with self._lock:
+            sink = self._sinks.get(destination)
+            if sink is None:
+                pacer = self._pacer_of(destination) if self._pacer_of is not None else UNPACED
+                sink = self._sinks[destination] = open_sink(self._loaded, destination, pacer=pacer)
+            return sink
+
+    def opened(self) -> list:
+        with self._lock:
+            return list(self._sinks.values())
+
+    def close(self) -> None:
+        """Close every sink opened (their connections, an SFTP store's `ssh` processes); a sink
+        that fails to close is said in the log, and the others are closed all the same."""
+        with self._lock:
+            sinks, self._sinks = self._sinks, {}
+        for destination, sink in sorted(sinks.items()):
+            close_endpoint(sink, f"destination `{destination}`")
+
+    def __enter__(self) -> "DestinationSinks":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
 def publish_file(loaded: LoadedConfig, destinations: list[str], path: Path, key: str, what: str, *,
-                 content_type: str, metadata: dict[str, str] | None = None) -> tuple[list[tuple[str, str]], list[str]]:
+                 content_type: str, metadata: dict[str, str] | None = None,
+                 sinks: DestinationSinks | None = None) -> tuple[list[tuple[str, str]], list[str]]:
     """Copy the file at `path` to `key` in each destination (next to the data: the audit manifest,
     the report), streamed, as `content_type` with `metadata`: ([(its label/key, a URL naming it)],
-    notes on failures). A failure is a note, not an error: the next run copies it again."""
+    notes on failures). A failure is a note, not an error: the next run copies it again. `sinks`:
+    the caller's open sinks (else opened here and closed after)."""
     from connectors.base import ContentSettings, WriteMeta
 
+    if sinks is None:
+        with DestinationSinks(loaded) as own:
+            return publish_file(loaded, destinations, path, key, what, content_type=content_type, metadata=metadata,
+                                sinks=own)
     meta = WriteMeta(ContentSettings(content_type=content_type), metadata or {})
     written, notes = [], []
     for dest in sorted(set(destinations)):
         try:
-            sink = open_sink(loaded, dest)
+            sink = sinks(dest)
             with open(path, "rb") as body:
                 sink.put(key, body, os.fstat(body.fileno()).st_size, meta, None)
             written.append((f"{sink.label}/{key}", object_url(loaded, dest, key)))

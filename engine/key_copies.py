@@ -32,7 +32,7 @@ from config.models import LoadedConfig
 from connectors.base import ConnectorError, ContentSettings, NotFound, ObjectMeta, WriteMeta
 from connectors.kms import KekWrongKey
 
-from .endpoints import open_sink
+from .endpoints import DestinationSinks, close_endpoint, open_sink
 from .errors import call_endpoint
 from . import keys
 from .keys import (KeyFiles, KeysetReport, KeyStoreError, PublicKeysetInfo, id_phrase, check_info_matches,
@@ -196,9 +196,9 @@ def _at(destination: str, what: str, fn: Callable[..., T], *args) -> T:
     return call_endpoint(f"destination `{destination}`: {what}", fn, *args)
 
 
-def _destination(loaded: LoadedConfig, destination: str, **sink_options):
-    """(sink, its keyset copies) of `destination`."""
-    sink = _at(destination, "opening it", open_sink, loaded, destination, **sink_options)
+def _destination(loaded: LoadedConfig, destination: str, sinks: DestinationSinks):
+    """(sink, its keyset copies) of `destination`, its sink from `sinks` (`DestinationSinks`)."""
+    sink = _at(destination, "opening it", sinks, destination)
     found = _at(destination, f"reading the keyset copies of project `{loaded.config.project}`",
                 read_keysets, sink, loaded.config.project, destination)
     return sink, found
@@ -211,19 +211,24 @@ def encrypted_destinations(loaded: LoadedConfig, datasets: list[str]) -> list[st
 
 def check_keysets(loaded: LoadedConfig, datasets: list[str]) -> None:
     """What a dry run does: read each destination's copies and refuse (exit 4) as `migrate` would."""
-    _checked_destinations(loaded, datasets)
+    with DestinationSinks(loaded) as sinks:
+        _checked_destinations(loaded, datasets, sinks)
 
 
-def publish_keysets(loaded: LoadedConfig, datasets: list[str]) -> list[str]:
+def publish_keysets(loaded: LoadedConfig, datasets: list[str], sinks: DestinationSinks | None = None) -> list[str]:
     """Check every destination that receives encrypted objects of `datasets`, then write the local
     keyset's copy to each (`publish_copy`); returns where each version is. Nothing is written
-    anywhere when one destination refuses. Call after the keyset was unwrapped (it exists)."""
-    wrapped, opened = _checked_destinations(loaded, datasets)
+    anywhere when one destination refuses. Call after the keyset was unwrapped (it exists).
+    `sinks`: the run's (`engine.endpoints.DestinationSinks`), else opened here and closed after."""
+    if sinks is None:
+        with DestinationSinks(loaded) as own:
+            return publish_keysets(loaded, datasets, own)
+    wrapped, opened = _checked_destinations(loaded, datasets, sinks)
     return [_at(d, "writing the wrapped keyset next to the data", publish_copy, loaded, sink, found, wrapped)
             for d, (sink, found) in opened.items()]
 
 
-def _checked_destinations(loaded: LoadedConfig, datasets: list[str]):
+def _checked_destinations(loaded: LoadedConfig, datasets: list[str], sinks: DestinationSinks):
     """(the local wrapped keyset, {destination: (sink, its copies)}) for the destinations of
     `datasets` that receive encrypted objects, once every one of them passed `refuse_unknown_keys`."""
     destinations = encrypted_destinations(loaded, datasets)
@@ -232,7 +237,7 @@ def _checked_destinations(loaded: LoadedConfig, datasets: list[str]):
     path = KeyFiles.of(loaded).keyset
     wrapped = path.read_bytes()
     local = read_keyset_info(wrapped, f"keyset {path}")
-    opened = {d: _destination(loaded, d) for d in destinations}
+    opened = {d: _destination(loaded, d, sinks) for d in destinations}
     for _sink, found in opened.values():
         refuse_unknown_keys(loaded, found, local)
     return wrapped, opened
@@ -252,7 +257,10 @@ def refuse_existing_copies(loaded: LoadedConfig) -> list[str]:
     for destination in sorted(loaded.config.destinations):
         try:
             sink = open_sink(loaded, destination, max_attempts=INIT_CHECK_ATTEMPTS)
-            held = [m.key for m in sink.list(copies_prefix(project)) if is_copy_key(project, m.key)]
+            try:
+                held = [m.key for m in sink.list(copies_prefix(project)) if is_copy_key(project, m.key)]
+            finally:
+                close_endpoint(sink, f"destination `{destination}`")
         except (ConnectorError, UserError) as exc:
             unchecked.append(f"destination `{destination}` could not be checked for keyset copies of project "
                              f"`{project}` ({exc}); `exitplan migrate` checks it before it writes")
@@ -301,8 +309,10 @@ def import_keyset(loaded: LoadedConfig, destinations: list[str] | None = None, *
             raise ConfigFileError(f"{loaded.path}: no destination named {name!r} (destinations: "
                                   f"{', '.join(loaded.config.destinations)}); check --destination")
     versions: dict[bytes, tuple[KeysetCopy, str]] = {}  # one entry per distinct wrapped keyset
+    with DestinationSinks(loaded) as sinks:
+        found_at = {name: _destination(loaded, name, sinks)[1] for name in names}
     for name in names:
-        found = _destination(loaded, name)[1]
+        found = found_at[name]
         for copy in found.copies:
             # The same bytes as a version and as `keyset.json`: named by the version (it never changes).
             if copy.data not in versions or versions[copy.data][0].is_latest:

@@ -26,7 +26,7 @@ from connectors.base import ConnectorError, ObjectMeta, ObjectSource, SinkLimits
 from .allocator import freeze_long_lived, thaw_long_lived, tune_malloc
 from .audit import AuditOutcome, MigrationAudit, audit_signing_key
 from .budget import MemoryBudget
-from .endpoints import destination_limits, open_azure_container, open_sink, open_source, storage_classes
+from .endpoints import DestinationSinks, close_endpoint, destination_limits, open_azure_container, open_source, storage_classes
 from .errors import RunError, call_endpoint
 from .executors import create_executors
 from . import key_copies
@@ -97,21 +97,22 @@ def dataset_items(loaded: LoadedConfig, name: str, listing: Iterable[ObjectMeta]
     return place_all(selected(listing, ds), placer(loaded, name, limits, fmt))
 
 
-def preflight_destinations(loaded: LoadedConfig, datasets: list[str]) -> None:
+def preflight_destinations(loaded: LoadedConfig, datasets: list[str], sinks: DestinationSinks) -> None:
     """One listing request per dataset destination before any object moves: a missing bucket or
     refused credentials stop the run with one sentence (exit 2) instead of failing every object."""
     for name in datasets:
         ds = loaded.config.datasets[name]
-        sink = call_endpoint(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
+        sink = call_endpoint(f"destination `{ds.destination}`", sinks, ds.destination)
         call_endpoint(f"dataset `{name}`: destination `{ds.destination}`",
                       lambda: next(iter(sink.list(ds.dest_prefix)), None))
 
 
-def publish_keysets(loaded: LoadedConfig, datasets: list[str], formats: dict[str, OutputFormat]) -> list[str]:
+def publish_keysets(loaded: LoadedConfig, datasets: list[str], formats: dict[str, OutputFormat],
+                    sinks: DestinationSinks) -> list[str]:
     """Put the wrapped keyset next to the data in each destination that receives encrypted objects,
     append-only (`engine.key_copies`): whoever holds the bucket and the KEK can read it back. First
     refuses (exit 4, nothing written) when a destination's copies hold a key id the local keyset lacks."""
-    return key_copies.publish_keysets(loaded, [n for n in datasets if formats[n] is not IDENTITY])
+    return key_copies.publish_keysets(loaded, [n for n in datasets if formats[n] is not IDENTITY], sinks)
 
 
 def count_dataset(loaded: LoadedConfig, name: str, source: ObjectSource,
@@ -325,6 +326,7 @@ class MigrationRun:
         self._lock_file = None
         self.attached = False  # joined from another process (`attach`): copies shards, never finishes
         self.pacing: RunPacing | None = None  # with the state store: its shared limits live there
+        self.sinks: DestinationSinks | None = None  # the destinations' sinks, opened once (paced by `_pace`)
         self._frozen = False  # holds the collector's long-lived objects frozen (`_freeze`)
 
     @classmethod
@@ -338,7 +340,12 @@ class MigrationRun:
         try:
             run._open()
         except BaseException:
-            run._lock_file.close()
+            try:
+                run._close_endpoints()
+                if run.state is not None:
+                    run.state.close()
+            finally:
+                run._lock_file.close()
             raise
         return run
 
@@ -364,15 +371,18 @@ class MigrationRun:
         return run
 
     def close(self) -> None:
-        """Release an attached run's executors and state connection."""
+        """Release an attached run's executors, endpoints and state connection."""
         try:
             if self._executors is not None:
                 self._executors.__exit__(None, None, None)
                 self._executors = None
         finally:
             self._thaw()
-            if self.state is not None:
-                self.state.close()
+            try:
+                self._close_endpoints()
+            finally:
+                if self.state is not None:
+                    self.state.close()
 
     def _freeze(self) -> None:
         """The run is open: what it holds until it ends leaves the collector's full passes."""
@@ -387,8 +397,12 @@ class MigrationRun:
 
     def _open(self) -> None:
         loaded, datasets = self.loaded, self.datasets
-        preflight_destinations(loaded, datasets)
-        self.keyset_copies = publish_keysets(loaded, datasets, self.formats)
+        # The destinations' sinks are opened once for the whole run: the check and the keyset
+        # copies go unpaced (nothing is written to the state before they pass), then `_pace`
+        # paces them for the copy and the manifest.
+        self.sinks = DestinationSinks(loaded)
+        preflight_destinations(loaded, datasets, self.sinks)
+        self.keyset_copies = publish_keysets(loaded, datasets, self.formats, self.sinks)
         tune_malloc(self.settings.memory_budget)
         self.state = open_state(loaded)
         # The audit hook opens the run (manifest first, then the run's row: engine/audit.py);
@@ -408,6 +422,9 @@ class MigrationRun:
         run's other processes, requests in flight up to what the settings open."""
         self.pacing = RunPacing(self.loaded, self.state, self.settings.requests_in_flight,
                                 bandwidth=run_bandwidth(self.loaded, self.settings.bandwidth))
+        if self.sinks is None:
+            self.sinks = DestinationSinks(self.loaded)
+        self.sinks.pace(self.pacing.for_sink)
 
     # ---- endpoints, opened once per run ---------------------------------------------------------
 
@@ -417,14 +434,22 @@ class MigrationRun:
 
     def sink(self, name: str):
         dest = self.loaded.config.datasets[name].destination
-        return self._endpoint("sink", dest, f"dataset `{name}`: destination `{dest}`", open_sink, dest,
-                              self.pacing.for_sink(dest))
+        return call_endpoint(f"dataset `{name}`: destination `{dest}`", self.sinks, dest)
 
     def _endpoint(self, kind: str, name: str, what: str, opener: Callable, arg: str, pacer):
         with self._lock:
             if (kind, name) not in self._endpoints:
                 self._endpoints[(kind, name)] = call_endpoint(what, partial(opener, pacer=pacer), self.loaded, arg)
             return self._endpoints[(kind, name)]
+
+    def _close_endpoints(self) -> None:
+        """Close the run's sources and sinks (connections, `ssh` processes): the run is over here."""
+        with self._lock:
+            sources, self._endpoints = list(self._endpoints.values()), {}
+        if self.sinks is not None:
+            self.sinks.close()
+        for source in sources:
+            close_endpoint(source, "a source")
 
     # ---- the CLI's way: a dataset at a time, streamed from its listing ----------------------------
 
@@ -666,6 +691,7 @@ class MigrationRun:
         finally:
             if self.state.unwritable is not None:
                 self._stop_unwritable()
+            loaded, datasets = self.loaded, self.datasets
             try:
                 self.state.finish_run(self.run_id, status)
                 md5_checked = self.state.md5_checked(self.run_id)
@@ -675,21 +701,23 @@ class MigrationRun:
                 except StateUnwritable:  # the manifest's disk, this time
                     self.trail.abandon()
                     raise
+                # Through the run's sinks (paced, with the state store still open).
+                copies, notes = self.trail.publish([loaded.config.datasets[ds].destination for ds in datasets],
+                                                   self.sinks)
+                resent = sum(getattr(sink, "bodies_resent_by_sdk", 0) for sink in self.sinks.opened())
+            finally:
+                try:
+                    self._close_endpoints()
                 finally:
                     self.state.close()
-            finally:
-                _ACTIVE.pop(self.run_id, None)
-                self._lock_file.close()  # releases the project's migration lock
-        loaded, datasets = self.loaded, self.datasets
-        copies, notes = self.trail.publish([loaded.config.datasets[ds].destination for ds in datasets])
+                    _ACTIVE.pop(self.run_id, None)
+                    self._lock_file.close()  # releases the project's migration lock
         return MigrationResult(self.run_id, summaries, md5_checked, time.monotonic() - self.started,
                                state_location(loaded),
                                {ds: self.verdicts[loaded.config.datasets[ds].destination] for ds in datasets},
                                {ds: key_holder(loaded, self.formats[ds]) for ds in datasets},
                                tuple(self.keyset_copies), self.trail.outcome(copies, notes), tuple(self._removed),
-                               sum(getattr(endpoint, "bodies_resent_by_sdk", 0)
-                                   for (kind, _), endpoint in self._endpoints.items() if kind == "sink"),
-                               {ds: counts for ds, counts in not_carried.items() if counts})
+                               resent, {ds: counts for ds, counts in not_carried.items() if counts})
 
 
 def _with_throttling(progress: ProgressCallback, pacing: RunPacing, snapshot: Progress) -> None:

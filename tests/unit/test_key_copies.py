@@ -15,7 +15,7 @@ from config.errors import ExitCode, UserError
 from config.loader import load_config
 from connectors.base import WriteMeta
 from connectors.memory import MemoryStore
-from engine import key_copies, keys
+from engine import endpoints, key_copies, keys
 
 PROJECT = "custody"
 
@@ -53,7 +53,8 @@ class CountingBucket(MemoryStore):
 def bucket(monkeypatch) -> CountingBucket:
     """The destination `lab-s3` of every config here, in memory."""
     store = CountingBucket()
-    monkeypatch.setattr(key_copies, "open_sink", lambda loaded, destination, **options: store)
+    for module in (key_copies, endpoints):  # `keys init`'s check; the sinks a run or an import opens
+        monkeypatch.setattr(module, "open_sink", lambda loaded, destination, **options: store)
     monkeypatch.delenv("EP_TEST_NO_CONN", raising=False)
     return store
 
