@@ -72,6 +72,25 @@ def delivery(sshd, s3_server, s3, tmp_path):
     return top, files, config
 
 
+def _logins(sshd) -> int:
+    return (sshd.directory / "sshd.log").read_text().count("Accepted publickey")
+
+
+def _ssh_children() -> list[int]:
+    """This process's `ssh` children still running."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                comm, rest = f.read().split(") ", 1)
+        except OSError:
+            continue
+        state, ppid = rest.split()[:2]
+        if comm.endswith("(ssh") and int(ppid) == os.getpid() and state != "Z":
+            found.append(int(pid))
+    return found
+
+
 def cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -403,10 +422,15 @@ def test_s3_to_sftp_escrow_encrypted_verify_restore(tmp_path, capsys, sshd, s3_s
     config.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
     assert cli(capsys, "keys", "init", "--config", config)[0] == 0
 
+    logins = _logins(sshd)
     code, out, err = cli(capsys, "migrate", "--config", config)
     assert code == 0, err + out
     written = {p.relative_to(escrow / "exports").as_posix() for p in (escrow / "exports").rglob("*") if p.is_file()}
     assert written == set(objects)
+    # One SFTP store for the whole run (its check, keyset copy, objects and manifest copy): two
+    # logins, the host-key check and the connection its sessions share; no `ssh` left after it.
+    assert _logins(sshd) - logins == 2
+    assert _ssh_children() == []
     code, out, err = cli(capsys, "verify", "--config", config, "--deep")
     assert code == 0, err + out
     code, out, err = cli(capsys, "restore", "--config", config, "--dataset", "exports", "--to", tmp_path / "back")
