@@ -46,6 +46,13 @@ class DestinationVerdict:
     # The provider's profile when it is not shipped with exitplan (from EXITPLAN_PROVIDERS_DIR):
     # shown with the verdict wherever it is shown.
     catalog_file: CatalogFile | None = None
+    sftp_host: str | None = None  # an SFTP destination's server (`bucket` is then its root directory)
+
+    @property
+    def place(self) -> str:
+        """Where at the provider the data goes, as a person reads it: a bucket, or a directory on
+        an SFTP server."""
+        return f"directory {self.bucket} on SFTP server {self.sftp_host}" if self.sftp_host else f"bucket {self.bucket}"
 
 
 def _refuse(loaded: "LoadedConfig", what: str, why: str, fix: str) -> PolicyRefusal:
@@ -176,7 +183,8 @@ def _check_sftp_destination(loaded: "LoadedConfig", name: str, dest, profile: Pr
             "check `host`",
         )
     _refuse_unjudgeable_host(loaded, what, dest.host, profile, "host")
-    return DestinationVerdict(name, profile, dest.region, region.location, dest.root, added_profile(profile.name))
+    return DestinationVerdict(name, profile, dest.region, region.location, dest.root, added_profile(profile.name),
+                              sftp_host=dest.host)
 
 
 def _refuse_unjudgeable_host(loaded: "LoadedConfig", what: str, host: str, profile: ProviderProfile,

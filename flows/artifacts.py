@@ -255,11 +255,11 @@ def summary_markdown(outcome: MigrateOutcome, gate: list[dict[str, str]], checke
                   + f"; **{bad:,} with discrepancies**.", ""]
         lines += completeness_markdown(checked)
     lines += ["## Where the bytes went", "",
-              "| dataset | provider | operator | legal seat | jurisdiction | region | bucket | prefix |",
+              "| dataset | provider | operator | legal seat | jurisdiction | region | bucket or directory | prefix |",
               "|---|---|---|---|---|---|---|---|"]
     for g in gate:
         lines.append(f"| {g['dataset']} | {g['provider']} | {g['operator']} | {g['seat']} | **{g['jurisdiction']}** "
-                     f"| {g['region']} | {g['bucket']} | `{g.get('prefix') or '/'}` |")
+                     f"| {g['region']} | {g.get('place') or g['bucket']} | `{g.get('prefix') or '/'}` |")
     # A provider profile from EXITPLAN_PROVIDERS_DIR: its facts are the operator's, named with the file's hash.
     for profile in sorted({g["profile"] for g in gate if g.get("profile")}):
         lines += ["", f"**{profile}**"]

@@ -309,10 +309,10 @@ def print_migration_summary(result) -> None:
     for s in result.summaries:
         v = result.destinations[s.dataset]
         by_place.setdefault((v.name, v.bucket, v.region, v.location), []).append(s.dataset)
-    for (name, bucket, region, location), datasets in by_place.items():
+    for (name, _, region, location), datasets in by_place.items():
         v = result.destinations[datasets[0]]
         p = v.provider
-        print(f"  {', '.join(datasets)} -> bucket {bucket} at {p.display_name}, region {region} ({location}); "
+        print(f"  {', '.join(datasets)} -> {v.place} at {p.display_name}, region {region} ({location}); "
               f"operated by {p.legal_entity}, {p.legal_seat}; jurisdiction {p.jurisdiction}")
         if v.catalog_file:
             print(f"    {v.catalog_file.sentence()}")

@@ -153,7 +153,7 @@ def sovereignty_gate(config_path: str, datasets: list[str] | None) -> list[dict[
         p = v.provider
         rows.append({"dataset": name, "destination": v.name, "provider": p.display_name, "operator": p.legal_entity,
                      "seat": p.legal_seat, "jurisdiction": p.jurisdiction, "region": f"{v.region} ({v.location})",
-                     "bucket": v.bucket, "prefix": loaded.config.datasets[name].dest_prefix,
+                     "bucket": v.bucket, "place": v.place, "prefix": loaded.config.datasets[name].dest_prefix,
                      "profile": v.catalog_file.sentence() if v.catalog_file else ""})
     get_run_logger().info("sovereignty gate passed for %s", ", ".join(f"{r['dataset']} -> {r['provider']} "
                                                                         f"({r['jurisdiction']})" for r in rows))

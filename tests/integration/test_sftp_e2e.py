@@ -431,6 +431,7 @@ def test_s3_to_sftp_escrow_encrypted_verify_restore(tmp_path, capsys, sshd, s3_s
     # logins, the host-key check and the connection its sessions share; no `ssh` left after it.
     assert _logins(sshd) - logins == 2
     assert _ssh_children() == []
+    assert f"exports -> directory {escrow} on SFTP server 127.0.0.1 at exitplan lab" in out
     code, out, err = cli(capsys, "verify", "--config", config, "--deep")
     assert code == 0, err + out
     code, out, err = cli(capsys, "restore", "--config", config, "--dataset", "exports", "--to", tmp_path / "back")

@@ -92,7 +92,8 @@ def test_the_report_has_the_figures_the_sovereignty_table_and_the_fingerprint(pr
     loaded = load_config(project)
     # Sovereignty: provider, jurisdiction, region, bucket, and who holds the keys, per dataset.
     section = page.split("Where the data is, and who holds the keys")[1].split("<h2>")[0]
-    for header in ("provider", "operated by", "legal seat", "jurisdiction", "region", "bucket", "encryption and keys"):
+    for header in ("provider", "operated by", "legal seat", "jurisdiction", "region", "bucket or directory",
+                   "encryption and keys"):
         assert f"<th>{header}</th>" in section
     assert "exitplan-lab" in section and "eu-west-3" in section
     assert "keyset wrapped by a local key file (lab only)" in section
