@@ -599,6 +599,36 @@ def test_openssh_sessions_share_one_connection_that_ends_with_the_store(sshd, tm
     assert master.process.poll() is not None and not os.path.exists(control)
 
 
+def test_sessions_a_server_refuses_to_multiplex_get_connections_of_their_own(tmp_path):
+    """A server that allows fewer sessions per connection (sshd's `MaxSessions`, here 2: the
+    master's own and one more) than the store has: `ssh` opens the others as connections of their
+    own, and every session works."""
+    from flows.lab_sftp import prepare_sshd, sshd_spec
+
+    layout = prepare_sshd(tmp_path / "sshd", lp.free_port())
+    layout.config.write_text(layout.config.read_text().replace("MaxSessions 64", "MaxSessions 2"))
+    server = lp.start_server(sshd_spec(layout), tmp_path / "sshd.log")
+    try:
+        store = SftpStore(lp.LOOPBACK, layout.port, str(layout.root), SftpLogin(layout.username, layout.user_key.read_text()),
+                          HostKeyPin(known_hosts=str(layout.known_hosts)), connections=4, transport="openssh")
+        held = threading.Barrier(4)
+
+        def hold(i: int) -> None:
+            with store.session() as sftp:
+                held.wait(timeout=30)
+                sftp.stat(".")
+
+        try:
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                list(pool.map(hold, range(4)))
+            assert len(store._sessions._all) == 4
+        finally:
+            store.close()
+        assert (tmp_path / "sshd.log").read_text().count("Accepted publickey") == 5  # check, master, 3 alone
+    finally:
+        lp.stop_pid(server.pid)
+
+
 def test_a_master_connection_that_dies_costs_one_transient_failure_then_a_new_one(sshd, tmp_path):
     (tmp_path / "d").mkdir()
     store = _openssh(sshd, tmp_path / "d")
