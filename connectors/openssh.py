@@ -36,6 +36,7 @@ import subprocess
 import struct
 import tempfile
 import threading
+from dataclasses import dataclass, field
 from typing import Sequence
 
 from cryptography.hazmat.primitives import serialization
@@ -46,6 +47,9 @@ _EXIT_WAIT = 5.0
 # Host key algorithms for a key of each type (an RSA key signs with SHA-2 since OpenSSH 8.8).
 _HOST_KEY_ALGORITHMS = {"ssh-rsa": "rsa-sha2-512,rsa-sha2-256"}
 _FXP_INIT, _FXP_VERSION = 1, 2
+# Sessions multiplexed over one master connection: sshd's MaxSessions is 10 by default, and the
+# master's own session counts. Past a server's own limit, `ssh` opens a connection of its own.
+SESSIONS_PER_MASTER = 9
 
 
 class OpenSshUnavailable(Exception):
@@ -210,6 +214,16 @@ def _read_exactly(pipe: SshPipe, n: int) -> bytes:
     return data
 
 
+@dataclass
+class _Master:
+    """A master connection: the pipe of its own (unused) session, its control socket, and the
+    sessions started over it."""
+
+    pipe: SshPipe
+    control: str
+    sessions: list[SshPipe] = field(default_factory=list)
+
+
 class SshSessionFailed(Exception):
     """`ssh` ended before its SFTP session opened; `words` is what it said (its reason)."""
 
@@ -222,10 +236,10 @@ class OpenSshLauncher:
     """Starts `ssh` processes to one server for one user, each carrying one SFTP session (module
     docstring: what it is given). `host_key` is the server's key as paramiko saw and checked it.
 
-    The sessions share one SSH connection: the first `ssh` logs in as the master of a control
-    socket (`ControlMaster`), the others are multiplexed over it, each an `ssh` process that hands
-    its pipe to the master and waits (no key exchange, no login: ~7 ms instead of ~200, one sshd
-    process on the server instead of one per session). The control socket sits in a directory of
+    The sessions share SSH connections, up to `SESSIONS_PER_MASTER` each: an `ssh` logs in as the
+    master of a control socket (`ControlMaster`), the sessions are multiplexed over it, each an
+    `ssh` process that hands its pipe to the master and waits (no key exchange, no login: ~7 ms
+    instead of ~200, one sshd process on the server instead of one per session). The control socket sits in a directory of
     its own, mode 0700, removed at `close`; who can open it could open sessions as this user,
     which anyone who can read this process's memory files (the same user, root) can already."""
 
@@ -233,7 +247,7 @@ class OpenSshLauncher:
                  certificate: str | None, connect_timeout: float):
         self._fds: list[int] = []
         self._lock = threading.Lock()
-        self._master: SshPipe | None = None
+        self._masters: list[_Master] = []
         self._control_dir: str | None = None
         try:
             key_type = host_key.get_name()
@@ -269,42 +283,54 @@ class OpenSshLauncher:
         # How long a session may take to answer its SFTP version (the login, for a master).
         self._login_timeout = max(30.0, 3 * connect_timeout)
         self._serial = 0
-        self._control = ""
         self._control_dir = _control_directory()
 
     def start(self) -> SshPipe:
-        """One SFTP session: an `ssh` process multiplexed over the launcher's master connection
-        (started first, or again when it ended), the pipe to it. The SFTP version exchange is the
+        """One SFTP session: an `ssh` process multiplexed over a master connection with room for
+        it (one is started when none has: the first, or one more every `SESSIONS_PER_MASTER`
+        sessions, or again when one ended), the pipe to it. The SFTP version exchange is the
         caller's (paramiko's `SFTPClient`); where no control socket can be made, each session is a
         connection of its own."""
         if self._control_dir is None:
             return self._spawn(self.argv)
         with self._lock:
-            if self._master is None or not self._master.is_active():
-                self._start_master()
-            control = self._control
-        return self._spawn(self._with("ControlMaster=no", f"ControlPath={control}"))
+            master = self._master_with_room()
+            pipe = self._spawn(self._with("ControlMaster=no", f"ControlPath={master.control}"))
+            master.sessions.append(pipe)
+        return pipe
 
     def _with(self, *options: str) -> list[str]:
         at = self.argv.index("-p")
         return [*self.argv[:at], *(arg for option in options for arg in ("-o", option)), *self.argv[at:]]
 
-    def _start_master(self) -> None:
-        """The connection every session goes over: an `ssh` logged in, listening on a control
-        socket of its own, carrying one SFTP session that no one uses; closing that
-        session ends the master and every session over it (`ControlPersist=no`), so the master
-        never outlives this process, however it ends."""
-        if self._master is not None:
-            self._master.close()
-            self._master = None
+    def _master_with_room(self) -> "_Master":
+        """(Under the lock.) A live master carrying fewer than `SESSIONS_PER_MASTER` live sessions;
+        masters that ended are closed and forgotten."""
+        for master in list(self._masters):
+            if not master.pipe.is_active():
+                self._masters.remove(master)
+                master.pipe.close()
+                continue
+            master.sessions = [p for p in master.sessions if p.is_active()]
+            if len(master.sessions) < SESSIONS_PER_MASTER:
+                return master
+        master = self._start_master()
+        self._masters.append(master)
+        return master
+
+    def _start_master(self) -> "_Master":
+        """A connection sessions go over: an `ssh` logged in, listening on a control socket of its
+        own, carrying one SFTP session that no one uses; closing that session ends the master and
+        every session over it (`ControlPersist=no`), so a master never outlives this process,
+        however it ends."""
         self._serial += 1
-        self._control = os.path.join(self._control_dir, f"m{self._serial}")  # a fresh name: none stale
-        pipe = self._spawn(self._with("ControlMaster=yes", f"ControlPath={self._control}", "ControlPersist=no"))
+        control = os.path.join(self._control_dir, f"m{self._serial}")  # a fresh name: none stale
+        pipe = self._spawn(self._with("ControlMaster=yes", f"ControlPath={control}", "ControlPersist=no"))
         try:
             _sftp_version(pipe)
         except (OSError, EOFError, ValueError) as exc:
             raise SshSessionFailed(pipe.close() or str(exc)) from None
-        self._master = pipe
+        return _Master(pipe, control)
 
     def _spawn(self, argv: list[str]) -> SshPipe:
         ours, theirs = socket.socketpair()
@@ -325,9 +351,9 @@ class OpenSshLauncher:
         """End the master connection (the sessions over it are the store's to close first), remove
         its control socket, close the memory files."""
         with self._lock:
-            master, self._master = self._master, None
-        if master is not None:
-            master.close()
+            masters, self._masters = self._masters, []
+        for master in masters:
+            master.pipe.close()
         if self._control_dir is not None:
             shutil.rmtree(self._control_dir, ignore_errors=True)
             self._control_dir = None

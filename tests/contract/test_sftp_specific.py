@@ -20,6 +20,7 @@ import pytest
 
 from connectors import sftp as sftp_module
 from connectors.base import AuthError, ConfigError, InvalidRequest, SourceChanged, TransientError, WriteMeta
+from connectors.openssh import SESSIONS_PER_MASTER
 from connectors.sftp import HostKeyPin, HostKeyRefused, SftpLogin, SftpStore
 from flows import lab_processes as lp
 from tests.contract.contract_support import SftpHarness, md5
@@ -589,14 +590,38 @@ def test_openssh_sessions_share_one_connection_that_ends_with_the_store(sshd, tm
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             list(pool.map(hold, range(4)))
         assert len(store._sessions._all) == 4
-        master, control = store._launcher._master, store._launcher._control_dir
-        assert master.is_active() and stat.S_IMODE(os.stat(control).st_mode) == 0o700
+        (master,), control = store._launcher._masters, store._launcher._control_dir
+        assert master.pipe.is_active() and stat.S_IMODE(os.stat(control).st_mode) == 0o700
         argvs = [pipe.process.args for pipe, _ in store._sessions._all]
-        assert all("ControlMaster=no" in argv and f"ControlPath={store._launcher._control}" in argv for argv in argvs)
+        assert all("ControlMaster=no" in argv and f"ControlPath={master.control}" in argv for argv in argvs)
         assert _logins(sshd) - before == 2
     finally:
         store.close()
-    assert master.process.poll() is not None and not os.path.exists(control)
+    assert master.pipe.process.poll() is not None and not os.path.exists(control)
+
+
+def test_more_sessions_than_one_connection_carries_open_another(sshd, tmp_path):
+    """sshd's MaxSessions is 10 by default, a master's own session included: twelve sessions go
+    over two master connections (9 and 3), three logins in all."""
+    (tmp_path / "d").mkdir()
+    before = _logins(sshd)
+    store = SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path / "d"), SftpLogin(sshd.username, sshd.user_key.read_text()),
+                      HostKeyPin(known_hosts=str(sshd.known_hosts)), connections=12, transport="openssh")
+    held = threading.Barrier(12)
+
+    def hold(i: int) -> None:
+        with store.session() as sftp:
+            held.wait(timeout=60)
+            sftp.stat(".")
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            list(pool.map(hold, range(12)))
+        masters = store._launcher._masters
+        assert sorted(len(m.sessions) for m in masters) == [3, SESSIONS_PER_MASTER]
+        assert _logins(sshd) - before == 3
+    finally:
+        store.close()
 
 
 def test_sessions_a_server_refuses_to_multiplex_get_connections_of_their_own(tmp_path):
@@ -634,9 +659,9 @@ def test_a_master_connection_that_dies_costs_one_transient_failure_then_a_new_on
     store = _openssh(sshd, tmp_path / "d")
     try:
         store.put("a.bin", b"abc", 3, WriteMeta(), None)
-        master = store._launcher._master
-        master.process.kill()
-        master.process.wait()
+        (master,) = store._launcher._masters
+        master.pipe.process.kill()
+        master.pipe.process.wait()
         outcomes = []
         for _ in range(3):
             try:
@@ -644,7 +669,7 @@ def test_a_master_connection_that_dies_costs_one_transient_failure_then_a_new_on
             except TransientError as exc:
                 outcomes.append(exc)
         assert outcomes[-1] == b"abc" and all(o == b"abc" or isinstance(o, TransientError) for o in outcomes)
-        assert store._launcher._master is not master and store._launcher._master.is_active()
+        assert [m.pipe.is_active() for m in store._launcher._masters] == [True] and master not in store._launcher._masters
     finally:
         store.close()
 
@@ -686,7 +711,7 @@ def test_the_master_connection_does_not_outlive_the_process_that_opened_it(sshd,
         "from connectors.sftp import HostKeyPin, SftpLogin, SftpStore\n"
         f"store = SftpStore('127.0.0.1', {sshd.port}, {str(tmp_path / 'd')!r}, SftpLogin({sshd.username!r}, "
         f"open({str(sshd.user_key)!r}).read()), HostKeyPin(known_hosts={str(sshd.known_hosts)!r}), transport='openssh')\n"
-        "print(store._launcher._master.process.pid, flush=True)\n"
+        "print(store._launcher._masters[0].pipe.process.pid, flush=True)\n"
         "os._exit(0)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
