@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from config.models import LoadedConfig
 from connectors.base import NotFound, Unsupported
 
-from .endpoints import open_sink
+from .endpoints import DestinationSinks
 from .errors import call_endpoint
 from .project import lock_project, open_state
 
@@ -82,25 +82,28 @@ def _orphans(loaded: LoadedConfig, datasets: list[str], *, abort: bool) -> Clean
     found: list[OrphanUpload] = []
     unlisted: list[str] = []
     seen: set[tuple[str, str]] = set()
-    for name in datasets:
-        ds = loaded.config.datasets[name]
-        sink = call_endpoint(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
-        recorded = not sink.behaviour.list_uploads
-        if recorded:
-            if ds.destination not in unlisted:
-                unlisted.append(ds.destination)
-            pending = [(key, upload_id, None) for key, upload_id in left[name]]
-        else:
-            pending = [(u.key, u.upload_id, u.initiated) for u in _listed(loaded, name, sink) if u.upload_id not in known]
-        for key, upload_id, initiated in pending:
-            if (ds.destination, upload_id) in seen:
-                continue
-            seen.add((ds.destination, upload_id))
-            abortable = sink.behaviour.abort
-            if abort and abortable:
-                call_endpoint(f"dataset `{name}`: aborting upload {upload_id} of {key}", _abort, sink, key, upload_id)
-            found.append(OrphanUpload(name, ds.destination, key, upload_id, initiated, abort and abortable,
-                                      recorded=recorded, abortable=abortable))
+    with DestinationSinks(loaded) as sinks:  # one per destination, closed at the end
+        for name in datasets:
+            ds = loaded.config.datasets[name]
+            sink = call_endpoint(f"destination `{ds.destination}`", sinks, ds.destination)
+            recorded = not sink.behaviour.list_uploads
+            if recorded:
+                if ds.destination not in unlisted:
+                    unlisted.append(ds.destination)
+                pending = [(key, upload_id, None) for key, upload_id in left[name]]
+            else:
+                pending = [(u.key, u.upload_id, u.initiated) for u in _listed(loaded, name, sink)
+                           if u.upload_id not in known]
+            for key, upload_id, initiated in pending:
+                if (ds.destination, upload_id) in seen:
+                    continue
+                seen.add((ds.destination, upload_id))
+                abortable = sink.behaviour.abort
+                if abort and abortable:
+                    call_endpoint(f"dataset `{name}`: aborting upload {upload_id} of {key}", _abort, sink, key,
+                                  upload_id)
+                found.append(OrphanUpload(name, ds.destination, key, upload_id, initiated, abort and abortable,
+                                          recorded=recorded, abortable=abortable))
     return CleanupResult(tuple(found), tuple(unlisted))
 
 

@@ -13,7 +13,7 @@ from typing import Callable, Iterable
 from config.models import DatasetConfig, LoadedConfig
 from connectors.base import ObjectMeta, SinkLimits, count_in
 
-from .endpoints import destination_limits, open_source, storage_classes
+from .endpoints import close_endpoint, destination_limits, open_source, storage_classes
 from .errors import call_endpoint
 from .listing import dataset_listing, listed_from, selects
 from .output_format import IDENTITY
@@ -168,9 +168,12 @@ def inventory(loaded: LoadedConfig, datasets: list[str]) -> list[DatasetInventor
         source = call_endpoint(f"dataset `{name}`: source", open_source, loaded, name)
         limits = destination_limits(loaded, ds.destination)
         reserved = format_metadata(loaded, name)
-        listing = call_endpoint(f"dataset `{name}`: listing {source.label}", dataset_listing, loaded, name, source)
-        results.append(call_endpoint(f"dataset `{name}`: listing {source.label}", lambda: inventory_dataset(
-            name, ds, listing, limits, source_label=source.label, reserved=reserved,
-            storage_class=storage_classes(loaded, name))))
+        try:
+            listing = call_endpoint(f"dataset `{name}`: listing {source.label}", dataset_listing, loaded, name, source)
+            results.append(call_endpoint(f"dataset `{name}`: listing {source.label}", lambda: inventory_dataset(
+                name, ds, listing, limits, source_label=source.label, reserved=reserved,
+                storage_class=storage_classes(loaded, name))))
+        finally:
+            close_endpoint(source, f"dataset `{name}`: source")
         listed_from(results[-1], listing)
     return results

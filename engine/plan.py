@@ -10,7 +10,7 @@ from typing import Callable
 from config.models import LoadedConfig
 from connectors.base import ConnectorError
 
-from .endpoints import destination_limits, open_source
+from .endpoints import close_endpoint, destination_limits, open_source
 from .errors import RunError, call_endpoint
 from .key_copies import check_keysets
 from .crypto.segments import SegmentLayout
@@ -54,6 +54,8 @@ def plan(loaded: LoadedConfig, datasets: list[str], on_object: Callable[[str, Pl
                 results.append(summary)
             except ConnectorError as exc:
                 raise RunError(f"dataset `{name}`: listing {source.label}: {exc}", exc) from None
+            finally:
+                close_endpoint(source, f"dataset `{name}`: source")
     finally:
         if state is not None:
             state.close()

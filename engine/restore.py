@@ -57,7 +57,7 @@ from connectors.base import ConnectorError, ContentSettings, NotFound, ObjectMet
 
 from .crypto.datakeys import DataKeys, KeysetError
 from .crypto.tink_format import SEGMENT_SIZE, FormatError, content_of, decrypt_object, key_for, read_object_metadata
-from .endpoints import open_sink
+from .endpoints import close_endpoint, open_sink
 from .errors import RunError, call_endpoint
 from .executors import BoundedTasks, create_pool
 from .keys import load_data_keys
@@ -555,67 +555,71 @@ def restore_dataset(loaded: LoadedConfig, dataset: str, to_dir: Path | Callable[
                        bandwidth=run_bandwidth(loaded, bandwidth or loaded.config.transfer.bandwidth_timetable))
     sink = call_endpoint(f"destination `{ds.destination}`", partial(open_sink, pacer=pacing.for_sink(ds.destination)),
                          loaded, ds.destination)
-    listing_prefix = dest_key_prefix(ds.dest_prefix) + prefix
-    totals = {"objects": 0, "ok": 0, "failed": 0, "bytes": 0, "unchecked": 0}
-    failures: list[tuple[str, str]] = []
+    try:
+        listing_prefix = dest_key_prefix(ds.dest_prefix) + prefix
+        totals = {"objects": 0, "ok": 0, "failed": 0, "bytes": 0, "unchecked": 0}
+        failures: list[tuple[str, str]] = []
 
-    sidecar: Temporary | None = None
+        sidecar: Temporary | None = None
 
-    def counted(meta: ObjectMeta, result: RestoredObject) -> None:
-        totals["objects"] += 1
-        if result.status == "ok":
-            totals["ok"] += 1
-            totals["bytes"] += result.size
-            totals["unchecked"] += not result.digest_checked
-            if result.properties is not None and sidecar is not None:
-                target.append(sidecar, json.dumps(result.properties, ensure_ascii=False, sort_keys=True).encode() + b"\n")
-        else:
-            totals["failed"] += 1
-            if len(failures) < 100:
-                failures.append((meta.key, result.reason or "unknown"))
-        if on_object:
-            on_object(result)
+        def counted(meta: ObjectMeta, result: RestoredObject) -> None:
+            totals["objects"] += 1
+            if result.status == "ok":
+                totals["ok"] += 1
+                totals["bytes"] += result.size
+                totals["unchecked"] += not result.digest_checked
+                if result.properties is not None and sidecar is not None:
+                    line = json.dumps(result.properties, ensure_ascii=False, sort_keys=True).encode() + b"\n"
+                    target.append(sidecar, line)
+            else:
+                totals["failed"] += 1
+                if len(failures) < 100:
+                    failures.append((meta.key, result.reason or "unknown"))
+            if on_object:
+                on_object(result)
 
-    def lost(meta: ObjectMeta, exc: BaseException) -> None:
-        log.error("restoring %s failed", meta.key, exc_info=(type(exc), exc, exc.__traceback__))
-        counted(meta, RestoredObject(source_key_of(meta.key, ds.prefix, ds.dest_prefix), meta.key, None, meta.size,
-                                     "failed", f"internal error: {type(exc).__name__}: {exc}"))
+        def lost(meta: ObjectMeta, exc: BaseException) -> None:
+            log.error("restoring %s failed", meta.key, exc_info=(type(exc), exc, exc.__traceback__))
+            counted(meta, RestoredObject(source_key_of(meta.key, ds.prefix, ds.dest_prefix), meta.key, None, meta.size,
+                                         "failed", f"internal error: {type(exc).__name__}: {exc}"))
 
-    def rel_key_of(meta: ObjectMeta) -> tuple[str, str]:
-        source_key = source_key_of(meta.key, ds.prefix, ds.dest_prefix)
-        return source_key, relative_key(source_key, ds.prefix)
+        def rel_key_of(meta: ObjectMeta) -> tuple[str, str]:
+            source_key = source_key_of(meta.key, ds.prefix, ds.dest_prefix)
+            return source_key, relative_key(source_key, ds.prefix)
 
-    def one(meta: ObjectMeta, target, below: str | None) -> RestoredObject:
-        source_key, rel_key = rel_key_of(meta)
-        return restore_object(sink, meta, dataset=dataset, source_key=source_key, rel_key=rel_key, target=target,
-                              keys=keys, expected_sha256=recorded(source_key), below=below)
+        def one(meta: ObjectMeta, target, below: str | None) -> RestoredObject:
+            source_key, rel_key = rel_key_of(meta)
+            return restore_object(sink, meta, dataset=dataset, source_key=source_key, rel_key=rel_key, target=target,
+                                  keys=keys, expected_sha256=recorded(source_key), below=below)
 
-    sidecar_path: Path | str | None = None
-    sidecar_problem: str | None = None
-    with open_target(to_dir, overwrite=overwrite) as target, target.temporary() as sidecar:
-        try:
-            with create_pool(concurrency, "exitplan-restore") as pool, \
-                    BoundedTasks(pool, concurrency * 2, on_result=counted, on_error=lost) as tasks:
-                # A file whose name other keys continue below is held until the listing passes that
-                # name: the directory wins, whichever object a worker would have reached first.
-                clashes = FileBesideDirectory()
-                for meta in sink.list(listing_prefix):
-                    if meta.key.startswith(CONTROL_PREFIX):
-                        continue
-                    for held, below in clashes.add(rel_key_of(meta)[1], meta, file=True):
+        sidecar_path: Path | str | None = None
+        sidecar_problem: str | None = None
+        with open_target(to_dir, overwrite=overwrite) as target, target.temporary() as sidecar:
+            try:
+                with create_pool(concurrency, "exitplan-restore") as pool, \
+                        BoundedTasks(pool, concurrency * 2, on_result=counted, on_error=lost) as tasks:
+                    # A file whose name other keys continue below is held until the listing passes that
+                    # name: the directory wins, whichever object a worker would have reached first.
+                    clashes = FileBesideDirectory()
+                    for meta in sink.list(listing_prefix):
+                        if meta.key.startswith(CONTROL_PREFIX):
+                            continue
+                        for held, below in clashes.add(rel_key_of(meta)[1], meta, file=True):
+                            tasks.submit(held, one, held, target, below)
+                    for held, below in clashes.finish():
                         tasks.submit(held, one, held, target, below)
-                for held, below in clashes.finish():
-                    tasks.submit(held, one, held, target, below)
-        except ConnectorError as exc:
-            raise RunError(f"listing {sink.label}/{listing_prefix}: {exc}", exc) from None
-        target.seal(sidecar)
-        name = TargetName((SIDECAR,))
-        try:
-            target.place(sidecar, name)
-            sidecar_path = target.shown(name)
-        except TargetRefused as exc:
-            sidecar_problem = (f"the objects' properties (content headers, metadata, tags, source times) were not "
-                               f"written: {exc}; restore again with --overwrite, or into another directory")
+            except ConnectorError as exc:
+                raise RunError(f"listing {sink.label}/{listing_prefix}: {exc}", exc) from None
+            target.seal(sidecar)
+            name = TargetName((SIDECAR,))
+            try:
+                target.place(sidecar, name)
+                sidecar_path = target.shown(name)
+            except TargetRefused as exc:
+                sidecar_problem = (f"the objects' properties (content headers, metadata, tags, source times) were not "
+                                   f"written: {exc}; restore again with --overwrite, or into another directory")
+    finally:
+        close_endpoint(sink, f"destination `{ds.destination}`")
     return RestoreSummary(dataset, totals["objects"], totals["ok"], totals["failed"], totals["bytes"],
                           totals["unchecked"], tuple(failures), sidecar_path, sidecar_problem)
 

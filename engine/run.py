@@ -26,7 +26,8 @@ from connectors.base import ConnectorError, ObjectMeta, ObjectSource, SinkLimits
 from .allocator import freeze_long_lived, thaw_long_lived, tune_malloc
 from .audit import AuditOutcome, MigrationAudit, audit_signing_key
 from .budget import MemoryBudget
-from .endpoints import DestinationSinks, close_endpoint, destination_limits, open_azure_container, open_source, storage_classes
+from .endpoints import (DestinationSinks, close_endpoint, destination_limits, open_azure_container, open_source,
+                        storage_classes)
 from .errors import RunError, call_endpoint
 from .executors import create_executors
 from . import key_copies

@@ -60,7 +60,7 @@ from connectors.base import ConnectorError, NotFound, ObjectMeta, ObjectReader
 from . import state as st
 from .audit import VERIFY, RunAudit, audit_signing_key
 from .crypto.tink_format import SEGMENT_SIZE, FormatError, decrypt_object, key_for, read_object_metadata
-from .endpoints import open_sink
+from .endpoints import DestinationSinks
 from .errors import call_endpoint
 from .executors import BoundedTasks, create_pool
 from .placement import CONTROL_PREFIX
@@ -476,39 +476,43 @@ def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sam
 
     summaries: list[DatasetVerification] = []
     status = "interrupted"
+    sinks = DestinationSinks(loaded)  # one per destination, for the checks and the manifest's copy
     try:
-        for name in datasets:
-            ds = loaded.config.datasets[name]
-            sink = call_endpoint(f"destination `{ds.destination}`", open_sink, loaded, ds.destination)
-            store.dataset_started(run_id, name)
-            try:
-                summary = verify_dataset(loaded, name, store, sink, deep=deep, sample=sample, seed=seed, keys=keys,
-                                         known_key_ids=known_ids, on_checked=on_checked, observer=observer)
-            except BaseException as exc:
-                _record_stop(store, run_id, name, exc)
-                raise
-            store.dataset_through(run_id, name, summary.objects, summary.bytes_read)
-            # After the check, which moved what passed to verified: the one definition of complete.
-            summary = dataclasses.replace(summary, status=store.dataset_status(name, examples=max_reported))
-            summaries.append(summary)
-            if observer:
-                observer.dataset_finished(summary)
-        status = "ok" if all(s.all_ok for s in summaries) else "failed"
-    finally:
-        if store.unwritable is not None:  # left as a kill leaves it: the next run records it as interrupted
-            store.close()
-            trail.abandon()
-            raise store.unwritable
-        totals = dict(objects_total=sum(s.objects for s in summaries), objects_ok=sum(s.ok for s in summaries),
-                      objects_failed=sum(s.failed for s in summaries), bytes_total=sum(s.bytes_read for s in summaries))
-        store.finish_run(run_id, status, **totals)
-        store.close()
         try:
-            trail.finish(status, dict(totals, objects_deep_checked=sum(s.deep_checked for s in summaries)))
-        except st.StateUnwritable:  # the manifest's disk, this time
-            trail.abandon()
-            raise
-    copies, notes = trail.publish([loaded.config.datasets[d].destination for d in datasets])
+            for name in datasets:
+                ds = loaded.config.datasets[name]
+                sink = call_endpoint(f"destination `{ds.destination}`", sinks, ds.destination)
+                store.dataset_started(run_id, name)
+                try:
+                    summary = verify_dataset(loaded, name, store, sink, deep=deep, sample=sample, seed=seed, keys=keys,
+                                             known_key_ids=known_ids, on_checked=on_checked, observer=observer)
+                except BaseException as exc:
+                    _record_stop(store, run_id, name, exc)
+                    raise
+                store.dataset_through(run_id, name, summary.objects, summary.bytes_read)
+                # After the check, which moved what passed to verified: the one definition of complete.
+                summary = dataclasses.replace(summary, status=store.dataset_status(name, examples=max_reported))
+                summaries.append(summary)
+                if observer:
+                    observer.dataset_finished(summary)
+            status = "ok" if all(s.all_ok for s in summaries) else "failed"
+        finally:
+            if store.unwritable is not None:  # left as a kill leaves it: the next run records it as interrupted
+                store.close()
+                trail.abandon()
+                raise store.unwritable
+            totals = dict(objects_total=sum(s.objects for s in summaries), objects_ok=sum(s.ok for s in summaries),
+                          objects_failed=sum(s.failed for s in summaries), bytes_total=sum(s.bytes_read for s in summaries))
+            store.finish_run(run_id, status, **totals)
+            store.close()
+            try:
+                trail.finish(status, dict(totals, objects_deep_checked=sum(s.deep_checked for s in summaries)))
+            except st.StateUnwritable:  # the manifest's disk, this time
+                trail.abandon()
+                raise
+        copies, notes = trail.publish([loaded.config.datasets[d].destination for d in datasets], sinks)
+    finally:
+        sinks.close()
     return VerifyResult(run_id, mode, sample, seed if deep else None, tuple(summaries), time.monotonic() - started,
                         trail.outcome(copies, notes))
 
