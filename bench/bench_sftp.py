@@ -15,8 +15,8 @@ time, user+system CPU and peak RSS from `os.wait4`, through bench_migrate's laun
    one 512 MiB and one 20 MiB file: bounded by the memory budget, not by the file.
 
 Both tools run with the same concurrency (`--concurrency`: rclone's --transfers, exitplan's
-`transfer.concurrency` and `object_concurrency`; exitplan's SFTP `connections` is twice that, one
-per request it may have in flight, as rclone opens what it needs) and 16 MiB parts.
+`transfer.concurrency` and `object_concurrency`; exitplan's SFTP `connections`, its sessions, is
+twice that, one per request it may have in flight, as rclone opens what it needs) and 16 MiB parts.
 Every run's output is checked (every file, with its size, at the destination). exitplan encrypts
 (Tink streaming AEAD) and rclone does not: the CPU figures include that. Prints a table and writes
 `bench/out/sftp-<timestamp>.json`. Run: `.venv/bin/python bench/bench_sftp.py [--quick]`.
@@ -101,7 +101,7 @@ def write_files(top: Path, big: int, big_mib: int, mid: int, small: int) -> dict
 
 
 def sftp_endpoint(layout: SshdLayout, root: Path, concurrency: int, transport: str = "openssh") -> dict:
-    # One SSH connection per request exitplan may have in flight (range reads or part writes of
+    # One SFTP session per request exitplan may have in flight (range reads or part writes of
     # multipart objects, plus whole small objects): rclone 1.60 opens as many as it needs too.
     return {"kind": "sftp", "host": LOOPBACK, "port": layout.port, "username": layout.username, "root": str(root),
             "known_hosts": str(layout.known_hosts), "private_key_file": str(layout.user_key),

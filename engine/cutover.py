@@ -35,7 +35,7 @@ from engine import state as st
 from engine import verify as engine_verify
 
 from .audit import CUTOVER, RunAudit, audit_signing_key
-from .endpoints import open_source
+from .endpoints import close_endpoint, open_source
 from .inventory import selected
 from .listing import dataset_listing
 from .plan import plan
@@ -150,6 +150,7 @@ def removed(loaded: LoadedConfig, dataset: str, limit: int) -> list[str]:
                 state.close()
         finally:
             keys.close()
+            close_endpoint(source, f"dataset `{dataset}`: source")
 
 
 def _record(loaded: LoadedConfig, dataset: str, delta_run: int, verify_run: int) -> tuple[dict[str, Any], list[str]]:

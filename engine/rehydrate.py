@@ -24,7 +24,7 @@ from config.errors import ExitCode, UserError
 from config.models import LoadedConfig
 from connectors.base import ConnectorError, ObjectMeta
 
-from .endpoints import open_source
+from .endpoints import close_endpoint, open_source
 from .errors import call_endpoint
 from .estimate import Figures
 from .dataset_copy import COPIES_PAGE, copy_holds
@@ -147,7 +147,10 @@ def _rehydrate_dataset(loaded: LoadedConfig, name: str, state: StateStore | None
                 BoundedTasks(pool, 2 * workers, on_result=asked, on_error=refused) as tasks:
             each(tasks)
 
-    call_endpoint(f"dataset `{name}`: listing {source.label}", listing)
+    try:
+        call_endpoint(f"dataset `{name}`: listing {source.label}", listing)
+    finally:
+        close_endpoint(source, f"dataset `{name}`: source")
     return found
 
 
