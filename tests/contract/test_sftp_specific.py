@@ -548,6 +548,17 @@ def test_without_the_openssh_client_auto_uses_paramiko_and_openssh_is_refused(ss
         SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path), login, pin, transport="openssh")
 
 
+def _transient_failures_then_a_read(store: SftpStore) -> None:
+    """Three reads of a.bin after its sessions died: transient failures, then the bytes."""
+    outcomes = []
+    for _ in range(3):
+        try:
+            outcomes.append(store.read_range("a.bin", 0, 3))
+        except TransientError as exc:
+            outcomes.append(exc)
+    assert outcomes[-1] == b"abc" and all(o == b"abc" or isinstance(o, TransientError) for o in outcomes)
+
+
 def test_an_ssh_process_that_dies_costs_one_transient_failure_then_a_fresh_session(sshd, tmp_path):
     (tmp_path / "d").mkdir()
     store = _openssh(sshd, tmp_path / "d")
@@ -556,13 +567,7 @@ def test_an_ssh_process_that_dies_costs_one_transient_failure_then_a_fresh_sessi
         for pipe, _client in list(store._sessions._all):
             pipe.process.kill()
             pipe.process.wait()
-        outcomes = []
-        for _ in range(3):
-            try:
-                outcomes.append(store.read_range("a.bin", 0, 3))
-            except TransientError as exc:
-                outcomes.append(exc)
-        assert outcomes[-1] == b"abc" and all(o == b"abc" or isinstance(o, TransientError) for o in outcomes)
+        _transient_failures_then_a_read(store)
         assert all(p.process.poll() is None for p, _ in store._sessions._all)
     finally:
         store.close()
@@ -572,23 +577,32 @@ def _logins(sshd) -> int:
     return (sshd.directory / "sshd.log").read_text().count("Accepted publickey")
 
 
+def _sessions_store(layout, root, sessions: int) -> SftpStore:
+    return SftpStore(lp.LOOPBACK, layout.port, str(root), SftpLogin(layout.username, layout.user_key.read_text()),
+                     HostKeyPin(known_hosts=str(layout.known_hosts)), connections=sessions, transport="openssh")
+
+
+def _hold_sessions_at_once(store: SftpStore, sessions: int) -> None:
+    """`sessions` sessions of `store` open at the same time, each used once."""
+    held = threading.Barrier(sessions)
+
+    def hold(_: int) -> None:
+        with store.session() as sftp:
+            held.wait(timeout=60)
+            sftp.stat(".")
+
+    with concurrent.futures.ThreadPoolExecutor(sessions) as pool:
+        list(pool.map(hold, range(sessions)))
+
+
 def test_openssh_sessions_share_one_connection_that_ends_with_the_store(sshd, tmp_path):
     """Four sessions at once, two logins: paramiko's check and the master connection the four
     `ssh` processes are multiplexed over; the master and its control socket end with the store."""
     (tmp_path / "d").mkdir()
     before = _logins(sshd)
-    store = SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path / "d"), SftpLogin(sshd.username, sshd.user_key.read_text()),
-                      HostKeyPin(known_hosts=str(sshd.known_hosts)), connections=4, transport="openssh")
-    held = threading.Barrier(4)
-
-    def hold(i: int) -> None:
-        with store.session() as sftp:
-            held.wait(timeout=30)
-            sftp.stat(".")
-
+    store = _sessions_store(sshd, tmp_path / "d", 4)
     try:
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            list(pool.map(hold, range(4)))
+        _hold_sessions_at_once(store, 4)
         assert len(store._sessions._all) == 4
         (master,), control = store._launcher._masters, store._launcher._control_dir
         assert master.pipe.is_active() and stat.S_IMODE(os.stat(control).st_mode) == 0o700
@@ -605,18 +619,9 @@ def test_more_sessions_than_one_connection_carries_open_another(sshd, tmp_path):
     over two master connections (9 and 3), three logins in all."""
     (tmp_path / "d").mkdir()
     before = _logins(sshd)
-    store = SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path / "d"), SftpLogin(sshd.username, sshd.user_key.read_text()),
-                      HostKeyPin(known_hosts=str(sshd.known_hosts)), connections=12, transport="openssh")
-    held = threading.Barrier(12)
-
-    def hold(i: int) -> None:
-        with store.session() as sftp:
-            held.wait(timeout=60)
-            sftp.stat(".")
-
+    store = _sessions_store(sshd, tmp_path / "d", 12)
     try:
-        with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            list(pool.map(hold, range(12)))
+        _hold_sessions_at_once(store, 12)
         masters = store._launcher._masters
         assert sorted(len(m.sessions) for m in masters) == [3, SESSIONS_PER_MASTER]
         assert _logins(sshd) - before == 3
@@ -634,18 +639,9 @@ def test_sessions_a_server_refuses_to_multiplex_get_connections_of_their_own(tmp
     layout.config.write_text(layout.config.read_text().replace("MaxSessions 64", "MaxSessions 2"))
     server = lp.start_server(sshd_spec(layout), tmp_path / "sshd.log")
     try:
-        store = SftpStore(lp.LOOPBACK, layout.port, str(layout.root), SftpLogin(layout.username, layout.user_key.read_text()),
-                          HostKeyPin(known_hosts=str(layout.known_hosts)), connections=4, transport="openssh")
-        held = threading.Barrier(4)
-
-        def hold(i: int) -> None:
-            with store.session() as sftp:
-                held.wait(timeout=30)
-                sftp.stat(".")
-
+        store = _sessions_store(layout, layout.root, 4)
         try:
-            with concurrent.futures.ThreadPoolExecutor(4) as pool:
-                list(pool.map(hold, range(4)))
+            _hold_sessions_at_once(store, 4)
             assert len(store._sessions._all) == 4
         finally:
             store.close()
@@ -662,13 +658,7 @@ def test_a_master_connection_that_dies_costs_one_transient_failure_then_a_new_on
         (master,) = store._launcher._masters
         master.pipe.process.kill()
         master.pipe.process.wait()
-        outcomes = []
-        for _ in range(3):
-            try:
-                outcomes.append(store.read_range("a.bin", 0, 3))
-            except TransientError as exc:
-                outcomes.append(exc)
-        assert outcomes[-1] == b"abc" and all(o == b"abc" or isinstance(o, TransientError) for o in outcomes)
+        _transient_failures_then_a_read(store)
         assert [m.pipe.is_active() for m in store._launcher._masters] == [True] and master not in store._launcher._masters
     finally:
         store.close()
