@@ -239,9 +239,10 @@ class OpenSshLauncher:
     The sessions share SSH connections, up to `SESSIONS_PER_MASTER` each: an `ssh` logs in as the
     master of a control socket (`ControlMaster`), the sessions are multiplexed over it, each an
     `ssh` process that hands its pipe to the master and waits (no key exchange, no login: ~7 ms
-    instead of ~200, one sshd process on the server instead of one per session). The control socket sits in a directory of
-    its own, mode 0700, removed at `close`; who can open it could open sessions as this user,
-    which anyone who can read this process's memory files (the same user, root) can already."""
+    instead of ~200, one sshd process on the server instead of one per session). The control
+    sockets sit in a directory of their own, mode 0700, removed at `close`; who can open one could
+    open sessions as this user, which anyone who can read this process's memory files (the same
+    user, root) can already."""
 
     def __init__(self, ssh: str, host: str, port: int, username: str, host_key, private_key: bytes,
                  certificate: str | None, connect_timeout: float):
@@ -348,8 +349,8 @@ class OpenSshLauncher:
         return SshPipe(ours, process, errors)
 
     def close(self) -> None:
-        """End the master connection (the sessions over it are the store's to close first), remove
-        its control socket, close the memory files."""
+        """End the master connections (the sessions over them are the store's to close first),
+        remove their control sockets, close the memory files."""
         with self._lock:
             masters, self._masters = self._masters, []
         for master in masters:

@@ -851,8 +851,8 @@ class RunAudit:
 
         written, notes = publish_file(self.loaded, destinations, self.manifest.path,
                                       manifest_object_key(self.loaded.config.project), "the manifest",
-                                      content_type="application/x-ndjson", metadata={"exitplan-format": MANIFEST_FORMAT},
-                                      sinks=sinks)
+                                      content_type="application/x-ndjson",
+                                      metadata={"exitplan-format": MANIFEST_FORMAT}, sinks=sinks)
         self.copy_urls = [url for _, url in written]
         return [label for label, _ in written], notes
 

@@ -415,8 +415,8 @@ def render(loaded: LoadedConfig, datasets: Sequence[str]) -> tuple[str, int, Man
         rows.append([f"<b>{_E(d)}</b>", _E(p.display_name), _E(p.legal_entity), _E(p.legal_seat),
                      f"<b>{_E(p.jurisdiction)}</b>", f"{_E(v.region)} ({_E(v.location)})", _E(v.place),
                      _E(key_holder_text(loaded, d))])
-    parts.append(_table(["dataset", "provider", "operated by", "legal seat", "jurisdiction", "region", "bucket or directory",
-                         "encryption and keys"], rows))
+    parts.append(_table(["dataset", "provider", "operated by", "legal seat", "jurisdiction", "region",
+                         "bucket or directory", "encryption and keys"], rows))
     allowed = ", ".join(cfg.policy.allowed_jurisdictions)
     parts.append(f'<p class="sub">Every destination passed the sovereignty policy (allowed jurisdictions: {_E(allowed)}) '
                  "when this report was written.</p>")

@@ -502,7 +502,8 @@ def verify(loaded: LoadedConfig, datasets: list[str], *, deep: bool = False, sam
                 trail.abandon()
                 raise store.unwritable
             totals = dict(objects_total=sum(s.objects for s in summaries), objects_ok=sum(s.ok for s in summaries),
-                          objects_failed=sum(s.failed for s in summaries), bytes_total=sum(s.bytes_read for s in summaries))
+                          objects_failed=sum(s.failed for s in summaries),
+                          bytes_total=sum(s.bytes_read for s in summaries))
             store.finish_run(run_id, status, **totals)
             store.close()
             try:

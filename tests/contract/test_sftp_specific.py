@@ -659,7 +659,8 @@ def test_a_master_connection_that_dies_costs_one_transient_failure_then_a_new_on
         master.pipe.process.kill()
         master.pipe.process.wait()
         _transient_failures_then_a_read(store)
-        assert [m.pipe.is_active() for m in store._launcher._masters] == [True] and master not in store._launcher._masters
+        masters = store._launcher._masters
+        assert [m.pipe.is_active() for m in masters] == [True] and master not in masters
     finally:
         store.close()
 
@@ -700,7 +701,8 @@ def test_the_master_connection_does_not_outlive_the_process_that_opened_it(sshd,
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "from connectors.sftp import HostKeyPin, SftpLogin, SftpStore\n"
         f"store = SftpStore('127.0.0.1', {sshd.port}, {str(tmp_path / 'd')!r}, SftpLogin({sshd.username!r}, "
-        f"open({str(sshd.user_key)!r}).read()), HostKeyPin(known_hosts={str(sshd.known_hosts)!r}), transport='openssh')\n"
+        f"open({str(sshd.user_key)!r}).read()), HostKeyPin(known_hosts={str(sshd.known_hosts)!r}), "
+        "transport='openssh')\n"
         "print(store._launcher._masters[0].pipe.process.pid, flush=True)\n"
         "os._exit(0)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
