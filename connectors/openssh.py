@@ -36,6 +36,7 @@ import subprocess
 import struct
 import tempfile
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -285,6 +286,9 @@ class OpenSshLauncher:
         self._login_timeout = max(30.0, 3 * connect_timeout)
         self._serial = 0
         self._control_dir = _control_directory()
+        if self._control_dir is not None:
+            # Removed by `close`, or when the launcher is collected or the interpreter exits without it.
+            self._remove_control_dir = weakref.finalize(self, shutil.rmtree, self._control_dir, True)
 
     def start(self) -> SshPipe:
         """One SFTP session: an `ssh` process multiplexed over a master connection with room for
@@ -356,7 +360,7 @@ class OpenSshLauncher:
         for master in masters:
             master.pipe.close()
         if self._control_dir is not None:
-            shutil.rmtree(self._control_dir, ignore_errors=True)
+            self._remove_control_dir()
             self._control_dir = None
         fds, self._fds = self._fds, []
         for fd in fds:

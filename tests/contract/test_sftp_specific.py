@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import gc
 import hashlib
 import os
 import stat
@@ -612,6 +613,17 @@ def test_openssh_sessions_share_one_connection_that_ends_with_the_store(sshd, tm
     finally:
         store.close()
     assert master.pipe.process.poll() is not None and not os.path.exists(control)
+
+
+def test_a_store_dropped_unclosed_leaves_no_control_directory(sshd, tmp_path):
+    (tmp_path / "d").mkdir()
+    store = _openssh(sshd, tmp_path / "d")
+    store.put("a.bin", b"abc", 3, WriteMeta(), None)
+    control = store._launcher._control_dir
+    assert os.path.isdir(control)
+    del store
+    gc.collect()
+    assert not os.path.exists(control)
 
 
 def test_more_sessions_than_one_connection_carries_open_another(sshd, tmp_path):
