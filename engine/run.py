@@ -318,7 +318,7 @@ class MigrationRun:
         self._shard_errors: dict[tuple[str, int], str] = {}
         self.keyset_copies: list[str] = []
         self._lock = threading.Lock()
-        self._endpoints: dict[tuple[str, str], object] = {}
+        self._sources: dict[str, ObjectSource] = {}  # opened once per run (`_source`), closed at its end
         self.state: StateStore | None = None
         self.run_id = 0  # set by `start`, with the trail, the executors and the project's lock
         self.trail: MigrationAudit | None = None
@@ -431,22 +431,22 @@ class MigrationRun:
 
     def source(self, name: str) -> ObjectSource:
         pacer = self.pacing.for_source(self.loaded.config.datasets[name].source)
-        return self._endpoint("source", name, f"dataset `{name}`: source", open_source, name, pacer)
+        return self._source(name, f"dataset `{name}`: source", open_source, name, pacer)
 
     def sink(self, name: str):
         dest = self.loaded.config.datasets[name].destination
         return call_endpoint(f"dataset `{name}`: destination `{dest}`", self.sinks, dest)
 
-    def _endpoint(self, kind: str, name: str, what: str, opener: Callable, arg: str, pacer):
+    def _source(self, name: str, what: str, opener: Callable, arg: str, pacer):
         with self._lock:
-            if (kind, name) not in self._endpoints:
-                self._endpoints[(kind, name)] = call_endpoint(what, partial(opener, pacer=pacer), self.loaded, arg)
-            return self._endpoints[(kind, name)]
+            if name not in self._sources:
+                self._sources[name] = call_endpoint(what, partial(opener, pacer=pacer), self.loaded, arg)
+            return self._sources[name]
 
     def _close_endpoints(self) -> None:
         """Close the run's sources and sinks (connections, `ssh` processes): the run is over here."""
         with self._lock:
-            sources, self._endpoints = list(self._endpoints.values()), {}
+            sources, self._sources = list(self._sources.values()), {}
         if self.sinks is not None:
             self.sinks.close()
         for source in sources:
@@ -560,10 +560,10 @@ class MigrationRun:
         from connectors.azure_changefeed import FEED_CONTAINER, ChangeFeed
 
         src = self.loaded.config.datasets[name].source
-        return ChangeFeed(self._endpoint("source", f"{src} {FEED_CONTAINER}", f"dataset `{name}`: change feed",
-                                         lambda loaded, arg, pacer: open_azure_container(loaded, arg, FEED_CONTAINER,
-                                                                                         pacer=pacer),
-                                         src, self.pacing.for_source(src)))
+        return ChangeFeed(self._source(f"{src} {FEED_CONTAINER}", f"dataset `{name}`: change feed",
+                                       lambda loaded, arg, pacer: open_azure_container(loaded, arg, FEED_CONTAINER,
+                                                                                       pacer=pacer),
+                                       src, self.pacing.for_source(src)))
 
     def ready_shards(self, name: str) -> list[PlannedShard]:
         """Define the shards of dataset `name` that its listing has made final since the last call
