@@ -73,7 +73,7 @@ from .base import (
     exact_range,
     history_of,
 )
-from .curl import ERROR_BODY, Answer, CurlFailure, CurlSession
+from .curl import ERROR_BODY, Answer, CurlFailure, CurlSession, keeps_read_timeout
 from .signing import SharedKey, http_date
 
 T = TypeVar("T")
@@ -237,6 +237,8 @@ class _DirectRequests:
         url = container.url.partition("?")[0]
         settings = transport.session.merge_environment_settings(url, {}, None, config.verify, config.cert)
         if settings.get("proxies") and requests.utils.select_proxy(url, settings["proxies"]) or settings.get("cert"):
+            return None
+        if not keeps_read_timeout(config.read_timeout):
             return None
         return cls(container, transport, credentials[0] if credentials else None, retries[0], settings)
 

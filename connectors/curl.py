@@ -140,6 +140,13 @@ class _Handle:
         return bytes(self.upload[start:self.sent])
 
 
+def keeps_read_timeout(read_timeout: float) -> bool:
+    """Whether libcurl holds a request to `read_timeout` as the SDKs' HTTP sessions do: it counts
+    the time without a byte in whole seconds (`LOW_SPEED_TIME`), so a timeout under one second
+    would be stretched to one. Where it is not kept, the SDK sends the requests."""
+    return read_timeout >= 1
+
+
 class CurlSession:
     """Requests on per-thread libcurl handles (module docstring). `verify`: True (the CA bundle
     `ca_bundle`, a file or a directory), or False (no check: the lab only)."""

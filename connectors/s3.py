@@ -84,7 +84,7 @@ from .base import (
     checked_etag,
     checked_multipart_etag,
 )
-from .curl import ERROR_BODY, Answer, CurlFailure, CurlSession
+from .curl import ERROR_BODY, Answer, CurlFailure, CurlSession, keeps_read_timeout
 from .signing import SigV4
 
 log = logging.getLogger(__name__)
@@ -1033,10 +1033,13 @@ def _curl_session(http: Any, base: str | None, connect_timeout: float, read_time
     """The libcurl session of the direct requests, with botocore's HTTP session's certificate
     settings (`verify`: False, True for botocore's CA bundle or AWS_CA_BUNDLE's, a bundle's path),
     or None where it cannot stand for that session: none found (a botocore release that moved it),
-    a client certificate, or a proxy for the bucket's URL (botocore would go through it)."""
+    a client certificate, a proxy for the bucket's URL (botocore would go through it), or a read
+    timeout libcurl would stretch (`keeps_read_timeout`)."""
     verify = getattr(http, "_verify", None)
     proxies = getattr(http, "_proxy_config", None)
     if base is None or verify is None or proxies is None or getattr(http, "_cert_file", None):
+        return None
+    if not keeps_read_timeout(read_timeout):
         return None
     if proxies.proxy_url_for(base):
         return None
