@@ -42,7 +42,7 @@ import boto3  # noqa: E402
 import yaml  # noqa: E402
 from botocore.config import Config  # noqa: E402
 
-from bench_migrate import ChildResult, child_env, run_child  # noqa: E402
+from bench_migrate import ChildResult, child_env, compile_bytecode, run_child  # noqa: E402
 from config.lab import LAB_REGION, LAB_S3_ACCESS_KEY, LAB_S3_SECRET_KEY, LOOPBACK  # noqa: E402
 from flows import lab_processes as lp  # noqa: E402
 from flows.lab_sftp import SshdLayout, prepare_sshd, sshd_spec  # noqa: E402
@@ -212,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("rclone"):
         raise SystemExit("rclone is not installed (Debian: apt-get install rclone)")
 
+    compile_bytecode()
     tmp = Path(tempfile.mkdtemp(prefix="exitplan-bench-sftp-"))
     layout = prepare_sshd(tmp / "sshd", lp.free_port())
     sshd = lp.start_server(sshd_spec(layout), tmp / "sshd.log")

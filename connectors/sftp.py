@@ -41,8 +41,9 @@ time; reads of a range are pipelined (`pipelined_read`, bounded by the range the
 which its memory budget already counts) behind a look at the file, and a second look rides with
 the close (a small file is read in three round trips); writes are pipelined too
 (`PipelinedWriter`), and the sync, a look at the file and its close ride in the same round trip. A file is put in ten requests
-over six round trips (open, the writes with sync/fstat/close, rename; open, write/close, rename for
-its metadata file); the directories a store has made or found are not looked for again.
+over four round trips (the file and its metadata file opened; the writes with sync/fstat/close; the
+metadata written and closed with the file's rename; the metadata file's rename, once it is whole);
+the directories a store has made or found are not looked for again.
 
 What carries the sessions (`transport`): the OpenSSH client, an `ssh` process per connection
 (connectors/openssh.py: the SSH protocol in C, each write request as large as the server takes,
@@ -770,19 +771,24 @@ class SftpStore:
             directory = posixpath.dirname(directory)
 
     def _write_file(self, sftp: paramiko.SFTPClient, path: str, body: PartBody, size: int, key: str,
-                    md5: bytes | None, offset: int | None = None) -> tuple[bytes, paramiko.SFTPAttributes]:
+                    md5: bytes | None, offset: int | None = None, *, handle: bytes | None = None,
+                    ) -> tuple[bytes, paramiko.SFTPAttributes]:
         """Write exactly `size` bytes of `body` to `path` (created or truncated; with `offset`,
-        created if missing and written from there, the rest of the file kept), synced where the
-        server offers `fsync@openssh.com`: the MD5 of the bytes written, which must be `md5` when
-        the caller announces one (an S3 server checks Content-MD5; here the bytes are hashed as
-        they are sent), and the file's attributes once written. Two round trips: the open, then the
-        writes with the sync, a look at the file and the close."""
+        created if missing and written from there, the rest of the file kept; with `handle`, the
+        file the caller opened there), synced where the server offers `fsync@openssh.com`: the MD5
+        of the bytes written, which must be `md5` when the caller announces one (an S3 server
+        checks Content-MD5; here the bytes are hashed as they are sent), and the file's attributes
+        once written. Two round trips: the open, then the writes with the sync, a look at the file
+        and the close."""
         digest = hashlib.md5()
         if isinstance(body, (bytes, bytearray, memoryview)) and len(memoryview(body)) != size:
+            if handle is not None:
+                PipelinedWriter(sftp, handle).abandon()
             raise TransientError(f"{self.label}: the body of {key!r} is {len(memoryview(body))} bytes, {size} "
                                  "announced", key=key)
         start = offset or 0
-        handle = open_for_writing(sftp, path) if offset is None else open_for_writing(sftp, path, existing="keep")
+        if handle is None:
+            handle = open_for_writing(sftp, path) if offset is None else open_for_writing(sftp, path, existing="keep")
         writer = PipelinedWriter(sftp, handle, start)
 
         def chunks() -> Iterator[bytes | memoryview]:
@@ -826,6 +832,15 @@ class SftpStore:
         """A name no other writer of the directory uses: this store's random prefix and a count."""
         return f"{self._prefix}{next(self._names):x}"
 
+    def _sidecar(self, meta: WriteMeta, content_md5: bytes | None, attrs: paramiko.SFTPAttributes) -> bytes:
+        """The metadata file of an object written with `meta`, whose file has `attrs`."""
+        sidecar = {"marker": change_marker(attrs), "content": {k: v for k, v in vars(meta.content).items()
+                                                               if v is not None},
+                   "metadata": dict(meta.metadata)}
+        if content_md5 is not None:
+            sidecar["content_md5"] = content_md5.hex()
+        return json.dumps(sidecar, sort_keys=True).encode()
+
     def _publish(self, sftp: paramiko.SFTPClient, temp: str, key: str, meta: WriteMeta,
                  content_md5: bytes | None, attrs: paramiko.SFTPAttributes) -> str:
         """Rename `temp` (whose attributes are `attrs`: a rename keeps them) over `key`, atomically,
@@ -833,13 +848,8 @@ class SftpStore:
         final = self._path(key)
         self._makedirs(sftp, posixpath.dirname(final))
         sftp.posix_rename(temp, final)
-        marker = change_marker(attrs)
-        sidecar = {"marker": marker, "content": {k: v for k, v in vars(meta.content).items() if v is not None},
-                   "metadata": dict(meta.metadata)}
-        if content_md5 is not None:
-            sidecar["content_md5"] = content_md5.hex()
-        self._write_small(sftp, self._sidecar_path(key), json.dumps(sidecar, sort_keys=True).encode())
-        return marker
+        self._write_small(sftp, self._sidecar_path(key), self._sidecar(meta, content_md5, attrs))
+        return change_marker(attrs)
 
     def _write_small(self, sftp: paramiko.SFTPClient, path: str, data: bytes) -> None:
         """A small control file, written whole under a temporary name then renamed."""
@@ -854,14 +864,35 @@ class SftpStore:
         self._path(key)
 
         def put(sftp: paramiko.SFTPClient) -> str:
-            temp = self._temp_path()
-            self._makedirs(sftp, posixpath.dirname(temp))
+            # Four round trips: both files opened; the data written, synced, looked at and closed;
+            # the metadata file written and closed, and the data renamed into place, at once (the
+            # server does them in order); then the metadata file renamed, once it is whole.
+            temp, final, side = self._temp_path(), self._path(key), self._sidecar_path(key)
+            side_temp = f"{side}.{self._unique()}.tmp"
+            for directory in dict.fromkeys(posixpath.dirname(p) for p in (temp, final, side)):
+                self._makedirs(sftp, directory)
             try:
-                sent, attrs = self._write_file(sftp, temp, body, size, key, md5)
-                return self._publish(sftp, temp, key, meta, sent, attrs)
+                handle, side_handle = open_all_for_writing(sftp, (temp, side_temp))
+                try:
+                    sent, attrs = self._write_file(sftp, temp, body, size, key, md5, handle=handle)
+                except BaseException:
+                    PipelinedWriter(sftp, side_handle).abandon()
+                    raise
+                batch = _Batch(sftp)
+                writer = PipelinedWriter(sftp, side_handle)
+                try:
+                    writer.write_all((self._sidecar(meta, sent, attrs),))
+                    renamed = batch.send(CMD_EXTENDED, "posix-rename@openssh.com", temp, final)
+                    writer.close(sync=False, look=False)
+                    batch.status(renamed)
+                finally:
+                    batch.collect()
+                sftp.posix_rename(side_temp, side)
+                return change_marker(attrs)
             except BaseException:
-                with contextlib.suppress(Exception):
-                    sftp.remove(temp)
+                for path in (temp, side_temp):
+                    with contextlib.suppress(Exception):
+                        sftp.remove(path)
                 raise
         return self._call(put, key, f"write of {key!r}")
 
@@ -1258,6 +1289,31 @@ def open_for_reading(sftp: paramiko.SFTPClient, path: str) -> bytes:
     if t != CMD_HANDLE:
         raise paramiko.SSHException(f"unexpected SFTP answer {t} to an open")
     return msg.get_binary()
+
+
+def open_all_for_writing(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> list[bytes]:
+    """Open each of `paths` for writing (created, emptied), the opens sent at once; their handles.
+    If any open is refused, the files that did open are closed and the first refusal raises."""
+    batch = _Batch(sftp)
+    nums = [batch.send(CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC,
+                       paramiko.SFTPAttributes()) for path in paths]
+    handles: list[bytes] = []
+    error: BaseException | None = None
+    for num in nums:
+        try:
+            t, msg = batch.answer(num)
+            if t == CMD_STATUS:
+                sftp._convert_status(msg)
+            if t != CMD_HANDLE:
+                raise paramiko.SSHException(f"unexpected SFTP answer {t} to an open")
+            handles.append(msg.get_binary())
+        except (IOError, EOFError, paramiko.SSHException) as exc:
+            error = error or exc
+    if error is not None:
+        for handle in handles:
+            PipelinedWriter(sftp, handle).abandon()
+        raise error
+    return handles
 
 
 def open_for_writing(sftp: paramiko.SFTPClient, path: str, *, mode: int | None = None,

@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 
 from connectors import sftp as sftp_module
-from connectors.base import AuthError, ConfigError, InvalidRequest, SourceChanged, TransientError, WriteMeta
+from connectors.base import (
+    AuthError,
+    ConfigError,
+    ContentSettings,
+    InvalidRequest,
+    SourceChanged,
+    TransientError,
+    WriteMeta,
+)
 from connectors.openssh import SESSIONS_PER_MASTER
 from connectors.sftp import HostKeyPin, HostKeyRefused, SftpLogin, SftpStore
 from flows import lab_processes as lp
@@ -221,6 +229,79 @@ def test_a_small_read_takes_three_round_trips_and_closes_its_file(harness, monke
     with pytest.raises(SourceChanged):
         store.read_range("small.csv", 0, 10, if_match="s1-t1")
     assert store.read_range("small.csv", 5, 5, if_match=pinned) == b""
+
+
+def _temporary_files(harness) -> list[str]:
+    """The temporary files the store left: data files in its tmp directory, metadata files below meta."""
+    control = harness.dir / ".exitplan-sftp"
+    return sorted(str(p.relative_to(control)) for p in control.rglob("*")
+                  if p.is_file() and (p.parent.name == "tmp" or p.name.endswith(".tmp")))
+
+
+def test_a_small_put_takes_four_round_trips_and_leaves_no_temporary_file(harness, monkeypatch):
+    """Both files opened at once; the data written, synced, looked at and closed; the metadata
+    file written and closed with the data's rename; the metadata file's rename (six before). A
+    round trip is a wait for an answer after requests were sent."""
+    store = harness.sink()
+    store.put("d/first", b"1", 1, WriteMeta(), None)  # the directories are made (and remembered) here
+    events = []
+    real_send, real_read = sftp_module.paramiko.SFTPClient._async_request, sftp_module.paramiko.SFTPClient._read_response
+    real_register = sftp_module._Batch.register
+
+    def send(self, fileobj, t, *args):
+        events.append(("send", t))
+        return real_send(self, fileobj, t, *args)
+
+    def register(self):  # an OpenSSH session's writes, framed by the writer
+        events.append(("send", sftp_module.CMD_WRITE))
+        return real_register(self)
+
+    def read(self, *args, **kwargs):
+        events.append(("read", None))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_async_request", send)
+    monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_read_response", read)
+    monkeypatch.setattr(sftp_module._Batch, "register", register)
+    data = os.urandom(10_000)
+    meta = WriteMeta(ContentSettings(content_type="text/csv"), {"owner": "partner"})
+    etag = store.put("d/small.csv", data, len(data), meta, md5(data))
+    monkeypatch.undo()
+    sent = [t for kind, t in events if kind == "send"]
+    assert sent.count(sftp_module.CMD_OPEN) == 2 and sent[:2] == [sftp_module.CMD_OPEN] * 2
+    assert sent.count(sftp_module.CMD_CLOSE) == 2
+    waits = sum(1 for before, now in zip(events, events[1:]) if before[0] == "send" and now[0] == "read")
+    assert waits == 4
+    head = store.head("d/small.csv")
+    assert (head.etag, head.size, head.content.content_type, head.metadata) == (etag, len(data), "text/csv",
+                                                                                 {"owner": "partner"})
+    assert head.content_md5 == md5(data)
+    assert harness.raw_read("d/small.csv") == data
+    assert _temporary_files(harness) == []
+
+
+def test_a_metadata_file_that_cannot_be_opened_fails_the_put_and_leaves_nothing(harness, monkeypatch):
+    """The server refuses to open the metadata file's temporary name: the put fails, the data's
+    temporary file is closed and removed, nothing shows under the key, and the session goes on."""
+    store = harness.sink()
+    real = sftp_module.paramiko.SFTPClient._async_request
+
+    def refuse_metadata(self, fileobj, t, *args):
+        if t == sftp_module.CMD_OPEN and args[0].endswith(".tmp") and "/meta/" in args[0]:
+            args = (args[0].replace("/meta/", "/no-such-directory/"),) + args[1:]
+        return real(self, fileobj, t, *args)
+
+    monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_async_request", refuse_metadata)
+    data = os.urandom(10_000)
+    with pytest.raises(Exception) as info:
+        store.put("refused.csv", data, len(data), WriteMeta(), md5(data))
+    assert "refused.csv" in str(info.value)
+    monkeypatch.undo()
+    assert not (harness.dir / "refused.csv").exists()
+    assert _temporary_files(harness) == []
+    store.put("refused.csv", data, len(data), WriteMeta(), md5(data))
+    assert harness.raw_read("refused.csv") == data
+    assert _temporary_files(harness) == []
 
 
 def test_symbolic_links_are_reported_not_followed(harness, tmp_path):
@@ -438,7 +519,7 @@ def test_a_refused_write_fails_the_put_and_leaves_the_session_usable(harness, mo
         store.put("refused.bin", data, len(data), WriteMeta(), md5(data))
     assert "refused.bin" in str(info.value)
     assert not (harness.dir / "refused.bin").exists()
-    assert os.listdir(harness.dir / ".exitplan-sftp" / "tmp") == []
+    assert _temporary_files(harness) == []
     assert len(refused) >= 3
     store.put("next.bin", data, len(data), WriteMeta(), md5(data))
     assert harness.raw_read("next.bin") == data
