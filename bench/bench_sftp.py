@@ -17,6 +17,8 @@ time, user+system CPU and peak RSS from `os.wait4`, through bench_migrate's laun
 Both tools run with the same concurrency (`--concurrency`: rclone's --transfers, exitplan's
 `transfer.concurrency` and `object_concurrency`; exitplan's SFTP `connections`, its sessions, is
 twice that, one per request it may have in flight, as rclone opens what it needs) and 16 MiB parts.
+With `--latency-ms`, both tools reach the sshd through `bench/tcp_delay.py`, which holds every byte that
+many ms each way: a far SFTP server, as a provider's is (the S3 server stays near).
 Every run's output is checked (every file, with its size, at the destination). exitplan encrypts
 (Tink streaming AEAD) and rclone does not: the CPU figures include that. Prints a table and writes
 `bench/out/sftp-<timestamp>.json`. Run: `.venv/bin/python bench/bench_sftp.py [--quick]`.
@@ -25,10 +27,12 @@ Every run's output is checked (every file, with its size, at the destination). e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -106,6 +110,17 @@ def sftp_endpoint(layout: SshdLayout, root: Path, concurrency: int, transport: s
     return {"kind": "sftp", "host": LOOPBACK, "port": layout.port, "username": layout.username, "root": str(root),
             "known_hosts": str(layout.known_hosts), "private_key_file": str(layout.user_key),
             "connections": 2 * concurrency, "transport": transport}
+
+
+def far_sshd(layout: SshdLayout, delay_ms: float) -> tuple[subprocess.Popen, SshdLayout]:
+    """A far SFTP server: `bench/tcp_delay.py` in front of the sshd of `layout`, its host key pinned
+    for the proxy's port too; the proxy's process and the layout to connect through it."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "tcp_delay.py"), "--to", str(layout.port),
+                             "--delay-ms", str(delay_ms)], stdout=subprocess.PIPE, text=True)
+    port = int(proc.stdout.readline().split()[1])
+    pinned = layout.known_hosts.read_text()
+    layout.known_hosts.write_text(pinned + pinned.splitlines()[0].replace(f"]:{layout.port} ", f"]:{port} ", 1) + "\n")
+    return proc, dataclasses.replace(layout, port=port)
 
 
 def transport_of(tool: str) -> str:
@@ -204,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated: exitplan (SSH by the OpenSSH client), exitplan-paramiko, rclone")
     p.add_argument("--s3", default="moto", help="the S3 servers to measure against, comma-separated: moto, ministack")
     p.add_argument("--rss-mib", type=int, default=2048, help="the large file of the memory test, MiB (0: skip)")
+    p.add_argument("--latency-ms", type=float, default=0,
+                   help="hold every byte to and from the SFTP server this many ms each way (bench/tcp_delay.py: "
+                        "a far server; both tools connect through it; default 0: off)")
     p.add_argument("--quick", action="store_true", help="a small set, for a smoke run")
     p.add_argument("--memory-only", action="store_true", help="only the peak-RSS runs (3.)")
     args = p.parse_args(argv)
@@ -216,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="exitplan-bench-sftp-"))
     layout = prepare_sshd(tmp / "sshd", lp.free_port())
     sshd = lp.start_server(sshd_spec(layout), tmp / "sshd.log")
+    delay = None
+    if args.latency_ms:
+        delay, layout = far_sshd(layout, args.latency_ms)
+        print(f"every byte to and from the SFTP server held {args.latency_ms:g} ms each way (a round trip: "
+              f"{2 * args.latency_ms:g} ms)", flush=True)
     servers = [S3Server(tmp, kind) for kind in args.s3.split(",") if kind]
     tools = [t for t in args.tools.split(",") if t]
     if not tools or any(t not in ("exitplan", "exitplan-paramiko", "rclone") for t in tools):
@@ -302,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         for server in servers:
             server.stop()
         lp.stop_pid(sshd.pid)
+        if delay is not None:
+            delay.kill()
+            delay.wait()
 
     print(f"\n{'direction':<10} {'server':<10} {'tool':<17} {'ok':<4} {'MB/s':>7} {'CPU-s/GB':>9} {'peak RSS MiB':>13}")
     for r in rows:
