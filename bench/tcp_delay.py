@@ -24,7 +24,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
         while True:
             try:
                 data = await reader.read(256 * 1024)
-            except ConnectionError:
+            except OSError:
                 data = b""
             held.put_nowait((loop.time() + delay, data))
             if not data:
@@ -43,7 +43,7 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
                     return
                 writer.write(data)
                 await writer.drain()
-        except ConnectionError:
+        except OSError:  # the peer is gone: what is held for it goes nowhere
             return
 
     await asyncio.gather(receive(), send())

@@ -38,9 +38,11 @@ What SFTP has and has not, and what this connector does about it:
 
 Throughput: several SSH connections (`connections`), one SFTP session each, used by one thread at a
 time; reads of a range are pipelined (`pipelined_read`, bounded by the range the engine asked for,
-which its memory budget already counts) behind a look at the file, and a second look rides with
-the close (a small file is read in three round trips); writes are pipelined too
-(`PipelinedWriter`), and the sync, a look at the file and its close ride in the same round trip. A file is put in ten requests
+which its memory budget already counts) behind a look at the file, and a second look and the close
+are sent behind the last read (a file is read in two round trips; three where the server does not
+state the most it answers to a read, `limits@openssh.com`: a short answer is then asked again
+before the close); writes are pipelined too (`PipelinedWriter`), and the sync, a look at the file
+and its close ride in the same round trip. A file is put in ten requests
 over four round trips (the file and its metadata file opened; the writes with sync/fstat/close; the
 metadata written and closed with the file's rename; the metadata file's rename, once it is whole);
 the directories a store has made or found are not looked for again.
@@ -390,6 +392,7 @@ class SftpStore:
         self.read_request = _READ_REQUEST  # what one read asks for: the server's limit once known
         self.max_write = 0  # what one write request of an OpenSSH session carries (0: not stated)
         self._limits_asked = False
+        self._close_early = False  # a read's close goes with its reads (the server states its read limit)
         self._fsync_offered = True  # likewise
         self._prefix = uuid.uuid4().hex[:12] + "-"
         self._names = itertools.count()
@@ -495,6 +498,7 @@ class SftpStore:
             self._limits_asked = True
             max_read, self.max_write = server_limits(client)
             self.read_request = min(_READ_REQUEST, max_read) if max_read > 0 else _READ_REQUEST
+            self._close_early = max_read > 0
 
     def _connect_openssh(self, launcher: OpenSshLauncher) -> tuple[SshPipe, paramiko.SFTPClient]:
         """One SFTP session through a new `ssh` process; what `ssh` said, translated, when it
@@ -686,23 +690,36 @@ class SftpStore:
         if start < 0 or end < start:
             raise InvalidRequest(f"{self.label}: invalid range {start}-{end} for {key!r}", key=key)
 
-        def read(sftp: paramiko.SFTPClient) -> bytes:
+        def read(sftp: paramiko.SFTPClient, early: bool = True) -> bytes:
             try:
                 handle = open_for_reading(sftp, path)
             except IOError as exc:
                 if _is_missing(exc):
                     raise self._not_found(sftp, key) from None
                 raise
-            # Three round trips: the open; a look at the file with the reads behind it; a second
-            # look with the close. The answers to requests on one handle come in order, so the
-            # bytes are those of the file between the two looks.
+            # Two round trips: the open; a look at the file, the reads, a second look and the
+            # close, sent at once. The answers to requests on one handle come in order, so the
+            # bytes are those of the file between the two looks. The close goes with the reads
+            # only where the server stated the most it answers to a read (every read asks no
+            # more, so only the end of the file answers short); elsewhere a short answer is asked
+            # again and the second look and the close follow the reads (three round trips).
             batch = _Batch(sftp)
+            tail: dict[str, int] = {}
+
+            def look_and_close() -> None:
+                tail["look"] = batch.send(CMD_FSTAT, handle)
+                tail["close"] = batch.send(CMD_CLOSE, handle)
+
+            short = False
             try:
                 first = batch.send(CMD_FSTAT, handle)
                 data, failure = b"", None
                 if start != end:
                     try:
-                        data = pipelined_read(sftp, handle, start, end, self.read_request)
+                        data = pipelined_read(sftp, handle, start, end, self.read_request,
+                                              sent_all=look_and_close if early and self._close_early else None)
+                    except _AnsweredShort:
+                        short = True
                     except (IOError, EOFError) as exc:
                         failure = exc
                 before = batch.attrs(first)
@@ -716,12 +733,21 @@ class SftpStore:
                     raise failure
                 if start == end:
                     return b""
-                second = batch.send(CMD_FSTAT, handle)
+                if "look" not in tail:
+                    look_and_close()
             finally:
-                closing = batch.send(CMD_CLOSE, handle)
+                if "close" not in tail:
+                    tail["close"] = batch.send(CMD_CLOSE, handle)
                 batch.collect()
-            after = batch.attrs(second)
-            batch.status(closing)
+            if short:
+                # A read answered short inside the file though the server stated its limit: this
+                # store asks again from now on, and this range is read again so.
+                log.info("%s: the server answers reads shorter than it states; the rest of a short read is asked "
+                         "again from now on", self.label)
+                self._close_early = False
+                return read(sftp, early=False)
+            after = batch.attrs(tail["look"])
+            batch.status(tail["close"])
             if if_match is not None and change_marker(after) != if_match:
                 # Written while we read it: the bytes may mix two versions.
                 raise SourceChanged(f"{self.label}: {key!r} changed while it was read (now {change_marker(after)}, "
@@ -1195,21 +1221,34 @@ def server_limits(sftp: paramiko.SFTPClient) -> tuple[int, int]:
     return max_read, msg.get_int64()
 
 
+class _AnsweredShort(Exception):
+    """A read was answered with fewer bytes than asked after `pipelined_read`'s `sent_all` ran:
+    the rest cannot be asked for on that handle any more."""
+
+
 def pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: int,
-                   request: int = _READ_REQUEST) -> bytearray:
+                   request: int = _READ_REQUEST, *, sent_all: Callable[[], None] | None = None) -> bytearray:
     """Bytes `start .. end-1` of the open file `handle`, with up to `_READ_WINDOW` read requests in
     flight, into one buffer handed over as is (a copy would hold the range twice, outside the
     memory budget that counts it once). paramiko's own `readv`/prefetch slows down quadratically
-    on large ranges and buffers without bound; this asks for exactly the range and nothing more."""
+    on large ranges and buffers without bound; this asks for exactly the range and nothing more.
+
+    `sent_all`, when given, runs once every read of the range has been sent, before their answers
+    are waited for (to send what follows the reads, the file's close among them): a read answered
+    short from then on raises `_AnsweredShort`, every answer due read first."""
     out = bytearray(end - start)
     replies = _Replies()
     pending: list[tuple[int, int, int]] = []  # (request number, offset, length), oldest first
     pos = start
+    closing = False
     while pos < end or pending:
         while pos < end and len(pending) < _READ_WINDOW:
             n = min(request, end - pos)
             pending.append((sftp._async_request(replies, CMD_READ, handle, int64(pos), n), pos, n))
             pos += n
+        if sent_all is not None and pos >= end:
+            sent_all()
+            sent_all, closing = None, True
         num, offset, n = pending.pop(0)
         while num not in replies.by_number:
             sftp._read_response()
@@ -1223,6 +1262,11 @@ def pipelined_read(sftp: paramiko.SFTPClient, handle: bytes, start: int, end: in
         got = len(data)
         out[offset - start:offset - start + got] = data
         if got < n:
+            if closing:
+                for due, _, _ in pending:
+                    while due not in replies.by_number:
+                        sftp._read_response()
+                raise _AnsweredShort(f"{got} bytes of {n} at offset {offset}")
             # A server may answer a read with fewer bytes than asked: ask again for the rest.
             pending.insert(0, (sftp._async_request(replies, CMD_READ, handle, int64(offset + got), n - got),
                                offset + got, n - got))
