@@ -891,8 +891,8 @@ class SftpStore:
 
         def put(sftp: paramiko.SFTPClient) -> str:
             # Four round trips: both files opened; the data written, synced, looked at and closed;
-            # the metadata file written and closed, and the data renamed into place, at once (the
-            # server does them in order); then the metadata file renamed, once it is whole.
+            # the metadata file written and closed, and the data renamed into place, at once (none
+            # of them depends on another); then the metadata file renamed, once it is whole.
             temp, final, side = self._temp_path(), self._path(key), self._sidecar_path(key)
             side_temp = f"{side}.{self._unique()}.tmp"
             for directory in dict.fromkeys(posixpath.dirname(p) for p in (temp, final, side)):
