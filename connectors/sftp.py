@@ -768,7 +768,9 @@ class SftpStore:
             return
         missing = []
         current = directory
-        while current != self.root and len(current) > len(self.root):
+        # Up to the nearest directory made or found before (the root too, once found): each
+        # directory looked at is a round trip.
+        while current != self.root and len(current) > len(self.root) and current not in self._dirs:
             try:
                 found = sftp.stat(current)
                 if not stat_mode.S_ISDIR(found.st_mode or 0):
@@ -782,7 +784,7 @@ class SftpStore:
                     raise
                 missing.append(current)
                 current = posixpath.dirname(current)
-        if current == self.root:
+        if current == self.root and current not in self._dirs:
             missing_root = self._root_missing(sftp)
             if missing_root:
                 raise missing_root
@@ -795,6 +797,7 @@ class SftpStore:
         while len(directory) > len(self.root):
             self._dirs.add(directory)
             directory = posixpath.dirname(directory)
+        self._dirs.add(self.root)
 
     def _write_file(self, sftp: paramiko.SFTPClient, path: str, body: PartBody, size: int, key: str,
                     md5: bytes | None, offset: int | None = None, *, handle: bytes | None = None,

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from paramiko.sftp import CMD_MKDIR, CMD_STAT
 
 from connectors import sftp as sftp_module
 from connectors.base import (
@@ -25,6 +26,7 @@ from connectors.base import (
     ConfigError,
     ContentSettings,
     InvalidRequest,
+    NotFound,
     SourceChanged,
     TransientError,
     WriteMeta,
@@ -509,6 +511,39 @@ def test_a_directory_removed_behind_the_store_is_made_again(harness):
     store.put("d/e/two", b"22", 2, WriteMeta(), None)
     assert harness.raw_read("d/e/two") == b"22"
     assert store.head("d/e/two").size == 2
+
+
+def test_directories_are_looked_for_up_to_the_nearest_one_known(harness, monkeypatch):
+    """Making a directory looks at its missing parents only up to one the store made or found
+    before (each look is a round trip): two looks and two makes for `a/b/x/y` once `a/b` is known,
+    for the file and for its metadata file; none above."""
+    store = harness.sink()
+    store.put("a/b/c/one", b"1", 1, WriteMeta(), None)
+    sent = []
+    real = sftp_module.paramiko.SFTPClient._async_request
+
+    def count(self, fileobj, t, *args):
+        if t in (CMD_STAT, CMD_MKDIR):
+            path = args[0]
+            sent.append((t, path.decode() if isinstance(path, bytes) else path))
+        return real(self, fileobj, t, *args)
+
+    monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_async_request", count)
+    store.put("a/b/x/y/two", b"22", 2, WriteMeta(), None)
+    monkeypatch.undo()
+    looked = sorted(p[len(str(harness.dir)) + 1:] for t, p in sent if t == CMD_STAT)
+    made = sorted(p[len(str(harness.dir)) + 1:] for t, p in sent if t == CMD_MKDIR)
+    assert looked == [".exitplan-sftp/meta/a/b/x", ".exitplan-sftp/meta/a/b/x/y", "a/b/x", "a/b/x/y"]
+    assert made == looked
+    assert harness.raw_read("a/b/x/y/two") == b"22"
+
+
+def test_a_root_removed_behind_the_store_is_named_on_the_next_write(harness):
+    store = harness.sink()
+    store.put("d/one", b"1", 1, WriteMeta(), None)
+    subprocess.run(["rm", "-rf", str(harness.dir)], check=True)
+    with pytest.raises(NotFound, match="root directory .* does not exist"):
+        store.put("d/two", b"2", 1, WriteMeta(), None)
 
 
 def test_a_refused_write_fails_the_put_and_leaves_the_session_usable(harness, monkeypatch):
