@@ -812,7 +812,8 @@ class SftpStore:
         digest = hashlib.md5()
         if isinstance(body, (bytes, bytearray, memoryview)) and len(memoryview(body)) != size:
             if handle is not None:
-                PipelinedWriter(sftp, handle).abandon()
+                with contextlib.suppress(Exception):
+                    PipelinedWriter(sftp, handle).abandon()
             raise TransientError(f"{self.label}: the body of {key!r} is {len(memoryview(body))} bytes, {size} "
                                  "announced", key=key)
         start = offset or 0
@@ -905,7 +906,8 @@ class SftpStore:
                 try:
                     sent, attrs = self._write_file(sftp, temp, body, size, key, md5, handle=handle)
                 except BaseException:
-                    PipelinedWriter(sftp, side_handle).abandon()
+                    with contextlib.suppress(Exception):  # what failed the write is what is raised
+                        PipelinedWriter(sftp, side_handle).abandon()
                     raise
                 batch = _Batch(sftp)
                 writer = PipelinedWriter(sftp, side_handle)
@@ -947,7 +949,7 @@ class SftpStore:
         self._call(lambda sftp: self._write_small(sftp, self._control("uploads", upload_id, "upload.json"),
                                                   json.dumps(record, sort_keys=True).encode()),
                    key, f"opening an upload of {key!r}")
-        return SftpUpload(self, key, upload_id, meta)
+        return SftpUpload(self, key, upload_id, meta, fresh=True)
 
     def resume_multipart(self, key: str, upload_id: str) -> "SftpUpload":
         self._path(key)
@@ -1086,10 +1088,15 @@ class SftpUpload:
     written in place into one `data` file at their offsets, a marker file per part once its bytes
     are synced, the file renamed into place when complete."""
 
-    def __init__(self, store: SftpStore, key: str, upload_id: str, meta: WriteMeta):
+    def __init__(self, store: SftpStore, key: str, upload_id: str, meta: WriteMeta, *, fresh: bool = False):
         self.store, self.key, self.upload_id, self.meta = store, key, upload_id, meta
         self._dir = store._control("uploads", upload_id)
         self._data = f"{self._dir}/data"
+        # An upload this object opened holds only the markers of its own attempts: a part number
+        # never tried yet has none to remove, and its directory is not listed first (four round
+        # trips). A resumed upload, and a part tried before, are listed.
+        self._fresh = fresh
+        self._tried: set[int] = set()
 
     def _parts(self, sftp: paramiko.SFTPClient) -> dict[int, tuple[str, int, PartReceipt]]:
         """number -> (marker name, offset, receipt) of every part the upload holds."""
@@ -1115,10 +1122,14 @@ class SftpUpload:
                                  "in the object: an SFTP upload writes each part in place", key=self.key)
 
         def upload(sftp: paramiko.SFTPClient) -> PartReceipt:
-            before = self._parts(sftp)  # NotFound when the upload was aborted
-            old = before.get(number)
-            if old is not None:  # its bytes are about to change: no marker may vouch for them meanwhile
-                sftp.remove(f"{self._dir}/{old[0]}")
+            if self._fresh and number not in self._tried:
+                self._tried.add(number)
+            else:
+                self._tried.add(number)
+                before = self._parts(sftp)  # NotFound when the upload was aborted
+                old = before.get(number)
+                if old is not None:  # its bytes are about to change: no marker may vouch for them meanwhile
+                    sftp.remove(f"{self._dir}/{old[0]}")
             sent, _ = self.store._write_file(sftp, self._data, body, size, self.key, md5, offset=offset)
             _create_empty(sftp, f"{self._dir}/part-{number:05d}-{sent.hex()}-{offset}-{size}")
             return PartReceipt(number, sent.hex(), size)
@@ -1358,7 +1369,8 @@ def open_all_for_writing(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> lis
             error = error or exc
     if error is not None:
         for handle in handles:
-            PipelinedWriter(sftp, handle).abandon()
+            with contextlib.suppress(Exception):  # the refusal is what is raised
+                PipelinedWriter(sftp, handle).abandon()
         raise error
     return handles
 

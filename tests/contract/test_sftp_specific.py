@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from paramiko.sftp import CMD_MKDIR, CMD_STAT
+from paramiko.sftp import CMD_MKDIR, CMD_OPENDIR, CMD_STAT
 
 from connectors import sftp as sftp_module
 from connectors.base import (
@@ -464,6 +464,36 @@ def test_a_data_file_shorter_than_its_parts_is_refused_never_grown_with_zeros(ha
         upload.complete([receipt])
     assert not (harness.dir / "cut.bin").exists()
     upload.abort()
+
+
+def test_a_new_uploads_parts_are_written_without_listing_it_first(harness, monkeypatch):
+    """An upload this store opened: a part tried for the first time has no marker to remove, so the
+    upload's directory is not listed first (four round trips); the same upload resumed by another
+    store, and a part tried again, are."""
+    store = harness.sink()
+    upload = store.open_multipart("parts.bin", WriteMeta())
+    opened = []
+    real = sftp_module.paramiko.SFTPClient._async_request
+
+    def count(self, fileobj, t, *args):
+        if t == CMD_OPENDIR:
+            opened.append(t)
+        return real(self, fileobj, t, *args)
+
+    monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_async_request", count)
+    big = 5 * MiB
+    first = upload.upload_part(1, b"a" * big, big, None, offset=0)
+    second = upload.upload_part(2, b"b" * 10, 10, None, offset=big)
+    assert opened == []
+    again = upload.upload_part(2, b"c" * 10, 10, None, offset=big)
+    assert len(opened) == 1
+    resumed = harness.sink().resume_multipart("parts.bin", upload.upload_id)
+    assert resumed.list_parts() == [first, again] != [first, second]
+    resumed.upload_part(2, b"d" * 10, 10, None, offset=big)
+    monkeypatch.undo()
+    assert len(opened) == 3  # the listing of list_parts, then the resumed upload's part
+    resumed.complete(resumed.list_parts())
+    assert harness.raw_read("parts.bin") == b"a" * big + b"d" * 10
 
 
 def test_a_part_written_again_has_no_marker_while_its_bytes_change(harness, monkeypatch):
