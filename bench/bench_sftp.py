@@ -117,9 +117,14 @@ def far_sshd(layout: SshdLayout, delay_ms: float) -> tuple[subprocess.Popen, Ssh
     for the proxy's port too; the proxy's process and the layout to connect through it."""
     proc = subprocess.Popen([sys.executable, str(REPO / "bench" / "tcp_delay.py"), "--to", str(layout.port),
                              "--delay-ms", str(delay_ms)], stdout=subprocess.PIPE, text=True)
-    port = int(proc.stdout.readline().split()[1])
+    ready = proc.stdout.readline().split()
+    if len(ready) != 2 or ready[0] != "listening":
+        proc.kill()
+        raise SystemExit(f"bench/tcp_delay.py did not start (it said {' '.join(ready)!r})")
+    port = int(ready[1])
     pinned = layout.known_hosts.read_text()
-    layout.known_hosts.write_text(pinned + pinned.splitlines()[0].replace(f"]:{layout.port} ", f"]:{port} ", 1) + "\n")
+    proxied = pinned.splitlines()[0].replace(f"]:{layout.port} ", f"]:{port} ", 1)
+    layout.known_hosts.write_text(f"{pinned}{proxied}\n")
     return proc, dataclasses.replace(layout, port=port)
 
 
@@ -230,23 +235,24 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("rclone"):
         raise SystemExit("rclone is not installed (Debian: apt-get install rclone)")
 
+    tools = [t for t in args.tools.split(",") if t]
+    if not tools or any(t not in ("exitplan", "exitplan-paramiko", "rclone") for t in tools):
+        raise SystemExit(f"--tools: exitplan, exitplan-paramiko and/or rclone, not {args.tools!r}")
+    kinds = [kind for kind in args.s3.split(",") if kind]
+    if not kinds or any(kind not in ("moto", "ministack") for kind in kinds):
+        raise SystemExit(f"--s3: moto and/or ministack, not {args.s3!r}")
     compile_bytecode()
     tmp = Path(tempfile.mkdtemp(prefix="exitplan-bench-sftp-"))
     layout = prepare_sshd(tmp / "sshd", lp.free_port())
     sshd = lp.start_server(sshd_spec(layout), tmp / "sshd.log")
     delay = None
-    if args.latency_ms:
-        delay, layout = far_sshd(layout, args.latency_ms)
-        print(f"every byte to and from the SFTP server held {args.latency_ms:g} ms each way (a round trip: "
-              f"{2 * args.latency_ms:g} ms)", flush=True)
-    servers = [S3Server(tmp, kind) for kind in args.s3.split(",") if kind]
-    tools = [t for t in args.tools.split(",") if t]
-    if not tools or any(t not in ("exitplan", "exitplan-paramiko", "rclone") for t in tools):
-        raise SystemExit(f"--tools: exitplan, exitplan-paramiko and/or rclone, not {args.tools!r}")
-    if not servers or any(server.kind not in ("moto", "ministack") for server in servers):
-        raise SystemExit(f"--s3: moto and/or ministack, not {args.s3!r}")
+    servers = [S3Server(tmp, kind) for kind in kinds]
     rows: list[dict] = []
     try:
+        if args.latency_ms:
+            delay, layout = far_sshd(layout, args.latency_ms)
+            print(f"every byte to and from the SFTP server held {args.latency_ms:g} ms each way (a round trip: "
+                  f"{2 * args.latency_ms:g} ms)", flush=True)
         src = layout.root / "src"
         if args.memory_only:
             args.big = args.mid = args.small = 0
