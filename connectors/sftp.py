@@ -346,6 +346,15 @@ def _is_missing(exc: BaseException) -> bool:
     return isinstance(exc, (IOError, OSError)) and getattr(exc, "errno", None) == errno.ENOENT
 
 
+@dataclass(frozen=True)
+class TemporaryFile:
+    """A file in an SFTP store's temporary directory: its name there, size and modification time."""
+
+    name: str
+    size: int
+    modified: datetime | None
+
+
 class SftpStore:
     """One directory tree on one SFTP server, as a source and as a sink (module docstring)."""
 
@@ -856,7 +865,39 @@ class SftpStore:
         return attrs if synced else sftp.stat(path)
 
     def _temp_path(self) -> str:
+        """A new name in the store's temporary directory, where every file is written before it is
+        renamed into place (the only place a killed write leaves anything: `temporary_files`)."""
         return self._control("tmp", self._unique())
+
+    def temporary_files(self) -> list["TemporaryFile"]:
+        """The files in the temporary directory (`.exitplan-sftp/tmp/`): writes in progress, and
+        what killed runs left (`exitplan cleanup` removes those untouched for long)."""
+        path = self._control("tmp")
+
+        def read(sftp: paramiko.SFTPClient) -> list[paramiko.SFTPAttributes]:
+            try:
+                return sftp.listdir_attr(path)
+            except IOError as exc:
+                if _is_missing(exc):
+                    return []
+                raise
+        return sorted((TemporaryFile(a.filename, a.st_size or 0, _mtime(a))
+                       for a in self._call(read, None, f"listing {path}") if stat_mode.S_ISREG(a.st_mode or 0)),
+                      key=lambda f: f.name)
+
+    def remove_temporary_file(self, name: str) -> None:
+        """Remove `name` from the temporary directory (gone already: nothing to do)."""
+        if not name or "/" in name or name in (".", ".."):
+            raise InvalidRequest(f"{self.label}: {name!r} is not a file name of the temporary directory")
+        path = self._control("tmp", name)
+
+        def remove(sftp: paramiko.SFTPClient) -> None:
+            try:
+                sftp.remove(path)
+            except IOError as exc:
+                if not _is_missing(exc):
+                    raise
+        self._call(remove, None, f"removing {path}")
 
     def _unique(self) -> str:
         """A name no other writer of the directory uses: this store's random prefix and a count."""
@@ -883,8 +924,9 @@ class SftpStore:
 
     def _write_small(self, sftp: paramiko.SFTPClient, path: str, data: bytes) -> None:
         """A small control file, written whole under a temporary name then renamed."""
-        self._makedirs(sftp, posixpath.dirname(path))
-        temp = f"{path}.{self._unique()}.tmp"
+        temp = self._temp_path()
+        for directory in dict.fromkeys(posixpath.dirname(p) for p in (temp, path)):
+            self._makedirs(sftp, directory)
         writer = PipelinedWriter(sftp, open_for_writing(sftp, temp))
         writer.write_all((data,))
         writer.close(sync=False, look=False)
@@ -898,7 +940,7 @@ class SftpStore:
             # the metadata file written and closed, and the data renamed into place, at once (none
             # of them depends on another); then the metadata file renamed, once it is whole.
             temp, final, side = self._temp_path(), self._path(key), self._sidecar_path(key)
-            side_temp = f"{side}.{self._unique()}.tmp"
+            side_temp = self._temp_path()
             for directory in dict.fromkeys(posixpath.dirname(p) for p in (temp, final, side)):
                 self._makedirs(sftp, directory)
             try:

@@ -1,5 +1,7 @@
 """`exitplan cleanup`: the multipart uploads under the datasets' destination prefixes that no state
-row refers to (left by a killed run or a lost state store), listed, and aborted on request.
+row refers to (left by a killed run or a lost state store), listed, and aborted on request; and on
+SFTP destinations the temporary files a killed run left (untouched for `TEMPORARY_AGE`), listed,
+and removed on the same request.
 
 Where the provider does not list multipart uploads (`multipart.list_uploads: false`), the uploads
 the state store knows were left (`StateStore.uploads_left`: given up by a restart, or whose abort
@@ -18,6 +20,19 @@ from connectors.base import NotFound, Unsupported
 from .endpoints import DestinationSinks
 from .errors import call_endpoint
 from .project import lock_project, open_state
+
+
+# A file of an SFTP destination's temporary directory untouched this long is not being written:
+# a write in progress touches its file at least every session timeout (120 s).
+TEMPORARY_AGE = 3600.0
+
+
+def _age(when: datetime | None) -> float | None:
+    """Seconds since `when` (None: unknown); a naive time is UTC."""
+    if when is None:
+        return None
+    when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return (datetime.now(timezone.utc) - when).total_seconds()
 
 
 @dataclass(frozen=True)
@@ -39,19 +54,34 @@ class OrphanUpload:
 
     @property
     def age_seconds(self) -> float | None:
-        if self.initiated is None:
-            return None
-        initiated = self.initiated if self.initiated.tzinfo else self.initiated.replace(tzinfo=timezone.utc)
-        return (datetime.now(timezone.utc) - initiated).total_seconds()
+        return _age(self.initiated)
+
+
+@dataclass(frozen=True)
+class LeftTemporary:
+    """A file a killed run left in an SFTP destination's temporary directory (`.exitplan-sftp/tmp/`):
+    never under an object's name, but it costs storage until removed."""
+
+    destination: str
+    name: str
+    size: int
+    modified: datetime | None
+    removed: bool = False
+
+    @property
+    def age_seconds(self) -> float | None:
+        return _age(self.modified)
 
 
 @dataclass(frozen=True)
 class CleanupResult:
-    """The uploads found (`OrphanUpload`), and the destinations that could not be listed (their
-    provider does not answer ListMultipartUploads: only what the state recorded is known there)."""
+    """The uploads found (`OrphanUpload`), the destinations that could not be listed (their
+    provider does not answer ListMultipartUploads: only what the state recorded is known there),
+    and the temporary files killed runs left on SFTP destinations (`LeftTemporary`)."""
 
     uploads: tuple[OrphanUpload, ...]
     unlisted_destinations: tuple[str, ...] = ()
+    temporary: tuple[LeftTemporary, ...] = ()
 
 
 def cleanup(loaded: LoadedConfig, datasets: list[str], *, abort: bool = False) -> CleanupResult:
@@ -104,7 +134,28 @@ def _orphans(loaded: LoadedConfig, datasets: list[str], *, abort: bool) -> Clean
                                   upload_id)
                 found.append(OrphanUpload(name, ds.destination, key, upload_id, initiated, abort and abortable,
                                           recorded=recorded, abortable=abortable))
-    return CleanupResult(tuple(found), tuple(unlisted))
+        temporary = [left for destination in dict.fromkeys(loaded.config.datasets[n].destination for n in datasets)
+                     for left in _temporary(sinks, destination, abort=abort)]
+    return CleanupResult(tuple(found), tuple(unlisted), tuple(temporary))
+
+
+def _temporary(sinks: DestinationSinks, destination: str, *, abort: bool) -> list[LeftTemporary]:
+    """The files of the destination's temporary directory untouched for `TEMPORARY_AGE` (an SFTP
+    destination's; other sinks write nothing under a temporary name), removed with `abort`."""
+    sink = call_endpoint(f"destination `{destination}`", sinks, destination)
+    if not hasattr(sink, "temporary_files"):
+        return []
+    files = call_endpoint(f"destination `{destination}`: listing its temporary files", sink.temporary_files)
+    left = []
+    for f in files:
+        age = _age(f.modified)
+        if age is None or age < TEMPORARY_AGE:
+            continue
+        if abort:
+            call_endpoint(f"destination `{destination}`: removing the temporary file {f.name}",
+                          sink.remove_temporary_file, f.name)
+        left.append(LeftTemporary(destination, f.name, f.size, f.modified, removed=abort))
+    return left
 
 
 def _listed(loaded: LoadedConfig, dataset: str, sink) -> list:

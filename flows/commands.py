@@ -79,11 +79,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_bwlimit(p, "downloads")
     p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("cleanup", help="list multipart uploads under the destination prefixes that no state refers to; "
-                                       "abort them with --abort")
+    p = sub.add_parser("cleanup", help="list multipart uploads under the destination prefixes that no state refers to, "
+                                       "and the temporary files killed runs left on SFTP destinations; abort and "
+                                       "remove them with --abort")
     _add_config(p)
     p.add_argument("--abort", action="store_true",
-                   help="abort the uploads listed (default: only list them; uploads the state refers to are never touched)")
+                   help="abort the uploads listed and remove the temporary files listed (default: only list them; "
+                        "uploads the state refers to, and temporary files touched within the hour, are never touched)")
     p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("demo", help="start the lab, seed it, migrate and deep-verify every lab dataset, write the report")
@@ -432,27 +434,48 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
     loaded = load_config(args.config)
     result = cleanup(loaded, loaded.chosen_datasets(args.dataset), abort=args.abort)
-    found = result.uploads
     for name in result.unlisted_destinations:
         print(f"destination `{name}`: the provider does not list multipart uploads (multipart.list_uploads: false): "
               "only the uploads the state store recorded as left open are known; one opened by a run killed before "
               "it recorded it, or named by a lost state store, cannot be seen: an AbortIncompleteMultipartUpload "
               "lifecycle rule on the bucket removes those.")
+    _print_orphan_uploads(result)
+    left = result.temporary
+    if left:
+        print()
+        print_table(["destination", "temporary file", "bytes", "age", "status"],
+                    [[t.destination, t.name, f"{t.size:,}", _age_text(t.age_seconds), "removed" if t.removed else "left"]
+                     for t in left])
+        removed = [t for t in left if t.removed]
+        if removed:
+            print(f"\nremoved {len(removed):,} temporary files ({sum(t.size for t in removed):,} bytes) that killed "
+                  "runs left in SFTP destinations' .exitplan-sftp/tmp/.")
+        else:
+            print(f"\n{len(left):,} temporary files ({sum(t.size for t in left):,} bytes) that killed runs left in "
+                  "SFTP destinations' .exitplan-sftp/tmp/ (untouched for an hour or more; never under an object's "
+                  "name) cost storage until removed: run again with --abort.")
+    return ExitCode.OK
+
+
+def _age_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    return f"{seconds / 86400:.1f} d" if seconds >= 86400 else f"{seconds / 3600:.1f} h"
+
+
+def _print_orphan_uploads(result) -> None:
+    """The multipart uploads part of `cleanup`'s output (`result`: an `engine.cleanup.CleanupResult`)."""
+    found = result.uploads
     if not found:
         print("no multipart upload under the datasets' destination prefixes is unknown to the state."
               if not result.unlisted_destinations else "the state store records no multipart upload left open.")
-        return ExitCode.OK
-
-    def age(seconds: float | None) -> str:
-        if seconds is None:
-            return "?"
-        return f"{seconds / 86400:.1f} d" if seconds >= 86400 else f"{seconds / 3600:.1f} h"
+        return
 
     def status(o) -> str:
         return "aborted" if o.aborted else "open" if o.abortable else "open (cannot be aborted)"
 
     print_table(["dataset", "key", "upload id", "age", "status"],
-                [[o.dataset, o.key, o.upload_id, age(o.age_seconds), status(o)] for o in found])
+                [[o.dataset, o.key, o.upload_id, _age_text(o.age_seconds), status(o)] for o in found])
     aborted = [o for o in found if o.aborted]
     if aborted:
         print(f"\naborted {len(aborted):,} multipart uploads that no state row referred to"
@@ -470,7 +493,6 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     if any(o.recorded for o in waiting):
         print(f"\n{sum(o.recorded for o in waiting):,} multipart uploads were left open by earlier runs (the state "
               "records them); they cost storage until aborted: run again with --abort.")
-    return ExitCode.OK
 
 
 # ---------------------------------------------------------------------------------------------

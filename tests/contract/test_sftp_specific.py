@@ -307,15 +307,54 @@ def test_a_small_put_takes_four_round_trips_and_leaves_no_temporary_file(harness
     assert _temporary_files(harness) == []
 
 
+def test_every_temporary_file_is_in_the_temporary_directory_and_can_be_removed_by_name(harness, monkeypatch):
+    """A put's file and metadata file, and a control file (an upload's record), are written under
+    names in `.exitplan-sftp/tmp/` only: what a killed write leaves is there, listed with its size
+    and time, and removed by name (`exitplan cleanup`); a name that is not one of its files is refused."""
+    store = harness.sink()
+    names = []
+    real_all, real_one = sftp_module.open_all_for_writing, sftp_module.open_for_writing
+
+    def opened_all(sftp, paths):
+        names.extend(paths)
+        return real_all(sftp, paths)
+
+    def opened_one(sftp, path, **kwargs):
+        names.append(path)
+        return real_one(sftp, path, **kwargs)
+
+    monkeypatch.setattr(sftp_module, "open_all_for_writing", opened_all)
+    monkeypatch.setattr(sftp_module, "open_for_writing", opened_one)
+    store.put("deep/er/file.csv", b"data", 4, WriteMeta(ContentSettings(content_type="text/csv")), None)
+    store.open_multipart("deep/er/big.bin", WriteMeta())
+    monkeypatch.undo()
+    temporary = harness.dir / ".exitplan-sftp" / "tmp"
+    assert len(names) == 3 and all(os.path.dirname(n) == str(temporary) for n in names)
+    assert _temporary_files(harness) == []
+    assert store.temporary_files() == []
+    (temporary / "left-by-a-kill").write_bytes(b"x" * 10)
+    [left] = store.temporary_files()
+    assert (left.name, left.size) == ("left-by-a-kill", 10) and left.modified is not None
+    for bad in ("../deep/er/file.csv", "a/b", "..", ""):
+        with pytest.raises(InvalidRequest):
+            store.remove_temporary_file(bad)
+    store.remove_temporary_file("left-by-a-kill")
+    store.remove_temporary_file("left-by-a-kill")  # gone already: nothing to do
+    assert store.temporary_files() == [] and harness.raw_read("deep/er/file.csv") == b"data"
+
+
 def test_a_metadata_file_that_cannot_be_opened_fails_the_put_and_leaves_nothing(harness, monkeypatch):
     """The server refuses to open the metadata file's temporary name: the put fails, the data's
     temporary file is closed and removed, nothing shows under the key, and the session goes on."""
     store = harness.sink()
     real = sftp_module.paramiko.SFTPClient._async_request
+    opens = []
 
     def refuse_metadata(self, fileobj, t, *args):
-        if t == sftp_module.CMD_OPEN and args[0].endswith(".tmp") and "/meta/" in args[0]:
-            args = (args[0].replace("/meta/", "/no-such-directory/"),) + args[1:]
+        if t == sftp_module.CMD_OPEN:  # a put opens its file, then its metadata file: refuse the second
+            opens.append(args[0])
+            if len(opens) % 2 == 0:
+                args = (args[0].replace("/.exitplan-sftp/tmp/", "/.exitplan-sftp/no-such-directory/"),) + args[1:]
         return real(self, fileobj, t, *args)
 
     monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_async_request", refuse_metadata)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -367,6 +368,22 @@ def test_azure_to_sftp_encrypted_verify_restore(tmp_path, capsys, sshd, azurite_
     code, out, err = cli(capsys, "cleanup", "--config", config, "--abort")
     assert code == 0, err + out
     assert not (escrow / ".exitplan-sftp" / "uploads" / orphan.upload_id).exists()
+
+    # Temporary files: one a killed run left two hours ago, one a write in progress would hold.
+    # Listed, then removed only with --abort; the recent one is never touched.
+    temporary = escrow / ".exitplan-sftp" / "tmp"
+    (temporary / "killed-0").write_bytes(b"k" * 1234)
+    two_hours_ago = time.time() - 7200
+    os.utime(temporary / "killed-0", (two_hours_ago, two_hours_ago))
+    (temporary / "writing-1").write_bytes(b"w")
+    code, out, err = cli(capsys, "cleanup", "--config", config)
+    assert code == 0, err + out
+    assert "killed-0" in out and "1,234" in out and "writing-1" not in out and "run again with --abort" in out
+    assert (temporary / "killed-0").exists()
+    code, out, err = cli(capsys, "cleanup", "--config", config, "--abort")
+    assert code == 0, err + out
+    assert "removed 1 temporary files (1,234 bytes)" in out
+    assert sorted(p.name for p in temporary.iterdir()) == ["writing-1"]
 
 
 def test_an_sftp_destination_off_the_catalog_is_refused(tmp_path, capsys, sshd):
