@@ -346,6 +346,15 @@ def _is_missing(exc: BaseException) -> bool:
     return isinstance(exc, (IOError, OSError)) and getattr(exc, "errno", None) == errno.ENOENT
 
 
+def _remove_if_there(sftp: paramiko.SFTPClient, path: str) -> None:
+    """Remove the file `path`; a missing one is not an error."""
+    try:
+        sftp.remove(path)
+    except IOError as exc:
+        if not _is_missing(exc):
+            raise
+
+
 @dataclass(frozen=True)
 class TemporaryFile:
     """A file in an SFTP store's temporary directory: its name there, size and modification time."""
@@ -890,14 +899,7 @@ class SftpStore:
         if not name or "/" in name or name in (".", ".."):
             raise InvalidRequest(f"{self.label}: {name!r} is not a file name of the temporary directory")
         path = self._control("tmp", name)
-
-        def remove(sftp: paramiko.SFTPClient) -> None:
-            try:
-                sftp.remove(path)
-            except IOError as exc:
-                if not _is_missing(exc):
-                    raise
-        self._call(remove, None, f"removing {path}")
+        self._call(lambda sftp: _remove_if_there(sftp, path), None, f"removing {path}")
 
     def _unique(self) -> str:
         """A name no other writer of the directory uses: this store's random prefix and a count."""
@@ -974,11 +976,7 @@ class SftpStore:
 
         def delete(sftp: paramiko.SFTPClient) -> None:
             for p in (path, self._sidecar_path(key)):
-                try:
-                    sftp.remove(p)
-                except IOError as exc:
-                    if not _is_missing(exc):
-                        raise
+                _remove_if_there(sftp, p)
         self._call(delete, key, f"delete of {key!r}")
 
     # ---- uploads in parts -------------------------------------------------------------------
@@ -1113,13 +1111,7 @@ class SftpFiles:
 
     def remove(self, path: str) -> None:
         """Remove the file `path`; a missing one is not an error."""
-        def remove(sftp: paramiko.SFTPClient) -> None:
-            try:
-                sftp.remove(path)
-            except IOError as exc:
-                if not _is_missing(exc):
-                    raise
-        self._do(path, "removing it", remove)
+        self._do(path, "removing it", lambda sftp: _remove_if_there(sftp, path))
 
     def rmdir(self, path: str) -> None:
         self._do(path, "removing the directory", lambda sftp: sftp.rmdir(path))
