@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -180,12 +181,20 @@ class SshPipe:
         return words
 
 
+_CONTROL_PREFIX = "exitplan-ssh-"
+_STALE = re.compile(re.escape(_CONTROL_PREFIX) + r"(\d+)-\w+")
+_swept: set[str] = set()  # the directories this process has swept of stale control directories
+
+
 def _control_directory() -> str | None:
-    """A new directory only this user can enter, for the master's control socket; None where its
-    path would be too long for a socket (sessions are then connections of their own)."""
+    """A new directory only this user can enter, for the master's control socket, named after this
+    process (`exitplan-ssh-<pid>-…`); None where its path would be too long for a socket (sessions
+    are then connections of their own). The first time, the directories that processes since gone
+    left there are removed (`_sweep`)."""
     for parent in (None, "/tmp"):
+        _sweep(parent or tempfile.gettempdir())
         try:
-            path = tempfile.mkdtemp(prefix="exitplan-ssh-", dir=parent)
+            path = tempfile.mkdtemp(prefix=f"{_CONTROL_PREFIX}{os.getpid()}-", dir=parent)
         except OSError:
             continue
         # ssh binds "<ControlPath>.<16 random characters>" first; sun_path holds 107 bytes.
@@ -193,6 +202,41 @@ def _control_directory() -> str | None:
             return path
         os.rmdir(path)
     return None
+
+
+def _sweep(parent: str) -> None:
+    """Remove, once per process, the control directories in `parent` that this user's processes
+    left when they were killed (no interpreter exit to remove them): only those whose process, by
+    the number in the name, no longer runs. What a live process holds is never touched; a
+    directory whose number is now another process's stays (it goes at a later sweep)."""
+    if parent in _swept:
+        return
+    _swept.add(parent)
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = _STALE.fullmatch(entry.name)
+        if match is None:
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        if not _running(int(match.group(1))):
+            shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # another user's process, or not a number a process has: not ours to judge
+    return True
 
 
 def _sftp_version(pipe: SshPipe) -> None:

@@ -9,10 +9,12 @@ import concurrent.futures
 import gc
 import hashlib
 import os
+import shutil
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -834,6 +836,33 @@ def test_a_store_dropped_unclosed_leaves_no_control_directory(sshd, tmp_path):
     del store
     gc.collect()
     assert not os.path.exists(control)
+
+
+def test_control_directories_killed_processes_left_are_removed_by_the_next_store(sshd, tmp_path, monkeypatch):
+    """A killed process cannot remove its control directory: the next store's process removes the
+    ones whose process no longer runs (by the number in the name), and keeps a running one's."""
+    from connectors import openssh
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    parent = tempfile.gettempdir()
+    left = os.path.join(parent, f"exitplan-ssh-{gone.pid}-test{os.getpid()}")
+    running = os.path.join(parent, f"exitplan-ssh-{os.getppid()}-test{os.getpid()}")
+    other = os.path.join(parent, f"exitplan-ssh-test{os.getpid()}")  # not a name this sweep reads
+    for path in (left, running, other):
+        os.makedirs(path, exist_ok=True)
+    open(os.path.join(left, "m1"), "w").close()  # the socket of a master that was killed with it
+    monkeypatch.setattr(openssh, "_swept", set())
+    (tmp_path / "d").mkdir()
+    store = _openssh(sshd, tmp_path / "d")
+    try:
+        assert os.path.basename(store._launcher._control_dir).startswith(f"exitplan-ssh-{os.getpid()}-")
+        assert not os.path.exists(left)
+        assert os.path.isdir(running) and os.path.isdir(other)
+    finally:
+        store.close()
+        for path in (left, running, other):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def test_more_sessions_than_one_connection_carries_open_another(sshd, tmp_path):
