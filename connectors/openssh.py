@@ -182,19 +182,28 @@ class SshPipe:
 
 
 _CONTROL_PREFIX = "exitplan-ssh-"
-_STALE = re.compile(re.escape(_CONTROL_PREFIX) + r"(\d+)-\w+")
+_STALE = re.compile(re.escape(_CONTROL_PREFIX) + r"(\d+)-(\d+)-\w+")
 _swept: set[str] = set()  # the directories this process has swept of stale control directories
+
+
+def _pid_namespace() -> int:
+    """The identity of this process's PID namespace (0 where there is none to tell): a pid means
+    a process only within one, and containers may share a temporary directory."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _control_directory() -> str | None:
     """A new directory only this user can enter, for the master's control socket, named after this
-    process (`exitplan-ssh-<pid>-…`); None where its path would be too long for a socket (sessions
-    are then connections of their own). The first time, the directories that processes since gone
-    left there are removed (`_sweep`)."""
+    process (`exitplan-ssh-<pid namespace>-<pid>-…`); None where its path would be too long for a
+    socket (sessions are then connections of their own). The first time, the directories that
+    processes since gone left there are removed (`_sweep`)."""
     for parent in (None, "/tmp"):
         _sweep(parent or tempfile.gettempdir())
         try:
-            path = tempfile.mkdtemp(prefix=f"{_CONTROL_PREFIX}{os.getpid()}-", dir=parent)
+            path = tempfile.mkdtemp(prefix=f"{_CONTROL_PREFIX}{_pid_namespace()}-{os.getpid()}-", dir=parent)
         except OSError:
             continue
         # ssh binds "<ControlPath>.<16 random characters>" first; sun_path holds 107 bytes.
@@ -206,9 +215,10 @@ def _control_directory() -> str | None:
 
 def _sweep(parent: str) -> None:
     """Remove, once per process, the control directories in `parent` that this user's processes
-    left when they were killed (no interpreter exit to remove them): only those whose process, by
-    the number in the name, no longer runs. What a live process holds is never touched; a
-    directory whose number is now another process's stays (it goes at a later sweep)."""
+    left when they were killed (no interpreter exit to remove them): only those of this PID
+    namespace whose process, by the number in the name, no longer runs. What a live process holds
+    is never touched; a directory whose number is now another process's stays (it goes at a later
+    sweep)."""
     if parent in _swept:
         return
     _swept.add(parent)
@@ -216,16 +226,17 @@ def _sweep(parent: str) -> None:
         entries = list(os.scandir(parent))
     except OSError:
         return
+    namespace = _pid_namespace()
     for entry in entries:
         match = _STALE.fullmatch(entry.name)
-        if match is None:
+        if match is None or int(match.group(1)) != namespace:
             continue
         try:
             if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
                 continue
         except OSError:
             continue
-        if not _running(int(match.group(1))):
+        if not _running(int(match.group(2))):
             shutil.rmtree(entry.path, ignore_errors=True)
 
 

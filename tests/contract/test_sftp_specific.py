@@ -845,23 +845,24 @@ def test_control_directories_killed_processes_left_are_removed_by_the_next_store
 
     gone = subprocess.Popen(["true"])
     gone.wait()
-    parent = tempfile.gettempdir()
-    left = os.path.join(parent, f"exitplan-ssh-{gone.pid}-test{os.getpid()}")
-    running = os.path.join(parent, f"exitplan-ssh-{os.getppid()}-test{os.getpid()}")
-    other = os.path.join(parent, f"exitplan-ssh-test{os.getpid()}")  # not a name this sweep reads
-    for path in (left, running, other):
+    parent, ns, me = tempfile.gettempdir(), openssh._pid_namespace(), os.getpid()
+    left = os.path.join(parent, f"exitplan-ssh-{ns}-{gone.pid}-test{me}")
+    running = os.path.join(parent, f"exitplan-ssh-{ns}-{os.getppid()}-test{me}")
+    elsewhere = os.path.join(parent, f"exitplan-ssh-{ns + 1}-{gone.pid}-test{me}")  # a pid of another namespace
+    other = os.path.join(parent, f"exitplan-ssh-test{me}")  # not a name this sweep reads
+    for path in (left, running, elsewhere, other):
         os.makedirs(path, exist_ok=True)
     open(os.path.join(left, "m1"), "w").close()  # the socket of a master that was killed with it
     monkeypatch.setattr(openssh, "_swept", set())
     (tmp_path / "d").mkdir()
     store = _openssh(sshd, tmp_path / "d")
     try:
-        assert os.path.basename(store._launcher._control_dir).startswith(f"exitplan-ssh-{os.getpid()}-")
+        assert os.path.basename(store._launcher._control_dir).startswith(f"exitplan-ssh-{ns}-{me}-")
         assert not os.path.exists(left)
-        assert os.path.isdir(running) and os.path.isdir(other)
+        assert all(os.path.isdir(path) for path in (running, elsewhere, other))
     finally:
         store.close()
-        for path in (left, running, other):
+        for path in (left, running, elsewhere, other):
             shutil.rmtree(path, ignore_errors=True)
 
 
