@@ -29,7 +29,10 @@ What SFTP has and has not, and what this connector does about it:
   reader ever sees a half-written file under its final name, and a killed run resumes from its
   whole parts. `etag_is_md5` is False: the markers are not digests of the bytes.
 - Listing. SFTP directories come unordered and whole: each directory is read and sorted on its own
-  (memory grows with the largest directory, not the tree), and the tree is walked in key order.
+  (memory grows with the largest directory, not the tree), and the tree is walked in key order,
+  each directory's next `list_ahead` subdirectories read at once over sessions of their own (far
+  away, a directory costs round trips: one at a time, a tree of many small directories was listed
+  at one directory per four round trips).
   Symbolic links are not followed: each is listed with `not_copyable` set (placement refuses it by
   name, so inventory, migrate and the exit code say so), kept in `skipped_links` and logged.
   `.exitplan-sftp/` at the root is the connector's own and never listed.
@@ -75,6 +78,7 @@ import stat as stat_mode
 import struct
 import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -342,6 +346,41 @@ def _translated(exc: BaseException, where: str, key: str | None) -> ConnectorErr
     return TransientError(f"{where}: {exc}", key=key)
 
 
+_LIST_AHEAD = 8
+_LINK_NOT_FOLLOWED = ("a symbolic link at the source, not followed (copy what it points to under a name of its own, "
+                      "or exclude it)")
+
+
+class _Level:
+    """One directory of a listing's walk: its entries in key order, and the listings of its next
+    `ahead` subdirectories already asked for (`read(key)` asks; `listing(key)` is the one asked
+    for the subdirectory the walk has reached)."""
+
+    def __init__(self, found: list, read: Callable[[str], Future], ahead: int):
+        self.read = read
+        self._items = collections.deque(found)
+        self._dirs = collections.deque(e[0] for e in found if e[0].endswith("/"))
+        self._asked: dict[str, Future] = {}
+        self._ahead = ahead
+        self._ask()
+
+    def _ask(self) -> None:
+        for key in itertools.islice(self._dirs, self._ahead):
+            if key not in self._asked:
+                self._asked[key] = self.read(key)
+
+    def next(self) -> tuple | None:
+        return self._items.popleft() if self._items else None
+
+    def listing(self, key: str) -> Future:
+        """The listing of subdirectory `key`, the next one in order; the one `ahead` after it asked for."""
+        if self._dirs and self._dirs[0] == key:
+            self._dirs.popleft()
+        future = self._asked.pop(key, None) or self.read(key)
+        self._ask()
+        return future
+
+
 def _is_missing(exc: BaseException) -> bool:
     return isinstance(exc, (IOError, OSError)) and getattr(exc, "errno", None) == errno.ENOENT
 
@@ -405,6 +444,8 @@ class SftpStore:
         if transport not in TRANSPORTS:
             raise ConfigError(f"{self.label}: unknown SSH transport {transport!r}; use one of {', '.join(TRANSPORTS)}")
         self._sessions = _Sessions(self._connect, connections)
+        # Directories a listing reads ahead of the one it is in, each over a session of its own.
+        self.list_ahead = max(1, min(_LIST_AHEAD, connections // 2))
         self._launcher: OpenSshLauncher | None = None
         self._host_key: paramiko.PKey | None = None  # the server's, as checked against the pin
         self.read_request = _READ_REQUEST  # what one read asks for: the server's limit once known
@@ -609,6 +650,7 @@ class SftpStore:
             refuse_hostile_key(head_dir, self.label)
 
         def entries(rel_dir: str) -> list[tuple[str, paramiko.SFTPAttributes, str | None]]:
+            # Runs on the listing's own threads too: nothing here touches the store's state.
             path = f"{self.root}/{rel_dir}" if rel_dir else self.root
 
             def read(sftp: paramiko.SFTPClient):
@@ -629,10 +671,7 @@ class SftpStore:
                 key = f"{rel_dir}/{name}" if rel_dir else name
                 mode = attrs.st_mode or 0
                 if stat_mode.S_ISLNK(mode):
-                    log.warning("%s: %r is a symbolic link; not followed", self.label, key)
-                    self.skipped_links.append(key)
-                    found.append((key, attrs, "a symbolic link at the source, not followed (copy what it points "
-                                              "to under a name of its own, or exclude it)"))
+                    found.append((key, attrs, _LINK_NOT_FOLLOWED))
                 elif stat_mode.S_ISDIR(mode):
                     found.append((key + "/", attrs, None))
                 elif stat_mode.S_ISREG(mode):
@@ -644,20 +683,30 @@ class SftpStore:
             found.sort(key=lambda item: item[0])
             return found
 
-        stack: list[Iterator[tuple[str, paramiko.SFTPAttributes]]] = [
-            iter([e for e in entries(head_dir) if e[0][len(head_dir) + 1 if head_dir else 0:].startswith(start)])
-        ]
-        while stack:
-            try:
-                key, attrs, not_copyable = next(stack[-1])
-            except StopIteration:
-                stack.pop()
-                continue
-            if key.endswith("/"):
-                stack.append(iter(entries(key[:-1])))
-                continue
-            yield ObjectMeta(key=key, size=0 if not_copyable else attrs.st_size or 0, etag=change_marker(attrs),
-                             last_modified=_mtime(attrs), not_copyable=not_copyable)
+        # The walk reads each directory's subdirectories ahead of it, up to `list_ahead` of them
+        # at a time per level (over a far server a directory costs round trips, not CPU: one at a
+        # time made the listing the pace of a tree of many small directories), and still yields
+        # the keys in order, each directory whole; memory: `list_ahead` directories per level.
+        pool = ThreadPoolExecutor(self.list_ahead, thread_name_prefix="sftp-list")
+        try:
+            top = [e for e in entries(head_dir) if e[0][len(head_dir) + 1 if head_dir else 0:].startswith(start)]
+            stack = [_Level(top, lambda d: pool.submit(entries, d[:-1]), self.list_ahead)]
+            while stack:
+                item = stack[-1].next()
+                if item is None:
+                    stack.pop()
+                    continue
+                key, attrs, not_copyable = item
+                if key.endswith("/"):
+                    stack.append(_Level(stack[-1].listing(key).result(), stack[-1].read, self.list_ahead))
+                    continue
+                if not_copyable is _LINK_NOT_FOLLOWED:
+                    log.warning("%s: %r is a symbolic link; not followed", self.label, key)
+                    self.skipped_links.append(key)
+                yield ObjectMeta(key=key, size=0 if not_copyable else attrs.st_size or 0, etag=change_marker(attrs),
+                                 last_modified=_mtime(attrs), not_copyable=not_copyable)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def head(self, key: str) -> ObjectMeta:
         path = self._path(key)

@@ -394,14 +394,45 @@ def test_symbolic_links_are_reported_not_followed(harness, tmp_path):
         place(listed["linked-dir"], "", "", SinkLimits())
 
 
-def test_the_listing_reads_directories_as_it_reaches_them(harness):
-    harness.seed("a/1", b"x")
-    harness.seed("b/1", b"x")
+def test_the_listing_reads_a_few_directories_ahead_at_once_and_yields_keys_in_order(harness, monkeypatch):
+    """Each directory's next `list_ahead` subdirectories are read at once, over sessions of their
+    own (far away, one directory at a time set the pace of a tree of small directories), while the
+    keys still come in order, each directory whole; a directory further ahead is read when the walk
+    comes near it (memory: `list_ahead` directories per level), so a file written there meanwhile
+    is listed."""
+    for d in range(12):
+        for f in ("b", "a/x", "a/y"):
+            harness.seed(f"d{d:02d}/{f}", b"x")
+    harness.seed("d03/a/z/deep", b"x")
+    harness.seed("top", b"x")
     store = harness.source()
+    store.list_ahead = 3
+    lock, calls, running, most = threading.Lock(), [], [0], [0]
+    real = sftp_module.paramiko.SFTPClient.listdir_attr
+
+    def slow_listdir(self, path="."):
+        with lock:
+            calls.append(path)
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        try:
+            return real(self, path)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "listdir_attr", slow_listdir)
     listing = store.list()
-    assert next(listing).key == "a/1"
-    harness.seed("b/2-written-while-listing", b"y")
-    assert [m.key for m in listing] == ["b/1", "b/2-written-while-listing"]
+    assert next(listing).key == "d00/a/x"
+    assert len(calls) <= 1 + 3 + 3  # the root, then at most three ahead at each of two levels
+    harness.seed("d10/late", b"y")
+    rest = [m.key for m in listing]
+    expected = sorted([f"d{d:02d}/{f}" for d in range(12) for f in ("b", "a/x", "a/y")]
+                      + ["d03/a/z/deep", "d10/late", "top"])
+    assert ["d00/a/x"] + rest == expected
+    assert 1 < most[0] <= 3
+    assert len(calls) == len(set(calls)) == 1 + 12 + 12 + 1  # every directory read once
 
 
 def test_parts_survive_a_lost_connector_and_nothing_shows_before_complete(harness):
