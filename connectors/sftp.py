@@ -866,6 +866,11 @@ class SftpStore:
             directory = posixpath.dirname(directory)
         self._dirs.add(self.root)
 
+    def _makedirs_for(self, sftp: paramiko.SFTPClient, *paths: str) -> None:
+        """The directories of `paths`, each made as `_makedirs` makes it (once each)."""
+        for directory in dict.fromkeys(posixpath.dirname(p) for p in paths):
+            self._makedirs(sftp, directory)
+
     def _write_file(self, sftp: paramiko.SFTPClient, path: str, body: PartBody, size: int, key: str,
                     md5: bytes | None, offset: int | None = None, *, handle: bytes | None = None,
                     ) -> tuple[bytes, paramiko.SFTPAttributes]:
@@ -976,8 +981,7 @@ class SftpStore:
     def _write_small(self, sftp: paramiko.SFTPClient, path: str, data: bytes) -> None:
         """A small control file, written whole under a temporary name then renamed."""
         temp = self._temp_path()
-        for directory in dict.fromkeys(posixpath.dirname(p) for p in (temp, path)):
-            self._makedirs(sftp, directory)
+        self._makedirs_for(sftp, temp, path)
         writer = PipelinedWriter(sftp, open_for_writing(sftp, temp))
         writer.write_all((data,))
         writer.close(sync=False, look=False)
@@ -992,8 +996,7 @@ class SftpStore:
             # of them depends on another); then the metadata file renamed, once it is whole.
             temp, final, side = self._temp_path(), self._path(key), self._sidecar_path(key)
             side_temp = self._temp_path()
-            for directory in dict.fromkeys(posixpath.dirname(p) for p in (temp, final, side)):
-                self._makedirs(sftp, directory)
+            self._makedirs_for(sftp, temp, final, side)
             try:
                 handle, side_handle = open_all_for_writing(sftp, (temp, side_temp))
                 try:
@@ -1205,10 +1208,9 @@ class SftpUpload:
                                  "in the object: an SFTP upload writes each part in place", key=self.key)
 
         def upload(sftp: paramiko.SFTPClient) -> PartReceipt:
-            if self._fresh and number not in self._tried:
-                self._tried.add(number)
-            else:
-                self._tried.add(number)
+            first_try = self._fresh and number not in self._tried
+            self._tried.add(number)
+            if not first_try:
                 before = self._parts(sftp)  # NotFound when the upload was aborted
                 old = before.get(number)
                 if old is not None:  # its bytes are about to change: no marker may vouch for them meanwhile
