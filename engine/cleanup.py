@@ -141,7 +141,8 @@ def _orphans(loaded: LoadedConfig, datasets: list[str], *, abort: bool) -> Clean
 
 def _temporary(sinks: DestinationSinks, destination: str, *, abort: bool) -> list[LeftTemporary]:
     """The files of the destination's temporary directory untouched for `TEMPORARY_AGE` (an SFTP
-    destination's; other sinks write nothing under a temporary name), removed with `abort`."""
+    destination's; other sinks write nothing under a temporary name), removed with `abort`; and
+    those whose time the server does not say, named but never removed."""
     sink = call_endpoint(f"destination `{destination}`", sinks, destination)
     if not hasattr(sink, "temporary_files"):
         return []
@@ -149,12 +150,12 @@ def _temporary(sinks: DestinationSinks, destination: str, *, abort: bool) -> lis
     left = []
     for f in files:
         age = _age(f.modified)
-        if age is None or age < TEMPORARY_AGE:
+        if age is not None and age < TEMPORARY_AGE:
             continue
-        if abort:
+        if abort and age is not None:
             call_endpoint(f"destination `{destination}`: removing the temporary file {f.name}",
                           sink.remove_temporary_file, f.name)
-        left.append(LeftTemporary(destination, f.name, f.size, f.modified, removed=abort))
+        left.append(LeftTemporary(destination, f.name, f.size, f.modified, removed=abort and age is not None))
     return left
 
 

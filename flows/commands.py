@@ -447,13 +447,19 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
                     [[t.destination, t.name, f"{t.size:,}", _age_text(t.age_seconds), "removed" if t.removed else "left"]
                      for t in left])
         removed = [t for t in left if t.removed]
+        dated = [t for t in left if not t.removed and t.modified is not None]
+        undated = [t for t in left if t.modified is None]
         if removed:
             print(f"\nremoved {len(removed):,} temporary files ({sum(t.size for t in removed):,} bytes) that killed "
                   "runs left in SFTP destinations' .exitplan-sftp/tmp/.")
-        else:
-            print(f"\n{len(left):,} temporary files ({sum(t.size for t in left):,} bytes) that killed runs left in "
+        if dated:
+            print(f"\n{len(dated):,} temporary files ({sum(t.size for t in dated):,} bytes) that killed runs left in "
                   "SFTP destinations' .exitplan-sftp/tmp/ (untouched for an hour or more; never under an object's "
                   "name) cost storage until removed: run again with --abort.")
+        if undated:
+            print(f"\n{len(undated):,} temporary files in SFTP destinations' .exitplan-sftp/tmp/ have no modification "
+                  "time the server tells: cleanup cannot know whether a migration is writing them, and leaves them; "
+                  "remove them by hand while no migration writes to that server.")
     return ExitCode.OK
 
 
