@@ -531,9 +531,11 @@ class ObjectSink(HeadReader, Protocol):
     md5-of-md5s-N (`multipart_etag`) for a multipart object. False where they are opaque (SSE-C,
     SSE-KMS): then no ETag can be compared with the bytes sent."""
 
-    # Optional: `hashes_writes = True` on a sink that hashes every body it writes itself and
-    # answers each part with the MD5 of its bytes as the receipt's ETag (the SFTP connector): the
-    # engine then sends `md5=None` instead of hashing the same bytes a second time.
+    # Optional: `hashes_writes = True` on a sink that hashes the body of every `put` itself (the
+    # SFTP connector): the engine then sends `md5=None` instead of hashing the same bytes twice.
+    # `part_md5 = False` on a sink whose parts need no MD5 (its ETags are not MD5s, its transport
+    # checks the bytes, a part's receipt names the write: the SFTP connector): the engine then
+    # neither hashes a part's output nor sends an MD5 with it, and records none.
 
     def put(self, key: str, body: PartBody, size: int, meta: WriteMeta, md5: bytes | None) -> str:
         """Write a whole object in one request; return its ETag (quotes stripped).

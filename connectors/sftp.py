@@ -22,12 +22,15 @@ What SFTP has and has not, and what this connector does about it:
   only while the file still has that marker: a file changed by anyone else has no metadata.
 - No multipart upload. An upload is a directory `<root>/.exitplan-sftp/uploads/<id>/` holding the
   object's bytes in one file, `data`, each part written in place at its offset (the engine gives
-  it) and synced (`fsync@openssh.com`), then an empty marker file `part-<n>-<md5>-<offset>-<size>`
-  (removed before a part is written again), so a listed part is whole and its MD5 is known without
-  reading it; completing checks the markers against the parts (contiguous, as sent), and renames
-  `data` over the final name (`posix-rename@openssh.com`): no byte is copied on the server, no
-  reader ever sees a half-written file under its final name, and a killed run resumes from its
-  whole parts. `etag_is_md5` is False: the markers are not digests of the bytes.
+  it) and synced (`fsync@openssh.com`), then an empty marker file `part-<n>-<tag>-<offset>-<size>`
+  (removed before a part is written again), so a listed part is whole, and its tag names that
+  write: the part's MD5 when the caller announced one (checked against the bytes sent), else a
+  random name (the engine announces none, `part_md5`: the SSH channel checks every byte on the way,
+  and MD5 was the costliest step of writing a part); completing checks the markers against the
+  parts (contiguous, as sent), and renames `data` over the final name (`posix-rename@openssh.com`):
+  no byte is copied on the server, no reader ever sees a half-written file under its final name,
+  and a killed run resumes from its whole parts. `etag_is_md5` is False: a receipt is compared
+  only with the receipt recorded for the same write.
 - Listing. SFTP directories come unordered and whole: each directory is read and sorted on its own
   (memory grows with the largest directory, not the tree), and the tree is walked in key order,
   each directory's next `list_ahead` subdirectories read at once over sessions of their own (far
@@ -415,8 +418,12 @@ class SftpStore:
     })
     etag_is_md5 = False
     behaviour = SinkBehaviour()
-    # Every body is hashed as it is written (the MD5 names a part's file): the engine need not.
+    # A whole file's body is hashed as it is written (its MD5 goes into its metadata file): the
+    # engine need not. A part is not hashed at all unless the caller announces its MD5: the SSH
+    # channel's MAC checks every byte on the way, the ETags are no MD5s to compare, and a part's
+    # receipt names its write (`SftpUpload.upload_part`).
     hashes_writes = True
+    part_md5 = False
 
     def __init__(self, host: str, port: int, root: str, login: SftpLogin, pin: HostKeyPin, *,
                  limits: SinkLimits | None = None, connections: int = 4, label: str | None = None,
@@ -873,15 +880,15 @@ class SftpStore:
 
     def _write_file(self, sftp: paramiko.SFTPClient, path: str, body: PartBody, size: int, key: str,
                     md5: bytes | None, offset: int | None = None, *, handle: bytes | None = None,
-                    ) -> tuple[bytes, paramiko.SFTPAttributes]:
+                    hashed: bool = True) -> tuple[bytes | None, paramiko.SFTPAttributes]:
         """Write exactly `size` bytes of `body` to `path` (created or truncated; with `offset`,
         created if missing and written from there, the rest of the file kept; with `handle`, the
         file the caller opened there), synced where the server offers `fsync@openssh.com`: the MD5
-        of the bytes written, which must be `md5` when the caller announces one (an S3 server
-        checks Content-MD5; here the bytes are hashed as they are sent), and the file's attributes
-        once written. Two round trips: the open, then the writes with the sync, a look at the file
-        and the close."""
-        digest = hashlib.md5()
+        of the bytes written (None when not `hashed` and no `md5` was announced), which must be
+        `md5` when the caller announces one (an S3 server checks Content-MD5; here the bytes are
+        hashed as they are sent), and the file's attributes once written. Two round trips: the
+        open, then the writes with the sync, a look at the file and the close."""
+        digest = hashlib.md5() if hashed or md5 is not None else None
         if isinstance(body, (bytes, bytearray, memoryview)) and len(memoryview(body)) != size:
             if handle is not None:
                 with contextlib.suppress(Exception):
@@ -904,12 +911,12 @@ class SftpStore:
                                          f"bytes, {size} announced", key=key)
                 yield chunk
 
-        writer.write_all(_hashed(chunks(), digest))
+        writer.write_all(_hashed(chunks(), digest) if digest is not None else chunks())
         attrs = self._close_written(sftp, writer, path)
         if attrs.st_size != size if offset is None else (attrs.st_size or 0) < start + size:
             raise TransientError(f"{self.label}: {key!r}: the server holds {attrs.st_size} bytes after writing "
                                  f"{size} at {start}", key=key)
-        sent = digest.digest()
+        sent = digest.digest() if digest is not None else None
         if md5 is not None and sent != md5:
             raise IntegrityError(f"{self.label}: the bytes written for {key!r} have MD5 {sent.hex()}, the caller "
                                  f"announced {md5.hex()}", key=key)
@@ -1215,9 +1222,10 @@ class SftpUpload:
                 old = before.get(number)
                 if old is not None:  # its bytes are about to change: no marker may vouch for them meanwhile
                     sftp.remove(f"{self._dir}/{old[0]}")
-            sent, _ = self.store._write_file(sftp, self._data, body, size, self.key, md5, offset=offset)
-            _create_empty(sftp, f"{self._dir}/part-{number:05d}-{sent.hex()}-{offset}-{size}")
-            return PartReceipt(number, sent.hex(), size)
+            sent, _ = self.store._write_file(sftp, self._data, body, size, self.key, md5, offset=offset, hashed=False)
+            tag = sent.hex() if sent is not None else uuid.uuid4().hex
+            _create_empty(sftp, f"{self._dir}/part-{number:05d}-{tag}-{offset}-{size}")
+            return PartReceipt(number, tag, size)
         return self.store._call(upload, self.key, f"part {number} of {self.key!r}")
 
     def list_parts(self) -> list[PartReceipt]:

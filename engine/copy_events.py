@@ -22,10 +22,11 @@ class CopyEvents:
         sent; `header` / `key_id` are the attempt's encryption header and data key (None when the
         output is not encrypted). Its abort on failure is already registered."""
 
-    def part_uploaded(self, part: PartPlan, receipt: PartReceipt, md5: bytes | None = None) -> None:
-        """The destination acknowledged a part (`md5`: of the bytes sent; for a single PUT, None)."""
+    def part_uploaded(self, part: PartPlan, receipt: PartReceipt, md5: bytes | None) -> None:
+        """The destination acknowledged a part of a multipart upload (`md5`: of the bytes sent; None
+        for a sink that is sent none, `ObjectSink.part_md5`). A single PUT is not announced here."""
 
-    def part_kept(self, part: PartPlan, receipt: PartReceipt, md5: bytes) -> None:
+    def part_kept(self, part: PartPlan, receipt: PartReceipt, md5: bytes | None) -> None:
         """Resume: a part already on the destination (listed) was checked and is kept, not re-sent."""
 
     def bytes_moved(self, n: int) -> None:

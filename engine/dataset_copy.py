@@ -272,12 +272,15 @@ class _StateEvents(CopyEvents):
     def upload_opened(self, upload: MultipartUpload, header: bytes | None, key_id: int | None) -> None:
         self.store.record_upload(self.object_id, upload.upload_id, header, key_id)
 
-    def part_uploaded(self, part: PartPlan, receipt: PartReceipt, md5: bytes | None = None) -> None:
-        if md5 is not None:  # a multipart part (a single PUT has no receipt worth keeping)
-            self.store.record_parts(self.object_id, [st.PartRecord(receipt.number, receipt.etag, receipt.size, md5.hex())])
+    def part_uploaded(self, part: PartPlan, receipt: PartReceipt, md5: bytes | None) -> None:
+        self._record_part(receipt, md5)
 
-    def part_kept(self, part: PartPlan, receipt: PartReceipt, md5: bytes) -> None:
-        self.store.record_parts(self.object_id, [st.PartRecord(receipt.number, receipt.etag, receipt.size, md5.hex())])
+    def part_kept(self, part: PartPlan, receipt: PartReceipt, md5: bytes | None) -> None:
+        self._record_part(receipt, md5)
+
+    def _record_part(self, receipt: PartReceipt, md5: bytes | None) -> None:
+        self.store.record_parts(self.object_id, [st.PartRecord(receipt.number, receipt.etag, receipt.size,
+                                                               md5.hex() if md5 is not None else None)])
 
     def source_changed(self, old: ObjectMeta, new: ObjectMeta) -> None:
         self.store.transition(self.object_id, st.CHANGED, source_etag=new.etag, size=new.size,

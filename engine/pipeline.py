@@ -316,6 +316,9 @@ class _Attempt:
         self.etags_are_md5 = sink.etag_is_md5
         # A sink that hashes what it writes (connectors/base.py) is not sent an MD5 to check.
         self.sink_hashes = getattr(sink, "hashes_writes", False)
+        # A part's output is hashed for the sink to check (Content-MD5) and for ETags that are MD5s;
+        # a sink that wants neither (`part_md5`, connectors/base.py) is sent none.
+        self.part_md5 = self.etags_are_md5 or getattr(sink, "part_md5", True)
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_reported = 0
@@ -481,19 +484,20 @@ class _Attempt:
         listed = {p.number: PartReceipt(p.number, r.etag, r.size) for r, p in zip(mine, plan.parts)}
         return _CompletedUpload(self.placement.dest_key, resume.upload_id, etag), listed
 
-    def _keep(self, part: PartPlan, listed: PartReceipt | None, md5: bytes) -> bool:
-        """Whether the part the destination lists is exactly what we would send now (`md5`)."""
+    def _keep(self, part: PartPlan, listed: PartReceipt | None, md5: bytes | None) -> bool:
+        """Whether the part the destination lists is exactly what we would send now (`md5`, known
+        whenever ETags are MD5s)."""
         if listed is None or listed.size != part.output_size:
             return False
         etag = listed.etag.strip('"').lower()
         if self.etags_are_md5:
-            return etag == md5.hex()
+            return md5 is not None and etag == md5.hex()
         # ETags that are not MD5s cannot be checked against the bytes: trust only a recorded receipt.
         recorded = {r.number: r for r in self.resume.parts} if self.resume else {}
         mine = recorded.get(part.number)
         return mine is not None and mine.etag.strip('"').lower() == etag and mine.size == listed.size
 
-    def _kept(self, part: PartPlan, listed: PartReceipt, md5: bytes) -> None:
+    def _kept(self, part: PartPlan, listed: PartReceipt, md5: bytes | None) -> None:
         with self._lock:
             self.parts_kept += 1
             self.bytes_reported += part.plaintext_size
@@ -583,7 +587,6 @@ class _Attempt:
 
         etag = self.retry("upload", body=True)(put)
         self._sent(part)
-        self.events.part_uploaded(part, PartReceipt(1, etag, part.output_size))
         return etag
 
     # ---- multipart -------------------------------------------------------------------------------
@@ -614,7 +617,7 @@ class _Attempt:
             if sent != plan.output_size:
                 raise ObjectFailed(f"{sent:,} bytes were sent, {plan.output_size:,} planned; not completing")
             self._check_source()
-            etag = self._complete(upload, receipts, multipart_etag(md5s))
+            etag = self._complete(upload, receipts, multipart_etag(md5s) if self.etags_are_md5 else None)
         except _WrongObjectPublished as exc:
             # Published but not what we sent: remove it rather than leave a wrong object behind.
             try:
@@ -630,9 +633,10 @@ class _Attempt:
             raise
         return etag
 
-    def _complete(self, upload: MultipartUpload, receipts: Sequence[PartReceipt], expected: str) -> str:
-        """Complete the upload (retried); `expected` is the multipart ETag of the parts sent, used to
-        recognise our object when an earlier try completed it and only the answer was lost."""
+    def _complete(self, upload: MultipartUpload, receipts: Sequence[PartReceipt], expected: str | None) -> str:
+        """Complete the upload (retried); `expected` is the multipart ETag of the parts sent (None
+        where ETags are not MD5s), used to recognise our object when an earlier try completed it
+        and only the answer was lost."""
         tried = False
 
         def complete() -> str:
@@ -654,7 +658,7 @@ class _Attempt:
         return self.retry("completing the multipart upload")(complete)
 
     def _buffered_parts(self, plan: ObjectPlan, upload: MultipartUpload,
-                        listed: Mapping[int, PartReceipt]) -> list[tuple[PartReceipt, bytes]]:
+                        listed: Mapping[int, PartReceipt]) -> list[tuple[PartReceipt, bytes | None]]:
         failure = threading.Event()
         futures: list[Future] = []
         try:
@@ -682,7 +686,7 @@ class _Attempt:
             others = [f.exception() for f in futures if not f.cancelled()]
             noted(exc, [e for e in others if e is not None and not isinstance(e, _Cancelled)], "another part")
             raise
-        results: list[tuple[PartReceipt, bytes]] = []
+        results: list[tuple[PartReceipt, bytes | None]] = []
         errors: list[BaseException] = []
         for future in futures:  # wait for every submitted part, so no worker outlives the attempt
             try:
@@ -697,7 +701,7 @@ class _Attempt:
         return results
 
     def _part_task(self, part: PartPlan, upload: MultipartUpload, lease: Lease,
-                   failure: threading.Event, listed: PartReceipt | None = None) -> tuple[PartReceipt, bytes]:
+                   failure: threading.Event, listed: PartReceipt | None = None) -> tuple[PartReceipt, bytes | None]:
         """Read, hash, transform and upload one part. On resume, a part the destination already
         lists is read, hashed and transformed all the same (the object hash needs every byte, and
         the output's MD5 proves the listed part is what we would send) but not uploaded again."""
@@ -710,8 +714,8 @@ class _Attempt:
             fed = True
             out = self.encoder.encode(part.first_segment, data)
             self._check_output(out, part)
-            md5 = None if self.sink_hashes and listed is None else hashlib.md5(out).digest()
-            if md5 is not None and self._keep(part, listed, md5):
+            md5 = hashlib.md5(out).digest() if self.part_md5 else None
+            if self._keep(part, listed, md5):
                 self._kept(part, listed, md5)
                 return listed, md5
 
@@ -721,8 +725,6 @@ class _Attempt:
                 return receipt
 
             receipt = self.retry(f"upload of part {part.number}", body=True)(send)
-            if md5 is None:  # the sink's own hash of the bytes it wrote
-                md5 = _md5_of_receipt(receipt, self.sink.label, self.meta.key)
             self._sent(part)
             self.events.part_uploaded(part, receipt, md5)
             return receipt, md5
@@ -738,7 +740,7 @@ class _Attempt:
     # ---- streamed parts (larger than the budget allows to buffer) --------------------------------
 
     def _streamed_parts(self, plan: ObjectPlan, upload: MultipartUpload,
-                        listed: Mapping[int, PartReceipt]) -> list[tuple[PartReceipt, bytes]]:
+                        listed: Mapping[int, PartReceipt]) -> list[tuple[PartReceipt, bytes | None]]:
         slice_segments = self._slice_segments()
         seg = self.format.layout.segment_size
         # The driver acquires one slice's worth for the whole part, so that a transfer worker never
@@ -762,7 +764,7 @@ class _Attempt:
         return max(1, size // seg)
 
     def _streamed_part(self, part: PartPlan, upload: MultipartUpload, slice_segments: int,
-                       listed: PartReceipt | None = None) -> tuple[PartReceipt, bytes]:
+                       listed: PartReceipt | None = None) -> tuple[PartReceipt, bytes | None]:
         snapshot = self.digest.snapshot()
         if listed is not None and listed.size == part.output_size:
             # Resume: stream the part through the hash and the transform without sending it; keep
@@ -775,12 +777,12 @@ class _Attempt:
                 body.close()
             if body.error is not None:
                 raise body.error
-            md5 = body.md5.digest()
+            md5 = body.md5.digest() if body.md5 is not None else None
             if body.sent == part.output_size and self._keep(part, listed, md5):
                 self._kept(part, listed, md5)
                 return listed, md5
 
-        def send() -> tuple[PartReceipt, bytes]:
+        def send() -> tuple[PartReceipt, bytes | None]:
             # A retried part is read again from the source; the hash goes back to where the part began.
             self.digest.restore(snapshot)
             body = _StreamedPartBody(self, part, slice_segments)
@@ -797,7 +799,7 @@ class _Attempt:
             if body.sent != part.output_size or self.digest.count != part.plaintext_end:
                 raise TransientError(f"part {part.number}: the connector consumed {body.sent:,} of "
                                      f"{part.output_size:,} bytes", key=self.meta.key)
-            md5 = body.md5.digest()
+            md5 = body.md5.digest() if body.md5 is not None else None
             self._check_receipt(receipt, part)
             return receipt, md5
 
@@ -809,7 +811,8 @@ class _Attempt:
 
 class _StreamedPartBody(io.RawIOBase):
     """A part's body read slice by slice from the source: each slice of whole segments is read
-    (pinned, retried), hashed in order, transformed and MD5'd, then handed out; it is dropped when
+    (pinned, retried), hashed in order, transformed and MD5'd (where the sink wants part MD5s),
+    then handed out; it is dropped when
     the connector asks for bytes past it. At most one slice is held, within the allowance the
     object's driver acquired for the part."""
 
@@ -818,7 +821,7 @@ class _StreamedPartBody(io.RawIOBase):
         self.attempt = attempt
         self.part = part
         self.slice_segments = slice_segments
-        self.md5 = hashlib.md5()
+        self.md5 = hashlib.md5() if attempt.part_md5 else None
         self.sent = 0
         self.error: BaseException | None = None
         self._next_segment = part.first_segment
@@ -848,7 +851,8 @@ class _StreamedPartBody(io.RawIOBase):
         if len(out) != out_size:
             raise ObjectFailed(f"part {self.part.number}: the output format produced {len(out):,} bytes for "
                                f"segments {first}-{first + count - 1}, {out_size:,} planned")
-        self.md5.update(out)
+        if self.md5 is not None:
+            self.md5.update(out)
         self._out = out
         self._buf = memoryview(out)
         self._pos = 0
@@ -884,15 +888,3 @@ class _StreamedPartBody(io.RawIOBase):
     def close(self) -> None:
         self._release()
         super().close()
-
-
-def _md5_of_receipt(receipt: PartReceipt, label: str, key: str) -> bytes:
-    """The MD5 a sink that hashes its writes gave as a part's ETag (`hashes_writes`)."""
-    try:
-        md5 = bytes.fromhex(receipt.etag.strip('"'))
-    except ValueError:
-        md5 = b""
-    if len(md5) != 16:
-        raise IntegrityError(f"{label}: part {receipt.number} of {key!r} was answered with {receipt.etag!r}, "
-                             "not the MD5 of its bytes", key=key)
-    return md5

@@ -456,6 +456,28 @@ def test_parts_survive_a_lost_connector_and_nothing_shows_before_complete(harnes
     assert sorted(os.listdir(harness.dir / ".exitplan-sftp" / "uploads")) == []
 
 
+def test_a_part_sent_without_its_md5_is_named_by_its_write(harness):
+    """The engine sends SFTP parts no MD5 (`part_md5`): the part is not hashed, its receipt names
+    that write (another write of the same bytes gets another name, so a receipt recorded for one
+    write never vouches for the next), and a new connector lists it as answered."""
+    part = os.urandom(MiB)
+    store = harness.sink()
+    assert store.part_md5 is False and store.etag_is_md5 is False
+    upload = store.open_multipart("named.bin", WriteMeta())
+    first = upload.upload_part(1, part, len(part), None, offset=0)
+    again = upload.upload_part(1, part, len(part), None, offset=0)
+    assert first.etag != again.etag and md5(part).hex() not in (first.etag, again.etag)
+    store.close()
+
+    reopened = harness.reopen_sink()
+    resumed = reopened.resume_multipart("named.bin", upload.upload_id)
+    assert resumed.list_parts() == [again]
+    with pytest.raises(InvalidRequest, match="not held as sent"):
+        resumed.complete([first])
+    resumed.complete([again])
+    assert harness.raw_read("named.bin") == part
+
+
 def test_a_half_written_part_is_never_listed(harness, monkeypatch):
     store = harness.sink()
     upload = store.open_multipart("half", WriteMeta())

@@ -535,43 +535,58 @@ class RecordingEvents(Recorder):
         super().__init__()
         self.parts = []
 
-    def part_uploaded(self, part, receipt, md5=None):
-        self.parts.append((receipt.number, md5))
+    def part_uploaded(self, part, receipt, md5):
+        self.parts.append((receipt.number, receipt.etag, md5))
 
 
-def test_a_sink_that_hashes_its_writes_is_not_sent_an_md5_and_its_receipts_are_kept(stores, monkeypatch):
-    """`hashes_writes` (the SFTP connector): the engine does not hash what the sink hashes; each
-    part's MD5 is the receipt's, recorded as any other. Each part goes with its offset in the
-    object (the SFTP connector writes it there)."""
-    src, dst = stores
-    data = os.urandom(5 * MiB)
-    meta = src.add("k", data)
-    sent, offsets = [], {}
-    sink = FaultySink(dst, part_etag=lambda number, attempt, etag: etag)
-    sink.hashes_writes = True
+def _spy_parts(monkeypatch) -> tuple[list, dict, list]:
+    """The MD5 sent with each part, each part's offset and the receipts, as `FaultyUpload.upload_part`
+    sees them."""
+    sent, offsets, receipts = [], {}, []
     real = FaultyUpload.upload_part
 
     def spy(self, number, body, size, md5, offset=None):
         sent.append(md5)
         offsets[number] = offset
-        return real(self, number, body, size, md5, offset)
+        receipts.append(real(self, number, body, size, md5, offset))
+        return receipts[-1]
 
     monkeypatch.setattr(FaultyUpload, "upload_part", spy)
+    return sent, offsets, receipts
+
+
+@pytest.mark.parametrize("budget", [None, 4 * MiB], ids=["buffered", "streamed"])
+def test_a_sink_that_wants_no_part_md5_is_sent_none_and_its_receipts_are_recorded(stores, monkeypatch, budget):
+    """`part_md5 = False` (the SFTP connector): no part is hashed or sent with an MD5, buffered or
+    streamed; each receipt is recorded as it came, with no MD5. Each part goes with its offset in
+    the object (the SFTP connector writes it there)."""
+    src, dst = stores
+    data = os.urandom(5 * MiB)
+    meta = src.add("k", data)
+    sink = FaultySink(dst)
+    sink.part_md5 = False
+    sink.etag_is_md5 = False
+    sent, offsets, receipts = _spy_parts(monkeypatch)
     events = RecordingEvents()
-    out = run(src, sink, meta, events=events)
+    settings = fast(memory_budget=budget) if budget else None
+    out = run(src, sink, meta, events=events, settings=settings)
     assert out.status == "ok" and dst.read_range("out/obj", 0, len(data)) == data
     assert sent == [None, None, None] and offsets == {1: 0, 2: 2 * MiB, 3: 4 * MiB}
-    assert sorted(events.parts) == [(n, hashlib.md5(data[(n - 1) * 2 * MiB:n * 2 * MiB]).digest()) for n in (1, 2, 3)]
+    assert sorted(events.parts) == sorted((r.number, r.etag, None) for r in receipts)
 
 
-def test_a_sink_that_hashes_its_writes_and_answers_no_md5_fails_the_object(stores):
+def test_a_sink_whose_etags_are_md5s_is_sent_part_md5s_whatever_it_says(stores, monkeypatch):
     src, dst = stores
-    meta = src.add("k", os.urandom(5 * MiB))
-    sink = FaultySink(dst, part_etag=lambda number, attempt, etag: "not-an-md5")
-    sink.hashes_writes = True
-    sink.etag_is_md5 = False
-    out = run(src, sink, meta)
-    assert out.status == "failed" and "not the MD5 of its bytes" in out.reason
+    data = os.urandom(5 * MiB)
+    meta = src.add("k", data)
+    sink = FaultySink(dst)
+    sink.part_md5 = False
+    sent, _, _ = _spy_parts(monkeypatch)
+    events = RecordingEvents()
+    out = run(src, sink, meta, events=events)
+    assert out.status == "ok"
+    md5s = [hashlib.md5(data[(n - 1) * 2 * MiB:n * 2 * MiB]).digest() for n in (1, 2, 3)]
+    assert sorted(sent) == sorted(md5s) and [m for _, _, m in sorted(events.parts)] == md5s
 
 
 def test_attempts_count_every_request_when_nothing_fails(stores):
