@@ -38,7 +38,9 @@ What SFTP has and has not, and what this connector does about it:
   at one directory per four round trips).
   Symbolic links are not followed: each is listed with `not_copyable` set (placement refuses it by
   name, so inventory, migrate and the exit code say so), kept in `skipped_links` and logged.
-  `.exitplan-sftp/` at the root is the connector's own and never listed.
+  `.exitplan-sftp/` at the root is the connector's own and never listed. A source's listing
+  (`source_details`) of a tree this connector wrote carries what each file's metadata file says
+  (as `head` gives it), the metadata files of a directory read at once (`read_small_files`).
 - Names. A key that would leave the root or cannot be a file name (`..` or `.` segments, an empty
   segment, a leading `/`, a NUL or other control character) is refused by name (`InvalidRequest`).
 
@@ -350,6 +352,7 @@ def _translated(exc: BaseException, where: str, key: str | None) -> ConnectorErr
 
 
 _LIST_AHEAD = 8
+_SIDECARS_AT_ONCE = 64  # metadata files opened at once (`SftpStore._sidecars`)
 _LINK_NOT_FOLLOWED = ("a symbolic link at the source, not followed (copy what it points to under a name of its own, "
                       "or exclude it)")
 
@@ -438,6 +441,9 @@ class SftpStore:
         self.label = label or f"sftp:{host}:{port}{self.root}"
         self.account = f"{host}:{port}"  # what the audit manifest names as the source account
         self.skipped_links: list[str] = []
+        # A source's listing carries what the files' metadata files hold, in a tree this connector
+        # wrote (the opener of a source sets it; a destination's listings need sizes and markers only).
+        self.source_details = False
         self._login = login
         self._pin = pin
         self._timeout = connect_timeout
@@ -670,7 +676,7 @@ class SftpStore:
                             raise missing from None
                         return []
                     raise
-            found = []
+            found: list = []
             for attrs in self._call(read, None, f"listing {path}"):
                 name = attrs.filename
                 if not rel_dir and name == CONTROL_DIR:
@@ -688,12 +694,20 @@ class SftpStore:
                                               "exclude it"))
             # A directory sorts as its name plus `/`: the walk then yields keys in plain string order.
             found.sort(key=lambda item: item[0])
+            if carry:
+                files = [e[0] for e in found if e[2] is None and not e[0].endswith("/")]
+                sidecars = self._call(lambda sftp: self._sidecars(sftp, files), None, f"reading the metadata files of {path}")
+                found = [(key, attrs, why, sidecars.get(key)) for key, attrs, why in found]
             return found
 
         # The walk reads each directory's subdirectories ahead of it, up to `list_ahead` of them
         # at a time per level (over a far server a directory costs round trips, not CPU: one at a
         # time made the listing the pace of a tree of many small directories), and still yields
         # the keys in order, each directory whole; memory: `list_ahead` directories per level.
+        # A tree this connector wrote (`.exitplan-sftp/meta/` at the root) lists, for a source
+        # (`source_details`), what each file's metadata file holds: checked by one look per listing.
+        carry = self.source_details and self._call(lambda sftp: _is_directory(sftp, self._control("meta")), None,
+                                                   "looking for metadata files")
         pool = ThreadPoolExecutor(self.list_ahead, thread_name_prefix="sftp-list")
         try:
             top = [e for e in entries(head_dir) if e[0][len(head_dir) + 1 if head_dir else 0:].startswith(start)]
@@ -703,15 +717,18 @@ class SftpStore:
                 if item is None:
                     stack.pop()
                     continue
-                key, attrs, not_copyable = item
+                key, attrs, not_copyable = item[:3]
                 if key.endswith("/"):
                     stack.append(_Level(stack[-1].listing(key).result(), stack[-1].read, self.list_ahead))
                     continue
                 if not_copyable is _LINK_NOT_FOLLOWED:
                     log.warning("%s: %r is a symbolic link; not followed", self.label, key)
                     self.skipped_links.append(key)
-                yield ObjectMeta(key=key, size=0 if not_copyable else attrs.st_size or 0, etag=change_marker(attrs),
-                                 last_modified=_mtime(attrs), not_copyable=not_copyable)
+                if not_copyable:
+                    yield ObjectMeta(key=key, size=0, etag=change_marker(attrs), last_modified=_mtime(attrs),
+                                     not_copyable=not_copyable)
+                else:
+                    yield self._described(key, attrs, item[3] if len(item) > 3 else None)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -727,12 +744,13 @@ class SftpStore:
                 raise
             if not stat_mode.S_ISREG(attrs.st_mode or 0):
                 raise NotFound(f"{self.label}: {key!r} is not a regular file", key=key)
-            return self._meta(sftp, key, attrs)
+            return self._described(key, attrs, self._sidecars(sftp, [key]).get(key))
         return self._call(head, key, f"head of {key!r}")
 
-    def _meta(self, sftp: paramiko.SFTPClient, key: str, attrs: paramiko.SFTPAttributes) -> ObjectMeta:
+    def _described(self, key: str, attrs: paramiko.SFTPAttributes, sidecar: dict[str, Any] | None) -> ObjectMeta:
+        """The file `key` with `attrs`, and what its metadata file `sidecar` says when it describes
+        this very file (its marker is the file's: a file changed since has no metadata)."""
         marker = change_marker(attrs)
-        sidecar = self._read_sidecar(sftp, key)
         if sidecar is None or sidecar.get("marker") != marker:
             return ObjectMeta(key=key, size=attrs.st_size or 0, etag=marker, last_modified=_mtime(attrs))
         md5 = sidecar.get("content_md5")
@@ -742,20 +760,25 @@ class SftpStore:
             content=ContentSettings(**sidecar.get("content", {})), metadata=dict(sidecar.get("metadata", {})),
         )
 
-    def _read_sidecar(self, sftp: paramiko.SFTPClient, key: str) -> dict[str, Any] | None:
-        try:
-            with sftp.open(self._sidecar_path(key), "rb") as f:
-                raw = f.read(1024 * 1024)
-        except IOError as exc:
-            if _is_missing(exc):
-                return None
-            raise
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            log.warning("%s: the metadata file of %r is not JSON; ignored", self.label, key)
-            return None
-        return value if isinstance(value, dict) else None
+    def _sidecars(self, sftp: paramiko.SFTPClient, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The metadata files of `keys` that exist, read as JSON (one not JSON is left out, logged):
+        two round trips per `_SIDECARS_AT_ONCE` files (the opens; the reads and closes)."""
+        found: dict[str, dict[str, Any]] = {}
+        for at in range(0, len(keys), _SIDECARS_AT_ONCE):
+            chunk = keys[at:at + _SIDECARS_AT_ONCE]
+            texts = read_small_files(sftp, [self._sidecar_path(k) for k in chunk], self.read_request)
+            for key, raw in zip(chunk, texts):
+                if raw is None:
+                    continue
+                try:
+                    value = json.loads(raw)
+                except ValueError:
+                    value = None
+                if isinstance(value, dict):
+                    found[key] = value
+                else:
+                    log.warning("%s: the metadata file of %r is not a JSON object; ignored", self.label, key)
+        return found
 
     def read_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
         """Bytes `start .. end-1`, checked against `if_match` before and after the read."""
@@ -1432,6 +1455,64 @@ class _Batch:
         if t != CMD_STATUS:
             raise paramiko.SSHException(f"unexpected SFTP answer {t}")
         self.sftp._convert_status(msg)  # raises on anything but OK
+
+
+def read_small_files(sftp: paramiko.SFTPClient, paths: Sequence[str], request: int) -> list[bytes | None]:
+    """The whole content of each of `paths` (None: no such file), in two round trips: the opens
+    sent at once, then each file's read of `request` bytes and its close. A file whose read comes
+    back `request` bytes long may hold more: it is read whole on its own, the usual way."""
+    batch = _Batch(sftp)
+    try:
+        opens = [batch.send(CMD_OPEN, path, SFTP_FLAG_READ, paramiko.SFTPAttributes()) for path in paths]
+        handles: list[bytes | None] = []
+        error: BaseException | None = None
+        for num in opens:
+            t, msg = batch.answer(num)
+            handles.append(msg.get_binary() if t == CMD_HANDLE else None)
+            if t != CMD_HANDLE and error is None:
+                try:
+                    sftp._convert_status(msg)
+                    error = paramiko.SSHException(f"unexpected SFTP answer {t} to an open")
+                except IOError as exc:
+                    if not _is_missing(exc):
+                        error = exc
+        if error is not None:
+            for handle in handles:
+                if handle is not None:
+                    batch.send(CMD_CLOSE, handle)
+            raise error
+        reads = {}
+        for i, handle in enumerate(handles):
+            if handle is not None:
+                reads[i] = batch.send(CMD_READ, handle, int64(0), request)
+                batch.send(CMD_CLOSE, handle)
+        out: list[bytes | None] = [None] * len(paths)
+        for i, num in reads.items():
+            t, msg = batch.answer(num)
+            if t == CMD_DATA:
+                out[i] = msg.get_string()
+            elif t == CMD_STATUS:
+                try:
+                    sftp._convert_status(msg)
+                except EOFError:
+                    out[i] = b""  # an empty file
+            else:
+                raise paramiko.SSHException(f"unexpected SFTP answer {t} to a read")
+            if len(out[i]) >= request:
+                with sftp.open(paths[i], "rb") as f:
+                    out[i] = f.read()
+        return out
+    finally:
+        batch.collect()
+
+
+def _is_directory(sftp: paramiko.SFTPClient, path: str) -> bool:
+    try:
+        return stat_mode.S_ISDIR(sftp.stat(path).st_mode or 0)
+    except IOError as exc:
+        if _is_missing(exc):
+            return False
+        raise
 
 
 def open_for_reading(sftp: paramiko.SFTPClient, path: str) -> bytes:

@@ -140,7 +140,9 @@ def open_source(loaded: LoadedConfig, dataset: str, *, pacer: RequestPacer = UNP
     src = loaded.config.sources[name]
     t = loaded.config.transfer
     if src.kind == "sftp":
-        return open_sftp(loaded, f"sources.{name}", src, ds.container)
+        store = open_sftp(loaded, f"sources.{name}", src, ds.container)
+        store.source_details = True  # what a tree exitplan wrote holds in its metadata files is carried
+        return store
     if src.kind == "s3":
         from connectors.s3 import S3Store
 

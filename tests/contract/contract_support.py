@@ -211,9 +211,14 @@ class SftpHarness:
                          HostKeyPin(known_hosts=str(self.layout.known_hosts)), connections=2, **kwargs)
 
     def source(self, page_size: int = 1000):
+        store = self._store(self.dir)
+        store.source_details = True  # as a dataset's source is opened (engine/endpoints.py)
+        return store
+
+    def sink(self, page_size: int = 1000):
         return self._store(self.dir)
 
-    sink = reopen_sink = source
+    reopen_sink = sink
 
     def missing_source(self):
         return self._store(self.layout.root / unique_name("missing"))

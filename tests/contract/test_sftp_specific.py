@@ -478,6 +478,55 @@ def test_a_part_sent_without_its_md5_is_named_by_its_write(harness):
     assert harness.raw_read("named.bin") == part
 
 
+def test_a_source_listing_carries_what_the_metadata_files_hold(harness, monkeypatch):
+    """A tree this connector wrote, read as a dataset's source (`source_details`): each file is
+    listed as `head` gives it (content settings, metadata, the MD5 of a file written whole), its
+    metadata file opened with the others of its directory; a file changed since its metadata file
+    was written, or without one, lists bare. A destination's listing opens no metadata file, nor
+    does a source's in a tree without `.exitplan-sftp/meta/`."""
+    writer = harness.sink()
+    data = os.urandom(1000)
+    meta = WriteMeta(ContentSettings(content_type="text/csv", content_language="fr"), {"owner": "partner"})
+    for key in ("a/one.csv", "a/two.csv", "b/three.csv", "top.csv"):
+        writer.put(key, data, len(data), meta, md5(data))
+    upload = writer.open_multipart("a/big.bin", WriteMeta(ContentSettings(content_type="application/x-tar"),
+                                                          {"k": "v"}))
+    upload.complete([upload.upload_part(1, data, len(data), None, offset=0)])
+    (harness.dir / "b" / "three.csv").write_bytes(b"changed")
+    (harness.dir / "a" / "plain.csv").write_bytes(b"no metadata file")
+    opened = []
+    real = sftp_module.paramiko.SFTPClient._async_request
+
+    def count(self, fileobj, t, *args):
+        if t == sftp_module.CMD_OPEN and "/.exitplan-sftp/meta/" in str(args[0]):
+            opened.append(args[0])
+        return real(self, fileobj, t, *args)
+
+    source = harness.source()
+    monkeypatch.setattr(sftp_module.paramiko.SFTPClient, "_async_request", count)
+    listed = {m.key: m for m in source.list()}
+    assert sorted(listed) == ["a/big.bin", "a/one.csv", "a/plain.csv", "a/two.csv", "b/three.csv", "top.csv"]
+    assert len(opened) == 6  # one per file, never one per file per round trip (tested for puts above)
+    for key in ("a/one.csv", "a/two.csv", "top.csv"):
+        assert (listed[key].content, listed[key].metadata, listed[key].content_md5) == (meta.content, meta.metadata,
+                                                                                        md5(data))
+    assert (listed["a/big.bin"].content.content_type, listed["a/big.bin"].metadata) == ("application/x-tar",
+                                                                                        {"k": "v"})
+    assert listed["a/big.bin"].content_md5 is None
+    for key in ("b/three.csv", "a/plain.csv"):
+        assert (listed[key].content, listed[key].metadata, listed[key].content_md5) == (ContentSettings(), {}, None)
+    for key, m in listed.items():
+        assert m == source.head(key)
+
+    opened.clear()
+    assert len(list(harness.sink().list())) == 6 and opened == []
+    partner = SftpHarness(harness.layout, transport=harness.transport)
+    partner.seed("delivery.csv", data)
+    shutil.rmtree(partner.dir / ".exitplan-sftp")
+    [bare] = partner.source().list()
+    assert (bare.key, bare.metadata, bare.content_md5) == ("delivery.csv", {}, None) and opened == []
+
+
 def test_a_half_written_part_is_never_listed(harness, monkeypatch):
     store = harness.sink()
     upload = store.open_multipart("half", WriteMeta())
@@ -592,7 +641,7 @@ def test_a_new_uploads_parts_are_written_without_listing_it_first(harness, monke
 
 def test_a_part_written_again_has_no_marker_while_its_bytes_change(harness, monkeypatch):
     """A part sent again (a retry) loses its marker before its bytes are touched: killed half-way,
-    it is not listed (the engine sends it again), never listed with the old MD5 over new bytes."""
+    it is not listed (the engine sends it again), never listed with the old tag over new bytes."""
     store = harness.sink()
     upload = store.open_multipart("rewritten.bin", WriteMeta())
     first = upload.upload_part(1, b"a" * 1000, 1000, None, offset=0)

@@ -464,3 +464,36 @@ def test_s3_to_sftp_escrow_encrypted_verify_restore(tmp_path, capsys, sshd, s3_s
     assert code == 0, err + out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing written again
 
+
+
+def test_an_escrow_exitplan_wrote_is_carried_onward_with_its_metadata(tmp_path, capsys, delivery, s3):
+    """A tree exitplan wrote to an SFTP server (the metadata files beside it) read as a source:
+    each file's content headers and metadata reach the next destination, as from any source; a
+    file changed since its metadata file was written goes bare, as a file a partner delivered."""
+    from connectors.base import ContentSettings
+    from connectors.sftp import HostKeyPin, SftpLogin, SftpStore
+    from flows import lab_processes as lp
+
+    top, _, config = delivery
+    cfg = yaml.safe_load(config().read_text())
+    src = cfg["sources"]["partner"]
+    escrow = top / "deliveries" / "escrow"
+    escrow.mkdir()
+    with SftpStore(lp.LOOPBACK, src["port"], str(escrow), SftpLogin(src["username"],
+                   Path(src["private_key_file"]).read_text()), HostKeyPin(known_hosts=src["known_hosts"])) as writer:
+        csv = b"a,b\n1,2\n"
+        writer.put("2026/claims.csv", csv, len(csv),
+                   WriteMeta(ContentSettings(content_type="text/csv", cache_control="no-cache"), {"cohort": "b7"}), None)
+        writer.put("2026/notes.txt", b"x", 1, WriteMeta(ContentSettings(content_type="text/plain"), {"k": "v"}), None)
+    (escrow / "2026" / "notes.txt").write_bytes(b"rewritten by hand")
+    cfg["datasets"]["deliveries"].update(container="deliveries/escrow", public=True)
+    path = tmp_path / "onward.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+
+    code, out, err = cli(capsys, "migrate", "--config", path)
+    assert code == 0, err + out
+    claims = s3.head_object(Bucket=BUCKET, Key=f"{top.name}/2026/claims.csv")
+    assert (claims["ContentType"], claims["CacheControl"], claims["Metadata"]["cohort"]) == ("text/csv", "no-cache",
+                                                                                            "b7")
+    notes = s3.head_object(Bucket=BUCKET, Key=f"{top.name}/2026/notes.txt")
+    assert notes["ContentType"] != "text/plain" and "k" not in notes["Metadata"]
