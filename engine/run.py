@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -319,6 +320,7 @@ class MigrationRun:
         self.keyset_copies: list[str] = []
         self._lock = threading.Lock()
         self._sources: dict[str, ObjectSource] = {}  # opened once per run (`_source`), closed at its end
+        self._opening: dict[str, Future] = {}  # sources being opened ahead (`_open_source_early`)
         self.state: StateStore | None = None
         self.run_id = 0  # set by `start`, with the trail, the executors and the project's lock
         self.trail: MigrationAudit | None = None
@@ -398,6 +400,7 @@ class MigrationRun:
 
     def _open(self) -> None:
         loaded, datasets = self.loaded, self.datasets
+        self._open_source_early()
         # The destinations' sinks are opened once for the whole run: the check and the keyset
         # copies go unpaced (nothing is written to the state before they pass), then `_pace`
         # paces them for the copy and the manifest.
@@ -440,13 +443,34 @@ class MigrationRun:
     def _source(self, name: str, what: str, opener: Callable, arg: str, pacer):
         with self._lock:
             if name not in self._sources:
-                self._sources[name] = call_endpoint(what, partial(opener, pacer=pacer), self.loaded, arg)
+                early = self._opening.pop(name, None)
+                self._sources[name] = (early.result() if early is not None
+                                       else call_endpoint(what, partial(opener, pacer=pacer), self.loaded, arg))
             return self._sources[name]
+
+    def _open_source_early(self) -> None:
+        """Start opening the first dataset's source now, on a thread of its own, when it is an SFTP
+        server (never paced, so nothing it needs comes later): its SSH logins wait on the server
+        (a quarter of a second on loopback, round trips far away) while the destinations are
+        checked and the run opened. `source` takes it from there, and raises what failed as an
+        open there would have."""
+        name = self.datasets[0] if self.datasets else None
+        if name is None or self.loaded.config.sources[self.loaded.config.datasets[name].source].kind != "sftp":
+            return
+        opener = ThreadPoolExecutor(1, thread_name_prefix="source-open")
+        self._opening[name] = opener.submit(call_endpoint, f"dataset `{name}`: source", open_source, self.loaded, name)
+        opener.shutdown(wait=False)
 
     def _close_endpoints(self) -> None:
         """Close the run's sources and sinks (connections, `ssh` processes): the run is over here."""
         with self._lock:
             sources, self._sources = list(self._sources.values()), {}
+            opening, self._opening = list(self._opening.values()), {}
+        for future in opening:  # opened ahead, never asked for (the run stopped before): closed too
+            try:
+                sources.append(future.result())
+            except Exception:
+                log.debug("a source opened ahead failed, and was not needed", exc_info=True)
         if self.sinks is not None:
             self.sinks.close()
         for source in sources:

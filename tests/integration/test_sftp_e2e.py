@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -198,6 +199,24 @@ def test_a_source_whose_host_key_is_not_pinned_is_refused(tmp_path, capsys, deli
     assert code == ExitCode.USAGE
     assert "host key" in err and "refused" in err
     assert s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{top.name}/").get("KeyCount", 0) == 0
+
+
+def test_a_source_opened_ahead_of_a_refused_destination_is_closed(tmp_path, capsys, delivery, s3):
+    """The first dataset's SFTP source logs in while the destinations are checked: when the check
+    fails, the run stops on the destination's error, and the source's sessions end with it."""
+    top, files, config = delivery
+    cfg = yaml.safe_load(config().read_text())
+    cfg["destinations"]["lab"]["bucket"] = f"missing-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    assert cli(capsys, "keys", "init", "--config", path)[0] == 0
+    running = _ssh_children()
+
+    code, out, err = cli(capsys, "migrate", "--config", path)
+
+    assert code == ExitCode.USAGE and "bucket" in err and "host key" not in err
+    assert not [t for t in threading.enumerate() if t.name.startswith("source-open")]  # waited for, then closed
+    assert _ssh_children() == running
 
 
 def test_a_kill_mid_file_resumes_the_upload(tmp_path, sshd, s3_server, s3):
