@@ -398,6 +398,11 @@ class Lister(Protocol):
         """Yield every object under `prefix` in key order, page by page (never all in memory)."""
         ...
 
+    # Optional: a source that asks each listed object for more than its listing says
+    # (`source_details`: an S3 source's HEAD and GetObjectTagging, an SFTP source's metadata
+    # files) also takes `list(prefix, details=False)`: keys, sizes and markers only, for what needs
+    # no more (the progress count beside a copy: `engine.listing.LiveListing(bare=True)`).
+
 
 @dataclass(frozen=True)
 class ListingRange:

@@ -455,7 +455,7 @@ class S3Store:
                 return
             yield page
 
-    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
+    def list(self, prefix: str = "", *, details: bool | None = None) -> Iterator[ObjectMeta]:
         """Yield every object under `prefix` in key order, one ListObjectsV2 page at a time.
 
         Listings carry size, ETag, last-modified and storage class; content headers, metadata and
@@ -463,7 +463,8 @@ class S3Store:
         (`source_details`): then each listed object is also asked for with HEAD and
         GetObjectTagging (up to `_details_at_once` at a time, the page's order kept), so that
         everything it is gets carried. An object deleted between the page and its HEAD is left
-        out (the listing would not hold it a moment later), logged.
+        out (the listing would not hold it a moment later), logged. `details` overrides
+        `source_details` for this listing.
         """
         for page in self._pages("list_objects_v2", prefix):
             listed = []
@@ -477,7 +478,7 @@ class S3Store:
                     last_modified=item.get("LastModified"),
                     tier=item.get("StorageClass") or "STANDARD",
                 ))
-            if self.source_details and listed:
+            if (self.source_details if details is None else details) and listed:
                 if self._details_pool is None:
                     self._details_pool = ThreadPoolExecutor(self._details_at_once, thread_name_prefix="s3-details")
                 listed = [m for m in self._details_pool.map(self._details, listed) if m is not None]

@@ -656,8 +656,9 @@ class SftpStore:
 
     # ---- reading ----------------------------------------------------------------------------
 
-    def list(self, prefix: str = "") -> Iterator[ObjectMeta]:
-        """Every file under `prefix` in key order, directory by directory (module docstring)."""
+    def list(self, prefix: str = "", *, details: bool | None = None) -> Iterator[ObjectMeta]:
+        """Every file under `prefix` in key order, directory by directory (module docstring);
+        `details` overrides `source_details` for this listing."""
         head_dir, _, start = prefix.rpartition("/")
         if head_dir:
             refuse_hostile_key(head_dir, self.label)
@@ -706,7 +707,7 @@ class SftpStore:
         # the keys in order, each directory whole; memory: `list_ahead` directories per level.
         # A tree this connector wrote (`.exitplan-sftp/meta/` at the root) lists, for a source
         # (`source_details`), what each file's metadata file holds: checked by one look per listing.
-        carry = self.source_details and self._call(lambda sftp: _is_directory(sftp, self._control("meta")), None,
+        carry = (self.source_details if details is None else details) and self._call(lambda sftp: _is_directory(sftp, self._control("meta")), None,
                                                    "looking for metadata files")
         pool = ThreadPoolExecutor(self.list_ahead, thread_name_prefix="sftp-list")
         try:

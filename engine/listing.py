@@ -65,13 +65,15 @@ if TYPE_CHECKING:
     from connectors.azure_inventory import InventoryReport
 
 
-def dataset_listing(loaded: LoadedConfig, name: str, source: ObjectSource) -> "LiveListing | ReportListing":
-    """The objects of dataset `name` under its prefix: the source listed live (`LiveListing`), or
-    its inventory report's rows (`ReportListing`; the manifest is read and checked here, before any
-    row). Either counts, in `not_copied`, what it names that is not carried."""
+def dataset_listing(loaded: LoadedConfig, name: str, source: ObjectSource, *,
+                    bare: bool = False) -> "LiveListing | ReportListing":
+    """The objects of dataset `name` under its prefix: the source listed live (`LiveListing`;
+    `bare`: without what a source asks each object for beside its listing), or its inventory
+    report's rows (`ReportListing`; the manifest is read and checked here, before any row). Either
+    counts, in `not_copied`, what it names that is not carried."""
     ds = loaded.config.datasets[name]
     if ds.inventory is None:
-        return LiveListing(source, ds)
+        return LiveListing(source, ds, bare=bare)
     return report_listing(loaded, name)
 
 
@@ -118,13 +120,17 @@ class LiveListing:
 
     origin = None  # a live listing, not a report
 
-    def __init__(self, source: ObjectSource, ds: DatasetConfig):
+    def __init__(self, source: ObjectSource, ds: DatasetConfig, *, bare: bool = False):
         self.source, self.ds = source, ds
+        self.bare = bare  # keys, sizes and markers only (connectors/base.py, `Lister`), where the source can
         self.not_copied: NotCarried = {}
 
     def __iter__(self) -> Iterator[ObjectMeta]:
         if not isinstance(self.source, RangeLister):
-            yield from self.source.list(self.ds.prefix)
+            if self.bare and getattr(self.source, "source_details", False):
+                yield from self.source.list(self.ds.prefix, details=False)
+            else:
+                yield from self.source.list(self.ds.prefix)
             return
         for page in self.source.list_pages(ListingRange(self.ds.prefix)):
             objects, history = page_entries(page, self.ds)

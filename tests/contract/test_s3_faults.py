@@ -251,6 +251,11 @@ def test_an_s3_source_lists_what_each_object_is_with_its_tags(fault_proxy, s3_bu
         assert [m.key for m in listed] == [f"src/{i}.csv" for i in range(5)]
         assert all(m.content.content_type == "text/csv" and m.metadata == {"n": m.key[4]} and
                    m.tags == {"i": m.key[4]} for m in listed)
+        # A bare listing (the progress count's): the pages only, no HEAD or tagging per object.
+        fault_proxy.reset_counts()
+        bare = list(store.list("src/", details=False))
+        assert [(m.key, m.size, m.etag) for m in bare] == [(m.key, m.size, m.etag) for m in listed]
+        assert fault_proxy.count("HEAD") == 0 and fault_proxy.count("GET") == 2  # two pages of 3
 
         fault_proxy.fail_next(1, status=404, code="NoSuchKey", method="HEAD", pattern=r"/src/3\.csv")
         assert [m.key for m in store.list("src/")] == ["src/0.csv", "src/1.csv", "src/2.csv", "src/4.csv"]

@@ -520,6 +520,9 @@ def test_a_source_listing_carries_what_the_metadata_files_hold(harness, monkeypa
 
     opened.clear()
     assert len(list(harness.sink().list())) == 6 and opened == []
+    bare = list(source.list(details=False))  # the progress count's listing
+    assert [(m.key, m.etag, m.metadata) for m in bare] == [(k, listed[k].etag, {}) for k in sorted(listed)]
+    assert opened == []
     partner = SftpHarness(harness.layout, transport=harness.transport)
     partner.seed("delivery.csv", data)
     shutil.rmtree(partner.dir / ".exitplan-sftp")

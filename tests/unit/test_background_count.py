@@ -82,3 +82,23 @@ def test_a_count_that_fails_is_said_and_nothing_else_happens(caplog):
     assert figures == []
     [record] = [r for r in caplog.records if r.name == "engine.run"]
     assert "progress goes on without them" in record.getMessage() and "503" in record.getMessage()
+
+
+def test_the_count_asks_a_source_for_names_and_sizes_only():
+    """A source that asks each listed object for more (`source_details`: HEAD and tagging on S3,
+    the metadata files on SFTP) is listed bare for the count: it needs sizes only."""
+    real = _source(10).list
+    asked = []
+
+    def listing(prefix="", *, details=None):
+        asked.append(details)
+        return real(prefix)
+
+    source = SimpleNamespace(list=listing, label="src", source_details=True)
+    done = threading.Event()
+    figures = []
+    count = BackgroundCount(_loaded(DatasetConfig(source="s", container="c", prefix="in/", destination="d")), "d",
+                            source, lambda *a: None, lambda *f: (figures.append(f), done.set()))
+    assert done.wait(10)
+    count.stop()
+    assert figures == [(10, sum(i % 7 for i in range(10)))] and asked == [False]
