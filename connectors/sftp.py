@@ -353,6 +353,7 @@ def _translated(exc: BaseException, where: str, key: str | None) -> ConnectorErr
 
 _LIST_AHEAD = 8
 _SIDECARS_AT_ONCE = 64  # metadata files opened at once (`SftpStore._sidecars`)
+_SMALL_FILE_MAX = 1024 * 1024  # what `read_small_files` reads of a file at most (a metadata file is a few KiB)
 _LINK_NOT_FOLLOWED = ("a symbolic link at the source, not followed (copy what it points to under a name of its own, "
                       "or exclude it)")
 
@@ -697,7 +698,8 @@ class SftpStore:
             found.sort(key=lambda item: item[0])
             if carry:
                 files = [e[0] for e in found if e[2] is None and not e[0].endswith("/")]
-                sidecars = self._call(lambda sftp: self._sidecars(sftp, files), None, f"reading the metadata files of {path}")
+                sidecars = self._call(lambda sftp: self._sidecars(sftp, files), None,
+                                      f"reading the metadata files of {path}")
                 found = [(key, attrs, why, sidecars.get(key)) for key, attrs, why in found]
             return found
 
@@ -707,8 +709,8 @@ class SftpStore:
         # the keys in order, each directory whole; memory: `list_ahead` directories per level.
         # A tree this connector wrote (`.exitplan-sftp/meta/` at the root) lists, for a source
         # (`source_details`), what each file's metadata file holds: checked by one look per listing.
-        carry = (self.source_details if details is None else details) and self._call(lambda sftp: _is_directory(sftp, self._control("meta")), None,
-                                                   "looking for metadata files")
+        carry = (self.source_details if details is None else details) and self._call(
+            lambda sftp: _is_directory(sftp, self._control("meta")), None, "looking for metadata files")
         pool = ThreadPoolExecutor(self.list_ahead, thread_name_prefix="sftp-list")
         try:
             top = [e for e in entries(head_dir) if e[0][len(head_dir) + 1 if head_dir else 0:].startswith(start)]
@@ -1461,7 +1463,8 @@ class _Batch:
 def read_small_files(sftp: paramiko.SFTPClient, paths: Sequence[str], request: int) -> list[bytes | None]:
     """The whole content of each of `paths` (None: no such file), in two round trips: the opens
     sent at once, then each file's read of `request` bytes and its close. A file whose read comes
-    back `request` bytes long may hold more: it is read whole on its own, the usual way."""
+    back `request` bytes long may hold more: it is read on its own, the usual way, up to
+    `_SMALL_FILE_MAX` bytes (what a larger file holds is cut there)."""
     batch = _Batch(sftp)
     try:
         opens = [batch.send(CMD_OPEN, path, SFTP_FLAG_READ, paramiko.SFTPAttributes()) for path in paths]
@@ -1501,7 +1504,7 @@ def read_small_files(sftp: paramiko.SFTPClient, paths: Sequence[str], request: i
                 raise paramiko.SSHException(f"unexpected SFTP answer {t} to a read")
             if len(out[i]) >= request:
                 with sftp.open(paths[i], "rb") as f:
-                    out[i] = f.read()
+                    out[i] = f.read(_SMALL_FILE_MAX)
         return out
     finally:
         batch.collect()

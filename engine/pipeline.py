@@ -704,7 +704,8 @@ class _Attempt:
                    failure: threading.Event, listed: PartReceipt | None = None) -> tuple[PartReceipt, bytes | None]:
         """Read, hash, transform and upload one part. On resume, a part the destination already
         lists is read, hashed and transformed all the same (the object hash needs every byte, and
-        the output's MD5 proves the listed part is what we would send) but not uploaded again."""
+        where ETags are MD5s the output's MD5 proves the listed part is what we would send;
+        elsewhere the listed receipt must be the one recorded) but not uploaded again."""
         fed = False
         try:
             if failure.is_set():
