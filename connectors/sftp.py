@@ -431,7 +431,7 @@ class SftpStore:
 
     def __init__(self, host: str, port: int, root: str, login: SftpLogin, pin: HostKeyPin, *,
                  limits: SinkLimits | None = None, connections: int = 4, label: str | None = None,
-                 connect_timeout: float = _CONNECT_TIMEOUT, transport: str = "auto"):
+                 connect_timeout: float = _CONNECT_TIMEOUT, transport: str = "auto", tree_root: str | None = None):
         if not root.startswith("/"):
             raise ConfigError(f"sftp://{host}:{port}: the root {root!r} must be an absolute path on the server")
         if not (pin.known_hosts or pin.fingerprints):
@@ -444,7 +444,13 @@ class SftpStore:
         self.skipped_links: list[str] = []
         # A source's listing carries what the files' metadata files hold, in a tree this connector
         # wrote (the opener of a source sets it; a destination's listings need sizes and markers only).
+        # They are looked for from the root up to `tree_root` (a source's configured root: a
+        # dataset's directory below it may be part of a tree written from there).
         self.source_details = False
+        self._tree_root = posixpath.normpath(tree_root) if tree_root else self.root
+        if not (self.root == self._tree_root or self.root.startswith(self._tree_root.rstrip("/") + "/")):
+            raise ConfigError(f"{self.label}: {self._tree_root} does not hold the root {self.root}")
+        self._found_meta: str | None = None  # where a source's metadata files are (`_source_meta`), once found
         self._login = login
         self._pin = pin
         self._timeout = connect_timeout
@@ -696,9 +702,9 @@ class SftpStore:
                                               "exclude it"))
             # A directory sorts as its name plus `/`: the walk then yields keys in plain string order.
             found.sort(key=lambda item: item[0])
-            if carry:
+            if meta_dir is not None:
                 files = [e[0] for e in found if e[2] is None and not e[0].endswith("/")]
-                sidecars = self._call(lambda sftp: self._sidecars(sftp, files), None,
+                sidecars = self._call(lambda sftp: self._sidecars(sftp, files, meta_dir), None,
                                       f"reading the metadata files of {path}")
                 found = [(key, attrs, why, sidecars.get(key)) for key, attrs, why in found]
             return found
@@ -707,10 +713,10 @@ class SftpStore:
         # at a time per level (over a far server a directory costs round trips, not CPU: one at a
         # time made the listing the pace of a tree of many small directories), and still yields
         # the keys in order, each directory whole; memory: `list_ahead` directories per level.
-        # A tree this connector wrote (`.exitplan-sftp/meta/` at the root) lists, for a source
-        # (`source_details`), what each file's metadata file holds: checked by one look per listing.
-        carry = (self.source_details if details is None else details) and self._call(
-            lambda sftp: _is_directory(sftp, self._control("meta")), None, "looking for metadata files")
+        # A tree this connector wrote (`.exitplan-sftp/meta/` at the root, or above it up to
+        # `tree_root`) lists, for a source (`source_details`), what each file's metadata file holds.
+        meta_dir = (self._call(self._source_meta, None, "looking for metadata files")
+                    if (self.source_details if details is None else details) else None)
         pool = ThreadPoolExecutor(self.list_ahead, thread_name_prefix="sftp-list")
         try:
             top = [e for e in entries(head_dir) if e[0][len(head_dir) + 1 if head_dir else 0:].startswith(start)]
@@ -747,8 +753,28 @@ class SftpStore:
                 raise
             if not stat_mode.S_ISREG(attrs.st_mode or 0):
                 raise NotFound(f"{self.label}: {key!r} is not a regular file", key=key)
-            return self._described(key, attrs, self._sidecars(sftp, [key]).get(key))
+            meta_dir = self._source_meta(sftp) if self.source_details else self._control("meta")
+            sidecar = self._sidecars(sftp, [key], meta_dir).get(key) if meta_dir is not None else None
+            return self._described(key, attrs, sidecar)
         return self._call(head, key, f"head of {key!r}")
+
+    def _source_meta(self, sftp: paramiko.SFTPClient) -> str | None:
+        """Where a source's files have their metadata files: `<d>/.exitplan-sftp/meta/<the root
+        below d>` for the nearest `d` from the root up to `tree_root` that has that directory (a
+        tree written from `d`); None: nowhere (files a partner put there). A look per level, once:
+        found, it is kept for the store's life."""
+        if self._found_meta is not None:
+            return self._found_meta
+        d = self.root
+        while True:
+            meta = f"{d.rstrip('/')}/{CONTROL_DIR}/meta"
+            if _is_directory(sftp, meta):
+                below = self.root[len(d):].strip("/")
+                self._found_meta = f"{meta}/{below}" if below else meta
+                return self._found_meta
+            if d == self._tree_root or d == "/":
+                return None
+            d = posixpath.dirname(d)
 
     def _described(self, key: str, attrs: paramiko.SFTPAttributes, sidecar: dict[str, Any] | None) -> ObjectMeta:
         """The file `key` with `attrs`, and what its metadata file `sidecar` says when it describes
@@ -763,13 +789,14 @@ class SftpStore:
             content=ContentSettings(**sidecar.get("content", {})), metadata=dict(sidecar.get("metadata", {})),
         )
 
-    def _sidecars(self, sftp: paramiko.SFTPClient, keys: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """The metadata files of `keys` that exist, read as JSON (one not JSON is left out, logged):
-        two round trips per `_SIDECARS_AT_ONCE` files (the opens; the reads and closes)."""
+    def _sidecars(self, sftp: paramiko.SFTPClient, keys: Sequence[str], meta_dir: str) -> dict[str, dict[str, Any]]:
+        """The metadata files of `keys` below `meta_dir` that exist, read as JSON (one not JSON is
+        left out, logged): two round trips per `_SIDECARS_AT_ONCE` files (the opens; the reads and
+        closes)."""
         found: dict[str, dict[str, Any]] = {}
         for at in range(0, len(keys), _SIDECARS_AT_ONCE):
             chunk = keys[at:at + _SIDECARS_AT_ONCE]
-            texts = read_small_files(sftp, [self._sidecar_path(k) for k in chunk], self.read_request)
+            texts = read_small_files(sftp, [f"{meta_dir}/{k}.json" for k in chunk], self.read_request)
             for key, raw in zip(chunk, texts):
                 if raw is None:
                     continue

@@ -77,10 +77,11 @@ def _config_relative(loaded: LoadedConfig, path: str) -> str:
 
 
 def open_sftp(loaded: LoadedConfig, field: str, cfg: SftpSourceConfig | SftpDestinationConfig, directory: str, *,
-              limits: SinkLimits | None = None, label: str | None = None):
+              limits: SinkLimits | None = None, label: str | None = None, source: bool = False):
     """An `SftpStore` over `directory` (below `cfg.root`) of the server `cfg` names, logged in with
     the credentials it names (read here). `field` is the config section (`sources.partner`) for
-    messages."""
+    messages. A `source` carries what the metadata files of a tree exitplan wrote hold, found from
+    `directory` up to `cfg.root` (`SftpStore.source_details`)."""
     from connectors.sftp import HostKeyPin, SftpLogin, SftpStore, refuse_hostile_key
 
     if directory:
@@ -113,8 +114,11 @@ def open_sftp(loaded: LoadedConfig, field: str, cfg: SftpSourceConfig | SftpDest
     pin = HostKeyPin(known_hosts=_config_relative(loaded, cfg.known_hosts) if cfg.known_hosts else None,
                      fingerprints=tuple(cfg.host_key_fingerprints))
     path = "/".join(p for p in (cfg.root.rstrip("/"), directory) if p) or "/"
-    return SftpStore(cfg.host, cfg.port, path, login, pin, limits=limits, connections=cfg.connections,
-                     label=label or f"sftp:{cfg.host}:{cfg.port}{path}", transport=cfg.transport)
+    store = SftpStore(cfg.host, cfg.port, path, login, pin, limits=limits, connections=cfg.connections,
+                      label=label or f"sftp:{cfg.host}:{cfg.port}{path}", transport=cfg.transport,
+                      tree_root=cfg.root if source else None)
+    store.source_details = source
+    return store
 
 
 def check_connection_string_unchanged(loaded: LoadedConfig, source: str, conn: str) -> None:
@@ -140,9 +144,7 @@ def open_source(loaded: LoadedConfig, dataset: str, *, pacer: RequestPacer = UNP
     src = loaded.config.sources[name]
     t = loaded.config.transfer
     if src.kind == "sftp":
-        store = open_sftp(loaded, f"sources.{name}", src, ds.container)
-        store.source_details = True  # what a tree exitplan wrote holds in its metadata files is carried
-        return store
+        return open_sftp(loaded, f"sources.{name}", src, ds.container, source=True)
     if src.kind == "s3":
         from connectors.s3 import S3Store
 

@@ -340,7 +340,10 @@ def place(meta: ObjectMeta, source_prefix: str, dest_prefix: str, limits: SinkLi
         if not lname.isascii() or not all(c.isalnum() or c in "-_" for c in lname):
             raise DoesNotFit(f"metadata name {name!r} is not a valid HTTP header name")
         if lname.startswith(RESERVED_PREFIX):
-            raise DoesNotFit(f"metadata name {name!r} uses the prefix {RESERVED_PREFIX!r} reserved by exitplan")
+            ours = any(n.lower() == RESERVED_PREFIX + "format" for n in meta.metadata)
+            written = ("; the object is one exitplan wrote (encrypted, or a copy of its own): bring it back with "
+                       "`exitplan restore`, not by migrating it" if ours else "")
+            raise DoesNotFit(f"metadata name {name!r} uses the prefix {RESERVED_PREFIX!r} reserved by exitplan{written}")
         user[lname] = encode_header_value(value)
     total = dict(reserved or {})
     total.update(user)

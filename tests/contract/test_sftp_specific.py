@@ -523,6 +523,15 @@ def test_a_source_listing_carries_what_the_metadata_files_hold(harness, monkeypa
     bare = list(source.list(details=False))  # the progress count's listing
     assert [(m.key, m.etag, m.metadata) for m in bare] == [(k, listed[k].etag, {}) for k in sorted(listed)]
     assert opened == []
+    # A dataset's directory below the source's configured root (`tree_root`) finds the metadata
+    # files of the tree written from there.
+    below = harness._store(harness.dir / "a", tree_root=str(harness.dir))
+    below.source_details = True
+    found = {m.key: m for m in below.list()}
+    assert (found["one.csv"].metadata, found["big.bin"].metadata, found["plain.csv"].metadata) == (
+        meta.metadata, {"k": "v"}, {})
+    assert found["one.csv"] == below.head("one.csv")
+    opened.clear()
     partner = SftpHarness(harness.layout, transport=harness.transport)
     partner.seed("delivery.csv", data)
     shutil.rmtree(partner.dir / ".exitplan-sftp")

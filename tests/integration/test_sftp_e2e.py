@@ -483,6 +483,22 @@ def test_s3_to_sftp_escrow_encrypted_verify_restore(tmp_path, capsys, sshd, s3_s
     assert code == 0, err + out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing written again
 
+    # The encrypted escrow read as a source: its files carry exitplan's own metadata, which a
+    # migration refuses by name (bring it back with `restore`), never copied as bare ciphertext.
+    onward = dict(cfg, project=f"{escrow.name}-onward", state={"path": str(tmp_path / "onward-state")})
+    onward["sources"] = {"escrow": {"kind": "sftp", "host": "127.0.0.1", "port": sshd.port,
+                                    "username": sshd.username, "root": str(escrow),
+                                    "known_hosts": str(sshd.known_hosts), "private_key_env": "EXITPLAN_TEST_SFTP_KEY"}}
+    onward["destinations"] = {"lab": {"provider": "lab", "endpoint_url": s3_server.url, "region": "eu-west-3",
+                                      "bucket": BUCKET}}
+    onward["datasets"] = {"again": {"source": "escrow", "container": "exports", "destination": "lab",
+                                    "dest_prefix": f"onward-{escrow.name}/", "public": True}}
+    path = tmp_path / "onward.yaml"
+    path.write_text(yaml.safe_dump(onward, allow_unicode=True), encoding="utf-8")
+    code, out, err = cli(capsys, "migrate", "--config", path)
+    assert code == ExitCode.FAILED, err + out
+    assert "reserved by exitplan; the object is one exitplan wrote" in err + out and "exitplan restore" in err + out
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix=f"onward-{escrow.name}/").get("KeyCount", 0) == 0
 
 
 def test_an_escrow_exitplan_wrote_is_carried_onward_with_its_metadata(tmp_path, capsys, delivery, s3):
