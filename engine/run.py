@@ -13,8 +13,8 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field, replace
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable, Iterable, Iterator, Protocol
 
