@@ -1492,26 +1492,9 @@ def read_small_files(sftp: paramiko.SFTPClient, paths: Sequence[str], request: i
     sent at once, then each file's read of `request` bytes and its close. A file whose read comes
     back `request` bytes long may hold more: it is read on its own, the usual way, up to
     `_SMALL_FILE_MAX` bytes (what a larger file holds is cut there)."""
+    handles = _open_all(sftp, paths, SFTP_FLAG_READ, missing_ok=True)
     batch = _Batch(sftp)
     try:
-        opens = [batch.send(CMD_OPEN, path, SFTP_FLAG_READ, paramiko.SFTPAttributes()) for path in paths]
-        handles: list[bytes | None] = []
-        error: BaseException | None = None
-        for num in opens:
-            t, msg = batch.answer(num)
-            handles.append(msg.get_binary() if t == CMD_HANDLE else None)
-            if t != CMD_HANDLE and error is None:
-                try:
-                    sftp._convert_status(msg)
-                    error = paramiko.SSHException(f"unexpected SFTP answer {t} to an open")
-                except IOError as exc:
-                    if not _is_missing(exc):
-                        error = exc
-        if error is not None:
-            for handle in handles:
-                if handle is not None:
-                    batch.send(CMD_CLOSE, handle)
-            raise error
         reads = {}
         for i, handle in enumerate(handles):
             if handle is not None:
@@ -1557,10 +1540,17 @@ def open_for_reading(sftp: paramiko.SFTPClient, path: str) -> bytes:
 def open_all_for_writing(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> list[bytes]:
     """Open each of `paths` for writing (created, emptied), the opens sent at once; their handles.
     If any open is refused, the files that did open are closed and the first refusal raises."""
+    return _open_all(sftp, paths, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC)  # none missing: it raises
+
+
+def _open_all(sftp: paramiko.SFTPClient, paths: Sequence[str], flags: int, *,
+              missing_ok: bool = False) -> list[bytes | None]:
+    """Open each of `paths` with `flags`, the opens sent at once; their handles (None: no such
+    file, where `missing_ok`). If any open is refused, the files that did open are closed and the
+    first refusal raises."""
     batch = _Batch(sftp)
-    nums = [batch.send(CMD_OPEN, path, SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_TRUNC,
-                       paramiko.SFTPAttributes()) for path in paths]
-    handles: list[bytes] = []
+    nums = [batch.send(CMD_OPEN, path, flags, paramiko.SFTPAttributes()) for path in paths]
+    handles: list[bytes | None] = []
     error: BaseException | None = None
     for num in nums:
         try:
@@ -1571,11 +1561,14 @@ def open_all_for_writing(sftp: paramiko.SFTPClient, paths: Sequence[str]) -> lis
                 raise paramiko.SSHException(f"unexpected SFTP answer {t} to an open")
             handles.append(msg.get_binary())
         except (IOError, EOFError, paramiko.SSHException) as exc:
-            error = error or exc
+            handles.append(None)
+            if not (missing_ok and _is_missing(exc)):
+                error = error or exc
     if error is not None:
         for handle in handles:
-            with contextlib.suppress(Exception):  # the refusal is what is raised
-                PipelinedWriter(sftp, handle).abandon()
+            if handle is not None:
+                with contextlib.suppress(Exception):  # the refusal is what is raised
+                    PipelinedWriter(sftp, handle).abandon()
         raise error
     return handles
 
