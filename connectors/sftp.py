@@ -354,6 +354,8 @@ def _translated(exc: BaseException, where: str, key: str | None) -> ConnectorErr
 _LIST_AHEAD = 8
 _SIDECARS_AT_ONCE = 64  # metadata files opened at once (`SftpStore._sidecars`)
 _SMALL_FILE_MAX = 1024 * 1024  # what `read_small_files` reads of a file at most (a metadata file is a few KiB)
+_METADATA_UNREADABLE = ("its metadata file in .exitplan-sftp/meta/ is not a JSON object: the content headers and "
+                        "metadata exitplan wrote for it cannot be carried (repair or remove that metadata file)")
 _LINK_NOT_FOLLOWED = ("a symbolic link at the source, not followed (copy what it points to under a name of its own, "
                       "or exclude it)")
 
@@ -670,7 +672,7 @@ class SftpStore:
         if head_dir:
             refuse_hostile_key(head_dir, self.label)
 
-        def entries(rel_dir: str) -> list[tuple[str, paramiko.SFTPAttributes, str | None]]:
+        def entries(rel_dir: str) -> list[tuple[str, paramiko.SFTPAttributes, str | None, dict[str, Any] | None]]:
             # Runs on the listing's own threads too: nothing here touches the store's state.
             path = f"{self.root}/{rel_dir}" if rel_dir else self.root
 
@@ -702,12 +704,14 @@ class SftpStore:
                                               "exclude it"))
             # A directory sorts as its name plus `/`: the walk then yields keys in plain string order.
             found.sort(key=lambda item: item[0])
+            sidecars: dict[str, dict[str, Any]] = {}
+            unreadable: set[str] = set()
             if meta_dir is not None:
                 files = [e[0] for e in found if e[2] is None and not e[0].endswith("/")]
-                sidecars = self._call(lambda sftp: self._sidecars(sftp, files, meta_dir), None,
-                                      f"reading the metadata files of {path}")
-                found = [(key, attrs, why, sidecars.get(key)) for key, attrs, why in found]
-            return found
+                sidecars, unreadable = self._call(lambda sftp: self._sidecars(sftp, files, meta_dir), None,
+                                                  f"reading the metadata files of {path}")
+            return [(key, attrs, why or (_METADATA_UNREADABLE if key in unreadable else None), sidecars.get(key))
+                    for key, attrs, why in found]
 
         # The walk reads each directory's subdirectories ahead of it, up to `list_ahead` of them
         # at a time per level (over a far server a directory costs round trips, not CPU: one at a
@@ -726,7 +730,7 @@ class SftpStore:
                 if item is None:
                     stack.pop()
                     continue
-                key, attrs, not_copyable = item[:3]
+                key, attrs, not_copyable, sidecar = item
                 if key.endswith("/"):
                     stack.append(_Level(stack[-1].listing(key).result(), stack[-1].read, self.list_ahead))
                     continue
@@ -737,7 +741,7 @@ class SftpStore:
                     yield ObjectMeta(key=key, size=0, etag=change_marker(attrs), last_modified=_mtime(attrs),
                                      not_copyable=not_copyable)
                 else:
-                    yield self._described(key, attrs, item[3] if len(item) > 3 else None)
+                    yield self._described(key, attrs, sidecar)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -754,7 +758,7 @@ class SftpStore:
             if not stat_mode.S_ISREG(attrs.st_mode or 0):
                 raise NotFound(f"{self.label}: {key!r} is not a regular file", key=key)
             meta_dir = self._source_meta(sftp) if self.source_details else self._control("meta")
-            sidecar = self._sidecars(sftp, [key], meta_dir).get(key) if meta_dir is not None else None
+            sidecar = self._sidecars(sftp, [key], meta_dir)[0].get(key) if meta_dir is not None else None
             return self._described(key, attrs, sidecar)
         return self._call(head, key, f"head of {key!r}")
 
@@ -789,11 +793,14 @@ class SftpStore:
             content=ContentSettings(**sidecar.get("content", {})), metadata=dict(sidecar.get("metadata", {})),
         )
 
-    def _sidecars(self, sftp: paramiko.SFTPClient, keys: Sequence[str], meta_dir: str) -> dict[str, dict[str, Any]]:
-        """The metadata files of `keys` below `meta_dir` that exist, read as JSON (one not JSON is
-        left out, logged): two round trips per `_SIDECARS_AT_ONCE` files (the opens; the reads and
+    def _sidecars(self, sftp: paramiko.SFTPClient, keys: Sequence[str],
+                  meta_dir: str) -> tuple[dict[str, dict[str, Any]], set[str]]:
+        """The metadata files of `keys` below `meta_dir` that exist, read as JSON, and the keys
+        whose metadata file is there but not a JSON object (logged; a source's listing refuses
+        those by name): two round trips per `_SIDECARS_AT_ONCE` files (the opens; the reads and
         closes)."""
         found: dict[str, dict[str, Any]] = {}
+        unreadable: set[str] = set()
         for at in range(0, len(keys), _SIDECARS_AT_ONCE):
             chunk = keys[at:at + _SIDECARS_AT_ONCE]
             texts = read_small_files(sftp, [f"{meta_dir}/{k}.json" for k in chunk], self.read_request)
@@ -807,8 +814,9 @@ class SftpStore:
                 if isinstance(value, dict):
                     found[key] = value
                 else:
-                    log.warning("%s: the metadata file of %r is not a JSON object; ignored", self.label, key)
-        return found
+                    unreadable.add(key)
+                    log.warning("%s: the metadata file of %r is not a JSON object", self.label, key)
+        return found, unreadable
 
     def read_range(self, key: str, start: int, end: int, *, if_match: str | None = None) -> bytes:
         """Bytes `start .. end-1`, checked against `if_match` before and after the read."""

@@ -539,6 +539,22 @@ def test_a_source_listing_carries_what_the_metadata_files_hold(harness, monkeypa
     assert (bare.key, bare.metadata, bare.content_md5) == ("delivery.csv", {}, None) and opened == []
 
 
+def test_a_source_file_whose_metadata_file_is_unreadable_is_named_not_copied_bare(harness):
+    """A metadata file that is not a JSON object: the file cannot be carried with what exitplan
+    wrote for it, so a source's listing names it as not copyable (inventory, migrate and the exit
+    code say so) rather than copy it without its content headers and metadata."""
+    writer = harness.sink()
+    data = b"id,amount\n1,2\n"
+    for key in ("bad.csv", "good.csv"):
+        writer.put(key, data, len(data), WriteMeta(ContentSettings(content_type="text/csv"), {"k": "v"}), None)
+    (harness.dir / ".exitplan-sftp" / "meta" / "bad.csv.json").write_text("[not, an, object")
+    listed = {m.key: m for m in harness.source().list()}
+    why = listed["bad.csv"].not_copyable
+    assert "is not a JSON object" in why and "repair or remove" in why
+    assert listed["good.csv"].not_copyable is None and listed["good.csv"].metadata == {"k": "v"}
+    assert [m.key for m in harness.sink().list() if m.not_copyable] == []  # a destination's listing reads none
+
+
 def test_a_half_written_part_is_never_listed(harness, monkeypatch):
     store = harness.sink()
     upload = store.open_multipart("half", WriteMeta())
