@@ -30,6 +30,9 @@ SFTP_DIR_ENV = "EXITPLAN_LAB_SFTP_DIR"
 SFTP_USER_ENV = "EXITPLAN_LAB_SFTP_USER"
 # The partner-delivery dataset `exitplan lab seed` writes below the sshd's root.
 LAB_DELIVERIES = "deliveries"
+# The names of `lab.seed.PROFILES`, for the commands' `--profile` choices: the CLI is built on
+# every command, and the seed module is not imported for it (tests/unit keep the two equal).
+SEED_PROFILES = ("tiny", "standard", "bench")
 
 
 def lab_port(name: str) -> int:

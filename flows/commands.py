@@ -11,6 +11,7 @@ from pathlib import Path
 
 from config.bandwidth import EXAMPLE as BANDWIDTH_EXAMPLE, BandwidthTimetable, parse_bandwidth
 from config.errors import ExitCode, UserError
+from config.lab import SEED_PROFILES
 from config.loader import load_config
 from config.models import LoadedConfig
 from config.policy import check_sovereignty
@@ -89,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("demo", help="start the lab, seed it, migrate and deep-verify every lab dataset, write the report")
-    p.add_argument("--profile", choices=("tiny", "standard", "bench"), default="standard",
+    p.add_argument("--profile", choices=SEED_PROFILES, default="standard",
                    help="seed profile (default: standard, about 0.6 GiB)")
     p.set_defaults(func=cmd_demo)
 

@@ -39,7 +39,7 @@ from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
 from config.errors import ExitCode, UserError
-from config.lab import DEFAULT_PORTS, LAB_BUCKET, LAB_SFTP_SUBDIR, PORT_ENV, SFTP_DIR_ENV, SFTP_USER_ENV
+from config.lab import DEFAULT_PORTS, LAB_BUCKET, LAB_SFTP_SUBDIR, PORT_ENV, SEED_PROFILES, SFTP_DIR_ENV, SFTP_USER_ENV
 from config.sizes import format_size
 from flows import lab_processes as lp
 from flows import lab_sftp
@@ -545,8 +545,6 @@ def _workers(raw: str) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `exitplan lab …` to the CLI."""
-    from lab.seed import PROFILES
-
     lab = subparsers.add_parser(
         "lab", help="run the local lab: Azurite, an S3 server, an SFTP server and a Prefect server on 127.0.0.1",
         description=__doc__.split("\n\n")[0],
@@ -568,7 +566,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("seed", help="write the synthetic datasets (claims, stays, imaging) into Azurite and the "
                                     "partner delivery into the SFTP server's directory")
     p.add_argument(
-        "--profile", choices=tuple(PROFILES), default="standard",
+        "--profile", choices=SEED_PROFILES, default="standard",
         help="tiny: seconds, for tests; standard: the demo (~0.6 GiB, 300 MiB largest); bench: ~1.2 GiB "
              "(default: standard)",
     )

@@ -188,3 +188,15 @@ def test_seed_raises_the_first_failure():
 def test_unknown_profile_is_named():
     with pytest.raises(ValueError, match="tiny, standard, bench"):
         lab_seed.expected_objects("huge")
+
+
+def test_the_commands_offer_every_seed_profile():
+    # The CLI's `--profile` choices come from config.lab (the CLI does not import the seed).
+    from config.lab import SEED_PROFILES
+    from flows.cli import build_parser
+
+    assert SEED_PROFILES == tuple(lab_seed.PROFILES)
+    parser = build_parser()
+    for command in (["lab", "seed"], ["demo"]):
+        for name in SEED_PROFILES:
+            assert parser.parse_args([*command, "--profile", name]).profile == name
