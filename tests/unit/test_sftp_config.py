@@ -5,6 +5,9 @@ refused before any byte moves."""
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +133,13 @@ def test_an_s3_source_is_a_bucket_read_over_https_outside_the_lab(tmp_path):
         with pytest.raises(PolicyRefusal) as info:
             load_config(write(tmp_path, data))
         assert "source `old`" in str(info.value) and why in str(info.value)
+
+
+def test_the_connector_imports_paramiko_without_invoke():
+    # invoke (paramiko's, for ssh_config's `Match exec`) is 45 ms of an SFTP run's start-up.
+    code = ("import sys; import connectors.sftp, paramiko; print('invoke' in sys.modules);"
+            "import invoke; print(invoke.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "invoke"]
