@@ -7,9 +7,10 @@ every measured run: they keep every byte in memory) on free 127.0.0.1 ports, wri
 (a few large files, many 1 MiB and 16 KiB ones), then measures, each tool in its own process (wall
 time, user+system CPU and peak RSS from `os.wait4`, through bench_migrate's launcher):
 
-1. SFTP → S3: `exitplan migrate` (an SFTP source, encrypted) and `rclone copy sftp: s3:` (plain);
+1. SFTP → S3: `exitplan migrate` (an SFTP source; `exitplan` a plain copy, as rclone's,
+   `exitplan-enc` encrypted, exitplan's default) and `rclone copy sftp: s3:`;
 2. S3 → SFTP: the same files put in a bucket first (not timed), then `exitplan migrate` (an S3
-   source, an SFTP destination, encrypted) and `rclone copy s3: sftp:` (plain);
+   source, an SFTP destination; plain and encrypted) and `rclone copy s3: sftp:`;
    1 and 2 against each S3 server named (the servers' costs differ by request pattern: `S3Server`);
 3. peak RSS of `exitplan migrate` SFTP → S3 on one large file (`--rss-mib`, default 2048) against
    one 512 MiB and one 20 MiB file: bounded by the memory budget, not by the file.
@@ -19,8 +20,9 @@ Both tools run with the same concurrency (`--concurrency`: rclone's --transfers,
 twice that, one per request it may have in flight, as rclone opens what it needs) and 16 MiB parts.
 With `--latency-ms`, both tools reach the sshd through `bench/tcp_delay.py`, which holds every byte that
 many ms each way: a far SFTP server, as a provider's is (the S3 server stays near).
-Every run's output is checked (every file, with its size, at the destination). exitplan encrypts
-(Tink streaming AEAD) and rclone does not: the CPU figures include that. Prints a table and writes
+Every run's output is checked (every file, with its size, at the destination). `exitplan` does
+what rclone does (a copy; plus SHA-256 of every byte for the audit manifest); `exitplan-enc` also
+encrypts (Tink streaming AEAD), which rclone does not. Prints a table and writes
 `bench/out/sftp-<timestamp>.json`. Run: `.venv/bin/python bench/bench_sftp.py [--quick]`.
 """
 
@@ -129,17 +131,18 @@ def far_sshd(layout: SshdLayout, delay_ms: float) -> tuple[subprocess.Popen, Ssh
 
 
 def transport_of(tool: str) -> str:
-    """The SSH transport of an exitplan tool name: `exitplan` (OpenSSH) or `exitplan-paramiko`."""
-    return tool.partition("-")[2] or "openssh"
+    """The SSH transport of an exitplan tool name: paramiko for `exitplan-paramiko`, else OpenSSH."""
+    return "paramiko" if tool == "exitplan-paramiko" else "openssh"
 
 
 def exitplan_config(path: Path, source: dict, destination: dict, container: str, concurrency: int,
-                    state: Path) -> Path:
+                    state: Path, *, encrypted: bool = True) -> Path:
+    """A one-dataset configuration; `encrypted` False: a plain copy (`public: true`), as rclone's."""
     cfg = {
         "version": 1, "project": f"bench-{path.stem.lower()}",
         "sources": {"src": source}, "destinations": {"dst": destination},
         "datasets": {"set": {"source": "src", "container": container, "destination": "dst",
-                             "dest_prefix": "exitplan/"}},
+                             "dest_prefix": "exitplan/", **({} if encrypted else {"public": True})}},
         "transfer": {"concurrency": concurrency, "object_concurrency": concurrency, "part_size": "16MiB",
                      "small_object_cutoff": "16MiB", "memory_budget": "256MiB"},
         "state": {"path": str(state)},
@@ -208,9 +211,19 @@ def row(tool: str, direction: str, server: str, res: ChildResult, nbytes: int, o
             "cpu_s_per_gb": cpu / (nbytes / 1e9) if nbytes else None, "peak_rss_mib": res.maxrss / MiB}
 
 
-def encrypted_sizes_ok(found: dict[str, int], sizes: dict[str, int]) -> bool:
-    """Every file arrived, each at least as large as its plaintext (exitplan adds the Tink overhead)."""
+def sizes_ok(found: dict[str, int], sizes: dict[str, int], encrypted: bool) -> bool:
+    """Every file arrived with its size (encrypted: at least as large as its plaintext, Tink's
+    overhead added)."""
+    if not encrypted:
+        return found == sizes
     return set(found) == set(sizes) and all(found[k] >= sizes[k] for k in sizes)
+
+
+TOOLS = ("exitplan", "exitplan-enc", "exitplan-paramiko", "rclone")
+
+
+def encrypts(tool: str) -> bool:
+    return tool in ("exitplan-enc", "exitplan-paramiko")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mid", type=int, default=200, help="1 MiB files (default 200)")
     p.add_argument("--small", type=int, default=1000, help="16 KiB files (default 1000)")
     p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--tools", default="exitplan,rclone",
-                   help="comma-separated: exitplan (SSH by the OpenSSH client), exitplan-paramiko, rclone")
+    p.add_argument("--tools", default="exitplan,exitplan-enc,rclone",
+                   help="comma-separated: exitplan (a plain copy, as rclone's; SSH by the OpenSSH client), "
+                        "exitplan-enc (encrypted), exitplan-paramiko (encrypted, SSH by paramiko), rclone "
+                        "(default: exitplan,exitplan-enc,rclone)")
     p.add_argument("--s3", default="moto", help="the S3 servers to measure against, comma-separated: moto, ministack")
     p.add_argument("--rss-mib", type=int, default=2048, help="the large file of the memory test, MiB (0: skip)")
     p.add_argument("--latency-ms", type=float, default=0,
@@ -236,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("rclone is not installed (Debian: apt-get install rclone)")
 
     tools = [t for t in args.tools.split(",") if t]
-    if not tools or any(t not in ("exitplan", "exitplan-paramiko", "rclone") for t in tools):
-        raise SystemExit(f"--tools: exitplan, exitplan-paramiko and/or rclone, not {args.tools!r}")
+    if not tools or any(t not in TOOLS for t in tools):
+        raise SystemExit(f"--tools: {', '.join(TOOLS)}, not {args.tools!r}")
     kinds = [kind for kind in args.s3.split(",") if kind]
     if not kinds or any(kind not in ("moto", "ministack") for kind in kinds):
         raise SystemExit(f"--s3: moto and/or ministack, not {args.s3!r}")
@@ -271,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = exitplan_config(tmp / "sftp-to-s3.yaml",
                                           sftp_endpoint(layout, layout.root, args.concurrency, transport_of(tool)),
                                           {**lab_dest, "endpoint_url": server.url}, "src", args.concurrency,
-                                          tmp / f"state-a-{server.kind}-{tool}")
+                                          tmp / f"state-a-{server.kind}-{tool}", encrypted=encrypts(tool))
                     res = run_exitplan(cfg, tmp / "exitplan-sftp-to-s3.log")
-                    ok = encrypted_sizes_ok(s3_sizes(server, "bench", "exitplan/"), sizes)
+                    ok = sizes_ok(s3_sizes(server, "bench", "exitplan/"), sizes, encrypts(tool))
                 else:
                     conf = rclone_config(tmp / "rclone.conf", layout, server)
                     res = run_rclone(conf, f"sftp:{src}", "s3:bench/rclone", args.concurrency, tmp / "rclone-a.log")
@@ -296,9 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                     dest = {**sftp_endpoint(layout, out, args.concurrency, transport_of(tool)), "provider": "lab",
                             "region": "lab"}
                     cfg = exitplan_config(tmp / "s3-to-sftp.yaml", source, dest, "source", args.concurrency,
-                                          tmp / f"state-b-{server.kind}-{tool}")
+                                          tmp / f"state-b-{server.kind}-{tool}", encrypted=encrypts(tool))
                     res = run_exitplan(cfg, tmp / "exitplan-s3-to-sftp.log")
-                    ok = encrypted_sizes_ok(file_sizes(out / "exitplan"), sizes)
+                    ok = sizes_ok(file_sizes(out / "exitplan"), sizes, encrypts(tool))
                 else:
                     conf = rclone_config(tmp / "rclone.conf", layout, server)
                     res = run_rclone(conf, "s3:source", f"sftp:{out}", args.concurrency, tmp / "rclone-b.log")
