@@ -68,7 +68,7 @@ from engine.copy_events import CopyEvents
 from engine.crypto.segments import sum_output
 from engine.executors import Executors, noted
 from engine.placement import Placement
-from engine.ordered_digest import OrderedDigest
+from engine.ordered_digest import OrderedDigest, md5_digest
 from engine.outcome import ObjectOutcome
 from engine.output_format import IDENTITY, OutputFormat
 from engine.planning import ObjectPlan, PartPlan, PlanRefused, plan_object
@@ -579,7 +579,7 @@ class _Attempt:
         elif self.sink_hashes:
             md5 = None
         else:
-            md5 = hashlib.md5(out).digest()
+            md5 = md5_digest(out)
         dest = self.placement.dest_key
 
         def put() -> str:

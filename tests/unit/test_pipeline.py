@@ -28,6 +28,7 @@ from engine.copy_events import CopyEvents
 from engine.executors import create_executors
 from engine.placement import Placement
 from engine.outcome import ObjectOutcome
+from engine.ordered_digest import OrderedDigest, md5_digest, update as hash_update
 from engine.pipeline import copy_object
 from engine.planning import MiB
 from engine.settings import TransferSettings
@@ -757,3 +758,23 @@ def test_parts_already_submitted_end_before_the_upload_is_aborted_when_submittin
         "part 1 ends", "part 1 starts", "part 2 ends", "part 2 starts"]
     assert events[-2:] == ["abort", "copy_object returned"]  # both parts had ended before the abort
     assert list(dst.list_multipart_uploads("out/")) == [] and "out/obj" not in dst.keys()
+
+
+@pytest.mark.parametrize("size", [0, 1, 2047, 2048, 5000, 16 * 1024, 32 * 1024, 32 * 1024 + 1, 100_000])
+def test_small_buffers_hashed_in_slices_give_the_same_digests(size):
+    # Buffers up to 32 KiB are hashed in slices that keep the GIL (engine/ordered_digest.py): the
+    # digests must be the ones of the whole buffer, whatever its type.
+    data = os.urandom(size)
+    for body in (data, bytearray(data), memoryview(data), memoryview(bytearray(data)).cast("B")):
+        assert md5_digest(body) == hashlib.md5(data).digest()
+        sha = hashlib.sha256()
+        hash_update(sha, body)
+        assert sha.digest() == hashlib.sha256(data).digest()
+    if size % 4 == 0 and size:
+        words = memoryview(data).cast("I")  # a view whose items are not bytes
+        assert md5_digest(words) == hashlib.md5(data).digest()
+    digest = OrderedDigest(want_md5=True)
+    digest.update(data[: size // 3])
+    digest.update(memoryview(data)[size // 3:])
+    assert (digest.sha256.digest(), digest.md5.digest(), digest.count) == (
+        hashlib.sha256(data).digest(), hashlib.md5(data).digest(), size)
