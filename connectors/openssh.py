@@ -10,10 +10,11 @@ both transports.
 
 What the `ssh` process is given, and how (`OpenSshLauncher`):
 
-- the host key: exactly the key the store checked against its pin with paramiko when it opened
-  (`HostKeyPin`: a known_hosts file or fingerprints), written as the only known_hosts entry, with
-  `StrictHostKeyChecking=yes` and `HostKeyAlgorithms` limited to that key's type: a server
-  presenting any other key is refused by `ssh` as by the store;
+- the host keys: the keys a known_hosts pin holds for the server (then `ssh` makes the first
+  login and checks the key itself), or, where the pin is a fingerprint, exactly the key the store
+  checked against it with paramiko when it opened (`HostKeyPin`), written as the only known_hosts
+  entries, with `StrictHostKeyChecking=yes` and `HostKeyAlgorithms` limited to those keys' types:
+  a server presenting any other key is refused by `ssh` as by the store;
 - the private key (decrypted when it has a passphrase: `ssh` runs with `BatchMode=yes` and asks
   nothing), the certificate and the known_hosts entry are memory files (`memfd_create`), read by
   `ssh` through `/proc/<pid>/fd/<n>`: no key is ever written to disk, none is in the command line
@@ -290,7 +291,8 @@ class SshSessionFailed(Exception):
 
 class OpenSshLauncher:
     """Starts `ssh` processes to one server for one user, each carrying one SFTP session (module
-    docstring: what it is given). `host_key` is the server's key as paramiko saw and checked it.
+    docstring: what it is given). `host_keys`: the keys the server may present (one or more), each
+    pinned (a known_hosts pin's) or checked against its pin (the one paramiko saw).
 
     The sessions share SSH connections, up to `SESSIONS_PER_MASTER` each: an `ssh` logs in as the
     master of a control socket (`ControlMaster`), the sessions are multiplexed over it, each an
@@ -300,16 +302,19 @@ class OpenSshLauncher:
     open sessions as this user, which anyone who can read this process's memory files (the same
     user, root) can already."""
 
-    def __init__(self, ssh: str, host: str, port: int, username: str, host_key, private_key: bytes,
+    def __init__(self, ssh: str, host: str, port: int, username: str, host_keys: Sequence, private_key: bytes,
                  certificate: str | None, connect_timeout: float):
         self._fds: list[int] = []
         self._lock = threading.Lock()
         self._masters: list[_Master] = []
         self._control_dir: str | None = None
+        if not host_keys:
+            raise ValueError("ssh is given the host keys to expect: at least one")
         try:
-            key_type = host_key.get_name()
             name = host if port == 22 else f"[{host}]:{port}"
-            known = f"{name} {key_type} {host_key.get_base64()}\n".encode("ascii")
+            known = "".join(f"{name} {key.get_name()} {key.get_base64()}\n" for key in host_keys).encode("ascii")
+            algorithms = ",".join(dict.fromkeys(_HOST_KEY_ALGORITHMS.get(key.get_name(), key.get_name())
+                                                for key in host_keys))
             files = {"IdentityFile": _memory_file("exitplan-ssh-key", private_key),
                      "UserKnownHostsFile": _memory_file("exitplan-known-hosts", known)}
             if certificate is not None:
@@ -323,7 +328,7 @@ class OpenSshLauncher:
             **{option: f"/proc/{pid}/fd/{fd}" for option, fd in files.items()},
             "BatchMode": "yes", "IdentitiesOnly": "yes", "IdentityAgent": "none", "PasswordAuthentication": "no",
             "KbdInteractiveAuthentication": "no", "GlobalKnownHostsFile": "/dev/null",
-            "StrictHostKeyChecking": "yes", "HostKeyAlgorithms": _HOST_KEY_ALGORITHMS.get(key_type, key_type),
+            "StrictHostKeyChecking": "yes", "HostKeyAlgorithms": algorithms,
             "CheckHostIP": "no", "UpdateHostKeys": "no", "ForwardAgent": "no", "ForwardX11": "no",
             "ClearAllForwardings": "yes", "PermitLocalCommand": "no", "Compression": "no",
             "ConnectTimeout": str(max(1, round(connect_timeout))), "ServerAliveInterval": "30",

@@ -987,7 +987,7 @@ _shared_session_lock = threading.Lock()
 def _new_client(service: str, **kwargs: Any):
     """A botocore client from one process-wide session (credentials are per client). botocore's
     own session, not boto3's: boto3 adds its resources and transfer manager, which exitplan does
-    not use, and their imports (25 ms of every run's start-up).
+    not use, and their imports (16 ms of every run's start-up).
 
     A fresh session per store would load and parse the S3 service model again each time (tens of
     milliseconds); sessions are not safe for concurrent client creation, hence the lock.

@@ -833,7 +833,7 @@ def _openssh(sshd, harness_dir, **login) -> SftpStore:
                      pin, connections=2, transport="openssh")
 
 
-def test_openssh_is_given_no_key_on_disk_and_nothing_but_the_checked_host_key(sshd, tmp_path):
+def test_openssh_is_given_no_key_on_disk_and_nothing_but_the_pinned_host_keys(sshd, tmp_path):
     (tmp_path / "d").mkdir()
     store = _openssh(sshd, tmp_path / "d")
     try:
@@ -846,8 +846,10 @@ def test_openssh_is_given_no_key_on_disk_and_nothing_but_the_checked_host_key(ss
         for option in ("IdentityFile", "UserKnownHostsFile"):
             assert files[option].startswith(f"/proc/{os.getpid()}/fd/")
             assert os.readlink(files[option]).startswith("/memfd:")  # in memory: no file on any disk
-        known = open(files["UserKnownHostsFile"]).read().split()
-        assert known[1:] == [store._host_key.get_name(), store._host_key.get_base64()]
+        known = [line.split() for line in open(files["UserKnownHostsFile"]).read().splitlines()]
+        pinned = HostKeyPin(known_hosts=str(sshd.known_hosts)).pinned_keys(lp.LOOPBACK, sshd.port)
+        assert pinned and [k[1:] for k in known] == [[key.get_name(), key.get_base64()] for key in pinned]
+        assert {k[0] for k in known} == {f"[{lp.LOOPBACK}]:{sshd.port}"}
         assert "StrictHostKeyChecking=yes" in argv and "BatchMode=yes" in argv and "-a" in argv and "-x" in argv
         assert "ClearAllForwardings=yes" in argv and "IdentityAgent=none" in argv and argv[1:3] == ["-F", "/dev/null"]
         store.put("a.bin", b"abc", 3, WriteMeta(), None)
@@ -859,15 +861,16 @@ def test_openssh_is_given_no_key_on_disk_and_nothing_but_the_checked_host_key(ss
 
 
 def test_openssh_refuses_a_host_key_other_than_the_one_checked(sshd, tmp_path, monkeypatch):
-    """The key handed to ssh is the one paramiko checked; a server showing another one (here: ssh
-    is told to expect another key) is refused by ssh, and the store says so."""
+    """The keys handed to ssh are the pinned ones; a server showing another one (here: ssh is told
+    to expect another key) is refused by ssh, and the store says so, even though paramiko, asked
+    to diagnose, finds the server's key pinned."""
     import paramiko
 
     real = sftp_module.OpenSshLauncher.__init__
     other = paramiko.Ed25519Key.from_private_key_file(str(_other_key(tmp_path)))
 
-    def expecting_another_key(self, ssh, host, port, username, host_key, *args):
-        real(self, ssh, host, port, username, other, *args)
+    def expecting_another_key(self, ssh, host, port, username, host_keys, *args):
+        real(self, ssh, host, port, username, [other], *args)
 
     monkeypatch.setattr(sftp_module.OpenSshLauncher, "__init__", expecting_another_key)
     with pytest.raises(HostKeyRefused, match="host key"):
@@ -939,8 +942,9 @@ def _hold_sessions_at_once(store: SftpStore, sessions: int) -> None:
 
 
 def test_openssh_sessions_share_one_connection_that_ends_with_the_store(sshd, tmp_path):
-    """Four sessions at once, two logins: paramiko's check and the master connection the four
-    `ssh` processes are multiplexed over; the master and its control socket end with the store."""
+    """Four sessions at once, one login: the master connection the four `ssh` processes are
+    multiplexed over, which checked the host key against the keys known_hosts pins (no paramiko
+    login first); the master and its control socket end with the store."""
     (tmp_path / "d").mkdir()
     before = _logins(sshd)
     store = _sessions_store(sshd, tmp_path / "d", 4)
@@ -951,7 +955,7 @@ def test_openssh_sessions_share_one_connection_that_ends_with_the_store(sshd, tm
         assert master.pipe.is_active() and stat.S_IMODE(os.stat(control).st_mode) == 0o700
         argvs = [pipe.process.args for pipe, _ in store._sessions._all]
         assert all("ControlMaster=no" in argv and f"ControlPath={master.control}" in argv for argv in argvs)
-        assert _logins(sshd) - before == 2
+        assert _logins(sshd) - before == 1
     finally:
         store.close()
     assert master.pipe.process.poll() is not None and not os.path.exists(control)
@@ -998,7 +1002,8 @@ def test_control_directories_killed_processes_left_are_removed_by_the_next_store
 
 def test_more_sessions_than_one_connection_carries_open_another(sshd, tmp_path):
     """sshd's MaxSessions is 10 by default, a master's own session included: twelve sessions go
-    over two master connections (9 and 3), three logins in all."""
+    over two master connections (9 and 3), two logins in all (ssh checks the pinned host key
+    itself: no paramiko login first)."""
     (tmp_path / "d").mkdir()
     before = _logins(sshd)
     store = _sessions_store(sshd, tmp_path / "d", 12)
@@ -1006,7 +1011,7 @@ def test_more_sessions_than_one_connection_carries_open_another(sshd, tmp_path):
         _hold_sessions_at_once(store, 12)
         masters = store._launcher._masters
         assert sorted(len(m.sessions) for m in masters) == [3, SESSIONS_PER_MASTER]
-        assert _logins(sshd) - before == 3
+        assert _logins(sshd) - before == 2
     finally:
         store.close()
 
@@ -1027,7 +1032,7 @@ def test_sessions_a_server_refuses_to_multiplex_get_connections_of_their_own(tmp
             assert len(store._sessions._all) == 4
         finally:
             store.close()
-        assert (tmp_path / "sshd.log").read_text().count("Accepted publickey") == 5  # check, master, 3 alone
+        assert (tmp_path / "sshd.log").read_text().count("Accepted publickey") == 4  # master, 3 alone
     finally:
         lp.stop_pid(server.pid)
 
@@ -1141,3 +1146,55 @@ def test_an_ssh_login_refused_falls_back_to_paramiko_under_auto_and_fails_under_
     assert "could not open an SFTP session" in caplog.text and "Permission denied" in caplog.text
     with pytest.raises(AuthError, match="ssh: the server refused the login.*Permission denied"):
         SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path), login, pin, transport="openssh")
+
+
+def test_a_fingerprint_pin_is_checked_by_paramiko_first_then_ssh_expects_that_key(sshd, tmp_path):
+    """A fingerprint gives ssh no key to check against: paramiko's login checks the server's key
+    against it, then ssh logs in expecting exactly that key (two logins); with known_hosts, ssh
+    alone (one login, no paramiko transport made)."""
+    (tmp_path / "d").mkdir()
+    login = SftpLogin(sshd.username, sshd.user_key.read_text())
+    before = _logins(sshd)
+    pin = HostKeyPin(fingerprints=(_fingerprint(f"{sshd.host_key}.pub"),))
+    with SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path / "d"), login, pin, connections=1, transport="openssh") as store:
+        assert store.transport == "openssh" and store._host_key is not None
+        known = open(next(a.split("=", 1)[1] for a in store._launcher.argv if a.startswith("UserKnownHostsFile="))).read()
+        assert known.split() == [f"[{lp.LOOPBACK}]:{sshd.port}", store._host_key.get_name(), store._host_key.get_base64()]
+        store.put("a.bin", b"abc", 3, WriteMeta(), None)
+    assert _logins(sshd) - before == 2
+
+    made = []
+    real_transport = sftp_module.paramiko.Transport
+
+    def transport(*args, **kwargs):
+        made.append(args)
+        return real_transport(*args, **kwargs)
+
+    before = _logins(sshd)
+    pin = HostKeyPin(known_hosts=str(sshd.known_hosts))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sftp_module.paramiko, "Transport", transport)
+        with SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path / "d"), login, pin, connections=1,
+                       transport="auto") as store:
+            assert store.transport == "openssh" and not made
+            assert store.read_request == 261_120  # the server's limits, asked over the ssh session
+            assert store.read_range("a.bin", 0, 3) == b"abc"
+    assert _logins(sshd) - before == 1
+
+
+def test_ssh_failing_first_is_diagnosed_by_paramiko_which_then_carries_the_sessions(sshd, tmp_path, monkeypatch):
+    """`ssh` fails at the first login for a reason of its own: in `auto`, paramiko's login (which
+    would have named a refused key or login) succeeds and carries the sessions; `openssh` required
+    raises what ssh said."""
+    (tmp_path / "d").mkdir()
+    login, pin = SftpLogin(sshd.username, sshd.user_key.read_text()), HostKeyPin(known_hosts=str(sshd.known_hosts))
+
+    def broken(self):
+        raise sftp_module.SshSessionFailed("ssh: something of its own")
+
+    monkeypatch.setattr(sftp_module.OpenSshLauncher, "start", broken)
+    with SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path / "d"), login, pin, transport="auto") as store:
+        assert store.transport == "paramiko"
+        store.put("a.bin", b"abc", 3, WriteMeta(), None)
+    with pytest.raises(TransientError, match="something of its own"):
+        SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path / "d"), login, pin, transport="openssh")
