@@ -60,9 +60,12 @@ What carries the sessions (`transport`): the OpenSSH client, an `ssh` process pe
 255 KiB with OpenSSH, its bytes handed over uncopied), or paramiko in this process (each write
 request sized to fit one 32 KiB SSH packet; TCP_NODELAY; about 0.15 ms of CPU per request and 3
 CPU-s per GB written under the GIL, so one process writes at most about 150 MB/s). `auto` takes
-OpenSSH where it is installed and the login is by key. Either way the first connection is
-paramiko's: it checks the host key against the pin and the login, and the `ssh` processes are
-given that very host key as their only known host (bench/README.md has the figures).
+OpenSSH where it is installed and the login is by key. With OpenSSH and a known_hosts pin, `ssh`
+logs in first, given the pinned keys as its only known hosts (it checks the server's key; a
+failure is diagnosed by a paramiko connection, which words it); with fingerprints, paramiko's
+connection checks the host key against them and the login first, and the `ssh` processes are given
+that very host key as their only known host (`SftpStore._openssh_first`; bench/README.md has the
+figures).
 """
 
 from __future__ import annotations
