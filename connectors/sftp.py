@@ -61,10 +61,10 @@ What carries the sessions (`transport`): the OpenSSH client, an `ssh` process pe
 request sized to fit one 32 KiB SSH packet; TCP_NODELAY; about 0.15 ms of CPU per request and 3
 CPU-s per GB written under the GIL, so one process writes at most about 150 MB/s). `auto` takes
 OpenSSH where it is installed and the login is by key. With OpenSSH and a known_hosts pin, `ssh`
-logs in first, given the pinned keys as its only known hosts (it checks the server's key; a
-failure is diagnosed by a paramiko connection, which words it); with fingerprints, paramiko's
-connection checks the host key against them and the login first, and the `ssh` processes are given
-that very host key as their only known host (`SftpStore._openssh_first`; bench/README.md has the
+logs in first, given the pinned keys as its only known hosts (it checks the server's key);
+otherwise (fingerprints, or that first `ssh` failed) paramiko's connection checks the host key
+against the pin and the login first, wording any refusal, and the `ssh` processes are given that
+very host key as their only known host (`SftpStore._openssh_first`; bench/README.md has the
 figures).
 """
 
@@ -507,7 +507,7 @@ class SftpStore:
         self._names = itertools.count()
         self._dirs: set[str] = set()  # directories this store made or found (never looked for again)
         # Connect now: a refused host key or a wrong key is a configuration error at open time.
-        if transport == "paramiko" or not self._openssh_first(transport == "openssh", connections):
+        if transport == "paramiko" or not self._openssh_first(connections):
             with self._sessions.borrow():
                 pass
             if transport != "paramiko":
@@ -520,18 +520,17 @@ class SftpStore:
 
     # ---- connections ------------------------------------------------------------------------
 
-    def _openssh_first(self, required: bool, connections: int) -> bool:
+    def _openssh_first(self, connections: int) -> bool:
         """Where known_hosts pins keys for this server and the login is a key, the OpenSSH client
         makes the first connection itself, given the pinned keys to check the server's against
         (no paramiko login first: one key exchange and login instead of two at every open, ~60 ms
-        of CPU and as many round trips). True once the store is connected (by `ssh`, or, where
-        `ssh` could not be used and `required` is False, by paramiko, said in the log); False where
-        this does not apply (fingerprints only, a password, no `ssh`): paramiko connects first.
+        of CPU and as many round trips). True once `ssh` carries the sessions.
 
-        Any failure of that first `ssh` is diagnosed by a paramiko connection, which words a
-        refused host key or login as the paramiko-first path does (the pin check's message, the
-        login's fix). Where paramiko connects fine, a host key `ssh` refused is still refused, and
-        otherwise paramiko carries the sessions (or, `required`, the error says why not)."""
+        False where this does not apply (no key of the server in known_hosts, a password, no
+        `ssh`), or where that first `ssh` failed: then the paramiko-first path runs as it always
+        did. It words a refused host key or login as before (the pin check's sentence, the
+        login's fix), accepts a key pinned by fingerprint only (one being rotated in, beside the
+        old key in known_hosts), and hands `ssh` the key it checked (`_use_openssh`)."""
         keys = self._pin.pinned_keys(self.host, self.port)
         ssh = openssh_path()
         if not keys or ssh is None or self._pkey is None:
@@ -549,18 +548,11 @@ class SftpStore:
                 pass
             return True
         except ConnectorError as exc:
-            failed = exc
+            log.info("%s: ssh's first login failed (%s); paramiko connects first", self.label, exc)
         self._sessions.close()
         self._sessions, self._launcher = paramiko_sessions, None
         launcher.close()
-        with self._sessions.borrow():  # the diagnosis: raises what the paramiko-first path would
-            pass
-        if required or isinstance(failed, HostKeyRefused):  # another host key than the pinned ones: never passed over
-            self._sessions.close()
-            raise failed
-        log.warning("%s: the OpenSSH client could not open an SFTP session; paramiko carries them (%s)",
-                    self.label, failed)
-        return True
+        return False
 
     def _use_openssh(self, required: bool, connections: int) -> None:
         """Carry the sessions with the OpenSSH client from now on (connectors/openssh.py), once the

@@ -1182,10 +1182,10 @@ def test_a_fingerprint_pin_is_checked_by_paramiko_first_then_ssh_expects_that_ke
     assert _logins(sshd) - before == 1
 
 
-def test_ssh_failing_first_is_diagnosed_by_paramiko_which_then_carries_the_sessions(sshd, tmp_path, monkeypatch):
-    """`ssh` fails at the first login for a reason of its own: in `auto`, paramiko's login (which
-    would have named a refused key or login) succeeds and carries the sessions; `openssh` required
-    raises what ssh said."""
+def test_ssh_failing_first_sends_the_open_down_the_paramiko_path(sshd, tmp_path, monkeypatch):
+    """`ssh` fails at the first login for a reason of its own: paramiko's login (which would have
+    named a refused key or login) succeeds, `ssh` fails again with the key it checked, and in
+    `auto` paramiko carries the sessions; `openssh` required raises what ssh said."""
     (tmp_path / "d").mkdir()
     login, pin = SftpLogin(sshd.username, sshd.user_key.read_text()), HostKeyPin(known_hosts=str(sshd.known_hosts))
 
@@ -1198,3 +1198,22 @@ def test_ssh_failing_first_is_diagnosed_by_paramiko_which_then_carries_the_sessi
         store.put("a.bin", b"abc", 3, WriteMeta(), None)
     with pytest.raises(TransientError, match="something of its own"):
         SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path / "d"), login, pin, transport="openssh")
+
+
+def test_a_host_key_being_rotated_in_by_fingerprint_is_accepted_beside_an_old_known_hosts_key(sshd, tmp_path):
+    """known_hosts still pins the old key, the new one is pinned by its fingerprint: `ssh`, given
+    the old key, refuses the server; paramiko's check accepts the fingerprint, and `ssh` then
+    carries the sessions with exactly the key paramiko checked."""
+    (tmp_path / "d").mkdir()
+    kind, blob = open(f"{_other_key(tmp_path)}.pub").read().split()[:2]
+    old = tmp_path / "known_hosts"
+    old.write_text(f"[{lp.LOOPBACK}]:{sshd.port} {kind} {blob}\n")
+    pin = HostKeyPin(known_hosts=str(old), fingerprints=(_fingerprint(f"{sshd.host_key}.pub"),))
+    login = SftpLogin(sshd.username, sshd.user_key.read_text())
+    with SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path / "d"), login, pin, transport="openssh") as store:
+        assert store.transport == "openssh"
+        store.put("a.bin", b"abc", 3, WriteMeta(), None)
+        assert store.read_range("a.bin", 0, 3) == b"abc"
+    with pytest.raises(HostKeyRefused, match="NOT the one pinned"):  # without the fingerprint: refused
+        SftpStore(lp.LOOPBACK, sshd.port, str(tmp_path / "d"), login, HostKeyPin(known_hosts=str(old)),
+                  transport="openssh")
