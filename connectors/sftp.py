@@ -638,11 +638,13 @@ class SftpStore:
             raise TransientError(f"{where}: SSH connection failed ({exc})") from None
 
     def _ask_limits(self, client: paramiko.SFTPClient) -> None:
+        """The server's limits, asked once, by the store's first session (an ask that failed with
+        its session is asked again by the next)."""
         if not self._limits_asked:
-            self._limits_asked = True
             max_read, self.max_write = server_limits(client)
             self.read_request = min(_READ_REQUEST, max_read) if max_read > 0 else _READ_REQUEST
             self._close_early = max_read > 0
+            self._limits_asked = True
 
     def _connect_openssh(self, launcher: OpenSshLauncher) -> tuple[SshPipe, paramiko.SFTPClient]:
         """One SFTP session through a new `ssh` process; what `ssh` said, translated, when it
