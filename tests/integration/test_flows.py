@@ -438,8 +438,10 @@ def test_a_run_with_more_shards_than_allowed_merges_neighbours(tmp_path, env, s3
 
 def test_shards_are_copied_while_the_listing_goes_on(tmp_path, env, s3_server, s3, monkeypatch):
     """The first shard is copied before the last page is listed (issue 16: no listing pass before
-    the first copy): pages of 2 blobs, each taking 1 s (the first shard is final after
-    3 s, the listing after 6: room for a slow task start on a loaded machine); shards of 4 objects."""
+    the first copy): pages of 2 blobs, each taking 2 s (the first shard is final after
+    6 s, the listing after 12: room for a slow task start on a loaded machine; with 1 s pages, one
+    full run in two workers saw the first shard's task start 2.6 s after the listing ended);
+    shards of 4 objects."""
     from config.loader import load_config
     from connectors.azure_blob import AzureBlobSource
     from engine.project import open_state
@@ -453,7 +455,7 @@ def test_shards_are_copied_while_the_listing_goes_on(tmp_path, env, s3_server, s
 
     def slow_pages(self, part, marker=None):
         for page in listing(self, part, marker):
-            time.sleep(1.0)
+            time.sleep(2.0)
             yield page
 
     monkeypatch.setattr(AzureBlobSource, "__init__", small_pages)
