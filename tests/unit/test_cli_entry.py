@@ -32,3 +32,17 @@ def test_a_usage_error_exits_2_through_the_console_script():
                           timeout=60)
     assert done.returncode == 2
     assert "--config" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_what_a_command_does_not_import():
+    # Start-up kept from growing back (docs/DESIGN.md, "A command's start and end"): the parser
+    # does not need the lab's seed module; the connectors need neither boto3 (botocore's session
+    # is enough) nor invoke (paramiko's, for ssh_config's `Match exec`).
+    code = ("import sys\n"
+            "from flows.cli import build_parser\n"
+            "build_parser()\n"
+            "import engine.run, connectors.s3, connectors.sftp, connectors.azure_blob\n"
+            "print(sorted(m for m in ('lab.seed', 'boto3', 's3transfer', 'invoke') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
