@@ -219,3 +219,38 @@ def test_the_deployments_file_refuses_aliases(tmp_path):
                     encoding="utf-8")
     with pytest.raises(ConfigFileError, match="anchor .* is not accepted in the deployments file"):
         _read_prefect_file(path)
+
+
+REPO = Path(__file__).resolve().parents[2]
+SHIPPED_YAML = sorted([*REPO.glob("config/**/*.yaml"), REPO / "deploy" / "prefect.yaml"])
+
+
+@pytest.mark.parametrize("path", SHIPPED_YAML, ids=lambda p: str(p.relative_to(REPO)))
+def test_libyaml_and_pyyaml_read_every_shipped_file_alike(path):
+    # parse_yaml reads with libyaml where PyYAML has it; PyYAML's own reader decides everything
+    # else and words every refusal: on exitplan's own files the two give the same data.
+    import yaml
+
+    from config import yaml_files
+
+    text = path.read_text(encoding="utf-8")
+    assert yaml_files._CLoader is not None and yaml_files._clean_events(text)
+    assert parse_yaml(text, path, "x") == yaml.load(text, Loader=yaml_files._StrictLoader)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: &x 1\nb: *x\n", r"at line 1, column 4: an anchor \(`&x`\) is not accepted in the file"),
+    ("a: 1\nb:\n  c: 2\n  c: 3\n", r"at line 4, column 3: the key `c` appears twice in the same mapping \(first at line 3\)"),
+    ("a: [1, 2\n", r"not valid YAML at line 2, column 1"),
+    ("<<: {a: 1}\n", r"at line 1, column 1: a merge key \(<<\) is not accepted in the file"),
+    ("a: " + "[" * (MAX_DEPTH // 2 + 1) + "]" * (MAX_DEPTH // 2 + 1) + "\n", None),
+])
+def test_what_libyaml_reads_but_the_rules_refuse_is_worded_by_the_strict_reader(text, message):
+    if message is None:  # deep, but within MAX_DEPTH: left to the strict reader, which accepts it
+        nested: list = []
+        for _ in range(MAX_DEPTH // 2):
+            nested = [nested]
+        assert parse_yaml(text, "f.yaml", "the file") == {"a": nested}
+        return
+    with pytest.raises(ConfigFileError, match=message):
+        parse_yaml(text, "f.yaml", "the file")
