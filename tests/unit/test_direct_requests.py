@@ -441,3 +441,30 @@ def test_a_credential_policy_of_an_unknown_kind_keeps_every_request_in_the_sdk(m
 
     monkeypatch.setattr(pipeline, "_impl_policies", [*pipeline._impl_policies, AzureNamedKeyCredentialPolicy()])
     assert _DirectRequests.for_container(source._container) is None
+
+
+def test_the_s3_session_knows_s3_alone_and_honours_aws_data_path(tmp_path, monkeypatch):
+    # `connectors.s3._S3Loader`: botocore's check of a service name against every service it ships
+    # (a listing of ~1,400 directories) is S3's alone; a model found under AWS_DATA_PATH still wins.
+    import json
+
+    import botocore.exceptions
+
+    from connectors import s3 as s3_module
+
+    session = s3_module._s3_session()
+    loader = session.get_component("data_loader")
+    assert loader.list_available_services("service-2") == ["s3"]
+    assert loader.list_available_services("waiters-2") == ["s3"]
+    assert loader.list_available_services("no-such-model-1") == []
+    with pytest.raises(botocore.exceptions.UnknownServiceError):
+        session.create_client("sts", region_name="eu-west-3")
+
+    real = loader.load_service_model("s3", "service-2")
+    version = loader.determine_latest_version("s3", "service-2")
+    shadow = tmp_path / "s3" / version
+    shadow.mkdir(parents=True)
+    (shadow / "service-2.json").write_text(json.dumps({**real, "documentation": "from AWS_DATA_PATH"}))
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
+    loader = s3_module._s3_session().get_component("data_loader")
+    assert loader.load_service_model("s3", "service-2")["documentation"] == "from AWS_DATA_PATH"
