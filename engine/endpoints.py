@@ -7,6 +7,7 @@ else (never in a result, a log or the state).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -310,10 +311,12 @@ def publish_file(loaded: LoadedConfig, destinations: list[str], path: Path, key:
                  content_type: str, metadata: dict[str, str] | None = None,
                  sinks: DestinationSinks | None = None) -> tuple[list[tuple[str, str]], list[str]]:
     """Copy the file at `path` to `key` in each destination (next to the data: the audit manifest,
-    the report), streamed, as `content_type` with `metadata`: ([(its label/key, a URL naming it)],
-    notes on failures). A failure is a note, not an error: the next run copies it again. `sinks`:
-    the caller's open sinks (else opened here and closed after)."""
-    from connectors.base import ContentSettings, WriteMeta
+    the report), as `content_type` with `metadata`: ([(its label/key, a URL naming it)], notes on
+    failures). A failure is a note, not an error: the next run copies it again. `sinks`: the
+    caller's open sinks (else opened here and closed after). A file of at most `DIRECT_MAX_BYTES`
+    is sent from memory with its MD5 (checked by the destination, and one request where the sink
+    sends small bodies directly: no streaming client made for it); a larger one is streamed."""
+    from connectors.base import DIRECT_MAX_BYTES, ContentSettings, WriteMeta
 
     if sinks is None:
         with DestinationSinks(loaded) as own:
@@ -325,7 +328,13 @@ def publish_file(loaded: LoadedConfig, destinations: list[str], path: Path, key:
         try:
             sink = sinks(dest)
             with open(path, "rb") as body:
-                sink.put(key, body, os.fstat(body.fileno()).st_size, meta, None)
+                size = os.fstat(body.fileno()).st_size
+                data = body.read(size + 1) if size <= DIRECT_MAX_BYTES else None
+                if data is not None and len(data) == size:
+                    sink.put(key, data, size, meta, hashlib.md5(data).digest())
+                else:  # large, or changed since its size was read: streamed
+                    body.seek(0)
+                    sink.put(key, body, os.fstat(body.fileno()).st_size, meta, None)
             written.append((f"{sink.label}/{key}", object_url(loaded, dest, key)))
         except (ConnectorError, OSError) as exc:
             notes.append(f"{what} could not be copied to destination `{dest}` ({exc}); the next run copies it")
