@@ -335,6 +335,19 @@ class IntegrityError(ConnectorError):
     retryable = True
 
 
+class BodyDigestMismatch(IntegrityError):
+    """A sink that hashes the body it is given (`hashes_writes`) found its MD5 is not the one
+    announced with it (`computed`, `announced`); nothing was published. The hash is of the caller's
+    bytes, not of anything that crossed a wire: sent again, they would hash the same, so it is not
+    retried."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, key: str | None = None, computed: bytes, announced: bytes):
+        super().__init__(message, key=key)
+        self.computed, self.announced = computed, announced
+
+
 def attempts(send: Callable[[], T], *, tries: int, backoff: Callable[[int], float],
              on_retry: Callable[[ConnectorError], None] | None = None) -> T:
     """`send()` until it returns, raises anything but `Throttled` / `TransientError`, or has been
@@ -537,7 +550,10 @@ class ObjectSink(HeadReader, Protocol):
     SSE-KMS): then no ETag can be compared with the bytes sent."""
 
     # Optional: `hashes_writes = True` on a sink that hashes the body of every `put` itself (the
-    # SFTP connector): the engine then sends `md5=None` instead of hashing the same bytes twice.
+    # SFTP connector) and checks it against an announced `md5` before publishing anything (raising
+    # `BodyDigestMismatch`): the engine then hashes no body twice. It sends `md5=None` for a body
+    # whose MD5 it does not know, and for a plain copy of a source whose stored MD5 is known it
+    # sends that MD5 without hashing the bytes itself (the sink's check is the source's check).
     # `part_md5 = False` on a sink whose parts need no MD5 (its ETags are not MD5s, its transport
     # checks the bytes, a part's receipt names the write: the SFTP connector): the engine then
     # neither hashes a part's output nor sends an MD5 with it, and records none.

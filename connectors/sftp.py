@@ -136,10 +136,10 @@ from .openssh import OpenSshLauncher, OpenSshUnavailable, SshPipe, SshSessionFai
 from .base import (
     FILE_CONTROL_DIR,
     AuthError,
+    BodyDigestMismatch,
     ConfigError,
     ConnectorError,
     ContentSettings,
-    IntegrityError,
     InvalidRequest,
     NotFound,
     ObjectMeta,
@@ -1049,8 +1049,8 @@ class SftpStore:
                                  f"{size} at {start}", key=key)
         sent = digest.digest() if digest is not None else None
         if md5 is not None and sent != md5:
-            raise IntegrityError(f"{self.label}: the bytes written for {key!r} have MD5 {sent.hex()}, the caller "
-                                 f"announced {md5.hex()}", key=key)
+            raise BodyDigestMismatch(f"{self.label}: the bytes written for {key!r} have MD5 {sent.hex()}, the "
+                                     f"caller announced {md5.hex()}", key=key, computed=sent, announced=md5)
         return sent, attrs
 
     def _close_written(self, sftp: paramiko.SFTPClient, writer: "PipelinedWriter",

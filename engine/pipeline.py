@@ -49,6 +49,7 @@ from typing import Callable, Mapping, Sequence
 import tenacity
 
 from connectors.base import (
+    BodyDigestMismatch,
     ConnectorError,
     IntegrityError,
     MultipartUpload,
@@ -529,20 +530,25 @@ class _Attempt:
         except NotFound as exc:
             raise ObjectFailed(f"the source object was deleted since it was listed (or during the copy) ({exc})") from exc
 
-    def _check_source(self) -> None:
-        """Before anything is published: every byte was read, and the source's MD5 matches."""
+    def _check_source(self, *, md5_by_sink: bool = False) -> None:
+        """Before anything is published: every byte was read, and the source's MD5 matches (or,
+        `md5_by_sink`, the sink checks it as it writes: `_put_task`)."""
         if self.digest.count != self.meta.size:
             raise ObjectFailed(
                 f"read {self.digest.count:,} bytes but the source says the object has {self.meta.size:,}; nothing was written"
             )
-        if self.meta.content_md5 is not None:
+        if self.meta.content_md5 is not None and not md5_by_sink:
             got = self.digest.md5.digest()
             if got != self.meta.content_md5:
-                raise ObjectFailed(
-                    f"the bytes read do not match the source's stored Content-MD5 "
-                    f"(stored {base64.b64encode(self.meta.content_md5).decode()}, read {base64.b64encode(got).decode()}): "
-                    "the source object is corrupt or its stored MD5 is wrong; nothing was written"
-                )
+                raise self._wrong_source_md5(got)
+
+    def _wrong_source_md5(self, got: bytes) -> ObjectFailed:
+        """The failure of an object whose bytes read have MD5 `got`, not the source's stored one."""
+        return ObjectFailed(
+            f"the bytes read do not match the source's stored Content-MD5 "
+            f"(stored {base64.b64encode(self.meta.content_md5).decode()}, read {base64.b64encode(got).decode()}): "
+            "the source object is corrupt or its stored MD5 is wrong; nothing was written"
+        )
 
     def _check_output(self, out: bytes | memoryview, part: PartPlan) -> None:
         if len(out) != part.output_size:
@@ -570,11 +576,19 @@ class _Attempt:
 
     def _put_task(self, part: PartPlan, write_meta: WriteMeta) -> str:
         data = self._read(0, self.meta.size)
+        # A sink that hashes what it writes checks a plain copy against the source's stored MD5
+        # as it writes, before publishing (connectors/base.py, `hashes_writes`): the bytes are
+        # hashed once, not once here and again there.
+        md5_by_sink = self.sink_hashes and not self.format.copies and self.meta.content_md5 is not None
+        if md5_by_sink:
+            self.digest.md5 = None
         self.digest.update(data)
-        self._check_source()
+        self._check_source(md5_by_sink=md5_by_sink)
         out = self.encoder.encode(0, data)
         self._check_output(out, part)
-        if not self.format.copies and self.digest.md5 is not None:
+        if md5_by_sink:
+            md5 = self.meta.content_md5
+        elif not self.format.copies and self.digest.md5 is not None:
             md5 = self.digest.md5.digest()  # output is the plaintext: its MD5 is already known
         elif self.sink_hashes:
             md5 = None
@@ -583,7 +597,12 @@ class _Attempt:
         dest = self.placement.dest_key
 
         def put() -> str:
-            return self.sink.put(dest, out, part.output_size, write_meta, md5).strip('"')
+            try:
+                return self.sink.put(dest, out, part.output_size, write_meta, md5).strip('"')
+            except BodyDigestMismatch as exc:
+                if md5_by_sink:  # the bytes read are not the source's: no retry can change that
+                    raise self._wrong_source_md5(exc.computed) from exc
+                raise
 
         etag = self.retry("upload", body=True)(put)
         self._sent(part)

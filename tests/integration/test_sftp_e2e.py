@@ -5,6 +5,7 @@ byte moves (exit code 2)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -403,6 +404,42 @@ def test_azure_to_sftp_encrypted_verify_restore(tmp_path, capsys, sshd, azurite_
     assert code == 0, err + out
     assert "removed 1 temporary files (1,234 bytes)" in out
     assert sorted(p.name for p in temporary.iterdir()) == ["writing-1"]
+
+
+def test_a_source_blob_whose_stored_md5_is_wrong_is_not_published_on_sftp(tmp_path, capsys, sshd,
+                                                                        azurite_connection_string, monkeypatch):
+    """A plain copy to SFTP: the connector hashes each file as it writes it and checks the source's
+    stored MD5 there (the engine does not hash it again). A blob whose bytes do not match its
+    Content-MD5 fails by name, with nothing under its name and no temporary file left;
+    the others are copied, and the exit code says one failed."""
+    from azure.storage.blob import BlobServiceClient, ContentSettings
+
+    monkeypatch.setenv("EXITPLAN_TEST_AZURE_CS", azurite_connection_string)
+    container = f"md5{uuid.uuid4().hex[:10]}"
+    cc = BlobServiceClient.from_connection_string(azurite_connection_string).create_container(container)
+    good, bad = b"id,amount\n" + b"1,2\n" * 5000, b"not what the MD5 says\n" * 100
+    cc.upload_blob("good.csv", good)
+    cc.upload_blob("bad.csv", bad)
+    cc.get_blob_client("bad.csv").set_http_headers(ContentSettings(content_md5=hashlib.md5(b"other").digest()))
+    out_dir = sshd.root / f"plain-{uuid.uuid4().hex[:8]}"
+    out_dir.mkdir()
+    cfg = {
+        "version": 1, "project": container,
+        "sources": {"az": {"kind": "azure_blob", "connection_string_env": "EXITPLAN_TEST_AZURE_CS"}},
+        "destinations": {"files": {"kind": "sftp", "provider": "lab", "region": "lab", "host": "127.0.0.1",
+                                   "port": sshd.port, "username": sshd.username, "root": str(out_dir),
+                                   "known_hosts": str(sshd.known_hosts), "private_key_file": str(sshd.user_key)}},
+        "datasets": {"open": {"source": "az", "container": container, "destination": "files", "public": True}},
+        "state": {"path": str(tmp_path / "state")},
+    }
+    config = tmp_path / "exitplan.yaml"
+    config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    code, out, err = cli(capsys, "migrate", "--config", config)
+    assert code == ExitCode.FAILED, err + out
+    assert "bad.csv" in err + out and "corrupt or its stored MD5 is wrong" in err + out
+    assert (out_dir / "good.csv").read_bytes() == good
+    assert not (out_dir / "bad.csv").exists()
+    assert not list((out_dir / ".exitplan-sftp" / "tmp").iterdir())
 
 
 def test_an_sftp_destination_off_the_catalog_is_refused(tmp_path, capsys, sshd):

@@ -11,6 +11,7 @@ import pytest
 
 from connectors.base import (
     AuthError,
+    BodyDigestMismatch,
     ContentSettings,
     InvalidRequest,
     ObjectMeta,
@@ -359,6 +360,62 @@ def test_a_wrong_stored_md5_fails_the_object_and_names_it(stores, size):
     assert base64.b64encode(bad.content_md5).decode() in out.reason
     assert dst.keys() == [] and dst.pending_uploads() == 0
     assert "complete" not in sink.log and not any(c.startswith("put") for c in sink.log)
+
+
+class HashingSink(FaultySink):
+    """A sink that hashes the body of every `put` itself (`hashes_writes`, as the SFTP connector
+    does) and refuses one whose MD5 is not the announced one before storing anything; `announced`
+    records what each `put` was told."""
+
+    hashes_writes = True
+
+    def __init__(self, store: MemoryStore):
+        super().__init__(store)
+        self.announced: list[bytes | None] = []
+
+    def put(self, key, body, size, meta, md5):
+        self.log.append(f"put {key}")
+        self.announced.append(md5)
+        computed = hashlib.md5(bytes(body)).digest()
+        if md5 is not None and computed != md5:
+            raise BodyDigestMismatch("wrong MD5", key=key, computed=computed, announced=md5)
+        return self.store.put(key, body, size, meta, None)
+
+
+def test_a_sink_that_hashes_its_writes_checks_a_plain_copy_against_the_stored_md5(stores):
+    """The engine announces the source's stored MD5 without hashing the bytes with MD5 itself
+    (the sink hashes them as it writes); an encrypted copy's output is announced with none."""
+    src, dst = stores
+    data = os.urandom(1000)
+    meta = src.add("k", data)
+    sink = HashingSink(dst)
+    out = run(src, sink, meta)
+    assert out.status == "ok", out.reason
+    assert out.md5_checked and out.sha256 == hashlib.sha256(data).hexdigest()
+    assert sink.announced[0] is meta.content_md5, "the stored MD5 itself, not one computed here"
+    assert len(sink.announced) == 1 and dst.data("out/obj") == data
+
+    with create_executors(2, serial=True) as ex:
+        out = copy_object(src, sink, meta, Placement("k", "out/enc", META), settings=fast(),
+                          budget=MemoryBudget(fast().memory_budget), executors=ex, output_format=FakeFramedFormat())
+    assert out.status == "ok", out.reason
+    assert sink.announced[1] is None and out.md5_checked
+
+
+def test_a_wrong_stored_md5_found_by_a_hashing_sink_fails_the_object_at_once(stores):
+    src, dst = stores
+    data = os.urandom(1000)
+    meta = src.add("k", data)
+    bad = ObjectMeta(meta.key, meta.size, meta.etag, content_md5=hashlib.md5(b"something else").digest(),
+                     content=meta.content, metadata=meta.metadata)
+    sink = HashingSink(dst)
+    out = run(src, sink, bad)
+    assert out.status == "failed" and not out.transient
+    assert "corrupt or its stored MD5 is wrong" in out.reason
+    assert base64.b64encode(bad.content_md5).decode() in out.reason
+    assert base64.b64encode(hashlib.md5(data).digest()).decode() in out.reason
+    assert sink.log == ["put out/obj"], "no retry: the same bytes would hash the same"
+    assert dst.keys() == []
 
 
 @pytest.mark.parametrize("error", [InvalidRequest("EntityTooSmall"), AuthError("AccessDenied")])
