@@ -484,8 +484,11 @@ class S3Store:
             if (self.source_details if details is None else details) and listed:
                 if self._details_pool is None:
                     self._details_pool = ThreadPoolExecutor(self._details_at_once, thread_name_prefix="s3-details")
-                listed = [m for m in self._details_pool.map(self._details, listed) if m is not None]
-            yield from listed
+                # Each object as soon as it and those before it are looked at: the copy of a page's
+                # first objects starts while the rest of the page is still being asked for.
+                yield from (m for m in self._details_pool.map(self._details, listed) if m is not None)
+            else:
+                yield from listed
 
     def _details(self, listed: ObjectMeta) -> ObjectMeta | None:
         """The listed object with its content headers, metadata and tags (None: deleted since)."""

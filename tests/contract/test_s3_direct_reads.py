@@ -76,3 +76,33 @@ def test_a_direct_head_fails_as_the_client_does(server_bucket, monkeypatch):
     with gone:
         with pytest.raises(BucketNotFound, match="does not exist"):
             gone.head("k.bin")
+
+
+def test_a_page_s_first_objects_are_yielded_while_the_rest_are_looked_at(s3_server):
+    """A source's listing hands each object on once it and those before it are looked at: the
+    copy of a page's first objects does not wait for the whole page's HEADs and tag reads (up to
+    1,000 objects, two requests each). The order stays the listing's."""
+    import threading
+
+    client = lab_boto3_client(s3_server.url)
+    bucket = unique_name()
+    client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": lp.LAB_REGION})
+    keys = [f"k{i:02d}" for i in range(12)]
+    for key in keys:
+        client.put_object(Bucket=bucket, Key=key, Body=key.encode())
+    store = make_s3_store(s3_server.url, bucket, source_details=True)
+    first_taken = threading.Event()
+    look = store._details
+
+    def details(listed):
+        if listed.key == keys[-1]:  # the page's last object waits until the first was handed on
+            assert first_taken.wait(10), "the listing held the page's first object back"
+        return look(listed)
+
+    store._details = details
+    with store:
+        listing = store.list("")
+        got = [next(listing).key]
+        first_taken.set()
+        got += [m.key for m in listing]
+    assert got == keys
