@@ -11,8 +11,9 @@ import hashlib
 import logging
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 from urllib.parse import urlsplit
 
 from config.azure_connection import connection_string_blob_endpoint
@@ -21,10 +22,12 @@ from config.hosts import is_loopback_host
 from config.lab import LAB_S3_ACCESS_KEY, LAB_S3_SECRET_KEY
 from config.loader import source_connection_string
 from config.models import LoadedConfig, S3Credentials, SftpDestinationConfig, SftpSourceConfig
-from config.policy import destination_profile
+from config.policy import check_sovereignty, destination_profile
 from config.providers import ProviderProfile
 from config.secrets import read_env, read_secret
 from connectors.base import UNPACED, ConnectorError, ObjectSource, RequestPacer, SinkBehaviour, SinkLimits
+
+from .errors import call_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -204,14 +207,14 @@ def open_sink(loaded: LoadedConfig, destination: str, *, max_attempts: int | Non
     `max_attempts`: attempts per request (default: the connector's, 5), fewer for a check that
     must not wait on a destination that does not answer. `pacer`: how fast to talk to it
     (engine/pacing.py; an SFTP server is not paced)."""
-    from connectors.s3 import S3Store
-
     dest = loaded.config.destinations[destination]
     t = loaded.config.transfer
     profile = destination_profile(loaded, destination)
     if dest.kind == "sftp":
         return open_sftp(loaded, f"destinations.{destination}", dest, "", limits=destination_limits(loaded, destination),
                          label=f"{profile.name}:sftp:{dest.host}{dest.root}")
+    from connectors.s3 import S3Store
+
     creds = dest.credentials
 
     def credential(item: str) -> str | None:
@@ -269,6 +272,15 @@ class DestinationSinks:
         self._pacer_of: Callable[[str], RequestPacer] | None = None
         self._lock = threading.Lock()
         self._sinks: dict[str, object] = {}
+        self._ahead: dict[str, Future] = {}  # being opened on threads of their own (`open_ahead`)
+
+    def open_ahead(self, destinations: Iterable[str]) -> None:
+        """Start opening the SFTP servers among `destinations` now, each on a thread of its own
+        (never paced: nothing they need comes later): an SSH login waits on the server, not on
+        this process. Asked for, such a sink is waited for, and what its open raised is raised."""
+        for destination in destinations:
+            if self._loaded.config.destinations[destination].kind == "sftp" and destination not in self._ahead:
+                self._ahead[destination] = on_a_thread(open_sink, self._loaded, destination)
 
     def pace(self, pacer_of: Callable[[str], RequestPacer]) -> None:
         """Pace the sinks from now on, those already open included (call it between requests: a
@@ -284,8 +296,13 @@ class DestinationSinks:
         with self._lock:
             sink = self._sinks.get(destination)
             if sink is None:
-                pacer = self._pacer_of(destination) if self._pacer_of is not None else UNPACED
-                sink = self._sinks[destination] = open_sink(self._loaded, destination, pacer=pacer)
+                early = self._ahead.pop(destination, None)
+                if early is not None:
+                    sink = early.result()
+                else:
+                    pacer = self._pacer_of(destination) if self._pacer_of is not None else UNPACED
+                    sink = open_sink(self._loaded, destination, pacer=pacer)
+                self._sinks[destination] = sink
             return sink
 
     def opened(self) -> list:
@@ -297,10 +314,72 @@ class DestinationSinks:
         that fails to close is said in the log, and the others are closed all the same."""
         with self._lock:
             sinks, self._sinks = self._sinks, {}
+            ahead, self._ahead = self._ahead, {}
+        for destination, future in ahead.items():  # opened ahead, never asked for: closed too
+            try:
+                sinks[destination] = future.result()
+            except Exception:
+                log.debug("destination `%s`, opened ahead, failed and was not needed", destination, exc_info=True)
         for destination, sink in sorted(sinks.items()):
             close_endpoint(sink, f"destination `{destination}`")
 
     def __enter__(self) -> "DestinationSinks":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def on_a_thread(fn: Callable, *args) -> Future:
+    """`fn(*args)` started now on a thread of its own; its future."""
+    runner = ThreadPoolExecutor(1, thread_name_prefix="open-ahead")
+    try:
+        return runner.submit(fn, *args)
+    finally:
+        runner.shutdown(wait=False)
+
+
+def open_source_ahead(loaded: LoadedConfig, dataset: str) -> Future | None:
+    """Start opening `dataset`'s source now, on a thread of its own, when it is an SFTP server
+    (never paced, so nothing it needs comes later): its SSH logins wait on the server (a fifth of a
+    second on loopback, round trips far away), not on this process. The future raises what the
+    open raised, as `call_endpoint` words it; None for any other kind of source."""
+    if loaded.config.sources[loaded.config.datasets[dataset].source].kind != "sftp":
+        return None
+    return on_a_thread(call_endpoint, f"dataset `{dataset}`: source", open_source, loaded, dataset)
+
+
+class OpenedAhead:
+    """The SFTP servers a migration talks to, opened while the command goes on importing and
+    checking what its run needs (`DestinationSinks.open_ahead`, `open_source_ahead`: the first
+    dataset's source and every destination of `datasets`), once the sovereignty policy has passed
+    (no server it refuses is contacted). The run takes them over (`MigrationRun.start`); `close`
+    closes what it did not take (the command stopped before its run opened)."""
+
+    def __init__(self, loaded: LoadedConfig, datasets: list[str]):
+        check_sovereignty(loaded)
+        self.sinks = DestinationSinks(loaded)
+        self.sinks.open_ahead(dict.fromkeys(loaded.config.datasets[n].destination for n in datasets))
+        self.sources: dict[str, Future] = {}
+        early = open_source_ahead(loaded, datasets[0]) if datasets else None
+        if early is not None:
+            self.sources[datasets[0]] = early
+
+    def close(self) -> None:
+        sources, self.sources = self.sources, {}
+        try:
+            self.sinks.close()
+        finally:
+            for dataset, future in sources.items():
+                try:
+                    source = future.result()
+                except Exception:
+                    log.debug("dataset `%s`: its source, opened ahead, failed and was not needed", dataset,
+                              exc_info=True)
+                    continue
+                close_endpoint(source, f"dataset `{dataset}`: source")
+
+    def __enter__(self) -> "OpenedAhead":
         return self
 
     def __exit__(self, *exc_info) -> None:

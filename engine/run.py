@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Callable, Iterable, Iterator, Protocol
@@ -27,8 +27,8 @@ from connectors.base import ConnectorError, ObjectMeta, ObjectSource, SinkLimits
 from .allocator import freeze_long_lived, thaw_long_lived, tune_malloc
 from .audit import AuditOutcome, MigrationAudit, audit_signing_key
 from .budget import MemoryBudget
-from .endpoints import (DestinationSinks, close_endpoint, destination_limits, open_azure_container, open_source,
-                        storage_classes)
+from .endpoints import (DestinationSinks, OpenedAhead, close_endpoint, destination_limits, open_azure_container,
+                        open_source, open_source_ahead, storage_classes)
 from .errors import RunError, call_endpoint
 from .executors import create_executors
 from . import key_copies
@@ -258,10 +258,12 @@ def handle_removed(state: StateStore, run_id: int, dataset: str, sink, *, delete
 
 
 def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *, count_first: bool = True,
-            delete_removed: bool = False, bandwidth: BandwidthTimetable | None = None) -> MigrationResult:
+            delete_removed: bool = False, bandwidth: BandwidthTimetable | None = None,
+            ahead: OpenedAhead | None = None) -> MigrationResult:
     """Copy every object of `datasets`; one failing object never stops the others.
 
     `bandwidth`: the uploads' limit (the command line's `--bwlimit`), instead of `transfer.bandwidth`.
+    `ahead`: the SFTP servers the caller started opening (`MigrationRun.start`).
 
     Objects copied by earlier runs that a dataset's (complete) listing no longer has are reported
     in `MigrationResult.removed`; the destination copies are deleted only with `delete_removed`.
@@ -274,7 +276,7 @@ def migrate(loaded: LoadedConfig, datasets: list[str], observer: RunObserver, *,
     settings = transfer_settings(loaded)
     if bandwidth is not None:
         settings = replace(settings, bandwidth=bandwidth)
-    run = MigrationRun.start(loaded, datasets, delete_removed=delete_removed, settings=settings)
+    run = MigrationRun.start(loaded, datasets, delete_removed=delete_removed, settings=settings, ahead=ahead)
     try:
         for name in datasets:
             run.copy_dataset(name, observer, count_first=count_first)
@@ -336,11 +338,16 @@ class MigrationRun:
 
     @classmethod
     def start(cls, loaded: LoadedConfig, datasets: list[str], *, delete_removed: bool = False,
-              settings: TransferSettings | None = None) -> "MigrationRun":
-        """Open the run (`settings`: the configuration's transfer settings unless given)."""
+              settings: TransferSettings | None = None, ahead: OpenedAhead | None = None) -> "MigrationRun":
+        """Open the run (`settings`: the configuration's transfer settings unless given). `ahead`:
+        the SFTP servers the caller started opening for these datasets, taken over by the run
+        once it exists (the caller closes them if it does not get that far)."""
         if delete_removed:
             refuse_delete_removed(loaded, datasets)
         run = cls(loaded, datasets, delete_removed=delete_removed, settings=settings)
+        if ahead is not None:
+            run.sinks = ahead.sinks
+            run._opening, ahead.sources = ahead.sources, {}
         run._lock_file = lock_project(loaded)
         try:
             run._open()
@@ -406,7 +413,8 @@ class MigrationRun:
         # The destinations' sinks are opened once for the whole run: the check and the keyset
         # copies go unpaced (nothing is written to the state before they pass), then `_pace`
         # paces them for the copy and the manifest.
-        self.sinks = DestinationSinks(loaded)
+        if self.sinks is None:
+            self.sinks = DestinationSinks(loaded)
         preflight_destinations(loaded, datasets, self.sinks)
         self.keyset_copies = publish_keysets(loaded, datasets, self.formats, self.sinks)
         tune_malloc(self.settings.memory_budget)
@@ -451,17 +459,13 @@ class MigrationRun:
             return self._sources[name]
 
     def _open_source_early(self) -> None:
-        """Start opening the first dataset's source now, on a thread of its own, when it is an SFTP
-        server (never paced, so nothing it needs comes later): its SSH logins wait on the server
-        (a quarter of a second on loopback, round trips far away) while the destinations are
-        checked and the run opened. `source` takes it from there, and raises what failed as an
-        open there would have."""
-        name = self.datasets[0] if self.datasets else None
-        if name is None or self.loaded.config.sources[self.loaded.config.datasets[name].source].kind != "sftp":
-            return
-        opener = ThreadPoolExecutor(1, thread_name_prefix="source-open")
-        self._opening[name] = opener.submit(call_endpoint, f"dataset `{name}`: source", open_source, self.loaded, name)
-        opener.shutdown(wait=False)
+        """Start opening the first dataset's source now, unless the caller did (`start`), while
+        the destinations are checked and the run opened (`open_source_ahead`: an SFTP server's).
+        `source` takes it from there, and raises what failed as an open there would have."""
+        if self.datasets and self.datasets[0] not in self._opening:
+            early = open_source_ahead(self.loaded, self.datasets[0])
+            if early is not None:
+                self._opening[self.datasets[0]] = early
 
     def _close_endpoints(self) -> None:
         """Close the run's sources and sinks (connections, `ssh` processes): the run is over here."""

@@ -20,6 +20,7 @@ from config.errors import ExitCode
 from connectors.base import WriteMeta
 from engine.restore import SIDECAR
 from flows.cli import main
+from flows import lab_processes as lp
 from tests.contract.test_sftp_specific import _fingerprint as fingerprint_of
 from tests.integration.test_encryption_e2e import restored_files
 from tests.s3client import lab_s3_client
@@ -216,8 +217,36 @@ def test_a_source_opened_ahead_of_a_refused_destination_is_closed(tmp_path, caps
     code, out, err = cli(capsys, "migrate", "--config", path)
 
     assert code == ExitCode.USAGE and "bucket" in err and "host key" not in err
-    assert not [t for t in threading.enumerate() if t.name.startswith("source-open")]  # waited for, then closed
+    assert not [t for t in threading.enumerate() if t.name.startswith("open-ahead")]  # waited for, then closed
     assert _ssh_children() == running
+
+
+@pytest.mark.parametrize("reachable", [True, False], ids=["reachable", "no-server"])
+def test_sftp_servers_opened_ahead_are_closed_when_the_run_cannot_start(tmp_path, capsys, delivery, sshd, reachable):
+    """`migrate` starts the SSH logins to its SFTP source and destination before the run checks
+    its keys: when the keys stop it (exit 4), that is the error said, even if a server does not
+    answer, and the logins made end with the command."""
+    top, files, config = delivery
+    cfg = yaml.safe_load(config().read_text())
+    escrow = sshd.root / f"escrow-{uuid.uuid4().hex[:8]}"
+    escrow.mkdir()
+    cfg["destinations"] = {"escrow": {
+        "kind": "sftp", "provider": "lab", "region": "lab", "host": "127.0.0.1",
+        "port": sshd.port if reachable else lp.free_port(), "username": sshd.username, "root": str(escrow),
+        "known_hosts": str(sshd.known_hosts), "private_key_file": str(sshd.user_key)}}
+    cfg["datasets"]["deliveries"]["destination"] = "escrow"
+    path = tmp_path / "no-keys.yaml"  # `keys init` never run: no KEK
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
+    running, logins = _ssh_children(), _logins(sshd)
+
+    code, out, err = cli(capsys, "migrate", "--config", path)
+
+    assert code == ExitCode.KEY_ERROR, err + out
+    assert "has no keyset" in err and "connect" not in err.lower()
+    assert not [t for t in threading.enumerate() if t.name.startswith("open-ahead")]
+    assert _ssh_children() == running
+    assert _logins(sshd) - logins == (2 if reachable else 1)  # the source's, and the destination's
+    assert not list(escrow.iterdir())
 
 
 def test_a_kill_mid_file_resumes_the_upload(tmp_path, sshd, s3_server, s3):
