@@ -154,7 +154,11 @@ class AdaptiveWindow:
                     self._calm = 0
                     self._log.info("%s: no throttling for %d answers, %d/%d requests in flight", self.label,
                                    self.limit - 1, self.limit, self.ceiling)
-            self._cond.notify_all()
+            # As many waiting threads as there are places free, not all of them: the others would
+            # only wake to find the window full again (the lock, the GIL and a context switch each).
+            free = self.limit - self._in_flight
+            if free > 0:
+                self._cond.notify(free)
 
     def _throttled(self, what: str) -> None:
         self._calm = 0

@@ -140,6 +140,44 @@ def test_a_thread_never_holds_two_places():
     window.leave(None)
 
 
+def test_a_place_given_back_wakes_one_waiting_thread_not_all():
+    """Threads waiting for a place in the window are woken as places free up, one per place: each
+    gets in, none is left waiting, and none wakes only to find the window full again."""
+    import threading
+    import time
+
+    window = AdaptiveWindow("s3:x", 1)
+    wakes = []
+
+    class Counting(threading.Condition):
+        def wait(self, timeout=None):
+            woke = super().wait(timeout)
+            wakes.append(threading.current_thread().name)
+            return woke
+
+    window._cond = Counting()
+    window.enter()
+    entered = []
+
+    def one():
+        window.enter()
+        entered.append(threading.current_thread().name)
+        time.sleep(0.01)
+        window.leave(None)
+
+    threads = [threading.Thread(target=one, name=f"t{i}") for i in range(5)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 5
+    while len(window._cond._waiters) < 5 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    window.leave(None)
+    for t in threads:
+        t.join(10)
+    assert sorted(entered) == [f"t{i}" for i in range(5)] and window._in_flight == 0
+    assert len(wakes) == 5, wakes  # all woken at each place given back: 5 + 4 + 3 + 2 + 1
+
+
 def test_the_progress_line_names_what_is_throttled():
     import io
 
