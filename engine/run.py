@@ -345,10 +345,10 @@ class MigrationRun:
         if delete_removed:
             refuse_delete_removed(loaded, datasets)
         run = cls(loaded, datasets, delete_removed=delete_removed, settings=settings)
-        if ahead is not None:
+        run._lock_file = lock_project(loaded)
+        if ahead is not None:  # from here on, closed by the run (`_close_endpoints`)
             run.sinks = ahead.sinks
             run._opening, ahead.sources = ahead.sources, {}
-        run._lock_file = lock_project(loaded)
         try:
             run._open()
         except BaseException:

@@ -248,6 +248,21 @@ def test_sftp_servers_opened_ahead_are_closed_when_the_run_cannot_start(tmp_path
     assert _logins(sshd) - logins == (2 if reachable else 1)  # the source's, and the destination's
     assert not list(escrow.iterdir())
 
+    # Keys there, but another migration of the project holds its lock: the same.
+    from config.loader import load_config
+    from engine.project import lock_project
+
+    assert cli(capsys, "keys", "init", "--config", path)[0] == 0
+    held = lock_project(load_config(path))
+    try:
+        code, out, err = cli(capsys, "migrate", "--config", path)
+    finally:
+        held.close()
+    assert code != ExitCode.OK and "another migration" in err, err + out
+    assert not [t for t in threading.enumerate() if t.name.startswith("open-ahead")]
+    assert _ssh_children() == running
+    assert not list(escrow.iterdir())
+
 
 def test_a_kill_mid_file_resumes_the_upload(tmp_path, sshd, s3_server, s3):
     """SIGKILL while a large delivered file is being copied in parts: the next run re-attaches to
