@@ -22,8 +22,10 @@ With `--latency-ms`, both tools reach the sshd through `bench/tcp_delay.py`, whi
 many ms each way: a far SFTP server, as a provider's is (the S3 server stays near).
 Every run's output is checked (every file, with its size, at the destination). `exitplan` does
 what rclone does (a copy; plus SHA-256 of every byte for the audit manifest); `exitplan-enc` also
-encrypts (Tink streaming AEAD), which rclone does not. Prints a table and writes
-`bench/out/sftp-<timestamp>.json`. Run: `.venv/bin/python bench/bench_sftp.py [--quick]`.
+encrypts (Tink streaming AEAD), which rclone does not. With `--repeat N`, each direction is run N
+times on each server, the tools interleaved, and each ratio is the median of each repeat's own
+pair [lowest-highest]: one run's ratio moves by ~10 % from run to run on the lab box. Prints a table
+and writes `bench/out/sftp-<timestamp>.json`. Run: `.venv/bin/python bench/bench_sftp.py [--quick]`.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -203,12 +206,34 @@ def file_sizes(top: Path) -> dict[str, int]:
         if top.is_dir() else {}
 
 
-def row(tool: str, direction: str, server: str, res: ChildResult, nbytes: int, ok: bool) -> dict:
+def row(tool: str, direction: str, server: str, res: ChildResult, nbytes: int, ok: bool, repeat: int = 0) -> dict:
     cpu = res.cpu
-    return {"tool": tool, "direction": direction, "server": server, "ok": ok and res.rc == 0, "rc": res.rc,
+    return {"tool": tool, "direction": direction, "server": server, "repeat": repeat, "ok": ok and res.rc == 0,
+            "rc": res.rc,
             "seconds": res.wall,
             "mb_s": nbytes / res.wall / 1e6 if res.wall else None, "cpu_s": cpu,
             "cpu_s_per_gb": cpu / (nbytes / 1e9) if nbytes else None, "peak_rss_mib": res.maxrss / MiB}
+
+
+def ratio_lines(rows: list[dict]) -> list[str]:
+    """Per direction, server and exitplan tool: its MB/s and CPU per GB over rclone's in the same
+    repeat, the median over repeats [lowest-highest] when there are several."""
+    def shown(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.2f}"
+        return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+    lines = []
+    for direction, server in dict.fromkeys((r["direction"], r["server"]) for r in rows):
+        runs = [x for x in rows if (x["direction"], x["server"]) == (direction, server)]
+        rclone = {x["repeat"]: x for x in runs if x["tool"] == "rclone"}
+        for tool in dict.fromkeys(x["tool"] for x in runs if x["tool"] != "rclone"):
+            pairs = [(x, rclone[x["repeat"]]) for x in runs if x["tool"] == tool and x["repeat"] in rclone]
+            if pairs:
+                lines.append(f"{direction} ({server}): {tool}/rclone MB/s {shown([e['mb_s'] / r['mb_s'] for e, r in pairs])}, "
+                             f"CPU per GB {shown([e['cpu_s_per_gb'] / r['cpu_s_per_gb'] for e, r in pairs])}"
+                             + (f" ({len(pairs)} pairs)" if len(pairs) > 1 else ""))
+    return lines
 
 
 def sizes_ok(found: dict[str, int], sizes: dict[str, int], encrypted: bool) -> bool:
@@ -242,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-ms", type=float, default=0,
                    help="hold every byte to and from the SFTP server this many ms each way (bench/tcp_delay.py: "
                         "a far server; both tools connect through it; default 0: off)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each tool per direction and server, interleaved (tool after tool, then again); the "
+                        "ratios are then the median over repeats of each repeat's own pair [lowest-highest] (default 1)")
     p.add_argument("--quick", action="store_true", help="a small set, for a smoke run")
     p.add_argument("--memory-only", action="store_true", help="only the peak-RSS runs (3.)")
     args = p.parse_args(argv)
@@ -276,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"set: {len(sizes)} files, {total / 1e6:.0f} MB; concurrency {args.concurrency}", flush=True)
         lab_dest = {"provider": "lab", "endpoint_url": "", "region": LAB_REGION, "bucket": "bench"}
 
-        for server in servers:
+        for server, repeat in ((server, n) for server in servers for n in range(max(1, args.repeat))):
             # 1. SFTP → S3
             for tool in tools if sizes else ():
                 server.restart()
@@ -293,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                     conf = rclone_config(tmp / "rclone.conf", layout, server)
                     res = run_rclone(conf, f"sftp:{src}", "s3:bench/rclone", args.concurrency, tmp / "rclone-a.log")
                     ok = s3_sizes(server, "bench", "rclone/") == sizes
-                rows.append(row(tool, "sftp->s3", server.kind, res, total, ok))
+                rows.append(row(tool, "sftp->s3", server.kind, res, total, ok, repeat))
                 print(json.dumps(rows[-1]), flush=True)
 
             # 2. S3 → SFTP (the same files in a bucket first)
@@ -318,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                     conf = rclone_config(tmp / "rclone.conf", layout, server)
                     res = run_rclone(conf, "s3:source", f"sftp:{out}", args.concurrency, tmp / "rclone-b.log")
                     ok = file_sizes(out) == sizes
-                rows.append(row(tool, "s3->sftp", server.kind, res, total, ok))
+                rows.append(row(tool, "s3->sftp", server.kind, res, total, ok, repeat))
                 print(json.dumps(rows[-1]), flush=True)
                 shutil.rmtree(out, ignore_errors=True)
 
@@ -354,13 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['direction']:<10} {r['server']:<10} {r['tool']:<17} {'yes' if r['ok'] else 'NO':<4} {r['mb_s']:>7.1f} "
               f"{r['cpu_s_per_gb']:>9.2f} {r['peak_rss_mib']:>13.0f}")
-    for direction, server in dict.fromkeys((r["direction"], r["server"]) for r in rows):
-        found = {x["tool"]: x for x in rows if (x["direction"], x["server"]) == (direction, server)}
-        r = found.get("rclone")
-        for tool, e in found.items():
-            if r is not None and tool != "rclone":
-                print(f"{direction} ({server}): {tool}/rclone MB/s {e['mb_s'] / r['mb_s']:.2f}, "
-                      f"CPU per GB {e['cpu_s_per_gb'] / r['cpu_s_per_gb']:.2f}")
+    for line in ratio_lines(rows):
+        print(line)
     for m in memory:
         print(f"peak RSS, one {m['file']} file: {m['peak_rss_mib']:.0f} MiB (budget 256 MiB)")
     out_dir = REPO / "bench" / "out"
