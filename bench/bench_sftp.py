@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
                     cfg = exitplan_config(tmp / "sftp-to-s3.yaml",
                                           sftp_endpoint(layout, layout.root, args.concurrency, transport_of(tool)),
                                           {**lab_dest, "endpoint_url": server.url}, "src", args.concurrency,
-                                          tmp / f"state-a-{server.kind}-{tool}", encrypted=encrypts(tool))
+                                          tmp / f"state-a-{server.kind}-{tool}-{repeat}", encrypted=encrypts(tool))
                     res = run_exitplan(cfg, tmp / "exitplan-sftp-to-s3.log")
                     ok = sizes_ok(s3_sizes(server, "bench", "exitplan/"), sizes, encrypts(tool))
                 else:
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                     dest = {**sftp_endpoint(layout, out, args.concurrency, transport_of(tool)), "provider": "lab",
                             "region": "lab"}
                     cfg = exitplan_config(tmp / "s3-to-sftp.yaml", source, dest, "source", args.concurrency,
-                                          tmp / f"state-b-{server.kind}-{tool}", encrypted=encrypts(tool))
+                                          tmp / f"state-b-{server.kind}-{tool}-{repeat}", encrypted=encrypts(tool))
                     res = run_exitplan(cfg, tmp / "exitplan-s3-to-sftp.log")
                     ok = sizes_ok(file_sizes(out / "exitplan"), sizes, encrypts(tool))
                 else:
