@@ -95,6 +95,14 @@ def _ssh_children() -> list[int]:
     return found
 
 
+def sftp_destination(sshd, root: Path, port: int | None = None) -> dict:
+    """An SFTP destination on the test's sshd: `root` below its root, its host key pinned, the
+    test user's key (`port`: another one, where no server answers)."""
+    return {"kind": "sftp", "provider": "lab", "region": "lab", "host": "127.0.0.1", "port": port or sshd.port,
+            "username": sshd.username, "root": str(root), "known_hosts": str(sshd.known_hosts),
+            "private_key_file": str(sshd.user_key)}
+
+
 def cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -230,10 +238,7 @@ def test_sftp_servers_opened_ahead_are_closed_when_the_run_cannot_start(tmp_path
     cfg = yaml.safe_load(config().read_text())
     escrow = sshd.root / f"escrow-{uuid.uuid4().hex[:8]}"
     escrow.mkdir()
-    cfg["destinations"] = {"escrow": {
-        "kind": "sftp", "provider": "lab", "region": "lab", "host": "127.0.0.1",
-        "port": sshd.port if reachable else lp.free_port(), "username": sshd.username, "root": str(escrow),
-        "known_hosts": str(sshd.known_hosts), "private_key_file": str(sshd.user_key)}}
+    cfg["destinations"] = {"escrow": sftp_destination(sshd, escrow, None if reachable else lp.free_port())}
     cfg["datasets"]["deliveries"]["destination"] = "escrow"
     path = tmp_path / "no-keys.yaml"  # `keys init` never run: no KEK
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True), encoding="utf-8")
@@ -378,9 +383,7 @@ def test_azure_to_sftp_encrypted_verify_restore(tmp_path, capsys, sshd, azurite_
     cfg = {
         "version": 1, "project": container,
         "sources": {"az": {"kind": "azure_blob", "connection_string_env": "EXITPLAN_TEST_AZURE_CS"}},
-        "destinations": {"escrow": {"kind": "sftp", "provider": "lab", "region": "lab", "host": "127.0.0.1",
-                                    "port": sshd.port, "username": sshd.username, "root": str(escrow),
-                                    "known_hosts": str(sshd.known_hosts), "private_key_file": str(sshd.user_key)}},
+        "destinations": {"escrow": sftp_destination(sshd, escrow)},
         "datasets": {"claims": {"source": "az", "container": container, "destination": "escrow",
                                 "dest_prefix": "claims/"}},
         "transfer": {"concurrency": 4, "part_size": "5MiB", "small_object_cutoff": "1MiB"},
@@ -470,9 +473,7 @@ def test_a_source_blob_whose_stored_md5_is_wrong_is_not_published_on_sftp(tmp_pa
     cfg = {
         "version": 1, "project": container,
         "sources": {"az": {"kind": "azure_blob", "connection_string_env": "EXITPLAN_TEST_AZURE_CS"}},
-        "destinations": {"files": {"kind": "sftp", "provider": "lab", "region": "lab", "host": "127.0.0.1",
-                                   "port": sshd.port, "username": sshd.username, "root": str(out_dir),
-                                   "known_hosts": str(sshd.known_hosts), "private_key_file": str(sshd.user_key)}},
+        "destinations": {"files": sftp_destination(sshd, out_dir)},
         "datasets": {"open": {"source": "az", "container": container, "destination": "files", "public": True}},
         "state": {"path": str(tmp_path / "state")},
     }
