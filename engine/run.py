@@ -341,7 +341,7 @@ class MigrationRun:
               settings: TransferSettings | None = None, ahead: OpenedAhead | None = None) -> "MigrationRun":
         """Open the run (`settings`: the configuration's transfer settings unless given). `ahead`:
         the SFTP servers the caller started opening for these datasets, taken over by the run
-        once it exists (the caller closes them if it does not get that far)."""
+        once it holds the project's lock (the caller closes them if it does not get that far)."""
         if delete_removed:
             refuse_delete_removed(loaded, datasets)
         run = cls(loaded, datasets, delete_removed=delete_removed, settings=settings)
