@@ -96,8 +96,12 @@ def test_without_on_error_the_first_error_is_raised_nothing_more_is_submitted_an
 def test_an_error_of_the_caller_still_waits_for_every_task_and_keeps_the_tasks_errors():
     results = []
     ended = []
+    # No task ends before the caller's error (a submit would raise a task's error first): on a
+    # loaded machine, 10 ms of sleep did not keep object 2 from failing before the last submit.
+    all_submitted = threading.Event()
 
     def task(n):
+        assert all_submitted.wait(10)
         time.sleep(0.01)
         ended.append(n)
         if n == 2:
@@ -109,6 +113,7 @@ def test_an_error_of_the_caller_still_waits_for_every_task_and_keeps_the_tasks_e
             with BoundedTasks(pool, 8, on_result=lambda n, r: results.append(r)) as tasks:
                 for n in range(5):
                     tasks.submit(n, task, n)
+                all_submitted.set()
                 raise RuntimeError("the listing failed")
     assert sorted(ended) == [0, 1, 2, 3, 4]  # nothing outlives the block
     assert sorted(results) == [0, 1, 3, 4]  # the objects that ran are still handed back
