@@ -536,23 +536,36 @@ class SftpStore:
         if not keys or ssh is None or self._pkey is None:
             return False
         try:
-            key = unencrypted_key(self._login.private_key, self._login.passphrase)
-            launcher = OpenSshLauncher(ssh, self.host, self.port, self._login.username, keys, key,
-                                       self._login.certificate, self._timeout)
+            launcher = self._openssh_launcher(ssh, keys)
         except OpenSshUnavailable:
             return False
-        paramiko_sessions, self._sessions = self._sessions, _Sessions(self._connect, connections)
+        failed = self._carried_by(launcher, connections)
+        if failed is not None:
+            log.info("%s: ssh's first login failed (%s); paramiko connects first", self.label, failed)
+        return failed is None
+
+    def _openssh_launcher(self, ssh: str, host_keys: Sequence[paramiko.PKey]) -> OpenSshLauncher:
+        """`ssh` processes to this store's server, logged in as its user, expecting `host_keys`."""
+        key = unencrypted_key(self._login.private_key, self._login.passphrase)
+        return OpenSshLauncher(ssh, self.host, self.port, self._login.username, host_keys, key,
+                               self._login.certificate, self._timeout)
+
+    def _carried_by(self, launcher: OpenSshLauncher, connections: int) -> ConnectorError | None:
+        """Carry the sessions with `launcher` from now on, once its first session opened (the
+        sessions before are closed): None. Otherwise what stopped that session, with the store's
+        sessions left as they were and the launcher closed."""
+        before, self._sessions = self._sessions, _Sessions(self._connect, connections)
         self._launcher = launcher
         try:
             with self._sessions.borrow():
                 pass
-            return True
         except ConnectorError as exc:
-            log.info("%s: ssh's first login failed (%s); paramiko connects first", self.label, exc)
-        self._sessions.close()
-        self._sessions, self._launcher = paramiko_sessions, None
-        launcher.close()
-        return False
+            self._sessions.close()
+            self._sessions, self._launcher = before, None
+            launcher.close()
+            return exc
+        before.close()
+        return None
 
     def _use_openssh(self, required: bool, connections: int) -> None:
         """Carry the sessions with the OpenSSH client from now on (connectors/openssh.py), once the
@@ -568,29 +581,17 @@ class SftpStore:
             why = "a password login is made by paramiko only"
         else:
             try:
-                key = unencrypted_key(self._login.private_key, self._login.passphrase)
-                launcher = OpenSshLauncher(ssh, self.host, self.port, self._login.username, [self._host_key], key,
-                                           self._login.certificate, self._timeout)
+                launcher = self._openssh_launcher(ssh, [self._host_key])
             except OpenSshUnavailable as exc:
                 why = str(exc)
         if why is None:
-            paramiko_sessions, self._sessions = self._sessions, _Sessions(self._connect, connections)
-            self._launcher = launcher
-            try:
-                with self._sessions.borrow():
-                    pass
-            except ConnectorError as exc:
-                self._sessions.close()
-                self._sessions, self._launcher = paramiko_sessions, None
-                launcher.close()
-                if required or isinstance(exc, HostKeyRefused):  # another host key than paramiko saw: never passed over
-                    raise
+            failed = self._carried_by(launcher, connections)
+            if failed is not None:
+                if required or isinstance(failed, HostKeyRefused):  # another host key than paramiko saw: never passed over
+                    raise failed
                 log.warning("%s: the OpenSSH client could not open an SFTP session; paramiko carries them (%s)",
-                            self.label, exc)
-                return
-            else:
-                paramiko_sessions.close()
-                return
+                            self.label, failed)
+            return
         if required:
             raise ConfigError(f"{self.label}: `transport: openssh` cannot be used: {why}; or set `transport: paramiko`")
         log.info("%s: SSH sessions carried by paramiko (%s)", self.label, why)
