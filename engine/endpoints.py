@@ -260,6 +260,19 @@ def close_endpoint(endpoint, where: str) -> None:
         log.warning("%s: closing %s failed (%s)", where, getattr(endpoint, "label", "its connections"), exc)
 
 
+def opened_ahead(futures: dict[str, Future], what: str) -> dict[str, object]:
+    """The endpoints `futures` (by name) opened ahead and no one asked for, each waited for, to be
+    closed; one whose open failed is left out, in the debug log: nothing needed it, and whatever
+    stopped the run first is the error said."""
+    endpoints = {}
+    for name, future in futures.items():
+        try:
+            endpoints[name] = future.result()
+        except Exception:
+            log.debug("%s `%s`, opened ahead, failed and was not needed", what, name, exc_info=True)
+    return endpoints
+
+
 class DestinationSinks:
     """The sinks of a configuration's destinations, each opened on first use and kept until `close`:
     a run's check, keyset copies, objects and manifest go through one store per destination (one
@@ -315,11 +328,7 @@ class DestinationSinks:
         with self._lock:
             sinks, self._sinks = self._sinks, {}
             ahead, self._ahead = self._ahead, {}
-        for destination, future in ahead.items():  # opened ahead, never asked for: closed too
-            try:
-                sinks[destination] = future.result()
-            except Exception:
-                log.debug("destination `%s`, opened ahead, failed and was not needed", destination, exc_info=True)
+        sinks.update(opened_ahead(ahead, "destination"))  # opened ahead, never asked for: closed too
         for destination, sink in sorted(sinks.items()):
             close_endpoint(sink, f"destination `{destination}`")
 
@@ -370,13 +379,7 @@ class OpenedAhead:
         try:
             self.sinks.close()
         finally:
-            for dataset, future in sources.items():
-                try:
-                    source = future.result()
-                except Exception:
-                    log.debug("dataset `%s`: its source, opened ahead, failed and was not needed", dataset,
-                              exc_info=True)
-                    continue
+            for dataset, source in opened_ahead(sources, "the source of dataset").items():
                 close_endpoint(source, f"dataset `{dataset}`: source")
 
     def __enter__(self) -> "OpenedAhead":

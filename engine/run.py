@@ -28,7 +28,7 @@ from .allocator import freeze_long_lived, thaw_long_lived, tune_malloc
 from .audit import AuditOutcome, MigrationAudit, audit_signing_key
 from .budget import MemoryBudget
 from .endpoints import (DestinationSinks, OpenedAhead, close_endpoint, destination_limits, open_azure_container,
-                        open_source, open_source_ahead, storage_classes)
+                        open_source, open_source_ahead, opened_ahead, storage_classes)
 from .errors import RunError, call_endpoint
 from .executors import create_executors
 from . import key_copies
@@ -471,12 +471,9 @@ class MigrationRun:
         """Close the run's sources and sinks (connections, `ssh` processes): the run is over here."""
         with self._lock:
             sources, self._sources = list(self._sources.values()), {}
-            opening, self._opening = list(self._opening.values()), {}
-        for future in opening:  # opened ahead, never asked for (the run stopped before): closed too
-            try:
-                sources.append(future.result())
-            except Exception:
-                log.debug("a source opened ahead failed, and was not needed", exc_info=True)
+            opening, self._opening = self._opening, {}
+        # opened ahead, never asked for (the run stopped before): closed too
+        sources += opened_ahead(opening, "the source of dataset").values()
         if self.sinks is not None:
             self.sinks.close()
         for source in sources:
