@@ -31,6 +31,7 @@ from engine.planning import ObjectPlan, PartPlan, PlanRefused, plan_object
 from engine.resume_point import RecordedPart, ResumePoint
 from engine.settings import TransferSettings
 from engine.state import StateStore, StateUnwritable, WriteBatch
+from engine.state.rows import object_row
 
 log = logging.getLogger(__name__)
 
@@ -237,13 +238,16 @@ class _Tally:
 class _StateEvents(CopyEvents):
     """Records one object: each transition before the side effect it announces.
 
-    The row is created when the first attempt starts, directly as in_progress (before any byte
-    moves). The end of an object that only ever took single PUTs (uploaded, failed) goes through
-    the dataset's `WriteBatch`: losing it to a kill only means the object is copied again. A
-    multipart object's end is written at once (its upload is what a resume looks at), and so are
-    its upload id and header (right after the upload is opened, before any part is sent) and each
-    part receipt (after the destination acknowledged the part; a part acknowledged but not yet
-    recorded when the process dies is found again by ListParts on resume)."""
+    The row is created before any byte moves, directly as in_progress: when the first attempt
+    starts, or, with several object drivers, before the object is handed to one (`written_ahead`:
+    the rows of the objects handed together are written in one transaction; the attempt's start
+    time and plan then go with its end). The end of an object that only ever took single PUTs
+    (uploaded, failed) goes through the dataset's `WriteBatch`: losing it to a kill only means the
+    object is copied again. A multipart object's end is written at once (its upload is what a
+    resume looks at), and so are its upload id and header (right after the upload is opened,
+    before any part is sent) and each part receipt (after the destination acknowledged the part; a
+    part acknowledged but not yet recorded when the process dies is found again by ListParts on
+    resume)."""
 
     def __init__(self, store: StateStore, batch: WriteBatch, run_id: int, dataset: str, placement: Placement,
                  tally: _Tally):
@@ -257,15 +261,26 @@ class _StateEvents(CopyEvents):
         self.tally = tally
         self.object_id: int | None = None
         self.multipart = False
+        # Of a row written ahead (in_progress, no start time yet): None until its first attempt
+        # starts, then that attempt's start and plan, written with the object's end.
+        self._ahead: dict | None = None
+
+    def written_ahead(self, object_id: int) -> None:
+        """The object's row was written in_progress before it was handed over (`ahead_row`)."""
+        self.object_id = object_id
+        self._ahead = {}
 
     def attempt_started(self, meta: ObjectMeta, plan: ObjectPlan, restarts: int) -> None:
         self.multipart = self.multipart or not plan.single_put
         fields = dict(output_size=plan.output_size, part_count=plan.part_count, restarts=restarts)
-        if self.object_id is None:
+        if self._ahead == {} and restarts == 0:  # the first attempt of a row written ahead
+            self._ahead = dict(fields, started_at=st.utcnow())
+        elif self.object_id is None:
             self.object_id = self.store.add_object(
                 self.run_id, self.dataset, meta.key, meta.etag, meta.size, dest_key=self.dest_key,
                 source_md5=meta.content_md5, state=st.IN_PROGRESS, **fields)
         else:  # a restart: the previous attempt's upload was aborted
+            self._ahead = None  # this attempt's start and plan are written now
             self.store.transition(self.object_id, st.IN_PROGRESS, upload_id=None, header=None, key_id=None, **fields)
         self.batch.flush_if_due()
 
@@ -301,6 +316,8 @@ class _StateEvents(CopyEvents):
                 storage_class=self.storage_class, tags_digest=self.tags_digest)
         else:
             state, fields = st.FAILED, dict(reason=outcome.reason, restarts=outcome.restarts, transient=outcome.transient)
+        if self._ahead:  # what the first attempt would have written when it started, its outcome's fields over it
+            fields = {**self._ahead, **fields}
         if self.object_id is None:  # it failed before its first attempt started (refused by the planner)
             self.batch.add_object(self.run_id, self.dataset, meta.key, meta.etag, meta.size, dest_key=self.dest_key,
                                   source_md5=meta.content_md5, state=state,
@@ -369,7 +386,7 @@ class _Handoff:
         self._room = threading.Condition(threading.Lock())
         self._items: queue.SimpleQueue = queue.SimpleQueue()
 
-    def give(self, item: tuple[ObjectMeta, Placement]) -> bool:
+    def give(self, item: tuple[ObjectMeta, Placement, int | None]) -> bool:
         """Hand `item` to the drivers; blocks while the queue is full, until half of the objects
         held are finished. False, and nothing handed, once a driver stopped on an error (`broken`):
         no object may wait for drivers that are gone."""
@@ -382,7 +399,15 @@ class _Handoff:
         self._items.put(item)
         return True
 
-    def take(self) -> tuple[ObjectMeta, Placement] | None:
+    def room(self) -> int:
+        """How many objects `give` takes now without blocking; blocks while there is no room (as
+        `give` does), and 0 once a driver stopped on an error."""
+        with self._room:
+            while self._held >= self._capacity and not self._broken:
+                self._room.wait()
+            return 0 if self._broken else self._capacity - self._held
+
+    def take(self) -> tuple[ObjectMeta, Placement, int | None] | None:
         """The next object to copy, or None: no more (`close`)."""
         return self._items.get()
 
@@ -436,8 +461,9 @@ def copy_objects(
 ) -> DatasetSummary:
     """Copy every object of `items` (consumed lazily) and return the dataset's summary.
 
-    Each object gets a row in `state` for `run_id`: created as in_progress when its copy starts
-    (then uploaded, or failed with its reason), or straight as failed (refused) or unchanged. With
+    Each object gets a row in `state` for `run_id`: created as in_progress before its copy starts
+    (with drivers, written ahead in groups as objects are handed over; then uploaded, or failed
+    with its reason), or straight as failed (refused) or unchanged. With
     `skip_unchanged`, an object whose copy at the destination (`StateStore.current_copy`: the newest
     uploaded/verified row of any run, unless since deleted or found wrong) has the same source ETag,
     size and destination key is recorded as unchanged and not copied.
@@ -463,14 +489,16 @@ def copy_objects(
     # ended cleanly): then the two per-object look-ups answer nothing and are left out.
     earlier_copies, open_uploads = state.earlier_work(dataset, run_id)
 
-    def one(meta: ObjectMeta, placement: Placement) -> None:
-        """Copy, count and record one object. `copy_object` turns the object's own failures into
-        its outcome; an exception here is the state store's (or a defect), and fails the object
-        alone. `one` raises only before the object was counted (an exception that is not an
-        `Exception`), and then `escaped` counts it."""
+    def one(meta: ObjectMeta, placement: Placement, ahead: int | None = None) -> None:
+        """Copy, count and record one object (`ahead`: the id of its row written ahead). `copy_object`
+        turns the object's own failures into its outcome; an exception here is the state store's
+        (or a defect), and fails the object alone. `one` raises only before the object was counted
+        (an exception that is not an `Exception`), and then `escaped` counts it."""
         try:
             events = _StateEvents(state, batch, run_id, dataset, placement, tally)
-            if retry_rows:
+            if ahead is not None:
+                events.written_ahead(ahead)
+            elif retry_rows:
                 events.object_id = retry_rows.get(meta.key)
             outcome = copy_object(
                 source, sink, meta, placement, settings=settings, budget=budget, executors=executors,
@@ -493,11 +521,11 @@ def copy_objects(
             log.exception("recording %s failed", meta.key)
             tally.replace(outcome, _internal_error(outcome, exc))
 
-    def escaped(item: tuple[ObjectMeta, Placement], exc: BaseException) -> None:
+    def escaped(item: tuple[ObjectMeta, Placement, int | None], exc: BaseException) -> None:
         """An exception that escaped `one` (not an `Exception`): the object fails with it."""
         if isinstance(exc, StateUnwritable):
             return
-        meta, placement = item
+        meta, placement, _ = item
         log.error("copying %s failed", meta.key, exc_info=(type(exc), exc, exc.__traceback__))
         tally.done(_internal_error(ObjectOutcome(meta.key, placement.dest_key, meta.etag, meta.size, "failed"), exc))
 
@@ -506,6 +534,33 @@ def copy_objects(
         tally.done(outcome)
         batch.add_object(run_id, dataset, meta.key, meta.etag, meta.size, dest_key=dest_key,
                          source_md5=meta.content_md5, state=state_, on_written=_unrecorded(tally, outcome), **fields)
+
+    def ahead_rows(group: list[tuple[ObjectMeta, Placement]]) -> list[tuple[ObjectMeta, Placement, int | None]]:
+        """The objects of `group`, each with the id of its row, written in_progress in one
+        transaction before any of them is handed over (without a start time: the first attempt's
+        goes with the object's end). An object tried again in this run keeps its row (`retry_rows`);
+        when the rows cannot be written together, each is written as its attempt starts, as
+        without drivers, and what fails then fails that object."""
+        fresh = [i for i, (meta, _) in enumerate(group) if not (retry_rows and meta.key in retry_rows)]
+        ids: list[int | None] = [None] * len(group)
+        if fresh:
+            try:
+                written = state.add_object_rows([object_row(
+                    run_id, dataset, meta.key, meta.etag, meta.size, placement.dest_key, meta.content_md5,
+                    st.IN_PROGRESS, {"started_at": None}) for meta, placement in (group[i] for i in fresh)])
+            except StateUnwritable:
+                return []  # `to_copy` starts nothing more; the dataset raises it once
+            except Exception as exc:
+                log.warning("%s: the rows of %d objects could not be written together (%s); each is written "
+                            "as its copy starts", dataset, len(fresh), exc)
+            else:
+                for i, object_id in zip(fresh, written):
+                    ids[i] = object_id
+        return [(meta, placement, object_id) for (meta, placement), object_id in zip(group, ids)]
+
+    def hand(handoff: _Handoff, group: list[tuple[ObjectMeta, Placement]]) -> bool:
+        """Hand over the objects of `group`, their rows written ahead; False once a driver failed."""
+        return all(handoff.give(item) for item in ahead_rows(group))
 
     def to_copy() -> Iterator[tuple[ObjectMeta, Placement]]:
         """The objects to copy, in listing order; those decided without a copy (unchanged,
@@ -530,7 +585,7 @@ def copy_objects(
                 continue
             yield meta, placed
 
-    def copy(item: tuple[ObjectMeta, Placement]) -> None:
+    def copy(item: tuple[ObjectMeta, Placement, int | None]) -> None:
         """Copy one object; an exception that escapes `one` is that object's failure (`escaped`)."""
         try:
             one(*item)
@@ -552,17 +607,26 @@ def copy_objects(
 
     try:
         if executors.serial:  # one thread, in listing order (deterministic tests)
-            for item in to_copy():
-                copy(item)
+            for meta, placement in to_copy():
+                copy((meta, placement, None))
         else:
             handoff = _Handoff(settings.objects_in_flight)
             with BoundedTasks(executors.objects, settings.objects_in_flight) as drivers:
                 for _ in range(settings.objects_in_flight):
                     drivers.submit(None, driver, handoff)
                 try:
-                    for item in to_copy():
-                        if not handoff.give(item):
-                            break  # a driver failed: its error is raised when the block ends
+                    # As many objects as there is room for in the hand-off, their rows written
+                    # ahead together (one transaction for up to `2 x drivers` objects, not one each).
+                    listed = to_copy()
+                    while room := handoff.room():
+                        group: list[tuple[ObjectMeta, Placement]] = []
+                        try:
+                            group.extend(islice(listed, room))
+                        except Exception:  # the objects listed before the listing's error are copied
+                            hand(handoff, group)
+                            raise
+                        if not hand(handoff, group) or len(group) < room:
+                            break  # the listing's end, or a driver failed: its error is raised when the block ends
                 except Exception:  # the listing's error: the objects handed before it are copied
                     handoff.close()
                     raise

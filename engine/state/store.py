@@ -265,28 +265,35 @@ class StateStore:
         one step from it (`INITIAL_STATES`): in_progress when its first attempt starts now, failed or
         unchanged when it is decided without a copy; `fields` are set with it, as `transition` does."""
         row = object_row(run_id, dataset, source_key, source_etag, size, dest_key, source_md5, state, fields)
-        if self._direct_insert is not None:
-            return self._insert_direct(row)
-        with self._writing() as conn:
-            result = conn.execute(_INSERT_OBJECT, row)
-            return int(result.inserted_primary_key[0])
+        return self.add_object_rows([row])[0]
 
-    def _insert_direct(self, row: dict[str, Any]) -> int:
-        """`add_object`'s insert and commit on the writer's DBAPI connection (SQLite). A driver
-        error is what SQLAlchemy would have raised: `StateUnwritable` for a full disk or a
+    def add_object_rows(self, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """Insert full object rows (`rows.object_row`) in one transaction; their ids, in order.
+        All of them are written or none."""
+        if self._direct_insert is not None:
+            return self._insert_direct(rows)
+        with self._writing() as conn:
+            return [int(conn.execute(_INSERT_OBJECT, row).inserted_primary_key[0]) for row in rows]
+
+    def _insert_direct(self, rows: Sequence[dict[str, Any]]) -> list[int]:
+        """`add_object_rows`'s inserts and commit on the writer's DBAPI connection (SQLite). A
+        driver error is what SQLAlchemy would have raised: `StateUnwritable` for a full disk or a
         read-only file, else a `DBAPIError`; the transaction is rolled back either way."""
         insert = self._direct_insert
-        params = insert.params(row)
+        ids = []
         with self._write:
             driver = self._writer().connection.dbapi_connection
+            params = None
             try:
-                cursor = driver.execute(insert.sql, params)
+                for row in rows:
+                    params = insert.params(row)
+                    ids.append(int(driver.execute(insert.sql, params).lastrowid))
                 driver.commit()
             except insert.error as exc:
                 with suppress(insert.error):  # the error raised is the insert's, not a failed rollback's
                     driver.rollback()
                 raise (self._stop(exc) or sa.exc.DBAPIError.instance(insert.sql, params, exc, insert.error)) from None
-            return int(cursor.lastrowid)
+            return ids
 
     def batch(self, max_rows: int = 500, max_age: float = 0.2) -> "WriteBatch":
         """A `WriteBatch` on this store (see there for what may be queued)."""

@@ -413,8 +413,10 @@ def test_a_failure_mid_dataset_still_writes_every_finished_object(state, serial)
     assert sorted(dst.keys()) == sorted(r.dest_key for r in rows)
 
 
-def test_a_kill_before_the_batch_is_written_only_means_copying_again(state, monkeypatch):
-    """A kill loses what the batch holds; the rows written before each copy say what to redo."""
+@pytest.mark.parametrize("serial", [True, False])
+def test_a_kill_before_the_batch_is_written_only_means_copying_again(state, monkeypatch, serial):
+    """A kill loses what the batch holds; the rows written before each copy say what to redo
+    (with drivers, the rows written ahead of the hand-over)."""
     from engine.state import WriteBatch
 
     src, dst = mixed_source(random.Random(13)), MemoryStore(limits=LIMITS)
@@ -422,7 +424,7 @@ def test_a_kill_before_the_batch_is_written_only_means_copying_again(state, monk
     with monkeypatch.context() as m:
         m.setattr(WriteBatch, "flush", lambda self: None)  # the process dies before any batch is written
         m.setattr(WriteBatch, "flush_if_due", lambda self: None)
-        migrate(src, dst, state, run, settings(), serial=True)
+        migrate(src, dst, state, run, settings(), serial=serial)
     rows = {r.source_key: r for r in state.objects(run)}
     # Written before their side effect: every copied object is there, in_progress at least; the
     # multipart ones (their end is written at once) are uploaded; the refused one is simply lost.
@@ -434,6 +436,86 @@ def test_a_kill_before_the_batch_is_written_only_means_copying_again(state, monk
     summary = migrate(src, dst, state, run2, settings(), serial=True)
     assert (summary.ok, summary.skipped, summary.refused) == (28, 2, 1)
     assert_state_matches(state, run2, summary)
+
+
+class RowCheckingSink(MemoryStore):
+    """A sink that, as each write starts, reads the state for the row of the object written
+    (`in/<name>` is written as `out/<name>`)."""
+
+    def __init__(self, state, run, **kwargs):
+        super().__init__(**kwargs)
+        self.state, self.run, self.seen = state, run, {}
+
+    def _look(self, key):
+        source_key = "in/" + key.removeprefix("out/")
+        self.seen[source_key] = [r.state for r in self.state.objects(self.run) if r.source_key == source_key]
+
+    def put(self, key, body, size, meta, md5):
+        self._look(key)
+        return super().put(key, body, size, meta, md5)
+
+    def open_multipart(self, key, meta):
+        self._look(key)
+        return super().open_multipart(key, meta)
+
+
+def test_with_drivers_the_rows_are_written_ahead_together_before_any_byte_moves(state, monkeypatch):
+    src = mixed_source(random.Random(21))
+    run = state.start_run("migrate")
+    dst = RowCheckingSink(state, run, limits=LIMITS)
+    groups = []
+    add_rows = StateStore.add_object_rows
+    monkeypatch.setattr(StateStore, "add_object_rows", lambda self, rows: groups.append(len(rows)) or add_rows(self, rows))
+    summary = migrate(src, dst, state, run, settings(object_concurrency=4))
+
+    assert (summary.ok, summary.refused) == (30, 1)
+    # every object's row was there, in_progress, when its first write started
+    assert len(dst.seen) == 30 and all(seen == [st.IN_PROGRESS] for seen in dst.seen.values())
+    # the rows went in a few transactions, up to 2 x drivers at a time, not one each
+    assert sum(groups) == 30 and max(groups) == 8 and len(groups) < 10
+    rows = list(state.objects(run, state=st.UPLOADED))
+    assert len(rows) == 30
+    for r in rows:  # the first attempt's start and plan were written with its end
+        assert r.started_at is not None and r.started_at <= r.finished_at
+        assert r.output_size == r.size and r.part_count >= 1
+    assert_state_matches(state, run, summary)
+
+
+def test_rows_that_cannot_be_written_together_are_written_as_each_copy_starts(state, monkeypatch, caplog):
+    src = mixed_source(random.Random(22))
+    run = state.start_run("migrate")
+    dst = RowCheckingSink(state, run, limits=LIMITS)
+    add_rows = StateStore.add_object_rows
+
+    def only_one(self, rows):
+        if len(rows) > 1:
+            raise sa.exc.OperationalError("INSERT INTO objects", {}, Exception("database is locked"))
+        return add_rows(self, rows)
+
+    monkeypatch.setattr(StateStore, "add_object_rows", only_one)
+    summary = migrate(src, dst, state, run, settings(object_concurrency=4))
+    assert (summary.ok, summary.failed, summary.refused) == (30, 1, 1)
+    assert all(seen == [st.IN_PROGRESS] for seen in dst.seen.values())
+    assert "could not be written together (" in caplog.text and "database is locked" in caplog.text
+    assert_state_matches(state, run, summary)
+
+
+def test_an_object_the_planner_refuses_after_its_row_was_written_ahead_is_a_refusal(state):
+    """Its row never got a start time, as a row written when the attempt starts never does: the
+    status calls it refused, and a shard's retry does not try it again (`MigrationRun` retries
+    failed rows that started)."""
+    src = MemoryStore()
+    src.add("in/small.bin", b"x" * 1000)
+    src.add("in/large.bin", b"y" * 300_000)
+    run = state.start_run("migrate")
+    dst = MemoryStore(limits=SinkLimits(min_part_size=MiB, max_part_size=64 * MiB, max_parts=10_000,
+                                        max_key_bytes=40, max_object_size=200_000))
+    summary = migrate(src, dst, state, run, settings(object_concurrency=4))
+    assert (summary.ok, summary.failed) == (1, 1)
+    rows = {r.source_key: r for r in state.objects(run)}
+    assert rows["in/large.bin"].state == st.FAILED and rows["in/large.bin"].started_at is None
+    assert "over the destination's maximum object size" in rows["in/large.bin"].reason
+    assert rows["in/small.bin"].state == st.UPLOADED and rows["in/small.bin"].started_at is not None
 
 
 def test_rows_the_store_cannot_write_are_failures_in_the_summary(state, monkeypatch):
