@@ -913,16 +913,45 @@ PAIRED_TARGETS = (
     ("exitplan/rclone objects/s", "exitplan", "rclone", "rate", "target >= 1"),
     ("exitplan-enc/rclone objects/s", "exitplan-enc", "rclone", "rate", "target >= 1"),
     ("exitplan-flow/exitplan CPU per object", "exitplan-flow", "exitplan", "cpu", "whole runs, start-up in"),
+    # Per object beyond the first quarter (`marginal_cpu`): every tool's fixed cost out, as the
+    # ceiling's upload CPU already has its own (its imports and the bytes' generation) out.
+    ("exitplan/rclone CPU per object", "exitplan", "rclone", "marginal", "< 1: cheaper"),
+    ("exitplan-enc/rclone CPU per object", "exitplan-enc", "rclone", "marginal", "target <= 1.5"),
+    ("exitplan-enc/ceiling CPU per object", "exitplan-enc", "ceiling", "marginal", "target <= 1"),
 )
+# The tools run again on the small series' first quarter (`small-base`): those with a per-object cost.
+BASE_TOOLS = ("exitplan", "exitplan-enc", "exitplan-flow", "rclone", "ceiling")
 
 
-def paired_ratios(runs: list[dict], args: argparse.Namespace, rat: dict[str, Any]) -> None:
+def run_cpu(row: dict) -> float | None:
+    """A run's client CPU seconds: the ceiling's upload loop alone (its bytes are generated before
+    its timer), every other tool's whole process."""
+    return row.get("upload_cpu_s") if row["tool"] == "ceiling" else row.get("cpu_s")
+
+
+def marginal_cpu(runs: list[dict], tool: str, rep: int, small: Series, base: Series) -> tuple[float, float] | None:
+    """(CPU seconds per object beyond the first `base.count`, fixed CPU seconds of the run) of
+    `tool` in repeat `rep`: the line through its small-base and small runs; None unless both ran
+    and were verified."""
+    full = [r for r in runs if (r["tool"], r["series"], r["repeat"]) == (tool, small.name, rep) and r["verified"]]
+    part = [r for r in runs if (r["tool"], r["series"], r["repeat"]) == (tool, base.name, rep) and r["verified"]]
+    if not full or not part or run_cpu(full[0]) is None or run_cpu(part[0]) is None:
+        return None
+    slope = (run_cpu(full[0]) - run_cpu(part[0])) / (small.count - base.count)
+    return slope, run_cpu(full[0]) - slope * small.count
+
+
+def paired_ratios(runs: list[dict], args: argparse.Namespace, rat: dict[str, Any],
+                  small: Series | None = None, base: Series | None = None) -> None:
     """For each of `PAIRED_TARGETS` both tools ran: the median over repeats of the ratio within a
     repeat, and the range of those ratios (small series); kept in `rat` too."""
     def figure(row: dict, kind: str) -> float | None:
         if kind == "rate":
             return 1 / row["wall_s"] if row.get("wall_s") else None
-        return row.get("upload_cpu_s") if row["tool"] == "ceiling" else row.get("cpu_s")
+        if kind == "marginal":
+            m = marginal_cpu(runs, row["tool"], row["repeat"], small, base) if small and base else None
+            return m[0] if m else None
+        return run_cpu(row)
 
     by = {(r["tool"], r["repeat"]): r for r in runs if r["series"] == "small" and r.get("verified")}
     printed = False
@@ -934,10 +963,12 @@ def paired_ratios(runs: list[dict], args: argparse.Namespace, rat: dict[str, Any
             continue
         if not printed:
             print("  small series, the same repeat's pair (median over repeats [lowest-highest], pairs "
-                  "where both runs were verified):")
+                  "where both runs were verified; marginal: beyond the first quarter, fixed costs out):")
             printed = True
+        if kind == "marginal":
+            label = f"{label}, marginal"
         value = rat[f"{label}, small, paired"] = statistics.median(pairs)
-        print(f"    {label:40} {value:6.2f}  [{min(pairs):.2f}-{max(pairs):.2f}] of {len(pairs)}  {note}")
+        print(f"    {label:50} {value:6.2f}  [{min(pairs):.2f}-{max(pairs):.2f}] of {len(pairs)}  {note}")
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -973,10 +1004,10 @@ def main_run(args: argparse.Namespace) -> int:
     rss_big = Series("rss-big", "bench-rss-big", 1, args.rss_big_mib * MiB)
     rss_small = Series("rss-small", "bench-rss-small", 1, 20 * MiB)
     series = [s for s in (large, small) if s.name in args.series]
-    # The small series again at a quarter of its objects, for the CLI and the flow: the difference
-    # between the two runs is what each costs per object, start-up and per-run costs taken out.
+    # The small series again at a quarter of its objects, for every tool with a per-object cost: the
+    # difference between the two runs is what each costs per object, start-up and per-run costs out.
     base = (Series("small-base", "bench-small-base", max(1, small.count // 4), small.size)
-            if small in series and {"exitplan", "exitplan-flow"} <= set(args.tools) else None)
+            if small in series and any(t in BASE_TOOLS for t in args.tools) else None)
     n = args.concurrency
     tmp = Path(tempfile.mkdtemp(prefix="exitplan-bench-"))
     lab = Lab(tmp)
@@ -1042,7 +1073,7 @@ def main_run(args: argparse.Namespace) -> int:
         runs: list[dict] = []
         for rep in range(1, args.repeat + 1):
             for s in seeded:
-                for tool in (args.tools if s is not base else ("exitplan", "exitplan-flow")):
+                for tool in (args.tools if s is not base else [t for t in args.tools if t in BASE_TOOLS]):
                     tag = f"{s.name}-r{rep}"
                     lab.restart_moto()
                     extra = None
@@ -1235,29 +1266,29 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace, 
             flow_obj = f_s["cpu_ms_per_object"] - 1000 * imp_flow / small_series.count
             cli_obj = e_s["cpu_ms_per_object"] - 1000 * imp_cli / small_series.count
             line("flow/CLI CPU per object, small, start-up out", ratio(flow_obj, cli_obj))
-        if f_s and e_s and small_series and base:
-            # Per object beyond the first quarter: (CPU with N objects - CPU with N/4) / (3N/4), the
-            # same repeat's pair, median over repeats; what is left is each run's fixed cost.
-            def marginal(tool: str) -> tuple[float | None, float | None]:
-                per_obj, fixed = [], []
-                for rep in range(1, args.repeat + 1):
-                    full = [r for r in runs if (r["tool"], r["series"], r["repeat"]) == (tool, "small", rep)]
-                    part = [r for r in runs if (r["tool"], r["series"], r["repeat"]) == (tool, base.name, rep)]
-                    if full and part and full[0]["verified"] and part[0]["verified"]:
-                        slope = (full[0]["cpu_s"] - part[0]["cpu_s"]) / (small_series.count - base.count)
-                        per_obj.append(1000 * slope)
-                        fixed.append(full[0]["cpu_s"] - slope * small_series.count)
-                return ((statistics.median(per_obj), statistics.median(fixed)) if per_obj else (None, None))
-
-            (cli_m, cli_fixed), (flow_m, flow_fixed) = marginal("exitplan"), marginal("exitplan-flow")
-            for label, value in (("CLI", cli_m), ("flow", flow_m)):
-                rat[f"{label} CPU ms per object, marginal ({base.count:,} -> {small_series.count:,})"] = value
-            rat["CLI fixed CPU s per run"], rat["flow fixed CPU s per run"] = cli_fixed, flow_fixed
-            print(f"  {'CPU ms/obj beyond the first ' + f'{base.count:,}':44} CLI {fmt(cli_m, '.2f')}, "
-                  f"flow {fmt(flow_m, '.2f')}; fixed per run: CLI {fmt(cli_fixed, '.1f')} s, "
-                  f"flow {fmt(flow_fixed, '.1f')} s ({FLOW_SHARDS} shards)")
-            line("flow/CLI CPU per object, small, marginal", ratio(flow_m, cli_m), "target <= 1.1")
-    paired_ratios(runs, args, rat)
+    small_series = next((s for s in series if s.name == "small"), None)
+    if small_series and base:
+        # Per object beyond the first quarter: (CPU with N objects - CPU with N/4) / (3N/4), the
+        # same repeat's pair, median over repeats; what is left is each run's fixed cost.
+        per_obj: dict[str, float] = {}
+        shown = []
+        for tool in (t for t in BASE_TOOLS if t in args.tools):
+            got = [m for rep in range(1, args.repeat + 1) if (m := marginal_cpu(runs, tool, rep, small_series, base))]
+            if not got:
+                continue
+            per_obj[tool] = 1000 * statistics.median(m[0] for m in got)
+            fixed = statistics.median(m[1] for m in got)
+            rat[f"{tool} CPU ms per object, marginal ({base.count:,} -> {small_series.count:,})"] = per_obj[tool]
+            rat[f"{tool} fixed CPU s per run"] = fixed
+            shown.append(f"{tool} {per_obj[tool]:.2f} ({fixed:.1f} s fixed)")
+        if shown:
+            print(f"  CPU ms/obj beyond the first {base.count:,} (median over repeats; CPU s fixed per run"
+                  f"{f', the flow with {FLOW_SHARDS} shards' if 'exitplan-flow' in per_obj else ''}):")
+            print("    " + ", ".join(shown))
+        if "exitplan-flow" in per_obj and "exitplan" in per_obj:
+            line("flow/CLI CPU per object, small, marginal", ratio(per_obj["exitplan-flow"], per_obj["exitplan"]),
+                 "target <= 1.1")
+    paired_ratios(runs, args, rat, small_series, base)
     p_l, p_s = med.get((FLOW_PROCESSES_TOOL, "large")), med.get((FLOW_PROCESSES_TOOL, "small"))
     if p_l or p_s:
         tag = f"flow with {FLOW_SHARD_PROCESSES} shard processes"
