@@ -266,7 +266,7 @@ class _StateEvents(CopyEvents):
         self._ahead: dict | None = None
 
     def written_ahead(self, object_id: int) -> None:
-        """The object's row was written in_progress before it was handed over (`ahead_row`)."""
+        """The object's row was written in_progress before it was handed over (`ahead_rows`)."""
         self.object_id = object_id
         self._ahead = {}
 
