@@ -391,9 +391,7 @@ class _Handoff:
         held are finished. False, and nothing handed, once a driver stopped on an error (`broken`):
         no object may wait for drivers that are gone."""
         with self._room:
-            while self._held >= self._capacity and not self._broken:
-                self._room.wait()
-            if self._broken:
+            if not self._free():
                 return False
             self._held += 1
         self._items.put(item)
@@ -403,9 +401,13 @@ class _Handoff:
         """How many objects `give` takes now without blocking; blocks while there is no room (as
         `give` does), and 0 once a driver stopped on an error."""
         with self._room:
-            while self._held >= self._capacity and not self._broken:
-                self._room.wait()
-            return 0 if self._broken else self._capacity - self._held
+            return self._free()
+
+    def _free(self) -> int:
+        """(With `_room` held.) Waits while the queue is full; the free places, 0 once broken."""
+        while self._held >= self._capacity and not self._broken:
+            self._room.wait()
+        return 0 if self._broken else self._capacity - self._held
 
     def take(self) -> tuple[ObjectMeta, Placement, int | None] | None:
         """The next object to copy, or None: no more (`close`)."""
