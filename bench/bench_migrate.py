@@ -1228,6 +1228,7 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace, 
     line("encrypted exitplan/rclone MB/s, large", ratio(g(x_l, "mb_s"), g(r_l, "mb_s")))
     line("encrypted/plain exitplan CPU per object, small", ratio(g(x_s, "cpu_ms_per_object"), g(e_s, "cpu_ms_per_object")))
 
+    small_series = next((s for s in series if s.name == "small"), None)
     f_l, f_s = med.get(("exitplan-flow", "large")), med.get(("exitplan-flow", "small"))
     if f_l or f_s:
         line("flow/CLI exitplan wall, large", ratio(g(f_l, "wall_s"), g(e_l, "wall_s")), "> 1: the flow slower")
@@ -1252,7 +1253,6 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace, 
             rat[f"prefect server CPU s per flow run, {label}"] = srv
             print(f"  {'flow CPU s added over CLI, ' + label:44} {fmt(added, '.2f'):>6}  in the flow's process")
             print(f"  {'prefect server CPU s per flow run, ' + label:44} {fmt(srv, '.2f'):>6}  outside it")
-        small_series = next((s for s in series if s.name == "small"), None)
         if f_s and small_series and f_s["server_cpu_s"].get("prefect") is not None:
             per_obj = f_s["cpu_ms_per_object"] + 1000 * f_s["server_cpu_s"]["prefect"] / small_series.count
             rat["flow + prefect server CPU ms per object, small"] = per_obj
@@ -1266,7 +1266,6 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace, 
             flow_obj = f_s["cpu_ms_per_object"] - 1000 * imp_flow / small_series.count
             cli_obj = e_s["cpu_ms_per_object"] - 1000 * imp_cli / small_series.count
             line("flow/CLI CPU per object, small, start-up out", ratio(flow_obj, cli_obj))
-    small_series = next((s for s in series if s.name == "small"), None)
     if small_series and base:
         # Per object beyond the first quarter: (CPU with N objects - CPU with N/4) / (3N/4), the
         # same repeat's pair, median over repeats; what is left is each run's fixed cost.
