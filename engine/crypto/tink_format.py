@@ -28,8 +28,8 @@ The pieces:
 from __future__ import annotations
 
 import hashlib
-import os
 import re
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping
@@ -239,8 +239,11 @@ class ObjectEncryptor:
     def __init__(self, data_key: DataKey, associated_data: bytes, *, segment_count: int | None = None,
                  header: bytes | None = None):
         if header is None:
-            salt = os.urandom(SALT_SIZE)
-            self._prefix = os.urandom(NONCE_PREFIX_SIZE)
+            # OpenSSL's CSPRNG (the one cryptography's own keys come from; reseeded in a forked
+            # child), which keeps the GIL: os.urandom lets it go, and among eight copying threads
+            # every let-go is a hand-over of the GIL and a wake-up, once per object.
+            fresh = ssl.RAND_bytes(SALT_SIZE + NONCE_PREFIX_SIZE)
+            salt, self._prefix = fresh[:SALT_SIZE], fresh[SALT_SIZE:]
         else:
             header = bytes(header)
             if len(header) != HEADER_SIZE or header[0] != HEADER_SIZE:
@@ -418,9 +421,10 @@ class TinkFormat:
         return f"TinkFormat(dataset={self.dataset!r}, key_id={self.keys.primary_id})"
 
     def metadata_for(self, meta: ObjectMeta) -> dict[str, str]:
-        """The exitplan metadata `begin(meta)` will write, and the source's content headers: pass it
-        to `placement.place(reserved=...)` so the 2 KB budget counts it. It does not depend on the
-        attempt (the header is in the data)."""
+        """The exitplan metadata every attempt at `meta` writes (the format's entries, which
+        `begin`'s encoder carries again, and the source's: content headers, names' case, times,
+        ETag): pass it to `placement.place(reserved=...)`, which writes it and counts it in the
+        2 KB budget. It does not depend on the attempt (the header is in the data)."""
         return encrypted_metadata(self.keys.primary_id, self.dataset, meta)
 
     def content_for(self, meta: ObjectMeta) -> ContentSettings:
@@ -433,8 +437,9 @@ class TinkFormat:
         key = self.keys.primary if header is None or key_id is None else self.keys.get(key_id)
         aad = associated_data(self.dataset, meta.key)
         encryptor = ObjectEncryptor(key, aad, segment_count=self.layout.segment_count(meta.size), header=header)
-        return TinkEncoder(encryptor, meta.size, {**object_metadata(key.key_id, aad, meta.size), **source_metadata(meta)},
-                           self.layout)
+        # The format's own entries: the source's (`source_metadata`, `content_metadata`) are in the
+        # placement's metadata already (`metadata_for`), which the encoder's is merged into.
+        return TinkEncoder(encryptor, meta.size, object_metadata(key.key_id, aad, meta.size), self.layout)
 
 
 # --------------------------------------------------------------------------------------------
