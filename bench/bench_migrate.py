@@ -8,7 +8,8 @@ One run, loopback only, everything it starts is stopped at the end (also on Ctrl
    ``bench-large`` (a few blobs of hundreds of MiB, staged blocks, so without a Content-MD5) and
    ``bench-small`` (many small blobs, Put Blob with a Content-MD5).
 2. For each series (large, small) and each repeat, runs, each in its own process (CPU and peak RSS
-   from ``os.wait4``), with a freshly restarted moto (it keeps every byte uploaded in memory):
+   from ``os.wait4``), with a freshly restarted moto (it keeps every byte uploaded in memory), each
+   repeat in the order of the last one turned by one tool (`rotated`):
      a. ``exitplan migrate --config <generated yaml>`` (fresh state dir, fresh destination prefix),
         plain and encrypted (``exitplan-enc``);
      a'. ``exitplan-flow``: the same plain yaml (plus an ``orchestration`` section) run by the Prefect
@@ -570,6 +571,14 @@ FLOW_SHARD_PROCESSES = 2
 FLOW_PROCESSES_TOOL = f"exitplan-flow-{FLOW_SHARD_PROCESSES}p"
 
 
+def rotated(tools: list[str], rep: int) -> list[str]:
+    """The tools of repeat `rep` (from 1), each repeat starting one tool further: a tool's place in
+    the order (Azurite is not restarted between runs, and its CPU for the same requests moves by
+    a third from run to run) is not always the same across repeats."""
+    at = (rep - 1) % len(tools) if tools else 0
+    return tools[at:] + tools[:at]
+
+
 def uses_flow(tools: list[str]) -> bool:
     """Whether a flow tool is measured (then the bench starts a Prefect server)."""
     return any(t.startswith("exitplan-flow") for t in tools)
@@ -1073,7 +1082,7 @@ def main_run(args: argparse.Namespace) -> int:
         runs: list[dict] = []
         for rep in range(1, args.repeat + 1):
             for s in seeded:
-                for tool in (args.tools if s is not base else [t for t in args.tools if t in BASE_TOOLS]):
+                for tool in rotated(args.tools if s is not base else [t for t in args.tools if t in BASE_TOOLS], rep):
                     tag = f"{s.name}-r{rep}"
                     lab.restart_moto()
                     extra = None
