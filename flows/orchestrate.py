@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import queue
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,7 @@ from flows.tasks import (RunProgress, copy_shard, inventory_dataset, list_datase
                          probe_buckets, progress_shown, rehydrate_archived, sovereignty_gate, verify_datasets)
 
 PROGRESS_EVERY = 2.0  # seconds between two updates of the progress artifact
+LISTING_POLL = 0.25  # seconds between two looks for new shards while the listing goes on and a place is free
 SHARDS_DEPLOYMENT = "exitplan-shards/shards"  # shards as flow runs on any worker (`shard_workers`)
 
 
@@ -319,8 +321,6 @@ def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delet
     logger.info("migration run %d: %s; %d connection(s) per provider%s (limits: %s)", run.run_id, ", ".join(names),
                 share.slots, f" over {share.processes} shard {share.spread}" if share.processes else "",
                 ", ".join(f"{p} {n}" for p, n in limits.items()))
-    listed = ShardsAsListed(run, {name: list_dataset.with_options(tags={dataset_tag(name)}).submit(
-        run.run_id, name, full_listing) for name in names})
     try:
         progress = RunProgress(0, listing=True)
         artifact_id = create_progress_artifact(0.0, key=artifact_key(project, "progress"),
@@ -328,6 +328,11 @@ def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delet
                                                            "listed so far while the listing goes on")
         with progress_shown(run.run_id, progress), \
                 concurrency([provider_limit_name(p) for p in limits], occupy=share.slots, strict=True):
+            # The listing tasks start once the run holds its connections: none of them is left
+            # writing into the run when the artifact or the provider limit fails (the run then
+            # closes), and their first requests to the Prefect API do not meet these two.
+            listed = ShardsAsListed(run, {name: list_dataset.with_options(tags={dataset_tag(name)}).submit(
+                run.run_id, name, full_listing) for name in names})
             try:
                 futures = _run_shards(run, listed, share, artifact_id, progress)
             except BaseException as exc:
@@ -483,14 +488,20 @@ def _submit_shards(submit, run_id: int, shards, parallel: int, artifact_id, prog
                    wait_fn=wait, logger=None) -> dict[tuple[str, int], Any]:
     """Submit every shard `shards` gives (`ShardsAsListed`: `poll()` for the new ones, `over` once
     none will come) as `submit(run_id, dataset, shard)`, in the order given, at most `parallel`
-    running at once; update the progress artifact while waiting (an update the API misses is
-    logged to `logger`, the flow run's by default, and the shards go on). Returns (dataset,
-    shard) -> its future."""
+    running at once; update the progress artifact every `PROGRESS_EVERY` seconds while waiting
+    (an update the API misses is logged to `logger`, the flow run's by default, and the shards go
+    on). Returns (dataset, shard) -> its future.
+
+    A shard that ends frees its place at once (each future, as it ends, wakes the loop: a wait
+    for every running one, or for the next progress update, would leave the place idle), and
+    while the listing goes on with a place free, new shards are looked for every `LISTING_POLL`
+    seconds: the first copy starts as soon as the listing made the first shard final."""
     logger = logger or get_run_logger()
     futures: dict[tuple[str, int], Any] = {}
     pending: deque[tuple[str, int]] = deque()
     running: dict = {}
-    last = -1.0
+    ended: queue.SimpleQueue = queue.SimpleQueue()  # futures, as each ends (their done callback)
+    last, shown_at = -1.0, time.monotonic()
     try:
         while True:
             if not shards.over:
@@ -508,15 +519,22 @@ def _submit_shards(submit, run_id: int, shards, parallel: int, artifact_id, prog
                     f = submit(run_id, name, shard)
                 futures[(name, shard)] = f
                 running[f] = (name, shard)
-            if running:
-                done, _ = wait_fn(list(running), timeout=PROGRESS_EVERY)
-                for f in done:
-                    progress.shard_finished(*running.pop(f))
-            else:  # the listing has not made another shard final yet
-                time.sleep(PROGRESS_EVERY)
-            pct = progress.percent()
-            if pct != last and show_progress(artifact_id, pct, logger):
-                last = pct
+                f.add_done_callback(ended.put)
+            until_shown = max(0.0, shown_at + PROGRESS_EVERY - time.monotonic())
+            looking = not shards.over and len(running) < parallel
+            try:
+                done = [ended.get(timeout=min(until_shown, LISTING_POLL) if looking else until_shown)]
+            except queue.Empty:
+                done = []
+            while not ended.empty():
+                done.append(ended.get())
+            for f in done:
+                progress.shard_finished(*running.pop(f))
+            if time.monotonic() - shown_at >= PROGRESS_EVERY:
+                shown_at = time.monotonic()
+                pct = progress.percent()
+                if pct != last and show_progress(artifact_id, pct, logger):
+                    last = pct
     except BaseException:
         # The shards started end before this raises: the caller then closes the run (its state
         # and executors), which must not happen under a shard still copying. How each shard

@@ -423,6 +423,36 @@ def test_a_shard_that_stops_on_an_error_fails_the_run(tmp_path, env, s3_server, 
         assert store.get_run(1).status == "failed"
 
 
+def test_a_run_that_cannot_take_its_connections_starts_no_listing(tmp_path, env, s3_server, s3, monkeypatch):
+    """The listing tasks start once the run holds the provider's connections: when taking them
+    fails, the run closes with no listing task left writing into it."""
+    from contextlib import contextmanager
+
+    from engine.state import StateStore
+    from flows import orchestrate
+
+    path, container, blobs = write_project(tmp_path, env, s3_server.url)
+    listed: list[str] = []
+    real = engine_run.MigrationRun.list_dataset
+    monkeypatch.setattr(engine_run.MigrationRun, "list_dataset",
+                        lambda self, name, **kw: (listed.append(name), real(self, name, **kw))[1])
+
+    @contextmanager
+    def refused(names, **kw):
+        time.sleep(1.0)  # as a limit refused after a while: a listing task started before would be going
+        raise RuntimeError("the Prefect API refused the provider's concurrency limit")
+        yield
+
+    monkeypatch.setattr(orchestrate, "concurrency", refused)
+    state = orchestrate.migrate_flow(config_path=str(path), return_state=True)
+    assert state.is_failed()
+    assert listed == []
+    with StateStore(tmp_path / "state" / "state.db") as store:
+        assert store.get_run(1).status != "running"
+        assert store.listing_length(1, "claims") == 0
+    assert stored_keys(s3, container) == set()
+
+
 def test_a_run_with_more_shards_than_allowed_merges_neighbours(tmp_path, env, s3_server, s3):
     from flows.orchestrate import migrate_flow
 

@@ -84,6 +84,52 @@ def test_a_progress_update_the_api_misses_is_said_and_the_shards_go_on(monkeypat
     assert any(p > 0 for p in answered)  # a later update got through
 
 
+class ListedLater:
+    """Shards the listing makes final `after` seconds from now, `n` of them; over once they are."""
+
+    def __init__(self, n: int, after: float):
+        self.shards = [PlannedShard("claims", i, 1, 100) for i in range(n)]
+        self.at = time.monotonic() + after
+        self.given = False
+
+    @property
+    def over(self) -> bool:
+        return self.given
+
+    def poll(self) -> list[PlannedShard]:
+        if self.given or time.monotonic() < self.at:
+            return []
+        self.given = True
+        return self.shards
+
+    def listed_bytes(self) -> int:
+        return 100 * len(self.shards)
+
+
+def test_a_shard_starts_when_the_listing_makes_it_final_and_when_a_place_frees_not_at_the_next_update(monkeypatch):
+    """The loop waits for the progress update's period only when nothing else can happen: a shard
+    that ends frees its place at once, and the listing's first shards are looked for often."""
+    started: dict[int, float] = {}
+
+    def shard(n):
+        started[n] = time.monotonic()
+        time.sleep(0.1)
+        return n
+
+    monkeypatch.setattr(orchestrate, "PROGRESS_EVERY", 30.0)  # an update would come far too late
+    monkeypatch.setattr("flows.artifacts.update_progress_artifact", lambda artifact_id, pct: None)
+    began = time.monotonic()
+    with ThreadPoolExecutor(2) as pool:
+        futures = orchestrate._submit_shards(lambda run_id, dataset, n: pool.submit(shard, n), 1, ListedLater(4, 0.3),
+                                             1, "artifact", RunProgress(0, listing=True), wait_fn=wait,
+                                             logger=logging.getLogger("test"))
+    assert sorted(started) == [0, 1, 2, 3] and all(f.result() == n for (_, n), f in futures.items())
+    assert started[0] - began < 0.3 + orchestrate.LISTING_POLL + 0.2  # looked for while the listing went on
+    gaps = [started[n + 1] - started[n] for n in range(3)]  # one place: each starts when the last ended
+    assert all(gap < 0.3 for gap in gaps), gaps
+    assert time.monotonic() - began < 2.0
+
+
 def test_every_task_ends_and_every_failure_is_kept_when_several_fail():
     release = threading.Event()
 
