@@ -20,8 +20,8 @@ Things this module deliberately does not do:
 from __future__ import annotations
 
 import base64
-import os
 import itertools
+import os
 import threading
 import uuid
 from datetime import datetime
