@@ -468,3 +468,24 @@ def test_the_s3_session_knows_s3_alone_and_honours_aws_data_path(tmp_path, monke
     monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path))
     loader = s3_module._s3_session().get_component("data_loader")
     assert loader.load_service_model("s3", "service-2")["documentation"] == "from AWS_DATA_PATH"
+
+
+def test_every_direct_azure_request_has_an_id_of_its_own_and_a_forked_child_another_prefix():
+    """`x-ms-client-request-id` is the process's random id and a count (no `os.urandom` per
+    request): unique within the process, and a forked child numbers under an id of its own."""
+    import os
+
+    from connectors import azure_blob
+
+    ids = [azure_blob._request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and len({i.rsplit("-", 1)[0] for i in ids}) == 1
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its first id and leave at once
+        os.write(write, azure_blob._request_id().encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 200).decode()
+    os.close(read)
+    assert child.rsplit("-", 1)[0] != ids[0].rsplit("-", 1)[0] and child not in ids
