@@ -471,8 +471,9 @@ def test_with_drivers_the_rows_are_written_ahead_together_before_any_byte_moves(
     assert (summary.ok, summary.refused) == (30, 1)
     # every object's row was there, in_progress, when its first write started
     assert len(dst.seen) == 30 and all(seen == [st.IN_PROGRESS] for seen in dst.seen.values())
-    # the rows went in a few transactions, up to 2 x drivers at a time, not one each
-    assert sum(groups) == 30 and max(groups) == 8 and len(groups) < 10
+    # the rows went in groups, the first of 2 x drivers, not one each (the refills' sizes follow
+    # how many places the drivers freed meanwhile: on a loaded machine, often one or two)
+    assert sum(groups) == 30 and groups[0] == max(groups) == 8 and len(groups) < 30
     rows = list(state.objects(run, state=st.UPLOADED))
     assert len(rows) == 30
     for r in rows:  # the first attempt's start and plan were written with its end
