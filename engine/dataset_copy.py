@@ -375,8 +375,11 @@ class _Handoff:
     At most `2 × drivers` objects are held (handed and not finished): one for each driver and as
     many waiting in the queue, so a driver that finishes an object finds the next one there
     without waking anyone, and the reader, once it has filled the queue, sleeps until `drivers`
-    objects are finished and refills it in one go (one wake-up per `drivers` objects rather than
-    one per object). The listing is consumed as objects finish."""
+    objects are finished and refills it (one wake-up per `drivers` objects rather than one per
+    object); places freed while it refills are filled before it sleeps again, so a refill after the
+    first can be of one or two objects (waiting for `drivers` free places each time left drivers
+    without an object: 0.54 -> 0.60-0.66 CPU-s per 4,000 objects, engine alone). The listing is
+    consumed as objects finish."""
 
     def __init__(self, drivers: int):
         self._drivers = drivers
