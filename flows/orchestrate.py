@@ -331,9 +331,11 @@ def _copy_datasets_in_shards(config_path: str, datasets: list[str] | None, delet
             # The listing tasks start once the run holds its connections: none of them is left
             # writing into the run when the artifact or the provider limit fails (the run then
             # closes), and their first requests to the Prefect API do not meet these two.
-            listed = ShardsAsListed(run, {name: list_dataset.with_options(tags={dataset_tag(name)}).submit(
-                run.run_id, name, full_listing) for name in names})
+            listed = ShardsAsListed(run, {})
             try:
+                for name in names:  # a submission that fails stops the listings submitted before it
+                    listed.listing[name] = list_dataset.with_options(tags={dataset_tag(name)}).submit(
+                        run.run_id, name, full_listing)
                 futures = _run_shards(run, listed, share, artifact_id, progress)
             except BaseException as exc:
                 listed.stop(exc)  # no listing task may still write when the run closes

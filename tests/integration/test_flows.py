@@ -453,6 +453,54 @@ def test_a_run_that_cannot_take_its_connections_starts_no_listing(tmp_path, env,
     assert stored_keys(s3, container) == set()
 
 
+def test_a_listing_that_cannot_be_submitted_stops_those_submitted_before_it(tmp_path, env, s3_server, s3,
+                                                                           monkeypatch):
+    """The Prefect API refuses the second dataset's listing task: the run fails with that error,
+    and the first dataset's listing has ended (or stopped) before the run closes."""
+    import yaml
+
+    from flows import orchestrate
+
+    path, container, blobs = write_project(tmp_path, env, s3_server.url)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["datasets"]["scans"] = {**cfg["datasets"]["claims"], "prefix": "scans/", "dest_prefix": f"{container}-scans/"}
+    path.write_text(yaml.safe_dump(cfg))
+    ended: list[str] = []
+    real = engine_run.MigrationRun.list_dataset
+
+    def slow_listing(self, name, **kw):
+        time.sleep(1.0)  # still listing when the next submission fails
+        try:
+            return real(self, name, **kw)
+        finally:
+            ended.append(name)
+
+    real_task = orchestrate.list_dataset
+
+    class Refusing:
+        def with_options(self, **kw):
+            task = real_task.with_options(**kw)
+            if kw.get("tags") == {orchestrate.dataset_tag("scans")}:
+                class Refused:
+                    def submit(self, *a, **k):
+                        raise ConnectionError("the Prefect API did not answer")
+                return Refused()
+            return task
+
+    real_finish = engine_run.MigrationRun.finish
+
+    def finish(self, *a, **kw):
+        ended.append("the run closed")
+        return real_finish(self, *a, **kw)
+
+    monkeypatch.setattr(engine_run.MigrationRun, "list_dataset", slow_listing)
+    monkeypatch.setattr(engine_run.MigrationRun, "finish", finish)
+    monkeypatch.setattr(orchestrate, "list_dataset", Refusing())
+    state = orchestrate.migrate_flow(config_path=str(path), return_state=True)
+    assert state.is_failed() and "the Prefect API did not answer" in state.message, state.message
+    assert ended == ["claims", "the run closed"]  # the listing ended first, not left running into a closed run
+
+
 def test_a_run_with_more_shards_than_allowed_merges_neighbours(tmp_path, env, s3_server, s3):
     from flows.orchestrate import migrate_flow
 
