@@ -44,7 +44,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 PROJECT_PACKAGES = ("config", "connectors", "engine", "flows", "lab")  # pyproject.toml's packages
@@ -927,6 +927,10 @@ PAIRED_TARGETS = (
     ("exitplan/rclone CPU per object", "exitplan", "rclone", "marginal", "< 1: cheaper"),
     ("exitplan-enc/rclone CPU per object", "exitplan-enc", "rclone", "marginal", "target <= 1.5"),
     ("exitplan-enc/ceiling CPU per object", "exitplan-enc", "ceiling", "marginal", "target <= 1"),
+    # Objects/s beyond the first quarter (`marginal_rate`): the rate a long run keeps once started;
+    # the whole run's ratio above also carries each tool's start-up (exitplan's ~0.7 s, rclone's ~0.05).
+    ("exitplan/rclone objects/s", "exitplan", "rclone", "marginal-rate", "start-up out"),
+    ("exitplan-enc/rclone objects/s", "exitplan-enc", "rclone", "marginal-rate", "start-up out"),
 )
 # The tools run again on the small series' first quarter (`small-base`): those with a per-object cost.
 BASE_TOOLS = ("exitplan", "exitplan-enc", "exitplan-flow", "rclone", "ceiling")
@@ -938,16 +942,24 @@ def run_cpu(row: dict) -> float | None:
     return row.get("upload_cpu_s") if row["tool"] == "ceiling" else row.get("cpu_s")
 
 
-def marginal_cpu(runs: list[dict], tool: str, rep: int, small: Series, base: Series) -> tuple[float, float] | None:
+def marginal_cpu(runs: list[dict], tool: str, rep: int, small: Series, base: Series,
+                 figure: Callable[[dict], float | None] = run_cpu) -> tuple[float, float] | None:
     """(CPU seconds per object beyond the first `base.count`, fixed CPU seconds of the run) of
     `tool` in repeat `rep`: the line through its small-base and small runs; None unless both ran
-    and were verified."""
+    and were verified. With `figure`, the same line through another of the runs' figures."""
     full = [r for r in runs if (r["tool"], r["series"], r["repeat"]) == (tool, small.name, rep) and r["verified"]]
     part = [r for r in runs if (r["tool"], r["series"], r["repeat"]) == (tool, base.name, rep) and r["verified"]]
-    if not full or not part or run_cpu(full[0]) is None or run_cpu(part[0]) is None:
+    if not full or not part or figure(full[0]) is None or figure(part[0]) is None:
         return None
-    slope = (run_cpu(full[0]) - run_cpu(part[0])) / (small.count - base.count)
-    return slope, run_cpu(full[0]) - slope * small.count
+    slope = (figure(full[0]) - figure(part[0])) / (small.count - base.count)
+    return slope, figure(full[0]) - slope * small.count
+
+
+def marginal_rate(runs: list[dict], tool: str, rep: int, small: Series, base: Series) -> float | None:
+    """Objects per second of `tool` in repeat `rep` beyond the first `base.count` (its start-up and
+    end out): the objects of the small run beyond the base run's over the wall time they added."""
+    m = marginal_cpu(runs, tool, rep, small, base, figure=lambda row: row.get("wall_s"))
+    return 1 / m[0] if m and m[0] > 0 else None
 
 
 def paired_ratios(runs: list[dict], args: argparse.Namespace, rat: dict[str, Any],
@@ -960,6 +972,8 @@ def paired_ratios(runs: list[dict], args: argparse.Namespace, rat: dict[str, Any
         if kind == "marginal":
             m = marginal_cpu(runs, row["tool"], row["repeat"], small, base) if small and base else None
             return m[0] if m else None
+        if kind == "marginal-rate":
+            return marginal_rate(runs, row["tool"], row["repeat"], small, base) if small and base else None
         return run_cpu(row)
 
     by = {(r["tool"], r["repeat"]): r for r in runs if r["series"] == "small" and r.get("verified")}
@@ -974,7 +988,7 @@ def paired_ratios(runs: list[dict], args: argparse.Namespace, rat: dict[str, Any
             print("  small series, the same repeat's pair (median over repeats [lowest-highest], pairs "
                   "where both runs were verified; marginal: beyond the first quarter, fixed costs out):")
             printed = True
-        if kind == "marginal":
+        if kind in ("marginal", "marginal-rate"):
             label = f"{label}, marginal"
         value = rat[f"{label}, small, paired"] = statistics.median(pairs)
         print(f"    {label:50} {value:6.2f}  [{min(pairs):.2f}-{max(pairs):.2f}] of {len(pairs)}  {note}")
