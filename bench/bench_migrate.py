@@ -922,7 +922,7 @@ PAIRED_TARGETS = (
     ("exitplan/rclone objects/s", "exitplan", "rclone", "rate", "target >= 1"),
     ("exitplan-enc/rclone objects/s", "exitplan-enc", "rclone", "rate", "target >= 1"),
     ("exitplan-flow/exitplan CPU per object", "exitplan-flow", "exitplan", "cpu", "whole runs, start-up in"),
-    # Per object beyond the first quarter (`marginal_cpu`): every tool's fixed cost out, as the
+    # Per object beyond the first quarter (`marginal_line`): every tool's fixed cost out, as the
     # ceiling's upload CPU already has its own (its imports and the bytes' generation) out.
     ("exitplan/rclone CPU per object", "exitplan", "rclone", "marginal", "< 1: cheaper"),
     ("exitplan-enc/rclone CPU per object", "exitplan-enc", "rclone", "marginal", "target <= 1.5"),
@@ -942,23 +942,24 @@ def run_cpu(row: dict) -> float | None:
     return row.get("upload_cpu_s") if row["tool"] == "ceiling" else row.get("cpu_s")
 
 
-def marginal_cpu(runs: list[dict], tool: str, rep: int, small: Series, base: Series,
-                 figure: Callable[[dict], float | None] = run_cpu) -> tuple[float, float] | None:
-    """(CPU seconds per object beyond the first `base.count`, fixed CPU seconds of the run) of
-    `tool` in repeat `rep`: the line through its small-base and small runs; None unless both ran
-    and were verified. With `figure`, the same line through another of the runs' figures."""
+def marginal_line(runs: list[dict], tool: str, rep: int, small: Series, base: Series,
+                  figure: Callable[[dict], float | None] = run_cpu) -> tuple[float, float] | None:
+    """(per object beyond the first `base.count`, fixed per run) of a run's `figure` (its client
+    CPU seconds by default) for `tool` in repeat `rep`: the line through its small-base and small
+    runs; None unless both ran, were verified and have the figure."""
     full = [r for r in runs if (r["tool"], r["series"], r["repeat"]) == (tool, small.name, rep) and r["verified"]]
     part = [r for r in runs if (r["tool"], r["series"], r["repeat"]) == (tool, base.name, rep) and r["verified"]]
-    if not full or not part or figure(full[0]) is None or figure(part[0]) is None:
+    at_full, at_part = (figure(full[0]), figure(part[0])) if full and part else (None, None)
+    if at_full is None or at_part is None:
         return None
-    slope = (figure(full[0]) - figure(part[0])) / (small.count - base.count)
-    return slope, figure(full[0]) - slope * small.count
+    slope = (at_full - at_part) / (small.count - base.count)
+    return slope, at_full - slope * small.count
 
 
 def marginal_rate(runs: list[dict], tool: str, rep: int, small: Series, base: Series) -> float | None:
     """Objects per second of `tool` in repeat `rep` beyond the first `base.count` (its start-up and
     end out): the objects of the small run beyond the base run's over the wall time they added."""
-    m = marginal_cpu(runs, tool, rep, small, base, figure=lambda row: row.get("wall_s"))
+    m = marginal_line(runs, tool, rep, small, base, figure=lambda row: row.get("wall_s"))
     return 1 / m[0] if m and m[0] > 0 else None
 
 
@@ -970,7 +971,7 @@ def paired_ratios(runs: list[dict], args: argparse.Namespace, rat: dict[str, Any
         if kind == "rate":
             return 1 / row["wall_s"] if row.get("wall_s") else None
         if kind == "marginal":
-            m = marginal_cpu(runs, row["tool"], row["repeat"], small, base) if small and base else None
+            m = marginal_line(runs, row["tool"], row["repeat"], small, base) if small and base else None
             return m[0] if m else None
         if kind == "marginal-rate":
             return marginal_rate(runs, row["tool"], row["repeat"], small, base) if small and base else None
@@ -1295,7 +1296,7 @@ def print_summary(report: dict, series: list[Series], args: argparse.Namespace, 
         per_obj: dict[str, float] = {}
         shown = []
         for tool in (t for t in BASE_TOOLS if t in args.tools):
-            got = [m for rep in range(1, args.repeat + 1) if (m := marginal_cpu(runs, tool, rep, small_series, base))]
+            got = [m for rep in range(1, args.repeat + 1) if (m := marginal_line(runs, tool, rep, small_series, base))]
             if not got:
                 continue
             per_obj[tool] = 1000 * statistics.median(m[0] for m in got)
