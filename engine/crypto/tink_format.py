@@ -240,8 +240,9 @@ class ObjectEncryptor:
                  header: bytes | None = None):
         if header is None:
             # OpenSSL's CSPRNG (seeded by the OS, reseeded in a forked child; OpenSSL's own key
-            # generation draws from it), which keeps the GIL: os.urandom lets it go, and among eight copying threads
-            # every let-go is a hand-over of the GIL and a wake-up, once per object.
+            # generation draws from it), which keeps the GIL: os.urandom lets it go, and among
+            # eight copying threads every let-go is a hand-over of the GIL and a wake-up, once per
+            # object.
             fresh = ssl.RAND_bytes(SALT_SIZE + NONCE_PREFIX_SIZE)
             salt, self._prefix = fresh[:SALT_SIZE], fresh[SALT_SIZE:]
         else:
